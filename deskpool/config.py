@@ -1,0 +1,36 @@
+"""Process-wide settings, read from ``DESKPOOL_*`` environment variables.
+
+Kept outside the layers: every layer may read settings, none may write them.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DESKPOOL_", extra="ignore")
+
+    data_dir: Path = Path("/var/lib/deskpool")
+    database_url: str | None = None
+    # Where the local host keeps deskpool's libvirt storage pool (images, desktop disks).
+    storage_dir: Path | None = None
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'deskpool.db'}"
+
+    @property
+    def image_cache_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.data_dir / "templates"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "storage"

@@ -1,0 +1,118 @@
+"""Enums and value objects shared by every layer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class CloneMode(StrEnum):
+    LINKED = "linked"  # qcow2 overlay whose backing file is the template version's image
+    FULL = "full"  # independent copy of the template version's image
+
+
+class Customization(StrEnum):
+    FWCFG = "fwcfg"  # deskpool guest hook reads identity from QEMU fw_cfg at boot
+    CLOUD_INIT = "cloud-init"  # NoCloud seed disk labelled 'cidata'
+    NONE = "none"
+
+
+class DomainType(StrEnum):
+    AUTO = "auto"  # kvm where a probe shows it boots guests, else qemu
+    KVM = "kvm"
+    QEMU = "qemu"  # TCG software emulation
+
+
+class PowerState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    SUSPENDED = "suspended"  # guest power-management suspend
+    UNKNOWN = "unknown"
+
+
+class HostState(StrEnum):
+    ENABLED = "enabled"
+    DRAINING = "draining"
+    MAINTENANCE = "maintenance"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    hypervisor: str  # libvirt's driver type, e.g. "QEMU" or "TEST"
+    vcpus: int
+    memory_mib: int
+    storage_free_bytes: int
+    domain_types: tuple[str, ...]  # what the hypervisor offers, e.g. ("qemu", "kvm")
+
+
+@dataclass(frozen=True)
+class VmMetadata:
+    """deskpool's ids, stored inside each VM so the broker finds its own VMs after a crash."""
+
+    desktop_id: uuid.UUID
+    desktop_name: str
+    template_version_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    """Boot a kernel and initrd from the host's storage instead of the disk's boot loader."""
+
+    kernel_volume: str
+    initrd_volume: str
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a driver needs to create one desktop VM.
+
+    ``vm_id`` is deskpool's id for the VM (the desktop id); drivers address VMs by it only.
+    """
+
+    vm_id: uuid.UUID
+    name: str
+    base_volume: str
+    clone_mode: CloneMode
+    mac: str
+    metadata: VmMetadata
+    vcpus: int = 1
+    memory_mib: int = 512
+    domain_type: DomainType = DomainType.QEMU
+    direct_boot: DirectBoot | None = None
+    identity_text: str | None = None  # handed to the guest through fw_cfg when set
+    seed_image: Path | None = None  # local cloud-init NoCloud seed, attached read-only
+    network: str | None = None  # libvirt network name; None = user-mode networking
+    vnc_listen: str = "127.0.0.1"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """What a driver reports about a VM it finds on the hypervisor."""
+
+    vm_id: uuid.UUID
+    name: str
+    power_state: PowerState
+    metadata: VmMetadata | None  # None for VMs that deskpool did not create
+
+
+@dataclass(frozen=True)
+class ConsoleAddress:
+    protocol: str  # "vnc"
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    path: str
+    capacity_bytes: int
+    allocation_bytes: int
+    backing_volume_path: str | None

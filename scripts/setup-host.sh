@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs and configures everything deskpool needs on a Debian 12 machine, as root.
+# Idempotent: every step checks before it acts, so running it again is cheap.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup-host.sh: must run as root (it installs Debian packages and configures libvirt)" >&2
+  exit 2
+fi
+
+# --- Debian packages -----------------------------------------------------------------------
+packages=(
+  libvirt-daemon-system libvirt-clients libvirt-dev libvirt-daemon-driver-qemu
+  qemu-system-x86 qemu-utils ovmf
+  mmdebstrap e2fsprogs dosfstools mtools
+  pkg-config gcc python3-dev python3-venv
+  ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- the user libvirt 9.0 looks up before reading qemu.conf --------------------------------
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+id libvirt-qemu >/dev/null 2>&1 || useradd --system --no-create-home -g libvirt-qemu libvirt-qemu
+
+# --- qemu.conf: QEMU runs as root with no security driver, so it can read images under the
+# deskpool data directory and /tmp-based test directories without relabelling.
+conf=/etc/libvirt/qemu.conf
+marker="# deskpool settings (scripts/setup-host.sh)"
+if ! grep -qF "$marker" "$conf"; then
+  log "configuring $conf"
+  cat >>"$conf" <<EOF
+
+$marker
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+EOF
+  restart_libvirt=1
+fi
+
+# --- daemons: systemd when it runs, else started by hand ------------------------------------
+"$here/libvirtd-up.sh" ${restart_libvirt:+--restart}
+
+# --- Python virtualenv with the package and its dev tools -----------------------------------
+"$here/setup-venv.sh"
+log "host ready"
