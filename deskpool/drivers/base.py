@@ -169,5 +169,5 @@ class HypervisorDriver(ABC):
         with an error. ``VmNotFound`` for an unknown VM.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing to close
         """Release the connection. Further calls are not allowed."""

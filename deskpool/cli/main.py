@@ -1,0 +1,219 @@
+"""The ``deskpool`` command line: thin over the services, tables and progress bars by Rich.
+
+Every deskpool error prints as one line on stderr with exit status 1; never a traceback
+(``DESKPOOL_DEBUG=1`` shows one for unexpected errors).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deskpool.domain.errors import DeskpoolError
+from deskpool.domain.models import CloneMode, Customization, DomainType
+from deskpool.images.builder import build_guest_image
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.desktops import DEFAULT_PATTERN, DesktopService
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+
+app = typer.Typer(help="deskpool: virtual desktops from golden images, on libvirt.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
+image_app = typer.Typer(help="Guest images built from Debian packages.", no_args_is_help=True)
+template_app = typer.Typer(help="Templates (golden images) and their versions.",
+                           no_args_is_help=True)
+desktop_app = typer.Typer(help="Desktop VMs.", no_args_is_help=True)
+app.add_typer(host_app, name="host")
+app.add_typer(image_app, name="image")
+app.add_typer(template_app, name="template")
+app.add_typer(desktop_app, name="desktop")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@contextmanager
+def services() -> Iterator[ServiceContext]:
+    ctx = ServiceContext()
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@contextmanager
+def spinner(title: str) -> Iterator[object]:
+    with out.status(title) as status:
+        yield status
+
+
+# --- hosts ---------------------------------------------------------------------------------
+
+
+@host_app.command("add")
+def host_add(
+    name: str,
+    uri: Annotated[str, typer.Argument(help="libvirt URI, e.g. qemu:///system")],
+    domain_type: Annotated[DomainType, typer.Option(help="auto probes whether KVM boots guests")]
+    = DomainType.AUTO,
+    storage_dir: Annotated[Path | None, typer.Option(help="deskpool storage on that host")]
+    = None,
+) -> None:
+    """Register a hypervisor host (its URI must answer)."""
+    with services() as ctx, spinner(f"connecting to {uri}"):
+        host = HostService(ctx).add(name, uri, domain_type=domain_type, storage_dir=storage_dir)
+    out.print(f"host [bold]{host.name}[/] added ({host.uri}, storage {host.storage_dir})")
+
+
+@host_app.command("list")
+def host_list() -> None:
+    """List hosts."""
+    with services() as ctx:
+        hosts = HostService(ctx).list()
+    table = Table("name", "uri", "state", "domain type", "storage")
+    for h in hosts:
+        table.add_row(h.name, h.uri, h.state, h.domain_type, h.storage_dir or "")
+    out.print(table)
+
+
+# --- images & templates --------------------------------------------------------------------
+
+
+@image_app.command("build")
+def image_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+    """Build (or reuse) the Debian guest image from its recipe."""
+    from deskpool.cli.progress import build_with_progress
+
+    with services() as ctx:
+        image = build_with_progress(out, ctx.settings.image_cache_dir, force=force)
+    out.print(f"image [bold]{image.recipe_hash[:12]}[/] at {image.directory}")
+
+
+@template_app.command("publish")
+def template_publish(
+    name: str,
+    image: Annotated[Path | None, typer.Option(help="disk image (qcow2 or raw)")] = None,
+    kernel: Annotated[Path | None, typer.Option(help="kernel for direct boot")] = None,
+    initrd: Annotated[Path | None, typer.Option(help="initrd for direct boot")] = None,
+    cmdline: Annotated[str | None, typer.Option(help="kernel command line")] = None,
+    built: Annotated[bool, typer.Option(help="publish the image 'image build' made")] = False,
+    customization: Customization = Customization.FWCFG,
+    vcpus: int = 1,
+    memory_mib: int = 768,
+    notes: str = "",
+) -> None:
+    """Publish a new, immutable version of a template."""
+    with services() as ctx:
+        recipe_hash = None
+        if built:
+            if image is not None:
+                raise DeskpoolError("give either --built or --image, not both")
+            guest = build_guest_image(ctx.settings.image_cache_dir)
+            files, recipe_hash = ImageFiles.from_guest_image(guest), guest.recipe_hash
+        elif image is None:
+            raise DeskpoolError("give the disk image with --image PATH (or --built)")
+        else:
+            files = ImageFiles(disk=image, kernel=kernel, initrd=initrd, cmdline=cmdline)
+        with spinner(f"publishing {name}"):
+            version = TemplateService(ctx).publish(
+                name, files, customization=customization, vcpus=vcpus, memory_mib=memory_mib,
+                recipe_hash=recipe_hash, notes=notes,
+            )
+    out.print(f"published [bold]{version.template}[/] version {version.number} "
+              f"(sha256 {version.image_sha256[:12]})")
+
+
+@template_app.command("list")
+def template_list() -> None:
+    """List templates and their versions."""
+    with services() as ctx:
+        versions = TemplateService(ctx).list_versions()
+    table = Table("template", "version", "customization", "size", "sha256", "published")
+    for v in versions:
+        table.add_row(v.template, str(v.number), v.customization,
+                      f"{v.image_size_bytes / 2**20:.0f} MiB", v.image_sha256[:12],
+                      v.published_at.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+# --- desktops ------------------------------------------------------------------------------
+
+
+@desktop_app.command("create")
+def desktop_create(
+    template: str,
+    name: Annotated[str | None, typer.Option(help="exact name (else from --pattern)")] = None,
+    pattern: Annotated[str, typer.Option(help="naming pattern with {n}")] = DEFAULT_PATTERN,
+    clone: CloneMode = CloneMode.LINKED,
+    version: Annotated[int | None, typer.Option(help="template version (default latest)")]
+    = None,
+    host: Annotated[str | None, typer.Option(help="host name")] = None,
+    wait: Annotated[bool, typer.Option(help="wait until the guest confirms its identity")]
+    = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 240.0,
+) -> None:
+    """Clone a template version into a new desktop, boot it and wait until it is ready."""
+    with services() as ctx, spinner("creating desktop") as status:
+        desktop = DesktopService(ctx).create(
+            template, version=version, host=host, name=name, pattern=pattern,
+            clone_mode=clone, wait_ready=wait, ready_timeout_s=timeout,
+            progress=lambda step: status.update(step),  # type: ignore[attr-defined]
+        )
+    out.print(f"desktop [bold]{desktop.name}[/] is {desktop.state} "
+              f"(hostname {desktop.hostname}, MAC {desktop.mac})")
+
+
+@desktop_app.command("list")
+def desktop_list() -> None:
+    """List desktops."""
+    with services() as ctx:
+        desktops = DesktopService(ctx).list()
+    table = Table("name", "state", "power", "host", "template", "clone", "MAC", "problem")
+    for d in desktops:
+        table.add_row(d.name, d.state, d.power_state, d.host, f"{d.template} v{d.version}",
+                      d.clone_mode, d.mac, d.last_error or "")
+    out.print(table)
+
+
+@desktop_app.command("delete")
+def desktop_delete(name: str) -> None:
+    """Delete a desktop: its VM, its disks and its record."""
+    with services() as ctx, spinner(f"deleting {name}"):
+        DesktopService(ctx).delete(name)
+    out.print(f"desktop [bold]{name}[/] deleted")
+
+
+@app.command("demo")
+def demo() -> None:
+    """Build the guest image if missing, start the local host and bring up a demo desktop."""
+    from deskpool.cli.demo import run_demo
+
+    with services() as ctx:
+        run_demo(ctx, out)
+
+
+def run() -> None:
+    """Console entry point: deskpool errors become one line, never a traceback."""
+    try:
+        app()
+    except DeskpoolError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("DESKPOOL_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
+                  "(DESKPOOL_DEBUG=1 shows the trace)", highlight=False, soft_wrap=True)
+        sys.exit(2)

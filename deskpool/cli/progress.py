@@ -1,0 +1,25 @@
+"""Rich progress bars for long work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from deskpool.images.builder import GuestImage, build_guest_image, load_cached_image
+
+
+def build_with_progress(console: Console, cache_dir: Path, *, force: bool = False) -> GuestImage:
+    if not force:
+        cached = load_cached_image(cache_dir)
+        if cached is not None:
+            return cached
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("building guest image", total=1.0)
+
+        def report(step: str, fraction: float) -> None:
+            bar.update(task, description=f"guest image: {step}", completed=fraction)
+
+        return build_guest_image(cache_dir, force=force, progress=report)

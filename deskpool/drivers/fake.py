@@ -1,0 +1,484 @@
+"""An in-memory hypervisor that behaves like a real one, for tests (after Nova's virt/fake.py).
+
+It is strict rather than lenient: every point of the ``base.py`` contract holds here exactly as
+on libvirt, and where a real host would refuse (a name with '/', a full disk, a deleted backing
+file at start) the fake refuses too, so code that passes against it also works on a real host.
+
+Semantics worth knowing when writing tests against it:
+
+* A VM "boots a guest" only when its spec carries ``identity_text``: the guest agent then answers
+  (after ``agent_delay_polls`` silent calls, the boot time) and its files hold the identity the
+  real guest hook writes. Without ``identity_text`` the VM is a disk with no OS: it runs, its
+  agent never answers and it ignores a graceful stop (as SeaBIOS does with an empty disk).
+* A graceful ``stop_vm`` is asynchronous, as on a real host: the VM still reports running on the
+  first ``get_vm``/``list_vms`` after the request and is shut off from the second one on.
+* ``fail_next`` arms one failure for the next call of a method, or of a step inside
+  ``create_vm`` (see ``FAULT_POINTS``), to prove callers and rollbacks handle it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import re
+import struct
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlparse
+
+from deskpool.domain.errors import (
+    Conflict,
+    DriverError,
+    HypervisorUnreachable,
+    InvalidInput,
+    NotFound,
+    VmNotFound,
+)
+from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
+from deskpool.domain.models import (
+    CloneMode,
+    ConsoleAddress,
+    DomainType,
+    HostCapacity,
+    PowerState,
+    VmRecord,
+    VmSpec,
+    VolumeInfo,
+)
+from deskpool.drivers.base import (
+    HypervisorDriver,
+    owned_volume_names,
+    root_volume_name,
+    seed_volume_name,
+)
+
+GiB = 1024**3
+_QCOW2_MAGIC = b"QFI\xfb"
+# What `qemu-img create -b base` writes for an empty qcow2 overlay.
+_OVERLAY_ALLOCATION = 196_608
+_FIRST_VNC_PORT = 5900
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+# States in which a QEMU process exists (libvirt's "active" domains).
+_ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.SUSPENDED})
+
+_METHODS = (
+    "capacity", "import_volume", "volume_info", "list_volumes", "delete_volume", "create_vm",
+    "start_vm", "stop_vm", "delete_vm", "get_vm", "list_vms", "console_address",
+    "agent_command",
+)
+# Steps inside create_vm, in order: each runs after the ones before it succeeded.
+_CREATE_STEPS = ("create_vm.root_volume", "create_vm.seed_volume", "create_vm.define")
+FAULT_POINTS = frozenset(_METHODS + _CREATE_STEPS)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _api(
+    method: Callable[Concatenate[FakeDriver, _P], _R],
+) -> Callable[Concatenate[FakeDriver, _P], _R]:
+    """Public driver call: under the lock, refused when closed or unreachable, fault-injectable."""
+
+    @functools.wraps(method)
+    def wrapper(self: FakeDriver, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            self._check_usable()
+            self._maybe_fail(method.__name__)
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class _Volume:
+    name: str
+    path: str
+    capacity: int
+    allocation: int
+    backing: str | None = None
+
+    def info(self) -> VolumeInfo:
+        return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)
+
+
+@dataclass
+class _Vm:
+    vm_id: uuid.UUID
+    spec: VmSpec | None  # None for a VM deskpool did not create
+    name: str
+    power: PowerState = PowerState.SHUTOFF
+    vnc_port: int | None = None
+    guest: _Guest | None = None  # a booted guest OS, only while active
+    files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
+    shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
+
+    def record(self) -> VmRecord:
+        metadata = self.spec.metadata if self.spec is not None else None
+        return VmRecord(self.vm_id, self.name, self.power, metadata)
+
+
+class FakeDriver(HypervisorDriver):
+    """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
+
+    def __init__(
+        self,
+        uri: str = "fake://local",
+        *,
+        vcpus: int = 8,
+        memory_mib: int = 16384,
+        storage_bytes: int = 100 * GiB,
+        domain_types: tuple[str, ...] = ("qemu",),
+        agent_delay_polls: int = 0,
+    ) -> None:
+        if not uri.startswith("fake://"):
+            raise HypervisorUnreachable(f"{uri!r} is not a fake:// URI")
+        if agent_delay_polls < 0:
+            raise InvalidInput("agent_delay_polls must be 0 or more")
+        self.uri = uri
+        self._host = urlparse(uri).netloc or "default"
+        self._vcpus = vcpus
+        self._memory_mib = memory_mib
+        self._storage_bytes = storage_bytes
+        self._domain_types = tuple(domain_types)
+        self.agent_delay_polls = agent_delay_polls
+        self._lock = threading.RLock()
+        self._volumes: dict[str, _Volume] = {}
+        self._vms: dict[uuid.UUID, _Vm] = {}
+        self._faults: dict[str, deque[Exception]] = {}
+        self._closed = False
+        self._reachable = True
+
+    # --- test controls ------------------------------------------------------------------
+
+    def fail_next(self, operation: str, error: Exception | None = None) -> None:
+        """Make the next call of ``operation`` (a method name or a ``create_vm.<step>``) raise
+        ``error`` (default ``DriverError``). Arming one point twice fails two calls."""
+        if operation not in FAULT_POINTS:
+            raise InvalidInput(
+                f"unknown fault point {operation!r}; known: {', '.join(sorted(FAULT_POINTS))}"
+            )
+        with self._lock:
+            self._faults.setdefault(operation, deque()).append(
+                error or DriverError(f"injected failure in {operation}")
+            )
+
+    def set_reachable(self, reachable: bool) -> None:
+        """Simulate the host going down: every call raises ``HypervisorUnreachable``."""
+        with self._lock:
+            self._reachable = reachable
+
+    def set_power_state(self, vm_id: uuid.UUID, state: PowerState) -> None:
+        """Change a VM's power state behind deskpool's back (a crash, an admin's virsh...)."""
+        with self._lock:
+            vm = self._vm(vm_id)
+            if state in _ACTIVE:
+                if vm.power not in _ACTIVE:
+                    self._power_on(vm)
+                vm.power = state
+            else:
+                self._power_off(vm, state)
+
+    def remove_vm_behind_our_back(self, vm_id: uuid.UUID) -> None:
+        """Undefine a VM as an admin would with virsh: its volumes stay."""
+        with self._lock:
+            self._power_off(self._vm(vm_id), PowerState.SHUTOFF)
+            del self._vms[vm_id]
+
+    def add_foreign_vm(
+        self, name: str, *, power_state: PowerState = PowerState.SHUTOFF,
+        vm_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Define a VM that deskpool did not make (no metadata); returns its id."""
+        with self._lock:
+            vm_id = vm_id or uuid.uuid4()
+            self._refuse_duplicate(vm_id, name)
+            self._vms[vm_id] = _Vm(vm_id=vm_id, spec=None, name=name)
+        self.set_power_state(vm_id, power_state)
+        return vm_id
+
+    def defined_spec(self, vm_id: uuid.UUID) -> VmSpec | None:
+        """The spec a VM was created from (None for a foreign VM); lets tests check inputs."""
+        with self._lock:
+            return self._vm(vm_id).spec
+
+    def guest_files(self, vm_id: uuid.UUID) -> dict[str, bytes]:
+        """A copy of the VM's in-guest file system."""
+        with self._lock:
+            return dict(self._vm(vm_id).files)
+
+    # --- host ---------------------------------------------------------------------------
+
+    @_api
+    def capacity(self) -> HostCapacity:
+        return HostCapacity(
+            hypervisor="FAKE",
+            vcpus=self._vcpus,
+            memory_mib=self._memory_mib,
+            storage_free_bytes=self._free_bytes(),
+            domain_types=self._domain_types,
+        )
+
+    def probe_kvm_boots(self, kernel: Path) -> bool:
+        # The fake "has" working KVM exactly when it offers it.
+        return DomainType.KVM.value in self._domain_types
+
+    # --- storage ------------------------------------------------------------------------
+
+    @_api
+    def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
+        if name in self._volumes:
+            return self._volumes[name].info()  # template images are immutable
+        size, capacity, digest = _read_source(source)
+        if sha256 is not None and digest != sha256.lower():
+            raise DriverError(
+                f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
+            )
+        return self._add_volume(name, capacity=capacity, allocation=size).info()
+
+    @_api
+    def volume_info(self, name: str) -> VolumeInfo:
+        return self._volume(name).info()
+
+    @_api
+    def list_volumes(self) -> list[str]:
+        return sorted(self._volumes)
+
+    @_api
+    def delete_volume(self, name: str) -> None:
+        # As in a libvirt dir pool, a volume in use (or backing another) can be deleted; the
+        # VMs using it then fail to start.
+        self._volumes.pop(name, None)
+
+    # --- VMs ----------------------------------------------------------------------------
+
+    @_api
+    def create_vm(self, spec: VmSpec) -> VmRecord:
+        self._refuse_duplicate(spec.vm_id, spec.name)
+        base = self._volume(spec.base_volume, f"base volume {spec.base_volume}")
+        if spec.direct_boot is not None:
+            self._volume(spec.direct_boot.kernel_volume, "kernel volume")
+            self._volume(spec.direct_boot.initrd_volume, "initrd volume")
+        spec = replace(spec, domain_type=self._resolve_type(spec.domain_type))
+        try:
+            self._maybe_fail("create_vm.root_volume")
+            name = root_volume_name(spec.vm_id)
+            if spec.clone_mode is CloneMode.LINKED:
+                self._add_volume(name, base.capacity, _OVERLAY_ALLOCATION, backing=base.path)
+            else:
+                self._add_volume(name, base.capacity, base.allocation)
+            if spec.seed_image is not None:
+                self._maybe_fail("create_vm.seed_volume")
+                size, capacity, _ = _read_source(spec.seed_image)
+                self._add_volume(seed_volume_name(spec.vm_id), capacity, size)
+            self._maybe_fail("create_vm.define")
+            _check_definition(spec)
+        except BaseException:
+            # Like the libvirt driver: whatever the VM would own goes, leftovers included.
+            for owned in owned_volume_names(spec.vm_id):
+                self._volumes.pop(owned, None)
+            raise
+        vm = _Vm(vm_id=spec.vm_id, spec=spec, name=spec.name)
+        self._vms[spec.vm_id] = vm
+        return vm.record()
+
+    @_api
+    def start_vm(self, vm_id: uuid.UUID) -> None:
+        vm = self._vm(vm_id)
+        if vm.power in _ACTIVE:
+            return  # like virDomainIsActive: a paused VM stays paused
+        if vm.spec is not None:
+            self._check_disks(vm.spec)
+        self._power_on(vm)
+
+    @_api
+    def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
+        vm = self._vm(vm_id)
+        if vm.power not in _ACTIVE:
+            return
+        if force:
+            self._power_off(vm, PowerState.SHUTOFF)
+        elif vm.guest is not None and vm.power is PowerState.RUNNING and vm.shutdown_in is None:
+            vm.shutdown_in = 1  # the guest's OS shuts down shortly, not during this call
+        # else: no OS (or a paused one) to act on the ACPI request, so nothing happens.
+
+    @_api
+    def delete_vm(self, vm_id: uuid.UUID) -> None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is not None:
+            self._power_off(vm, PowerState.SHUTOFF)
+        for name in owned_volume_names(vm_id):
+            self._volumes.pop(name, None)
+
+    @_api
+    def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
+        vm = self._vm(vm_id)
+        self._observe(vm)
+        return vm.record()
+
+    @_api
+    def list_vms(self) -> list[VmRecord]:
+        for vm in self._vms.values():
+            self._observe(vm)
+        return [vm.record() for vm in sorted(self._vms.values(), key=lambda v: v.name)]
+
+    @_api
+    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
+        vm = self._vm(vm_id)
+        if vm.vnc_port is None:
+            raise DriverError(f"VM {vm_id} has no VNC console now (it is {vm.power.value})")
+        listen = vm.spec.vnc_listen if vm.spec is not None else "127.0.0.1"
+        return ConsoleAddress(protocol="vnc", host=listen, port=vm.vnc_port)
+
+    @_api
+    def agent_command(
+        self, vm_id: uuid.UUID, command: str, arguments: dict[str, Any] | None = None,
+        timeout_s: int = 5,
+    ) -> Any:
+        vm = self._vm(vm_id)
+        if vm.power is not PowerState.RUNNING:
+            raise AgentUnavailable(
+                f"guest agent of VM {vm_id} not available: the VM is {vm.power.value}"
+            )
+        if vm.guest is None or vm.shutdown_in is not None:
+            raise AgentUnavailable(
+                f"guest agent of VM {vm_id} not available: QEMU guest agent is not connected"
+            )
+        return vm.guest.execute(command, arguments or {})
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise DriverError(f"the connection to {self.uri} is closed")
+        if not self._reachable:
+            raise HypervisorUnreachable(f"cannot reach a hypervisor at {self.uri!r}")
+
+    def _maybe_fail(self, point: str) -> None:
+        queue = self._faults.get(point)
+        if queue:
+            raise queue.popleft()
+
+    def _vm(self, vm_id: uuid.UUID) -> _Vm:
+        try:
+            return self._vms[vm_id]
+        except KeyError:
+            raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from None
+
+    def _volume(self, name: str, what: str | None = None) -> _Volume:
+        try:
+            return self._volumes[name]
+        except KeyError:
+            raise NotFound(f"{what or 'volume ' + name} is not on host {self.uri}") from None
+
+    def _refuse_duplicate(self, vm_id: uuid.UUID, name: str) -> None:
+        for vm in self._vms.values():
+            if vm.vm_id == vm_id or vm.name == name:
+                raise Conflict(f"a VM with id {vm_id} or name {name!r} exists on {self.uri}")
+
+    def _resolve_type(self, requested: DomainType) -> DomainType:
+        if requested is DomainType.AUTO:
+            # A real driver would probe its kernel; the fake's KVM always works if offered.
+            return DomainType.KVM if DomainType.KVM.value in self._domain_types else (
+                DomainType.QEMU)
+        if requested.value not in self._domain_types:
+            raise InvalidInput(
+                f"host {self.uri} does not offer domain type {requested.value!r} "
+                f"(it offers: {', '.join(self._domain_types) or 'none'})"
+            )
+        return requested
+
+    def _add_volume(
+        self, name: str, capacity: int, allocation: int, backing: str | None = None
+    ) -> _Volume:
+        if not name or "/" in name:
+            raise DriverError(f"volume name {name!r} is empty or contains '/'")
+        if name in self._volumes:
+            raise DriverError(f"storage volume {name!r} exists already on {self.uri}")
+        if allocation > self._free_bytes():
+            raise DriverError(f"no space left on {self.uri} for volume {name}")
+        volume = _Volume(name, f"/fake/{self._host}/{name}", capacity, allocation, backing)
+        self._volumes[name] = volume
+        return volume
+
+    def _free_bytes(self) -> int:
+        return self._storage_bytes - sum(v.allocation for v in self._volumes.values())
+
+    def _check_disks(self, spec: VmSpec) -> None:
+        """QEMU opens every disk (and backing file) at start; a missing one fails the start."""
+        needed = [root_volume_name(spec.vm_id)]
+        if spec.seed_image is not None:
+            needed.append(seed_volume_name(spec.vm_id))
+        if spec.direct_boot is not None:
+            needed += [spec.direct_boot.kernel_volume, spec.direct_boot.initrd_volume]
+        paths = {v.path for v in self._volumes.values()}
+        for name in needed:
+            volume = self._volumes.get(name)
+            if volume is None or (volume.backing is not None and volume.backing not in paths):
+                raise DriverError(
+                    f"starting VM {spec.name} failed on {self.uri}: cannot open disk {name} "
+                    "or its backing file"
+                )
+
+    def _power_on(self, vm: _Vm) -> None:
+        used = {v.vnc_port for v in self._vms.values()}
+        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
+        vm.power = PowerState.RUNNING
+        vm.shutdown_in = None
+        if vm.spec is not None and vm.spec.identity_text is not None:
+            vm.guest = _Guest.boot(vm.spec, vm.files, self.agent_delay_polls)
+
+    def _power_off(self, vm: _Vm, state: PowerState) -> None:
+        vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
+
+    def _observe(self, vm: _Vm) -> None:
+        """A graceful shutdown completes one observation after it was requested."""
+        if vm.shutdown_in is None:
+            return
+        if vm.shutdown_in == 0:
+            self._power_off(vm, PowerState.SHUTOFF)
+        else:
+            vm.shutdown_in -= 1
+
+
+def _read_source(source: Path) -> tuple[int, int, str]:
+    """(file size, virtual size, sha256) of a local image; qcow2 reports its virtual size."""
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as fh:
+            head = fh.read(32)
+            digest.update(head)
+            size = len(head)
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"image file {source} does not exist") from None
+    except OSError as exc:
+        raise DriverError(f"cannot read image file {source}: {exc.strerror}") from exc
+    capacity = size
+    if len(head) == 32 and head[:4] == _QCOW2_MAGIC:
+        (capacity,) = struct.unpack(">Q", head[24:32])
+    return size, capacity, digest.hexdigest()
+
+
+def _check_definition(spec: VmSpec) -> None:
+    """What libvirt's XML validation rejects when the VM is defined."""
+    problem = None
+    if not spec.name or "/" in spec.name or "\n" in spec.name:
+        problem = f"name {spec.name!r} is empty or contains '/' or a newline"
+    elif not _MAC_RE.match(spec.mac):
+        problem = f"unable to parse mac address {spec.mac!r}"
+    elif spec.vcpus < 1 or spec.memory_mib < 1:
+        problem = "a VM needs at least one vCPU and some memory"
+    if problem:
+        raise DriverError(f"defining VM {spec.name!r} failed: XML error: {problem}")

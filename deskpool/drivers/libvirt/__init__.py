@@ -1,0 +1,5 @@
+"""The libvirt driver package: XML objects, the KVM probe and the driver itself."""
+
+from deskpool.drivers.libvirt.driver import LibvirtDriver, default_pool_name
+
+__all__ = ["LibvirtDriver", "default_pool_name"]

@@ -1,0 +1,65 @@
+#!/bin/sh
+# Runs once while the image is built, inside its chroot (an mmdebstrap customize hook), after
+# the other guest files are in place. Kept in the image as a record of how it was made.
+set -eu
+
+log() { echo "image-setup: $*"; }
+
+# Identity defaults; the deskpool-identity hook replaces them at boot.
+echo deskpool >/etc/hostname
+cat >/etc/hosts <<'EOF'
+127.0.0.1	localhost
+127.0.1.1	deskpool
+::1	localhost ip6-localhost ip6-loopback
+ff02::1	ip6-allnodes
+ff02::2	ip6-allrouters
+EOF
+# Empty (not missing, not "uninitialized"): systemd uses a transient id and treats the boot
+# as a normal one (no first-boot presets), and the identity hook writes the real id.
+: >/etc/machine-id
+chmod 0444 /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+
+# Root stays locked: access is through the guest agent (and the console login for users
+# the template adds).
+usermod -p '!' root
+
+log "enabling units"
+systemctl enable deskpool-identity.service qemu-guest-agent.service
+systemctl enable getty@tty1.service
+# Nothing in an ephemeral desktop clone should wake up to update or scrub by itself.
+for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
+    e2scrub_reap.service fstrim.timer; do
+    if [ -e "/lib/systemd/system/$unit" ]; then systemctl disable "$unit" 2>/dev/null || true; fi
+done
+
+log "pruning kernel modules"
+for kdir in /lib/modules/*; do
+    kver=${kdir##*/}
+    # Keep what a virtio guest needs: virtio devices, fw_cfg, ext4/vfat/iso9660 (root and
+    # config seeds), CD-ROM/SATA for seed ISOs, a few fallback NICs and the crc/crypto
+    # helpers those modules depend on. Everything else (sound, wifi, GPUs...) goes.
+    find "$kdir/kernel" -name '*.ko*' | grep -Ev -e '/kernel/(drivers/virtio|crypto|lib)/' \
+        -e '/kernel/arch/x86/crypto/' \
+        -e '/kernel/drivers/(block/virtio_blk|net/virtio_net|net/net_failover)\.ko' \
+        -e '/kernel/drivers/(char/virtio_console|firmware/qemu_fw_cfg)\.ko' \
+        -e '/kernel/drivers/char/hw_random/' -e '/kernel/drivers/acpi/' \
+        -e '/kernel/drivers/scsi/(virtio_scsi|sd_mod|sr_mod|scsi_mod|scsi_common)\.ko' \
+        -e '/kernel/drivers/(cdrom|ata)/' \
+        -e '/kernel/drivers/net/ethernet/(intel/e1000|intel/e1000e|realtek)/' \
+        -e '/kernel/drivers/net/mii\.ko' \
+        -e '/kernel/net/(core/failover|packet/af_packet)\.ko' \
+        -e '/kernel/fs/(ext4|jbd2|fat|isofs|nls)/' -e '/kernel/fs/mbcache\.ko' |
+        xargs -r rm -f
+    find "$kdir/kernel" -depth -type d -empty -delete
+    depmod -a "$kver"
+    log "building the initramfs for $kver"
+    update-initramfs -u -k "$kver"
+done
+
+log "pruning documentation and locales"
+find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
+find /usr/share/doc -depth -mindepth 1 -type d -empty -delete
+rm -rf /usr/share/man/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian/*
+rm -rf /var/cache/apt/* /var/lib/apt/lists/* /var/log/*.log /var/log/apt/*
+log "done"

@@ -1,0 +1,50 @@
+"""The service context: settings, the database and open drivers, shared by every service."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from deskpool.config import Settings
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.drivers.registry import open_driver
+from deskpool.store.db import UnitOfWork, make_engine, make_session_factory, upgrade_to_head
+from deskpool.store.models import Host
+
+
+class ServiceContext:
+    """Owns one database engine and one driver per host for the life of a process."""
+
+    def __init__(
+        self, settings: Settings | None = None, *,
+        session_factory: sessionmaker[Session] | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        if session_factory is None:
+            engine = make_engine(self.settings.resolved_database_url)
+            upgrade_to_head(engine)
+            session_factory = make_session_factory(engine)
+        self.session_factory = session_factory
+        self._drivers: dict[uuid.UUID, HypervisorDriver] = {}
+        self._lock = threading.Lock()
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.session_factory)
+
+    def driver_for(self, host: Host) -> HypervisorDriver:
+        with self._lock:
+            driver = self._drivers.get(host.id)
+            if driver is None:
+                storage = Path(host.storage_dir) if host.storage_dir else None
+                driver = open_driver(host.uri, storage_dir=storage)
+                self._drivers[host.id] = driver
+            return driver
+
+    def close(self) -> None:
+        with self._lock:
+            for driver in self._drivers.values():
+                driver.close()
+            self._drivers.clear()

@@ -1,0 +1,79 @@
+"""Hosts: register a hypervisor, list hosts, choose the domain type a host really runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.models import DomainType, HostState
+from deskpool.drivers.registry import open_driver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.views import HostView
+from deskpool.store.models import Host
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def host_view(host: Host) -> HostView:
+    return HostView(
+        id=host.id, name=host.name, uri=host.uri, state=host.state.value,
+        domain_type=host.domain_type_resolved or host.domain_type_requested.value,
+        storage_dir=host.storage_dir,
+    )
+
+
+class HostService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def add(
+        self, name: str, uri: str, *, domain_type: DomainType = DomainType.AUTO,
+        storage_dir: Path | None = None,
+    ) -> HostView:
+        """Register a host after proving its URI reaches a hypervisor (nothing is stored if not)."""
+        if not _NAME_RE.match(name):
+            raise InvalidInput(
+                f"host name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' and '-'"
+            )
+        with self.ctx.uow() as uow:
+            if uow.hosts.find_by_name(name) is not None:
+                raise Conflict(f"a host named {name!r} already exists")
+        driver = open_driver(uri, storage_dir=storage_dir)  # HypervisorUnreachable on a bad URI
+        try:
+            offered = driver.capacity().domain_types
+            if domain_type is not DomainType.AUTO and domain_type.value not in offered:
+                raise InvalidInput(
+                    f"host {uri} does not offer domain type {domain_type.value!r} "
+                    f"(it offers: {', '.join(offered) or 'none'})"
+                )
+            resolved_storage = getattr(driver, "storage_dir", storage_dir)
+        finally:
+            if not uri.startswith("fake://"):
+                driver.close()
+        with self.ctx.uow() as uow:
+            host = Host(
+                name=name, uri=uri, state=HostState.ENABLED,
+                domain_type_requested=domain_type,
+                storage_dir=str(resolved_storage) if resolved_storage else None,
+            )
+            uow.hosts.add(host)
+            uow.commit()
+            return host_view(host)
+
+    def list(self) -> list[HostView]:
+        with self.ctx.uow() as uow:
+            return [host_view(h) for h in uow.hosts.list()]
+
+    def pick(self, name: str | None) -> Host:
+        """The named host, or the only enabled one. Call inside a unit of work."""
+        with self.ctx.uow() as uow:
+            if name is not None:
+                return uow.hosts.get_by_name(name)
+            enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
+        if not enabled:
+            raise NotFound("no enabled host is registered: add one with 'deskpool host add'")
+        if len(enabled) > 1:
+            names = ", ".join(h.name for h in enabled)
+            raise InvalidInput(f"several hosts are enabled ({names}): name one with --host")
+        return enabled[0]

@@ -1,0 +1,79 @@
+"""The one desktop state table.
+
+A desktop's *state* is deskpool's lifecycle position. It is kept apart from the *desired state*
+(the intent, e.g. "deleted") and from the *power state* the hypervisor reports, as Nova keeps
+vm_state, task_state and power_state apart. Every write goes through ``transition``: a check
+against this table, then a compare-and-swap ``UPDATE ... WHERE state = expected`` in the
+database, so two brokers (or a broker and its reconciler) can never both win a change.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Protocol
+
+from deskpool.domain.errors import InvalidTransition
+
+
+class DesktopState(StrEnum):
+    PROVISIONING = "provisioning"  # row exists; disk and VM being created
+    CUSTOMIZING = "customizing"  # VM defined and booting; identity not confirmed yet
+    READY = "ready"  # identity confirmed by the guest agent; waiting for a user
+    RESERVED = "reserved"  # held for one user, not connected yet
+    IN_USE = "in_use"  # a user is connected
+    IDLE = "idle"  # user session idle past its timer
+    RECYCLING = "recycling"  # being reverted to its factory snapshot
+    RETIRING = "retiring"  # leaving service; VM and disks being removed
+    RETIRED = "retired"  # gone from the hypervisor, row kept for history
+    DELETING = "deleting"  # removed on an admin's request
+    ERROR = "error"  # a step failed; ``last_error`` says why
+
+
+S = DesktopState
+
+TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
+    S.PROVISIONING: frozenset({S.CUSTOMIZING, S.ERROR, S.DELETING}),
+    S.CUSTOMIZING: frozenset({S.READY, S.ERROR, S.DELETING}),
+    S.READY: frozenset({S.RESERVED, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
+    S.RESERVED: frozenset({S.IN_USE, S.READY, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
+    S.IN_USE: frozenset({S.IDLE, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
+    S.IDLE: frozenset({S.IN_USE, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
+    S.RECYCLING: frozenset({S.READY, S.ERROR, S.DELETING}),
+    S.RETIRING: frozenset({S.RETIRED, S.ERROR}),
+    S.RETIRED: frozenset(),
+    S.DELETING: frozenset({S.ERROR}),
+    S.ERROR: frozenset({S.PROVISIONING, S.CUSTOMIZING, S.RECYCLING, S.RETIRING, S.DELETING}),
+}
+
+
+def check_transition(old: DesktopState, new: DesktopState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise InvalidTransition(f"a desktop cannot go from {old.value} to {new.value}")
+
+
+class StateWriter(Protocol):
+    """What ``transition`` needs from the store: one compare-and-swap UPDATE."""
+
+    def compare_and_set_state(
+        self, desktop_id: uuid.UUID, expected: str, new: str, *,
+        task: str | None = None, last_error: str | None = None,
+    ) -> bool: ...
+
+
+def transition(
+    writer: StateWriter, desktop_id: uuid.UUID, old: DesktopState, new: DesktopState, *,
+    task: str | None = None, last_error: str | None = None,
+) -> None:
+    """Move a desktop from ``old`` to ``new`` or raise ``InvalidTransition``.
+
+    Raises when the table forbids the move, and when the row is no longer in ``old`` (someone
+    else moved it first): the loser never overwrites the winner.
+    """
+    check_transition(old, new)
+    if not writer.compare_and_set_state(
+        desktop_id, old.value, new.value, task=task, last_error=last_error
+    ):
+        raise InvalidTransition(
+            f"desktop {desktop_id} is no longer {old.value}; another actor changed it first"
+        )

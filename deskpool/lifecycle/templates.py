@@ -1,0 +1,151 @@
+"""Templates and their versions.
+
+Publishing copies the image (and kernel/initrd for direct boot) into deskpool's data directory,
+read-only, checksummed; the version row is written only after the files are in place. A
+published version never changes: a new image is always a new version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.identity import validate_hostname
+from deskpool.domain.models import Customization
+from deskpool.images.builder import GuestImage, sha256_file
+from deskpool.images.qcow2 import image_file_info
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.views import TemplateVersionView
+from deskpool.store.models import Template, TemplateVersion
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    disk: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+
+    @classmethod
+    def from_guest_image(cls, image: GuestImage) -> ImageFiles:
+        return cls(disk=image.disk, kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
+
+
+def version_view(version: TemplateVersion, template_name: str) -> TemplateVersionView:
+    assert version.published_at is not None
+    return TemplateVersionView(
+        id=version.id, template=template_name, number=version.number,
+        image_path=version.image_path, image_sha256=version.image_sha256,
+        image_size_bytes=version.image_size_bytes, customization=version.customization.value,
+        published_at=version.published_at,
+    )
+
+
+def _check_files(files: ImageFiles) -> str:
+    """Validate the files; returns the disk's format."""
+    info = image_file_info(files.disk)  # NotFound / InvalidInput with the path in the message
+    if info.format not in ("qcow2", "raw"):
+        raise InvalidInput(f"{files.disk} is a {info.format} image; use qcow2 or raw")
+    if info.backing_file:
+        raise InvalidInput(
+            f"{files.disk} depends on backing file {info.backing_file}; "
+            "a template image must stand alone (flatten it with 'qemu-img convert')"
+        )
+    if (files.kernel is None) != (files.initrd is None):
+        raise InvalidInput("direct kernel boot needs both a kernel and an initrd")
+    for extra in (files.kernel, files.initrd):
+        if extra is not None and not extra.is_file():
+            raise NotFound(f"file {extra} does not exist")
+    return info.format
+
+
+class TemplateService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def publish(
+        self, template_name: str, files: ImageFiles, *,
+        customization: Customization = Customization.FWCFG, vcpus: int = 1,
+        memory_mib: int = 768, recipe_hash: str | None = None, notes: str = "",
+        description: str = "",
+    ) -> TemplateVersionView:
+        """Publish ``files`` as the next version of ``template_name`` (created if new)."""
+        validate_hostname(template_name)  # template names follow the same safe alphabet
+        if vcpus < 1 or memory_mib < 128:
+            raise InvalidInput(f"a template needs at least 1 vCPU and 128 MiB (got {vcpus}, "
+                               f"{memory_mib} MiB)")
+        disk_format = _check_files(files)
+        with self.ctx.uow() as uow:
+            template = uow.templates.find_by_name(template_name)
+            number = uow.versions.next_number(template.id) if template else 1
+        target = self.ctx.settings.templates_dir / template_name / f"v{number}"
+        staged = self._stage_files(files, target, disk_name=f"disk.{disk_format}")
+        try:
+            with self.ctx.uow() as uow:
+                template = uow.templates.find_by_name(template_name)
+                if template is None:
+                    template = Template(name=template_name, description=description)
+                    uow.templates.add(template)
+                version = TemplateVersion(
+                    template=template, number=number,
+                    image_path=str(staged.disk), image_sha256=sha256_file(staged.disk),
+                    image_size_bytes=staged.disk.stat().st_size,
+                    kernel_path=str(staged.kernel) if staged.kernel else None,
+                    initrd_path=str(staged.initrd) if staged.initrd else None,
+                    kernel_cmdline=files.cmdline, customization=customization,
+                    vcpus=vcpus, memory_mib=memory_mib, recipe_hash=recipe_hash, notes=notes,
+                    published_at=datetime.now(UTC),
+                )
+                uow.versions.add(version)
+                uow.commit()
+                return version_view(version, template_name)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _stage_files(files: ImageFiles, target: Path, *, disk_name: str) -> ImageFiles:
+        """Copy into a temp dir beside ``target``, then rename: ``target`` is whole or absent."""
+        if target.exists():
+            # Left by a publish that crashed before its row was written: no row points here.
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            copied: dict[str, Path] = {}
+            for key, src, name in (("disk", files.disk, disk_name),
+                                   ("kernel", files.kernel, "vmlinuz"),
+                                   ("initrd", files.initrd, "initrd.img")):
+                if src is None:
+                    continue
+                shutil.copyfile(src, tmp / name)
+                os.chmod(tmp / name, 0o444)
+                copied[key] = target / name
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return ImageFiles(disk=copied["disk"], kernel=copied.get("kernel"),
+                          initrd=copied.get("initrd"), cmdline=files.cmdline)
+
+    def find_published(self, template_name: str, sha256: str) -> TemplateVersionView | None:
+        """An existing version of the template holding exactly this image, if any."""
+        with self.ctx.uow() as uow:
+            template = uow.templates.find_by_name(template_name)
+            if template is None:
+                return None
+            for version in uow.versions.list_for(template.id):
+                if version.image_sha256 == sha256:
+                    return version_view(version, template_name)
+        return None
+
+    def list_versions(self) -> list[TemplateVersionView]:
+        with self.ctx.uow() as uow:
+            return [version_view(v, t.name) for t in uow.templates.list()
+                    for v in uow.versions.list_for(t.id)]
+

@@ -1,0 +1,251 @@
+"""Engines, sessions, migrations and the unit of work.
+
+SQLite specifics, set on every connection by :func:`make_engine`:
+
+* ``PRAGMA foreign_keys=ON`` (SQLite ignores foreign keys otherwise);
+* ``PRAGMA journal_mode=WAL`` for file databases, so readers never block the writer;
+* ``PRAGMA busy_timeout`` so a writer waits for the lock instead of failing at once;
+* transactions start with ``BEGIN IMMEDIATE``, emitted by SQLAlchemy rather than by the
+  ``sqlite3`` module. Taking the write lock up front means a transaction that reads and then
+  writes can never hit ``SQLITE_BUSY`` half-way (a deferred transaction whose snapshot went stale
+  fails without waiting), and owning ``BEGIN`` makes SAVEPOINTs and transactional DDL work.
+  The cost, one writer at a time, is what SQLite has anyway; PostgreSQL has none of this.
+
+Migrations are Alembic scripts shipped inside the package (``deskpool/store/migrations``); the
+Alembic ``Config`` is built in code, so no ``alembic.ini`` is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+from deskpool.store.repositories import (
+    DesktopRepository,
+    HostRepository,
+    TemplateRepository,
+    TemplateVersionRepository,
+    conflict_from_db_error,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+
+
+def _is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, echo: bool = False
+                ) -> Engine:
+    """An engine for ``url``; for SQLite files, creates the parent directory if missing."""
+    parsed = make_url(url)
+    file_db = False
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        file_db = database not in ("", ":memory:") and not database.startswith("file:")
+        if file_db:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, echo=echo)
+    if _is_sqlite(engine):
+        _configure_sqlite(engine, wal=file_db, busy_timeout_ms=busy_timeout_ms)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Stop the sqlite3 module from issuing BEGIN/COMMIT itself; SQLAlchemy does it below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for a :class:`UnitOfWork`.
+
+    ``expire_on_commit=False``: objects a service returns after committing stay readable (the
+    session is closed by then). Code that must see other writers' changes reads them in a new
+    unit of work.
+    """
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic ``Config`` for deskpool's packaged migrations (no ``alembic.ini``).
+
+    Also the way to write a new migration: ``alembic.command.revision(alembic_config(url),
+    message=..., autogenerate=True)`` against a database that is at head.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("version_path_separator", "os")
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+@contextmanager
+def _engine_for(engine_or_url: Engine | str) -> Iterator[Engine]:
+    if isinstance(engine_or_url, Engine):
+        yield engine_or_url
+        return
+    engine = make_engine(engine_or_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _set_sqlite_foreign_keys(connection: Connection, on: bool) -> None:
+    # Must run outside a transaction, so straight on the driver connection.
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    driver.execute(f"PRAGMA foreign_keys = {'ON' if on else 'OFF'}")
+
+
+def _migrate(engine_or_url: Engine | str, direction: str, revision: str) -> None:
+    with _engine_for(engine_or_url) as engine, engine.connect() as connection:
+        sqlite = _is_sqlite(engine)
+        if sqlite:
+            # SQLite's procedure for schema changes: with foreign keys on, the table rebuilds of
+            # batch migrations would fire ON DELETE actions. Check the keys before committing.
+            _set_sqlite_foreign_keys(connection, on=False)
+        try:
+            with connection.begin():
+                config = alembic_config()
+                config.attributes["connection"] = connection
+                if direction == "upgrade":
+                    command.upgrade(config, revision)
+                else:
+                    command.downgrade(config, revision)
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(
+                            f"migration to {revision} leaves broken foreign keys: {broken[:5]}"
+                        )
+        finally:
+            if sqlite:
+                _set_sqlite_foreign_keys(connection, on=True)
+
+
+def upgrade_to_head(engine_or_url: Engine | str) -> None:
+    """Bring the database schema to the newest migration, in one transaction."""
+    _migrate(engine_or_url, "upgrade", "head")
+
+
+def downgrade(engine_or_url: Engine | str, revision: str = "base") -> None:
+    """Step the schema back to ``revision`` (``"base"``: drop every deskpool table)."""
+    _migrate(engine_or_url, "downgrade", revision)
+
+
+def current_revision(engine_or_url: Engine | str) -> str | None:
+    """The migration the database is at; ``None`` for a database never migrated."""
+    with _engine_for(engine_or_url) as engine, engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of deskpool."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+# --- unit of work ---------------------------------------------------------------------------
+
+
+class UnitOfWork:
+    """One transaction and the repositories that work in it.
+
+    ::
+
+        with UnitOfWork(session_factory) as uow:
+            host = uow.hosts.get_by_name("h1")
+            ...
+            uow.commit()
+
+    Repositories never commit; whoever owns the operation calls :meth:`commit`. Leaving the
+    block without committing (or by an exception) rolls back what was not committed. Database
+    integrity and stale-row errors leave the block as ``Conflict``.
+    """
+
+    session: Session
+    hosts: HostRepository
+    templates: TemplateRepository
+    versions: TemplateVersionRepository
+    desktops: DesktopRepository
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+        self._active = False
+
+    def __enter__(self) -> Self:
+        if self._active:
+            raise RuntimeError("this UnitOfWork is already in use; open a new one")
+        self._active = True
+        self.session = self._session_factory()
+        self.hosts = HostRepository(self.session)
+        self.templates = TemplateRepository(self.session)
+        self.versions = TemplateVersionRepository(self.session)
+        self.desktops = DesktopRepository(self.session)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.session.rollback()
+        finally:
+            self.session.close()
+            self._active = False
+        if isinstance(exc, IntegrityError | StaleDataError):
+            raise conflict_from_db_error(exc) from exc
+
+    def commit(self) -> None:
+        try:
+            self.session.commit()
+        except (IntegrityError, StaleDataError) as exc:
+            self.session.rollback()
+            raise conflict_from_db_error(exc) from exc
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+    def flush(self) -> None:
+        """Send pending changes now (inside the transaction), to see their errors early."""
+        try:
+            self.session.flush()
+        except (IntegrityError, StaleDataError) as exc:
+            self.session.rollback()
+            raise conflict_from_db_error(exc) from exc

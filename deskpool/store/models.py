@@ -1,0 +1,275 @@
+"""SQLAlchemy models: the broker's tables.
+
+Portability rules, so the same schema serves SQLite now and PostgreSQL later:
+
+* primary keys are ``sqlalchemy.Uuid`` (native ``uuid`` on PostgreSQL, ``CHAR(32)`` on SQLite);
+* timestamps are timezone-aware UTC (:class:`UtcDateTime` refuses naive datetimes and hands back
+  aware ones even from SQLite, which drops the zone);
+* enums are plain strings (``native_enum=False`` with no CHECK constraint), so adding an enum
+  value never needs a type migration;
+* every constraint and index has a deterministic name (``NAMING_CONVENTION``), so migrations can
+  refer to them on every backend.
+
+Change a model only together with a new migration under ``migrations/versions``;
+``tests/unit/test_migrations.py`` fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    event,
+    select,
+)
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from deskpool.domain.errors import Conflict, InvalidTransition
+from deskpool.domain.models import CloneMode, Customization, DomainType, HostState, PowerState
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+STATE_LENGTH = 32
+ENUM_LENGTH = 32
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    Naive datetimes are refused on the way in (their zone is unknowable); values come back
+    aware and in UTC, including from SQLite, which stores no zone.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored; use an aware UTC time")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _str_enum(enum_cls: type[StrEnum]) -> Enum:
+    """A string column holding an enum's values (not its member names), without constraints."""
+    return Enum(
+        enum_cls,
+        native_enum=False,
+        create_constraint=False,
+        length=ENUM_LENGTH,
+        validate_strings=True,
+        values_callable=lambda cls: [member.value for member in cls],
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime(), uuid.UUID: Uuid()}
+
+
+class Host(Base):
+    """One hypervisor, reached through a libvirt URI."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    uri: Mapped[str] = mapped_column(String(1024))
+    state: Mapped[HostState] = mapped_column(_str_enum(HostState), default=HostState.ENABLED)
+    domain_type_requested: Mapped[DomainType] = mapped_column(
+        _str_enum(DomainType), default=DomainType.AUTO
+    )
+    domain_type_resolved: Mapped[str | None] = mapped_column(String(16))
+    # Path of the deskpool libvirt storage pool on that host.
+    storage_dir: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Host {self.name!r} {self.uri!r} {self.state}>"
+
+
+class Template(Base):
+    """A golden image; its content lives in its versions."""
+
+    __tablename__ = "templates"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[TemplateVersion]] = relationship(
+        back_populates="template",
+        order_by="TemplateVersion.number",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    def __repr__(self) -> str:
+        return f"<Template {self.name!r}>"
+
+
+class TemplateVersion(Base):
+    """One version of a template: a disk image plus boot settings.
+
+    ``published_at is None`` marks a draft, which may still change. Once ``published_at`` is set
+    and flushed, the version is immutable: any later UPDATE raises ``Conflict`` (see
+    ``_refuse_published_changes`` below). Deleting a version is allowed while no desktop uses it.
+    """
+
+    __tablename__ = "template_versions"
+    __table_args__ = (UniqueConstraint("template_id", "number"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    template_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("templates.id", ondelete="CASCADE")
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    image_path: Mapped[str] = mapped_column(Text)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    kernel_path: Mapped[str | None] = mapped_column(Text)
+    initrd_path: Mapped[str | None] = mapped_column(Text)
+    kernel_cmdline: Mapped[str | None] = mapped_column(Text)
+    customization: Mapped[Customization] = mapped_column(
+        _str_enum(Customization), default=Customization.FWCFG
+    )
+    vcpus: Mapped[int] = mapped_column(Integer, default=1)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=1024)
+    recipe_hash: Mapped[str | None] = mapped_column(String(128))
+    published_at: Mapped[datetime | None] = mapped_column(active_history=True)
+    notes: Mapped[str] = mapped_column(Text, default="")
+
+    template: Mapped[Template] = relationship(back_populates="versions")
+
+    @property
+    def is_published(self) -> bool:
+        return self.published_at is not None
+
+    def __repr__(self) -> str:
+        return f"<TemplateVersion {self.template_id} #{self.number}>"
+
+
+class Desktop(Base):
+    """One desktop VM and the identity deskpool gives it.
+
+    ``state`` holds a lifecycle state name; the transition table lives in ``deskpool.lifecycle``.
+    It is written only by ``DesktopRepository.compare_and_set_state`` (a single conditional
+    UPDATE); an ORM flush that changes it raises ``InvalidTransition``. ``version`` is the ORM's
+    optimistic-concurrency counter: every write, ORM or compare-and-set, increments it, and an
+    ORM flush against a row someone else changed fails instead of overwriting it.
+    """
+
+    __tablename__ = "desktops"
+    __table_args__ = (
+        Index(None, "state"),
+        Index(None, "host_id"),
+        Index(None, "template_version_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    hostname: Mapped[str] = mapped_column(String(63))
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    machine_id: Mapped[str] = mapped_column(String(32), unique=True)
+    template_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
+    host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id"))
+    clone_mode: Mapped[CloneMode] = mapped_column(_str_enum(CloneMode), default=CloneMode.LINKED)
+    state: Mapped[str] = mapped_column(String(STATE_LENGTH))
+    desired_state: Mapped[str | None] = mapped_column(String(STATE_LENGTH))
+    power_state: Mapped[PowerState] = mapped_column(
+        _str_enum(PowerState), default=PowerState.UNKNOWN
+    )
+    task: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    identity_confirmed_at: Mapped[datetime | None] = mapped_column()
+    version: Mapped[int] = mapped_column(Integer)
+
+    host: Mapped[Host] = relationship()
+    template_version: Mapped[TemplateVersion] = relationship()
+
+    __mapper_args__ = {"version_id_col": version}
+
+    def __repr__(self) -> str:
+        return f"<Desktop {self.name!r} {self.state}>"
+
+
+# --- guards ---------------------------------------------------------------------------------
+
+
+def _changed_columns(target: Base) -> list[str]:
+    state = sa_inspect(target)
+    return [
+        attr.key
+        for attr in state.mapper.column_attrs
+        if state.attrs[attr.key].history.has_changes()
+    ]
+
+
+@event.listens_for(TemplateVersion, "before_update")
+def _refuse_published_changes(
+    mapper: Mapper[Any], connection: Connection, target: TemplateVersion
+) -> None:
+    changed = _changed_columns(target)
+    if not changed:
+        return
+    history = sa_inspect(target).attrs["published_at"].history
+    # The value the row had before this flush: "deleted" when it changed, else "unchanged".
+    before = (history.deleted or history.unchanged or [None])[0]
+    if before is None:
+        return  # a draft (possibly being published right now) may change
+    template_name = connection.execute(
+        select(Template.name).where(Template.id == target.template_id)
+    ).scalar_one_or_none()
+    raise Conflict(
+        f"template version {target.number} of {template_name!r} is published and cannot change "
+        f"(tried to change {', '.join(sorted(changed))})"
+    )
+
+
+@event.listens_for(Desktop, "before_update")
+def _refuse_orm_state_writes(mapper: Mapper[Any], connection: Connection, target: Desktop) -> None:
+    if sa_inspect(target).attrs["state"].history.has_changes():
+        raise InvalidTransition(
+            f"desktop {target.name!r}: state is written only through "
+            "DesktopRepository.compare_and_set_state, never by assigning Desktop.state"
+        )

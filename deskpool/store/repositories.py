@@ -1,0 +1,328 @@
+"""Repositories: small query/command classes over one SQLAlchemy ``Session``.
+
+Rules:
+
+* Repositories never commit. The service that owns an operation opens a ``UnitOfWork``, calls
+  repositories, and commits once; leaving the block without committing rolls everything back.
+* ``add`` and ``delete`` flush at once inside a SAVEPOINT, so a duplicate name, MAC or
+  machine-id, or a delete of something still in use, raises ``Conflict`` right there, with a
+  sentence naming the field and value, and the surrounding transaction stays usable.
+* Lookups raise ``NotFound`` naming what was asked for.
+* A desktop's ``state`` changes only through ``DesktopRepository.compare_and_set_state``: one
+  conditional ``UPDATE ... WHERE id = :id AND state = :expected``. Of any number of brokers or
+  reconcilers racing on the same desktop, exactly one sees ``True``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.orm.util import identity_key
+
+from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.models import PowerState
+from deskpool.store.models import (
+    STATE_LENGTH,
+    Base,
+    Desktop,
+    Host,
+    Template,
+    TemplateVersion,
+    utcnow,
+)
+
+M = TypeVar("M", bound=Base)
+
+
+@dataclass(frozen=True)
+class _Unique(Generic[M]):
+    """One unique constraint of a model and the sentence that reports a clash with it."""
+
+    columns: tuple[str, ...]
+    message: Callable[[M], str]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def conflict_from_db_error(exc: IntegrityError | StaleDataError) -> Conflict:
+    """A ``Conflict`` for a database error whose object is unknown (e.g. raised at commit)."""
+    if isinstance(exc, StaleDataError):
+        return Conflict(
+            "the record was changed by someone else since it was read; reload it and retry "
+            f"({_first_line(exc)})"
+        )
+    return Conflict(f"the change conflicts with existing data ({_first_line(exc.orig)})")
+
+
+def _constraint_hit(table: str, columns: tuple[str, ...], message: str) -> bool:
+    sqlite_marker = ", ".join(f"{table}.{column}" for column in columns)  # UNIQUE constraint failed
+    named = f"uq_{table}_{'_'.join(columns)}"  # PostgreSQL names the constraint
+    return sqlite_marker in message or named in message
+
+
+class _Repository(Generic[M]):
+    """Shared add / delete with error translation."""
+
+    _model: type[M]
+    _uniques: Sequence[_Unique[M]] = ()
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def _describe(self, obj: M) -> str:
+        raise NotImplementedError
+
+    def add(self, obj: M) -> M:
+        """Insert ``obj`` now (flushed in a SAVEPOINT); ``Conflict`` if it clashes."""
+        try:
+            with self._session.begin_nested():
+                self._session.add(obj)
+        except IntegrityError as exc:
+            raise self._conflict_on_add(obj, exc) from None
+        return obj
+
+    def delete(self, obj: M) -> None:
+        """Delete ``obj`` now (flushed in a SAVEPOINT); ``Conflict`` if something uses it."""
+        try:
+            with self._session.begin_nested():
+                self._session.delete(obj)
+        except IntegrityError as exc:
+            raise Conflict(
+                f"{self._describe(obj)} cannot be deleted while other records refer to it "
+                f"({_first_line(exc.orig)})"
+            ) from None
+
+    def _conflict_on_add(self, obj: M, exc: IntegrityError) -> Conflict:
+        table = self._model.__tablename__
+        message = str(exc.orig)
+        for unique in self._uniques:
+            if _constraint_hit(table, unique.columns, message):
+                return Conflict(unique.message(obj))
+        # The message did not say which constraint; ask the database who holds the values.
+        for unique in self._uniques:
+            mapper_attrs = [getattr(self._model, column) for column in unique.columns]
+            clauses = [attr == getattr(obj, attr.key) for attr in mapper_attrs]
+            if self._session.scalar(select(func.count()).where(and_(*clauses))):
+                return Conflict(unique.message(obj))
+        return Conflict(f"{self._describe(obj)} cannot be added ({_first_line(exc.orig)})")
+
+
+class _NamedRepository(_Repository[M]):
+    """A repository for a model with a unique ``name``; ``kind`` is used in messages."""
+
+    _kind: str
+    _name_attr: InstrumentedAttribute[str]
+
+    def _describe(self, obj: M) -> str:
+        return f"{self._kind} {cast(Any, obj).name!r}"
+
+    def get(self, id: uuid.UUID) -> M:
+        obj = self._session.get(self._model, id)
+        if obj is None:
+            raise NotFound(f"{self._kind} {id} does not exist")
+        return obj
+
+    def find_by_name(self, name: str) -> M | None:
+        return self._session.scalars(select(self._model).where(self._name_attr == name)).first()
+
+    def get_by_name(self, name: str) -> M:
+        obj = self.find_by_name(name)
+        if obj is None:
+            raise NotFound(f"{self._kind} {name!r} does not exist")
+        return obj
+
+    def list(self) -> builtins.list[M]:
+        return builtins.list(self._session.scalars(select(self._model).order_by(self._name_attr)))
+
+
+class HostRepository(_NamedRepository[Host]):
+    _model = Host
+    _kind = "host"
+    _name_attr = Host.name
+    _uniques = (_Unique(("name",), lambda h: f"a host named {h.name!r} already exists"),)
+
+
+class TemplateRepository(_NamedRepository[Template]):
+    _model = Template
+    _kind = "template"
+    _name_attr = Template.name
+    _uniques = (_Unique(("name",), lambda t: f"a template named {t.name!r} already exists"),)
+
+
+class TemplateVersionRepository(_Repository[TemplateVersion]):
+    _model = TemplateVersion
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self._uniques = (
+            _Unique(
+                ("template_id", "number"),
+                lambda v: f"template {self._template_name(v.template_id)!r} already has a "
+                f"version {v.number}",
+            ),
+        )
+
+    def _template_name(self, template_id: uuid.UUID) -> str:
+        name = self._session.scalar(select(Template.name).where(Template.id == template_id))
+        return name if name is not None else str(template_id)
+
+    def _describe(self, obj: TemplateVersion) -> str:
+        return f"template version {obj.number} of {self._template_name(obj.template_id)!r}"
+
+    def get(self, id: uuid.UUID) -> TemplateVersion:
+        version = self._session.get(TemplateVersion, id)
+        if version is None:
+            raise NotFound(f"template version {id} does not exist")
+        return version
+
+    def get_by_number(self, template_id: uuid.UUID, number: int) -> TemplateVersion:
+        version = self._session.scalars(
+            select(TemplateVersion).where(
+                TemplateVersion.template_id == template_id, TemplateVersion.number == number
+            )
+        ).first()
+        if version is None:
+            raise NotFound(
+                f"template {self._template_name(template_id)!r} has no version {number}"
+            )
+        return version
+
+    def list(self, template_id: uuid.UUID) -> builtins.list[TemplateVersion]:
+        """All versions of one template, drafts included, oldest (lowest number) first."""
+        return builtins.list(
+            self._session.scalars(
+                select(TemplateVersion)
+                .where(TemplateVersion.template_id == template_id)
+                .order_by(TemplateVersion.number)
+            )
+        )
+
+    def latest(self, template_id: uuid.UUID) -> TemplateVersion:
+        """The highest-numbered *published* version; ``NotFound`` if there is none."""
+        version = self._session.scalars(
+            select(TemplateVersion)
+            .where(
+                TemplateVersion.template_id == template_id,
+                TemplateVersion.published_at.is_not(None),
+            )
+            .order_by(TemplateVersion.number.desc())
+            .limit(1)
+        ).first()
+        if version is None:
+            raise NotFound(
+                f"template {self._template_name(template_id)!r} has no published version"
+            )
+        return version
+
+    def next_number(self, template_id: uuid.UUID) -> int:
+        """One more than the highest number used so far (drafts included); 1 for the first."""
+        highest = self._session.scalar(
+            select(func.max(TemplateVersion.number)).where(
+                TemplateVersion.template_id == template_id
+            )
+        )
+        return (highest or 0) + 1
+
+    def publish(self, version: TemplateVersion) -> TemplateVersion:
+        """Stamp ``published_at`` and flush; from then on the version can never change."""
+        if version.published_at is not None:
+            raise Conflict(f"{self._describe(version)} is already published")
+        version.published_at = utcnow()
+        self._session.flush([version])
+        return version
+
+
+class DesktopRepository(_NamedRepository[Desktop]):
+    _model = Desktop
+    _kind = "desktop"
+    _name_attr = Desktop.name
+    _uniques = (
+        _Unique(("name",), lambda d: f"a desktop named {d.name!r} already exists"),
+        _Unique(("mac",), lambda d: f"a desktop with MAC address {d.mac!r} already exists"),
+        _Unique(
+            ("machine_id",), lambda d: f"a desktop with machine-id {d.machine_id!r} already exists"
+        ),
+    )
+
+    def names(self) -> set[str]:
+        """Every desktop name in use (to pick the next free name of a naming pattern)."""
+        return set(self._session.scalars(select(Desktop.name)))
+
+    def by_host(self, host_id: uuid.UUID) -> builtins.list[Desktop]:
+        return builtins.list(
+            self._session.scalars(
+                select(Desktop).where(Desktop.host_id == host_id).order_by(Desktop.name)
+            )
+        )
+
+    def by_state(self, state: str) -> builtins.list[Desktop]:
+        return builtins.list(
+            self._session.scalars(
+                select(Desktop).where(Desktop.state == state).order_by(Desktop.name)
+            )
+        )
+
+    def compare_and_set_state(
+        self,
+        desktop_id: uuid.UUID,
+        expected: str,
+        new: str,
+        *,
+        task: str | None = None,
+        last_error: str | None = None,
+    ) -> bool:
+        """Move a desktop from ``expected`` to ``new`` if, and only if, it is in ``expected``.
+
+        One statement: ``UPDATE desktops SET state=:new, task=:task, last_error=:last_error,
+        state_changed_at=now, version=version+1 WHERE id=:id AND state=:expected``. ``task`` and
+        ``last_error`` are written as given, so the default ``None`` clears them. Returns
+        whether exactly one row changed: ``False`` when the desktop is in another state (someone
+        else won) or does not exist. A loaded ``Desktop`` in this session is expired, so its
+        next attribute access reads the new row.
+        """
+        if not new or len(new) > STATE_LENGTH:
+            raise InvalidInput(f"desktop state {new!r} must be 1-{STATE_LENGTH} characters")
+        return self._conditional_update(
+            desktop_id,
+            Desktop.state == expected,
+            state=new,
+            task=task,
+            last_error=last_error,
+            state_changed_at=utcnow(),
+        )
+
+    def compare_and_set_power(
+        self, desktop_id: uuid.UUID, expected: PowerState, new: PowerState
+    ) -> bool:
+        """Record an observed power state if the stored one is still ``expected``.
+
+        Same single-statement shape as :meth:`compare_and_set_state`; increments ``version``.
+        """
+        return self._conditional_update(
+            desktop_id, Desktop.power_state == expected, power_state=new
+        )
+
+    def _conditional_update(
+        self, desktop_id: uuid.UUID, condition: ColumnElement[bool], **values: Any
+    ) -> bool:
+        statement = (
+            update(Desktop)
+            .where(Desktop.id == desktop_id, condition)
+            .values(version=Desktop.version + 1, **values)
+            .execution_options(synchronize_session=False)
+        )
+        result = cast(CursorResult[Any], self._session.execute(statement))
+        loaded = self._session.identity_map.get(identity_key(Desktop, desktop_id))
+        if loaded is not None:
+            self._session.expire(loaded)
+        return result.rowcount == 1
