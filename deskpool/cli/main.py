@@ -89,7 +89,9 @@ def host_list() -> None:
 
 
 @image_app.command("build")
-def image_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+def image_build(
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+) -> None:
     """Build (or reuse) the Debian guest image from its recipe."""
     from deskpool.cli.progress import build_with_progress
 

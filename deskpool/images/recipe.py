@@ -61,14 +61,17 @@ class GuestRecipe:
             if not _PACKAGE_RE.match(name):
                 raise InvalidInput(f"package name {name!r} is not a valid Debian package name")
         if not 512 <= self.image_size_mib <= 1024 * 1024:
-            raise InvalidInput(
-                f"image size {self.image_size_mib} MiB is outside 512 MiB .. 1 TiB"
-            )
+            raise InvalidInput(f"image size {self.image_size_mib} MiB is outside 512 MiB .. 1 TiB")
 
     def content_hash(self) -> str:
         """sha256 (hex) of the fields, the guest files and ``BUILDER_VERSION``."""
         digest = hashlib.sha256()
-        header = {"builder_version": BUILDER_VERSION, "recipe": asdict(self)}
+        # The command line belongs to the image (root=/dev/vda: no partition table).
+        header = {
+            "builder_version": BUILDER_VERSION,
+            "cmdline": KERNEL_CMDLINE,
+            "recipe": asdict(self),
+        }
         digest.update(json.dumps(header, sort_keys=True).encode())
         for rel, path in iter_guest_files():
             data = path.read_bytes()

@@ -31,8 +31,8 @@ class ServiceContext:
         self._drivers: dict[uuid.UUID, HypervisorDriver] = {}
         self._lock = threading.Lock()
 
-    def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.session_factory)
+    def uow(self, *, read_only: bool = False) -> UnitOfWork:
+        return UnitOfWork(self.session_factory, read_only=read_only)
 
     def driver_for(self, host: Host) -> HypervisorDriver:
         with self._lock:
@@ -42,6 +42,10 @@ class ServiceContext:
                 driver = open_driver(host.uri, storage_dir=storage)
                 self._drivers[host.id] = driver
             return driver
+
+    def driver_for_name(self, host_name: str) -> HypervisorDriver:
+        with self.uow() as uow:
+            return self.driver_for(uow.hosts.get_by_name(host_name))
 
     def close(self) -> None:
         with self._lock:

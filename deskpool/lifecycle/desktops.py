@@ -8,6 +8,7 @@ up. Bad input is refused before the row is written.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import uuid
@@ -35,6 +36,7 @@ from deskpool.domain.models import (
     Customization,
     DirectBoot,
     DomainType,
+    HostState,
     PowerState,
     VmMetadata,
     VmSpec,
@@ -46,6 +48,7 @@ from deskpool.images.cloudinit import write_nocloud_seed
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.states import DesktopState, transition
 from deskpool.lifecycle.views import DesktopView
+from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, TemplateVersion
 
 Progress = Callable[[str], None]
@@ -106,10 +109,8 @@ class DesktopService:
             validate_pattern(pattern)
         with self.ctx.uow() as uow:
             tmpl = uow.templates.get_by_name(template)
-            tv = (uow.versions.get_number(tmpl.id, version) if version is not None
+            tv = (uow.versions.get_by_number(tmpl.id, version) if version is not None
                   else uow.versions.latest(tmpl.id))
-            if tv is None:
-                raise NotFound(f"template {template!r} has no published version")
             target_host = self._pick_host(uow, host_name)
             taken = uow.desktops.names()
             if name is None:
@@ -128,75 +129,83 @@ class DesktopService:
             return desktop.id
 
     @staticmethod
-    def _pick_host(uow: object, host_name: str | None) -> Host:
-        from deskpool.domain.models import HostState
-
-        hosts = uow.hosts  # type: ignore[attr-defined]
+    def _pick_host(uow: UnitOfWork, host_name: str | None) -> Host:
         if host_name is not None:
-            found: Host = hosts.get_by_name(host_name)
-            return found
-        enabled = [h for h in hosts.list() if h.state is HostState.ENABLED]
+            return uow.hosts.get_by_name(host_name)
+        enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
         if not enabled:
             raise NotFound("no enabled host is registered: add one with 'deskpool host add'")
         # Placement proper comes with the scheduler; until then the emptiest enabled host.
-        counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}  # type: ignore[attr-defined]
+        counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
         return min(enabled, key=lambda h: (counts[h.id], h.name))
 
     def _provision(self, desktop_id: uuid.UUID, progress: Progress) -> None:
-        with self.ctx.uow() as uow:
+        # Work on the hypervisor inside a read-only unit of work: it reads a snapshot and takes
+        # no write lock (SQLite in WAL mode), so a long image upload blocks no other writer.
+        with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             host, tv = desktop.host, desktop.template_version
+            host_id, resolved_before = host.id, host.domain_type_resolved
             driver = self.ctx.driver_for(host)
             progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
-            disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
-            driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
-            boot = None
-            if tv.kernel_path and tv.initrd_path:
-                driver.import_volume(kernel_vol, Path(tv.kernel_path))
-                driver.import_volume(initrd_vol, Path(tv.initrd_path))
-                cmdline = tv.kernel_cmdline or ""
-                if tv.customization is Customization.FWCFG:
-                    # systemd adopts the id from PID 1's start, before any unit runs.
-                    cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
-                boot = DirectBoot(kernel_vol, initrd_vol, cmdline)
-            domain_type = self._domain_type(uow, host, driver, tv)
-            identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
-                                       desktop.machine_id)
-            progress(f"creating {desktop.clone_mode.value} clone {desktop.name}")
-            with tempfile.TemporaryDirectory(prefix="deskpool-seed-") as tmp:
-                seed = None
-                if tv.customization is Customization.CLOUD_INIT:
-                    seed = write_nocloud_seed(
-                        Path(tmp) / "seed.img", instance_id=str(desktop.id),
-                        hostname=desktop.hostname, machine_id=desktop.machine_id,
-                    )
-                driver.create_vm(VmSpec(
-                    vm_id=desktop.id, name=desktop.name, base_volume=disk_vol,
-                    clone_mode=desktop.clone_mode, mac=desktop.mac,
-                    metadata=VmMetadata(desktop.id, desktop.name, tv.id),
-                    vcpus=tv.vcpus, memory_mib=tv.memory_mib, domain_type=domain_type,
-                    direct_boot=boot,
-                    identity_text=(identity.to_guest_text()
-                                   if tv.customization is Customization.FWCFG else None),
-                    seed_image=seed,
-                ))
-            uow.commit()  # the resolved domain type, if it was probed just now
+            domain_type = self._domain_type(host, driver, tv)
+            spec = self._spec(driver, desktop, tv, domain_type)
+            try:
+                driver.create_vm(spec)
+            finally:
+                if spec.seed_image is not None:  # the driver copied it into the host's storage
+                    shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         with self.ctx.uow() as uow:
+            if not resolved_before:
+                uow.hosts.get(host_id).domain_type_resolved = domain_type.value
             transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
                        DesktopState.CUSTOMIZING, task="boot")
             uow.commit()
         progress("booting")
         driver.start_vm(desktop_id)
 
+    @staticmethod
+    def _spec(
+        driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion, domain_type: DomainType
+    ) -> VmSpec:
+        """Copy the version's files to the host (once per host) and describe the VM."""
+        disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
+        driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
+        boot = None
+        if tv.kernel_path and tv.initrd_path:
+            driver.import_volume(kernel_vol, Path(tv.kernel_path))
+            driver.import_volume(initrd_vol, Path(tv.initrd_path))
+            cmdline = tv.kernel_cmdline or ""
+            if tv.customization is Customization.FWCFG:
+                # systemd adopts the id from PID 1's start, before any unit runs.
+                cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
+            boot = DirectBoot(kernel_vol, initrd_vol, cmdline)
+        identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)
+        seed = None
+        if tv.customization is Customization.CLOUD_INIT:
+            seed = write_nocloud_seed(
+                Path(tempfile.mkdtemp(prefix="deskpool-seed-")) / "seed.img",
+                instance_id=str(desktop.id), hostname=desktop.hostname,
+                machine_id=desktop.machine_id,
+            )
+        return VmSpec(
+            vm_id=desktop.id, name=desktop.name, base_volume=disk_vol,
+            clone_mode=desktop.clone_mode, mac=desktop.mac,
+            metadata=VmMetadata(desktop.id, desktop.name, tv.id),
+            vcpus=tv.vcpus, memory_mib=tv.memory_mib, domain_type=domain_type,
+            direct_boot=boot,
+            identity_text=(identity.to_guest_text()
+                           if tv.customization is Customization.FWCFG else None),
+            seed_image=seed,
+        )
+
     def _domain_type(
-        self, uow: object, host: Host, driver: HypervisorDriver, tv: TemplateVersion
+        self, host: Host, driver: HypervisorDriver, tv: TemplateVersion
     ) -> DomainType:
         if host.domain_type_resolved:
             return DomainType(host.domain_type_resolved)
         kernel = Path(tv.kernel_path) if tv.kernel_path else None
-        resolved = driver.resolve_domain_type(host.domain_type_requested, kernel)
-        host.domain_type_resolved = resolved.value
-        return resolved
+        return driver.resolve_domain_type(host.domain_type_requested, kernel)
 
     # --- readiness -------------------------------------------------------------------------
 
@@ -276,14 +285,12 @@ class DesktopService:
             return [desktop_view(d) for d in uow.desktops.list()]
 
     @staticmethod
-    def _find(uow: object, name_or_id: str) -> Desktop:
-        repo = uow.desktops  # type: ignore[attr-defined]
+    def _find(uow: UnitOfWork, name_or_id: str) -> Desktop:
         try:
-            found: Desktop = repo.get(uuid.UUID(name_or_id))
-            return found
+            desktop_id = uuid.UUID(name_or_id)
         except ValueError:
-            by_name: Desktop = repo.get_by_name(name_or_id)
-            return by_name
+            return uow.desktops.get_by_name(name_or_id)
+        return uow.desktops.get(desktop_id)
 
     def delete(self, name_or_id: str) -> None:
         """Remove the VM and its disks, then the row. A crash midway leaves the row in
@@ -299,13 +306,13 @@ class DesktopService:
 
     def _discard(self, desktop_id: uuid.UUID) -> None:
         with self.ctx.uow() as uow:
-            desktop = uow.desktops.find(desktop_id)
-            if desktop is None:
+            try:
+                driver = self.ctx.driver_for(uow.desktops.get(desktop_id).host)
+            except NotFound:
                 return
-            driver = self.ctx.driver_for(desktop.host)
         driver.delete_vm(desktop_id)  # idempotent: removes the domain and every owned disk
         with self.ctx.uow() as uow:
-            uow.desktops.delete_by_id(desktop_id)
+            uow.desktops.delete(uow.desktops.get(desktop_id))
             uow.commit()
 
     def console(self, name_or_id: str) -> ConsoleAddress:

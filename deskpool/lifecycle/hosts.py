@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import DomainType, HostState
 from deskpool.drivers.registry import open_driver
 from deskpool.lifecycle.context import ServiceContext
@@ -64,16 +64,3 @@ class HostService:
     def list(self) -> list[HostView]:
         with self.ctx.uow() as uow:
             return [host_view(h) for h in uow.hosts.list()]
-
-    def pick(self, name: str | None) -> Host:
-        """The named host, or the only enabled one. Call inside a unit of work."""
-        with self.ctx.uow() as uow:
-            if name is not None:
-                return uow.hosts.get_by_name(name)
-            enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
-        if not enabled:
-            raise NotFound("no enabled host is registered: add one with 'deskpool host add'")
-        if len(enabled) > 1:
-            names = ", ".join(h.name for h in enabled)
-            raise InvalidInput(f"several hosts are enabled ({names}): name one with --host")
-        return enabled[0]

@@ -139,7 +139,7 @@ class TemplateService:
             template = uow.templates.find_by_name(template_name)
             if template is None:
                 return None
-            for version in uow.versions.list_for(template.id):
+            for version in uow.versions.list(template.id):
                 if version.image_sha256 == sha256:
                     return version_view(version, template_name)
         return None
@@ -147,5 +147,5 @@ class TemplateService:
     def list_versions(self) -> list[TemplateVersionView]:
         with self.ctx.uow() as uow:
             return [version_view(v, t.name) for t in uow.templates.list()
-                    for v in uow.versions.list_for(t.id)]
+                    for v in uow.versions.list(t.id)]
 

@@ -8,8 +8,12 @@ SQLite specifics, set on every connection by :func:`make_engine`:
 * transactions start with ``BEGIN IMMEDIATE``, emitted by SQLAlchemy rather than by the
   ``sqlite3`` module. Taking the write lock up front means a transaction that reads and then
   writes can never hit ``SQLITE_BUSY`` half-way (a deferred transaction whose snapshot went stale
-  fails without waiting), and owning ``BEGIN`` makes SAVEPOINTs and transactional DDL work.
-  The cost, one writer at a time, is what SQLite has anyway; PostgreSQL has none of this.
+  fails at its first write without waiting), and owning ``BEGIN`` makes SAVEPOINTs and
+  transactional DDL work. The cost: write units of work run one at a time (SQLite has a single
+  writer anyway), so never open a second writing ``UnitOfWork`` in a thread that already holds
+  one -- it waits for the busy timeout and fails. ``UnitOfWork(..., read_only=True)`` begins a
+  plain deferred transaction instead: a WAL snapshot that neither waits for nor blocks writers.
+  PostgreSQL needs none of this.
 
 Migrations are Alembic scripts shipped inside the package (``deskpool/store/migrations``); the
 Alembic ``Config`` is built in code, so no ``alembic.ini`` is needed.
@@ -42,6 +46,8 @@ from deskpool.store.repositories import (
 )
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Connection execution option: begin a deferred (read-only) SQLite transaction.
+READ_ONLY_OPTION = "deskpool_read_only"
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -49,8 +55,9 @@ def _is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, echo: bool = False
-                ) -> Engine:
+def make_engine(
+    url: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, echo: bool = False
+) -> Engine:
     """An engine for ``url``; for SQLite files, creates the parent directory if missing."""
     parsed = make_url(url)
     file_db = False
@@ -81,7 +88,8 @@ def _configure_sqlite(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> Non
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -195,6 +203,9 @@ class UnitOfWork:
     Repositories never commit; whoever owns the operation calls :meth:`commit`. Leaving the
     block without committing (or by an exception) rolls back what was not committed. Database
     integrity and stale-row errors leave the block as ``Conflict``.
+
+    ``read_only=True`` is for pure reads (listings, status pages): on SQLite it takes no write
+    lock, so it never waits for writers, and :meth:`commit` refuses to run.
     """
 
     session: Session
@@ -203,9 +214,14 @@ class UnitOfWork:
     versions: TemplateVersionRepository
     desktops: DesktopRepository
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], *, read_only: bool = False) -> None:
         self._session_factory = session_factory
+        self.read_only = read_only
         self._active = False
+
+    def _begin_read_only(self) -> None:
+        # Begin now, so the options reach the "begin" event (plain BEGIN on SQLite).
+        self.session.connection(execution_options={READ_ONLY_OPTION: True})
 
     def __enter__(self) -> Self:
         if self._active:
@@ -216,6 +232,8 @@ class UnitOfWork:
         self.templates = TemplateRepository(self.session)
         self.versions = TemplateVersionRepository(self.session)
         self.desktops = DesktopRepository(self.session)
+        if self.read_only:
+            self._begin_read_only()
         return self
 
     def __exit__(
@@ -233,6 +251,8 @@ class UnitOfWork:
             raise conflict_from_db_error(exc) from exc
 
     def commit(self) -> None:
+        if self.read_only:
+            raise RuntimeError("a read-only UnitOfWork cannot commit")
         try:
             self.session.commit()
         except (IntegrityError, StaleDataError) as exc:
@@ -241,6 +261,8 @@ class UnitOfWork:
 
     def rollback(self) -> None:
         self.session.rollback()
+        if self.read_only:
+            self._begin_read_only()
 
     def flush(self) -> None:
         """Send pending changes now (inside the transaction), to see their errors early."""

@@ -135,13 +135,6 @@ class Template(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    versions: Mapped[list[TemplateVersion]] = relationship(
-        back_populates="template",
-        order_by="TemplateVersion.number",
-        cascade="all, delete-orphan",
-        passive_deletes=True,
-    )
-
     def __repr__(self) -> str:
         return f"<Template {self.name!r}>"
 
@@ -158,9 +151,7 @@ class TemplateVersion(Base):
     __table_args__ = (UniqueConstraint("template_id", "number"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    template_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("templates.id", ondelete="CASCADE")
-    )
+    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("templates.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     image_path: Mapped[str] = mapped_column(Text)
     image_sha256: Mapped[str] = mapped_column(String(64))
@@ -177,7 +168,11 @@ class TemplateVersion(Base):
     published_at: Mapped[datetime | None] = mapped_column(active_history=True)
     notes: Mapped[str] = mapped_column(Text, default="")
 
-    template: Mapped[Template] = relationship(back_populates="versions")
+    # One-way on purpose: a ``Template.versions`` backref would put a new, not yet added version
+    # into a persistent template's collection and make the flush before ``add``'s SAVEPOINT warn.
+    # List versions with ``TemplateVersionRepository.list``; deleting a template deletes its
+    # versions through the foreign key's ON DELETE CASCADE.
+    template: Mapped[Template] = relationship()
 
     @property
     def is_published(self) -> bool:

@@ -16,10 +16,11 @@ Rules:
 from __future__ import annotations
 
 import builtins
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -50,7 +51,7 @@ class _Unique(Generic[M]):
     message: Callable[[M], str]
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException | None) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -67,7 +68,7 @@ def conflict_from_db_error(exc: IntegrityError | StaleDataError) -> Conflict:
 def _constraint_hit(table: str, columns: tuple[str, ...], message: str) -> bool:
     sqlite_marker = ", ".join(f"{table}.{column}" for column in columns)  # UNIQUE constraint failed
     named = f"uq_{table}_{'_'.join(columns)}"  # PostgreSQL names the constraint
-    return sqlite_marker in message or named in message
+    return any(re.search(rf"\b{re.escape(marker)}\b", message) for marker in (sqlite_marker, named))
 
 
 class _Repository(Generic[M]):
@@ -121,7 +122,7 @@ class _NamedRepository(_Repository[M]):
     """A repository for a model with a unique ``name``; ``kind`` is used in messages."""
 
     _kind: str
-    _name_attr: InstrumentedAttribute[str]
+    _name_attr: ClassVar[InstrumentedAttribute[str]]  # read via type(self): it is a descriptor
 
     def _describe(self, obj: M) -> str:
         return f"{self._kind} {cast(Any, obj).name!r}"
@@ -133,7 +134,9 @@ class _NamedRepository(_Repository[M]):
         return obj
 
     def find_by_name(self, name: str) -> M | None:
-        return self._session.scalars(select(self._model).where(self._name_attr == name)).first()
+        return self._session.scalars(
+            select(self._model).where(type(self)._name_attr == name)
+        ).first()
 
     def get_by_name(self, name: str) -> M:
         obj = self.find_by_name(name)
@@ -142,7 +145,9 @@ class _NamedRepository(_Repository[M]):
         return obj
 
     def list(self) -> builtins.list[M]:
-        return builtins.list(self._session.scalars(select(self._model).order_by(self._name_attr)))
+        return builtins.list(
+            self._session.scalars(select(self._model).order_by(type(self)._name_attr))
+        )
 
 
 class HostRepository(_NamedRepository[Host]):
@@ -167,8 +172,10 @@ class TemplateVersionRepository(_Repository[TemplateVersion]):
         self._uniques = (
             _Unique(
                 ("template_id", "number"),
-                lambda v: f"template {self._template_name(v.template_id)!r} already has a "
-                f"version {v.number}",
+                lambda v: (
+                    f"template {self._template_name(v.template_id)!r} already has a "
+                    f"version {v.number}"
+                ),
             ),
         )
 
@@ -192,9 +199,7 @@ class TemplateVersionRepository(_Repository[TemplateVersion]):
             )
         ).first()
         if version is None:
-            raise NotFound(
-                f"template {self._template_name(template_id)!r} has no version {number}"
-            )
+            raise NotFound(f"template {self._template_name(template_id)!r} has no version {number}")
         return version
 
     def list(self, template_id: uuid.UUID) -> builtins.list[TemplateVersion]:

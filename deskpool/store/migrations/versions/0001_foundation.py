@@ -12,6 +12,7 @@ so adding an enum value never needs a migration. Timestamps are timezone-aware; 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -24,7 +25,7 @@ depends_on: str | Sequence[str] | None = None
 ENUM = sa.String(length=32)
 
 
-def _timestamp(name: str, *, nullable: bool = False) -> sa.Column[sa.DateTime]:
+def _timestamp(name: str, *, nullable: bool = False) -> sa.Column[datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
@@ -98,9 +99,7 @@ def upgrade() -> None:
         _timestamp("created_at"),
         _timestamp("identity_confirmed_at", nullable=True),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["host_id"], ["hosts.id"], name=op.f("fk_desktops_host_id_hosts")
-        ),
+        sa.ForeignKeyConstraint(["host_id"], ["hosts.id"], name=op.f("fk_desktops_host_id_hosts")),
         sa.ForeignKeyConstraint(
             ["template_version_id"],
             ["template_versions.id"],

@@ -29,7 +29,7 @@ systemctl enable deskpool-identity.service qemu-guest-agent.service
 systemctl enable getty@tty1.service
 # Nothing in an ephemeral desktop clone should wake up to update or scrub by itself.
 for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
-    e2scrub_reap.service fstrim.timer; do
+    e2scrub_reap.service fstrim.timer systemd-pstore.service; do
     if [ -e "/lib/systemd/system/$unit" ]; then systemctl disable "$unit" 2>/dev/null || true; fi
 done
 

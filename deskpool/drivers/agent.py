@@ -1,0 +1,186 @@
+"""Typed helpers over ``HypervisorDriver.agent_command`` (the QEMU guest agent protocol).
+
+They turn the agent's loosely typed JSON answers into Python values and check their shape, so a
+malformed answer becomes a ``DriverError`` here rather than a ``KeyError`` somewhere above.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from deskpool.domain.errors import AgentUnavailable, DriverError, InvalidInput
+from deskpool.drivers.base import HypervisorDriver
+
+_READ_CHUNK = 64 * 1024
+_MAX_READ = 64 * 1024 * 1024
+
+
+class GuestAgent:
+    """The guest agent of one VM. Every method raises ``AgentUnavailable`` when the agent is
+    silent, ``VmNotFound`` for an unknown VM and ``DriverError`` when the agent answered with
+    an error."""
+
+    def __init__(
+        self,
+        driver: HypervisorDriver,
+        vm_id: uuid.UUID,
+        *,
+        command_timeout_s: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.driver = driver
+        self.vm_id = vm_id
+        self._timeout_s = command_timeout_s
+        self._clock = clock
+        self._sleep = sleep
+
+    def _call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return self.driver.agent_command(self.vm_id, command, arguments, self._timeout_s)
+
+    def _call_dict(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = self._call(command, arguments)
+        if not isinstance(answer, dict):
+            raise self._malformed(command, answer)
+        return answer
+
+    def _malformed(self, command: str, answer: object) -> DriverError:
+        return DriverError(
+            f"guest agent of VM {self.vm_id} gave a malformed answer to {command}: {answer!r:.200}"
+        )
+
+    def ping(self) -> bool:
+        """Whether the agent answers now."""
+        try:
+            self._call("guest-ping")
+        except AgentUnavailable:
+            return False
+        return True
+
+    def wait_until_ready(
+        self,
+        timeout_s: float,
+        poll_s: float = 0.5,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> float:
+        """Ping until the agent answers; returns the seconds waited. ``AgentUnavailable``
+        after ``timeout_s`` without an answer."""
+        if timeout_s < 0 or poll_s <= 0:
+            raise InvalidInput("timeout_s must be >= 0 and poll_s > 0")
+        clock = clock or self._clock
+        sleep = sleep or self._sleep
+        start = clock()
+        deadline = start + timeout_s
+        while True:
+            if self.ping():
+                return clock() - start
+            now = clock()
+            if now >= deadline:
+                raise AgentUnavailable(
+                    f"guest agent of VM {self.vm_id} did not answer within {timeout_s:g} s"
+                )
+            sleep(min(poll_s, deadline - now))
+
+    def host_name(self) -> str:
+        name = self._call_dict("guest-get-host-name").get("host-name")
+        if not isinstance(name, str):
+            raise self._malformed("guest-get-host-name", name)
+        return name
+
+    def interfaces(self) -> dict[str, str]:
+        """Network interface name -> MAC address (lowercase); interfaces without one are left
+        out."""
+        answer = self._call("guest-network-get-interfaces")
+        if not isinstance(answer, list):
+            raise self._malformed("guest-network-get-interfaces", answer)
+        result: dict[str, str] = {}
+        for nic in answer:
+            if not isinstance(nic, dict) or not isinstance(nic.get("name"), str):
+                raise self._malformed("guest-network-get-interfaces", nic)
+            mac = nic.get("hardware-address")
+            if isinstance(mac, str):
+                result[nic["name"]] = mac.lower()
+        return result
+
+    def read_file(self, path: str, *, max_bytes: int = _MAX_READ) -> bytes:
+        """The whole content of a file in the guest (``DriverError`` when missing or larger than
+        ``max_bytes``)."""
+        handle = self._call("guest-file-open", {"path": path, "mode": "r"})
+        if not isinstance(handle, int):
+            raise self._malformed("guest-file-open", handle)
+        try:
+            data = self._read_all(handle, path, max_bytes)
+        except BaseException:
+            # Close anyway, but never let a failed close hide why the read failed.
+            with contextlib.suppress(DriverError):
+                self._call("guest-file-close", {"handle": handle})
+            raise
+        self._call("guest-file-close", {"handle": handle})
+        return data
+
+    def _read_all(self, handle: int, path: str, max_bytes: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            answer = self._call_dict("guest-file-read", {"handle": handle, "count": _READ_CHUNK})
+            chunk = self._b64(answer.get("buf-b64", ""), "guest-file-read")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise DriverError(f"{path} in VM {self.vm_id} is larger than {max_bytes} bytes")
+            # An empty chunk also ends the loop: an agent that never says eof cannot hang us.
+            if answer.get("eof") or not chunk:
+                return b"".join(chunks)
+
+    def set_time(self, time_ns: int | None = None) -> None:
+        """Set the guest's clock: to ``time_ns`` (ns since the epoch) when given, else from its
+        own hardware clock, as ``virsh domtime --sync`` does (needed after a memory restore)."""
+        self._call("guest-set-time", None if time_ns is None else {"time": time_ns})
+
+    def exec_capture(
+        self, argv: list[str], timeout_s: float = 30.0, poll_s: float = 0.2
+    ) -> tuple[int, str, str]:
+        """Run ``argv`` in the guest and wait for it: (exit code, stdout, stderr). A process
+        killed by a signal gives the negative signal number, as ``subprocess`` does.
+        ``DriverError`` when it has not finished within ``timeout_s``."""
+        if not argv:
+            raise InvalidInput("exec_capture needs a program to run")
+        started = self._call_dict(
+            "guest-exec", {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        )
+        pid = started.get("pid")
+        if not isinstance(pid, int):
+            raise self._malformed("guest-exec", started)
+        deadline = self._clock() + timeout_s
+        while True:
+            status = self._call_dict("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                break
+            if self._clock() >= deadline:
+                raise DriverError(
+                    f"{argv[0]} in VM {self.vm_id} did not finish within {timeout_s:g} s"
+                )
+            self._sleep(poll_s)
+        code = status.get("exitcode")
+        if not isinstance(code, int):
+            signal = status.get("signal")
+            code = -signal if isinstance(signal, int) else -1
+        out = self._b64(status.get("out-data", ""), "guest-exec-status")
+        err = self._b64(status.get("err-data", ""), "guest-exec-status")
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def _b64(self, value: object, command: str) -> bytes:
+        if not isinstance(value, str):
+            raise self._malformed(command, value)
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise self._malformed(command, value) from exc

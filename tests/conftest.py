@@ -1,0 +1,50 @@
+"""Shared test set-up: CI never silently skips the real-VM tier, and libvirt storage pools that
+tests made in temporary directories are removed at the end of the run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def qemu_system_unreachable_reason() -> str | None:
+    """None when qemu:///system answers, else why not."""
+    try:
+        import libvirt
+
+        libvirt.open("qemu:///system").close()
+    except Exception as exc:  # any failure means: no real hypervisor here
+        return f"qemu:///system is not reachable: {exc}"
+    return None
+
+
+def skip_or_fail_without_real_vms(reason: str) -> None:
+    """Outside CI a developer may lack libvirt; in CI a missing real tier is a failure."""
+    if IN_CI:
+        pytest.fail(f"real-VM tier cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    try:
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+    except Exception:
+        return
+    tmp_root = tempfile.gettempdir()
+    try:
+        for pool in conn.listAllStoragePools(0):
+            if not pool.name().startswith("deskpool-"):
+                continue
+            if f"<path>{tmp_root}/" not in pool.XMLDesc(0):
+                continue  # a real deployment's pool: never touch it
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
+    finally:
+        conn.close()

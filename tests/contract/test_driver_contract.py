@@ -1,0 +1,323 @@
+"""The driver contract of ``deskpool/drivers/base.py``, run against every driver.
+
+The ``driver`` fixture (see conftest) gives the fake, libvirt on ``test:///default`` and libvirt
+on ``qemu:///system``. VMs here never boot an OS: an empty disk is enough to run, so the real
+QEMU tier stays fast. Guest-agent answers are tested elsewhere; here only "off means silent".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deskpool.domain.errors import (
+    AgentUnavailable,
+    Conflict,
+    DriverError,
+    NotFound,
+    VmNotFound,
+)
+from deskpool.domain.models import CloneMode, PowerState, VmSpec
+from deskpool.drivers.base import (
+    HypervisorDriver,
+    owned_volume_names,
+    root_volume_name,
+    seed_volume_name,
+)
+from deskpool.drivers.fake import FakeDriver
+
+from .conftest import ContractEnv
+
+
+def _assert_nothing_left(driver: HypervisorDriver, spec: VmSpec, *, name_free: bool = True) -> None:
+    """The "no half-made VMs" rule: no definition, no volume named after the VM."""
+    with pytest.raises(VmNotFound):
+        driver.get_vm(spec.vm_id)
+    assert spec.vm_id not in {vm.vm_id for vm in driver.list_vms()}
+    if name_free:
+        assert spec.name not in {vm.name for vm in driver.list_vms()}
+    assert not set(owned_volume_names(spec.vm_id)) & set(driver.list_volumes())
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+class TestDriverContract:
+    # --- host ---------------------------------------------------------------------------
+
+    def test_capacity_reports_resources_and_domain_types(self, driver: HypervisorDriver) -> None:
+        cap = driver.capacity()
+        assert cap.hypervisor
+        assert cap.vcpus > 0
+        assert cap.memory_mib > 0
+        assert cap.storage_free_bytes > 0
+        assert cap.domain_types and all(isinstance(t, str) and t for t in cap.domain_types)
+
+    # --- volumes ------------------------------------------------------------------------
+
+    def test_imported_volume_is_described_and_listed(self, env: ContractEnv) -> None:
+        info = env.driver.import_volume("imported.qcow2", env.base_image)
+        assert info.name == "imported.qcow2"
+        assert info.path and info.capacity_bytes > 0
+        assert info.backing_volume_path is None
+        again = env.driver.volume_info("imported.qcow2")
+        assert (again.name, again.path, again.capacity_bytes) == (
+            info.name, info.path, info.capacity_bytes)
+        assert "imported.qcow2" in env.driver.list_volumes()
+
+    def test_import_of_missing_file_is_not_found_and_creates_nothing(
+        self, env: ContractEnv
+    ) -> None:
+        before = env.driver.list_volumes()
+        with pytest.raises(NotFound):
+            env.driver.import_volume("ghost.qcow2", env.tmp / "does-not-exist.qcow2")
+        assert env.driver.list_volumes() == before
+        with pytest.raises(NotFound):
+            env.driver.volume_info("ghost.qcow2")
+
+    def test_import_with_wrong_sha256_fails_and_leaves_no_volume(self, env: ContractEnv) -> None:
+        with pytest.raises(DriverError):
+            env.driver.import_volume("bad-sum.qcow2", env.base_image, sha256="0" * 64)
+        assert "bad-sum.qcow2" not in env.driver.list_volumes()
+
+    def test_import_with_matching_sha256_succeeds(self, env: ContractEnv) -> None:
+        digest = hashlib.sha256(env.base_image.read_bytes()).hexdigest()
+        info = env.driver.import_volume("good-sum.qcow2", env.base_image, sha256=digest)
+        assert info.name in env.driver.list_volumes()
+
+    def test_import_of_existing_name_returns_it_unchanged(self, env: ContractEnv) -> None:
+        first = env.driver.import_volume("immutable.img", env.base_image)
+        other = _write(env.tmp / "other.img", b"x" * 3 * 1024 * 1024)
+        second = env.driver.import_volume("immutable.img", other)
+        assert (second.path, second.capacity_bytes) == (first.path, first.capacity_bytes)
+        assert env.driver.volume_info("immutable.img").capacity_bytes == first.capacity_bytes
+
+    def test_volume_info_of_missing_volume_is_not_found(self, driver: HypervisorDriver) -> None:
+        with pytest.raises(NotFound):
+            driver.volume_info("no-such-volume.qcow2")
+
+    def test_delete_volume_removes_it_and_is_idempotent(self, env: ContractEnv) -> None:
+        env.driver.import_volume("doomed.qcow2", env.base_image)
+        env.driver.delete_volume("doomed.qcow2")
+        assert "doomed.qcow2" not in env.driver.list_volumes()
+        env.driver.delete_volume("doomed.qcow2")  # a missing volume is not an error
+
+    # --- create -------------------------------------------------------------------------
+
+    def test_linked_clone_root_is_backed_by_the_base_volume(self, env: ContractEnv) -> None:
+        base = env.driver.volume_info(env.base_volume())
+        spec = env.spec(clone_mode=CloneMode.LINKED)
+        env.driver.create_vm(spec)
+        root = env.driver.volume_info(root_volume_name(spec.vm_id))
+        assert root.backing_volume_path == base.path
+        assert env.driver.volume_info(base.name).path == base.path  # the base is untouched
+
+    def test_full_clone_is_independent_with_the_base_capacity(self, env: ContractEnv) -> None:
+        base = env.driver.volume_info(env.base_volume())
+        spec = env.spec(clone_mode=CloneMode.FULL)
+        env.driver.create_vm(spec)
+        root = env.driver.volume_info(root_volume_name(spec.vm_id))
+        assert root.backing_volume_path is None
+        assert root.path != base.path
+        assert root.capacity_bytes == base.capacity_bytes
+
+    def test_created_vm_is_shut_off(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        record = env.driver.create_vm(spec)
+        assert (record.vm_id, record.name) == (spec.vm_id, spec.name)
+        assert record.power_state is PowerState.SHUTOFF
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+    def test_duplicate_vm_id_is_conflict_and_first_vm_untouched(self, env: ContractEnv) -> None:
+        env.base_volume()
+        first = env.spec()
+        env.driver.create_vm(first)
+        root_before = env.driver.volume_info(root_volume_name(first.vm_id))
+        clash = env.spec(vm_id=first.vm_id, name=f"{first.name}-other")
+        with pytest.raises(Conflict):
+            env.driver.create_vm(clash)
+        record = env.driver.get_vm(first.vm_id)
+        assert (record.name, record.metadata) == (first.name, first.metadata)
+        assert env.driver.volume_info(root_volume_name(first.vm_id)) == root_before
+        assert clash.name not in {vm.name for vm in env.driver.list_vms()}
+
+    def test_duplicate_name_is_conflict_and_first_vm_untouched(self, env: ContractEnv) -> None:
+        env.base_volume()
+        first = env.spec()
+        env.driver.create_vm(first)
+        env.driver.start_vm(first.vm_id)
+        clash = env.spec(name=first.name)
+        with pytest.raises(Conflict):
+            env.driver.create_vm(clash)
+        _assert_nothing_left(env.driver, clash, name_free=False)  # the name is first's
+        record = env.driver.get_vm(first.vm_id)
+        assert record.metadata == first.metadata
+        assert record.power_state is PowerState.RUNNING
+        assert root_volume_name(first.vm_id) in env.driver.list_volumes()
+
+    def test_missing_base_volume_is_not_found_and_leaves_nothing(self, env: ContractEnv) -> None:
+        spec = env.spec(base_volume="no-such-base.qcow2")
+        with pytest.raises(NotFound):
+            env.driver.create_vm(spec)
+        _assert_nothing_left(env.driver, spec)
+
+    def test_failed_create_leaves_no_vm_and_no_volume(self, env: ContractEnv) -> None:
+        env.base_volume()
+        seed = _write(env.tmp / "seed.img", b"\0" * 64 * 1024)
+        spec = env.spec(seed_image=seed)  # root and seed volumes are made before the define
+        if isinstance(env.driver, FakeDriver):
+            env.driver.fail_next("create_vm.define")
+        else:
+            # libvirt refuses a domain name containing '/' when the VM is defined, after the
+            # driver has made its volumes: a real failure at the last step.
+            spec = env.spec(vm_id=spec.vm_id, seed_image=seed, name=f"bad/{spec.name}")
+        with pytest.raises(DriverError):
+            env.driver.create_vm(spec)
+        _assert_nothing_left(env.driver, spec)
+
+    def test_seed_image_becomes_a_volume_deleted_with_the_vm(self, env: ContractEnv) -> None:
+        env.base_volume()
+        seed = _write(env.tmp / "seed.img", b"\0" * 64 * 1024)
+        spec = env.spec(seed_image=seed)
+        env.driver.create_vm(spec)
+        info = env.driver.volume_info(seed_volume_name(spec.vm_id))
+        assert info.backing_volume_path is None
+        env.driver.delete_vm(spec.vm_id)
+        assert seed_volume_name(spec.vm_id) not in env.driver.list_volumes()
+
+    # --- power --------------------------------------------------------------------------
+
+    def test_start_runs_the_vm_and_a_second_start_does_nothing(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+        has_console = env.kind != "libvirt-test"  # test:/// has no VNC port (see below)
+        console = env.driver.console_address(spec.vm_id) if has_console else None
+        env.driver.start_vm(spec.vm_id)
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+        if has_console:  # the same QEMU process still runs, on the same port
+            assert env.driver.console_address(spec.vm_id) == console
+
+    def test_force_stop_shuts_off_and_stopping_an_off_vm_succeeds(
+        self, env: ContractEnv
+    ) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        env.driver.stop_vm(spec.vm_id, force=True)
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+        env.driver.stop_vm(spec.vm_id, force=True)
+        env.driver.stop_vm(spec.vm_id)
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+    def test_graceful_stop_returns_without_waiting(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        env.driver.stop_vm(spec.vm_id)
+        # No OS here to act on the request: it may or may not have gone off, nothing else.
+        assert env.driver.get_vm(spec.vm_id).power_state in (
+            PowerState.RUNNING, PowerState.SHUTOFF)
+
+    # --- reading VMs ----------------------------------------------------------------------
+
+    def test_get_vm_returns_deskpool_id_name_and_metadata(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        record = env.driver.get_vm(spec.vm_id)
+        assert record.vm_id == spec.vm_id
+        assert record.name == spec.name
+        assert record.metadata == spec.metadata
+
+    def test_list_vms_gives_metadata_for_own_vms_and_none_for_others(
+        self, env: ContractEnv
+    ) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        foreign = env.add_foreign_vm()
+        by_name = {vm.name: vm for vm in env.driver.list_vms()}
+        own = by_name[spec.name]
+        assert own.vm_id == spec.vm_id
+        assert own.metadata is not None
+        assert own.metadata.desktop_id == spec.metadata.desktop_id
+        assert own.metadata.desktop_name == spec.metadata.desktop_name
+        assert own.metadata.template_version_id == spec.metadata.template_version_id
+        assert by_name[foreign].metadata is None
+
+    def test_unknown_vm_raises_vm_not_found(self, driver: HypervisorDriver) -> None:
+        unknown = uuid.uuid4()
+        with pytest.raises(VmNotFound):
+            driver.get_vm(unknown)
+        with pytest.raises(VmNotFound):
+            driver.start_vm(unknown)
+        with pytest.raises(VmNotFound):
+            driver.console_address(unknown)
+        with pytest.raises(VmNotFound):
+            driver.agent_command(unknown, "guest-ping")
+
+    def test_console_of_running_vm_is_vnc_on_the_listen_address(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        if env.kind == "libvirt-test":
+            # test:/// runs no QEMU, so no VNC server picks a port: its XML says port -1. The
+            # driver may report that or refuse (DriverError); either is honest, nothing else is.
+            try:
+                console = env.driver.console_address(spec.vm_id)
+            except DriverError:
+                return
+            assert console.protocol == "vnc"
+            return
+        console = env.driver.console_address(spec.vm_id)
+        assert console.protocol == "vnc"
+        assert console.host == spec.vnc_listen
+        assert console.port > 0
+
+    def test_console_of_vm_that_is_off_is_driver_error(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        with pytest.raises(DriverError):
+            env.driver.console_address(spec.vm_id)
+
+    def test_agent_of_vm_that_is_off_is_unavailable(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        with pytest.raises(AgentUnavailable):
+            env.driver.agent_command(spec.vm_id, "guest-ping")
+
+    # --- delete -------------------------------------------------------------------------
+
+    def test_delete_vm_removes_running_vm_and_its_volumes(self, env: ContractEnv) -> None:
+        base = env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        env.driver.delete_vm(spec.vm_id)
+        _assert_nothing_left(env.driver, spec)
+        assert base in env.driver.list_volumes()  # the template image is not the VM's
+
+    def test_delete_of_unknown_vm_succeeds(self, driver: HypervisorDriver) -> None:
+        driver.delete_vm(uuid.uuid4())
+
+    def test_delete_vm_removes_leftover_volumes_without_a_vm(self, env: ContractEnv) -> None:
+        vm_id = uuid.uuid4()
+        env.vm_ids.append(vm_id)
+        # A crash between making the root volume and defining the VM leaves just this.
+        env.driver.import_volume(root_volume_name(vm_id), env.base_image)
+        env.driver.delete_vm(vm_id)
+        assert root_volume_name(vm_id) not in env.driver.list_volumes()

@@ -1,0 +1,52 @@
+"""The command line as a user runs it: bad input gives one clear line on stderr, no traceback,
+and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DESKPOOL = Path(sys.executable).parent / "deskpool"
+
+
+def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DESKPOOL_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DESKPOOL_DEBUG", None)
+    return subprocess.run([str(DESKPOOL), *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("host", "add", "far", "qemu+tcp://127.0.0.1:1/system"), "cannot reach a hypervisor"),
+    (("desktop", "create", "nosuch"), "template 'nosuch' does not exist"),
+    (("template", "publish", "t", "--image", "/nonexistent/disk.qcow2"),
+     "/nonexistent/disk.qcow2 does not exist"),
+    (("desktop", "delete", "ghost"), "desktop 'ghost' does not exist"),
+    (("desktop", "create", "x", "--pattern", "nope"), "naming pattern"),
+])
+def test_bad_input_is_one_line_naming_the_problem(
+    tmp_path: Path, args: tuple[str, ...], needle: str
+) -> None:
+    result = run(tmp_path, *args)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_then_list_shows_the_version(tmp_path: Path) -> None:
+    disk = tmp_path / "g.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    published = run(tmp_path, "template", "publish", "golden", "--image", str(disk))
+    assert published.returncode == 0, published.stderr
+    assert "published golden version 1" in published.stdout
+    listed = run(tmp_path, "template", "list")
+    assert "golden" in listed.stdout and listed.returncode == 0
+    again = run(tmp_path, "host", "add", "far", "qemu+tcp://127.0.0.1:1/system")
+    assert again.returncode == 1
+    assert "far" not in run(tmp_path, "host", "list").stdout

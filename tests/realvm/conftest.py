@@ -1,0 +1,50 @@
+"""Real-VM tier: QEMU guests booted by libvirt qemu:///system from the image the project builds.
+
+The guest image is built once (cached by recipe hash under the default data directory, so a
+second run reuses it); everything else (database, template copies, storage pool) lives in a
+temporary directory of the test session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deskpool.config import Settings
+from deskpool.images.builder import GuestImage, build_guest_image
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
+
+TEMPLATE = "realvm"
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    reason = qemu_system_unreachable_reason()
+    if reason:
+        skip_or_fail_without_real_vms(reason)
+    return build_guest_image(Settings().image_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def real_ctx(
+    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceContext]:
+    root = tmp_path_factory.mktemp("realvm")
+    ctx = ServiceContext(Settings(data_dir=root / "data"))
+    HostService(ctx).add("local", "qemu:///system", storage_dir=root / "pool")
+    TemplateService(ctx).publish(TEMPLATE, ImageFiles.from_guest_image(guest_image),
+                                 recipe_hash=guest_image.recipe_hash)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="session")
+def storage_dir(real_ctx: ServiceContext) -> Path:
+    (host,) = HostService(real_ctx).list()
+    assert host.storage_dir is not None
+    return Path(host.storage_dir)

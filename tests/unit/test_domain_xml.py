@@ -1,0 +1,114 @@
+"""Domain and volume XML: golden files, and libvirt's test:/// driver accepting what we emit."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from deskpool.domain.identity import DesktopIdentity
+from deskpool.domain.models import VmMetadata
+from deskpool.drivers.libvirt import xml
+
+GOLDEN = Path(__file__).parent / "golden"
+VM_ID = uuid.UUID("11111111-2222-3333-4444-555555555555")
+VERSION_ID = uuid.UUID("99999999-8888-7777-6666-555555555555")
+
+
+def _definition(**overrides: object) -> xml.DomainDefinition:
+    identity = DesktopIdentity(VM_ID, "lab-001", "52:54:00:aa:bb:cc", "0" * 31 + "1")
+    fields: dict[str, object] = dict(
+        domain_type="qemu", name="lab-001", uuid=VM_ID, memory_mib=768, vcpus=2,
+        metadata=VmMetadata(VM_ID, "lab-001", VERSION_ID),
+        disks=(xml.DiskDevice("/pool/root.qcow2", "vda"),
+               xml.DiskDevice("/pool/seed.img", "vdb", format="raw", readonly=True)),
+        interface=xml.NetworkInterface("52:54:00:aa:bb:cc"),
+        direct_boot=xml.DirectKernelBoot("/pool/k", "/pool/i", "root=/dev/vda rw"),
+        fwcfg_entries=xml.fwcfg_identity(identity.to_guest_text()),
+    )
+    fields.update(overrides)
+    return xml.DomainDefinition(**fields)  # type: ignore[arg-type]
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; rerun with UPDATE_GOLDEN=1 if intended"
+
+
+def test_direct_boot_desktop_matches_golden() -> None:
+    _check_golden("domain_direct_boot.xml", _definition().to_xml())
+
+
+def test_disk_boot_on_bridge_network_matches_golden() -> None:
+    definition = _definition(
+        direct_boot=None, fwcfg_entries={}, disks=(xml.DiskDevice("/pool/root.qcow2", "vda"),),
+        interface=xml.NetworkInterface("52:54:00:aa:bb:cc", network="default"),
+    )
+    _check_golden("domain_disk_boot.xml", definition.to_xml())
+
+
+def test_volume_definitions_match_golden() -> None:
+    linked = xml.VolumeDefinition("r.qcow2", 2**30, backing_path="/pool/base.qcow2")
+    _check_golden("volume_linked.xml", linked.to_xml())
+    _check_golden("volume_full.xml", xml.VolumeDefinition("r.qcow2", 2**30).to_xml())
+
+
+def test_values_are_escaped_not_interpolated() -> None:
+    definition = _definition(name="a<b>&c", fwcfg_entries={"opt/x": "</entry><evil/>"})
+    text = definition.to_xml()
+    assert "<evil/>" not in text and "&lt;/entry&gt;&lt;evil/&gt;" in text
+    assert "<name>a&lt;b&gt;&amp;c</name>" in text
+
+
+def test_metadata_round_trips_namespaced_and_stripped() -> None:
+    meta = VmMetadata(VM_ID, "lab-001", VERSION_ID)
+    assert xml.parse_metadata(xml.metadata_xml(meta)) == meta
+    stripped = (f"<vm><desktop-id>{VM_ID}</desktop-id><desktop-name>lab-001</desktop-name>"
+                "</vm>")
+    assert xml.parse_metadata(stripped) == VmMetadata(VM_ID, "lab-001", None)
+    assert xml.parse_metadata("<vm><desktop-id>not-a-uuid</desktop-id></vm>") is None
+    assert xml.parse_metadata("not xml") is None
+
+
+def test_libvirt_test_driver_accepts_and_keeps_our_definition() -> None:
+    conn = libvirt.open("test:///default")
+    definition = _definition(domain_type="test", name=f"golden-{uuid.uuid4().hex[:8]}",
+                             uuid=uuid.uuid4())
+    dom = conn.defineXML(definition.to_xml())
+    try:
+        live = dom.XMLDesc(0)
+        assert "opt/deskpool/identity" in live
+        assert "org.qemu.guest_agent.0" in live
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml.METADATA_NS, 0)
+        assert xml.parse_metadata(text) == definition.metadata
+        assert xml.parse_disk_paths(live) == ["/pool/root.qcow2", "/pool/seed.img"]
+    finally:
+        dom.undefine()
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("graphics", "expected"),
+    [
+        ("<graphics type='vnc' port='5901'><listen type='address' address='127.0.0.1'/>"
+         "</graphics>", xml.VncListen("127.0.0.1", 5901)),
+        ("<graphics type='vnc' port='-1' autoport='yes'/>", None),
+        ("", None),
+    ],
+)
+def test_parse_vnc(graphics: str, expected: xml.VncListen | None) -> None:
+    assert xml.parse_vnc(f"<domain><devices>{graphics}</devices></domain>") == expected
+
+
+def test_guest_domain_types_from_capabilities() -> None:
+    caps = """<capabilities><host><cpu><arch>x86_64</arch></cpu></host>
+      <guest><os_type>hvm</os_type><arch name='x86_64'><domain type='qemu'/>
+        <domain type='kvm'/></arch></guest>
+      <guest><os_type>hvm</os_type><arch name='i686'><domain type='qemu'/></arch></guest>
+    </capabilities>"""
+    assert xml.parse_guest_domain_types(caps) == ("qemu", "kvm")

@@ -1,0 +1,433 @@
+"""What only the fake has: fault injection, the fake guest, hypervisor changes behind our back;
+and ``GuestAgent`` driven through the fake guest. The shared contract is in tests/contract/."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deskpool.domain.errors import (
+    AgentUnavailable,
+    Conflict,
+    DriverError,
+    HypervisorUnreachable,
+    InvalidInput,
+    VmNotFound,
+)
+from deskpool.domain.identity import (
+    GUEST_MARKER_PATH,
+    DesktopIdentity,
+    new_mac,
+    new_machine_id,
+)
+from deskpool.domain.models import CloneMode, DomainType, PowerState, VmMetadata, VmSpec
+from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.base import owned_volume_names, root_volume_name, seed_volume_name
+from deskpool.drivers.fake import FakeDriver
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+@pytest.fixture
+def fake(base_image: Path) -> FakeDriver:
+    driver = FakeDriver()
+    driver.import_volume("base.qcow2", base_image)
+    return driver
+
+
+def make_spec(identity: DesktopIdentity | None = None, **changes: Any) -> VmSpec:
+    vm_id = identity.desktop_id if identity else uuid.uuid4()
+    values: dict[str, Any] = dict(
+        vm_id=vm_id, name=f"vm-{vm_id.hex[:8]}", base_volume="base.qcow2",
+        clone_mode=CloneMode.LINKED, mac=identity.mac if identity else new_mac(),
+        metadata=VmMetadata(desktop_id=vm_id, desktop_name="lab-001"),
+        identity_text=identity.to_guest_text() if identity else None,
+    )
+    values.update(changes)
+    return VmSpec(**values)
+
+
+def make_identity() -> DesktopIdentity:
+    return DesktopIdentity(uuid.uuid4(), "lab-001", new_mac(), new_machine_id())
+
+
+def booted(fake: FakeDriver, identity: DesktopIdentity | None = None) -> tuple[VmSpec, GuestAgent]:
+    spec = make_spec(identity or make_identity())
+    fake.create_vm(spec)
+    fake.start_vm(spec.vm_id)
+    return spec, GuestAgent(fake, spec.vm_id)
+
+
+def assert_nothing_left(fake: FakeDriver, spec: VmSpec) -> None:
+    with pytest.raises(VmNotFound):
+        fake.get_vm(spec.vm_id)
+    assert not set(owned_volume_names(spec.vm_id)) & set(fake.list_volumes())
+
+
+# --- fault injection --------------------------------------------------------------------
+
+
+def test_fail_next_fails_exactly_the_next_call(fake: FakeDriver) -> None:
+    spec = make_spec()
+    fake.create_vm(spec)
+    fake.fail_next("start_vm")
+    with pytest.raises(DriverError, match="injected failure in start_vm"):
+        fake.start_vm(spec.vm_id)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+    fake.start_vm(spec.vm_id)  # the fault was used up
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+
+
+def test_fail_next_raises_the_given_error_and_queues(fake: FakeDriver, base_image: Path) -> None:
+    fake.fail_next("import_volume", HypervisorUnreachable("host down"))
+    fake.fail_next("import_volume")
+    with pytest.raises(HypervisorUnreachable, match="host down"):
+        fake.import_volume("x.qcow2", base_image)
+    with pytest.raises(DriverError):
+        fake.import_volume("x.qcow2", base_image)
+    assert fake.import_volume("x.qcow2", base_image).name == "x.qcow2"
+
+
+def test_fail_next_refuses_unknown_points() -> None:
+    with pytest.raises(InvalidInput, match=r"create_vm\.define"):
+        FakeDriver().fail_next("create_vm.defin")
+
+
+@pytest.mark.parametrize(
+    "point", ["create_vm", "create_vm.root_volume", "create_vm.seed_volume", "create_vm.define"]
+)
+def test_create_failing_at_any_step_leaves_nothing(
+    fake: FakeDriver, tmp_path: Path, point: str
+) -> None:
+    seed = tmp_path / "seed.img"
+    seed.write_bytes(b"\0" * 4096)
+    spec = make_spec(seed_image=seed)
+    before = fake.list_volumes()
+    fake.fail_next(point)
+    with pytest.raises(DriverError, match=point):
+        fake.create_vm(spec)
+    assert_nothing_left(fake, spec)
+    assert fake.list_volumes() == before
+    fake.create_vm(spec)  # and a retry then works
+    assert seed_volume_name(spec.vm_id) in fake.list_volumes()
+
+
+@pytest.mark.parametrize(
+    "changes", [{"name": "a/b"}, {"mac": "52:54:00:zz:00:01"}, {"vcpus": 0}],
+    ids=["slash-in-name", "bad-mac", "no-vcpu"],
+)
+def test_definitions_libvirt_rejects_fail_after_the_volumes_and_roll_back(
+    fake: FakeDriver, changes: dict[str, Any]
+) -> None:
+    spec = make_spec(**changes)
+    with pytest.raises(DriverError, match="XML error"):
+        fake.create_vm(spec)
+    assert_nothing_left(fake, spec)
+
+
+def test_create_over_leftover_volumes_fails_and_removes_them(
+    fake: FakeDriver, base_image: Path
+) -> None:
+    spec = make_spec()
+    fake.import_volume(root_volume_name(spec.vm_id), base_image)  # a crashed earlier create
+    with pytest.raises(DriverError, match="exists already"):
+        fake.create_vm(spec)
+    assert_nothing_left(fake, spec)
+    fake.create_vm(spec)
+
+
+# --- storage ----------------------------------------------------------------------------
+
+
+def test_qcow2_reports_its_virtual_size_and_raw_its_file_size(
+    fake: FakeDriver, tmp_path: Path
+) -> None:
+    assert fake.volume_info("base.qcow2").capacity_bytes == 64 * MiB
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"\1" * 12345)
+    info = fake.import_volume("raw.img", raw)
+    assert (info.capacity_bytes, info.allocation_bytes) == (12345, 12345)
+
+
+def test_free_storage_shrinks_as_volumes_are_added(fake: FakeDriver) -> None:
+    free0 = fake.capacity().storage_free_bytes
+    fake.create_vm(make_spec(clone_mode=CloneMode.LINKED))
+    free1 = fake.capacity().storage_free_bytes
+    fake.create_vm(make_spec(clone_mode=CloneMode.FULL))
+    free2 = fake.capacity().storage_free_bytes
+    assert free0 > free1 > free2
+    base = fake.volume_info("base.qcow2")
+    assert free1 - free2 == base.allocation_bytes  # a full clone copies the base's data
+
+
+def test_a_full_host_refuses_volumes(base_image: Path) -> None:
+    fake = FakeDriver(storage_bytes=base_image.stat().st_size + 1000)
+    fake.import_volume("base.qcow2", base_image)
+    spec = make_spec(clone_mode=CloneMode.FULL)
+    with pytest.raises(DriverError, match="no space"):
+        fake.create_vm(spec)
+    assert_nothing_left(fake, spec)
+
+
+def test_start_fails_when_the_backing_volume_was_deleted(fake: FakeDriver) -> None:
+    spec = make_spec()
+    fake.create_vm(spec)
+    fake.delete_volume("base.qcow2")  # allowed, as in a libvirt dir pool
+    with pytest.raises(DriverError, match="backing"):
+        fake.start_vm(spec.vm_id)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+
+def test_domain_types_follow_what_the_host_offers() -> None:
+    qemu_only, with_kvm = FakeDriver(), FakeDriver(domain_types=("qemu", "kvm"))
+    with pytest.raises(InvalidInput, match="kvm"):
+        qemu_only.resolve_domain_type(DomainType.KVM, None)
+    assert qemu_only.resolve_domain_type(DomainType.AUTO, Path("/k")) is DomainType.QEMU
+    assert with_kvm.resolve_domain_type(DomainType.AUTO, Path("/k")) is DomainType.KVM
+
+
+def test_create_refuses_a_domain_type_the_host_lacks(fake: FakeDriver) -> None:
+    spec = make_spec(domain_type=DomainType.KVM)
+    with pytest.raises(InvalidInput):
+        fake.create_vm(spec)
+    assert_nothing_left(fake, spec)
+
+
+# --- the host changing behind deskpool's back ---------------------------------------------
+
+
+def test_a_crash_is_reported_and_silences_the_agent(fake: FakeDriver) -> None:
+    spec, agent = booted(fake)
+    fake.set_power_state(spec.vm_id, PowerState.CRASHED)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.CRASHED
+    assert not agent.ping()
+    with pytest.raises(DriverError):
+        fake.console_address(spec.vm_id)
+    fake.start_vm(spec.vm_id)
+    assert agent.ping()
+
+
+def test_started_behind_our_back_boots_the_guest(fake: FakeDriver) -> None:
+    spec = make_spec(make_identity())
+    fake.create_vm(spec)
+    fake.set_power_state(spec.vm_id, PowerState.RUNNING)
+    assert GuestAgent(fake, spec.vm_id).host_name() == "lab-001"
+
+
+def test_a_paused_vm_stays_paused_on_start_and_its_agent_is_silent(fake: FakeDriver) -> None:
+    spec, agent = booted(fake)
+    fake.set_power_state(spec.vm_id, PowerState.PAUSED)
+    fake.start_vm(spec.vm_id)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.PAUSED
+    assert not agent.ping()
+    assert fake.console_address(spec.vm_id).port >= 5900  # QEMU still runs
+
+
+def test_removed_behind_our_back_keeps_volumes_until_delete_vm(fake: FakeDriver) -> None:
+    spec = make_spec()
+    fake.create_vm(spec)
+    fake.remove_vm_behind_our_back(spec.vm_id)
+    with pytest.raises(VmNotFound):
+        fake.get_vm(spec.vm_id)
+    assert root_volume_name(spec.vm_id) in fake.list_volumes()
+    fake.delete_vm(spec.vm_id)
+    assert_nothing_left(fake, spec)
+
+
+def test_foreign_vms_have_no_metadata_and_names_stay_unique(fake: FakeDriver) -> None:
+    vm_id = fake.add_foreign_vm("someone-elses", power_state=PowerState.RUNNING)
+    record = fake.get_vm(vm_id)
+    assert (record.metadata, record.power_state) == (None, PowerState.RUNNING)
+    with pytest.raises(Conflict):
+        fake.create_vm(make_spec(name="someone-elses"))
+
+
+def test_unreachable_and_closed_hosts_refuse_calls() -> None:
+    with pytest.raises(HypervisorUnreachable):
+        FakeDriver("qemu:///system")
+    fake = FakeDriver()
+    fake.set_reachable(False)
+    with pytest.raises(HypervisorUnreachable):
+        fake.list_vms()
+    fake.set_reachable(True)
+    fake.close()
+    with pytest.raises(DriverError, match="closed"):
+        fake.list_vms()
+
+
+def test_concurrent_creates_of_one_name_let_exactly_one_win(fake: FakeDriver) -> None:
+    results: list[str] = []
+
+    def create() -> None:
+        try:
+            fake.create_vm(make_spec(name="contested"))
+            results.append("won")
+        except Conflict:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["conflict"] * 7 + ["won"]
+    assert len(fake.list_volumes()) == 2  # the base and the winner's root
+
+
+# --- power: graceful stops --------------------------------------------------------------
+
+
+def test_graceful_stop_of_a_booted_guest_completes_later(fake: FakeDriver) -> None:
+    spec, agent = booted(fake)
+    fake.stop_vm(spec.vm_id)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.RUNNING  # still going down
+    assert not agent.ping()
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+
+def test_a_vm_without_an_os_ignores_a_graceful_stop(fake: FakeDriver) -> None:
+    spec = make_spec()  # no identity: nothing boots, as with an empty disk
+    fake.create_vm(spec)
+    fake.start_vm(spec.vm_id)
+    fake.stop_vm(spec.vm_id)
+    for _ in range(3):
+        assert fake.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+    assert not GuestAgent(fake, spec.vm_id).ping()
+    fake.stop_vm(spec.vm_id, force=True)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+
+# --- the fake guest, through GuestAgent -----------------------------------------------------
+
+
+def test_guest_carries_the_identity_it_was_given(fake: FakeDriver) -> None:
+    identity = make_identity()
+    spec, agent = booted(fake, identity)
+    assert agent.host_name() == "lab-001"
+    marker = agent.read_file(GUEST_MARKER_PATH).decode()
+    assert marker == spec.identity_text
+    assert DesktopIdentity.from_guest_text(marker) == identity
+    assert agent.read_file("/etc/machine-id") == f"{identity.machine_id}\n".encode()
+    assert agent.read_file("/etc/hostname") == b"lab-001\n"
+    assert agent.interfaces() == {"lo": "00:00:00:00:00:00", "eth0": identity.mac}
+
+
+def test_exec_capture_runs_cat(fake: FakeDriver) -> None:
+    identity = make_identity()
+    _, agent = booted(fake, identity)
+    code, out, err = agent.exec_capture(["cat", "/etc/hostname"], timeout_s=5, poll_s=0.001)
+    assert (code, out, err) == (0, "lab-001\n", "")
+    code, out, err = agent.exec_capture(["/bin/cat", "/nope"], timeout_s=5, poll_s=0.001)
+    assert code == 1 and "No such file" in err and out == ""
+    with pytest.raises(DriverError, match="Failed to execute"):
+        agent.exec_capture(["no-such-program"])
+
+
+def test_agent_errors_are_driver_errors(fake: FakeDriver) -> None:
+    spec, agent = booted(fake)
+    with pytest.raises(DriverError, match="has not been found") as exc:
+        fake.agent_command(spec.vm_id, "guest-frobnicate")
+    assert not isinstance(exc.value, AgentUnavailable)
+    with pytest.raises(DriverError, match="No such file"):
+        agent.read_file("/etc/shadow-not-there")
+    with pytest.raises(DriverError, match="missing"):
+        fake.agent_command(spec.vm_id, "guest-file-open", {})
+
+
+def test_file_read_sets_eof_like_feof(fake: FakeDriver) -> None:
+    spec, _ = booted(fake)
+    size = len(b"lab-001\n")
+    handle = fake.agent_command(spec.vm_id, "guest-file-open", {"path": "/etc/hostname"})
+    first = fake.agent_command(spec.vm_id, "guest-file-read", {"handle": handle, "count": size})
+    second = fake.agent_command(spec.vm_id, "guest-file-read", {"handle": handle, "count": size})
+    assert (first["count"], first["eof"]) == (size, False)
+    assert (second["count"], second["eof"]) == (0, True)
+    fake.agent_command(spec.vm_id, "guest-file-close", {"handle": handle})
+    with pytest.raises(DriverError, match="not been found"):
+        fake.agent_command(spec.vm_id, "guest-file-close", {"handle": handle})
+
+
+def test_read_file_closes_the_handle_when_a_read_fails(fake: FakeDriver) -> None:
+    _, agent = booted(fake)
+    calls: list[str] = []
+    real = fake.agent_command
+
+    def flaky(vm_id: uuid.UUID, command: str, arguments: Any = None, timeout_s: int = 5) -> Any:
+        calls.append(command)
+        if command == "guest-file-read":
+            raise DriverError("read failed")
+        return real(vm_id, command, arguments, timeout_s)
+
+    fake.agent_command = flaky  # type: ignore[method-assign]
+    with pytest.raises(DriverError, match="read failed"):
+        agent.read_file("/etc/hostname")
+    assert calls == ["guest-file-open", "guest-file-read", "guest-file-close"]
+
+
+def test_set_time_is_accepted(fake: FakeDriver) -> None:
+    _, agent = booted(fake)
+    agent.set_time()
+    agent.set_time(1_700_000_000_000_000_000)
+
+
+def test_bad_identity_text_boots_with_image_defaults_and_no_marker(fake: FakeDriver) -> None:
+    spec = make_spec(identity_text="not an identity")
+    fake.create_vm(spec)
+    fake.start_vm(spec.vm_id)
+    agent = GuestAgent(fake, spec.vm_id)
+    assert agent.host_name() == "localhost"
+    with pytest.raises(DriverError):
+        agent.read_file(GUEST_MARKER_PATH)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_agent_answers_after_the_boot_delay(base_image: Path) -> None:
+    fake = FakeDriver(agent_delay_polls=3)
+    fake.import_volume("base.qcow2", base_image)
+    spec, agent = booted(fake)
+    clock = FakeClock()
+    waited = agent.wait_until_ready(10, poll_s=0.5, clock=clock, sleep=clock.sleep)
+    assert waited == pytest.approx(1.5)  # three silent pings, half a second apart
+    fake.stop_vm(spec.vm_id, force=True)
+    fake.start_vm(spec.vm_id)  # a new boot: silent again
+    assert not agent.ping()
+
+
+def test_wait_until_ready_gives_up_naming_the_vm(fake: FakeDriver) -> None:
+    spec = make_spec()  # no OS: the agent never comes
+    fake.create_vm(spec)
+    fake.start_vm(spec.vm_id)
+    clock = FakeClock()
+    agent = GuestAgent(fake, spec.vm_id, clock=clock, sleep=clock.sleep)
+    with pytest.raises(AgentUnavailable, match=rf"{spec.vm_id}.*within 2 s"):
+        agent.wait_until_ready(2, poll_s=0.5)
+    assert clock.now == pytest.approx(102.0)
+
+
+def test_guest_agent_of_an_off_vm_is_unavailable(fake: FakeDriver) -> None:
+    spec = make_spec(make_identity())
+    fake.create_vm(spec)
+    with pytest.raises(AgentUnavailable):
+        GuestAgent(fake, spec.vm_id).host_name()

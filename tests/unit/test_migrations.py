@@ -1,0 +1,112 @@
+"""deskpool.store migrations: they build exactly the models' schema and run both ways."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect
+
+from deskpool.store import (
+    Base,
+    alembic_config,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    upgrade_to_head,
+)
+from deskpool.store.db import MIGRATIONS_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TABLES = {"hosts", "templates", "template_versions", "desktops"}
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'deskpool.db'}")
+    yield engine
+    engine.dispose()
+
+
+def _schema_diff(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+
+def _tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def test_migrated_schema_matches_the_models(engine: Engine) -> None:
+    upgrade_to_head(engine)
+    assert _schema_diff(engine) == []
+
+
+def test_the_schema_comparison_does_notice_a_difference(engine: Engine) -> None:
+    """Guard against the test above passing vacuously."""
+    upgrade_to_head(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_desktops_state")
+    diff = _schema_diff(engine)
+    assert [(d[0], d[1].name) for d in diff] == [("add_index", "ix_desktops_state")]
+
+
+def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
+    assert current_revision(engine) is None
+    upgrade_to_head(engine)
+    assert current_revision(engine) == head_revision() == "0001"
+    assert _tables(engine) == TABLES | {"alembic_version"}
+    indexes = {ix["name"] for ix in inspect(engine).get_indexes("desktops")}
+    assert {"ix_desktops_state", "ix_desktops_host_id"} <= indexes
+
+    downgrade(engine, "base")
+    assert current_revision(engine) is None
+    assert _tables(engine) == {"alembic_version"}
+
+    upgrade_to_head(engine)
+    assert current_revision(engine) == "0001"
+    assert _schema_diff(engine) == []
+    upgrade_to_head(engine)  # at head already: nothing to do, no error
+    assert current_revision(engine) == "0001"
+
+
+def test_upgrade_from_a_url_creates_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'deskpool.db'}"
+    upgrade_to_head(url)
+    assert current_revision(url) == "0001"
+    assert (tmp_path / "fresh" / "deskpool.db").is_file()
+
+
+def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
+    upgrade_to_head(engine)  # migrations run with foreign keys off; the pool gets them back on
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_one_linear_history_with_a_single_head() -> None:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert scripts.get_heads() == ["0001"]
+    assert [rev.revision for rev in scripts.walk_revisions()] == ["0001"]
+
+
+def test_migrations_ship_as_package_data() -> None:
+    """Every file the migrations need matches a package-data pattern in pyproject.toml."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["deskpool"]
+    package_dir = REPO_ROOT / "deskpool"
+    shipped = {path for pattern in patterns for path in package_dir.glob(pattern)}
+    needed = [
+        MIGRATIONS_DIR / "env.py",
+        MIGRATIONS_DIR / "script.py.mako",
+        *sorted((MIGRATIONS_DIR / "versions").glob("*.py")),
+    ]
+    assert (MIGRATIONS_DIR / "versions" / "0001_foundation.py") in needed
+    assert [path for path in needed if path not in shipped] == []

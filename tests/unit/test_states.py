@@ -1,0 +1,75 @@
+"""The desktop state table and its compare-and-swap writes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from deskpool.domain.errors import InvalidTransition
+from deskpool.lifecycle.states import TRANSITIONS, DesktopState, check_transition, transition
+
+S = DesktopState
+
+
+class RecordingWriter:
+    """Stands in for the repository: a dict of states with the same CAS rule."""
+
+    def __init__(self, states: dict[uuid.UUID, str]) -> None:
+        self.states = states
+
+    def compare_and_set_state(
+        self, desktop_id: uuid.UUID, expected: str, new: str, *,
+        task: str | None = None, last_error: str | None = None,
+    ) -> bool:
+        if self.states.get(desktop_id) != expected:
+            return False
+        self.states[desktop_id] = new
+        return True
+
+
+def test_every_state_has_a_row_and_targets_are_states() -> None:
+    assert set(TRANSITIONS) == set(DesktopState)
+    for targets in TRANSITIONS.values():
+        assert targets <= set(DesktopState)
+
+
+def test_factory_path_is_allowed() -> None:
+    for old, new in [(S.PROVISIONING, S.CUSTOMIZING), (S.CUSTOMIZING, S.READY),
+                     (S.READY, S.RESERVED), (S.RESERVED, S.IN_USE), (S.IN_USE, S.RECYCLING),
+                     (S.RECYCLING, S.READY), (S.READY, S.RETIRING), (S.RETIRING, S.RETIRED)]:
+        check_transition(old, new)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (S.PROVISIONING, S.READY),  # skipping customization would skip the identity check
+    (S.RETIRED, S.READY),  # retired is final
+    (S.READY, S.IN_USE),  # a user is always reserved first
+    (S.DELETING, S.READY),
+])
+def test_illegal_transitions_are_refused(old: DesktopState, new: DesktopState) -> None:
+    with pytest.raises(InvalidTransition, match=f"from {old.value} to {new.value}"):
+        check_transition(old, new)
+
+
+def test_any_live_state_can_fail_into_error() -> None:
+    for state in DesktopState:
+        if state not in (S.ERROR, S.RETIRED):
+            check_transition(state, S.ERROR)
+
+
+def test_the_loser_of_a_race_raises_and_never_overwrites() -> None:
+    desktop = uuid.uuid4()
+    writer = RecordingWriter({desktop: "ready"})
+    transition(writer, desktop, S.READY, S.RESERVED)
+    with pytest.raises(InvalidTransition, match="another actor changed it first"):
+        transition(writer, desktop, S.READY, S.RETIRING)
+    assert writer.states[desktop] == "reserved"
+
+
+def test_forbidden_move_does_not_touch_the_store() -> None:
+    desktop = uuid.uuid4()
+    writer = RecordingWriter({desktop: "retired"})
+    with pytest.raises(InvalidTransition):
+        transition(writer, desktop, S.RETIRED, S.READY)
+    assert writer.states[desktop] == "retired"
