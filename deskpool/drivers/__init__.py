@@ -1,0 +1,1 @@
+"""Hypervisor drivers: the contract (base), an in-memory fake and libvirt."""
