@@ -19,6 +19,10 @@ Rules that hold for every method:
   before raising, so the only outcomes are "VM fully defined" or "nothing there".
 * **Findable after a crash.** Every VM created carries ``VmMetadata`` inside its definition, and
   ``list_vms`` returns it, so a restarted broker can match VMs to its database.
+* **Hands off others' VMs.** ``list_vms`` reports VMs deskpool did not create (metadata None,
+  ``vm_id`` their hypervisor UUID, since they have no deskpool id), but ``start_vm``,
+  ``stop_vm`` and ``delete_vm`` refuse them with ``Conflict`` and change nothing.
+* **Thread-safe.** One driver instance per host is shared by the threads of a process.
 * **Deterministic volume names.** A VM's own volumes are named from its ``vm_id``
   (``<vm_id>-root.qcow2``, ``<vm_id>-seed.img``), so ``delete_vm`` can remove them even when the
   VM definition itself was never written (a crash between the two steps).
@@ -56,7 +60,7 @@ def owned_volume_names(vm_id: uuid.UUID) -> tuple[str, ...]:
 
 
 class HypervisorDriver(ABC):
-    """One hypervisor host, reached at ``uri``. Not thread-safe: use one instance per thread."""
+    """One hypervisor host, reached at ``uri``."""
 
     uri: str
 
@@ -95,8 +99,8 @@ class HypervisorDriver(ABC):
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         """Copy a local file into the host's storage as volume ``name``.
 
-        If a volume of that name exists already it is returned unchanged (volumes holding
-        template images are immutable). When ``sha256`` is given the data sent is hashed and a
+        If a volume of that name exists already it is returned unchanged, without re-hashing
+        (volumes holding template images are immutable and named per version). When ``sha256`` is given the data sent is hashed and a
         mismatch removes the new volume and raises ``DriverError``. A missing ``source`` raises
         ``NotFound`` and creates nothing.
         """
@@ -126,18 +130,26 @@ class HypervisorDriver(ABC):
           ``deskpool.domain.identity.FWCFG_KEY``.
         * The VM gets one NIC with ``spec.mac`` and a VNC console on ``spec.vnc_listen``.
 
+        ``spec.domain_type`` must be resolved already (``resolve_domain_type``): ``auto`` is
+        ``InvalidInput``. Volumes the id would own that exist without a VM (left by a crash)
+        are replaced, so a retry after a crash succeeds.
+
         Raises ``Conflict`` when a VM with that id or name exists (and changes nothing),
-        ``NotFound`` when the base volume is missing. Any failure leaves nothing behind.
+        ``NotFound`` when the base volume, a direct-boot volume or the seed file is missing.
+        Any failure leaves nothing behind.
         """
 
     @abstractmethod
     def start_vm(self, vm_id: uuid.UUID) -> None:
-        """Power the VM on. Starting a running VM succeeds and does nothing."""
+        """Power the VM on; a paused VM is resumed. Starting a running VM does nothing.
+        ``VmNotFound`` for an unknown id."""
 
     @abstractmethod
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
         """Power the VM off: ``force`` pulls the plug at once, else the guest is asked to shut
-        down (this returns without waiting). Stopping a VM that is off succeeds."""
+        down (this returns without waiting; a guest that ignores the request keeps running, and
+        escalating to ``force`` is the caller's decision). Stopping a VM that is off succeeds;
+        ``VmNotFound`` for an unknown id."""
 
     @abstractmethod
     def delete_vm(self, vm_id: uuid.UUID) -> None:
@@ -155,7 +167,8 @@ class HypervisorDriver(ABC):
 
     @abstractmethod
     def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
-        """Where the running VM's VNC console listens. ``DriverError`` when it is off."""
+        """Where the running VM's VNC console listens. ``DriverError`` when it is off or the
+        hypervisor gives it no port (libvirt's ``test:///``)."""
 
     @abstractmethod
     def agent_command(
@@ -170,4 +183,4 @@ class HypervisorDriver(ABC):
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing to close
-        """Release the connection. Further calls are not allowed."""
+        """Release the connection. Later calls fail with ``DriverError``."""

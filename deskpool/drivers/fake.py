@@ -257,6 +257,8 @@ class FakeDriver(HypervisorDriver):
             self._volume(spec.direct_boot.kernel_volume, "kernel volume")
             self._volume(spec.direct_boot.initrd_volume, "initrd volume")
         spec = replace(spec, domain_type=self._resolve_type(spec.domain_type))
+        for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
+            self._volumes.pop(leftover, None)
         try:
             self._maybe_fail("create_vm.root_volume")
             name = root_volume_name(spec.vm_id)
@@ -281,16 +283,19 @@ class FakeDriver(HypervisorDriver):
 
     @_api
     def start_vm(self, vm_id: uuid.UUID) -> None:
-        vm = self._vm(vm_id)
+        vm = self._own_vm(vm_id)
+        if vm.power is PowerState.PAUSED:
+            vm.power = PowerState.RUNNING  # resumed
+            return
         if vm.power in _ACTIVE:
-            return  # like virDomainIsActive: a paused VM stays paused
+            return
         if vm.spec is not None:
             self._check_disks(vm.spec)
         self._power_on(vm)
 
     @_api
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
-        vm = self._vm(vm_id)
+        vm = self._own_vm(vm_id)
         if vm.power not in _ACTIVE:
             return
         if force:
@@ -301,6 +306,8 @@ class FakeDriver(HypervisorDriver):
 
     @_api
     def delete_vm(self, vm_id: uuid.UUID) -> None:
+        if vm_id in self._vms:
+            self._own_vm(vm_id)
         vm = self._vms.pop(vm_id, None)
         if vm is not None:
             self._power_off(vm, PowerState.SHUTOFF)
@@ -366,6 +373,13 @@ class FakeDriver(HypervisorDriver):
         except KeyError:
             raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from None
 
+    def _own_vm(self, vm_id: uuid.UUID) -> _Vm:
+        vm = self._vm(vm_id)
+        if vm.spec is None:
+            raise Conflict(f"VM {vm.name} ({vm_id}) was not created by deskpool; "
+                           "deskpool leaves it alone")
+        return vm
+
     def _volume(self, name: str, what: str | None = None) -> _Volume:
         try:
             return self._volumes[name]
@@ -379,9 +393,7 @@ class FakeDriver(HypervisorDriver):
 
     def _resolve_type(self, requested: DomainType) -> DomainType:
         if requested is DomainType.AUTO:
-            # A real driver would probe its kernel; the fake's KVM always works if offered.
-            return DomainType.KVM if DomainType.KVM.value in self._domain_types else (
-                DomainType.QEMU)
+            raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
         if requested.value not in self._domain_types:
             raise InvalidInput(
                 f"host {self.uri} does not offer domain type {requested.value!r} "

@@ -17,10 +17,11 @@ from deskpool.domain.errors import (
     AgentUnavailable,
     Conflict,
     DriverError,
+    InvalidInput,
     NotFound,
     VmNotFound,
 )
-from deskpool.domain.models import CloneMode, PowerState, VmSpec
+from deskpool.domain.models import CloneMode, DomainType, PowerState, VmSpec
 from deskpool.drivers.base import (
     HypervisorDriver,
     owned_volume_names,
@@ -321,3 +322,35 @@ class TestDriverContract:
         env.driver.import_volume(root_volume_name(vm_id), env.base_image)
         env.driver.delete_vm(vm_id)
         assert root_volume_name(vm_id) not in env.driver.list_volumes()
+
+
+class TestDriverContractDecisions:
+    """Points the first contract left open, settled in base.py."""
+
+    def test_foreign_vms_are_listed_but_never_touched(self, env: ContractEnv) -> None:
+        name = env.add_foreign_vm()
+        foreign = next(vm for vm in env.driver.list_vms() if vm.name == name)
+        for act in (env.driver.start_vm, env.driver.delete_vm,
+                    lambda vm_id: env.driver.stop_vm(vm_id, force=True)):
+            with pytest.raises(Conflict, match="not created by deskpool"):
+                act(foreign.vm_id)
+        assert name in {vm.name for vm in env.driver.list_vms()}
+
+    def test_create_replaces_volumes_left_by_a_crash(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.import_volume(root_volume_name(spec.vm_id), env.base_image)  # the leftover
+        env.driver.create_vm(spec)
+        root = env.driver.volume_info(root_volume_name(spec.vm_id))
+        assert root.backing_volume_path is not None  # the new linked clone, not the leftover
+
+    def test_unresolved_domain_type_is_refused(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec(domain_type=DomainType.AUTO)
+        with pytest.raises(InvalidInput, match="auto"):
+            env.driver.create_vm(spec)
+        assert root_volume_name(spec.vm_id) not in env.driver.list_volumes()
+
+    def test_stop_of_unknown_vm_is_vm_not_found(self, driver: HypervisorDriver) -> None:
+        with pytest.raises(VmNotFound):
+            driver.stop_vm(uuid.uuid4())

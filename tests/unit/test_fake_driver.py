@@ -137,20 +137,6 @@ def test_definitions_libvirt_rejects_fail_after_the_volumes_and_roll_back(
     assert_nothing_left(fake, spec)
 
 
-def test_create_over_leftover_volumes_fails_and_removes_them(
-    fake: FakeDriver, base_image: Path
-) -> None:
-    spec = make_spec()
-    fake.import_volume(root_volume_name(spec.vm_id), base_image)  # a crashed earlier create
-    with pytest.raises(DriverError, match="exists already"):
-        fake.create_vm(spec)
-    assert_nothing_left(fake, spec)
-    fake.create_vm(spec)
-
-
-# --- storage ----------------------------------------------------------------------------
-
-
 def test_qcow2_reports_its_virtual_size_and_raw_its_file_size(
     fake: FakeDriver, tmp_path: Path
 ) -> None:
@@ -226,13 +212,14 @@ def test_started_behind_our_back_boots_the_guest(fake: FakeDriver) -> None:
     assert GuestAgent(fake, spec.vm_id).host_name() == "lab-001"
 
 
-def test_a_paused_vm_stays_paused_on_start_and_its_agent_is_silent(fake: FakeDriver) -> None:
+def test_a_paused_vm_is_silent_and_start_resumes_it(fake: FakeDriver) -> None:
     spec, agent = booted(fake)
     fake.set_power_state(spec.vm_id, PowerState.PAUSED)
-    fake.start_vm(spec.vm_id)
-    assert fake.get_vm(spec.vm_id).power_state is PowerState.PAUSED
     assert not agent.ping()
     assert fake.console_address(spec.vm_id).port >= 5900  # QEMU still runs
+    fake.start_vm(spec.vm_id)
+    assert fake.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+    assert agent.ping()
 
 
 def test_removed_behind_our_back_keeps_volumes_until_delete_vm(fake: FakeDriver) -> None:

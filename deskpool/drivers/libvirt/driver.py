@@ -24,12 +24,14 @@ from deskpool.domain.errors import (
     Conflict,
     DriverError,
     HypervisorUnreachable,
+    InvalidInput,
     NotFound,
     VmNotFound,
 )
 from deskpool.domain.models import (
     CloneMode,
     ConsoleAddress,
+    DomainType,
     HostCapacity,
     PowerState,
     VmRecord,
@@ -132,6 +134,14 @@ class LibvirtDriver(HypervisorDriver):
             if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from exc
             raise DriverError(f"looking up VM {vm_id} on {self.uri}: {exc}") from exc
+
+    def _own_domain(self, vm_id: uuid.UUID) -> libvirt.virDomain:
+        """The VM, refusing one deskpool did not create."""
+        dom = self._domain(vm_id)
+        if self._metadata(dom) is None:
+            raise Conflict(f"VM {dom.name()} ({vm_id}) was not created by deskpool; "
+                           "deskpool leaves it alone")
+        return dom
 
     def _volume(self, name: str) -> libvirt.virStorageVol | None:
         try:
@@ -268,8 +278,12 @@ class LibvirtDriver(HypervisorDriver):
     # --- VMs -------------------------------------------------------------------------------
 
     def create_vm(self, spec: VmSpec) -> VmRecord:
+        if spec.domain_type is DomainType.AUTO:
+            raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
         with self._lock:
             self._refuse_duplicate(spec)
+            for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
+                self.delete_volume(leftover)
             base = self._volume(spec.base_volume)
             if base is None:
                 raise NotFound(f"base volume {spec.base_volume} is not on host {self.uri}")
@@ -347,15 +361,16 @@ class LibvirtDriver(HypervisorDriver):
 
     def start_vm(self, vm_id: uuid.UUID) -> None:
         with self._lock:
-            dom = self._domain(vm_id)
-            if dom.isActive():
-                return
+            dom = self._own_domain(vm_id)
             with self._translate(f"starting VM {dom.name()}"):
-                dom.create()
+                if not dom.isActive():
+                    dom.create()
+                elif dom.state(0)[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
 
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
         with self._lock:
-            dom = self._domain(vm_id)
+            dom = self._own_domain(vm_id)
             if not dom.isActive():
                 return
             with self._translate(f"stopping VM {dom.name()}"):
@@ -368,7 +383,7 @@ class LibvirtDriver(HypervisorDriver):
     def delete_vm(self, vm_id: uuid.UUID) -> None:
         with self._lock:
             try:
-                dom = self._domain(vm_id)
+                dom = self._own_domain(vm_id)
             except VmNotFound:
                 dom = None
             if dom is not None:

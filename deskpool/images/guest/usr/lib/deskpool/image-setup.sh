@@ -32,6 +32,18 @@ for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub
     e2scrub_reap.service fstrim.timer systemd-pstore.service; do
     if [ -e "/lib/systemd/system/$unit" ]; then systemctl disable "$unit" 2>/dev/null || true; fi
 done
+# Early-boot work this guest never needs: under TCG every fork competes with the guest agent
+# for the one vCPU. (The modules these would load are pruned below anyway.)
+systemctl mask modprobe@drm.service modprobe@fuse.service modprobe@loop.service \
+    modprobe@dm_mod.service modprobe@configfs.service sys-kernel-debug.mount \
+    sys-kernel-tracing.mount sys-kernel-config.mount dev-hugepages.mount \
+    proc-sys-fs-binfmt_misc.automount
+mkdir -p /etc/systemd/system-generators
+for gen in systemd-gpt-auto-generator systemd-hibernate-resume-generator \
+    systemd-integritysetup-generator systemd-veritysetup-generator \
+    systemd-cryptsetup-generator systemd-system-update-generator systemd-run-generator; do
+    ln -sf /dev/null "/etc/systemd/system-generators/$gen"
+done
 
 log "pruning kernel modules"
 for kdir in /lib/modules/*; do
@@ -49,7 +61,7 @@ for kdir in /lib/modules/*; do
         -e '/kernel/drivers/net/ethernet/(intel/e1000|intel/e1000e|realtek)/' \
         -e '/kernel/drivers/net/mii\.ko' \
         -e '/kernel/net/(core/failover|packet/af_packet)\.ko' \
-        -e '/kernel/fs/(ext4|jbd2|fat|isofs|nls)/' -e '/kernel/fs/mbcache\.ko' |
+        -e '/kernel/fs/(ext4|jbd2|fat|isofs|nls|autofs)/' -e '/kernel/fs/mbcache\.ko' |
         xargs -r rm -f
     find "$kdir/kernel" -depth -type d -empty -delete
     depmod -a "$kver"
@@ -62,4 +74,9 @@ find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
 find /usr/share/doc -depth -mindepth 1 -type d -empty -delete
 rm -rf /usr/share/man/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian/*
 rm -rf /var/cache/apt/* /var/lib/apt/lists/* /var/log/*.log /var/log/apt/*
+# Every clone must gather its own entropy rather than share one seed.
+rm -f /var/lib/systemd/random-seed
+# Mark /etc and /var as up to date with /usr, so ConditionNeedsUpdate= units (sysusers,
+# catalog updates) do not run on every clone's first boot.
+/lib/systemd/systemd-update-done
 log "done"
