@@ -100,9 +100,9 @@ class HypervisorDriver(ABC):
         """Copy a local file into the host's storage as volume ``name``.
 
         If a volume of that name exists already it is returned unchanged, without re-hashing
-        (volumes holding template images are immutable and named per version). When ``sha256`` is given the data sent is hashed and a
-        mismatch removes the new volume and raises ``DriverError``. A missing ``source`` raises
-        ``NotFound`` and creates nothing.
+        (volumes holding template images are immutable and named per version). When ``sha256``
+        is given the data sent is hashed and a mismatch removes the new volume and raises
+        ``DriverError``. A missing ``source`` raises ``NotFound`` and creates nothing.
         """
 
     @abstractmethod

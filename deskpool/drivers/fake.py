@@ -18,7 +18,6 @@ Semantics worth knowing when writing tests against it:
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import re
@@ -41,7 +40,6 @@ from deskpool.domain.errors import (
     NotFound,
     VmNotFound,
 )
-from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
 from deskpool.domain.models import (
     CloneMode,
     ConsoleAddress,
@@ -58,6 +56,7 @@ from deskpool.drivers.base import (
     root_volume_name,
     seed_volume_name,
 )
+from deskpool.drivers.fake_guest import FakeGuest
 
 GiB = 1024**3
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -111,7 +110,7 @@ class _Vm:
     name: str
     power: PowerState = PowerState.SHUTOFF
     vnc_port: int | None = None
-    guest: _Guest | None = None  # a booted guest OS, only while active
+    guest: FakeGuest | None = None  # a booted guest OS, only while active
     files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
     shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
 
@@ -439,7 +438,7 @@ class FakeDriver(HypervisorDriver):
         vm.power = PowerState.RUNNING
         vm.shutdown_in = None
         if vm.spec is not None and vm.spec.identity_text is not None:
-            vm.guest = _Guest.boot(vm.spec, vm.files, self.agent_delay_polls)
+            vm.guest = FakeGuest.boot(vm.spec, vm.files, self.agent_delay_polls)
 
     def _power_off(self, vm: _Vm, state: PowerState) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
@@ -486,173 +485,3 @@ def _check_definition(spec: VmSpec) -> None:
         problem = "a VM needs at least one vCPU and some memory"
     if problem:
         raise DriverError(f"defining VM {spec.name!r} failed: XML error: {problem}")
-
-
-# --- the fake guest: what its QEMU guest agent shows ------------------------------------
-
-
-@dataclass
-class _OpenFile:
-    path: str
-    pos: int = 0
-
-
-@dataclass
-class _Process:
-    exitcode: int
-    out: bytes
-    err: bytes
-    capture: bool
-    polled: bool = False  # the first status poll says "still running", as a real one may
-
-
-class _Guest:
-    """A booted guest OS. ``files`` is the VM's disk (kept across boots); handles, processes
-    and the boot delay live only as long as this boot."""
-
-    def __init__(self, spec: VmSpec, files: dict[str, bytes], delay_polls: int) -> None:
-        self._mac = spec.mac.lower()
-        self._files = files
-        self._silent_polls = delay_polls
-        self._handles: dict[int, _OpenFile] = {}
-        self._procs: dict[int, _Process] = {}
-        self._next_id = 1000
-        self.time_ns: int | None = None
-        self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "guest-ping": lambda _args: {},
-            "guest-get-host-name": lambda _args: {"host-name": self._hostname()},
-            "guest-network-get-interfaces": self._interfaces,
-            "guest-file-open": self._file_open,
-            "guest-file-read": self._file_read,
-            "guest-file-close": self._file_close,
-            "guest-exec": self._exec,
-            "guest-exec-status": self._exec_status,
-            "guest-set-time": self._set_time,
-        }
-
-    @classmethod
-    def boot(cls, spec: VmSpec, files: dict[str, bytes], delay_polls: int) -> _Guest:
-        guest = cls(spec, files, delay_polls)
-        files.setdefault("/etc/hostname", b"localhost\n")
-        files.setdefault("/etc/machine-id", f"{spec.vm_id.hex}\n".encode())
-        try:  # the boot hook: apply the identity handed over by fw_cfg, then leave the marker
-            identity = DesktopIdentity.from_guest_text(spec.identity_text or "")
-        except InvalidInput:
-            return guest  # a real hook rejects it too: the image's defaults stay
-        files["/etc/hostname"] = f"{identity.hostname}\n".encode()
-        files["/etc/machine-id"] = f"{identity.machine_id}\n".encode()
-        files[GUEST_MARKER_PATH] = (spec.identity_text or "").encode()
-        return guest
-
-    def execute(self, command: str, arguments: dict[str, Any]) -> Any:
-        if self._silent_polls > 0:  # still booting: the agent has not started
-            self._silent_polls -= 1
-            raise AgentUnavailable("guest agent not available: QEMU guest agent is not connected")
-        handler = self._commands.get(command)
-        if handler is None:
-            raise DriverError(f"guest agent command {command} failed: "
-                              f"The command {command} has not been found")
-        return handler(arguments)
-
-    def _hostname(self) -> str:
-        return self._files.get("/etc/hostname", b"localhost").decode().strip()
-
-    def _interfaces(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
-        def nic(name: str, mac: str, ip: str, prefix: int) -> dict[str, Any]:
-            address = {"ip-address-type": "ipv4", "ip-address": ip, "prefix": prefix}
-            return {"name": name, "hardware-address": mac, "ip-addresses": [address]}
-
-        # 10.0.2.15 is what QEMU's user-mode network hands out.
-        return [nic("lo", "00:00:00:00:00:00", "127.0.0.1", 8),
-                nic("eth0", self._mac, "10.0.2.15", 24)]
-
-    def _file_open(self, args: dict[str, Any]) -> int:
-        path, mode = _arg(args, "path", str), args.get("mode", "r")
-        if mode != "r":  # the fake guest's file system is read-only
-            raise _agent_error(f"Failed to open file '{path}' (mode: '{mode}'): "
-                               "Read-only file system")
-        if path not in self._files:
-            raise _agent_error(f"Failed to open file '{path}' (mode: 'r'): "
-                               "No such file or directory")
-        self._next_id += 1
-        self._handles[self._next_id] = _OpenFile(path)
-        return self._next_id
-
-    def _handle(self, args: dict[str, Any]) -> _OpenFile:
-        handle = _arg(args, "handle", int)
-        if handle not in self._handles:
-            raise _agent_error(f"handle '{handle}' has not been found")
-        return self._handles[handle]
-
-    def _file_read(self, args: dict[str, Any]) -> dict[str, Any]:
-        fh, count = self._handle(args), _arg(args, "count", int) if "count" in args else 4096
-        if count < 0:
-            raise _agent_error(f"value '{count}' is invalid for argument count")
-        data = self._files.get(fh.path, b"")[fh.pos : fh.pos + count]
-        fh.pos += len(data)
-        # Like feof(3): set only once a read asked for more than was left.
-        return {"count": len(data), "buf-b64": base64.b64encode(data).decode(),
-                "eof": len(data) < count}
-
-    def _file_close(self, args: dict[str, Any]) -> dict[str, Any]:
-        self._handle(args)
-        del self._handles[args["handle"]]
-        return {}
-
-    def _exec(self, args: dict[str, Any]) -> dict[str, Any]:
-        path = _arg(args, "path", str)
-        argv = [str(a) for a in args.get("arg", [])]
-        program = path.rsplit("/", 1)[-1] if path.startswith(("/bin/", "/usr/bin/")) else path
-        if program == "cat":
-            out, err, code = b"", b"", 0
-            for name in argv:
-                if name in self._files:
-                    out += self._files[name]
-                else:
-                    err += f"cat: {name}: No such file or directory\n".encode()
-                    code = 1
-        elif program == "hostname" and not argv:
-            out, err, code = f"{self._hostname()}\n".encode(), b"", 0
-        else:
-            raise _agent_error(f"Failed to execute child process \u201c{path}\u201d "
-                               "(No such file or directory)")
-        self._next_id += 1
-        self._procs[self._next_id] = _Process(code, out, err, bool(args.get("capture-output")))
-        return {"pid": self._next_id}
-
-    def _exec_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        pid = _arg(args, "pid", int)
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise _agent_error("Invalid parameter 'pid'")
-        if not proc.polled:
-            proc.polled = True
-            return {"exited": False}
-        del self._procs[pid]  # an exited process is reaped once reported, as qga does
-        status: dict[str, Any] = {"exited": True, "exitcode": proc.exitcode}
-        if proc.capture and proc.out:
-            status["out-data"] = base64.b64encode(proc.out).decode()
-        if proc.capture and proc.err:
-            status["err-data"] = base64.b64encode(proc.err).decode()
-        return status
-
-    def _set_time(self, args: dict[str, Any]) -> dict[str, Any]:
-        # Without "time" the guest copies its RTC; either way the fake just records it.
-        self.time_ns = _arg(args, "time", int) if "time" in args else None
-        return {}
-
-
-_T = TypeVar("_T")
-
-
-def _arg(args: dict[str, Any], name: str, kind: type[_T]) -> _T:
-    if name not in args:
-        raise _agent_error(f"Parameter '{name}' is missing")
-    value = args[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _agent_error(f"Invalid parameter type for '{name}', expected: {kind.__name__}")
-    return value
-
-
-def _agent_error(message: str) -> DriverError:
-    return DriverError(f"guest agent command failed: {message}")
