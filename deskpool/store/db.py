@@ -40,6 +40,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from deskpool.store.repositories import (
     DesktopRepository,
     HostRepository,
+    MemoryStateRepository,
+    PoolRepository,
     TemplateRepository,
     TemplateVersionRepository,
     conflict_from_db_error,
@@ -213,6 +215,8 @@ class UnitOfWork:
     templates: TemplateRepository
     versions: TemplateVersionRepository
     desktops: DesktopRepository
+    pools: PoolRepository
+    memory_states: MemoryStateRepository
 
     def __init__(self, session_factory: sessionmaker[Session], *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -232,6 +236,8 @@ class UnitOfWork:
         self.templates = TemplateRepository(self.session)
         self.versions = TemplateVersionRepository(self.session)
         self.desktops = DesktopRepository(self.session)
+        self.pools = PoolRepository(self.session)
+        self.memory_states = MemoryStateRepository(self.session)
         if self.read_only:
             self._begin_read_only()
         return self

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -44,6 +45,7 @@ from sqlalchemy.types import TypeDecorator
 
 from deskpool.domain.errors import Conflict, InvalidTransition
 from deskpool.domain.models import CloneMode, Customization, DomainType, HostState, PowerState
+from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -182,6 +184,58 @@ class TemplateVersion(Base):
         return f"<TemplateVersion {self.template_id} #{self.number}>"
 
 
+class Pool(Base):
+    """Desktops made from one template, kept at a size by the reconciler.
+
+    ``current_version_id`` is the version new desktops are made from (the rollout target);
+    ``previous_version_id`` is what a rollback returns to.
+    """
+
+    __tablename__ = "pools"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("templates.id"))
+    kind: Mapped[PoolKind] = mapped_column(_str_enum(PoolKind))
+    assignment: Mapped[Assignment] = mapped_column(_str_enum(Assignment))
+    min_size: Mapped[int] = mapped_column(Integer)
+    max_size: Mapped[int] = mapped_column(Integer)
+    spare: Mapped[int] = mapped_column(Integer)
+    naming_pattern: Mapped[str] = mapped_column(String(255))
+    clone_mode: Mapped[CloneMode] = mapped_column(_str_enum(CloneMode))
+    on_logout: Mapped[OnLogout] = mapped_column(_str_enum(OnLogout))
+    one_time: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_age_s: Mapped[int | None] = mapped_column(Integer)
+    power_policy: Mapped[PowerPolicy] = mapped_column(_str_enum(PowerPolicy))
+    canary: Mapped[int] = mapped_column(Integer, default=0)
+    current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
+    previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("template_versions.id")
+    )
+    host_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("hosts.id"))  # pinned host
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    template: Mapped[Template] = relationship()
+    current_version: Mapped[TemplateVersion] = relationship(foreign_keys=[current_version_id])
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name!r}>"
+
+
+class MemoryState(Base):
+    """A booted template's saved memory and disk on one host: what instant clones restore."""
+
+    __tablename__ = "memory_states"
+    __table_args__ = (UniqueConstraint("version_id", "host_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
+    host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id"))
+    disk_volume: Mapped[str] = mapped_column(String(255))
+    memory_volume: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Desktop(Base):
     """One desktop VM and the identity deskpool gives it.
 
@@ -197,6 +251,7 @@ class Desktop(Base):
         Index(None, "state"),
         Index(None, "host_id"),
         Index(None, "template_version_id"),
+        Index(None, "pool_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -217,6 +272,13 @@ class Desktop(Base):
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     identity_confirmed_at: Mapped[datetime | None] = mapped_column()
+    pool_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("pools.id"))
+    assigned_user: Mapped[str | None] = mapped_column(String(255))
+    has_factory_snapshot: Mapped[bool] = mapped_column(Boolean, default=False)
+    sessions_served: Mapped[int] = mapped_column(Integer, default=0)
+    # Retries with backoff: the reconciler leaves a failing desktop alone until then.
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
     version: Mapped[int] = mapped_column(Integer)
 
     host: Mapped[Host] = relationship()

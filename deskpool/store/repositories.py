@@ -35,6 +35,8 @@ from deskpool.store.models import (
     Base,
     Desktop,
     Host,
+    MemoryState,
+    Pool,
     Template,
     TemplateVersion,
     utcnow,
@@ -331,3 +333,31 @@ class DesktopRepository(_NamedRepository[Desktop]):
         if loaded is not None:
             self._session.expire(loaded)
         return result.rowcount == 1
+
+
+class PoolRepository(_NamedRepository[Pool]):
+    _model = Pool
+    _kind = "pool"
+    _name_attr = Pool.name
+    _uniques = (_Unique(("name",), lambda p: f"a pool named {p.name!r} already exists"),)
+
+    def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
+        return builtins.list(self._session.scalars(
+            select(Desktop).where(Desktop.pool_id == pool_id).order_by(Desktop.name)))
+
+
+class MemoryStateRepository(_Repository[MemoryState]):
+    _model = MemoryState
+    _uniques = (_Unique(("version_id", "host_id"),
+                        lambda m: "this template version already has a memory state on that host"),)
+
+    def _describe(self, obj: MemoryState) -> str:
+        return f"memory state of version {obj.version_id} on host {obj.host_id}"
+
+    def find(self, version_id: uuid.UUID, host_id: uuid.UUID) -> MemoryState | None:
+        return self._session.scalars(select(MemoryState).where(
+            MemoryState.version_id == version_id, MemoryState.host_id == host_id)).first()
+
+    def for_version(self, version_id: uuid.UUID) -> builtins.list[MemoryState]:
+        return builtins.list(self._session.scalars(
+            select(MemoryState).where(MemoryState.version_id == version_id)))

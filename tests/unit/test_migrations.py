@@ -25,7 +25,7 @@ from deskpool.store import (
 from deskpool.store.db import MIGRATIONS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"hosts", "templates", "template_versions", "desktops"}
+TABLES = {"hosts", "templates", "template_versions", "desktops", "pools", "memory_states"}
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_the_schema_comparison_does_notice_a_difference(engine: Engine) -> None:
 def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert current_revision(engine) is None
     upgrade_to_head(engine)
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     assert _tables(engine) == TABLES | {"alembic_version"}
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("desktops")}
     assert {"ix_desktops_state", "ix_desktops_host_id"} <= indexes
@@ -72,16 +72,16 @@ def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert _tables(engine) == {"alembic_version"}
 
     upgrade_to_head(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     assert _schema_diff(engine) == []
     upgrade_to_head(engine)  # at head already: nothing to do, no error
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
 
 
 def test_upgrade_from_a_url_creates_the_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh' / 'deskpool.db'}"
     upgrade_to_head(url)
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0002"
     assert (tmp_path / "fresh" / "deskpool.db").is_file()
 
 
@@ -93,8 +93,8 @@ def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
 
 def test_one_linear_history_with_a_single_head() -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
-    assert scripts.get_heads() == ["0001"]
-    assert [rev.revision for rev in scripts.walk_revisions()] == ["0001"]
+    assert scripts.get_heads() == ["0002"]
+    assert [rev.revision for rev in scripts.walk_revisions()] == ["0002", "0001"]
 
 
 def test_migrations_ship_as_package_data() -> None:
@@ -110,3 +110,30 @@ def test_migrations_ship_as_package_data() -> None:
     ]
     assert (MIGRATIONS_DIR / "versions" / "0001_foundation.py") in needed
     assert [path for path in needed if path not in shipped] == []
+
+
+def test_0002_keeps_existing_desktops_and_gives_them_defaults(engine: Engine) -> None:
+    """Upgrading a database with data in it: the new desktop columns get their defaults."""
+    from deskpool.store.db import _migrate
+
+    _migrate(engine, "upgrade", "0001")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO hosts VALUES ('h1', 'h', 'test:///default', 'enabled', 'auto', NULL, "
+            "NULL, '2026-01-01 00:00:00')")
+        connection.exec_driver_sql(
+            "INSERT INTO templates VALUES ('t1', 't', '', '2026-01-01 00:00:00')")
+        connection.exec_driver_sql(
+            "INSERT INTO template_versions (id, template_id, number, image_path, image_sha256, "
+            "image_size_bytes, customization, vcpus, memory_mib, notes) VALUES "
+            "('v1', 't1', 1, '/x', 'ab', 1, 'none', 1, 128, '')")
+        connection.exec_driver_sql(
+            "INSERT INTO desktops (id, name, hostname, mac, machine_id, template_version_id, "
+            "host_id, clone_mode, state, power_state, state_changed_at, created_at, version) "
+            "VALUES ('d1', 'lab-001', 'lab-001', 'm', 'i', 'v1', 'h1', 'linked', 'ready', "
+            "'unknown', '2026-01-01', '2026-01-01', 1)")
+    upgrade_to_head(engine)
+    with engine.connect() as connection:
+        row = connection.exec_driver_sql(
+            "SELECT name, pool_id, retry_count, has_factory_snapshot FROM desktops").one()
+    assert tuple(row) == ("lab-001", None, 0, 0)

@@ -1,0 +1,85 @@
+"""Pools: what an administrator asks for, validated before anything is stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from deskpool.domain.errors import InvalidInput
+from deskpool.domain.naming import validate_pattern
+
+
+class PoolKind(StrEnum):
+    STATELESS = "stateless"  # every session starts from the same clean state
+    STATEFUL = "stateful"  # a user's desktop keeps its changes
+
+
+class Assignment(StrEnum):
+    FLOATING = "floating"  # any free desktop, handed back after use
+    DEDICATED = "dedicated"  # one desktop per user, kept for that user
+
+
+class OnLogout(StrEnum):
+    RECYCLE_REVERT = "recycle-revert"  # back to the factory snapshot
+    RECYCLE_AS_IS = "recycle-as-is"  # handed back untouched (kiosks)
+    RETIRE = "retire"  # destroyed; a fresh one replaces it
+
+
+class PowerPolicy(StrEnum):
+    RUNNING = "running"  # unassigned desktops stay running (fastest hand-over)
+    SUSPEND = "suspend"  # memory saved to disk; resumed on demand
+    SHUTOFF = "shutoff"  # powered off; booted on demand
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    template: str
+    kind: PoolKind = PoolKind.STATELESS
+    assignment: Assignment = Assignment.FLOATING
+    min_size: int = 0
+    max_size: int = 10
+    spare: int = 1
+    naming_pattern: str = "desktop-{n:03}"
+    clone_mode: str = "linked"
+    on_logout: OnLogout = OnLogout.RECYCLE_REVERT
+    one_time: bool = False
+    max_age_s: int | None = None
+    power_policy: PowerPolicy = PowerPolicy.RUNNING
+    canary: int = 0  # new-version desktops that must be ready before old free ones retire
+
+    def validate(self) -> PoolSpec:
+        """Refuse a pool that can never be satisfied, naming the offending fields."""
+        if self.min_size < 0 or self.max_size < 0 or self.spare < 0 or self.canary < 0:
+            raise InvalidInput(f"pool {self.name!r}: min, max, spare and canary must be >= 0")
+        if self.max_size < self.min_size:
+            raise InvalidInput(
+                f"pool {self.name!r}: max ({self.max_size}) is below min ({self.min_size})"
+            )
+        if self.spare > self.max_size:
+            raise InvalidInput(
+                f"pool {self.name!r}: spare ({self.spare}) is above max ({self.max_size})"
+            )
+        if self.canary > self.max_size:
+            raise InvalidInput(
+                f"pool {self.name!r}: canary ({self.canary}) is above max ({self.max_size})"
+            )
+        if self.max_age_s is not None and self.max_age_s <= 0:
+            raise InvalidInput(f"pool {self.name!r}: max age must be positive seconds")
+        if self.kind is PoolKind.STATEFUL and self.on_logout is OnLogout.RECYCLE_REVERT:
+            raise InvalidInput(
+                f"pool {self.name!r}: a stateful pool keeps users' changes, so it cannot "
+                "revert on logout (use recycle-as-is or retire)"
+            )
+        if self.clone_mode not in ("linked", "full", "instant"):
+            raise InvalidInput(
+                f"pool {self.name!r}: clone mode {self.clone_mode!r} is not linked, full or "
+                "instant"
+            )
+        validate_pattern(self.naming_pattern)
+        return self
+
+    def desired_total(self, assigned: int) -> int:
+        """How many desktops the pool should have, given how many users hold one: at least
+        min, ``spare`` more than are held (free ones, ready or on their way), never above max."""
+        return min(max(self.min_size, assigned + self.spare), self.max_size)
