@@ -1,0 +1,220 @@
+"""The desktop factory: clone a template version, give the clone its identity, boot it,
+confirm through the guest agent that the guest carries exactly the identity in the database,
+and (for pools that recycle by reverting) take the factory snapshot before it is ready.
+
+Each step is its own short transaction and the desktop row exists (``provisioning``) before
+anything is made on a hypervisor, so a crash at any point leaves a row that says what to finish
+or clean up. The reconciler drives these steps for pools; ``DesktopService`` for single desktops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deskpool.domain.errors import AgentUnavailable, DeskpoolError, DriverError, NotFound
+from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity, new_mac, new_machine_id
+from deskpool.domain.models import (
+    CloneMode,
+    Customization,
+    DirectBoot,
+    DomainType,
+    PowerState,
+    VmMetadata,
+    VmSpec,
+)
+from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.images.cloudinit import write_nocloud_seed
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.store.models import Desktop, Host, TemplateVersion
+
+Progress = Callable[[str], None]
+FACTORY_SNAPSHOT = "factory"
+# Where an instant clone's identity is written for the guest hook (tmpfs: gone at reboot).
+INSTANT_IDENTITY_PATH = "/run/deskpool-identity"
+GUEST_IDENTITY_HOOK = "/usr/lib/deskpool/deskpool-identity"
+
+
+def no_progress(_step: str) -> None:
+    pass
+
+
+def version_volume_names(version: TemplateVersion) -> tuple[str, str, str]:
+    """Names of a version's disk, kernel and initrd in a host's storage (one set per version)."""
+    stem = f"tv-{version.id}"
+    disk_ext = Path(version.image_path).suffix or ".qcow2"
+    return f"{stem}{disk_ext}", f"{stem}.vmlinuz", f"{stem}.initrd"
+
+
+class DesktopFactory:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def insert(
+        self, *, name: str, version_id: uuid.UUID, host_id: uuid.UUID, clone_mode: CloneMode,
+        pool_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Write the desktop's row, in ``provisioning``, with a fresh identity."""
+        with self.ctx.uow() as uow:
+            desktop = Desktop(
+                id=uuid.uuid4(), name=name, hostname=name, mac=new_mac(),
+                machine_id=new_machine_id(), template_version_id=version_id,
+                host_id=host_id, clone_mode=clone_mode, pool_id=pool_id,
+                state=DesktopState.PROVISIONING.value, desired_state=DesktopState.READY.value,
+                task="clone",
+            )
+            uow.desktops.add(desktop)
+            uow.commit()
+            return desktop.id
+
+    def provision(self, desktop_id: uuid.UUID, progress: Progress) -> None:
+        # Work on the hypervisor inside a read-only unit of work: it reads a snapshot and takes
+        # no write lock (SQLite in WAL mode), so a long image upload blocks no other writer.
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            host, tv = desktop.host, desktop.template_version
+            host_id, resolved_before = host.id, host.domain_type_resolved
+            driver = self.ctx.driver_for(host)
+            progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
+            domain_type = self._domain_type(host, driver, tv)
+            spec = self._spec(driver, desktop, tv, domain_type)
+            try:
+                driver.create_vm(spec)
+            finally:
+                if spec.seed_image is not None:  # the driver copied it into the host's storage
+                    shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
+        with self.ctx.uow() as uow:
+            if not resolved_before:
+                uow.hosts.get(host_id).domain_type_resolved = domain_type.value
+            transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
+                       DesktopState.CUSTOMIZING, task="boot")
+            uow.commit()
+        progress("booting")
+        driver.start_vm(desktop_id)
+
+    @staticmethod
+    def _spec(
+        driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion, domain_type: DomainType
+    ) -> VmSpec:
+        """Copy the version's files to the host (once per host) and describe the VM."""
+        disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
+        driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
+        boot = None
+        if tv.kernel_path and tv.initrd_path:
+            driver.import_volume(kernel_vol, Path(tv.kernel_path))
+            driver.import_volume(initrd_vol, Path(tv.initrd_path))
+            cmdline = tv.kernel_cmdline or ""
+            if tv.customization is Customization.FWCFG:
+                # systemd adopts the id from PID 1's start, before any unit runs.
+                cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
+            boot = DirectBoot(kernel_vol, initrd_vol, cmdline)
+        identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)
+        seed = None
+        if tv.customization is Customization.CLOUD_INIT:
+            seed = write_nocloud_seed(
+                Path(tempfile.mkdtemp(prefix="deskpool-seed-")) / "seed.img",
+                instance_id=str(desktop.id), hostname=desktop.hostname,
+                machine_id=desktop.machine_id,
+            )
+        return VmSpec(
+            vm_id=desktop.id, name=desktop.name, base_volume=disk_vol,
+            clone_mode=desktop.clone_mode, mac=desktop.mac,
+            metadata=VmMetadata(desktop.id, desktop.name, tv.id),
+            vcpus=tv.vcpus, memory_mib=tv.memory_mib, domain_type=domain_type,
+            direct_boot=boot,
+            identity_text=(identity.to_guest_text()
+                           if tv.customization is Customization.FWCFG else None),
+            seed_image=seed,
+        )
+
+    def _domain_type(
+        self, host: Host, driver: HypervisorDriver, tv: TemplateVersion
+    ) -> DomainType:
+        if host.domain_type_resolved:
+            return DomainType(host.domain_type_resolved)
+        kernel = Path(tv.kernel_path) if tv.kernel_path else None
+        return driver.resolve_domain_type(host.domain_type_requested, kernel)
+
+    def make_ready(
+        self, desktop_id: uuid.UUID, *, timeout_s: float = 240.0,
+        progress: Progress = no_progress,
+    ) -> None:
+        """Wait for the guest agent, confirm the guest's identity, and mark the desktop ready.
+
+        On a timeout or a mismatch the desktop goes to ``error`` with the reason recorded, and
+        the error is raised.
+        """
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(desktop_id)
+            expected = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
+                                       desktop.machine_id)
+            customization = desktop.template_version.customization
+            driver = self.ctx.driver_for(desktop.host)
+        agent = GuestAgent(driver, desktop_id)
+        try:
+            progress("waiting for the guest agent")
+            deadline = time.monotonic() + timeout_s
+            agent.wait_until_ready(timeout_s)
+            progress("confirming identity inside the guest")
+            self._confirm_identity(agent, expected, customization, deadline)
+        except DeskpoolError as exc:
+            with self.ctx.uow() as uow:
+                transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING,
+                           DesktopState.ERROR, last_error=str(exc))
+                uow.commit()
+            raise
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING, DesktopState.READY)
+            desktop = uow.desktops.get(desktop_id)
+            desktop.identity_confirmed_at = datetime.now(UTC)
+            desktop.power_state = PowerState.RUNNING
+            uow.commit()
+
+    @staticmethod
+    def _confirm_identity(
+        agent: GuestAgent, expected: DesktopIdentity, customization: Customization,
+        deadline: float,
+    ) -> None:
+        if customization is Customization.NONE:
+            return
+        while True:
+            try:
+                if customization is Customization.FWCFG:
+                    marker = agent.read_file(GUEST_MARKER_PATH).decode()
+                    applied = DesktopIdentity.from_guest_text(marker)
+                    if applied != expected:
+                        raise DriverError(
+                            f"guest applied identity {applied.hostname}/{applied.machine_id}, "
+                            f"expected {expected.hostname}/{expected.machine_id}"
+                        )
+                hostname = agent.host_name()
+                machine_id = agent.read_file("/etc/machine-id").decode().strip()
+                if hostname == expected.hostname and machine_id == expected.machine_id:
+                    return
+                problem = (f"guest reports hostname {hostname!r} and machine-id "
+                           f"{machine_id!r}, expected {expected.hostname!r} and "
+                           f"{expected.machine_id!r}")
+            except (AgentUnavailable, DriverError) as exc:
+                problem = str(exc)  # marker not written yet, or the agent restarted
+            if time.monotonic() > deadline:
+                raise AgentUnavailable(f"identity not confirmed in time: {problem}")
+            time.sleep(0.5)
+
+    def discard(self, desktop_id: uuid.UUID) -> None:
+        with self.ctx.uow() as uow:
+            try:
+                driver = self.ctx.driver_for(uow.desktops.get(desktop_id).host)
+            except NotFound:
+                return
+        driver.delete_vm(desktop_id)  # idempotent: removes the domain and every owned disk
+        with self.ctx.uow() as uow:
+            uow.desktops.delete(uow.desktops.get(desktop_id))
+            uow.commit()
+

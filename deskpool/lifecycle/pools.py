@@ -1,0 +1,195 @@
+"""Pools: create them, roll a new template version out (and back), and the user-facing events
+that move pool desktops (claim, release). The reconciler does the slow work: it keeps pools at
+size and carries out recycle and retire."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+
+from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.models import CloneMode
+from deskpool.domain.pools import OnLogout, PoolSpec
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Pool
+
+S = DesktopState
+HELD = frozenset({S.RESERVED.value, S.IN_USE.value, S.IDLE.value})
+GONE = frozenset({S.RETIRING.value, S.RETIRED.value, S.DELETING.value})
+
+
+@dataclass(frozen=True)
+class PoolView:
+    id: uuid.UUID
+    name: str
+    template: str
+    version: int
+    previous_version: int | None
+    kind: str
+    assignment: str
+    clone_mode: str
+    min_size: int
+    max_size: int
+    spare: int
+    counts: dict[str, int]
+
+
+def pool_spec(pool: Pool) -> PoolSpec:
+    return PoolSpec(
+        name=pool.name, template=pool.template.name, kind=pool.kind, assignment=pool.assignment,
+        min_size=pool.min_size, max_size=pool.max_size, spare=pool.spare,
+        naming_pattern=pool.naming_pattern, clone_mode=pool.clone_mode.value,
+        on_logout=pool.on_logout, one_time=pool.one_time, max_age_s=pool.max_age_s,
+        power_policy=pool.power_policy, canary=pool.canary,
+    )
+
+
+def _view(uow: UnitOfWork, pool: Pool) -> PoolView:
+    counts: dict[str, int] = {}
+    for desktop in uow.pools.desktops(pool.id):
+        counts[desktop.state] = counts.get(desktop.state, 0) + 1
+    previous = (uow.versions.get(pool.previous_version_id).number
+                if pool.previous_version_id else None)
+    return PoolView(
+        id=pool.id, name=pool.name, template=pool.template.name,
+        version=pool.current_version.number, previous_version=previous,
+        kind=pool.kind.value, assignment=pool.assignment.value,
+        clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
+        spare=pool.spare, counts=counts,
+    )
+
+
+class PoolService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def create(self, spec: PoolSpec, *, host: str | None = None) -> PoolView:
+        """Store a validated pool; the reconciler fills it. Nothing is stored on bad input."""
+        spec.validate()
+        with self.ctx.uow() as uow:
+            if uow.pools.find_by_name(spec.name) is not None:
+                raise Conflict(f"a pool named {spec.name!r} already exists")
+            template = uow.templates.get_by_name(spec.template)
+            version = uow.versions.latest(template.id)
+            pinned = uow.hosts.get_by_name(host) if host else None
+            if spec.clone_mode == "instant" and not uow.memory_states.for_version(
+                    version.id):
+                raise InvalidInput(
+                    f"template {template.name!r} version {version.number} has no saved memory "
+                    "state, which instant clones restore: capture one first "
+                    f"('deskpool template capture-state {template.name}')"
+                )
+            pool = Pool(
+                name=spec.name, template=template, kind=spec.kind, assignment=spec.assignment,
+                min_size=spec.min_size, max_size=spec.max_size, spare=spec.spare,
+                naming_pattern=spec.naming_pattern, clone_mode=CloneMode(spec.clone_mode),
+                on_logout=spec.on_logout, one_time=spec.one_time, max_age_s=spec.max_age_s,
+                power_policy=spec.power_policy, canary=spec.canary,
+                current_version_id=version.id, host_id=pinned.id if pinned else None,
+            )
+            uow.pools.add(pool)
+            uow.commit()
+            return _view(uow, pool)
+
+    def resize(self, name: str, *, min_size: int | None = None, max_size: int | None = None,
+               spare: int | None = None) -> PoolView:
+        with self.ctx.uow() as uow:
+            pool = uow.pools.get_by_name(name)
+            current = pool_spec(pool)
+            spec = replace(
+                current,
+                min_size=current.min_size if min_size is None else min_size,
+                max_size=current.max_size if max_size is None else max_size,
+                spare=current.spare if spare is None else spare,
+            ).validate()
+            pool.min_size, pool.max_size, pool.spare = spec.min_size, spec.max_size, spec.spare
+            uow.commit()
+            return _view(uow, pool)
+
+    def get(self, name: str) -> PoolView:
+        with self.ctx.uow(read_only=True) as uow:
+            return _view(uow, uow.pools.get_by_name(name))
+
+    def list(self) -> list[PoolView]:
+        with self.ctx.uow(read_only=True) as uow:
+            return [_view(uow, p) for p in uow.pools.list()]
+
+    # --- template version rollout ----------------------------------------------------------
+
+    def rollout(self, name: str, version: int | None = None) -> PoolView:
+        """Make new desktops from ``version`` (default: the template's latest). Free desktops
+        of older versions are replaced by the reconciler (after ``canary`` new ones are ready),
+        held ones as their users leave."""
+        with self.ctx.uow() as uow:
+            pool = uow.pools.get_by_name(name)
+            target = (uow.versions.get_by_number(pool.template_id, version) if version
+                      else uow.versions.latest(pool.template_id))
+            if target.id == pool.current_version_id:
+                raise Conflict(f"pool {name!r} already runs version {target.number}")
+            pool.previous_version_id, pool.current_version_id = (pool.current_version_id,
+                                                                  target.id)
+            uow.commit()
+            return _view(uow, pool)
+
+    def rollback(self, name: str) -> PoolView:
+        with self.ctx.uow() as uow:
+            pool = uow.pools.get_by_name(name)
+            if pool.previous_version_id is None:
+                raise Conflict(f"pool {name!r} has no earlier version to roll back to")
+            pool.current_version_id, pool.previous_version_id = (pool.previous_version_id,
+                                                                 pool.current_version_id)
+            uow.commit()
+            return _view(uow, pool)
+
+    # --- user events (the broker's, simplified until it exists) ----------------------------
+
+    def claim(self, name: str, user: str) -> uuid.UUID:
+        """Give ``user`` a ready desktop of the pool (its own, if it holds one already)."""
+        with self.ctx.uow() as uow:
+            pool = uow.pools.get_by_name(name)
+            desktops = uow.pools.desktops(pool.id)
+            for desktop in desktops:
+                if desktop.assigned_user == user and desktop.state in HELD:
+                    return desktop.id
+            free = [d for d in desktops if d.state == S.READY.value and d.assigned_user is None
+                    and d.template_version_id == pool.current_version_id]
+            for desktop in free:
+                try:
+                    transition(uow.desktops, desktop.id, S.READY, S.RESERVED, task=None)
+                except Conflict:
+                    continue  # another claim won this one
+                desktop.assigned_user = user
+                uow.commit()
+                return desktop.id
+        raise NotFound(f"pool {name!r} has no ready desktop for {user!r} right now")
+
+    def connect(self, desktop_id: uuid.UUID) -> None:
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, S.RESERVED, S.IN_USE)
+            uow.commit()
+
+    def release(self, desktop_id: uuid.UUID) -> str:
+        """The user logged out: apply the pool's on-logout policy. Returns the new state."""
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(desktop_id)
+            if desktop.pool_id is None:
+                raise InvalidInput(f"desktop {desktop.name!r} is not in a pool")
+            pool = uow.pools.get(desktop.pool_id)
+            old = DesktopState(desktop.state)
+            new, task = logout_outcome(pool, desktop)
+            transition(uow.desktops, desktop_id, old, new, task=task)
+            desktop.sessions_served += 1
+            uow.commit()
+            return new.value
+
+
+def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, str | None]:
+    """What a user's logout does to a pool desktop: (next state, task for the reconciler)."""
+    outdated = desktop.template_version_id != pool.current_version_id
+    if pool.one_time or pool.on_logout is OnLogout.RETIRE or outdated:
+        return S.RETIRING, "retire"
+    if pool.on_logout is OnLogout.RECYCLE_REVERT:
+        return S.RECYCLING, "revert"
+    return S.RECYCLING, "as-is"
