@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from deskpool.cli.common import err, out, services, spinner
+from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import CloneMode, Customization, DomainType
 from deskpool.images.builder import build_guest_image
-from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.desktops import DEFAULT_PATTERN, DesktopService
 from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
@@ -37,23 +35,10 @@ app.add_typer(image_app, name="image")
 app.add_typer(template_app, name="template")
 app.add_typer(desktop_app, name="desktop")
 
-out = Console()
-err = Console(stderr=True)
 
+app.add_typer(pool_app, name="pool")
+app.command("reconcile")(reconcile)
 
-@contextmanager
-def services() -> Iterator[ServiceContext]:
-    ctx = ServiceContext()
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
-@contextmanager
-def spinner(title: str) -> Iterator[object]:
-    with out.status(title) as status:
-        yield status
 
 
 # --- hosts ---------------------------------------------------------------------------------

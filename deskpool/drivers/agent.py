@@ -126,6 +126,17 @@ class GuestAgent:
         self._call("guest-file-close", {"handle": handle})
         return data
 
+    def write_file(self, path: str, data: bytes) -> None:
+        """Create or replace a file in the guest with ``data``."""
+        handle = self._call("guest-file-open", {"path": path, "mode": "w"})
+        if not isinstance(handle, int):
+            raise self._malformed("guest-file-open", handle)
+        try:
+            encoded = base64.b64encode(data).decode("ascii")
+            self._call("guest-file-write", {"handle": handle, "buf-b64": encoded})
+        finally:
+            self._call("guest-file-close", {"handle": handle})
+
     def _read_all(self, handle: int, path: str, max_bytes: int) -> bytes:
         chunks: list[bytes] = []
         size = 0

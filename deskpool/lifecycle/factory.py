@@ -28,6 +28,7 @@ from deskpool.domain.models import (
     VmMetadata,
     VmSpec,
 )
+from deskpool.domain.pools import OnLogout
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
@@ -57,24 +58,42 @@ class DesktopFactory:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
+    @staticmethod
+    def new_row(
+        *, name: str, version_id: uuid.UUID, host_id: uuid.UUID, clone_mode: CloneMode,
+        pool_id: uuid.UUID | None = None,
+    ) -> Desktop:
+        """A desktop row in ``provisioning`` with a fresh identity, for the caller to add."""
+        return Desktop(
+            id=uuid.uuid4(), name=name, hostname=name, mac=new_mac(),
+            machine_id=new_machine_id(), template_version_id=version_id,
+            host_id=host_id, clone_mode=clone_mode, pool_id=pool_id,
+            state=DesktopState.PROVISIONING.value, desired_state=DesktopState.READY.value,
+            task="clone",
+        )
+
     def insert(
         self, *, name: str, version_id: uuid.UUID, host_id: uuid.UUID, clone_mode: CloneMode,
         pool_id: uuid.UUID | None = None,
     ) -> uuid.UUID:
         """Write the desktop's row, in ``provisioning``, with a fresh identity."""
         with self.ctx.uow() as uow:
-            desktop = Desktop(
-                id=uuid.uuid4(), name=name, hostname=name, mac=new_mac(),
-                machine_id=new_machine_id(), template_version_id=version_id,
-                host_id=host_id, clone_mode=clone_mode, pool_id=pool_id,
-                state=DesktopState.PROVISIONING.value, desired_state=DesktopState.READY.value,
-                task="clone",
-            )
+            desktop = self.new_row(name=name, version_id=version_id, host_id=host_id,
+                                   clone_mode=clone_mode, pool_id=pool_id)
             uow.desktops.add(desktop)
             uow.commit()
             return desktop.id
 
-    def provision(self, desktop_id: uuid.UUID, progress: Progress) -> None:
+    def driver_of(self, desktop_id: uuid.UUID) -> HypervisorDriver:
+        with self.ctx.uow(read_only=True) as uow:
+            return self.ctx.driver_for(uow.desktops.get(desktop_id).host)
+
+    def provision(self, desktop_id: uuid.UUID, progress: Progress = no_progress) -> None:
+        """Clone and define the VM, then boot it (``provisioning`` -> ``customizing``).
+
+        Safe to call again for a row a crash left in ``provisioning``: whatever an earlier
+        attempt made on the hypervisor is removed first and the clone is made afresh.
+        """
         # Work on the hypervisor inside a read-only unit of work: it reads a snapshot and takes
         # no write lock (SQLite in WAL mode), so a long image upload blocks no other writer.
         with self.ctx.uow(read_only=True) as uow:
@@ -84,6 +103,7 @@ class DesktopFactory:
             driver = self.ctx.driver_for(host)
             progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
             domain_type = self._domain_type(host, driver, tv)
+            driver.delete_vm(desktop_id)  # an interrupted earlier attempt's VM, if any
             spec = self._spec(driver, desktop, tv, domain_type)
             try:
                 driver.create_vm(spec)
@@ -146,24 +166,24 @@ class DesktopFactory:
         self, desktop_id: uuid.UUID, *, timeout_s: float = 240.0,
         progress: Progress = no_progress,
     ) -> None:
-        """Wait for the guest agent, confirm the guest's identity, and mark the desktop ready.
+        """Boot if needed, confirm the guest's identity through its agent, take the factory
+        snapshot when the desktop's pool recycles by reverting, and mark it ready.
 
         On a timeout or a mismatch the desktop goes to ``error`` with the reason recorded, and
         the error is raised.
         """
-        with self.ctx.uow() as uow:
+        with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
-            expected = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
-                                       desktop.machine_id)
-            customization = desktop.template_version.customization
+            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
+            wants_snapshot = pool is not None and pool.on_logout is OnLogout.RECYCLE_REVERT
             driver = self.ctx.driver_for(desktop.host)
-        agent = GuestAgent(driver, desktop_id)
         try:
-            progress("waiting for the guest agent")
-            deadline = time.monotonic() + timeout_s
-            agent.wait_until_ready(timeout_s)
-            progress("confirming identity inside the guest")
-            self._confirm_identity(agent, expected, customization, deadline)
+            driver.start_vm(desktop_id)  # off after a crash or a power-off: boot it
+            self.confirm_running(desktop_id, timeout_s=timeout_s, progress=progress)
+            if wants_snapshot:
+                progress("taking the factory snapshot")
+                driver.delete_snapshot(desktop_id, FACTORY_SNAPSHOT)  # an interrupted try's
+                driver.create_snapshot(desktop_id, FACTORY_SNAPSHOT)
         except DeskpoolError as exc:
             with self.ctx.uow() as uow:
                 transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING,
@@ -175,7 +195,26 @@ class DesktopFactory:
             desktop = uow.desktops.get(desktop_id)
             desktop.identity_confirmed_at = datetime.now(UTC)
             desktop.power_state = PowerState.RUNNING
+            desktop.has_factory_snapshot = wants_snapshot
+            desktop.retry_count, desktop.next_attempt_at = 0, None
             uow.commit()
+
+    def confirm_running(
+        self, desktop_id: uuid.UUID, *, timeout_s: float, progress: Progress = no_progress,
+    ) -> None:
+        """Wait for the guest agent and check the guest carries the database's identity."""
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            expected = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
+                                       desktop.machine_id)
+            customization = desktop.template_version.customization
+            driver = self.ctx.driver_for(desktop.host)
+        agent = GuestAgent(driver, desktop_id)
+        progress("waiting for the guest agent")
+        deadline = time.monotonic() + timeout_s
+        agent.wait_until_ready(timeout_s)
+        progress("confirming identity inside the guest")
+        self._confirm_identity(agent, expected, customization, deadline)
 
     @staticmethod
     def _confirm_identity(

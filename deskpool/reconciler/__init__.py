@@ -1,0 +1,1 @@
+"""The reconciler: keeps hosts, pools and desktops in line with the database."""

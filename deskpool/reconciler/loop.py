@@ -1,0 +1,323 @@
+"""The reconciler: one pass brings the database and the hypervisors back in line.
+
+A pass (1) syncs every host: power state from the hypervisor (the authority), desktops whose VM
+vanished, and deskpool VMs the database does not know (left by a crash); (2) plans each pool
+(rollout, maximum age, sizing); (3) runs at most one action per desktop, desktops in parallel:
+finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
+backoff. Everything it needs to resume is in the database, so a killed process loses nothing:
+the next pass continues from the rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, NotFound
+from deskpool.domain.models import HostState, PowerState, VmRecord
+from deskpool.domain.naming import first_free_number, render
+from deskpool.domain.pools import PowerPolicy
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.lifecycle.pools import pool_spec
+from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.reconciler.planning import DesktopFacts, plan_pool
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Host, Pool
+
+log = logging.getLogger(__name__)
+S = DesktopState
+# States in which the desktop's VM must exist on its host.
+HAS_VM = frozenset({S.CUSTOMIZING.value, S.READY.value, S.RESERVED.value, S.IN_USE.value,
+                    S.IDLE.value, S.RECYCLING.value})
+MAX_BACKOFF = timedelta(minutes=10)
+
+
+def backoff(retries: int) -> timedelta:
+    return min(timedelta(seconds=5 * 2 ** max(retries - 1, 0)), MAX_BACKOFF)
+
+
+@dataclass
+class PassReport:
+    created: int = 0
+    readied: int = 0
+    recycled: int = 0
+    retired: int = 0
+    deleted: int = 0
+    power_changes: int = 0
+    vanished: int = 0
+    orphans_removed: int = 0
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def error(self, message: str) -> None:
+        with self._lock:
+            self.errors.append(message)
+
+
+Action = Callable[[], None]
+
+
+class Reconciler:
+    def __init__(
+        self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float = 240.0,
+        provisioning_per_host: int = 2, clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.factory = DesktopFactory(ctx)
+        self.workers = workers
+        self.ready_timeout_s = ready_timeout_s
+        self.provisioning_per_host = provisioning_per_host
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._host_slots: dict[uuid.UUID, threading.Semaphore] = {}
+
+    # --- the pass --------------------------------------------------------------------------
+
+    def run_pass(self) -> PassReport:
+        report = PassReport()
+        reachable = self._sync_hosts(report)
+        self._plan_pools(report)
+        actions = self._collect_actions(report, reachable)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            list(pool.map(lambda act: act(), actions))
+        return report
+
+    def run_forever(self, stop: threading.Event, interval_s: float = 10.0) -> None:
+        while not stop.is_set():
+            try:
+                report = self.run_pass()
+                if report.errors:
+                    log.warning("reconcile pass: %s", "; ".join(report.errors))
+            except Exception:  # one bad pass must not end the loop
+                log.exception("reconcile pass failed")
+            stop.wait(interval_s)
+
+    # --- 1. hosts --------------------------------------------------------------------------
+
+    def _sync_hosts(self, report: PassReport) -> set[uuid.UUID]:
+        reachable: set[uuid.UUID] = set()
+        with self.ctx.uow(read_only=True) as uow:
+            hosts = [h for h in uow.hosts.list() if h.state is not HostState.DOWN]
+            for host in hosts:
+                try:
+                    records = {r.vm_id: r for r in self.ctx.driver_for(host).list_vms()}
+                except (HypervisorUnreachable, DeskpoolError) as exc:
+                    report.error(f"host {host.name}: {exc}")
+                    continue
+                reachable.add(host.id)
+                desktops = {d.id: d for d in uow.desktops.by_host(host.id)}
+                self._sync_one_host(host, desktops, records, report)
+        return reachable
+
+    def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, Desktop],
+                       records: dict[uuid.UUID, VmRecord], report: PassReport) -> None:
+        driver = self.ctx.driver_for(host)
+        for vm_id, record in records.items():
+            if record.metadata is not None and vm_id not in desktops:
+                # Ours (it carries our metadata) but no row claims it: a crash's leftover.
+                driver.delete_vm(vm_id)
+                report.count("orphans_removed")
+        for desktop in desktops.values():
+            found = records.get(desktop.id)
+            if found is None:
+                if desktop.state in HAS_VM:
+                    self._fail(desktop.id, S(desktop.state),
+                               f"its VM vanished from host {host.name}")
+                    report.count("vanished")
+                continue
+            observed = found.power_state
+            if observed != desktop.power_state:
+                with self.ctx.uow() as uow:
+                    if uow.desktops.compare_and_set_power(desktop.id, desktop.power_state,
+                                                          observed):
+                        report.count("power_changes")
+                    uow.commit()
+
+    # --- 2. pools --------------------------------------------------------------------------
+
+    def _plan_pools(self, report: PassReport) -> None:
+        now = self.clock()
+        with self.ctx.uow() as uow:
+            pool_ids = [p.id for p in uow.pools.list()]
+        for pool_id in pool_ids:
+            with self.ctx.uow() as uow:
+                pool = uow.pools.get(pool_id)
+                desktops = uow.pools.desktops(pool.id)
+                facts = [DesktopFacts(d.id, d.state, d.template_version_id,
+                                      d.assigned_user is not None, d.created_at)
+                         for d in desktops]
+                plan = plan_pool(pool_spec(pool), pool.current_version_id, facts, now)
+                report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
+                for desktop_id in plan.retire:
+                    try:
+                        transition(uow.desktops, desktop_id, S.READY, S.RETIRING, task="retire")
+                    except DeskpoolError:
+                        continue  # claimed by a user meanwhile: it stays
+                for _ in range(plan.create):
+                    self._insert_pool_desktop(uow, pool)
+                    report.count("created")
+                uow.commit()
+
+    def _insert_pool_desktop(self, uow: UnitOfWork, pool: Pool) -> None:
+        host = self._place(uow, pool)
+        name = render(pool.naming_pattern,
+                      first_free_number(pool.naming_pattern, uow.desktops.names()))
+        desktop = self.factory.new_row(name=name, version_id=pool.current_version_id,
+                                       host_id=host.id, clone_mode=pool.clone_mode,
+                                       pool_id=pool.id)
+        uow.desktops.add(desktop)
+
+    @staticmethod
+    def _place(uow: UnitOfWork, pool: Pool) -> Host:
+        if pool.host_id is not None:
+            return uow.hosts.get(pool.host_id)
+        enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
+        if not enabled:
+            raise NotFound(f"pool {pool.name!r} has no enabled host to place desktops on")
+        counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
+        return min(enabled, key=lambda h: (counts[h.id], h.name))
+
+    # --- 3. actions ------------------------------------------------------------------------
+
+    def _collect_actions(self, report: PassReport, reachable: set[uuid.UUID]) -> list[Action]:
+        now = self.clock()
+        actions: list[Action] = []
+        with self.ctx.uow(read_only=True) as uow:
+            pools = {p.id: p.power_policy for p in uow.pools.list()}
+            for desktop in uow.desktops.list():
+                if desktop.host_id not in reachable:
+                    continue  # its host is away: nothing can be done, nothing is deleted
+                if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
+                    continue  # backing off after a failure
+                policy = pools.get(desktop.pool_id) if desktop.pool_id else None
+                action = self._action_for(desktop, policy, report)
+                if action is not None:
+                    actions.append(action)
+        return actions
+
+    def _action_for(self, desktop: Desktop, policy: PowerPolicy | None,
+                    report: PassReport) -> Action | None:
+        d_id, host_id, state = desktop.id, desktop.host_id, desktop.state
+        if state == S.PROVISIONING.value:
+            return lambda: self._guard(d_id, S.PROVISIONING, report,
+                                       lambda: self._provision(d_id, host_id, report))
+        if state == S.CUSTOMIZING.value:
+            return lambda: self._guard(d_id, S.CUSTOMIZING, report,
+                                       lambda: self._ready(d_id, host_id, report))
+        if state == S.RECYCLING.value:
+            task = desktop.task
+            return lambda: self._guard(d_id, S.RECYCLING, report,
+                                       lambda: self._recycle(d_id, task, report))
+        if state in (S.RETIRING.value, S.RETIRED.value, S.DELETING.value):
+            return lambda: self._guard(d_id, S(state), report,
+                                       lambda: self._remove(d_id, S(state), report))
+        if state == S.ERROR.value and desktop.pool_id is not None:
+            # A pool desktop that failed is replaced rather than repaired.
+            return lambda: self._guard(d_id, S.ERROR, report,
+                                       lambda: self._retire_failed(d_id, report))
+        if (state == S.READY.value and desktop.assigned_user is None and policy is not None):
+            return self._power_action(d_id, desktop.power_state, policy, report)
+        return None
+
+    def _guard(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport,
+               work: Action) -> None:
+        """Run one desktop's step; a failure is recorded on the desktop with a backoff."""
+        try:
+            work()
+        except Exception as exc:  # any failure: record it, never stop the pass
+            report.error(f"desktop {desktop_id}: {exc}")
+            self._fail(desktop_id, state, str(exc))
+
+    def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str) -> None:
+        with self.ctx.uow() as uow:
+            try:
+                desktop = uow.desktops.get(desktop_id)
+            except NotFound:
+                return
+            current = S(desktop.state)
+            if current is not S.ERROR:
+                try:
+                    transition(uow.desktops, desktop_id, current, S.ERROR, last_error=reason)
+                except DeskpoolError:
+                    return  # moved on meanwhile: not ours to fail
+            desktop = uow.desktops.get(desktop_id)
+            desktop.retry_count += 1
+            desktop.last_error = reason
+            desktop.next_attempt_at = self.clock() + backoff(desktop.retry_count)
+            uow.commit()
+
+    def _slot(self, host_id: uuid.UUID) -> threading.Semaphore:
+        return self._host_slots.setdefault(
+            host_id, threading.Semaphore(self.provisioning_per_host))
+
+    def _provision(self, desktop_id: uuid.UUID, host_id: uuid.UUID,
+                   report: PassReport) -> None:
+        with self._slot(host_id):
+            # A leftover of an interrupted run is cleared first (the contract replaces crash
+            # leftovers), then the clone is made again from the row.
+            self.factory.provision(desktop_id)
+            self.factory.make_ready(desktop_id, timeout_s=self.ready_timeout_s)
+        report.count("readied")
+
+    def _ready(self, desktop_id: uuid.UUID, host_id: uuid.UUID, report: PassReport) -> None:
+        with self._slot(host_id):
+            self.factory.make_ready(desktop_id, timeout_s=self.ready_timeout_s)
+        report.count("readied")
+
+    def _recycle(self, desktop_id: uuid.UUID, task: str | None, report: PassReport) -> None:
+        driver = self.factory.driver_of(desktop_id)
+        if task == "revert":
+            driver.revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
+            self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, S.RECYCLING, S.READY)
+            desktop = uow.desktops.get(desktop_id)
+            desktop.assigned_user = None
+            desktop.retry_count = 0
+            desktop.next_attempt_at = None
+            uow.commit()
+        report.count("recycled")
+
+    def _remove(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport) -> None:
+        if state is S.RETIRING:
+            self.factory.driver_of(desktop_id).delete_vm(desktop_id)
+            with self.ctx.uow() as uow:
+                transition(uow.desktops, desktop_id, S.RETIRING, S.RETIRED)
+                uow.commit()
+            report.count("retired")
+        else:
+            report.count("deleted" if state is S.DELETING else "retired")
+        self.factory.discard(desktop_id)  # VM (idempotent) and row
+
+    def _retire_failed(self, desktop_id: uuid.UUID, report: PassReport) -> None:
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, S.ERROR, S.RETIRING, task="retire")
+            uow.commit()
+        self._remove(desktop_id, S.RETIRING, report)
+
+    def _power_action(self, desktop_id: uuid.UUID, power: PowerState, policy: PowerPolicy,
+                      report: PassReport) -> Action | None:
+        def act(do: Callable[[uuid.UUID], None]) -> Action:
+            def run() -> None:
+                do(desktop_id)
+                report.count("power_changes")
+            return lambda: self._guard(desktop_id, S.READY, report, run)
+
+        driver = self.factory.driver_of(desktop_id)
+        if policy is PowerPolicy.SUSPEND and power is PowerState.RUNNING:
+            return act(driver.suspend_vm)
+        if policy is PowerPolicy.SHUTOFF and power is PowerState.RUNNING:
+            return act(lambda vm_id: driver.stop_vm(vm_id))
+        if policy is PowerPolicy.RUNNING and power in (PowerState.SHUTOFF, PowerState.SAVED):
+            return act(driver.start_vm)
+        return None

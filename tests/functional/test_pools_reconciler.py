@@ -1,0 +1,246 @@
+"""Pools and the reconciler on the fake driver: sizing, recycle, retire, rollout, power policy,
+hypervisor drift and recovery from interrupted work."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from deskpool.config import Settings
+from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
+from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.fake import FakeDriver
+from deskpool.drivers.registry import forget_fake_hosts, open_driver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.desktops import DesktopService
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.lifecycle.views import DesktopView
+from deskpool.reconciler.loop import Reconciler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture()
+def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
+    forget_fake_hosts()
+    context = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    HostService(context).add("h1", "fake://pools")
+    disk = tmp_path / "golden.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    TemplateService(context).publish("golden", ImageFiles(disk=disk))
+    yield context
+    context.close()
+    forget_fake_hosts()
+
+
+@pytest.fixture()
+def fake(ctx: ServiceContext) -> FakeDriver:
+    driver = open_driver("fake://pools")
+    assert isinstance(driver, FakeDriver)
+    return driver
+
+
+@pytest.fixture()
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture()
+def reconciler(ctx: ServiceContext, clock: Clock) -> Reconciler:
+    return Reconciler(ctx, workers=4, ready_timeout_s=5, clock=clock)
+
+
+def make_pool(ctx: ServiceContext, **kw: object) -> str:
+    fields: dict[str, object] = {"name": "lab", "template": "golden", "spare": 2,
+                                 "max_size": 5, "naming_pattern": "lab-{n:02}"}
+    fields.update(kw)
+    PoolService(ctx).create(PoolSpec(**fields))  # type: ignore[arg-type]
+    return str(fields["name"])
+
+
+def desktops(ctx: ServiceContext, state: str | None = None) -> list[DesktopView]:
+    return [d for d in DesktopService(ctx).list() if state is None or d.state == state]
+
+
+def test_pool_fills_to_spare_by_itself(ctx: ServiceContext, reconciler: Reconciler) -> None:
+    make_pool(ctx)
+    report = reconciler.run_pass()
+    assert report.created == 2 and report.errors == []
+    ready = desktops(ctx, "ready")
+    assert sorted(d.name for d in ready) == ["lab-01", "lab-02"]
+    assert reconciler.run_pass().created == 0  # stable once at size
+
+
+def test_recycle_reverts_to_the_factory_snapshot(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1)
+    reconciler.run_pass()
+    pools = PoolService(ctx)
+    desktop_id = pools.claim("lab", "alice")
+    pools.connect(desktop_id)
+    agent = GuestAgent(fake, desktop_id)
+    agent.write_file("/home/user/secret.txt", b"alice was here")
+    assert agent.read_file("/home/user/secret.txt") == b"alice was here"
+    assert pools.release(desktop_id) == "recycling"
+    reconciler.run_pass()
+    assert DesktopService(ctx).get(str(desktop_id)).state == "ready"
+    with pytest.raises(Exception, match="secret.txt"):
+        agent.read_file("/home/user/secret.txt")
+    assert pools.claim("lab", "bob") == desktop_id  # clean again, handed to the next user
+
+
+def test_recycle_as_is_keeps_the_guest_state(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1, on_logout=OnLogout.RECYCLE_AS_IS)
+    reconciler.run_pass()
+    pools = PoolService(ctx)
+    desktop_id = pools.claim("lab", "kiosk")
+    GuestAgent(fake, desktop_id).write_file("/tmp/kept", b"1")
+    pools.release(desktop_id)
+    reconciler.run_pass()
+    assert GuestAgent(fake, desktop_id).read_file("/tmp/kept") == b"1"
+
+
+def test_one_time_desktops_retire_after_first_use(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1, one_time=True)
+    reconciler.run_pass()
+    pools = PoolService(ctx)
+    first = pools.claim("lab", "alice")
+    assert pools.release(first) == "retiring"
+    reconciler.run_pass()  # retires it and, at the same time, makes its replacement
+    reconciler.run_pass()
+    assert first not in {d.id for d in desktops(ctx)}
+    assert first not in {vm.vm_id for vm in fake.list_vms()}
+    assert len(desktops(ctx, "ready")) == 1
+
+
+def test_rollout_replaces_free_desktops_now_and_held_ones_as_users_leave(
+    ctx: ServiceContext, reconciler: Reconciler, tmp_path: Path
+) -> None:
+    make_pool(ctx, spare=2)
+    reconciler.run_pass()
+    pools = PoolService(ctx)
+    held = pools.claim("lab", "alice")
+    disk = tmp_path / "v2.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    TemplateService(ctx).publish("golden", ImageFiles(disk=disk))
+    assert pools.rollout("lab").version == 2
+    reconciler.run_pass()  # free v1 desktop retired, v2 desktops made
+    reconciler.run_pass()
+    versions = {d.id: d.version for d in desktops(ctx)}
+    assert versions[held] == 1  # alice keeps hers while she works
+    assert sorted(v for k, v in versions.items() if k != held) == [2, 2]
+    pools.release(held)
+    reconciler.run_pass()
+    reconciler.run_pass()
+    assert {d.version for d in desktops(ctx)} == {2}
+    assert pools.rollback("lab").version == 1
+    reconciler.run_pass()
+    reconciler.run_pass()
+    assert {d.version for d in desktops(ctx, "ready")} == {1}
+
+
+def test_unknown_deskpool_vm_is_removed_and_foreign_vm_left_alone(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    orphan = uuid.uuid4()
+    fake.import_volume("orphan-base", Path(next(iter(
+        TemplateService(ctx).list_versions())).image_path))
+    fake.create_vm(VmSpec(vm_id=orphan, name="ghost", base_volume="orphan-base",
+                          clone_mode=CloneMode.LINKED, mac="52:54:00:00:00:99",
+                          metadata=VmMetadata(orphan, "ghost")))
+    foreign = fake.add_foreign_vm("someone-elses")
+    report = reconciler.run_pass()
+    vm_ids = {vm.vm_id for vm in fake.list_vms()}
+    assert report.orphans_removed == 1 and orphan not in vm_ids and foreign in vm_ids
+
+
+def test_vanished_vm_is_marked_then_replaced_after_backoff(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver, clock: Clock
+) -> None:
+    make_pool(ctx, spare=1)
+    reconciler.run_pass()
+    (victim,) = desktops(ctx, "ready")
+    fake.remove_vm_behind_our_back(victim.id)
+    report = reconciler.run_pass()
+    assert report.vanished == 1
+    stuck = DesktopService(ctx).get(str(victim.id))
+    assert stuck.state == "error" and stuck.last_error and "vanished" in stuck.last_error
+    reconciler.run_pass()  # still backing off: the failed desktop is left alone for now
+    assert DesktopService(ctx).get(str(victim.id)).state == "error"
+    clock.now += timedelta(minutes=1)
+    reconciler.run_pass()
+    reconciler.run_pass()
+    assert victim.id not in {d.id for d in desktops(ctx)}
+    assert len(desktops(ctx, "ready")) == 1
+
+
+def test_power_state_follows_the_hypervisor_and_policy_applies(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1, power_policy=PowerPolicy.SUSPEND)
+    reconciler.run_pass()  # made and ready, running
+    reconciler.run_pass()  # power policy: suspended
+    (desktop,) = desktops(ctx, "ready")
+    assert fake.get_vm(desktop.id).power_state is PowerState.SAVED
+    reconciler.run_pass()  # the database learns it from the hypervisor
+    assert DesktopService(ctx).get(desktop.name).power_state == "saved"
+
+
+def test_interrupted_provisioning_is_finished_from_the_row(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1, max_size=1)
+    fake.fail_next("start_vm")  # the process "dies" right after defining the VM
+    reconciler.run_pass()
+    clock_free = Reconciler(ctx, ready_timeout_s=5,
+                            clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    clock_free.run_pass()
+    clock_free.run_pass()
+    ready = desktops(ctx, "ready")
+    assert len(ready) == 1 and len(fake.list_vms()) == 1
+
+
+def test_failure_is_recorded_with_reason_and_retry_count(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1)
+    fake.fail_next("create_vm.define")
+    report = reconciler.run_pass()
+    assert report.errors and "injected" in report.errors[0]
+    (failed,) = desktops(ctx)
+    assert failed.state == "error" and failed.last_error and "injected" in failed.last_error
+
+
+def test_bad_pools_are_refused_and_nothing_is_stored(ctx: ServiceContext) -> None:
+    pools = PoolService(ctx)
+    with pytest.raises(InvalidInput, match="below min"):
+        pools.create(PoolSpec("p", "golden", min_size=3, max_size=2, spare=0))
+    with pytest.raises(InvalidInput, match="above max"):
+        pools.create(PoolSpec("p", "golden", max_size=2, spare=3))
+    with pytest.raises(InvalidInput, match="no saved memory state"):
+        pools.create(PoolSpec("p", "golden", clone_mode="instant"))
+    with pytest.raises(InvalidInput, match="stateful"):
+        pools.create(PoolSpec("p", "golden", kind=PoolKind.STATEFUL))
+    with pytest.raises(NotFound, match="nosuch"):
+        pools.create(PoolSpec("p", "nosuch"))
+    assert pools.list() == []
