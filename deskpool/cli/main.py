@@ -119,6 +119,20 @@ def template_publish(
               f"(sha256 {version.image_sha256[:12]})")
 
 
+@template_app.command("capture-state")
+def template_capture_state(
+    name: str,
+    host: Annotated[str, typer.Option(help="host whose instant clones will restore it")],
+    version: Annotated[int | None, typer.Option(help="default: latest")] = None,
+) -> None:
+    """Boot the template once on a host and save its memory, for instant-clone pools."""
+    from deskpool.lifecycle.instant import InstantCloneService
+
+    with services() as ctx, spinner(f"booting {name} on {host} and saving its memory"):
+        disk, memory = InstantCloneService(ctx).capture(name, host=host, version=version)
+    out.print(f"memory state of [bold]{name}[/] saved on {host} ({memory}, disk {disk})")
+
+
 @template_app.command("list")
 def template_list() -> None:
     """List templates and their versions."""

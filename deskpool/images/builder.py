@@ -110,6 +110,15 @@ def build_guest_image(
     """Build (or take from the cache) the image for ``recipe``. Needs root; ~1-3 minutes."""
     report = _Progress(progress)
     recipe_hash = recipe.content_hash()
+    try:
+        return _build_locked(cache_dir, recipe, recipe_hash, force, report)
+    except OSError as exc:  # disk full, permissions: still one deskpool error for the caller
+        raise ImageBuildError(f"building the guest image in {cache_dir} failed: {exc}") from exc
+
+
+def _build_locked(
+    cache_dir: Path, recipe: GuestRecipe, recipe_hash: str, force: bool, report: _Progress
+) -> GuestImage:
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / recipe_hash
     # A second builder of the same recipe waits here, then finds the first one's result.
@@ -147,7 +156,7 @@ def _build(
     raw = work / "disk.raw"
     _run("mkfs.ext4", _mkfs_command(rootfs, raw, recipe.image_size_mib))
     report("converting to qcow2", 0.96)
-    _remove_tree(rootfs)  # frees ~700 MiB before the qcow2 is written
+    _remove_tree(rootfs)  # frees its space before the qcow2 is written
     _run(
         "qemu-img convert",
         ["qemu-img", "convert", "-O", "qcow2", str(raw), str(target / DISK_NAME)],

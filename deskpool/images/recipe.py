@@ -1,8 +1,9 @@
 """What goes into a deskpool guest image, and the hash that names a built one.
 
 The hash covers the recipe's fields, every file under ``guest/`` (so editing the identity hook
-rebuilds the image) and ``BUILDER_VERSION`` (bumped when the build steps change). It names the
-recipe, not the package versions Debian served: ``build_guest_image(force=True)`` refreshes them.
+rebuilds the image), ``KERNEL_CMDLINE`` and ``BUILDER_VERSION`` (bumped when the build steps
+change). It names the recipe, not the package versions Debian served:
+``build_guest_image(force=True)`` refreshes those.
 """
 
 from __future__ import annotations

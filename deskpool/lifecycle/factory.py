@@ -9,6 +9,7 @@ or clean up. The reconciler drives these steps for pools; ``DesktopService`` for
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -45,6 +46,17 @@ GUEST_IDENTITY_HOOK = "/usr/lib/deskpool/deskpool-identity"
 
 def no_progress(_step: str) -> None:
     pass
+
+
+def apply_identity_through_agent(agent: GuestAgent, identity: DesktopIdentity,
+                                 timeout_s: float = 60.0) -> None:
+    """Hand a restored instant clone its identity: write it into the guest and run the boot
+    hook on that file (the hook that reads fw_cfg at a cold boot)."""
+    agent.write_file(INSTANT_IDENTITY_PATH, identity.to_guest_text().encode())
+    code, _out, err = agent.exec_capture([GUEST_IDENTITY_HOOK, INSTANT_IDENTITY_PATH],
+                                         timeout_s=timeout_s)
+    if code != 0:
+        raise DriverError(f"the guest's identity hook failed ({code}): {err.strip()}")
 
 
 def version_volume_names(version: TemplateVersion) -> tuple[str, str, str]:
@@ -104,7 +116,19 @@ class DesktopFactory:
             progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
             domain_type = self._domain_type(host, driver, tv)
             driver.delete_vm(desktop_id)  # an interrupted earlier attempt's VM, if any
-            spec = self._spec(driver, desktop, tv, domain_type)
+            if desktop.clone_mode is CloneMode.INSTANT:
+                state = uow.memory_states.find(tv.id, host.id)
+                if state is None:
+                    raise NotFound(f"template {tv.template.name!r} version {tv.number} has no "
+                                   f"memory state on host {host.name!r} for instant clones")
+                spec = VmSpec(
+                    vm_id=desktop.id, name=desktop.name, base_volume=state.disk_volume,
+                    clone_mode=CloneMode.INSTANT, mac=desktop.mac,
+                    metadata=VmMetadata(desktop.id, desktop.name, tv.id),
+                    memory_state_volume=state.memory_volume, domain_type=domain_type,
+                )
+            else:
+                spec = self._spec(driver, desktop, tv, domain_type)
             try:
                 driver.create_vm(spec)
             finally:
@@ -208,11 +232,23 @@ class DesktopFactory:
             expected = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
                                        desktop.machine_id)
             customization = desktop.template_version.customization
+            instant = desktop.clone_mode is CloneMode.INSTANT
             driver = self.ctx.driver_for(desktop.host)
+        if customization is Customization.NONE:
+            # An image without deskpool's hook or an agent: running is all we can check.
+            if driver.get_vm(desktop_id).power_state is not PowerState.RUNNING:
+                raise DriverError(f"desktop {expected.hostname} is not running")
+            return
         agent = GuestAgent(driver, desktop_id)
         progress("waiting for the guest agent")
         deadline = time.monotonic() + timeout_s
         agent.wait_until_ready(timeout_s)
+        with contextlib.suppress(DriverError):
+            # After a restore, a revert or a resume the guest's clock stood still meanwhile.
+            agent.set_time()
+        if instant:
+            progress("giving the instant clone its identity")
+            apply_identity_through_agent(agent, expected)
         progress("confirming identity inside the guest")
         self._confirm_identity(agent, expected, customization, deadline)
 
@@ -221,8 +257,6 @@ class DesktopFactory:
         agent: GuestAgent, expected: DesktopIdentity, customization: Customization,
         deadline: float,
     ) -> None:
-        if customization is Customization.NONE:
-            return
         while True:
             try:
                 if customization is Customization.FWCFG:

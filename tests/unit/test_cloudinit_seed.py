@@ -115,7 +115,7 @@ def test_bad_input_is_rejected_before_anything_is_written(
 ) -> None:
     args = {"instance_id": "i-1", "hostname": "desk-01", **kwargs}
     with pytest.raises(InvalidInput):
-        write_nocloud_seed(tmp_path / "seed.img", **args)  # type: ignore[arg-type]
+        write_nocloud_seed(tmp_path / "seed.img", **args)
     assert list(tmp_path.iterdir()) == []
 
 

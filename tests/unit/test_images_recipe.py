@@ -213,15 +213,26 @@ def test_other_recipes_are_cached_side_by_side(fake: FakeSteps, tmp_path: Path) 
     assert load_cached_image(tmp_path, small) == b and load_cached_image(tmp_path) == a
 
 
-@pytest.mark.parametrize("step", ["bootstrap", "mkfs.ext4", "qemu-img convert"])
+@pytest.mark.parametrize(
+    ("step", "named"),
+    [("bootstrap", "mmdebstrap"), ("mkfs.ext4", "mkfs.ext4"), ("qemu-img convert", "qemu-img")],
+)
 def test_failed_step_cleans_up_and_names_the_step(
-    fake: FakeSteps, tmp_path: Path, step: str
+    fake: FakeSteps, tmp_path: Path, step: str, named: str
 ) -> None:
     fake.fail_in = step
-    with pytest.raises(ImageBuildError, match=step.split()[0] if step != "bootstrap" else "mmdeb"):
+    with pytest.raises(ImageBuildError, match=named):
         build_guest_image(tmp_path)
     assert load_cached_image(tmp_path) is None
+    # Neither the half-built image directory nor the work directory is left behind.
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
+
+
+def test_unwritable_cache_is_an_image_build_error(fake: FakeSteps, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ImageBuildError, match="building the guest image"):
+        build_guest_image(blocker / "cache")
 
 
 def test_run_reports_the_failed_command_and_its_stderr_tail() -> None:

@@ -41,7 +41,8 @@ systemctl mask modprobe@drm.service modprobe@fuse.service modprobe@loop.service 
 mkdir -p /etc/systemd/system-generators
 for gen in systemd-gpt-auto-generator systemd-hibernate-resume-generator \
     systemd-integritysetup-generator systemd-veritysetup-generator \
-    systemd-cryptsetup-generator systemd-system-update-generator systemd-run-generator; do
+    systemd-cryptsetup-generator systemd-system-update-generator systemd-run-generator \
+    systemd-rc-local-generator systemd-sysv-generator; do
     ln -sf /dev/null "/etc/systemd/system-generators/$gen"
 done
 
@@ -49,8 +50,9 @@ log "pruning kernel modules"
 for kdir in /lib/modules/*; do
     kver=${kdir##*/}
     # Keep what a virtio guest needs: virtio devices, fw_cfg, ext4/vfat/iso9660 (root and
-    # config seeds), CD-ROM/SATA for seed ISOs, a few fallback NICs and the crc/crypto
-    # helpers those modules depend on. Everything else (sound, wifi, GPUs...) goes.
+    # config seeds), CD-ROM/SATA for seed ISOs, a few fallback NICs, evdev (logind reads the
+    # ACPI power button through it, so libvirt's shutdown works) and the crc/crypto helpers
+    # those modules depend on. Everything else (sound, wifi, GPUs, USB...) goes.
     find "$kdir/kernel" -name '*.ko*' | grep -Ev -e '/kernel/(drivers/virtio|crypto|lib)/' \
         -e '/kernel/arch/x86/crypto/' \
         -e '/kernel/drivers/(block/virtio_blk|net/virtio_net|net/net_failover)\.ko' \
@@ -59,7 +61,7 @@ for kdir in /lib/modules/*; do
         -e '/kernel/drivers/scsi/(virtio_scsi|sd_mod|sr_mod|scsi_mod|scsi_common)\.ko' \
         -e '/kernel/drivers/(cdrom|ata)/' \
         -e '/kernel/drivers/net/ethernet/(intel/e1000|intel/e1000e|realtek)/' \
-        -e '/kernel/drivers/net/mii\.ko' \
+        -e '/kernel/drivers/net/mii\.ko' -e '/kernel/drivers/input/evdev\.ko' \
         -e '/kernel/net/(core/failover|packet/af_packet)\.ko' \
         -e '/kernel/fs/(ext4|jbd2|fat|isofs|nls|autofs)/' -e '/kernel/fs/mbcache\.ko' |
         xargs -r rm -f
@@ -76,7 +78,12 @@ rm -rf /usr/share/man/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian
 rm -rf /var/cache/apt/* /var/lib/apt/lists/* /var/log/*.log /var/log/apt/*
 # Every clone must gather its own entropy rather than share one seed.
 rm -f /var/lib/systemd/random-seed
-# Mark /etc and /var as up to date with /usr, so ConditionNeedsUpdate= units (sysusers,
-# catalog updates) do not run on every clone's first boot.
-/lib/systemd/systemd-update-done
+# Mark /etc and /var as up to date with /usr (what systemd-update-done would write), so
+# ConditionNeedsUpdate= units such as systemd-sysusers skip every clone's first boot.
+usr_ns=$(stat -c %.9Y /usr | tr -d .)
+for dir in /etc /var; do
+    printf '# Written by deskpool image-setup.sh, as systemd-update-done would.\nTIMESTAMP_NSEC=%s\n' \
+        "$usr_ns" >"$dir/.updated"
+    touch -r /usr "$dir/.updated"
+done
 log "done"

@@ -1,0 +1,106 @@
+"""P6: reconcile pass time at 10,000 desktops against 1,000, fake driver, one run.
+
+Each size gets its own fresh database (SQLite, the embedded default) and fake host, filled
+directly with ready, running pool desktops at their wanted size (setting up 10,000 through
+the factory would measure the factory, not the pass). Then steady-state passes are timed: the
+pass still syncs every VM's power state, plans every pool and looks at every desktop for an
+action, which is the work that grows with the fleet.
+
+Last two lines:
+    times <seconds at 1,000> <seconds at 10,000>
+    P6 <pass time at 10,000 / pass time at 1,000>   (linear is 10; target <= 11)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from deskpool.config import Settings
+from deskpool.domain.identity import DesktopIdentity
+from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
+from deskpool.domain.pools import PoolSpec
+from deskpool.drivers.fake import FakeDriver
+from deskpool.drivers.registry import forget_fake_hosts, open_driver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.factory import DesktopFactory
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.states import DesktopState
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.reconciler.loop import Reconciler
+
+POOL_SIZE = 500  # desktops per pool: 2 pools at 1,000, 20 at 10,000
+
+
+def populate(ctx: ServiceContext, total: int, disk: Path) -> None:
+    HostService(ctx).add("h1", f"fake://p6-{total}")
+    driver = open_driver(f"fake://p6-{total}")
+    assert isinstance(driver, FakeDriver)
+    TemplateService(ctx).publish("golden", ImageFiles(disk=disk))
+    driver.import_volume("base", disk)
+    with ctx.uow() as uow:
+        host = uow.hosts.get_by_name("h1")
+        version = uow.versions.latest(uow.templates.get_by_name("golden").id)
+        host_id, version_id = host.id, version.id
+    for p in range(total // POOL_SIZE):
+        PoolService(ctx).create(PoolSpec(
+            name=f"pool{p}", template="golden", min_size=POOL_SIZE, max_size=POOL_SIZE,
+            spare=0, naming_pattern=f"p{p}-{{n:04}}"))
+    with ctx.uow() as uow:
+        for pool in uow.pools.list():
+            p = int(pool.name.removeprefix("pool"))
+            for n in range(1, POOL_SIZE + 1):
+                row = DesktopFactory.new_row(name=f"p{p}-{n:04}", version_id=version_id,
+                                             host_id=host_id, clone_mode=CloneMode.LINKED,
+                                             pool_id=pool.id)
+                row.state = DesktopState.READY.value
+                row.power_state = PowerState.RUNNING
+                uow.session.add(row)
+                identity = DesktopIdentity(row.id, row.name, row.mac, row.machine_id)
+                driver.create_vm(VmSpec(vm_id=row.id, name=row.name, base_volume="base",
+                                        clone_mode=CloneMode.LINKED, mac=row.mac,
+                                        metadata=VmMetadata(row.id, row.name),
+                                        identity_text=identity.to_guest_text()))
+                driver.start_vm(row.id)
+        uow.session.commit()
+
+
+def measure(total: int, disk: Path, passes: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="deskpool-p6-") as tmp:
+        ctx = ServiceContext(Settings(data_dir=Path(tmp)))
+        populate(ctx, total, disk)
+        reconciler = Reconciler(ctx)
+        first = reconciler.run_pass()  # warm caches; must find nothing to do
+        assert first.created == 0 and not first.errors, first
+        times = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            report = reconciler.run_pass()
+            times.append(time.perf_counter() - start)
+            assert report.created == 0 and report.power_changes == 0, report
+        ctx.close()
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    forget_fake_hosts()
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = Path(tmp) / "golden.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"],
+                       check=True)
+        small = measure(1_000, disk, args.passes)
+        large = measure(10_000, disk, args.passes)
+    print(f"times {small:.3f} {large:.3f}")
+    print(f"P6 {large / small:.2f}")
+
+
+if __name__ == "__main__":
+    main()

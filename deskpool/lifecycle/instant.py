@@ -1,0 +1,121 @@
+"""Instant clones: capture a booted template's memory on a host, and give each restored clone
+its own identity through the guest agent.
+
+Capture boots a throwaway VM of the template version (its identity is the template's own),
+waits for its agent, and saves its memory and disk as the version's memory state on that host.
+The VM carries deskpool metadata but no desktop row, so if capture is interrupted the
+reconciler removes it as an orphan.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from deskpool.domain.errors import Conflict, DriverError, InvalidInput
+from deskpool.domain.identity import DesktopIdentity, new_mac, new_machine_id
+from deskpool.domain.models import (
+    CloneMode,
+    Customization,
+    DirectBoot,
+    DomainType,
+    VmMetadata,
+    VmSpec,
+)
+from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.factory import version_volume_names
+from deskpool.store.models import MemoryState, TemplateVersion
+
+
+class InstantCloneService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def capture(self, template: str, *, host: str, version: int | None = None,
+                timeout_s: float = 300.0) -> tuple[str, str]:
+        """Boot the version on ``host`` and save its memory there. Returns the two volumes."""
+        with self.ctx.uow(read_only=True) as uow:
+            tmpl = uow.templates.get_by_name(template)
+            tv = (uow.versions.get_by_number(tmpl.id, version) if version
+                  else uow.versions.latest(tmpl.id))
+            target = uow.hosts.get_by_name(host)
+            if uow.memory_states.find(tv.id, target.id) is not None:
+                raise Conflict(f"template {template!r} version {tv.number} already has a memory "
+                               f"state on host {host!r}")
+            if tv.customization is not Customization.FWCFG:
+                raise InvalidInput(
+                    f"instant clones need a template whose guest runs deskpool's identity hook "
+                    f"(customization fwcfg); {template!r} uses {tv.customization.value}")
+            driver = self.ctx.driver_for(target)
+            version_id, host_id = tv.id, target.id
+            spec = self._template_spec(driver, tv, target.domain_type_resolved, template)
+        driver.create_vm(spec)
+        try:
+            driver.start_vm(spec.vm_id)
+            agent = GuestAgent(driver, spec.vm_id)
+            agent.wait_until_ready(timeout_s)
+            self._wait_settled(agent, timeout_s)
+            disk_volume, memory_volume = driver.capture_memory_state(spec.vm_id)
+        except BaseException:
+            driver.delete_vm(spec.vm_id)
+            raise
+        with self.ctx.uow() as uow:
+            uow.memory_states.add(MemoryState(version_id=version_id, host_id=host_id,
+                                              disk_volume=disk_volume,
+                                              memory_volume=memory_volume))
+            uow.commit()
+        return disk_volume, memory_volume
+
+    @staticmethod
+    def _template_spec(driver: HypervisorDriver, tv: TemplateVersion, domain_type: str | None,
+                       template: str) -> VmSpec:
+        disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
+        driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
+        boot = None
+        if tv.kernel_path and tv.initrd_path:
+            driver.import_volume(kernel_vol, Path(tv.kernel_path))
+            driver.import_volume(initrd_vol, Path(tv.initrd_path))
+            boot = DirectBoot(kernel_vol, initrd_vol, tv.kernel_cmdline or "")
+        vm_id = uuid.uuid4()
+        name = f"{template}-v{tv.number}-template"[:63]
+        identity = DesktopIdentity(vm_id, name, new_mac(), new_machine_id())
+        resolved = DomainType(domain_type) if domain_type else driver.resolve_domain_type(
+            DomainType.AUTO, Path(tv.kernel_path) if tv.kernel_path else None)
+        return VmSpec(
+            vm_id=vm_id, name=f"{name}-{vm_id.hex[:6]}", base_volume=disk_vol,
+            clone_mode=CloneMode.LINKED, mac=identity.mac,
+            metadata=VmMetadata(vm_id, name, tv.id), vcpus=tv.vcpus,
+            memory_mib=tv.memory_mib, domain_type=resolved, direct_boot=boot,
+            identity_text=identity.to_guest_text(),
+        )
+
+    @staticmethod
+    def _wait_settled(agent: GuestAgent, timeout_s: float) -> None:
+        """Wait until the guest's boot hook has run, so clones do not redo boot work."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                agent.read_file("/var/lib/deskpool/identity")
+                return
+            except DriverError:
+                time.sleep(0.5)
+        raise DriverError("the template guest did not finish booting in time")
+
+    def forget(self, template: str, *, host: str, version: int | None = None) -> None:
+        """Remove a version's memory state from a host (its volumes and its record)."""
+        with self.ctx.uow() as uow:
+            tmpl = uow.templates.get_by_name(template)
+            tv = (uow.versions.get_by_number(tmpl.id, version) if version
+                  else uow.versions.latest(tmpl.id))
+            target = uow.hosts.get_by_name(host)
+            state = uow.memory_states.find(tv.id, target.id)
+            if state is None:
+                return
+            driver = self.ctx.driver_for(target)
+            driver.delete_volume(state.memory_volume)
+            driver.delete_volume(state.disk_volume)
+            uow.session.delete(state)
+            uow.commit()

@@ -1,0 +1,167 @@
+"""Crashes at random points of provisioning and recycling, then a restart and reconcile passes.
+
+The broker "dies" at a random hypervisor call: from then on nothing it does reaches the
+hypervisor (as after SIGKILL), and the pass is abandoned. A fresh service context (a restarted
+process) on the same database and the same hypervisor then reconciles. Afterwards: every
+deskpool VM on the host is known to the database, every desktop that should have a VM has
+one, no user's desktop was lost, and the pool is at its wanted size with all free desktops
+ready. Runs against the fake driver and libvirt's test:/// driver; ``test_sigkill.py`` does
+the same with a real SIGKILL of a separate process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deskpool.config import Settings
+from deskpool.domain.errors import NotFound
+from deskpool.domain.models import Customization
+from deskpool.domain.pools import PoolSpec
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.drivers.registry import forget_fake_hosts
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.desktops import DesktopService
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.reconciler.loop import HAS_VM, Reconciler
+from deskpool.store.models import Host
+
+SPARE, MAX = 3, 6
+ROUNDS = 25
+
+
+class SteppingClock:
+    """Each reading is an hour after the last, so every backoff has expired by the next pass."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(hours=1)
+        return self.now
+
+
+class SimulatedCrash(BaseException):
+    """The process died: not an error any layer may catch and handle."""
+
+
+class CrashingDriver:
+    """Passes calls to the real driver until call number ``crash_at``; then it and every
+    later call raise ``SimulatedCrash``."""
+
+    def __init__(self, inner: HypervisorDriver, crash_at: int) -> None:
+        self._inner, self._crash_at, self._calls = inner, crash_at, 0
+        self._lock = threading.Lock()
+        self.crashed = False
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._inner, name)
+        if not callable(target) or name == "close":
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self._calls += 1
+                if self._calls >= self._crash_at:
+                    self.crashed = True
+                if self.crashed:
+                    raise SimulatedCrash(f"crashed at hypervisor call {self._crash_at} ({name})")
+            return target(*args, **kwargs)
+
+        return call
+
+
+class CrashingContext(ServiceContext):
+    def __init__(self, settings: Settings, driver: HypervisorDriver, crash_at: int) -> None:
+        super().__init__(settings)
+        self.crashing = CrashingDriver(driver, crash_at)
+
+    def driver_for(self, host: Host) -> HypervisorDriver:
+        return self.crashing  # type: ignore[return-value]
+
+
+@pytest.fixture(params=["fake", "libvirt-test"])
+def setup(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Settings, HypervisorDriver]]:
+    forget_fake_hosts()
+    settings = Settings(data_dir=tmp_path / "data")
+    ctx = ServiceContext(settings)
+    uri = "fake://crash" if request.param == "fake" else "test:///default"
+    HostService(ctx).add("h1", uri, storage_dir=tmp_path / "pool")
+    disk = tmp_path / "golden.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    # test:/// has no guest agent, so its template is one whose readiness is "running".
+    customization = Customization.FWCFG if request.param == "fake" else Customization.NONE
+    TemplateService(ctx).publish("golden", ImageFiles(disk=disk), customization=customization)
+    PoolService(ctx).create(PoolSpec("lab", "golden", spare=SPARE, max_size=MAX,
+                                     naming_pattern="lab-{n:03}"))
+    driver = ctx.driver_for_name("h1")
+    ctx.close = lambda: None  # type: ignore[method-assign]  # keep the hypervisor connection
+    yield settings, driver
+    for vm in driver.list_vms():
+        if vm.metadata is not None:
+            driver.delete_vm(vm.vm_id)
+    forget_fake_hosts()
+
+
+def _user_events(ctx: ServiceContext, rng: random.Random, users: dict[str, uuid.UUID]) -> None:
+    """Some users log on, some log off (which sends their desktop to be recycled)."""
+    pools = PoolService(ctx)
+    for name in ("ann", "bob", "cid"):
+        if name in users and rng.random() < 0.5:
+            pools.release(users.pop(name))
+        elif name not in users and rng.random() < 0.5:
+            with contextlib.suppress(NotFound):  # nothing ready right now
+                users[name] = pools.claim("lab", name)
+
+
+def _check_invariants(settings: Settings, driver: HypervisorDriver,
+                      users: dict[str, uuid.UUID]) -> None:
+    ctx = ServiceContext(settings)
+    rows = {d.id: d for d in DesktopService(ctx).list()}
+    ours = {vm.vm_id for vm in driver.list_vms() if vm.metadata is not None}
+    assert ours <= set(rows), f"VMs unknown to the database: {ours - set(rows)}"
+    for row in rows.values():
+        if row.state in HAS_VM:
+            assert row.id in ours, f"{row.name} is {row.state} but has no VM"
+    for user, desktop_id in users.items():
+        assert desktop_id in rows, f"{user}'s desktop was lost"
+    pool = PoolService(ctx).get("lab")
+    held = sum(pool.counts.get(s, 0) for s in ("reserved", "in_use", "idle"))
+    assert pool.counts.get("ready", 0) == min(SPARE, MAX - held), pool.counts
+    assert set(pool.counts) <= {"ready", "reserved", "in_use", "idle"}, pool.counts
+
+
+def test_random_crashes_during_provisioning_and_recycling_are_recovered(
+    setup: tuple[Settings, HypervisorDriver]
+) -> None:
+    settings, driver = setup
+    rng = random.Random(20261123)
+    users: dict[str, uuid.UUID] = {}
+    crashes = 0
+    clock = SteppingClock()
+    for _ in range(ROUNDS):
+        crashing = CrashingContext(settings, driver, crash_at=rng.randint(1, 12))
+        _user_events(crashing, rng, users)
+        try:
+            Reconciler(crashing, workers=1, ready_timeout_s=2).run_pass()
+        except SimulatedCrash:
+            crashes += 1
+        # The restarted process: passes until settled (the backoff clock is moved on).
+        restarted = ServiceContext(settings)
+        for _ in range(4):
+            Reconciler(restarted, workers=2, ready_timeout_s=2, clock=clock).run_pass()
+        _check_invariants(settings, driver, users)
+    assert crashes >= ROUNDS // 2  # most rounds really crashed somewhere
