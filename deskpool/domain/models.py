@@ -11,6 +11,8 @@ from pathlib import Path
 class CloneMode(StrEnum):
     LINKED = "linked"  # qcow2 overlay whose backing file is the template version's image
     FULL = "full"  # independent copy of the template version's image
+    # overlay on a captured template disk, restored running from its saved memory state
+    INSTANT = "instant"
 
 
 class Customization(StrEnum):
@@ -31,6 +33,7 @@ class PowerState(StrEnum):
     SHUTOFF = "shutoff"
     CRASHED = "crashed"
     SUSPENDED = "suspended"  # guest power-management suspend
+    SAVED = "saved"  # off, memory saved by the hypervisor (managed save); start resumes it
     UNKNOWN = "unknown"
 
 
@@ -90,6 +93,8 @@ class VmSpec:
     network: str | None = None  # libvirt network name; None = user-mode networking
     vnc_listen: str = "127.0.0.1"
     extra: dict[str, str] = field(default_factory=dict)
+    # CloneMode.INSTANT only: the captured memory state (see HypervisorDriver.capture_memory_state)
+    memory_state_volume: str | None = None
 
 
 @dataclass(frozen=True)

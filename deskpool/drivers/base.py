@@ -20,16 +20,24 @@ Rules that hold for every method:
 * **Findable after a crash.** Every VM created carries ``VmMetadata`` inside its definition, and
   ``list_vms`` returns it, so a restarted broker can match VMs to its database.
 * **Hands off others' VMs.** ``list_vms`` reports VMs deskpool did not create (metadata None,
-  ``vm_id`` their hypervisor UUID, since they have no deskpool id), but ``start_vm``,
-  ``stop_vm`` and ``delete_vm`` refuse them with ``Conflict`` and change nothing.
+  ``vm_id`` their hypervisor UUID, since they have no deskpool id), but every call that
+  changes a VM (start, stop, suspend, delete, snapshots, capture) refuses them with
+  ``Conflict`` and changes nothing.
 * **Thread-safe.** One driver instance per host is shared by the threads of a process.
 * **Deterministic volume names.** A VM's own volumes are named from its ``vm_id``
-  (``<vm_id>-root.qcow2``, ``<vm_id>-seed.img``), so ``delete_vm`` can remove them even when the
-  VM definition itself was never written (a crash between the two steps).
+  (``<vm_id>-root.qcow2``, ``<vm_id>-seed.img``, ``<vm_id>-memory.save``), so ``delete_vm`` can
+  remove them even when the VM definition itself was never written (a crash between the steps).
+* **Saved guest state.** Three features keep a guest's memory, and every one leaves the guest's
+  clock behind (it stood still while saved): internal snapshots (``create_snapshot``), managed
+  save (``suspend_vm``, power state ``SAVED``) and instant clones (``capture_memory_state`` +
+  ``CloneMode.INSTANT``). Only ``create_vm`` of an instant clone resets the clock itself; after
+  ``revert_to_snapshot`` or a ``start_vm`` that resumes a saved VM the caller does that
+  (``GuestAgent.set_time``), with the identity work it does anyway.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -54,9 +62,27 @@ def seed_volume_name(vm_id: uuid.UUID) -> str:
     return f"{vm_id}-seed.img"
 
 
+def memory_state_volume_name(vm_id: uuid.UUID) -> str:
+    """A saved memory state: a captured template's, or an instant clone's own copy of it."""
+    return f"{vm_id}-memory.save"
+
+
 def owned_volume_names(vm_id: uuid.UUID) -> tuple[str, ...]:
     """Every volume a VM may own; ``delete_vm`` removes all of them."""
-    return (root_volume_name(vm_id), seed_volume_name(vm_id))
+    return (root_volume_name(vm_id), seed_volume_name(vm_id), memory_state_volume_name(vm_id))
+
+
+_SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_snapshot_name(name: str) -> str:
+    """Snapshot names are short words every hypervisor accepts (and no path or XML trick)."""
+    if not _SNAPSHOT_NAME_RE.match(name):
+        raise InvalidInput(
+            f"snapshot name {name!r} must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 class HypervisorDriver(ABC):
@@ -121,10 +147,33 @@ class HypervisorDriver(ABC):
 
     @abstractmethod
     def create_vm(self, spec: VmSpec) -> VmRecord:
-        """Create the VM's disk from ``spec.base_volume`` and define the VM, powered off.
+        """Create the VM's disk from ``spec.base_volume`` and define the VM, powered off
+        (an instant clone excepted: it is running, see below).
 
         * ``CloneMode.LINKED``: the root volume is a qcow2 overlay backed by the base volume.
         * ``CloneMode.FULL``: the root volume is an independent copy of the base volume.
+        * ``CloneMode.INSTANT``: ``spec.base_volume`` and ``spec.memory_state_volume`` are the
+          two volumes ``capture_memory_state`` returned (``InvalidInput`` when
+          ``memory_state_volume`` is None). The root volume is a qcow2 overlay on the captured
+          disk; the memory state is copied to the VM's own ``memory_state_volume_name`` volume,
+          made to name this VM (name, id, disk, metadata), and restored, so the VM is
+          **running** when this returns, with the template guest's memory: same processes,
+          same files, same hostname and identity marker, stale clock. Then a NIC with
+          ``spec.mac`` on ``spec.network`` is plugged in (the guest sees it appear, as
+          hot-plugged hardware; the template's was unplugged before its memory was saved,
+          since a restored guest keeps the MAC it was saved with whatever its definition
+          says), and the guest's clock is set through its agent when the agent answers within
+          a few seconds (failing that is not an error). Hostname, machine-id and the rest of the
+          identity are the caller's work, through the agent; ``spec.identity_text``, when set,
+          goes into the definition for the VM's next cold boot only (the running guest read
+          the template's at its boot), so a rebooted clone keeps its own identity. Everything
+          else about the VM (vCPUs, memory, boot, console) is the template's: those fields of
+          ``spec`` are ignored, and ``seed_image`` is refused (``InvalidInput``). The VM is
+          persistent like any other: it can be stopped, started (a cold boot from its disk),
+          snapshotted, suspended and deleted. Hypervisors that cannot restore a changed
+          definition or plug devices raise ``DriverError`` ("not supported by this
+          hypervisor") and create nothing: libvirt's ``test:///``, and a remote libvirt host
+          (deskpool rewrites the memory file, so it must be on this machine's file system).
         * ``spec.seed_image`` (if set) is imported as the VM's seed volume, attached read-only.
         * ``spec.identity_text`` (if set) is handed to the guest at boot through fw_cfg under
           ``deskpool.domain.identity.FWCFG_KEY``.
@@ -141,15 +190,79 @@ class HypervisorDriver(ABC):
 
     @abstractmethod
     def start_vm(self, vm_id: uuid.UUID) -> None:
-        """Power the VM on; a paused VM is resumed. Starting a running VM does nothing.
-        ``VmNotFound`` for an unknown id."""
+        """Power the VM on; a paused VM is resumed, a ``SAVED`` one is restored from its saved
+        memory (running, whatever it was when saved; its clock is stale). Starting a running
+        VM does nothing. ``VmNotFound`` for an unknown id."""
 
     @abstractmethod
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
         """Power the VM off: ``force`` pulls the plug at once, else the guest is asked to shut
         down (this returns without waiting; a guest that ignores the request keeps running, and
         escalating to ``force`` is the caller's decision). Stopping a VM that is off succeeds;
-        ``VmNotFound`` for an unknown id."""
+        so does stopping a ``SAVED`` one, which stays saved. ``VmNotFound`` for an unknown id."""
+
+    @abstractmethod
+    def suspend_vm(self, vm_id: uuid.UUID) -> None:
+        """Save a running or paused VM's memory to the host's disk and end its process (the
+        "suspend" power policy: it costs no host memory); the VM is then ``SAVED`` until
+        ``start_vm`` resumes it with its memory intact. Suspending a VM that is off or saved
+        does nothing. ``VmNotFound``; ``Conflict`` for a VM deskpool did not create."""
+
+    # --- snapshots: the "factory" state a recycled desktop reverts to ------------------------
+
+    @abstractmethod
+    def create_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        """Take an internal snapshot (kept inside the VM's own disk) named ``name``.
+
+        Of a running or paused VM it includes the memory, so a revert returns to a running
+        (paused) guest; of a VM that is off, only the disk. ``InvalidInput`` for a name that
+        ``validate_snapshot_name`` refuses, ``Conflict`` when the VM has a snapshot of that name
+        or is ``SAVED`` (its memory is in the save file, not in the disk: start it first),
+        ``VmNotFound``; ``Conflict`` for a VM deskpool did not create.
+        """
+
+    @abstractmethod
+    def revert_to_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        """Return the VM to snapshot ``name``: afterwards it is in the snapshot's power state
+        (running for a snapshot of a running VM) with the guest's disk and memory as they were
+        then, so files written since are gone. A saved state (``SAVED``) is discarded first.
+        ``NotFound`` naming the snapshot when there is none of that name, ``VmNotFound``;
+        ``Conflict`` for a VM deskpool did not create."""
+
+    @abstractmethod
+    def list_snapshots(self, vm_id: uuid.UUID) -> list[str]:
+        """The names of the VM's snapshots, sorted. ``VmNotFound``."""
+
+    @abstractmethod
+    def delete_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        """Delete snapshot ``name``; a missing snapshot is not an error. ``VmNotFound`` for an
+        unknown VM, ``Conflict`` for a VM deskpool did not create. (``delete_vm`` removes a VM
+        with snapshots too: there is no need to delete them first.)"""
+
+    # --- instant clones ------------------------------------------------------------------
+
+    @abstractmethod
+    def capture_memory_state(self, vm_id: uuid.UUID) -> tuple[str, str]:
+        """Turn a running VM (a booted template) into the assets instant clones are made from.
+
+        Its NICs are unplugged (clones get their own; none should ever show the template's
+        MAC), its memory is saved to a new volume ``memory_state_volume_name(vm_id)`` and the
+        VM is undefined, but its root volume is kept: the saved memory belongs to that disk as the
+        VM left it, so clones are overlays on it (base <- captured root <- clone), never on
+        the template's original base. Returns ``(disk_volume, memory_volume)``, the names to
+        put in ``VmSpec.base_volume`` and ``VmSpec.memory_state_volume``. Afterwards the VM
+        no longer exists (``VmNotFound``); the two volumes stay until ``delete_volume`` (or
+        ``delete_vm`` of the old id, which owns them by name). Clones restored from the state
+        need the volumes the template booted from (direct-boot kernel and initrd) too.
+
+        ``VmNotFound``; ``Conflict`` for a VM deskpool did not create, one that is not
+        running, or one with a seed volume (every clone would need it). A failed save leaves
+        the VM running (its NIC plugged back) and no memory volume. Capture a template once
+        its boot is over (``systemctl is-system-running --wait``): its agent answers earlier,
+        and a clone would otherwise go on booting, devices and all, from where it was saved.
+        ``DriverError`` "not supported by this hypervisor" on libvirt's ``test:///``, whose
+        storage cannot hold the memory file.
+        """
 
     @abstractmethod
     def delete_vm(self, vm_id: uuid.UUID) -> None:

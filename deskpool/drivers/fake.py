@@ -14,6 +14,13 @@ Semantics worth knowing when writing tests against it:
   first ``get_vm``/``list_vms`` after the request and is shut off from the second one on.
 * ``fail_next`` arms one failure for the next call of a method, or of a step inside
   ``create_vm`` (see ``FAULT_POINTS``), to prove callers and rollbacks handle it.
+* Saved guest state: the guest's ``files`` stand for its disk, and those under ``/run/`` for
+  its memory (a tmpfs, emptied at boot). A snapshot copies the files and the power state, a
+  managed save (``suspend_vm``) keeps them while the VM is off, a captured memory state keeps
+  them for instant clones; each restore brings back a guest whose agent answers at once, with
+  the boot hook not run again and a stale clock (``guest_clock_stale``). The guest's files
+  are written with ``guest-file-open``/``guest-file-write`` or ``guest-exec`` of
+  ``sh -c 'echo TEXT > PATH'`` (the only shell command it knows).
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ from deskpool.domain.models import (
 )
 from deskpool.drivers.base import (
     HypervisorDriver,
+    memory_state_volume_name,
     owned_volume_names,
     root_volume_name,
     seed_volume_name,
+    validate_snapshot_name,
 )
 from deskpool.drivers.fake_guest import FakeGuest
 
@@ -68,8 +77,14 @@ _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 _ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.SUSPENDED})
 
 # Fault points: every public driver method (added by @_api) and the steps inside create_vm,
-# in order; each step runs after the ones before it succeeded.
-FAULT_POINTS = {"create_vm.root_volume", "create_vm.seed_volume", "create_vm.define"}
+# in order; each step runs after the ones before it succeeded. An instant clone has
+# root_volume, memory_volume and restore (the VM exists, running), then nic_swap.
+FAULT_POINTS = {
+    "create_vm.root_volume", "create_vm.seed_volume", "create_vm.define",
+    "create_vm.memory_volume", "create_vm.restore", "create_vm.nic_swap",
+}
+# What a saved memory state's file takes per MiB of guest memory (a booted guest's dirty pages).
+_SAVE_BYTES_PER_MIB = 256 * 1024
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -103,6 +118,15 @@ class _Volume:
         return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)
 
 
+@dataclass(frozen=True)
+class _GuestState:
+    """A guest frozen in time: a snapshot, a managed save or a captured memory state."""
+
+    power: PowerState  # SHUTOFF for a snapshot of a VM that was off
+    files: dict[str, bytes]
+    had_guest: bool  # an OS was running (a VM without one restores without an agent)
+
+
 @dataclass
 class _Vm:
     vm_id: uuid.UUID
@@ -113,6 +137,8 @@ class _Vm:
     guest: FakeGuest | None = None  # a booted guest OS, only while active
     files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
     shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
+    saved: _GuestState | None = None  # managed save, while power is SAVED
+    snapshots: dict[str, _GuestState] = field(default_factory=dict)
 
     def record(self) -> VmRecord:
         metadata = self.spec.metadata if self.spec is not None else None
@@ -146,6 +172,9 @@ class FakeDriver(HypervisorDriver):
         self._lock = threading.RLock()
         self._volumes: dict[str, _Volume] = {}
         self._vms: dict[uuid.UUID, _Vm] = {}
+        # Captured memory states (and instant clones' copies), by volume name: what the file
+        # would hold. The template's spec comes along: it is the definition inside the file.
+        self._memory_states: dict[str, tuple[VmSpec, _GuestState]] = {}
         self._faults: dict[str, deque[Exception]] = {}
         self._closed = False
         self._reachable = True
@@ -173,7 +202,10 @@ class FakeDriver(HypervisorDriver):
         """Change a VM's power state behind deskpool's back (a crash, an admin's virsh...)."""
         with self._lock:
             vm = self._vm(vm_id)
-            if state in _ACTIVE:
+            if state is PowerState.SAVED:
+                if vm.power in _ACTIVE:
+                    self._save(vm)
+            elif state in _ACTIVE:
                 if vm.power not in _ACTIVE:
                     self._power_on(vm)
                 vm.power = state
@@ -199,9 +231,18 @@ class FakeDriver(HypervisorDriver):
             return vm_id
 
     def defined_spec(self, vm_id: uuid.UUID) -> VmSpec | None:
-        """The spec a VM was created from (None for a foreign VM); lets tests check inputs."""
+        """The spec a VM was created from (None for a foreign VM); lets tests check inputs.
+        An instant clone's is the template's with the clone's id, name, disk, MAC and
+        metadata: what its libvirt definition would hold."""
         with self._lock:
             return self._vm(vm_id).spec
+
+    def guest_clock_stale(self, vm_id: uuid.UUID) -> bool:
+        """Whether the running guest was restored from saved memory and its clock not set
+        since (``guest-set-time``). False when no guest OS runs."""
+        with self._lock:
+            guest = self._vm(vm_id).guest
+            return guest is not None and guest.clock_stale
 
     # --- host ---------------------------------------------------------------------------
 
@@ -244,12 +285,14 @@ class FakeDriver(HypervisorDriver):
     def delete_volume(self, name: str) -> None:
         # As in a libvirt dir pool, a volume in use (or backing another) can be deleted; the
         # VMs using it then fail to start.
-        self._volumes.pop(name, None)
+        self._drop_volume(name)
 
     # --- VMs ----------------------------------------------------------------------------
 
     @_api
     def create_vm(self, spec: VmSpec) -> VmRecord:
+        if spec.clone_mode is CloneMode.INSTANT:
+            return self._create_instant(spec)
         self._refuse_duplicate(spec.vm_id, spec.name)
         base = self._volume(spec.base_volume, f"base volume {spec.base_volume}")
         if spec.direct_boot is not None:
@@ -257,7 +300,7 @@ class FakeDriver(HypervisorDriver):
             self._volume(spec.direct_boot.initrd_volume, "initrd volume")
         spec = replace(spec, domain_type=self._resolve_type(spec.domain_type))
         for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
-            self._volumes.pop(leftover, None)
+            self._drop_volume(leftover)
         try:
             self._maybe_fail("create_vm.root_volume")
             name = root_volume_name(spec.vm_id)
@@ -274,10 +317,67 @@ class FakeDriver(HypervisorDriver):
         except BaseException:
             # Like the libvirt driver: whatever the VM would own goes, leftovers included.
             for owned in owned_volume_names(spec.vm_id):
-                self._volumes.pop(owned, None)
+                self._drop_volume(owned)
             raise
         vm = _Vm(vm_id=spec.vm_id, spec=spec, name=spec.name)
         self._vms[spec.vm_id] = vm
+        return vm.record()
+
+    def _create_instant(self, spec: VmSpec) -> VmRecord:
+        if spec.memory_state_volume is None:
+            raise InvalidInput(f"an instant clone needs a memory state: VM {spec.name} has no "
+                               "memory_state_volume")
+        if spec.seed_image is not None:
+            raise InvalidInput(f"an instant clone cannot have a seed image (VM {spec.name})")
+        if spec.domain_type is DomainType.AUTO:  # checked as for any VM; the template's is used
+            raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
+        self._refuse_duplicate(spec.vm_id, spec.name)
+        base = self._volume(spec.base_volume, f"base volume {spec.base_volume}")
+        memory = self._volume(spec.memory_state_volume,
+                              f"memory state volume {spec.memory_state_volume}")
+        for leftover in owned_volume_names(spec.vm_id):
+            self._drop_volume(leftover)
+        vm: _Vm | None = None
+        try:
+            self._maybe_fail("create_vm.root_volume")
+            self._add_volume(root_volume_name(spec.vm_id), base.capacity, _OVERLAY_ALLOCATION,
+                             backing=base.path)
+            self._maybe_fail("create_vm.memory_volume")
+            if memory.name not in self._memory_states:  # libvirt finds no save image header
+                raise DriverError(f"volume {memory.name} on {self.uri} is not a saved memory "
+                                  "state")
+            template, state = self._memory_states[memory.name]
+            # The definition inside the file, retargeted as the libvirt driver does.
+            clone = replace(
+                template, vm_id=spec.vm_id, name=spec.name, base_volume=spec.base_volume,
+                clone_mode=CloneMode.INSTANT, metadata=spec.metadata,
+                memory_state_volume=spec.memory_state_volume, seed_image=None,
+            )
+            _check_definition(clone)
+            copy_name = memory_state_volume_name(spec.vm_id)
+            self._add_volume(copy_name, memory.capacity, memory.allocation)
+            self._memory_states[copy_name] = (clone, state)
+            self._maybe_fail("create_vm.restore")
+            self._check_disks(clone)
+            vm = _Vm(vm_id=spec.vm_id, spec=clone, name=spec.name, files=dict(state.files))
+            self._vms[spec.vm_id] = vm
+            self._restore(vm, state)
+            self._maybe_fail("create_vm.nic_swap")
+            # The NIC swapped; the identity, if given, for the next cold boot.
+            defined = replace(clone, mac=spec.mac, network=spec.network,
+                              identity_text=spec.identity_text or clone.identity_text)
+            _check_definition(defined)
+            vm.spec = defined
+            if vm.guest is not None:  # the swapped NIC, then the clock from the guest's RTC
+                vm.guest = FakeGuest.restore(vm.spec, vm.files)
+                vm.guest.execute("guest-set-time", {})
+        except BaseException:
+            if vm is not None:
+                self._power_off(vm, PowerState.SHUTOFF)
+                self._vms.pop(spec.vm_id, None)
+            for owned in owned_volume_names(spec.vm_id):
+                self._drop_volume(owned)
+            raise
         return vm.record()
 
     @_api
@@ -290,6 +390,10 @@ class FakeDriver(HypervisorDriver):
             return
         if vm.spec is not None:
             self._check_disks(vm.spec)
+        if vm.saved is not None:
+            saved, vm.saved = vm.saved, None
+            self._restore(vm, replace(saved, power=PowerState.RUNNING))
+            return
         self._power_on(vm)
 
     @_api
@@ -304,6 +408,16 @@ class FakeDriver(HypervisorDriver):
         # else: no OS (or a paused one) to act on the ACPI request, so nothing happens.
 
     @_api
+    def suspend_vm(self, vm_id: uuid.UUID) -> None:
+        vm = self._own_vm(vm_id)
+        if vm.power is PowerState.SUSPENDED:
+            # libvirt refuses too: a guest in PM suspend cannot be migrated to a file.
+            raise DriverError(f"saving VM {vm.name} failed on {self.uri}: domain is "
+                              "pmsuspended")
+        if vm.power in _ACTIVE:
+            self._save(vm)
+
+    @_api
     def delete_vm(self, vm_id: uuid.UUID) -> None:
         if vm_id in self._vms:
             self._own_vm(vm_id)
@@ -311,7 +425,62 @@ class FakeDriver(HypervisorDriver):
         if vm is not None:
             self._power_off(vm, PowerState.SHUTOFF)
         for name in owned_volume_names(vm_id):
-            self._volumes.pop(name, None)
+            self._drop_volume(name)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    @_api
+    def create_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        validate_snapshot_name(name)
+        vm = self._own_vm(vm_id)
+        if name in vm.snapshots:
+            raise Conflict(f"VM {vm.name} has a snapshot named {name!r} already")
+        if vm.power is PowerState.SAVED:
+            raise Conflict(f"VM {vm.name} is saved: its memory is not in its disk; start it "
+                           "before taking a snapshot")
+        power = vm.power if vm.power in _ACTIVE else PowerState.SHUTOFF
+        vm.snapshots[name] = _GuestState(power, dict(vm.files), vm.guest is not None)
+
+    @_api
+    def revert_to_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        vm = self._own_vm(vm_id)
+        snapshot = vm.snapshots.get(name)
+        if snapshot is None:
+            raise NotFound(f"VM {vm.name} has no snapshot named {name!r}")
+        self._power_off(vm, PowerState.SHUTOFF)  # discards a managed save too
+        vm.files = dict(snapshot.files)
+        if snapshot.power in _ACTIVE:
+            self._restore(vm, snapshot)
+
+    @_api
+    def list_snapshots(self, vm_id: uuid.UUID) -> list[str]:
+        return sorted(self._vm(vm_id).snapshots)
+
+    @_api
+    def delete_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        self._own_vm(vm_id).snapshots.pop(name, None)
+
+    # --- instant clones -----------------------------------------------------------------
+
+    @_api
+    def capture_memory_state(self, vm_id: uuid.UUID) -> tuple[str, str]:
+        vm = self._own_vm(vm_id)
+        assert vm.spec is not None  # _own_vm: deskpool's VMs have one
+        if vm.power is not PowerState.RUNNING:
+            raise Conflict(f"VM {vm.name} is {vm.power.value}: only a running VM's memory "
+                           "can be captured")
+        if vm.spec.seed_image is not None:
+            raise Conflict(f"VM {vm.name} has a seed volume: instant clones of it would all "
+                           "need that one volume")
+        disk, memory = root_volume_name(vm_id), memory_state_volume_name(vm_id)
+        self._drop_volume(memory)  # an earlier capture's, or the VM's own as an instant clone
+        self._add_volume(memory, vm.spec.memory_mib * 1024 * 1024,
+                         vm.spec.memory_mib * _SAVE_BYTES_PER_MIB)
+        state = _GuestState(PowerState.RUNNING, dict(vm.files), vm.guest is not None)
+        self._memory_states[memory] = (vm.spec, state)
+        self._power_off(vm, PowerState.SHUTOFF)
+        del self._vms[vm_id]
+        return disk, memory
 
     @_api
     def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
@@ -416,6 +585,10 @@ class FakeDriver(HypervisorDriver):
     def _free_bytes(self) -> int:
         return self._storage_bytes - sum(v.allocation for v in self._volumes.values())
 
+    def _drop_volume(self, name: str) -> None:
+        self._volumes.pop(name, None)
+        self._memory_states.pop(name, None)
+
     def _check_disks(self, spec: VmSpec) -> None:
         """QEMU opens every disk (and backing file) at start; a missing one fails the start."""
         needed = [root_volume_name(spec.vm_id)]
@@ -442,6 +615,23 @@ class FakeDriver(HypervisorDriver):
 
     def _power_off(self, vm: _Vm, state: PowerState) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
+        vm.saved = None
+
+    def _save(self, vm: _Vm) -> None:
+        """Managed save: the QEMU process ends, the guest's memory (its files) is kept."""
+        saved = _GuestState(vm.power, dict(vm.files), vm.guest is not None)
+        self._power_off(vm, PowerState.SAVED)
+        vm.saved = saved
+
+    def _restore(self, vm: _Vm, state: _GuestState) -> None:
+        """A QEMU process resumes the saved guest: no boot, its agent answers at once."""
+        used = {v.vnc_port for v in self._vms.values()}
+        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
+        vm.power, vm.shutdown_in, vm.saved = state.power, None, None
+        vm.files = dict(state.files)
+        vm.guest = None
+        if state.had_guest and vm.spec is not None:
+            vm.guest = FakeGuest.restore(vm.spec, vm.files)
 
     def _observe(self, vm: _Vm) -> None:
         """A graceful shutdown completes one observation after it was requested."""

@@ -6,6 +6,7 @@ Split from ``fake.py``; only ``FakeDriver`` uses it.
 from __future__ import annotations
 
 import base64
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from deskpool.domain.models import (
 class _OpenFile:
     path: str
     pos: int = 0
+    writable: bool = False
 
 
 @dataclass
@@ -38,11 +40,23 @@ class _Process:
     polled: bool = False  # the first status poll says "still running", as a real one may
 
 
-class FakeGuest:
-    """A booted guest OS. ``files`` is the VM's disk (kept across boots); handles, processes
-    and the boot delay live only as long as this boot."""
+# fopen(3) modes qemu-ga accepts.
+_OPEN_MODES = frozenset({"r", "rb", "w", "wb", "a", "ab", "r+", "rb+", "r+b", "w+", "wb+", "w+b",
+                         "a+", "ab+", "a+b"})
+# A tmpfs in the real guest: its files live in memory, so they are gone after a boot but come
+# back with a restored memory state (managed save, snapshot, instant clone).
+TMPFS_PREFIX = "/run/"
 
-    def __init__(self, spec: VmSpec, files: dict[str, bytes], delay_polls: int) -> None:
+
+class FakeGuest:
+    """A running guest OS. ``files`` is the VM's disk plus its tmpfs (kept across boots, the
+    tmpfs emptied at boot); handles, processes and the boot delay live only as long as this
+    boot."""
+
+    def __init__(
+        self, spec: VmSpec, files: dict[str, bytes], delay_polls: int, *,
+        clock_stale: bool = False,
+    ) -> None:
         self._mac = spec.mac.lower()
         self._files = files
         self._silent_polls = delay_polls
@@ -50,12 +64,16 @@ class FakeGuest:
         self._procs: dict[int, _Process] = {}
         self._next_id = 1000
         self.time_ns: int | None = None
+        # True for a guest restored from saved memory until guest-set-time runs.
+        self.clock_stale = clock_stale
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "guest-ping": lambda _args: {},
             "guest-get-host-name": lambda _args: {"host-name": self._hostname()},
             "guest-network-get-interfaces": self._interfaces,
             "guest-file-open": self._file_open,
             "guest-file-read": self._file_read,
+            "guest-file-write": self._file_write,
+            "guest-file-flush": self._file_flush,
             "guest-file-close": self._file_close,
             "guest-exec": self._exec,
             "guest-exec-status": self._exec_status,
@@ -65,6 +83,8 @@ class FakeGuest:
     @classmethod
     def boot(cls, spec: VmSpec, files: dict[str, bytes], delay_polls: int) -> FakeGuest:
         guest = cls(spec, files, delay_polls)
+        for path in [p for p in files if p.startswith(TMPFS_PREFIX)]:
+            del files[path]
         files.setdefault("/etc/hostname", b"localhost\n")
         files.setdefault("/etc/machine-id", f"{spec.vm_id.hex}\n".encode())
         try:  # the boot hook: apply the identity handed over by fw_cfg, then leave the marker
@@ -75,6 +95,12 @@ class FakeGuest:
         files["/etc/machine-id"] = f"{identity.machine_id}\n".encode()
         files[GUEST_MARKER_PATH] = (spec.identity_text or "").encode()
         return guest
+
+    @classmethod
+    def restore(cls, spec: VmSpec, files: dict[str, bytes]) -> FakeGuest:
+        """The guest as its memory was saved: no boot hook, the agent answers at once, the
+        clock is stale. ``spec.mac`` is the NIC it sees (an instant clone's swapped one)."""
+        return cls(spec, files, 0, clock_stale=True)
 
     def execute(self, command: str, arguments: dict[str, Any]) -> Any:
         if self._silent_polls > 0:  # still booting: the agent has not started
@@ -100,14 +126,17 @@ class FakeGuest:
 
     def _file_open(self, args: dict[str, Any]) -> int:
         path, mode = _arg(args, "path", str), args.get("mode", "r")
-        if mode != "r":  # the fake guest's file system is read-only
+        if mode not in _OPEN_MODES:
+            raise _agent_error(f"invalid file open mode '{mode}'")
+        if path not in self._files and mode.startswith("r"):
             raise _agent_error(f"Failed to open file '{path}' (mode: '{mode}'): "
-                               "Read-only file system")
-        if path not in self._files:
-            raise _agent_error(f"Failed to open file '{path}' (mode: 'r'): "
                                "No such file or directory")
+        if mode.startswith("w"):
+            self._files[path] = b""  # fopen(3) truncates
+        self._files.setdefault(path, b"")
         self._next_id += 1
-        self._handles[self._next_id] = _OpenFile(path)
+        pos = len(self._files[path]) if mode.startswith("a") else 0
+        self._handles[self._next_id] = _OpenFile(path, pos, writable=mode not in ("r", "rb"))
         return self._next_id
 
     def _handle(self, args: dict[str, Any]) -> _OpenFile:
@@ -125,6 +154,25 @@ class FakeGuest:
         # Like feof(3): set only once a read asked for more than was left.
         return {"count": len(data), "buf-b64": base64.b64encode(data).decode(),
                 "eof": len(data) < count}
+
+    def _file_write(self, args: dict[str, Any]) -> dict[str, Any]:
+        fh = self._handle(args)
+        if not fh.writable:
+            raise _agent_error(f"failed to write to file '{fh.path}': Bad file descriptor")
+        try:
+            data = base64.b64decode(_arg(args, "buf-b64", str), validate=True)
+        except ValueError:
+            raise _agent_error("value for 'buf-b64' is not valid base64") from None
+        if "count" in args:
+            data = data[: _arg(args, "count", int)]
+        old = self._files.get(fh.path, b"")
+        self._files[fh.path] = old[: fh.pos].ljust(fh.pos, b"\0") + data + old[fh.pos + len(data):]
+        fh.pos += len(data)
+        return {"count": len(data), "eof": False}
+
+    def _file_flush(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._handle(args)  # writes land at once here: nothing to flush
+        return {}
 
     def _file_close(self, args: dict[str, Any]) -> dict[str, Any]:
         self._handle(args)
@@ -145,12 +193,24 @@ class FakeGuest:
                     code = 1
         elif program == "hostname" and not argv:
             out, err, code = f"{self._hostname()}\n".encode(), b"", 0
+        elif program == "sh" and len(argv) == 2 and argv[0] == "-c":
+            out, err, code = self._shell(argv[1])
         else:
             raise _agent_error(f"Failed to execute child process \u201c{path}\u201d "
                                "(No such file or directory)")
         self._next_id += 1
         self._procs[self._next_id] = _Process(code, out, err, bool(args.get("capture-output")))
         return {"pid": self._next_id}
+
+    def _shell(self, script: str) -> tuple[bytes, bytes, int]:
+        """Just ``echo WORDS > PATH`` (or ``>>``), enough for tests to write a guest file."""
+        words = shlex.split(script)
+        if len(words) >= 3 and words[0] == "echo" and words[-2] in (">", ">>"):
+            path, text = words[-1], " ".join(words[1:-2]) + "\n"
+            old = self._files.get(path, b"") if words[-2] == ">>" else b""
+            self._files[path] = old + text.encode()
+            return b"", b"", 0
+        return b"", f"sh: the fake guest cannot run {script!r}\n".encode(), 127
 
     def _exec_status(self, args: dict[str, Any]) -> dict[str, Any]:
         pid = _arg(args, "pid", int)
@@ -171,6 +231,7 @@ class FakeGuest:
     def _set_time(self, args: dict[str, Any]) -> dict[str, Any]:
         # Without "time" the guest copies its RTC; either way the fake just records it.
         self.time_ns = _arg(args, "time", int) if "time" in args else None
+        self.clock_stale = False
         return {}
 
 

@@ -9,7 +9,6 @@ reconciler removes it as an orphan.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -94,15 +93,13 @@ class InstantCloneService:
 
     @staticmethod
     def _wait_settled(agent: GuestAgent, timeout_s: float) -> None:
-        """Wait until the guest's boot hook has run, so clones do not redo boot work."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                agent.read_file("/var/lib/deskpool/identity")
-                return
-            except DriverError:
-                time.sleep(0.5)
-        raise DriverError("the template guest did not finish booting in time")
+        """Wait until the guest has finished booting: its agent starts before udev, and a
+        memory state captured that early has no NIC driver loaded, so clones get no network."""
+        _code, out, err = agent.exec_capture(["systemctl", "is-system-running", "--wait"],
+                                            timeout_s=timeout_s)
+        state = out.strip()
+        if state not in ("running", "degraded"):
+            raise DriverError(f"the template guest did not finish booting ({state or err})")
 
     def forget(self, template: str, *, host: str, version: int | None = None) -> None:
         """Remove a version's memory state from a host (its volumes and its record)."""

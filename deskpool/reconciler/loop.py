@@ -22,6 +22,7 @@ from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, NotFoun
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import PowerPolicy
+from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
 from deskpool.lifecycle.pools import pool_spec
@@ -194,19 +195,21 @@ class Reconciler:
         actions: list[Action] = []
         with self.ctx.uow(read_only=True) as uow:
             pools = {p.id: p.power_policy for p in uow.pools.list()}
+            drivers = {h.id: self.ctx.driver_for(h) for h in uow.hosts.list()
+                       if h.id in reachable}
             for desktop in uow.desktops.list():
                 if desktop.host_id not in reachable:
                     continue  # its host is away: nothing can be done, nothing is deleted
                 if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
                     continue  # backing off after a failure
                 policy = pools.get(desktop.pool_id) if desktop.pool_id else None
-                action = self._action_for(desktop, policy, report)
+                action = self._action_for(desktop, policy, drivers[desktop.host_id], report)
                 if action is not None:
                     actions.append(action)
         return actions
 
     def _action_for(self, desktop: Desktop, policy: PowerPolicy | None,
-                    report: PassReport) -> Action | None:
+                    driver: HypervisorDriver, report: PassReport) -> Action | None:
         d_id, host_id, state = desktop.id, desktop.host_id, desktop.state
         if state == S.PROVISIONING.value:
             return lambda: self._guard(d_id, S.PROVISIONING, report,
@@ -226,7 +229,7 @@ class Reconciler:
             return lambda: self._guard(d_id, S.ERROR, report,
                                        lambda: self._retire_failed(d_id, report))
         if (state == S.READY.value and desktop.assigned_user is None and policy is not None):
-            return self._power_action(d_id, desktop.power_state, policy, report)
+            return self._power_action(d_id, desktop.power_state, policy, driver, report)
         return None
 
     def _guard(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport,
@@ -306,14 +309,13 @@ class Reconciler:
         self._remove(desktop_id, S.RETIRING, report)
 
     def _power_action(self, desktop_id: uuid.UUID, power: PowerState, policy: PowerPolicy,
-                      report: PassReport) -> Action | None:
+                      driver: HypervisorDriver, report: PassReport) -> Action | None:
         def act(do: Callable[[uuid.UUID], None]) -> Action:
             def run() -> None:
                 do(desktop_id)
                 report.count("power_changes")
             return lambda: self._guard(desktop_id, S.READY, report, run)
 
-        driver = self.factory.driver_of(desktop_id)
         if policy is PowerPolicy.SUSPEND and power is PowerState.RUNNING:
             return act(driver.suspend_vm)
         if policy is PowerPolicy.SHUTOFF and power is PowerState.RUNNING:

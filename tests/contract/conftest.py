@@ -139,6 +139,19 @@ class ContractEnv:
         )
         return replace(spec, **changes)
 
+    def running_vm(self, **changes: Any) -> VmSpec:
+        """A linked clone of the base volume, created and started."""
+        self.base_volume()
+        spec = self.spec(**changes)
+        self.driver.create_vm(spec)
+        self.driver.start_vm(spec.vm_id)
+        return spec
+
+    def instant_spec(self, disk: str, memory: str, **changes: Any) -> VmSpec:
+        """An instant clone of a captured state (``capture_memory_state``'s two volumes)."""
+        return self.spec(clone_mode=CloneMode.INSTANT, base_volume=disk,
+                         memory_state_volume=memory, **changes)
+
     def add_foreign_vm(self) -> str:
         name = f"dp-contract-foreign-{uuid.uuid4().hex[:8]}"
         self.foreign_names.append(name)

@@ -100,7 +100,7 @@ def test_recycle_reverts_to_the_factory_snapshot(
     assert pools.release(desktop_id) == "recycling"
     reconciler.run_pass()
     assert DesktopService(ctx).get(str(desktop_id)).state == "ready"
-    with pytest.raises(Exception, match="secret.txt"):
+    with pytest.raises(Exception, match=r"secret\.txt"):
         agent.read_file("/home/user/secret.txt")
     assert pools.claim("lab", "bob") == desktop_id  # clean again, handed to the next user
 

@@ -1,6 +1,9 @@
 """The libvirt driver: any hypervisor libvirt reaches (``qemu:///system``, ``qemu+ssh://``,
 ``test:///default``...). Desktops' disks live in a libvirt ``dir`` storage pool on the host, so
-a remote host needs nothing but libvirt.
+a remote host needs nothing but libvirt (instant clones excepted: see ``instant.py``).
+
+Snapshots and managed save live in ``snapshots.py``, instant clones in ``instant.py``: mixins
+that share this class's lock and helpers.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from deskpool.drivers.base import (
     seed_volume_name,
 )
 from deskpool.drivers.libvirt import xml
+from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
+from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -72,6 +77,9 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
+_UNDEFINE_SAVE_AND_SNAPSHOTS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+)
 
 
 def default_pool_name(storage_dir: Path) -> str:
@@ -83,7 +91,7 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
-class LibvirtDriver(HypervisorDriver):
+class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
     def __init__(
         self, uri: str, *, storage_dir: Path | None = None, pool_name: str | None = None
     ) -> None:
@@ -153,10 +161,13 @@ class LibvirtDriver(HypervisorDriver):
 
     def _record(self, dom: libvirt.virDomain) -> VmRecord:
         state, _reason = dom.state(0)
+        power = _POWER_STATES.get(state, PowerState.UNKNOWN)
+        if power is PowerState.SHUTOFF and dom.hasManagedSaveImage(0):
+            power = PowerState.SAVED
         return VmRecord(
             vm_id=uuid.UUID(dom.UUIDString()),
             name=dom.name(),
-            power_state=_POWER_STATES.get(state, PowerState.UNKNOWN),
+            power_state=power,
             metadata=self._metadata(dom),
         )
 
@@ -280,6 +291,8 @@ class LibvirtDriver(HypervisorDriver):
     def create_vm(self, spec: VmSpec) -> VmRecord:
         if spec.domain_type is DomainType.AUTO:
             raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
+        if spec.clone_mode is CloneMode.INSTANT:
+            return self._create_instant(spec)
         with self._lock:
             self._refuse_duplicate(spec)
             for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
@@ -341,7 +354,7 @@ class LibvirtDriver(HypervisorDriver):
         name = root_volume_name(spec.vm_id)
         _kind, capacity, _alloc = base.info()
         with self._translate(f"creating {spec.clone_mode.value} clone {name}"):
-            if spec.clone_mode is CloneMode.LINKED:
+            if spec.clone_mode in (CloneMode.LINKED, CloneMode.INSTANT):
                 definition = xml.VolumeDefinition(
                     name=name, capacity_bytes=int(capacity), backing_path=base.path(),
                     backing_format=_volume_format(base),
@@ -354,7 +367,10 @@ class LibvirtDriver(HypervisorDriver):
         with suppress(VmNotFound, DriverError):
             dom = self._domain(vm_id)
             with suppress(libvirt.libvirtError):
-                dom.undefineFlags(_UNDEFINE_FLAGS)
+                if dom.isActive():  # a restored instant clone runs (and may be transient)
+                    dom.destroy()
+            with suppress(libvirt.libvirtError):
+                self._undefine(dom)
         for volume in owned_volume_names(vm_id):
             with suppress(DriverError):
                 self.delete_volume(volume)
@@ -364,8 +380,8 @@ class LibvirtDriver(HypervisorDriver):
             dom = self._own_domain(vm_id)
             with self._translate(f"starting VM {dom.name()}"):
                 if not dom.isActive():
-                    dom.create()
-                elif dom.state(0)[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.create()  # restores a managed save, which may have been of a paused VM
+                if dom.state(0)[0] == libvirt.VIR_DOMAIN_PAUSED:
                     dom.resume()
 
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
@@ -390,16 +406,23 @@ class LibvirtDriver(HypervisorDriver):
                 with self._translate(f"deleting VM {vm_id}"):
                     if dom.isActive():
                         dom.destroy()
-                    try:
-                        dom.undefineFlags(_UNDEFINE_FLAGS)
-                    except libvirt.libvirtError as exc:
-                        if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT,
-                                              libvirt.VIR_ERR_INVALID_ARG):
-                            raise
-                        dom.undefine()  # a driver without the newer undefine flags
+                    self._undefine(dom)
             self._refresh_pool()
             for volume in owned_volume_names(vm_id):
                 self.delete_volume(volume)
+
+    def _undefine(self, dom: libvirt.virDomain) -> None:
+        """Undefine with its managed save and snapshot metadata (internal snapshots live in
+        the root volume: they go with it). Raises ``libvirtError``."""
+        # Drivers without the newer flags (test:/// lacks checkpoints and NVRAM) get fewer.
+        for flags in (_UNDEFINE_FLAGS, _UNDEFINE_SAVE_AND_SNAPSHOTS):
+            try:
+                dom.undefineFlags(flags)
+                return
+            except libvirt.libvirtError as exc:
+                if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+                    raise
+        dom.undefine()
 
     def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
         with self._lock:

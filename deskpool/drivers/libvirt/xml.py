@@ -107,6 +107,10 @@ class NetworkInterface:
         _sub(iface, "model", type="virtio")
         return iface
 
+    def to_xml(self) -> str:
+        """The device alone, as ``attachDeviceFlags`` takes it."""
+        return to_string(self.to_element())
+
 
 @dataclass(frozen=True)
 class DirectKernelBoot:
@@ -217,6 +221,60 @@ def parse_vnc(domain_xml: str) -> VncListen | None:
     return VncListen(host=host or "127.0.0.1", port=port)
 
 
+def parse_interfaces(domain_xml: str) -> list[tuple[str, str]]:
+    """(MAC, ``<interface>`` element as XML) of each NIC: what ``detachDeviceFlags`` takes."""
+    root = ET.fromstring(domain_xml)
+    found = []
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        if mac is not None and mac.get("address"):
+            found.append((mac.get("address", "").lower(), ET.tostring(iface, encoding="unicode")))
+    return found
+
+
+def agent_connected(domain_xml: str) -> bool:
+    """Whether a live domain's guest agent has its channel open (libvirt tracks the state)."""
+    root = ET.fromstring(domain_xml)
+    for target in root.findall("./devices/channel/target"):
+        if target.get("name") == AGENT_CHANNEL:
+            return target.get("state") == "connected"
+    return False
+
+
+def replace_metadata(domain_xml: str, meta: VmMetadata) -> str:
+    """The document with deskpool's metadata element replaced (others' metadata kept)."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+    root = ET.fromstring(domain_xml, parser=parser)
+    container = root.find("metadata")
+    if container is None:
+        container = ET.Element("metadata")
+        name = root.find("name")
+        root.insert(list(root).index(name) + 1 if name is not None else 0, container)
+    for old in container.findall(f"{{{METADATA_NS}}}vm"):
+        container.remove(old)
+    container.append(metadata_element(meta))
+    return ET.tostring(root, encoding="unicode")
+
+
+def replace_fwcfg_identity(domain_xml: str, identity_text: str) -> str:
+    """The document with the fw_cfg identity entry set to ``identity_text`` (added if absent);
+    for a definition's next boot: a running guest has read its entry already."""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    root = ET.fromstring(domain_xml, parser=parser)
+    sysinfo = root.find("sysinfo[@type='fwcfg']")
+    if sysinfo is None:
+        sysinfo = ET.Element("sysinfo", type="fwcfg")
+        os_el = root.find("os")
+        root.insert(list(root).index(os_el) if os_el is not None else len(root), sysinfo)
+    entry = sysinfo.find(f"entry[@name='{FWCFG_KEY}']")
+    if entry is None:
+        entry = _sub(sysinfo, "entry", name=FWCFG_KEY)
+    entry.text = identity_text
+    return ET.tostring(root, encoding="unicode")
+
+
 def parse_disk_paths(domain_xml: str) -> list[str]:
     root = ET.fromstring(domain_xml)
     return [
@@ -224,6 +282,18 @@ def parse_disk_paths(domain_xml: str) -> list[str]:
         for src in root.findall("./devices/disk/source")
         if src.get("file")
     ]
+
+
+@dataclass(frozen=True)
+class SnapshotDefinition:
+    """An internal snapshot: libvirt's default for qcow2 disks, with memory when running."""
+
+    name: str
+
+    def to_xml(self) -> str:
+        snapshot = ET.Element("domainsnapshot")
+        _sub(snapshot, "name", self.name)
+        return to_string(snapshot)
 
 
 # --- storage -----------------------------------------------------------------------------
