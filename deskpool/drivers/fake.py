@@ -26,14 +26,12 @@ Semantics worth knowing when writing tests against it:
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
-import struct
 import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlparse
@@ -66,6 +64,13 @@ from deskpool.drivers.base import (
     validate_snapshot_name,
 )
 from deskpool.drivers.fake_guest import FakeGuest
+from deskpool.drivers.fake_state import (
+    FakeVm,
+    FakeVolume,
+    SavedGuest,
+    check_definition,
+    read_source,
+)
 
 GiB = 1024**3
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -106,45 +111,6 @@ def _api(
     return wrapper
 
 
-@dataclass
-class _Volume:
-    name: str
-    path: str
-    capacity: int
-    allocation: int
-    backing: str | None = None
-
-    def info(self) -> VolumeInfo:
-        return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)
-
-
-@dataclass(frozen=True)
-class _GuestState:
-    """A guest frozen in time: a snapshot, a managed save or a captured memory state."""
-
-    power: PowerState  # SHUTOFF for a snapshot of a VM that was off
-    files: dict[str, bytes]
-    had_guest: bool  # an OS was running (a VM without one restores without an agent)
-
-
-@dataclass
-class _Vm:
-    vm_id: uuid.UUID
-    spec: VmSpec | None  # None for a VM deskpool did not create
-    name: str
-    power: PowerState = PowerState.SHUTOFF
-    vnc_port: int | None = None
-    guest: FakeGuest | None = None  # a booted guest OS, only while active
-    files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
-    shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
-    saved: _GuestState | None = None  # managed save, while power is SAVED
-    snapshots: dict[str, _GuestState] = field(default_factory=dict)
-
-    def record(self) -> VmRecord:
-        metadata = self.spec.metadata if self.spec is not None else None
-        return VmRecord(self.vm_id, self.name, self.power, metadata)
-
-
 class FakeDriver(HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
@@ -170,11 +136,11 @@ class FakeDriver(HypervisorDriver):
         self._domain_types = tuple(domain_types)
         self.agent_delay_polls = agent_delay_polls
         self._lock = threading.RLock()
-        self._volumes: dict[str, _Volume] = {}
-        self._vms: dict[uuid.UUID, _Vm] = {}
+        self._volumes: dict[str, FakeVolume] = {}
+        self._vms: dict[uuid.UUID, FakeVm] = {}
         # Captured memory states (and instant clones' copies), by volume name: what the file
         # would hold. The template's spec comes along: it is the definition inside the file.
-        self._memory_states: dict[str, tuple[VmSpec, _GuestState]] = {}
+        self._memory_states: dict[str, tuple[VmSpec, SavedGuest]] = {}
         self._faults: dict[str, deque[Exception]] = {}
         self._closed = False
         self._reachable = True
@@ -226,7 +192,7 @@ class FakeDriver(HypervisorDriver):
         with self._lock:
             vm_id = vm_id or uuid.uuid4()
             self._refuse_duplicate(vm_id, name)
-            self._vms[vm_id] = _Vm(vm_id=vm_id, spec=None, name=name)
+            self._vms[vm_id] = FakeVm(vm_id=vm_id, spec=None, name=name)
             self.set_power_state(vm_id, power_state)
             return vm_id
 
@@ -266,7 +232,7 @@ class FakeDriver(HypervisorDriver):
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         if name in self._volumes:
             return self._volumes[name].info()  # template images are immutable
-        size, capacity, digest = _read_source(source)
+        size, capacity, digest = read_source(source)
         if sha256 is not None and digest != sha256.lower():
             raise DriverError(
                 f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
@@ -310,16 +276,16 @@ class FakeDriver(HypervisorDriver):
                 self._add_volume(name, base.capacity, base.allocation)
             if spec.seed_image is not None:
                 self._maybe_fail("create_vm.seed_volume")
-                size, capacity, _ = _read_source(spec.seed_image)
+                size, capacity, _ = read_source(spec.seed_image)
                 self._add_volume(seed_volume_name(spec.vm_id), capacity, size)
             self._maybe_fail("create_vm.define")
-            _check_definition(spec)
+            check_definition(spec)
         except BaseException:
             # Like the libvirt driver: whatever the VM would own goes, leftovers included.
             for owned in owned_volume_names(spec.vm_id):
                 self._drop_volume(owned)
             raise
-        vm = _Vm(vm_id=spec.vm_id, spec=spec, name=spec.name)
+        vm = FakeVm(vm_id=spec.vm_id, spec=spec, name=spec.name)
         self._vms[spec.vm_id] = vm
         return vm.record()
 
@@ -337,7 +303,7 @@ class FakeDriver(HypervisorDriver):
                               f"memory state volume {spec.memory_state_volume}")
         for leftover in owned_volume_names(spec.vm_id):
             self._drop_volume(leftover)
-        vm: _Vm | None = None
+        vm: FakeVm | None = None
         try:
             self._maybe_fail("create_vm.root_volume")
             self._add_volume(root_volume_name(spec.vm_id), base.capacity, _OVERLAY_ALLOCATION,
@@ -353,20 +319,20 @@ class FakeDriver(HypervisorDriver):
                 clone_mode=CloneMode.INSTANT, metadata=spec.metadata,
                 memory_state_volume=spec.memory_state_volume, seed_image=None,
             )
-            _check_definition(clone)
+            check_definition(clone)
             copy_name = memory_state_volume_name(spec.vm_id)
             self._add_volume(copy_name, memory.capacity, memory.allocation)
             self._memory_states[copy_name] = (clone, state)
             self._maybe_fail("create_vm.restore")
             self._check_disks(clone)
-            vm = _Vm(vm_id=spec.vm_id, spec=clone, name=spec.name, files=dict(state.files))
+            vm = FakeVm(vm_id=spec.vm_id, spec=clone, name=spec.name, files=dict(state.files))
             self._vms[spec.vm_id] = vm
             self._restore(vm, state)
             self._maybe_fail("create_vm.nic_swap")
             # The NIC swapped; the identity, if given, for the next cold boot.
             defined = replace(clone, mac=spec.mac, network=spec.network,
                               identity_text=spec.identity_text or clone.identity_text)
-            _check_definition(defined)
+            check_definition(defined)
             vm.spec = defined
             if vm.guest is not None:  # the swapped NIC, then the clock from the guest's RTC
                 vm.guest = FakeGuest.restore(vm.spec, vm.files)
@@ -439,7 +405,7 @@ class FakeDriver(HypervisorDriver):
             raise Conflict(f"VM {vm.name} is saved: its memory is not in its disk; start it "
                            "before taking a snapshot")
         power = vm.power if vm.power in _ACTIVE else PowerState.SHUTOFF
-        vm.snapshots[name] = _GuestState(power, dict(vm.files), vm.guest is not None)
+        vm.snapshots[name] = SavedGuest(power, dict(vm.files), vm.guest is not None)
 
     @_api
     def revert_to_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
@@ -476,7 +442,7 @@ class FakeDriver(HypervisorDriver):
         self._drop_volume(memory)  # an earlier capture's, or the VM's own as an instant clone
         self._add_volume(memory, vm.spec.memory_mib * 1024 * 1024,
                          vm.spec.memory_mib * _SAVE_BYTES_PER_MIB)
-        state = _GuestState(PowerState.RUNNING, dict(vm.files), vm.guest is not None)
+        state = SavedGuest(PowerState.RUNNING, dict(vm.files), vm.guest is not None)
         self._memory_states[memory] = (vm.spec, state)
         self._power_off(vm, PowerState.SHUTOFF)
         del self._vms[vm_id]
@@ -535,20 +501,20 @@ class FakeDriver(HypervisorDriver):
         if queue:
             raise queue.popleft()
 
-    def _vm(self, vm_id: uuid.UUID) -> _Vm:
+    def _vm(self, vm_id: uuid.UUID) -> FakeVm:
         try:
             return self._vms[vm_id]
         except KeyError:
             raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from None
 
-    def _own_vm(self, vm_id: uuid.UUID) -> _Vm:
+    def _own_vm(self, vm_id: uuid.UUID) -> FakeVm:
         vm = self._vm(vm_id)
         if vm.spec is None:
             raise Conflict(f"VM {vm.name} ({vm_id}) was not created by deskpool; "
                            "deskpool leaves it alone")
         return vm
 
-    def _volume(self, name: str, what: str | None = None) -> _Volume:
+    def _volume(self, name: str, what: str | None = None) -> FakeVolume:
         try:
             return self._volumes[name]
         except KeyError:
@@ -571,14 +537,14 @@ class FakeDriver(HypervisorDriver):
 
     def _add_volume(
         self, name: str, capacity: int, allocation: int, backing: str | None = None
-    ) -> _Volume:
+    ) -> FakeVolume:
         if not name or "/" in name:
             raise DriverError(f"volume name {name!r} is empty or contains '/'")
         if name in self._volumes:
             raise DriverError(f"storage volume {name!r} exists already on {self.uri}")
         if allocation > self._free_bytes():
             raise DriverError(f"no space left on {self.uri} for volume {name}")
-        volume = _Volume(name, f"/fake/{self._host}/{name}", capacity, allocation, backing)
+        volume = FakeVolume(name, f"/fake/{self._host}/{name}", capacity, allocation, backing)
         self._volumes[name] = volume
         return volume
 
@@ -605,7 +571,7 @@ class FakeDriver(HypervisorDriver):
                     "or its backing file"
                 )
 
-    def _power_on(self, vm: _Vm) -> None:
+    def _power_on(self, vm: FakeVm) -> None:
         used = {v.vnc_port for v in self._vms.values()}
         vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
         vm.power = PowerState.RUNNING
@@ -613,17 +579,17 @@ class FakeDriver(HypervisorDriver):
         if vm.spec is not None and vm.spec.identity_text is not None:
             vm.guest = FakeGuest.boot(vm.spec, vm.files, self.agent_delay_polls)
 
-    def _power_off(self, vm: _Vm, state: PowerState) -> None:
+    def _power_off(self, vm: FakeVm, state: PowerState) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
         vm.saved = None
 
-    def _save(self, vm: _Vm) -> None:
+    def _save(self, vm: FakeVm) -> None:
         """Managed save: the QEMU process ends, the guest's memory (its files) is kept."""
-        saved = _GuestState(vm.power, dict(vm.files), vm.guest is not None)
+        saved = SavedGuest(vm.power, dict(vm.files), vm.guest is not None)
         self._power_off(vm, PowerState.SAVED)
         vm.saved = saved
 
-    def _restore(self, vm: _Vm, state: _GuestState) -> None:
+    def _restore(self, vm: FakeVm, state: SavedGuest) -> None:
         """A QEMU process resumes the saved guest: no boot, its agent answers at once."""
         used = {v.vnc_port for v in self._vms.values()}
         vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
@@ -633,7 +599,7 @@ class FakeDriver(HypervisorDriver):
         if state.had_guest and vm.spec is not None:
             vm.guest = FakeGuest.restore(vm.spec, vm.files)
 
-    def _observe(self, vm: _Vm) -> None:
+    def _observe(self, vm: FakeVm) -> None:
         """A graceful shutdown completes one observation after it was requested."""
         if vm.shutdown_in is None:
             return
@@ -641,37 +607,3 @@ class FakeDriver(HypervisorDriver):
             self._power_off(vm, PowerState.SHUTOFF)
         else:
             vm.shutdown_in -= 1
-
-
-def _read_source(source: Path) -> tuple[int, int, str]:
-    """(file size, virtual size, sha256) of a local image; qcow2 reports its virtual size."""
-    digest = hashlib.sha256()
-    try:
-        with source.open("rb") as fh:
-            head = fh.read(32)
-            digest.update(head)
-            size = len(head)
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
-    except FileNotFoundError:
-        raise NotFound(f"image file {source} does not exist") from None
-    except OSError as exc:
-        raise DriverError(f"cannot read image file {source}: {exc.strerror}") from exc
-    capacity = size
-    if len(head) == 32 and head[:4] == _QCOW2_MAGIC:
-        (capacity,) = struct.unpack(">Q", head[24:32])
-    return size, capacity, digest.hexdigest()
-
-
-def _check_definition(spec: VmSpec) -> None:
-    """What libvirt's XML validation rejects when the VM is defined."""
-    problem = None
-    if not spec.name or "/" in spec.name or "\n" in spec.name:
-        problem = f"name {spec.name!r} is empty or contains '/' or a newline"
-    elif not _MAC_RE.match(spec.mac):
-        problem = f"unable to parse mac address {spec.mac!r}"
-    elif spec.vcpus < 1 or spec.memory_mib < 1:
-        problem = "a VM needs at least one vCPU and some memory"
-    if problem:
-        raise DriverError(f"defining VM {spec.name!r} failed: XML error: {problem}")

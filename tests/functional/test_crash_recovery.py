@@ -30,12 +30,12 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
 from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
-from deskpool.reconciler.loop import HAS_VM, Reconciler
+from deskpool.reconciler.loop import Reconciler
 from deskpool.store.models import Host
+from tests.crash_invariants import check_invariants
 
 SPARE, MAX = 3, 6
 ROUNDS = 25
@@ -127,23 +127,6 @@ def _user_events(ctx: ServiceContext, rng: random.Random, users: dict[str, uuid.
                 users[name] = pools.claim("lab", name)
 
 
-def _check_invariants(settings: Settings, driver: HypervisorDriver,
-                      users: dict[str, uuid.UUID]) -> None:
-    ctx = ServiceContext(settings)
-    rows = {d.id: d for d in DesktopService(ctx).list()}
-    ours = {vm.vm_id for vm in driver.list_vms() if vm.metadata is not None}
-    assert ours <= set(rows), f"VMs unknown to the database: {ours - set(rows)}"
-    for row in rows.values():
-        if row.state in HAS_VM:
-            assert row.id in ours, f"{row.name} is {row.state} but has no VM"
-    for user, desktop_id in users.items():
-        assert desktop_id in rows, f"{user}'s desktop was lost"
-    pool = PoolService(ctx).get("lab")
-    held = sum(pool.counts.get(s, 0) for s in ("reserved", "in_use", "idle"))
-    assert pool.counts.get("ready", 0) == min(SPARE, MAX - held), pool.counts
-    assert set(pool.counts) <= {"ready", "reserved", "in_use", "idle"}, pool.counts
-
-
 def test_random_crashes_during_provisioning_and_recycling_are_recovered(
     setup: tuple[Settings, HypervisorDriver]
 ) -> None:
@@ -163,5 +146,5 @@ def test_random_crashes_during_provisioning_and_recycling_are_recovered(
         restarted = ServiceContext(settings)
         for _ in range(4):
             Reconciler(restarted, workers=2, ready_timeout_s=2, clock=clock).run_pass()
-        _check_invariants(settings, driver, users)
+        check_invariants(settings, driver, users, pool="lab", spare=SPARE, max_size=MAX)
     assert crashes >= ROUNDS // 2  # most rounds really crashed somewhere

@@ -1,0 +1,92 @@
+"""The fake hypervisor's records (volumes, VMs, saved guest states) and the checks it shares
+with real hypervisors (what a definition may contain, how big an image is). Split from
+``fake.py``; only the fake driver uses it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deskpool.domain.errors import DriverError, NotFound
+from deskpool.domain.models import PowerState, VmRecord, VmSpec, VolumeInfo
+from deskpool.drivers.fake_guest import FakeGuest
+
+_QCOW2_MAGIC = b"QFI\xfb"
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+@dataclass
+class FakeVolume:
+    name: str
+    path: str
+    capacity: int
+    allocation: int
+    backing: str | None = None
+
+    def info(self) -> VolumeInfo:
+        return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)
+
+
+@dataclass(frozen=True)
+class SavedGuest:
+    """A guest frozen in time: a snapshot, a managed save or a captured memory state."""
+
+    power: PowerState  # SHUTOFF for a snapshot of a VM that was off
+    files: dict[str, bytes]
+    had_guest: bool  # an OS was running (a VM without one restores without an agent)
+
+
+@dataclass
+class FakeVm:
+    vm_id: uuid.UUID
+    spec: VmSpec | None  # None for a VM deskpool did not create
+    name: str
+    power: PowerState = PowerState.SHUTOFF
+    vnc_port: int | None = None
+    guest: FakeGuest | None = None  # a booted guest OS, only while active
+    files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
+    shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
+    saved: SavedGuest | None = None  # managed save, while power is SAVED
+    snapshots: dict[str, SavedGuest] = field(default_factory=dict)
+
+    def record(self) -> VmRecord:
+        metadata = self.spec.metadata if self.spec is not None else None
+        return VmRecord(self.vm_id, self.name, self.power, metadata)
+
+
+def read_source(source: Path) -> tuple[int, int, str]:
+    """(file size, virtual size, sha256) of a local image; qcow2 reports its virtual size."""
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as fh:
+            head = fh.read(32)
+            digest.update(head)
+            size = len(head)
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"image file {source} does not exist") from None
+    except OSError as exc:
+        raise DriverError(f"cannot read image file {source}: {exc.strerror}") from exc
+    capacity = size
+    if len(head) == 32 and head[:4] == _QCOW2_MAGIC:
+        (capacity,) = struct.unpack(">Q", head[24:32])
+    return size, capacity, digest.hexdigest()
+
+
+def check_definition(spec: VmSpec) -> None:
+    """What libvirt's XML validation rejects when the VM is defined."""
+    problem = None
+    if not spec.name or "/" in spec.name or "\n" in spec.name:
+        problem = f"name {spec.name!r} is empty or contains '/' or a newline"
+    elif not _MAC_RE.match(spec.mac):
+        problem = f"unable to parse mac address {spec.mac!r}"
+    elif spec.vcpus < 1 or spec.memory_mib < 1:
+        problem = "a VM needs at least one vCPU and some memory"
+    if problem:
+        raise DriverError(f"defining VM {spec.name!r} failed: XML error: {problem}")

@@ -1,0 +1,107 @@
+"""SIGKILL the broker's reconciler process at random moments while it provisions and recycles,
+restart it, and check nothing was lost.
+
+The hypervisor must outlive the killed process, so this runs on qemu:///system (libvirtd
+keeps the VMs). The template is an empty disk with no OS and customization "none" (ready means
+running), so many kill-and-restart rounds fit in a short test; the in-process crash test in
+tests/functional does the same on the fake driver and libvirt's test:///.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from deskpool.config import Settings
+from deskpool.domain.errors import NotFound
+from deskpool.domain.models import Customization
+from deskpool.domain.pools import PoolSpec
+from deskpool.drivers.libvirt import LibvirtDriver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.reconciler.loop import Reconciler
+from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
+from tests.crash_invariants import check_invariants
+
+pytestmark = pytest.mark.realvm
+SPARE, MAX, ROUNDS = 2, 4, 8
+DESKPOOL = Path(sys.executable).parent / "deskpool"
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path) -> Iterator[tuple[Settings, LibvirtDriver]]:
+    reason = qemu_system_unreachable_reason()
+    if reason:
+        skip_or_fail_without_real_vms(reason)
+    settings = Settings(data_dir=tmp_path / "data")
+    ctx = ServiceContext(settings)
+    HostService(ctx).add("local", "qemu:///system", storage_dir=tmp_path / "pool")
+    disk = tmp_path / "empty.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    TemplateService(ctx).publish("blank", ImageFiles(disk=disk), memory_mib=128,
+                                 customization=Customization.NONE)
+    PoolService(ctx).create(PoolSpec("kill", "blank", spare=SPARE, max_size=MAX,
+                                     naming_pattern="kill-{n:02}"))
+    driver = LibvirtDriver("qemu:///system", storage_dir=tmp_path / "pool")
+    ctx.close()
+    try:
+        yield settings, driver
+    finally:
+        for vm in driver.list_vms():
+            if vm.metadata is not None and vm.name.startswith("kill-"):
+                driver.delete_vm(vm.vm_id)
+        driver.close()
+
+
+def _start_broker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DESKPOOL_DATA_DIR": str(settings.data_dir)}
+    return subprocess.Popen([str(DESKPOOL), "reconcile", "--loop", "--interval", "0.2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkill_at_random_points_then_restart_loses_nothing(
+    deployment: tuple[Settings, LibvirtDriver]
+) -> None:
+    settings, driver = deployment
+    rng = random.Random(1123)
+    users: dict[str, uuid.UUID] = {}
+    for _ in range(ROUNDS):
+        ctx = ServiceContext(settings)
+        pools = PoolService(ctx)
+        for name in ("ann", "bob"):  # logons and logoffs so recycling happens too
+            if name in users and rng.random() < 0.6:
+                pools.release(users.pop(name))
+            elif name not in users:
+                with contextlib.suppress(NotFound):
+                    users[name] = pools.claim("kill", name)
+        ctx.close()
+        broker = _start_broker(settings)
+        time.sleep(rng.uniform(0.3, 4.0))
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(timeout=10)
+        assert broker.returncode == -signal.SIGKILL
+    # The restart: one process, passes until the pool has settled (backoffs expired).
+    ctx = ServiceContext(settings)
+    clock = [datetime.now(UTC)]
+
+    def later() -> datetime:
+        clock[0] += timedelta(hours=1)
+        return clock[0]
+
+    for _ in range(4):
+        Reconciler(ctx, workers=2, ready_timeout_s=60, clock=later).run_pass()
+    ctx.close()
+    check_invariants(settings, driver, users, pool="kill", spare=SPARE, max_size=MAX)
