@@ -1,10 +1,12 @@
-"""Shared test set-up: CI never silently skips the real-VM tier, and libvirt storage pools that
-tests made in temporary directories are removed at the end of the run."""
+"""Shared test set-up: CI never silently skips the real-VM tier, and libvirt storage pools left
+behind by tests whose temporary directories are gone are removed at the end of the run."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -41,8 +43,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for pool in conn.listAllStoragePools(0):
             if not pool.name().startswith("deskpool-"):
                 continue
-            if f"<path>{tmp_root}/" not in pool.XMLDesc(0):
-                continue  # a real deployment's pool: never touch it
+            path = ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or ""
+            # Only pools of temporary directories that are gone: another test session running
+            # at the same time may still be using its own.
+            if not path.startswith(f"{tmp_root}/") or Path(path).exists():
+                continue
             if pool.isActive():
                 pool.destroy()
             pool.undefine()

@@ -269,11 +269,14 @@ class DesktopFactory:
                         )
                 hostname = agent.host_name()
                 machine_id = agent.read_file("/etc/machine-id").decode().strip()
-                if hostname == expected.hostname and machine_id == expected.machine_id:
+                # The agent starts before udev: ready also means the NIC is there.
+                macs = set(agent.interfaces().values())
+                if (hostname, machine_id) == (expected.hostname, expected.machine_id) and (
+                        expected.mac in macs):
                     return
-                problem = (f"guest reports hostname {hostname!r} and machine-id "
-                           f"{machine_id!r}, expected {expected.hostname!r} and "
-                           f"{expected.machine_id!r}")
+                problem = (f"guest reports hostname {hostname!r}, machine-id {machine_id!r} "
+                           f"and MACs {sorted(macs)}; expected {expected.hostname!r}, "
+                           f"{expected.machine_id!r} and {expected.mac}")
             except (AgentUnavailable, DriverError) as exc:
                 problem = str(exc)  # marker not written yet, or the agent restarted
             if time.monotonic() > deadline:

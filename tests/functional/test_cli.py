@@ -27,6 +27,12 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
      "/nonexistent/disk.qcow2 does not exist"),
     (("desktop", "delete", "ghost"), "desktop 'ghost' does not exist"),
     (("desktop", "create", "x", "--pattern", "nope"), "naming pattern"),
+    (("pool", "create", "p", "--template", "t", "--min", "5", "--max", "2"),
+     "max (2) is below min (5)"),
+    (("pool", "create", "p", "--template", "t", "--spare", "4", "--max", "3"),
+     "spare (4) is above max (3)"),
+    (("pool", "create", "p", "--template", "nosuch"), "template 'nosuch' does not exist"),
+    (("pool", "rollback", "nosuch"), "pool 'nosuch' does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(
     tmp_path: Path, args: tuple[str, ...], needle: str

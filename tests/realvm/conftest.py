@@ -41,6 +41,25 @@ def real_ctx(
                                  recipe_hash=guest_image.recipe_hash)
     yield ctx
     ctx.close()
+    remove_pool_of(root / "pool")
+
+
+def remove_pool_of(storage_dir: Path) -> None:
+    """The libvirt storage pool a test made for its temporary directory, once it is done."""
+    import libvirt
+
+    from deskpool.drivers.libvirt import default_pool_name
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        pool = conn.storagePoolLookupByName(default_pool_name(storage_dir))
+        if pool.isActive():
+            pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass  # never made, or gone already
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")

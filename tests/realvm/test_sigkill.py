@@ -35,6 +35,7 @@ from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
 from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
 from tests.crash_invariants import check_invariants
+from tests.realvm.conftest import remove_pool_of
 
 pytestmark = pytest.mark.realvm
 SPARE, MAX, ROUNDS = 2, 4, 8
@@ -64,6 +65,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Settings, LibvirtDriver]]:
             if vm.metadata is not None and vm.name.startswith("kill-"):
                 driver.delete_vm(vm.vm_id)
         driver.close()
+        remove_pool_of(tmp_path / "pool")
 
 
 def _start_broker(settings: Settings) -> subprocess.Popen[bytes]:
