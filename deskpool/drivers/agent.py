@@ -151,13 +151,19 @@ class GuestAgent:
             if answer.get("eof") or not chunk:
                 return b"".join(chunks)
 
-    def set_time(self, time_ns: int | None = None) -> None:
-        """Set the guest's clock: to ``time_ns`` (ns since the epoch) when given, else from its
-        own hardware clock, as ``virsh domtime --sync`` does (needed after a memory restore)."""
-        self._call("guest-set-time", None if time_ns is None else {"time": time_ns})
+    def set_time(self, time_ns: int | None = None, *, from_hardware_clock: bool = False) -> None:
+        """Set the guest's clock (needed after a memory restore, a revert or a resume): to
+        ``time_ns`` (ns since the epoch), by default the host's time now. The agent then sets
+        it directly; ``from_hardware_clock`` has the guest run ``hwclock`` instead, as
+        ``virsh domtime --sync`` does, which takes about a second under TCG."""
+        if from_hardware_clock:
+            self._call("guest-set-time", None)
+        else:
+            self._call("guest-set-time", {"time": time.time_ns() if time_ns is None
+                                          else time_ns})
 
     def exec_capture(
-        self, argv: list[str], timeout_s: float = 30.0, poll_s: float = 0.2
+        self, argv: list[str], timeout_s: float = 30.0, poll_s: float = 0.05
     ) -> tuple[int, str, str]:
         """Run ``argv`` in the guest and wait for it: (exit code, stdout, stderr). A process
         killed by a signal gives the negative signal number, as ``subprocess`` does.

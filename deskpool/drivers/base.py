@@ -30,9 +30,9 @@ Rules that hold for every method:
 * **Saved guest state.** Three features keep a guest's memory, and every one leaves the guest's
   clock behind (it stood still while saved): internal snapshots (``create_snapshot``), managed
   save (``suspend_vm``, power state ``SAVED``) and instant clones (``capture_memory_state`` +
-  ``CloneMode.INSTANT``). Only ``create_vm`` of an instant clone resets the clock itself; after
-  ``revert_to_snapshot`` or a ``start_vm`` that resumes a saved VM the caller does that
-  (``GuestAgent.set_time``), with the identity work it does anyway.
+  ``CloneMode.INSTANT``). The caller sets the clock afterwards, with the identity work it does
+  anyway (``GuestAgent.set_time``, or the guest identity hook's clock argument, which skips
+  the RTC write that makes ``guest-set-time`` take about a second under TCG).
 """
 
 from __future__ import annotations
@@ -162,9 +162,8 @@ class HypervisorDriver(ABC):
           ``spec.mac`` on ``spec.network`` is plugged in (the guest sees it appear, as
           hot-plugged hardware; the template's was unplugged before its memory was saved,
           since a restored guest keeps the MAC it was saved with whatever its definition
-          says), and the guest's clock is set through its agent when the agent answers within
-          a few seconds (failing that is not an error). Hostname, machine-id and the rest of the
-          identity are the caller's work, through the agent; ``spec.identity_text``, when set,
+          says). The clock stays stale and, like hostname, machine-id and the rest of the
+          identity, is the caller's work, through the agent; ``spec.identity_text``, when set,
           goes into the definition for the VM's next cold boot only (the running guest read
           the template's at its boot), so a rebooted clone keeps its own identity. Everything
           else about the VM (vCPUs, memory, boot, console) is the template's: those fields of

@@ -34,8 +34,9 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.hosts import resolved_domain_type
 from deskpool.lifecycle.states import DesktopState, transition
-from deskpool.store.models import Desktop, Host, TemplateVersion
+from deskpool.store.models import Desktop, TemplateVersion
 
 Progress = Callable[[str], None]
 FACTORY_SNAPSHOT = "factory"
@@ -53,8 +54,8 @@ def apply_identity_through_agent(agent: GuestAgent, identity: DesktopIdentity,
     """Hand a restored instant clone its identity: write it into the guest and run the boot
     hook on that file (the hook that reads fw_cfg at a cold boot)."""
     agent.write_file(INSTANT_IDENTITY_PATH, identity.to_guest_text().encode())
-    code, _out, err = agent.exec_capture([GUEST_IDENTITY_HOOK, INSTANT_IDENTITY_PATH],
-                                         timeout_s=timeout_s)
+    code, _out, err = agent.exec_capture(
+        [GUEST_IDENTITY_HOOK, INSTANT_IDENTITY_PATH, f"{time.time():.6f}"], timeout_s=timeout_s)
     if code != 0:
         raise DriverError(f"the guest's identity hook failed ({code}): {err.strip()}")
 
@@ -111,10 +112,11 @@ class DesktopFactory:
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             host, tv = desktop.host, desktop.template_version
-            host_id, resolved_before = host.id, host.domain_type_resolved
+            host_id = host.id
             driver = self.ctx.driver_for(host)
             progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
-            domain_type = self._domain_type(host, driver, tv)
+            domain_type = resolved_domain_type(
+                self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
             driver.delete_vm(desktop_id)  # an interrupted earlier attempt's VM, if any
             if desktop.clone_mode is CloneMode.INSTANT:
                 state = uow.memory_states.find(tv.id, host.id)
@@ -135,8 +137,6 @@ class DesktopFactory:
                 if spec.seed_image is not None:  # the driver copied it into the host's storage
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         with self.ctx.uow() as uow:
-            if not resolved_before:
-                uow.hosts.get(host_id).domain_type_resolved = domain_type.value
             transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
                        DesktopState.CUSTOMIZING, task="boot")
             uow.commit()
@@ -177,14 +177,6 @@ class DesktopFactory:
                            if tv.customization is Customization.FWCFG else None),
             seed_image=seed,
         )
-
-    def _domain_type(
-        self, host: Host, driver: HypervisorDriver, tv: TemplateVersion
-    ) -> DomainType:
-        if host.domain_type_resolved:
-            return DomainType(host.domain_type_resolved)
-        kernel = Path(tv.kernel_path) if tv.kernel_path else None
-        return driver.resolve_domain_type(host.domain_type_requested, kernel)
 
     def make_ready(
         self, desktop_id: uuid.UUID, *, timeout_s: float = 240.0,
@@ -243,11 +235,12 @@ class DesktopFactory:
         progress("waiting for the guest agent")
         deadline = time.monotonic() + timeout_s
         agent.wait_until_ready(timeout_s)
-        with contextlib.suppress(DriverError):
-            # After a restore, a revert or a resume the guest's clock stood still meanwhile.
-            agent.set_time()
-        if instant:
-            progress("giving the instant clone its identity")
+        if not instant:
+            with contextlib.suppress(DriverError):
+                # After a revert or a resume the guest's clock stood still meanwhile.
+                agent.set_time()
+        else:
+            progress("giving the instant clone its identity and the time")
             apply_identity_through_agent(agent, expected)
         progress("confirming identity inside the guest")
         self._confirm_identity(agent, expected, customization, deadline)
@@ -281,7 +274,7 @@ class DesktopFactory:
                 problem = str(exc)  # marker not written yet, or the agent restarted
             if time.monotonic() > deadline:
                 raise AgentUnavailable(f"identity not confirmed in time: {problem}")
-            time.sleep(0.5)
+            time.sleep(0.1)  # each poll is a few agent calls; the guest is usually nearly there
 
     def discard(self, desktop_id: uuid.UUID) -> None:
         with self.ctx.uow() as uow:

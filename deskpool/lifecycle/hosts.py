@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import DomainType, HostState
+from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.views import HostView
@@ -21,6 +23,22 @@ def host_view(host: Host) -> HostView:
         domain_type=host.domain_type_resolved or host.domain_type_requested.value,
         storage_dir=host.storage_dir,
     )
+
+
+def resolved_domain_type(
+    ctx: ServiceContext, host_id: uuid.UUID, driver: HypervisorDriver, kernel: Path | None
+) -> DomainType:
+    """The domain type a host runs guests with, probed once (``auto``) and then recorded."""
+    with ctx.uow(read_only=True) as uow:
+        host = uow.hosts.get(host_id)
+        if host.domain_type_resolved:
+            return DomainType(host.domain_type_resolved)
+        requested = host.domain_type_requested
+    resolved = driver.resolve_domain_type(requested, kernel)
+    with ctx.uow() as uow:
+        uow.hosts.get(host_id).domain_type_resolved = resolved.value
+        uow.commit()
+    return resolved
 
 
 class HostService:

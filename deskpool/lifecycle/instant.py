@@ -26,6 +26,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import version_volume_names
+from deskpool.lifecycle.hosts import resolved_domain_type
 from deskpool.store.models import MemoryState, TemplateVersion
 
 
@@ -50,7 +51,9 @@ class InstantCloneService:
                     f"(customization fwcfg); {template!r} uses {tv.customization.value}")
             driver = self.ctx.driver_for(target)
             version_id, host_id = tv.id, target.id
-            spec = self._template_spec(driver, tv, target.domain_type_resolved, template)
+            domain_type = resolved_domain_type(
+                self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
+            spec = self._template_spec(driver, tv, domain_type, template)
         driver.create_vm(spec)
         try:
             driver.start_vm(spec.vm_id)
@@ -69,8 +72,8 @@ class InstantCloneService:
         return disk_volume, memory_volume
 
     @staticmethod
-    def _template_spec(driver: HypervisorDriver, tv: TemplateVersion, domain_type: str | None,
-                       template: str) -> VmSpec:
+    def _template_spec(driver: HypervisorDriver, tv: TemplateVersion,
+                       domain_type: DomainType, template: str) -> VmSpec:
         disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
         driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
         boot = None
@@ -81,13 +84,11 @@ class InstantCloneService:
         vm_id = uuid.uuid4()
         name = f"{template}-v{tv.number}-template"[:63]
         identity = DesktopIdentity(vm_id, name, new_mac(), new_machine_id())
-        resolved = DomainType(domain_type) if domain_type else driver.resolve_domain_type(
-            DomainType.AUTO, Path(tv.kernel_path) if tv.kernel_path else None)
         return VmSpec(
             vm_id=vm_id, name=f"{name}-{vm_id.hex[:6]}", base_volume=disk_vol,
             clone_mode=CloneMode.LINKED, mac=identity.mac,
             metadata=VmMetadata(vm_id, name, tv.id), vcpus=tv.vcpus,
-            memory_mib=tv.memory_mib, domain_type=resolved, direct_boot=boot,
+            memory_mib=tv.memory_mib, domain_type=domain_type, direct_boot=boot,
             identity_text=identity.to_guest_text(),
         )
 

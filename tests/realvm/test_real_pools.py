@@ -128,4 +128,6 @@ def test_instant_clone_desktops_each_have_their_own_hostname_and_mac(
         macs = {mac for name, mac in agent.interfaces().items() if name != "lo"}
         assert desktop.mac in macs
         seen_macs |= macs
+        guest_ns = int(driver.agent_command(desktop.id, "guest-get-time"))
+        assert abs(guest_ns - time.time_ns()) < 30e9  # the saved clock was set forward
     assert len(seen_macs) == 2

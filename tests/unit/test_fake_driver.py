@@ -526,7 +526,7 @@ def test_instant_clones_run_the_template_guest_with_their_own_mac(fake: FakeDriv
         assert agent.read_file("/run/template-was-here") == b"warm\n"  # its memory
         # The identity is still the template's: changing it is the caller's work.
         assert agent.read_file(GUEST_MARKER_PATH).decode() == template.identity_text
-        assert not fake.guest_clock_stale(spec.vm_id)  # create_vm set it
+        assert fake.guest_clock_stale(spec.vm_id)  # the caller sets it, with the identity
         defined = fake.defined_spec(spec.vm_id)
         assert defined is not None
         assert (defined.name, defined.mac, defined.metadata) == (

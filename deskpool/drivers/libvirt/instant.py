@@ -17,7 +17,7 @@ lock, lookups, volumes and error translation.
    template's MAC on the network, none waits for its guest to release a NIC, and the new
    NIC takes the free name ``eth0`` (the guest's network configuration names it). A saved
    state that still has a NIC (its guest did not let go of it) gets it unplugged per clone;
-5. the guest clock, which stood still since the save, set through the agent.
+5. (the guest clock stays stale: the caller sets it with the identity, see base.py).
 
 See shared/notes/virtualization-facts.md, "Instant clones".
 """
@@ -25,7 +25,6 @@ See shared/notes/virtualization-facts.md, "Instant clones".
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from contextlib import AbstractContextManager, suppress
 from dataclasses import replace
@@ -36,7 +35,6 @@ from urllib.parse import urlparse
 import libvirt
 
 from deskpool.domain.errors import (
-    AgentUnavailable,
     Conflict,
     DriverError,
     InvalidInput,
@@ -59,8 +57,6 @@ from deskpool.drivers.libvirt.save_image import (
 _BOTH = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
 _DEFINITION_FLAGS = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 # The restored agent answers within a second (facts file); a busy host gets a few more.
-_CLOCK_SYNC_WAIT_S = 5.0
-_CLOCK_SYNC_POLL_S = 0.2
 
 
 class InstantClonesMixin:
@@ -173,7 +169,6 @@ class InstantClonesMixin:
             with self._lock:
                 self._remove_leftovers(spec.vm_id)
             raise
-        self._sync_guest_clock(dom, spec.vm_id)
         with self._lock, self._translate(f"reading VM {spec.name}"):
             return self._record(dom)
 
@@ -224,25 +219,3 @@ class InstantClonesMixin:
                 unplugged.append(element)
         return unplugged
 
-    def _sync_guest_clock(self, dom: libvirt.virDomain, vm_id: uuid.UUID) -> None:
-        """Best effort: a guest whose agent is silent keeps its stale clock."""
-        try:
-            if not xml.agent_connected(dom.XMLDesc(0)):
-                return  # no agent had its channel open when the memory was saved
-        except libvirt.libvirtError:
-            return
-        deadline = time.monotonic() + _CLOCK_SYNC_WAIT_S
-        while True:
-            try:
-                # No time given: the guest reads its (current) RTC, as `virsh domtime --sync`.
-                self.agent_command(vm_id, "guest-set-time", None, 2)
-                return
-            except AgentUnavailable:
-                if time.monotonic() >= deadline:
-                    return
-                time.sleep(_CLOCK_SYNC_POLL_S)
-            except DriverError:
-                # The guest could not read its RTC (no hwclock): hand it the host's clock.
-                with suppress(DriverError):
-                    self.agent_command(vm_id, "guest-set-time", {"time": time.time_ns()}, 2)
-                return

@@ -20,7 +20,7 @@ QEMU_BINARY = "qemu-system-x86_64"
 _BOOTED_MARKERS = ("Kernel panic", "VFS: Unable to mount root")
 
 
-def kvm_boots_kernel(kernel: Path, *, timeout_s: float = 20.0) -> bool:
+def kvm_boots_kernel(kernel: Path, *, timeout_s: float = 12.0) -> bool:
     qemu = shutil.which(QEMU_BINARY)
     if qemu is None or not kernel.exists() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
