@@ -51,13 +51,14 @@ def populate(ctx: ServiceContext, total: int, disk: Path) -> None:
         PoolService(ctx).create(PoolSpec(
             name=f"pool{p}", template="golden", min_size=POOL_SIZE, max_size=POOL_SIZE,
             spare=0, naming_pattern=f"p{p}-{{n:04}}"))
+    taken_macs: set[str] = set()
     with ctx.uow() as uow:
         for pool in uow.pools.list():
             p = int(pool.name.removeprefix("pool"))
             for n in range(1, POOL_SIZE + 1):
                 row = DesktopFactory.new_row(name=f"p{p}-{n:04}", version_id=version_id,
                                              host_id=host_id, clone_mode=CloneMode.LINKED,
-                                             pool_id=pool.id)
+                                             taken_macs=taken_macs, pool_id=pool.id)
                 row.state = DesktopState.READY.value
                 row.power_state = PowerState.RUNNING
                 uow.session.add(row)

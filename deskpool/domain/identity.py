@@ -81,6 +81,10 @@ def new_machine_id() -> str:
     return uuid.uuid4().hex
 
 
-def new_mac() -> str:
-    tail = secrets.token_bytes(3)
-    return MAC_PREFIX + "".join(f":{b:02x}" for b in tail)
+def new_mac(taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """A random MAC under QEMU's prefix that is not in ``taken``. Only 24 bits are random, so
+    at thousands of desktops a blind draw would collide (about 3 pairs among 10,000)."""
+    while True:
+        mac = MAC_PREFIX + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+        if mac not in taken:
+            return mac

@@ -74,11 +74,14 @@ class DesktopFactory:
     @staticmethod
     def new_row(
         *, name: str, version_id: uuid.UUID, host_id: uuid.UUID, clone_mode: CloneMode,
-        pool_id: uuid.UUID | None = None,
+        taken_macs: set[str], pool_id: uuid.UUID | None = None,
     ) -> Desktop:
-        """A desktop row in ``provisioning`` with a fresh identity, for the caller to add."""
+        """A desktop row in ``provisioning`` with a fresh identity, for the caller to add.
+        ``taken_macs`` are the MACs in use; the new one is added to it."""
+        mac = new_mac(taken_macs)
+        taken_macs.add(mac)
         return Desktop(
-            id=uuid.uuid4(), name=name, hostname=name, mac=new_mac(),
+            id=uuid.uuid4(), name=name, hostname=name, mac=mac,
             machine_id=new_machine_id(), template_version_id=version_id,
             host_id=host_id, clone_mode=clone_mode, pool_id=pool_id,
             state=DesktopState.PROVISIONING.value, desired_state=DesktopState.READY.value,
@@ -92,7 +95,8 @@ class DesktopFactory:
         """Write the desktop's row, in ``provisioning``, with a fresh identity."""
         with self.ctx.uow() as uow:
             desktop = self.new_row(name=name, version_id=version_id, host_id=host_id,
-                                   clone_mode=clone_mode, pool_id=pool_id)
+                                   clone_mode=clone_mode, taken_macs=uow.desktops.macs(),
+                                   pool_id=pool_id)
             uow.desktops.add(desktop)
             uow.commit()
             return desktop.id

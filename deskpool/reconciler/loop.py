@@ -164,18 +164,19 @@ class Reconciler:
                         transition(uow.desktops, desktop_id, S.READY, S.RETIRING, task="retire")
                     except DeskpoolError:
                         continue  # claimed by a user meanwhile: it stays
+                taken_macs = uow.desktops.macs() if plan.create else set()
                 for _ in range(plan.create):
-                    self._insert_pool_desktop(uow, pool)
+                    self._insert_pool_desktop(uow, pool, taken_macs)
                     report.count("created")
                 uow.commit()
 
-    def _insert_pool_desktop(self, uow: UnitOfWork, pool: Pool) -> None:
+    def _insert_pool_desktop(self, uow: UnitOfWork, pool: Pool, taken_macs: set[str]) -> None:
         host = self._place(uow, pool)
         name = render(pool.naming_pattern,
                       first_free_number(pool.naming_pattern, uow.desktops.names()))
         desktop = self.factory.new_row(name=name, version_id=pool.current_version_id,
                                        host_id=host.id, clone_mode=pool.clone_mode,
-                                       pool_id=pool.id)
+                                       taken_macs=taken_macs, pool_id=pool.id)
         uow.desktops.add(desktop)
 
     @staticmethod

@@ -265,6 +265,10 @@ class DesktopRepository(_NamedRepository[Desktop]):
         """Every desktop name in use (to pick the next free name of a naming pattern)."""
         return set(self._session.scalars(select(Desktop.name)))
 
+    def macs(self) -> set[str]:
+        """Every MAC address in use (a new desktop draws one that is not)."""
+        return set(self._session.scalars(select(Desktop.mac)))
+
     def by_host(self, host_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(
             self._session.scalars(

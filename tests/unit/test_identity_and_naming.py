@@ -55,3 +55,12 @@ def test_pattern_renders_and_finds_first_gap() -> None:
 def test_bad_patterns_are_refused_with_the_pattern_named(pattern: str) -> None:
     with pytest.raises(InvalidInput, match="naming pattern"):
         validate_pattern(pattern)
+
+
+def test_new_mac_never_returns_a_taken_one() -> None:
+    taken: set[str] = set()
+    for _ in range(5000):
+        mac = new_mac(taken)
+        assert mac not in taken
+        taken.add(mac)
+    assert len(taken) == 5000
