@@ -85,6 +85,17 @@ def validate_snapshot_name(name: str) -> str:
     return name
 
 
+def check_instant_spec(spec: VmSpec) -> str:
+    """What every driver refuses in an instant-clone spec, before it makes anything. Returns
+    the memory state volume to restore."""
+    if spec.memory_state_volume is None:
+        raise InvalidInput(f"an instant clone needs a memory state: VM {spec.name} has no "
+                           "memory_state_volume")
+    if spec.seed_image is not None:
+        raise InvalidInput(f"an instant clone cannot have a seed image (VM {spec.name})")
+    return spec.memory_state_volume
+
+
 class HypervisorDriver(ABC):
     """One hypervisor host, reached at ``uri``."""
 

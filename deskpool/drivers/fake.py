@@ -57,6 +57,7 @@ from deskpool.domain.models import (
 )
 from deskpool.drivers.base import (
     HypervisorDriver,
+    check_instant_spec,
     memory_state_volume_name,
     owned_volume_names,
     root_volume_name,
@@ -290,17 +291,12 @@ class FakeDriver(HypervisorDriver):
         return vm.record()
 
     def _create_instant(self, spec: VmSpec) -> VmRecord:
-        if spec.memory_state_volume is None:
-            raise InvalidInput(f"an instant clone needs a memory state: VM {spec.name} has no "
-                               "memory_state_volume")
-        if spec.seed_image is not None:
-            raise InvalidInput(f"an instant clone cannot have a seed image (VM {spec.name})")
+        memory_volume = check_instant_spec(spec)
         if spec.domain_type is DomainType.AUTO:  # checked as for any VM; the template's is used
             raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
         self._refuse_duplicate(spec.vm_id, spec.name)
         base = self._volume(spec.base_volume, f"base volume {spec.base_volume}")
-        memory = self._volume(spec.memory_state_volume,
-                              f"memory state volume {spec.memory_state_volume}")
+        memory = self._volume(memory_volume, f"memory state volume {memory_volume}")
         for leftover in owned_volume_names(spec.vm_id):
             self._drop_volume(leftover)
         vm: FakeVm | None = None

@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,6 +66,20 @@ def version_volume_names(version: TemplateVersion) -> tuple[str, str, str]:
     stem = f"tv-{version.id}"
     disk_ext = Path(version.image_path).suffix or ".qcow2"
     return f"{stem}{disk_ext}", f"{stem}.vmlinuz", f"{stem}.initrd"
+
+
+def copy_version_to_host(
+    driver: HypervisorDriver, tv: TemplateVersion
+) -> tuple[str, DirectBoot | None]:
+    """Import the version's disk (checksummed) and, for direct boot, kernel and initrd into the
+    host's storage, once per host. Returns the disk volume and the boot settings."""
+    disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
+    driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
+    if not (tv.kernel_path and tv.initrd_path):
+        return disk_vol, None
+    driver.import_volume(kernel_vol, Path(tv.kernel_path))
+    driver.import_volume(initrd_vol, Path(tv.initrd_path))
+    return disk_vol, DirectBoot(kernel_vol, initrd_vol, tv.kernel_cmdline or "")
 
 
 class DesktopFactory:
@@ -152,17 +167,11 @@ class DesktopFactory:
         driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion, domain_type: DomainType
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
-        disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
-        driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
-        boot = None
-        if tv.kernel_path and tv.initrd_path:
-            driver.import_volume(kernel_vol, Path(tv.kernel_path))
-            driver.import_volume(initrd_vol, Path(tv.initrd_path))
-            cmdline = tv.kernel_cmdline or ""
-            if tv.customization is Customization.FWCFG:
-                # systemd adopts the id from PID 1's start, before any unit runs.
-                cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
-            boot = DirectBoot(kernel_vol, initrd_vol, cmdline)
+        disk_vol, boot = copy_version_to_host(driver, tv)
+        if boot is not None and tv.customization is Customization.FWCFG:
+            # systemd adopts the id from PID 1's start, before any unit runs.
+            boot = replace(boot, cmdline=f"{boot.cmdline} systemd.machine_id="
+                                         f"{desktop.machine_id}".strip())
         identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)
         seed = None
         if tv.customization is Customization.CLOUD_INIT:

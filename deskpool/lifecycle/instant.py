@@ -17,7 +17,6 @@ from deskpool.domain.identity import DesktopIdentity, new_mac, new_machine_id
 from deskpool.domain.models import (
     CloneMode,
     Customization,
-    DirectBoot,
     DomainType,
     VmMetadata,
     VmSpec,
@@ -25,7 +24,7 @@ from deskpool.domain.models import (
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import version_volume_names
+from deskpool.lifecycle.factory import copy_version_to_host
 from deskpool.lifecycle.hosts import resolved_domain_type
 from deskpool.store.models import MemoryState, TemplateVersion
 
@@ -74,13 +73,7 @@ class InstantCloneService:
     @staticmethod
     def _template_spec(driver: HypervisorDriver, tv: TemplateVersion,
                        domain_type: DomainType, template: str) -> VmSpec:
-        disk_vol, kernel_vol, initrd_vol = version_volume_names(tv)
-        driver.import_volume(disk_vol, Path(tv.image_path), tv.image_sha256)
-        boot = None
-        if tv.kernel_path and tv.initrd_path:
-            driver.import_volume(kernel_vol, Path(tv.kernel_path))
-            driver.import_volume(initrd_vol, Path(tv.initrd_path))
-            boot = DirectBoot(kernel_vol, initrd_vol, tv.kernel_cmdline or "")
+        disk_vol, boot = copy_version_to_host(driver, tv)
         vm_id = uuid.uuid4()
         name = f"{template}-v{tv.number}-template"[:63]
         identity = DesktopIdentity(vm_id, name, new_mac(), new_machine_id())

@@ -37,11 +37,11 @@ import libvirt
 from deskpool.domain.errors import (
     Conflict,
     DriverError,
-    InvalidInput,
     NotFound,
 )
 from deskpool.domain.models import CloneMode, VmRecord, VmSpec
 from deskpool.drivers.base import (
+    check_instant_spec,
     memory_state_volume_name,
     owned_volume_names,
     root_volume_name,
@@ -137,11 +137,7 @@ class InstantClonesMixin:
     # --- clone ---------------------------------------------------------------------------------
 
     def _create_instant(self, spec: VmSpec) -> VmRecord:
-        if spec.memory_state_volume is None:
-            raise InvalidInput(f"an instant clone needs a memory state: VM {spec.name} has no "
-                               "memory_state_volume")
-        if spec.seed_image is not None:
-            raise InvalidInput(f"an instant clone cannot have a seed image (VM {spec.name})")
+        memory_volume = check_instant_spec(spec)
         why_not = self._instant_unsupported()
         if why_not is not None:
             raise DriverError(f"instant clones are not supported by this hypervisor "
@@ -153,7 +149,7 @@ class InstantClonesMixin:
             base = self._volume(spec.base_volume)
             if base is None:
                 raise NotFound(f"base volume {spec.base_volume} is not on host {self.uri}")
-            memory = self._volume(spec.memory_state_volume)
+            memory = self._volume(memory_volume)
             if memory is None:
                 raise NotFound(f"memory state volume {spec.memory_state_volume} is not on host "
                                f"{self.uri}")
