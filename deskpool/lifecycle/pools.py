@@ -151,7 +151,13 @@ class PoolService:
             pool = uow.pools.get_by_name(name)
             desktops = uow.pools.desktops(pool.id)
             for desktop in desktops:
-                if desktop.assigned_user == user and desktop.state in HELD:
+                if desktop.assigned_user != user:
+                    continue
+                if desktop.state in HELD:
+                    return desktop.id  # reconnect
+                if desktop.state == S.READY.value:  # a dedicated desktop, waiting for its user
+                    transition(uow.desktops, desktop.id, S.READY, S.RESERVED)
+                    uow.commit()
                     return desktop.id
             free = [d for d in desktops if d.state == S.READY.value and d.assigned_user is None
                     and d.template_version_id == pool.current_version_id]

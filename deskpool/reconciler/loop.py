@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, NotFound
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.domain.naming import first_free_number, render
-from deskpool.domain.pools import PowerPolicy
+from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
@@ -286,7 +286,9 @@ class Reconciler:
         with self.ctx.uow() as uow:
             transition(uow.desktops, desktop_id, S.RECYCLING, S.READY)
             desktop = uow.desktops.get(desktop_id)
-            desktop.assigned_user = None
+            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
+            if pool is None or pool.assignment is not Assignment.DEDICATED:
+                desktop.assigned_user = None  # floating: back to anyone
             desktop.retry_count = 0
             desktop.next_attempt_at = None
             uow.commit()

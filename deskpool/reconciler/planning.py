@@ -67,7 +67,8 @@ def plan_pool(
             plan.reasons.append(f"max age: retiring {len(aged)} desktops")
 
     remaining = len(live) - len(plan.retire)
-    held = sum(1 for d in live if d.state in HELD)
+    # A dedicated desktop stays its user's between sessions: held even while it waits, ready.
+    held = sum(1 for d in live if d.state in HELD or d.assigned)
     desired = spec.desired_total(held)
     if remaining + plan.create < desired:
         missing = desired - remaining - plan.create

@@ -14,7 +14,7 @@ import pytest
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput, NotFound
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
-from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
@@ -244,3 +244,22 @@ def test_bad_pools_are_refused_and_nothing_is_stored(ctx: ServiceContext) -> Non
     with pytest.raises(NotFound, match="nosuch"):
         pools.create(PoolSpec("p", "nosuch"))
     assert pools.list() == []
+
+
+def test_dedicated_desktop_stays_with_its_user_across_sessions(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    make_pool(ctx, spare=1, kind=PoolKind.STATEFUL, assignment=Assignment.DEDICATED,
+              on_logout=OnLogout.RECYCLE_AS_IS)
+    reconciler.run_pass()
+    pools = PoolService(ctx)
+    mine = pools.claim("lab", "alice")
+    pools.connect(mine)
+    GuestAgent(fake, mine).write_file("/home/alice/notes.txt", b"keep me")
+    pools.release(mine)
+    reconciler.run_pass()  # back to ready, still alice's; a new spare is made for others
+    reconciler.run_pass()
+    other = pools.claim("lab", "bob")
+    assert other != mine
+    assert pools.claim("lab", "alice") == mine
+    assert GuestAgent(fake, mine).read_file("/home/alice/notes.txt") == b"keep me"

@@ -92,3 +92,9 @@ def test_bad_pool_specs_are_refused_naming_the_field(fields: dict[str, object],
                                                      message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         spec(**fields)
+
+
+def test_dedicated_desktops_waiting_for_their_users_are_not_spare() -> None:
+    waiting = [desk(assigned=True) for _ in range(3)]
+    plan = plan_pool(spec(spare=1), V1, waiting, NOW)
+    assert plan.create == 1 and plan.retire == []
