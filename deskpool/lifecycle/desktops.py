@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import uuid
 
-from deskpool.domain.errors import Conflict, NotFound
+from deskpool.domain.errors import Conflict
 from deskpool.domain.identity import validate_hostname
-from deskpool.domain.models import CloneMode, ConsoleAddress, HostState
+from deskpool.domain.models import CloneMode, ConsoleAddress
 from deskpool.domain.naming import first_free_number, render, validate_pattern
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import DesktopFactory, Progress, no_progress
+from deskpool.lifecycle.hosts import place_desktop
 from deskpool.lifecycle.states import DesktopState, transition
 from deskpool.lifecycle.views import DesktopView
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host
+from deskpool.store.models import Desktop
 
 DEFAULT_PATTERN = "desktop-{n:03}"
 
@@ -66,7 +67,8 @@ class DesktopService:
             tmpl = uow.templates.get_by_name(template)
             tv = (uow.versions.get_by_number(tmpl.id, version) if version is not None
                   else uow.versions.latest(tmpl.id))
-            target_host = self._pick_host(uow, host_name)
+            target_host = (uow.hosts.get_by_name(host_name) if host_name is not None
+                           else place_desktop(uow, pinned=None, what="a new desktop"))
             taken = uow.desktops.names()
             if name is None:
                 name = render(pattern, first_free_number(pattern, taken))
@@ -76,21 +78,6 @@ class DesktopService:
         # A concurrent create of the same name loses at the unique constraint (Conflict).
         return self.factory.insert(name=name, version_id=version_id, host_id=host_id,
                                    clone_mode=clone_mode)
-
-    @staticmethod
-    def _pick_host(uow: UnitOfWork, host_name: str | None) -> Host:
-        if host_name is not None:
-            return uow.hosts.get_by_name(host_name)
-        enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
-        if not enabled:
-            raise NotFound("no enabled host is registered: add one with 'deskpool host add'")
-        # Placement proper comes with the scheduler; until then the emptiest enabled host.
-        counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
-        return min(enabled, key=lambda h: (counts[h.id], h.name))
-
-    # --- readiness -------------------------------------------------------------------------
-
-    # --- read / delete ---------------------------------------------------------------------
 
     def wait_ready(self, desktop_id: uuid.UUID, *, timeout_s: float = 240.0) -> None:
         self.factory.make_ready(desktop_id, timeout_s=timeout_s)

@@ -6,12 +6,13 @@ import re
 import uuid
 from pathlib import Path
 
-from deskpool.domain.errors import Conflict, InvalidInput
+from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import DomainType, HostState
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.views import HostView
+from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Host
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -39,6 +40,18 @@ def resolved_domain_type(
         uow.hosts.get(host_id).domain_type_resolved = resolved.value
         uow.commit()
     return resolved
+
+
+def place_desktop(uow: UnitOfWork, *, pinned: uuid.UUID | None, what: str) -> Host:
+    """The host a new desktop goes to: the pinned one, else the enabled host with the fewest
+    desktops (placement by capacity comes with the scheduler)."""
+    if pinned is not None:
+        return uow.hosts.get(pinned)
+    enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
+    if not enabled:
+        raise NotFound(f"{what} has no enabled host to go to: add one with 'deskpool host add'")
+    counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
+    return min(enabled, key=lambda h: (counts[h.id], h.name))
 
 
 class HostService:

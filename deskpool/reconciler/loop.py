@@ -25,6 +25,7 @@ from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.lifecycle.hosts import place_desktop
 from deskpool.lifecycle.pools import pool_spec
 from deskpool.lifecycle.states import DesktopState, transition
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
@@ -171,23 +172,13 @@ class Reconciler:
                 uow.commit()
 
     def _insert_pool_desktop(self, uow: UnitOfWork, pool: Pool, taken_macs: set[str]) -> None:
-        host = self._place(uow, pool)
+        host = place_desktop(uow, pinned=pool.host_id, what=f"pool {pool.name!r}")
         name = render(pool.naming_pattern,
                       first_free_number(pool.naming_pattern, uow.desktops.names()))
         desktop = self.factory.new_row(name=name, version_id=pool.current_version_id,
                                        host_id=host.id, clone_mode=pool.clone_mode,
                                        taken_macs=taken_macs, pool_id=pool.id)
         uow.desktops.add(desktop)
-
-    @staticmethod
-    def _place(uow: UnitOfWork, pool: Pool) -> Host:
-        if pool.host_id is not None:
-            return uow.hosts.get(pool.host_id)
-        enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
-        if not enabled:
-            raise NotFound(f"pool {pool.name!r} has no enabled host to place desktops on")
-        counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
-        return min(enabled, key=lambda h: (counts[h.id], h.name))
 
     # --- 3. actions ------------------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable
+from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, VmNotFound
 from deskpool.domain.identity import new_mac
-from deskpool.domain.models import CloneMode, VmMetadata, VmSpec
-from deskpool.drivers.base import HypervisorDriver
+from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
+from deskpool.drivers.base import HypervisorDriver, owned_volume_names
 from deskpool.drivers.fake import FakeDriver
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
@@ -246,3 +246,22 @@ def env(
     )
     request.node.contract_env = contract_env  # the driver fixture's teardown reads it
     return contract_env
+
+
+def assert_nothing_left(driver: HypervisorDriver, spec: VmSpec, *, name_free: bool = True) -> None:
+    """The "no half-made VMs" rule: no definition, no volume named after the VM."""
+    with pytest.raises(VmNotFound):
+        driver.get_vm(spec.vm_id)
+    assert spec.vm_id not in {vm.vm_id for vm in driver.list_vms()}
+    if name_free:
+        assert spec.name not in {vm.name for vm in driver.list_vms()}
+    assert not set(owned_volume_names(spec.vm_id)) & set(driver.list_volumes())
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def power_of(driver: HypervisorDriver, vm_id: uuid.UUID) -> PowerState:
+    return driver.get_vm(vm_id).power_state
