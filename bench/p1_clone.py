@@ -55,6 +55,7 @@ def main() -> None:
             for vm_id in made:
                 driver.delete_vm(vm_id)
             driver.delete_volume("base.qcow2")
+            driver.forget_storage_pool()
             driver.close()
     n = args.n
     print(f"base image {image.disk.stat().st_size / 2**20:.0f} MiB, {n} clones of each kind")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from deskpool.config import Settings
 from deskpool.domain.models import CloneMode
+from deskpool.drivers.libvirt import LibvirtDriver
 from deskpool.images.builder import build_guest_image
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.desktops import DesktopService
@@ -62,6 +63,9 @@ def main() -> None:
             for desktop in desktops.list():
                 desktops.delete(str(desktop.id))
             InstantCloneService(ctx).forget("bench", host="local")
+            driver = ctx.driver_for_name("local")
+            if isinstance(driver, LibvirtDriver):
+                driver.forget_storage_pool()
             ctx.close()
     print("cold:    " + " ".join(f"{t:.2f}" for t in cold))
     print("instant: " + " ".join(f"{t:.2f}" for t in instant))

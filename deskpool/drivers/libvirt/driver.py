@@ -466,6 +466,14 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             raise AgentUnavailable(f"guest agent of VM {vm_id} gave no answer to {command}")
         return json.loads(answer).get("return")
 
+    def forget_storage_pool(self) -> None:
+        """Stop and undefine this host's deskpool storage pool (its directory is left alone),
+        for hosts or benchmarks that are done with it."""
+        with self._lock, suppress(libvirt.libvirtError):
+            if self._pool.isActive():
+                self._pool.destroy()
+            self._pool.undefine()
+
     def close(self) -> None:
         with suppress(libvirt.libvirtError):
             self._conn.close()
