@@ -9,7 +9,7 @@ from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.desktops import DesktopService
 from deskpool.lifecycle.pools import PoolService
-from deskpool.reconciler.loop import HAS_VM
+from deskpool.lifecycle.states import HAS_VM_STATES
 
 
 def check_invariants(settings: Settings, driver: HypervisorDriver, users: dict[str, uuid.UUID],
@@ -22,7 +22,7 @@ def check_invariants(settings: Settings, driver: HypervisorDriver, users: dict[s
         ours = {vm.vm_id for vm in driver.list_vms() if vm.metadata is not None}
         assert ours <= set(rows), f"VMs unknown to the database: {ours - set(rows)}"
         for row in rows.values():
-            if row.state in HAS_VM:
+            if row.state in HAS_VM_STATES:
                 assert row.id in ours, f"{row.name} is {row.state} but has no VM"
         for user, desktop_id in users.items():
             assert desktop_id in rows, f"{user}'s desktop was lost"

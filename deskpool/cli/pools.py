@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Annotated
 
@@ -101,10 +102,5 @@ def reconcile(
         if not loop:
             _print_report(reconciler.run_pass())
             return
-        stop = threading.Event()
-        try:
-            while not stop.is_set():
-                _print_report(reconciler.run_pass())
-                stop.wait(interval)
-        except KeyboardInterrupt:
-            stop.set()
+        with contextlib.suppress(KeyboardInterrupt):
+            reconciler.run_forever(threading.Event(), interval, on_report=_print_report)

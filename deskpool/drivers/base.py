@@ -100,6 +100,8 @@ class HypervisorDriver(ABC):
     """One hypervisor host, reached at ``uri``."""
 
     uri: str
+    # Where the host keeps deskpool's volumes, when the hypervisor has such a path.
+    storage_dir: Path | None = None
 
     # --- host ---------------------------------------------------------------------------
 

@@ -28,6 +28,13 @@ def open_driver(uri: str, *, storage_dir: Path | None = None) -> HypervisorDrive
     return LibvirtDriver(uri, storage_dir=storage_dir)
 
 
+def release_driver(driver: HypervisorDriver) -> None:
+    """Close a driver ``open_driver`` gave, unless it is a shared fake host (closing that one
+    would end the fake hypervisor for everybody in the process)."""
+    if driver not in _fakes.values():
+        driver.close()
+
+
 def forget_fake_hosts() -> None:
     """Tests: drop every fake host so the next test starts empty."""
     with _fakes_lock:

@@ -9,7 +9,7 @@ from pathlib import Path
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import DomainType, HostState
 from deskpool.drivers.base import HypervisorDriver
-from deskpool.drivers.registry import open_driver
+from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.views import HostView
 from deskpool.store.db import UnitOfWork
@@ -72,16 +72,11 @@ class HostService:
                 raise Conflict(f"a host named {name!r} already exists")
         driver = open_driver(uri, storage_dir=storage_dir)  # HypervisorUnreachable on a bad URI
         try:
-            offered = driver.capacity().domain_types
-            if domain_type is not DomainType.AUTO and domain_type.value not in offered:
-                raise InvalidInput(
-                    f"host {uri} does not offer domain type {domain_type.value!r} "
-                    f"(it offers: {', '.join(offered) or 'none'})"
-                )
-            resolved_storage = getattr(driver, "storage_dir", storage_dir)
+            if domain_type is not DomainType.AUTO:
+                driver.resolve_domain_type(domain_type, None)  # InvalidInput if not offered
+            resolved_storage = driver.storage_dir or storage_dir
         finally:
-            if not uri.startswith("fake://"):
-                driver.close()
+            release_driver(driver)
         with self.ctx.uow() as uow:
             host = Host(
                 name=name, uri=uri, state=HostState.ENABLED,

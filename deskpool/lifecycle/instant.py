@@ -108,5 +108,5 @@ class InstantCloneService:
             driver = self.ctx.driver_for(target)
             driver.delete_volume(state.memory_volume)
             driver.delete_volume(state.disk_volume)
-            uow.session.delete(state)
+            uow.memory_states.delete(state)
             uow.commit()

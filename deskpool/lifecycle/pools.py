@@ -11,13 +11,11 @@ from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import OnLogout, PoolSpec
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Pool
 
 S = DesktopState
-HELD = frozenset({S.RESERVED.value, S.IN_USE.value, S.IDLE.value})
-GONE = frozenset({S.RETIRING.value, S.RETIRED.value, S.DELETING.value})
 
 
 @dataclass(frozen=True)
@@ -153,7 +151,7 @@ class PoolService:
             for desktop in desktops:
                 if desktop.assigned_user != user:
                     continue
-                if desktop.state in HELD:
+                if desktop.state in HELD_STATES:
                     return desktop.id  # reconnect
                 if desktop.state == S.READY.value:  # a dedicated desktop, waiting for its user
                     transition(uow.desktops, desktop.id, S.READY, S.RESERVED)

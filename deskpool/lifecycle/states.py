@@ -47,6 +47,12 @@ TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
 }
 
 
+# Groups of states other layers reason about, kept beside the table they come from.
+HELD_STATES = frozenset({S.RESERVED.value, S.IN_USE.value, S.IDLE.value})  # a user has it
+HAS_VM_STATES = frozenset({S.CUSTOMIZING.value, S.READY.value, S.RECYCLING.value}) | HELD_STATES
+NOT_LIVE_STATES = frozenset({S.RETIRING.value, S.RETIRED.value, S.DELETING.value, S.ERROR.value})
+
+
 def check_transition(old: DesktopState, new: DesktopState) -> None:
     if new not in TRANSITIONS[old]:
         raise InvalidTransition(f"a desktop cannot go from {old.value} to {new.value}")

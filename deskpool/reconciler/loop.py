@@ -27,16 +27,13 @@ from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
 from deskpool.lifecycle.hosts import place_desktop
 from deskpool.lifecycle.pools import pool_spec
-from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, Pool
 
 log = logging.getLogger(__name__)
 S = DesktopState
-# States in which the desktop's VM must exist on its host.
-HAS_VM = frozenset({S.CUSTOMIZING.value, S.READY.value, S.RESERVED.value, S.IN_USE.value,
-                    S.IDLE.value, S.RECYCLING.value})
 MAX_BACKOFF = timedelta(minutes=10)
 
 
@@ -94,12 +91,18 @@ class Reconciler:
             list(pool.map(lambda act: act(), actions))
         return report
 
-    def run_forever(self, stop: threading.Event, interval_s: float = 10.0) -> None:
+    def run_forever(
+        self, stop: threading.Event, interval_s: float = 10.0,
+        on_report: Callable[[PassReport], None] | None = None,
+    ) -> None:
+        """Run passes until ``stop`` is set; ``on_report`` sees each pass's report."""
         while not stop.is_set():
             try:
                 report = self.run_pass()
                 if report.errors:
                     log.warning("reconcile pass: %s", "; ".join(report.errors))
+                if on_report is not None:
+                    on_report(report)
             except Exception:  # one bad pass must not end the loop
                 log.exception("reconcile pass failed")
             stop.wait(interval_s)
@@ -132,7 +135,7 @@ class Reconciler:
         for desktop in desktops.values():
             found = records.get(desktop.id)
             if found is None:
-                if desktop.state in HAS_VM:
+                if desktop.state in HAS_VM_STATES:
                     self._fail(desktop.id, S(desktop.state),
                                f"its VM vanished from host {host.name}")
                     report.count("vanished")

@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from deskpool.domain.pools import PoolSpec
-from deskpool.lifecycle.states import DesktopState
+from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState
 
 S = DesktopState
-HELD = frozenset({S.RESERVED.value, S.IN_USE.value, S.IDLE.value})
-ON_THE_WAY = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
-NOT_LIVE = frozenset({S.RETIRING.value, S.RETIRED.value, S.DELETING.value, S.ERROR.value})
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ def plan_pool(
     spec: PoolSpec, current_version: uuid.UUID, desktops: list[DesktopFacts], now: datetime
 ) -> PoolPlan:
     plan = PoolPlan()
-    live = [d for d in desktops if d.state not in NOT_LIVE]
+    live = [d for d in desktops if d.state not in NOT_LIVE_STATES]
     free_ready = [d for d in live if d.state == S.READY.value and not d.assigned]
 
     # Template rollout: free desktops of another version go, once ``canary`` new ones are ready.
@@ -68,7 +65,7 @@ def plan_pool(
 
     remaining = len(live) - len(plan.retire)
     # A dedicated desktop stays its user's between sessions: held even while it waits, ready.
-    held = sum(1 for d in live if d.state in HELD or d.assigned)
+    held = sum(1 for d in live if d.state in HELD_STATES or d.assigned)
     desired = spec.desired_total(held)
     if remaining + plan.create < desired:
         missing = desired - remaining - plan.create

@@ -62,7 +62,6 @@ _DEFINITION_FLAGS = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SEC
 class InstantClonesMixin:
     if TYPE_CHECKING:  # provided by LibvirtDriver
         uri: str
-        storage_dir: Path
         _conn: libvirt.virConnect
         _pool: libvirt.virStoragePool
         _lock: threading.RLock
