@@ -30,7 +30,8 @@ from deskpool.lifecycle.pools import pool_spec
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, Pool
+from deskpool.store.models import Host, Pool
+from deskpool.store.repositories import DesktopSummary
 
 log = logging.getLogger(__name__)
 S = DesktopState
@@ -120,11 +121,11 @@ class Reconciler:
                     report.error(f"host {host.name}: {exc}")
                     continue
                 reachable.add(host.id)
-                desktops = {d.id: d for d in uow.desktops.by_host(host.id)}
+                desktops = {d.id: d for d in uow.desktops.summaries(host_id=host.id)}
                 self._sync_one_host(host, desktops, records, report)
         return reachable
 
-    def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, Desktop],
+    def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, DesktopSummary],
                        records: dict[uuid.UUID, VmRecord], report: PassReport) -> None:
         driver = self.ctx.driver_for(host)
         for vm_id, record in records.items():
@@ -157,7 +158,7 @@ class Reconciler:
         for pool_id in pool_ids:
             with self.ctx.uow() as uow:
                 pool = uow.pools.get(pool_id)
-                desktops = uow.pools.desktops(pool.id)
+                desktops = uow.desktops.summaries(pool_id=pool.id)
                 facts = [DesktopFacts(d.id, d.state, d.template_version_id,
                                       d.assigned_user is not None, d.created_at)
                          for d in desktops]
@@ -192,7 +193,7 @@ class Reconciler:
             pools = {p.id: p.power_policy for p in uow.pools.list()}
             drivers = {h.id: self.ctx.driver_for(h) for h in uow.hosts.list()
                        if h.id in reachable}
-            for desktop in uow.desktops.list():
+            for desktop in uow.desktops.summaries():
                 if desktop.host_id not in reachable:
                     continue  # its host is away: nothing can be done, nothing is deleted
                 if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
@@ -203,7 +204,7 @@ class Reconciler:
                     actions.append(action)
         return actions
 
-    def _action_for(self, desktop: Desktop, policy: PowerPolicy | None,
+    def _action_for(self, desktop: DesktopSummary, policy: PowerPolicy | None,
                     driver: HypervisorDriver, report: PassReport) -> Action | None:
         d_id, host_id, state = desktop.id, desktop.host_id, desktop.state
         if state == S.PROVISIONING.value:
