@@ -42,3 +42,15 @@ class AgentUnavailable(DriverError):
 
 class ImageBuildError(DeskpoolError):
     """Building or importing a guest image failed."""
+
+
+class AuthenticationFailed(DeskpoolError):
+    """Wrong user name or password, or an expired / revoked session or token."""
+
+
+class Forbidden(DeskpoolError):
+    """An authenticated user asked for something they are not entitled to."""
+
+
+class Unavailable(DeskpoolError):
+    """A service deskpool depends on (a directory server, a host) did not answer in time."""

@@ -47,6 +47,9 @@ class PoolSpec:
     max_age_s: int | None = None
     power_policy: PowerPolicy = PowerPolicy.RUNNING
     canary: int = 0  # new-version desktops that must be ready before old free ones retire
+    reservation_timeout_s: int = 300  # a reservation never connected to is released after
+    idle_timeout_s: int | None = None  # a session idle this long is logged off
+    disconnect_timeout_s: int | None = 1800  # a disconnected session can be resumed this long
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -66,6 +69,11 @@ class PoolSpec:
             )
         if self.max_age_s is not None and self.max_age_s <= 0:
             raise InvalidInput(f"pool {self.name!r}: max age must be positive seconds")
+        for label, seconds in (("reservation timeout", self.reservation_timeout_s),
+                               ("idle timeout", self.idle_timeout_s),
+                               ("disconnect timeout", self.disconnect_timeout_s)):
+            if seconds is not None and seconds <= 0:
+                raise InvalidInput(f"pool {self.name!r}: {label} must be positive seconds")
         if self.kind is PoolKind.STATEFUL and self.on_logout is OnLogout.RECYCLE_REVERT:
             raise InvalidInput(
                 f"pool {self.name!r}: a stateful pool keeps users' changes, so it cannot "

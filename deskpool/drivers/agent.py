@@ -95,6 +95,19 @@ class GuestAgent:
             raise self._malformed("guest-get-host-name", name)
         return name
 
+    def users(self) -> list[str]:
+        """Users logged in to the guest (``guest-get-users``), each named once."""
+        answer = self._call("guest-get-users")
+        if not isinstance(answer, list):
+            raise self._malformed("guest-get-users", answer)
+        names: list[str] = []
+        for entry in answer:
+            if not isinstance(entry, dict) or not isinstance(entry.get("user"), str):
+                raise self._malformed("guest-get-users", entry)
+            if entry["user"] not in names:
+                names.append(entry["user"])
+        return names
+
     def interfaces(self) -> dict[str, str]:
         """Network interface name -> MAC address (lowercase); interfaces without one are left
         out."""

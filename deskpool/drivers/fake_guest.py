@@ -66,6 +66,7 @@ class FakeGuest:
         self.time_ns: int | None = None
         # True for a guest restored from saved memory until guest-set-time runs.
         self.clock_stale = clock_stale
+        self.users: list[str] = []  # who is logged in to the guest's desktop
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "guest-ping": lambda _args: {},
             "guest-get-host-name": lambda _args: {"host-name": self._hostname()},
@@ -78,6 +79,8 @@ class FakeGuest:
             "guest-exec": self._exec,
             "guest-exec-status": self._exec_status,
             "guest-set-time": self._set_time,
+            "guest-get-users": lambda _args: [
+                {"user": user, "login-time": 1.0} for user in self.users],
         }
 
     @classmethod

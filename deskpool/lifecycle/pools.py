@@ -9,8 +9,11 @@ from dataclasses import dataclass, replace
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import CloneMode
+from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolSpec
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.factory import DesktopFactory
+from deskpool.lifecycle.hosts import place_desktop
 from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Pool
@@ -41,6 +44,8 @@ def pool_spec(pool: Pool) -> PoolSpec:
         naming_pattern=pool.naming_pattern, clone_mode=pool.clone_mode.value,
         on_logout=pool.on_logout, one_time=pool.one_time, max_age_s=pool.max_age_s,
         power_policy=pool.power_policy, canary=pool.canary,
+        reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
+        disconnect_timeout_s=pool.disconnect_timeout_s,
     )
 
 
@@ -85,6 +90,9 @@ class PoolService:
                 naming_pattern=spec.naming_pattern, clone_mode=CloneMode(spec.clone_mode),
                 on_logout=spec.on_logout, one_time=spec.one_time, max_age_s=spec.max_age_s,
                 power_policy=spec.power_policy, canary=spec.canary,
+                reservation_timeout_s=spec.reservation_timeout_s,
+                idle_timeout_s=spec.idle_timeout_s,
+                disconnect_timeout_s=spec.disconnect_timeout_s,
                 current_version_id=version.id, host_id=pinned.id if pinned else None,
             )
             uow.pools.add(pool)
@@ -187,6 +195,21 @@ class PoolService:
             desktop.sessions_served += 1
             uow.commit()
             return new.value
+
+
+def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
+                        taken_macs: set[str], *, assigned_user: str | None = None) -> Desktop:
+    """A new desktop row for the pool (provisioning); the reconciler builds it. Given an
+    ``assigned_user``, it is made for that user, who gets it once it is ready."""
+    host = place_desktop(uow, pinned=pool.host_id, what=f"pool {pool.name!r}")
+    name = render(pool.naming_pattern,
+                  first_free_number(pool.naming_pattern, uow.desktops.names()))
+    desktop = factory.new_row(name=name, version_id=pool.current_version_id, host_id=host.id,
+                              clone_mode=pool.clone_mode, taken_macs=taken_macs,
+                              pool_id=pool.id)
+    desktop.assigned_user = assigned_user
+    uow.desktops.add(desktop)
+    return desktop
 
 
 def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, str | None]:

@@ -20,17 +20,14 @@ from datetime import UTC, datetime, timedelta
 
 from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, NotFound
 from deskpool.domain.models import HostState, PowerState, VmRecord
-from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
-from deskpool.lifecycle.hosts import place_desktop
-from deskpool.lifecycle.pools import pool_spec
+from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
-from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Host, Pool
+from deskpool.store.models import Host
 from deskpool.store.repositories import DesktopSummary
 
 log = logging.getLogger(__name__)
@@ -171,18 +168,9 @@ class Reconciler:
                         continue  # claimed by a user meanwhile: it stays
                 taken_macs = uow.desktops.macs() if plan.create else set()
                 for _ in range(plan.create):
-                    self._insert_pool_desktop(uow, pool, taken_macs)
+                    insert_pool_desktop(uow, self.factory, pool, taken_macs)
                     report.count("created")
                 uow.commit()
-
-    def _insert_pool_desktop(self, uow: UnitOfWork, pool: Pool, taken_macs: set[str]) -> None:
-        host = place_desktop(uow, pinned=pool.host_id, what=f"pool {pool.name!r}")
-        name = render(pool.naming_pattern,
-                      first_free_number(pool.naming_pattern, uow.desktops.names()))
-        desktop = self.factory.new_row(name=name, version_id=pool.current_version_id,
-                                       host_id=host.id, clone_mode=pool.clone_mode,
-                                       taken_macs=taken_macs, pool_id=pool.id)
-        uow.desktops.add(desktop)
 
     # --- 3. actions ------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ May import only ``deskpool.domain``, ``deskpool.config``, SQLAlchemy, Alembic an
 library.
 """
 
+from deskpool.store import access_models as access_models  # registers the broker tables
 from deskpool.store.db import (
     UnitOfWork,
     alembic_config,

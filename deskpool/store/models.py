@@ -37,6 +37,7 @@ from sqlalchemy import (
     Uuid,
     event,
     select,
+    text,
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
@@ -56,6 +57,8 @@ NAMING_CONVENTION = {
 }
 
 STATE_LENGTH = 32
+# The states in which a user holds a desktop (``deskpool.lifecycle.states.HELD_STATES``).
+HELD_SQL = "state IN ('reserved', 'in_use', 'idle')"
 ENUM_LENGTH = 32
 
 
@@ -208,6 +211,10 @@ class Pool(Base):
     max_age_s: Mapped[int | None] = mapped_column(Integer)
     power_policy: Mapped[PowerPolicy] = mapped_column(_str_enum(PowerPolicy))
     canary: Mapped[int] = mapped_column(Integer, default=0)
+    # Session timers (seconds); None: never. See ``deskpool.broker.sessions``.
+    reservation_timeout_s: Mapped[int] = mapped_column(Integer, default=300)
+    idle_timeout_s: Mapped[int | None] = mapped_column(Integer)
+    disconnect_timeout_s: Mapped[int | None] = mapped_column(Integer)
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")
@@ -252,6 +259,10 @@ class Desktop(Base):
         Index(None, "host_id"),
         Index(None, "template_version_id"),
         Index(None, "pool_id"),
+        # One held desktop per user and pool, enforced by the database itself, so two brokers
+        # racing for one user can never both hand out a desktop.
+        Index("uq_desktops_held_by_user", "pool_id", "assigned_user", unique=True,
+              sqlite_where=text(HELD_SQL), postgresql_where=text(HELD_SQL)),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -279,6 +290,12 @@ class Desktop(Base):
     # Retries with backoff: the reconciler leaves a failing desktop alone until then.
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
+    # The user's session, as the console proxy and the guest report it.
+    reserved_at: Mapped[datetime | None] = mapped_column()
+    console_connections: Mapped[int] = mapped_column(Integer, default=0)
+    disconnected_at: Mapped[datetime | None] = mapped_column()
+    guest_user: Mapped[str | None] = mapped_column(String(255))
+    idle_since: Mapped[datetime | None] = mapped_column()
     version: Mapped[int] = mapped_column(Integer)
 
     host: Mapped[Host] = relationship()

@@ -136,6 +136,9 @@ class _NamedRepository(_Repository[M]):
             raise NotFound(f"{self._kind} {id} does not exist")
         return obj
 
+    def find(self, id: uuid.UUID) -> M | None:
+        return self._session.get(self._model, id)
+
     def find_by_name(self, name: str) -> M | None:
         return self._session.scalars(
             select(self._model).where(type(self)._name_attr == name)

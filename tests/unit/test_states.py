@@ -73,3 +73,12 @@ def test_forbidden_move_does_not_touch_the_store() -> None:
     with pytest.raises(InvalidTransition):
         transition(writer, desktop, S.RETIRED, S.READY)
     assert writer.states[desktop] == "retired"
+
+
+def test_the_database_index_of_held_desktops_names_exactly_the_held_states() -> None:
+    import re
+
+    from deskpool.lifecycle.states import HELD_STATES
+    from deskpool.store.models import HELD_SQL
+
+    assert set(re.findall(r"'([a-z_]+)'", HELD_SQL)) == HELD_STATES

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from alembic import context
 from sqlalchemy import Connection, Enum
 
+from deskpool.store import access_models  # noqa: F401  (the broker tables join Base)
 from deskpool.store.models import Base, UtcDateTime
 
 config = context.config

@@ -1,0 +1,1 @@
+"""The connection broker: users, entitlements, reservations, hand-over and sessions."""

@@ -1,0 +1,234 @@
+"""Users, groups, sign-in and tokens.
+
+Passwords are hashed with Argon2id (argon2-cffi's defaults). A browser session and an API
+token are both a random secret whose SHA-256 alone is stored: a stolen database holds no
+usable token. Sign-in tries the local users first, then each directory (LDAP) in turn; a
+directory user gets a row at first sign-in, with no password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select, update
+
+from deskpool.domain.errors import (
+    AuthenticationFailed,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from deskpool.domain.users import Authenticator, Identity
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.store.access_models import AuthToken, Group, GroupMember, User
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import utcnow
+
+USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,254}$")
+SESSION_TTL = timedelta(hours=12)
+_hasher = PasswordHasher()
+
+
+def normalize_name(name: str, what: str = "user name") -> str:
+    value = name.strip().lower()
+    if not USER_NAME.match(value):
+        raise InvalidInput(
+            f"{what} {name!r} is not valid: use letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit")
+    return value
+
+
+def token_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    token: str  # the secret, shown once
+    identity: Identity
+    expires_at: datetime | None
+
+
+def _groups_text(groups: frozenset[str]) -> str:
+    return ",".join(sorted(groups))
+
+
+def _groups_of_text(text: str) -> frozenset[str]:
+    return frozenset(g for g in text.split(",") if g)
+
+
+class LocalAuthenticator:
+    """Users with a password in deskpool's own table."""
+
+    source = "local"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    def authenticate(self, username: str, password: str) -> Identity | None:
+        with self.ctx.uow(read_only=True) as uow:
+            user = uow.session.scalars(select(User).where(User.name == username)).first()
+            if user is None or user.password_hash is None or user.disabled:
+                return None
+            try:
+                _hasher.verify(user.password_hash, password)
+            except (VerificationError, InvalidHashError):
+                return None
+            return Identity(name=user.name, display_name=user.display_name, source="local",
+                            groups=local_groups(uow, user.id), is_admin=user.is_admin)
+
+
+def local_groups(uow: UnitOfWork, user_id: uuid.UUID) -> frozenset[str]:
+    names = uow.session.scalars(
+        select(Group.name).join(GroupMember, GroupMember.group_id == Group.id)
+        .where(GroupMember.user_id == user_id))
+    return frozenset(names)
+
+
+class AccountService:
+    def __init__(self, ctx: ServiceContext,
+                 directories: Sequence[Authenticator] = ()) -> None:
+        self.ctx = ctx
+        self.authenticators: list[Authenticator] = [LocalAuthenticator(ctx), *directories]
+
+    # --- administration ----------------------------------------------------------------
+
+    def create_user(self, name: str, password: str, *, display_name: str = "",
+                    is_admin: bool = False) -> Identity:
+        name = normalize_name(name)
+        if len(password) < 8:
+            raise InvalidInput(f"password for {name!r} is too short: use 8 characters or more")
+        with self.ctx.uow() as uow:
+            if uow.session.scalars(select(User.id).where(User.name == name)).first():
+                raise Conflict(f"a user named {name!r} already exists")
+            uow.session.add(User(name=name, display_name=display_name or name, source="local",
+                                 password_hash=_hasher.hash(password), is_admin=is_admin))
+            uow.commit()
+        return Identity(name=name, display_name=display_name or name, source="local",
+                        is_admin=is_admin)
+
+    def add_to_group(self, user: str, group: str) -> None:
+        user, group = normalize_name(user), normalize_name(group, "group name")
+        with self.ctx.uow() as uow:
+            row = self._user(uow, user)
+            found = uow.session.scalars(select(Group).where(Group.name == group)).first()
+            if found is None:
+                found = Group(name=group)
+                uow.session.add(found)
+                uow.flush()
+            if uow.session.get(GroupMember, (found.id, row.id)) is None:
+                uow.session.add(GroupMember(group_id=found.id, user_id=row.id))
+            uow.commit()
+
+    def list_users(self) -> list[Identity]:
+        with self.ctx.uow(read_only=True) as uow:
+            users = uow.session.scalars(select(User).order_by(User.name)).all()
+            return [Identity(name=u.name, display_name=u.display_name, source=u.source,
+                             groups=local_groups(uow, u.id), is_admin=u.is_admin)
+                    for u in users]
+
+    @staticmethod
+    def _user(uow: UnitOfWork, name: str) -> User:
+        user = uow.session.scalars(select(User).where(User.name == name)).first()
+        if user is None:
+            raise NotFound(f"no user named {name!r}")
+        return user
+
+    # --- sign-in and tokens ------------------------------------------------------------
+
+    def sign_in(self, username: str, password: str) -> SignedIn:
+        """Check the password with each authenticator in turn; a session token on success.
+
+        One message for every refusal, so it does not tell which user names exist. A directory
+        that cannot be reached is reported as such when no other authenticator knew the user.
+        """
+        try:
+            name = normalize_name(username)
+        except InvalidInput:
+            raise AuthenticationFailed("wrong user name or password") from None
+        unreachable: Unavailable | None = None
+        for authenticator in self.authenticators:
+            try:
+                identity = authenticator.authenticate(name, password) if password else None
+            except Unavailable as exc:
+                unreachable = exc
+                continue
+            if identity is not None:
+                return self._open_session(identity)
+        if unreachable is not None:
+            raise unreachable
+        raise AuthenticationFailed("wrong user name or password")
+
+    def _open_session(self, identity: Identity) -> SignedIn:
+        with self.ctx.uow() as uow:
+            user = uow.session.scalars(select(User).where(User.name == identity.name)).first()
+            if user is None:  # a directory user's first visit
+                user = User(name=identity.name, display_name=identity.display_name,
+                            source=identity.source, is_admin=False)
+                uow.session.add(user)
+                uow.flush()
+            elif user.source != identity.source:
+                raise AuthenticationFailed(
+                    f"user {identity.name!r} belongs to the {user.source} directory")
+            user.last_login_at = utcnow()
+            identity = Identity(name=user.name, display_name=user.display_name,
+                                source=user.source, groups=identity.groups,
+                                is_admin=user.is_admin)
+            signed = self._new_token(uow, user, identity, "session", "", SESSION_TTL)
+            uow.commit()
+            return signed
+
+    def issue_api_token(self, username: str, label: str,
+                        ttl: timedelta | None = None) -> SignedIn:
+        """A long-lived token for scripts and native clients, with the user's local groups."""
+        with self.ctx.uow() as uow:
+            user = self._user(uow, normalize_name(username))
+            identity = Identity(name=user.name, display_name=user.display_name,
+                                source=user.source, groups=local_groups(uow, user.id),
+                                is_admin=user.is_admin)
+            signed = self._new_token(uow, user, identity, "api", label, ttl)
+            uow.commit()
+            return signed
+
+    @staticmethod
+    def _new_token(uow: UnitOfWork, user: User, identity: Identity, kind: str, label: str,
+                   ttl: timedelta | None) -> SignedIn:
+        secret = secrets.token_urlsafe(32)
+        expires = utcnow() + ttl if ttl else None
+        uow.session.add(AuthToken(token_hash=token_digest(secret), user_id=user.id, kind=kind,
+                                  label=label, groups=_groups_text(identity.groups),
+                                  expires_at=expires))
+        return SignedIn(token=secret, identity=identity, expires_at=expires)
+
+    def resolve(self, secret: str) -> Identity:
+        """The identity behind a session or API token; ``AuthenticationFailed`` otherwise."""
+        now = utcnow()
+        with self.ctx.uow(read_only=True) as uow:
+            row = uow.session.execute(
+                select(AuthToken.groups, AuthToken.expires_at, AuthToken.revoked_at,
+                       User.name, User.display_name, User.source, User.is_admin,
+                       User.disabled)
+                .join(User, User.id == AuthToken.user_id)
+                .where(AuthToken.token_hash == token_digest(secret))).first()
+        if row is None or row.revoked_at is not None or row.disabled or (
+                row.expires_at is not None and row.expires_at <= now):
+            raise AuthenticationFailed("not signed in, or the session expired: sign in again")
+        return Identity(name=row.name, display_name=row.display_name, source=row.source,
+                        groups=_groups_of_text(row.groups), is_admin=row.is_admin)
+
+    def sign_out(self, secret: str) -> None:
+        with self.ctx.uow() as uow:
+            uow.session.execute(update(AuthToken)
+                                .where(AuthToken.token_hash == token_digest(secret),
+                                       AuthToken.revoked_at.is_(None))
+                                .values(revoked_at=utcnow()))
+            uow.commit()

@@ -1,0 +1,52 @@
+"""The admin's event log: one sentence per thing that happened, written in the same
+transaction as the change it reports, so an event never describes a change that rolled back."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.store.access_models import Event
+from deskpool.store.db import UnitOfWork
+
+
+@dataclass(frozen=True)
+class EventView:
+    id: int
+    at: datetime
+    kind: str
+    severity: str
+    user: str | None
+    pool: str | None
+    desktop: str | None
+    message: str
+
+
+def record_event(uow: UnitOfWork, kind: str, message: str, *, severity: str = "info",
+                 user: str | None = None, pool: str | None = None,
+                 desktop_id: uuid.UUID | None = None, desktop: str | None = None) -> None:
+    uow.session.add(Event(kind=kind, message=message, severity=severity, user_name=user,
+                          pool_name=pool, desktop_id=desktop_id, desktop_name=desktop))
+
+
+def log_event(ctx: ServiceContext, kind: str, message: str, **fields: object) -> None:
+    """Record an event in a transaction of its own (for refusals, which change nothing)."""
+    with ctx.uow() as uow:
+        record_event(uow, kind, message, **fields)  # type: ignore[arg-type]
+        uow.commit()
+
+
+def recent_events(ctx: ServiceContext, *, limit: int = 200,
+                  user: str | None = None) -> list[EventView]:
+    with ctx.uow(read_only=True) as uow:
+        query = select(Event).order_by(Event.id.desc()).limit(limit)
+        if user is not None:
+            query = query.where(Event.user_name == user)
+        return [EventView(id=e.id, at=e.at, kind=e.kind, severity=e.severity,
+                          user=e.user_name, pool=e.pool_name, desktop=e.desktop_name,
+                          message=e.message)
+                for e in uow.session.scalars(query)]

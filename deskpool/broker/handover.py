@@ -1,0 +1,290 @@
+"""The broker: a user asks for a desktop of a pool and gets one, running and answering.
+
+``connect`` is one logon. Its phases, each timed and stored as a ``Logon`` row:
+
+* **queue**: from the request's arrival to the broker starting on it;
+* **claim**: one transaction reuses the user's reservation (reconnect) or takes a ready
+  desktop with a compare-and-swap UPDATE; a unique index on (pool, user) over held desktops
+  makes the database refuse a second desktop for one user even across brokers;
+* **power_on**: start (or resume from saved memory) a desktop the power policy put to sleep;
+* **ready**: its guest agent answers and its display listens.
+
+A desktop that fails its readiness check goes to ``error`` (the reconciler replaces it) and
+the broker tries one more; nothing stays reserved for a user who got an error. When no desktop
+is ready and the pool may grow, a desktop is made for the user and the answer says so.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from deskpool.broker.entitlements import entitled_pool_names
+from deskpool.broker.events import log_event, record_event
+from deskpool.domain.errors import (
+    Conflict,
+    DeskpoolError,
+    Forbidden,
+    NotFound,
+    Unavailable,
+)
+from deskpool.domain.models import PowerState
+from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.factory import DesktopFactory
+from deskpool.lifecycle.pools import insert_pool_desktop
+from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
+from deskpool.store.access_models import Logon
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Pool, utcnow
+
+S = DesktopState
+PREPARING_STATES = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
+ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
+
+
+@dataclass(frozen=True)
+class Handover:
+    """The answer to a connect: ``ready`` (use ``desktop_id`` now) or ``pending``."""
+
+    status: str
+    pool: str
+    message: str
+    logon_id: uuid.UUID
+    desktop_id: uuid.UUID | None = None
+    desktop: str | None = None
+    hostname: str | None = None
+    reconnect: bool = False
+    phases_ms: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    desktop_id: uuid.UUID | None
+    desktop: str | None
+    hostname: str | None
+    reconnect: bool
+    pending_message: str | None = None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, int] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = self.phases.get(phase, 0) + round((now - self._mark) * 1000)
+        self._mark = now
+
+
+class Broker:
+    def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0) -> None:
+        self.ctx = ctx
+        self.factory = DesktopFactory(ctx)
+        self.ready_timeout_s = ready_timeout_s
+
+    def connect(self, identity: Identity, pool_name: str, *,
+                received_at: float | None = None) -> Handover:
+        """Hand ``identity`` a running desktop of ``pool_name`` (see the module docstring).
+
+        ``received_at`` is the ``time.monotonic()`` at which the request arrived. Raises
+        ``NotFound`` (no such pool), ``Forbidden`` (not entitled), ``Unavailable`` (pool
+        exhausted, or no desktop passed its readiness check); each is also an admin event.
+        """
+        requested_at = utcnow()
+        timer = _Timer()
+        if received_at is not None:
+            timer.phases["queue"] = max(0, round((time.monotonic() - received_at) * 1000))
+        try:
+            for _attempt in range(ATTEMPTS):
+                claim = self._claim(identity, pool_name)
+                timer.lap("claim")
+                if claim.desktop_id is None:
+                    return self._finish(identity, pool_name, requested_at, timer, claim,
+                                        "pending", claim.pending_message or "")
+                try:
+                    self._ensure_running(claim.desktop_id, timer)
+                except DeskpoolError as exc:
+                    self._fail_readiness(identity, pool_name, claim, exc)
+                    continue
+                return self._finish(identity, pool_name, requested_at, timer, claim, "ready",
+                                    f"desktop {claim.desktop} is ready")
+            raise Unavailable(f"no desktop of pool {pool_name!r} passed its readiness check; "
+                              "the administrator has been told, please try again shortly")
+        except DeskpoolError as exc:
+            self._refused(identity, pool_name, requested_at, timer, exc)
+            raise
+
+    # --- claim ---------------------------------------------------------------------------
+
+    def _claim(self, identity: Identity, pool_name: str) -> _Claim:
+        for _retry in range(3):
+            try:
+                with self.ctx.uow() as uow:
+                    claim = self._claim_in(uow, identity, pool_name)
+                    uow.commit()
+                    return claim
+            except Conflict:
+                continue  # another broker won the desktop, or this user's other request did
+        raise Unavailable(f"pool {pool_name!r} is too busy right now; please try again")
+
+    def _claim_in(self, uow: UnitOfWork, identity: Identity, pool_name: str) -> _Claim:
+        pool = uow.pools.find_by_name(pool_name)
+        if pool is None:
+            raise NotFound(f"there is no pool named {pool_name!r}")
+        if pool_name not in entitled_pool_names(uow, identity):
+            raise Forbidden(f"you are not entitled to pool {pool_name!r}; ask your "
+                            "administrator for access")
+        mine = uow.session.scalars(select(Desktop).where(
+            Desktop.pool_id == pool.id, Desktop.assigned_user == identity.name,
+            Desktop.state.not_in(NOT_LIVE_STATES))).all()
+        for desktop in mine:
+            if desktop.state in HELD_STATES:
+                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=True)
+        for desktop in mine:
+            if desktop.state == S.READY.value:  # made for this user, or a dedicated one
+                transition(uow.desktops, desktop.id, S.READY, S.RESERVED)
+                self._reserved(uow, desktop.id, identity.name)
+                record_event(uow, "reserved", f"{identity.name} reserved {desktop.name}",
+                             user=identity.name, pool=pool.name, desktop_id=desktop.id,
+                             desktop=desktop.name)
+                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=False)
+        if any(d.state in PREPARING_STATES for d in mine):
+            return _Claim(None, None, None, False, pending_message=(
+                "your desktop is being prepared; connect again in a moment"))
+        free = self._take_free(uow, pool, identity.name)
+        if free is not None:
+            record_event(uow, "reserved", f"{identity.name} reserved {free.name}",
+                         user=identity.name, pool=pool.name, desktop_id=free.id,
+                         desktop=free.name)
+            return _Claim(free.id, free.name, free.hostname, reconnect=False)
+        live = uow.session.scalars(select(Desktop.id).where(
+            Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
+        if len(live) >= pool.max_size:
+            raise Unavailable(f"pool {pool_name!r} is exhausted: all {pool.max_size} desktops "
+                              "are in use; please try again later")
+        made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),
+                                   assigned_user=identity.name)
+        made.reserved_at = utcnow()
+        record_event(uow, "provisioning-for-user",
+                     f"no ready desktop in {pool.name}: making {made.name} for {identity.name}",
+                     user=identity.name, pool=pool.name, desktop_id=made.id, desktop=made.name)
+        return _Claim(None, None, None, False, pending_message=(
+            f"no desktop was ready, so {made.name} is being made for you; connect again "
+            "in a minute"))
+
+    @staticmethod
+    def _take_free(uow: UnitOfWork, pool: Pool, user: str) -> Desktop | None:
+        """Reserve one free ready desktop of the pool's current version for ``user``."""
+        candidates = uow.session.scalars(
+            select(Desktop.id).where(
+                Desktop.pool_id == pool.id, Desktop.state == S.READY.value,
+                Desktop.assigned_user.is_(None),
+                Desktop.template_version_id == pool.current_version_id)
+            .order_by(Desktop.name).limit(8).with_for_update(skip_locked=True)).all()
+        for desktop_id in candidates:
+            changed = uow.session.execute(
+                update(Desktop)
+                .where(Desktop.id == desktop_id, Desktop.state == S.READY.value,
+                       Desktop.assigned_user.is_(None))
+                .values(state=S.RESERVED.value, assigned_user=user, reserved_at=utcnow(),
+                        state_changed_at=utcnow(), task=None, last_error=None,
+                        console_connections=0, disconnected_at=None, idle_since=None,
+                        version=Desktop.version + 1)
+                .execution_options(synchronize_session=False))
+            if getattr(changed, "rowcount", 0) == 1:
+                return uow.desktops.get(desktop_id)
+        return None
+
+    @staticmethod
+    def _reserved(uow: UnitOfWork, desktop_id: uuid.UUID, user: str) -> None:
+        uow.session.execute(
+            update(Desktop).where(Desktop.id == desktop_id)
+            .values(assigned_user=user, reserved_at=utcnow(), console_connections=0,
+                    disconnected_at=None, idle_since=None, version=Desktop.version + 1)
+            .execution_options(synchronize_session=False))
+
+    # --- power on and readiness ----------------------------------------------------------
+
+    def _ensure_running(self, desktop_id: uuid.UUID, timer: _Timer) -> None:
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            driver = self.ctx.driver_for(desktop.host)
+            agent_expected = desktop.template_version.customization.value != "none"
+        if driver.get_vm(desktop_id).power_state is not PowerState.RUNNING:
+            driver.start_vm(desktop_id)  # boots, or resumes saved memory
+            with self.ctx.uow() as uow:
+                desktop = uow.desktops.get(desktop_id)
+                uow.desktops.compare_and_set_power(desktop_id, desktop.power_state,
+                                                   PowerState.RUNNING)
+                uow.commit()
+        timer.lap("power_on")
+        if agent_expected:
+            agent = GuestAgent(driver, desktop_id)
+            agent.wait_until_ready(self.ready_timeout_s, poll_s=0.1)
+            if timer.phases.get("power_on", 0) > 50:
+                agent.set_time()  # a resumed guest's clock stood still while it slept
+        driver.console_address(desktop_id)  # the display listens
+        timer.lap("ready")
+
+    def _fail_readiness(self, identity: Identity, pool_name: str, claim: _Claim,
+                        exc: DeskpoolError) -> None:
+        assert claim.desktop_id is not None
+        reason = f"failed its readiness check at hand-over: {exc}"
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(claim.desktop_id)
+            try:
+                transition(uow.desktops, claim.desktop_id, S(desktop.state), S.ERROR,
+                           last_error=reason)
+            except DeskpoolError:
+                pass  # moved on meanwhile (e.g. released): leave it to its new owner
+            else:
+                self._unassign(uow, claim.desktop_id)
+            record_event(uow, "readiness-failed", f"{claim.desktop} {reason}",
+                         severity="error", user=identity.name, pool=pool_name,
+                         desktop_id=claim.desktop_id, desktop=claim.desktop)
+            uow.commit()
+
+    @staticmethod
+    def _unassign(uow: UnitOfWork, desktop_id: uuid.UUID) -> None:
+        uow.session.execute(
+            update(Desktop).where(Desktop.id == desktop_id)
+            .values(assigned_user=None, reserved_at=None, version=Desktop.version + 1)
+            .execution_options(synchronize_session=False))
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _finish(self, identity: Identity, pool_name: str, requested_at: datetime,
+                timer: _Timer, claim: _Claim, status: str, message: str) -> Handover:
+        logon_id = uuid.uuid4()
+        with self.ctx.uow() as uow:
+            uow.session.add(Logon(
+                id=logon_id, user_name=identity.name, pool_name=pool_name,
+                desktop_id=claim.desktop_id, desktop_name=claim.desktop,
+                requested_at=requested_at, reconnect=claim.reconnect, outcome=status,
+                handed_over_at=utcnow() if status == "ready" else None, message=message,
+                **{f"{k}_ms": v for k, v in timer.phases.items()}))
+            uow.commit()
+        return Handover(status=status, pool=pool_name, message=message, logon_id=logon_id,
+                        desktop_id=claim.desktop_id, desktop=claim.desktop,
+                        hostname=claim.hostname, reconnect=claim.reconnect,
+                        phases_ms=dict(timer.phases))
+
+    def _refused(self, identity: Identity, pool_name: str, requested_at: datetime,
+                 timer: _Timer, exc: DeskpoolError) -> None:
+        outcome = "refused" if isinstance(exc, NotFound | Forbidden) else "failed"
+        with self.ctx.uow() as uow:
+            uow.session.add(Logon(
+                user_name=identity.name, pool_name=pool_name, requested_at=requested_at,
+                outcome=outcome, message=str(exc),
+                **{f"{k}_ms": v for k, v in timer.phases.items()}))
+            uow.commit()
+        log_event(self.ctx, f"logon-{outcome}", f"{identity.name} -> {pool_name}: {exc}",
+                  severity="warning", user=identity.name, pool=pool_name)
+

@@ -1,0 +1,211 @@
+"""Sessions: what happens to a reserved desktop after hand-over.
+
+Events come from the console proxy (connect / disconnect) and from the guest (a user logged in
+or out, seen through the guest agent's ``guest-get-users``). Timers, run by
+``SessionService.run_timers`` on every broker tick:
+
+* a reservation never connected to within the pool's ``reservation_timeout_s`` is released
+  untouched (the desktop was never used, so it goes straight back to ``ready``);
+* a disconnected session (``idle``: no console open) can be resumed until the pool's
+  ``disconnect_timeout_s``; then the user is logged off;
+* a session idle in the guest past ``idle_timeout_s`` is logged off.
+
+Logging off applies the pool's on-logout policy (recycle or retire) through the state table.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from deskpool.broker.events import record_event
+from deskpool.domain.errors import DeskpoolError, Forbidden, InvalidInput
+from deskpool.domain.pools import Assignment
+from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.pools import logout_outcome
+from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.store.access_models import Logon
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Pool, utcnow
+
+log = logging.getLogger(__name__)
+S = DesktopState
+
+
+@dataclass
+class TimerReport:
+    reservations_expired: list[str] = field(default_factory=list)
+    logged_off: list[str] = field(default_factory=list)
+    guest_logins: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) -> None:
+    values: dict[str, object] = dict(reserved_at=None, console_connections=0,
+                                     disconnected_at=None, idle_since=None, guest_user=None)
+    if unassign:
+        values["assigned_user"] = None
+    uow.session.execute(update(Desktop).where(Desktop.id == desktop_id)
+                        .values(version=Desktop.version + 1, **values)
+                        .execution_options(synchronize_session=False))
+
+
+class SessionService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    # --- console proxy events -------------------------------------------------------------
+
+    def console_connected(self, desktop_id: uuid.UUID, user: str) -> None:
+        now = utcnow()
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(desktop_id)
+            if desktop.state in (S.RESERVED.value, S.IDLE.value):
+                transition(uow.desktops, desktop_id, S(desktop.state), S.IN_USE)
+            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
+                console_connections=Desktop.console_connections + 1, disconnected_at=None,
+                version=Desktop.version + 1).execution_options(synchronize_session=False))
+            logon = uow.session.scalars(
+                select(Logon).where(Logon.desktop_id == desktop_id, Logon.outcome == "ready",
+                                    Logon.connect_ms.is_(None))
+                .order_by(Logon.requested_at.desc()).limit(1)).first()
+            if logon is not None and logon.handed_over_at is not None:
+                logon.connect_ms = round((now - logon.handed_over_at).total_seconds() * 1000)
+            record_event(uow, "console-connected", f"{user} opened the console of "
+                         f"{desktop.name}", user=user, desktop_id=desktop_id,
+                         desktop=desktop.name)
+            uow.commit()
+
+    def console_disconnected(self, desktop_id: uuid.UUID, user: str) -> None:
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(desktop_id)
+            remaining = max(desktop.console_connections - 1, 0)
+            values: dict[str, object] = {"console_connections": remaining}
+            if remaining == 0 and desktop.state == S.IN_USE.value:
+                transition(uow.desktops, desktop_id, S.IN_USE, S.IDLE)
+                values["disconnected_at"] = utcnow()
+            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
+                version=Desktop.version + 1, **values)
+                .execution_options(synchronize_session=False))
+            record_event(uow, "console-disconnected", f"{user} closed the console of "
+                         f"{desktop.name}", user=user, desktop_id=desktop_id,
+                         desktop=desktop.name)
+            uow.commit()
+
+    # --- log off --------------------------------------------------------------------------
+
+    def log_off(self, desktop_id: uuid.UUID, *, by: Identity | None, reason: str) -> str:
+        """End the session on ``desktop_id`` and apply its pool's on-logout policy; returns
+        the desktop's new state. ``by`` is the user asking (an admin may log anyone off);
+        ``None`` is the broker itself (a timer, the guest)."""
+        with self.ctx.uow() as uow:
+            desktop = uow.desktops.get(desktop_id)
+            if by is not None and not by.is_admin and desktop.assigned_user != by.name:
+                raise Forbidden("that desktop is not yours")
+            if desktop.state not in HELD_STATES:
+                raise InvalidInput(f"desktop {desktop.name!r} has no session to log off "
+                                   f"(it is {desktop.state})")
+            if desktop.pool_id is None:
+                raise InvalidInput(f"desktop {desktop.name!r} is not in a pool")
+            pool = uow.pools.get(desktop.pool_id)
+            new, task = logout_outcome(pool, desktop)
+            user = desktop.assigned_user
+            transition(uow.desktops, desktop_id, S(desktop.state), new, task=task)
+            _clear_session(uow, desktop_id,
+                           unassign=pool.assignment is not Assignment.DEDICATED)
+            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
+                sessions_served=Desktop.sessions_served + 1)
+                .execution_options(synchronize_session=False))
+            record_event(uow, "logged-off", f"{user} logged off {desktop.name}: {reason}",
+                         user=user, pool=pool.name, desktop_id=desktop_id,
+                         desktop=desktop.name)
+            uow.commit()
+            return new.value
+
+    # --- timers and guest polling -----------------------------------------------------------
+
+    def run_timers(self, now: datetime | None = None, *, poll_guests: bool = True
+                   ) -> TimerReport:
+        now = now or utcnow()
+        report = TimerReport()
+        with self.ctx.uow(read_only=True) as uow:
+            pools = {p.id: p for p in uow.pools.list()}
+            held = [(d.id, d.name, d.state, d.pool_id, d.reserved_at, d.disconnected_at,
+                     d.idle_since, d.console_connections, d.assigned_user, d.guest_user)
+                    for d in uow.session.scalars(select(Desktop).where(
+                        Desktop.state.in_(HELD_STATES) | (
+                            (Desktop.state == S.READY.value)
+                            & Desktop.reserved_at.is_not(None))))]
+        for (d_id, name, state, pool_id, reserved_at, disconnected_at, idle_since,
+             connections, user, guest_user) in held:
+            pool = pools.get(pool_id) if pool_id else None
+            if pool is None:
+                continue
+            try:
+                self._timers_of(report, pool, d_id, name, state, reserved_at, disconnected_at,
+                                idle_since, connections, user, guest_user, now, poll_guests)
+            except DeskpoolError as exc:
+                report.errors.append(f"{name}: {exc}")
+        return report
+
+    def _timers_of(self, report: TimerReport, pool: Pool, d_id: uuid.UUID, name: str,
+                   state: str, reserved_at: datetime | None, disconnected_at: datetime | None,
+                   idle_since: datetime | None, connections: int, user: str | None,
+                   guest_user: str | None, now: datetime, poll_guests: bool) -> None:
+        expired = reserved_at is not None and reserved_at + timedelta(
+            seconds=pool.reservation_timeout_s) <= now
+        if state == S.READY.value and expired:
+            # Made for a user who never came back: free it for anyone (a dedicated one stays).
+            if pool.assignment is not Assignment.DEDICATED:
+                with self.ctx.uow() as uow:
+                    _clear_session(uow, d_id, unassign=True)
+                    uow.commit()
+            return
+        if state == S.RESERVED.value and expired and connections == 0:
+            with self.ctx.uow() as uow:
+                transition(uow.desktops, d_id, S.RESERVED, S.READY)
+                _clear_session(uow, d_id, unassign=pool.assignment is not Assignment.DEDICATED)
+                record_event(uow, "reservation-expired", f"{user} never connected to {name} "
+                             f"within {pool.reservation_timeout_s} s; released",
+                             user=user, pool=pool.name, desktop_id=d_id, desktop=name)
+                uow.commit()
+            report.reservations_expired.append(name)
+            return
+        if (state == S.IDLE.value and disconnected_at is not None
+                and pool.disconnect_timeout_s is not None
+                and disconnected_at + timedelta(seconds=pool.disconnect_timeout_s) <= now):
+            self.log_off(d_id, by=None, reason=f"disconnected for more than "
+                         f"{pool.disconnect_timeout_s} s")
+            report.logged_off.append(name)
+            return
+        if (idle_since is not None and pool.idle_timeout_s is not None
+                and idle_since + timedelta(seconds=pool.idle_timeout_s) <= now):
+            self.log_off(d_id, by=None, reason=f"idle for more than {pool.idle_timeout_s} s")
+            report.logged_off.append(name)
+            return
+        if poll_guests and state in (S.IN_USE.value, S.IDLE.value):
+            self._poll_guest(report, d_id, name, guest_user)
+
+    def _poll_guest(self, report: TimerReport, d_id: uuid.UUID, name: str,
+                    guest_user: str | None) -> None:
+        with self.ctx.uow(read_only=True) as uow:
+            driver = self.ctx.driver_for(uow.desktops.get(d_id).host)
+        users = GuestAgent(driver, d_id, command_timeout_s=2).users()
+        if users and users[0] != guest_user:
+            with self.ctx.uow() as uow:
+                uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
+                    guest_user=users[0], version=Desktop.version + 1)
+                    .execution_options(synchronize_session=False))
+                record_event(uow, "guest-login", f"{users[0]} logged in to {name}",
+                             user=users[0], desktop_id=d_id, desktop=name)
+                uow.commit()
+            report.guest_logins.append(name)
+        elif not users and guest_user is not None:
+            self.log_off(d_id, by=None, reason=f"{guest_user} logged out in the guest")
+            report.logged_off.append(name)

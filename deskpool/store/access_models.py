@@ -1,0 +1,147 @@
+"""The broker's tables: users and groups, entitlements, sign-in and console tokens, the event
+log and logon timings. Same portability rules as ``deskpool.store.models``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from deskpool.store.models import Base, utcnow
+
+NAME_LENGTH = 255
+# SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit sequence.
+EVENT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class User(Base):
+    """A person who may sign in. ``password_hash`` is None for directory (LDAP) users, whose
+    row is created at their first sign-in and only remembers them for the admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    display_name: Mapped[str] = mapped_column(String(NAME_LENGTH), default="")
+    source: Mapped[str] = mapped_column(String(16), default="local")
+    password_hash: Mapped[str | None] = mapped_column(Text)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column()
+
+
+class Group(Base):
+    """A local group; directory groups are looked up at sign-in instead."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+
+
+class Entitlement(Base):
+    """Grants one pool to a user or a group, by name (so directory groups need no row)."""
+
+    __tablename__ = "entitlements"
+    __table_args__ = (Index(None, "pool_id", "principal_kind", "principal", unique=True),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    pool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("pools.id", ondelete="CASCADE"))
+    principal_kind: Mapped[str] = mapped_column(String(16))  # "user" or "group"
+    principal: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuthToken(Base):
+    """A browser session or an API token. Only the SHA-256 of the secret is stored.
+
+    ``groups`` is the user's group names at sign-in (comma-separated, lower case), so a
+    request needs no directory lookup; a new sign-in refreshes them.
+    """
+
+    __tablename__ = "auth_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # "session" or "api"
+    label: Mapped[str] = mapped_column(String(NAME_LENGTH), default="")
+    groups: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class ConsoleToken(Base):
+    """A single-use, short-lived ticket that lets one user open one desktop's console."""
+
+    __tablename__ = "console_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    desktop_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("desktops.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column()
+
+
+class Event(Base):
+    """What happened, for the admin: one line each, newest first in the UI.
+
+    Names are copied rather than referenced: events outlive the desktops and pools they name.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(EVENT_ID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16), default="info")
+    user_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    pool_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    desktop_id: Mapped[uuid.UUID | None] = mapped_column()
+    desktop_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Logon(Base):
+    """One connect request and how long each phase of it took (milliseconds).
+
+    queue: request received -> broker started on it; claim: reservation made; power_on:
+    start/resume; ready: guest agent and display answered; connect: hand-over -> the user's
+    console connected. ``outcome`` is ready, pending (a desktop is being made), refused or
+    failed.
+    """
+
+    __tablename__ = "logons"
+    __table_args__ = (Index(None, "requested_at"), Index(None, "desktop_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    pool_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    desktop_id: Mapped[uuid.UUID | None] = mapped_column()
+    desktop_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    handed_over_at: Mapped[datetime | None] = mapped_column()
+    reconnect: Mapped[bool] = mapped_column(Boolean, default=False)
+    queue_ms: Mapped[int | None] = mapped_column(Integer)
+    claim_ms: Mapped[int | None] = mapped_column(Integer)
+    power_on_ms: Mapped[int | None] = mapped_column(Integer)
+    ready_ms: Mapped[int | None] = mapped_column(Integer)
+    connect_ms: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text, default="")
