@@ -18,6 +18,19 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Where the local host keeps deskpool's libvirt storage pool (images, desktop disks).
     storage_dir: Path | None = None
+    # The broker's web server and its console proxy (websockify).
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    console_port: int = 6080
+    novnc_dir: Path = Path("/usr/share/novnc")
+    # An LDAP / Active Directory to sign users in with (besides local users), when set.
+    ldap_url: str | None = None
+    ldap_bind_dn: str | None = None
+    ldap_bind_password: str | None = None
+    ldap_user_base: str | None = None
+    ldap_group_base: str | None = None
+    ldap_user_filter: str | None = None
+    ldap_group_filter: str | None = None
 
     @cached_property
     def resolved_database_url(self) -> str:

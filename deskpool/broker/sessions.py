@@ -32,10 +32,19 @@ from deskpool.lifecycle.pools import logout_outcome
 from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
 from deskpool.store.access_models import Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Pool, utcnow
+from deskpool.store.models import Desktop, utcnow
 
 log = logging.getLogger(__name__)
 S = DesktopState
+
+
+@dataclass(frozen=True)
+class _PoolTimers:
+    name: str
+    dedicated: bool
+    reservation_timeout_s: int
+    idle_timeout_s: int | None
+    disconnect_timeout_s: int | None
 
 
 @dataclass
@@ -135,7 +144,9 @@ class SessionService:
         now = now or utcnow()
         report = TimerReport()
         with self.ctx.uow(read_only=True) as uow:
-            pools = {p.id: p for p in uow.pools.list()}
+            pools = {p.id: _PoolTimers(p.name, p.assignment is Assignment.DEDICATED,
+                                       p.reservation_timeout_s, p.idle_timeout_s,
+                                       p.disconnect_timeout_s) for p in uow.pools.list()}
             held = [(d.id, d.name, d.state, d.pool_id, d.reserved_at, d.disconnected_at,
                      d.idle_since, d.console_connections, d.assigned_user, d.guest_user)
                     for d in uow.session.scalars(select(Desktop).where(
@@ -154,7 +165,7 @@ class SessionService:
                 report.errors.append(f"{name}: {exc}")
         return report
 
-    def _timers_of(self, report: TimerReport, pool: Pool, d_id: uuid.UUID, name: str,
+    def _timers_of(self, report: TimerReport, pool: _PoolTimers, d_id: uuid.UUID, name: str,
                    state: str, reserved_at: datetime | None, disconnected_at: datetime | None,
                    idle_since: datetime | None, connections: int, user: str | None,
                    guest_user: str | None, now: datetime, poll_guests: bool) -> None:
@@ -162,7 +173,7 @@ class SessionService:
             seconds=pool.reservation_timeout_s) <= now
         if state == S.READY.value and expired:
             # Made for a user who never came back: free it for anyone (a dedicated one stays).
-            if pool.assignment is not Assignment.DEDICATED:
+            if not pool.dedicated:
                 with self.ctx.uow() as uow:
                     _clear_session(uow, d_id, unassign=True)
                     uow.commit()
@@ -170,7 +181,7 @@ class SessionService:
         if state == S.RESERVED.value and expired and connections == 0:
             with self.ctx.uow() as uow:
                 transition(uow.desktops, d_id, S.RESERVED, S.READY)
-                _clear_session(uow, d_id, unassign=pool.assignment is not Assignment.DEDICATED)
+                _clear_session(uow, d_id, unassign=not pool.dedicated)
                 record_event(uow, "reservation-expired", f"{user} never connected to {name} "
                              f"within {pool.reservation_timeout_s} s; released",
                              user=user, pool=pool.name, desktop_id=d_id, desktop=name)

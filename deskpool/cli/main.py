@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.common import err, out, services, spinner
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
@@ -38,6 +39,9 @@ app.add_typer(desktop_app, name="desktop")
 
 app.add_typer(pool_app, name="pool")
 app.command("reconcile")(reconcile)
+app.add_typer(user_app, name="user")
+app.command("serve")(serve_command)
+pool_app.command("grant")(grant_command)
 
 
 

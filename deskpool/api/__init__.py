@@ -1,0 +1,1 @@
+"""The REST API (FastAPI) and the console proxy: thin edges over the broker."""

@@ -1,0 +1,106 @@
+"""The broker's HTTP application: the REST API, the portal and admin pages, noVNC's files.
+
+Errors deskpool raises on purpose become one JSON ``{"detail": sentence}`` with a status that
+says whose fault it is; anything else is a 500 whose detail says to look at the server log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deskpool.api import routes_admin, routes_user
+from deskpool.api.deps import Services
+from deskpool.broker.accounts import AccountService
+from deskpool.broker.console import ConsoleTickets
+from deskpool.broker.entitlements import EntitlementService
+from deskpool.broker.handover import Broker
+from deskpool.broker.ldap_auth import LdapAuthenticator, LdapSettings
+from deskpool.broker.sessions import SessionService
+from deskpool.config import Settings
+from deskpool.domain import errors
+from deskpool.domain.users import Authenticator
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.web import pages
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[errors.DeskpoolError], int]] = [
+    (errors.AuthenticationFailed, 401),
+    (errors.Forbidden, 403),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.InvalidInput, 400),
+    (errors.Unavailable, 503),
+    (errors.HypervisorUnreachable, 503),
+    (errors.DriverError, 502),
+]
+
+
+def status_of(exc: errors.DeskpoolError) -> int:
+    return next((code for kind, code in STATUS if isinstance(exc, kind)), 500)
+
+
+class ArrivalTime:
+    """Stamps each request with the moment it arrived, before it waits for a worker thread:
+    the start of a logon's "queue" phase."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["received_at"] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def directories_from(settings: Settings) -> list[Authenticator]:
+    if not settings.ldap_url:
+        return []
+    if not settings.ldap_user_base or not settings.ldap_group_base:
+        raise errors.InvalidInput("DESKPOOL_LDAP_URL is set, so DESKPOOL_LDAP_USER_BASE and "
+                                  "DESKPOOL_LDAP_GROUP_BASE must be set too")
+    ldap = LdapSettings(
+        url=settings.ldap_url, bind_dn=settings.ldap_bind_dn,
+        bind_password=settings.ldap_bind_password, user_base=settings.ldap_user_base,
+        group_base=settings.ldap_group_base)
+    if settings.ldap_user_filter:
+        ldap = replace(ldap, user_filter=settings.ldap_user_filter)
+    if settings.ldap_group_filter:
+        ldap = replace(ldap, group_filter=settings.ldap_group_filter)
+    return [LdapAuthenticator(ldap)]
+
+
+def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | None = None,
+               console_ws_port: int | None = None, novnc_dir: Path | None = None) -> FastAPI:
+    app = FastAPI(title="deskpool", version="0.1.0",
+                  description="VDI broker: pools of virtual desktops on libvirt hosts")
+    found = directories_from(ctx.settings) if directories is None else list(directories)
+    app.state.services = Services(
+        ctx=ctx, accounts=AccountService(ctx, found), entitlements=EntitlementService(ctx),
+        broker=Broker(ctx), sessions=SessionService(ctx), tickets=ConsoleTickets(ctx),
+        console_ws_port=console_ws_port)
+
+    @app.exception_handler(errors.DeskpoolError)
+    async def deskpool_error(request: Request, exc: errors.DeskpoolError) -> JSONResponse:
+        code = status_of(exc)
+        if code >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    app.include_router(routes_user.router)
+    app.include_router(routes_admin.router)
+    app.include_router(pages.router)
+    novnc = novnc_dir or ctx.settings.novnc_dir
+    if (novnc / "core" / "rfb.js").is_file():
+        app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
+    app.add_middleware(ArrivalTime)
+    return app

@@ -1,0 +1,146 @@
+"""The administrator's routes: hosts, templates, pools and entitlements, desktops with their
+live state and why they are stuck, sessions, events and logon phase timings."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from deskpool.api.deps import AdminUser, ServicesDep
+from deskpool.api.schemas import GrantRequest, PoolCreate, StateResponse, UserCreate
+from deskpool.broker.events import recent_events
+from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.states import HELD_STATES
+from deskpool.lifecycle.templates import TemplateService
+from deskpool.store.access_models import Logon
+from deskpool.store.models import Desktop, Host, Pool, TemplateVersion
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+Row = dict[str, Any]
+
+
+@router.get("/hosts")
+def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(h) for h in HostService(svc.ctx).list()]
+
+
+@router.get("/templates")
+def templates(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(v) for v in TemplateService(svc.ctx).list_versions()]
+
+
+@router.get("/pools")
+def pools(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(p) for p in PoolService(svc.ctx).list()]
+
+
+@router.post("/pools")
+def create_pool(body: PoolCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+    spec = PoolSpec(
+        name=body.name, template=body.template, kind=PoolKind(body.kind),
+        assignment=Assignment(body.assignment), min_size=body.min_size,
+        max_size=body.max_size, spare=body.spare, naming_pattern=body.naming_pattern,
+        clone_mode=body.clone_mode, on_logout=OnLogout(body.on_logout),
+        power_policy=PowerPolicy(body.power_policy),
+        reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
+        disconnect_timeout_s=body.disconnect_timeout_s)
+    return asdict(PoolService(svc.ctx).create(spec, host=body.host))
+
+
+@router.get("/entitlements")
+def entitlements(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(g) for g in svc.entitlements.list()]
+
+
+@router.post("/pools/{pool}/entitlements")
+def grant(pool: str, body: GrantRequest, admin: AdminUser, svc: ServicesDep) -> Row:
+    return asdict(svc.entitlements.grant(pool, body.kind, body.principal))
+
+
+@router.delete("/pools/{pool}/entitlements/{kind}/{principal}", status_code=204)
+def revoke(pool: str, kind: str, principal: str, admin: AdminUser, svc: ServicesDep) -> None:
+    svc.entitlements.revoke(pool, kind, principal)
+
+
+@router.get("/users")
+def users(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [{"name": u.name, "display_name": u.display_name, "source": u.source,
+             "groups": sorted(u.groups), "is_admin": u.is_admin}
+            for u in svc.accounts.list_users()]
+
+
+@router.post("/users")
+def create_user(body: UserCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+    created = svc.accounts.create_user(body.name, body.password,
+                                       display_name=body.display_name, is_admin=body.is_admin)
+    for group in body.groups:
+        svc.accounts.add_to_group(created.name, group)
+    return {"name": created.name, "is_admin": created.is_admin, "groups": body.groups}
+
+
+@router.get("/desktops")
+def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    """Every desktop with its live state, power, user and, when stuck, the reason."""
+    with svc.ctx.uow(read_only=True) as uow:
+        rows = uow.session.execute(
+            select(Desktop, Host.name, Pool.name, TemplateVersion.number)
+            .join(Host, Host.id == Desktop.host_id)
+            .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
+            .outerjoin(Pool, Pool.id == Desktop.pool_id).order_by(Desktop.name)).all()
+        return [{"id": str(d.id), "name": d.name, "hostname": d.hostname, "state": d.state,
+                 "power_state": d.power_state.value, "task": d.task, "host": host,
+                 "pool": pool, "version": number, "user": d.assigned_user,
+                 "last_error": d.last_error, "retry_count": d.retry_count,
+                 "state_changed_at": d.state_changed_at.isoformat(),
+                 "console_connections": d.console_connections}
+                for d, host, pool, number in rows]
+
+
+@router.get("/sessions")
+def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    with svc.ctx.uow(read_only=True) as uow:
+        rows = uow.session.scalars(select(Desktop).where(Desktop.state.in_(HELD_STATES))
+                                   .order_by(Desktop.name)).all()
+        return [{"desktop_id": str(d.id), "desktop": d.name, "user": d.assigned_user,
+                 "state": d.state, "reserved_at": _iso(d.reserved_at),
+                 "console_connections": d.console_connections,
+                 "disconnected_at": _iso(d.disconnected_at), "guest_user": d.guest_user}
+                for d in rows]
+
+
+@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse)
+def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, svc: ServicesDep) -> StateResponse:
+    state = svc.sessions.log_off(desktop_id, by=admin,
+                                 reason=f"logged off by administrator {admin.name}")
+    return StateResponse(desktop_id=desktop_id, state=state)
+
+
+@router.get("/events")
+def events(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
+    return [{**asdict(e), "at": e.at.isoformat()}
+            for e in recent_events(svc.ctx, limit=min(max(limit, 1), 2000))]
+
+
+@router.get("/logons")
+def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
+    """Each logon's phases in milliseconds: queue, claim, power-on, ready, connect."""
+    with svc.ctx.uow(read_only=True) as uow:
+        rows = uow.session.scalars(select(Logon).order_by(Logon.requested_at.desc())
+                                   .limit(min(max(limit, 1), 5000))).all()
+        return [{"id": str(r.id), "user": r.user_name, "pool": r.pool_name,
+                 "desktop": r.desktop_name, "requested_at": r.requested_at.isoformat(),
+                 "outcome": r.outcome, "reconnect": r.reconnect, "message": r.message,
+                 "queue_ms": r.queue_ms, "claim_ms": r.claim_ms,
+                 "power_on_ms": r.power_on_ms, "ready_ms": r.ready_ms,
+                 "connect_ms": r.connect_ms}
+                for r in rows]
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -1,0 +1,162 @@
+"""What every signed-in user may do: sign in and out, list their pools, connect, open the
+console, log off. Every route but sign-in needs a session or token; every desktop route checks
+that the desktop is the caller's."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+from sqlalchemy import select
+
+from deskpool.api.deps import SESSION_COOKIE, CurrentUser, ServicesDep, token_of
+from deskpool.api.schemas import (
+    ConsoleTicketResponse,
+    HandoverResponse,
+    LoginRequest,
+    LoginResponse,
+    MyDesktop,
+    PoolEntry,
+    StateResponse,
+    TokenRequest,
+    UserPublic,
+)
+from deskpool.broker.console import virt_viewer_file
+from deskpool.broker.entitlements import entitled_pool_names
+from deskpool.domain.errors import Conflict, Forbidden
+from deskpool.domain.users import Identity
+from deskpool.lifecycle.states import HELD_STATES, DesktopState
+from deskpool.store.models import Desktop, Pool
+
+router = APIRouter(prefix="/api/v1")
+
+
+def user_public(identity: Identity) -> UserPublic:
+    return UserPublic(name=identity.name, display_name=identity.display_name,
+                      source=identity.source, groups=sorted(identity.groups),
+                      is_admin=identity.is_admin)
+
+
+@router.post("/auth/login", response_model=LoginResponse, tags=["auth"])
+def login(body: LoginRequest, response: Response, svc: ServicesDep) -> LoginResponse:
+    signed = svc.accounts.sign_in(body.username, body.password)
+    response.set_cookie(SESSION_COOKIE, signed.token, httponly=True, samesite="strict",
+                        max_age=12 * 3600, path="/")
+    return LoginResponse(token=signed.token, expires_at=signed.expires_at,
+                         user=user_public(signed.identity))
+
+
+@router.post("/auth/logout", status_code=204, tags=["auth"])
+def logout(request: Request, response: Response, user: CurrentUser,
+           svc: ServicesDep) -> None:
+    token = token_of(request)
+    if token:
+        svc.accounts.sign_out(token)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+
+
+@router.post("/auth/tokens", response_model=LoginResponse, tags=["auth"])
+def create_token(body: TokenRequest, user: CurrentUser, svc: ServicesDep) -> LoginResponse:
+    signed = svc.accounts.issue_api_token(user.name, body.label)
+    return LoginResponse(token=signed.token, expires_at=signed.expires_at,
+                         user=user_public(signed.identity))
+
+
+@router.get("/me", response_model=UserPublic, tags=["auth"])
+def me(user: CurrentUser) -> UserPublic:
+    return user_public(user)
+
+
+@router.get("/ping", tags=["auth"])
+def ping(user: CurrentUser) -> dict[str, bool]:
+    """A no-op that still authenticates: the baseline the logon benchmark compares with."""
+    return {"ok": True}
+
+
+@router.get("/pools", response_model=list[PoolEntry], tags=["user"])
+def my_pools(user: CurrentUser, svc: ServicesDep) -> list[PoolEntry]:
+    with svc.ctx.uow(read_only=True) as uow:
+        names = entitled_pool_names(uow, user)
+        entries = []
+        for pool in uow.session.scalars(select(Pool).where(Pool.name.in_(names))
+                                        .order_by(Pool.name)):
+            desktops = uow.pools.desktops(pool.id)
+            ready = sum(1 for d in desktops
+                        if d.state == DesktopState.READY.value and d.assigned_user is None)
+            mine = next((d.name for d in desktops if d.assigned_user == user.name
+                         and d.state in HELD_STATES), None)
+            entries.append(PoolEntry(name=pool.name, template=pool.template.name,
+                                     kind=pool.kind.value, assignment=pool.assignment.value,
+                                     ready=ready, mine=mine))
+        return entries
+
+
+@router.post("/pools/{pool}/connect", response_model=HandoverResponse, tags=["user"])
+def connect(pool: str, request: Request, user: CurrentUser,
+            svc: ServicesDep) -> HandoverResponse:
+    received = getattr(request.state, "received_at", time.monotonic())
+    handover = svc.broker.connect(user, pool, received_at=received)
+    return HandoverResponse(
+        status=handover.status, pool=handover.pool, message=handover.message,
+        logon_id=handover.logon_id, desktop_id=handover.desktop_id, desktop=handover.desktop,
+        hostname=handover.hostname, reconnect=handover.reconnect,
+        phases_ms=handover.phases_ms)
+
+
+@router.get("/desktops", response_model=list[MyDesktop], tags=["user"])
+def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
+    with svc.ctx.uow(read_only=True) as uow:
+        rows = uow.session.execute(
+            select(Desktop, Pool.name).join(Pool, Pool.id == Desktop.pool_id)
+            .where(Desktop.assigned_user == user.name, Desktop.state.in_(HELD_STATES))
+            .order_by(Desktop.name)).all()
+        return [MyDesktop(id=d.id, name=d.name, hostname=d.hostname, pool=pool_name,
+                          state=d.state, connected=d.console_connections > 0)
+                for d, pool_name in rows]
+
+
+def _own_desktop(svc: ServicesDep, user: Identity, desktop_id: uuid.UUID) -> Desktop:
+    """The caller's held desktop; the same refusal whether it exists or not."""
+    with svc.ctx.uow(read_only=True) as uow:
+        desktop = uow.desktops.find(desktop_id)
+        if (desktop is None or desktop.assigned_user != user.name
+                or desktop.state not in HELD_STATES):
+            raise Forbidden("you hold no such desktop; connect to a pool first")
+        uow.session.expunge(desktop)
+        return desktop
+
+
+@router.post("/desktops/{desktop_id}/console", response_model=ConsoleTicketResponse,
+             tags=["user"])
+def console_ticket(desktop_id: uuid.UUID, user: CurrentUser,
+                   svc: ServicesDep) -> ConsoleTicketResponse:
+    ticket = svc.tickets.issue(user, desktop_id)
+    return ConsoleTicketResponse(token=ticket.token, desktop=ticket.desktop,
+                                 expires_at=ticket.expires_at,
+                                 websocket_port=svc.console_ws_port)
+
+
+@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse, tags=["user"])
+def log_off(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> StateResponse:
+    _own_desktop(svc, user, desktop_id)
+    state = svc.sessions.log_off(desktop_id, by=user, reason="the user logged off")
+    return StateResponse(desktop_id=desktop_id, state=state)
+
+
+@router.get("/desktops/{desktop_id}/console.vv", response_class=PlainTextResponse,
+            tags=["user"])
+def console_vv(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> Response:
+    """A remote-viewer file, for desktops whose console is reachable beyond their host."""
+    desktop = _own_desktop(svc, user, desktop_id)
+    with svc.ctx.uow(read_only=True) as uow:
+        driver = svc.ctx.driver_for(uow.desktops.get(desktop_id).host)
+    address = driver.console_address(desktop_id)
+    if address.host in ("127.0.0.1", "::1", "localhost"):
+        raise Conflict(f"desktop {desktop.name!r} offers its console only through the "
+                       "browser: its display listens on its host's loopback address")
+    body = virt_viewer_file(title=desktop.name, protocol=address.protocol,
+                            host=address.host, port=address.port, password=None)
+    return Response(body, media_type="application/x-virt-viewer", headers={
+        "content-disposition": f'attachment; filename="{desktop.name}.vv"'})

@@ -1,0 +1,104 @@
+"""Request and response bodies of the REST API (what OpenAPI documents)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class LoginRequest(BaseModel):
+    username: str = Field(min_length=1, max_length=255)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserPublic(BaseModel):
+    name: str
+    display_name: str
+    source: str
+    groups: list[str]
+    is_admin: bool
+
+
+class LoginResponse(BaseModel):
+    token: str
+    expires_at: datetime | None
+    user: UserPublic
+
+
+class TokenRequest(BaseModel):
+    label: str = Field(default="", max_length=255)
+
+
+class PoolEntry(BaseModel):
+    name: str
+    template: str
+    kind: str
+    assignment: str
+    ready: int
+    mine: str | None = None  # the name of the desktop I hold in it
+
+
+class HandoverResponse(BaseModel):
+    status: str  # ready | pending
+    pool: str
+    message: str
+    logon_id: uuid.UUID
+    desktop_id: uuid.UUID | None
+    desktop: str | None
+    hostname: str | None
+    reconnect: bool
+    phases_ms: dict[str, int]
+
+
+class MyDesktop(BaseModel):
+    id: uuid.UUID
+    name: str
+    hostname: str
+    pool: str
+    state: str
+    connected: bool
+
+
+class ConsoleTicketResponse(BaseModel):
+    token: str
+    desktop: str
+    expires_at: datetime
+    websocket_port: int | None
+
+
+class StateResponse(BaseModel):
+    desktop_id: uuid.UUID
+    state: str
+
+
+class UserCreate(BaseModel):
+    name: str
+    password: str
+    display_name: str = ""
+    is_admin: bool = False
+    groups: list[str] = Field(default_factory=list)
+
+
+class GrantRequest(BaseModel):
+    kind: str  # user | group
+    principal: str
+
+
+class PoolCreate(BaseModel):
+    name: str
+    template: str
+    kind: str = "stateless"
+    assignment: str = "floating"
+    min_size: int = 0
+    max_size: int = 10
+    spare: int = 1
+    naming_pattern: str = "desktop-{n:03}"
+    clone_mode: str = "linked"
+    on_logout: str = "recycle-revert"
+    power_policy: str = "running"
+    reservation_timeout_s: int = 300
+    idle_timeout_s: int | None = None
+    disconnect_timeout_s: int | None = 1800
+    host: str | None = None

@@ -1,0 +1,73 @@
+"""A broker on the fake driver for functional tests and benchmarks: one host, one template,
+pools, users, entitlements, and the HTTP app."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from deskpool.api.app import create_app
+from deskpool.broker.accounts import AccountService
+from deskpool.broker.entitlements import EntitlementService
+from deskpool.config import Settings
+from deskpool.domain.pools import PoolSpec
+from deskpool.drivers.fake import FakeDriver
+from deskpool.drivers.registry import forget_fake_hosts, open_driver
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.pools import PoolService
+from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.reconciler.loop import Reconciler
+
+PASSWORD = "correct-horse-1"
+
+
+@dataclass
+class BrokerWorld:
+    ctx: ServiceContext
+    fake: FakeDriver
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def pool(self, name: str = "lab", **kw: object) -> str:
+        fields: dict[str, object] = {"name": name, "template": "golden", "spare": 2,
+                                     "max_size": 4, "naming_pattern": f"{name}-{{n:02}}"}
+        fields.update(kw)
+        PoolService(self.ctx).create(PoolSpec(**fields))  # type: ignore[arg-type]
+        return name
+
+    def user(self, name: str, *, admin: bool = False, groups: tuple[str, ...] = (),
+             entitled_to: tuple[str, ...] = ()) -> str:
+        accounts = AccountService(self.ctx)
+        accounts.create_user(name, PASSWORD, is_admin=admin)
+        for group in groups:
+            accounts.add_to_group(name, group)
+        for pool in entitled_to:
+            EntitlementService(self.ctx).grant(pool, "user", name)
+        self.tokens[name] = accounts.issue_api_token(name, "tests").token
+        return name
+
+    def fill(self, passes: int = 3) -> None:
+        reconciler = Reconciler(self.ctx, workers=4, ready_timeout_s=5)
+        for _ in range(passes):
+            reconciler.run_pass()
+
+    def client(self, user: str | None = None) -> TestClient:
+        client = TestClient(create_app(self.ctx, directories=[], console_ws_port=6080))
+        if user is not None:
+            client.headers["authorization"] = f"Bearer {self.tokens[user]}"
+        return client
+
+
+def make_world(tmp_path: Path, host_uri: str = "fake://broker") -> BrokerWorld:
+    forget_fake_hosts()
+    ctx = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    HostService(ctx).add("h1", host_uri)
+    disk = tmp_path / "golden.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    TemplateService(ctx).publish("golden", ImageFiles(disk=disk))
+    fake = open_driver(host_uri)
+    assert isinstance(fake, FakeDriver)
+    return BrokerWorld(ctx=ctx, fake=fake)
