@@ -4,6 +4,7 @@ pools, users, entitlements, and the HTTP app."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
+from deskpool.domain.users import Authenticator
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.lifecycle.context import ServiceContext
@@ -54,8 +56,10 @@ class BrokerWorld:
         for _ in range(passes):
             reconciler.run_pass()
 
-    def client(self, user: str | None = None) -> TestClient:
-        client = TestClient(create_app(self.ctx, directories=[], console_ws_port=6080))
+    def client(self, user: str | None = None,
+               directories: Sequence[Authenticator] = ()) -> TestClient:
+        client = TestClient(create_app(self.ctx, directories=list(directories),
+                                       console_ws_port=6080))
         if user is not None:
             client.headers["authorization"] = f"Bearer {self.tokens[user]}"
         return client
@@ -71,3 +75,37 @@ def make_world(tmp_path: Path, host_uri: str = "fake://broker") -> BrokerWorld:
     fake = open_driver(host_uri)
     assert isinstance(fake, FakeDriver)
     return BrokerWorld(ctx=ctx, fake=fake)
+
+
+class ServerThread:
+    """A real uvicorn server on a free loopback port, in a thread of this process (so the
+    fake driver's in-memory VMs are the server's too)."""
+
+    def __init__(self, app: object) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,  # type: ignore[arg-type]
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start within 10 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -95,6 +96,13 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
         if code >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{' '.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in exc.errors())
+        return JSONResponse({"detail": f"bad input: {problems}"}, status_code=422)
 
     app.include_router(routes_user.router)
     app.include_router(routes_admin.router)

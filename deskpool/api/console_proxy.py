@@ -40,8 +40,9 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
     server: ConsoleProxyServer
     timeout = HANDSHAKE_TIMEOUT_S
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # tickets stay out of the log
-        log.info("%s %s", self.client_address[0], _TOKEN_IN_LOG.sub("token=***", fmt % args))
+    def log_message(self, fmt: str, *args: Any) -> None:
+        """websockify's own per-connection chatter: debug, and never with the ticket."""
+        log.debug("%s", _TOKEN_IN_LOG.sub("token=***", fmt % args))
 
     def validate_connection(self) -> None:
         """No token plugin and no path-chosen target: only ``new_websocket_client`` decides."""

@@ -1,53 +1,90 @@
-"""``deskpool demo``: the main job for now. Idempotent: a second run reuses what the first made."""
+"""``deskpool demo``: the main job. A broker with a demo pool on the embedded database.
+
+Builds the guest image if missing, registers the local libvirt host and the demo template,
+creates the ``demo`` pool (one spare desktop kept warm), a user entitled to it and an admin,
+then runs the broker (portal, API, console proxy, reconciler, session timers) in the
+foreground. Idempotent: a second run reuses everything, including the passwords it made.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
 
+from deskpool.api.server import serve
+from deskpool.broker.accounts import AccountService
+from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.progress import build_with_progress
-from deskpool.domain.errors import NotFound
+from deskpool.domain.errors import Conflict
+from deskpool.domain.pools import PoolSpec
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
 from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.states import DesktopState
+from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 
 DEMO_HOST, DEMO_URI = "local", "qemu:///system"
-DEMO_TEMPLATE, DEMO_DESKTOP = "demo", "demo-001"
+DEMO_TEMPLATE, DEMO_POOL = "demo", "demo"
+DEMO_USER, DEMO_ADMIN = "demo", "admin"
 
 
-def run_demo(ctx: ServiceContext, out: Console) -> None:
+def _credentials(ctx: ServiceContext) -> dict[str, str]:
+    """The demo users' passwords: made once, kept (mode 0600) in the data directory."""
+    path: Path = ctx.settings.data_dir / "demo-credentials"
+    if path.is_file():
+        return dict(line.split(" ", 1) for line in path.read_text().splitlines() if line)
+    made = {DEMO_USER: secrets.token_urlsafe(9), DEMO_ADMIN: secrets.token_urlsafe(12)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{user} {password}\n" for user, password in made.items()))
+    return made
+
+
+def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
     image = build_with_progress(out, ctx.settings.image_cache_dir)
     out.print(f"guest image {image.recipe_hash[:12]} ready at {image.directory}")
-
     hosts = HostService(ctx)
     if DEMO_HOST not in {h.name for h in hosts.list()}:
         with out.status(f"connecting to {DEMO_URI}"):
             hosts.add(DEMO_HOST, DEMO_URI)
     templates = TemplateService(ctx)
-    version = templates.find_published(DEMO_TEMPLATE, image.disk_sha256)
-    if version is None:
+    if templates.find_published(DEMO_TEMPLATE, image.disk_sha256) is None:
         with out.status("publishing the demo template"):
-            version = templates.publish(DEMO_TEMPLATE, ImageFiles.from_guest_image(image),
-                                        recipe_hash=image.recipe_hash)
-    desktops = DesktopService(ctx)
-    try:
-        desktop = desktops.get(DEMO_DESKTOP)
-        if desktop.state != DesktopState.READY.value:
-            desktops.delete(DEMO_DESKTOP)  # a leftover from an interrupted run: start over
-            raise NotFound(DEMO_DESKTOP)
-    except NotFound:
-        with out.status("creating the demo desktop") as status:
-            desktop = desktops.create(DEMO_TEMPLATE, name=DEMO_DESKTOP,
-                                      progress=lambda step: status.update(step))
-    console = desktops.console(DEMO_DESKTOP)
+            templates.publish(DEMO_TEMPLATE, ImageFiles.from_guest_image(image),
+                              recipe_hash=image.recipe_hash)
+    pools = PoolService(ctx)
+    if DEMO_POOL not in {p.name for p in pools.list()}:
+        pools.create(PoolSpec(name=DEMO_POOL, template=DEMO_TEMPLATE, spare=1, max_size=3,
+                              naming_pattern="desk-{n:03}"))
+    credentials = _credentials(ctx)
+    accounts = AccountService(ctx)
+    known = {u.name for u in accounts.list_users()}
+    if DEMO_USER not in known:
+        accounts.create_user(DEMO_USER, credentials[DEMO_USER], display_name="Demo User")
+    if DEMO_ADMIN not in known:
+        accounts.create_user(DEMO_ADMIN, credentials[DEMO_ADMIN], is_admin=True)
+    with contextlib.suppress(Conflict):  # granted by an earlier run
+        EntitlementService(ctx).grant(DEMO_POOL, "user", DEMO_USER)
+    return credentials
+
+
+def run_demo(ctx: ServiceContext, out: Console) -> None:
+    credentials = prepare_demo(ctx, out)
+    s = ctx.settings
+    url = f"http://{s.listen_host}:{s.listen_port}/"
     out.print(Panel.fit(
-        f"desktop [bold]{desktop.name}[/] is {desktop.state} on host {desktop.host}\n"
-        f"hostname {desktop.hostname}, MAC {desktop.mac}, machine-id {desktop.machine_id}\n"
-        f"console: VNC at {console.host}:{console.port} "
-        f"(e.g. 'vncviewer {console.host}::{console.port}')\n"
-        f"list desktops: .venv/bin/deskpool desktop list\n"
-        f"remove it:     .venv/bin/deskpool desktop delete {desktop.name}",
-        title="deskpool demo",
-    ))
+        f"portal:  {url}  sign in as [bold]{DEMO_USER}[/] / {credentials[DEMO_USER]}\n"
+        f"admin:   {url}admin  as [bold]{DEMO_ADMIN}[/] / {credentials[DEMO_ADMIN]}\n"
+        f"API:     {url}docs (OpenAPI)\n"
+        f"pool [bold]{DEMO_POOL}[/]: one desktop kept ready (the first boot takes a minute "
+        "or two under TCG)\n"
+        f"consoles: noVNC in the browser through websockify on port {s.console_port}\n"
+        "stop with Ctrl-C; passwords are kept in "
+        f"{s.data_dir / 'demo-credentials'}",
+        title="deskpool demo broker"))
+    serve(ctx, host=s.listen_host, port=s.listen_port, console_port=s.console_port)

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from deskpool.cli.broker import grant_command, serve_command, user_app
+from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
@@ -41,6 +42,7 @@ app.add_typer(pool_app, name="pool")
 app.command("reconcile")(reconcile)
 app.add_typer(user_app, name="user")
 app.command("serve")(serve_command)
+app.add_typer(client_app, name="client")
 pool_app.command("grant")(grant_command)
 
 
@@ -199,7 +201,7 @@ def desktop_delete(name: str) -> None:
 
 @app.command("demo")
 def demo() -> None:
-    """Build the guest image if missing, start the local host and bring up a demo desktop."""
+    """Run a broker with a demo pool on local libvirt (builds what is missing first)."""
     from deskpool.cli.demo import run_demo
 
     with services() as ctx:

@@ -1,0 +1,110 @@
+"""``deskpool client ...``: the CLI against a broker's REST API, from any machine.
+
+``client login`` keeps the session token in ``~/.config/deskpool/client.json`` (mode 0600);
+the other commands send it as a bearer token. The API's ``detail`` sentence is printed on
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.table import Table
+
+from deskpool.cli.common import out
+from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
+
+client_app = typer.Typer(help="Use a broker over its REST API (sign in, connect...).",
+                         no_args_is_help=True)
+CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "deskpool"
+
+
+def _saved() -> dict[str, str]:
+    path = CONFIG / "client.json"
+    if not path.is_file():
+        raise AuthenticationFailed("not signed in: run 'deskpool client login URL USER' first")
+    saved: dict[str, str] = json.loads(path.read_text())
+    return saved
+
+
+def _call(method: str, path: str, **kw: Any) -> Any:
+    saved = _saved()
+    try:
+        answer = httpx.request(method, saved["url"].rstrip("/") + path, timeout=120,
+                               headers={"authorization": f"Bearer {saved['token']}"}, **kw)
+    except httpx.HTTPError as exc:
+        raise DeskpoolError(f"broker at {saved['url']} did not answer: {exc}") from exc
+    if answer.status_code >= 400:
+        try:
+            detail = answer.json().get("detail", answer.text)
+        except ValueError:
+            detail = answer.text
+        raise DeskpoolError(f"{detail} (HTTP {answer.status_code})")
+    return answer.json() if answer.content else None
+
+
+@client_app.command("login")
+def login(url: str, user: str,
+          password: Annotated[str, typer.Option(prompt=True, hide_input=True)]) -> None:
+    try:
+        answer = httpx.post(url.rstrip("/") + "/api/v1/auth/login", timeout=30,
+                            json={"username": user, "password": password})
+    except httpx.HTTPError as exc:
+        raise DeskpoolError(f"broker at {url} did not answer: {exc}") from exc
+    if answer.status_code != 200:
+        raise AuthenticationFailed(answer.json().get("detail", "sign-in refused"))
+    CONFIG.mkdir(parents=True, exist_ok=True)
+    fd = os.open(CONFIG / "client.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "token": answer.json()["token"]}, f)
+    out.print(f"signed in to {url} as {answer.json()['user']['name']}")
+
+
+@client_app.command("pools")
+def pools() -> None:
+    table = Table("pool", "template", "kind", "ready", "my desktop")
+    for p in _call("GET", "/api/v1/pools"):
+        table.add_row(p["name"], p["template"], p["kind"], str(p["ready"]), p["mine"] or "")
+    out.print(table)
+
+
+@client_app.command("connect")
+def connect(pool: str) -> None:
+    answer = _call("POST", f"/api/v1/pools/{pool}/connect")
+    out.print(answer["message"])
+    if answer["status"] == "ready":
+        phases = ", ".join(f"{k} {v} ms" for k, v in answer["phases_ms"].items())
+        out.print(f"desktop {answer['desktop']} (hostname {answer['hostname']}, id "
+                  f"{answer['desktop_id']}); {phases}")
+
+
+@client_app.command("desktops")
+def desktops() -> None:
+    table = Table("desktop", "id", "pool", "state", "console open")
+    for d in _call("GET", "/api/v1/desktops"):
+        table.add_row(d["name"], d["id"], d["pool"], d["state"], "yes" if d["connected"] else "")
+    out.print(table)
+
+
+@client_app.command("logoff")
+def logoff(desktop_id: str) -> None:
+    answer = _call("POST", f"/api/v1/desktops/{desktop_id}/logoff")
+    out.print(f"logged off; the desktop is now {answer['state']}")
+
+
+@client_app.command("logons")
+def logons(limit: int = 20) -> None:
+    """Logon phase timings (admins)."""
+    table = Table("when", "user", "pool", "desktop", "outcome", "queue", "claim", "power on",
+                  "ready", "connect")
+    for r in _call("GET", "/api/v1/admin/logons", params={"limit": limit}):
+        table.add_row(r["requested_at"][:19], r["user"], r["pool"], r["desktop"] or "",
+                      r["outcome"], *(str(r[f"{k}_ms"] if r[f"{k}_ms"] is not None else "")
+                                      for k in ("queue", "claim", "power_on", "ready",
+                                                "connect")))
+    out.print(table)
