@@ -20,7 +20,7 @@ packages=(
   mmdebstrap e2fsprogs dosfstools mtools
   pkg-config gcc python3-dev python3-venv
   ca-certificates
-  slapd ldap-utils novnc chromium fonts-dejavu-core
+  slapd ldap-utils novnc chromium fonts-dejavu-core postgresql
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -65,9 +65,10 @@ class BrokerWorld:
         return client
 
 
-def make_world(tmp_path: Path, host_uri: str = "fake://broker") -> BrokerWorld:
+def make_world(tmp_path: Path, host_uri: str = "fake://broker",
+               database_url: str | None = None) -> BrokerWorld:
     forget_fake_hosts()
-    ctx = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    ctx = ServiceContext(Settings(data_dir=tmp_path / "data", database_url=database_url))
     HostService(ctx).add("h1", host_uri)
     disk = tmp_path / "golden.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pg_server import PostgresServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -53,3 +58,29 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             pool.undefine()
     finally:
         conn.close()
+
+
+# --- databases: every test that asks for ``database_url`` runs on SQLite and on PostgreSQL ----
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    from tests.pg_server import PostgresServer, available
+
+    reason = available()
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL tier cannot run in CI: {reason}")
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'deskpool.db'}"
+    server = request.getfixturevalue("postgres")
+    return str(server.create_database(f"t{next(_pg_databases)}"))

@@ -224,8 +224,14 @@ class UnitOfWork:
         self._active = False
 
     def _begin_read_only(self) -> None:
-        # Begin now, so the options reach the "begin" event (plain BEGIN on SQLite).
-        self.session.connection(execution_options={READ_ONLY_OPTION: True})
+        # Begin now, so the options reach the "begin" event (plain BEGIN on SQLite). On
+        # PostgreSQL a read-only transaction at REPEATABLE READ reads one snapshot, as a SQLite
+        # reader does, and takes no row locks.
+        options: dict[str, object] = {READ_ONLY_OPTION: True}
+        if self._session_factory.kw.get("bind") is not None and \
+                self._session_factory.kw["bind"].dialect.name == "postgresql":
+            options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        self.session.connection(execution_options=options)
 
     def __enter__(self) -> Self:
         if self._active:

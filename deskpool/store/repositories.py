@@ -65,7 +65,10 @@ def conflict_from_db_error(exc: IntegrityError | StaleDataError) -> Conflict:
             "the record was changed by someone else since it was read; reload it and retry "
             f"({_first_line(exc)})"
         )
-    return Conflict(f"the change conflicts with existing data ({_first_line(exc.orig)})")
+    # PostgreSQL puts the offending values in the error's detail ("Key (name)=(a) exists").
+    detail = getattr(getattr(exc.orig, "diag", None), "message_detail", None)
+    extra = f": {detail}" if detail else ""
+    return Conflict(f"the change conflicts with existing data ({_first_line(exc.orig)}{extra})")
 
 
 def _constraint_hit(table: str, columns: tuple[str, ...], message: str) -> bool:

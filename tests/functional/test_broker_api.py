@@ -20,8 +20,8 @@ from tests.broker_world import PASSWORD, BrokerWorld, make_world
 
 
 @pytest.fixture()
-def world(tmp_path: Path) -> Iterator[BrokerWorld]:
-    w = make_world(tmp_path)
+def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
+    w = make_world(tmp_path, database_url=database_url)
     w.pool("lab")
     w.user("alice", entitled_to=("lab",))
     w.user("bob")

@@ -29,8 +29,8 @@ from deskpool.store import (
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'deskpool.db'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
     upgrade_to_head(engine)
     yield engine
     engine.dispose()
@@ -255,7 +255,8 @@ def test_a_duplicate_made_by_renaming_fails_at_commit_as_conflict(
         uow.commit()
     with UnitOfWork(sessions) as uow:
         uow.hosts.get_by_name("host-b").name = "host-a"
-        with pytest.raises(Conflict, match=r"hosts\.name"):
+        # SQLite names the column, PostgreSQL the constraint and the value.
+        with pytest.raises(Conflict, match=r"hosts\.name|uq_hosts_name.*\(host-a\)"):
             uow.commit()
     with UnitOfWork(sessions) as uow:
         assert [h.name for h in uow.hosts.list()] == ["host-a", "host-b"]
