@@ -28,9 +28,11 @@ from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.states import HELD_STATES
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("deskpool.api.console_proxy")  # the same under `python -m`
 HANDSHAKE_TIMEOUT_S = 10.0  # a client that connects and says nothing frees its thread
+RECHECK_S = 10.0  # how often an open console checks its desktop is still its user's
 _TOKEN_IN_LOG = re.compile(r"token=[^&\s'\"]*")
 
 
@@ -39,6 +41,7 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
 
     server: ConsoleProxyServer
     timeout = HANDSHAKE_TIMEOUT_S
+    target: ConsoleTarget | None = None  # this connection's, set once its ticket is consumed
 
     def log_message(self, fmt: str, *args: Any) -> None:
         """websockify's own per-connection chatter: debug, and never with the ticket."""
@@ -80,9 +83,29 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
             self.server.untrack(tsock)
             tsock.close()
 
+    def send_ping(self, data: bytes = b"") -> None:
+        """websockify's heartbeat, every ``RECHECK_S`` while proxying: also end the console
+        of a desktop that left its user (logged off, released, timed out, taken by an admin)."""
+        super().send_ping(data)
+        target = self.target
+        if target is None:
+            return
+        try:
+            with self.server.ctx.uow(read_only=True) as uow:
+                desktop = uow.desktops.find(target.desktop_id)
+                held = (desktop is not None and desktop.assigned_user == target.user
+                        and desktop.state in HELD_STATES)
+        except Exception:  # a database hiccup does not cut consoles
+            log.warning("could not check who holds %s", target.desktop, exc_info=True)
+            return
+        if not held:
+            log.info("closing %s's console of %s: no longer theirs", target.user, target.desktop)
+            raise self.CClose(1008, "the desktop is no longer yours")
+
     def _proxy(self, target: ConsoleTarget, tsock: socket.socket, peer: str) -> None:
         if not self.server.track(tsock, self.connection):
             raise self.CClose(1001, "the console proxy is stopping")
+        self.target = target
         sessions = SessionService(self.server.ctx)
         try:
             sessions.console_connected(target.desktop_id, target.user)
@@ -115,7 +138,8 @@ class ConsoleProxyServer(LibProxyServer):  # type: ignore[misc]
     connection's target lives in its own handler, never on the shared server object.
     """
 
-    def __init__(self, ctx: ServiceContext, listen_host: str, listen_port: int) -> None:
+    def __init__(self, ctx: ServiceContext, listen_host: str, listen_port: int, *,
+                 recheck_s: float = RECHECK_S) -> None:
         self.ctx = ctx
         self.logger = log  # websockify's handlers log through the server's logger
         self.stopping = False
@@ -124,7 +148,7 @@ class ConsoleProxyServer(LibProxyServer):  # type: ignore[misc]
         if ":" in listen_host:
             self.address_family = socket.AF_INET6
         super().__init__(RequestHandlerClass=ConsoleProxyHandler, listen_host=listen_host,
-                         listen_port=listen_port)
+                         listen_port=listen_port, heartbeat=recheck_s)
 
     @property
     def port(self) -> int:
@@ -183,7 +207,7 @@ def run_console_proxy(listen_host: str, listen_port: int, *,
     serving.start()
     log.info("console proxy listening on %s:%d", listen_host, server.port)
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(0.5) and serving.is_alive():
             pass
         log.info("console proxy stopping")
     finally:

@@ -1,5 +1,5 @@
 """``deskpool serve``: one broker process. It runs the HTTP app (uvicorn), the console proxy
-(websockify, a child process), the reconciler loop and the session timers loop.
+(websockify, in threads), the reconciler loop and the session timers loop.
 
 Every loop keeps its progress in the database, so a killed broker resumes where it stopped.
 """
@@ -7,14 +7,12 @@ Every loop keeps its progress in the database, so a killed broker resumes where 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 
 import uvicorn
 
 from deskpool.api.app import create_app
+from deskpool.api.console_proxy import ConsoleProxyServer
 from deskpool.broker.sessions import SessionService
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.reconciler.loop import Reconciler
@@ -34,21 +32,16 @@ def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: floa
         stop.wait(interval_s)
 
 
-def start_console_proxy(ctx: ServiceContext, host: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DESKPOOL_DATA_DIR": str(ctx.settings.data_dir)}
-    if ctx.settings.database_url:
-        env["DESKPOOL_DATABASE_URL"] = ctx.settings.database_url
-    return subprocess.Popen([sys.executable, "-m", "deskpool.api.console_proxy",
-                             "--listen", f"{host}:{port}"], env=env)
-
-
 def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
           reconcile_interval_s: float = 5.0, timers_interval_s: float = 2.0,
           workers: int = 4) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
-    proxy = start_console_proxy(ctx, host, console_port)
+    # The console proxy runs in this process (threads), so it shares the drivers: consoles
+    # of in-memory fake hosts work too. ``python -m deskpool.api.console_proxy`` runs it alone.
+    proxy = ConsoleProxyServer(ctx, host, console_port)
     loops = [
+        threading.Thread(target=proxy.serve_forever, name="console-proxy", daemon=True),
         threading.Thread(target=Reconciler(ctx, workers=workers).run_forever,
                          args=(stop, reconcile_interval_s), name="reconciler", daemon=True),
         threading.Thread(target=_timers_forever, args=(ctx, stop, timers_interval_s),
@@ -61,10 +54,6 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
                     log_level="warning", timeout_graceful_shutdown=5)
     finally:
         stop.set()
-        proxy.terminate()
-        try:
-            proxy.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        proxy.stop()
         for loop in loops:
             loop.join(timeout=30)
