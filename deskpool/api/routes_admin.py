@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter
 from sqlalchemy import select
 
 from deskpool.api.deps import AdminUser, ServicesDep
-from deskpool.api.schemas import GrantRequest, PoolCreate, StateResponse, UserCreate
-from deskpool.broker.events import recent_events
+from deskpool.api.schemas import (
+    DrainRequest,
+    GrantRequest,
+    HostCreate,
+    PoolCreate,
+    StateResponse,
+    UserCreate,
+)
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
-from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.events import recent_events
+from deskpool.lifecycle.hosts import HostLimits, HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.states import HELD_STATES
 from deskpool.lifecycle.templates import TemplateService
@@ -28,6 +36,23 @@ Row = dict[str, Any]
 @router.get("/hosts")
 def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(h) for h in HostService(svc.ctx).list()]
+
+
+@router.post("/hosts")
+def add_host(body: HostCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+    limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
+                        body.max_provisioning, body.transfer_slots)
+    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits))
+
+
+@router.post("/hosts/{name}/drain")
+def drain_host(name: str, body: DrainRequest, admin: AdminUser, svc: ServicesDep) -> Row:
+    return asdict(HostService(svc.ctx).drain(name, grace=timedelta(seconds=body.grace_s)))
+
+
+@router.post("/hosts/{name}/enable")
+def enable_host(name: str, admin: AdminUser, svc: ServicesDep) -> Row:
+    return asdict(HostService(svc.ctx).enable(name))
 
 
 @router.get("/templates")
@@ -49,8 +74,8 @@ def create_pool(body: PoolCreate, admin: AdminUser, svc: ServicesDep) -> Row:
         clone_mode=body.clone_mode, on_logout=OnLogout(body.on_logout),
         power_policy=PowerPolicy(body.power_policy),
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
-        disconnect_timeout_s=body.disconnect_timeout_s)
-    return asdict(PoolService(svc.ctx).create(spec, host=body.host))
+        disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement)
+    return asdict(PoolService(svc.ctx).create(spec, hosts=body.hosts))
 
 
 @router.get("/entitlements")
@@ -98,7 +123,8 @@ def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
                  "pool": pool, "version": number, "user": d.assigned_user,
                  "last_error": d.last_error, "retry_count": d.retry_count,
                  "state_changed_at": d.state_changed_at.isoformat(),
-                 "console_connections": d.console_connections}
+                 "console_connections": d.console_connections,
+                 "placement_reason": d.placement_reason, "notice": d.notice}
                 for d, host, pool, number in rows]
 
 

@@ -113,7 +113,8 @@ def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
             .where(Desktop.assigned_user == user.name, Desktop.state.in_(HELD_STATES))
             .order_by(Desktop.name)).all()
         return [MyDesktop(id=d.id, name=d.name, hostname=d.hostname, pool=pool_name,
-                          state=d.state, connected=d.console_connections > 0)
+                          state=d.state, connected=d.console_connections > 0,
+                          notice=d.notice)
                 for d, pool_name in rows]
 
 

@@ -59,6 +59,7 @@ class MyDesktop(BaseModel):
     pool: str
     state: str
     connected: bool
+    notice: str | None = None  # e.g. a host maintenance warning
 
 
 class ConsoleTicketResponse(BaseModel):
@@ -101,4 +102,19 @@ class PoolCreate(BaseModel):
     reservation_timeout_s: int = 300
     idle_timeout_s: int | None = None
     disconnect_timeout_s: int | None = 1800
-    host: str | None = None
+    placement: str = "spread"
+    hosts: list[str] = Field(default_factory=list)
+
+
+class HostCreate(BaseModel):
+    name: str
+    uri: str
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    max_desktops: int | None = None
+    max_provisioning: int = 2
+    transfer_slots: int = 2
+
+
+class DrainRequest(BaseModel):
+    grace_s: int = Field(default=1800, ge=0, le=7 * 86400)

@@ -24,7 +24,6 @@ from datetime import datetime
 from sqlalchemy import select, update
 
 from deskpool.broker.entitlements import entitled_pool_names
-from deskpool.broker.events import log_event, record_event
 from deskpool.domain.errors import (
     Conflict,
     DeskpoolError,
@@ -32,16 +31,17 @@ from deskpool.domain.errors import (
     NotFound,
     Unavailable,
 )
-from deskpool.domain.models import PowerState
+from deskpool.domain.models import HostState, PowerState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.events import log_event, record_event
 from deskpool.lifecycle.factory import DesktopFactory
 from deskpool.lifecycle.pools import insert_pool_desktop
 from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
 from deskpool.store.access_models import Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Pool, utcnow
+from deskpool.store.models import Desktop, Host, Pool, TemplateVersion, utcnow
 
 S = DesktopState
 PREPARING_STATES = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
@@ -145,6 +145,12 @@ class Broker:
             Desktop.pool_id == pool.id, Desktop.assigned_user == identity.name,
             Desktop.state.not_in(NOT_LIVE_STATES))).all()
         for desktop in mine:
+            host = desktop.host
+            if host.state in (HostState.DOWN, HostState.MAINTENANCE) or (
+                    host.state is HostState.DRAINING and desktop.state not in HELD_STATES):
+                raise Unavailable(
+                    f"your desktop {desktop.name} is on host {host.name}, which is "
+                    f"{host.state.value}; it comes back when the host does")
             if desktop.state in HELD_STATES:
                 return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=True)
         for desktop in mine:
@@ -160,10 +166,10 @@ class Broker:
                 "your desktop is being prepared; connect again in a moment"))
         free = self._take_free(uow, pool, identity.name)
         if free is not None:
-            record_event(uow, "reserved", f"{identity.name} reserved {free.name}",
-                         user=identity.name, pool=pool.name, desktop_id=free.id,
-                         desktop=free.name)
-            return _Claim(free.id, free.name, free.hostname, reconnect=False)
+            record_event(uow, "reserved", f"{identity.name} reserved {free.desktop}",
+                         user=identity.name, pool=pool.name, desktop_id=free.desktop_id,
+                         desktop=free.desktop)
+            return free
         live = uow.session.scalars(select(Desktop.id).where(
             Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
         if len(live) >= pool.max_size:
@@ -180,12 +186,12 @@ class Broker:
             "in a minute"))
 
     @staticmethod
-    def _take_free(uow: UnitOfWork, pool: Pool, user: str) -> Desktop | None:
+    def _take_free(uow: UnitOfWork, pool: Pool, user: str) -> _Claim | None:
         """Reserve one free ready desktop of the pool's current version for ``user``."""
         candidates = uow.session.scalars(
-            select(Desktop.id).where(
+            select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
                 Desktop.pool_id == pool.id, Desktop.state == S.READY.value,
-                Desktop.assigned_user.is_(None),
+                Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
                 Desktop.template_version_id == pool.current_version_id)
             .order_by(Desktop.name).limit(8).with_for_update(skip_locked=True)).all()
         for desktop_id in candidates:
@@ -197,9 +203,10 @@ class Broker:
                         state_changed_at=utcnow(), task=None, last_error=None,
                         console_connections=0, disconnected_at=None, idle_since=None,
                         version=Desktop.version + 1)
-                .execution_options(synchronize_session=False))
-            if getattr(changed, "rowcount", 0) == 1:
-                return uow.desktops.get(desktop_id)
+                .returning(Desktop.name, Desktop.hostname)
+                .execution_options(synchronize_session=False)).first()
+            if changed is not None:
+                return _Claim(desktop_id, changed.name, changed.hostname, reconnect=False)
         return None
 
     @staticmethod
@@ -214,10 +221,15 @@ class Broker:
 
     def _ensure_running(self, desktop_id: uuid.UUID, timer: _Timer) -> None:
         with self.ctx.uow(read_only=True) as uow:
-            desktop = uow.desktops.get(desktop_id)
-            driver = self.ctx.driver_for(desktop.host)
-            agent_expected = desktop.template_version.customization.value != "none"
-        if driver.get_vm(desktop_id).power_state is not PowerState.RUNNING:
+            host, customization = uow.session.execute(
+                select(Host, TemplateVersion.customization)
+                .join(Desktop, Desktop.host_id == Host.id)
+                .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
+                .where(Desktop.id == desktop_id)).one()
+            driver = self.ctx.driver_for(host)
+            agent_expected = customization.value != "none"
+        started = driver.get_vm(desktop_id).power_state is not PowerState.RUNNING
+        if started:
             driver.start_vm(desktop_id)  # boots, or resumes saved memory
             with self.ctx.uow() as uow:
                 desktop = uow.desktops.get(desktop_id)
@@ -228,7 +240,7 @@ class Broker:
         if agent_expected:
             agent = GuestAgent(driver, desktop_id)
             agent.wait_until_ready(self.ready_timeout_s, poll_s=0.1)
-            if timer.phases.get("power_on", 0) > 50:
+            if started:
                 agent.set_time()  # a resumed guest's clock stood still while it slept
         driver.console_address(desktop_id)  # the display listens
         timer.lap("ready")

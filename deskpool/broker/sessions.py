@@ -22,17 +22,18 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from deskpool.broker.events import record_event
 from deskpool.domain.errors import DeskpoolError, Forbidden, InvalidInput
+from deskpool.domain.models import HostState
 from deskpool.domain.pools import Assignment
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.events import record_event
 from deskpool.lifecycle.pools import logout_outcome
 from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
 from deskpool.store.access_models import Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, utcnow
+from deskpool.store.models import Desktop, Host, utcnow
 
 log = logging.getLogger(__name__)
 S = DesktopState
@@ -57,7 +58,8 @@ class TimerReport:
 
 def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) -> None:
     values: dict[str, object] = dict(reserved_at=None, console_connections=0,
-                                     disconnected_at=None, idle_since=None, guest_user=None)
+                                     disconnected_at=None, idle_since=None, guest_user=None,
+                                     notice=None)
     if unassign:
         values["assigned_user"] = None
     uow.session.execute(update(Desktop).where(Desktop.id == desktop_id)
@@ -143,6 +145,7 @@ class SessionService:
                    ) -> TimerReport:
         now = now or utcnow()
         report = TimerReport()
+        self._drain_deadlines(report, now)
         with self.ctx.uow(read_only=True) as uow:
             pools = {p.id: _PoolTimers(p.name, p.assignment is Assignment.DEDICATED,
                                        p.reservation_timeout_s, p.idle_timeout_s,
@@ -164,6 +167,20 @@ class SessionService:
             except DeskpoolError as exc:
                 report.errors.append(f"{name}: {exc}")
         return report
+
+    def _drain_deadlines(self, report: TimerReport, now: datetime) -> None:
+        """Sessions on a draining host whose deadline passed are logged off."""
+        with self.ctx.uow(read_only=True) as uow:
+            due = uow.session.execute(
+                select(Desktop.id, Desktop.name, Host.name).join(Host, Host.id == Desktop.host_id)
+                .where(Host.state == HostState.DRAINING, Host.drain_deadline <= now,
+                       Desktop.state.in_(HELD_STATES))).all()
+        for d_id, name, host in due:
+            try:
+                self.log_off(d_id, by=None, reason=f"host {host} is going into maintenance")
+                report.logged_off.append(name)
+            except DeskpoolError as exc:
+                report.errors.append(f"{name}: {exc}")
 
     def _timers_of(self, report: TimerReport, pool: _PoolTimers, d_id: uuid.UUID, name: str,
                    state: str, reserved_at: datetime | None, disconnected_at: datetime | None,

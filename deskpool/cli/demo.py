@@ -56,7 +56,7 @@ def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
     if templates.find_published(DEMO_TEMPLATE, image.disk_sha256) is None:
         with out.status("publishing the demo template"):
             templates.publish(DEMO_TEMPLATE, ImageFiles.from_guest_image(image),
-                              recipe_hash=image.recipe_hash)
+                              recipe_hash=image.recipe_hash, arch="x86_64")
     pools = PoolService(ctx)
     if DEMO_POOL not in {p.name for p in pools.list()}:
         pools.create(PoolSpec(name=DEMO_POOL, template=DEMO_TEMPLATE, spare=1, max_size=3,

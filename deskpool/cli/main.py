@@ -17,17 +17,16 @@ from rich.table import Table
 from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
+from deskpool.cli.hosts import host_app
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
-from deskpool.domain.models import CloneMode, Customization, DomainType
+from deskpool.domain.models import CloneMode, Customization
 from deskpool.images.builder import build_guest_image
 from deskpool.lifecycle.desktops import DEFAULT_PATTERN, DesktopService
-from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 
 app = typer.Typer(help="deskpool: virtual desktops from golden images, on libvirt.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
 image_app = typer.Typer(help="Guest images built from Debian packages.", no_args_is_help=True)
 template_app = typer.Typer(help="Templates (golden images) and their versions.",
                            no_args_is_help=True)
@@ -48,32 +47,6 @@ pool_app.command("grant")(grant_command)
 
 
 # --- hosts ---------------------------------------------------------------------------------
-
-
-@host_app.command("add")
-def host_add(
-    name: str,
-    uri: Annotated[str, typer.Argument(help="libvirt URI, e.g. qemu:///system")],
-    domain_type: Annotated[DomainType, typer.Option(help="auto probes whether KVM boots guests")]
-    = DomainType.AUTO,
-    storage_dir: Annotated[Path | None, typer.Option(help="deskpool storage on that host")]
-    = None,
-) -> None:
-    """Register a hypervisor host (its URI must answer)."""
-    with services() as ctx, spinner(f"connecting to {uri}"):
-        host = HostService(ctx).add(name, uri, domain_type=domain_type, storage_dir=storage_dir)
-    out.print(f"host [bold]{host.name}[/] added ({host.uri}, storage {host.storage_dir})")
-
-
-@host_app.command("list")
-def host_list() -> None:
-    """List hosts."""
-    with services() as ctx:
-        hosts = HostService(ctx).list()
-    table = Table("name", "uri", "state", "domain type", "storage")
-    for h in hosts:
-        table.add_row(h.name, h.uri, h.state, h.domain_type, h.storage_dir or "")
-    out.print(table)
 
 
 # --- images & templates --------------------------------------------------------------------
@@ -103,6 +76,10 @@ def template_publish(
     vcpus: int = 1,
     memory_mib: int = 768,
     notes: str = "",
+    runs_on: Annotated[str, typer.Option(help="hypervisor types it runs on, e.g. QEMU "
+                                              "(default: any)")] = "",
+    arch: Annotated[str, typer.Option(help="guest architecture (default: x86_64 for --built, "
+                                           "else any)")] = "",
 ) -> None:
     """Publish a new, immutable version of a template."""
     with services() as ctx:
@@ -119,7 +96,8 @@ def template_publish(
         with spinner(f"publishing {name}"):
             version = TemplateService(ctx).publish(
                 name, files, customization=customization, vcpus=vcpus, memory_mib=memory_mib,
-                recipe_hash=recipe_hash, notes=notes,
+                recipe_hash=recipe_hash, notes=notes, runs_on=runs_on,
+                arch=arch or ("x86_64" if built else ""),
             )
     out.print(f"published [bold]{version.template}[/] version {version.number} "
               f"(sha256 {version.image_sha256[:12]})")

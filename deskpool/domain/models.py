@@ -51,6 +51,8 @@ class HostCapacity:
     memory_mib: int
     storage_free_bytes: int
     domain_types: tuple[str, ...]  # what the hypervisor offers, e.g. ("qemu", "kvm")
+    arch: str = "x86_64"
+    cpu_model: str = ""  # the host CPU's model name (its generation), "" when not reported
 
 
 @dataclass(frozen=True)

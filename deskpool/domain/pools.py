@@ -50,6 +50,7 @@ class PoolSpec:
     reservation_timeout_s: int = 300  # a reservation never connected to is released after
     idle_timeout_s: int | None = None  # a session idle this long is logged off
     disconnect_timeout_s: int | None = 1800  # a disconnected session can be resumed this long
+    placement: str = "spread"  # "spread" over hosts, or "pack" them one after another
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -84,6 +85,9 @@ class PoolSpec:
                 f"pool {self.name!r}: clone mode {self.clone_mode!r} is not linked, full or "
                 "instant"
             )
+        if self.placement not in ("spread", "pack"):
+            raise InvalidInput(f"pool {self.name!r}: placement {self.placement!r} is not "
+                               "spread or pack")
         validate_pattern(self.naming_pattern)
         return self
 

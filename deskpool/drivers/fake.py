@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 from deskpool.domain.errors import (
     AgentUnavailable,
@@ -119,14 +119,29 @@ class FakeDriver(HypervisorDriver):
         self,
         uri: str = "fake://local",
         *,
-        vcpus: int = 8,
-        memory_mib: int = 16384,
-        storage_bytes: int = 100 * GiB,
+        # A big server by default, so tests and benchmarks of thousands of desktops fit on
+        # one fake host; the URI's query shapes smaller ones.
+        vcpus: int = 512,
+        memory_mib: int = 1024 * 1024,
+        storage_bytes: int = 10 * 1024 * GiB,
         domain_types: tuple[str, ...] = ("qemu",),
         agent_delay_polls: int = 0,
     ) -> None:
         if not uri.startswith("fake://"):
             raise HypervisorUnreachable(f"{uri!r} is not a fake:// URI")
+        # The URI's query may shape the host: fake://h?vcpus=16&memory_mib=65536&storage_gib=500
+        # &hypervisor=FAKE&arch=x86_64&cpu_model=Skylake (for placement tests of mixed hosts).
+        shape = dict(parse_qsl(urlparse(uri).query))
+        try:
+            vcpus = int(shape.get("vcpus", vcpus))
+            memory_mib = int(shape.get("memory_mib", memory_mib))
+            if "storage_gib" in shape:
+                storage_bytes = int(shape["storage_gib"]) * GiB
+        except ValueError as exc:
+            raise HypervisorUnreachable(f"{uri!r}: bad fake host shape ({exc})") from None
+        self._hypervisor = shape.get("hypervisor", "FAKE")
+        self._arch = shape.get("arch", "x86_64")
+        self._cpu_model = shape.get("cpu_model", "")
         if agent_delay_polls < 0:
             raise InvalidInput("agent_delay_polls must be 0 or more")
         self.uri = uri
@@ -225,11 +240,13 @@ class FakeDriver(HypervisorDriver):
     @_api
     def capacity(self) -> HostCapacity:
         return HostCapacity(
-            hypervisor="FAKE",
+            hypervisor=self._hypervisor,
             vcpus=self._vcpus,
             memory_mib=self._memory_mib,
             storage_free_bytes=self._free_bytes(),
             domain_types=self._domain_types,
+            arch=self._arch,
+            cpu_model=self._cpu_model,
         )
 
     def probe_kvm_boots(self, kernel: Path) -> bool:

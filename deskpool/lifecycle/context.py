@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deskpool.config import Settings
 from deskpool.drivers.base import HypervisorDriver
-from deskpool.drivers.registry import open_driver
+from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.store.db import UnitOfWork, make_engine, make_session_factory, upgrade_to_head
 from deskpool.store.models import Host
 
@@ -42,6 +42,13 @@ class ServiceContext:
                 driver = open_driver(host.uri, storage_dir=storage)
                 self._drivers[host.id] = driver
             return driver
+
+    def forget_driver(self, host_id: uuid.UUID) -> None:
+        """Drop a host's driver (its connection died); the next ``driver_for`` reopens it."""
+        with self._lock:
+            driver = self._drivers.pop(host_id, None)
+        if driver is not None:
+            release_driver(driver)
 
     def driver_for_name(self, host_name: str) -> HypervisorDriver:
         with self.uow() as uow:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import uuid
 
-from deskpool.domain.errors import Conflict
+from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.identity import validate_hostname
 from deskpool.domain.models import CloneMode, ConsoleAddress
 from deskpool.domain.naming import first_free_number, render, validate_pattern
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import DesktopFactory, Progress, no_progress
-from deskpool.lifecycle.hosts import place_desktop
+from deskpool.lifecycle.hosts import incompatibility
+from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.states import DesktopState, transition
 from deskpool.lifecycle.views import DesktopView
 from deskpool.store.db import UnitOfWork
@@ -67,8 +68,13 @@ class DesktopService:
             tmpl = uow.templates.get_by_name(template)
             tv = (uow.versions.get_by_number(tmpl.id, version) if version is not None
                   else uow.versions.latest(tmpl.id))
-            target_host = (uow.hosts.get_by_name(host_name) if host_name is not None
-                           else place_desktop(uow, pinned=None, what="a new desktop"))
+            if host_name is not None:
+                target_host = uow.hosts.get_by_name(host_name)
+                reason = incompatibility(tv, target_host)
+                if reason is not None:
+                    raise InvalidInput(f"cannot make a desktop there: {reason}")
+            else:
+                target_host, _why = Placer(uow).place(tv, clone_mode, what="a new desktop")
             taken = uow.desktops.names()
             if name is None:
                 name = render(pattern, first_free_number(pattern, taken))

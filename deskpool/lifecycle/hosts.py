@@ -1,29 +1,85 @@
-"""Hosts: register a hypervisor, list hosts, choose the domain type a host really runs."""
+"""Hosts: register a hypervisor with its limits, read its capacity, choose the domain type it
+really runs, and move it through drain and maintenance.
+
+States: ``enabled`` takes new desktops and sessions; ``draining`` takes none, its free
+desktops are replaced elsewhere and its users are logged off at the deadline; ``maintenance``
+is empty of sessions and may be worked on; ``down`` stopped answering (the reconciler decides
+that, after a grace period). ``enable`` brings a host back.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
-from deskpool.domain.models import DomainType, HostState
+from deskpool.domain.models import DomainType, HostCapacity, HostState
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.views import HostView
-from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Host
+from deskpool.store.models import Desktop, Host, TemplateVersion, utcnow
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+LIVE_STATES = ("provisioning", "customizing", "ready", "reserved", "in_use", "idle",
+               "recycling")
 
 
-def host_view(host: Host) -> HostView:
+@dataclass(frozen=True)
+class HostLimits:
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    max_desktops: int | None = None
+    max_provisioning: int = 2
+    transfer_slots: int = 2
+
+    def validate(self, host: str) -> HostLimits:
+        if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
+            raise InvalidInput(f"host {host!r}: overcommit ratios must be positive")
+        if self.max_desktops is not None and self.max_desktops < 0:
+            raise InvalidInput(f"host {host!r}: max desktops must be 0 or more")
+        if self.max_provisioning < 1 or self.transfer_slots < 1:
+            raise InvalidInput(f"host {host!r}: provisioning and transfer slots must be >= 1")
+        return self
+
+
+def host_view(host: Host, desktops: int = 0) -> HostView:
     return HostView(
         id=host.id, name=host.name, uri=host.uri, state=host.state.value,
         domain_type=host.domain_type_resolved or host.domain_type_requested.value,
-        storage_dir=host.storage_dir,
+        storage_dir=host.storage_dir, hypervisor=host.hypervisor, arch=host.arch,
+        cpu_model=host.cpu_model, vcpus=host.vcpus, memory_mib=host.memory_mib,
+        storage_free_bytes=host.storage_free_bytes, cpu_overcommit=host.cpu_overcommit,
+        memory_overcommit=host.memory_overcommit, max_desktops=host.max_desktops,
+        max_provisioning=host.max_provisioning, transfer_slots=host.transfer_slots,
+        desktops=desktops, last_seen_at=host.last_seen_at, last_error=host.last_error,
+        drain_deadline=host.drain_deadline,
     )
+
+
+def record_capacity(host: Host, capacity: HostCapacity) -> None:
+    host.hypervisor, host.arch, host.cpu_model = (capacity.hypervisor, capacity.arch,
+                                                  capacity.cpu_model)
+    host.vcpus, host.memory_mib = capacity.vcpus, capacity.memory_mib
+    host.storage_free_bytes = capacity.storage_free_bytes
+    host.domain_types = ",".join(capacity.domain_types)
+    host.capacity_at = host.last_seen_at = utcnow()
+
+
+def incompatibility(version: TemplateVersion, host: Host) -> str | None:
+    """Why ``host`` cannot run ``version``, or None when it can."""
+    wanted = {t.strip().upper() for t in version.runs_on.split(",") if t.strip()}
+    if wanted and host.hypervisor.upper() not in wanted:
+        return (f"host {host.name!r} is a {host.hypervisor or 'unknown'} hypervisor; the "
+                f"template runs on {', '.join(sorted(wanted))}")
+    if version.arch and host.arch and version.arch != host.arch:
+        return f"host {host.name!r} is {host.arch}; the template is {version.arch}"
+    return None
 
 
 def resolved_domain_type(
@@ -42,31 +98,21 @@ def resolved_domain_type(
     return resolved
 
 
-def place_desktop(uow: UnitOfWork, *, pinned: uuid.UUID | None, what: str) -> Host:
-    """The host a new desktop goes to: the pinned one, else the enabled host with the fewest
-    desktops (placement by capacity comes with the scheduler)."""
-    if pinned is not None:
-        return uow.hosts.get(pinned)
-    enabled = [h for h in uow.hosts.list() if h.state is HostState.ENABLED]
-    if not enabled:
-        raise NotFound(f"{what} has no enabled host to go to: add one with 'deskpool host add'")
-    counts = {h.id: len(uow.desktops.by_host(h.id)) for h in enabled}
-    return min(enabled, key=lambda h: (counts[h.id], h.name))
-
-
 class HostService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
     def add(
         self, name: str, uri: str, *, domain_type: DomainType = DomainType.AUTO,
-        storage_dir: Path | None = None,
+        storage_dir: Path | None = None, limits: HostLimits | None = None,
     ) -> HostView:
-        """Register a host after proving its URI reaches a hypervisor (nothing is stored if not)."""
+        """Register a host after proving its URI reaches a hypervisor and reading its
+        capacity (nothing is stored if not)."""
         if not _NAME_RE.match(name):
             raise InvalidInput(
                 f"host name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' and '-'"
             )
+        limits = (limits or HostLimits()).validate(name)
         with self.ctx.uow() as uow:
             if uow.hosts.find_by_name(name) is not None:
                 raise Conflict(f"a host named {name!r} already exists")
@@ -74,6 +120,7 @@ class HostService:
         try:
             if domain_type is not DomainType.AUTO:
                 driver.resolve_domain_type(domain_type, None)  # InvalidInput if not offered
+            capacity = driver.capacity()
             resolved_storage = driver.storage_dir or storage_dir
         finally:
             release_driver(driver)
@@ -82,11 +129,69 @@ class HostService:
                 name=name, uri=uri, state=HostState.ENABLED,
                 domain_type_requested=domain_type,
                 storage_dir=str(resolved_storage) if resolved_storage else None,
+                cpu_overcommit=limits.cpu_overcommit,
+                memory_overcommit=limits.memory_overcommit, max_desktops=limits.max_desktops,
+                max_provisioning=limits.max_provisioning, transfer_slots=limits.transfer_slots,
             )
+            record_capacity(host, capacity)
             uow.hosts.add(host)
             uow.commit()
             return host_view(host)
 
-    def list(self) -> list[HostView]:
+    def set_limits(self, name: str, limits: HostLimits) -> HostView:
+        limits.validate(name)
         with self.ctx.uow() as uow:
-            return [host_view(h) for h in uow.hosts.list()]
+            host = uow.hosts.get_by_name(name)
+            host.cpu_overcommit, host.memory_overcommit = (limits.cpu_overcommit,
+                                                           limits.memory_overcommit)
+            host.max_desktops, host.max_provisioning = (limits.max_desktops,
+                                                        limits.max_provisioning)
+            host.transfer_slots = limits.transfer_slots
+            uow.commit()
+            return host_view(host)
+
+    def list(self) -> list[HostView]:
+        with self.ctx.uow(read_only=True) as uow:
+            counts = dict(uow.session.execute(
+                select(Desktop.host_id, func.count()).where(Desktop.state.in_(LIVE_STATES))
+                .group_by(Desktop.host_id)).tuples().all())
+            return [host_view(h, counts.get(h.id, 0)) for h in uow.hosts.list()]
+
+    def get(self, name: str) -> HostView:
+        found = [h for h in self.list() if h.name == name]
+        if not found:
+            raise NotFound(f"host {name!r} does not exist")
+        return found[0]
+
+    # --- drain and maintenance ----------------------------------------------------------
+
+    def drain(self, name: str, *, grace: timedelta = timedelta(minutes=30)) -> HostView:
+        """Stop new desktops and sessions on the host; its users are warned now and logged
+        off at the deadline (by the broker's session timers); free desktops are replaced
+        elsewhere and the host enters maintenance when empty of sessions (reconciler)."""
+        if grace.total_seconds() < 0:
+            raise InvalidInput("the drain deadline cannot be in the past")
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get_by_name(name)
+            if host.state not in (HostState.ENABLED, HostState.DRAINING):
+                raise Conflict(f"host {name!r} is {host.state.value}; only an enabled host "
+                               "can be drained")
+            host.state = HostState.DRAINING
+            host.drain_deadline = utcnow() + grace
+            uow.commit()
+        return self.get(name)
+
+    def enable(self, name: str) -> HostView:
+        """Back in the pool: takes desktops and sessions again."""
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get_by_name(name)
+            host.state = HostState.ENABLED
+            host.drain_deadline = None
+            uow.commit()
+        return self.get(name)
+
+
+def drain_notice(deadline: datetime) -> str:
+    return (f"Host maintenance: please save your work; you will be logged off at "
+            f"{deadline:%H:%M} UTC. Connect again afterwards to get a desktop on another "
+            "host.")

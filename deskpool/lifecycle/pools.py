@@ -5,7 +5,10 @@ size and carries out recycle and retire."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from sqlalchemy import select
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import CloneMode
@@ -13,10 +16,12 @@ from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolSpec
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import DesktopFactory
-from deskpool.lifecycle.hosts import place_desktop
+from deskpool.lifecycle.hosts import incompatibility
+from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.scheduler.facts import Strategy
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Pool
+from deskpool.store.models import Desktop, Pool, PoolHost
 
 S = DesktopState
 
@@ -45,7 +50,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         on_logout=pool.on_logout, one_time=pool.one_time, max_age_s=pool.max_age_s,
         power_policy=pool.power_policy, canary=pool.canary,
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
-        disconnect_timeout_s=pool.disconnect_timeout_s,
+        disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
     )
 
 
@@ -68,15 +73,22 @@ class PoolService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
-    def create(self, spec: PoolSpec, *, host: str | None = None) -> PoolView:
-        """Store a validated pool; the reconciler fills it. Nothing is stored on bad input."""
+    def create(self, spec: PoolSpec, *, host: str | None = None,
+               hosts: Sequence[str] = ()) -> PoolView:
+        """Store a validated pool; the reconciler fills it. ``hosts`` (or one ``host``) pins
+        it; each must be able to run the template. Nothing is stored on bad input."""
         spec.validate()
+        pins = [*hosts, *([host] if host else [])]
         with self.ctx.uow() as uow:
             if uow.pools.find_by_name(spec.name) is not None:
                 raise Conflict(f"a pool named {spec.name!r} already exists")
             template = uow.templates.get_by_name(spec.template)
             version = uow.versions.latest(template.id)
-            pinned = uow.hosts.get_by_name(host) if host else None
+            pinned = [uow.hosts.get_by_name(h) for h in pins]
+            problems = [p for p in (incompatibility(version, h) for h in pinned) if p]
+            if problems:
+                raise InvalidInput(f"pool {spec.name!r} cannot be pinned there: "
+                                   + "; ".join(problems))
             if spec.clone_mode == "instant" and not uow.memory_states.for_version(
                     version.id):
                 raise InvalidInput(
@@ -93,9 +105,11 @@ class PoolService:
                 reservation_timeout_s=spec.reservation_timeout_s,
                 idle_timeout_s=spec.idle_timeout_s,
                 disconnect_timeout_s=spec.disconnect_timeout_s,
-                current_version_id=version.id, host_id=pinned.id if pinned else None,
+                current_version_id=version.id, placement=spec.placement,
             )
             uow.pools.add(pool)
+            for pinned_host in pinned:
+                uow.session.add(PoolHost(pool_id=pool.id, host_id=pinned_host.id))
             uow.commit()
             return _view(uow, pool)
 
@@ -197,17 +211,29 @@ class PoolService:
             return new.value
 
 
+def pinned_hosts(uow: UnitOfWork, pool_id: uuid.UUID) -> set[uuid.UUID] | None:
+    """The hosts a pool is pinned to; None when it may use any."""
+    pins = set(uow.session.scalars(select(PoolHost.host_id).where(PoolHost.pool_id == pool_id)))
+    return pins or None
+
+
 def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
-                        taken_macs: set[str], *, assigned_user: str | None = None) -> Desktop:
-    """A new desktop row for the pool (provisioning); the reconciler builds it. Given an
-    ``assigned_user``, it is made for that user, who gets it once it is ready."""
-    host = place_desktop(uow, pinned=pool.host_id, what=f"pool {pool.name!r}")
+                        taken_macs: set[str], *, assigned_user: str | None = None,
+                        placer: Placer | None = None) -> Desktop:
+    """A new desktop row for the pool (provisioning), placed by the scheduler; the
+    reconciler builds it. Given an ``assigned_user``, it is made for that user, who gets it
+    once it is ready. ``NoValidHost`` when no host can take it."""
+    placer = placer or Placer(uow)
+    host, placement = placer.place(
+        pool.current_version, pool.clone_mode, what=f"pool {pool.name!r}",
+        allowed=pinned_hosts(uow, pool.id), strategy=Strategy(pool.placement))
     name = render(pool.naming_pattern,
                   first_free_number(pool.naming_pattern, uow.desktops.names()))
     desktop = factory.new_row(name=name, version_id=pool.current_version_id, host_id=host.id,
                               clone_mode=pool.clone_mode, taken_macs=taken_macs,
                               pool_id=pool.id)
     desktop.assigned_user = assigned_user
+    desktop.placement_reason = placement.reason
     uow.desktops.add(desktop)
     return desktop
 

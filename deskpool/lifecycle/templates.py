@@ -72,7 +72,7 @@ class TemplateService:
         self, template_name: str, files: ImageFiles, *,
         customization: Customization = Customization.FWCFG, vcpus: int = 1,
         memory_mib: int = 768, recipe_hash: str | None = None, notes: str = "",
-        description: str = "",
+        description: str = "", runs_on: str = "", arch: str = "",
     ) -> TemplateVersionView:
         """Publish ``files`` as the next version of ``template_name`` (created if new)."""
         validate_hostname(template_name)  # template names follow the same safe alphabet
@@ -99,7 +99,9 @@ class TemplateService:
                     initrd_path=str(staged.initrd) if staged.initrd else None,
                     kernel_cmdline=files.cmdline, customization=customization,
                     vcpus=vcpus, memory_mib=memory_mib, recipe_hash=recipe_hash, notes=notes,
-                    published_at=datetime.now(UTC),
+                    runs_on=",".join(t.strip().upper() for t in runs_on.split(",")
+                                     if t.strip()),
+                    arch=arch, published_at=datetime.now(UTC),
                 )
                 uow.versions.add(version)
                 uow.commit()

@@ -16,6 +16,21 @@ class HostView:
     state: str
     domain_type: str
     storage_dir: str | None
+    hypervisor: str = ""
+    arch: str = ""
+    cpu_model: str = ""
+    vcpus: int = 0
+    memory_mib: int = 0
+    storage_free_bytes: int = 0
+    cpu_overcommit: float = 4.0
+    memory_overcommit: float = 1.0
+    max_desktops: int | None = None
+    max_provisioning: int = 2
+    transfer_slots: int = 2
+    desktops: int = 0
+    last_seen_at: datetime | None = None
+    last_error: str | None = None
+    drain_deadline: datetime | None = None
 
 
 @dataclass(frozen=True)

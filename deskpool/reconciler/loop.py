@@ -11,6 +11,8 @@ the next pass continues from the rows.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,21 +20,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from deskpool.domain.errors import DeskpoolError, HypervisorUnreachable, NotFound
+from deskpool.domain.errors import DeskpoolError, NotFound
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
+from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
-from deskpool.store.models import Host
-from deskpool.store.repositories import DesktopSummary
+from deskpool.scheduler.placement import NoValidHost
+from deskpool.store.models import Desktop, Host, Pool
+from deskpool.store.repositories import DesktopSummary, release_lease, take_lease
 
 log = logging.getLogger(__name__)
 S = DesktopState
 MAX_BACKOFF = timedelta(minutes=10)
+POOL_LEASE = timedelta(seconds=60)  # planning a pool takes well under a second
 
 
 def backoff(retries: int) -> timedelta:
@@ -69,6 +75,7 @@ class Reconciler:
     def __init__(
         self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float = 240.0,
         provisioning_per_host: int = 2, clock: Callable[[], datetime] | None = None,
+        host_down_after: timedelta = timedelta(seconds=60), lease: timedelta | None = None,
     ) -> None:
         self.ctx = ctx
         self.factory = DesktopFactory(ctx)
@@ -76,6 +83,11 @@ class Reconciler:
         self.ready_timeout_s = ready_timeout_s
         self.provisioning_per_host = provisioning_per_host
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after)
+        # Several brokers share the work through leases on pools and desktops; a lease
+        # outlives the longest step, so a live broker never loses one mid-step.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease = lease or timedelta(seconds=ready_timeout_s + 300)
         self._host_slots: dict[uuid.UUID, threading.Semaphore] = {}
 
     # --- the pass --------------------------------------------------------------------------
@@ -83,7 +95,7 @@ class Reconciler:
     def run_pass(self) -> PassReport:
         report = PassReport()
         reachable = self._sync_hosts(report)
-        self._plan_pools(report)
+        self._plan_pools(report, reachable)
         actions = self._collect_actions(report, reachable)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             list(pool.map(lambda act: act(), actions))
@@ -108,18 +120,31 @@ class Reconciler:
     # --- 1. hosts --------------------------------------------------------------------------
 
     def _sync_hosts(self, report: PassReport) -> set[uuid.UUID]:
+        """Ask every host what runs on it (a heartbeat too); returns the hosts that answered.
+
+        A host that does not answer is left alone: nothing of it is deleted or repaired, and
+        after the grace period it is marked down (``HostWatch``)."""
         reachable: set[uuid.UUID] = set()
         with self.ctx.uow(read_only=True) as uow:
-            hosts = [h for h in uow.hosts.list() if h.state is not HostState.DOWN]
-            for host in hosts:
-                try:
-                    records = {r.vm_id: r for r in self.ctx.driver_for(host).list_vms()}
-                except (HypervisorUnreachable, DeskpoolError) as exc:
-                    report.error(f"host {host.name}: {exc}")
-                    continue
-                reachable.add(host.id)
-                desktops = {d.id: d for d in uow.desktops.summaries(host_id=host.id)}
+            hosts = [(h.id, h.name) for h in uow.hosts.list()]
+        for host_id, name in hosts:
+            try:
+                with self.ctx.uow(read_only=True) as uow:
+                    driver = self.ctx.driver_for(uow.hosts.get(host_id))
+                records = {r.vm_id: r for r in driver.list_vms()}
+            except DeskpoolError as exc:
+                report.error(f"host {name}: {exc}")
+                self.hosts.silent(host_id, str(exc))
+                continue
+            self.hosts.answered(host_id)
+            reachable.add(host_id)
+            with self.ctx.uow(read_only=True) as uow:
+                host = uow.hosts.get(host_id)
+                desktops = {d.id: d for d in uow.desktops.summaries(host_id=host_id)}
                 self._sync_one_host(host, desktops, records, report)
+                draining = host.state is HostState.DRAINING
+            if draining:
+                self.hosts.drain(host_id)
         return reachable
 
     def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, DesktopSummary],
@@ -148,29 +173,45 @@ class Reconciler:
 
     # --- 2. pools --------------------------------------------------------------------------
 
-    def _plan_pools(self, report: PassReport) -> None:
+    def _plan_pools(self, report: PassReport, reachable: set[uuid.UUID]) -> None:
         now = self.clock()
         with self.ctx.uow() as uow:
             pool_ids = [p.id for p in uow.pools.list()]
         for pool_id in pool_ids:
-            with self.ctx.uow() as uow:
-                pool = uow.pools.get(pool_id)
-                desktops = uow.desktops.summaries(pool_id=pool.id)
-                facts = [DesktopFacts(d.id, d.state, d.template_version_id,
-                                      d.assigned_user is not None, d.created_at)
-                         for d in desktops]
-                plan = plan_pool(pool_spec(pool), pool.current_version_id, facts, now)
-                report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
-                for desktop_id in plan.retire:
-                    try:
-                        transition(uow.desktops, desktop_id, S.READY, S.RETIRING, task="retire")
-                    except DeskpoolError:
-                        continue  # claimed by a user meanwhile: it stays
-                taken_macs = uow.desktops.macs() if plan.create else set()
-                for _ in range(plan.create):
-                    insert_pool_desktop(uow, self.factory, pool, taken_macs)
-                    report.count("created")
-                uow.commit()
+            if not self._lease(Pool, pool_id, POOL_LEASE):
+                continue  # another broker plans this pool now
+            try:
+                self._plan_pool(pool_id, now, report, reachable)
+            finally:
+                with self.ctx.uow() as uow:
+                    release_lease(uow.session, Pool, pool_id, self.owner)
+                    uow.commit()
+
+    def _plan_pool(self, pool_id: uuid.UUID, now: datetime, report: PassReport,
+                   reachable: set[uuid.UUID]) -> None:
+        with self.ctx.uow() as uow:
+            pool = uow.pools.get(pool_id)
+            desktops = uow.desktops.summaries(pool_id=pool.id)
+            facts = [DesktopFacts(d.id, d.state, d.template_version_id,
+                                  d.assigned_user is not None, d.created_at)
+                     for d in desktops]
+            plan = plan_pool(pool_spec(pool), pool.current_version_id, facts, now)
+            report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
+            for desktop_id in plan.retire:
+                try:
+                    transition(uow.desktops, desktop_id, S.READY, S.RETIRING, task="retire")
+                except DeskpoolError:
+                    continue  # claimed by a user meanwhile: it stays
+            taken_macs = uow.desktops.macs() if plan.create else set()
+            placer = Placer(uow, reachable=reachable) if plan.create else None
+            for _ in range(plan.create):
+                try:
+                    insert_pool_desktop(uow, self.factory, pool, taken_macs, placer=placer)
+                except NoValidHost as exc:
+                    report.error(str(exc))
+                    break
+                report.count("created")
+            uow.commit()
 
     # --- 3. actions ------------------------------------------------------------------------
 
@@ -218,12 +259,28 @@ class Reconciler:
 
     def _guard(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport,
                work: Action) -> None:
-        """Run one desktop's step; a failure is recorded on the desktop with a backoff."""
+        """Run one desktop's step under this broker's lease on it (another broker's live
+        lease means it is working on it: skip); a failure is recorded with a backoff."""
+        if not self._lease(Desktop, desktop_id):
+            return
         try:
             work()
         except Exception as exc:  # any failure: record it, never stop the pass
             report.error(f"desktop {desktop_id}: {exc}")
             self._fail(desktop_id, state, str(exc))
+        finally:
+            with self.ctx.uow() as uow:
+                release_lease(uow.session, Desktop, desktop_id, self.owner)
+                uow.commit()
+
+    def _lease(self, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
+               duration: timedelta | None = None) -> bool:
+        now = self.clock()
+        with self.ctx.uow() as uow:
+            taken = take_lease(uow.session, model, row_id, self.owner,
+                               now + (duration or self.lease), now)
+            uow.commit()
+        return taken
 
     def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str) -> None:
         with self.ctx.uow() as uow:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -125,6 +126,27 @@ class Host(Base):
     # Path of the deskpool libvirt storage pool on that host.
     storage_dir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Limits set by the admin (see ``deskpool.scheduler``).
+    cpu_overcommit: Mapped[float] = mapped_column(Float, default=4.0)
+    memory_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
+    max_desktops: Mapped[int | None] = mapped_column(Integer)
+    max_provisioning: Mapped[int] = mapped_column(Integer, default=2)
+    transfer_slots: Mapped[int] = mapped_column(Integer, default=2)
+    # Capacity as the hypervisor last reported it.
+    hypervisor: Mapped[str] = mapped_column(String(32), default="")
+    arch: Mapped[str] = mapped_column(String(32), default="")
+    cpu_model: Mapped[str] = mapped_column(String(128), default="")
+    domain_types: Mapped[str] = mapped_column(String(128), default="")  # comma-separated
+    vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mib: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    capacity_at: Mapped[datetime | None] = mapped_column()
+    # Heartbeat: when it last answered, since when it has not, and why.
+    last_seen_at: Mapped[datetime | None] = mapped_column()
+    unreachable_since: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Drain: no new desktops or sessions; users logged off at the deadline.
+    drain_deadline: Mapped[datetime | None] = mapped_column()
 
     def __repr__(self) -> str:
         return f"<Host {self.name!r} {self.uri!r} {self.state}>"
@@ -170,6 +192,9 @@ class TemplateVersion(Base):
     vcpus: Mapped[int] = mapped_column(Integer, default=1)
     memory_mib: Mapped[int] = mapped_column(Integer, default=1024)
     recipe_hash: Mapped[str | None] = mapped_column(String(128))
+    # What it runs on: libvirt hypervisor types (comma-separated, "" = any) and architecture.
+    runs_on: Mapped[str] = mapped_column(String(128), default="")
+    arch: Mapped[str] = mapped_column(String(32), default="")  # "": not known, any host
     published_at: Mapped[datetime | None] = mapped_column(active_history=True)
     notes: Mapped[str] = mapped_column(Text, default="")
 
@@ -219,14 +244,28 @@ class Pool(Base):
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")
     )
-    host_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("hosts.id"))  # pinned host
+    placement: Mapped[str] = mapped_column(String(16), default="spread")  # or "pack"
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The broker planning this pool now, until when (several brokers share the work).
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column()
 
     template: Mapped[Template] = relationship()
     current_version: Mapped[TemplateVersion] = relationship(foreign_keys=[current_version_id])
 
     def __repr__(self) -> str:
         return f"<Pool {self.name!r}>"
+
+
+class PoolHost(Base):
+    """A pool pinned to hosts: its desktops go only there (no rows: any host)."""
+
+    __tablename__ = "pool_hosts"
+
+    pool_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("pools.id", ondelete="CASCADE"), primary_key=True)
+    host_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
 
 
 class MemoryState(Base):
@@ -296,6 +335,12 @@ class Desktop(Base):
     disconnected_at: Mapped[datetime | None] = mapped_column()
     guest_user: Mapped[str | None] = mapped_column(String(255))
     idle_since: Mapped[datetime | None] = mapped_column()
+    # Shown to its user (e.g. "host maintenance: you will be logged off at 14:30").
+    notice: Mapped[str | None] = mapped_column(Text)
+    placement_reason: Mapped[str | None] = mapped_column(Text)
+    # The broker acting on this desktop now, until when (several brokers share the work).
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column()
     version: Mapped[int] = mapped_column(Integer)
 
     host: Mapped[Host] = relationship()

@@ -382,6 +382,33 @@ class DesktopRepository(_NamedRepository[Desktop]):
         return result.rowcount == 1
 
 
+def take_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
+               owner: str, until: datetime, now: datetime) -> bool:
+    """Lease a row to ``owner`` until ``until`` if nobody else holds a live lease on it.
+
+    One conditional UPDATE, so of several brokers exactly one wins; a broker that dies keeps
+    its lease only until it expires, then another takes the work over.
+    """
+    values: dict[str, Any] = {"lease_owner": owner, "lease_until": until}
+    if model is Desktop:
+        values["version"] = Desktop.version + 1
+    result = cast(CursorResult[Any], session.execute(
+        update(model).where(model.id == row_id,
+                            (model.lease_until.is_(None)) | (model.lease_until < now)
+                            | (model.lease_owner == owner))
+        .values(**values).execution_options(synchronize_session=False)))
+    return result.rowcount == 1
+
+
+def release_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
+                  owner: str) -> None:
+    values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+    if model is Desktop:
+        values["version"] = Desktop.version + 1
+    session.execute(update(model).where(model.id == row_id, model.lease_owner == owner)
+                    .values(**values).execution_options(synchronize_session=False))
+
+
 class PoolRepository(_NamedRepository[Pool]):
     _model = Pool
     _kind = "pool"

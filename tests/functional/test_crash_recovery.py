@@ -30,7 +30,7 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.hosts import HostLimits, HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
@@ -99,7 +99,9 @@ def setup(
     settings = Settings(data_dir=tmp_path / "data")
     ctx = ServiceContext(settings)
     uri = "fake://crash" if request.param == "fake" else "test:///default"
-    HostService(ctx).add("h1", uri, storage_dir=tmp_path / "pool")
+    # libvirt's test:/// host reports 3 GiB: overcommit its pretend memory to fit the pool.
+    HostService(ctx).add("h1", uri, storage_dir=tmp_path / "pool",
+                         limits=HostLimits(memory_overcommit=8.0))
     disk = tmp_path / "golden.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     # test:/// has no guest agent, so its template is one whose readiness is "running".

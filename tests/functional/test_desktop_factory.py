@@ -24,7 +24,7 @@ from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostService
+from deskpool.lifecycle.hosts import HostLimits, HostService
 from deskpool.lifecycle.states import DesktopState
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 
@@ -204,7 +204,8 @@ def test_template_image_with_a_backing_file_is_refused(
 def test_libvirt_test_driver_desktop_is_defined_with_metadata(
     ctx: ServiceContext, tmp_path: Path
 ) -> None:
-    HostService(ctx).add("sim", "test:///default", storage_dir=tmp_path / "pool")
+    HostService(ctx).add("sim", "test:///default", storage_dir=tmp_path / "pool",
+                         limits=HostLimits(memory_overcommit=8.0))
     TemplateService(ctx).publish("golden", ImageFiles(disk=make_qcow2(tmp_path / "g.qcow2")),
                                  customization=Customization.NONE)
     desktops = DesktopService(ctx)

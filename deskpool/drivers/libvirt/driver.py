@@ -189,12 +189,16 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         with self._translate("reading host capacity"):
             _model, memory_mib, cpus, *_ = self._conn.getInfo()
             pool_info = self._pool.info()
+            capabilities = self._conn.getCapabilities()
+            arch, cpu_model = xml.parse_host_cpu(capabilities)
             return HostCapacity(
                 hypervisor=self._conn.getType(),
                 vcpus=int(cpus),
                 memory_mib=int(memory_mib),
                 storage_free_bytes=int(pool_info[3]),
-                domain_types=xml.parse_guest_domain_types(self._conn.getCapabilities()),
+                domain_types=xml.parse_guest_domain_types(capabilities),
+                arch=arch,
+                cpu_model=cpu_model,
             )
 
     def probe_kvm_boots(self, kernel: Path) -> bool:

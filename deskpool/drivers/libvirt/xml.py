@@ -347,6 +347,12 @@ def parse_volume_format(volume_xml: str) -> str:
     return (fmt.get("type") if fmt is not None else None) or "raw"
 
 
+def parse_host_cpu(capabilities_xml: str) -> tuple[str, str]:
+    """The host's architecture and CPU model name from libvirt's capabilities."""
+    root = ET.fromstring(capabilities_xml)
+    return (root.findtext("./host/cpu/arch") or "", root.findtext("./host/cpu/model") or "")
+
+
 def parse_guest_domain_types(capabilities_xml: str) -> tuple[str, ...]:
     """Domain types the host offers for hvm guests of its own architecture."""
     root = ET.fromstring(capabilities_xml)

@@ -1,0 +1,101 @@
+"""CLI for hosts: add one with its limits, list them with capacity and use, drain, enable."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from deskpool.cli.common import out, services, spinner
+from deskpool.domain.errors import InvalidInput
+from deskpool.domain.models import DomainType
+from deskpool.lifecycle.hosts import HostLimits, HostService
+
+host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d``."""
+    found = _DURATION.match(text.strip())
+    if not found:
+        raise InvalidInput(f"duration {text!r} is not a number with s, m, h or d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+    return timedelta(seconds=int(found.group(1)) * unit)
+
+
+@host_app.command("add")
+def host_add(
+    name: str,
+    uri: Annotated[str, typer.Argument(help="libvirt URI, e.g. qemu:///system")],
+    domain_type: Annotated[DomainType, typer.Option(help="auto probes whether KVM boots guests")]
+    = DomainType.AUTO,
+    storage_dir: Annotated[Path | None, typer.Option(help="deskpool storage on that host")]
+    = None,
+    cpu_overcommit: Annotated[float, typer.Option(help="vCPUs per physical CPU")] = 4.0,
+    memory_overcommit: Annotated[float, typer.Option(help="guest MiB per host MiB")] = 1.0,
+    max_desktops: Annotated[int | None, typer.Option(help="at most this many desktops")] = None,
+    max_provisioning: Annotated[int, typer.Option(help="desktops made at once")] = 2,
+    transfer_slots: Annotated[int, typer.Option(help="image transfers at once")] = 2,
+) -> None:
+    """Register a hypervisor host (its URI must answer); its capacity is read from it."""
+    limits = HostLimits(cpu_overcommit, memory_overcommit, max_desktops, max_provisioning,
+                        transfer_slots)
+    with services() as ctx, spinner(f"connecting to {uri}"):
+        host = HostService(ctx).add(name, uri, domain_type=domain_type,
+                                    storage_dir=storage_dir, limits=limits)
+    out.print(f"host [bold]{host.name}[/] added ({host.uri}: {host.hypervisor}, "
+              f"{host.vcpus} CPUs, {host.memory_mib} MiB, storage {host.storage_dir})")
+
+
+@host_app.command("list")
+def host_list() -> None:
+    """List hosts with their state, capacity, limits and desktops."""
+    with services() as ctx:
+        hosts = HostService(ctx).list()
+    table = Table("name", "uri", "state", "hypervisor", "CPUs", "memory MiB", "desktops",
+                  "limits", "last error")
+    for h in hosts:
+        limit = f"cpu x{h.cpu_overcommit:g} mem x{h.memory_overcommit:g}" + (
+            f" max {h.max_desktops}" if h.max_desktops is not None else "")
+        state = h.state + (f" until {h.drain_deadline:%H:%M}" if h.drain_deadline else "")
+        table.add_row(h.name, h.uri, state, f"{h.hypervisor} ({h.domain_type})",
+                      str(h.vcpus), str(h.memory_mib), str(h.desktops), limit,
+                      h.last_error or "")
+    out.print(table)
+
+
+@host_app.command("drain")
+def host_drain(
+    name: str,
+    grace: Annotated[str, typer.Option(help="users are logged off after this (e.g. 30m)")]
+    = "30m",
+    wait: Annotated[bool, typer.Option(help="show progress until maintenance")] = False,
+) -> None:
+    """No new desktops or sessions; free desktops move away; users warned, then logged off."""
+    with services() as ctx:
+        service = HostService(ctx)
+        host = service.drain(name, grace=parse_duration(grace))
+        out.print(f"host [bold]{name}[/] is draining; sessions end by "
+                  f"{host.drain_deadline:%H:%M:%S} UTC")
+        if not wait:
+            return
+        with out.status("draining") as status:
+            while host.state == "draining":
+                time.sleep(2)
+                host = service.get(name)
+                status.update(f"draining {name}: {host.desktops} desktops left")
+        out.print(f"host [bold]{name}[/] is {host.state}")
+
+
+@host_app.command("enable")
+def host_enable(name: str) -> None:
+    """Back in service: the host takes desktops and sessions again."""
+    with services() as ctx:
+        HostService(ctx).enable(name)
+    out.print(f"host [bold]{name}[/] is enabled")

@@ -1,0 +1,74 @@
+"""Placement from the database: host facts (capacity, limits, what is already there) are read
+once per unit of work, each pick goes through the scheduler's filters and weighers, and the
+chosen host's usage is updated in memory so the next pick in the same pass sees it."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+from sqlalchemy import func, select
+
+from deskpool.domain.models import CloneMode
+from deskpool.lifecycle.hosts import LIVE_STATES, incompatibility
+from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest, Strategy
+from deskpool.scheduler.placement import place
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Host, TemplateVersion
+
+# What a linked or instant clone takes on its host's storage at first (its overlay grows).
+OVERLAY_BYTES = 256 * 1024 * 1024
+
+
+def storage_need(version: TemplateVersion, clone_mode: CloneMode) -> int:
+    return version.image_size_bytes if clone_mode is CloneMode.FULL else OVERLAY_BYTES
+
+
+class Placer:
+    def __init__(self, uow: UnitOfWork, *, reachable: set[uuid.UUID] | None = None) -> None:
+        self.uow = uow
+        usage = {host_id: (vcpus or 0, memory or 0, count)
+                 for host_id, vcpus, memory, count in uow.session.execute(
+                     select(Desktop.host_id, func.sum(TemplateVersion.vcpus),
+                            func.sum(TemplateVersion.memory_mib), func.count())
+                     .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
+                     .where(Desktop.state.in_(LIVE_STATES)).group_by(Desktop.host_id))}
+        self.hosts: dict[uuid.UUID, Host] = {h.id: h for h in uow.hosts.list()}
+        self.facts: dict[uuid.UUID, HostFacts] = {}
+        for host in self.hosts.values():
+            vcpus, memory, count = usage.get(host.id, (0, 0, 0))
+            self.facts[host.id] = HostFacts(
+                id=host.id, name=host.name, state=host.state.value,
+                reachable=reachable is None or host.id in reachable,
+                hypervisor=host.hypervisor, arch=host.arch, cpu_model=host.cpu_model,
+                domain_types=tuple(t for t in host.domain_types.split(",") if t),
+                vcpus=host.vcpus, memory_mib=host.memory_mib,
+                storage_free_bytes=host.storage_free_bytes,
+                cpu_overcommit=host.cpu_overcommit, memory_overcommit=host.memory_overcommit,
+                max_desktops=host.max_desktops, used_vcpus=int(vcpus),
+                used_memory_mib=int(memory), desktops=int(count))
+
+    def place(self, version: TemplateVersion, clone_mode: CloneMode, *, what: str,
+              allowed: set[uuid.UUID] | None = None,
+              strategy: Strategy = Strategy.SPREAD) -> tuple[Host, Placement]:
+        """The host for one new desktop, and why; ``NoValidHost`` (a ``Conflict``) naming
+        what ruled each host out."""
+        runs_on = frozenset(t.strip().upper() for t in version.runs_on.split(",")
+                            if t.strip())
+        request = PlacementRequest(
+            what=what, vcpus=version.vcpus, memory_mib=version.memory_mib,
+            storage_bytes=storage_need(version, clone_mode),
+            hypervisors=runs_on, arch=version.arch or None,
+            allowed_hosts=frozenset(allowed) if allowed else None, strategy=strategy)
+        hosts = [replace(f, hypervisor=f.hypervisor.upper()) for f in self.facts.values()]
+        chosen = place(request, hosts)
+        facts = self.facts[chosen.host_id]
+        self.facts[chosen.host_id] = replace(
+            facts, used_vcpus=facts.used_vcpus + request.vcpus,
+            used_memory_mib=facts.used_memory_mib + request.memory_mib,
+            desktops=facts.desktops + 1,
+            pending_storage_bytes=facts.pending_storage_bytes + request.storage_bytes)
+        return self.hosts[chosen.host_id], chosen
+
+
+__all__ = ["Placer", "incompatibility", "storage_need"]

@@ -1,0 +1,134 @@
+"""The reconciler's view of hosts: heartbeat, failure and drain.
+
+* A host that answers gets its capacity refreshed and ``last_seen_at`` stamped; a host that
+  was ``down`` and answers again is ``enabled`` again.
+* A host that stops answering is marked ``down`` once it has been silent for the grace
+  period. Its stateless pool desktops go to ``retiring`` and lose their users, so the pool
+  refills on other hosts and users reconnect to a new desktop; their VMs are removed only
+  when the host answers again. Stateful desktops stay as they are, with their data, and come
+  back with the host. Nothing is deleted on a host because it was unreachable.
+* A ``draining`` host's free desktops are retired (placement replaces them elsewhere), its
+  users see a notice (the broker logs them off at the deadline), and once no session is left
+  the host enters ``maintenance``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from deskpool.domain.errors import DeskpoolError
+from deskpool.domain.models import HostState
+from deskpool.domain.pools import PoolKind
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.events import record_event
+from deskpool.lifecycle.hosts import drain_notice, record_capacity
+from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, Host, Pool
+
+log = logging.getLogger(__name__)
+S = DesktopState
+FREE_STATES = (S.PROVISIONING.value, S.CUSTOMIZING.value, S.READY.value)
+
+
+class HostWatch:
+    def __init__(self, ctx: ServiceContext, clock: Callable[[], datetime], *,
+                 down_after: timedelta = timedelta(seconds=60)) -> None:
+        self.ctx = ctx
+        self.clock = clock
+        self.down_after = down_after
+
+    def answered(self, host_id: uuid.UUID) -> None:
+        """The host answered: refresh its capacity; a down host comes back."""
+        driver = None
+        with self.ctx.uow(read_only=True) as uow:
+            driver = self.ctx.driver_for(uow.hosts.get(host_id))
+        try:
+            capacity = driver.capacity()
+        except DeskpoolError:
+            capacity = None
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get(host_id)
+            if capacity is not None:
+                record_capacity(host, capacity)
+            host.last_seen_at, host.unreachable_since, host.last_error = (self.clock(), None,
+                                                                          None)
+            if host.state is HostState.DOWN:
+                host.state = HostState.ENABLED
+                record_event(uow, "host-up", f"host {host.name} answers again and is back "
+                             "in service")
+            uow.commit()
+
+    def silent(self, host_id: uuid.UUID, error: str) -> None:
+        """The host did not answer; after the grace period it is down."""
+        now = self.clock()
+        self.ctx.forget_driver(host_id)  # a reconnect next time, not a dead connection
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get(host_id)
+            host.last_error = error
+            if host.unreachable_since is None:
+                host.unreachable_since = now
+            if host.state is not HostState.DOWN and now - host.unreachable_since >= \
+                    self.down_after:
+                host.state = HostState.DOWN
+                record_event(uow, "host-down", f"host {host.name} has not answered since "
+                             f"{host.unreachable_since:%H:%M:%S}: marked down ({error})",
+                             severity="error")
+                self._abandon_stateless(uow, host)
+            uow.commit()
+
+    @staticmethod
+    def _abandon_stateless(uow: UnitOfWork, host: Host) -> None:
+        """Stateless pool desktops of a down host leave service (their VMs are removed when
+        the host answers again); their users may connect to a new one at once."""
+        rows = uow.session.execute(
+            select(Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user, Pool.name)
+            .join(Pool, Pool.id == Desktop.pool_id)
+            .where(Desktop.host_id == host.id, Pool.kind == PoolKind.STATELESS,
+                   Desktop.state.in_([*FREE_STATES, *HELD_STATES, S.RECYCLING.value]))).all()
+        for d_id, name, state, user, pool in rows:
+            transition(uow.desktops, d_id, S(state), S.RETIRING, task="host-down")
+            uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
+                assigned_user=None, reserved_at=None, console_connections=0,
+                version=Desktop.version + 1).execution_options(synchronize_session=False))
+            if user:
+                record_event(uow, "desktop-lost", f"{name} of {user} was on host {host.name}, "
+                             "which is down; connecting again gives a new desktop",
+                             severity="warning", user=user, pool=pool, desktop_id=d_id,
+                             desktop=name)
+
+    def drain(self, host_id: uuid.UUID) -> None:
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get(host_id)
+            if host.state is not HostState.DRAINING:
+                return
+            deadline = host.drain_deadline or self.clock()
+            desktops = uow.session.execute(
+                select(Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user,
+                       Desktop.notice, Pool.kind)
+                .join(Pool, Pool.id == Desktop.pool_id, isouter=True)
+                .where(Desktop.host_id == host.id)).all()
+            held = 0
+            for d_id, name, state, user, notice, kind in desktops:
+                if state in HELD_STATES:
+                    held += 1
+                    if notice is None:
+                        uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
+                            notice=drain_notice(deadline), version=Desktop.version + 1)
+                            .execution_options(synchronize_session=False))
+                        record_event(uow, "drain-warning", f"{user} on {name} warned: host "
+                                     f"{host.name} drains by {deadline:%H:%M} UTC",
+                                     user=user, desktop_id=d_id, desktop=name)
+                elif (state == S.READY.value and user is None
+                      and kind is not PoolKind.STATEFUL and kind is not None):
+                    transition(uow.desktops, d_id, S.READY, S.RETIRING, task="drain")
+            if held == 0:
+                host.state = HostState.MAINTENANCE
+                record_event(uow, "host-maintenance", f"host {host.name} has no sessions "
+                             "left and is in maintenance")
+            uow.commit()
