@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     listen_port: int = 8000
     console_port: int = 6080
     novnc_dir: Path = Path("/usr/share/novnc")
+    # The broker's background loops.
+    reconcile_interval_s: float = 5.0
+    timers_interval_s: float = 2.0
+    ready_timeout_s: float = 240.0
+    host_down_after_s: float = 60.0  # a host silent this long is marked down
+    lease_s: float | None = None  # how long a broker owns a step (default: ready timeout + 5 min)
     # An LDAP / Active Directory to sign users in with (besides local users), when set.
     ldap_url: str | None = None
     ldap_bind_dn: str | None = None

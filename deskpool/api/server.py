@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 import uvicorn
 
@@ -33,18 +34,24 @@ def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: floa
 
 
 def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
-          reconcile_interval_s: float = 5.0, timers_interval_s: float = 2.0,
           workers: int = 4) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
+    settings = ctx.settings
+    reconciler = Reconciler(
+        ctx, workers=workers, ready_timeout_s=settings.ready_timeout_s,
+        host_down_after=timedelta(seconds=settings.host_down_after_s),
+        lease=timedelta(seconds=settings.lease_s) if settings.lease_s else None)
+    log.info("broker %s starting on %s:%s", reconciler.owner, host, port)
     # The console proxy runs in this process (threads), so it shares the drivers: consoles
     # of in-memory fake hosts work too. ``python -m deskpool.api.console_proxy`` runs it alone.
     proxy = ConsoleProxyServer(ctx, host, console_port)
     loops = [
         threading.Thread(target=proxy.serve_forever, name="console-proxy", daemon=True),
-        threading.Thread(target=Reconciler(ctx, workers=workers).run_forever,
-                         args=(stop, reconcile_interval_s), name="reconciler", daemon=True),
-        threading.Thread(target=_timers_forever, args=(ctx, stop, timers_interval_s),
+        threading.Thread(target=reconciler.run_forever,
+                         args=(stop, settings.reconcile_interval_s), name="reconciler",
+                         daemon=True),
+        threading.Thread(target=_timers_forever, args=(ctx, stop, settings.timers_interval_s),
                          name="session-timers", daemon=True),
     ]
     for loop in loops:

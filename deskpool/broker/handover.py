@@ -16,6 +16,7 @@ is ready and the pool may grow, a desktop is made for the user and the answer sa
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from deskpool.domain.errors import (
     Conflict,
     DeskpoolError,
     Forbidden,
+    HypervisorUnreachable,
     NotFound,
     Unavailable,
 )
@@ -46,6 +48,7 @@ from deskpool.store.models import Desktop, Host, Pool, TemplateVersion, utcnow
 S = DesktopState
 PREPARING_STATES = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
 ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
+CLAIM_RETRIES = 6
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class _Claim:
     hostname: str | None
     reconnect: bool
     pending_message: str | None = None
+    own: bool = False  # the user's already (held, or a dedicated one): never failed for a blip
 
 
 class _Timer:
@@ -111,6 +115,12 @@ class Broker:
                 try:
                     self._ensure_running(claim.desktop_id, timer)
                 except DeskpoolError as exc:
+                    if claim.own and isinstance(exc, HypervisorUnreachable):
+                        # Its host is silent (not yet marked down): the desktop, and the
+                        # user's work on it, are kept; nothing is failed for that.
+                        raise Unavailable(
+                            f"your desktop {claim.desktop} cannot be reached right now ({exc}); "
+                            "it is kept for you, please try again shortly") from exc
                     self._fail_readiness(identity, pool_name, claim, exc)
                     continue
                 return self._finish(identity, pool_name, requested_at, timer, claim, "ready",
@@ -124,14 +134,16 @@ class Broker:
     # --- claim ---------------------------------------------------------------------------
 
     def _claim(self, identity: Identity, pool_name: str) -> _Claim:
-        for _retry in range(3):
+        for retry in range(CLAIM_RETRIES):
             try:
                 with self.ctx.uow() as uow:
                     claim = self._claim_in(uow, identity, pool_name)
                     uow.commit()
                     return claim
             except Conflict:
-                continue  # another broker won the desktop, or this user's other request did
+                # Another broker won the desktop, or this user's other request did: look
+                # again after a short, random pause so racing brokers fall out of step.
+                time.sleep(random.uniform(0, 0.02 * (retry + 1)))
         raise Unavailable(f"pool {pool_name!r} is too busy right now; please try again")
 
     def _claim_in(self, uow: UnitOfWork, identity: Identity, pool_name: str) -> _Claim:
@@ -152,7 +164,8 @@ class Broker:
                     f"your desktop {desktop.name} is on host {host.name}, which is "
                     f"{host.state.value}; it comes back when the host does")
             if desktop.state in HELD_STATES:
-                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=True)
+                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=True,
+                              own=True)
         for desktop in mine:
             if desktop.state == S.READY.value:  # made for this user, or a dedicated one
                 transition(uow.desktops, desktop.id, S.READY, S.RESERVED)
@@ -160,7 +173,8 @@ class Broker:
                 record_event(uow, "reserved", f"{identity.name} reserved {desktop.name}",
                              user=identity.name, pool=pool.name, desktop_id=desktop.id,
                              desktop=desktop.name)
-                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=False)
+                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=False,
+                              own=True)
         if any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
@@ -170,9 +184,13 @@ class Broker:
                          user=identity.name, pool=pool.name, desktop_id=free.desktop_id,
                          desktop=free.desktop)
             return free
-        live = uow.session.scalars(select(Desktop.id).where(
+        live = uow.session.execute(select(Desktop.state, Desktop.assigned_user).where(
             Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
         if len(live) >= pool.max_size:
+            if any(user is None and state in PREPARING_STATES for state, user in live):
+                return _Claim(None, None, None, False, pending_message=(
+                    "every desktop is taken or still being prepared; connect again in a "
+                    "moment"))
             raise Unavailable(f"pool {pool_name!r} is exhausted: all {pool.max_size} desktops "
                               "are in use; please try again later")
         made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),

@@ -137,6 +137,7 @@ class FakeDriver(HypervisorDriver):
             memory_mib = int(shape.get("memory_mib", memory_mib))
             if "storage_gib" in shape:
                 storage_bytes = int(shape["storage_gib"]) * GiB
+            agent_delay_polls = int(shape.get("agent_delay_polls", agent_delay_polls))
         except ValueError as exc:
             raise HypervisorUnreachable(f"{uri!r}: bad fake host shape ({exc})") from None
         self._hypervisor = shape.get("hypervisor", "FAKE")

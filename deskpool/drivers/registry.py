@@ -1,7 +1,8 @@
 """Open the right driver for a host URI.
 
 ``fake://NAME`` gives an in-memory ``FakeDriver``, one per name and process, so the same fake
-host keeps its VMs between calls; every other URI is handed to libvirt.
+host keeps its VMs between calls; ``fake+tcp://HOST:PORT/NAME`` a fake host served by another
+process (``deskpool.drivers.fake_remote``); every other URI is handed to libvirt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def open_driver(uri: str, *, storage_dir: Path | None = None) -> HypervisorDrive
             if uri not in _fakes:
                 _fakes[uri] = FakeDriver(uri)
             return _fakes[uri]
+    if uri.startswith("fake+tcp://"):
+        from deskpool.drivers.fake_remote import RemoteFakeDriver
+
+        return RemoteFakeDriver(uri)
     from deskpool.drivers.libvirt import LibvirtDriver
 
     return LibvirtDriver(uri, storage_dir=storage_dir)

@@ -223,6 +223,9 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     """A new desktop row for the pool (provisioning), placed by the scheduler; the
     reconciler builds it. Given an ``assigned_user``, it is made for that user, who gets it
     once it is ready. ``NoValidHost`` when no host can take it."""
+    # Brokers and reconcilers insert into one pool one at a time (the row lock on PostgreSQL;
+    # SQLite writers are serialized anyway), so two never pick the same next name.
+    uow.session.execute(select(Pool.id).where(Pool.id == pool.id).with_for_update())
     placer = placer or Placer(uow)
     host, placement = placer.place(
         pool.current_version, pool.clone_mode, what=f"pool {pool.name!r}",

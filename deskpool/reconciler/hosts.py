@@ -27,13 +27,14 @@ from deskpool.domain.pools import PoolKind
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.events import record_event
 from deskpool.lifecycle.hosts import drain_notice, record_capacity
-from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.lifecycle.states import HELD_STATES, TRANSITIONS, DesktopState, transition
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, Pool
 
 log = logging.getLogger(__name__)
 S = DesktopState
 FREE_STATES = (S.PROVISIONING.value, S.CUSTOMIZING.value, S.READY.value)
+IN_FLIGHT_STATES = (S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value)
 
 
 class HostWatch:
@@ -92,6 +93,11 @@ class HostWatch:
             .where(Desktop.host_id == host.id, Pool.kind == PoolKind.STATELESS,
                    Desktop.state.in_([*FREE_STATES, *HELD_STATES, S.RECYCLING.value]))).all()
         for d_id, name, state, user, pool in rows:
+            if S.RETIRING not in TRANSITIONS[S(state)]:
+                # Being made or recycled: its step cannot finish, and error is the way out.
+                transition(uow.desktops, d_id, S(state), S.ERROR,
+                           last_error=f"host {host.name} is down")
+                state = S.ERROR.value
             transition(uow.desktops, d_id, S(state), S.RETIRING, task="host-down")
             uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
                 assigned_user=None, reserved_at=None, console_connections=0,
@@ -127,6 +133,11 @@ class HostWatch:
                 elif (state == S.READY.value and user is None
                       and kind is not PoolKind.STATEFUL and kind is not None):
                     transition(uow.desktops, d_id, S.READY, S.RETIRING, task="drain")
+                elif state in IN_FLIGHT_STATES:
+                    # Becomes ready (and is retired above) or held: not empty yet, else a
+                    # desktop recycled after its user's logoff would stay ready here and
+                    # count as its pool's spare on a host that takes no sessions.
+                    held += 1
             if held == 0:
                 host.state = HostState.MAINTENANCE
                 record_event(uow, "host-maintenance", f"host {host.name} has no sessions "

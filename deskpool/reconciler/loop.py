@@ -264,6 +264,10 @@ class Reconciler:
         if not self._lease(Desktop, desktop_id):
             return
         try:
+            with self.ctx.uow(read_only=True) as uow:
+                current = uow.desktops.find(desktop_id)
+                if current is None or current.state != state.value:
+                    return  # another broker did this step after we looked: nothing to do
             work()
         except Exception as exc:  # any failure: record it, never stop the pass
             report.error(f"desktop {desktop_id}: {exc}")

@@ -1,26 +1,233 @@
-// The admin view: every table from /api/v1/admin, refreshed every few seconds.
+// The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
+// added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
+const HELD = new Set(["reserved", "in_use", "idle"]);  // a user holds the desktop
+const DEFAULT_GRACE_MIN = 30;
 
 const when = (iso) => {
   if (!iso) return "";
   const at = new Date(iso);
   return Number.isNaN(at.getTime()) ? iso : at.toLocaleString();
 };
-const ago = (iso) => {
-  const s = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 1000));
-  if (Number.isNaN(s)) return "";
+const span = (s) => {
   if (s < 120) return `${s} s`;
   if (s < 7200) return `${Math.round(s / 60)} min`;
   return `${Math.round(s / 3600)} h`;
 };
+const ago = (iso) => {
+  const s = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 1000));
+  return Number.isNaN(s) ? "" : span(s);
+};
 const ms = (v) => (v === null || v === undefined ? "" : String(v));
 const mib = (bytes) => `${(bytes / 1048576).toFixed(0)} MiB`;
+const gib = (mebibytes) => {
+  const g = mebibytes / 1024;
+  return `${g >= 10 ? g.toFixed(0) : g.toFixed(1)} GiB`;
+};
+const bytes = (b) => {
+  if (b === null || b === undefined) return "";
+  const t = b / 2 ** 40;
+  return t >= 1 ? `${t.toFixed(1)} TiB` : `${(b / 2 ** 30).toFixed(1)} GiB`;
+};
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 const badge = (prefix) => (v) => el("span", { className: `badge ${prefix}-${v}`, text: v });
 const counts = (c) => Object.entries(c || {}).sort()
   .map(([state, n]) => `${state} ${n}`).join(" · ");
+const fragment = (...nodes) => {
+  const f = document.createDocumentFragment();
+  for (const n of nodes) if (n !== null && n !== undefined) f.append(n);
+  return f;
+};
+
+// --- hosts --------------------------------------------------------------------------------
+
+// Sessions still open on a host: its desktops that a user holds (from the desktops table).
+const sessionsOn = (host) => lastDesktops.filter((d) => d.host === host && HELD.has(d.state))
+  .length;
+
+function hostState(h) {
+  const parts = [badge("host")(h.state)];
+  if (h.state === "draining") {
+    const deadline = new Date(h.drain_deadline);
+    const left = Math.round((deadline.getTime() - Date.now()) / 1000);
+    const due = Number.isNaN(left) ? "" : left > 0 ? ` (in ${span(left)})` : " (passed)";
+    parts.push(
+      el("div", { className: "drain-deadline", "data-deadline": h.drain_deadline || null,
+                  text: h.drain_deadline ? `logs users off at ${when(h.drain_deadline)}${due}`
+                                         : "no deadline" }),
+      el("div", { className: "drain-progress",
+                  text: `${plural(h.desktops ?? 0, "desktop", "desktops")} still on it · ` +
+                        `${plural(sessionsOn(h.name), "session", "sessions")} still open` }));
+  } else if (h.state === "maintenance") {
+    parts.push(el("div", { className: "drain-progress",
+                           text: "in maintenance: drained, no session left" }));
+  }
+  if (h.last_error) parts.push(el("div", { className: "host-error", text: h.last_error }));
+  return fragment(...parts);
+}
+
+function hostLimits(h) {
+  return [`CPU ${h.cpu_overcommit}:1`, `memory ${h.memory_overcommit}:1`,
+          h.max_desktops === null || h.max_desktops === undefined ? "no desktop limit"
+            : `at most ${plural(h.max_desktops, "desktop", "desktops")}`,
+          `${h.max_provisioning} provisioning`, `${h.transfer_slots} transfers`].join(" · ");
+}
+
+function hostActions(h) {
+  const buttons = [];
+  if (h.state === "enabled" || h.state === "draining") {
+    buttons.push(el("button", { type: "button", className: "drain",
+                                text: h.state === "draining" ? "New deadline" : "Drain",
+                                onclick: () => drainHost(h) }));
+  }
+  if (["draining", "maintenance", "down"].includes(h.state)) {
+    buttons.push(el("button", { type: "button", className: "enable", text: "Enable",
+                                onclick: () => enableHost(h) }));
+  }
+  return fragment(...buttons);
+}
+
+function drainHost(h) {
+  ask({
+    title: h.state === "draining" ? `New drain deadline for ${h.name}` : `Drain ${h.name}`,
+    text: `${h.name} takes no new desktops or sessions. Its users are warned now and logged ` +
+          "off at the deadline; its free desktops are replaced on other hosts. When no " +
+          "session is left it is in maintenance.",
+    ok: "Drain", grace: true,
+    action: (minutes) => api("POST", `/api/v1/admin/hosts/${encodeURIComponent(h.name)}/drain`,
+                             { grace_s: Math.round(minutes * 60) }),
+    done: (data) => ["hosts-message", `${data.name} is draining; users are logged off at ` +
+                     `${when(data.drain_deadline)}`],
+  });
+}
+
+async function enableHost(h) {
+  const answer = await api("POST",
+                           `/api/v1/admin/hosts/${encodeURIComponent(h.name)}/enable`);
+  if (answer.ok) say("hosts-message", "ready", `${answer.data.name} is ${answer.data.state}`);
+  else say("hosts-message", "error", answer.error);
+  await refresh();
+}
+
+async function addHost(event) {
+  event.preventDefault();
+  const form = $("add-host-form");
+  const button = $("add-host-button");
+  const error = $("add-host-error");
+  const body = { name: form.elements.name.value.trim(), uri: form.elements.uri.value.trim() };
+  for (const field of ["cpu_overcommit", "memory_overcommit", "max_desktops",
+                       "max_provisioning", "transfer_slots"]) {
+    const raw = form.elements[field].value.trim();
+    if (raw !== "") body[field] = Number(raw);
+  }
+  show(error, false);
+  button.disabled = true;
+  button.textContent = "Connecting…";
+  let answer;
+  try {
+    answer = await api("POST", "/api/v1/admin/hosts", body);
+  } finally {
+    button.disabled = false;
+    button.textContent = "Add host";
+  }
+  if (!answer.ok) {
+    error.textContent = answer.error;
+    show(error, true);
+    return;
+  }
+  const h = answer.data;
+  say("hosts-message", "ready", `added host ${h.name}: ${h.hypervisor} ${h.arch}, ` +
+      `${h.vcpus} vCPUs, ${gib(h.memory_mib)} memory, ${bytes(h.storage_free_bytes)} free`);
+  form.reset();
+  $("add-host").open = false;
+  await refresh();
+}
+
+// --- desktops -----------------------------------------------------------------------------
+
+function desktopNotes(d) {
+  return fragment(d.last_error ? el("div", { className: "desktop-error", text: d.last_error })
+                               : null,
+                  d.notice ? el("div", { className: "notice", text: d.notice }) : null);
+}
+
+function logOff(d) {
+  ask({
+    title: `Log off ${d.user || "the user"} from ${d.name}`,
+    text: `The session on ${d.name} ends now and unsaved work in it is lost; the desktop ` +
+          "then goes the way its pool's log-off policy says.",
+    ok: "Log off",
+    action: () => api("POST", `/api/v1/admin/desktops/${encodeURIComponent(d.id)}/logoff`),
+    done: (data) => ["desktops-message", `logged off ${d.name}` +
+                     (d.user ? ` (${d.user})` : "") + `; it is now ${data.state}`],
+  });
+}
+
+// --- the confirmation dialog and messages --------------------------------------------------
+
+const dialog = { spec: null };
+
+function ask(spec) {
+  dialog.spec = spec;
+  $("confirm-title").textContent = spec.title;
+  $("confirm-text").textContent = spec.text;
+  $("confirm-ok").textContent = spec.ok;
+  $("confirm-ok").disabled = false;
+  show($("confirm-error"), false);
+  show($("confirm-grace-label"), Boolean(spec.grace));
+  $("confirm-grace").value = String(DEFAULT_GRACE_MIN);
+  $("confirm").showModal();
+  (spec.grace ? $("confirm-grace") : $("confirm-ok")).focus();
+}
+
+function dialogError(text) {
+  $("confirm-error").textContent = text;
+  show($("confirm-error"), true);
+}
+
+async function confirmed(event) {
+  event.preventDefault();
+  const spec = dialog.spec;
+  if (!spec) return;
+  let minutes = null;
+  if (spec.grace) {
+    const raw = $("confirm-grace").value.trim();
+    minutes = Number(raw);
+    if (raw === "" || !Number.isFinite(minutes) || minutes < 0) {
+      dialogError("the grace is a number of minutes, 0 or more");
+      return;
+    }
+  }
+  const ok = $("confirm-ok");
+  ok.disabled = true;
+  let answer;
+  try {
+    answer = await spec.action(minutes);
+  } finally {
+    ok.disabled = false;
+  }
+  if (!answer.ok) {
+    dialogError(answer.error);
+    return;
+  }
+  dialog.spec = null;
+  $("confirm").close();
+  const [where, text] = spec.done(answer.data);
+  say(where, "ready", text);
+  await refresh();
+}
+
+function say(id, kind, text) {
+  const box = $(id);
+  box.dataset.kind = kind;
+  box.textContent = text;
+  show(box, Boolean(text));
+}
+
+// --- the tables ---------------------------------------------------------------------------
 
 // Each table: its columns as [heading, value of a row, class of the cell].
 const TABLES = {
@@ -28,16 +235,22 @@ const TABLES = {
     path: "/api/v1/admin/desktops",
     columns: [
       ["Name", (d) => d.name, "name"], ["Hostname", (d) => d.hostname, "hostname"],
-      ["Pool", (d) => d.pool || ""], ["Host", (d) => el("span", { title: d.placement_reason || null, text: d.host })], ["v", (d) => d.version, "num"],
+      ["Pool", (d) => d.pool || ""],
+      ["Host", (d) => el("span", { className: d.placement_reason ? "has-reason" : null,
+                                   title: d.placement_reason || null, text: d.host }), "host"],
+      ["v", (d) => d.version, "num"],
       ["State", (d) => badge("state")(d.state), "state"],
       ["Power", (d) => badge("power")(d.power_state), "power"],
       ["Task", (d) => d.task || ""], ["User", (d) => d.user || "", "user"],
       ["Consoles", (d) => d.console_connections, "num"],
       ["In state", (d) => ago(d.state_changed_at), "num"],
       ["Retries", (d) => d.retry_count, "num"],
-      ["Last error", (d) => [d.last_error, d.notice].filter(Boolean).join(" — "),
-       "last-error"]],
+      ["Last error / notice", desktopNotes, "notes"],
+      ["", (d) => (HELD.has(d.state)
+        ? el("button", { type: "button", className: "logoff", text: "Log off",
+                         onclick: () => logOff(d) }) : ""), "actions"]],
     key: (d) => d.id,
+    attrs: (d) => ({ "data-name": d.name, "data-state": d.state }),
   },
   pools: {
     path: "/api/v1/admin/pools",
@@ -84,13 +297,23 @@ const TABLES = {
   hosts: {
     path: "/api/v1/admin/hosts",
     columns: [
-      ["Name", (h) => h.name, "name"], ["URI", (h) => h.uri],
-      ["State", (h) => badge("host")(h.state)], ["Type", (h) => h.domain_type],
-      ["CPUs", (h) => h.vcpus || "", "num"],
-      ["Memory", (h) => (h.memory_mib ? `${(h.memory_mib / 1024).toFixed(1)} GiB` : ""), "num"],
-      ["Desktops", (h) => h.desktops ?? "", "num"],
-      ["Last error", (h) => h.last_error || "", "last-error"]],
+      ["Host", (h) => fragment(el("div", { className: "name", text: h.name }),
+                               el("div", { className: "uri", text: h.uri })), "host"],
+      ["State", hostState, "state"],
+      ["Hypervisor", (h) => [h.hypervisor, h.arch, h.domain_type].filter(Boolean).join(" · "),
+       "hypervisor"],
+      ["vCPUs", (h) => h.vcpus || "", "num vcpus"],
+      ["Memory", (h) => (h.memory_mib ? gib(h.memory_mib) : ""), "num memory"],
+      ["Free storage", (h) => bytes(h.storage_free_bytes), "num storage"],
+      ["Limits", hostLimits, "limits"],
+      ["Desktops", (h) => h.desktops ?? "", "num desktops"],
+      ["Last seen", (h) => (h.last_seen_at
+        ? el("span", { title: when(h.last_seen_at), text: `${ago(h.last_seen_at)} ago` })
+        : "never"), "num last-seen"],
+      ["", hostActions, "actions"]],
     key: (h) => h.id,
+    attrs: (h) => ({ "data-name": h.name, "data-state": h.state,
+                     className: h.state === "down" ? "host-down-row" : null }),
   },
   templates: {
     path: "/api/v1/admin/templates",
@@ -101,6 +324,8 @@ const TABLES = {
     key: (t) => t.id,
   },
 };
+// The hosts' drain progress counts sessions from the desktops, so desktops come first.
+const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates"];
 
 let timer = null;
 let refreshes = 0;
@@ -115,7 +340,8 @@ function render(name, rows) {
   }
   const body = document.createDocumentFragment();
   for (const row of rows) {
-    body.append(el("tr", { "data-id": spec.key(row) }, ...spec.columns.map(([, value, cls]) => {
+    const attrs = { "data-id": spec.key(row), ...(spec.attrs ? spec.attrs(row) : {}) };
+    body.append(el("tr", attrs, ...spec.columns.map(([, value, cls]) => {
       const v = value(row);
       return el("td", { className: cls || null }, v instanceof Node ? v : String(v ?? ""));
     })));
@@ -132,7 +358,7 @@ function renderDesktops() {
   const words = $("desktop-filter").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
   const matching = lastDesktops.filter((d) => {
     const text = [d.name, d.hostname, d.user, d.state, d.pool, d.host, d.power_state,
-                  d.last_error].join(" ").toLowerCase();
+                  d.last_error, d.notice].join(" ").toLowerCase();
     return words.every((w) => text.includes(w));
   });
   render("desktops", matching.slice(0, MAX_DESKTOP_ROWS));
@@ -142,6 +368,16 @@ function renderDesktops() {
   const errors = lastDesktops.filter((d) => d.state === "error").length;
   $("desktops-count").textContent = `(${lastDesktops.length}` +
     (errors ? `, ${errors} in error)` : ")");
+}
+
+function renderHosts(hosts) {
+  render("hosts", hosts);
+  const byState = {};
+  for (const h of hosts) byState[h.state] = (byState[h.state] || 0) + 1;
+  const unusual = Object.entries(byState).filter(([state]) => state !== "enabled").sort()
+    .map(([state, n]) => `${n} ${state}`);
+  $("hosts-count").textContent = `(${hosts.length}` +
+    (unusual.length ? `; ${unusual.join(", ")})` : ")");
 }
 
 function refused(text, signIn) {
@@ -158,8 +394,7 @@ function refused(text, signIn) {
 
 async function refresh() {
   clearTimeout(timer);
-  const names = Object.keys(TABLES);
-  const answers = await Promise.all(names.map((n) => api("GET", TABLES[n].path)));
+  const answers = await Promise.all(ORDER.map((n) => api("GET", TABLES[n].path)));
   const denied = answers.find((a) => a.status === 401 || a.status === 403);
   if (denied) {
     refused(denied.error, denied.status === 401);
@@ -168,11 +403,13 @@ async function refresh() {
   const failed = answers.filter((a) => !a.ok).map((a) => a.error);
   $("admin-error").textContent = failed.join("; ");
   show($("admin-error"), failed.length > 0);
-  names.forEach((name, i) => {
+  ORDER.forEach((name, i) => {
     if (!answers[i].ok) return;
     if (name === "desktops") {
       lastDesktops = answers[i].data;
       renderDesktops();
+    } else if (name === "hosts") {
+      renderHosts(answers[i].data);
     } else {
       render(name, answers[i].data);
     }
@@ -210,6 +447,13 @@ async function start() {
   show($("admin-data"), true);
   $("desktop-filter").addEventListener("input", renderDesktops);
   $("interval").addEventListener("change", () => refresh());
+  $("add-host-form").addEventListener("submit", addHost);
+  $("confirm-form").addEventListener("submit", confirmed);
+  $("confirm-cancel").addEventListener("click", () => {
+    dialog.spec = null;
+    $("confirm").close();
+  });
+  $("confirm").addEventListener("close", () => { dialog.spec = null; });
   await refresh();
 }
 

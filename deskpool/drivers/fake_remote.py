@@ -1,0 +1,155 @@
+"""Fake hosts served from another process, so several broker processes share one simulated
+hypervisor (as they share a real libvirtd), and benchmarks can keep the hypervisor's memory
+out of the broker's.
+
+``serve_fake_hosts(port, authkey)`` runs the server (``python -m deskpool.drivers.fake_remote
+--port N``); a broker reaches host NAME on it at ``fake+tcp://127.0.0.1:N/NAME`` (the query
+shapes the host as for ``fake://``), with the shared secret in ``DESKPOOL_FAKE_AUTHKEY``. Built
+on ``multiprocessing.managers``: every call is one round trip, and errors raised by the fake
+arrive as the same deskpool errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import uuid
+from multiprocessing.managers import BaseManager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from deskpool.domain.errors import HypervisorUnreachable
+from deskpool.domain.models import ConsoleAddress, HostCapacity, VmRecord, VmSpec, VolumeInfo
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.drivers.fake import FakeDriver
+
+AUTHKEY_ENV = "DESKPOOL_FAKE_AUTHKEY"
+_served: dict[str, FakeDriver] = {}
+_served_lock = threading.Lock()
+
+
+def _host(uri: str) -> FakeDriver:
+    with _served_lock:
+        if uri not in _served:
+            _served[uri] = FakeDriver(uri)
+        return _served[uri]
+
+
+class _Manager(BaseManager):
+    pass
+
+
+_Manager.register("host", callable=_host)
+
+
+def serve_fake_hosts(port: int, authkey: bytes, host: str = "127.0.0.1") -> None:
+    """Serve fake hosts until killed."""
+    server = _Manager(address=(host, port), authkey=authkey).get_server()
+    server.serve_forever()
+
+
+class RemoteFakeDriver(HypervisorDriver):
+    def __init__(self, uri: str) -> None:
+        parsed = urlparse(uri)
+        if parsed.scheme != "fake+tcp" or not parsed.port or not parsed.path.strip("/"):
+            raise HypervisorUnreachable(f"{uri!r} is not fake+tcp://HOST:PORT/NAME")
+        self.uri = uri
+        authkey = os.environ.get(AUTHKEY_ENV, "").encode()
+        manager = _Manager(address=(parsed.hostname or "127.0.0.1", parsed.port),
+                           authkey=authkey)
+        try:
+            manager.connect()
+        except OSError as exc:
+            raise HypervisorUnreachable(f"fake hypervisor at {uri} did not answer: {exc}") \
+                from exc
+        name = parsed.path.strip("/")
+        query = f"?{parsed.query}" if parsed.query else ""
+        self._fake: Any = manager.host(f"fake://{name}{query}")  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        # Test controls of the fake (fail_next, set_reachable, guest_session...) pass through.
+        return getattr(self._fake, name)
+
+    def capacity(self) -> HostCapacity:
+        result: HostCapacity = self._fake.capacity()
+        return result
+
+    def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
+        result: VolumeInfo = self._fake.import_volume(name, source, sha256)
+        return result
+
+    def volume_info(self, name: str) -> VolumeInfo:
+        result: VolumeInfo = self._fake.volume_info(name)
+        return result
+
+    def list_volumes(self) -> list[str]:
+        result: list[str] = self._fake.list_volumes()
+        return result
+
+    def delete_volume(self, name: str) -> None:
+        self._fake.delete_volume(name)
+
+    def create_vm(self, spec: VmSpec) -> VmRecord:
+        result: VmRecord = self._fake.create_vm(spec)
+        return result
+
+    def start_vm(self, vm_id: uuid.UUID) -> None:
+        self._fake.start_vm(vm_id)
+
+    def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
+        self._fake.stop_vm(vm_id, force=force)
+
+    def suspend_vm(self, vm_id: uuid.UUID) -> None:
+        self._fake.suspend_vm(vm_id)
+
+    def create_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        self._fake.create_snapshot(vm_id, name)
+
+    def revert_to_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        self._fake.revert_to_snapshot(vm_id, name)
+
+    def list_snapshots(self, vm_id: uuid.UUID) -> list[str]:
+        result: list[str] = self._fake.list_snapshots(vm_id)
+        return result
+
+    def delete_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
+        self._fake.delete_snapshot(vm_id, name)
+
+    def capture_memory_state(self, vm_id: uuid.UUID) -> tuple[str, str]:
+        result: tuple[str, str] = self._fake.capture_memory_state(vm_id)
+        return result
+
+    def delete_vm(self, vm_id: uuid.UUID) -> None:
+        self._fake.delete_vm(vm_id)
+
+    def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
+        result: VmRecord = self._fake.get_vm(vm_id)
+        return result
+
+    def list_vms(self) -> list[VmRecord]:
+        result: list[VmRecord] = self._fake.list_vms()
+        return result
+
+    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
+        result: ConsoleAddress = self._fake.console_address(vm_id)
+        return result
+
+    def agent_command(self, vm_id: uuid.UUID, command: str,
+                      arguments: dict[str, Any] | None = None, timeout_s: int = 5) -> Any:
+        return self._fake.agent_command(vm_id, command, arguments, timeout_s)
+
+    def probe_kvm_boots(self, kernel: Path) -> bool:
+        return bool(self._fake.probe_kvm_boots(kernel))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve deskpool fake hosts over TCP.")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    serve_fake_hosts(args.port, os.environ.get(AUTHKEY_ENV, "").encode())
+
+
+if __name__ == "__main__":
+    main()
