@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import DomainType, HostCapacity, HostState
@@ -187,6 +187,11 @@ class HostService:
             host = uow.hosts.get_by_name(name)
             host.state = HostState.ENABLED
             host.drain_deadline = None
+            # The drain's warnings no longer hold.
+            uow.session.execute(update(Desktop).where(
+                Desktop.host_id == host.id, Desktop.notice.is_not(None))
+                .values(notice=None, version=Desktop.version + 1)
+                .execution_options(synchronize_session=False))
             uow.commit()
         return self.get(name)
 

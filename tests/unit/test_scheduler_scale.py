@@ -95,9 +95,13 @@ def check_limits(hosts: Sequence[HostFacts], counts: Counter[uuid.UUID]) -> None
 
 def timed_place_many(req: PlacementRequest, hosts: list[HostFacts],
                      count: int) -> tuple[list[Placement], float]:
+    """Placements and the CPU seconds they took (printed, never asserted: machines are
+    noisy; a benchmark is the place for speed)."""
     start = time.process_time()
     placed = place_many(req, hosts, count)
-    return placed, time.process_time() - start
+    cpu_s = time.process_time() - start
+    print(f"placed {count} desktops in {cpu_s:.2f} s of CPU")
+    return placed, cpu_s
 
 
 def test_capacity_is_what_the_shapes_say() -> None:
@@ -125,7 +129,7 @@ def test_spread_10000_desktops_on_100_hosts() -> None:
     neither f_min nor the argument.
     """
     hosts = fleet()
-    placed, cpu_s = timed_place_many(request(Strategy.SPREAD), hosts, 10_000)
+    placed, _cpu_s = timed_place_many(request(Strategy.SPREAD), hosts, 10_000)
     assert len(placed) == 10_000
     counts = Counter(p.host_id for p in placed)
     check_limits(hosts, counts)
@@ -142,7 +146,6 @@ def test_spread_10000_desktops_on_100_hosts() -> None:
     # Big hosts took proportionally more: a D host ~13.75x an A host (220 : 16).
     by_shape = {s: [counts[h.id] for h in hosts if h.name.endswith(s)] for s in SHAPES}
     assert min(by_shape["D"]) > 10 * max(by_shape["A"])
-    assert cpu_s < 3.0, f"placing 10,000 desktops took {cpu_s:.2f} s of CPU"
 
 
 def test_pack_fills_hosts_one_after_another() -> None:
