@@ -31,7 +31,7 @@ from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.events import record_event
 from deskpool.lifecycle.pools import logout_outcome
 from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
-from deskpool.store.access_models import Logon
+from deskpool.store.access_models import ConsoleToken, Logon
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, utcnow
 
@@ -65,6 +65,13 @@ def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) ->
     uow.session.execute(update(Desktop).where(Desktop.id == desktop_id)
                         .values(version=Desktop.version + 1, **values)
                         .execution_options(synchronize_session=False))
+    # Console tickets end with the session: one never used must not open the next session
+    # on this desktop (the same user's included).
+    now = utcnow()
+    uow.session.execute(update(ConsoleToken)
+                        .where(ConsoleToken.desktop_id == desktop_id,
+                               ConsoleToken.used_at.is_(None), ConsoleToken.expires_at > now)
+                        .values(expires_at=now).execution_options(synchronize_session=False))
 
 
 class SessionService:
