@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from deskpool.api.app import create_app
@@ -32,6 +33,7 @@ class BrokerWorld:
     ctx: ServiceContext
     fake: FakeDriver
     tokens: dict[str, str] = field(default_factory=dict)
+    _app: FastAPI | None = None
 
     def pool(self, name: str = "lab", **kw: object) -> str:
         fields: dict[str, object] = {"name": name, "template": "golden", "spare": 2,
@@ -58,8 +60,15 @@ class BrokerWorld:
 
     def client(self, user: str | None = None,
                directories: Sequence[Authenticator] = ()) -> TestClient:
-        client = TestClient(create_app(self.ctx, directories=list(directories),
-                                       console_ws_port=6080))
+        """A client of this world's one app (as one broker process serves every user);
+        an app of its own when directories are given."""
+        if directories:
+            app = create_app(self.ctx, directories=list(directories), console_ws_port=6080)
+        else:
+            if self._app is None:
+                self._app = create_app(self.ctx, directories=[], console_ws_port=6080)
+            app = self._app
+        client = TestClient(app)
         if user is not None:
             client.headers["authorization"] = f"Bearer {self.tokens[user]}"
         return client

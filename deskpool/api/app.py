@@ -25,6 +25,7 @@ from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.ldap_auth import LdapAuthenticator, LdapSettings
+from deskpool.broker.records import RecordWriter
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain import errors
@@ -87,7 +88,9 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     found = directories_from(ctx.settings) if directories is None else list(directories)
     app.state.services = Services(
         ctx=ctx, accounts=AccountService(ctx, found), entitlements=EntitlementService(ctx),
-        broker=Broker(ctx), sessions=SessionService(ctx), tickets=ConsoleTickets(ctx),
+        # Logon records are batched (50 ms): a storm of logons shares their writes.
+        broker=Broker(ctx, records=RecordWriter(ctx, interval_s=0.05)),
+        sessions=SessionService(ctx), tickets=ConsoleTickets(ctx),
         console_ws_port=console_ws_port)
 
     @app.exception_handler(errors.DeskpoolError)

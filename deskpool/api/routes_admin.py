@@ -149,6 +149,7 @@ def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, svc: ServicesDep) -> 
 
 @router.get("/events")
 def events(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
+    svc.broker.records.flush()
     return [{**asdict(e), "at": e.at.isoformat()}
             for e in recent_events(svc.ctx, limit=min(max(limit, 1), 2000))]
 
@@ -156,6 +157,7 @@ def events(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
 @router.get("/logons")
 def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
     """Each logon's phases in milliseconds: queue, claim, power-on, ready, connect."""
+    svc.broker.records.flush()
     with svc.ctx.uow(read_only=True) as uow:
         rows = uow.session.scalars(select(Logon).order_by(Logon.requested_at.desc())
                                    .limit(min(max(limit, 1), 5000))).all()

@@ -25,6 +25,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 
 from deskpool.broker.entitlements import entitled_pool_names
+from deskpool.broker.records import RecordWriter
 from deskpool.domain.errors import (
     Conflict,
     DeskpoolError,
@@ -37,11 +38,11 @@ from deskpool.domain.models import HostState, PowerState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.events import log_event, record_event
+from deskpool.lifecycle.events import record_event
 from deskpool.lifecycle.factory import DesktopFactory
 from deskpool.lifecycle.pools import insert_pool_desktop
 from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
-from deskpool.store.access_models import Logon
+from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, Pool, TemplateVersion, utcnow
 
@@ -88,10 +89,12 @@ class _Timer:
 
 
 class Broker:
-    def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0) -> None:
+    def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0,
+                 records: RecordWriter | None = None) -> None:
         self.ctx = ctx
         self.factory = DesktopFactory(ctx)
         self.ready_timeout_s = ready_timeout_s
+        self.records = records or RecordWriter(ctx)
 
     def connect(self, identity: Identity, pool_name: str, *,
                 received_at: float | None = None) -> Handover:
@@ -293,14 +296,12 @@ class Broker:
     def _finish(self, identity: Identity, pool_name: str, requested_at: datetime,
                 timer: _Timer, claim: _Claim, status: str, message: str) -> Handover:
         logon_id = uuid.uuid4()
-        with self.ctx.uow() as uow:
-            uow.session.add(Logon(
-                id=logon_id, user_name=identity.name, pool_name=pool_name,
-                desktop_id=claim.desktop_id, desktop_name=claim.desktop,
-                requested_at=requested_at, reconnect=claim.reconnect, outcome=status,
-                handed_over_at=utcnow() if status == "ready" else None, message=message,
-                **{f"{k}_ms": v for k, v in timer.phases.items()}))
-            uow.commit()
+        self.records.add(Logon(
+            id=logon_id, user_name=identity.name, pool_name=pool_name,
+            desktop_id=claim.desktop_id, desktop_name=claim.desktop,
+            requested_at=requested_at, reconnect=claim.reconnect, outcome=status,
+            handed_over_at=utcnow() if status == "ready" else None, message=message,
+            **{f"{k}_ms": v for k, v in timer.phases.items()}))
         return Handover(status=status, pool=pool_name, message=message, logon_id=logon_id,
                         desktop_id=claim.desktop_id, desktop=claim.desktop,
                         hostname=claim.hostname, reconnect=claim.reconnect,
@@ -309,12 +310,10 @@ class Broker:
     def _refused(self, identity: Identity, pool_name: str, requested_at: datetime,
                  timer: _Timer, exc: DeskpoolError) -> None:
         outcome = "refused" if isinstance(exc, NotFound | Forbidden) else "failed"
-        with self.ctx.uow() as uow:
-            uow.session.add(Logon(
-                user_name=identity.name, pool_name=pool_name, requested_at=requested_at,
-                outcome=outcome, message=str(exc),
-                **{f"{k}_ms": v for k, v in timer.phases.items()}))
-            uow.commit()
-        log_event(self.ctx, f"logon-{outcome}", f"{identity.name} -> {pool_name}: {exc}",
-                  severity="warning", user=identity.name, pool=pool_name)
+        self.records.add(
+            Logon(user_name=identity.name, pool_name=pool_name, requested_at=requested_at,
+                  outcome=outcome, message=str(exc),
+                  **{f"{k}_ms": v for k, v in timer.phases.items()}),
+            Event(kind=f"logon-{outcome}", message=f"{identity.name} -> {pool_name}: {exc}",
+                  severity="warning", user_name=identity.name, pool_name=pool_name))
 

@@ -88,6 +88,7 @@ class ConsoleToken(Base):
     """A single-use, short-lived ticket that lets one user open one desktop's console."""
 
     __tablename__ = "console_tokens"
+    __table_args__ = (Index(None, "desktop_id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)

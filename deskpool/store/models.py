@@ -298,6 +298,7 @@ class Desktop(Base):
         Index(None, "host_id"),
         Index(None, "template_version_id"),
         Index(None, "pool_id"),
+        Index(None, "pool_id", "state", "name"),  # the broker's "next free desktop" lookup
         # One held desktop per user and pool, enforced by the database itself, so two brokers
         # racing for one user can never both hand out a desktop.
         Index("uq_desktops_held_by_user", "pool_id", "assigned_user", unique=True,

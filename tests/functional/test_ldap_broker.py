@@ -60,6 +60,7 @@ def test_a_directory_user_outside_the_group_is_refused(
     assert client.get("/api/v1/pools").json() == []
     refused = client.post("/api/v1/pools/lab/connect")
     assert refused.status_code == 403 and "not entitled" in refused.json()["detail"]
+    client.app.state.services.broker.records.flush()  # type: ignore[attr-defined]
     events = world.client("root").get("/api/v1/admin/events").json()
     assert any(e["kind"] == "logon-refused" and e["user"] == "bob" for e in events)
     held = [d for d in world.client("root").get("/api/v1/admin/desktops").json()
