@@ -44,7 +44,7 @@ from deskpool.lifecycle.pools import insert_pool_desktop
 from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, Pool, TemplateVersion, utcnow
+from deskpool.store.models import Desktop, Host, Pool, utcnow
 
 S = DesktopState
 PREPARING_STATES = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
@@ -75,6 +75,18 @@ class _Claim:
     reconnect: bool
     pending_message: str | None = None
     own: bool = False  # the user's already (held, or a dedicated one): never failed for a blip
+    host_id: uuid.UUID | None = None
+    version_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class _Look:
+    """What a reservation needs, read before the write transaction."""
+
+    pool_id: uuid.UUID
+    pool: str
+    version_id: uuid.UUID
+    own_ready: uuid.UUID | None  # the user's own ready desktop (dedicated, or made for them)
 
 
 class _Timer:
@@ -95,6 +107,7 @@ class Broker:
         self.factory = DesktopFactory(ctx)
         self.ready_timeout_s = ready_timeout_s
         self.records = records or RecordWriter(ctx)
+        self._agent_by_version: dict[uuid.UUID, bool] = {}
 
     def connect(self, identity: Identity, pool_name: str, *,
                 received_at: float | None = None) -> Handover:
@@ -116,7 +129,7 @@ class Broker:
                     return self._finish(identity, pool_name, requested_at, timer, claim,
                                         "pending", claim.pending_message or "")
                 try:
-                    self._ensure_running(claim.desktop_id, timer)
+                    self._ensure_running(claim, timer)
                 except DeskpoolError as exc:
                     if claim.own and isinstance(exc, HypervisorUnreachable):
                         # Its host is silent (not yet marked down): the desktop, and the
@@ -137,56 +150,72 @@ class Broker:
     # --- claim ---------------------------------------------------------------------------
 
     def _claim(self, identity: Identity, pool_name: str) -> _Claim:
+        """Look first (a read: no write lock, so logons look in parallel), then reserve in
+        a short write transaction: usually one UPDATE ... RETURNING."""
         for retry in range(CLAIM_RETRIES):
             try:
+                with self.ctx.uow(read_only=True) as uow:
+                    look = self._look(uow, identity, pool_name)
+                if isinstance(look, _Claim):
+                    return look
                 with self.ctx.uow() as uow:
-                    claim = self._claim_in(uow, identity, pool_name)
+                    claim = self._reserve(uow, identity, look)
                     uow.commit()
-                    return claim
+                if claim.desktop_id is not None:
+                    self.records.add(Event(
+                        kind="reserved", message=f"{identity.name} reserved {claim.desktop}",
+                        user_name=identity.name, pool_name=look.pool,
+                        desktop_id=claim.desktop_id, desktop_name=claim.desktop))
+                return claim
             except Conflict:
                 # Another broker won the desktop, or this user's other request did: look
                 # again after a short, random pause so racing brokers fall out of step.
                 time.sleep(random.uniform(0, 0.02 * (retry + 1)))
         raise Unavailable(f"pool {pool_name!r} is too busy right now; please try again")
 
-    def _claim_in(self, uow: UnitOfWork, identity: Identity, pool_name: str) -> _Claim:
-        pool = uow.pools.find_by_name(pool_name)
+    def _look(self, uow: UnitOfWork, identity: Identity, pool_name: str) -> _Claim | _Look:
+        """What the user may and already has in the pool: a reconnect or a pending answer
+        right away, else what to reserve. Refusals are raised here."""
+        pool = uow.session.execute(
+            select(Pool.id, Pool.current_version_id).where(Pool.name == pool_name)).first()
         if pool is None:
             raise NotFound(f"there is no pool named {pool_name!r}")
         if pool_name not in entitled_pool_names(uow, identity):
             raise Forbidden(f"you are not entitled to pool {pool_name!r}; ask your "
                             "administrator for access")
-        mine = uow.session.scalars(select(Desktop).where(
-            Desktop.pool_id == pool.id, Desktop.assigned_user == identity.name,
-            Desktop.state.not_in(NOT_LIVE_STATES))).all()
-        for desktop in mine:
-            host = desktop.host
-            if host.state in (HostState.DOWN, HostState.MAINTENANCE) or (
-                    host.state is HostState.DRAINING and desktop.state not in HELD_STATES):
+        mine = uow.session.execute(
+            select(Desktop.id, Desktop.name, Desktop.hostname, Desktop.state, Desktop.host_id,
+                   Desktop.template_version_id, Host.name.label("host"), Host.state.label(
+                       "host_state"))
+            .join(Host, Host.id == Desktop.host_id)
+            .where(Desktop.pool_id == pool.id, Desktop.assigned_user == identity.name,
+                   Desktop.state.not_in(NOT_LIVE_STATES))).all()
+        for d in mine:
+            if d.host_state in (HostState.DOWN, HostState.MAINTENANCE) or (
+                    d.host_state is HostState.DRAINING and d.state not in HELD_STATES):
                 raise Unavailable(
-                    f"your desktop {desktop.name} is on host {host.name}, which is "
-                    f"{host.state.value}; it comes back when the host does")
-            if desktop.state in HELD_STATES:
-                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=True,
-                              own=True)
-        for desktop in mine:
-            if desktop.state == S.READY.value:  # made for this user, or a dedicated one
-                transition(uow.desktops, desktop.id, S.READY, S.RESERVED)
-                self._reserved(uow, desktop.id, identity.name)
-                record_event(uow, "reserved", f"{identity.name} reserved {desktop.name}",
-                             user=identity.name, pool=pool.name, desktop_id=desktop.id,
-                             desktop=desktop.name)
-                return _Claim(desktop.id, desktop.name, desktop.hostname, reconnect=False,
-                              own=True)
-        if any(d.state in PREPARING_STATES for d in mine):
+                    f"your desktop {d.name} is on host {d.host}, which is "
+                    f"{d.host_state.value}; it comes back when the host does")
+            if d.state in HELD_STATES:
+                return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
+                              host_id=d.host_id, version_id=d.template_version_id)
+        own_ready = next((d.id for d in mine if d.state == S.READY.value), None)
+        if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
-        free = self._take_free(uow, pool, identity.name)
+        return _Look(pool.id, pool_name, pool.current_version_id, own_ready)
+
+    def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
+        if look.own_ready is not None:  # made for this user, or a dedicated one
+            transition(uow.desktops, look.own_ready, S.READY, S.RESERVED)
+            self._reserved(uow, look.own_ready, identity.name)
+            d = uow.desktops.get(look.own_ready)
+            return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
+                          host_id=d.host_id, version_id=d.template_version_id)
+        free = self._take_free(uow, look, identity.name)
         if free is not None:
-            record_event(uow, "reserved", f"{identity.name} reserved {free.desktop}",
-                         user=identity.name, pool=pool.name, desktop_id=free.desktop_id,
-                         desktop=free.desktop)
             return free
+        pool = uow.pools.get(look.pool_id)
         live = uow.session.execute(select(Desktop.state, Desktop.assigned_user).where(
             Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
         if len(live) >= pool.max_size:
@@ -194,7 +223,7 @@ class Broker:
                 return _Claim(None, None, None, False, pending_message=(
                     "every desktop is taken or still being prepared; connect again in a "
                     "moment"))
-            raise Unavailable(f"pool {pool_name!r} is exhausted: all {pool.max_size} desktops "
+            raise Unavailable(f"pool {look.pool!r} is exhausted: all {pool.max_size} desktops "
                               "are in use; please try again later")
         made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),
                                    assigned_user=identity.name)
@@ -207,28 +236,33 @@ class Broker:
             "in a minute"))
 
     @staticmethod
-    def _take_free(uow: UnitOfWork, pool: Pool, user: str) -> _Claim | None:
-        """Reserve one free ready desktop of the pool's current version for ``user``."""
-        candidates = uow.session.scalars(
+    def _take_free(uow: UnitOfWork, look: _Look, user: str) -> _Claim | None:
+        """Reserve the first free ready desktop of the pool's current version, on an enabled
+        host, for ``user``: one UPDATE whose subquery picks it (skipping rows other brokers
+        have locked, on PostgreSQL)."""
+        first_free = (
             select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
-                Desktop.pool_id == pool.id, Desktop.state == S.READY.value,
+                Desktop.pool_id == look.pool_id, Desktop.state == S.READY.value,
                 Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
-                Desktop.template_version_id == pool.current_version_id)
-            .order_by(Desktop.name).limit(8).with_for_update(skip_locked=True)).all()
-        for desktop_id in candidates:
-            changed = uow.session.execute(
-                update(Desktop)
-                .where(Desktop.id == desktop_id, Desktop.state == S.READY.value,
-                       Desktop.assigned_user.is_(None))
-                .values(state=S.RESERVED.value, assigned_user=user, reserved_at=utcnow(),
-                        state_changed_at=utcnow(), task=None, last_error=None,
-                        console_connections=0, disconnected_at=None, idle_since=None,
-                        version=Desktop.version + 1)
-                .returning(Desktop.name, Desktop.hostname)
-                .execution_options(synchronize_session=False)).first()
-            if changed is not None:
-                return _Claim(desktop_id, changed.name, changed.hostname, reconnect=False)
-        return None
+                Desktop.template_version_id == look.version_id)
+            .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
+            .scalar_subquery())
+        now = utcnow()
+        changed = uow.session.execute(
+            update(Desktop)
+            .where(Desktop.id == first_free, Desktop.state == S.READY.value,
+                   Desktop.assigned_user.is_(None))
+            .values(state=S.RESERVED.value, assigned_user=user, reserved_at=now,
+                    state_changed_at=now, task=None, last_error=None,
+                    console_connections=0, disconnected_at=None, idle_since=None,
+                    version=Desktop.version + 1)
+            .returning(Desktop.id, Desktop.name, Desktop.hostname, Desktop.host_id,
+                       Desktop.template_version_id)
+            .execution_options(synchronize_session=False)).first()
+        if changed is None:
+            return None
+        return _Claim(changed.id, changed.name, changed.hostname, reconnect=False,
+                      host_id=changed.host_id, version_id=changed.template_version_id)
 
     @staticmethod
     def _reserved(uow: UnitOfWork, desktop_id: uuid.UUID, user: str) -> None:
@@ -240,15 +274,12 @@ class Broker:
 
     # --- power on and readiness ----------------------------------------------------------
 
-    def _ensure_running(self, desktop_id: uuid.UUID, timer: _Timer) -> None:
-        with self.ctx.uow(read_only=True) as uow:
-            host, customization = uow.session.execute(
-                select(Host, TemplateVersion.customization)
-                .join(Desktop, Desktop.host_id == Host.id)
-                .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
-                .where(Desktop.id == desktop_id)).one()
-            driver = self.ctx.driver_for(host)
-            agent_expected = customization.value != "none"
+    def _ensure_running(self, claim: _Claim, timer: _Timer) -> None:
+        desktop_id = claim.desktop_id
+        assert desktop_id is not None and claim.host_id is not None
+        assert claim.version_id is not None
+        driver = self.ctx.driver_for_id(claim.host_id)
+        agent_expected = self._agent_expected(claim.version_id)
         started = driver.get_vm(desktop_id).power_state is not PowerState.RUNNING
         if started:
             driver.start_vm(desktop_id)  # boots, or resumes saved memory
@@ -265,6 +296,16 @@ class Broker:
                 agent.set_time()  # a resumed guest's clock stood still while it slept
         driver.console_address(desktop_id)  # the display listens
         timer.lap("ready")
+
+    def _agent_expected(self, version_id: uuid.UUID) -> bool:
+        """Whether desktops of this template version run deskpool's guest agent (versions
+        never change once published, so the answer is kept)."""
+        known = self._agent_by_version.get(version_id)
+        if known is None:
+            with self.ctx.uow(read_only=True) as uow:
+                known = uow.versions.get(version_id).customization.value != "none"
+            self._agent_by_version[version_id] = known
+        return known
 
     def _fail_readiness(self, identity: Identity, pool_name: str, claim: _Claim,
                         exc: DeskpoolError) -> None:

@@ -33,9 +33,9 @@ def render(pattern: str, n: int) -> str:
     return validate_hostname(pattern.format(n=n))
 
 
-def first_free_number(pattern: str, taken: set[str]) -> int:
-    """The smallest n >= 1 whose rendered name is not taken."""
-    n = 1
+def first_free_number(pattern: str, taken: set[str], start: int = 1) -> int:
+    """The smallest n >= ``start`` whose rendered name is not taken."""
+    n = start
     while render(pattern, n) in taken:
         n += 1
     return n

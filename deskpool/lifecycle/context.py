@@ -43,6 +43,15 @@ class ServiceContext:
                 self._drivers[host.id] = driver
             return driver
 
+    def driver_for_id(self, host_id: uuid.UUID) -> HypervisorDriver:
+        """The host's driver, read from the database only the first time."""
+        with self._lock:
+            driver = self._drivers.get(host_id)
+        if driver is not None:
+            return driver
+        with self.uow(read_only=True) as uow:
+            return self.driver_for(uow.hosts.get(host_id))
+
     def forget_driver(self, host_id: uuid.UUID) -> None:
         """Drop a host's driver (its connection died); the next ``driver_for`` reopens it."""
         with self._lock:

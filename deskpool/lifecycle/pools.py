@@ -230,8 +230,18 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     host, placement = placer.place(
         pool.current_version, pool.clone_mode, what=f"pool {pool.name!r}",
         allowed=pinned_hosts(uow, pool.id), strategy=Strategy(pool.placement))
-    name = render(pool.naming_pattern,
-                  first_free_number(pool.naming_pattern, uow.desktops.names()))
+    # The names in use are read once per unit of work (no other path adds desktops in a unit
+    # of work that inserts pool desktops) and each pattern's search resumes where it stopped,
+    # so inserting many desktops in one pass is not quadratic in the desktops there are.
+    info = uow.session.info
+    if "taken_names" not in info:
+        info["taken_names"] = uow.desktops.names()
+    taken: set[str] = info["taken_names"]
+    resume: dict[str, int] = info.setdefault("next_name_number", {})
+    n = first_free_number(pool.naming_pattern, taken, start=resume.get(pool.naming_pattern, 1))
+    resume[pool.naming_pattern] = n + 1
+    name = render(pool.naming_pattern, n)
+    taken.add(name)
     desktop = factory.new_row(name=name, version_id=pool.current_version_id, host_id=host.id,
                               clone_mode=pool.clone_mode, taken_macs=taken_macs,
                               pool_id=pool.id)

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from deskpool.domain.errors import DeskpoolError, NotFound
+from deskpool.domain.errors import DeskpoolError, NotFound, VmNotFound
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
@@ -158,7 +158,7 @@ class Reconciler:
         for desktop in desktops.values():
             found = records.get(desktop.id)
             if found is None:
-                if desktop.state in HAS_VM_STATES:
+                if desktop.state in HAS_VM_STATES and not self._vm_exists(driver, desktop.id):
                     self._fail(desktop.id, S(desktop.state),
                                f"its VM vanished from host {host.name}")
                     report.count("vanished")
@@ -170,6 +170,18 @@ class Reconciler:
                                                           observed):
                         report.count("power_changes")
                     uow.commit()
+
+    @staticmethod
+    def _vm_exists(driver: HypervisorDriver, vm_id: uuid.UUID) -> bool:
+        """Asked again, after the rows were read: a VM missing from the list taken before
+        may have been made since (by another broker, whose row already says customizing)."""
+        try:
+            driver.get_vm(vm_id)
+        except VmNotFound:
+            return False
+        except DeskpoolError:
+            return True  # cannot tell now: not called vanished
+        return True
 
     # --- 2. pools --------------------------------------------------------------------------
 
