@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: float) -> None:
-    sessions = SessionService(ctx)
+    sessions = SessionService(ctx, guest_poll_s=15.0)
     while not stop.is_set():
         try:
             report = sessions.run_timers()

@@ -16,6 +16,7 @@ Logging off applies the pool's on-logout policy (recycle or retire) through the 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -75,8 +76,19 @@ def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) ->
 
 
 class SessionService:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, *, guest_poll_s: float = 0.0) -> None:
         self.ctx = ctx
+        # Each guest is asked about its users at most this often (the broker's loop ticks
+        # faster than guests need asking).
+        self.guest_poll_s = guest_poll_s
+        self._polled: dict[uuid.UUID, float] = {}
+
+    def _due(self, desktop_id: uuid.UUID) -> bool:
+        now = time.monotonic()
+        if now - self._polled.get(desktop_id, -1e9) < self.guest_poll_s:
+            return False
+        self._polled[desktop_id] = now
+        return True
 
     # --- console proxy events -------------------------------------------------------------
 
@@ -224,14 +236,30 @@ class SessionService:
             self.log_off(d_id, by=None, reason=f"idle for more than {pool.idle_timeout_s} s")
             report.logged_off.append(name)
             return
-        if poll_guests and state in (S.IN_USE.value, S.IDLE.value):
-            self._poll_guest(report, d_id, name, guest_user)
+        if poll_guests and state in (S.IN_USE.value, S.IDLE.value) and self._due(d_id):
+            self._poll_guest(report, d_id, name, guest_user, now=now,
+                             watch_idle=pool.idle_timeout_s is not None,
+                             idle_since=idle_since)
 
     def _poll_guest(self, report: TimerReport, d_id: uuid.UUID, name: str,
-                    guest_user: str | None) -> None:
+                    guest_user: str | None, *, now: datetime, watch_idle: bool,
+                    idle_since: datetime | None) -> None:
+        """Login and logout from ``guest-get-users``; for pools with an idle timeout, how
+        long the session has had no input (``who -u`` in the guest) sets ``idle_since``."""
         with self.ctx.uow(read_only=True) as uow:
             driver = self.ctx.driver_for(uow.desktops.get(d_id).host)
-        users = GuestAgent(driver, d_id, command_timeout_s=2).users()
+        agent = GuestAgent(driver, d_id, command_timeout_s=2)
+        users = agent.users()
+        if users and watch_idle:
+            idle_s = agent.idle_seconds() or 0
+            since = now - timedelta(seconds=idle_s) if idle_s >= 60 else None
+            if (since is None) != (idle_since is None) or (
+                    since and idle_since and abs((since - idle_since).total_seconds()) > 90):
+                with self.ctx.uow() as uow:
+                    uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
+                        idle_since=since, version=Desktop.version + 1)
+                        .execution_options(synchronize_session=False))
+                    uow.commit()
         if users and users[0] != guest_user:
             with self.ctx.uow() as uow:
                 uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(

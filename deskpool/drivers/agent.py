@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -107,6 +108,28 @@ class GuestAgent:
             if entry["user"] not in names:
                 names.append(entry["user"])
         return names
+
+    def idle_seconds(self) -> int | None:
+        """How long the least idle logged-in session has had no input, from ``who -u`` in
+        the guest (its "IDLE" column: "." under a minute, "HH:MM", or "old" past a day);
+        None when nobody is logged in."""
+        code, out, err = self.exec_capture(["who", "-u"], timeout_s=10)
+        if code != 0:
+            raise DriverError(f"who -u in VM {self.vm_id} failed: {err.strip()[:200]}")
+        idles: list[int] = []
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            idle = fields[4]
+            if idle == ".":
+                idles.append(0)
+            elif idle == "old":
+                idles.append(86_400)
+            elif re.fullmatch(r"\d+:\d\d", idle):
+                hours, minutes = idle.split(":")
+                idles.append(int(hours) * 3600 + int(minutes) * 60)
+        return min(idles) if idles else None
 
     def interfaces(self) -> dict[str, str]:
         """Network interface name -> MAC address (lowercase); interfaces without one are left

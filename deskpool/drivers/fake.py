@@ -227,14 +227,16 @@ class FakeDriver(HypervisorDriver):
             guest = self._vm(vm_id).guest
             return guest is not None and guest.clock_stale
 
-    def guest_session(self, vm_id: uuid.UUID, user: str | None) -> None:
-        """A user logs in to the running guest's desktop (``None``: logs out), as
-        ``guest-get-users`` will then report."""
+    def guest_session(self, vm_id: uuid.UUID, user: str | None, *,
+                      idle_minutes: int = 0) -> None:
+        """A user logs in to the running guest's desktop (``None``: logs out) and has been
+        idle ``idle_minutes``, as ``guest-get-users`` and ``who -u`` will then report."""
         with self._lock:
             guest = self._vm(vm_id).guest
             if guest is None:
                 raise DriverError(f"VM {vm_id} runs no guest OS")
             guest.users = [] if user is None else [user]
+            guest.idle_minutes = idle_minutes
 
     # --- host ---------------------------------------------------------------------------
 

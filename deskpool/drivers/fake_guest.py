@@ -67,6 +67,7 @@ class FakeGuest:
         # True for a guest restored from saved memory until guest-set-time runs.
         self.clock_stale = clock_stale
         self.users: list[str] = []  # who is logged in to the guest's desktop
+        self.idle_minutes = 0  # since their last keystroke, as ``who -u`` reports it
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "guest-ping": lambda _args: {},
             "guest-get-host-name": lambda _args: {"host-name": self._hostname()},
@@ -194,6 +195,12 @@ class FakeGuest:
                 else:
                     err += f"cat: {name}: No such file or directory\n".encode()
                     code = 1
+        elif program == "who" and argv == ["-u"]:
+            idle = "." if self.idle_minutes < 1 else \
+                f"{self.idle_minutes // 60:02}:{self.idle_minutes % 60:02}"
+            out = "".join(f"{user:<8} tty1         2026-11-23 12:00 {idle:>5}        4242\n"
+                          for user in self.users).encode()
+            err, code = b"", 0
         elif program == "hostname" and not argv:
             out, err, code = f"{self._hostname()}\n".encode(), b"", 0
         elif program == "sh" and len(argv) == 2 and argv[0] == "-c":

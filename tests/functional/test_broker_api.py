@@ -205,3 +205,22 @@ def test_admin_routes_need_an_admin(world: BrokerWorld) -> None:
     assert world.client("alice").get("/api/v1/admin/desktops").status_code == 403
     rows = world.client("root").get("/api/v1/admin/desktops").json()
     assert {r["state"] for r in rows} == {"ready"}
+
+
+def test_a_session_idle_in_the_guest_past_the_pools_timer_is_logged_off(
+        world: BrokerWorld) -> None:
+    world.pool("idle", spare=1, max_size=2, idle_timeout_s=600)
+    world.user("ida", entitled_to=("idle",))
+    world.fill()
+    desktop = world.client("ida").post("/api/v1/pools/idle/connect").json()
+    d_id = uuid.UUID(desktop["desktop_id"])
+    sessions = SessionService(world.ctx)
+    sessions.console_connected(d_id, "ida")
+    world.fake.guest_session(d_id, "ida", idle_minutes=3)  # typing 3 minutes ago
+    sessions.run_timers()
+    assert states(world)[desktop["desktop"]] == "in_use"  # idle, but not for 10 minutes
+    world.fake.guest_session(d_id, "ida", idle_minutes=11)
+    sessions.run_timers()  # reads the guest: idle since 11 minutes ago
+    report = sessions.run_timers()
+    assert report.logged_off == [desktop["desktop"]]
+    assert states(world)[desktop["desktop"]] == "recycling"
