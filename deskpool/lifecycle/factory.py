@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -66,6 +67,19 @@ def version_volume_names(version: TemplateVersion) -> tuple[str, str, str]:
     stem = f"tv-{version.id}"
     disk_ext = Path(version.image_path).suffix or ".qcow2"
     return f"{stem}{disk_ext}", f"{stem}.vmlinuz", f"{stem}.initrd"
+
+
+_transfer_slots: dict[uuid.UUID, threading.BoundedSemaphore] = {}
+_transfer_lock = threading.Lock()
+
+
+def transfer_slot(host_id: uuid.UUID, slots: int) -> threading.BoundedSemaphore:
+    """The semaphore that limits concurrent image transfers to one host, in this process."""
+    with _transfer_lock:
+        found = _transfer_slots.get(host_id)
+        if found is None:
+            found = _transfer_slots[host_id] = threading.BoundedSemaphore(max(slots, 1))
+        return found
 
 
 def copy_version_to_host(
@@ -167,7 +181,9 @@ class DesktopFactory:
         driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion, domain_type: DomainType
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
-        disk_vol, boot = copy_version_to_host(driver, tv)
+        # A host's transfer slots bound how many image copies reach it at once.
+        with transfer_slot(desktop.host_id, desktop.host.transfer_slots):
+            disk_vol, boot = copy_version_to_host(driver, tv)
         if boot is not None and tv.customization is Customization.FWCFG:
             # systemd adopts the id from PID 1's start, before any unit runs.
             boot = replace(boot, cmdline=f"{boot.cmdline} systemd.machine_id="

@@ -317,8 +317,14 @@ class Reconciler:
             uow.commit()
 
     def _slot(self, host_id: uuid.UUID) -> threading.Semaphore:
-        return self._host_slots.setdefault(
-            host_id, threading.Semaphore(self.provisioning_per_host))
+        """Desktops made at once on one host: the host's own limit (``max_provisioning``),
+        else the reconciler's default."""
+        slot = self._host_slots.get(host_id)
+        if slot is None:
+            with self.ctx.uow(read_only=True) as uow:
+                limit = uow.hosts.get(host_id).max_provisioning or self.provisioning_per_host
+            slot = self._host_slots.setdefault(host_id, threading.Semaphore(limit))
+        return slot
 
     def _provision(self, desktop_id: uuid.UUID, host_id: uuid.UUID,
                    report: PassReport) -> None:
