@@ -169,6 +169,10 @@ def test_the_portal_shows_the_guests_screen_and_gives_the_same_desktop_back(
 
             agent = GuestAgent(real_ctx.driver_for_name("local"), desktop.id)
             assert agent.host_name() == hostname
+            # Nobody has logged in at the guest's login prompt: the session watch, which
+            # asks the real guest through its agent, sees no user and no idle session.
+            assert agent.users() == []
+            assert agent.idle_seconds() is None
 
             page.click("#signout")
             expect(page.locator("#signin")).to_be_visible()
