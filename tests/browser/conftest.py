@@ -230,7 +230,9 @@ PIXEL_AT = """(canvas, [x, y]) => Array.from(
   canvas.getContext("2d").getImageData(x, y, 1, 1).data.slice(0, 3))"""
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is
+# open, which would break later tests that run their own (asyncio.run, another Playwright).
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     skip_or_fail_without_chromium()
     from playwright.sync_api import expect, sync_playwright
