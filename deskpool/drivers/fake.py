@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlparse
+from urllib.parse import urlparse
 
 from deskpool.domain.errors import (
     AgentUnavailable,
@@ -66,6 +66,7 @@ from deskpool.drivers.base import (
 )
 from deskpool.drivers.fake_guest import FakeGuest
 from deskpool.drivers.fake_state import (
+    FakeShape,
     FakeVm,
     FakeVolume,
     SavedGuest,
@@ -127,24 +128,13 @@ class FakeDriver(HypervisorDriver):
         domain_types: tuple[str, ...] = ("qemu",),
         agent_delay_polls: int = 0,
     ) -> None:
-        if not uri.startswith("fake://"):
-            raise HypervisorUnreachable(f"{uri!r} is not a fake:// URI")
-        # The URI's query may shape the host: fake://h?vcpus=16&memory_mib=65536&storage_gib=500
-        # &hypervisor=FAKE&arch=x86_64&cpu_model=Skylake (for placement tests of mixed hosts).
-        shape = dict(parse_qsl(urlparse(uri).query))
-        try:
-            vcpus = int(shape.get("vcpus", vcpus))
-            memory_mib = int(shape.get("memory_mib", memory_mib))
-            if "storage_gib" in shape:
-                storage_bytes = int(shape["storage_gib"]) * GiB
-            agent_delay_polls = int(shape.get("agent_delay_polls", agent_delay_polls))
-        except ValueError as exc:
-            raise HypervisorUnreachable(f"{uri!r}: bad fake host shape ({exc})") from None
-        self._hypervisor = shape.get("hypervisor", "FAKE")
-        self._arch = shape.get("arch", "x86_64")
-        self._cpu_model = shape.get("cpu_model", "")
-        if agent_delay_polls < 0:
-            raise InvalidInput("agent_delay_polls must be 0 or more")
+        shape = FakeShape.parse(uri, vcpus=vcpus, memory_mib=memory_mib,
+                                storage_bytes=storage_bytes,
+                                agent_delay_polls=agent_delay_polls)
+        vcpus, memory_mib, storage_bytes = shape.vcpus, shape.memory_mib, shape.storage_bytes
+        agent_delay_polls = shape.agent_delay_polls
+        self._hypervisor, self._arch, self._cpu_model = (shape.hypervisor, shape.arch,
+                                                         shape.cpu_model)
         self.uri = uri
         self._host = urlparse(uri).netloc or "default"
         self._vcpus = vcpus

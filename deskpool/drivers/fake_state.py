@@ -10,8 +10,9 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlparse
 
-from deskpool.domain.errors import DriverError, NotFound
+from deskpool.domain.errors import DriverError, HypervisorUnreachable, InvalidInput, NotFound
 from deskpool.domain.models import PowerState, VmRecord, VmSpec, VolumeInfo
 from deskpool.drivers.fake_guest import FakeGuest
 
@@ -90,3 +91,39 @@ def check_definition(spec: VmSpec) -> None:
         problem = "a VM needs at least one vCPU and some memory"
     if problem:
         raise DriverError(f"defining VM {spec.name!r} failed: XML error: {problem}")
+
+
+@dataclass(frozen=True)
+class FakeShape:
+    """A fake host's size and kind, from its URI's query, e.g.
+    ``fake://h?vcpus=16&memory_mib=65536&storage_gib=500&hypervisor=FAKE&arch=x86_64
+    &cpu_model=Skylake&agent_delay_polls=2`` (placement tests of mixed hosts)."""
+
+    vcpus: int
+    memory_mib: int
+    storage_bytes: int
+    agent_delay_polls: int
+    hypervisor: str = "FAKE"
+    arch: str = "x86_64"
+    cpu_model: str = ""
+
+    @classmethod
+    def parse(cls, uri: str, *, vcpus: int, memory_mib: int, storage_bytes: int,
+              agent_delay_polls: int) -> FakeShape:
+        if not uri.startswith("fake://"):
+            raise HypervisorUnreachable(f"{uri!r} is not a fake:// URI")
+        query = dict(parse_qsl(urlparse(uri).query))
+        try:
+            shape = cls(
+                vcpus=int(query.get("vcpus", vcpus)),
+                memory_mib=int(query.get("memory_mib", memory_mib)),
+                storage_bytes=(int(query["storage_gib"]) * 1024**3 if "storage_gib" in query
+                               else storage_bytes),
+                agent_delay_polls=int(query.get("agent_delay_polls", agent_delay_polls)),
+                hypervisor=query.get("hypervisor", "FAKE"), arch=query.get("arch", "x86_64"),
+                cpu_model=query.get("cpu_model", ""))
+        except ValueError as exc:
+            raise HypervisorUnreachable(f"{uri!r}: bad fake host shape ({exc})") from None
+        if shape.agent_delay_polls < 0:
+            raise InvalidInput("agent_delay_polls must be 0 or more")
+        return shape
