@@ -6,7 +6,7 @@ expiry or a ticket for a desktop its user no longer holds opens nothing. The VNC
 listens on the host's loopback only; the proxy is the way in.
 
 Native clients get a ``.vv`` file (virt-viewer / remote-viewer) for desktops whose console
-the viewer can reach, or an ``.rdp`` file for desktops that run an RDP server.
+the viewer can reach. (``.rdp`` files wait for an image that runs an RDP server.)
 """
 
 from __future__ import annotations
@@ -111,10 +111,3 @@ def virt_viewer_file(*, title: str, protocol: str, host: str, port: int, passwor
     if proxy:
         lines.append(f"proxy={proxy}")
     return "\n".join(lines) + "\n"
-
-
-def rdp_file(*, address: str, username: str, title: str) -> str:
-    """An ``.rdp`` file for mstsc / FreeRDP clients."""
-    return "\r\n".join([f"full address:s:{address}", f"username:s:{username}",
-                        "prompt for credentials:i:1", "screen mode id:i:2",
-                        f"title:s:{title}", ""])

@@ -33,13 +33,6 @@ def record_event(uow: UnitOfWork, kind: str, message: str, *, severity: str = "i
                           pool_name=pool, desktop_id=desktop_id, desktop_name=desktop))
 
 
-def log_event(ctx: ServiceContext, kind: str, message: str, **fields: object) -> None:
-    """Record an event in a transaction of its own (for refusals, which change nothing)."""
-    with ctx.uow() as uow:
-        record_event(uow, kind, message, **fields)  # type: ignore[arg-type]
-        uow.commit()
-
-
 def recent_events(ctx: ServiceContext, *, limit: int = 200,
                   user: str | None = None) -> list[EventView]:
     with ctx.uow(read_only=True) as uow:

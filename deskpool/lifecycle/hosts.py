@@ -22,12 +22,13 @@ from deskpool.domain.models import DomainType, HostCapacity, HostState
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.states import NOT_LIVE_STATES, DesktopState
 from deskpool.lifecycle.views import HostView
 from deskpool.store.models import Desktop, Host, TemplateVersion, utcnow
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-LIVE_STATES = ("provisioning", "customizing", "ready", "reserved", "in_use", "idle",
-               "recycling")
+# Desktops that occupy a host's capacity: every state but the ones leaving or gone.
+LIVE_STATES = tuple(sorted(s.value for s in DesktopState if s.value not in NOT_LIVE_STATES))
 
 
 @dataclass(frozen=True)
