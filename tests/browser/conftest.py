@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import IN_CI
+from tests.loopback import LoopbackServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Playwright
@@ -104,7 +105,7 @@ class ConsoleProxyThread:
         self.thread.join(timeout=10)
 
 
-class FakeRfb:
+class FakeRfb(LoopbackServer):
     """Just enough of a VNC server (RFB 3.8, no security) for noVNC to connect and draw: the
     left half of the screen in ``LEFT``, the right half in ``RIGHT``."""
 
@@ -113,31 +114,13 @@ class FakeRfb:
 
     def __init__(self, name: bytes = b"fake desktop") -> None:
         self.name = name
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = int(self.listener.getsockname()[1])
-        self.sessions = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="fake-rfb")
-        self._thread.start()
+        super().__init__()
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.listener.close()
+    @property
+    def sessions(self) -> int:
+        return self.accepted
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.sessions += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError, ConnectionError):
             conn.settimeout(30)
             conn.sendall(b"RFB 003.008\n")

@@ -39,6 +39,7 @@ from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from tests.loopback import LoopbackServer
 
 pytestmark = pytest.mark.timeout(120)
 RFB_HELLO = b"RFB 003.008\n"
@@ -46,39 +47,15 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 ALICE = Identity(name="alice", display_name="Alice", source="local")
 
 
-class FakeVnc:
+class FakeVnc(LoopbackServer):
     """Greets like a VNC server, then echoes; counts the connections it accepted."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(None)
         with conn, contextlib.suppress(OSError):
             conn.sendall(RFB_HELLO)
             while data := conn.recv(4096):
                 conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
 
 
 @pytest.fixture()
