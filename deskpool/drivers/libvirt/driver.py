@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from deskpool.drivers.base import (
 from deskpool.drivers.libvirt import xml
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
+from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
@@ -107,6 +109,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         self._is_test = hv_type == "TEST"
         self.storage_dir = storage_dir or Settings().resolved_storage_dir
         self._pool = self._ensure_pool(pool_name or default_pool_name(self.storage_dir))
+        self._overlays = OverlayWriter(self._conn, self._pool, self._local_pool_dir())
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -135,6 +138,16 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
                 self.storage_dir = Path(pool_path)  # the host's own record wins
             return pool
 
+    def _local_pool_dir(self) -> Path | None:
+        """The pool's directory if this process may write volumes there as libvirt would:
+        root on this machine's system daemon (see ``overlays.py``)."""
+        parsed = urlparse(self.uri)
+        if (self._is_test or parsed.hostname or parsed.path != "/system"
+                or parsed.scheme not in ("qemu", "qemu+unix") or os.geteuid() != 0):
+            return None
+        storage = self.storage_dir
+        return storage if storage is not None and os.access(storage, os.W_OK) else None
+
     def _domain(self, vm_id: uuid.UUID) -> libvirt.virDomain:
         try:
             return self._conn.lookupByUUIDString(str(vm_id))
@@ -152,6 +165,15 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         return dom
 
     def _volume(self, name: str) -> libvirt.virStorageVol | None:
+        try:
+            return self._pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise DriverError(f"looking up volume {name} on {self.uri}: {exc}") from exc
+        local_dir = self._overlays.local_dir
+        if local_dir is None or "/" in name or not (local_dir / name).exists():
+            return None
+        self._refresh_pool()  # a file written straight into the pool: make libvirt see it
         try:
             return self._pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
@@ -263,6 +285,9 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         vol = self._volume(name)
         if vol is None:
             raise NotFound(f"no volume named {name} in {self.uri} storage")
+        return self._volume_info(name, vol)
+
+    def _volume_info(self, name: str, vol: libvirt.virStorageVol) -> VolumeInfo:
         with self._translate(f"reading volume {name}"):
             _kind, capacity, allocation = vol.info()
             return VolumeInfo(
@@ -280,6 +305,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
 
     def delete_volume(self, name: str) -> None:
         with self._lock:
+            self._overlays.forget(name)
             vol = self._volume(name)
             if vol is None:
                 return
@@ -327,8 +353,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
     def _build_definition(
         self, spec: VmSpec, base: libvirt.virStorageVol
     ) -> xml.DomainDefinition:
-        root = self._create_root_volume(spec, base)
-        disks = [xml.DiskDevice(path=root.path(), target="vda")]
+        disks = [xml.DiskDevice(path=self._create_root_volume(spec, base), target="vda")]
         if spec.seed_image is not None:
             seed = self.import_volume(seed_volume_name(spec.vm_id), spec.seed_image)
             disks.append(xml.DiskDevice(path=seed.path, target="vdb", format="raw",
@@ -354,18 +379,39 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             vnc_listen=spec.vnc_listen,
         )
 
-    def _create_root_volume(self, spec: VmSpec, base: libvirt.virStorageVol) -> Any:
-        name = root_volume_name(spec.vm_id)
-        _kind, capacity, _alloc = base.info()
-        with self._translate(f"creating {spec.clone_mode.value} clone {name}"):
-            if spec.clone_mode in (CloneMode.LINKED, CloneMode.INSTANT):
+    def clone_volume(self, base_volume: str, name: str, mode: CloneMode) -> None:
+        """Only the disk step of ``create_vm``: a new volume ``name`` cloned from
+        ``base_volume`` (an overlay on it if ``mode`` is linked, else a full copy). Raises
+        ``NotFound`` for a missing base and ``Conflict`` for a taken name."""
+        with self._lock:
+            base = self._volume(base_volume)
+            if base is None:
+                raise NotFound(f"base volume {base_volume} is not on host {self.uri}")
+            local_dir = self._overlays.local_dir
+            taken = ((local_dir / name).exists() if local_dir is not None and "/" not in name
+                     else self._volume(name) is not None)
+            if taken:
+                raise Conflict(f"a volume named {name} already exists on {self.uri}")
+            self._clone(base, name, mode)
+
+    def _create_root_volume(self, spec: VmSpec, base: libvirt.virStorageVol) -> str:
+        """The VM's root volume, cloned from ``base``; returns its path."""
+        return self._clone(base, root_volume_name(spec.vm_id), spec.clone_mode)
+
+    def _clone(self, base: libvirt.virStorageVol, name: str, mode: CloneMode) -> str:
+        with self._translate(f"creating {mode.value} clone {name}"):
+            if mode in (CloneMode.LINKED, CloneMode.INSTANT):
+                if not self._is_test:  # test:/// keeps no data to copy: let it "create" one
+                    return self._overlays.create(name, base)
+                _kind, capacity, _alloc = base.info()
                 definition = xml.VolumeDefinition(
                     name=name, capacity_bytes=int(capacity), backing_path=base.path(),
                     backing_format=_volume_format(base),
                 )
-                return self._pool.createXML(definition.to_xml(), 0)
+                return str(self._pool.createXML(definition.to_xml(), 0).path())
+            _kind, capacity, _alloc = base.info()
             definition = xml.VolumeDefinition(name=name, capacity_bytes=int(capacity))
-            return self._pool.createXMLFrom(definition.to_xml(), base, 0)
+            return str(self._pool.createXMLFrom(definition.to_xml(), base, 0).path())
 
     def _remove_leftovers(self, vm_id: uuid.UUID) -> None:
         with suppress(VmNotFound, DriverError):
