@@ -170,8 +170,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         except libvirt.libvirtError as exc:
             if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
                 raise DriverError(f"looking up volume {name} on {self.uri}: {exc}") from exc
-        local_dir = self._overlays.local_dir
-        if local_dir is None or "/" in name or not (local_dir / name).exists():
+        if not self._local_file_exists(name):
             return None
         self._refresh_pool()  # a file written straight into the pool: make libvirt see it
         try:
@@ -180,6 +179,11 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None
             raise DriverError(f"looking up volume {name} on {self.uri}: {exc}") from exc
+
+    def _local_file_exists(self, name: str) -> bool:
+        """Whether the pool's directory holds ``name``, when this process writes it."""
+        local_dir = self._overlays.local_dir
+        return local_dir is not None and "/" not in name and (local_dir / name).exists()
 
     def _record(self, dom: libvirt.virDomain) -> VmRecord:
         state, _reason = dom.state(0)
@@ -387,9 +391,8 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             base = self._volume(base_volume)
             if base is None:
                 raise NotFound(f"base volume {base_volume} is not on host {self.uri}")
-            local_dir = self._overlays.local_dir
-            taken = ((local_dir / name).exists() if local_dir is not None and "/" not in name
-                     else self._volume(name) is not None)
+            taken = (self._local_file_exists(name) if self._overlays.local_dir is not None
+                     else self._volume(name) is not None)  # a dir pool's volumes are its files
             if taken:
                 raise Conflict(f"a volume named {name} already exists on {self.uri}")
             self._clone(base, name, mode)
