@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     listen_host: str = "127.0.0.1"
     listen_port: int = 8000
     console_port: int = 6080
+    # Host names of web pages, besides the console proxy's own, whose consoles it serves (a
+    # portal behind a reverse proxy under another name), e.g. '["vdi.example.com"]'.
+    console_allowed_origins: list[str] = []
     novnc_dir: Path = Path("/usr/share/novnc")
     # The broker's background loops.
     reconcile_interval_s: float = 5.0

@@ -5,6 +5,12 @@ Built on websockify as a library, the way OpenStack nova's novncproxy is: a
 (``ws://proxy/?token=TICKET``), never from the client. A ticket is consumed once; the session
 service hears of every console opened and closed.
 
+A browser's WebSocket must come from a page of the same host name as the proxy (the portal
+builds the URL from its own ``location.hostname``) or of one in
+``DESKPOOL_CONSOLE_ALLOWED_ORIGINS``, as nova's novncproxy checks: a page elsewhere that got
+hold of a ticket cannot open the console with it. Clients that send no ``Origin`` (native
+clients, which are not browsers) need only the ticket.
+
 Run it with ``python -m deskpool.api.console_proxy --listen 127.0.0.1:6080``.
 """
 
@@ -53,6 +59,10 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
     def new_websocket_client(self) -> None:
         self.connection.settimeout(None)  # handshake done: a console may stay quiet for hours
         peer = self.client_address[0]
+        refusal = self._origin_refusal()
+        if refusal is not None:  # before the ticket is consumed: the page it came from is wrong
+            log.warning("console refused for %s: %s", peer, refusal)
+            raise self.CClose(1008, "console refused: the page is from another site")
         token = (parse_qs(urlparse(self.path).query).get("token") or [""])[0]
         ctx = self.server.ctx
         try:
@@ -82,6 +92,19 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
         finally:
             self.server.untrack(tsock)
             tsock.close()
+
+    def _origin_refusal(self) -> str | None:
+        """Why the page that opened this WebSocket may not have a console, or None."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return None
+        page = urlparse(origin)
+        if page.scheme not in ("http", "https") or not page.hostname:
+            return f"the page's origin {origin!r} is no web site"  # e.g. "null"
+        proxy_host = urlparse("//" + (self.headers.get("Host") or "")).hostname
+        if page.hostname in (proxy_host, *self.server.allowed_origins):
+            return None
+        return f"the page's origin {origin!r} is neither {proxy_host!r} nor an allowed origin"
 
     def send_ping(self, data: bytes = b"") -> None:
         """websockify's heartbeat, every ``RECHECK_S`` while proxying: also end the console
@@ -141,6 +164,8 @@ class ConsoleProxyServer(LibProxyServer):  # type: ignore[misc]
     def __init__(self, ctx: ServiceContext, listen_host: str, listen_port: int, *,
                  recheck_s: float = RECHECK_S) -> None:
         self.ctx = ctx
+        self.allowed_origins = frozenset(
+            name.lower() for name in ctx.settings.console_allowed_origins)
         self.logger = log  # websockify's handlers log through the server's logger
         self.stopping = False
         self._live: dict[socket.socket, socket.socket] = {}  # target socket -> client socket

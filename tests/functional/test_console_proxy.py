@@ -61,7 +61,8 @@ class FakeVnc(LoopbackServer):
 @pytest.fixture()
 def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
     forget_fake_hosts()
-    context = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    context = ServiceContext(Settings(data_dir=tmp_path / "data",
+                                      console_allowed_origins=["VDI.example.com"]))
     HostService(context).add("h1", "fake://console")
     disk = tmp_path / "golden.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
@@ -130,10 +131,11 @@ class Browser:
     the query string. (websockify's own ``WebSocket.connect`` drops the query string and leaves
     a frame that arrives with the handshake undecoded, so it cannot stand in for a browser.)"""
 
-    def __init__(self, port: int, query: str) -> None:
+    def __init__(self, port: int, query: str, origin: str | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        origin_line = f"Origin: {origin}\r\n" if origin is not None else ""
+        self.sock.sendall((f"GET /?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{origin_line}"
                            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
                            ).encode())
@@ -192,8 +194,9 @@ class Browser:
         self.sock.close()
 
 
-def assert_refused(port: int, query: str, reason: str = "console ticket refused") -> None:
-    browser = Browser(port, query)
+def assert_refused(port: int, query: str, reason: str = "console ticket refused",
+                   origin: str | None = None) -> None:
+    browser = Browser(port, query, origin)
     assert browser.receive() is None
     assert (browser.close_code, browser.close_reason) == (1008, reason)
     browser.sock.close()
@@ -249,9 +252,36 @@ def test_a_ticket_for_a_desktop_no_longer_held_is_refused(
     ctx: ServiceContext, vnc: FakeVnc, desktop_id: uuid.UUID, proxy: int
 ) -> None:
     ticket = ConsoleTickets(ctx).issue(ALICE, desktop_id)
-    PoolService(ctx).release(desktop_id)
+    SessionService(ctx).log_off(desktop_id, by=None, reason="logged off before the console")
     assert_refused(proxy, f"token={ticket.token}")
     assert vnc.accepted == 0
+
+
+def test_a_page_of_another_site_cannot_open_a_console_with_a_ticket(
+    ctx: ServiceContext, vnc: FakeVnc, desktop_id: uuid.UUID, proxy: int
+) -> None:
+    ticket = ConsoleTickets(ctx).issue(ALICE, desktop_id)
+    for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example:8000",
+                   "file:///tmp/page.html"):
+        assert_refused(proxy, f"token={ticket.token}",
+                       "console refused: the page is from another site", origin=origin)
+    assert vnc.accepted == 0
+    # Refusing them did not spend the ticket: the portal's own page (same host name as the
+    # proxy, another port) opens the console with it.
+    browser = Browser(proxy, f"token={ticket.token}", origin="http://127.0.0.1:8000")
+    assert browser.receive() == RFB_HELLO
+    browser.close()
+    assert vnc.accepted == 1
+
+
+def test_a_page_of_an_allowed_origin_opens_a_console(
+    ctx: ServiceContext, vnc: FakeVnc, desktop_id: uuid.UUID, proxy: int
+) -> None:
+    ticket = ConsoleTickets(ctx).issue(ALICE, desktop_id)
+    browser = Browser(proxy, f"token={ticket.token}", origin="https://vdi.example.com")
+    assert browser.receive() == RFB_HELLO
+    browser.close()
+    assert vnc.accepted == 1
 
 
 def test_stopping_the_proxy_closes_open_consoles_and_records_it(
