@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.host_slots import SlotKind, host_slot
 from deskpool.lifecycle.hosts import resolved_domain_type
 from deskpool.lifecycle.states import DesktopState, transition
 from deskpool.store.models import Desktop, TemplateVersion
@@ -69,19 +69,6 @@ def version_volume_names(version: TemplateVersion) -> tuple[str, str, str]:
     return f"{stem}{disk_ext}", f"{stem}.vmlinuz", f"{stem}.initrd"
 
 
-_transfer_slots: dict[uuid.UUID, threading.BoundedSemaphore] = {}
-_transfer_lock = threading.Lock()
-
-
-def transfer_slot(host_id: uuid.UUID, slots: int) -> threading.BoundedSemaphore:
-    """The semaphore that limits concurrent image transfers to one host, in this process."""
-    with _transfer_lock:
-        found = _transfer_slots.get(host_id)
-        if found is None:
-            found = _transfer_slots[host_id] = threading.BoundedSemaphore(max(slots, 1))
-        return found
-
-
 def copy_version_to_host(
     driver: HypervisorDriver, tv: TemplateVersion
 ) -> tuple[str, DirectBoot | None]:
@@ -94,6 +81,14 @@ def copy_version_to_host(
     driver.import_volume(kernel_vol, Path(tv.kernel_path))
     driver.import_volume(initrd_vol, Path(tv.initrd_path))
     return disk_vol, DirectBoot(kernel_vol, initrd_vol, tv.kernel_cmdline or "")
+
+
+def _on_host(driver: HypervisorDriver, volume: str) -> bool:
+    try:
+        driver.volume_info(volume)
+    except NotFound:
+        return False
+    return True
 
 
 class DesktopFactory:
@@ -176,14 +171,19 @@ class DesktopFactory:
         progress("booting")
         driver.start_vm(desktop_id)
 
-    @staticmethod
     def _spec(
-        driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion, domain_type: DomainType
+        self, driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion,
+        domain_type: DomainType,
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
-        # A host's transfer slots bound how many image copies reach it at once.
-        with transfer_slot(desktop.host_id, desktop.host.transfer_slots):
-            disk_vol, boot = copy_version_to_host(driver, tv)
+        if _on_host(driver, version_volume_names(tv)[0]):
+            disk_vol, boot = copy_version_to_host(driver, tv)  # there already: nothing moves
+        else:
+            # A host's transfer slots bound how many image copies reach it at once, whichever
+            # broker sends them.
+            with host_slot(self.ctx, desktop.host_id, SlotKind.TRANSFER,
+                           desktop.host.transfer_slots):
+                disk_vol, boot = copy_version_to_host(driver, tv)
         if boot is not None and tv.customization is Customization.FWCFG:
             # systemd adopts the id from PID 1's start, before any unit runs.
             boot = replace(boot, cmdline=f"{boot.cmdline} systemd.machine_id="

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +28,7 @@ from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.lifecycle.host_slots import SlotKind, host_slot
 from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
@@ -106,7 +107,6 @@ class Reconciler:
         # outlives the longest step, so a live broker never loses one mid-step.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = lease or timedelta(seconds=ready_timeout_s + 300)
-        self._host_slots: dict[uuid.UUID, threading.Semaphore] = {}
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -335,15 +335,14 @@ class Reconciler:
             desktop.next_attempt_at = self.clock() + backoff(desktop.retry_count)
             uow.commit()
 
-    def _slot(self, host_id: uuid.UUID) -> threading.Semaphore:
-        """Desktops made at once on one host: the host's own limit (``max_provisioning``),
-        else the reconciler's default."""
-        slot = self._host_slots.get(host_id)
-        if slot is None:
-            with self.ctx.uow(read_only=True) as uow:
-                limit = uow.hosts.get(host_id).max_provisioning or self.provisioning_per_host
-            slot = self._host_slots.setdefault(host_id, threading.Semaphore(limit))
-        return slot
+    def _slot(self, host_id: uuid.UUID) -> AbstractContextManager[int]:
+        """Desktops made at once on one host, by all brokers: the host's own limit
+        (``max_provisioning``, read each time, so a change applies at once), else the
+        reconciler's default."""
+        with self.ctx.uow(read_only=True) as uow:
+            limit = uow.hosts.get(host_id).max_provisioning or self.provisioning_per_host
+        return host_slot(self.ctx, host_id, SlotKind.PROVISIONING, limit, holder=self.owner,
+                         clock=self.clock)
 
     def _provision(self, desktop_id: uuid.UUID, host_id: uuid.UUID,
                    report: PassReport) -> None:

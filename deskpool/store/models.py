@@ -268,6 +268,21 @@ class PoolHost(Base):
         ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
 
 
+class HostSlot(Base):
+    """One of a host's slots for a kind of heavy work (``provisioning``, ``transfer``), held by
+    one broker at a time until ``held_until``: the host's limits hold across brokers, and a
+    dead broker's slots free themselves. Rows are made as slots are first needed."""
+
+    __tablename__ = "host_slots"
+
+    host_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(64))
+    held_until: Mapped[datetime | None] = mapped_column()
+
+
 class MemoryState(Base):
     """A booted template's saved memory and disk on one host: what instant clones restore."""
 

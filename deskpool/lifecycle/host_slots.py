@@ -1,0 +1,91 @@
+"""A host's limits on heavy work at once (desktops being made, image transfers), held across
+every broker on the database: a slot is a row (``store/slots.py``), taken by compare-and-swap,
+renewed while the work runs, and given back after. A broker that dies stops renewing, so its
+slots free themselves within ``hold_for``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from deskpool.lifecycle.context import ServiceContext
+from deskpool.store.slots import release_host_slot, renew_host_slot, take_host_slot
+
+log = logging.getLogger(__name__)
+HOLD_FOR = timedelta(seconds=60)  # a dead broker's slot is free again within this
+POLL_S = 0.5  # the longest wait between two tries for a busy host's slot
+
+
+class SlotKind(StrEnum):
+    PROVISIONING = "provisioning"
+    TRANSFER = "transfer"
+
+
+def process_holder() -> str:
+    """Who holds a slot: this process (pid read each time: a forked child is someone else)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+@contextmanager
+def host_slot(
+    ctx: ServiceContext, host_id: uuid.UUID, kind: SlotKind, limit: int, *,
+    holder: str | None = None, hold_for: timedelta = HOLD_FOR,
+    clock: Callable[[], datetime] | None = None,
+) -> Iterator[int]:
+    """Wait for one of the host's ``limit`` slots of ``kind``, hold it while the block runs.
+
+    Yields the slot's number. Waiting polls the database with a growing, jittered delay (up to
+    ``POLL_S``); holding renews the slot every third of ``hold_for`` from a helper thread.
+    """
+    now_of = clock or (lambda: datetime.now(UTC))
+    who = holder or process_holder()
+    delay = 0.02
+    while True:
+        now = now_of()
+        with ctx.uow() as uow:
+            slot = take_host_slot(uow.session, host_id, kind.value, max(limit, 1), who,
+                                  now + hold_for, now)
+            uow.commit()
+        if slot is not None:
+            break
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, POLL_S)
+    done = threading.Event()
+    renewer = threading.Thread(target=_renew, name=f"{kind.value}-slot-{slot}", daemon=True,
+                               args=(ctx, host_id, kind, slot, who, hold_for, now_of, done))
+    renewer.start()
+    try:
+        yield slot
+    finally:
+        done.set()
+        renewer.join()
+        with ctx.uow() as uow:
+            release_host_slot(uow.session, host_id, kind.value, slot, who)
+            uow.commit()
+
+
+def _renew(ctx: ServiceContext, host_id: uuid.UUID, kind: SlotKind, slot: int, who: str,
+           hold_for: timedelta, now_of: Callable[[], datetime], done: threading.Event) -> None:
+    while not done.wait(hold_for.total_seconds() / 3):
+        try:
+            with ctx.uow() as uow:
+                kept = renew_host_slot(uow.session, host_id, kind.value, slot, who,
+                                       now_of() + hold_for)
+                uow.commit()
+        except Exception:  # a database hiccup: try again at the next tick
+            log.warning("could not renew %s slot %s of host %s", kind.value, slot, host_id,
+                        exc_info=True)
+            continue
+        if not kept:  # it expired and another broker took it: the work goes on, say so
+            log.warning("lost %s slot %s of host %s to another broker", kind.value, slot,
+                        host_id)
+            return

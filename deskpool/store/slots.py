@@ -1,0 +1,70 @@
+"""Taking and giving back a host's slots (``HostSlot``): compare-and-swap UPDATEs, so of
+several brokers exactly one gets each slot. Like the repositories, these never commit."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from deskpool.store.models import HostSlot
+
+
+def take_host_slot(session: Session, host_id: uuid.UUID, kind: str, limit: int, holder: str,
+                   until: datetime, now: datetime) -> int | None:
+    """One of the host's first ``limit`` slots of ``kind``, free or expired, now held by
+    ``holder`` until ``until``; None when all are held."""
+    held = {slot: until_ for slot, until_ in session.execute(
+        select(HostSlot.slot, HostSlot.held_until)
+        .where(HostSlot.host_id == host_id, HostSlot.kind == kind, HostSlot.slot < limit))}
+    missing = [slot for slot in range(limit) if slot not in held]
+    if missing:
+        _insert_missing(session, host_id, kind, missing)
+    free = [slot for slot in range(limit)
+            if slot not in held or held[slot] is None or held[slot] < now]
+    for slot in free:
+        result = cast(CursorResult[Any], session.execute(
+            update(HostSlot)
+            .where(HostSlot.host_id == host_id, HostSlot.kind == kind, HostSlot.slot == slot,
+                   HostSlot.held_until.is_(None) | (HostSlot.held_until < now))
+            .values(holder=holder, held_until=until)
+            .execution_options(synchronize_session=False)))
+        if result.rowcount == 1:
+            return slot
+    return None
+
+
+def release_host_slot(session: Session, host_id: uuid.UUID, kind: str, slot: int,
+                      holder: str) -> None:
+    """Give the slot back, if ``holder`` still holds it (an expired one may be another's)."""
+    session.execute(
+        update(HostSlot)
+        .where(HostSlot.host_id == host_id, HostSlot.kind == kind, HostSlot.slot == slot,
+               HostSlot.holder == holder)
+        .values(holder=None, held_until=None)
+        .execution_options(synchronize_session=False))
+
+
+def _insert_missing(session: Session, host_id: uuid.UUID, kind: str, slots: list[int]) -> None:
+    """Free slot rows; another broker inserting the same ones at once is no error."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(HostSlot).values(
+        [{"host_id": host_id, "kind": kind, "slot": slot} for slot in slots]
+    ).on_conflict_do_nothing())
+
+
+def renew_host_slot(session: Session, host_id: uuid.UUID, kind: str, slot: int, holder: str,
+                    until: datetime) -> bool:
+    """Hold the slot longer; False if ``holder`` lost it (it expired and was taken)."""
+    result = cast(CursorResult[Any], session.execute(
+        update(HostSlot)
+        .where(HostSlot.host_id == host_id, HostSlot.kind == kind, HostSlot.slot == slot,
+               HostSlot.holder == holder)
+        .values(held_until=until)
+        .execution_options(synchronize_session=False)))
+    return result.rowcount == 1
