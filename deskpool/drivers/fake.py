@@ -13,7 +13,8 @@ Semantics worth knowing when writing tests against it:
 * A graceful ``stop_vm`` is asynchronous, as on a real host: the VM still reports running on the
   first ``get_vm``/``list_vms`` after the request and is shut off from the second one on.
 * ``fail_next`` arms one failure for the next call of a method, or of a step inside
-  ``create_vm`` (see ``FAULT_POINTS``), to prove callers and rollbacks handle it.
+  ``create_vm`` (see ``FAULT_POINTS`` in ``fake_faults.py``), to prove callers and rollbacks
+  handle it.
 * Saved guest state: the guest's ``files`` stand for its disk, and those under ``/run/`` for
   its memory (a tmpfs, emptied at boot). A snapshot copies the files and the power state, a
   managed save (``suspend_vm``) keeps them while the VM is off, a captured memory state keeps
@@ -25,22 +26,19 @@ Semantics worth knowing when writing tests against it:
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 from deskpool.domain.errors import (
     AgentUnavailable,
     Conflict,
     DriverError,
-    HypervisorUnreachable,
     InvalidInput,
     NotFound,
     VmNotFound,
@@ -57,14 +55,13 @@ from deskpool.domain.models import (
 )
 from deskpool.drivers.base import (
     HypervisorDriver,
-    check_instant_spec,
-    memory_state_volume_name,
     owned_volume_names,
     root_volume_name,
     seed_volume_name,
-    validate_snapshot_name,
 )
+from deskpool.drivers.fake_faults import FaultInjectionMixin, api
 from deskpool.drivers.fake_guest import FakeGuest
+from deskpool.drivers.fake_saved_state import ACTIVE_STATES, FakeSavedStateMixin
 from deskpool.drivers.fake_state import (
     FakeShape,
     FakeVm,
@@ -80,40 +77,9 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _OVERLAY_ALLOCATION = 196_608
 _FIRST_VNC_PORT = 5900
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-# States in which a QEMU process exists (libvirt's "active" domains).
-_ACTIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.SUSPENDED})
-
-# Fault points: every public driver method (added by @_api) and the steps inside create_vm,
-# in order; each step runs after the ones before it succeeded. An instant clone has
-# root_volume, memory_volume and restore (the VM exists, running), then nic_swap.
-FAULT_POINTS = {
-    "create_vm.root_volume", "create_vm.seed_volume", "create_vm.define",
-    "create_vm.memory_volume", "create_vm.restore", "create_vm.nic_swap",
-}
-# What a saved memory state's file takes per MiB of guest memory (a booted guest's dirty pages).
-_SAVE_BYTES_PER_MIB = 256 * 1024
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
-def _api(
-    method: Callable[Concatenate[FakeDriver, _P], _R],
-) -> Callable[Concatenate[FakeDriver, _P], _R]:
-    """Public driver call: under the lock, refused when closed or unreachable, fault-injectable."""
-    FAULT_POINTS.add(method.__name__)
-
-    @functools.wraps(method)
-    def wrapper(self: FakeDriver, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self._lock:
-            self._check_usable()
-            self._maybe_fail(method.__name__)
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-class FakeDriver(HypervisorDriver):
+class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
     def __init__(
@@ -154,32 +120,15 @@ class FakeDriver(HypervisorDriver):
 
     # --- test controls ------------------------------------------------------------------
 
-    def fail_next(self, operation: str, error: Exception | None = None) -> None:
-        """Make the next call of ``operation`` (a method name or a ``create_vm.<step>``) raise
-        ``error`` (default ``DriverError``). Arming one point twice fails two calls."""
-        if operation not in FAULT_POINTS:
-            raise InvalidInput(
-                f"unknown fault point {operation!r}; known: {', '.join(sorted(FAULT_POINTS))}"
-            )
-        with self._lock:
-            self._faults.setdefault(operation, deque()).append(
-                error or DriverError(f"injected failure in {operation}")
-            )
-
-    def set_reachable(self, reachable: bool) -> None:
-        """Simulate the host going down: every call raises ``HypervisorUnreachable``."""
-        with self._lock:
-            self._reachable = reachable
-
     def set_power_state(self, vm_id: uuid.UUID, state: PowerState) -> None:
         """Change a VM's power state behind deskpool's back (a crash, an admin's virsh...)."""
         with self._lock:
             vm = self._vm(vm_id)
             if state is PowerState.SAVED:
-                if vm.power in _ACTIVE:
+                if vm.power in ACTIVE_STATES:
                     self._save(vm)
-            elif state in _ACTIVE:
-                if vm.power not in _ACTIVE:
+            elif state in ACTIVE_STATES:
+                if vm.power not in ACTIVE_STATES:
                     self._power_on(vm)
                 vm.power = state
             else:
@@ -230,7 +179,7 @@ class FakeDriver(HypervisorDriver):
 
     # --- host ---------------------------------------------------------------------------
 
-    @_api
+    @api
     def capacity(self) -> HostCapacity:
         return HostCapacity(
             hypervisor=self._hypervisor,
@@ -248,7 +197,7 @@ class FakeDriver(HypervisorDriver):
 
     # --- storage ------------------------------------------------------------------------
 
-    @_api
+    @api
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         if name in self._volumes:
             return self._volumes[name].info()  # template images are immutable
@@ -259,15 +208,15 @@ class FakeDriver(HypervisorDriver):
             )
         return self._add_volume(name, capacity=capacity, allocation=size).info()
 
-    @_api
+    @api
     def volume_info(self, name: str) -> VolumeInfo:
         return self._volume(name).info()
 
-    @_api
+    @api
     def list_volumes(self) -> list[str]:
         return sorted(self._volumes)
 
-    @_api
+    @api
     def delete_volume(self, name: str) -> None:
         # As in a libvirt dir pool, a volume in use (or backing another) can be deleted; the
         # VMs using it then fail to start.
@@ -275,7 +224,7 @@ class FakeDriver(HypervisorDriver):
 
     # --- VMs ----------------------------------------------------------------------------
 
-    @_api
+    @api
     def create_vm(self, spec: VmSpec) -> VmRecord:
         if spec.clone_mode is CloneMode.INSTANT:
             return self._create_instant(spec)
@@ -291,7 +240,7 @@ class FakeDriver(HypervisorDriver):
             self._maybe_fail("create_vm.root_volume")
             name = root_volume_name(spec.vm_id)
             if spec.clone_mode is CloneMode.LINKED:
-                self._add_volume(name, base.capacity, _OVERLAY_ALLOCATION, backing=base.path)
+                self._add_overlay(name, base)
             else:
                 self._add_volume(name, base.capacity, base.allocation)
             if spec.seed_image is not None:
@@ -309,64 +258,13 @@ class FakeDriver(HypervisorDriver):
         self._vms[spec.vm_id] = vm
         return vm.record()
 
-    def _create_instant(self, spec: VmSpec) -> VmRecord:
-        memory_volume = check_instant_spec(spec)
-        if spec.domain_type is DomainType.AUTO:  # checked as for any VM; the template's is used
-            raise InvalidInput("create_vm needs a resolved domain type, not 'auto'")
-        self._refuse_duplicate(spec.vm_id, spec.name)
-        base = self._volume(spec.base_volume, f"base volume {spec.base_volume}")
-        memory = self._volume(memory_volume, f"memory state volume {memory_volume}")
-        for leftover in owned_volume_names(spec.vm_id):
-            self._drop_volume(leftover)
-        vm: FakeVm | None = None
-        try:
-            self._maybe_fail("create_vm.root_volume")
-            self._add_volume(root_volume_name(spec.vm_id), base.capacity, _OVERLAY_ALLOCATION,
-                             backing=base.path)
-            self._maybe_fail("create_vm.memory_volume")
-            if memory.name not in self._memory_states:  # libvirt finds no save image header
-                raise DriverError(f"volume {memory.name} on {self.uri} is not a saved memory "
-                                  "state")
-            template, state = self._memory_states[memory.name]
-            # The definition inside the file, retargeted as the libvirt driver does.
-            clone = replace(
-                template, vm_id=spec.vm_id, name=spec.name, base_volume=spec.base_volume,
-                clone_mode=CloneMode.INSTANT, metadata=spec.metadata,
-                memory_state_volume=spec.memory_state_volume, seed_image=None,
-            )
-            check_definition(clone)
-            copy_name = memory_state_volume_name(spec.vm_id)
-            self._add_volume(copy_name, memory.capacity, memory.allocation)
-            self._memory_states[copy_name] = (clone, state)
-            self._maybe_fail("create_vm.restore")
-            self._check_disks(clone)
-            vm = FakeVm(vm_id=spec.vm_id, spec=clone, name=spec.name, files=dict(state.files))
-            self._vms[spec.vm_id] = vm
-            self._restore(vm, state)
-            self._maybe_fail("create_vm.nic_swap")
-            # The NIC swapped; the identity, if given, for the next cold boot.
-            defined = replace(clone, mac=spec.mac, network=spec.network,
-                              identity_text=spec.identity_text or clone.identity_text)
-            check_definition(defined)
-            vm.spec = defined
-            if vm.guest is not None:  # the swapped NIC; the clock stays stale
-                vm.guest = FakeGuest.restore(vm.spec, vm.files)
-        except BaseException:
-            if vm is not None:
-                self._power_off(vm, PowerState.SHUTOFF)
-                self._vms.pop(spec.vm_id, None)
-            for owned in owned_volume_names(spec.vm_id):
-                self._drop_volume(owned)
-            raise
-        return vm.record()
-
-    @_api
+    @api
     def start_vm(self, vm_id: uuid.UUID) -> None:
         vm = self._own_vm(vm_id)
         if vm.power is PowerState.PAUSED:
             vm.power = PowerState.RUNNING  # resumed
             return
-        if vm.power in _ACTIVE:
+        if vm.power in ACTIVE_STATES:
             return
         if vm.spec is not None:
             self._check_disks(vm.spec)
@@ -376,10 +274,10 @@ class FakeDriver(HypervisorDriver):
             return
         self._power_on(vm)
 
-    @_api
+    @api
     def stop_vm(self, vm_id: uuid.UUID, *, force: bool = False) -> None:
         vm = self._own_vm(vm_id)
-        if vm.power not in _ACTIVE:
+        if vm.power not in ACTIVE_STATES:
             return
         if force:
             self._power_off(vm, PowerState.SHUTOFF)
@@ -387,17 +285,7 @@ class FakeDriver(HypervisorDriver):
             vm.shutdown_in = 1  # the guest's OS shuts down shortly, not during this call
         # else: no OS (or a paused one) to act on the ACPI request, so nothing happens.
 
-    @_api
-    def suspend_vm(self, vm_id: uuid.UUID) -> None:
-        vm = self._own_vm(vm_id)
-        if vm.power is PowerState.SUSPENDED:
-            # libvirt refuses too: a guest in PM suspend cannot be migrated to a file.
-            raise DriverError(f"saving VM {vm.name} failed on {self.uri}: domain is "
-                              "pmsuspended")
-        if vm.power in _ACTIVE:
-            self._save(vm)
-
-    @_api
+    @api
     def delete_vm(self, vm_id: uuid.UUID) -> None:
         if vm_id in self._vms:
             self._own_vm(vm_id)
@@ -407,74 +295,19 @@ class FakeDriver(HypervisorDriver):
         for name in owned_volume_names(vm_id):
             self._drop_volume(name)
 
-    # --- snapshots ----------------------------------------------------------------------
-
-    @_api
-    def create_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
-        validate_snapshot_name(name)
-        vm = self._own_vm(vm_id)
-        if name in vm.snapshots:
-            raise Conflict(f"VM {vm.name} has a snapshot named {name!r} already")
-        if vm.power is PowerState.SAVED:
-            raise Conflict(f"VM {vm.name} is saved: its memory is not in its disk; start it "
-                           "before taking a snapshot")
-        power = vm.power if vm.power in _ACTIVE else PowerState.SHUTOFF
-        vm.snapshots[name] = SavedGuest(power, dict(vm.files), vm.guest is not None)
-
-    @_api
-    def revert_to_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
-        vm = self._own_vm(vm_id)
-        snapshot = vm.snapshots.get(name)
-        if snapshot is None:
-            raise NotFound(f"VM {vm.name} has no snapshot named {name!r}")
-        self._power_off(vm, PowerState.SHUTOFF)  # discards a managed save too
-        vm.files = dict(snapshot.files)
-        if snapshot.power in _ACTIVE:
-            self._restore(vm, snapshot)
-
-    @_api
-    def list_snapshots(self, vm_id: uuid.UUID) -> list[str]:
-        return sorted(self._vm(vm_id).snapshots)
-
-    @_api
-    def delete_snapshot(self, vm_id: uuid.UUID, name: str) -> None:
-        self._own_vm(vm_id).snapshots.pop(name, None)
-
-    # --- instant clones -----------------------------------------------------------------
-
-    @_api
-    def capture_memory_state(self, vm_id: uuid.UUID) -> tuple[str, str]:
-        vm = self._own_vm(vm_id)
-        assert vm.spec is not None  # _own_vm: deskpool's VMs have one
-        if vm.power is not PowerState.RUNNING:
-            raise Conflict(f"VM {vm.name} is {vm.power.value}: only a running VM's memory "
-                           "can be captured")
-        if vm.spec.seed_image is not None:
-            raise Conflict(f"VM {vm.name} has a seed volume: instant clones of it would all "
-                           "need that one volume")
-        disk, memory = root_volume_name(vm_id), memory_state_volume_name(vm_id)
-        self._drop_volume(memory)  # an earlier capture's, or the VM's own as an instant clone
-        self._add_volume(memory, vm.spec.memory_mib * 1024 * 1024,
-                         vm.spec.memory_mib * _SAVE_BYTES_PER_MIB)
-        state = SavedGuest(PowerState.RUNNING, dict(vm.files), vm.guest is not None)
-        self._memory_states[memory] = (vm.spec, state)
-        self._power_off(vm, PowerState.SHUTOFF)
-        del self._vms[vm_id]
-        return disk, memory
-
-    @_api
+    @api
     def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
         vm = self._vm(vm_id)
         self._observe(vm)
         return vm.record()
 
-    @_api
+    @api
     def list_vms(self) -> list[VmRecord]:
         for vm in self._vms.values():
             self._observe(vm)
         return [vm.record() for vm in sorted(self._vms.values(), key=lambda v: v.name)]
 
-    @_api
+    @api
     def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
         vm = self._vm(vm_id)
         if vm.vnc_port is None:
@@ -482,7 +315,7 @@ class FakeDriver(HypervisorDriver):
         listen = vm.spec.vnc_listen if vm.spec is not None else "127.0.0.1"
         return ConsoleAddress(protocol="vnc", host=listen, port=vm.vnc_port)
 
-    @_api
+    @api
     def agent_command(
         self, vm_id: uuid.UUID, command: str, arguments: dict[str, Any] | None = None,
         timeout_s: int = 5,
@@ -503,17 +336,6 @@ class FakeDriver(HypervisorDriver):
             self._closed = True
 
     # --- internals ----------------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise DriverError(f"the connection to {self.uri} is closed")
-        if not self._reachable:
-            raise HypervisorUnreachable(f"cannot reach a hypervisor at {self.uri!r}")
-
-    def _maybe_fail(self, point: str) -> None:
-        queue = self._faults.get(point)
-        if queue:
-            raise queue.popleft()
 
     def _vm(self, vm_id: uuid.UUID) -> FakeVm:
         try:
@@ -561,6 +383,10 @@ class FakeDriver(HypervisorDriver):
         volume = FakeVolume(name, f"/fake/{self._host}/{name}", capacity, allocation, backing)
         self._volumes[name] = volume
         return volume
+
+    def _add_overlay(self, name: str, base: FakeVolume) -> FakeVolume:
+        """An empty qcow2 overlay backed by ``base``."""
+        return self._add_volume(name, base.capacity, _OVERLAY_ALLOCATION, backing=base.path)
 
     def _free_bytes(self) -> int:
         return self._storage_bytes - sum(v.allocation for v in self._volumes.values())

@@ -1,99 +1,29 @@
-"""deskpool.store: repositories in a unit of work, on a migrated SQLite file."""
+"""deskpool.store: repositories in a unit of work, on a migrated SQLite file. Compare-and-set and
+races are in test_store_compare_and_set.py."""
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text, update
+from sqlalchemy import text
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from deskpool.domain.errors import Conflict, InvalidInput, InvalidTransition, NotFound
+from deskpool.domain.errors import Conflict, NotFound
 from deskpool.domain.models import CloneMode, Customization, DomainType, HostState, PowerState
-from deskpool.store import (
-    Desktop,
-    Host,
-    Template,
-    TemplateVersion,
-    UnitOfWork,
-    make_engine,
-    make_session_factory,
-    upgrade_to_head,
+from deskpool.store import Host, Template, UnitOfWork, make_engine
+from tests.unit.store_helpers import (
+    Seed,
+    add_desktop,
+    engine_fixture,  # noqa: F401
+    make_desktop,
+    make_version,
+    seed_fixture,  # noqa: F401
+    sessions_fixture,  # noqa: F401
 )
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    upgrade_to_head(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_session_factory(engine)
-
-
-@dataclass
-class Seed:
-    host_id: uuid.UUID
-    template_id: uuid.UUID
-    version_id: uuid.UUID
-
-
-def _version(template_id: uuid.UUID, number: int, **kw: object) -> TemplateVersion:
-    return TemplateVersion(
-        template_id=template_id,
-        number=number,
-        image_path=f"/var/lib/deskpool/templates/base-{number}.qcow2",
-        image_sha256="ab" * 32,
-        image_size_bytes=5 * 2**30,
-        vcpus=2,
-        memory_mib=2048,
-        **kw,
-    )
-
-
-_counter = iter(range(1, 10_000))
-
-
-def _desktop(seed: Seed, name: str, state: str = "provisioning") -> Desktop:
-    n = next(_counter)
-    return Desktop(
-        name=name,
-        hostname=name,
-        mac=f"52:54:00:00:{n // 256:02x}:{n % 256:02x}",
-        machine_id=f"{n:032x}",
-        template_version_id=seed.version_id,
-        host_id=seed.host_id,
-        state=state,
-    )
-
-
-@pytest.fixture
-def seed(sessions: sessionmaker[Session]) -> Seed:
-    with UnitOfWork(sessions) as uow:
-        host = uow.hosts.add(Host(name="host-a", uri="test:///default"))
-        template = uow.templates.add(Template(name="fedora", description="Fedora desktop"))
-        version = uow.versions.add(_version(template.id, 1))
-        uow.versions.publish(version)
-        uow.commit()
-        return Seed(host.id, template.id, version.id)
-
-
-def _add_desktop(sessions: sessionmaker[Session], seed: Seed, name: str, state: str) -> uuid.UUID:
-    with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.add(_desktop(seed, name, state))
-        uow.commit()
-        return desktop.id
-
 
 # --- engine ---------------------------------------------------------------------------------
 
@@ -118,7 +48,7 @@ def test_crud_through_repositories(sessions: sessionmaker[Session], seed: Seed) 
     with UnitOfWork(sessions) as uow:
         uow.hosts.add(Host(name="host-c", uri="qemu+ssh://c/system", state=HostState.DRAINING))
         uow.hosts.add(Host(name="host-b", uri="qemu+ssh://b/system", storage_dir="/srv/dp"))
-        desktop = uow.desktops.add(_desktop(seed, "lab-001"))
+        desktop = uow.desktops.add(make_desktop(seed, "lab-001"))
         desktop_id = desktop.id
         uow.commit()
 
@@ -178,7 +108,7 @@ def test_an_exception_in_the_block_rolls_back_and_propagates(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
     with pytest.raises(RuntimeError, match="boom"), UnitOfWork(sessions) as uow:
-        uow.desktops.add(_desktop(seed, "lab-001"))
+        uow.desktops.add(make_desktop(seed, "lab-001"))
         raise RuntimeError("boom")
 
     with UnitOfWork(sessions) as uow:
@@ -208,26 +138,26 @@ def test_duplicate_desktop_fields_raise_conflict_naming_field_and_value(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
     with UnitOfWork(sessions) as uow:
-        first = uow.desktops.add(_desktop(seed, "lab-001"))
+        first = uow.desktops.add(make_desktop(seed, "lab-001"))
         uow.commit()
 
     with UnitOfWork(sessions) as uow:
-        same_name = _desktop(seed, "lab-001")
+        same_name = make_desktop(seed, "lab-001")
         with pytest.raises(Conflict, match=r"^a desktop named 'lab-001' already exists$"):
             uow.desktops.add(same_name)
 
-        same_mac = _desktop(seed, "lab-002")
+        same_mac = make_desktop(seed, "lab-002")
         same_mac.mac = first.mac
         with pytest.raises(Conflict, match=rf"^a desktop with MAC address '{first.mac}' already"):
             uow.desktops.add(same_mac)
 
-        same_machine_id = _desktop(seed, "lab-003")
+        same_machine_id = make_desktop(seed, "lab-003")
         same_machine_id.machine_id = first.machine_id
         with pytest.raises(Conflict, match=rf"machine-id '{first.machine_id}' already exists"):
             uow.desktops.add(same_machine_id)
 
         # The SAVEPOINT kept the transaction usable: a good insert still commits.
-        uow.desktops.add(_desktop(seed, "lab-004"))
+        uow.desktops.add(make_desktop(seed, "lab-004"))
         uow.commit()
 
     with UnitOfWork(sessions) as uow:
@@ -243,7 +173,7 @@ def test_duplicate_host_template_and_version_number_raise_conflict(
         with pytest.raises(Conflict, match=r"^a template named 'fedora' already exists$"):
             uow.templates.add(Template(name="fedora"))
         with pytest.raises(Conflict, match=r"^template 'fedora' already has a version 1$"):
-            uow.versions.add(_version(seed.template_id, 1))
+            uow.versions.add(make_version(seed.template_id, 1))
         assert [v.number for v in uow.versions.list(seed.template_id)] == [1]
 
 
@@ -265,7 +195,7 @@ def test_a_duplicate_made_by_renaming_fails_at_commit_as_conflict(
 def test_deleting_what_desktops_use_is_a_conflict(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
-    _add_desktop(sessions, seed, "lab-001", "ready")
+    add_desktop(sessions, seed, "lab-001", "ready")
     with UnitOfWork(sessions) as uow:
         with pytest.raises(Conflict, match=r"^host 'host-a' cannot be deleted"):
             uow.hosts.delete(uow.hosts.get(seed.host_id))
@@ -283,7 +213,7 @@ def test_deleting_an_unused_template_deletes_its_versions(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
     with UnitOfWork(sessions) as uow:
-        uow.versions.add(_version(seed.template_id, 2))
+        uow.versions.add(make_version(seed.template_id, 2))
         uow.commit()
     with UnitOfWork(sessions) as uow:
         uow.templates.delete(uow.templates.get(seed.template_id))
@@ -326,9 +256,9 @@ def test_version_numbers_and_latest_published(sessions: sessionmaker[Session], s
         other = uow.templates.add(Template(name="other"))
         assert uow.versions.next_number(other.id) == 1
         assert uow.versions.next_number(seed.template_id) == 2
-        v2 = uow.versions.add(_version(seed.template_id, 2))
+        v2 = uow.versions.add(make_version(seed.template_id, 2))
         uow.versions.publish(v2)
-        uow.versions.add(_version(seed.template_id, 3))  # a draft
+        uow.versions.add(make_version(seed.template_id, 3))  # a draft
         uow.commit()
 
     with UnitOfWork(sessions) as uow:
@@ -370,7 +300,7 @@ def test_a_draft_version_may_change_until_published(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
     with UnitOfWork(sessions) as uow:
-        draft = uow.versions.add(_version(seed.template_id, 2))
+        draft = uow.versions.add(make_version(seed.template_id, 2))
         uow.commit()
     with UnitOfWork(sessions) as uow:
         draft = uow.versions.get(draft.id)
@@ -390,188 +320,29 @@ def test_a_draft_version_may_change_until_published(
             uow.commit()
 
 
-# --- desktops and compare-and-set -----------------------------------------------------------
-
-
-def test_compare_and_set_state_wins_once(sessions: sessionmaker[Session], seed: Seed) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.get(desktop_id)
-        before = desktop.state_changed_at
-        assert desktop.version == 1
-
-        assert uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved", task="reserve")
-        # The loaded object was expired and now shows the new row.
-        assert (desktop.state, desktop.task, desktop.version) == ("reserved", "reserve", 2)
-        assert desktop.state_changed_at >= before
-        assert desktop.state_changed_at.tzinfo is not None
-
-        assert not uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved")
-        assert desktop.version == 2
-        uow.commit()
-
-    with UnitOfWork(sessions) as uow:  # a second broker with the old expectation loses
-        assert not uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved")
-        assert uow.desktops.compare_and_set_state(
-            desktop_id, "reserved", "error", last_error="agent silent"
-        )
-        uow.commit()
-
-    with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.get(desktop_id)
-        assert (desktop.state, desktop.task, desktop.last_error) == ("error", None, "agent silent")
-        assert desktop.version == 3
-        assert not uow.desktops.compare_and_set_state(uuid.uuid4(), "error", "ready")
-
-
-def test_compare_and_set_state_is_rolled_back_with_its_unit_of_work(
-    sessions: sessionmaker[Session], seed: Seed
+def test_a_version_added_with_its_new_template_flushes_cleanly(
+    sessions: sessionmaker[Session], recwarn: pytest.WarningsRecorder
 ) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
     with UnitOfWork(sessions) as uow:
-        assert uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved")
-    with UnitOfWork(sessions) as uow:
-        assert uow.desktops.get(desktop_id).state == "ready"
-
-
-@pytest.mark.parametrize("engines", [1, 2], ids=["one-engine", "two-brokers"])
-def test_racing_threads_have_exactly_one_winner(
-    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], seed: Seed, engines: int
-) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    # engines=2: two engines (two "brokers") with their own connection pools.
-    factories = [sessions]
-    extra: list[Engine] = []
-    if engines == 2:
-        extra.append(make_engine(str(engine.url)))
-        factories.append(make_session_factory(extra[0]))
-
-    threads_count = 20
-    barrier = threading.Barrier(threads_count)
-    results: dict[int, bool] = {}
-    errors: list[BaseException] = []
-
-    def claim(i: int) -> None:
-        try:
-            barrier.wait()
-            with UnitOfWork(factories[i % len(factories)]) as uow:
-                desktop = uow.desktops.get(desktop_id)
-                expected = desktop.state  # every thread read "ready" or lost already
-                won = expected == "ready" and uow.desktops.compare_and_set_state(
-                    desktop_id, "ready", "reserved", task=f"claim-{i}"
-                )
-                uow.commit()
-                results[i] = won
-        except BaseException as exc:  # surfaced by the assertions below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    for extra_engine in extra:
-        extra_engine.dispose()
-
-    assert errors == []
-    assert len(results) == threads_count
-    winners = [i for i, won in results.items() if won]
-    assert len(winners) == 1
-    with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.get(desktop_id)
-        assert (desktop.state, desktop.task, desktop.version) == (
-            "reserved",
-            f"claim-{winners[0]}",
-            2,
-        )
-
-
-def test_racing_compare_and_set_without_reading_first(
-    sessions: sessionmaker[Session], seed: Seed
-) -> None:
-    """Blind CAS from many threads: the WHERE clause alone picks one winner."""
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    barrier = threading.Barrier(20)
-    outcomes: list[bool] = []
-    lock = threading.Lock()
-
-    def claim() -> None:
-        barrier.wait()
-        with UnitOfWork(sessions) as uow:
-            won = uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved")
-            uow.commit()
-        with lock:
-            outcomes.append(won)
-
-    threads = [threading.Thread(target=claim) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(outcomes) == [False] * 19 + [True]
-
-
-def test_assigning_desktop_state_through_the_orm_is_refused(
-    sessions: sessionmaker[Session], seed: Seed
-) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow:
-        uow.desktops.get(desktop_id).state = "in_use"
-        with pytest.raises(InvalidTransition, match="compare_and_set_state"):
-            uow.commit()
-    with UnitOfWork(sessions) as uow:
-        assert uow.desktops.get(desktop_id).state == "ready"
-
-
-def test_compare_and_set_state_rejects_an_oversized_state(
-    sessions: sessionmaker[Session], seed: Seed
-) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow, pytest.raises(InvalidInput, match="1-32 characters"):
-        uow.desktops.compare_and_set_state(desktop_id, "ready", "x" * 33)
-
-
-def test_a_stale_orm_write_is_a_conflict(sessions: sessionmaker[Session], seed: Seed) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.get(desktop_id)
-        # Someone else writes the row behind this session's back (no expiry of `desktop`).
-        uow.session.execute(
-            update(Desktop)
-            .where(Desktop.id == desktop_id)
-            .values(version=Desktop.version + 1)
-            .execution_options(synchronize_session=False)
-        )
-        desktop.desired_state = "retired"
-        with pytest.raises(Conflict, match="changed by someone else"):
-            uow.commit()
-
-
-def test_compare_and_set_power(sessions: sessionmaker[Session], seed: Seed) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow:
-        assert uow.desktops.compare_and_set_power(
-            desktop_id, PowerState.UNKNOWN, PowerState.RUNNING
-        )
-        assert not uow.desktops.compare_and_set_power(
-            desktop_id, PowerState.UNKNOWN, PowerState.SHUTOFF
-        )
+        template = uow.templates.add(Template(name="ubuntu"))
+        version = make_version(template.id, 1)
+        version.template = template  # by relationship, as services do
+        uow.versions.add(version)
         uow.commit()
     with UnitOfWork(sessions) as uow:
-        desktop = uow.desktops.get(desktop_id)
-        assert (desktop.power_state, desktop.state, desktop.version) == (
-            PowerState.RUNNING,
-            "ready",
-            2,
-        )
+        assert [v.number for v in uow.versions.list(template.id)] == [1]
+    assert [str(w.message) for w in recwarn] == []
+
+
+# --- desktops -------------------------------------------------------------------------------
 
 
 def test_desktop_queries(sessions: sessionmaker[Session], seed: Seed) -> None:
     with UnitOfWork(sessions) as uow:
         other_host = uow.hosts.add(Host(name="host-b", uri="test:///default"))
-        uow.desktops.add(_desktop(seed, "lab-003", "ready"))
-        uow.desktops.add(_desktop(seed, "lab-001", "ready"))
-        on_b = _desktop(seed, "lab-002", "in_use")
+        uow.desktops.add(make_desktop(seed, "lab-003", "ready"))
+        uow.desktops.add(make_desktop(seed, "lab-001", "ready"))
+        on_b = make_desktop(seed, "lab-002", "in_use")
         on_b.host_id = other_host.id
         uow.desktops.add(on_b)
         uow.commit()
@@ -588,7 +359,7 @@ def test_desktop_queries(sessions: sessionmaker[Session], seed: Seed) -> None:
 def test_timestamps_are_utc_and_naive_ones_are_refused(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
-    desktop_id = _add_desktop(sessions, seed, "lab-001", "ready")
+    desktop_id = add_desktop(sessions, seed, "lab-001", "ready")
     plus_two = datetime(2030, 5, 1, 14, 0, tzinfo=UTC).astimezone()  # any zone is converted
     with UnitOfWork(sessions) as uow:
         uow.desktops.get(desktop_id).identity_confirmed_at = plus_two
@@ -601,17 +372,3 @@ def test_timestamps_are_utc_and_naive_ones_are_refused(
         uow.desktops.get(desktop_id).identity_confirmed_at = datetime(2030, 5, 1, 14, 0)
         with pytest.raises(StatementError, match="naive datetime"):
             uow.flush()
-
-
-def test_a_version_added_with_its_new_template_flushes_cleanly(
-    sessions: sessionmaker[Session], recwarn: pytest.WarningsRecorder
-) -> None:
-    with UnitOfWork(sessions) as uow:
-        template = uow.templates.add(Template(name="ubuntu"))
-        version = _version(template.id, 1)
-        version.template = template  # by relationship, as services do
-        uow.versions.add(version)
-        uow.commit()
-    with UnitOfWork(sessions) as uow:
-        assert [v.number for v in uow.versions.list(template.id)] == [1]
-    assert [str(w.message) for w in recwarn] == []
