@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # portal behind a reverse proxy under another name), e.g. '["vdi.example.com"]'.
     console_allowed_origins: list[str] = []
     novnc_dir: Path = Path("/usr/share/novnc")
+    # HTTPS for the portal and API, and wss:// for consoles, when both are set (PEM files).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     # The broker's background loops.
     reconcile_interval_s: float = 5.0
     timers_interval_s: float = 2.0

@@ -22,6 +22,7 @@ import logging
 import re
 import signal
 import socket
+import ssl
 import threading
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, urlparse
 from websockify.websocketproxy import LibProxyServer, ProxyRequestHandler
 from websockify.websockifyserver import WebSockifyServer
 
+from deskpool.api.tls import tls_files
 from deskpool.broker.console import ConsoleTarget, ConsoleTickets
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
@@ -162,8 +164,9 @@ class ConsoleProxyServer(LibProxyServer):  # type: ignore[misc]
     """
 
     def __init__(self, ctx: ServiceContext, listen_host: str, listen_port: int, *,
-                 recheck_s: float = RECHECK_S) -> None:
+                 recheck_s: float = RECHECK_S, tls: ssl.SSLContext | None = None) -> None:
         self.ctx = ctx
+        self.tls = tls
         self.allowed_origins = frozenset(
             name.lower() for name in ctx.settings.console_allowed_origins)
         self.logger = log  # websockify's handlers log through the server's logger
@@ -178,6 +181,26 @@ class ConsoleProxyServer(LibProxyServer):  # type: ignore[misc]
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake waits for the connection's own thread (finish_request): a slow client
+        # must not hold up the accept loop.
+        return self.tls.wrap_socket(sock, server_side=True,
+                                    do_handshake_on_connect=False), address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.info("console connection from %s: no TLS handshake: %s",
+                         client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
 
     def track(self, target: socket.socket, client: socket.socket) -> bool:
         with self._changed:
@@ -221,7 +244,9 @@ def run_console_proxy(listen_host: str, listen_port: int, *,
     """Serve consoles in the foreground (never daemonizes) until SIGTERM or SIGINT."""
     ctx = ServiceContext(settings)
     try:
-        server = ConsoleProxyServer(ctx, listen_host, listen_port)
+        tls = tls_files(ctx.settings)
+        server = ConsoleProxyServer(ctx, listen_host, listen_port,
+                                    tls=tls.server_context() if tls else None)
     except BaseException:
         ctx.close()
         raise

@@ -40,10 +40,11 @@ def user_public(identity: Identity) -> UserPublic:
 
 
 @router.post("/auth/login", response_model=LoginResponse, tags=["auth"])
-def login(body: LoginRequest, response: Response, svc: ServicesDep) -> LoginResponse:
+def login(body: LoginRequest, request: Request, response: Response,
+          svc: ServicesDep) -> LoginResponse:
     signed = svc.accounts.sign_in(body.username, body.password)
     response.set_cookie(SESSION_COOKIE, signed.token, httponly=True, samesite="strict",
-                        max_age=12 * 3600, path="/")
+                        max_age=12 * 3600, path="/", secure=request.url.scheme == "https")
     return LoginResponse(token=signed.token, expires_at=signed.expires_at,
                          user=user_public(signed.identity))
 

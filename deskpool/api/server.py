@@ -14,6 +14,7 @@ import uvicorn
 
 from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
+from deskpool.api.tls import tls_files
 from deskpool.broker.sessions import SessionService
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.reconciler.loop import Reconciler
@@ -42,10 +43,13 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         ctx, workers=workers, ready_timeout_s=settings.ready_timeout_s,
         host_down_after=timedelta(seconds=settings.host_down_after_s),
         lease=timedelta(seconds=settings.lease_s) if settings.lease_s else None)
-    log.info("broker %s starting on %s:%s", reconciler.owner, host, port)
+    tls = tls_files(settings)  # a wrong file stops the broker here, before anything runs
+    log.info("broker %s starting on %s://%s:%s", reconciler.owner,
+             "https" if tls else "http", host, port)
     # The console proxy runs in this process (threads), so it shares the drivers: consoles
     # of in-memory fake hosts work too. ``python -m deskpool.api.console_proxy`` runs it alone.
-    proxy = ConsoleProxyServer(ctx, host, console_port)
+    proxy = ConsoleProxyServer(ctx, host, console_port,
+                               tls=tls.server_context() if tls else None)
     loops = [
         threading.Thread(target=proxy.serve_forever, name="console-proxy", daemon=True),
         threading.Thread(target=reconciler.run_forever,
@@ -58,7 +62,9 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         loop.start()
     try:
         uvicorn.run(create_app(ctx, console_ws_port=console_port), host=host, port=port,
-                    log_level="warning", timeout_graceful_shutdown=5)
+                    log_level="warning", timeout_graceful_shutdown=5,
+                    ssl_certfile=str(tls.cert) if tls else None,
+                    ssl_keyfile=str(tls.key) if tls else None)
     finally:
         stop.set()
         proxy.stop()

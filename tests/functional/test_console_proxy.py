@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -131,8 +132,11 @@ class Browser:
     the query string. (websockify's own ``WebSocket.connect`` drops the query string and leaves
     a frame that arrives with the handshake undecoded, so it cannot stand in for a browser.)"""
 
-    def __init__(self, port: int, query: str, origin: str | None = None) -> None:
+    def __init__(self, port: int, query: str, origin: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         key = base64.b64encode(os.urandom(16)).decode()
         origin_line = f"Origin: {origin}\r\n" if origin is not None else ""
         self.sock.sendall((f"GET /?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{origin_line}"
