@@ -1,6 +1,7 @@
-"""Pools: create them, roll a new template version out (and back), and the user-facing events
-that move pool desktops (claim, release). The reconciler does the slow work: it keeps pools at
-size and carries out recycle and retire."""
+"""Pools: create them, resize them and roll a new template version out (and back). Users get
+and give back pool desktops through the broker (``deskpool.broker.handover`` and
+``deskpool.broker.sessions``, which applies ``logout_outcome``). The reconciler does the slow
+work: it keeps pools at size and carries out recycle and retire."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
-from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolSpec
@@ -18,7 +19,7 @@ from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import DesktopFactory
 from deskpool.lifecycle.hosts import incompatibility
 from deskpool.lifecycle.placement import Placer
-from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.lifecycle.states import DesktopState
 from deskpool.scheduler.facts import Strategy
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Pool, PoolHost
@@ -162,53 +163,6 @@ class PoolService:
                                                                  pool.current_version_id)
             uow.commit()
             return _view(uow, pool)
-
-    # --- user events (the broker's, simplified until it exists) ----------------------------
-
-    def claim(self, name: str, user: str) -> uuid.UUID:
-        """Give ``user`` a ready desktop of the pool (its own, if it holds one already)."""
-        with self.ctx.uow() as uow:
-            pool = uow.pools.get_by_name(name)
-            desktops = uow.pools.desktops(pool.id)
-            for desktop in desktops:
-                if desktop.assigned_user != user:
-                    continue
-                if desktop.state in HELD_STATES:
-                    return desktop.id  # reconnect
-                if desktop.state == S.READY.value:  # a dedicated desktop, waiting for its user
-                    transition(uow.desktops, desktop.id, S.READY, S.RESERVED)
-                    uow.commit()
-                    return desktop.id
-            free = [d for d in desktops if d.state == S.READY.value and d.assigned_user is None
-                    and d.template_version_id == pool.current_version_id]
-            for desktop in free:
-                try:
-                    transition(uow.desktops, desktop.id, S.READY, S.RESERVED, task=None)
-                except Conflict:
-                    continue  # another claim won this one
-                desktop.assigned_user = user
-                uow.commit()
-                return desktop.id
-        raise NotFound(f"pool {name!r} has no ready desktop for {user!r} right now")
-
-    def connect(self, desktop_id: uuid.UUID) -> None:
-        with self.ctx.uow() as uow:
-            transition(uow.desktops, desktop_id, S.RESERVED, S.IN_USE)
-            uow.commit()
-
-    def release(self, desktop_id: uuid.UUID) -> str:
-        """The user logged out: apply the pool's on-logout policy. Returns the new state."""
-        with self.ctx.uow() as uow:
-            desktop = uow.desktops.get(desktop_id)
-            if desktop.pool_id is None:
-                raise InvalidInput(f"desktop {desktop.name!r} is not in a pool")
-            pool = uow.pools.get(desktop.pool_id)
-            old = DesktopState(desktop.state)
-            new, task = logout_outcome(pool, desktop)
-            transition(uow.desktops, desktop_id, old, new, task=task)
-            desktop.sessions_served += 1
-            uow.commit()
-            return new.value
 
 
 def pinned_hosts(uow: UnitOfWork, pool_id: uuid.UUID) -> set[uuid.UUID] | None:

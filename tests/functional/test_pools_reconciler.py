@@ -25,6 +25,7 @@ from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from tests.pool_users import PoolUsers
 
 
 class Clock:
@@ -89,31 +90,31 @@ def test_pool_fills_to_spare_by_itself(ctx: ServiceContext, reconciler: Reconcil
 def test_recycle_reverts_to_the_factory_snapshot(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
-    make_pool(ctx, spare=1)
+    users = PoolUsers(ctx, make_pool(ctx, spare=1))
+    users.entitle("alice", "bob")
     reconciler.run_pass()
-    pools = PoolService(ctx)
-    desktop_id = pools.claim("lab", "alice")
-    pools.connect(desktop_id)
+    desktop_id = users.connect("alice")
+    users.open_console(desktop_id, "alice")
     agent = GuestAgent(fake, desktop_id)
     agent.write_file("/home/user/secret.txt", b"alice was here")
     assert agent.read_file("/home/user/secret.txt") == b"alice was here"
-    assert pools.release(desktop_id) == "recycling"
+    assert users.log_off(desktop_id, "alice") == "recycling"
     reconciler.run_pass()
     assert DesktopService(ctx).get(str(desktop_id)).state == "ready"
     with pytest.raises(Exception, match=r"secret\.txt"):
         agent.read_file("/home/user/secret.txt")
-    assert pools.claim("lab", "bob") == desktop_id  # clean again, handed to the next user
+    assert users.connect("bob") == desktop_id  # clean again, handed to the next user
 
 
 def test_recycle_as_is_keeps_the_guest_state(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
-    make_pool(ctx, spare=1, on_logout=OnLogout.RECYCLE_AS_IS)
+    users = PoolUsers(ctx, make_pool(ctx, spare=1, on_logout=OnLogout.RECYCLE_AS_IS))
+    users.entitle("kiosk")
     reconciler.run_pass()
-    pools = PoolService(ctx)
-    desktop_id = pools.claim("lab", "kiosk")
+    desktop_id = users.connect("kiosk")
     GuestAgent(fake, desktop_id).write_file("/tmp/kept", b"1")
-    pools.release(desktop_id)
+    users.log_off(desktop_id, "kiosk")
     reconciler.run_pass()
     assert GuestAgent(fake, desktop_id).read_file("/tmp/kept") == b"1"
 
@@ -121,11 +122,11 @@ def test_recycle_as_is_keeps_the_guest_state(
 def test_one_time_desktops_retire_after_first_use(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
-    make_pool(ctx, spare=1, one_time=True)
+    users = PoolUsers(ctx, make_pool(ctx, spare=1, one_time=True))
+    users.entitle("alice")
     reconciler.run_pass()
-    pools = PoolService(ctx)
-    first = pools.claim("lab", "alice")
-    assert pools.release(first) == "retiring"
+    first = users.connect("alice")
+    assert users.log_off(first, "alice") == "retiring"
     reconciler.run_pass()  # retires it and, at the same time, makes its replacement
     reconciler.run_pass()
     assert first not in {d.id for d in desktops(ctx)}
@@ -136,10 +137,11 @@ def test_one_time_desktops_retire_after_first_use(
 def test_rollout_replaces_free_desktops_now_and_held_ones_as_users_leave(
     ctx: ServiceContext, reconciler: Reconciler, tmp_path: Path
 ) -> None:
-    make_pool(ctx, spare=2)
+    users = PoolUsers(ctx, make_pool(ctx, spare=2))
+    users.entitle("alice")
     reconciler.run_pass()
     pools = PoolService(ctx)
-    held = pools.claim("lab", "alice")
+    held = users.connect("alice")
     disk = tmp_path / "v2.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     TemplateService(ctx).publish("golden", ImageFiles(disk=disk))
@@ -149,7 +151,7 @@ def test_rollout_replaces_free_desktops_now_and_held_ones_as_users_leave(
     versions = {d.id: d.version for d in desktops(ctx)}
     assert versions[held] == 1  # alice keeps hers while she works
     assert sorted(v for k, v in versions.items() if k != held) == [2, 2]
-    pools.release(held)
+    users.log_off(held, "alice")
     reconciler.run_pass()
     reconciler.run_pass()
     assert {d.version for d in desktops(ctx)} == {2}
@@ -249,17 +251,18 @@ def test_bad_pools_are_refused_and_nothing_is_stored(ctx: ServiceContext) -> Non
 def test_dedicated_desktop_stays_with_its_user_across_sessions(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
-    make_pool(ctx, spare=1, kind=PoolKind.STATEFUL, assignment=Assignment.DEDICATED,
-              on_logout=OnLogout.RECYCLE_AS_IS)
+    users = PoolUsers(ctx, make_pool(
+        ctx, spare=1, kind=PoolKind.STATEFUL, assignment=Assignment.DEDICATED,
+        on_logout=OnLogout.RECYCLE_AS_IS))
+    users.entitle("alice", "bob")
     reconciler.run_pass()
-    pools = PoolService(ctx)
-    mine = pools.claim("lab", "alice")
-    pools.connect(mine)
+    mine = users.connect("alice")
+    users.open_console(mine, "alice")
     GuestAgent(fake, mine).write_file("/home/alice/notes.txt", b"keep me")
-    pools.release(mine)
+    users.log_off(mine, "alice")
     reconciler.run_pass()  # back to ready, still alice's; a new spare is made for others
     reconciler.run_pass()
-    other = pools.claim("lab", "bob")
+    other = users.connect("bob")
     assert other != mine
-    assert pools.claim("lab", "alice") == mine
+    assert users.connect("alice") == mine
     assert GuestAgent(fake, mine).read_file("/home/alice/notes.txt") == b"keep me"

@@ -20,13 +20,15 @@ from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from tests.pool_users import PoolUsers
 from tests.realvm.conftest import TEMPLATE
 
 pytestmark = pytest.mark.realvm
+READY_TIMEOUT_S = 240  # for a guest agent to answer, in a reconciler build or a hand-over
 
 
 def reconcile_until(ctx: ServiceContext, done: Callable[[], bool], timeout_s: float = 400) -> None:
-    reconciler = Reconciler(ctx, workers=3, ready_timeout_s=240)
+    reconciler = Reconciler(ctx, workers=3, ready_timeout_s=READY_TIMEOUT_S)
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline, "the pool did not settle in time"
@@ -48,6 +50,7 @@ def ready_count(ctx: ServiceContext, pool: str, version: int | None = None) -> i
 def lab(real_ctx: ServiceContext) -> Iterator[str]:
     PoolService(real_ctx).create(PoolSpec("lab", TEMPLATE, spare=2, max_size=3,
                                           naming_pattern="lab-{n:02}"))
+    PoolUsers(real_ctx, "lab").entitle("alice", "bob")
     yield "lab"
     PoolService(real_ctx).resize("lab", min_size=0, spare=0)
     for desktop in pool_desktops(real_ctx, "lab"):
@@ -69,14 +72,14 @@ def test_recycle_with_revert_removes_the_previous_users_files(
     real_ctx: ServiceContext, lab: str
 ) -> None:
     reconcile_until(real_ctx, lambda: ready_count(real_ctx, lab) >= 2)
-    pools = PoolService(real_ctx)
-    desktop_id = pools.claim(lab, "alice")
-    pools.connect(desktop_id)
+    users = PoolUsers(real_ctx, lab, ready_timeout_s=READY_TIMEOUT_S)
+    desktop_id = users.connect("alice")
+    users.open_console(desktop_id, "alice")
     agent = GuestAgent(real_ctx.driver_for_name("local"), desktop_id)
     code, _, err = agent.exec_capture(["sh", "-c", "echo alice > /root/alice.txt && sync"])
     assert code == 0, err
     assert agent.read_file("/root/alice.txt") == b"alice\n"
-    assert pools.release(desktop_id) == "recycling"
+    assert users.log_off(desktop_id, "alice") == "recycling"
     reconcile_until(real_ctx, lambda: DesktopService(real_ctx).get(str(desktop_id)).state
                     == "ready")
     with pytest.raises(DriverError):
@@ -88,15 +91,15 @@ def test_rollout_leaves_only_new_version_desktops_once_users_leave(
     real_ctx: ServiceContext, lab: str, guest_image: GuestImage
 ) -> None:
     reconcile_until(real_ctx, lambda: ready_count(real_ctx, lab) >= 2)
-    pools = PoolService(real_ctx)
-    held = pools.claim(lab, "bob")
+    users = PoolUsers(real_ctx, lab, ready_timeout_s=READY_TIMEOUT_S)
+    held = users.connect("bob")
     new = TemplateService(real_ctx).publish(TEMPLATE, ImageFiles.from_guest_image(guest_image),
                                             notes="rollout test")
-    pools.rollout(lab, new.number)
+    PoolService(real_ctx).rollout(lab, new.number)
     reconcile_until(real_ctx, lambda: ready_count(real_ctx, lab, new.number) >= 2)
     versions = {d.id: d.version for d in pool_desktops(real_ctx, lab)}
     assert versions[held] < new.number  # bob keeps his desktop while he works
-    pools.release(held)
+    users.log_off(held, "bob")
     reconcile_until(real_ctx, lambda: {d.version for d in pool_desktops(real_ctx, lab)}
                     == {new.number})
     assert ready_count(real_ctx, lab, new.number) == 2

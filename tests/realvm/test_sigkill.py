@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from deskpool.config import Settings
-from deskpool.domain.errors import NotFound
+from deskpool.domain.errors import Unavailable
 from deskpool.domain.models import Customization
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.libvirt import LibvirtDriver
@@ -35,6 +35,7 @@ from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
 from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
 from tests.crash_invariants import check_invariants
+from tests.pool_users import PoolUsers
 from tests.realvm.conftest import remove_pool_of
 
 pytestmark = pytest.mark.realvm
@@ -56,6 +57,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Settings, LibvirtDriver]]:
                                  customization=Customization.NONE)
     PoolService(ctx).create(PoolSpec("kill", "blank", spare=SPARE, max_size=MAX,
                                      naming_pattern="kill-{n:02}"))
+    PoolUsers(ctx, "kill").entitle("ann", "bob")
     driver = LibvirtDriver("qemu:///system", storage_dir=tmp_path / "pool")
     ctx.close()
     try:
@@ -80,15 +82,22 @@ def test_sigkill_at_random_points_then_restart_loses_nothing(
     settings, driver = deployment
     rng = random.Random(1123)
     users: dict[str, uuid.UUID] = {}
+    waiting: set[str] = set()  # told a desktop is being prepared for them
     for _ in range(ROUNDS):
         ctx = ServiceContext(settings)
-        pools = PoolService(ctx)
+        pool_users = PoolUsers(ctx, "kill", ready_timeout_s=60)
         for name in ("ann", "bob"):  # logons and logoffs so recycling happens too
             if name in users and rng.random() < 0.6:
-                pools.release(users.pop(name))
+                pool_users.log_off(users.pop(name), name)
             elif name not in users:
-                with contextlib.suppress(NotFound):
-                    users[name] = pools.claim("kill", name)
+                with contextlib.suppress(Unavailable):  # pool exhausted right now
+                    handover = pool_users.try_connect(name)
+                    if handover.status == "ready":
+                        assert handover.desktop_id is not None
+                        users[name] = handover.desktop_id
+                        waiting.discard(name)
+                    else:  # a desktop is being made (or prepared) for them
+                        waiting.add(name)
         ctx.close()
         broker = _start_broker(settings)
         time.sleep(rng.uniform(0.3, 4.0))
@@ -105,5 +114,9 @@ def test_sigkill_at_random_points_then_restart_loses_nothing(
 
     for _ in range(4):
         Reconciler(ctx, workers=2, ready_timeout_s=60, clock=later).run_pass()
+    # Users told to come back once their desktop was made come back for it.
+    pool_users = PoolUsers(ctx, "kill", ready_timeout_s=60)
+    for name in sorted(waiting):
+        users[name] = pool_users.connect(name)
     ctx.close()
     check_invariants(settings, driver, users, pool="kill", spare=SPARE, max_size=MAX)
