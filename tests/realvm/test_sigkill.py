@@ -83,12 +83,14 @@ def test_sigkill_at_random_points_then_restart_loses_nothing(
     rng = random.Random(1123)
     users: dict[str, uuid.UUID] = {}
     waiting: set[str] = set()  # told a desktop is being prepared for them
+    served = logged_off = 0
     for _ in range(ROUNDS):
         ctx = ServiceContext(settings)
         pool_users = PoolUsers(ctx, "kill", ready_timeout_s=60)
         for name in ("ann", "bob"):  # logons and logoffs so recycling happens too
             if name in users and rng.random() < 0.6:
                 pool_users.log_off(users.pop(name), name)
+                logged_off += 1
             elif name not in users:
                 with contextlib.suppress(Unavailable):  # pool exhausted right now
                     handover = pool_users.try_connect(name)
@@ -96,14 +98,19 @@ def test_sigkill_at_random_points_then_restart_loses_nothing(
                         assert handover.desktop_id is not None
                         users[name] = handover.desktop_id
                         waiting.discard(name)
+                        served += 1
                     else:  # a desktop is being made (or prepared) for them
                         waiting.add(name)
         ctx.close()
         broker = _start_broker(settings)
-        time.sleep(rng.uniform(0.3, 4.0))
+        # Long enough for a started process to get through start-up into real work (about a
+        # second), short enough to catch it mid-step.
+        time.sleep(rng.uniform(1.0, 8.0))
         broker.send_signal(signal.SIGKILL)
         broker.wait(timeout=10)
         assert broker.returncode == -signal.SIGKILL
+    # Between the kills the broker did real work: users got desktops and gave them back.
+    assert served >= 1 and logged_off >= 1, (served, logged_off)
     # The restart: one process, passes until the pool has settled (backoffs expired).
     ctx = ServiceContext(settings)
     clock = [datetime.now(UTC)]
