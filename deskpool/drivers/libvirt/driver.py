@@ -337,11 +337,13 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             try:
                 definition = self._build_definition(spec, base)
                 with self._translate(f"defining VM {spec.name}"):
-                    dom = self._conn.defineXML(definition.to_xml())
-                return self._record(dom)
+                    self._conn.defineXML(definition.to_xml())
             except BaseException:
                 self._remove_leftovers(spec.vm_id)
                 raise
+            # Just defined, from this spec: no need to ask libvirt what it is.
+            return VmRecord(vm_id=spec.vm_id, name=spec.name, power_state=PowerState.SHUTOFF,
+                            metadata=spec.metadata)
 
     def _refuse_duplicate(self, spec: VmSpec) -> None:
         for lookup, key in ((self._conn.lookupByUUIDString, str(spec.vm_id)),
