@@ -15,9 +15,13 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.table import Table
+from websockets.exceptions import InvalidHandshake
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as open_websocket
 
 from deskpool.cli.common import out
-from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
+from deskpool.cli.console_tunnel import ConsoleTunnel, console_websocket_url
+from deskpool.domain.errors import AuthenticationFailed, DeskpoolError, NotFound
 
 client_app = typer.Typer(help="Use a broker over its REST API (sign in, connect...).",
                          no_args_is_help=True)
@@ -89,6 +93,39 @@ def desktops() -> None:
     for d in _call("GET", "/api/v1/desktops"):
         table.add_row(d["name"], d["id"], d["pool"], d["state"], "yes" if d["connected"] else "")
     out.print(table)
+
+
+@client_app.command("console")
+def console(
+    desktop: Annotated[str, typer.Argument(help="your desktop's name or id")],
+    port: Annotated[int, typer.Option(help="local port for the viewer (0: any free)")] = 5900,
+    listen: Annotated[str, typer.Option(help="local address to listen on")] = "127.0.0.1",
+    once: Annotated[bool, typer.Option(help="stop when the first viewer disconnects")] = False,
+) -> None:
+    """Open a desktop's console to a native VNC viewer (remote-viewer, vncviewer...) on this
+    machine, through the broker's console proxy. A private CA for a TLS broker goes in
+    SSL_CERT_FILE."""
+    saved = _saved()
+    found = [d for d in _call("GET", "/api/v1/desktops") if desktop in (d["name"], d["id"])]
+    if not found:
+        raise NotFound(f"you hold no desktop named {desktop!r}: see 'deskpool client desktops'")
+    desktop_id, name = found[0]["id"], found[0]["name"]
+
+    def open_console() -> ClientConnection:
+        ticket = _call("POST", f"/api/v1/desktops/{desktop_id}/console")
+        if ticket["websocket_port"] is None:
+            raise DeskpoolError(f"broker at {saved['url']} runs no console proxy")
+        url = console_websocket_url(saved["url"], ticket["websocket_port"], ticket["token"])
+        try:
+            return open_websocket(url, open_timeout=15, max_size=None, compression=None)
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise DeskpoolError(f"console proxy at {url.split('?')[0]} did not let the "
+                                f"console through: {exc}") from exc
+
+    tunnel = ConsoleTunnel(listen, port, open_console)
+    out.print(f"console of {name}: point a VNC viewer at {listen}:{tunnel.port} "
+              f"(e.g. remote-viewer vnc://{listen}:{tunnel.port}); Ctrl-C ends it")
+    tunnel.serve(once=once, on_closed=lambda why: out.print(f"console of {name} ended: {why}"))
 
 
 @client_app.command("logoff")

@@ -23,12 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
+from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
+from deskpool.cli import client as client_module
 from deskpool.config import Settings
+from deskpool.domain.errors import NotFound
 from deskpool.domain.models import ConsoleAddress
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
@@ -40,6 +44,7 @@ from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from tests.broker_world import ServerThread
 from tests.loopback import LoopbackServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -329,3 +334,44 @@ def test_the_command_runs_in_the_foreground_and_stops_on_sigterm(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_native_viewer_reaches_the_console_through_the_client_tunnel(
+    ctx: ServiceContext, vnc: FakeVnc, desktop_id: uuid.UUID, proxy: int, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``deskpool client console``: a local port a VNC viewer connects to, bridged over the
+    broker's proxy with a ticket of its own; the session follows as for the browser."""
+    monkeypatch.setattr(client_module, "CONFIG", tmp_path / "config")
+    AccountService(ctx).create_user("alice", "password-123")
+    name = DesktopService(ctx).get(str(desktop_id)).name
+    with ServerThread(create_app(ctx, console_ws_port=proxy, directories=[])) as server:
+        client_module.login(server.url, "alice", password="password-123")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        tunnel = threading.Thread(target=client_module.console,
+                                  kwargs={"desktop": name, "port": port, "once": True})
+        tunnel.start()
+        deadline = time.monotonic() + 10
+        while True:  # the first connection that gets through is the viewer's own
+            try:
+                viewer = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the tunnel never listened"
+                time.sleep(0.05)
+        with viewer:
+            assert viewer.recv(64) == RFB_HELLO
+            viewer.sendall(b"client init")
+            assert viewer.recv(64) == b"client init"
+            wait_for_state(ctx, desktop_id, "in_use")
+        tunnel.join(10)
+        assert not tunnel.is_alive()
+        with pytest.raises(NotFound, match="no desktop named 'nope'"):
+            client_module.console("nope", port=0, once=True)
+    wait_for_state(ctx, desktop_id, "idle")
+    assert vnc.accepted == 1
+    printed = capsys.readouterr().out
+    assert f"console of {name}: point a VNC viewer at 127.0.0.1:{port}" in printed
+    assert f"console of {name} ended" in printed

@@ -1,16 +1,28 @@
-"""The session watch on a real guest: a user logging in at the guest's own console (an
-autologin getty on tty2, as a desktop session manager would log them in) is seen through the
-guest agent (``guest-get-users``, ``who -u``), and logging out there logs the broker's session
-off and applies the pool's recycle policy."""
+"""A real guest, seen as a user's native client and the session watch see it.
+
+* ``deskpool client console`` bridges a local port over the broker's console proxy: a plain
+  RFB client there speaks with the guest's QEMU, whose desktop name is the VM's.
+* A user logging in at the guest's own console (an autologin getty on tty2, as a desktop
+  session manager would log them in) is seen through the guest agent (``guest-get-users``,
+  ``who -u``), and logging out there logs the broker's session off and applies the pool's
+  recycle policy."""
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from deskpool.api.app import create_app
+from deskpool.api.console_proxy import ConsoleProxyServer
+from deskpool.broker.accounts import AccountService
 from deskpool.broker.sessions import SessionService
+from deskpool.cli import client as client_module
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
 from deskpool.lifecycle.context import ServiceContext
@@ -18,6 +30,7 @@ from deskpool.lifecycle.desktops import DesktopService
 from deskpool.lifecycle.events import recent_events
 from deskpool.lifecycle.pools import PoolService
 from deskpool.reconciler.loop import Reconciler
+from tests.broker_world import ServerThread
 from tests.pool_users import PoolUsers
 from tests.realvm.conftest import TEMPLATE
 
@@ -71,6 +84,76 @@ def pool(real_ctx: ServiceContext) -> Iterator[str]:
     for desktop in DesktopService(real_ctx).list():
         if desktop.name.startswith("sess-"):
             DesktopService(real_ctx).delete(str(desktop.id))
+
+
+def rfb_desktop_name(port: int) -> str:
+    """A minimal RFB 3.8 client on ``port``: version, security "None", ClientInit; returns
+    the desktop name in the server's ServerInit."""
+    deadline = time.monotonic() + 15
+    while True:  # the first connection that gets through is the client's own
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, "the client tunnel never listened"
+            time.sleep(0.1)
+
+    def take(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, f"the console closed after {data!r}"
+            data += chunk
+        return data
+
+    with sock:
+        assert take(12) == b"RFB 003.008\n"
+        sock.sendall(b"RFB 003.008\n")
+        types = take(take(1)[0])
+        assert 1 in types, types  # "None": the proxy's ticket was the authentication
+        sock.sendall(b"\x01")
+        assert take(4) == b"\x00\x00\x00\x00"
+        sock.sendall(b"\x01")  # ClientInit, shared
+        width, height = struct.unpack(">HH", take(4))
+        assert width > 0 and height > 0
+        take(16)  # pixel format
+        return take(struct.unpack(">I", take(4))[0]).decode()
+
+
+def test_a_native_client_reaches_the_real_guest_through_the_broker(
+    real_ctx: ServiceContext, pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = PoolUsers(real_ctx, pool, ready_timeout_s=120)
+    users.entitle("nina")
+    AccountService(real_ctx).create_user("nina", "password-123")
+    desktop_id = users.connect("nina")
+    name = DesktopService(real_ctx).get(str(desktop_id)).name
+    monkeypatch.setattr(client_module, "CONFIG", tmp_path / "config")
+    proxy = ConsoleProxyServer(real_ctx, "127.0.0.1", 0)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+    serving.start()
+    try:
+        app = create_app(real_ctx, console_ws_port=proxy.port, directories=[])
+        with ServerThread(app) as server:
+            client_module.login(server.url, "nina", password="password-123")
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            tunnel = threading.Thread(target=client_module.console,
+                                      kwargs={"desktop": name, "port": port, "once": True})
+            tunnel.start()
+            assert name in rfb_desktop_name(port)  # QEMU names the VNC desktop after the VM
+            tunnel.join(30)
+            assert not tunnel.is_alive()
+    finally:
+        proxy.stop()
+        serving.join(10)
+    wait_until(lambda: DesktopService(real_ctx).get(str(desktop_id)).state == "idle",
+               "the desktop going idle once the viewer left")
+    assert users.log_off(desktop_id, "nina") in ("recycling", "ready")
+    reconciler = Reconciler(real_ctx, workers=2, ready_timeout_s=240)
+    wait_until(lambda: not reconciler.run_pass().errors and DesktopService(real_ctx).get(
+        str(desktop_id)).state == "ready", "the desktop recycled for the next test", 300)
 
 
 def test_a_login_and_logout_in_the_real_guest_drive_the_session(
