@@ -16,9 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as open_websocket
 
 from deskpool.api.tls import tls_files
 from deskpool.broker.accounts import AccountService
+from deskpool.cli.console_tunnel import console_websocket_url
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput
 from deskpool.lifecycle.context import ServiceContext
@@ -109,6 +112,13 @@ def test_the_console_proxy_speaks_wss(broker: TlsBroker) -> None:
     assert browser.receive() is None  # the WebSocket opened over TLS; the ticket is refused
     assert (browser.close_code, browser.close_reason) == (1008, "console ticket refused")
     browser.sock.close()
+    # The native client's tunnel (websockets) gets there by wss:// too, from the API's URL.
+    url = console_websocket_url(broker.url, broker.console_port, "not-a-ticket")
+    assert url.startswith(f"wss://127.0.0.1:{broker.console_port}/?token=")
+    with open_websocket(url, ssl=broker.client_tls, open_timeout=10) as console:
+        with pytest.raises(ConnectionClosed):
+            console.recv(timeout=10)
+        assert (console.close_code, console.close_reason) == (1008, "console ticket refused")
     with socket.create_connection(("127.0.0.1", broker.console_port), timeout=5) as plain:
         plain.sendall(b"GET /?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert b"101" not in plain.recv(1024)  # plain text is no TLS handshake: no console
