@@ -119,18 +119,23 @@ def test_sigkill_at_random_points_then_restart_loses_nothing(
         clock[0] += timedelta(hours=1)
         return clock[0]
 
-    quiet = 0
-    for _ in range(12):  # until two passes in a row find nothing left to do
-        report = Reconciler(ctx, workers=2, ready_timeout_s=60, clock=later).run_pass()
-        busy = (report.created + report.readied + report.recycled + report.retired
-                + report.deleted + report.power_changes + report.vanished
-                + report.orphans_removed + len(report.errors))
-        quiet = 0 if busy else quiet + 1
-        if quiet == 2:
-            break
-    # Users told to come back once their desktop was made come back for it.
+    def settle() -> None:
+        quiet = 0
+        for _ in range(12):  # until two passes in a row find nothing left to do
+            report = Reconciler(ctx, workers=2, ready_timeout_s=60, clock=later).run_pass()
+            busy = (report.created + report.readied + report.recycled + report.retired
+                    + report.deleted + report.power_changes + report.vanished
+                    + report.orphans_removed + len(report.errors))
+            quiet = 0 if busy else quiet + 1
+            if quiet == 2:
+                return
+
+    settle()
+    # Users told to come back once their desktop was made come back for it; the pool then
+    # makes up the spare desktops they took.
     pool_users = PoolUsers(ctx, "kill", ready_timeout_s=60)
     for name in sorted(waiting):
         users[name] = pool_users.connect(name)
+    settle()
     ctx.close()
     check_invariants(settings, driver, users, pool="kill", spare=SPARE, max_size=MAX)
