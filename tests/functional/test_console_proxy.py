@@ -45,6 +45,7 @@ from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
 from tests.broker_world import ServerThread
+from tests.console_viewer import start_console_tunnel, viewer_connection
 from tests.loopback import LoopbackServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -347,20 +348,8 @@ def test_a_native_viewer_reaches_the_console_through_the_client_tunnel(
     name = DesktopService(ctx).get(str(desktop_id)).name
     with ServerThread(create_app(ctx, console_ws_port=proxy, directories=[])) as server:
         client_module.login(server.url, "alice", password="password-123")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        tunnel = threading.Thread(target=client_module.console,
-                                  kwargs={"desktop": name, "port": port, "once": True})
-        tunnel.start()
-        deadline = time.monotonic() + 10
-        while True:  # the first connection that gets through is the viewer's own
-            try:
-                viewer = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline, "the tunnel never listened"
-                time.sleep(0.05)
+        tunnel, port = start_console_tunnel(name)
+        viewer = viewer_connection(port)
         with viewer:
             assert viewer.recv(64) == RFB_HELLO
             viewer.sendall(b"client init")

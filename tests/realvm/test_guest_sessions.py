@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 import threading
 import time
@@ -31,6 +30,7 @@ from deskpool.lifecycle.events import recent_events
 from deskpool.lifecycle.pools import PoolService
 from deskpool.reconciler.loop import Reconciler
 from tests.broker_world import ServerThread
+from tests.console_viewer import start_console_tunnel, viewer_connection
 from tests.pool_users import PoolUsers
 from tests.realvm.conftest import TEMPLATE
 
@@ -89,14 +89,7 @@ def pool(real_ctx: ServiceContext) -> Iterator[str]:
 def rfb_desktop_name(port: int) -> str:
     """A minimal RFB 3.8 client on ``port``: version, security "None", ClientInit; returns
     the desktop name in the server's ServerInit."""
-    deadline = time.monotonic() + 15
-    while True:  # the first connection that gets through is the client's own
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-            break
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline, "the client tunnel never listened"
-            time.sleep(0.1)
+    sock = viewer_connection(port)
 
     def take(n: int) -> bytes:
         data = b""
@@ -136,12 +129,7 @@ def test_a_native_client_reaches_the_real_guest_through_the_broker(
         app = create_app(real_ctx, console_ws_port=proxy.port, directories=[])
         with ServerThread(app) as server:
             client_module.login(server.url, "nina", password="password-123")
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            tunnel = threading.Thread(target=client_module.console,
-                                      kwargs={"desktop": name, "port": port, "once": True})
-            tunnel.start()
+            tunnel, port = start_console_tunnel(name)
             assert name in rfb_desktop_name(port)  # QEMU names the VNC desktop after the VM
             tunnel.join(30)
             assert not tunnel.is_alive()
