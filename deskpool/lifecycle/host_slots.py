@@ -68,9 +68,13 @@ def host_slot(
     finally:
         done.set()
         renewer.join()
-        with ctx.uow() as uow:
-            release_host_slot(uow.session, host_id, kind.value, slot, who)
-            uow.commit()
+        try:
+            with ctx.uow() as uow:
+                release_host_slot(uow.session, host_id, kind.value, slot, who)
+                uow.commit()
+        except Exception:  # the work is done (or failed on its own): a lost give-back only delays
+            log.warning("could not give back %s slot %s of host %s; it frees itself within %s",
+                        kind.value, slot, host_id, hold_for, exc_info=True)
 
 
 def _renew(ctx: ServiceContext, host_id: uuid.UUID, kind: SlotKind, slot: int, who: str,

@@ -28,7 +28,7 @@ from deskpool.domain.pools import Assignment, PowerPolicy
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
-from deskpool.lifecycle.host_slots import SlotKind, host_slot
+from deskpool.lifecycle.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
@@ -338,11 +338,12 @@ class Reconciler:
     def _slot(self, host_id: uuid.UUID) -> AbstractContextManager[int]:
         """Desktops made at once on one host, by all brokers: the host's own limit
         (``max_provisioning``, read each time, so a change applies at once), else the
-        reconciler's default."""
+        reconciler's default. A dead broker's slot frees itself no later than its leases do,
+        so the brokers left take over its work without waiting for its slots."""
         with self.ctx.uow(read_only=True) as uow:
             limit = uow.hosts.get(host_id).max_provisioning or self.provisioning_per_host
         return host_slot(self.ctx, host_id, SlotKind.PROVISIONING, limit, holder=self.owner,
-                         clock=self.clock)
+                         hold_for=min(HOLD_FOR, self.lease), clock=self.clock)
 
     def _provision(self, desktop_id: uuid.UUID, host_id: uuid.UUID,
                    report: PassReport) -> None:

@@ -157,3 +157,23 @@ def test_a_hosts_provisioning_limit_holds_across_two_reconcilers(
     assert {r.state for r in grid.rows().values()} == {"ready"}
     assert len(grid.rows()) == 4
     assert most[0] == 1
+
+
+def test_a_reconcilers_slots_expire_no_later_than_its_leases(grid: Grid) -> None:
+    """Brokers with short leases (quick take-over of a dead one's work) hold slots as briefly:
+    else the survivors would take over the dead broker's desktops, then wait out its slots."""
+    fake = grid.host("a", limits=HostLimits(max_provisioning=1))
+    held_for: list[timedelta] = []
+    original: Callable[..., Any] = fake.create_vm
+
+    def create_and_look(spec: Any) -> Any:
+        with grid.ctx.uow(read_only=True) as uow:
+            until = uow.session.scalars(select(HostSlot.held_until).where(
+                HostSlot.holder.is_not(None))).one()
+        held_for.append(until.replace(tzinfo=UTC) - grid.clock.now)
+        return original(spec)
+
+    fake.create_vm = create_and_look  # type: ignore[method-assign]
+    grid.pool("lab", spare=1, max_size=1)
+    assert grid.reconciler(lease=timedelta(seconds=5)).run_pass().errors == []
+    assert held_for == [timedelta(seconds=5)]
