@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.records import RecordWriter
@@ -239,19 +239,21 @@ class Broker:
     def _take_free(uow: UnitOfWork, look: _Look, user: str) -> _Claim | None:
         """Reserve the first free ready desktop of the pool's current version, on an enabled
         host, for ``user``: one UPDATE whose subquery picks it (skipping rows other brokers
-        have locked, on PostgreSQL)."""
+        have locked, on PostgreSQL). A desktop a reconciler holds a lease on is not free: it
+        may be suspending or stopping it right now."""
+        now = utcnow()
+        unleased = or_(Desktop.lease_until.is_(None), Desktop.lease_until < now)
         first_free = (
             select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
                 Desktop.pool_id == look.pool_id, Desktop.state == S.READY.value,
                 Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
-                Desktop.template_version_id == look.version_id)
+                Desktop.template_version_id == look.version_id, unleased)
             .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
             .scalar_subquery())
-        now = utcnow()
         changed = uow.session.execute(
             update(Desktop)
             .where(Desktop.id == first_free, Desktop.state == S.READY.value,
-                   Desktop.assigned_user.is_(None))
+                   Desktop.assigned_user.is_(None), unleased)
             .values(state=S.RESERVED.value, assigned_user=user, reserved_at=now,
                     state_changed_at=now, task=None, last_error=None,
                     console_connections=0, disconnected_at=None, idle_since=None,

@@ -90,6 +90,14 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+# The states a desktop may be in while a step that started in the key state still runs: a
+# failure there is the step's. A desktop past them finished its step and is left alone.
+_STEP_PATHS: dict[DesktopState, frozenset[DesktopState]] = {
+    S.PROVISIONING: frozenset({S.PROVISIONING, S.CUSTOMIZING}),
+    S.ERROR: frozenset({S.ERROR, S.RETIRING}),  # a failed pool desktop being retired
+}
+
+
 class Reconciler:
     def __init__(
         self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float = 240.0,
@@ -324,6 +332,12 @@ class Reconciler:
             except NotFound:
                 return
             current = S(desktop.state)
+            if current is not S.ERROR and current not in _STEP_PATHS.get(state, {state}):
+                # The step got the desktop past its own states before it failed (e.g. at
+                # giving back its host slot): a user may hold it now. Not ours to fail.
+                log.warning("desktop %s: %s after it went on to %s", desktop_id, reason,
+                            current.value)
+                return
             if current is not S.ERROR:
                 try:
                     transition(uow.desktops, desktop_id, current, S.ERROR, last_error=reason)
