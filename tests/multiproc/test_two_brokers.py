@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.hosts import HostService
 from deskpool.lifecycle.pools import PoolService
 from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.store.access_models import Event
 from deskpool.store.models import Desktop
 
 USERS, SPARE, MAX = 48, 24, 64
@@ -195,6 +197,8 @@ def test_two_brokers_share_a_logon_storm_and_survive_one_being_killed(
     with ctx.uow(read_only=True) as uow:
         held = uow.session.execute(select(Desktop.id, Desktop.assigned_user).where(
             Desktop.state.in_(("reserved", "in_use", "idle")))).all()
+    lost = set(handed) - {str(d) for d, _u in held}
+    assert not lost, f"handed desktops no longer held: {_explain(ctx, lost)}"
     assert sorted(str(d) for d, _u in held) == sorted(handed)
     assert len({u for _d, u in held}) == USERS
 
@@ -204,6 +208,19 @@ def test_two_brokers_share_a_logon_storm_and_survive_one_being_killed(
              f"{wanted} ready desktops and nothing stuck after A's death")
     print(f"{USERS} users served by 2 brokers, A killed after {USERS // 3}; "
           f"{failed_over} calls failed over to B")
+
+
+def _explain(ctx: ServiceContext, desktop_ids: set[str]) -> list[str]:
+    """Each desktop's row and events, for a failure message."""
+    ids = [uuid.UUID(d) for d in desktop_ids]
+    with ctx.uow(read_only=True) as uow:
+        rows = uow.session.execute(select(
+            Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user, Desktop.last_error
+        ).where(Desktop.id.in_(ids))).all()
+        events = uow.session.execute(select(Event.desktop_id, Event.kind, Event.message).where(
+            Event.desktop_id.in_(ids)).order_by(Event.id)).all()
+    return [f"{r.name} {r.state} user={r.assigned_user} error={r.last_error} events=" + "; ".join(
+        f"{e.kind}: {e.message}" for e in events if e.desktop_id == r.id) for r in rows]
 
 
 def _stuck(ctx: ServiceContext) -> bool:
