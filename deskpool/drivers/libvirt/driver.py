@@ -329,8 +329,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             return self._create_instant(spec)
         with self._lock:
             self._refuse_duplicate(spec)
-            for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
-                self.delete_volume(leftover)
+            self._delete_leftover_volumes(spec.vm_id)
             base = self._volume(spec.base_volume)
             if base is None:
                 raise NotFound(f"base volume {spec.base_volume} is not on host {self.uri}")
@@ -344,6 +343,15 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             # Just defined, from this spec: no need to ask libvirt what it is.
             return VmRecord(vm_id=spec.vm_id, name=spec.name, power_state=PowerState.SHUTOFF,
                             metadata=spec.metadata)
+
+    def _delete_leftover_volumes(self, vm_id: uuid.UUID) -> None:
+        """A crash's leftovers: no VM owns them (its id is not defined). Where this process
+        sees the pool's directory, a name without a file there has no volume: no need to ask
+        libvirt about each (three round trips on every create)."""
+        local_dir = self._overlays.local_dir
+        for name in owned_volume_names(vm_id):
+            if local_dir is None or (local_dir / name).exists():
+                self.delete_volume(name)
 
     def _refuse_duplicate(self, spec: VmSpec) -> None:
         for lookup, key in ((self._conn.lookupByUUIDString, str(spec.vm_id)),
