@@ -106,10 +106,7 @@ def console(
     machine, through the broker's console proxy. A private CA for a TLS broker goes in
     SSL_CERT_FILE."""
     saved = _saved()
-    found = [d for d in _call("GET", "/api/v1/desktops") if desktop in (d["name"], d["id"])]
-    if not found:
-        raise NotFound(f"you hold no desktop named {desktop!r}: see 'deskpool client desktops'")
-    desktop_id, name = found[0]["id"], found[0]["name"]
+    desktop_id, name = _my_desktop(desktop)
 
     def open_console() -> ClientConnection:
         ticket = _call("POST", f"/api/v1/desktops/{desktop_id}/console")
@@ -129,9 +126,18 @@ def console(
 
 
 @client_app.command("logoff")
-def logoff(desktop_id: str) -> None:
+def logoff(desktop: Annotated[str, typer.Argument(help="your desktop's name or id")]) -> None:
+    desktop_id, name = _my_desktop(desktop)
     answer = _call("POST", f"/api/v1/desktops/{desktop_id}/logoff")
-    out.print(f"logged off; the desktop is now {answer['state']}")
+    out.print(f"logged off {name}; the desktop is now {answer['state']}")
+
+
+def _my_desktop(desktop: str) -> tuple[str, str]:
+    """The id and name of the caller's desktop called ``desktop`` (its name or its id)."""
+    found = [d for d in _call("GET", "/api/v1/desktops") if desktop in (d["name"], d["id"])]
+    if not found:
+        raise NotFound(f"you hold no desktop named {desktop!r}: see 'deskpool client desktops'")
+    return found[0]["id"], found[0]["name"]
 
 
 @client_app.command("logons")

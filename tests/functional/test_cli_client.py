@@ -48,10 +48,11 @@ def test_cli_signs_in_connects_and_logs_off_through_the_api(world: BrokerWorld) 
         assert len(held) == 1
         listed = runner.invoke(app, ["client", "desktops"], terminal_width=200)
         assert held[0].name in listed.output
-        off = runner.invoke(app, ["client", "logoff", str(held[0].id)])
-        assert off.exit_code == 0 and "recycling" in off.output
+        off = runner.invoke(app, ["client", "logoff", held[0].name])  # by name, as listed
+        assert off.exit_code == 0, off.output
+        assert f"logged off {held[0].name}" in off.output and "recycling" in off.output
         refused = runner.invoke(app, ["client", "connect", "nope"])
         assert refused.exit_code != 0
         assert "no pool named 'nope'" in str(refused.exception)
-        garbled = runner.invoke(app, ["client", "logoff", "not-an-id"])
-        assert "desktop_id" in str(garbled.exception)
+        garbled = runner.invoke(app, ["client", "logoff", "not-mine"])
+        assert "you hold no desktop named 'not-mine'" in str(garbled.exception)
