@@ -63,6 +63,9 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     try:
         uvicorn.run(create_app(ctx, console_ws_port=console_port), host=host, port=port,
                     log_level="warning", timeout_graceful_shutdown=5,
+                    # The app has no start-up or shut-down hooks; with uvicorn's lifespan
+                    # task on, a Ctrl-C could log that task's cancellation as a traceback.
+                    lifespan="off",
                     ssl_certfile=str(tls.cert) if tls else None,
                     ssl_keyfile=str(tls.key) if tls else None)
     finally:
