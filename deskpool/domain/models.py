@@ -62,6 +62,9 @@ class VmMetadata:
     desktop_id: uuid.UUID
     desktop_name: str
     template_version_id: uuid.UUID | None = None
+    # The deskpool deployment (database) that made it: another deployment's brokers sharing
+    # the host leave it alone. None on VMs made before deployments were told apart.
+    installation_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)

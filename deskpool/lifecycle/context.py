@@ -13,6 +13,7 @@ from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.store.db import UnitOfWork, make_engine, make_session_factory, upgrade_to_head
 from deskpool.store.models import Host
+from deskpool.store.repositories import installation_id
 
 
 class ServiceContext:
@@ -30,6 +31,17 @@ class ServiceContext:
         self.session_factory = session_factory
         self._drivers: dict[uuid.UUID, HypervisorDriver] = {}
         self._lock = threading.Lock()
+        self._installation_id: uuid.UUID | None = None
+
+    @property
+    def installation_id(self) -> uuid.UUID:
+        """This deployment's id, written into every VM it makes (read once per process)."""
+        if self._installation_id is None:
+            with self.uow() as uow:
+                found = installation_id(uow.session)
+                uow.commit()
+            self._installation_id = found
+        return self._installation_id
 
     def uow(self, *, read_only: bool = False) -> UnitOfWork:
         return UnitOfWork(self.session_factory, read_only=read_only)

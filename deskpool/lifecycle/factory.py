@@ -154,7 +154,8 @@ class DesktopFactory:
                 spec = VmSpec(
                     vm_id=desktop.id, name=desktop.name, base_volume=state.disk_volume,
                     clone_mode=CloneMode.INSTANT, mac=desktop.mac,
-                    metadata=VmMetadata(desktop.id, desktop.name, tv.id),
+                    metadata=VmMetadata(desktop.id, desktop.name, tv.id,
+                                        self.ctx.installation_id),
                     memory_state_volume=state.memory_volume, domain_type=domain_type,
                 )
             else:
@@ -199,7 +200,7 @@ class DesktopFactory:
         return VmSpec(
             vm_id=desktop.id, name=desktop.name, base_volume=disk_vol,
             clone_mode=desktop.clone_mode, mac=desktop.mac,
-            metadata=VmMetadata(desktop.id, desktop.name, tv.id),
+            metadata=VmMetadata(desktop.id, desktop.name, tv.id, self.ctx.installation_id),
             vcpus=tv.vcpus, memory_mib=tv.memory_mib, domain_type=domain_type,
             direct_boot=boot,
             identity_text=(identity.to_guest_text()

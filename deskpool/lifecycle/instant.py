@@ -70,8 +70,7 @@ class InstantCloneService:
             uow.commit()
         return disk_volume, memory_volume
 
-    @staticmethod
-    def _template_spec(driver: HypervisorDriver, tv: TemplateVersion,
+    def _template_spec(self, driver: HypervisorDriver, tv: TemplateVersion,
                        domain_type: DomainType, template: str) -> VmSpec:
         disk_vol, boot = copy_version_to_host(driver, tv)
         vm_id = uuid.uuid4()
@@ -80,7 +79,7 @@ class InstantCloneService:
         return VmSpec(
             vm_id=vm_id, name=f"{name}-{vm_id.hex[:6]}", base_volume=disk_vol,
             clone_mode=CloneMode.LINKED, mac=identity.mac,
-            metadata=VmMetadata(vm_id, name, tv.id), vcpus=tv.vcpus,
+            metadata=VmMetadata(vm_id, name, tv.id, self.ctx.installation_id), vcpus=tv.vcpus,
             memory_mib=tv.memory_mib, domain_type=domain_type, direct_boot=boot,
             identity_text=identity.to_guest_text(),
         )

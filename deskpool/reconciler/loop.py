@@ -177,9 +177,14 @@ class Reconciler:
     def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, DesktopSummary],
                        records: dict[uuid.UUID, VmRecord], report: PassReport) -> None:
         driver = self.ctx.driver_for(host)
+        ours = self.ctx.installation_id
         for vm_id, record in records.items():
-            if record.metadata is not None and vm_id not in desktops:
-                # Ours (it carries our metadata) but no row claims it: a crash's leftover.
+            meta = record.metadata
+            if (meta is not None and meta.installation_id in (ours, None)
+                    and vm_id not in desktops):
+                # Ours (our deployment's metadata; or a VM made before deployments were told
+                # apart) but no row claims it: a crash's leftover. Another deployment's VMs
+                # on a shared host are theirs to look after.
                 driver.delete_vm(vm_id)
                 report.count("orphans_removed")
         for desktop in desktops.values():

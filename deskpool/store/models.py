@@ -110,6 +110,18 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UtcDateTime(), uuid.UUID: Uuid()}
 
 
+class Installation(Base):
+    """This deskpool deployment: one row, made with the database. Its id goes into every VM
+    deskpool makes, so the brokers of another deployment sharing a host leave those VMs alone
+    instead of taking them for a crash's leftovers."""
+
+    __tablename__ = "installation"
+
+    singleton: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    installation_id: Mapped[uuid.UUID] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Host(Base):
     """One hypervisor, reached through a libvirt URI."""
 

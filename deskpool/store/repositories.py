@@ -36,6 +36,7 @@ from deskpool.store.models import (
     Base,
     Desktop,
     Host,
+    Installation,
     MemoryState,
     Pool,
     Template,
@@ -435,3 +436,18 @@ class MemoryStateRepository(_Repository[MemoryState]):
     def for_version(self, version_id: uuid.UUID) -> builtins.list[MemoryState]:
         return builtins.list(self._session.scalars(
             select(MemoryState).where(MemoryState.version_id == version_id)))
+
+
+def installation_id(session: Session) -> uuid.UUID:
+    """This deployment's id (``Installation``), made by the migration that added it; made here
+    if the row is gone, so a damaged database still names its VMs consistently from now on."""
+    found = session.scalar(select(Installation.installation_id))
+    if found is not None:
+        return found
+    session.add(Installation(singleton=1, installation_id=uuid.uuid4()))
+    try:
+        session.flush()
+    except IntegrityError:  # another broker made it first: theirs it is
+        session.rollback()
+    made: uuid.UUID = session.scalars(select(Installation.installation_id)).one()
+    return made

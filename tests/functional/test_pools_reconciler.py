@@ -13,6 +13,7 @@ import pytest
 
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.identity import new_mac
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.drivers.agent import GuestAgent
@@ -164,16 +165,27 @@ def test_rollout_replaces_free_desktops_now_and_held_ones_as_users_leave(
 def test_unknown_deskpool_vm_is_removed_and_foreign_vm_left_alone(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
-    orphan = uuid.uuid4()
+    """Orphans of this deployment (and of versions that did not name deployments) go; VMs
+    of another deskpool deployment sharing the host, and VMs deskpool did not make, stay."""
     fake.import_volume("orphan-base", Path(next(iter(
         TemplateService(ctx).list_versions())).image_path))
-    fake.create_vm(VmSpec(vm_id=orphan, name="ghost", base_volume="orphan-base",
-                          clone_mode=CloneMode.LINKED, mac="52:54:00:00:00:99",
-                          metadata=VmMetadata(orphan, "ghost")))
+
+    def deskpool_vm(name: str, installation: uuid.UUID | None) -> uuid.UUID:
+        vm_id = uuid.uuid4()
+        fake.create_vm(VmSpec(vm_id=vm_id, name=name, base_volume="orphan-base",
+                              clone_mode=CloneMode.LINKED, mac=new_mac(),
+                              metadata=VmMetadata(vm_id, name, None, installation)))
+        return vm_id
+
+    orphan = deskpool_vm("ghost", ctx.installation_id)
+    older_orphan = deskpool_vm("older-ghost", None)
+    other_deployments = deskpool_vm("staging-001", uuid.uuid4())
     foreign = fake.add_foreign_vm("someone-elses")
     report = reconciler.run_pass()
     vm_ids = {vm.vm_id for vm in fake.list_vms()}
-    assert report.orphans_removed == 1 and orphan not in vm_ids and foreign in vm_ids
+    assert report.orphans_removed == 2
+    assert orphan not in vm_ids and older_orphan not in vm_ids
+    assert {foreign, other_deployments} <= vm_ids
 
 
 def test_vanished_vm_is_marked_then_replaced_after_backoff(

@@ -17,6 +17,7 @@ import pytest
 from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
 from deskpool.domain.models import CloneMode
 from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.libvirt.xml import METADATA_NS, parse_metadata
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.desktops import DesktopService
 from deskpool.lifecycle.hosts import HostService
@@ -61,6 +62,24 @@ def test_clones_are_ready_and_the_guest_hostname_equals_the_database(
             desktop.hostname, desktop.mac, desktop.machine_id)
     (host,) = HostService(real_ctx).list()
     assert host.domain_type in ("qemu", "kvm")  # resolved by the probe, recorded on the host
+
+
+def test_each_domain_names_the_desktop_and_this_deployment_in_its_metadata(
+    real_ctx: ServiceContext, desktops: list[DesktopView]
+) -> None:
+    """Read from libvirt directly: what a broker finds again after a crash, and what tells
+    another deployment sharing the host that these VMs are not its leftovers."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        for desktop in desktops:
+            dom = conn.lookupByUUIDString(str(desktop.id))
+            meta = parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                               METADATA_NS, 0))
+            assert meta is not None
+            assert (meta.desktop_id, meta.desktop_name, meta.installation_id) == (
+                desktop.id, desktop.name, real_ctx.installation_id)
+    finally:
+        conn.close()
 
 
 def test_two_clones_have_different_machine_ids_and_macs_inside_the_guest(

@@ -16,13 +16,14 @@ from deskpool.drivers.libvirt import xml
 GOLDEN = Path(__file__).parent / "golden"
 VM_ID = uuid.UUID("11111111-2222-3333-4444-555555555555")
 VERSION_ID = uuid.UUID("99999999-8888-7777-6666-555555555555")
+INSTALLATION_ID = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
 
 
 def _definition(**overrides: object) -> xml.DomainDefinition:
     identity = DesktopIdentity(VM_ID, "lab-001", "52:54:00:aa:bb:cc", "0" * 31 + "1")
     fields: dict[str, object] = dict(
         domain_type="qemu", name="lab-001", uuid=VM_ID, memory_mib=768, vcpus=2,
-        metadata=VmMetadata(VM_ID, "lab-001", VERSION_ID),
+        metadata=VmMetadata(VM_ID, "lab-001", VERSION_ID, INSTALLATION_ID),
         disks=(xml.DiskDevice("/pool/root.qcow2", "vda"),
                xml.DiskDevice("/pool/seed.img", "vdb", format="raw", readonly=True)),
         interface=xml.NetworkInterface("52:54:00:aa:bb:cc"),
@@ -66,11 +67,13 @@ def test_values_are_escaped_not_interpolated() -> None:
 
 
 def test_metadata_round_trips_namespaced_and_stripped() -> None:
-    meta = VmMetadata(VM_ID, "lab-001", VERSION_ID)
+    meta = VmMetadata(VM_ID, "lab-001", VERSION_ID, INSTALLATION_ID)
     assert xml.parse_metadata(xml.metadata_xml(meta)) == meta
     stripped = (f"<vm><desktop-id>{VM_ID}</desktop-id><desktop-name>lab-001</desktop-name>"
-                "</vm>")
-    assert xml.parse_metadata(stripped) == VmMetadata(VM_ID, "lab-001", None)
+                f"<installation-id>{INSTALLATION_ID}</installation-id></vm>")
+    assert xml.parse_metadata(stripped) == VmMetadata(VM_ID, "lab-001", None, INSTALLATION_ID)
+    older = f"<vm><desktop-id>{VM_ID}</desktop-id><desktop-name>lab-001</desktop-name></vm>"
+    assert xml.parse_metadata(older) == VmMetadata(VM_ID, "lab-001", None, None)
     assert xml.parse_metadata("<vm><desktop-id>not-a-uuid</desktop-id></vm>") is None
     assert xml.parse_metadata("not xml") is None
 

@@ -11,7 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, select
 
 from deskpool.store import (
     Base,
@@ -22,12 +22,14 @@ from deskpool.store import (
     make_engine,
     upgrade_to_head,
 )
-from deskpool.store.db import MIGRATIONS_DIR
+from deskpool.store.db import MIGRATIONS_DIR, make_session_factory
+from deskpool.store.models import Installation
+from deskpool.store.repositories import installation_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"hosts", "templates", "template_versions", "desktops", "pools", "memory_states",
           "users", "groups", "group_members", "entitlements", "auth_tokens", "console_tokens",
-          "events", "logons", "pool_hosts", "host_slots"}
+          "events", "logons", "pool_hosts", "host_slots", "installation"}
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_the_schema_comparison_does_notice_a_difference(engine: Engine) -> None:
 def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert current_revision(engine) is None
     upgrade_to_head(engine)
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
     assert _tables(engine) == TABLES | {"alembic_version"}
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("desktops")}
     assert {"ix_desktops_state", "ix_desktops_host_id", "uq_desktops_held_by_user"} <= indexes
@@ -74,17 +76,33 @@ def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert _tables(engine) == {"alembic_version"}
 
     upgrade_to_head(engine)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     assert _schema_diff(engine) == []
     upgrade_to_head(engine)  # at head already: nothing to do, no error
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
 
 
 def test_upgrade_from_a_url_creates_the_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh' / 'deskpool.db'}"
     upgrade_to_head(url)
-    assert current_revision(url) == "0006"
+    assert current_revision(url) == "0007"
     assert (tmp_path / "fresh" / "deskpool.db").is_file()
+
+
+def test_each_database_gets_its_own_installation_id_once(tmp_path: Path) -> None:
+    ids = []
+    for name in ("one", "two"):
+        url = f"sqlite:///{tmp_path / name / 'deskpool.db'}"
+        upgrade_to_head(url)
+        engine = make_engine(url)
+        try:
+            with make_session_factory(engine)() as session:
+                ids.append(installation_id(session))
+                assert installation_id(session) == ids[-1]  # read, not made again
+                assert len(session.scalars(select(Installation)).all()) == 1
+        finally:
+            engine.dispose()
+    assert ids[0] != ids[1]
 
 
 def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
@@ -97,9 +115,9 @@ def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
 
 def test_one_linear_history_with_a_single_head() -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
-    assert scripts.get_heads() == ["0006"]
+    assert scripts.get_heads() == ["0007"]
     assert [rev.revision for rev in scripts.walk_revisions()] == [
-        "0006", "0005", "0004", "0003", "0002", "0001"]
+        "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
 
 
 def test_migrations_ship_as_package_data() -> None:

@@ -41,6 +41,8 @@ def metadata_element(meta: VmMetadata) -> ET.Element:
     _sub(root, f"{{{METADATA_NS}}}desktop-name", meta.desktop_name)
     if meta.template_version_id is not None:
         _sub(root, f"{{{METADATA_NS}}}template-version-id", str(meta.template_version_id))
+    if meta.installation_id is not None:
+        _sub(root, f"{{{METADATA_NS}}}installation-id", str(meta.installation_id))
     return root
 
 
@@ -61,12 +63,13 @@ def parse_metadata(text: str) -> VmMetadata | None:
     desktop_id, name = fields.get("desktop-id"), fields.get("desktop-name")
     if not desktop_id or name is None:
         return None
-    version = fields.get("template-version-id")
+    version, installation = fields.get("template-version-id"), fields.get("installation-id")
     try:
         return VmMetadata(
             desktop_id=uuid.UUID(desktop_id),
             desktop_name=name,
             template_version_id=uuid.UUID(version) if version else None,
+            installation_id=uuid.UUID(installation) if installation else None,
         )
     except ValueError:
         return None
