@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.records import RecordWriter
@@ -167,9 +168,12 @@ class Broker:
                         user_name=identity.name, pool_name=look.pool,
                         desktop_id=claim.desktop_id, desktop_name=claim.desktop))
                 return claim
-            except Conflict:
-                # Another broker won the desktop, or this user's other request did: look
-                # again after a short, random pause so racing brokers fall out of step.
+            except (Conflict, DBAPIError) as exc:
+                if isinstance(exc, DBAPIError) and not _retryable(exc):
+                    raise
+                # Another broker won the desktop, or this user's other request did (or the
+                # database broke a deadlock between two claims): look again after a short,
+                # random pause so racing brokers fall out of step.
                 time.sleep(random.uniform(0, 0.02 * (retry + 1)))
         raise Unavailable(f"pool {pool_name!r} is too busy right now; please try again")
 
@@ -239,21 +243,19 @@ class Broker:
     def _take_free(uow: UnitOfWork, look: _Look, user: str) -> _Claim | None:
         """Reserve the first free ready desktop of the pool's current version, on an enabled
         host, for ``user``: one UPDATE whose subquery picks it (skipping rows other brokers
-        have locked, on PostgreSQL). A desktop a reconciler holds a lease on is not free: it
-        may be suspending or stopping it right now."""
-        now = utcnow()
-        unleased = or_(Desktop.lease_until.is_(None), Desktop.lease_until < now)
+        have locked, on PostgreSQL)."""
         first_free = (
             select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
                 Desktop.pool_id == look.pool_id, Desktop.state == S.READY.value,
                 Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
-                Desktop.template_version_id == look.version_id, unleased)
+                Desktop.template_version_id == look.version_id)
             .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
             .scalar_subquery())
+        now = utcnow()
         changed = uow.session.execute(
             update(Desktop)
             .where(Desktop.id == first_free, Desktop.state == S.READY.value,
-                   Desktop.assigned_user.is_(None), unleased)
+                   Desktop.assigned_user.is_(None))
             .values(state=S.RESERVED.value, assigned_user=user, reserved_at=now,
                     state_changed_at=now, task=None, last_error=None,
                     console_connections=0, disconnected_at=None, idle_since=None,
@@ -360,3 +362,8 @@ class Broker:
             Event(kind=f"logon-{outcome}", message=f"{identity.name} -> {pool_name}: {exc}",
                   severity="warning", user_name=identity.name, pool_name=pool_name))
 
+
+def _retryable(exc: DBAPIError) -> bool:
+    """PostgreSQL chose this transaction to break a deadlock, or to keep serializability:
+    the work is safe to run again (SQLSTATE 40P01, 40001)."""
+    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")

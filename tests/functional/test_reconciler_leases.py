@@ -8,15 +8,13 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
 from deskpool.broker.handover import Broker, Handover
-from deskpool.domain.models import PowerState
-from deskpool.domain.pools import PowerPolicy
 from deskpool.drivers.fake import FakeDriver
 from deskpool.lifecycle.context import ServiceContext
 from deskpool.lifecycle.pools import PoolService
@@ -185,31 +183,6 @@ def test_leases_make_others_skip_until_they_expire(grid: Grid) -> None:
     assert states == {"lazy-01": "provisioning", "lazy-02": "ready",
                       "spares-01": "ready", "spares-02": "ready"}
     assert counts[made["bob"]] == 1 and made["alice"] not in counts
-
-
-def test_a_desktop_being_powered_down_is_not_handed_out_meanwhile(grid: Grid) -> None:
-    """The reconciler suspends an idle spare under its lease: a logon in that moment gets
-    another answer, never the desktop that is about to sleep under the user."""
-    fake = grid.host("a")
-    grid.pool("lab", spare=1, max_size=2, power_policy=PowerPolicy.SUSPEND)
-    grid.world.user("alice", entitled_to=("lab",))
-    grid.clock.now = datetime.now(UTC)  # the broker reads leases against the real time
-    reconciler = grid.reconciler()
-    assert reconciler.run_pass().readied == 1
-    (spare,) = grid.rows().values()
-    answers: list[Handover] = []
-    suspend: Callable[..., Any] = fake.suspend_vm
-
-    def suspend_while_alice_logs_on(vm_id: uuid.UUID) -> None:
-        answers.append(Broker(grid.ctx).connect(person("alice"), "lab"))
-        suspend(vm_id)
-
-    fake.suspend_vm = suspend_while_alice_logs_on  # type: ignore[method-assign]
-    report = reconciler.run_pass()
-    assert report.errors == [] and report.power_changes == 1
-    assert answers[0].status == "pending" and answers[0].desktop_id != spare.id
-    assert fake.get_vm(spare.id).power_state is PowerState.SAVED
-    assert grid.rows()[spare.name].state == "ready" and grid.rows()[spare.name].user is None
 
 
 def test_a_step_failing_after_its_desktop_went_to_a_user_leaves_it_with_the_user(
