@@ -30,6 +30,10 @@ class RecordWriter:
         self.interval_s = interval_s
         self._pending: list[Base] = []
         self._lock = threading.Lock()
+        # Held from taking the pending rows to their commit: a flush that finds nothing
+        # pending still waits for a write in progress (an admin page reading right after a
+        # refusal must see it).
+        self._writing = threading.Lock()
         self._timer: threading.Timer | None = None
 
     def add(self, *rows: Base) -> None:
@@ -44,6 +48,10 @@ class RecordWriter:
 
     def flush(self) -> None:
         """Write everything pending now (admin pages call this before they read)."""
+        with self._writing:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
         with self._lock:
             rows, self._pending = self._pending, []
             self._timer = None
