@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from deskpool.cli.broker import grant_command, serve_command, user_app
@@ -197,8 +198,20 @@ def run() -> None:
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:
+        if isinstance(exc, ValidationError) and exc.title == "Settings":  # a DESKPOOL_* value
+            err.print(f"[red]error:[/] {_bad_settings(exc)}", highlight=False, soft_wrap=True)
+            sys.exit(1)
         if os.environ.get("DESKPOOL_DEBUG"):
             raise
         err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
                   "(DESKPOOL_DEBUG=1 shows the trace)", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def _bad_settings(exc: ValidationError) -> str:
+    """One line naming each bad environment variable, what it holds and what was wrong."""
+    problems = []
+    for e in exc.errors():
+        name = "DESKPOOL_" + "_".join(str(part) for part in e["loc"]).upper()
+        problems.append(f"{name}={e.get('input')!r}: {e['msg'].lower()}")
+    return "bad setting " + "; ".join(problems)

@@ -13,8 +13,8 @@ import pytest
 DESKPOOL = Path(sys.executable).parent / "deskpool"
 
 
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DESKPOOL_DATA_DIR": str(tmp_path / "data")}
+def run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DESKPOOL_DATA_DIR": str(tmp_path / "data"), **settings}
     env.pop("DESKPOOL_DEBUG", None)
     return subprocess.run([str(DESKPOOL), *args], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
@@ -43,6 +43,22 @@ def test_bad_input_is_one_line_naming_the_problem(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and needle in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "needle"), [
+    ("DESKPOOL_LEASE_S", "0", "DESKPOOL_LEASE_S='0': input should be greater than 0"),
+    ("DESKPOOL_READY_TIMEOUT_S", "soon", "DESKPOOL_READY_TIMEOUT_S='soon': input should be a "
+     "valid number"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    tmp_path: Path, name: str, value: str, needle: str
+) -> None:
+    result = run(tmp_path, "pool", "list", **{name: value})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: bad setting "), result.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "data").exists()  # nothing was made with the bad setting
 
 
 def test_publish_then_list_shows_the_version(tmp_path: Path) -> None:
