@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,7 +35,9 @@ class Settings(BaseSettings):
     timers_interval_s: float = 2.0
     ready_timeout_s: float = 240.0
     host_down_after_s: float = 60.0  # a host silent this long is marked down
-    lease_s: float | None = None  # how long a broker owns a step (default: ready timeout + 5 min)
+    # A broker's claim on a desktop's or pool's work, renewed while it works: how soon the
+    # others take over from a broker that died.
+    lease_s: float = Field(default=30.0, gt=0)
     # An LDAP / Active Directory to sign users in with (besides local users), when set.
     ldap_url: str | None = None
     ldap_bind_dn: str | None = None

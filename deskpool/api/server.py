@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
 import uvicorn
 
@@ -39,10 +38,7 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     settings = ctx.settings
-    reconciler = Reconciler(
-        ctx, workers=workers, ready_timeout_s=settings.ready_timeout_s,
-        host_down_after=timedelta(seconds=settings.host_down_after_s),
-        lease=timedelta(seconds=settings.lease_s) if settings.lease_s else None)
+    reconciler = Reconciler.from_settings(ctx, workers=workers)
     tls = tls_files(settings)  # a wrong file stops the broker here, before anything runs
     log.info("broker %s starting on %s://%s:%s", reconciler.owner,
              "https" if tls else "http", host, port)

@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from deskpool.lifecycle.context import ServiceContext
+from deskpool.lifecycle.renewal import renewed_while_running
 from deskpool.store.slots import release_host_slot, renew_host_slot, take_host_slot
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def host_slot(
     """Wait for one of the host's ``limit`` slots of ``kind``, hold it while the block runs.
 
     Yields the slot's number. Waiting polls the database with a growing, jittered delay (up to
-    ``POLL_S``); holding renews the slot every third of ``hold_for`` from a helper thread.
+    ``POLL_S``); holding renews the slot every third of ``hold_for`` (``renewed_while_running``).
     """
     now_of = clock or (lambda: datetime.now(UTC))
     who = holder or process_holder()
@@ -59,15 +59,20 @@ def host_slot(
             break
         time.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(delay * 2, POLL_S)
-    done = threading.Event()
-    renewer = threading.Thread(target=_renew, name=f"{kind.value}-slot-{slot}", daemon=True,
-                               args=(ctx, host_id, kind, slot, who, hold_for, now_of, done))
-    renewer.start()
+    taken: int = slot
+
+    def renew() -> bool:
+        with ctx.uow() as uow:
+            kept = renew_host_slot(uow.session, host_id, kind.value, taken, who,
+                                   now_of() + hold_for)
+            uow.commit()
+        return kept
+
     try:
-        yield slot
+        with renewed_while_running(renew, hold_for.total_seconds() / 3,
+                                   f"{kind.value} slot {slot} of host {host_id}"):
+            yield slot
     finally:
-        done.set()
-        renewer.join()
         try:
             with ctx.uow() as uow:
                 release_host_slot(uow.session, host_id, kind.value, slot, who)
@@ -76,20 +81,3 @@ def host_slot(
             log.warning("could not give back %s slot %s of host %s; it frees itself within %s",
                         kind.value, slot, host_id, hold_for, exc_info=True)
 
-
-def _renew(ctx: ServiceContext, host_id: uuid.UUID, kind: SlotKind, slot: int, who: str,
-           hold_for: timedelta, now_of: Callable[[], datetime], done: threading.Event) -> None:
-    while not done.wait(hold_for.total_seconds() / 3):
-        try:
-            with ctx.uow() as uow:
-                kept = renew_host_slot(uow.session, host_id, kind.value, slot, who,
-                                       now_of() + hold_for)
-                uow.commit()
-        except Exception:  # a database hiccup: try again at the next tick
-            log.warning("could not renew %s slot %s of host %s", kind.value, slot, host_id,
-                        exc_info=True)
-            continue
-        if not kept:  # it expired and another broker took it: the work goes on, say so
-            log.warning("lost %s slot %s of host %s to another broker", kind.value, slot,
-                        host_id)
-            return

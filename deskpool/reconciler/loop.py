@@ -31,17 +31,25 @@ from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
 from deskpool.lifecycle.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.lifecycle.placement import Placer
 from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
+from deskpool.lifecycle.renewal import renewed_while_running
 from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
 from deskpool.scheduler.placement import NoValidHost
 from deskpool.store.models import Desktop, Host, Pool
-from deskpool.store.repositories import DesktopSummary, release_lease, take_lease
+from deskpool.store.repositories import (
+    DesktopSummary,
+    release_lease,
+    renew_lease,
+    take_lease,
+)
 
 log = logging.getLogger(__name__)
 S = DesktopState
 MAX_BACKOFF = timedelta(minutes=10)
-POOL_LEASE = timedelta(seconds=60)  # planning a pool takes well under a second
+# How long a broker's claim on a desktop or pool lasts unless renewed; it is renewed while
+# the step runs, so this is how soon others take over the work of a broker that died.
+LEASE = timedelta(seconds=30)
 
 
 def backoff(retries: int) -> timedelta:
@@ -111,10 +119,18 @@ class Reconciler:
         self.provisioning_per_host = provisioning_per_host
         self.clock = clock or (lambda: datetime.now(UTC))
         self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after)
-        # Several brokers share the work through leases on pools and desktops; a lease
-        # outlives the longest step, so a live broker never loses one mid-step.
+        # Several brokers share the work through leases on pools and desktops, renewed while
+        # a step runs (a live broker keeps its lease however long the step takes).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease = lease or timedelta(seconds=ready_timeout_s + 300)
+        self.lease = lease or LEASE
+
+    @classmethod
+    def from_settings(cls, ctx: ServiceContext, *, workers: int = 4) -> Reconciler:
+        """The broker's reconciler, tuned by the deployment's settings."""
+        settings = ctx.settings
+        return cls(ctx, workers=workers, ready_timeout_s=settings.ready_timeout_s,
+                   host_down_after=timedelta(seconds=settings.host_down_after_s),
+                   lease=timedelta(seconds=settings.lease_s))
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -222,14 +238,9 @@ class Reconciler:
         with self.ctx.uow() as uow:
             pool_ids = [p.id for p in uow.pools.list()]
         for pool_id in pool_ids:
-            if not self._lease(Pool, pool_id, POOL_LEASE):
-                continue  # another broker plans this pool now
-            try:
-                self._plan_pool(pool_id, now, report, reachable)
-            finally:
-                with self.ctx.uow() as uow:
-                    release_lease(uow.session, Pool, pool_id, self.owner)
-                    uow.commit()
+            with self._leased(Pool, pool_id) as mine:
+                if mine:  # else another broker plans this pool now
+                    self._plan_pool(pool_id, now, report, reachable)
 
     def _plan_pool(self, pool_id: uuid.UUID, now: datetime, report: PassReport,
                    reachable: set[uuid.UUID]) -> None:
@@ -305,30 +316,46 @@ class Reconciler:
                work: Action) -> None:
         """Run one desktop's step under this broker's lease on it (another broker's live
         lease means it is working on it: skip); a failure is recorded with a backoff."""
-        if not self._lease(Desktop, desktop_id):
-            return
-        try:
-            with self.ctx.uow(read_only=True) as uow:
-                current = uow.desktops.find(desktop_id)
-                if current is None or current.state != state.value:
-                    return  # another broker did this step after we looked: nothing to do
-            work()
-        except Exception as exc:  # any failure: record it, never stop the pass
-            report.error(f"desktop {desktop_id}: {exc}")
-            self._fail(desktop_id, state, str(exc))
-        finally:
-            with self.ctx.uow() as uow:
-                release_lease(uow.session, Desktop, desktop_id, self.owner)
-                uow.commit()
+        with self._leased(Desktop, desktop_id) as mine:
+            if not mine:
+                return
+            try:
+                with self.ctx.uow(read_only=True) as uow:
+                    current = uow.desktops.find(desktop_id)
+                    if current is None or current.state != state.value:
+                        return  # another broker did this step after we looked: nothing to do
+                work()
+            except Exception as exc:  # any failure: record it, never stop the pass
+                report.error(f"desktop {desktop_id}: {exc}")
+                self._fail(desktop_id, state, str(exc))
 
-    def _lease(self, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
-               duration: timedelta | None = None) -> bool:
+    @contextmanager
+    def _leased(self, model: type[Desktop] | type[Pool], row_id: uuid.UUID) -> Iterator[bool]:
+        """Whether this broker got the row's lease (no one else holds a live one); if so it
+        is renewed while the block runs and given back after."""
         now = self.clock()
         with self.ctx.uow() as uow:
-            taken = take_lease(uow.session, model, row_id, self.owner,
-                               now + (duration or self.lease), now)
+            mine = take_lease(uow.session, model, row_id, self.owner, now + self.lease, now)
             uow.commit()
-        return taken
+        if not mine:
+            yield False
+            return
+
+        def renew() -> bool:
+            with self.ctx.uow() as uow:
+                kept = renew_lease(uow.session, model, row_id, self.owner,
+                                   self.clock() + self.lease)
+                uow.commit()
+            return kept
+
+        try:
+            with renewed_while_running(renew, self.lease.total_seconds() / 3,
+                                       f"lease on {model.__tablename__} {row_id}"):
+                yield True
+        finally:
+            with self.ctx.uow() as uow:
+                release_lease(uow.session, model, row_id, self.owner)
+                uow.commit()
 
     def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str) -> None:
         with self.ctx.uow() as uow:

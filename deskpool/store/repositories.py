@@ -401,6 +401,19 @@ def take_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid
     return result.rowcount == 1
 
 
+def renew_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
+                owner: str, until: datetime) -> bool:
+    """Hold ``owner``'s lease longer; False if it lost it (it expired and another took it).
+
+    The desktop's ORM ``version`` is left alone on purpose: the lease is renewed underneath a
+    step that may hold the same row in its own session, and that step's writes must not go
+    stale for it."""
+    result = cast(CursorResult[Any], session.execute(
+        update(model).where(model.id == row_id, model.lease_owner == owner)
+        .values(lease_until=until).execution_options(synchronize_session=False)))
+    return result.rowcount == 1
+
+
 def release_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
                   owner: str) -> None:
     values: dict[str, Any] = {"lease_owner": None, "lease_until": None}

@@ -5,6 +5,7 @@ until it expires. (The grid itself is in ``test_host_grid.py``.)"""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -208,3 +209,45 @@ def test_a_step_failing_after_its_desktop_went_to_a_user_leaves_it_with_the_user
     assert answers[0].status == "ready"
     (row,) = grid.rows().values()
     assert (row.id, row.state, row.user) == (answers[0].desktop_id, "reserved", "alice")
+
+
+def test_a_working_broker_keeps_its_lease_past_the_lease_time_by_renewing_it(
+        grid: Grid, second_ctx: ServiceContext) -> None:
+    """Leases are short (a dead broker's work is taken over soon) and renewed while a step
+    runs, so a step longer than the lease is not done a second time by another broker."""
+    counts: Counter[uuid.UUID] = Counter()
+    lock = threading.Lock()
+    count_creates(grid.host("a"), counts, lock)
+    grid.pool("lab", spare=1, max_size=1)
+    lease = timedelta(seconds=0.3)  # renewed every 0.1 s (real time) while the step runs
+    first = grid.reconciler(lease=lease)
+    second = Reconciler(second_ctx, workers=4, ready_timeout_s=5, clock=grid.clock,
+                        host_down_after=GRACE, lease=lease)
+    provision: Callable[..., Any] = first.factory.provision
+    working, finish = threading.Event(), threading.Event()
+
+    def slow_provision(desktop_id: uuid.UUID) -> None:
+        working.set()
+        assert finish.wait(30)
+        provision(desktop_id)
+
+    first.factory.provision = slow_provision  # type: ignore[method-assign]
+    passes = [threading.Thread(target=first.run_pass)]
+    passes[0].start()
+    try:
+        assert working.wait(30)
+        grid.clock.now += timedelta(minutes=10)  # far past the lease as first written...
+        time.sleep(0.6)  # ...but the working broker renewed it since
+        with grid.ctx.uow(read_only=True) as uow:
+            (row,) = uow.pools.desktops(uow.pools.get_by_name("lab").id)
+            assert row.lease_owner == first.owner
+            assert row.lease_until is not None and row.lease_until > grid.clock.now
+        report = second.run_pass()
+        assert report.created == 0 and report.readied == 0 and counts == Counter()
+    finally:
+        finish.set()
+        passes[0].join(timeout=60)
+    (made,) = grid.rows().values()
+    assert made.state == "ready" and counts == Counter({made.id: 1})
+    with grid.ctx.uow(read_only=True) as uow:  # given back when the step ended
+        assert uow.desktops.get(made.id).lease_owner is None

@@ -71,7 +71,9 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Settings, LibvirtDriver]]:
 
 
 def _start_broker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DESKPOOL_DATA_DIR": str(settings.data_dir)}
+    # Short leases: a killed broker's claims on work run out between two rounds, so the next
+    # broker takes over what it left half done (leases are renewed while work runs).
+    env = {**os.environ, "DESKPOOL_DATA_DIR": str(settings.data_dir), "DESKPOOL_LEASE_S": "3"}
     return subprocess.Popen([str(DESKPOOL), "reconcile", "--loop", "--interval", "0.2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
