@@ -220,10 +220,14 @@ class Broker:
         if free is not None:
             return free
         pool = uow.pools.get(look.pool_id)
-        live = uow.session.execute(select(Desktop.state, Desktop.assigned_user).where(
-            Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
+        live = uow.session.execute(
+            select(Desktop.state, Desktop.assigned_user, Desktop.lease_until).where(
+                Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
         if len(live) >= pool.max_size:
-            if any(user is None and state in PREPARING_STATES for state, user in live):
+            now = utcnow()
+            if any(user is None and (state in PREPARING_STATES or (
+                    state == S.READY.value and lease is not None and lease >= now))
+                   for state, user, lease in live):
                 return _Claim(None, None, None, False, pending_message=(
                     "every desktop is taken or still being prepared; connect again in a "
                     "moment"))
@@ -243,19 +247,25 @@ class Broker:
     def _take_free(uow: UnitOfWork, look: _Look, user: str) -> _Claim | None:
         """Reserve the first free ready desktop of the pool's current version, on an enabled
         host, for ``user``: one UPDATE whose subquery picks it (skipping rows other brokers
-        have locked, on PostgreSQL)."""
+        have locked, on PostgreSQL).
+
+        A desktop under a reconciler's live lease is skipped: the reconciler may be suspending
+        or shutting it down (the pool's power policy) and would do so under the user. Leases
+        are short and renewed while work runs, so a dead broker's lease hides a desktop for
+        at most one lease time."""
+        now = utcnow()
+        unleased = Desktop.lease_until.is_(None) | (Desktop.lease_until < now)
         first_free = (
             select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
                 Desktop.pool_id == look.pool_id, Desktop.state == S.READY.value,
                 Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
-                Desktop.template_version_id == look.version_id)
+                Desktop.template_version_id == look.version_id, unleased)
             .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
             .scalar_subquery())
-        now = utcnow()
         changed = uow.session.execute(
             update(Desktop)
             .where(Desktop.id == first_free, Desktop.state == S.READY.value,
-                   Desktop.assigned_user.is_(None))
+                   Desktop.assigned_user.is_(None), unleased)
             .values(state=S.RESERVED.value, assigned_user=user, reserved_at=now,
                     state_changed_at=now, task=None, last_error=None,
                     console_connections=0, disconnected_at=None, idle_since=None,

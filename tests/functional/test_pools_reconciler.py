@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from deskpool.broker.handover import Handover
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput, NotFound
 from deskpool.domain.identity import new_mac
@@ -218,6 +219,42 @@ def test_power_state_follows_the_hypervisor_and_policy_applies(
     assert fake.get_vm(desktop.id).power_state is PowerState.SAVED
     reconciler.run_pass()  # the database learns it from the hypervisor
     assert DesktopService(ctx).get(desktop.name).power_state == "saved"
+
+
+@pytest.mark.parametrize("max_size", [1, 2])
+def test_a_spare_being_suspended_is_not_handed_to_a_user_meanwhile(
+    ctx: ServiceContext, fake: FakeDriver, max_size: int
+) -> None:
+    """The power policy suspends a free desktop while a user connects: the user must not get
+    it (it would be suspended under them). They are told to come back in a moment instead,
+    with a desktop made for them where the pool may grow, and never that the pool is full."""
+    users = PoolUsers(ctx, make_pool(ctx, spare=1, max_size=max_size,
+                                     power_policy=PowerPolicy.SUSPEND))
+    users.entitle("alice")
+    reconciler = Reconciler(ctx, workers=1, ready_timeout_s=5)  # the broker's own clock
+    reconciler.run_pass()  # the spare is made and ready, still running
+    (spare,) = desktops(ctx, "ready")
+    suspend = fake.suspend_vm
+    answers: list[Handover] = []
+
+    def suspend_while_alice_connects(vm_id: uuid.UUID) -> None:
+        answers.append(users.try_connect("alice"))
+        suspend(vm_id)
+
+    fake.suspend_vm = suspend_while_alice_connects  # type: ignore[method-assign]
+    report = reconciler.run_pass()
+    assert report.power_changes == 1 and report.errors == []
+    assert answers[0].status == "pending" and answers[0].desktop_id is None, answers[0]
+    assert "moment" in answers[0].message or "being made for you" in answers[0].message
+    with ctx.uow(read_only=True) as uow:
+        row = uow.desktops.get(spare.id)
+        assert (row.state, row.assigned_user) == ("ready", None)
+    assert fake.get_vm(spare.id).power_state is PowerState.SAVED
+    fake.suspend_vm = suspend  # type: ignore[method-assign]
+    # Once the suspend is done the desktop is free again: resumed and handed over.
+    if max_size == 1:
+        assert users.connect("alice") == spare.id
+        assert fake.get_vm(spare.id).power_state is PowerState.RUNNING
 
 
 def test_interrupted_provisioning_is_finished_from_the_row(
