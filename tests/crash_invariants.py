@@ -14,12 +14,16 @@ from deskpool.lifecycle.states import HAS_VM_STATES
 
 def check_invariants(settings: Settings, driver: HypervisorDriver, users: dict[str, uuid.UUID],
                      *, pool: str, spare: int, max_size: int) -> None:
-    """Every deskpool VM is known to the database, every desktop that should have a VM has
-    one, no user's desktop was lost, and the pool is at its wanted size, free ones ready."""
+    """Every VM of this deployment is known to the database, every desktop that should have a
+    VM has one, no user's desktop was lost, and the pool is at its wanted size, free ones ready.
+
+    Other deployments' VMs on a shared host (another broker's, a demo left defined) are theirs:
+    the reconciler leaves them alone, and so does this check."""
     ctx = ServiceContext(settings)
     try:
         rows = {d.id: d for d in DesktopService(ctx).list()}
-        ours = {vm.vm_id for vm in driver.list_vms() if vm.metadata is not None}
+        ours = {vm.vm_id for vm in driver.list_vms()
+                if vm.metadata is not None and vm.metadata.installation_id == ctx.installation_id}
         assert ours <= set(rows), f"VMs unknown to the database: {ours - set(rows)}"
         for row in rows.values():
             if row.state in HAS_VM_STATES:

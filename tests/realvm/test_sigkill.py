@@ -59,12 +59,13 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Settings, LibvirtDriver]]:
                                      naming_pattern="kill-{n:02}"))
     PoolUsers(ctx, "kill").entitle("ann", "bob")
     driver = LibvirtDriver("qemu:///system", storage_dir=tmp_path / "pool")
+    installation = ctx.installation_id
     ctx.close()
     try:
         yield settings, driver
     finally:
         for vm in driver.list_vms():
-            if vm.metadata is not None and vm.name.startswith("kill-"):
+            if vm.metadata is not None and vm.metadata.installation_id == installation:
                 driver.delete_vm(vm.vm_id)
         driver.close()
         remove_pool_of(tmp_path / "pool")
