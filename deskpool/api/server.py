@@ -38,7 +38,7 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     settings = ctx.settings
-    reconciler = Reconciler.from_settings(ctx, workers=workers)
+    reconciler = Reconciler(ctx, workers=workers)
     tls = tls_files(settings)  # a wrong file stops the broker here, before anything runs
     log.info("broker %s starting on %s://%s:%s", reconciler.owner,
              "https" if tls else "http", host, port)

@@ -98,7 +98,7 @@ def reconcile(
 ) -> None:
     """Run one reconcile pass (or keep running them): pool sizes, recycle, retire, power."""
     with services() as ctx:
-        reconciler = Reconciler.from_settings(ctx)
+        reconciler = Reconciler(ctx)
         if not loop:
             _print_report(reconciler.run_pass())
             return

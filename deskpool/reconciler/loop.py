@@ -47,9 +47,6 @@ from deskpool.store.repositories import (
 log = logging.getLogger(__name__)
 S = DesktopState
 MAX_BACKOFF = timedelta(minutes=10)
-# How long a broker's claim on a desktop or pool lasts unless renewed; it is renewed while
-# the step runs, so this is how soon others take over the work of a broker that died.
-LEASE = timedelta(seconds=30)
 
 
 def backoff(retries: int) -> timedelta:
@@ -107,30 +104,28 @@ _STEP_PATHS: dict[DesktopState, frozenset[DesktopState]] = {
 
 
 class Reconciler:
+    """Timings left out come from the deployment's settings (``ctx.settings``)."""
+
     def __init__(
-        self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float = 240.0,
+        self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float | None = None,
         provisioning_per_host: int = 2, clock: Callable[[], datetime] | None = None,
-        host_down_after: timedelta = timedelta(seconds=60), lease: timedelta | None = None,
+        host_down_after: timedelta | None = None, lease: timedelta | None = None,
     ) -> None:
+        settings = ctx.settings
         self.ctx = ctx
         self.factory = DesktopFactory(ctx)
         self.workers = workers
-        self.ready_timeout_s = ready_timeout_s
+        self.ready_timeout_s = (settings.ready_timeout_s if ready_timeout_s is None
+                                else ready_timeout_s)
         self.provisioning_per_host = provisioning_per_host
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after)
+        self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after
+                               or timedelta(seconds=settings.host_down_after_s))
         # Several brokers share the work through leases on pools and desktops, renewed while
-        # a step runs (a live broker keeps its lease however long the step takes).
+        # a step runs (a live broker keeps its lease however long the step takes); the lease
+        # time is how soon others take over the work of a broker that died.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease = lease or LEASE
-
-    @classmethod
-    def from_settings(cls, ctx: ServiceContext, *, workers: int = 4) -> Reconciler:
-        """The broker's reconciler, tuned by the deployment's settings."""
-        settings = ctx.settings
-        return cls(ctx, workers=workers, ready_timeout_s=settings.ready_timeout_s,
-                   host_down_after=timedelta(seconds=settings.host_down_after_s),
-                   lease=timedelta(seconds=settings.lease_s))
+        self.lease = lease or timedelta(seconds=settings.lease_s)
 
     # --- the pass --------------------------------------------------------------------------
 
