@@ -22,11 +22,11 @@ from deskpool.config import Settings
 from deskpool.domain.models import CloneMode
 from deskpool.drivers.libvirt import LibvirtDriver
 from deskpool.images.builder import build_guest_image
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.instant import InstantCloneService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.hosts import HostService
+from deskpool.services.instant import InstantCloneService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 
 def timed_create(desktops: DesktopService, mode: CloneMode) -> float:

@@ -48,12 +48,12 @@ from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.states import HELD_STATES
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.domain.states import HELD_STATES
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.access_models import Group, GroupMember, Logon, User
 from deskpool.store.db import UnitOfWork, make_engine, make_session_factory
 from deskpool.store.models import Desktop

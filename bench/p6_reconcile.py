@@ -34,15 +34,15 @@ from deskpool.config import Settings
 from deskpool.domain.identity import DesktopIdentity
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.domain.pools import PoolSpec
-from deskpool.drivers.fake_remote import AUTHKEY_ENV
+from deskpool.domain.states import DesktopState
+from deskpool.drivers.fake.remote import AUTHKEY_ENV
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import DesktopFactory
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.states import DesktopState
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import DesktopFactory
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 POOL_SIZE = 500  # desktops per pool: 2 pools at 1,000, 20 at 10,000
 
@@ -111,7 +111,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "deskpool.drivers.fake_remote",
+        server = subprocess.Popen([sys.executable, "-m", "deskpool.drivers.fake.remote",
                                    "--port", str(port)])
         base_uri = f"fake+tcp://127.0.0.1:{port}/"
         time.sleep(1.0)  # the server binds its port

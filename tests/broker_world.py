@@ -19,11 +19,11 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Authenticator
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 PASSWORD = "correct-horse-1"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 
 from deskpool.config import Settings
+from deskpool.domain.states import HAS_VM_STATES
 from deskpool.drivers.base import HypervisorDriver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.states import HAS_VM_STATES
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.pools import PoolService
 
 
 def check_invariants(settings: Settings, driver: HypervisorDriver, users: dict[str, uuid.UUID],

@@ -10,7 +10,7 @@ from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker, Handover
 from deskpool.broker.sessions import SessionService
 from deskpool.domain.users import Identity
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 
 
 def person(name: str) -> Identity:

@@ -30,7 +30,7 @@ from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain import errors
 from deskpool.domain.users import Authenticator
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from deskpool.web import pages
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from deskpool.broker.console import ConsoleTarget, ConsoleTickets
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.states import HELD_STATES
+from deskpool.domain.states import HELD_STATES
+from deskpool.services.context import ServiceContext
 
 log = logging.getLogger("deskpool.api.console_proxy")  # the same under `python -m`
 HANDSHAKE_TIMEOUT_S = 10.0  # a client that connects and says nothing frees its thread

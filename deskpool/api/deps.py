@@ -16,7 +16,7 @@ from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
 from deskpool.domain.errors import AuthenticationFailed, Forbidden
 from deskpool.domain.users import Identity
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 
 SESSION_COOKIE = "deskpool_session"
 

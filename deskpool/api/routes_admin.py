@@ -21,11 +21,11 @@ from deskpool.api.schemas import (
     UserCreate,
 )
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
-from deskpool.lifecycle.events import recent_events
-from deskpool.lifecycle.hosts import HostLimits, HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.states import HELD_STATES
-from deskpool.lifecycle.templates import TemplateService
+from deskpool.domain.states import HELD_STATES
+from deskpool.services.events import recent_events
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import TemplateService
 from deskpool.store.access_models import Logon
 from deskpool.store.models import Desktop, Host, Pool, TemplateVersion
 

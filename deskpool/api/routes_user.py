@@ -26,8 +26,8 @@ from deskpool.api.schemas import (
 from deskpool.broker.console import virt_viewer_file
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.domain.errors import Conflict, Forbidden
+from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.domain.users import Identity
-from deskpool.lifecycle.states import HELD_STATES, DesktopState
 from deskpool.store.models import Desktop, Pool
 
 router = APIRouter(prefix="/api/v1")

@@ -28,7 +28,7 @@ from deskpool.domain.errors import (
     Unavailable,
 )
 from deskpool.domain.users import Authenticator, Identity
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import AuthToken, Group, GroupMember, User
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import utcnow

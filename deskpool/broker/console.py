@@ -20,9 +20,9 @@ from sqlalchemy import update
 
 from deskpool.broker.accounts import token_digest
 from deskpool.domain.errors import AuthenticationFailed, Forbidden
+from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.states import HELD_STATES
+from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import ConsoleToken
 from deskpool.store.models import utcnow
 

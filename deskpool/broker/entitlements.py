@@ -10,7 +10,7 @@ from sqlalchemy import delete, or_, select
 from deskpool.broker.accounts import normalize_name
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.users import Identity
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import Entitlement
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Pool

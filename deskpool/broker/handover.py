@@ -36,13 +36,13 @@ from deskpool.domain.errors import (
     Unavailable,
 )
 from deskpool.domain.models import HostState, PowerState
+from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.events import record_event
-from deskpool.lifecycle.factory import DesktopFactory
-from deskpool.lifecycle.pools import insert_pool_desktop
-from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+from deskpool.services.factory import DesktopFactory
+from deskpool.services.pools import insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, Pool, utcnow

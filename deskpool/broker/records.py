@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy import inspect as sa_inspect
 
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from deskpool.store.models import Base
 
 log = logging.getLogger(__name__)

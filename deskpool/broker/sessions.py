@@ -26,12 +26,12 @@ from sqlalchemy import select, update
 from deskpool.domain.errors import DeskpoolError, Forbidden, InvalidInput
 from deskpool.domain.models import HostState
 from deskpool.domain.pools import Assignment
+from deskpool.domain.states import HELD_STATES, DesktopState, transition
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.events import record_event
-from deskpool.lifecycle.pools import logout_outcome
-from deskpool.lifecycle.states import HELD_STATES, DesktopState, transition
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+from deskpool.services.pools import logout_outcome
 from deskpool.store.access_models import ConsoleToken, Logon
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, utcnow

@@ -7,11 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from deskpool.api.server import serve
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import out, services
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.daemon import serve
+from deskpool.services.context import ServiceContext
 
 user_app = typer.Typer(help="Users and groups (local; LDAP users sign in directly).",
                        no_args_is_help=True)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 
 out = Console()
 err = Console(stderr=True)

@@ -16,16 +16,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.panel import Panel
 
-from deskpool.api.server import serve
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.progress import build_with_progress
+from deskpool.daemon import serve
 from deskpool.domain.errors import Conflict
 from deskpool.domain.pools import PoolSpec
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 DEMO_HOST, DEMO_URI = "local", "qemu:///system"
 DEMO_TEMPLATE, DEMO_POOL = "demo", "demo"

@@ -14,7 +14,7 @@ from rich.table import Table
 from deskpool.cli.common import out, services, spinner
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.models import DomainType
-from deskpool.lifecycle.hosts import HostLimits, HostService
+from deskpool.services.hosts import HostLimits, HostService
 
 host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")

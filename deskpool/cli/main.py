@@ -23,8 +23,8 @@ from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import CloneMode, Customization
 from deskpool.images.builder import build_guest_image
-from deskpool.lifecycle.desktops import DEFAULT_PATTERN, DesktopService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.services.desktops import DEFAULT_PATTERN, DesktopService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 app = typer.Typer(help="deskpool: virtual desktops from golden images, on libvirt.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -111,7 +111,7 @@ def template_capture_state(
     version: Annotated[int | None, typer.Option(help="default: latest")] = None,
 ) -> None:
     """Boot the template once on a host and save its memory, for instant-clone pools."""
-    from deskpool.lifecycle.instant import InstantCloneService
+    from deskpool.services.instant import InstantCloneService
 
     with services() as ctx, spinner(f"booting {name} on {host} and saving its memory"):
         disk, memory = InstantCloneService(ctx).capture(name, host=host, version=version)

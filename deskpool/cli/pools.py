@@ -11,8 +11,8 @@ from rich.table import Table
 
 from deskpool.cli.common import err, out, services
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
-from deskpool.lifecycle.pools import PoolService, PoolView
 from deskpool.reconciler.loop import PassReport, Reconciler
+from deskpool.services.pools import PoolService, PoolView
 
 pool_app = typer.Typer(help="Pools of desktops made from one template.", no_args_is_help=True)
 

@@ -2,7 +2,7 @@
 
 ``fake://NAME`` gives an in-memory ``FakeDriver``, one per name and process, so the same fake
 host keeps its VMs between calls; ``fake+tcp://HOST:PORT/NAME`` a fake host served by another
-process (``deskpool.drivers.fake_remote``); every other URI is handed to libvirt.
+process (``deskpool.drivers.fake.remote``); every other URI is handed to libvirt.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def open_driver(uri: str, *, storage_dir: Path | None = None) -> HypervisorDrive
                 _fakes[uri] = FakeDriver(uri)
             return _fakes[uri]
     if uri.startswith("fake+tcp://"):
-        from deskpool.drivers.fake_remote import RemoteFakeDriver
+        from deskpool.drivers.fake.remote import RemoteFakeDriver
 
         return RemoteFakeDriver(uri)
     from deskpool.drivers.libvirt import LibvirtDriver

@@ -24,10 +24,10 @@ from sqlalchemy import select, update
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import HostState
 from deskpool.domain.pools import PoolKind
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.events import record_event
-from deskpool.lifecycle.hosts import drain_notice, record_capacity
-from deskpool.lifecycle.states import HELD_STATES, TRANSITIONS, DesktopState, transition
+from deskpool.domain.states import HELD_STATES, TRANSITIONS, DesktopState, DesktopTask, transition
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+from deskpool.services.hosts import drain_notice, record_capacity
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, Pool
 
@@ -98,7 +98,7 @@ class HostWatch:
                 transition(uow.desktops, d_id, S(state), S.ERROR,
                            last_error=f"host {host.name} is down")
                 state = S.ERROR.value
-            transition(uow.desktops, d_id, S(state), S.RETIRING, task="host-down")
+            transition(uow.desktops, d_id, S(state), S.RETIRING, task=DesktopTask.HOST_DOWN)
             uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
                 assigned_user=None, reserved_at=None, console_connections=0,
                 version=Desktop.version + 1).execution_options(synchronize_session=False))
@@ -132,7 +132,7 @@ class HostWatch:
                                      user=user, desktop_id=d_id, desktop=name)
                 elif (state == S.READY.value and user is None
                       and kind is not PoolKind.STATEFUL and kind is not None):
-                    transition(uow.desktops, d_id, S.READY, S.RETIRING, task="drain")
+                    transition(uow.desktops, d_id, S.READY, S.RETIRING, task=DesktopTask.DRAIN)
                 elif state in IN_FLIGHT_STATES:
                     # Becomes ready (and is retired above) or held: not empty yet, else a
                     # desktop recycled after its user's logoff would stay ready here and

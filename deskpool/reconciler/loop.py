@@ -25,17 +25,17 @@ from datetime import UTC, datetime, timedelta
 from deskpool.domain.errors import DeskpoolError, NotFound, VmNotFound
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.domain.pools import Assignment, PowerPolicy
+from deskpool.domain.states import HAS_VM_STATES, DesktopState, DesktopTask, transition
 from deskpool.drivers.base import HypervisorDriver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import FACTORY_SNAPSHOT, DesktopFactory
-from deskpool.lifecycle.host_slots import HOLD_FOR, SlotKind, host_slot
-from deskpool.lifecycle.placement import Placer
-from deskpool.lifecycle.pools import insert_pool_desktop, pool_spec
-from deskpool.lifecycle.renewal import renewed_while_running
-from deskpool.lifecycle.states import HAS_VM_STATES, DesktopState, transition
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
 from deskpool.scheduler.placement import NoValidHost
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
+from deskpool.services.placement import Placer
+from deskpool.services.pools import insert_pool_desktop, pool_spec
+from deskpool.services.renewal import renewed_while_running
 from deskpool.store.models import Desktop, Host, Pool
 from deskpool.store.repositories import (
     DesktopSummary,
@@ -249,7 +249,8 @@ class Reconciler:
             report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
             for desktop_id in plan.retire:
                 try:
-                    transition(uow.desktops, desktop_id, S.READY, S.RETIRING, task="retire")
+                    transition(uow.desktops, desktop_id, S.READY, S.RETIRING,
+                               task=DesktopTask.RETIRE)
                 except DeskpoolError:
                     continue  # claimed by a user meanwhile: it stays
             taken_macs = uow.desktops.macs() if plan.create else set()
@@ -402,7 +403,7 @@ class Reconciler:
 
     def _recycle(self, desktop_id: uuid.UUID, task: str | None, report: PassReport) -> None:
         driver = self.factory.driver_of(desktop_id)
-        if task == "revert":
+        if task is DesktopTask.REVERT:
             driver.revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
             self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
         with self.ctx.uow() as uow:
@@ -429,7 +430,7 @@ class Reconciler:
 
     def _retire_failed(self, desktop_id: uuid.UUID, report: PassReport) -> None:
         with self.ctx.uow() as uow:
-            transition(uow.desktops, desktop_id, S.ERROR, S.RETIRING, task="retire")
+            transition(uow.desktops, desktop_id, S.ERROR, S.RETIRING, task=DesktopTask.RETIRE)
             uow.commit()
         self._remove(desktop_id, S.RETIRING, report)
 

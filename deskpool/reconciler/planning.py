@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from deskpool.domain.pools import PoolSpec
-from deskpool.lifecycle.states import HELD_STATES, NOT_LIVE_STATES, DesktopState
+from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState
 
 S = DesktopState
 

@@ -48,6 +48,7 @@ from sqlalchemy.types import TypeDecorator
 from deskpool.domain.errors import Conflict, InvalidTransition
 from deskpool.domain.models import CloneMode, Customization, DomainType, HostState, PowerState
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
+from deskpool.domain.states import HELD_STATES, DesktopState, DesktopTask
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -57,10 +58,19 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-STATE_LENGTH = 32
-# The states in which a user holds a desktop (``deskpool.lifecycle.states.HELD_STATES``).
-HELD_SQL = "state IN ('reserved', 'in_use', 'idle')"
 ENUM_LENGTH = 32
+TASK_LENGTH = 64
+
+
+def states_sql(states: frozenset[DesktopState]) -> str:
+    """``state IN (...)`` for a set of the state table, in the table's order (a stable text
+    for the partial index below and its migration)."""
+    return "state IN ({})".format(", ".join(f"'{s.value}'" for s in DesktopState
+                                             if s in states))
+
+
+# The states in which a user holds a desktop, for the one-held-desktop-per-user index.
+HELD_SQL = states_sql(HELD_STATES)
 
 
 def utcnow() -> datetime:
@@ -93,13 +103,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def _str_enum(enum_cls: type[StrEnum]) -> Enum:
+def _str_enum(enum_cls: type[StrEnum], length: int = ENUM_LENGTH) -> Enum:
     """A string column holding an enum's values (not its member names), without constraints."""
     return Enum(
         enum_cls,
         native_enum=False,
         create_constraint=False,
-        length=ENUM_LENGTH,
+        length=length,
         validate_strings=True,
         values_callable=lambda cls: [member.value for member in cls],
     )
@@ -312,9 +322,10 @@ class MemoryState(Base):
 class Desktop(Base):
     """One desktop VM and the identity deskpool gives it.
 
-    ``state`` holds a lifecycle state name; the transition table lives in ``deskpool.lifecycle``.
-    It is written only by ``DesktopRepository.compare_and_set_state`` (a single conditional
-    UPDATE); an ORM flush that changes it raises ``InvalidTransition``. ``version`` is the ORM's
+    ``state`` is a ``DesktopState`` of the transition table in ``deskpool.domain.states``. It is
+    written only by ``DesktopRepository``'s compare-and-swap methods (single conditional
+    UPDATEs checked against the table); an ORM flush that changes it raises
+    ``InvalidTransition``. ``version`` is the ORM's
     optimistic-concurrency counter: every write, ORM or compare-and-set, increments it, and an
     ORM flush against a row someone else changed fails instead of overwriting it.
     """
@@ -340,12 +351,11 @@ class Desktop(Base):
     template_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     host_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hosts.id"))
     clone_mode: Mapped[CloneMode] = mapped_column(_str_enum(CloneMode), default=CloneMode.LINKED)
-    state: Mapped[str] = mapped_column(String(STATE_LENGTH))
-    desired_state: Mapped[str | None] = mapped_column(String(STATE_LENGTH))
+    state: Mapped[DesktopState] = mapped_column(_str_enum(DesktopState))
     power_state: Mapped[PowerState] = mapped_column(
         _str_enum(PowerState), default=PowerState.UNKNOWN
     )
-    task: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[DesktopTask | None] = mapped_column(_str_enum(DesktopTask, TASK_LENGTH))
     last_error: Mapped[str | None] = mapped_column(Text)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

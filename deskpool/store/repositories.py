@@ -31,8 +31,8 @@ from sqlalchemy.orm.util import identity_key
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import PowerState
+from deskpool.domain.states import DesktopState, DesktopTask, check_transition
 from deskpool.store.models import (
-    STATE_LENGTH,
     Base,
     Desktop,
     Host,
@@ -267,9 +267,9 @@ class DesktopSummary:
     host_id: uuid.UUID
     pool_id: uuid.UUID | None
     template_version_id: uuid.UUID
-    state: str
+    state: DesktopState
     power_state: PowerState
-    task: str | None
+    task: DesktopTask | None
     assigned_user: str | None
     created_at: datetime
     next_attempt_at: datetime | None
@@ -280,6 +280,13 @@ _SUMMARY_COLUMNS = (
     Desktop.power_state, Desktop.task, Desktop.assigned_user, Desktop.created_at,
     Desktop.next_attempt_at,
 )
+
+
+def _state(value: str) -> DesktopState:
+    try:
+        return DesktopState(value)
+    except ValueError:
+        raise InvalidInput(f"{value!r} is not a desktop state") from None
 
 
 class DesktopRepository(_NamedRepository[Desktop]):
@@ -330,10 +337,10 @@ class DesktopRepository(_NamedRepository[Desktop]):
     def compare_and_set_state(
         self,
         desktop_id: uuid.UUID,
-        expected: str,
-        new: str,
+        expected: DesktopState,
+        new: DesktopState,
         *,
-        task: str | None = None,
+        task: DesktopTask | None = None,
         last_error: str | None = None,
     ) -> bool:
         """Move a desktop from ``expected`` to ``new`` if, and only if, it is in ``expected``.
@@ -345,8 +352,7 @@ class DesktopRepository(_NamedRepository[Desktop]):
         else won) or does not exist. A loaded ``Desktop`` in this session is expired, so its
         next attribute access reads the new row.
         """
-        if not new or len(new) > STATE_LENGTH:
-            raise InvalidInput(f"desktop state {new!r} must be 1-{STATE_LENGTH} characters")
+        check_transition(_state(expected), _state(new))
         return self._conditional_update(
             desktop_id,
             Desktop.state == expected,

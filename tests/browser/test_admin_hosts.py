@@ -18,9 +18,9 @@ from playwright.sync_api import Browser, Locator, Page, expect
 from deskpool.api.app import create_app
 from deskpool.domain.models import HostState
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.desktops import DesktopService
+from deskpool.services.hosts import HostService
 from tests.broker_world import PASSWORD, BrokerWorld, make_world
 from tests.browser.conftest import WAIT_MS, LiveServer, sign_in
 

@@ -17,7 +17,7 @@ from playwright.sync_api import Page, expect
 from deskpool.api.app import create_app
 from deskpool.domain.models import ConsoleAddress
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.desktops import DesktopService
+from deskpool.services.desktops import DesktopService
 from tests.broker_world import PASSWORD, BrokerWorld, make_world
 from tests.browser.conftest import (
     CANVAS_STATS,

@@ -14,7 +14,7 @@ from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.sessions import SessionService
 from deskpool.domain.errors import AuthenticationFailed
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.desktops import DesktopService
+from deskpool.services.desktops import DesktopService
 from deskpool.store.models import utcnow
 from tests.broker_world import PASSWORD, BrokerWorld, make_world
 

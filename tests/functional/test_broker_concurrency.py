@@ -18,10 +18,10 @@ from deskpool.broker.handover import Broker, Handover
 from deskpool.config import Settings
 from deskpool.domain.errors import AgentUnavailable, DeskpoolError, Unavailable
 from deskpool.domain.pools import Assignment
+from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.states import HELD_STATES
+from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import Logon
 from deskpool.store.models import Desktop
 from tests.broker_world import BrokerWorld, make_world

@@ -12,7 +12,7 @@ from deskpool.api.app import create_app
 from deskpool.cli import client as client_module
 from deskpool.cli.main import app
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.desktops import DesktopService
+from deskpool.services.desktops import DesktopService
 from tests.broker_world import PASSWORD, BrokerWorld, ServerThread, make_world
 
 

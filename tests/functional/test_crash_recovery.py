@@ -28,11 +28,11 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostLimits, HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.models import Host
 from tests.crash_invariants import check_invariants
 from tests.pool_users import PoolUsers

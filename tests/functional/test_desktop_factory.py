@@ -20,13 +20,13 @@ from deskpool.domain.errors import (
     NotFound,
 )
 from deskpool.domain.models import CloneMode, Customization
+from deskpool.domain.states import DesktopState
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostLimits, HostService
-from deskpool.lifecycle.states import DesktopState
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 
 def make_qcow2(path: Path, size: str = "64M") -> Path:

@@ -35,12 +35,12 @@ from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.events import EventView, recent_events
-from deskpool.lifecycle.hosts import HostLimits, HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import EventView, recent_events
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.models import Desktop, Host, Pool, PoolHost, TemplateVersion, utcnow
 from tests.broker_world import BrokerWorld
 

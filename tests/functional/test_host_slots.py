@@ -1,4 +1,4 @@
-"""A host's slots for heavy work (``lifecycle/host_slots.py``) hold across brokers: two
+"""A host's slots for heavy work (``services/host_slots.py``) hold across brokers: two
 service contexts on one database (SQLite and PostgreSQL) stand for two broker processes."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from deskpool.config import Settings
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.host_slots import SlotKind, host_slot
-from deskpool.lifecycle.hosts import HostLimits, HostService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.host_slots import SlotKind, host_slot
+from deskpool.services.hosts import HostLimits, HostService
 from deskpool.store.models import HostSlot
 from deskpool.store.slots import release_host_slot, take_host_slot
 from tests.functional.test_host_grid import GRACE, Grid

@@ -28,15 +28,15 @@ from sqlalchemy import func, select
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import DesktopFactory
-from deskpool.lifecycle.hosts import HostLimits, HostService
-from deskpool.lifecycle.placement import Placer
-from deskpool.lifecycle.pools import PoolService, insert_pool_desktop
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.scheduler.facts import HostFacts, PlacementRequest, Strategy
 from deskpool.scheduler.placement import place_many
 from deskpool.scheduler.weighers import DEFAULT_WEIGHERS, StrategyWeigher
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import DesktopFactory
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.placement import Placer
+from deskpool.services.pools import PoolService, insert_pool_desktop
+from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.models import Desktop, Host, TemplateVersion
 
 DESKTOP_VCPUS, DESKTOP_MIB = 2, 1024

@@ -20,13 +20,13 @@ from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, Powe
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
-from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
+from deskpool.services.views import DesktopView
 from tests.pool_users import PoolUsers
 
 

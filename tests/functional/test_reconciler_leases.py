@@ -17,9 +17,9 @@ from sqlalchemy import update
 
 from deskpool.broker.handover import Broker, Handover
 from deskpool.drivers.fake import FakeDriver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.pools import PoolService
 from deskpool.reconciler.loop import PassReport, Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.pools import PoolService
 from deskpool.store.models import Desktop, Pool
 from tests.functional.test_host_grid import GRACE, Grid, person
 

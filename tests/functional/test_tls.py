@@ -24,7 +24,7 @@ from deskpool.broker.accounts import AccountService
 from deskpool.cli.console_tunnel import console_websocket_url
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from tests.functional.test_console_proxy import Browser
 
 

@@ -28,11 +28,11 @@ from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
-from deskpool.drivers.fake_remote import AUTHKEY_ENV
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.drivers.fake.remote import AUTHKEY_ENV
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.access_models import Event
 from deskpool.store.models import Desktop
 
@@ -61,7 +61,7 @@ def grid(tmp_path: Path, database_url: str,
     monkeypatch.setenv(AUTHKEY_ENV, authkey)
     fake_port = free_port()
     env = {**os.environ, AUTHKEY_ENV: authkey}
-    hypervisor = subprocess.Popen([sys.executable, "-m", "deskpool.drivers.fake_remote",
+    hypervisor = subprocess.Popen([sys.executable, "-m", "deskpool.drivers.fake.remote",
                                    "--port", str(fake_port)], env=env)
     processes: list[subprocess.Popen[bytes]] = [hypervisor]
     try:

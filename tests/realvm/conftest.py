@@ -14,9 +14,9 @@ import pytest
 
 from deskpool.config import Settings
 from deskpool.images.builder import GuestImage, build_guest_image
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.templates import ImageFiles, TemplateService
 from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
 
 TEMPLATE = "realvm"

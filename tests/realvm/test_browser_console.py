@@ -22,11 +22,11 @@ from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.pools import PoolService
+from deskpool.services.views import DesktopView
 from tests.browser.conftest import (
     CANVAS_STATS,
     LiveServer,

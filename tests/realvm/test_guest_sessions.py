@@ -24,11 +24,11 @@ from deskpool.broker.sessions import SessionService
 from deskpool.cli import client as client_module
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.events import recent_events
-from deskpool.lifecycle.pools import PoolService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.events import recent_events
+from deskpool.services.pools import PoolService
 from tests.broker_world import ServerThread
 from tests.console_viewer import start_console_tunnel, viewer_connection
 from tests.pool_users import PoolUsers

@@ -23,14 +23,14 @@ from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.images.builder import GuestImage
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.events import recent_events
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
-from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.events import recent_events
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
+from deskpool.services.views import DesktopView
 from deskpool.store.models import utcnow
 from tests.libvirt_hosts import SecondLibvirtHost
 from tests.realvm.conftest import remove_pool_of

@@ -18,10 +18,10 @@ from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
 from deskpool.domain.models import CloneMode
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.libvirt.xml import METADATA_NS, parse_metadata
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.views import DesktopView
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.hosts import HostService
+from deskpool.services.views import DesktopView
 from tests.realvm.conftest import TEMPLATE
 
 pytestmark = pytest.mark.realvm

@@ -13,13 +13,13 @@ from deskpool.domain.errors import DriverError
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
 from deskpool.images.builder import GuestImage
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.desktops import DesktopService
-from deskpool.lifecycle.instant import InstantCloneService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
-from deskpool.lifecycle.views import DesktopView
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
+from deskpool.services.instant import InstantCloneService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
+from deskpool.services.views import DesktopView
 from tests.pool_users import PoolUsers
 from tests.realvm.conftest import TEMPLATE
 

@@ -28,11 +28,11 @@ from deskpool.domain.errors import Unavailable
 from deskpool.domain.models import Customization
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.libvirt import LibvirtDriver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.hosts import HostService
-from deskpool.lifecycle.pools import PoolService
-from deskpool.lifecycle.templates import ImageFiles, TemplateService
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostService
+from deskpool.services.pools import PoolService
+from deskpool.services.templates import ImageFiles, TemplateService
 from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
 from tests.crash_invariants import check_invariants
 from tests.pool_users import PoolUsers

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from deskpool.domain.errors import InvalidTransition
-from deskpool.lifecycle.states import TRANSITIONS, DesktopState, check_transition, transition
+from deskpool.domain.errors import InvalidTransition, LostRace
+from deskpool.domain.states import TRANSITIONS, DesktopState, check_transition, transition
 
 S = DesktopState
 
@@ -62,7 +62,7 @@ def test_the_loser_of_a_race_raises_and_never_overwrites() -> None:
     desktop = uuid.uuid4()
     writer = RecordingWriter({desktop: "ready"})
     transition(writer, desktop, S.READY, S.RESERVED)
-    with pytest.raises(InvalidTransition, match="another actor changed it first"):
+    with pytest.raises(LostRace, match="another actor changed it first"):
         transition(writer, desktop, S.READY, S.RETIRING)
     assert writer.states[desktop] == "reserved"
 
@@ -78,7 +78,7 @@ def test_forbidden_move_does_not_touch_the_store() -> None:
 def test_the_database_index_of_held_desktops_names_exactly_the_held_states() -> None:
     import re
 
-    from deskpool.lifecycle.states import HELD_STATES
+    from deskpool.domain.states import HELD_STATES
     from deskpool.store.models import HELD_SQL
 
-    assert set(re.findall(r"'([a-z_]+)'", HELD_SQL)) == HELD_STATES
+    assert set(re.findall(r"'([a-z_]+)'", HELD_SQL)) == {s.value for s in HELD_STATES}

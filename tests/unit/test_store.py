@@ -73,14 +73,14 @@ def test_crud_through_repositories(sessions: sessionmaker[Session], seed: Seed) 
         assert desktop.created_at.tzinfo is not None
         assert desktop.created_at.utcoffset() == timedelta(0)
 
-        desktop.desired_state = "ready"
+        desktop.notice = "maintenance at 14:30"
         desktop.power_state = PowerState.SHUTOFF
         uow.hosts.delete(uow.hosts.get_by_name("host-c"))
         uow.commit()
 
     with UnitOfWork(sessions) as uow:
         desktop = uow.desktops.get(desktop_id)
-        assert (desktop.desired_state, desktop.power_state) == ("ready", PowerState.SHUTOFF)
+        assert (desktop.notice, desktop.power_state) == ("maintenance at 14:30", PowerState.SHUTOFF)
         assert desktop.version == 2  # every ORM write bumps the optimistic counter
         assert uow.hosts.find_by_name("host-c") is None
         uow.desktops.delete(desktop)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deskpool.domain.errors import Conflict, InvalidInput, InvalidTransition
 from deskpool.domain.models import PowerState
+from deskpool.domain.states import DesktopTask
 from deskpool.store import Desktop, UnitOfWork, make_engine, make_session_factory
 from tests.unit.store_helpers import (
     Seed,
@@ -31,9 +32,10 @@ def test_compare_and_set_state_wins_once(sessions: sessionmaker[Session], seed: 
         before = desktop.state_changed_at
         assert desktop.version == 1
 
-        assert uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved", task="reserve")
+        assert uow.desktops.compare_and_set_state(desktop_id, "ready", "recycling",
+                                                  task=DesktopTask.REVERT)
         # The loaded object was expired and now shows the new row.
-        assert (desktop.state, desktop.task, desktop.version) == ("reserved", "reserve", 2)
+        assert (desktop.state, desktop.task, desktop.version) == ("recycling", "revert", 2)
         assert desktop.state_changed_at >= before
         assert desktop.state_changed_at.tzinfo is not None
 
@@ -44,7 +46,7 @@ def test_compare_and_set_state_wins_once(sessions: sessionmaker[Session], seed: 
     with UnitOfWork(sessions) as uow:  # a second broker with the old expectation loses
         assert not uow.desktops.compare_and_set_state(desktop_id, "ready", "reserved")
         assert uow.desktops.compare_and_set_state(
-            desktop_id, "reserved", "error", last_error="agent silent"
+            desktop_id, "recycling", "error", last_error="agent silent"
         )
         uow.commit()
 
@@ -52,7 +54,7 @@ def test_compare_and_set_state_wins_once(sessions: sessionmaker[Session], seed: 
         desktop = uow.desktops.get(desktop_id)
         assert (desktop.state, desktop.task, desktop.last_error) == ("error", None, "agent silent")
         assert desktop.version == 3
-        assert not uow.desktops.compare_and_set_state(uuid.uuid4(), "error", "ready")
+        assert not uow.desktops.compare_and_set_state(uuid.uuid4(), "error", "recycling")
 
 
 def test_compare_and_set_state_is_rolled_back_with_its_unit_of_work(
@@ -89,7 +91,7 @@ def test_racing_threads_have_exactly_one_winner(
                 desktop = uow.desktops.get(desktop_id)
                 expected = desktop.state  # every thread read "ready" or lost already
                 won = expected == "ready" and uow.desktops.compare_and_set_state(
-                    desktop_id, "ready", "reserved", task=f"claim-{i}"
+                    desktop_id, "ready", "reserved", last_error=f"claim-{i}"
                 )
                 uow.commit()
                 results[i] = won
@@ -110,7 +112,7 @@ def test_racing_threads_have_exactly_one_winner(
     assert len(winners) == 1
     with UnitOfWork(sessions) as uow:
         desktop = uow.desktops.get(desktop_id)
-        assert (desktop.state, desktop.task, desktop.version) == (
+        assert (desktop.state, desktop.last_error, desktop.version) == (
             "reserved",
             f"claim-{winners[0]}",
             2,
@@ -158,8 +160,18 @@ def test_compare_and_set_state_rejects_an_oversized_state(
     sessions: sessionmaker[Session], seed: Seed
 ) -> None:
     desktop_id = add_desktop(sessions, seed, "lab-001", "ready")
-    with UnitOfWork(sessions) as uow, pytest.raises(InvalidInput, match="1-32 characters"):
+    with UnitOfWork(sessions) as uow, pytest.raises(InvalidInput, match="not a desktop state"):
         uow.desktops.compare_and_set_state(desktop_id, "ready", "x" * 33)
+
+
+def test_compare_and_set_state_refuses_a_move_the_table_forbids(
+    sessions: sessionmaker[Session], seed: Seed
+) -> None:
+    desktop_id = add_desktop(sessions, seed, "lab-001", "ready")
+    with UnitOfWork(sessions) as uow:
+        with pytest.raises(InvalidTransition, match="cannot go from ready to provisioning"):
+            uow.desktops.compare_and_set_state(desktop_id, "ready", "provisioning")
+        assert uow.desktops.get(desktop_id).state == "ready"
 
 
 def test_a_stale_orm_write_is_a_conflict(sessions: sessionmaker[Session], seed: Seed) -> None:
@@ -173,7 +185,7 @@ def test_a_stale_orm_write_is_a_conflict(sessions: sessionmaker[Session], seed: 
             .values(version=Desktop.version + 1)
             .execution_options(synchronize_session=False)
         )
-        desktop.desired_state = "retired"
+        desktop.notice = "retired"
         with pytest.raises(Conflict, match="changed by someone else"):
             uow.commit()
 

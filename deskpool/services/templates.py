@@ -19,8 +19,8 @@ from deskpool.domain.identity import validate_hostname
 from deskpool.domain.models import Customization
 from deskpool.images.builder import GuestImage, sha256_file
 from deskpool.images.qcow2 import image_file_info
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.views import TemplateVersionView
+from deskpool.services.context import ServiceContext
+from deskpool.services.views import TemplateVersionView
 from deskpool.store.models import Template, TemplateVersion
 
 

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.renewal import renewed_while_running
+from deskpool.services.context import ServiceContext
+from deskpool.services.renewal import renewed_while_running
 from deskpool.store.slots import release_host_slot, renew_host_slot, take_host_slot
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,13 @@ from deskpool.domain.models import (
     VmSpec,
 )
 from deskpool.domain.pools import OnLogout
+from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.host_slots import SlotKind, host_slot
-from deskpool.lifecycle.hosts import resolved_domain_type
-from deskpool.lifecycle.states import DesktopState, transition
+from deskpool.services.context import ServiceContext
+from deskpool.services.host_slots import SlotKind, host_slot
+from deskpool.services.hosts import resolved_domain_type
 from deskpool.store.models import Desktop, TemplateVersion
 
 Progress = Callable[[str], None]
@@ -108,8 +108,7 @@ class DesktopFactory:
             id=uuid.uuid4(), name=name, hostname=name, mac=mac,
             machine_id=new_machine_id(), template_version_id=version_id,
             host_id=host_id, clone_mode=clone_mode, pool_id=pool_id,
-            state=DesktopState.PROVISIONING.value, desired_state=DesktopState.READY.value,
-            task="clone",
+            state=DesktopState.PROVISIONING, task=DesktopTask.CLONE,
         )
 
     def insert(
@@ -167,7 +166,7 @@ class DesktopFactory:
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         with self.ctx.uow() as uow:
             transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
-                       DesktopState.CUSTOMIZING, task="boot")
+                       DesktopState.CUSTOMIZING, task=DesktopTask.BOOT)
             uow.commit()
         progress("booting")
         driver.start_vm(desktop_id)

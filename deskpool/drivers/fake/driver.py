@@ -59,10 +59,10 @@ from deskpool.drivers.base import (
     root_volume_name,
     seed_volume_name,
 )
-from deskpool.drivers.fake_faults import FaultInjectionMixin, api
-from deskpool.drivers.fake_guest import FakeGuest
-from deskpool.drivers.fake_saved_state import ACTIVE_STATES, FakeSavedStateMixin
-from deskpool.drivers.fake_state import (
+from deskpool.drivers.fake.faults import FaultInjectionMixin, api
+from deskpool.drivers.fake.guest import FakeGuest
+from deskpool.drivers.fake.saved_state import ACTIVE_STATES, FakeSavedStateMixin
+from deskpool.drivers.fake.state import (
     FakeShape,
     FakeVm,
     FakeVolume,

@@ -2,7 +2,7 @@
 hypervisor (as they share a real libvirtd), and benchmarks can keep the hypervisor's memory
 out of the broker's.
 
-``serve_fake_hosts(port, authkey)`` runs the server (``python -m deskpool.drivers.fake_remote
+``serve_fake_hosts(port, authkey)`` runs the server (``python -m deskpool.drivers.fake.remote
 --port N``); a broker reaches host NAME on it at ``fake+tcp://127.0.0.1:N/NAME`` (the query
 shapes the host as for ``fake://``), with the shared secret in ``DESKPOOL_FAKE_AUTHKEY``. Built
 on ``multiprocessing.managers``: every call is one round trip, and errors raised by the fake

@@ -12,11 +12,11 @@ import uuid
 from sqlalchemy import func, select
 
 from deskpool.domain.models import CloneMode
-from deskpool.lifecycle.hosts import LIVE_STATES, incompatibility
 from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest, Strategy
 from deskpool.scheduler.filters import DEFAULT_FILTERS
 from deskpool.scheduler.placement import _Board
 from deskpool.scheduler.weighers import DEFAULT_WEIGHERS
+from deskpool.services.hosts import LIVE_STATES, incompatibility
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Host, TemplateVersion
 

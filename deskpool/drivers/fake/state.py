@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlparse
 
 from deskpool.domain.errors import DriverError, HypervisorUnreachable, InvalidInput, NotFound
 from deskpool.domain.models import PowerState, VmRecord, VmSpec, VolumeInfo
-from deskpool.drivers.fake_guest import FakeGuest
+from deskpool.drivers.fake.guest import FakeGuest
 
 _QCOW2_MAGIC = b"QFI\xfb"
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")

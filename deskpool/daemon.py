@@ -15,8 +15,8 @@ from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
 from deskpool.api.tls import tls_files
 from deskpool.broker.sessions import SessionService
-from deskpool.lifecycle.context import ServiceContext
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.context import ServiceContext
 
 log = logging.getLogger(__name__)
 

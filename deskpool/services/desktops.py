@@ -10,12 +10,12 @@ from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.identity import validate_hostname
 from deskpool.domain.models import CloneMode, ConsoleAddress
 from deskpool.domain.naming import first_free_number, render, validate_pattern
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import DesktopFactory, Progress, no_progress
-from deskpool.lifecycle.hosts import incompatibility
-from deskpool.lifecycle.placement import Placer
-from deskpool.lifecycle.states import DesktopState, transition
-from deskpool.lifecycle.views import DesktopView
+from deskpool.domain.states import DesktopState, DesktopTask, transition
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import DesktopFactory, Progress, no_progress
+from deskpool.services.hosts import incompatibility
+from deskpool.services.placement import Placer
+from deskpool.services.views import DesktopView
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop
 
@@ -112,7 +112,7 @@ class DesktopService:
             desktop_id, state = desktop.id, DesktopState(desktop.state)
             if state is not DesktopState.DELETING:
                 transition(uow.desktops, desktop_id, state, DesktopState.DELETING,
-                           task="delete")
+                           task=DesktopTask.DELETE)
             uow.commit()
         self.factory.discard(desktop_id)
 

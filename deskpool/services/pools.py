@@ -15,12 +15,12 @@ from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolSpec
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import DesktopFactory
-from deskpool.lifecycle.hosts import incompatibility
-from deskpool.lifecycle.placement import Placer
-from deskpool.lifecycle.states import DesktopState
+from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.scheduler.facts import Strategy
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import DesktopFactory
+from deskpool.services.hosts import incompatibility
+from deskpool.services.placement import Placer
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Pool, PoolHost
 
@@ -205,11 +205,11 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     return desktop
 
 
-def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, str | None]:
+def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopTask]:
     """What a user's logout does to a pool desktop: (next state, task for the reconciler)."""
     outdated = desktop.template_version_id != pool.current_version_id
     if pool.one_time or pool.on_logout is OnLogout.RETIRE or outdated:
-        return S.RETIRING, "retire"
+        return S.RETIRING, DesktopTask.RETIRE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
-        return S.RECYCLING, "revert"
-    return S.RECYCLING, "as-is"
+        return S.RECYCLING, DesktopTask.REVERT
+    return S.RECYCLING, DesktopTask.KEEP

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from deskpool.lifecycle.context import ServiceContext
+from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import Event
 from deskpool.store.db import UnitOfWork
 

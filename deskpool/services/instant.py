@@ -23,9 +23,9 @@ from deskpool.domain.models import (
 )
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.factory import copy_version_to_host
-from deskpool.lifecycle.hosts import resolved_domain_type
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import copy_version_to_host
+from deskpool.services.hosts import resolved_domain_type
 from deskpool.store.models import MemoryState, TemplateVersion
 
 

@@ -1,10 +1,11 @@
 """The one desktop state table.
 
-A desktop's *state* is deskpool's lifecycle position. It is kept apart from the *desired state*
-(the intent, e.g. "deleted") and from the *power state* the hypervisor reports, as Nova keeps
-vm_state, task_state and power_state apart. Every write goes through ``transition``: a check
-against this table, then a compare-and-swap ``UPDATE ... WHERE state = expected`` in the
-database, so two brokers (or a broker and its reconciler) can never both win a change.
+A desktop's *state* is deskpool's lifecycle position. It is kept apart from the *task* in
+flight (what a step is doing to it) and from the *power state* the hypervisor reports, as Nova
+keeps vm_state, task_state and power_state apart. Every write goes through ``transition``: a
+check against this table, then a compare-and-swap ``UPDATE ... WHERE state = expected`` in the
+database, so two brokers (or a broker and its reconciler) can never both win a change. The
+broker's claim is one too (``DesktopRepository.claim_free``), checked against the same table.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 from enum import StrEnum
 from typing import Protocol
 
-from deskpool.domain.errors import InvalidTransition
+from deskpool.domain.errors import InvalidTransition, LostRace
 
 
 class DesktopState(StrEnum):
@@ -28,6 +29,19 @@ class DesktopState(StrEnum):
     RETIRED = "retired"  # gone from the hypervisor, row kept for history
     DELETING = "deleting"  # removed on an admin's request
     ERROR = "error"  # a step failed; ``last_error`` says why
+
+
+class DesktopTask(StrEnum):
+    """What the step in flight does to a desktop (``None``: nothing)."""
+
+    CLONE = "clone"  # provisioning: the disk and VM are being made
+    BOOT = "boot"  # customizing: booting until the guest confirms its identity
+    REVERT = "revert"  # recycling back to the factory snapshot
+    KEEP = "as-is"  # recycling as it is (kiosks, stateful desktops)
+    RETIRE = "retire"  # retiring: replaced (rollout, maximum age, sizing, a failure)
+    DRAIN = "drain"  # retiring: its host is draining
+    HOST_DOWN = "host-down"  # retiring: its host is down
+    DELETE = "delete"  # deleting on an administrator's request
 
 
 S = DesktopState
@@ -47,10 +61,12 @@ TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
 }
 
 
-# Groups of states other layers reason about, kept beside the table they come from.
-HELD_STATES = frozenset({S.RESERVED.value, S.IN_USE.value, S.IDLE.value})  # a user has it
-HAS_VM_STATES = frozenset({S.CUSTOMIZING.value, S.READY.value, S.RECYCLING.value}) | HELD_STATES
-NOT_LIVE_STATES = frozenset({S.RETIRING.value, S.RETIRED.value, S.DELETING.value, S.ERROR.value})
+# Groups of states other layers reason about, kept beside the table they come from. The store
+# derives its SQL (the held-desktop index, ``IN`` lists) from these sets.
+HELD_STATES = frozenset({S.RESERVED, S.IN_USE, S.IDLE})  # a user has it
+HAS_VM_STATES = frozenset({S.CUSTOMIZING, S.READY, S.RECYCLING}) | HELD_STATES
+NOT_LIVE_STATES = frozenset({S.RETIRING, S.RETIRED, S.DELETING, S.ERROR})
+PREPARING_STATES = frozenset({S.PROVISIONING, S.CUSTOMIZING, S.RECYCLING})  # on its way to ready
 
 
 def check_transition(old: DesktopState, new: DesktopState) -> None:
@@ -62,24 +78,23 @@ class StateWriter(Protocol):
     """What ``transition`` needs from the store: one compare-and-swap UPDATE."""
 
     def compare_and_set_state(
-        self, desktop_id: uuid.UUID, expected: str, new: str, *,
-        task: str | None = None, last_error: str | None = None,
+        self, desktop_id: uuid.UUID, expected: DesktopState, new: DesktopState, *,
+        task: DesktopTask | None = None, last_error: str | None = None,
     ) -> bool: ...
 
 
 def transition(
     writer: StateWriter, desktop_id: uuid.UUID, old: DesktopState, new: DesktopState, *,
-    task: str | None = None, last_error: str | None = None,
+    task: DesktopTask | None = None, last_error: str | None = None,
 ) -> None:
-    """Move a desktop from ``old`` to ``new`` or raise ``InvalidTransition``.
+    """Move a desktop from ``old`` to ``new``.
 
-    Raises when the table forbids the move, and when the row is no longer in ``old`` (someone
-    else moved it first): the loser never overwrites the winner.
+    Raises ``InvalidTransition`` when the table forbids the move, and ``LostRace`` when the
+    row is no longer in ``old`` (someone else moved it first): the loser never overwrites the
+    winner.
     """
     check_transition(old, new)
-    if not writer.compare_and_set_state(
-        desktop_id, old.value, new.value, task=task, last_error=last_error
-    ):
-        raise InvalidTransition(
+    if not writer.compare_and_set_state(desktop_id, old, new, task=task, last_error=last_error):
+        raise LostRace(
             f"desktop {desktop_id} is no longer {old.value}; another actor changed it first"
         )

@@ -16,9 +16,9 @@ from deskpool.drivers.base import (
     root_volume_name,
     validate_snapshot_name,
 )
-from deskpool.drivers.fake_faults import api
-from deskpool.drivers.fake_guest import FakeGuest
-from deskpool.drivers.fake_state import FakeVm, FakeVolume, SavedGuest, check_definition
+from deskpool.drivers.fake.faults import api
+from deskpool.drivers.fake.guest import FakeGuest
+from deskpool.drivers.fake.state import FakeVm, FakeVolume, SavedGuest, check_definition
 
 # States in which a QEMU process exists (libvirt's "active" domains).
 ACTIVE_STATES = frozenset({PowerState.RUNNING, PowerState.PAUSED, PowerState.SUSPENDED})

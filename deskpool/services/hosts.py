@@ -19,11 +19,11 @@ from sqlalchemy import func, select, update
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import DomainType, HostCapacity, HostState
+from deskpool.domain.states import NOT_LIVE_STATES, DesktopState
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
-from deskpool.lifecycle.context import ServiceContext
-from deskpool.lifecycle.states import NOT_LIVE_STATES, DesktopState
-from deskpool.lifecycle.views import HostView
+from deskpool.services.context import ServiceContext
+from deskpool.services.views import HostView
 from deskpool.store.models import Desktop, Host, TemplateVersion, utcnow
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
