@@ -42,6 +42,7 @@ STATUS: list[tuple[type[errors.DeskpoolError], int]] = [
     (errors.Conflict, 409),
     (errors.InvalidInput, 400),
     (errors.Unavailable, 503),
+    (errors.PoolExhausted, 503),
     (errors.HypervisorUnreachable, 503),
     (errors.DriverError, 502),
 ]

@@ -22,9 +22,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError
-
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.records import RecordWriter
 from deskpool.domain.errors import (
@@ -32,11 +29,13 @@ from deskpool.domain.errors import (
     DeskpoolError,
     Forbidden,
     HypervisorUnreachable,
+    LostRace,
     NotFound,
+    PoolExhausted,
     Unavailable,
 )
 from deskpool.domain.models import HostState, PowerState
-from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, transition
+from deskpool.domain.states import HELD_STATES, PREPARING_STATES, DesktopState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
@@ -45,10 +44,9 @@ from deskpool.services.factory import DesktopFactory
 from deskpool.services.pools import insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, Pool, utcnow
+from deskpool.store.models import utcnow
 
 S = DesktopState
-PREPARING_STATES = frozenset({S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value})
 ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
 CLAIM_RETRIES = 6
 
@@ -115,8 +113,9 @@ class Broker:
         """Hand ``identity`` a running desktop of ``pool_name`` (see the module docstring).
 
         ``received_at`` is the ``time.monotonic()`` at which the request arrived. Raises
-        ``NotFound`` (no such pool), ``Forbidden`` (not entitled), ``Unavailable`` (pool
-        exhausted, or no desktop passed its readiness check); each is also an admin event.
+        ``NotFound`` (no such pool), ``Forbidden`` (not entitled), ``PoolExhausted`` (every
+        desktop taken), ``Unavailable`` (no desktop passed its readiness check, or its host
+        does not answer); each is also an admin event.
         """
         requested_at = utcnow()
         timer = _Timer()
@@ -168,32 +167,25 @@ class Broker:
                         user_name=identity.name, pool_name=look.pool,
                         desktop_id=claim.desktop_id, desktop_name=claim.desktop))
                 return claim
-            except (Conflict, DBAPIError) as exc:
-                if isinstance(exc, DBAPIError) and not _retryable(exc):
-                    raise
-                # Another broker won the desktop, or this user's other request did (or the
-                # database broke a deadlock between two claims): look again after a short,
-                # random pause so racing brokers fall out of step.
+            except Conflict:
+                # Another broker won the desktop (LostRace), or this user's other request did
+                # (the held-desktop index), or the database broke a deadlock between two
+                # claims (LostRace): look again after a short, random pause so racing brokers
+                # fall out of step.
                 time.sleep(random.uniform(0, 0.02 * (retry + 1)))
         raise Unavailable(f"pool {pool_name!r} is too busy right now; please try again")
 
     def _look(self, uow: UnitOfWork, identity: Identity, pool_name: str) -> _Claim | _Look:
         """What the user may and already has in the pool: a reconnect or a pending answer
         right away, else what to reserve. Refusals are raised here."""
-        pool = uow.session.execute(
-            select(Pool.id, Pool.current_version_id).where(Pool.name == pool_name)).first()
+        pool = uow.pools.claim_target(pool_name)
         if pool is None:
             raise NotFound(f"there is no pool named {pool_name!r}")
+        pool_id, version_id = pool
         if pool_name not in entitled_pool_names(uow, identity):
             raise Forbidden(f"you are not entitled to pool {pool_name!r}; ask your "
                             "administrator for access")
-        mine = uow.session.execute(
-            select(Desktop.id, Desktop.name, Desktop.hostname, Desktop.state, Desktop.host_id,
-                   Desktop.template_version_id, Host.name.label("host"), Host.state.label(
-                       "host_state"))
-            .join(Host, Host.id == Desktop.host_id)
-            .where(Desktop.pool_id == pool.id, Desktop.assigned_user == identity.name,
-                   Desktop.state.not_in(NOT_LIVE_STATES))).all()
+        mine = uow.desktops.of_user_in_pool(pool_id, identity.name)
         for d in mine:
             if d.host_state in (HostState.DOWN, HostState.MAINTENANCE) or (
                     d.host_state is HostState.DRAINING and d.state not in HELD_STATES):
@@ -203,88 +195,44 @@ class Broker:
             if d.state in HELD_STATES:
                 return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
                               host_id=d.host_id, version_id=d.template_version_id)
-        own_ready = next((d.id for d in mine if d.state == S.READY.value), None)
+        own_ready = next((d.id for d in mine if d.state is S.READY), None)
         if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
-        return _Look(pool.id, pool_name, pool.current_version_id, own_ready)
+        return _Look(pool_id, pool_name, version_id, own_ready)
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
-            transition(uow.desktops, look.own_ready, S.READY, S.RESERVED)
-            self._reserved(uow, look.own_ready, identity.name)
+            if not uow.desktops.reserve(look.own_ready, identity.name):
+                raise LostRace(f"desktop {look.own_ready} is no longer ready")
             d = uow.desktops.get(look.own_ready)
             return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
                           host_id=d.host_id, version_id=d.template_version_id)
-        free = self._take_free(uow, look, identity.name)
+        now = utcnow()
+        free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
-            return free
+            return _Claim(free.id, free.name, free.hostname, reconnect=False,
+                          host_id=free.host_id, version_id=free.template_version_id)
         pool = uow.pools.get(look.pool_id)
-        live = uow.session.execute(
-            select(Desktop.state, Desktop.assigned_user, Desktop.lease_until).where(
-                Desktop.pool_id == pool.id, Desktop.state.not_in(NOT_LIVE_STATES))).all()
-        if len(live) >= pool.max_size:
-            now = utcnow()
-            if any(user is None and (state in PREPARING_STATES or (
-                    state == S.READY.value and lease is not None and lease >= now))
-                   for state, user, lease in live):
+        seats = uow.desktops.seats(pool.id)
+        if len(seats) >= pool.max_size:
+            if any(seat.assigned_user is None and (seat.state in PREPARING_STATES or (
+                    seat.state is S.READY and seat.lease_until is not None
+                    and seat.lease_until >= now)) for seat in seats):
                 return _Claim(None, None, None, False, pending_message=(
                     "every desktop is taken or still being prepared; connect again in a "
                     "moment"))
-            raise Unavailable(f"pool {look.pool!r} is exhausted: all {pool.max_size} desktops "
-                              "are in use; please try again later")
+            raise PoolExhausted(f"pool {look.pool!r} is exhausted: all {pool.max_size} "
+                                "desktops are in use; please try again later")
         made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),
                                    assigned_user=identity.name)
-        made.reserved_at = utcnow()
+        made.reserved_at = now
         record_event(uow, "provisioning-for-user",
                      f"no ready desktop in {pool.name}: making {made.name} for {identity.name}",
                      user=identity.name, pool=pool.name, desktop_id=made.id, desktop=made.name)
         return _Claim(None, None, None, False, pending_message=(
             f"no desktop was ready, so {made.name} is being made for you; connect again "
             "in a minute"))
-
-    @staticmethod
-    def _take_free(uow: UnitOfWork, look: _Look, user: str) -> _Claim | None:
-        """Reserve the first free ready desktop of the pool's current version, on an enabled
-        host, for ``user``: one UPDATE whose subquery picks it (skipping rows other brokers
-        have locked, on PostgreSQL).
-
-        A desktop under a reconciler's live lease is skipped: the reconciler may be suspending
-        or shutting it down (the pool's power policy) and would do so under the user. Leases
-        are short and renewed while work runs, so a dead broker's lease hides a desktop for
-        at most one lease time."""
-        now = utcnow()
-        unleased = Desktop.lease_until.is_(None) | (Desktop.lease_until < now)
-        first_free = (
-            select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
-                Desktop.pool_id == look.pool_id, Desktop.state == S.READY.value,
-                Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
-                Desktop.template_version_id == look.version_id, unleased)
-            .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
-            .scalar_subquery())
-        changed = uow.session.execute(
-            update(Desktop)
-            .where(Desktop.id == first_free, Desktop.state == S.READY.value,
-                   Desktop.assigned_user.is_(None), unleased)
-            .values(state=S.RESERVED.value, assigned_user=user, reserved_at=now,
-                    state_changed_at=now, task=None, last_error=None,
-                    console_connections=0, disconnected_at=None, idle_since=None,
-                    version=Desktop.version + 1)
-            .returning(Desktop.id, Desktop.name, Desktop.hostname, Desktop.host_id,
-                       Desktop.template_version_id)
-            .execution_options(synchronize_session=False)).first()
-        if changed is None:
-            return None
-        return _Claim(changed.id, changed.name, changed.hostname, reconnect=False,
-                      host_id=changed.host_id, version_id=changed.template_version_id)
-
-    @staticmethod
-    def _reserved(uow: UnitOfWork, desktop_id: uuid.UUID, user: str) -> None:
-        uow.session.execute(
-            update(Desktop).where(Desktop.id == desktop_id)
-            .values(assigned_user=user, reserved_at=utcnow(), console_connections=0,
-                    disconnected_at=None, idle_since=None, version=Desktop.version + 1)
-            .execution_options(synchronize_session=False))
 
     # --- power on and readiness ----------------------------------------------------------
 
@@ -327,24 +275,12 @@ class Broker:
         reason = f"failed its readiness check at hand-over: {exc}"
         with self.ctx.uow() as uow:
             desktop = uow.desktops.get(claim.desktop_id)
-            try:
-                transition(uow.desktops, claim.desktop_id, S(desktop.state), S.ERROR,
-                           last_error=reason)
-            except DeskpoolError:
-                pass  # moved on meanwhile (e.g. released): leave it to its new owner
-            else:
-                self._unassign(uow, claim.desktop_id)
+            # Lost to whoever moved it on meanwhile (e.g. released): theirs to look after.
+            uow.desktops.fail_and_unassign(claim.desktop_id, desktop.state, reason)
             record_event(uow, "readiness-failed", f"{claim.desktop} {reason}",
                          severity="error", user=identity.name, pool=pool_name,
                          desktop_id=claim.desktop_id, desktop=claim.desktop)
             uow.commit()
-
-    @staticmethod
-    def _unassign(uow: UnitOfWork, desktop_id: uuid.UUID) -> None:
-        uow.session.execute(
-            update(Desktop).where(Desktop.id == desktop_id)
-            .values(assigned_user=None, reserved_at=None, version=Desktop.version + 1)
-            .execution_options(synchronize_session=False))
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -372,8 +308,3 @@ class Broker:
             Event(kind=f"logon-{outcome}", message=f"{identity.name} -> {pool_name}: {exc}",
                   severity="warning", user_name=identity.name, pool_name=pool_name))
 
-
-def _retryable(exc: DBAPIError) -> bool:
-    """PostgreSQL chose this transaction to break a deadlock, or to keep serializability:
-    the work is safe to run again (SQLSTATE 40P01, 40001)."""
-    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")

@@ -36,9 +36,9 @@ from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.services.placement import Placer
 from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
+from deskpool.store.desktops import DesktopSummary
 from deskpool.store.models import Desktop, Host, Pool
 from deskpool.store.repositories import (
-    DesktopSummary,
     release_lease,
     renew_lease,
     take_lease,

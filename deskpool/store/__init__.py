@@ -15,9 +15,9 @@ from deskpool.store.db import (
     make_session_factory,
     upgrade_to_head,
 )
+from deskpool.store.desktops import DesktopRepository
 from deskpool.store.models import Base, Desktop, Host, Template, TemplateVersion, utcnow
 from deskpool.store.repositories import (
-    DesktopRepository,
     HostRepository,
     TemplateRepository,
     TemplateVersionRepository,

@@ -33,17 +33,19 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
+from deskpool.domain.errors import LostRace
+from deskpool.store.desktops import DesktopRepository
 from deskpool.store.repositories import (
-    DesktopRepository,
     HostRepository,
     MemoryStateRepository,
     PoolRepository,
     TemplateRepository,
     TemplateVersionRepository,
+    _first_line,
     conflict_from_db_error,
 )
 
@@ -192,6 +194,12 @@ def head_revision() -> str:
 # --- unit of work ---------------------------------------------------------------------------
 
 
+def _lost_to_another_transaction(exc: DBAPIError) -> bool:
+    """PostgreSQL chose this transaction to break a deadlock, or to keep serializability
+    (SQLSTATE 40P01, 40001): nothing of it was written, and running it again is safe."""
+    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
+
+
 class UnitOfWork:
     """One transaction and the repositories that work in it.
 
@@ -261,6 +269,9 @@ class UnitOfWork:
             self._active = False
         if isinstance(exc, IntegrityError | StaleDataError):
             raise conflict_from_db_error(exc) from exc
+        if isinstance(exc, DBAPIError) and _lost_to_another_transaction(exc):
+            raise LostRace(f"the database gave this change up to a concurrent one "
+                           f"({_first_line(exc.orig)}); it is safe to run again") from exc
 
     def commit(self) -> None:
         if self.read_only:

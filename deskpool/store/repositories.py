@@ -23,15 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
+from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.exc import StaleDataError
-from sqlalchemy.orm.util import identity_key
 
-from deskpool.domain.errors import Conflict, InvalidInput, NotFound
-from deskpool.domain.models import PowerState
-from deskpool.domain.states import DesktopState, DesktopTask, check_transition
+from deskpool.domain.errors import Conflict, NotFound
 from deskpool.store.models import (
     Base,
     Desktop,
@@ -257,138 +254,6 @@ class TemplateVersionRepository(_Repository[TemplateVersion]):
         return version
 
 
-@dataclass(frozen=True, slots=True)
-class DesktopSummary:
-    """The columns the reconciler reads for every desktop on every pass, without building ORM
-    objects (at 10,000 desktops those cost most of a pass, and the garbage collector's time
-    grows with them)."""
-
-    id: uuid.UUID
-    host_id: uuid.UUID
-    pool_id: uuid.UUID | None
-    template_version_id: uuid.UUID
-    state: DesktopState
-    power_state: PowerState
-    task: DesktopTask | None
-    assigned_user: str | None
-    created_at: datetime
-    next_attempt_at: datetime | None
-
-
-_SUMMARY_COLUMNS = (
-    Desktop.id, Desktop.host_id, Desktop.pool_id, Desktop.template_version_id, Desktop.state,
-    Desktop.power_state, Desktop.task, Desktop.assigned_user, Desktop.created_at,
-    Desktop.next_attempt_at,
-)
-
-
-def _state(value: str) -> DesktopState:
-    try:
-        return DesktopState(value)
-    except ValueError:
-        raise InvalidInput(f"{value!r} is not a desktop state") from None
-
-
-class DesktopRepository(_NamedRepository[Desktop]):
-    _model = Desktop
-    _kind = "desktop"
-    _name_attr = Desktop.name
-    _uniques = (
-        _Unique(("name",), lambda d: f"a desktop named {d.name!r} already exists"),
-        _Unique(("mac",), lambda d: f"a desktop with MAC address {d.mac!r} already exists"),
-        _Unique(
-            ("machine_id",), lambda d: f"a desktop with machine-id {d.machine_id!r} already exists"
-        ),
-    )
-
-    def names(self) -> set[str]:
-        """Every desktop name in use (to pick the next free name of a naming pattern)."""
-        return set(self._session.scalars(select(Desktop.name)))
-
-    def summaries(
-        self, *, host_id: uuid.UUID | None = None, pool_id: uuid.UUID | None = None
-    ) -> builtins.list[DesktopSummary]:
-        """Every desktop (or those of one host or pool) as ``DesktopSummary`` rows."""
-        stmt = select(*_SUMMARY_COLUMNS)
-        if host_id is not None:
-            stmt = stmt.where(Desktop.host_id == host_id)
-        if pool_id is not None:
-            stmt = stmt.where(Desktop.pool_id == pool_id)
-        return [DesktopSummary(*row) for row in self._session.execute(stmt)]
-
-    def macs(self) -> set[str]:
-        """Every MAC address in use (a new desktop draws one that is not)."""
-        return set(self._session.scalars(select(Desktop.mac)))
-
-    def by_host(self, host_id: uuid.UUID) -> builtins.list[Desktop]:
-        return builtins.list(
-            self._session.scalars(
-                select(Desktop).where(Desktop.host_id == host_id).order_by(Desktop.name)
-            )
-        )
-
-    def by_state(self, state: str) -> builtins.list[Desktop]:
-        return builtins.list(
-            self._session.scalars(
-                select(Desktop).where(Desktop.state == state).order_by(Desktop.name)
-            )
-        )
-
-    def compare_and_set_state(
-        self,
-        desktop_id: uuid.UUID,
-        expected: DesktopState,
-        new: DesktopState,
-        *,
-        task: DesktopTask | None = None,
-        last_error: str | None = None,
-    ) -> bool:
-        """Move a desktop from ``expected`` to ``new`` if, and only if, it is in ``expected``.
-
-        One statement: ``UPDATE desktops SET state=:new, task=:task, last_error=:last_error,
-        state_changed_at=now, version=version+1 WHERE id=:id AND state=:expected``. ``task`` and
-        ``last_error`` are written as given, so the default ``None`` clears them. Returns
-        whether exactly one row changed: ``False`` when the desktop is in another state (someone
-        else won) or does not exist. A loaded ``Desktop`` in this session is expired, so its
-        next attribute access reads the new row.
-        """
-        check_transition(_state(expected), _state(new))
-        return self._conditional_update(
-            desktop_id,
-            Desktop.state == expected,
-            state=new,
-            task=task,
-            last_error=last_error,
-            state_changed_at=utcnow(),
-        )
-
-    def compare_and_set_power(
-        self, desktop_id: uuid.UUID, expected: PowerState, new: PowerState
-    ) -> bool:
-        """Record an observed power state if the stored one is still ``expected``.
-
-        Same single-statement shape as :meth:`compare_and_set_state`; increments ``version``.
-        """
-        return self._conditional_update(
-            desktop_id, Desktop.power_state == expected, power_state=new
-        )
-
-    def _conditional_update(
-        self, desktop_id: uuid.UUID, condition: ColumnElement[bool], **values: Any
-    ) -> bool:
-        statement = (
-            update(Desktop)
-            .where(Desktop.id == desktop_id, condition)
-            .values(version=Desktop.version + 1, **values)
-            .execution_options(synchronize_session=False)
-        )
-        result = cast(CursorResult[Any], self._session.execute(statement))
-        loaded = self._session.identity_map.get(identity_key(Desktop, desktop_id))
-        if loaded is not None:
-            self._session.expire(loaded)
-        return result.rowcount == 1
-
-
 def take_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
                owner: str, until: datetime, now: datetime) -> bool:
     """Lease a row to ``owner`` until ``until`` if nobody else holds a live lease on it.
@@ -434,6 +299,13 @@ class PoolRepository(_NamedRepository[Pool]):
     _kind = "pool"
     _name_attr = Pool.name
     _uniques = (_Unique(("name",), lambda p: f"a pool named {p.name!r} already exists"),)
+
+    def claim_target(self, name: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+        """The pool's id and current template version, or ``None``: all a claim reads of the
+        pool (two columns, no ORM object, on every logon)."""
+        row = self._session.execute(
+            select(Pool.id, Pool.current_version_id).where(Pool.name == name)).first()
+        return None if row is None else (row[0], row[1])
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

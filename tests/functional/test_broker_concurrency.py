@@ -16,7 +16,7 @@ from sqlalchemy import select
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker, Handover
 from deskpool.config import Settings
-from deskpool.domain.errors import AgentUnavailable, DeskpoolError, Unavailable
+from deskpool.domain.errors import AgentUnavailable, DeskpoolError, PoolExhausted, Unavailable
 from deskpool.domain.pools import Assignment
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
@@ -139,7 +139,7 @@ def test_a_logon_storm_hands_each_ready_desktop_to_exactly_one_user(
     assert all("being made for you" in h.message for h in pending.values())
     assert len(errors) == USERS - MAX_SIZE
     for exc in errors.values():
-        assert isinstance(exc, Unavailable) and "exhausted" in str(exc), repr(exc)
+        assert isinstance(exc, PoolExhausted) and "exhausted" in str(exc), repr(exc)
     assert_one_desktop_per_user_and_user_per_desktop(world, pool, ready, pending, errors)
     assert len(desktops(world, pool)) == MAX_SIZE
     with world.ctx.uow(read_only=True) as uow:
@@ -166,7 +166,7 @@ def test_desktops_failing_readiness_in_a_storm_leave_nothing_reserved(
     # have had one made for them instead.
     assert len(pending) <= len(broken)
     for exc in errors.values():
-        assert isinstance(exc, Unavailable), repr(exc)
+        assert isinstance(exc, Unavailable | PoolExhausted), repr(exc)
     assert_one_desktop_per_user_and_user_per_desktop(world, pool, ready, pending, errors)
 
 
@@ -204,12 +204,12 @@ def test_two_brokers_on_one_database_never_double_assign(world: BrokerWorld) -> 
     for user, answers in per_user.items():
         got = {o.desktop_id for o in answers if isinstance(o, Handover)}
         assert all((isinstance(o, Handover) and o.status == "ready")
-                   or (isinstance(o, Unavailable) and "exhausted" in str(o))
+                   or (isinstance(o, PoolExhausted) and "exhausted" in str(o))
                    for o in answers), answers
         assert len(got) <= 1, f"{user} was handed {len(got)} desktops"
         if got:
             winners[user] = next(o for o in answers if isinstance(o, Handover))
     assert len(winners) == READY
     losers: dict[str, DeskpoolError] = {
-        u: Unavailable("exhausted") for u in per_user if u not in winners}
+        u: PoolExhausted("exhausted") for u in per_user if u not in winners}
     assert_one_desktop_per_user_and_user_per_desktop(world, pool, winners, {}, losers)
