@@ -106,7 +106,7 @@ class DesktopService:
 
     def delete(self, name_or_id: str) -> None:
         """Remove the VM and its disks, then the row. A crash midway leaves the row in
-        ``deleting`` with ``desired_state`` deleted, which the reconciler finishes."""
+        ``deleting`` (task ``delete``), which the reconciler finishes."""
         with self.ctx.uow() as uow:
             desktop = self._find(uow, name_or_id)
             desktop_id, state = desktop.id, DesktopState(desktop.state)

@@ -19,7 +19,8 @@ lock, lookups, volumes and error translation.
    state that still has a NIC (its guest did not let go of it) gets it unplugged per clone;
 5. (the guest clock stays stale: the caller sets it with the identity, see base.py).
 
-See shared/notes/virtualization-facts.md, "Instant clones".
+Measured on libvirt 9.0 / QEMU 7.2 under TCG: a restore takes ~0.7 s and its guest agent
+answers ~0.8 s after the call for one clone, 2-7 s each for six at once on two cores.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Does KVM really boot a guest kernel on this machine?
 
 ``/dev/kvm`` opening and libvirt offering ``type='kvm'`` are not enough: under a nested PVM host
-kernel a stock guest kernel hangs with KVM (see shared/notes/virtualization-facts.md). So we boot
+kernel (module ``kvm_pvm``) a stock guest kernel hangs with KVM after "Probing EDD". So we boot
 the guest kernel itself under KVM with no root disk: a working KVM reaches "VFS: Unable to mount
 root fs" and panics within seconds (``panic=-1`` + ``-no-reboot`` makes QEMU exit); a broken one
 prints nothing and is killed at the timeout.
