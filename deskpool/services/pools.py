@@ -14,7 +14,7 @@ from sqlalchemy import select
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode
 from deskpool.domain.naming import first_free_number, render
-from deskpool.domain.pools import OnLogout, PoolSpec
+from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
 from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.scheduler.facts import Strategy
 from deskpool.services.context import ServiceContext
@@ -206,9 +206,15 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
 
 
 def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopTask]:
-    """What a user's logout does to a pool desktop: (next state, task for the reconciler)."""
+    """What a user's logout does to a pool desktop: (next state, task for the reconciler).
+
+    A desktop of an older template version is replaced at logout, unless it holds a user's
+    state (a stateful pool's desktop): a rollout never destroys that. It stays on its version,
+    its user's, until their changes can be carried onto the new one. Only the administrator's
+    own policy (one-time desktops, retire on logout) retires such a desktop."""
     outdated = desktop.template_version_id != pool.current_version_id
-    if pool.one_time or pool.on_logout is OnLogout.RETIRE or outdated:
+    replace_outdated = outdated and pool.kind is not PoolKind.STATEFUL
+    if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated:
         return S.RETIRING, DesktopTask.RETIRE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
         return S.RECYCLING, DesktopTask.REVERT
