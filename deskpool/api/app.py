@@ -2,11 +2,14 @@
 
 Errors deskpool raises on purpose become one JSON ``{"detail": sentence}`` with a status that
 says whose fault it is; anything else is a 500 whose detail says to look at the server log.
+A ``TemporaryError`` (a full pool, a service that did not answer) says "try again": a 503, with
+``Retry-After`` when the error knows how long to wait.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,21 +38,31 @@ from deskpool.web import pages
 
 log = logging.getLogger(__name__)
 
+# The first kind an error is wins: a silent guest agent is a DriverError before it is a
+# TemporaryError, and stays a 502.
 STATUS: list[tuple[type[errors.DeskpoolError], int]] = [
     (errors.AuthenticationFailed, 401),
     (errors.Forbidden, 403),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.InvalidInput, 400),
-    (errors.Unavailable, 503),
     (errors.PoolExhausted, 503),
+    (errors.Unavailable, 503),
     (errors.HypervisorUnreachable, 503),
     (errors.DriverError, 502),
+    (errors.TemporaryError, 503),
 ]
 
 
 def status_of(exc: errors.DeskpoolError) -> int:
     return next((code for kind, code in STATUS if isinstance(exc, kind)), 500)
+
+
+def retry_headers(exc: errors.DeskpoolError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, rounded up) for a temporary error that knows its delay."""
+    if isinstance(exc, errors.TemporaryError) and exc.delay is not None:
+        return {"Retry-After": str(max(0, math.ceil(exc.delay)))}
+    return {}
 
 
 class ArrivalTime:
@@ -99,7 +112,8 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
         code = status_of(exc)
         if code >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": str(exc)}, status_code=code,
+                            headers=retry_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,10 +2,11 @@
 
 A pass (1) syncs every host: power state from the hypervisor (the authority), desktops whose VM
 vanished, and deskpool VMs the database does not know (left by a crash); (2) plans each pool
-(rollout, maximum age, sizing); (3) runs at most one action per desktop, desktops in parallel:
+(rollout, maximum age, sizing); (3) runs at most one step per desktop, desktops in parallel:
 finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
 backoff. Everything it needs to resume is in the database, so a killed process loses nothing:
-the next pass continues from the rows.
+the next pass continues from the rows. Which step a desktop needs is data
+(``planning.plan_desktop``); how each kind is carried out is ``steps.RUNNERS``.
 """
 
 from __future__ import annotations
@@ -19,23 +20,37 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from deskpool.domain.errors import DeskpoolError, NotFound, VmNotFound
-from deskpool.domain.models import HostState, PowerState, VmRecord
-from deskpool.domain.pools import Assignment, PowerPolicy
-from deskpool.domain.states import HAS_VM_STATES, DesktopState, DesktopTask, transition
+from deskpool.domain.errors import (
+    DeskpoolError,
+    DriverError,
+    LostRace,
+    NotFound,
+    TemporaryError,
+    VmNotFound,
+)
+from deskpool.domain.models import HostState, VmRecord
+from deskpool.domain.states import (
+    HAS_VM_STATES,
+    TRANSITIONS,
+    DesktopState,
+    DesktopTask,
+    transition,
+)
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.reconciler.hosts import HostWatch
-from deskpool.reconciler.planning import DesktopFacts, plan_pool
+from deskpool.reconciler.planning import DesktopFacts, Step, plan_desktop, plan_pool
+from deskpool.reconciler.report import Outcome, PassReport
+from deskpool.reconciler.steps import StepRunner
 from deskpool.scheduler.placement import NoValidHost
 from deskpool.services.context import ServiceContext
-from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.services.factory import DesktopFactory
 from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.services.placement import Placer
 from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
+from deskpool.store.db import UnitOfWork
 from deskpool.store.desktops import DesktopSummary
 from deskpool.store.models import Desktop, Host, Pool
 from deskpool.store.repositories import (
@@ -44,6 +59,8 @@ from deskpool.store.repositories import (
     take_lease,
 )
 
+__all__ = ["PassReport", "Reconciler", "backoff"]  # PassReport: where callers found it first
+
 log = logging.getLogger(__name__)
 S = DesktopState
 MAX_BACKOFF = timedelta(minutes=10)
@@ -51,32 +68,6 @@ MAX_BACKOFF = timedelta(minutes=10)
 
 def backoff(retries: int) -> timedelta:
     return min(timedelta(seconds=5 * 2 ** max(retries - 1, 0)), MAX_BACKOFF)
-
-
-@dataclass
-class PassReport:
-    created: int = 0
-    readied: int = 0
-    recycled: int = 0
-    retired: int = 0
-    deleted: int = 0
-    power_changes: int = 0
-    vanished: int = 0
-    orphans_removed: int = 0
-    errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, what: str) -> None:
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
-
-    def error(self, message: str) -> None:
-        with self._lock:
-            self.errors.append(message)
-
-
-Action = Callable[[], None]
 
 
 @contextmanager
@@ -126,6 +117,8 @@ class Reconciler:
         # time is how soon others take over the work of a broker that died.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = lease or timedelta(seconds=settings.lease_s)
+        self.steps = StepRunner(ctx, self.factory, slot=self._slot,
+                                ready_timeout_s=self.ready_timeout_s)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -134,9 +127,9 @@ class Reconciler:
         with gc_paused():
             reachable = self._sync_hosts(report)
             self._plan_pools(report, reachable)
-            actions = self._collect_actions(report, reachable)
+            steps = self._collect_steps(report, reachable)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            list(pool.map(lambda act: act(), actions))
+            list(pool.map(lambda step: self.run_step(step, report), steps))
         return report
 
     def run_forever(
@@ -170,7 +163,7 @@ class Reconciler:
                 with self.ctx.uow(read_only=True) as uow:
                     driver = self.ctx.driver_for(uow.hosts.get(host_id))
                 records = {r.vm_id: r for r in driver.list_vms()}
-            except DeskpoolError as exc:
+            except (TemporaryError, DriverError) as exc:  # did not answer, or not sanely
                 report.error(f"host {name}: {exc}")
                 self.hosts.silent(host_id, str(exc))
                 continue
@@ -197,21 +190,21 @@ class Reconciler:
                 # apart) but no row claims it: a crash's leftover. Another deployment's VMs
                 # on a shared host are theirs to look after.
                 driver.delete_vm(vm_id)
-                report.count("orphans_removed")
+                report.count(Outcome.ORPHAN_REMOVED)
         for desktop in desktops.values():
             found = records.get(desktop.id)
             if found is None:
                 if desktop.state in HAS_VM_STATES and not self._vm_exists(driver, desktop.id):
-                    self._fail(desktop.id, S(desktop.state),
+                    self._fail(desktop.id, desktop.state,
                                f"its VM vanished from host {host.name}")
-                    report.count("vanished")
+                    report.count(Outcome.VANISHED)
                 continue
             observed = found.power_state
             if observed != desktop.power_state:
                 with self.ctx.uow() as uow:
                     if uow.desktops.compare_and_set_power(desktop.id, desktop.power_state,
                                                           observed):
-                        report.count("power_changes")
+                        report.count(Outcome.POWER_CHANGED)
                     uow.commit()
 
     @staticmethod
@@ -222,7 +215,7 @@ class Reconciler:
             driver.get_vm(vm_id)
         except VmNotFound:
             return False
-        except DeskpoolError:
+        except (TemporaryError, DriverError):
             return True  # cannot tell now: not called vanished
         return True
 
@@ -251,7 +244,7 @@ class Reconciler:
                 try:
                     transition(uow.desktops, desktop_id, S.READY, S.RETIRING,
                                task=DesktopTask.RETIRE)
-                except DeskpoolError:
+                except LostRace:
                     continue  # claimed by a user meanwhile: it stays
             taken_macs = uow.desktops.macs() if plan.create else set()
             placer = Placer(uow, reachable=reachable) if plan.create else None
@@ -261,69 +254,62 @@ class Reconciler:
                 except NoValidHost as exc:
                     report.error(str(exc))
                     break
-                report.count("created")
+                report.count(Outcome.CREATED)
             uow.commit()
 
-    # --- 3. actions ------------------------------------------------------------------------
+    # --- 3. desktop steps -------------------------------------------------------------------
 
-    def _collect_actions(self, report: PassReport, reachable: set[uuid.UUID]) -> list[Action]:
+    def _collect_steps(self, report: PassReport, reachable: set[uuid.UUID]) -> list[Step]:
         now = self.clock()
-        actions: list[Action] = []
+        steps: list[Step] = []
         with self.ctx.uow(read_only=True) as uow:
-            pools = {p.id: p.power_policy for p in uow.pools.list()}
-            drivers = {h.id: self.ctx.driver_for(h) for h in uow.hosts.list()
-                       if h.id in reachable}
+            policies = {p.id: p.power_policy for p in uow.pools.list()}
             for desktop in uow.desktops.summaries():
                 if desktop.host_id not in reachable:
                     continue  # its host is away: nothing can be done, nothing is deleted
-                if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
-                    continue  # backing off after a failure
-                policy = pools.get(desktop.pool_id) if desktop.pool_id else None
-                action = self._action_for(desktop, policy, drivers[desktop.host_id], report)
-                if action is not None:
-                    actions.append(action)
-        return actions
+                policy = policies.get(desktop.pool_id) if desktop.pool_id else None
+                step = plan_desktop(desktop, policy, now)
+                if step is not None:
+                    steps.append(step)
+        return steps
 
-    def _action_for(self, desktop: DesktopSummary, policy: PowerPolicy | None,
-                    driver: HypervisorDriver, report: PassReport) -> Action | None:
-        d_id, host_id, state = desktop.id, desktop.host_id, desktop.state
-        if state == S.PROVISIONING.value:
-            return lambda: self._guard(d_id, S.PROVISIONING, report,
-                                       lambda: self._provision(d_id, host_id, report))
-        if state == S.CUSTOMIZING.value:
-            return lambda: self._guard(d_id, S.CUSTOMIZING, report,
-                                       lambda: self._ready(d_id, host_id, report))
-        if state == S.RECYCLING.value:
-            task = desktop.task
-            return lambda: self._guard(d_id, S.RECYCLING, report,
-                                       lambda: self._recycle(d_id, task, report))
-        if state in (S.RETIRING.value, S.RETIRED.value, S.DELETING.value):
-            return lambda: self._guard(d_id, S(state), report,
-                                       lambda: self._remove(d_id, S(state), report))
-        if state == S.ERROR.value and desktop.pool_id is not None:
-            # A pool desktop that failed is replaced rather than repaired.
-            return lambda: self._guard(d_id, S.ERROR, report,
-                                       lambda: self._retire_failed(d_id, report))
-        if (state == S.READY.value and desktop.assigned_user is None and policy is not None):
-            return self._power_action(d_id, desktop.power_state, policy, driver, report)
-        return None
-
-    def _guard(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport,
-               work: Action) -> None:
+    def run_step(self, step: Step, report: PassReport) -> None:
         """Run one desktop's step under this broker's lease on it (another broker's live
-        lease means it is working on it: skip); a failure is recorded with a backoff."""
+        lease means it is working on it: skip). What the step raises says what follows:
+
+        * ``LostRace``: another actor moved the desktop on first; it is theirs, nothing is
+          written.
+        * another ``DeskpoolError``: the desktop goes to ``error`` with the reason and a
+          backoff (a ``TemporaryError``'s own ``delay`` when it gives one).
+        * anything else is a bug in deskpool, not the desktop's failure: logged with its trace
+          and counted; the desktop keeps its state and only waits a backoff, so the pass does
+          not retry it in a hot loop.
+        """
+        desktop_id = step.desktop_id
         with self._leased(Desktop, desktop_id) as mine:
             if not mine:
                 return
             try:
                 with self.ctx.uow(read_only=True) as uow:
                     current = uow.desktops.find(desktop_id)
-                    if current is None or current.state != state.value:
+                    if current is None or current.state is not step.state:
                         return  # another broker did this step after we looked: nothing to do
-                work()
-            except Exception as exc:  # any failure: record it, never stop the pass
+                self.steps.run(step, report)
+            except LostRace as exc:
+                log.debug("desktop %s: %s step lost a race: %s", desktop_id, step.kind, exc)
+            except TemporaryError as exc:
                 report.error(f"desktop {desktop_id}: {exc}")
-                self._fail(desktop_id, state, str(exc))
+                delay = None if exc.delay is None else timedelta(seconds=exc.delay)
+                self._fail(desktop_id, step.state, str(exc), delay=delay)
+            except DeskpoolError as exc:
+                report.error(f"desktop {desktop_id}: {exc}")
+                self._fail(desktop_id, step.state, str(exc))
+            except Exception as exc:  # a bug: never stop the pass, never blame the desktop
+                log.exception("desktop %s: %s step failed on a programming error",
+                              desktop_id, step.kind)
+                report.bug(f"desktop {desktop_id}: {step.kind} step hit a bug: "
+                           f"{type(exc).__name__}: {exc}")
+                self._back_off(desktop_id, step.state)
 
     @contextmanager
     def _leased(self, model: type[Desktop] | type[Pool], row_id: uuid.UUID) -> Iterator[bool]:
@@ -353,29 +339,55 @@ class Reconciler:
                 release_lease(uow.session, model, row_id, self.owner)
                 uow.commit()
 
-    def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str) -> None:
+    def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str, *,
+              delay: timedelta | None = None) -> None:
+        """The step that started in ``state`` failed: the desktop goes to ``error`` with the
+        reason and waits ``delay`` (else the backoff for its retries) before the next try."""
         with self.ctx.uow() as uow:
-            try:
-                desktop = uow.desktops.get(desktop_id)
-            except NotFound:
+            desktop = self._still_the_steps(uow, desktop_id, state, reason)
+            if desktop is None:
                 return
-            current = S(desktop.state)
-            if current is not S.ERROR and current not in _STEP_PATHS.get(state, {state}):
-                # The step got the desktop past its own states before it failed (e.g. at
-                # giving back its host slot): a user may hold it now. Not ours to fail.
-                log.warning("desktop %s: %s after it went on to %s", desktop_id, reason,
-                            current.value)
-                return
-            if current is not S.ERROR:
+            current = desktop.state
+            if current is not S.ERROR and S.ERROR in TRANSITIONS[current]:
                 try:
                     transition(uow.desktops, desktop_id, current, S.ERROR, last_error=reason)
-                except DeskpoolError:
+                except LostRace:
                     return  # moved on meanwhile: not ours to fail
-            desktop = uow.desktops.get(desktop_id)
+                desktop = uow.desktops.get(desktop_id)
+            # (A retired desktop cannot be in error: it keeps its state and waits too.)
             desktop.retry_count += 1
             desktop.last_error = reason
+            wait = backoff(desktop.retry_count) if delay is None else delay
+            desktop.next_attempt_at = self.clock() + wait
+            uow.commit()
+
+    def _back_off(self, desktop_id: uuid.UUID, state: DesktopState) -> None:
+        """A bug stopped the step that started in ``state``: the desktop keeps its state and
+        its ``last_error`` (the failure is deskpool's, not the desktop's) and only waits."""
+        with self.ctx.uow() as uow:
+            desktop = self._still_the_steps(uow, desktop_id, state, "a bug stopped its step")
+            if desktop is None:
+                return
+            desktop.retry_count += 1
             desktop.next_attempt_at = self.clock() + backoff(desktop.retry_count)
             uow.commit()
+
+    @staticmethod
+    def _still_the_steps(uow: UnitOfWork, desktop_id: uuid.UUID, state: DesktopState,
+                         reason: str) -> Desktop | None:
+        """The desktop, if a failure of the step that started in ``state`` is still its:
+        None when it is gone, or when the step got it past the step's own states before it
+        failed (e.g. at giving back its host slot), where a user may hold it now."""
+        try:
+            desktop = uow.desktops.get(desktop_id)
+        except NotFound:
+            return None
+        current = desktop.state
+        if current is not S.ERROR and current not in _STEP_PATHS.get(state, {state}):
+            log.warning("desktop %s: %s after it went on to %s", desktop_id, reason,
+                        current.value)
+            return None
+        return desktop
 
     def _slot(self, host_id: uuid.UUID) -> AbstractContextManager[int]:
         """Desktops made at once on one host, by all brokers: the host's own limit
@@ -386,66 +398,3 @@ class Reconciler:
             limit = uow.hosts.get(host_id).max_provisioning or self.provisioning_per_host
         return host_slot(self.ctx, host_id, SlotKind.PROVISIONING, limit, holder=self.owner,
                          hold_for=min(HOLD_FOR, self.lease), clock=self.clock)
-
-    def _provision(self, desktop_id: uuid.UUID, host_id: uuid.UUID,
-                   report: PassReport) -> None:
-        with self._slot(host_id):
-            # A leftover of an interrupted run is cleared first (the contract replaces crash
-            # leftovers), then the clone is made again from the row.
-            self.factory.provision(desktop_id)
-            self.factory.make_ready(desktop_id, timeout_s=self.ready_timeout_s)
-        report.count("readied")
-
-    def _ready(self, desktop_id: uuid.UUID, host_id: uuid.UUID, report: PassReport) -> None:
-        with self._slot(host_id):
-            self.factory.make_ready(desktop_id, timeout_s=self.ready_timeout_s)
-        report.count("readied")
-
-    def _recycle(self, desktop_id: uuid.UUID, task: str | None, report: PassReport) -> None:
-        driver = self.factory.driver_of(desktop_id)
-        if task is DesktopTask.REVERT:
-            driver.revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
-            self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
-        with self.ctx.uow() as uow:
-            transition(uow.desktops, desktop_id, S.RECYCLING, S.READY)
-            desktop = uow.desktops.get(desktop_id)
-            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
-            if pool is None or pool.assignment is not Assignment.DEDICATED:
-                desktop.assigned_user = None  # floating: back to anyone
-            desktop.retry_count = 0
-            desktop.next_attempt_at = None
-            uow.commit()
-        report.count("recycled")
-
-    def _remove(self, desktop_id: uuid.UUID, state: DesktopState, report: PassReport) -> None:
-        if state is S.RETIRING:
-            self.factory.driver_of(desktop_id).delete_vm(desktop_id)
-            with self.ctx.uow() as uow:
-                transition(uow.desktops, desktop_id, S.RETIRING, S.RETIRED)
-                uow.commit()
-            report.count("retired")
-        else:
-            report.count("deleted" if state is S.DELETING else "retired")
-        self.factory.discard(desktop_id)  # VM (idempotent) and row
-
-    def _retire_failed(self, desktop_id: uuid.UUID, report: PassReport) -> None:
-        with self.ctx.uow() as uow:
-            transition(uow.desktops, desktop_id, S.ERROR, S.RETIRING, task=DesktopTask.RETIRE)
-            uow.commit()
-        self._remove(desktop_id, S.RETIRING, report)
-
-    def _power_action(self, desktop_id: uuid.UUID, power: PowerState, policy: PowerPolicy,
-                      driver: HypervisorDriver, report: PassReport) -> Action | None:
-        def act(do: Callable[[uuid.UUID], None]) -> Action:
-            def run() -> None:
-                do(desktop_id)
-                report.count("power_changes")
-            return lambda: self._guard(desktop_id, S.READY, report, run)
-
-        if policy is PowerPolicy.SUSPEND and power is PowerState.RUNNING:
-            return act(driver.suspend_vm)
-        if policy is PowerPolicy.SHUTOFF and power is PowerState.RUNNING:
-            return act(lambda vm_id: driver.stop_vm(vm_id))
-        if policy is PowerPolicy.RUNNING and power in (PowerState.SHUTOFF, PowerState.SAVED):
-            return act(driver.start_vm)
-        return None

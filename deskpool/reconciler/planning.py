@@ -1,7 +1,9 @@
-"""What a pool needs, decided from its rows alone (pure: no I/O, easy to test at scale).
+"""What a pool and each desktop need next, decided from their rows alone (pure: no I/O, easy
+to test at scale).
 
 The reconciler reads a pool's desktops, asks ``plan_pool`` what to do, and carries the answer
-out through the factory and the state table.
+out through the factory and the state table. For each desktop it asks ``plan_desktop`` for the
+one step it needs now, as data (a ``Step``); ``reconciler.steps`` says how each kind is run.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
 
-from deskpool.domain.pools import PoolSpec
-from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState
+from deskpool.domain.models import PowerState
+from deskpool.domain.pools import PoolSpec, PowerPolicy
+from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, DesktopTask
 
 S = DesktopState
 
@@ -19,7 +24,7 @@ S = DesktopState
 @dataclass(frozen=True)
 class DesktopFacts:
     id: uuid.UUID
-    state: str
+    state: DesktopState
     version_id: uuid.UUID
     assigned: bool
     created_at: datetime
@@ -37,12 +42,12 @@ def plan_pool(
 ) -> PoolPlan:
     plan = PoolPlan()
     live = [d for d in desktops if d.state not in NOT_LIVE_STATES]
-    free_ready = [d for d in live if d.state == S.READY.value and not d.assigned]
+    free_ready = [d for d in live if d.state is S.READY and not d.assigned]
 
     # Template rollout: free desktops of another version go, once ``canary`` new ones are ready.
     outdated = [d for d in free_ready if d.version_id != current_version]
     new_ready = sum(1 for d in live if d.version_id == current_version
-                    and d.state == S.READY.value)
+                    and d.state is S.READY)
     new_live = sum(1 for d in live if d.version_id == current_version)
     if outdated:
         if new_ready >= spec.canary:
@@ -80,3 +85,90 @@ def plan_pool(
             plan.reasons.append(f"sizing: retiring {extra} above the wanted {desired}")
     plan.create = max(0, min(plan.create, spec.max_size - (len(live) - len(plan.retire))))
     return plan
+
+
+# --- one desktop's next step ---------------------------------------------------------------
+
+
+class StepKind(StrEnum):
+    """What the reconciler does to one desktop in a pass (at most one step each)."""
+
+    PROVISION = "provision"  # clone, define and boot, then confirm its identity
+    MAKE_READY = "make-ready"  # booted: confirm its identity through the guest agent
+    RECYCLE = "recycle"  # back to ready after a user, reverted or as it is (``task``)
+    REMOVE = "remove"  # retiring, retired or deleting: VM and row go
+    RETIRE_FAILED = "retire-failed"  # a pool desktop in error is replaced, not repaired
+    SUSPEND = "suspend"  # power policy of a free desktop: memory saved to disk
+    SHUT_OFF = "shut-off"
+    START = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    kind: StepKind
+    desktop_id: uuid.UUID
+    host_id: uuid.UUID
+    # The state the step starts from: a desktop found in another one when the step begins
+    # has been moved on by someone else and is left to them.
+    state: DesktopState
+    task: DesktopTask | None = None
+
+
+class DesktopView(Protocol):
+    """The facts ``plan_desktop`` reads (``store.desktops.DesktopSummary`` has them)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def host_id(self) -> uuid.UUID: ...
+    @property
+    def pool_id(self) -> uuid.UUID | None: ...
+    @property
+    def state(self) -> DesktopState: ...
+    @property
+    def power_state(self) -> PowerState: ...
+    @property
+    def task(self) -> DesktopTask | None: ...
+    @property
+    def assigned_user(self) -> str | None: ...
+    @property
+    def next_attempt_at(self) -> datetime | None: ...
+
+
+# States whose step depends on nothing but the state.
+_STEP_OF_STATE: dict[DesktopState, StepKind] = {
+    S.PROVISIONING: StepKind.PROVISION,
+    S.CUSTOMIZING: StepKind.MAKE_READY,
+    S.RECYCLING: StepKind.RECYCLE,
+    S.RETIRING: StepKind.REMOVE,
+    S.RETIRED: StepKind.REMOVE,
+    S.DELETING: StepKind.REMOVE,
+}
+
+# A free ready desktop's power state against its pool's power policy: the step that brings
+# them in line (none when they agree, or when the power state says nothing, e.g. paused).
+_POWER_STEPS: dict[tuple[PowerPolicy, PowerState], StepKind] = {
+    (PowerPolicy.SUSPEND, PowerState.RUNNING): StepKind.SUSPEND,
+    (PowerPolicy.SHUTOFF, PowerState.RUNNING): StepKind.SHUT_OFF,
+    (PowerPolicy.RUNNING, PowerState.SHUTOFF): StepKind.START,
+    (PowerPolicy.RUNNING, PowerState.SAVED): StepKind.START,
+}
+
+
+def plan_desktop(
+    desktop: DesktopView, power_policy: PowerPolicy | None, now: datetime
+) -> Step | None:
+    """The one step ``desktop`` needs now, or None. ``power_policy`` is its pool's (None for a
+    desktop outside a pool). Whether its host answers is the caller's to check."""
+    if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
+        return None  # backing off after a failure
+    state = desktop.state
+    kind = _STEP_OF_STATE.get(state)
+    if kind is None and state is S.ERROR and desktop.pool_id is not None:
+        kind = StepKind.RETIRE_FAILED  # a pool desktop that failed is replaced
+    if (kind is None and state is S.READY and desktop.assigned_user is None
+            and power_policy is not None):
+        kind = _POWER_STEPS.get((power_policy, desktop.power_state))
+    if kind is None:
+        return None
+    return Step(kind, desktop.id, desktop.host_id, state, desktop.task)

@@ -115,12 +115,12 @@ def test_a_reconciler_acting_on_a_stale_view_does_not_redo_finished_work(
     report = PassReport()
     reachable = first._sync_hosts(report)
     first._plan_pools(report, reachable)
-    stale = first._collect_actions(report, reachable)  # provision both desktops...
+    stale = first._collect_steps(report, reachable)  # provision both desktops...
     assert len(stale) == 2
     second.run_pass()  # ...but the second reconciler gets there first
     assert {r.state for r in grid.rows().values()} == {"ready"}
-    for act in stale:
-        act()
+    for step in stale:
+        first.run_step(step, report)
     assert report.errors == []
     assert {r.state for r in grid.rows().values()} == {"ready"}
     assert set(counts.values()) == {1}

@@ -9,6 +9,7 @@ import pytest
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
+from deskpool.domain.states import DesktopState
 from deskpool.reconciler.planning import DesktopFacts, plan_pool
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -17,7 +18,8 @@ V1, V2 = uuid.uuid4(), uuid.uuid4()
 
 def desk(state: str = "ready", version: uuid.UUID = V1, assigned: bool = False,
          age_s: int = 60) -> DesktopFacts:
-    return DesktopFacts(uuid.uuid4(), state, version, assigned, NOW - timedelta(seconds=age_s))
+    return DesktopFacts(uuid.uuid4(), DesktopState(state), version, assigned,
+                        NOW - timedelta(seconds=age_s))
 
 
 def spec(**kw: object) -> PoolSpec:

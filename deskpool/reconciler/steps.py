@@ -1,0 +1,110 @@
+"""How the reconciler carries out each kind of desktop step.
+
+``planning.plan_desktop`` decides *what* a desktop needs (a ``Step``, data); ``RUNNERS`` maps
+each ``StepKind`` to the method here that does it. The reconciler runs a step under its lease on
+the desktop and turns what the step raises into the desktop's error state, a backoff, or
+nothing (``Reconciler.run_step``); the methods here only do the work and count it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from deskpool.domain.pools import Assignment
+from deskpool.domain.states import DesktopState, DesktopTask, transition
+from deskpool.reconciler.planning import Step, StepKind
+from deskpool.reconciler.report import Outcome, PassReport
+from deskpool.services.context import ServiceContext
+from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
+
+S = DesktopState
+HostSlot = Callable[[uuid.UUID], AbstractContextManager[int]]
+
+
+class StepRunner:
+    """``slot(host_id)`` holds one of the host's provisioning slots while a desktop is made."""
+
+    def __init__(self, ctx: ServiceContext, factory: DesktopFactory, *, slot: HostSlot,
+                 ready_timeout_s: float) -> None:
+        self.ctx = ctx
+        self.factory = factory
+        self.slot = slot
+        self.ready_timeout_s = ready_timeout_s
+
+    def run(self, step: Step, report: PassReport) -> None:
+        RUNNERS[step.kind](self, step, report)
+
+    def provision(self, step: Step, report: PassReport) -> None:
+        with self.slot(step.host_id):
+            # A leftover of an interrupted run is cleared first (the contract replaces crash
+            # leftovers), then the clone is made again from the row.
+            self.factory.provision(step.desktop_id)
+            self.factory.make_ready(step.desktop_id, timeout_s=self.ready_timeout_s)
+        report.count(Outcome.READIED)
+
+    def make_ready(self, step: Step, report: PassReport) -> None:
+        with self.slot(step.host_id):
+            self.factory.make_ready(step.desktop_id, timeout_s=self.ready_timeout_s)
+        report.count(Outcome.READIED)
+
+    def recycle(self, step: Step, report: PassReport) -> None:
+        desktop_id = step.desktop_id
+        if step.task is DesktopTask.REVERT:
+            self.factory.driver_of(desktop_id).revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
+            self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, S.RECYCLING, S.READY)
+            desktop = uow.desktops.get(desktop_id)
+            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
+            if pool is None or pool.assignment is not Assignment.DEDICATED:
+                desktop.assigned_user = None  # floating: back to anyone
+            desktop.retry_count = 0
+            desktop.next_attempt_at = None
+            uow.commit()
+        report.count(Outcome.RECYCLED)
+
+    def remove(self, step: Step, report: PassReport) -> None:
+        """Retiring: the VM goes, then the row says retired; retired (a crash between the
+        two) or deleting: VM and row go."""
+        desktop_id = step.desktop_id
+        if step.state is S.RETIRING:
+            self.factory.driver_of(desktop_id).delete_vm(desktop_id)
+            with self.ctx.uow() as uow:
+                transition(uow.desktops, desktop_id, S.RETIRING, S.RETIRED)
+                uow.commit()
+        report.count(Outcome.DELETED if step.state is S.DELETING else Outcome.RETIRED)
+        self.factory.discard(desktop_id)  # VM (idempotent) and row
+
+    def retire_failed(self, step: Step, report: PassReport) -> None:
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, step.desktop_id, S.ERROR, S.RETIRING,
+                       task=DesktopTask.RETIRE)
+            uow.commit()
+        self.remove(Step(StepKind.REMOVE, step.desktop_id, step.host_id, S.RETIRING,
+                         DesktopTask.RETIRE), report)
+
+    def suspend(self, step: Step, report: PassReport) -> None:
+        self.factory.driver_of(step.desktop_id).suspend_vm(step.desktop_id)
+        report.count(Outcome.POWER_CHANGED)
+
+    def shut_off(self, step: Step, report: PassReport) -> None:
+        self.factory.driver_of(step.desktop_id).stop_vm(step.desktop_id)
+        report.count(Outcome.POWER_CHANGED)
+
+    def start(self, step: Step, report: PassReport) -> None:
+        self.factory.driver_of(step.desktop_id).start_vm(step.desktop_id)
+        report.count(Outcome.POWER_CHANGED)
+
+
+RUNNERS: dict[StepKind, Callable[[StepRunner, Step, PassReport], None]] = {
+    StepKind.PROVISION: StepRunner.provision,
+    StepKind.MAKE_READY: StepRunner.make_ready,
+    StepKind.RECYCLE: StepRunner.recycle,
+    StepKind.REMOVE: StepRunner.remove,
+    StepKind.RETIRE_FAILED: StepRunner.retire_failed,
+    StepKind.SUSPEND: StepRunner.suspend,
+    StepKind.SHUT_OFF: StepRunner.shut_off,
+    StepKind.START: StepRunner.start,
+}
