@@ -76,6 +76,7 @@ class _Claim:
     own: bool = False  # the user's already (held, or a dedicated one): never failed for a blip
     host_id: uuid.UUID | None = None
     version_id: uuid.UUID | None = None
+    stateful: bool = False  # its pool keeps its users' changes
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class _Look:
     pool: str
     version_id: uuid.UUID
     own_ready: uuid.UUID | None  # the user's own ready desktop (dedicated, or made for them)
+    stateful: bool
 
 
 class _Timer:
@@ -181,12 +183,17 @@ class Broker:
         pool = uow.pools.claim_target(pool_name)
         if pool is None:
             raise NotFound(f"there is no pool named {pool_name!r}")
-        pool_id, version_id = pool
         if pool_name not in entitled_pool_names(uow, identity):
             raise Forbidden(f"you are not entitled to pool {pool_name!r}; ask your "
                             "administrator for access")
-        mine = uow.desktops.of_user_in_pool(pool_id, identity.name)
+        mine = uow.desktops.of_user_in_pool(pool.pool_id, identity.name)
         for d in mine:
+            if d.state is S.ERROR:
+                raise Unavailable(
+                    f"your desktop {d.name} failed and is being repaired, with your files "
+                    "kept; please try again in a few minutes" if pool.stateful else
+                    f"your desktop {d.name} failed and is being replaced; please try again "
+                    "in a minute")
             if d.host_state in (HostState.DOWN, HostState.MAINTENANCE) or (
                     d.host_state is HostState.DRAINING and d.state not in HELD_STATES):
                 raise Unavailable(
@@ -194,12 +201,13 @@ class Broker:
                     f"{d.host_state.value}; it comes back when the host does")
             if d.state in HELD_STATES:
                 return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
-                              host_id=d.host_id, version_id=d.template_version_id)
+                              host_id=d.host_id, version_id=d.template_version_id,
+                              stateful=pool.stateful)
         own_ready = next((d.id for d in mine if d.state is S.READY), None)
         if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
-        return _Look(pool_id, pool_name, version_id, own_ready)
+        return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful)
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
@@ -207,12 +215,14 @@ class Broker:
                 raise LostRace(f"desktop {look.own_ready} is no longer ready")
             d = uow.desktops.get(look.own_ready)
             return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
-                          host_id=d.host_id, version_id=d.template_version_id)
+                          host_id=d.host_id, version_id=d.template_version_id,
+                          stateful=look.stateful)
         now = utcnow()
         free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
             return _Claim(free.id, free.name, free.hostname, reconnect=False,
-                          host_id=free.host_id, version_id=free.template_version_id)
+                          host_id=free.host_id, version_id=free.template_version_id,
+                          stateful=look.stateful)
         pool = uow.pools.get(look.pool_id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
@@ -275,8 +285,14 @@ class Broker:
         reason = f"failed its readiness check at hand-over: {exc}"
         with self.ctx.uow() as uow:
             desktop = uow.desktops.get(claim.desktop_id)
-            # Lost to whoever moved it on meanwhile (e.g. released): theirs to look after.
-            uow.desktops.fail_and_unassign(claim.desktop_id, desktop.state, reason)
+            # A lost race leaves it to whoever moved it on meanwhile (e.g. released). A
+            # stateful desktop stays its user's, with their changes, and is repaired; any
+            # other is given back and replaced.
+            if claim.stateful and desktop.assigned_user is not None:
+                uow.desktops.compare_and_set_state(claim.desktop_id, desktop.state, S.ERROR,
+                                                   last_error=reason)
+            else:
+                uow.desktops.fail_and_unassign(claim.desktop_id, desktop.state, reason)
             record_event(uow, "readiness-failed", f"{claim.desktop} {reason}",
                          severity="error", user=identity.name, pool=pool_name,
                          desktop_id=claim.desktop_id, desktop=claim.desktop)

@@ -31,6 +31,7 @@ from deskpool.domain.errors import (
     VmNotFound,
 )
 from deskpool.domain.models import HostState, VmRecord
+from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import (
     HAS_VM_STATES,
     TRANSITIONS,
@@ -90,7 +91,8 @@ def gc_paused() -> Iterator[None]:
 # failure there is the step's. A desktop past them finished its step and is left alone.
 _STEP_PATHS: dict[DesktopState, frozenset[DesktopState]] = {
     S.PROVISIONING: frozenset({S.PROVISIONING, S.CUSTOMIZING}),
-    S.ERROR: frozenset({S.ERROR, S.RETIRING}),  # a failed pool desktop being retired
+    # A failed pool desktop being retired, or repaired (booted and confirmed again).
+    S.ERROR: frozenset({S.ERROR, S.RETIRING, S.CUSTOMIZING}),
 }
 
 
@@ -263,12 +265,13 @@ class Reconciler:
         now = self.clock()
         steps: list[Step] = []
         with self.ctx.uow(read_only=True) as uow:
-            policies = {p.id: p.power_policy for p in uow.pools.list()}
+            pools = {p.id: p for p in uow.pools.list()}
             for desktop in uow.desktops.summaries():
                 if desktop.host_id not in reachable:
                     continue  # its host is away: nothing can be done, nothing is deleted
-                policy = policies.get(desktop.pool_id) if desktop.pool_id else None
-                step = plan_desktop(desktop, policy, now)
+                pool = pools.get(desktop.pool_id) if desktop.pool_id else None
+                step = plan_desktop(desktop, pool.power_policy if pool else None, now,
+                                    stateful=pool is not None and pool.kind is PoolKind.STATEFUL)
                 if step is not None:
                     steps.append(step)
         return steps

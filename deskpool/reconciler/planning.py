@@ -98,6 +98,7 @@ class StepKind(StrEnum):
     RECYCLE = "recycle"  # back to ready after a user, reverted or as it is (``task``)
     REMOVE = "remove"  # retiring, retired or deleting: VM and row go
     RETIRE_FAILED = "retire-failed"  # a pool desktop in error is replaced, not repaired
+    REPAIR = "repair"  # ...unless it holds its user's state: booted and confirmed again
     SUSPEND = "suspend"  # power policy of a free desktop: memory saved to disk
     SHUT_OFF = "shut-off"
     START = "start"
@@ -156,16 +157,22 @@ _POWER_STEPS: dict[tuple[PowerPolicy, PowerState], StepKind] = {
 
 
 def plan_desktop(
-    desktop: DesktopView, power_policy: PowerPolicy | None, now: datetime
+    desktop: DesktopView, power_policy: PowerPolicy | None, now: datetime, *,
+    stateful: bool = False,
 ) -> Step | None:
     """The one step ``desktop`` needs now, or None. ``power_policy`` is its pool's (None for a
-    desktop outside a pool). Whether its host answers is the caller's to check."""
+    desktop outside a pool), ``stateful`` whether that pool keeps its users' changes. Whether
+    its host answers is the caller's to check."""
     if desktop.next_attempt_at is not None and desktop.next_attempt_at > now:
         return None  # backing off after a failure
     state = desktop.state
     kind = _STEP_OF_STATE.get(state)
     if kind is None and state is S.ERROR and desktop.pool_id is not None:
-        kind = StepKind.RETIRE_FAILED  # a pool desktop that failed is replaced
+        # A pool desktop that failed is replaced; one holding its user's changes is never
+        # thrown away for a failure: it is repaired (retried with backoff) until it works
+        # or an administrator decides otherwise.
+        holds_user_state = stateful and desktop.assigned_user is not None
+        kind = StepKind.REPAIR if holds_user_state else StepKind.RETIRE_FAILED
     if (kind is None and state is S.READY and desktop.assigned_user is None
             and power_policy is not None):
         kind = _POWER_STEPS.get((power_policy, desktop.power_state))

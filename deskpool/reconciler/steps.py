@@ -85,6 +85,15 @@ class StepRunner:
         self.remove(Step(StepKind.REMOVE, step.desktop_id, step.host_id, S.RETIRING,
                          DesktopTask.RETIRE), report)
 
+    def repair(self, step: Step, report: PassReport) -> None:
+        """A failed desktop holding its user's state: booted (if off) and its identity
+        confirmed again; a failure puts it back in error for a later try, never away."""
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, step.desktop_id, S.ERROR, S.CUSTOMIZING,
+                       task=DesktopTask.BOOT)
+            uow.commit()
+        self.make_ready(step, report)
+
     def suspend(self, step: Step, report: PassReport) -> None:
         self.factory.driver_of(step.desktop_id).suspend_vm(step.desktop_id)
         report.count(Outcome.POWER_CHANGED)
@@ -104,6 +113,7 @@ RUNNERS: dict[StepKind, Callable[[StepRunner, Step, PassReport], None]] = {
     StepKind.RECYCLE: StepRunner.recycle,
     StepKind.REMOVE: StepRunner.remove,
     StepKind.RETIRE_FAILED: StepRunner.retire_failed,
+    StepKind.REPAIR: StepRunner.repair,
     StepKind.SUSPEND: StepRunner.suspend,
     StepKind.SHUT_OFF: StepRunner.shut_off,
     StepKind.START: StepRunner.start,

@@ -155,13 +155,14 @@ class DesktopRepository(_NamedRepository[Desktop]):
         )
 
     def of_user_in_pool(self, pool_id: uuid.UUID, user: str) -> builtins.list[UserDesktop]:
-        """The user's live desktops in a pool (held, being made for them, or dedicated)."""
+        """The user's desktops in a pool that are not on their way out: held, being made for
+        them, dedicated, or failed while still theirs (a stateful one being repaired)."""
         rows = self._session.execute(
             select(Desktop.id, Desktop.name, Desktop.hostname, Desktop.state, Desktop.host_id,
                    Desktop.template_version_id, Host.name, Host.state)
             .join(Host, Host.id == Desktop.host_id)
             .where(Desktop.pool_id == pool_id, Desktop.assigned_user == user,
-                   Desktop.state.not_in(NOT_LIVE_STATES)))
+                   Desktop.state.not_in(NOT_LIVE_STATES - {S.ERROR})))
         return [UserDesktop(*row) for row in rows]
 
     def seats(self, pool_id: uuid.UUID) -> builtins.list[PoolSeat]:

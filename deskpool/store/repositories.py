@@ -29,6 +29,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import Conflict, NotFound
+from deskpool.domain.pools import PoolKind
 from deskpool.store.models import (
     Base,
     Desktop,
@@ -294,18 +295,27 @@ def release_lease(session: Session, model: type[Desktop] | type[Pool], row_id: u
                     .values(**values).execution_options(synchronize_session=False))
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimTarget:
+    pool_id: uuid.UUID
+    version_id: uuid.UUID  # the version new desktops are made from
+    stateful: bool  # its desktops keep their users' changes
+
+
 class PoolRepository(_NamedRepository[Pool]):
     _model = Pool
     _kind = "pool"
     _name_attr = Pool.name
     _uniques = (_Unique(("name",), lambda p: f"a pool named {p.name!r} already exists"),)
 
-    def claim_target(self, name: str) -> tuple[uuid.UUID, uuid.UUID] | None:
-        """The pool's id and current template version, or ``None``: all a claim reads of the
-        pool (two columns, no ORM object, on every logon)."""
+    def claim_target(self, name: str) -> ClaimTarget | None:
+        """What a claim reads of the pool, or ``None``: a few columns, no ORM object, on
+        every logon."""
         row = self._session.execute(
-            select(Pool.id, Pool.current_version_id).where(Pool.name == name)).first()
-        return None if row is None else (row[0], row[1])
+            select(Pool.id, Pool.current_version_id, Pool.kind).where(Pool.name == name)
+        ).first()
+        return None if row is None else ClaimTarget(row[0], row[1],
+                                                    row[2] is PoolKind.STATEFUL)
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

@@ -13,7 +13,7 @@ import pytest
 
 from deskpool.broker.handover import Handover
 from deskpool.config import Settings
-from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.errors import AgentUnavailable, InvalidInput, NotFound, Unavailable
 from deskpool.domain.identity import new_mac
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
@@ -399,3 +399,32 @@ def test_a_stateless_outdated_desktop_is_still_replaced_at_logout(
     assert users.log_off(mine, "alice") == "retiring"
     run_passes(reconciler)
     assert mine not in {d.id for d in desktops(ctx)}
+
+
+def test_a_stateful_desktop_failing_at_hand_over_is_repaired_never_replaced(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver, clock: Clock,
+) -> None:
+    users = PoolUsers(ctx, make_pool(
+        ctx, spare=1, kind=PoolKind.STATEFUL, assignment=Assignment.DEDICATED,
+        on_logout=OnLogout.RECYCLE_AS_IS))
+    users.entitle("alice")
+    run_passes(reconciler, 1)
+    mine = alice_works(users, fake)
+    users.log_off(mine, "alice")
+    run_passes(reconciler)
+    # Her guest agent does not answer at her next logon (the broker waits no longer).
+    impatient = PoolUsers(ctx, "lab", ready_timeout_s=0)
+    fake.fail_next("agent_command", AgentUnavailable("agent silent"))
+    with pytest.raises(Unavailable):
+        impatient.try_connect("alice")
+    failed = {d.id: d for d in desktops(ctx)}[mine]
+    assert failed.state == "error"
+    with pytest.raises(Unavailable, match=f"{failed.name} failed and is being repaired"):
+        users.try_connect("alice")  # not a second desktop in its place
+    for _ in range(3):  # the backoff runs out, the reconciler repairs it
+        clock.now += timedelta(minutes=1)
+        run_passes(reconciler, 1)
+    assert users.connect("alice") == mine
+    assert GuestAgent(fake, mine).read_file(NOTES) == b"my thesis, chapter 3"
+    with ctx.uow(read_only=True) as uow:
+        assert [d.id for d in uow.desktops.summaries() if d.assigned_user == "alice"] == [mine]

@@ -68,6 +68,16 @@ def test_recycling_carries_its_task() -> None:
         assert step is not None and step.task is task
 
 
+def test_a_failed_desktop_holding_its_users_state_is_repaired_never_replaced() -> None:
+    alices = summary(S.ERROR, user="alice")
+    step = plan_desktop(alices, None, NOW, stateful=True)
+    assert step is not None and step.kind is StepKind.REPAIR
+    # Without a user's state in it (a free one, or a stateless pool's), it is replaced.
+    for desktop, stateful in ((summary(S.ERROR), True), (alices, False)):
+        step = plan_desktop(desktop, None, NOW, stateful=stateful)
+        assert step is not None and step.kind is StepKind.RETIRE_FAILED
+
+
 def test_a_desktop_outside_a_pool_in_error_waits_for_an_administrator() -> None:
     assert plan_desktop(summary(S.ERROR, pool=None), None, NOW) is None
 
