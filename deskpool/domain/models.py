@@ -112,9 +112,16 @@ class VmRecord:
     metadata: VmMetadata | None  # None for VMs that deskpool did not create
 
 
+class ConsoleProtocol(StrEnum):
+    """A desktop's displays: VNC (the browser's noVNC) and SPICE (native remote-viewer)."""
+
+    VNC = "vnc"
+    SPICE = "spice"
+
+
 @dataclass(frozen=True)
 class ConsoleAddress:
-    protocol: str  # "vnc"
+    protocol: str  # a ConsoleProtocol value
     host: str
     port: int
 

@@ -40,12 +40,14 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.models import (
     ConsoleAddress,
+    ConsoleProtocol,
     DomainType,
     HostCapacity,
     VmRecord,
@@ -189,7 +191,8 @@ class HypervisorDriver(ABC):
         * ``spec.seed_image`` (if set) is imported as the VM's seed volume, attached read-only.
         * ``spec.identity_text`` (if set) is handed to the guest at boot through fw_cfg under
           ``deskpool.domain.identity.FWCFG_KEY``.
-        * The VM gets one NIC with ``spec.mac`` and a VNC console on ``spec.vnc_listen``.
+        * The VM gets one NIC with ``spec.mac`` and two displays on ``spec.vnc_listen``: VNC,
+          and SPICE (with the SPICE agent's channel) locked by a random password.
 
         ``spec.domain_type`` must be resolved already (``resolve_domain_type``): ``auto`` is
         ``InvalidInput``. Volumes the id would own that exist without a VM (left by a crash)
@@ -291,9 +294,22 @@ class HypervisorDriver(ABC):
         """Every VM on the host, deskpool's (with metadata) and others (metadata None)."""
 
     @abstractmethod
-    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
-        """Where the running VM's VNC console listens. ``DriverError`` when it is off or the
+    def console_address(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
+    ) -> ConsoleAddress:
+        """Where the running VM's ``protocol`` display listens (every VM has a VNC and a
+        SPICE display, both on ``spec.vnc_listen``). ``DriverError`` when it is off or the
         hypervisor gives it no port (libvirt's ``test:///``)."""
+
+    @abstractmethod
+    def set_console_password(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol, password: str, valid_until: datetime,
+    ) -> None:
+        """Set the running VM's ``protocol`` display password, accepted for new connections
+        until ``valid_until`` (aware UTC); connections already open stay. A SPICE display
+        starts with a random password nobody knows, so it admits no one before this is
+        called. ``DriverError`` when the VM is off or the hypervisor cannot change it
+        (libvirt's ``test:///``); ``VmNotFound`` for an unknown VM."""
 
     @abstractmethod
     def agent_command(

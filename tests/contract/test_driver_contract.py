@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -20,7 +21,7 @@ from deskpool.domain.errors import (
     NotFound,
     VmNotFound,
 )
-from deskpool.domain.models import CloneMode, DomainType, PowerState
+from deskpool.domain.models import CloneMode, ConsoleProtocol, DomainType, PowerState
 from deskpool.drivers.base import (
     HypervisorDriver,
     root_volume_name,
@@ -276,6 +277,39 @@ class TestDriverContract:
         env.driver.create_vm(spec)
         with pytest.raises(DriverError):
             env.driver.console_address(spec.vm_id)
+
+    def test_spice_display_listens_beside_vnc_and_takes_a_password(
+        self, env: ContractEnv
+    ) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        until = datetime.now(UTC) + timedelta(seconds=60)
+        if env.kind == "libvirt-test":
+            # test:/// runs no QEMU: no display port, and it cannot change a live device.
+            with pytest.raises(DriverError):
+                env.driver.set_console_password(spec.vm_id, ConsoleProtocol.SPICE, "pw", until)
+            return
+        spice = env.driver.console_address(spec.vm_id, ConsoleProtocol.SPICE)
+        vnc = env.driver.console_address(spec.vm_id, ConsoleProtocol.VNC)
+        assert (spice.protocol, spice.host) == ("spice", spec.vnc_listen)
+        assert spice.port > 0 and spice.port != vnc.port
+        env.driver.set_console_password(spec.vm_id, ConsoleProtocol.SPICE, "t1cket", until)
+        # The display keeps its port: a password change is no new QEMU display.
+        assert env.driver.console_address(spec.vm_id, ConsoleProtocol.SPICE) == spice
+
+    def test_display_password_of_vm_that_is_off_is_driver_error(
+        self, env: ContractEnv
+    ) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        until = datetime.now(UTC) + timedelta(seconds=60)
+        with pytest.raises(DriverError):
+            env.driver.set_console_password(spec.vm_id, ConsoleProtocol.SPICE, "pw", until)
+        with pytest.raises(VmNotFound):
+            env.driver.set_console_password(uuid.uuid4(), ConsoleProtocol.SPICE, "pw", until)
 
     def test_agent_of_vm_that_is_off_is_unavailable(self, env: ContractEnv) -> None:
         env.base_volume()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -28,6 +29,7 @@ def _definition(**overrides: object) -> xml.DomainDefinition:
                xml.DiskDevice("/pool/seed.img", "vdb", format="raw", readonly=True)),
         interface=xml.NetworkInterface("52:54:00:aa:bb:cc"),
         direct_boot=xml.DirectKernelBoot("/pool/k", "/pool/i", "root=/dev/vda rw"),
+        spice_password="nobody-knows-this",
         fwcfg_entries=xml.fwcfg_identity(identity.to_guest_text()),
     )
     fields.update(overrides)
@@ -99,13 +101,13 @@ def test_libvirt_test_driver_accepts_and_keeps_our_definition() -> None:
     ("graphics", "expected"),
     [
         ("<graphics type='vnc' port='5901'><listen type='address' address='127.0.0.1'/>"
-         "</graphics>", xml.VncListen("127.0.0.1", 5901)),
+         "</graphics>", xml.DisplayListen("127.0.0.1", 5901)),
         ("<graphics type='vnc' port='-1' autoport='yes'/>", None),
         ("", None),
     ],
 )
-def test_parse_vnc(graphics: str, expected: xml.VncListen | None) -> None:
-    assert xml.parse_vnc(f"<domain><devices>{graphics}</devices></domain>") == expected
+def test_parse_vnc(graphics: str, expected: xml.DisplayListen | None) -> None:
+    assert xml.parse_display(f"<domain><devices>{graphics}</devices></domain>") == expected
 
 
 def test_guest_domain_types_from_capabilities() -> None:
@@ -115,3 +117,16 @@ def test_guest_domain_types_from_capabilities() -> None:
       <guest><os_type>hvm</os_type><arch name='i686'><domain type='qemu'/></arch></guest>
     </capabilities>"""
     assert xml.parse_guest_domain_types(caps) == ("qemu", "kvm")
+
+
+def test_a_new_password_changes_only_the_password_of_that_display() -> None:
+    live = _definition().to_xml().replace("port=\"-1\"", "port=\"5901\"", 1)
+    changed = xml.graphics_with_password(live, "spice", "t1cket", "2026-12-06T10:00:00")
+    assert changed is not None
+    element = ET.fromstring(changed)
+    assert (element.get("type"), element.get("passwd"), element.get("passwdValidTo")) == (
+        "spice", "t1cket", "2026-12-06T10:00:00")
+    assert element.find("listen") is not None  # its listen address goes back unchanged
+    no_vnc_password = ET.fromstring(live).find("./devices/graphics[@type='vnc']")
+    assert no_vnc_password is not None and no_vnc_password.get("passwd") is None
+    assert xml.graphics_with_password("<domain><devices/></domain>", "spice", "x", "y") is None

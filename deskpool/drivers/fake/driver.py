@@ -31,6 +31,7 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -46,6 +47,7 @@ from deskpool.domain.errors import (
 from deskpool.domain.models import (
     CloneMode,
     ConsoleAddress,
+    ConsoleProtocol,
     DomainType,
     HostCapacity,
     PowerState,
@@ -308,12 +310,31 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         return [vm.record() for vm in sorted(self._vms.values(), key=lambda v: v.name)]
 
     @api
-    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
+    def console_address(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
+    ) -> ConsoleAddress:
         vm = self._vm(vm_id)
         if vm.vnc_port is None:
-            raise DriverError(f"VM {vm_id} has no VNC console now (it is {vm.power.value})")
+            raise DriverError(f"VM {vm_id} has no {protocol.value.upper()} console now "
+                              f"(it is {vm.power.value})")
         listen = vm.spec.vnc_listen if vm.spec is not None else "127.0.0.1"
-        return ConsoleAddress(protocol="vnc", host=listen, port=vm.vnc_port)
+        # As QEMU does with autoport: the SPICE display takes the port after the VNC one.
+        port = vm.vnc_port + (1 if protocol is ConsoleProtocol.SPICE else 0)
+        return ConsoleAddress(protocol=protocol.value, host=listen, port=port)
+
+    @api
+    def set_console_password(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol, password: str, valid_until: datetime,
+    ) -> None:
+        vm = self._vm(vm_id)
+        if vm.vnc_port is None:
+            raise DriverError(f"VM {vm_id} is not running: its display has no password to set")
+        vm.console_passwords[protocol] = (password, valid_until)
+
+    def console_password(self, vm_id: uuid.UUID,
+                         protocol: ConsoleProtocol) -> tuple[str, datetime] | None:
+        """Tests: the display password last set, with its expiry (None: never set)."""
+        return self._vm(vm_id).console_passwords.get(protocol)
 
     @api
     def agent_command(
@@ -413,7 +434,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
 
     def _power_on(self, vm: FakeVm) -> None:
         used = {v.vnc_port for v in self._vms.values()}
-        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
+        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536, 2) if p not in used)
         vm.power = PowerState.RUNNING
         vm.shutdown_in = None
         if vm.spec is not None and vm.spec.identity_text is not None:
@@ -421,6 +442,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
 
     def _power_off(self, vm: FakeVm, state: PowerState) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
+        vm.console_passwords.clear()  # a display's password lives as long as its QEMU
         vm.saved = None
 
     def _save(self, vm: FakeVm) -> None:
@@ -432,7 +454,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
     def _restore(self, vm: FakeVm, state: SavedGuest) -> None:
         """A QEMU process resumes the saved guest: no boot, its agent answers at once."""
         used = {v.vnc_port for v in self._vms.values()}
-        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536) if p not in used)
+        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536, 2) if p not in used)
         vm.power, vm.shutdown_in, vm.saved = state.power, None, None
         vm.files = dict(state.files)
         vm.guest = None

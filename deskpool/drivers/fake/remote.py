@@ -15,13 +15,21 @@ import argparse
 import os
 import threading
 import uuid
+from datetime import datetime
 from multiprocessing.managers import BaseManager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from deskpool.domain.errors import HypervisorUnreachable
-from deskpool.domain.models import ConsoleAddress, HostCapacity, VmRecord, VmSpec, VolumeInfo
+from deskpool.domain.models import (
+    ConsoleAddress,
+    ConsoleProtocol,
+    HostCapacity,
+    VmRecord,
+    VmSpec,
+    VolumeInfo,
+)
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.fake import FakeDriver
 
@@ -132,9 +140,16 @@ class RemoteFakeDriver(HypervisorDriver):
         result: list[VmRecord] = self._fake.list_vms()
         return result
 
-    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
-        result: ConsoleAddress = self._fake.console_address(vm_id)
+    def console_address(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
+    ) -> ConsoleAddress:
+        result: ConsoleAddress = self._fake.console_address(vm_id, protocol)
         return result
+
+    def set_console_password(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol, password: str, valid_until: datetime,
+    ) -> None:
+        self._fake.set_console_password(vm_id, protocol, password, valid_until)
 
     def agent_command(self, vm_id: uuid.UUID, command: str,
                       arguments: dict[str, Any] | None = None, timeout_s: int = 5) -> Any:

@@ -9,11 +9,12 @@ import re
 import struct
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 from deskpool.domain.errors import DriverError, HypervisorUnreachable, InvalidInput, NotFound
-from deskpool.domain.models import PowerState, VmRecord, VmSpec, VolumeInfo
+from deskpool.domain.models import ConsoleProtocol, PowerState, VmRecord, VmSpec, VolumeInfo
 from deskpool.drivers.fake.guest import FakeGuest
 
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -47,7 +48,9 @@ class FakeVm:
     spec: VmSpec | None  # None for a VM deskpool did not create
     name: str
     power: PowerState = PowerState.SHUTOFF
-    vnc_port: int | None = None
+    vnc_port: int | None = None  # the SPICE display listens on the port after it
+    # Display passwords and their expiry, set per hand-over (lost when QEMU stops).
+    console_passwords: dict[ConsoleProtocol, tuple[str, datetime]] = field(default_factory=dict)
     guest: FakeGuest | None = None  # a booted guest OS, only while active
     files: dict[str, bytes] = field(default_factory=dict)  # the guest's disk, kept across boots
     shutdown_in: int | None = None  # graceful shutdown: observations left before it is off

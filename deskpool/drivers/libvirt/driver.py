@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,6 +37,7 @@ from deskpool.domain.errors import (
 from deskpool.domain.models import (
     CloneMode,
     ConsoleAddress,
+    ConsoleProtocol,
     DomainType,
     HostCapacity,
     PowerState,
@@ -391,6 +394,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
             direct_boot=boot,
             fwcfg_entries=xml.fwcfg_identity(spec.identity_text) if spec.identity_text else {},
             vnc_listen=spec.vnc_listen,
+            spice_password=secrets.token_urlsafe(24),  # known to no one: see the contract
         )
 
     def clone_volume(self, base_volume: str, name: str, mode: CloneMode) -> None:
@@ -497,14 +501,35 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         with self._lock, self._translate("listing VMs"):
             return [self._record(dom) for dom in self._conn.listAllDomains(0)]
 
-    def console_address(self, vm_id: uuid.UUID) -> ConsoleAddress:
+    def console_address(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
+    ) -> ConsoleAddress:
         with self._lock:
             dom = self._domain(vm_id)
             with self._translate(f"reading console of VM {vm_id}"):
-                vnc = xml.parse_vnc(dom.XMLDesc(0)) if dom.isActive() else None
-            if vnc is None:
-                raise DriverError(f"VM {vm_id} has no VNC console now (is it running?)")
-            return ConsoleAddress(protocol="vnc", host=vnc.host, port=vnc.port)
+                shown = (xml.parse_display(dom.XMLDesc(0), protocol.value)
+                         if dom.isActive() else None)
+            if shown is None:
+                raise DriverError(f"VM {vm_id} has no {protocol.value.upper()} console now "
+                                  "(is it running?)")
+            return ConsoleAddress(protocol=protocol.value, host=shown.host, port=shown.port)
+
+    def set_console_password(
+        self, vm_id: uuid.UUID, protocol: ConsoleProtocol, password: str, valid_until: datetime,
+    ) -> None:
+        valid_to = valid_until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        with self._lock:
+            dom = self._domain(vm_id)
+            with self._translate(f"setting the {protocol.value} password of VM {vm_id}"):
+                if not dom.isActive():
+                    raise DriverError(f"VM {vm_id} is not running: its display has no "
+                                      "password to set")
+                changed = xml.graphics_with_password(
+                    dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), protocol.value, password,
+                    valid_to)
+                if changed is None:
+                    raise DriverError(f"VM {vm_id} has no {protocol.value.upper()} display")
+                dom.updateDeviceFlags(changed, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def agent_command(
         self, vm_id: uuid.UUID, command: str, arguments: dict[str, Any] | None = None,

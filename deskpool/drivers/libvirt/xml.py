@@ -17,6 +17,7 @@ from deskpool.domain.models import VmMetadata
 METADATA_NS = "https://deskpool.dev/xmlns/vm/1"
 METADATA_PREFIX = "deskpool"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+SPICE_AGENT_CHANNEL = "com.redhat.spice.0"  # spice-vdagent: resize, clipboard, mouse
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -136,7 +137,8 @@ class DomainDefinition:
     interface: NetworkInterface
     direct_boot: DirectKernelBoot | None = None
     fwcfg_entries: dict[str, str] = field(default_factory=dict)
-    vnc_listen: str = "127.0.0.1"
+    vnc_listen: str = "127.0.0.1"  # both displays, VNC and SPICE, listen there
+    spice_password: str | None = None
 
     def to_element(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
@@ -188,6 +190,14 @@ class DomainDefinition:
         _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
         graphics = _sub(devices, "graphics", type="vnc", port="-1", autoport="yes")
         _sub(graphics, "listen", type="address", address=self.vnc_listen)
+        # SPICE for native clients. Its password is set per hand-over (a ticket); until
+        # then it is a random one nobody knows, so the port admits no one.
+        spice = _sub(devices, "graphics", type="spice", port="-1", autoport="yes")
+        if self.spice_password is not None:
+            spice.set("passwd", self.spice_password)
+        _sub(spice, "listen", type="address", address=self.vnc_listen)
+        vdagent = _sub(devices, "channel", type="spicevmc")
+        _sub(vdagent, "target", type="virtio", name=SPICE_AGENT_CHANNEL)
         video = _sub(devices, "video")
         _sub(video, "model", type="vga")
         rng = _sub(devices, "rng", model="virtio")
@@ -204,16 +214,31 @@ def fwcfg_identity(identity_text: str) -> dict[str, str]:
 # --- reading live documents ----------------------------------------------------------------
 
 
+def graphics_with_password(domain_xml: str, protocol: str, password: str,
+                           valid_to: str) -> str | None:
+    """The live domain's ``protocol`` graphics element with a new password valid until
+    ``valid_to`` (UTC, ``YYYY-MM-DDTHH:MM:SS``): what ``updateDeviceFlags`` takes to change it
+    in place (its ports and listen addresses must stay as they are). None without one."""
+    root = ET.fromstring(domain_xml)
+    graphics = root.find(f"./devices/graphics[@type='{protocol}']")
+    if graphics is None:
+        return None
+    graphics.set("passwd", password)
+    graphics.set("passwdValidTo", valid_to)
+    return ET.tostring(graphics, encoding="unicode")
+
+
 @dataclass(frozen=True)
-class VncListen:
+class DisplayListen:
     host: str
     port: int
 
 
-def parse_vnc(domain_xml: str) -> VncListen | None:
-    """The VNC console of a live domain; None when it has none or no port yet."""
+def parse_display(domain_xml: str, protocol: str = "vnc") -> DisplayListen | None:
+    """The ``protocol`` (``vnc`` or ``spice``) display of a live domain; None when it has
+    none or no port yet."""
     root = ET.fromstring(domain_xml)
-    graphics = root.find("./devices/graphics[@type='vnc']")
+    graphics = root.find(f"./devices/graphics[@type='{protocol}']")
     if graphics is None:
         return None
     port = int(graphics.get("port", "-1"))
@@ -221,7 +246,7 @@ def parse_vnc(domain_xml: str) -> VncListen | None:
         return None
     listen = graphics.find("listen")
     host = (listen.get("address") if listen is not None else None) or graphics.get("listen")
-    return VncListen(host=host or "127.0.0.1", port=port)
+    return DisplayListen(host=host or "127.0.0.1", port=port)
 
 
 def parse_interfaces(domain_xml: str) -> list[tuple[str, str]]:
