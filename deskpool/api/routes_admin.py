@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter
-from sqlalchemy import select
 
 from deskpool.api.deps import AdminUser, ServicesDep
 from deskpool.api.schemas import (
@@ -21,13 +20,10 @@ from deskpool.api.schemas import (
     UserCreate,
 )
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
-from deskpool.domain.states import HELD_STATES
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import TemplateService
-from deskpool.store.access_models import Logon
-from deskpool.store.models import Desktop, Host, Pool, TemplateVersion
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 Row = dict[str, Any]
@@ -113,11 +109,8 @@ def create_user(body: UserCreate, admin: AdminUser, svc: ServicesDep) -> Row:
 def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     """Every desktop with its live state, power, user and, when stuck, the reason."""
     with svc.ctx.uow(read_only=True) as uow:
-        rows = uow.session.execute(
-            select(Desktop, Host.name, Pool.name, TemplateVersion.number)
-            .join(Host, Host.id == Desktop.host_id)
-            .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
-            .outerjoin(Pool, Pool.id == Desktop.pool_id).order_by(Desktop.name)).all()
+        rows = [(r.desktop, r.host, r.pool, r.version)
+                for r in uow.desktop_listings.for_admin()]
         return [{"id": str(d.id), "name": d.name, "hostname": d.hostname, "state": d.state,
                  "power_state": d.power_state.value, "task": d.task, "host": host,
                  "pool": pool, "version": number, "user": d.assigned_user,
@@ -131,8 +124,7 @@ def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 @router.get("/sessions")
 def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     with svc.ctx.uow(read_only=True) as uow:
-        rows = uow.session.scalars(select(Desktop).where(Desktop.state.in_(HELD_STATES))
-                                   .order_by(Desktop.name)).all()
+        rows = uow.desktop_listings.held()
         return [{"desktop_id": str(d.id), "desktop": d.name, "user": d.assigned_user,
                  "state": d.state, "reserved_at": _iso(d.reserved_at),
                  "console_connections": d.console_connections,
@@ -159,8 +151,7 @@ def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
     """Each logon's phases in milliseconds: queue, claim, power-on, ready, connect."""
     svc.broker.records.flush()
     with svc.ctx.uow(read_only=True) as uow:
-        rows = uow.session.scalars(select(Logon).order_by(Logon.requested_at.desc())
-                                   .limit(min(max(limit, 1), 5000))).all()
+        rows = uow.logons.recent(min(max(limit, 1), 5000))
         return [{"id": str(r.id), "user": r.user_name, "pool": r.pool_name,
                  "desktop": r.desktop_name, "requested_at": r.requested_at.isoformat(),
                  "outcome": r.outcome, "reconnect": r.reconnect, "message": r.message,

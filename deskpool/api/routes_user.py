@@ -9,7 +9,6 @@ import uuid
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import select
 
 from deskpool.api.deps import SESSION_COOKIE, CurrentUser, ServicesDep, token_of
 from deskpool.api.schemas import (
@@ -24,11 +23,11 @@ from deskpool.api.schemas import (
     UserPublic,
 )
 from deskpool.broker.console import virt_viewer_file
-from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.domain.errors import Conflict, Forbidden
-from deskpool.domain.states import HELD_STATES, DesktopState
+from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
-from deskpool.store.models import Desktop, Pool
+from deskpool.store.desktop_listings import PoolAvailability
+from deskpool.store.models import Desktop
 
 router = APIRouter(prefix="/api/v1")
 
@@ -78,20 +77,17 @@ def ping(user: CurrentUser) -> dict[str, bool]:
 
 @router.get("/pools", response_model=list[PoolEntry], tags=["user"])
 def my_pools(user: CurrentUser, svc: ServicesDep) -> list[PoolEntry]:
+    """The pools the caller is entitled to: two queries, however many pools and desktops."""
     with svc.ctx.uow(read_only=True) as uow:
-        names = entitled_pool_names(uow, user)
-        entries = []
-        for pool in uow.session.scalars(select(Pool).where(Pool.name.in_(names))
-                                        .order_by(Pool.name)):
-            desktops = uow.pools.desktops(pool.id)
-            ready = sum(1 for d in desktops
-                        if d.state == DesktopState.READY.value and d.assigned_user is None)
-            mine = next((d.name for d in desktops if d.assigned_user == user.name
-                         and d.state in HELD_STATES), None)
-            entries.append(PoolEntry(name=pool.name, template=pool.template.name,
-                                     kind=pool.kind.value, assignment=pool.assignment.value,
-                                     ready=ready, mine=mine))
-        return entries
+        pools = uow.entitlements.pools_for(user.name, user.groups)
+        seen = uow.desktop_listings.availability([p.id for p in pools], user.name)
+    entries = []
+    for pool in pools:
+        available = seen.get(pool.id, PoolAvailability())
+        entries.append(PoolEntry(name=pool.name, template=pool.template,
+                                 kind=pool.kind.value, assignment=pool.assignment.value,
+                                 ready=available.ready, mine=available.mine))
+    return entries
 
 
 @router.post("/pools/{pool}/connect", response_model=HandoverResponse, tags=["user"])
@@ -109,10 +105,7 @@ def connect(pool: str, request: Request, user: CurrentUser,
 @router.get("/desktops", response_model=list[MyDesktop], tags=["user"])
 def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
     with svc.ctx.uow(read_only=True) as uow:
-        rows = uow.session.execute(
-            select(Desktop, Pool.name).join(Pool, Pool.id == Desktop.pool_id)
-            .where(Desktop.assigned_user == user.name, Desktop.state.in_(HELD_STATES))
-            .order_by(Desktop.name)).all()
+        rows = uow.desktop_listings.held_by(user.name)
         return [MyDesktop(id=d.id, name=d.name, hostname=d.hostname, pool=pool_name,
                           state=d.state, connected=d.console_connections > 0,
                           notice=d.notice)
@@ -126,7 +119,7 @@ def _own_desktop(svc: ServicesDep, user: Identity, desktop_id: uuid.UUID) -> Des
         if (desktop is None or desktop.assigned_user != user.name
                 or desktop.state not in HELD_STATES):
             raise Forbidden("you hold no such desktop; connect to a pool first")
-        uow.session.expunge(desktop)
+        uow.detach(desktop)
         return desktop
 
 

@@ -18,7 +18,6 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select, update
 
 from deskpool.domain.errors import (
     AuthenticationFailed,
@@ -29,7 +28,7 @@ from deskpool.domain.errors import (
 )
 from deskpool.domain.users import Authenticator, Identity
 from deskpool.services.context import ServiceContext
-from deskpool.store.access_models import AuthToken, Group, GroupMember, User
+from deskpool.store.access_models import User
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import utcnow
 
@@ -76,7 +75,7 @@ class LocalAuthenticator:
 
     def authenticate(self, username: str, password: str) -> Identity | None:
         with self.ctx.uow(read_only=True) as uow:
-            user = uow.session.scalars(select(User).where(User.name == username)).first()
+            user = uow.users.find_by_name(username)
             if user is None or user.password_hash is None or user.disabled:
                 return None
             try:
@@ -88,10 +87,7 @@ class LocalAuthenticator:
 
 
 def local_groups(uow: UnitOfWork, user_id: uuid.UUID) -> frozenset[str]:
-    names = uow.session.scalars(
-        select(Group.name).join(GroupMember, GroupMember.group_id == Group.id)
-        .where(GroupMember.user_id == user_id))
-    return frozenset(names)
+    return uow.users.group_names(user_id)
 
 
 class AccountService:
@@ -108,9 +104,9 @@ class AccountService:
         if len(password) < 8:
             raise InvalidInput(f"password for {name!r} is too short: use 8 characters or more")
         with self.ctx.uow() as uow:
-            if uow.session.scalars(select(User.id).where(User.name == name)).first():
+            if uow.users.name_taken(name):
                 raise Conflict(f"a user named {name!r} already exists")
-            uow.session.add(User(name=name, display_name=display_name or name, source="local",
+            uow.users.add(User(name=name, display_name=display_name or name, source="local",
                                  password_hash=_hasher.hash(password), is_admin=is_admin))
             uow.commit()
         return Identity(name=name, display_name=display_name or name, source="local",
@@ -120,25 +116,19 @@ class AccountService:
         user, group = normalize_name(user), normalize_name(group, "group name")
         with self.ctx.uow() as uow:
             row = self._user(uow, user)
-            found = uow.session.scalars(select(Group).where(Group.name == group)).first()
-            if found is None:
-                found = Group(name=group)
-                uow.session.add(found)
-                uow.flush()
-            if uow.session.get(GroupMember, (found.id, row.id)) is None:
-                uow.session.add(GroupMember(group_id=found.id, user_id=row.id))
+            uow.users.add_to_group(row.id, group)
             uow.commit()
 
     def list_users(self) -> list[Identity]:
         with self.ctx.uow(read_only=True) as uow:
-            users = uow.session.scalars(select(User).order_by(User.name)).all()
+            groups = uow.users.group_names_by_user()
             return [Identity(name=u.name, display_name=u.display_name, source=u.source,
-                             groups=local_groups(uow, u.id), is_admin=u.is_admin)
-                    for u in users]
+                             groups=groups.get(u.id, frozenset()), is_admin=u.is_admin)
+                    for u in uow.users.list()]
 
     @staticmethod
     def _user(uow: UnitOfWork, name: str) -> User:
-        user = uow.session.scalars(select(User).where(User.name == name)).first()
+        user = uow.users.find_by_name(name)
         if user is None:
             raise NotFound(f"no user named {name!r}")
         return user
@@ -170,12 +160,10 @@ class AccountService:
 
     def _open_session(self, identity: Identity) -> SignedIn:
         with self.ctx.uow() as uow:
-            user = uow.session.scalars(select(User).where(User.name == identity.name)).first()
+            user = uow.users.find_by_name(identity.name)
             if user is None:  # a directory user's first visit
-                user = User(name=identity.name, display_name=identity.display_name,
-                            source=identity.source, is_admin=False)
-                uow.session.add(user)
-                uow.flush()
+                user = uow.users.add(User(name=identity.name, display_name=identity.display_name,
+                                          source=identity.source, is_admin=False))
             elif user.source != identity.source:
                 raise AuthenticationFailed(
                     f"user {identity.name!r} belongs to the {user.source} directory")
@@ -204,21 +192,16 @@ class AccountService:
                    ttl: timedelta | None) -> SignedIn:
         secret = secrets.token_urlsafe(32)
         expires = utcnow() + ttl if ttl else None
-        uow.session.add(AuthToken(token_hash=token_digest(secret), user_id=user.id, kind=kind,
-                                  label=label, groups=_groups_text(identity.groups),
-                                  expires_at=expires))
+        uow.auth_tokens.add(token_hash=token_digest(secret), user_id=user.id, kind=kind,
+                            label=label, groups=_groups_text(identity.groups),
+                            expires_at=expires)
         return SignedIn(token=secret, identity=identity, expires_at=expires)
 
     def resolve(self, secret: str) -> Identity:
         """The identity behind a session or API token; ``AuthenticationFailed`` otherwise."""
         now = utcnow()
         with self.ctx.uow(read_only=True) as uow:
-            row = uow.session.execute(
-                select(AuthToken.groups, AuthToken.expires_at, AuthToken.revoked_at,
-                       User.name, User.display_name, User.source, User.is_admin,
-                       User.disabled)
-                .join(User, User.id == AuthToken.user_id)
-                .where(AuthToken.token_hash == token_digest(secret))).first()
+            row = uow.auth_tokens.holder(token_digest(secret))
         if row is None or row.revoked_at is not None or row.disabled or (
                 row.expires_at is not None and row.expires_at <= now):
             raise AuthenticationFailed("not signed in, or the session expired: sign in again")
@@ -227,8 +210,5 @@ class AccountService:
 
     def sign_out(self, secret: str) -> None:
         with self.ctx.uow() as uow:
-            uow.session.execute(update(AuthToken)
-                                .where(AuthToken.token_hash == token_digest(secret),
-                                       AuthToken.revoked_at.is_(None))
-                                .values(revoked_at=utcnow()))
+            uow.auth_tokens.revoke(token_digest(secret), utcnow())
             uow.commit()

@@ -16,14 +16,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
-
 from deskpool.broker.accounts import token_digest
 from deskpool.domain.errors import AuthenticationFailed, Forbidden
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
 from deskpool.services.context import ServiceContext
-from deskpool.store.access_models import ConsoleToken
 from deskpool.store.models import utcnow
 
 TICKET_TTL = timedelta(seconds=60)
@@ -62,9 +59,8 @@ class ConsoleTickets:
                     or desktop.state not in HELD_STATES):
                 raise Forbidden("you hold no such desktop; connect to a pool first")
             expires = utcnow() + self.ttl
-            uow.session.add(ConsoleToken(token_hash=token_digest(secret),
-                                         user_name=identity.name, desktop_id=desktop_id,
-                                         expires_at=expires))
+            uow.console_tickets.add(token_hash=token_digest(secret), user=identity.name,
+                                    desktop_id=desktop_id, expires_at=expires)
             uow.commit()
             return Ticket(token=secret, desktop_id=desktop_id, desktop=desktop.name,
                           expires_at=expires)
@@ -78,12 +74,7 @@ class ConsoleTickets:
         digest = token_digest(secret)
         now = utcnow()
         with self.ctx.uow() as uow:
-            used = uow.session.execute(
-                update(ConsoleToken)
-                .where(ConsoleToken.token_hash == digest, ConsoleToken.used_at.is_(None),
-                       ConsoleToken.expires_at > now)
-                .values(used_at=now).returning(ConsoleToken.desktop_id, ConsoleToken.user_name)
-            ).first()
+            used = uow.console_tickets.use(digest, now)
             uow.commit()
         if used is None:
             raise AuthenticationFailed("console ticket unknown, already used or expired")

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
-
-from sqlalchemy import insert
-from sqlalchemy import inspect as sa_inspect
 
 from deskpool.services.context import ServiceContext
 from deskpool.store.models import Base
@@ -57,18 +53,11 @@ class RecordWriter:
             self._timer = None
         if not rows:
             return
-        # Multi-row INSERTs (Core, not the ORM's per-object bookkeeping): the writer shares
-        # the interpreter with the requests it serves. Rows are grouped by the columns they
-        # set; Core fills in the columns' defaults for the rest.
-        groups: dict[tuple[type[Base], tuple[str, ...]], list[dict[str, Any]]] = {}
-        for row in rows:
-            values = {c.key: getattr(row, c.key) for c in sa_inspect(type(row)).column_attrs
-                      if getattr(row, c.key) is not None}
-            groups.setdefault((type(row), tuple(sorted(values))), []).append(values)
+        # Multi-row INSERTs (``uow.record_batches``): the writer shares the interpreter with
+        # the requests it serves.
         try:
             with self.ctx.uow() as uow:
-                for (model, _columns), values_list in groups.items():
-                    uow.session.execute(insert(model), values_list)
+                uow.record_batches.insert(rows)
                 uow.commit()
         except Exception:  # records only: never let them break a logon
             log.exception("could not write %d logon records", len(rows))

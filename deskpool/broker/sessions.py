@@ -21,10 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
-
 from deskpool.domain.errors import DeskpoolError, Forbidden, InvalidInput
-from deskpool.domain.models import HostState
 from deskpool.domain.pools import Assignment
 from deskpool.domain.states import HELD_STATES, DesktopState, transition
 from deskpool.domain.users import Identity
@@ -32,9 +29,8 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.pools import logout_outcome
-from deskpool.store.access_models import ConsoleToken, Logon
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, utcnow
+from deskpool.store.models import utcnow
 
 log = logging.getLogger(__name__)
 S = DesktopState
@@ -58,21 +54,10 @@ class TimerReport:
 
 
 def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) -> None:
-    values: dict[str, object] = dict(reserved_at=None, console_connections=0,
-                                     disconnected_at=None, idle_since=None, guest_user=None,
-                                     notice=None)
-    if unassign:
-        values["assigned_user"] = None
-    uow.session.execute(update(Desktop).where(Desktop.id == desktop_id)
-                        .values(version=Desktop.version + 1, **values)
-                        .execution_options(synchronize_session=False))
+    uow.desktop_sessions.clear(desktop_id, unassign=unassign)
     # Console tickets end with the session: one never used must not open the next session
     # on this desktop (the same user's included).
-    now = utcnow()
-    uow.session.execute(update(ConsoleToken)
-                        .where(ConsoleToken.desktop_id == desktop_id,
-                               ConsoleToken.used_at.is_(None), ConsoleToken.expires_at > now)
-                        .values(expires_at=now).execution_options(synchronize_session=False))
+    uow.console_tickets.expire_unused(desktop_id, utcnow())
 
 
 class SessionService:
@@ -98,13 +83,8 @@ class SessionService:
             desktop = uow.desktops.get(desktop_id)
             if desktop.state in (S.RESERVED.value, S.IDLE.value):
                 transition(uow.desktops, desktop_id, S(desktop.state), S.IN_USE)
-            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
-                console_connections=Desktop.console_connections + 1, disconnected_at=None,
-                version=Desktop.version + 1).execution_options(synchronize_session=False))
-            logon = uow.session.scalars(
-                select(Logon).where(Logon.desktop_id == desktop_id, Logon.outcome == "ready",
-                                    Logon.connect_ms.is_(None))
-                .order_by(Logon.requested_at.desc()).limit(1)).first()
+            uow.desktop_sessions.console_opened(desktop_id)
+            logon = uow.logons.latest_waiting_for_console(desktop_id)
             if logon is not None and logon.handed_over_at is not None:
                 logon.connect_ms = round((now - logon.handed_over_at).total_seconds() * 1000)
             record_event(uow, "console-connected", f"{user} opened the console of "
@@ -116,13 +96,12 @@ class SessionService:
         with self.ctx.uow() as uow:
             desktop = uow.desktops.get(desktop_id)
             remaining = max(desktop.console_connections - 1, 0)
-            values: dict[str, object] = {"console_connections": remaining}
+            disconnected_at = None
             if remaining == 0 and desktop.state == S.IN_USE.value:
                 transition(uow.desktops, desktop_id, S.IN_USE, S.IDLE)
-                values["disconnected_at"] = utcnow()
-            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
-                version=Desktop.version + 1, **values)
-                .execution_options(synchronize_session=False))
+                disconnected_at = utcnow()
+            uow.desktop_sessions.console_closed(desktop_id, remaining,
+                                                disconnected_at=disconnected_at)
             record_event(uow, "console-disconnected", f"{user} closed the console of "
                          f"{desktop.name}", user=user, desktop_id=desktop_id,
                          desktop=desktop.name)
@@ -149,9 +128,7 @@ class SessionService:
             transition(uow.desktops, desktop_id, S(desktop.state), new, task=task)
             _clear_session(uow, desktop_id,
                            unassign=pool.assignment is not Assignment.DEDICATED)
-            uow.session.execute(update(Desktop).where(Desktop.id == desktop_id).values(
-                sessions_served=Desktop.sessions_served + 1)
-                .execution_options(synchronize_session=False))
+            uow.desktop_sessions.count_session_served(desktop_id)
             record_event(uow, "logged-off", f"{user} logged off {desktop.name}: {reason}",
                          user=user, pool=pool.name, desktop_id=desktop_id,
                          desktop=desktop.name)
@@ -171,10 +148,7 @@ class SessionService:
                                        p.disconnect_timeout_s) for p in uow.pools.list()}
             held = [(d.id, d.name, d.state, d.pool_id, d.reserved_at, d.disconnected_at,
                      d.idle_since, d.console_connections, d.assigned_user, d.guest_user)
-                    for d in uow.session.scalars(select(Desktop).where(
-                        Desktop.state.in_(HELD_STATES) | (
-                            (Desktop.state == S.READY.value)
-                            & Desktop.reserved_at.is_not(None))))]
+                    for d in uow.desktop_sessions.timed()]
         for (d_id, name, state, pool_id, reserved_at, disconnected_at, idle_since,
              connections, user, guest_user) in held:
             pool = pools.get(pool_id) if pool_id else None
@@ -190,10 +164,8 @@ class SessionService:
     def _drain_deadlines(self, report: TimerReport, now: datetime) -> None:
         """Sessions on a draining host whose deadline passed are logged off."""
         with self.ctx.uow(read_only=True) as uow:
-            due = uow.session.execute(
-                select(Desktop.id, Desktop.name, Host.name).join(Host, Host.id == Desktop.host_id)
-                .where(Host.state == HostState.DRAINING, Host.drain_deadline <= now,
-                       Desktop.state.in_(HELD_STATES))).all()
+            due = [(d.desktop_id, d.desktop, d.host)
+                   for d in uow.desktop_sessions.due_on_drained_hosts(now)]
         for d_id, name, host in due:
             try:
                 self.log_off(d_id, by=None, reason=f"host {host} is going into maintenance")
@@ -256,15 +228,11 @@ class SessionService:
             if (since is None) != (idle_since is None) or (
                     since and idle_since and abs((since - idle_since).total_seconds()) > 90):
                 with self.ctx.uow() as uow:
-                    uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
-                        idle_since=since, version=Desktop.version + 1)
-                        .execution_options(synchronize_session=False))
+                    uow.desktop_sessions.set_idle_since(d_id, since)
                     uow.commit()
         if users and users[0] != guest_user:
             with self.ctx.uow() as uow:
-                uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
-                    guest_user=users[0], version=Desktop.version + 1)
-                    .execution_options(synchronize_session=False))
+                uow.desktop_sessions.set_guest_user(d_id, users[0])
                 record_event(uow, "guest-login", f"{users[0]} logged in to {name}",
                              user=users[0], desktop_id=d_id, desktop=name)
                 uow.commit()

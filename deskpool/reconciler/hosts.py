@@ -19,8 +19,6 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
-
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import HostState
 from deskpool.domain.pools import PoolKind
@@ -29,7 +27,7 @@ from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.hosts import drain_notice, record_capacity
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, Pool
+from deskpool.store.models import Host
 
 log = logging.getLogger(__name__)
 S = DesktopState
@@ -87,21 +85,18 @@ class HostWatch:
     def _abandon_stateless(uow: UnitOfWork, host: Host) -> None:
         """Stateless pool desktops of a down host leave service (their VMs are removed when
         the host answers again); their users may connect to a new one at once."""
-        rows = uow.session.execute(
-            select(Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user, Pool.name)
-            .join(Pool, Pool.id == Desktop.pool_id)
-            .where(Desktop.host_id == host.id, Pool.kind == PoolKind.STATELESS,
-                   Desktop.state.in_([*FREE_STATES, *HELD_STATES, S.RECYCLING.value]))).all()
-        for d_id, name, state, user, pool in rows:
+        rows = uow.desktop_sessions.on_host(
+            host.id, pool_kind=PoolKind.STATELESS,
+            states=[*FREE_STATES, *HELD_STATES, S.RECYCLING.value])
+        for d in rows:
+            d_id, name, state, user, pool = d.id, d.name, d.state, d.assigned_user, d.pool
             if S.RETIRING not in TRANSITIONS[S(state)]:
                 # Being made or recycled: its step cannot finish, and error is the way out.
                 transition(uow.desktops, d_id, S(state), S.ERROR,
                            last_error=f"host {host.name} is down")
                 state = S.ERROR.value
             transition(uow.desktops, d_id, S(state), S.RETIRING, task=DesktopTask.HOST_DOWN)
-            uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
-                assigned_user=None, reserved_at=None, console_connections=0,
-                version=Desktop.version + 1).execution_options(synchronize_session=False))
+            uow.desktop_sessions.release_from_lost_host(d_id)
             if user:
                 record_event(uow, "desktop-lost", f"{name} of {user} was on host {host.name}, "
                              "which is down; connecting again gives a new desktop",
@@ -114,19 +109,15 @@ class HostWatch:
             if host.state is not HostState.DRAINING:
                 return
             deadline = host.drain_deadline or self.clock()
-            desktops = uow.session.execute(
-                select(Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user,
-                       Desktop.notice, Pool.kind)
-                .join(Pool, Pool.id == Desktop.pool_id, isouter=True)
-                .where(Desktop.host_id == host.id)).all()
+            desktops = uow.desktop_sessions.on_host(host.id)
             held = 0
-            for d_id, name, state, user, notice, kind in desktops:
+            for d in desktops:
+                d_id, name, state, user, notice, kind = (d.id, d.name, d.state,
+                                                         d.assigned_user, d.notice, d.pool_kind)
                 if state in HELD_STATES:
                     held += 1
                     if notice is None:
-                        uow.session.execute(update(Desktop).where(Desktop.id == d_id).values(
-                            notice=drain_notice(deadline), version=Desktop.version + 1)
-                            .execution_options(synchronize_session=False))
+                        uow.desktop_sessions.set_notice(d_id, drain_notice(deadline))
                         record_event(uow, "drain-warning", f"{user} on {name} warned: host "
                                      f"{host.name} drains by {deadline:%H:%M} UTC",
                                      user=user, desktop_id=d_id, desktop=name)

@@ -6,14 +6,11 @@ import threading
 import uuid
 from pathlib import Path
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from deskpool.config import Settings
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
-from deskpool.store.db import UnitOfWork, make_engine, make_session_factory, upgrade_to_head
+from deskpool.store.db import SessionFactory, UnitOfWork, open_database
 from deskpool.store.models import Host
-from deskpool.store.repositories import installation_id
 
 
 class ServiceContext:
@@ -21,13 +18,11 @@ class ServiceContext:
 
     def __init__(
         self, settings: Settings | None = None, *,
-        session_factory: sessionmaker[Session] | None = None,
+        session_factory: SessionFactory | None = None,
     ) -> None:
         self.settings = settings or Settings()
         if session_factory is None:
-            engine = make_engine(self.settings.resolved_database_url)
-            upgrade_to_head(engine)
-            session_factory = make_session_factory(engine)
+            session_factory = open_database(self.settings.resolved_database_url)
         self.session_factory = session_factory
         self._drivers: dict[uuid.UUID, HypervisorDriver] = {}
         self._lock = threading.Lock()
@@ -38,7 +33,7 @@ class ServiceContext:
         """This deployment's id, written into every VM it makes (read once per process)."""
         if self._installation_id is None:
             with self.uow() as uow:
-                found = installation_id(uow.session)
+                found = uow.installation_id()
                 uow.commit()
             self._installation_id = found
         return self._installation_id

@@ -7,10 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
-
 from deskpool.services.context import ServiceContext
-from deskpool.store.access_models import Event
 from deskpool.store.db import UnitOfWork
 
 
@@ -29,17 +26,14 @@ class EventView:
 def record_event(uow: UnitOfWork, kind: str, message: str, *, severity: str = "info",
                  user: str | None = None, pool: str | None = None,
                  desktop_id: uuid.UUID | None = None, desktop: str | None = None) -> None:
-    uow.session.add(Event(kind=kind, message=message, severity=severity, user_name=user,
-                          pool_name=pool, desktop_id=desktop_id, desktop_name=desktop))
+    uow.events.add(kind, message, severity=severity, user=user, pool=pool,
+                   desktop_id=desktop_id, desktop=desktop)
 
 
 def recent_events(ctx: ServiceContext, *, limit: int = 200,
                   user: str | None = None) -> list[EventView]:
     with ctx.uow(read_only=True) as uow:
-        query = select(Event).order_by(Event.id.desc()).limit(limit)
-        if user is not None:
-            query = query.where(Event.user_name == user)
         return [EventView(id=e.id, at=e.at, kind=e.kind, severity=e.severity,
                           user=e.user_name, pool=e.pool_name, desktop=e.desktop_name,
                           message=e.message)
-                for e in uow.session.scalars(query)]
+                for e in uow.events.recent(limit, user=user)]

@@ -18,7 +18,6 @@ from enum import StrEnum
 
 from deskpool.services.context import ServiceContext
 from deskpool.services.renewal import renewed_while_running
-from deskpool.store.slots import release_host_slot, renew_host_slot, take_host_slot
 
 log = logging.getLogger(__name__)
 HOLD_FOR = timedelta(seconds=60)  # a dead broker's slot is free again within this
@@ -52,7 +51,7 @@ def host_slot(
     while True:
         now = now_of()
         with ctx.uow() as uow:
-            slot = take_host_slot(uow.session, host_id, kind.value, max(limit, 1), who,
+            slot = uow.host_slots.take(host_id, kind.value, max(limit, 1), who,
                                   now + hold_for, now)
             uow.commit()
         if slot is not None:
@@ -63,7 +62,7 @@ def host_slot(
 
     def renew() -> bool:
         with ctx.uow() as uow:
-            kept = renew_host_slot(uow.session, host_id, kind.value, taken, who,
+            kept = uow.host_slots.renew(host_id, kind.value, taken, who,
                                    now_of() + hold_for)
             uow.commit()
         return kept
@@ -75,7 +74,7 @@ def host_slot(
     finally:
         try:
             with ctx.uow() as uow:
-                release_host_slot(uow.session, host_id, kind.value, slot, who)
+                uow.host_slots.release(host_id, kind.value, slot, who)
                 uow.commit()
         except Exception:  # the work is done (or failed on its own): a lost give-back only delays
             log.warning("could not give back %s slot %s of host %s; it frees itself within %s",

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
-
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.models import DomainType, HostCapacity, HostState
 from deskpool.domain.states import NOT_LIVE_STATES, DesktopState
@@ -24,7 +22,7 @@ from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.services.context import ServiceContext
 from deskpool.services.views import HostView
-from deskpool.store.models import Desktop, Host, TemplateVersion, utcnow
+from deskpool.store.models import Host, TemplateVersion, utcnow
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 # Desktops that occupy a host's capacity: every state but the ones leaving or gone.
@@ -153,9 +151,7 @@ class HostService:
 
     def list(self) -> list[HostView]:
         with self.ctx.uow(read_only=True) as uow:
-            counts = dict(uow.session.execute(
-                select(Desktop.host_id, func.count()).where(Desktop.state.in_(LIVE_STATES))
-                .group_by(Desktop.host_id)).tuples().all())
+            counts = uow.host_usage.desktop_counts(LIVE_STATES)
             return [host_view(h, counts.get(h.id, 0)) for h in uow.hosts.list()]
 
     def get(self, name: str) -> HostView:
@@ -189,10 +185,7 @@ class HostService:
             host.state = HostState.ENABLED
             host.drain_deadline = None
             # The drain's warnings no longer hold.
-            uow.session.execute(update(Desktop).where(
-                Desktop.host_id == host.id, Desktop.notice.is_not(None))
-                .values(notice=None, version=Desktop.version + 1)
-                .execution_options(synchronize_session=False))
+            uow.desktop_sessions.clear_notices_on_host(host.id)
             uow.commit()
         return self.get(name)
 

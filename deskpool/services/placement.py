@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
-
 from deskpool.domain.models import CloneMode
 from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest, Strategy
 from deskpool.scheduler.filters import DEFAULT_FILTERS
@@ -18,7 +16,7 @@ from deskpool.scheduler.placement import _Board
 from deskpool.scheduler.weighers import DEFAULT_WEIGHERS
 from deskpool.services.hosts import LIVE_STATES, incompatibility
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Host, TemplateVersion
+from deskpool.store.models import Host, TemplateVersion
 
 # What a linked or instant clone takes on its host's storage at first (its overlay grows).
 OVERLAY_BYTES = 256 * 1024 * 1024
@@ -31,12 +29,7 @@ def storage_need(version: TemplateVersion, clone_mode: CloneMode) -> int:
 class Placer:
     def __init__(self, uow: UnitOfWork, *, reachable: set[uuid.UUID] | None = None) -> None:
         self.uow = uow
-        usage = {host_id: (vcpus or 0, memory or 0, count)
-                 for host_id, vcpus, memory, count in uow.session.execute(
-                     select(Desktop.host_id, func.sum(TemplateVersion.vcpus),
-                            func.sum(TemplateVersion.memory_mib), func.count())
-                     .join(TemplateVersion, TemplateVersion.id == Desktop.template_version_id)
-                     .where(Desktop.state.in_(LIVE_STATES)).group_by(Desktop.host_id))}
+        usage = uow.host_usage.usage(LIVE_STATES)
         self.hosts: dict[uuid.UUID, Host] = {h.id: h for h in uow.hosts.list()}
         self.facts: dict[uuid.UUID, HostFacts] = {}
         for host in self.hosts.values():

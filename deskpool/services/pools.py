@@ -9,8 +9,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sqlalchemy import select
-
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode
 from deskpool.domain.naming import first_free_number, render
@@ -22,7 +20,7 @@ from deskpool.services.factory import DesktopFactory
 from deskpool.services.hosts import incompatibility
 from deskpool.services.placement import Placer
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, Pool, PoolHost
+from deskpool.store.models import Desktop, Pool
 
 S = DesktopState
 
@@ -55,12 +53,15 @@ def pool_spec(pool: Pool) -> PoolSpec:
     )
 
 
-def _view(uow: UnitOfWork, pool: Pool) -> PoolView:
-    counts: dict[str, int] = {}
-    for desktop in uow.pools.desktops(pool.id):
-        counts[desktop.state] = counts.get(desktop.state, 0) + 1
-    previous = (uow.versions.get(pool.previous_version_id).number
-                if pool.previous_version_id else None)
+def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
+          previous: int | None = None) -> PoolView:
+    """The pool as the edges show it. ``counts`` (desktops per state) and ``previous`` (the
+    previous version's number) are read here unless given (a listing reads every pool's at
+    once)."""
+    if counts is None:
+        counts = uow.desktop_listings.state_counts_by_pool(pool.id).get(pool.id, {})
+    if previous is None and pool.previous_version_id is not None:
+        previous = uow.versions.get(pool.previous_version_id).number
     return PoolView(
         id=pool.id, name=pool.name, template=pool.template.name,
         version=pool.current_version.number, previous_version=previous,
@@ -110,7 +111,7 @@ class PoolService:
             )
             uow.pools.add(pool)
             for pinned_host in pinned:
-                uow.session.add(PoolHost(pool_id=pool.id, host_id=pinned_host.id))
+                uow.pool_hosts.pin(pool.id, pinned_host.id)
             uow.commit()
             return _view(uow, pool)
 
@@ -135,7 +136,14 @@ class PoolService:
 
     def list(self) -> list[PoolView]:
         with self.ctx.uow(read_only=True) as uow:
-            return [_view(uow, p) for p in uow.pools.list()]
+            pools = uow.pools.list_with_versions()
+            counts = uow.desktop_listings.state_counts_by_pool()
+            previous = uow.versions.numbers(
+                {p.previous_version_id for p in pools if p.previous_version_id is not None})
+            return [_view(uow, p, counts=counts.get(p.id, {}),
+                          previous=previous.get(p.previous_version_id)
+                          if p.previous_version_id is not None else None)
+                    for p in pools]
 
     # --- template version rollout ----------------------------------------------------------
 
@@ -167,8 +175,7 @@ class PoolService:
 
 def pinned_hosts(uow: UnitOfWork, pool_id: uuid.UUID) -> set[uuid.UUID] | None:
     """The hosts a pool is pinned to; None when it may use any."""
-    pins = set(uow.session.scalars(select(PoolHost.host_id).where(PoolHost.pool_id == pool_id)))
-    return pins or None
+    return uow.pool_hosts.pinned(pool_id) or None
 
 
 def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
@@ -179,7 +186,7 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     once it is ready. ``NoValidHost`` when no host can take it."""
     # Brokers and reconcilers insert into one pool one at a time (the row lock on PostgreSQL;
     # SQLite writers are serialized anyway), so two never pick the same next name.
-    uow.session.execute(select(Pool.id).where(Pool.id == pool.id).with_for_update())
+    uow.pools.lock(pool.id)
     placer = placer or Placer(uow)
     host, placement = placer.place(
         pool.current_version, pool.clone_mode, what=f"pool {pool.name!r}",
@@ -187,7 +194,7 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     # The names in use are read once per unit of work (no other path adds desktops in a unit
     # of work that inserts pool desktops) and each pattern's search resumes where it stopped,
     # so inserting many desktops in one pass is not quadratic in the desktops there are.
-    info = uow.session.info
+    info = uow.scratch
     if "taken_names" not in info:
         info["taken_names"] = uow.desktops.names()
     taken: set[str] = info["taken_names"]

@@ -148,6 +148,5 @@ class TemplateService:
 
     def list_versions(self) -> list[TemplateVersionView]:
         with self.ctx.uow() as uow:
-            return [version_view(v, t.name) for t in uow.templates.list()
-                    for v in uow.versions.list(t.id)]
+            return [version_view(v, name) for v, name in uow.versions.list_all()]
 

@@ -1,11 +1,17 @@
 """Persistence: SQLAlchemy models, repositories that never commit, a unit of work, migrations.
 
+The only package that imports SQLAlchemy or Alembic (import-linter's "The store alone talks
+SQL"): every query and command of the rest of deskpool is a repository method reached through
+a ``UnitOfWork`` (``uow.desktops``, ``uow.users``, ``uow.events``, ...), and a process gets its
+database from :func:`open_database`.
+
 May import only ``deskpool.domain``, ``deskpool.config``, SQLAlchemy, Alembic and the standard
 library.
 """
 
 from deskpool.store import access_models as access_models  # registers the broker tables
 from deskpool.store.db import (
+    SessionFactory,
     UnitOfWork,
     alembic_config,
     current_revision,
@@ -13,6 +19,7 @@ from deskpool.store.db import (
     head_revision,
     make_engine,
     make_session_factory,
+    open_database,
     upgrade_to_head,
 )
 from deskpool.store.desktops import DesktopRepository
@@ -29,6 +36,7 @@ __all__ = [
     "DesktopRepository",
     "Host",
     "HostRepository",
+    "SessionFactory",
     "Template",
     "TemplateRepository",
     "TemplateVersion",
@@ -40,6 +48,7 @@ __all__ = [
     "head_revision",
     "make_engine",
     "make_session_factory",
+    "open_database",
     "upgrade_to_head",
     "utcnow",
 ]

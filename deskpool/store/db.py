@@ -21,6 +21,7 @@ Alembic ``Config`` is built in code, so no ``alembic.ini`` is needed.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import LostRace
+from deskpool.store.accounts import AuthTokenRepository, EntitlementRepository, UserRepository
+from deskpool.store.desktop_listings import DesktopListingRepository
+from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
+from deskpool.store.host_usage import HostUsageRepository
+from deskpool.store.pool_hosts import PoolHostRepository
+from deskpool.store.records import (
+    ConsoleTicketRepository,
+    EventRepository,
+    LogonRepository,
+    RecordBatchRepository,
+)
 from deskpool.store.repositories import (
     HostRepository,
     MemoryStateRepository,
@@ -47,7 +59,9 @@ from deskpool.store.repositories import (
     TemplateVersionRepository,
     _first_line,
     conflict_from_db_error,
+    installation_id,
 )
+from deskpool.store.slots import HostSlotRepository
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Connection execution option: begin a deferred (read-only) SQLite transaction.
@@ -96,7 +110,11 @@ def _configure_sqlite(engine: Engine, *, wal: bool, busy_timeout_ms: int) -> Non
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+# What a ``UnitOfWork`` opens its sessions from; the rest of deskpool names it by this.
+SessionFactory = sessionmaker[Session]
+
+
+def make_session_factory(engine: Engine) -> SessionFactory:
     """Sessions for a :class:`UnitOfWork`.
 
     ``expire_on_commit=False``: objects a service returns after committing stay readable (the
@@ -191,6 +209,14 @@ def head_revision() -> str:
     return head
 
 
+def open_database(url: str) -> SessionFactory:
+    """The store's entry point for a process: an engine for ``url``, its schema brought to
+    the newest migration, and the session factory units of work open their sessions from."""
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    return make_session_factory(engine)
+
+
 # --- unit of work ---------------------------------------------------------------------------
 
 
@@ -225,8 +251,20 @@ class UnitOfWork:
     desktops: DesktopRepository
     pools: PoolRepository
     memory_states: MemoryStateRepository
+    users: UserRepository
+    auth_tokens: AuthTokenRepository
+    entitlements: EntitlementRepository
+    events: EventRepository
+    logons: LogonRepository
+    console_tickets: ConsoleTicketRepository
+    record_batches: RecordBatchRepository
+    desktop_sessions: DesktopSessionRepository
+    desktop_listings: DesktopListingRepository
+    host_usage: HostUsageRepository
+    host_slots: HostSlotRepository
+    pool_hosts: PoolHostRepository
 
-    def __init__(self, session_factory: sessionmaker[Session], *, read_only: bool = False) -> None:
+    def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
         self.read_only = read_only
         self._active = False
@@ -252,6 +290,18 @@ class UnitOfWork:
         self.desktops = DesktopRepository(self.session)
         self.pools = PoolRepository(self.session)
         self.memory_states = MemoryStateRepository(self.session)
+        self.users = UserRepository(self.session)
+        self.auth_tokens = AuthTokenRepository(self.session)
+        self.entitlements = EntitlementRepository(self.session)
+        self.events = EventRepository(self.session)
+        self.logons = LogonRepository(self.session)
+        self.console_tickets = ConsoleTicketRepository(self.session)
+        self.record_batches = RecordBatchRepository(self.session)
+        self.desktop_sessions = DesktopSessionRepository(self.session)
+        self.desktop_listings = DesktopListingRepository(self.session)
+        self.host_usage = HostUsageRepository(self.session)
+        self.host_slots = HostSlotRepository(self.session)
+        self.pool_hosts = PoolHostRepository(self.session)
         if self.read_only:
             self._begin_read_only()
         return self
@@ -286,6 +336,21 @@ class UnitOfWork:
         self.session.rollback()
         if self.read_only:
             self._begin_read_only()
+
+    @property
+    def scratch(self) -> dict[Any, Any]:
+        """A dict that lives as long as this unit of work's session: for what a service
+        reads once per unit of work and reuses (e.g. the desktop names taken)."""
+        return self.session.info
+
+    def installation_id(self) -> uuid.UUID:
+        """This deployment's id; made now if the row is missing (commit to keep it)."""
+        return installation_id(self.session)
+
+    def detach(self, obj: object) -> None:
+        """Let ``obj`` outlive this unit of work as a plain, read-only snapshot (it is no
+        longer refreshed or written back)."""
+        self.session.expunge(obj)
 
     def flush(self) -> None:
         """Send pending changes now (inside the transaction), to see their errors early."""

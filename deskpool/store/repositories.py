@@ -18,14 +18,14 @@ from __future__ import annotations
 import builtins
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import Conflict, NotFound
@@ -237,6 +237,22 @@ class TemplateVersionRepository(_Repository[TemplateVersion]):
             )
         return version
 
+    def list_all(self) -> builtins.list[tuple[TemplateVersion, str]]:
+        """Every version of every template, drafts included, with its template's name: by
+        template name, then oldest first. One query."""
+        return [(v, name) for v, name in self._session.execute(
+            select(TemplateVersion, Template.name)
+            .join(Template, Template.id == TemplateVersion.template_id)
+            .order_by(Template.name, TemplateVersion.number))]
+
+    def numbers(self, ids: Collection[uuid.UUID]) -> dict[uuid.UUID, int]:
+        """The numbers of the given versions, in one query (unknown ids are left out)."""
+        if not ids:
+            return {}
+        return {id_: number for id_, number in self._session.execute(
+            select(TemplateVersion.id, TemplateVersion.number)
+            .where(TemplateVersion.id.in_(builtins.list(ids))))}
+
     def next_number(self, template_id: uuid.UUID) -> int:
         """One more than the highest number used so far (drafts included); 1 for the first."""
         highest = self._session.scalar(
@@ -320,6 +336,18 @@ class PoolRepository(_NamedRepository[Pool]):
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(
             select(Desktop).where(Desktop.pool_id == pool_id).order_by(Desktop.name)))
+
+    def list_with_versions(self) -> builtins.list[Pool]:
+        """Every pool by name, its template and current version loaded with it (a listing
+        reads them for each pool: without this, a query per pool)."""
+        return builtins.list(self._session.scalars(
+            select(Pool).options(selectinload(Pool.template), selectinload(Pool.current_version))
+            .order_by(Pool.name)))
+
+    def lock(self, pool_id: uuid.UUID) -> None:
+        """Hold the pool's row lock until the transaction ends (PostgreSQL; SQLite writers
+        are serialized anyway): inserts into one pool then run one at a time."""
+        self._session.execute(select(Pool.id).where(Pool.id == pool_id).with_for_update())
 
 
 class MemoryStateRepository(_Repository[MemoryState]):

@@ -68,3 +68,24 @@ def renew_host_slot(session: Session, host_id: uuid.UUID, kind: str, slot: int, 
         .values(held_until=until)
         .execution_options(synchronize_session=False)))
     return result.rowcount == 1
+
+
+class HostSlotRepository:
+    """The functions above over a unit of work's session (``uow.host_slots``)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def take(self, host_id: uuid.UUID, kind: str, limit: int, holder: str, until: datetime,
+             now: datetime) -> int | None:
+        """See :func:`take_host_slot`."""
+        return take_host_slot(self._session, host_id, kind, limit, holder, until, now)
+
+    def renew(self, host_id: uuid.UUID, kind: str, slot: int, holder: str,
+              until: datetime) -> bool:
+        """See :func:`renew_host_slot`."""
+        return renew_host_slot(self._session, host_id, kind, slot, holder, until)
+
+    def release(self, host_id: uuid.UUID, kind: str, slot: int, holder: str) -> None:
+        """See :func:`release_host_slot`."""
+        release_host_slot(self._session, host_id, kind, slot, holder)

@@ -1,0 +1,179 @@
+"""Repositories for the broker's people and grants: users and their local groups, sign-in and
+API tokens, and entitlements (which users and groups may use which pools).
+
+Like every repository, these never commit; the service that owns the operation does.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from deskpool.domain.pools import Assignment, PoolKind
+from deskpool.store.access_models import AuthToken, Entitlement, Group, GroupMember, User
+from deskpool.store.models import Pool, Template
+
+
+class UserRepository:
+    """Users and their membership of local groups."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def find_by_name(self, name: str) -> User | None:
+        return self._session.scalars(select(User).where(User.name == name)).first()
+
+    def name_taken(self, name: str) -> bool:
+        return self._session.scalars(select(User.id).where(User.name == name)).first() is not None
+
+    def add(self, user: User) -> User:
+        """Insert ``user`` now (flushed), so its id is known and a clash raises at once."""
+        self._session.add(user)
+        self._session.flush([user])
+        return user
+
+    def list(self) -> builtins.list[User]:
+        return builtins.list(self._session.scalars(select(User).order_by(User.name)))
+
+    def group_names(self, user_id: uuid.UUID) -> frozenset[str]:
+        """The local groups the user is a member of."""
+        return frozenset(self._session.scalars(
+            select(Group.name).join(GroupMember, GroupMember.group_id == Group.id)
+            .where(GroupMember.user_id == user_id)))
+
+    def group_names_by_user(self) -> dict[uuid.UUID, frozenset[str]]:
+        """Every user's local groups, in one query (users in no group are left out)."""
+        found: dict[uuid.UUID, set[str]] = {}
+        for user_id, name in self._session.execute(
+                select(GroupMember.user_id, Group.name)
+                .join(Group, Group.id == GroupMember.group_id)):
+            found.setdefault(user_id, set()).add(name)
+        return {user_id: frozenset(names) for user_id, names in found.items()}
+
+    def add_to_group(self, user_id: uuid.UUID, group: str) -> None:
+        """Make the user a member of ``group``, creating the group if it is new; a member
+        already is left as is."""
+        found = self._session.scalars(select(Group).where(Group.name == group)).first()
+        if found is None:
+            found = Group(name=group)
+            self._session.add(found)
+            self._session.flush([found])
+        if self._session.get(GroupMember, (found.id, user_id)) is None:
+            self._session.add(GroupMember(group_id=found.id, user_id=user_id))
+
+
+@dataclass(frozen=True)
+class TokenHolder:
+    """Who a sign-in or API token belongs to, and whether it still holds."""
+
+    groups: str  # as stored: comma-separated, lower case
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    name: str
+    display_name: str
+    source: str
+    is_admin: bool
+    disabled: bool
+
+
+class AuthTokenRepository:
+    """Browser sessions and API tokens, found by the SHA-256 of their secret."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, *, token_hash: str, user_id: uuid.UUID, kind: str, label: str, groups: str,
+            expires_at: datetime | None) -> None:
+        self._session.add(AuthToken(token_hash=token_hash, user_id=user_id, kind=kind,
+                                    label=label, groups=groups, expires_at=expires_at))
+
+    def holder(self, token_hash: str) -> TokenHolder | None:
+        """The token's user and validity, or None for a token never issued."""
+        row = self._session.execute(
+            select(AuthToken.groups, AuthToken.expires_at, AuthToken.revoked_at,
+                   User.name, User.display_name, User.source, User.is_admin, User.disabled)
+            .join(User, User.id == AuthToken.user_id)
+            .where(AuthToken.token_hash == token_hash)).first()
+        return TokenHolder(*row) if row is not None else None
+
+    def revoke(self, token_hash: str, at: datetime) -> None:
+        """Revoke the token if it is not already revoked."""
+        self._session.execute(update(AuthToken)
+                              .where(AuthToken.token_hash == token_hash,
+                                     AuthToken.revoked_at.is_(None))
+                              .values(revoked_at=at))
+
+
+@dataclass(frozen=True)
+class EntitledPool:
+    """A pool someone is entitled to, with what a user's pool list shows of it."""
+
+    id: uuid.UUID
+    name: str
+    template: str
+    kind: PoolKind
+    assignment: Assignment
+
+
+def _granted_to(name: str, groups: Iterable[str]) -> ColumnElement[bool]:
+    """Entitlements granted to the user ``name`` or to one of ``groups``."""
+    conditions = [(Entitlement.principal_kind == "user") & (Entitlement.principal == name)]
+    group_list = sorted(groups)
+    if group_list:
+        conditions.append((Entitlement.principal_kind == "group")
+                          & Entitlement.principal.in_(group_list))
+    return or_(*conditions)
+
+
+class EntitlementRepository:
+    """Grants of a pool to a user or a group, by name (directory groups need no row)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def pool_names_for(self, name: str, groups: Iterable[str]) -> builtins.list[str]:
+        """The names of the pools granted to the user or one of their groups, sorted."""
+        return builtins.list(self._session.scalars(
+            select(Pool.name).join(Entitlement, Entitlement.pool_id == Pool.id)
+            .where(_granted_to(name, groups)).distinct().order_by(Pool.name)))
+
+    def pools_for(self, name: str, groups: Iterable[str]) -> builtins.list[EntitledPool]:
+        """The pools granted to the user or one of their groups, with their template's name,
+        sorted by name; one query."""
+        granted = select(Entitlement.pool_id).where(_granted_to(name, groups))
+        return [EntitledPool(*row) for row in self._session.execute(
+            select(Pool.id, Pool.name, Template.name, Pool.kind, Pool.assignment)
+            .join(Template, Template.id == Pool.template_id)
+            .where(Pool.id.in_(granted)).order_by(Pool.name))]
+
+    def exists(self, pool_id: uuid.UUID, kind: str, principal: str) -> bool:
+        return self._session.scalars(select(Entitlement.id).where(
+            Entitlement.pool_id == pool_id, Entitlement.principal_kind == kind,
+            Entitlement.principal == principal)).first() is not None
+
+    def add(self, pool_id: uuid.UUID, kind: str, principal: str) -> None:
+        self._session.add(Entitlement(pool_id=pool_id, principal_kind=kind,
+                                      principal=principal))
+
+    def remove(self, pool_id: uuid.UUID, kind: str, principal: str) -> bool:
+        """Delete the grant; False if there was none."""
+        result = cast(CursorResult[Any], self._session.execute(delete(Entitlement).where(
+            Entitlement.pool_id == pool_id, Entitlement.principal_kind == kind,
+            Entitlement.principal == principal)))
+        return bool(result.rowcount)
+
+    def list(self, pool_id: uuid.UUID | None = None) -> builtins.list[tuple[str, str, str]]:
+        """(pool name, principal kind, principal) of every grant, or of one pool's."""
+        query = (select(Pool.name, Entitlement.principal_kind, Entitlement.principal)
+                 .join(Pool, Pool.id == Entitlement.pool_id)
+                 .order_by(Pool.name, Entitlement.principal_kind, Entitlement.principal))
+        if pool_id is not None:
+            query = query.where(Pool.id == pool_id)
+        return [(p, k, n) for p, k, n in self._session.execute(query)]

@@ -1,0 +1,110 @@
+"""Repositories for what the broker records: the admin's event log, logon timings, console
+tickets, and batches of such rows written at once.
+
+Like every repository, these never commit; the service that owns the operation does.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Session
+
+from deskpool.store.access_models import ConsoleToken, Event, Logon
+from deskpool.store.models import Base
+
+
+class EventRepository:
+    """The admin's event log, one sentence per thing that happened."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, kind: str, message: str, *, severity: str = "info", user: str | None = None,
+            pool: str | None = None, desktop_id: uuid.UUID | None = None,
+            desktop: str | None = None) -> None:
+        self._session.add(Event(kind=kind, message=message, severity=severity, user_name=user,
+                                pool_name=pool, desktop_id=desktop_id, desktop_name=desktop))
+
+    def recent(self, limit: int, *, user: str | None = None) -> builtins.list[Event]:
+        """The newest ``limit`` events (of one user's, given ``user``), newest first."""
+        query = select(Event).order_by(Event.id.desc()).limit(limit)
+        if user is not None:
+            query = query.where(Event.user_name == user)
+        return builtins.list(self._session.scalars(query))
+
+
+class LogonRepository:
+    """Logon timings, one row per connect request."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def latest_waiting_for_console(self, desktop_id: uuid.UUID) -> Logon | None:
+        """The desktop's newest ready logon whose console has not connected yet."""
+        return self._session.scalars(
+            select(Logon).where(Logon.desktop_id == desktop_id, Logon.outcome == "ready",
+                                Logon.connect_ms.is_(None))
+            .order_by(Logon.requested_at.desc()).limit(1)).first()
+
+    def recent(self, limit: int) -> builtins.list[Logon]:
+        """The newest ``limit`` logons, newest first."""
+        return builtins.list(self._session.scalars(
+            select(Logon).order_by(Logon.requested_at.desc()).limit(limit)))
+
+
+class ConsoleTicketRepository:
+    """Single-use console tickets, found by the SHA-256 of their secret."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, *, token_hash: str, user: str, desktop_id: uuid.UUID,
+            expires_at: datetime) -> None:
+        self._session.add(ConsoleToken(token_hash=token_hash, user_name=user,
+                                       desktop_id=desktop_id, expires_at=expires_at))
+
+    def use(self, token_hash: str, now: datetime) -> tuple[uuid.UUID, str] | None:
+        """Mark the ticket used, if it is unused and unexpired: one conditional UPDATE, so it
+        is used at most once. Its (desktop id, user name); None when it could not be used."""
+        used = self._session.execute(
+            update(ConsoleToken)
+            .where(ConsoleToken.token_hash == token_hash, ConsoleToken.used_at.is_(None),
+                   ConsoleToken.expires_at > now)
+            .values(used_at=now).returning(ConsoleToken.desktop_id, ConsoleToken.user_name)
+        ).first()
+        return (used[0], used[1]) if used is not None else None
+
+    def expire_unused(self, desktop_id: uuid.UUID, now: datetime) -> None:
+        """End every unused, unexpired ticket of the desktop now."""
+        self._session.execute(update(ConsoleToken)
+                              .where(ConsoleToken.desktop_id == desktop_id,
+                                     ConsoleToken.used_at.is_(None),
+                                     ConsoleToken.expires_at > now)
+                              .values(expires_at=now)
+                              .execution_options(synchronize_session=False))
+
+
+class RecordBatchRepository:
+    """Many new rows (events, logons) in multi-row INSERTs: Core, not the ORM's per-object
+    bookkeeping, for a writer that shares the interpreter with the requests it serves."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def insert(self, rows: Sequence[Base]) -> None:
+        """Insert ``rows`` (new, never added to a session). Rows are grouped by model and by
+        the columns they set; Core fills in the columns' defaults for the rest."""
+        groups: dict[tuple[type[Base], tuple[str, ...]], list[dict[str, Any]]] = {}
+        for row in rows:
+            values = {c.key: getattr(row, c.key) for c in sa_inspect(type(row)).column_attrs
+                      if getattr(row, c.key) is not None}
+            groups.setdefault((type(row), tuple(sorted(values))), []).append(values)
+        for (model, _columns), values_list in groups.items():
+            self._session.execute(insert(model), values_list)
