@@ -53,12 +53,8 @@ from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
 from deskpool.store.db import UnitOfWork
 from deskpool.store.desktops import DesktopSummary
-from deskpool.store.models import Desktop, Host, Pool
-from deskpool.store.repositories import (
-    release_lease,
-    renew_lease,
-    take_lease,
-)
+from deskpool.store.leases import Leased
+from deskpool.store.models import Desktop, Host
 
 __all__ = ["PassReport", "Reconciler", "backoff"]  # PassReport: where callers found it first
 
@@ -228,7 +224,7 @@ class Reconciler:
         with self.ctx.uow() as uow:
             pool_ids = [p.id for p in uow.pools.list()]
         for pool_id in pool_ids:
-            with self._leased(Pool, pool_id) as mine:
+            with self._leased(Leased.POOL, pool_id) as mine:
                 if mine:  # else another broker plans this pool now
                     self._plan_pool(pool_id, now, report, reachable)
 
@@ -289,7 +285,7 @@ class Reconciler:
           not retry it in a hot loop.
         """
         desktop_id = step.desktop_id
-        with self._leased(Desktop, desktop_id) as mine:
+        with self._leased(Leased.DESKTOP, desktop_id) as mine:
             if not mine:
                 return
             try:
@@ -315,12 +311,12 @@ class Reconciler:
                 self._back_off(desktop_id, step.state)
 
     @contextmanager
-    def _leased(self, model: type[Desktop] | type[Pool], row_id: uuid.UUID) -> Iterator[bool]:
+    def _leased(self, kind: Leased, row_id: uuid.UUID) -> Iterator[bool]:
         """Whether this broker got the row's lease (no one else holds a live one); if so it
         is renewed while the block runs and given back after."""
         now = self.clock()
         with self.ctx.uow() as uow:
-            mine = take_lease(uow.session, model, row_id, self.owner, now + self.lease, now)
+            mine = uow.leases.take(kind, row_id, self.owner, now + self.lease, now)
             uow.commit()
         if not mine:
             yield False
@@ -328,18 +324,17 @@ class Reconciler:
 
         def renew() -> bool:
             with self.ctx.uow() as uow:
-                kept = renew_lease(uow.session, model, row_id, self.owner,
-                                   self.clock() + self.lease)
+                kept = uow.leases.renew(kind, row_id, self.owner, self.clock() + self.lease)
                 uow.commit()
             return kept
 
         try:
             with renewed_while_running(renew, self.lease.total_seconds() / 3,
-                                       f"lease on {model.__tablename__} {row_id}"):
+                                       f"lease on {kind.value} {row_id}"):
                 yield True
         finally:
             with self.ctx.uow() as uow:
-                release_lease(uow.session, model, row_id, self.owner)
+                uow.leases.release(kind, row_id, self.owner)
                 uow.commit()
 
     def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str, *,

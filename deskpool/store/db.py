@@ -44,6 +44,7 @@ from deskpool.store.desktop_listings import DesktopListingRepository
 from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
 from deskpool.store.host_usage import HostUsageRepository
+from deskpool.store.leases import LeaseRepository
 from deskpool.store.pool_hosts import PoolHostRepository
 from deskpool.store.records import (
     ConsoleTicketRepository,
@@ -249,6 +250,7 @@ class UnitOfWork:
     templates: TemplateRepository
     versions: TemplateVersionRepository
     desktops: DesktopRepository
+    leases: LeaseRepository
     pools: PoolRepository
     memory_states: MemoryStateRepository
     users: UserRepository
@@ -288,6 +290,7 @@ class UnitOfWork:
         self.templates = TemplateRepository(self.session)
         self.versions = TemplateVersionRepository(self.session)
         self.desktops = DesktopRepository(self.session)
+        self.leases = LeaseRepository(self.session)
         self.pools = PoolRepository(self.session)
         self.memory_states = MemoryStateRepository(self.session)
         self.users = UserRepository(self.session)

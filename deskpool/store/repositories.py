@@ -20,10 +20,9 @@ import re
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-from sqlalchemy import CursorResult, and_, func, select, update
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
@@ -269,46 +268,6 @@ class TemplateVersionRepository(_Repository[TemplateVersion]):
         version.published_at = utcnow()
         self._session.flush([version])
         return version
-
-
-def take_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
-               owner: str, until: datetime, now: datetime) -> bool:
-    """Lease a row to ``owner`` until ``until`` if nobody else holds a live lease on it.
-
-    One conditional UPDATE, so of several brokers exactly one wins; a broker that dies keeps
-    its lease only until it expires, then another takes the work over.
-    """
-    values: dict[str, Any] = {"lease_owner": owner, "lease_until": until}
-    if model is Desktop:
-        values["version"] = Desktop.version + 1
-    result = cast(CursorResult[Any], session.execute(
-        update(model).where(model.id == row_id,
-                            (model.lease_until.is_(None)) | (model.lease_until < now)
-                            | (model.lease_owner == owner))
-        .values(**values).execution_options(synchronize_session=False)))
-    return result.rowcount == 1
-
-
-def renew_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
-                owner: str, until: datetime) -> bool:
-    """Hold ``owner``'s lease longer; False if it lost it (it expired and another took it).
-
-    The desktop's ORM ``version`` is left alone on purpose: the lease is renewed underneath a
-    step that may hold the same row in its own session, and that step's writes must not go
-    stale for it."""
-    result = cast(CursorResult[Any], session.execute(
-        update(model).where(model.id == row_id, model.lease_owner == owner)
-        .values(lease_until=until).execution_options(synchronize_session=False)))
-    return result.rowcount == 1
-
-
-def release_lease(session: Session, model: type[Desktop] | type[Pool], row_id: uuid.UUID,
-                  owner: str) -> None:
-    values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
-    if model is Desktop:
-        values["version"] = Desktop.version + 1
-    session.execute(update(model).where(model.id == row_id, model.lease_owner == owner)
-                    .values(**values).execution_options(synchronize_session=False))
 
 
 @dataclass(frozen=True, slots=True)
