@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from deskpool.domain.errors import DeskpoolError
+from deskpool.domain.errors import DeskpoolError, LostRace
 from deskpool.domain.models import HostState
 from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import HELD_STATES, TRANSITIONS, DesktopState, DesktopTask, transition
@@ -123,7 +123,11 @@ class HostWatch:
                                      user=user, desktop_id=d_id, desktop=name)
                 elif (state == S.READY.value and user is None
                       and kind is not PoolKind.STATEFUL and kind is not None):
-                    transition(uow.desktops, d_id, S.READY, S.RETIRING, task=DesktopTask.DRAIN)
+                    try:
+                        transition(uow.desktops, d_id, S.READY, S.RETIRING,
+                                   task=DesktopTask.DRAIN)
+                    except LostRace:  # a user claimed it meanwhile: a session, not empty
+                        held += 1
                 elif state in IN_FLIGHT_STATES:
                     # Becomes ready (and is retired above) or held: not empty yet, else a
                     # desktop recycled after its user's logoff would stay ready here and
