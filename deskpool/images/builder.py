@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -74,6 +75,10 @@ _BOOTSTRAP_STAGES = (
     ("image-setup: pruning doc", "pruning documentation", 0.91),
     ("cleaning package lists", "cleaning the package cache", 0.92),
 )
+# Between these fractions, the packages apt installs after the essential ones ("N newly
+# installed"), counted as dpkg sets each up: most of a desktop build's time.
+_INSTALL_SPAN = (0.45, 0.83)
+_NEWLY_INSTALLED_RE = re.compile(r"^\d+ upgraded, (\d+) newly installed")
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,8 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
         "--variant=minbase",
         "--mode=root",
         "--format=directory",
+        # apt's and dpkg's own lines (no tty, so no progress bars): what _InstallCounter reads.
+        "--verbose",
         f"--include={','.join(recipe.packages)}",
         *(f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES),
         *(f"--dpkgopt=path-include={p}" for p in _DPKG_INCLUDES),
@@ -244,6 +251,7 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
     except OSError as exc:
         raise ImageBuildError(f"mmdebstrap could not be started: {exc}") from exc
     assert proc.stdout is not None
+    counter = _InstallCounter(report)
     with proc:
         for line in proc.stdout:
             line = line.rstrip()
@@ -252,10 +260,43 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
             for needle, step, fraction in _BOOTSTRAP_STAGES:
                 if needle in line:
                     report(step, fraction)
+            counter.feed(line)
     if proc.returncode != 0:
         raise ImageBuildError(
             f"mmdebstrap {recipe.suite} failed (exit {proc.returncode}): {' | '.join(tail)}"
         )
+
+
+class _InstallCounter:
+    """Progress through apt's install of the remaining (non-essential) packages: each one is
+    unpacked, then set up (dpkg's lines), half the span each."""
+
+    def __init__(self, report: _Progress) -> None:
+        self._report = report
+        self._started = False
+        self._total = 0
+        self._counts = {"Unpacking ": 0, "Setting up ": 0}
+
+    def feed(self, line: str) -> None:
+        if "installing remaining" in line:
+            self._started = True
+        elif not self._started:
+            return
+        elif not self._total:
+            if match := _NEWLY_INSTALLED_RE.match(line):
+                self._total = int(match[1])
+        else:
+            for prefix, count in self._counts.items():
+                if line.startswith(prefix):
+                    self._counts[prefix] = min(count + 1, self._total)
+                    self._progress(prefix)
+
+    def _progress(self, prefix: str) -> None:
+        low, high = _INSTALL_SPAN
+        done = sum(self._counts.values()) / (2 * self._total)
+        what = "unpacked" if prefix == "Unpacking " else "set up"
+        self._report(f"installing packages ({self._counts[prefix]} of {self._total} {what})",
+                     low + (high - low) * done)
 
 
 def _mkfs_command(rootfs: Path, raw: Path, size_mib: int) -> list[str]:

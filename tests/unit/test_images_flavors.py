@@ -214,3 +214,50 @@ def test_flavors_are_cached_side_by_side_with_their_memory(
     manifest = json.loads((desktop.directory / MANIFEST_NAME).read_text())
     assert manifest["recipe"]["flavor"] == "desktop"
     assert "usr/lib/deskpool/flavor-setup.sh" in staged[1] - staged[0]
+
+
+class _FakeMmdebstrap:
+    """Plays mmdebstrap --verbose's output: stages, then apt's count and dpkg's set-ups."""
+
+    LINES = (
+        "I: running apt-get update...", "I: downloading packages with apt...",
+        "I: extracting archives...", "I: installing essential packages...",
+        "Setting up base-files (12.4) ...",  # essential: before apt's count, not counted
+        "I: installing remaining packages inside the chroot...",
+        "The following NEW packages will be installed:", "  lightdm xfwm4 xrdp xorgxrdp",
+        "0 upgraded, 4 newly installed, 0 to remove and 0 not upgraded.",
+        "Unpacking lightdm (1.26.0-8) ...", "Unpacking xfwm4 (4.18.0-1) ...",
+        "Unpacking xrdp (0.9.21.1-1) ...", "Unpacking xorgxrdp (1:0.9.19-1) ...",
+        "Setting up lightdm (1.26.0-8) ...", "Setting up xfwm4 (4.18.0-1) ...",
+        "Setting up xrdp (0.9.21.1-1) ...", "Setting up xorgxrdp (1:0.9.19-1) ...",
+        "I: running --customize-hook in shell: sh -c 'cp -a ...'",
+    )
+
+    def __init__(self, cmd: list[str], **kwargs: object) -> None:
+        assert "--verbose" in cmd
+        self.stdout = iter(f"{line}\n" for line in self.LINES)
+        self.returncode = 0
+
+    def __enter__(self) -> _FakeMmdebstrap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_desktop_build_progress_moves_while_apt_installs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, float]] = []
+    monkeypatch.setattr(builder.subprocess, "Popen", _FakeMmdebstrap)
+    builder._bootstrap(DESKTOP_RECIPE, tmp_path / "rootfs", tmp_path / "staged",
+                       builder._Progress(lambda step, frac: seen.append((step, frac))))
+    steps = [step for step, _ in seen]
+    counted = [(step, frac) for step, frac in seen if step.startswith("installing packages")]
+    assert [step for step, _ in counted] == [
+        *(f"installing packages ({n} of 4 unpacked)" for n in (1, 2, 3, 4)),
+        *(f"installing packages ({n} of 4 set up)" for n in (1, 2, 3, 4))]
+    fractions = [frac for _, frac in counted]
+    assert fractions == sorted(fractions) and fractions[0] > 0.45 and fractions[-1] == 0.83
+    assert steps[0] == "bootstrapping Debian with Xorg, LightDM and Xfce"
+    assert steps[-1] == "installing the deskpool guest files"
