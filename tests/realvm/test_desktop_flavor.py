@@ -151,7 +151,8 @@ def test_xrdp_runs_with_keys_of_its_own(booted: Booted) -> None:
     while True:
         code, active, err = agent.exec_capture(
             ["/usr/bin/systemctl", "is-active", "xrdp.service"], timeout_s=60)
-        if active.strip() != "inactive" or time.monotonic() >= deadline:
+        # Waiting for its keys ("inactive"), or starting ("activating").
+        if active.strip() not in ("inactive", "activating") or time.monotonic() >= deadline:
             break
         time.sleep(5)
     print(f"create -> xrdp running: {time.monotonic() - booted.created_s:.1f} s")
