@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from deskpool.domain.errors import InvalidInput
+from deskpool.domain.errors import ImageBuildError, InvalidInput
 
 # Bump when builder.py changes what it produces from the same recipe and guest files.
 BUILDER_VERSION = 1
@@ -168,6 +168,10 @@ class GuestRecipe:
         ``guest-desktop/``, whose files replace same-named ones."""
         merged = dict(iter_guest_files())
         if self.flavor is Flavor.DESKTOP:
+            # An install without them would build (and hash) a desktop image missing its setup.
+            if not (DESKTOP_FILES_DIR / "usr/lib/deskpool/flavor-setup.sh").is_file():
+                raise ImageBuildError(f"the desktop flavor's guest files are missing from "
+                                      f"{DESKTOP_FILES_DIR}")
             merged.update(iter_guest_files(DESKTOP_FILES_DIR))
         return sorted(merged.items())
 

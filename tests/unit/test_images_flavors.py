@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deskpool.domain.errors import InvalidInput
+from deskpool.domain.errors import ImageBuildError, InvalidInput
 from deskpool.images import builder, recipe
 from deskpool.images.builder import MANIFEST_NAME, build_guest_image
 from deskpool.images.recipe import (
@@ -103,6 +103,15 @@ def test_desktop_file_edits_change_only_the_desktop_hash(
     (copy / "etc/lightdm/lightdm.conf.d/50-deskpool.conf").write_text("[Seat:*]\n")
     assert CONSOLE_RECIPE.content_hash() == console
     assert DESKTOP_RECIPE.content_hash() != desktop
+
+
+def test_missing_desktop_files_are_an_error_not_a_different_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recipe, "DESKTOP_FILES_DIR", tmp_path / "not-installed")
+    with pytest.raises(ImageBuildError, match="desktop flavor's guest files are missing"):
+        DESKTOP_RECIPE.content_hash()
+    assert CONSOLE_RECIPE.content_hash()  # the console flavor does not need them
 
 
 # --- module pruning (the script image-setup.sh runs in the chroot) ---------------------------
