@@ -1,6 +1,7 @@
 """``deskpool demo``: the main job. A broker with a demo pool on the embedded database.
 
-Builds the guest image if missing, registers the local libvirt host and the demo template,
+Builds the desktop-flavor guest image if missing (so a newcomer's Connect shows a graphical
+greeter, not a text console), registers the local libvirt host and the demo template,
 creates the ``demo`` pool (one spare desktop kept warm), a user entitled to it and an admin,
 then runs the broker (portal, API, console proxy, reconciler, session timers) in the
 foreground. Idempotent: a second run reuses everything, including the passwords it made.
@@ -22,6 +23,7 @@ from deskpool.cli.progress import build_with_progress
 from deskpool.daemon import serve
 from deskpool.domain.errors import Conflict
 from deskpool.domain.pools import PoolSpec
+from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.context import ServiceContext
 from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
@@ -46,8 +48,8 @@ def _credentials(ctx: ServiceContext) -> dict[str, str]:
 
 
 def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
-    image = build_with_progress(out, ctx.settings.image_cache_dir)
-    out.print(f"guest image {image.recipe_hash[:12]} ready at {image.directory}")
+    image = build_with_progress(out, ctx.settings.image_cache_dir, flavor=Flavor.DESKTOP)
+    out.print(f"{image.flavor} guest image {image.recipe_hash[:12]} ready at {image.directory}")
     hosts = HostService(ctx)
     if DEMO_HOST not in {h.name for h in hosts.list()}:
         with out.status(f"connecting to {DEMO_URI}"):
@@ -56,7 +58,8 @@ def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
     if templates.find_published(DEMO_TEMPLATE, image.disk_sha256) is None:
         with out.status("publishing the demo template"):
             templates.publish(DEMO_TEMPLATE, ImageFiles.from_guest_image(image),
-                              recipe_hash=image.recipe_hash, arch="x86_64")
+                              recipe_hash=image.recipe_hash, arch="x86_64",
+                              memory_mib=image.memory_mib)
     pools = PoolService(ctx)
     if DEMO_POOL not in {p.name for p in pools.list()}:
         pools.create(PoolSpec(name=DEMO_POOL, template=DEMO_TEMPLATE, spare=1, max_size=3,
@@ -76,13 +79,14 @@ def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
 def run_demo(ctx: ServiceContext, out: Console) -> None:
     credentials = prepare_demo(ctx, out)
     s = ctx.settings
+    memory_mib = recipe_for(Flavor.DESKTOP).memory_mib
     url = f"http://{s.listen_host}:{s.listen_port}/"
     out.print(Panel.fit(
         f"portal:  {url}  sign in as [bold]{DEMO_USER}[/] / {credentials[DEMO_USER]}\n"
         f"admin:   {url}admin  as [bold]{DEMO_ADMIN}[/] / {credentials[DEMO_ADMIN]}\n"
         f"API:     {url}docs (OpenAPI)\n"
-        f"pool [bold]{DEMO_POOL}[/]: one desktop kept ready (the first boot takes a minute "
-        "or two under TCG)\n"
+        f"pool [bold]{DEMO_POOL}[/]: one Xfce desktop kept ready, {memory_mib} MiB each "
+        "(the first boot to the greeter takes a minute or two under TCG)\n"
         f"consoles: noVNC in the browser through websockify on port {s.console_port}\n"
         "stop with Ctrl-C; passwords are kept in "
         f"{s.data_dir / 'demo-credentials'}",

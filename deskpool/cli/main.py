@@ -23,6 +23,7 @@ from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import CloneMode, Customization
 from deskpool.images.builder import build_guest_image
+from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.desktops import DEFAULT_PATTERN, DesktopService
 from deskpool.services.templates import ImageFiles, TemplateService
 
@@ -53,16 +54,23 @@ pool_app.command("grant")(grant_command)
 # --- images & templates --------------------------------------------------------------------
 
 
+_FLAVOR_HELP = ("console: a text console, small and quick to boot; desktop: Xorg, LightDM "
+                "and Xfce, booting to a graphical greeter (needs 1536 MiB per VM)")
+
+
 @image_app.command("build")
 def image_build(
+    flavor: Annotated[Flavor, typer.Option(help=_FLAVOR_HELP)] = Flavor.CONSOLE,
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
 ) -> None:
     """Build (or reuse) the Debian guest image from its recipe."""
     from deskpool.cli.progress import build_with_progress
 
     with services() as ctx:
-        image = build_with_progress(out, ctx.settings.image_cache_dir, force=force)
-    out.print(f"image [bold]{image.recipe_hash[:12]}[/] at {image.directory}")
+        image = build_with_progress(out, ctx.settings.image_cache_dir, flavor=flavor,
+                                    force=force)
+    out.print(f"{image.flavor} image [bold]{image.recipe_hash[:12]}[/] at {image.directory} "
+              f"(VMs need {image.memory_mib} MiB)")
 
 
 @template_app.command("publish")
@@ -73,9 +81,11 @@ def template_publish(
     initrd: Annotated[Path | None, typer.Option(help="initrd for direct boot")] = None,
     cmdline: Annotated[str | None, typer.Option(help="kernel command line")] = None,
     built: Annotated[bool, typer.Option(help="publish the image 'image build' made")] = False,
+    flavor: Annotated[Flavor, typer.Option(help="with --built: which image")] = Flavor.CONSOLE,
     customization: Customization = Customization.FWCFG,
     vcpus: int = 1,
-    memory_mib: int = 768,
+    memory_mib: Annotated[int | None, typer.Option(
+        help="default: what the built image's recipe needs (--built), else 768")] = None,
     notes: str = "",
     runs_on: Annotated[str, typer.Option(help="hypervisor types it runs on, e.g. QEMU "
                                               "(default: any)")] = "",
@@ -88,15 +98,20 @@ def template_publish(
         if built:
             if image is not None:
                 raise DeskpoolError("give either --built or --image, not both")
-            guest = build_guest_image(ctx.settings.image_cache_dir)
+            guest = build_guest_image(ctx.settings.image_cache_dir, recipe_for(flavor))
             files, recipe_hash = ImageFiles.from_guest_image(guest), guest.recipe_hash
+            if memory_mib is None:
+                memory_mib = guest.memory_mib
+        elif flavor is not Flavor.CONSOLE:
+            raise DeskpoolError("--flavor names a built image: give it with --built")
         elif image is None:
             raise DeskpoolError("give the disk image with --image PATH (or --built)")
         else:
             files = ImageFiles(disk=image, kernel=kernel, initrd=initrd, cmdline=cmdline)
         with spinner(f"publishing {name}"):
             version = TemplateService(ctx).publish(
-                name, files, customization=customization, vcpus=vcpus, memory_mib=memory_mib,
+                name, files, customization=customization, vcpus=vcpus,
+                memory_mib=768 if memory_mib is None else memory_mib,
                 recipe_hash=recipe_hash, notes=notes, runs_on=runs_on,
                 arch=arch or ("x86_64" if built else ""),
             )

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,8 +35,8 @@ from deskpool.images.recipe import (
     BUILDER_VERSION,
     DEFAULT_RECIPE,
     KERNEL_CMDLINE,
+    Flavor,
     GuestRecipe,
-    iter_guest_files,
 )
 
 ProgressFn = Callable[[str, float], None]
@@ -67,12 +68,17 @@ _BOOTSTRAP_STAGES = (
     ("extracting archives", "extracting essential packages", 0.12),
     ("installing essential", "installing essential packages", 0.32),
     ("installing remaining", "installing the kernel, systemd and the guest agent", 0.45),
-    ("running --customize-hook", "installing the deskpool guest files", 0.85),
+    ("image-setup: setting up the", "setting up the display manager", 0.85),
+    ("running --customize-hook", "installing the deskpool guest files", 0.84),
     ("image-setup: pruning kernel", "pruning kernel modules", 0.86),
     ("image-setup: building the initramfs", "building the initramfs", 0.88),
     ("image-setup: pruning doc", "pruning documentation", 0.91),
     ("cleaning package lists", "cleaning the package cache", 0.92),
 )
+# Between these fractions, the packages apt installs after the essential ones ("N newly
+# installed"), counted as dpkg sets each up: most of a desktop build's time.
+_INSTALL_SPAN = (0.45, 0.83)
+_NEWLY_INSTALLED_RE = re.compile(r"^\d+ upgraded, (\d+) newly installed")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,9 @@ class GuestImage:
     initrd: Path
     cmdline: str
     disk_sha256: str
+    flavor: Flavor = Flavor.CONSOLE
+    # What a VM of the image needs (the recipe's memory_mib): templates publish it.
+    memory_mib: int = 768
 
 
 def sha256_file(path: Path) -> str:
@@ -145,7 +154,7 @@ def _build(
     started = time.monotonic()
     rootfs = work / "rootfs"
     report("staging the deskpool guest files", 0.01)
-    staged = _stage_guest_files(work / "guest")
+    staged = _stage_guest_files(work / "guest", recipe)
     _bootstrap(recipe, rootfs, staged, report)
 
     report("copying the kernel and initrd", 0.93)
@@ -206,11 +215,19 @@ def _check_tools() -> None:
 def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progress) -> None:
     """mmdebstrap into ``rootfs``, with the guest files copied in and image-setup.sh run."""
     quoted = shlex.quote(str(staged))
+    # What image-setup.sh does differently per flavor.
+    setup_env = shlex.join([
+        f"DESKPOOL_FLAVOR={recipe.flavor.value}",
+        f"DESKPOOL_KEEP_MODULES={' '.join(recipe.keep_modules)}",
+        f"DESKPOOL_REQUIRED_MODULES={' '.join(recipe.required_modules)}",
+    ])
     cmd = [
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
         "--format=directory",
+        # apt's and dpkg's own lines (no tty, so no progress bars): what _InstallCounter reads.
+        "--verbose",
         f"--include={','.join(recipe.packages)}",
         *(f"--dpkgopt=path-exclude={p}" for p in _DPKG_EXCLUDES),
         *(f"--dpkgopt=path-include={p}" for p in _DPKG_INCLUDES),
@@ -219,12 +236,13 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
         # already the small one (MODULES=most takes ~20 s more to build, only to be replaced).
         f'--essential-hook=cp -a {quoted}/etc/initramfs-tools "$1"/etc/',
         f'--customize-hook=cp -a {quoted}/. "$1"/',
-        f'--customize-hook=chroot "$1" /bin/sh {_SETUP_SCRIPT}',
+        f'--customize-hook=chroot "$1" env {setup_env} /bin/sh {_SETUP_SCRIPT}',
         recipe.suite,
         str(rootfs),
         *recipe.mirrors,
     ]
-    report("bootstrapping Debian", 0.02)
+    what = "Debian with Xorg, LightDM and Xfce" if recipe.flavor is Flavor.DESKTOP else "Debian"
+    report(f"bootstrapping {what}", 0.02)
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     try:
         proc = subprocess.Popen(
@@ -233,6 +251,7 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
     except OSError as exc:
         raise ImageBuildError(f"mmdebstrap could not be started: {exc}") from exc
     assert proc.stdout is not None
+    counter = _InstallCounter(report)
     with proc:
         for line in proc.stdout:
             line = line.rstrip()
@@ -241,10 +260,43 @@ def _bootstrap(recipe: GuestRecipe, rootfs: Path, staged: Path, report: _Progres
             for needle, step, fraction in _BOOTSTRAP_STAGES:
                 if needle in line:
                     report(step, fraction)
+            counter.feed(line)
     if proc.returncode != 0:
         raise ImageBuildError(
             f"mmdebstrap {recipe.suite} failed (exit {proc.returncode}): {' | '.join(tail)}"
         )
+
+
+class _InstallCounter:
+    """Progress through apt's install of the remaining (non-essential) packages: each one is
+    unpacked, then set up (dpkg's lines), half the span each."""
+
+    def __init__(self, report: _Progress) -> None:
+        self._report = report
+        self._started = False
+        self._total = 0
+        self._counts = {"Unpacking ": 0, "Setting up ": 0}
+
+    def feed(self, line: str) -> None:
+        if "installing remaining" in line:
+            self._started = True
+        elif not self._started:
+            return
+        elif not self._total:
+            if match := _NEWLY_INSTALLED_RE.match(line):
+                self._total = int(match[1])
+        else:
+            for prefix, count in self._counts.items():
+                if line.startswith(prefix):
+                    self._counts[prefix] = min(count + 1, self._total)
+                    self._progress(prefix)
+
+    def _progress(self, prefix: str) -> None:
+        low, high = _INSTALL_SPAN
+        done = sum(self._counts.values()) / (2 * self._total)
+        what = "unpacked" if prefix == "Unpacking " else "set up"
+        self._report(f"installing packages ({self._counts[prefix]} of {self._total} {what})",
+                     low + (high - low) * done)
 
 
 def _mkfs_command(rootfs: Path, raw: Path, size_mib: int) -> list[str]:
@@ -257,11 +309,12 @@ def _mkfs_command(rootfs: Path, raw: Path, size_mib: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _stage_guest_files(dest: Path) -> Path:
-    """Copy guest/ to ``dest`` with root-friendly modes (a checkout's modes are not trusted)."""
+def _stage_guest_files(dest: Path, recipe: GuestRecipe = DEFAULT_RECIPE) -> Path:
+    """Copy the recipe's guest files to ``dest`` with root-friendly modes (a checkout's modes
+    are not trusted)."""
     dest.mkdir(mode=0o755)
     os.chmod(dest, 0o755)  # cp -a copies this mode onto the guest's /
-    for rel, src in iter_guest_files():
+    for rel, src in recipe.guest_files():
         out = dest / rel
         for parent in reversed(out.relative_to(dest).parents[:-1]):
             (dest / parent).mkdir(mode=0o755, exist_ok=True)
@@ -310,6 +363,7 @@ def _read_manifest(directory: Path, recipe_hash: str) -> GuestImage | None:
         if data.get("format") != _MANIFEST_FORMAT or data.get("recipe_hash") != recipe_hash:
             return None
         files = {key: directory / str(data[key]) for key in ("disk", "kernel", "initrd")}
+        recipe = data["recipe"]
         sizes = data["sizes"]
         # A size check catches truncated files without hashing 300+ MiB on every lookup.
         for path in files.values():
@@ -323,6 +377,8 @@ def _read_manifest(directory: Path, recipe_hash: str) -> GuestImage | None:
             initrd=files["initrd"],
             cmdline=str(data["cmdline"]),
             disk_sha256=str(data["disk_sha256"]),
+            flavor=Flavor(recipe.get("flavor", Flavor.CONSOLE)),
+            memory_mib=int(recipe.get("memory_mib", 768)),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -1,6 +1,11 @@
 """What goes into a deskpool guest image, and the hash that names a built one.
 
-The hash covers the recipe's fields, every file under ``guest/`` (so editing the identity hook
+Two flavors: ``console`` (a text console; small and quick to boot, for tests) and ``desktop``
+(the console image plus Xorg, LightDM and Xfce's core, booting to a graphical greeter, with
+``spice-vdagent`` and ``xrdp``). ``recipe_for(flavor)`` gives each one's recipe.
+
+The hash covers the recipe's fields (flavor included), every guest file the flavor copies in
+(``guest/``, plus ``guest-desktop/`` for the desktop flavor; so editing the identity hook
 rebuilds the image), ``KERNEL_CMDLINE`` and ``BUILDER_VERSION`` (bumped when the build steps
 change). It names the recipe, not the package versions Debian served:
 ``build_guest_image(force=True)`` refreshes those.
@@ -13,14 +18,22 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from deskpool.domain.errors import InvalidInput
+from deskpool.domain.errors import ImageBuildError, InvalidInput
 
 # Bump when builder.py changes what it produces from the same recipe and guest files.
 BUILDER_VERSION = 1
 
 GUEST_FILES_DIR = Path(__file__).resolve().parent / "guest"
+# Copied in after guest/ for the desktop flavor only (LightDM settings, its setup step).
+DESKTOP_FILES_DIR = Path(__file__).resolve().parent / "guest-desktop"
+
+
+class Flavor(StrEnum):
+    CONSOLE = "console"
+    DESKTOP = "desktop"
 
 # Direct kernel boot. `quiet` keeps the slow emulated VGA console from throttling boot under
 # TCG (warnings still reach tty0); the last console= is /dev/console, so systemd's status lines
@@ -40,8 +53,56 @@ _DEFAULT_PACKAGES = (
     "zstd",
 )
 
+# On top of the console packages, installed without recommends. Measured under TCG (see
+# the README): the greeter is on screen ~1 min after create, ~250 MiB used at the greeter.
+_DESKTOP_PACKAGES = (
+    "xserver-xorg-core",  # its modesetting driver runs on the default VGA (bochs-drm)
+    "xserver-xorg-input-libinput",
+    "lightdm",
+    "lightdm-gtk-greeter",
+    "xfce4-session",
+    "xfwm4",
+    "xfce4-panel",
+    "xfdesktop4",
+    "xfce4-settings",
+    "xfce4-terminal",
+    "thunar",
+    "dbus-x11",
+    # Registers graphical sessions with logind (who is logged in, idle, locked).
+    "libpam-systemd",
+    "fonts-dejavu-core",
+    "adwaita-icon-theme",
+    "spice-vdagent",  # SPICE clients: pointer, resolution, clipboard
+    "xrdp",
+    "xorgxrdp",  # the X server xrdp's sessions run in (only recommended by xrdp)
+)
+# Kernel module directories (or module files, without .ko) under /lib/modules/*/kernel kept on
+# top of the console image's minimal set: the GPU and framebuffer drivers Xorg needs, PS/2
+# input, and what later work mounts: an SMB share (cifs and its helpers), a layered root
+# (overlay) and encrypted disks (dm-crypt and the key types it can use).
+_DESKTOP_KEEP_MODULES = (
+    "drivers/gpu",
+    "drivers/video",
+    "drivers/i2c",
+    "drivers/input",
+    "drivers/md",
+    "fs/overlayfs",
+    "fs/smb",
+    "fs/cifs",
+    "fs/smbfs_common",
+    "fs/netfs",
+    "fs/fscache",
+    "net/dns_resolver",
+    "security/keys",
+    "drivers/char/tpm",
+)
+# Checked in the image after pruning: the build fails if one of these no longer loads.
+_DESKTOP_REQUIRED_MODULES = ("bochs", "psmouse", "cifs", "overlay", "dm_crypt")
+
 _SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_MODULE_PATH_RE = re.compile(r"^[a-z0-9_][a-z0-9_.+-]*(/[a-z0-9_][a-z0-9_.+-]*)*$")
+_MODULE_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 # Files an editor or Python may leave next to the guest files; they must not change the hash.
 _IGNORED_SUFFIXES = ("~", ".swp", ".pyc", ".orig", ".rej")
 
@@ -54,8 +115,29 @@ class GuestRecipe:
     # mmdebstrap MIRROR arguments ("deb ..." lines, URIs or sources files). Empty: mmdebstrap's
     # default, deb.debian.org plus the -updates and security archives for a stable suite.
     mirrors: tuple[str, ...] = field(default=())
+    flavor: Flavor = Flavor.CONSOLE
+    # Module paths under /lib/modules/*/kernel kept besides the console's minimal set.
+    keep_modules: tuple[str, ...] = ()
+    # Modules that must still load after pruning (the build checks their files and deps).
+    required_modules: tuple[str, ...] = ()
+    # Memory a VM of this image needs: what ``template publish --built`` gives the version.
+    memory_mib: int = 768
 
     def __post_init__(self) -> None:
+        # A plain string (from JSON or the CLI) becomes the enum; an unknown one is refused.
+        try:
+            object.__setattr__(self, "flavor", Flavor(self.flavor))
+        except ValueError:
+            raise InvalidInput(f"unknown image flavor {self.flavor!r}; use one of "
+                               f"{', '.join(f.value for f in Flavor)}") from None
+        for path in self.keep_modules:
+            if not _MODULE_PATH_RE.match(path) or ".." in path:
+                raise InvalidInput(f"kernel module path {path!r} is not a relative path")
+        for name in self.required_modules:
+            if not _MODULE_NAME_RE.match(name):
+                raise InvalidInput(f"kernel module name {name!r} is not valid")
+        if not 128 <= self.memory_mib <= 1024 * 1024:
+            raise InvalidInput(f"memory {self.memory_mib} MiB is outside 128 MiB .. 1 TiB")
         if not _SUITE_RE.match(self.suite):
             raise InvalidInput(f"Debian suite {self.suite!r} is not a valid suite name")
         for name in self.packages:
@@ -74,12 +156,24 @@ class GuestRecipe:
             "recipe": asdict(self),
         }
         digest.update(json.dumps(header, sort_keys=True).encode())
-        for rel, path in iter_guest_files():
+        for rel, path in self.guest_files():
             data = path.read_bytes()
             # Length-prefixed so no two different file sets can produce the same byte stream.
             digest.update(f"\0{rel}\0{len(data)}\0".encode())
             digest.update(data)
         return digest.hexdigest()
+
+    def guest_files(self) -> list[tuple[str, Path]]:
+        """The files this flavor copies into the guest, sorted: ``guest/``, then (desktop)
+        ``guest-desktop/``, whose files replace same-named ones."""
+        merged = dict(iter_guest_files())
+        if self.flavor is Flavor.DESKTOP:
+            # An install without them would build (and hash) a desktop image missing its setup.
+            if not (DESKTOP_FILES_DIR / "usr/lib/deskpool/flavor-setup.sh").is_file():
+                raise ImageBuildError(f"the desktop flavor's guest files are missing from "
+                                      f"{DESKTOP_FILES_DIR}")
+            merged.update(iter_guest_files(DESKTOP_FILES_DIR))
+        return sorted(merged.items())
 
 
 def iter_guest_files(root: Path | None = None) -> Iterator[tuple[str, Path]]:
@@ -95,4 +189,26 @@ def iter_guest_files(root: Path | None = None) -> Iterator[tuple[str, Path]]:
     return iter(sorted(files))
 
 
-DEFAULT_RECIPE = GuestRecipe()
+CONSOLE_RECIPE = GuestRecipe()
+DESKTOP_RECIPE = GuestRecipe(
+    packages=(*_DEFAULT_PACKAGES, *_DESKTOP_PACKAGES),
+    # Room for users' files and a few packages on top of the desktop itself.
+    image_size_mib=4096,
+    flavor=Flavor.DESKTOP,
+    keep_modules=_DESKTOP_KEEP_MODULES,
+    required_modules=_DESKTOP_REQUIRED_MODULES,
+    # ~250 MiB used at the greeter and ~310 MiB in a user's Xfce session (measured under
+    # TCG); the rest is headroom for Xorg's and Xfce's growth, applications and page cache.
+    memory_mib=1536,
+)
+DEFAULT_RECIPE = CONSOLE_RECIPE
+_RECIPES = {Flavor.CONSOLE: CONSOLE_RECIPE, Flavor.DESKTOP: DESKTOP_RECIPE}
+
+
+def recipe_for(flavor: Flavor | str) -> GuestRecipe:
+    """The project's recipe for an image flavor ("console" or "desktop")."""
+    try:
+        return _RECIPES[Flavor(flavor)]
+    except ValueError:
+        raise InvalidInput(f"unknown image flavor {flavor!r}; use one of "
+                           f"{', '.join(f.value for f in Flavor)}") from None

@@ -1,8 +1,9 @@
-"""Real-VM tier: QEMU guests booted by libvirt qemu:///system from the image the project builds.
+"""Real-VM tier: QEMU guests booted by libvirt qemu:///system from the images the project builds.
 
-The guest image is built once (cached by recipe hash under the default data directory, so a
-second run reuses it); everything else (database, template copies, storage pool) lives in a
-temporary directory of the test session.
+Each image flavor is built at most once per run, and only by a run that asks for it
+(``guest_image``: console, ``desktop_image``: desktop), cached by recipe hash under the default
+data directory, so a second run reuses it; everything else (database, template copies, storage
+pool) lives in a temporary directory of the test session.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from deskpool.config import Settings
 from deskpool.images.builder import GuestImage, build_guest_image
+from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.context import ServiceContext
 from deskpool.services.hosts import HostService
 from deskpool.services.templates import ImageFiles, TemplateService
@@ -22,12 +24,25 @@ from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_
 TEMPLATE = "realvm"
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
+def built_image(flavor: Flavor) -> GuestImage:
+    """The project's image of ``flavor``, built if the cache lacks it (skips, or fails in CI,
+    where qemu:///system is out of reach)."""
     reason = qemu_system_unreachable_reason()
     if reason:
         skip_or_fail_without_real_vms(reason)
-    return build_guest_image(Settings().image_cache_dir)
+    return build_guest_image(Settings().image_cache_dir, recipe_for(flavor))
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return built_image(Flavor.CONSOLE)
+
+
+@pytest.fixture(scope="session")
+def desktop_image() -> GuestImage:
+    """The desktop flavor (Xorg, LightDM, Xfce), for tests that need a graphical guest. Its
+    VMs need ``desktop_image.memory_mib`` (1536 MiB)."""
+    return built_image(Flavor.DESKTOP)
 
 
 @pytest.fixture(scope="session")

@@ -46,27 +46,29 @@ for gen in systemd-gpt-auto-generator systemd-hibernate-resume-generator \
     ln -sf /dev/null "/etc/systemd/system-generators/$gen"
 done
 
+# The flavor's own steps (desktop: the display manager, the graphical target).
+if [ -e /usr/lib/deskpool/flavor-setup.sh ]; then
+    log "setting up the ${DESKPOOL_FLAVOR:-console} flavor"
+    /bin/sh /usr/lib/deskpool/flavor-setup.sh
+fi
+echo "${DESKPOOL_FLAVOR:-console}" >/usr/lib/deskpool/flavor
+
 log "pruning kernel modules"
 for kdir in /lib/modules/*; do
     kver=${kdir##*/}
-    # Keep what a virtio guest needs: virtio devices, fw_cfg, ext4/vfat/iso9660 (root and
-    # config seeds), CD-ROM/SATA for seed ISOs, a few fallback NICs, evdev (logind reads the
-    # ACPI power button through it, so libvirt's shutdown works) and the crc/crypto helpers
-    # those modules depend on. Everything else (sound, wifi, GPUs, USB...) goes.
-    find "$kdir/kernel" -name '*.ko*' | grep -Ev -e '/kernel/(drivers/virtio|crypto|lib)/' \
-        -e '/kernel/arch/x86/crypto/' \
-        -e '/kernel/drivers/(block/virtio_blk|net/virtio_net|net/net_failover)\.ko' \
-        -e '/kernel/drivers/(char/virtio_console|firmware/qemu_fw_cfg)\.ko' \
-        -e '/kernel/drivers/char/hw_random/' -e '/kernel/drivers/acpi/' \
-        -e '/kernel/drivers/scsi/(virtio_scsi|sd_mod|sr_mod|scsi_mod|scsi_common)\.ko' \
-        -e '/kernel/drivers/(cdrom|ata)/' \
-        -e '/kernel/drivers/net/ethernet/(intel/e1000|intel/e1000e|realtek)/' \
-        -e '/kernel/drivers/net/mii\.ko' -e '/kernel/drivers/input/evdev\.ko' \
-        -e '/kernel/net/(core/failover|packet/af_packet)\.ko' \
-        -e '/kernel/fs/(ext4|jbd2|fat|isofs|nls|autofs)/' -e '/kernel/fs/mbcache\.ko' |
-        xargs -r rm -f
-    find "$kdir/kernel" -depth -type d -empty -delete
+    # shellcheck disable=SC2086 # a list of module paths, split on purpose
+    /bin/sh /usr/lib/deskpool/prune-modules "$kdir" ${DESKPOOL_KEEP_MODULES:-}
     depmod -a "$kver"
+    # The modules the flavor needs must still load: their files and those they depend on.
+    for module in ${DESKPOOL_REQUIRED_MODULES:-}; do
+        deps=$(modprobe -S "$kver" --show-depends "$module") || {
+            echo "image-setup: module $module is missing after pruning" >&2
+            exit 1
+        }
+        for file in $(printf '%s\n' "$deps" | awk '$1 == "insmod" {print $2}'); do
+            [ -f "$file" ] || { echo "image-setup: $module needs $file, pruned" >&2; exit 1; }
+        done
+    done
     log "building the initramfs for $kver"
     update-initramfs -u -k "$kver"
 done
