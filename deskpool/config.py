@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     listen_host: str = "127.0.0.1"
     listen_port: int = 8000
     console_port: int = 6080
+    # remote-viewer's SPICE connections: an HTTP CONNECT proxy admitting ticketed clients only.
+    spice_proxy_port: int = 6081
+    # The SPICE proxy's name as clients reach it, when not the portal's (a reverse proxy).
+    spice_proxy_host: str | None = None
     # Host names of web pages, besides the console proxy's own, whose consoles it serves (a
     # portal behind a reverse proxy under another name), e.g. '["vdi.example.com"]'.
     console_allowed_origins: list[str] = []

@@ -1,5 +1,6 @@
-"""``deskpool serve``: one broker process. It runs the HTTP app (uvicorn), the console proxy
-(websockify, in threads), the reconciler loop and the session timers loop.
+"""``deskpool serve``: one broker process. It runs the HTTP app (uvicorn), the console proxies
+(websockify for the browser's VNC, an HTTP CONNECT proxy for remote-viewer's SPICE; threads),
+the reconciler loop and the session timers loop.
 
 Every loop keeps its progress in the database, so a killed broker resumes where it stopped.
 """
@@ -13,7 +14,9 @@ import uvicorn
 
 from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
+from deskpool.api.spice_proxy import SpiceProxyServer
 from deskpool.api.tls import tls_files
+from deskpool.broker.console import SpiceAdmission
 from deskpool.broker.sessions import SessionService
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
@@ -34,7 +37,7 @@ def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: floa
 
 
 def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
-          workers: int = 4) -> None:
+          spice_port: int | None = None, workers: int = 4) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     settings = ctx.settings
@@ -46,8 +49,11 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     # of in-memory fake hosts work too. ``python -m deskpool.api.console_proxy`` runs it alone.
     proxy = ConsoleProxyServer(ctx, host, console_port,
                                tls=tls.server_context() if tls else None)
+    spice = SpiceProxyServer(SpiceAdmission(ctx), host, settings.spice_proxy_port
+                             if spice_port is None else spice_port)
     loops = [
         threading.Thread(target=proxy.serve_forever, name="console-proxy", daemon=True),
+        threading.Thread(target=spice.serve_forever, name="spice-proxy", daemon=True),
         threading.Thread(target=reconciler.run_forever,
                          args=(stop, settings.reconcile_interval_s), name="reconciler",
                          daemon=True),
@@ -57,7 +63,8 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     for loop in loops:
         loop.start()
     try:
-        uvicorn.run(create_app(ctx, console_ws_port=console_port), host=host, port=port,
+        uvicorn.run(create_app(ctx, console_ws_port=console_port,
+                               spice_proxy_port=spice.port), host=host, port=port,
                     log_level="warning", timeout_graceful_shutdown=5,
                     # The app has no start-up or shut-down hooks; with uvicorn's lifespan
                     # task on, a Ctrl-C could log that task's cancellation as a traceback.
@@ -67,5 +74,6 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
     finally:
         stop.set()
         proxy.stop()
+        spice.stop()
         for loop in loops:
             loop.join(timeout=30)

@@ -21,6 +21,8 @@ packages=(
   pkg-config gcc python3-dev python3-venv
   ca-certificates
   slapd ldap-utils novnc chromium fonts-dejavu-core postgresql
+  # native clients, run by the tests as users run them: remote-viewer (SPICE), xfreerdp (RDP)
+  virt-viewer freerdp2-x11 xvfb xauth imagemagick x11-utils
 )
 missing=()
 for p in "${packages[@]}"; do

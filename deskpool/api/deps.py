@@ -30,6 +30,7 @@ class Services:
     sessions: SessionService
     tickets: ConsoleTickets
     console_ws_port: int | None  # where the websockify console proxy listens
+    spice_proxy_port: int | None = None  # where the SPICE proxy listens (None: not served)
 
 
 def services(request: Request) -> Services:

@@ -22,7 +22,6 @@ from deskpool.api.schemas import (
     TokenRequest,
     UserPublic,
 )
-from deskpool.broker.console import virt_viewer_file
 from deskpool.domain.errors import Conflict, Forbidden
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
@@ -142,16 +141,17 @@ def log_off(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> State
 
 @router.get("/desktops/{desktop_id}/console.vv", response_class=PlainTextResponse,
             tags=["user"])
-def console_vv(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> Response:
-    """A remote-viewer file, for desktops whose console is reachable beyond their host."""
-    desktop = _own_desktop(svc, user, desktop_id)
-    with svc.ctx.uow(read_only=True) as uow:
-        driver = svc.ctx.driver_for(uow.desktops.get(desktop_id).host)
-    address = driver.console_address(desktop_id)
-    if address.host in ("127.0.0.1", "::1", "localhost"):
-        raise Conflict(f"desktop {desktop.name!r} offers its console only through the "
-                       "browser: its display listens on its host's loopback address")
-    body = virt_viewer_file(title=desktop.name, protocol=address.protocol,
-                            host=address.host, port=address.port, password=None)
-    return Response(body, media_type="application/x-virt-viewer", headers={
-        "content-disposition": f'attachment; filename="{desktop.name}.vv"'})
+def console_vv(desktop_id: uuid.UUID, request: Request, user: CurrentUser,
+               svc: ServicesDep) -> Response:
+    """A remote-viewer (SPICE) file for the user's held desktop: it reaches the desktop
+    through this broker's SPICE proxy with a ticket and a display password of its own,
+    both valid for a minute."""
+    _own_desktop(svc, user, desktop_id)  # another's desktop: Forbidden, whatever else
+    if svc.spice_proxy_port is None:
+        raise Conflict("this broker runs no SPICE proxy: use the console in the browser")
+    vv = svc.tickets.spice_file(user, desktop_id,
+                                proxy_host=(svc.ctx.settings.spice_proxy_host
+                                            or request.url.hostname or "127.0.0.1"),
+                                proxy_port=svc.spice_proxy_port)
+    return Response(vv.text, media_type="application/x-virt-viewer", headers={
+        "content-disposition": f'attachment; filename="{vv.desktop}.vv"'})

@@ -1,12 +1,18 @@
-"""Console tickets: single-use, short-lived, bound to one user and one desktop.
+"""Console tickets: single-use, short-lived, bound to one user, one desktop and one display.
 
-The browser gets a ticket from the API and hands it to the console proxy (websockify), which
-``consume``s it: one conditional UPDATE marks it used, so a second use, a ticket past its
-expiry or a ticket for a desktop its user no longer holds opens nothing. The VNC port itself
-listens on the host's loopback only; the proxy is the way in.
+The browser gets a VNC ticket from the API and hands it to the console proxy (websockify),
+which ``consume``s it: one conditional UPDATE marks it used, so a second use, a ticket past
+its expiry or a ticket for a desktop its user no longer holds opens nothing.
 
-Native clients get a ``.vv`` file (virt-viewer / remote-viewer) for desktops whose console
-the viewer can reach. (``.rdp`` files wait for an image that runs an RDP server.)
+Native clients get a ``.vv`` file for remote-viewer (``spice_file``) carrying two secrets,
+both fresh for that file: a SPICE ticket, as the credentials of the broker's SPICE proxy
+(``deskpool.api.spice_proxy``), and a password for the desktop's SPICE display, set on the VM
+for the ticket's lifetime. The proxy admits a connection only with the ticket and ignores the
+target the client names; the display admits only the password. SPICE opens several
+connections per client (its channels): the first spends the ticket, the others follow within
+``CHANNEL_WINDOW`` on it (``admit_spice``).
+
+Both displays listen on the host's loopback only; the proxies are the way in.
 """
 
 from __future__ import annotations
@@ -17,13 +23,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from deskpool.broker.accounts import token_digest
+from deskpool.broker.sessions import SessionService
 from deskpool.domain.errors import AuthenticationFailed, Forbidden
+from deskpool.domain.models import ConsoleProtocol
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
 from deskpool.services.context import ServiceContext
 from deskpool.store.models import utcnow
 
 TICKET_TTL = timedelta(seconds=60)
+# How long after a SPICE ticket's first connection the client's other channels may follow.
+CHANNEL_WINDOW = timedelta(seconds=30)
+SPICE_PROXY_USER = "deskpool"  # the user name of the proxy credentials; the ticket is the rest
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,12 @@ class Ticket:
     desktop_id: uuid.UUID
     desktop: str
     expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ViewerFile:
+    desktop: str
+    text: str  # a ``.vv`` file's contents
 
 
 @dataclass(frozen=True)
@@ -49,9 +66,11 @@ class ConsoleTickets:
         self.ctx = ctx
         self.ttl = ttl
 
-    def issue(self, identity: Identity, desktop_id: uuid.UUID) -> Ticket:
-        """A ticket for the user's own held desktop; ``Forbidden`` for anything else (the
-        same message whether the desktop exists or not, so ids cannot be probed)."""
+    def issue(self, identity: Identity, desktop_id: uuid.UUID,
+              protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> Ticket:
+        """A ticket for the user's own held desktop's ``protocol`` display; ``Forbidden``
+        for anything else (the same message whether the desktop exists or not, so ids cannot
+        be probed)."""
         secret = secrets.token_urlsafe(32)
         with self.ctx.uow() as uow:
             desktop = uow.desktops.find(desktop_id)
@@ -60,25 +79,71 @@ class ConsoleTickets:
                 raise Forbidden("you hold no such desktop; connect to a pool first")
             expires = utcnow() + self.ttl
             uow.console_tickets.add(token_hash=token_digest(secret), user=identity.name,
-                                    desktop_id=desktop_id, expires_at=expires)
+                                    desktop_id=desktop_id, expires_at=expires,
+                                    protocol=protocol)
             uow.commit()
             return Ticket(token=secret, desktop_id=desktop_id, desktop=desktop.name,
                           expires_at=expires)
 
-    def consume(self, secret: str) -> ConsoleTarget:
-        """Use a ticket (once) and say where its desktop's console listens.
+    def spice_file(self, identity: Identity, desktop_id: uuid.UUID, *, proxy_host: str,
+                   proxy_port: int) -> ViewerFile:
+        """A ``.vv`` file that opens the user's held desktop in remote-viewer through the
+        SPICE proxy at ``proxy_host:proxy_port``, valid for the ticket's lifetime."""
+        ticket = self.issue(identity, desktop_id, ConsoleProtocol.SPICE)
+        password = secrets.token_urlsafe(18)
+        self.ctx.driver_for_id(self._host_of(desktop_id)).set_console_password(
+            desktop_id, ConsoleProtocol.SPICE, password, ticket.expires_at)
+        return ViewerFile(ticket.desktop, virt_viewer_file(
+            title=ticket.desktop, protocol="spice", host=ticket.desktop, port=5900,
+            password=password,
+            proxy=f"http://{SPICE_PROXY_USER}:{ticket.token}@{_url_host(proxy_host)}:{proxy_port}"))
 
-        ``AuthenticationFailed`` for an unknown, used or expired ticket, or one whose user no
-        longer holds the desktop.
+    def _host_of(self, desktop_id: uuid.UUID) -> uuid.UUID:
+        with self.ctx.uow(read_only=True) as uow:
+            return uow.desktops.get(desktop_id).host_id
+
+    def consume(self, secret: str) -> ConsoleTarget:
+        """Use a VNC ticket (once) and say where its desktop's console listens.
+
+        ``AuthenticationFailed`` for an unknown, used or expired ticket, one for another
+        display, or one whose user no longer holds the desktop.
         """
         digest = token_digest(secret)
-        now = utcnow()
         with self.ctx.uow() as uow:
-            used = uow.console_tickets.use(digest, now)
+            used = uow.console_tickets.use(digest, utcnow())
             uow.commit()
         if used is None:
             raise AuthenticationFailed("console ticket unknown, already used or expired")
-        desktop_id, user = used
+        return self._target(*used, ConsoleProtocol.VNC)
+
+    def admit_spice(self, secret: str) -> tuple[ConsoleTarget, bool]:
+        """A SPICE proxy connection with ``secret``: where the desktop's SPICE display
+        listens, and whether this connection spent the ticket (the client's first channel)
+        rather than following it within ``CHANNEL_WINDOW``. ``AuthenticationFailed``
+        otherwise (unknown, expired, long used, another display's, no longer the user's)."""
+        digest = token_digest(secret)
+        now = utcnow()
+        with self.ctx.uow() as uow:
+            used = uow.console_tickets.use(digest, now, ConsoleProtocol.SPICE)
+            uow.commit()
+        first = used is not None
+        if used is None:
+            with self.ctx.uow(read_only=True) as uow:
+                used = uow.console_tickets.used_since(digest, now - CHANNEL_WINDOW,
+                                                      ConsoleProtocol.SPICE)
+        if used is None:
+            raise AuthenticationFailed("SPICE ticket unknown, used too long ago or expired")
+        return self._target(*used, ConsoleProtocol.SPICE), first
+
+    def still_held(self, target: ConsoleTarget) -> bool:
+        """Whether the console's desktop is still its user's (else its consoles close)."""
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.find(target.desktop_id)
+            return (desktop is not None and desktop.assigned_user == target.user
+                    and desktop.state in HELD_STATES)
+
+    def _target(self, desktop_id: uuid.UUID, user: str,
+                protocol: ConsoleProtocol) -> ConsoleTarget:
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.find(desktop_id)
             if (desktop is None or desktop.assigned_user != user
@@ -87,9 +152,33 @@ class ConsoleTickets:
                                            "yours")
             driver = self.ctx.driver_for(desktop.host)
             name = desktop.name
-        address = driver.console_address(desktop_id)
+        address = driver.console_address(desktop_id, protocol)
         return ConsoleTarget(desktop_id=desktop_id, desktop=name, user=user,
                              protocol=address.protocol, host=address.host, port=address.port)
+
+
+class SpiceAdmission:
+    """What the SPICE proxy asks the broker (``deskpool.api.spice_proxy.Admission``)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.tickets = ConsoleTickets(ctx)
+        self.sessions = SessionService(ctx)
+
+    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
+        return self.tickets.admit_spice(secret)
+
+    def still_held(self, target: ConsoleTarget) -> bool:
+        return self.tickets.still_held(target)
+
+    def opened(self, target: ConsoleTarget) -> None:
+        self.sessions.console_connected(target.desktop_id, target.user)
+
+    def closed(self, target: ConsoleTarget) -> None:
+        self.sessions.console_disconnected(target.desktop_id, target.user)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def virt_viewer_file(*, title: str, protocol: str, host: str, port: int, password: str | None,

@@ -21,13 +21,16 @@ def serve_command(
     host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (portal, API)")] = None,
     console_port: Annotated[int | None, typer.Option(help="websockify console port")] = None,
+    spice_port: Annotated[int | None, typer.Option(
+        help="SPICE proxy port for remote-viewer (0: any free port)")] = None,
 ) -> None:
     """Run the broker: web portal, REST API, console proxy, reconciler and session timers."""
     ctx = ServiceContext()
     s = ctx.settings
     try:
         serve(ctx, host=host or s.listen_host, port=port or s.listen_port,
-              console_port=console_port or s.console_port)
+              console_port=console_port or s.console_port,
+              spice_port=s.spice_proxy_port if spice_port is None else spice_port)
     finally:
         ctx.close()
 

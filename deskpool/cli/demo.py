@@ -87,7 +87,9 @@ def run_demo(ctx: ServiceContext, out: Console) -> None:
         f"API:     {url}docs (OpenAPI)\n"
         f"pool [bold]{DEMO_POOL}[/]: one Xfce desktop kept ready, {memory_mib} MiB each "
         "(the first boot to the greeter takes a minute or two under TCG)\n"
-        f"consoles: noVNC in the browser through websockify on port {s.console_port}\n"
+        f"consoles: noVNC in the browser through websockify on port {s.console_port}; "
+        f"remote-viewer with the portal's .vv file, through the SPICE proxy on port "
+        f"{s.spice_proxy_port}\n"
         "stop with Ctrl-C; passwords are kept in "
         f"{s.data_dir / 'demo-credentials'}",
         title="deskpool demo broker"))

@@ -9,7 +9,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from deskpool.store.models import Base, utcnow
+from deskpool.domain.models import ConsoleProtocol
+from deskpool.store.models import Base, _str_enum, utcnow
 
 NAME_LENGTH = 255
 # SQLite autoincrements only an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit sequence.
@@ -97,6 +98,9 @@ class ConsoleToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
     used_at: Mapped[datetime | None] = mapped_column()
+    # The display it opens: a browser's VNC ticket cannot open the SPICE proxy, nor the reverse.
+    protocol: Mapped[ConsoleProtocol] = mapped_column(
+        _str_enum(ConsoleProtocol), default=ConsoleProtocol.VNC)
 
 
 class Event(Base):

@@ -16,6 +16,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
+from deskpool.domain.models import ConsoleProtocol
 from deskpool.store.access_models import ConsoleToken, Event, Logon
 from deskpool.store.models import Base
 
@@ -66,20 +67,32 @@ class ConsoleTicketRepository:
         self._session = session
 
     def add(self, *, token_hash: str, user: str, desktop_id: uuid.UUID,
-            expires_at: datetime) -> None:
+            expires_at: datetime, protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> None:
         self._session.add(ConsoleToken(token_hash=token_hash, user_name=user,
-                                       desktop_id=desktop_id, expires_at=expires_at))
+                                       desktop_id=desktop_id, expires_at=expires_at,
+                                       protocol=protocol))
 
-    def use(self, token_hash: str, now: datetime) -> tuple[uuid.UUID, str] | None:
-        """Mark the ticket used, if it is unused and unexpired: one conditional UPDATE, so it
-        is used at most once. Its (desktop id, user name); None when it could not be used."""
+    def use(self, token_hash: str, now: datetime,
+            protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> tuple[uuid.UUID, str] | None:
+        """Mark the ticket used, if it is an unused, unexpired ticket for ``protocol``: one
+        conditional UPDATE, so it is used at most once. Its (desktop id, user name); None
+        when it could not be used."""
         used = self._session.execute(
             update(ConsoleToken)
             .where(ConsoleToken.token_hash == token_hash, ConsoleToken.used_at.is_(None),
-                   ConsoleToken.expires_at > now)
+                   ConsoleToken.expires_at > now, ConsoleToken.protocol == protocol)
             .values(used_at=now).returning(ConsoleToken.desktop_id, ConsoleToken.user_name)
         ).first()
         return (used[0], used[1]) if used is not None else None
+
+    def used_since(self, token_hash: str, since: datetime,
+                   protocol: ConsoleProtocol) -> tuple[uuid.UUID, str] | None:
+        """A ``protocol`` ticket first used at ``since`` or later: (desktop id, user name)."""
+        row = self._session.execute(
+            select(ConsoleToken.desktop_id, ConsoleToken.user_name)
+            .where(ConsoleToken.token_hash == token_hash, ConsoleToken.used_at >= since,
+                   ConsoleToken.protocol == protocol)).first()
+        return (row[0], row[1]) if row is not None else None
 
     def expire_unused(self, desktop_id: uuid.UUID, now: datetime) -> None:
         """End every unused, unexpired ticket of the desktop now."""

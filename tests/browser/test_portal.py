@@ -53,7 +53,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     rfb = FakeRfb()
     # The one stand-in: every fake desktop's console is the stand-in VNC server.
     monkeypatch.setattr(world.fake, "console_address",
-                        lambda vm_id: ConsoleAddress("vnc", "127.0.0.1", rfb.port))
+                        lambda vm_id, *_: ConsoleAddress("vnc", "127.0.0.1", rfb.port))
     try:
         with ConsoleProxyThread(world.ctx) as proxy, LiveServer(
                 create_app(world.ctx, directories=[], console_ws_port=proxy.port)) as server:

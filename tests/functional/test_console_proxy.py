@@ -101,7 +101,7 @@ def desktop_id(ctx: ServiceContext, vnc: FakeVnc, monkeypatch: pytest.MonkeyPatc
     fake = open_driver("fake://console")
     assert isinstance(fake, FakeDriver)
     monkeypatch.setattr(fake, "console_address",
-                        lambda vm_id: ConsoleAddress("vnc", "127.0.0.1", vnc.port))
+                        lambda vm_id, *_: ConsoleAddress("vnc", "127.0.0.1", vnc.port))
     assert state_of(ctx, handover.desktop_id) == "reserved"
     return handover.desktop_id
 

@@ -146,7 +146,7 @@ def test_random_crashes_during_provisioning_and_recycling_are_recovered(
         # test:/// gives a running domain no VNC port, so the broker's "the display listens"
         # check is pointed at a stand-in address (as its template expects no agent).
         monkeypatch.setattr(broker.ctx.driver_for_name("h1"), "console_address",
-                            lambda vm_id: ConsoleAddress("vnc", "127.0.0.1", 5900))
+                            lambda vm_id, *_: ConsoleAddress("vnc", "127.0.0.1", 5900))
     for round_ in range(ROUNDS):
         crashing = CrashingContext(settings, driver, crash_at=rng.randint(1, 12))
         if round_:  # the first round starts from an empty pool, with nothing to hand out

@@ -2,23 +2,30 @@
 qemu:///system, and noVNC shows the guest's own screen through deskpool's console proxy (run
 as its own process, ``python -m deskpool.api.console_proxy``, on the same database). The
 hostname the portal shows is the one the guest reports; signing out and in again brings the
-same desktop back."""
+same desktop back. Then the same desktop in a native client: remote-viewer, on a virtual X
+screen, opens the portal's ``.vv`` file through the broker's SPICE proxy; a forged ticket
+opens nothing."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from fastapi.testclient import TestClient
 
 from deskpool.api.app import create_app
+from deskpool.api.spice_proxy import SpiceProxyServer
 from deskpool.broker.accounts import AccountService
+from deskpool.broker.console import ConsoleTarget, SpiceAdmission
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
@@ -35,7 +42,9 @@ from tests.browser.conftest import (
     skip_or_fail_without_chromium,
     wait_until,
 )
+from tests.native_clients import need_programs, stop, virtual_screen, wait_for
 from tests.realvm.conftest import TEMPLATE
+from tests.realvm.screens import decode_png
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -43,6 +52,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.realvm, pytest.mark.timeout(900)]
 POOL, USER, PASSWORD = "web", "wendy", "browser-console-1"
 CONNECT_MS = 90_000  # a ticket, a WebSocket, the proxy's own process reading the database
+HEADER_PX = 56  # remote-viewer's own title and tool bar, above the guest's screen
 
 
 def pool_desktops(ctx: ServiceContext) -> list[DesktopView]:
@@ -201,3 +211,83 @@ def assert_png_not_blank(path: Path) -> None:
     with Image.open(path) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 24) or []
     assert len(colours) >= 2, f"the screenshot {path} is one flat colour"
+
+
+class CountingAdmission(SpiceAdmission):
+    """The broker's admission, counting the SPICE channels it let through: a client whose
+    display password was refused opens no channel after its first."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.admitted = 0
+
+    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
+        found = super().admit(secret)
+        self.admitted += 1
+        return found
+
+
+def test_remote_viewer_opens_the_vv_file_through_the_spice_proxy(
+    real_ctx: ServiceContext, web_pool: str, tmp_path: Path
+) -> None:
+    need_programs("remote-viewer")
+    admission = CountingAdmission(real_ctx)
+    proxy = SpiceProxyServer(admission, "127.0.0.1", 0)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+    serving.start()
+    try:
+        client = TestClient(create_app(real_ctx, directories=[], spice_proxy_port=proxy.port),
+                            base_url="http://127.0.0.1")  # the proxy's name in the file
+        assert client.post("/api/v1/auth/login", json={"username": USER,
+                                                       "password": PASSWORD}).status_code == 200
+        handover = client.post(f"/api/v1/pools/{web_pool}/connect").json()
+        assert handover["status"] == "ready", handover
+        vv = client.get(f"/api/v1/desktops/{handover['desktop_id']}/console.vv")
+        assert vv.status_code == 200, vv.text
+        name = handover["desktop"]
+        with virtual_screen(tmp_path) as screen:
+            # A file whose ticket is not the broker's opens nothing.
+            forged = tmp_path / "forged.vv"
+            forged.write_text(re.sub(r"(proxy=http://deskpool:)[^@]+@", r"\1forged@", vv.text))
+            refused = screen.run("remote-viewer-forged", "remote-viewer", str(forged))
+            time.sleep(10)
+            stop(refused)
+            assert admission.admitted == 0
+
+            good = tmp_path / f"{name}.vv"
+            good.write_text(vv.text)
+            viewer = screen.run("remote-viewer", "remote-viewer", "--debug", str(good))
+            try:
+                # Past the main channel (whose link the display password opened) to the
+                # display channel, and the viewer's window up with the desktop's name.
+                wait_for(lambda: admission.admitted >= 2, 90, "remote-viewer's SPICE channels")
+                wait_for(lambda: any(name in t for t in screen.window_titles()), 60,
+                         f"a window titled {name}")
+                shot = tmp_path / "remote-viewer.png"
+
+                def drawn() -> bool:
+                    """The guest's screen in the window, under the viewer's own header: the
+                    text of its console lit on black."""
+                    box = screen.window_box(name)
+                    if box is None:
+                        return False
+                    width, _, rgb = decode_png(screen.screenshot(shot))
+                    x, y, w, h = box
+                    pixels = [rgb[(row * width + col) * 3:(row * width + col) * 3 + 3]
+                              for row in range(y + HEADER_PX, y + h)
+                              for col in range(x, x + w)]
+                    lit = sum(1 for p in pixels if max(p) > 96) / max(1, len(pixels))
+                    return len(set(pixels)) >= 2 and lit > 0.002
+
+                wait_for(drawn, 60, "the desktop drawn in remote-viewer")
+                print(f"\nremote-viewer screenshot: {shot}")
+                assert viewer.poll() is None, "remote-viewer quit"
+                wait_until(lambda: DesktopService(real_ctx).get(name).state == "in_use",
+                           what="the SPICE console counting as open")
+            finally:
+                stop(viewer)
+            wait_until(lambda: DesktopService(real_ctx).get(name).state == "idle",
+                       timeout_s=30, what="the SPICE console counting as closed")
+    finally:
+        proxy.stop()
+        serving.join(10)

@@ -1,0 +1,223 @@
+"""The native console proxy: remote-viewer's SPICE connections in, the desktop's SPICE port out.
+
+An HTTP CONNECT proxy, as oVirt's SPICE proxy is, that admits only ticketed clients: the
+``.vv`` file the portal hands out names this proxy with the console ticket as its credentials
+(``proxy=http://deskpool:TICKET@broker:port``), and remote-viewer sends them as
+``Proxy-Authorization: Basic`` on every CONNECT. The CONNECT target the client names is
+ignored: the ticket alone says which desktop, so no client can reach another port through it.
+
+SPICE opens several TCP connections per client (main, display, inputs, cursor...). The first
+spends the ticket; the others, opened within a short window after it, are admitted on the
+same ticket (``ConsoleAdmission``). The first is the console's "connection" for the session
+service: its opening and closing are reported as a noVNC console's are. Every open channel
+is closed once its desktop is no longer its user's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from deskpool.broker.console import SPICE_PROXY_USER, ConsoleTarget
+from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
+
+log = logging.getLogger(__name__)
+HEAD_LIMIT = 8192  # bytes of request head a client may send before it is cut
+HANDSHAKE_TIMEOUT_S = 10.0
+RECHECK_S = 10.0
+
+
+class Admission(Protocol):
+    """What the proxy asks the broker."""
+
+    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
+        """The desktop's SPICE display for ``secret``, and whether this connection is the
+        one that spent the ticket (the client's first). ``AuthenticationFailed`` otherwise."""
+
+    def still_held(self, target: ConsoleTarget) -> bool: ...
+
+    def opened(self, target: ConsoleTarget) -> None: ...
+
+    def closed(self, target: ConsoleTarget) -> None: ...
+
+
+def ticket_of(head: bytes) -> str:
+    """The console ticket in a CONNECT request's ``Proxy-Authorization``; raises
+    ``AuthenticationFailed`` naming what is missing or malformed."""
+    lines = head.decode("latin-1").split("\r\n")
+    method = lines[0].split(" ", 1)[0] if lines else ""
+    if method != "CONNECT":
+        raise AuthenticationFailed(f"only CONNECT is served here, not {method or 'nothing'}")
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() != "proxy-authorization":
+            continue
+        scheme, _, encoded = value.strip().partition(" ")
+        if scheme.lower() != "basic":
+            break
+        try:
+            user, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            break
+        if user == SPICE_PROXY_USER and secret:
+            return secret
+        break
+    raise AuthenticationFailed("no console ticket in the proxy credentials")
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: SpiceProxyServer
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        client.settimeout(HANDSHAKE_TIMEOUT_S)
+        peer = self.client_address[0]
+        try:
+            head = _read_head(client)
+            target, first = self.server.admission.admit(ticket_of(head))
+        except AuthenticationFailed as exc:
+            log.warning("SPICE console refused for %s: %s", peer, exc)
+            _answer(client, 407, "Proxy Authentication Required",
+                    'Proxy-Authenticate: Basic realm="deskpool console"\r\n')
+            return
+        except (OSError, ValueError) as exc:
+            log.info("SPICE console connection from %s ended early: %s", peer, exc)
+            return
+        except DeskpoolError as exc:
+            log.warning("SPICE console for %s unavailable: %s", peer, exc)
+            _answer(client, 503, "Service Unavailable")
+            return
+        try:
+            upstream = socket.create_connection((target.host, target.port), timeout=5)
+        except OSError as exc:
+            log.warning("SPICE console of %s: cannot reach %s:%s: %s", target.desktop,
+                        target.host, target.port, exc)
+            _answer(client, 502, "Bad Gateway")
+            return
+        with upstream:
+            _answer(client, 200, "Connection Established")
+            client.settimeout(None)
+            self._relay(client, upstream, target, first)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, target: ConsoleTarget,
+               first: bool) -> None:
+        admission = self.server.admission
+        if not self.server.track(client):
+            return
+        if first:
+            admission.opened(target)
+            log.info("%s opened the SPICE console of %s", target.user, target.desktop)
+        try:
+            _pump(client, upstream, lambda: admission.still_held(target),
+                  self.server.recheck_s, self.server.stopping)
+        finally:
+            self.server.untrack(client)
+            if first:
+                try:
+                    admission.closed(target)
+                except Exception:  # the close must not depend on the database
+                    log.exception("could not record the SPICE console of %s closing",
+                                  target.desktop)
+                log.info("%s closed the SPICE console of %s", target.user, target.desktop)
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1024)
+        if not chunk:
+            raise ValueError("the client closed before its request was complete")
+        data += chunk
+        if len(data) > HEAD_LIMIT:
+            raise ValueError("request head too long")
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if rest:  # a client that speaks before it was answered is no SPICE client
+        raise ValueError("data sent before the tunnel was established")
+    return head
+
+
+def _answer(sock: socket.socket, code: int, reason: str, extra: str = "") -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(f"HTTP/1.1 {code} {reason}\r\n{extra}Content-Length: 0\r\n\r\n".encode())
+
+
+def _pump(a: socket.socket, b: socket.socket, held: Callable[[], bool], recheck_s: float,
+          stopping: threading.Event) -> None:
+    """Copy bytes both ways until one side closes, the proxy stops, or ``held`` says the
+    desktop left its user (asked every ``recheck_s``; a failing check keeps the channel)."""
+    peers = {a: b, b: a}
+    with selectors.DefaultSelector() as selector:
+        for sock in peers:
+            selector.register(sock, selectors.EVENT_READ)
+        while not stopping.is_set():
+            ready = selector.select(timeout=recheck_s)
+            if not ready:
+                try:
+                    if not held():
+                        return
+                except Exception:
+                    log.warning("could not check a SPICE console's desktop", exc_info=True)
+                continue
+            for key, _ in ready:
+                source = key.fileobj
+                assert isinstance(source, socket.socket)
+                try:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    peers[source].sendall(data)
+                except OSError:
+                    return
+
+
+class SpiceProxyServer(socketserver.ThreadingTCPServer):
+    """The proxy: one thread per channel. ``stop`` closes every open channel."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, admission: Admission, listen_host: str, listen_port: int, *,
+                 recheck_s: float = RECHECK_S) -> None:
+        self.admission = admission
+        self.recheck_s = recheck_s
+        self.stopping = threading.Event()
+        self._live: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        if ":" in listen_host:
+            self.address_family = socket.AF_INET6
+        super().__init__((listen_host, listen_port), _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self.stopping.is_set():
+                return False
+            self._live.add(sock)
+            return True
+
+    def untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._live.discard(sock)
+
+    def stop(self) -> None:
+        """Stop accepting and close every open channel. Call it from another thread than
+        the one running ``serve_forever``."""
+        self.stopping.set()
+        self.shutdown()
+        with self._lock:
+            for sock in self._live:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self.server_close()
