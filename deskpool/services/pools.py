@@ -224,5 +224,9 @@ def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopT
     if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated:
         return S.RETIRING, DesktopTask.RETIRE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
+        if not desktop.has_factory_snapshot:
+            # Nothing to go back to (made before the pool reverted): a fresh desktop, never
+            # the last user's leftovers handed to the next.
+            return S.RETIRING, DesktopTask.RETIRE
         return S.RECYCLING, DesktopTask.REVERT
     return S.RECYCLING, DesktopTask.KEEP

@@ -428,3 +428,16 @@ def test_a_stateful_desktop_failing_at_hand_over_is_repaired_never_replaced(
     assert GuestAgent(fake, mine).read_file(NOTES) == b"my thesis, chapter 3"
     with ctx.uow(read_only=True) as uow:
         assert [d.id for d in uow.desktops.summaries() if d.assigned_user == "alice"] == [mine]
+
+
+def test_a_revert_pool_desktop_without_a_factory_snapshot_is_replaced_not_reused(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver,
+) -> None:
+    users = PoolUsers(ctx, make_pool(ctx, spare=1))
+    users.entitle("alice")
+    run_passes(reconciler, 1)
+    mine = alice_works(users, fake)
+    with ctx.uow() as uow:  # made before its pool reverted: no snapshot to go back to
+        uow.desktops.get(mine).has_factory_snapshot = False
+        uow.commit()
+    assert users.log_off(mine, "alice") == "retiring"  # alice's file goes with it
