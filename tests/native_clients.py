@@ -86,15 +86,11 @@ def virtual_screen(log_dir: Path, size: str = "1280x1024x24") -> Iterator[Screen
         assert number, "Xvfb did not start"
         yield Screen(f":{number}", log_dir)
     finally:
-        xvfb.terminate()
-        try:
-            xvfb.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            xvfb.kill()
-            xvfb.wait()
+        stop(xvfb)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ask it to end; kill it if it has not after ten seconds."""
     process.terminate()
     try:
         process.wait(timeout=10)

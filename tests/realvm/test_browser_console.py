@@ -109,12 +109,7 @@ def console_proxy(real_ctx: ServiceContext, tmp_path: Path) -> Iterator[int]:
         wait_until(listening, timeout_s=60, what="the console proxy listening")
         yield port
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop(proxy)
         log.close()
         print(f"console proxy log: {tmp_path / 'console-proxy.log'}")
 
