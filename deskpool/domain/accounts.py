@@ -37,6 +37,11 @@ SYSTEM_PREFIXES = ("systemd-",)
 FIRST_UID = 10_000  # above any distribution's dynamic range and typical LDAP ranges' start
 
 
+class AccountRefused(InvalidInput):
+    """A user who cannot have a Linux account on a desktop: nothing is wrong with the desktop,
+    so the broker gives it back instead of failing it."""
+
+
 def linux_account_name(user_name: str) -> str:
     """The Linux account name for deskpool user ``user_name`` (see the module docstring);
     ``InvalidInput`` naming the user and why when there is none."""
@@ -51,10 +56,10 @@ def linux_account_name(user_name: str) -> str:
                "it would be longer than 32 characters" if len(name) > 32 else
                f"{name!r} would start with {name[0]!r}, and a Linux account name must "
                "start with a letter or '_'")
-        raise InvalidInput(f"user {user_name!r} cannot have a Linux account on a desktop: "
+        raise AccountRefused(f"user {user_name!r} cannot have a Linux account on a desktop: "
                            f"{why}; ask your administrator to rename the user")
     if name in SYSTEM_ACCOUNTS or name.startswith(SYSTEM_PREFIXES):
-        raise InvalidInput(f"user {user_name!r} cannot have a Linux account on a desktop: "
+        raise AccountRefused(f"user {user_name!r} cannot have a Linux account on a desktop: "
                            f"{name!r} is the name of a system account; ask your "
                            "administrator to rename the user")
     return name

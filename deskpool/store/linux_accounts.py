@@ -6,8 +6,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from deskpool.domain.accounts import FIRST_UID
-from deskpool.domain.errors import InvalidInput, LostRace
+from deskpool.domain.accounts import FIRST_UID, AccountRefused
+from deskpool.domain.errors import LostRace
 from deskpool.store.access_models import LinuxAccount
 
 ALLOCATE_RETRIES = 8
@@ -25,7 +25,7 @@ class LinuxAccountRepository:
         """``user_name``'s (account, uid): the stored one, else ``account`` with the next
         free uid from ``FIRST_UID`` on. Two brokers allocating at once collide on the unique
         uid; the loser retries with the next one (each try in a savepoint, so the caller's
-        transaction survives). ``InvalidInput`` when another user already has ``account``."""
+        transaction survives). ``AccountRefused`` when another user already has ``account``."""
         for _ in range(ALLOCATE_RETRIES):
             found = self.find(user_name)
             if found is not None:
@@ -33,7 +33,7 @@ class LinuxAccountRepository:
             owner = self._session.scalars(select(LinuxAccount.user_name)
                                           .where(LinuxAccount.account == account)).first()
             if owner is not None:
-                raise InvalidInput(
+                raise AccountRefused(
                     f"user {user_name!r} cannot have a Linux account on a desktop: the name "
                     f"{account!r} it maps to is already user {owner!r}'s; ask your "
                     "administrator to rename one of them")
