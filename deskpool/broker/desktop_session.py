@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 
 from deskpool.domain.accounts import AccountRefused, linux_account_name
-from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable
+from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable, VmNotFound
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
@@ -83,8 +83,15 @@ class SessionStarter:
             return
         deadline = self._clock() + self.timeout_s
         while True:
-            code, _out, err = agent.exec_capture(["/bin/sh", SESSION_HOOK, "check", account],
-                                                 timeout_s=30.0)
+            try:
+                code, _out, err = agent.exec_capture(
+                    ["/bin/sh", SESSION_HOOK, "check", account], timeout_s=30.0)
+            except VmNotFound:
+                raise
+            except DriverError as exc:
+                # A guest busy starting Xorg and Xfce (one vCPU, TCG) may answer late: not
+                # yet, until the deadline.
+                code, err = 1, str(exc)
             if code == 0:
                 return
             if code != 1:
@@ -92,5 +99,6 @@ class SessionStarter:
                                   f"failed ({code}): {err.strip()[:300]}")
             if self._clock() >= deadline:
                 raise Unavailable(f"{account}'s graphical session did not start within "
-                                  f"{self.timeout_s:g} s")
+                                  f"{self.timeout_s:g} s" + (f" ({err.strip()[:300]})"
+                                                             if err.strip() else ""))
             self._sleep(self.poll_s)

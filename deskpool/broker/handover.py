@@ -55,6 +55,7 @@ from deskpool.store.models import utcnow
 S = DesktopState
 ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
 CLAIM_RETRIES = 6
+SESSION_AGENT_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,9 @@ class Broker:
         if not self.sessions.has_hook(agent, claim.version_id):
             return
         account, uid = self.sessions.account_for(identity)
-        self.sessions.sign_in(agent, identity, account, uid)
+        # A guest starting its session is busy: give each agent command more time.
+        slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
+        self.sessions.sign_in(slow, identity, account, uid)
         timer.lap("session")
 
     def _agent_expected(self, version_id: uuid.UUID) -> bool:

@@ -42,6 +42,8 @@ class ScriptedAgent:
         if argv[2] == "start":
             return self.start[0], self.start[1], "boom" if self.start[0] else ""
         code = self.checks.pop(0) if len(self.checks) > 1 else self.checks[0]
+        if code == -1:
+            raise AgentUnavailable("busy")
         return code, "", ""
 
 
@@ -85,7 +87,7 @@ def test_accounts_get_stable_uids(ctx: ServiceContext) -> None:
 
 
 def test_sign_in_starts_the_session_and_waits_for_it(ctx: ServiceContext) -> None:
-    a = ScriptedAgent(checks=[1, 1, 0])
+    a = ScriptedAgent(checks=[1, -1, 0])  # -1: the busy guest's agent answers late
     starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID)
     assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "alice", str(FIRST_UID),
                           "Alice Example"]
