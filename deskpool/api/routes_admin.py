@@ -148,7 +148,8 @@ def events(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
 
 @router.get("/logons")
 def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
-    """Each logon's phases in milliseconds: queue, claim, power-on, ready, connect."""
+    """Each logon's phases in milliseconds: queue, claim, power-on, ready, session,
+    connect."""
     svc.broker.records.flush()
     with svc.ctx.uow(read_only=True) as uow:
         rows = uow.logons.recent(min(max(limit, 1), 5000))
@@ -157,7 +158,7 @@ def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
                  "outcome": r.outcome, "reconnect": r.reconnect, "message": r.message,
                  "queue_ms": r.queue_ms, "claim_ms": r.claim_ms,
                  "power_on_ms": r.power_on_ms, "ready_ms": r.ready_ms,
-                 "connect_ms": r.connect_ms}
+                 "session_ms": r.session_ms, "connect_ms": r.connect_ms}
                 for r in rows]
 
 

@@ -7,10 +7,14 @@
   desktop with a compare-and-swap UPDATE; a unique index on (pool, user) over held desktops
   makes the database refuse a second desktop for one user even across brokers;
 * **power_on**: start (or resume from saved memory) a desktop the power policy put to sleep;
-* **ready**: its guest agent answers and its display listens.
+* **ready**: its guest agent answers and its display listens;
+* **session**: on images with the session hook (the desktop flavor), the user's account is
+  made and their own graphical session started and seen running (``desktop_session``).
 
 A desktop that fails its readiness check goes to ``error`` (the reconciler replaces it) and
-the broker tries one more; nothing stays reserved for a user who got an error. When no desktop
+the broker tries one more; nothing stays reserved for a user who got an error. A user who
+cannot have a Linux account (``AccountRefused``) is told so and the desktop, not at fault, is
+given back. When no desktop
 is ready and the pool may grow, a desktop is made for the user and the answer says so.
 """
 
@@ -22,8 +26,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from deskpool.broker.desktop_session import SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.records import RecordWriter
+from deskpool.domain.accounts import AccountRefused
 from deskpool.domain.errors import (
     Conflict,
     DeskpoolError,
@@ -49,6 +55,7 @@ from deskpool.store.models import utcnow
 S = DesktopState
 ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
 CLAIM_RETRIES = 6
+SESSION_AGENT_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,10 @@ class _Timer:
 
 class Broker:
     def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0,
-                 records: RecordWriter | None = None) -> None:
+                 records: RecordWriter | None = None,
+                 sessions: SessionStarter | None = None) -> None:
         self.ctx = ctx
+        self.sessions = sessions or SessionStarter(ctx)
         self.factory = DesktopFactory(ctx)
         self.ready_timeout_s = ready_timeout_s
         self.records = records or RecordWriter(ctx)
@@ -131,7 +140,12 @@ class Broker:
                     return self._finish(identity, pool_name, requested_at, timer, claim,
                                         "pending", claim.pending_message or "")
                 try:
-                    self._ensure_running(claim, timer)
+                    agent = self._ensure_running(claim, timer)
+                    if agent is not None:
+                        self._start_session(identity, agent, claim, timer)
+                except AccountRefused as exc:
+                    self._give_back(identity, pool_name, claim, exc)
+                    raise
                 except DeskpoolError as exc:
                     if claim.own and isinstance(exc, HypervisorUnreachable):
                         # Its host is silent (not yet marked down): the desktop, and the
@@ -246,7 +260,8 @@ class Broker:
 
     # --- power on and readiness ----------------------------------------------------------
 
-    def _ensure_running(self, claim: _Claim, timer: _Timer) -> None:
+    def _ensure_running(self, claim: _Claim, timer: _Timer) -> GuestAgent | None:
+        """Power on and wait for readiness; the guest agent when the desktop has one."""
         desktop_id = claim.desktop_id
         assert desktop_id is not None and claim.host_id is not None
         assert claim.version_id is not None
@@ -261,6 +276,7 @@ class Broker:
                                                    PowerState.RUNNING)
                 uow.commit()
         timer.lap("power_on")
+        agent = None
         if agent_expected:
             agent = GuestAgent(driver, desktop_id)
             agent.wait_until_ready(self.ready_timeout_s, poll_s=0.1)
@@ -268,6 +284,19 @@ class Broker:
                 agent.set_time()  # a resumed guest's clock stood still while it slept
         driver.console_address(desktop_id)  # the display listens
         timer.lap("ready")
+        return agent
+
+    def _start_session(self, identity: Identity, agent: GuestAgent, claim: _Claim,
+                       timer: _Timer) -> None:
+        """Sign the user in to their own graphical session, on images that can."""
+        assert claim.version_id is not None
+        if not self.sessions.has_hook(agent, claim.version_id):
+            return
+        account, uid = self.sessions.account_for(identity)
+        # A guest starting its session is busy: give each agent command more time.
+        slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
+        self.sessions.sign_in(slow, identity, account, uid)
+        timer.lap("session")
 
     def _agent_expected(self, version_id: uuid.UUID) -> bool:
         """Whether desktops of this template version run deskpool's guest agent (versions
@@ -294,6 +323,19 @@ class Broker:
             else:
                 uow.desktops.fail_and_unassign(claim.desktop_id, desktop.state, reason)
             record_event(uow, "readiness-failed", f"{claim.desktop} {reason}",
+                         severity="error", user=identity.name, pool=pool_name,
+                         desktop_id=claim.desktop_id, desktop=claim.desktop)
+            uow.commit()
+
+    def _give_back(self, identity: Identity, pool_name: str, claim: _Claim,
+                   exc: DeskpoolError) -> None:
+        """The user cannot sign in to this (healthy) desktop: back to ready, theirs no more
+        unless it was theirs before (dedicated), and an error event for the admin."""
+        assert claim.desktop_id is not None
+        with self.ctx.uow() as uow:
+            if not claim.reconnect:
+                uow.desktops.give_back(claim.desktop_id, keep_user=claim.own)
+            record_event(uow, "account-refused", f"{identity.name} -> {claim.desktop}: {exc}",
                          severity="error", user=identity.name, pool=pool_name,
                          desktop_id=claim.desktop_id, desktop=claim.desktop)
             uow.commit()

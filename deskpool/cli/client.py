@@ -144,10 +144,10 @@ def _my_desktop(desktop: str) -> tuple[str, str]:
 def logons(limit: int = 20) -> None:
     """Logon phase timings (admins)."""
     table = Table("when", "user", "pool", "desktop", "outcome", "queue", "claim", "power on",
-                  "ready", "connect")
+                  "ready", "session", "connect")
     for r in _call("GET", "/api/v1/admin/logons", params={"limit": limit}):
         table.add_row(r["requested_at"][:19], r["user"], r["pool"], r["desktop"] or "",
                       r["outcome"], *(str(r[f"{k}_ms"] if r[f"{k}_ms"] is not None else "")
                                       for k in ("queue", "claim", "power_on", "ready",
-                                                "connect")))
+                                                "session", "connect")))
     out.print(table)

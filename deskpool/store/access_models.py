@@ -34,6 +34,20 @@ class User(Base):
     last_login_at: Mapped[datetime | None] = mapped_column()
 
 
+class LinuxAccount(Base):
+    """The Linux account a deskpool user gets on every desktop: its name (by the rule in
+    ``deskpool.domain.accounts``) and a uid, allocated once so files keep one owner on every
+    desktop. The uid is also the user's private group's gid. Unique account names refuse two
+    users that map to one name; unique uids make racing brokers retry."""
+
+    __tablename__ = "linux_accounts"
+
+    user_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    account: Mapped[str] = mapped_column(String(32), unique=True)
+    uid: Mapped[int] = mapped_column(Integer, unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Group(Base):
     """A local group; directory groups are looked up at sign-in instead."""
 
@@ -128,7 +142,8 @@ class Logon(Base):
 
     queue: request received -> broker started on it; claim: reservation made; power_on:
     start/resume; ready: guest agent and display answered; connect: hand-over -> the user's
-    console connected. ``outcome`` is ready, pending (a desktop is being made), refused or
+    console connected; session: ready -> the user's own graphical session running (desktop
+flavor only). ``outcome`` is ready, pending (a desktop is being made), refused or
     failed.
     """
 
@@ -147,6 +162,7 @@ class Logon(Base):
     claim_ms: Mapped[int | None] = mapped_column(Integer)
     power_on_ms: Mapped[int | None] = mapped_column(Integer)
     ready_ms: Mapped[int | None] = mapped_column(Integer)
+    session_ms: Mapped[int | None] = mapped_column(Integer)
     connect_ms: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text, default="")

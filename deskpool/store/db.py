@@ -45,6 +45,7 @@ from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
 from deskpool.store.host_usage import HostUsageRepository
 from deskpool.store.leases import LeaseRepository
+from deskpool.store.linux_accounts import LinuxAccountRepository
 from deskpool.store.pool_hosts import PoolHostRepository
 from deskpool.store.records import (
     ConsoleTicketRepository,
@@ -294,6 +295,7 @@ class UnitOfWork:
         self.pools = PoolRepository(self.session)
         self.memory_states = MemoryStateRepository(self.session)
         self.users = UserRepository(self.session)
+        self.linux_accounts = LinuxAccountRepository(self.session)
         self.auth_tokens = AuthTokenRepository(self.session)
         self.entitlements = EntitlementRepository(self.session)
         self.events = EventRepository(self.session)

@@ -227,6 +227,16 @@ class DesktopRepository(_NamedRepository[Desktop]):
             assigned_user=user, reserved_at=now, **_FRESH_SESSION)
         return None if row is None else ClaimedDesktop(*row)
 
+    def give_back(self, desktop_id: uuid.UUID, *, keep_user: bool) -> bool:
+        """``reserved -> ready``: a reservation its user could not use, through no fault of
+        the desktop's; unassigned unless ``keep_user`` (a dedicated desktop stays its
+        user's). ``False`` if it moved on meanwhile."""
+        fields: dict[str, Any] = {"reserved_at": None}
+        if not keep_user:
+            fields["assigned_user"] = None
+        return self._write_state(Desktop.id == desktop_id, S.RESERVED, S.READY,
+                                 **fields) is not None
+
     def fail_and_unassign(self, desktop_id: uuid.UUID, expected: DesktopState,
                           reason: str) -> bool:
         """``expected -> error`` with ``reason``, given back by its user (nothing stays

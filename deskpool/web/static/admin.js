@@ -281,6 +281,7 @@ const TABLES = {
       ["Queue", (l) => ms(l.queue_ms), "num queue"], ["Claim", (l) => ms(l.claim_ms), "num claim"],
       ["Power on", (l) => ms(l.power_on_ms), "num power-on"],
       ["Ready", (l) => ms(l.ready_ms), "num ready"],
+      ["Session", (l) => ms(l.session_ms), "num session"],
       ["Connect", (l) => ms(l.connect_ms), "num connect"],
       ["Message", (l) => l.message || "", "msg"]],
     key: (l) => l.id,

@@ -1,0 +1,104 @@
+"""Single sign-on at hand-over: the user's own graphical session on a desktop-flavor desktop.
+
+Images that can do it carry ``SESSION_HOOK`` (the desktop flavor's guest files); the broker
+looks for it through the guest agent once per template version (versions never change once
+published) and keeps the answer. For those desktops, after the agent answers:
+
+1. the user's Linux account name comes from the rule in ``deskpool.domain.accounts`` and
+   their uid from the database (allocated once, the same on every desktop);
+2. ``session-hook start`` makes the account and restarts LightDM with a one-shot autologin
+   (it answers ``running`` and does nothing when the user's session already runs: a
+   reconnect);
+3. ``session-hook check`` is polled until the session runs (logind: x11, active; Xfce's panel
+   and desktop running as the user), which also drops the one-shot autologin.
+
+Desktops without the hook (the console flavor) are handed over exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from deskpool.domain.accounts import AccountRefused, linux_account_name
+from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable, VmNotFound
+from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
+from deskpool.services.context import ServiceContext
+
+SESSION_HOOK = "/usr/lib/deskpool/session-hook"
+
+
+class SessionStarter:
+    def __init__(self, ctx: ServiceContext, *, timeout_s: float = 150.0, poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self._clock = clock
+        self._sleep = sleep
+        self._hook_by_version: dict[uuid.UUID, bool] = {}
+
+    def has_hook(self, agent: GuestAgent, version_id: uuid.UUID) -> bool:
+        """Whether desktops of this version carry the session hook (asked once per version;
+        a silent agent is not an answer and raises ``AgentUnavailable``)."""
+        known = self._hook_by_version.get(version_id)
+        if known is None:
+            try:
+                agent.read_file(SESSION_HOOK, max_bytes=1 << 20)
+                known = True
+            except AgentUnavailable:
+                raise
+            except DriverError:  # the agent answered: no such file
+                known = False
+            self._hook_by_version[version_id] = known
+        return known
+
+    def account_for(self, identity: Identity) -> tuple[str, int]:
+        """The user's (account, uid), allocated on first use; ``AccountRefused`` when the
+        name cannot be mapped or another user already has the account."""
+        account = linux_account_name(identity.name)
+        with self.ctx.uow() as uow:
+            found = uow.linux_accounts.get_or_allocate(identity.name, account)
+            uow.commit()
+        return found
+
+    def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int) -> None:
+        """Start the user's session and wait until it runs; ``Unavailable`` when the hook
+        fails or the session does not run within ``timeout_s``; ``AccountRefused`` when the
+        account is one of the guest's system accounts."""
+        code, out, err = agent.exec_capture(
+            ["/bin/sh", SESSION_HOOK, "start", account, str(uid),
+             identity.display_name or identity.name], timeout_s=min(self.timeout_s, 90.0))
+        if code == 4:  # the guest's own system account: the user's name, not the desktop
+            raise AccountRefused(f"user {identity.name!r} cannot have a Linux account on a "
+                                 f"desktop: {account!r} is a system account there; ask your "
+                                 "administrator to rename the user")
+        if code != 0:
+            raise Unavailable(f"could not sign {account} in: the session hook failed "
+                              f"({code}): {err.strip()[:300]}")
+        if out.strip() == "running":
+            return
+        deadline = self._clock() + self.timeout_s
+        while True:
+            try:
+                code, _out, err = agent.exec_capture(
+                    ["/bin/sh", SESSION_HOOK, "check", account], timeout_s=30.0)
+            except VmNotFound:
+                raise
+            except DriverError as exc:
+                # A guest busy starting Xorg and Xfce (one vCPU, TCG) may answer late: not
+                # yet, until the deadline.
+                code, err = 1, str(exc)
+            if code == 0:
+                return
+            if code != 1:
+                raise Unavailable(f"could not check {account}'s session: the session hook "
+                                  f"failed ({code}): {err.strip()[:300]}")
+            if self._clock() >= deadline:
+                raise Unavailable(f"{account}'s graphical session did not start within "
+                                  f"{self.timeout_s:g} s" + (f" ({err.strip()[:300]})"
+                                                             if err.strip() else ""))
+            self._sleep(self.poll_s)

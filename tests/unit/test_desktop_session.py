@@ -1,0 +1,120 @@
+"""Single sign-on at hand-over (``SessionStarter``), against a scripted guest agent."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from deskpool.broker.desktop_session import SESSION_HOOK, SessionStarter
+from deskpool.config import Settings
+from deskpool.domain.accounts import FIRST_UID, AccountRefused
+from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable
+from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
+from deskpool.services.context import ServiceContext
+
+
+class ScriptedAgent:
+    """Answers ``session-hook`` calls from a script of (exit code, stdout) per subcommand."""
+
+    def __init__(self, *, hook: bool | None = True, start: tuple[int, str] = (0, "starting"),
+                 checks: list[int] | None = None) -> None:
+        self.hook = hook
+        self.start = start
+        self.checks = list(checks or [0])
+        self.calls: list[list[str]] = []
+
+    def read_file(self, path: str, *, max_bytes: int = 0) -> bytes:
+        assert path == SESSION_HOOK
+        if self.hook is None:
+            raise AgentUnavailable("silent")
+        if not self.hook:
+            raise DriverError("No such file or directory")
+        return b"#!/bin/sh\n"
+
+    def exec_capture(self, argv: list[str], timeout_s: float = 30.0) -> tuple[int, str, str]:
+        self.calls.append(argv)
+        assert argv[:2] == ["/bin/sh", SESSION_HOOK]
+        if argv[2] == "start":
+            return self.start[0], self.start[1], "boom" if self.start[0] else ""
+        code = self.checks.pop(0) if len(self.checks) > 1 else self.checks[0]
+        if code == -1:
+            raise AgentUnavailable("busy")
+        return code, "", ""
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
+    c = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    yield c
+    c.close()
+
+
+def starter(ctx: ServiceContext, **kw: Any) -> SessionStarter:
+    return SessionStarter(ctx, poll_s=1.0, clock=lambda: 0.0, sleep=lambda _s: None, **kw)
+
+
+def who(name: str) -> Identity:
+    return Identity(name=name, display_name=f"{name.title()} Example", source="local")
+
+
+def agent(a: ScriptedAgent) -> GuestAgent:
+    return cast(GuestAgent, a)
+
+
+def test_the_hook_is_looked_for_once_per_version(ctx: ServiceContext) -> None:
+    s, version = starter(ctx), uuid.uuid4()
+    assert s.has_hook(agent(ScriptedAgent(hook=True)), version)
+    assert s.has_hook(agent(ScriptedAgent(hook=False)), version)  # kept, not asked again
+    assert not s.has_hook(agent(ScriptedAgent(hook=False)), uuid.uuid4())
+    with pytest.raises(AgentUnavailable):  # silence is no answer
+        s.has_hook(agent(ScriptedAgent(hook=None)), uuid.uuid4())
+
+
+def test_accounts_get_stable_uids(ctx: ServiceContext) -> None:
+    s = starter(ctx)
+    assert s.account_for(who("Alice@corp.example")) == ("alice", FIRST_UID)
+    assert s.account_for(who("bob")) == ("bob", FIRST_UID + 1)
+    assert s.account_for(who("Alice@corp.example")) == ("alice", FIRST_UID)
+    with pytest.raises(AccountRefused, match=r"already user 'Alice@corp\.example'"):
+        s.account_for(who("CORP\\alice"))
+    with pytest.raises(AccountRefused, match="system account"):
+        s.account_for(who("root"))
+
+
+def test_sign_in_starts_the_session_and_waits_for_it(ctx: ServiceContext) -> None:
+    a = ScriptedAgent(checks=[1, -1, 0])  # -1: the busy guest's agent answers late
+    starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID)
+    assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "alice", str(FIRST_UID),
+                          "Alice Example"]
+    assert [c[2] for c in a.calls] == ["start", "check", "check", "check"]
+
+
+def test_a_running_session_is_not_started_again(ctx: ServiceContext) -> None:
+    a = ScriptedAgent(start=(0, "running\n"))
+    starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID)
+    assert [c[2] for c in a.calls] == ["start"]
+
+
+def test_a_session_that_never_runs_times_out(ctx: ServiceContext) -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    s = SessionStarter(ctx, timeout_s=5, poll_s=1.0, clock=lambda: now[0], sleep=sleep)
+    with pytest.raises(Unavailable, match="did not start within 5 s"):
+        s.sign_in(agent(ScriptedAgent(checks=[1])), who("alice"), "alice", FIRST_UID)
+
+
+def test_hook_failures_are_told_apart(ctx: ServiceContext) -> None:
+    with pytest.raises(AccountRefused, match="system account there"):
+        starter(ctx).sign_in(agent(ScriptedAgent(start=(4, ""))), who("games2"), "games2",
+                             FIRST_UID)
+    with pytest.raises(Unavailable, match="session hook failed"):
+        starter(ctx).sign_in(agent(ScriptedAgent(start=(3, ""))), who("alice"), "alice",
+                             FIRST_UID)
