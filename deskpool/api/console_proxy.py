@@ -35,7 +35,6 @@ from deskpool.broker.console import ConsoleTarget, ConsoleTickets
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
-from deskpool.domain.states import HELD_STATES
 from deskpool.services.context import ServiceContext
 
 log = logging.getLogger("deskpool.api.console_proxy")  # the same under `python -m`
@@ -116,10 +115,7 @@ class ConsoleProxyHandler(ProxyRequestHandler):  # type: ignore[misc]
         if target is None:
             return
         try:
-            with self.server.ctx.uow(read_only=True) as uow:
-                desktop = uow.desktops.find(target.desktop_id)
-                held = (desktop is not None and desktop.assigned_user == target.user
-                        and desktop.state in HELD_STATES)
+            held = ConsoleTickets(self.server.ctx).still_held(target)
         except Exception:  # a database hiccup does not cut consoles
             log.warning("could not check who holds %s", target.desktop, exc_info=True)
             return

@@ -43,6 +43,7 @@ class Ticket:
     desktop_id: uuid.UUID
     desktop: str
     expires_at: datetime
+    host_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ConsoleTickets:
                                     protocol=protocol)
             uow.commit()
             return Ticket(token=secret, desktop_id=desktop_id, desktop=desktop.name,
-                          expires_at=expires)
+                          expires_at=expires, host_id=desktop.host_id)
 
     def spice_file(self, identity: Identity, desktop_id: uuid.UUID, *, proxy_host: str,
                    proxy_port: int) -> ViewerFile:
@@ -91,16 +92,12 @@ class ConsoleTickets:
         SPICE proxy at ``proxy_host:proxy_port``, valid for the ticket's lifetime."""
         ticket = self.issue(identity, desktop_id, ConsoleProtocol.SPICE)
         password = secrets.token_urlsafe(18)
-        self.ctx.driver_for_id(self._host_of(desktop_id)).set_console_password(
+        self.ctx.driver_for_id(ticket.host_id).set_console_password(
             desktop_id, ConsoleProtocol.SPICE, password, ticket.expires_at)
         return ViewerFile(ticket.desktop, virt_viewer_file(
             title=ticket.desktop, protocol="spice", host=ticket.desktop, port=5900,
             password=password,
             proxy=f"http://{SPICE_PROXY_USER}:{ticket.token}@{_url_host(proxy_host)}:{proxy_port}"))
-
-    def _host_of(self, desktop_id: uuid.UUID) -> uuid.UUID:
-        with self.ctx.uow(read_only=True) as uow:
-            return uow.desktops.get(desktop_id).host_id
 
     def consume(self, secret: str) -> ConsoleTarget:
         """Use a VNC ticket (once) and say where its desktop's console listens.
