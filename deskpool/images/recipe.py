@@ -68,6 +68,9 @@ _DESKTOP_PACKAGES = (
     "xfce4-terminal",
     "thunar",
     "dbus-x11",
+    # The session bus is the user's systemd one: no dbus-launch per session, and D-Bus
+    # activation (xfconfd) works through systemd (see the desktop's session-wrapper).
+    "dbus-user-session",
     # Registers graphical sessions with logind (who is logged in, idle, locked).
     "libpam-systemd",
     "fonts-dejavu-core",

@@ -90,7 +90,26 @@ def test_desktop_setup_boots_to_lightdm_on_the_graphical_target() -> None:
     assert "systemctl set-default graphical.target" in setup
     assert "systemctl enable lightdm.service" in setup
     conf = (recipe.DESKTOP_FILES_DIR / "etc/lightdm/lightdm.conf.d/50-deskpool.conf").read_text()
-    assert "user-session=xfce" in conf
+    assert "user-session=deskpool-xfce" in conf
+    assert "session-wrapper=/usr/lib/deskpool/session-wrapper" in conf
+
+
+def test_the_lean_xfce_session_is_wired_to_files_the_image_has() -> None:
+    """LightDM's session entry and wrapper point at scripts the image carries (executable:
+    the builder makes files with a shebang 0755), and Xfce's lean defaults keep the core."""
+    files = recipe.DESKTOP_FILES_DIR
+    entry = (files / "usr/share/xsessions/deskpool-xfce.desktop").read_text()
+    (exec_line,) = [line for line in entry.splitlines() if line.startswith("Exec=")]
+    for script in (exec_line.removeprefix("Exec="), "/usr/lib/deskpool/session-wrapper"):
+        assert (files / script.lstrip("/")).read_text().startswith("#!/bin/sh"), script
+    hook = (files / "usr/lib/deskpool/session-hook").read_text()
+    assert "autologin-session=deskpool-xfce" in hook
+    session = (files / "etc/xdg/deskpool/xfce4/xfconf/xfce-perchannel-xml/"
+               "xfce4-session.xml").read_text()
+    for core in ("xfwm4", "xfsettingsd", "xfce4-panel", "xfdesktop"):
+        assert f'value="{core}"' in session
+    assert "Thunar" not in session
+    assert "dbus-user-session" in DESKTOP_RECIPE.packages
 
 
 def test_desktop_file_edits_change_only_the_desktop_hash(
