@@ -402,6 +402,8 @@ def rebase_layer(old_root: Path, new_root: Path, layer: Path, out: Path, *,
     """
     rules = rules or LayerRules()
     step = on_step or (lambda _name: None)
+    if out.resolve() == layer.resolve() or layer.resolve() in out.resolve().parents:
+        raise LayerError(f"the new layer {out} cannot be inside the old one {layer}")
     manifest = read_manifest(layer)
     if manifest.base_version != old_version:
         raise LayerError(f"the user layer {layer} sits on version {manifest.base_version}, "
@@ -474,7 +476,11 @@ class LayerDisk:
         current = self.current()
         manifest = read_manifest(current)
         if manifest.base_version == new_version and manifest.rebased_from is not None:
-            return RebaseReport.from_json(json.loads((current / REPORT).read_text()))
+            try:  # already switched: a re-run after a crash that followed the switch
+                return RebaseReport.from_json(json.loads((current / REPORT).read_text()))
+            except (OSError, ValueError) as exc:
+                raise LayerError(f"{current} is on {new_version} already, but its rebase "
+                                 f"report is unreadable ({exc})") from exc
         out = self.root / "generations" / str(manifest.generation + 1)
         report = rebase_layer(old_root, new_root, current, out, old_version=old_version,
                               new_version=new_version, rules=rules, on_step=on_step)

@@ -306,3 +306,12 @@ def test_paths_below_a_symlink_in_a_base_are_not_followed(tmp_path: Path) -> Non
     report = rebase_layer(old, new, layer, tmp_path / "out", old_version="v1", new_version="v2")
     assert "/data/file" in report.kept and not report.conflicts
     assert (tmp_path / "out/upper/data/file").read_text() == "user's\n"
+
+
+def test_output_inside_the_old_layer_is_refused(tmp_path: Path) -> None:
+    old, new, layer = small_world(tmp_path)
+    before = snapshot(layer)
+    for out in (layer, layer / "upper" / "new"):
+        with pytest.raises(LayerError, match="cannot be inside the old one"):
+            rebase_layer(old, new, layer, out, old_version="v1", new_version="v2")
+    assert snapshot(layer) == before
