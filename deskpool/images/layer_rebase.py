@@ -17,6 +17,7 @@ file is never left without its directory and a deleted directory never half come
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -415,25 +416,47 @@ def rebase_layer(old_root: Path, new_root: Path, layer: Path, out: Path, *,
     if partial.exists():
         shutil.rmtree(partial)  # an earlier run's leftover: it never became a layer
     entries, layer_userxattr = scan_layer(layer / "upper")
-    writer = LayerWriter(partial / "upper",
-                         userxattr=layer_userxattr if userxattr is None else userxattr)
-    report = RebaseReport(old_version, new_version)
+    try:
+        report = _write_partial(partial, old, new, layer, entries, manifest, new_version,
+                                rules, layer_userxattr if userxattr is None else userxattr,
+                                step)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(out.parent).free
+        raise LayerError(f"the rebased layer does not fit in {out.parent} ({free / 2**20:.0f} "
+                         f"MiB free, the user layer holds {_size(layer / 'upper') / 2**20:.0f} "
+                         f"MiB); the layer on {old_version} is untouched") from exc
+    os.replace(partial, out)
+    fsync_dir(out.parent)
+    step("renamed")
+    return report
+
+
+def _write_partial(partial: Path, old: BaseTree, new: BaseTree, layer: Path,
+                   entries: dict[str, Entry], manifest: Manifest, new_version: str,
+                   rules: LayerRules, userxattr: bool, step: StepHook) -> RebaseReport:
+    writer = LayerWriter(partial / "upper", userxattr=userxattr)
+    report = RebaseReport(manifest.base_version, new_version)
     merge = _Merge(old, new, layer / "upper", entries, manifest, rules, writer, report)
     step("started")
     merge.run()
     step("tree-written")
     report.bytes = writer.bytes
     (partial / "work").mkdir()
-    files = {p: ManifestEntry(new_version, fingerprint(new.entry(p))) for p in writer.written}
-    write_manifest(partial, Manifest(new_version, files, manifest.generation + 1,
+    files = {p: ManifestEntry(report.new_version, fingerprint(new.entry(p)))
+             for p in writer.written}
+    write_manifest(partial, Manifest(report.new_version, files, manifest.generation + 1,
                                      manifest.checksum()))
     _write_atomically(partial / REPORT, json.dumps(report.to_json(), indent=1) + "\n")
     fsync_tree(partial)
     step("manifest-written")
-    os.replace(partial, out)
-    fsync_dir(out.parent)
-    step("renamed")
     return report
+
+
+def _size(root: Path) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(root) for f in fs)
 
 
 class LayerDisk:

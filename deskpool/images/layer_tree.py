@@ -188,6 +188,7 @@ class LayerWriter:
         self.opaque_xattr = ("user" if userxattr else "trusted") + ".overlay.opaque"
         self.bytes = 0
         self.written: list[str] = []
+        self._links: dict[tuple[int, int], Path] = {}  # source inode -> its first copy
         upper.mkdir(parents=True)
 
     def _meta(self, dst: Path, entry: Entry, *, symlink: bool = False) -> None:
@@ -196,6 +197,18 @@ class LayerWriter:
             os.chmod(dst, entry.mode)
         for name, value in entry.xattrs:
             os.setxattr(dst, name, value, follow_symlinks=False)
+
+    def _link(self, source: Path, dst: Path) -> bool:
+        """Hard links stay hard links (a package dpkg unpacked into the layer may have many):
+        a file whose source inode was copied already becomes a link to that copy."""
+        st = os.lstat(source)
+        if st.st_nlink < 2:
+            return False
+        first = self._links.setdefault((st.st_dev, st.st_ino), dst)
+        if first == dst:
+            return False
+        os.link(first, dst)
+        return True
 
     def has(self, path: str) -> bool:
         return os.path.lexists(host_path(self.upper, path))
@@ -216,6 +229,9 @@ class LayerWriter:
     def entry(self, path: str, entry: Entry, source: Source) -> None:
         """Copy a non-directory (``source.data``: write those bytes with ``entry``'s metadata)."""
         dst = host_path(self.upper, path)
+        if entry.kind is Kind.FILE and source.path is not None and self._link(source.path, dst):
+            self.written.append(path)
+            return
         if entry.kind is Kind.FILE:
             if source.data is not None:
                 dst.write_bytes(source.data)

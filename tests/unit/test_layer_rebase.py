@@ -3,6 +3,7 @@ re-runs, generations on a layer disk, rules, and unsupported layers."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -315,3 +316,40 @@ def test_output_inside_the_old_layer_is_refused(tmp_path: Path) -> None:
         with pytest.raises(LayerError, match="cannot be inside the old one"):
             rebase_layer(old, new, layer, out, old_version="v1", new_version="v2")
     assert snapshot(layer) == before
+
+
+def test_hard_links_in_the_layer_stay_links(tmp_path: Path) -> None:
+    old, new, layer = small_world(tmp_path)
+    put(layer / "upper", "/usr/lib/git-core/git", "ELF big")
+    for name in ("git-add", "git-commit"):
+        os.link(layer / "upper/usr/lib/git-core/git", layer / f"upper/usr/lib/git-core/{name}")
+    report = rebase_layer(old, new, layer, tmp_path / "out", old_version="v1", new_version="v2")
+    copies = [tmp_path / f"out/upper/usr/lib/git-core/{n}" for n in ("git", "git-add",
+                                                                      "git-commit")]
+    assert len({p.stat().st_ino for p in copies}) == 1 and copies[0].stat().st_nlink == 3
+    assert report.bytes == len("ELF big") + len("mine\n") + len("new\n")
+    assert {"/usr/lib/git-core/git-add", "/usr/lib/git-core/git"} <= set(report.kept)
+
+
+def test_a_layer_that_no_longer_fits_leaves_everything_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = build(tmp_path, "trusted")
+    layer, out = tmp_path / "layer", tmp_path / "out"
+    before = snapshot(layer)
+    real, calls = shutil.copyfile, []
+
+    def full_disk(src, dst, **kw):  # type: ignore[no-untyped-def]
+        calls.append(dst)
+        if len(calls) > 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(layer_tree.shutil, "copyfile", full_disk)
+        with pytest.raises(LayerError, match=r"does not fit in .* MiB free, the user layer "
+                                             r"holds .* the layer on v1 is untouched"):
+            rebase_layer(p.old, p.new, layer, out, old_version="v1", new_version="v2")
+    assert snapshot(layer) == before
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    rebase_layer(p.old, p.new, layer, out, old_version="v1", new_version="v2")
+    assert read_manifest(out).base_version == "v2"
