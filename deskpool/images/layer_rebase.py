@@ -97,6 +97,25 @@ def create_layer(layer: Path, version: str) -> None:
     write_manifest(layer, Manifest(version))
 
 
+def record_changes(layer: Path, base_root: Path) -> Manifest:
+    """Bring the manifest up to date with the layer: paths changed since the last record are
+    written down as made against the base the layer sits on (``base_root``), paths no longer
+    in the layer are forgotten, paths already recorded keep their ancestor. Run while the
+    layer is not in use (when the desktop shuts down); a rebase without it judges unrecorded
+    paths against the old base, which is the same thing."""
+    manifest = read_manifest(layer)
+    entries, _ = scan_layer(layer / "upper")
+    base = BaseTree(base_root, "base")
+    files = {p: manifest.files.get(p)
+             or ManifestEntry(manifest.base_version, fingerprint(base.entry(p)))
+             for p in entries}
+    updated = Manifest(manifest.base_version, files, manifest.generation,
+                       manifest.rebased_from)
+    if updated.checksum() != manifest.checksum():
+        write_manifest(layer, updated)
+    return updated
+
+
 def _depth_key(path: str) -> list[str]:
     return path.split("/")
 

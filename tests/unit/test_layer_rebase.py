@@ -26,6 +26,7 @@ from deskpool.images.layer_rebase import (
     create_layer,
     read_manifest,
     rebase_layer,
+    record_changes,
     write_manifest,
 )
 from tests.unit.layer_trees import put, snapshot, view, whiteout
@@ -353,3 +354,20 @@ def test_a_layer_that_no_longer_fits_leaves_everything_as_it_was(
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     rebase_layer(p.old, p.new, layer, out, old_version="v1", new_version="v2")
     assert read_manifest(out).base_version == "v2"
+
+
+def test_record_changes_pins_each_path_to_the_base_it_was_made_on(tmp_path: Path) -> None:
+    old, new, layer = small_world(tmp_path)
+    recorded = record_changes(layer, old)
+    b_conf = layer_tree.read_entry(old / "etc/b.conf", in_layer=False)
+    assert b_conf is not None
+    assert recorded.files["/etc/b.conf"] == ManifestEntry("v1", b_conf.fingerprint())
+    assert recorded.files["/opt/x/y"] == ManifestEntry("v1", None)  # the base had nothing
+    assert read_manifest(layer) == recorded
+    (layer / "upper/opt/x/y").unlink()
+    put(layer / "upper", "/etc/b.conf", "edited again\n")
+    again = record_changes(layer, new)  # a later record keeps the first ancestor
+    assert "/opt/x/y" not in again.files
+    assert again.files["/etc/b.conf"] == recorded.files["/etc/b.conf"]
+    stamp = (layer / MANIFEST).stat().st_mtime_ns
+    assert record_changes(layer, new) == again and (layer / MANIFEST).stat().st_mtime_ns == stamp
