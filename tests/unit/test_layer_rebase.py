@@ -371,3 +371,33 @@ def test_record_changes_pins_each_path_to_the_base_it_was_made_on(tmp_path: Path
     assert again.files["/etc/b.conf"] == recorded.files["/etc/b.conf"]
     stamp = (layer / MANIFEST).stat().st_mtime_ns
     assert record_changes(layer, new) == again and (layer / MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_three_versions_in_a_row_report_each_conflict_once(tmp_path: Path) -> None:
+    """v1 -> v2 -> v3 on one layer disk: a file the user won at v2 is not reported again at v3
+    unless v3 changes it; a file kept since v1 is judged against v2 when v3 patches it."""
+    roots = {v: tmp_path / v for v in ("v1", "v2", "v3")}
+    site = {"v1": "s1\n", "v2": "s2\n", "v3": "s2\n"}  # v3 leaves site.conf alone
+    tool = {"v1": "t1\n", "v2": "t1\n", "v3": "t3\n"}  # only v3 patches tool.conf
+    for v, root in roots.items():
+        put(root, "/etc/site.conf", site[v])
+        put(root, "/etc/tool.conf", tool[v])
+        put(root, "/var/lib/dpkg/info/tool.list", "/.\n/etc/tool.conf\n")
+    disk = LayerDisk.create(tmp_path / "disk", "v1")
+    put(disk.current() / "upper", "/etc/site.conf", "mine\n")
+    put(disk.current() / "upper", "/etc/tool.conf", "my tool\n")
+    record_changes(disk.current(), roots["v1"])
+    first = disk.rebase(roots["v1"], roots["v2"], old_version="v1", new_version="v2")
+    assert [n.path for n in first.notes] == ["/etc/site.conf"] and first.conflicts == []
+    assert first.kept == ["/etc/site.conf", "/etc/tool.conf"]
+    record_changes(disk.current(), roots["v2"])
+    second = disk.rebase(roots["v2"], roots["v3"], old_version="v2", new_version="v3")
+    assert second.notes == []
+    assert [(c.path, c.user_copy) for c in second.conflicts] == [
+        ("/etc/tool.conf", "/etc/tool.conf.deskpool-conflict")]
+    final = view(disk.current() / "upper", roots["v3"])
+    assert final["/etc/site.conf"] == view(None, tmp_path / "disk/generations/1/upper")[
+        "/etc/site.conf"]
+    assert (disk.current() / "upper/etc/tool.conf.deskpool-conflict").read_text() == "my tool\n"
+    assert not (disk.current() / "upper/etc/tool.conf").exists()  # v3's shows through
+    assert read_manifest(disk.current()).generation == 3
