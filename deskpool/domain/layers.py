@@ -81,7 +81,6 @@ class Entry:
     uid: int = 0
     gid: int = 0
     content: str = ""
-    size: int = 0
     xattrs: tuple[tuple[str, bytes], ...] = ()  # sorted; overlayfs' own attributes left out
     opaque: bool = False  # a layer directory that hides the base's directory below it
 
@@ -112,7 +111,6 @@ class Outcome(StrEnum):
     DROPPED = "dropped"  # equal to the new base, or changed by the base alone
     CONFLICT = "conflict"  # both changed, the new base won, the user's copy kept beside it
     USER_WON = "user_won"  # both changed, the user's own file: the user's copy won (a note)
-    EXCLUDED = "excluded"  # matched an exclusion: dropped and never reported
 
 
 class Side(StrEnum):

@@ -81,7 +81,7 @@ def read_entry(path: Path, *, in_layer: bool, name: str = "") -> Entry | None:
                                  f"metacopy=off,redirect_dir=off): the rebase cannot read it")
     mode, uid, gid, xattrs = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, tuple(own)
     if stat.S_ISREG(st.st_mode):
-        return Entry(Kind.FILE, mode, uid, gid, sha256_of(path), st.st_size, xattrs)
+        return Entry(Kind.FILE, mode, uid, gid, sha256_of(path), xattrs)
     if stat.S_ISDIR(st.st_mode):
         opaque = in_layer and overlay.get("opaque") == b"y"
         return Entry(Kind.DIR, mode, uid, gid, xattrs=xattrs, opaque=opaque)
