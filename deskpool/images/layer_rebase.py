@@ -50,9 +50,9 @@ from deskpool.images.layer_tree import (
     LayerWriter,
     Source,
     fsync_dir,
-    fsync_tree,
     host_path,
     scan_layer,
+    sync_filesystem,
 )
 
 MANIFEST = Path(".deskpool/manifest.json")
@@ -469,7 +469,7 @@ def _write_partial(partial: Path, old: BaseTree, new: BaseTree, layer: Path,
     write_manifest(partial, Manifest(report.new_version, files, manifest.generation + 1,
                                      manifest.checksum()))
     _write_atomically(partial / REPORT, json.dumps(report.to_json(), indent=1) + "\n")
-    fsync_tree(partial)
+    sync_filesystem(partial)  # all of it on disk before the rename makes it the layer
     step("manifest-written")
     return report
 

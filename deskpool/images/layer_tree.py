@@ -12,6 +12,7 @@ does not exist in that tree (overlayfs looks paths up one component at a time, t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -238,8 +239,6 @@ class LayerWriter:
             else:
                 assert source.path is not None
                 shutil.copyfile(source.path, dst, follow_symlinks=False)
-            with dst.open("rb+") as f:
-                os.fsync(f.fileno())
             self.bytes += dst.stat().st_size
             self._meta(dst, entry)
         elif entry.kind is Kind.SYMLINK:
@@ -259,14 +258,18 @@ class LayerWriter:
         self.written.append(path)
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every directory of a tree (files were flushed as they were written)."""
-    for directory, _dirs, _files in os.walk(root):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written on ``path``'s filesystem: one ``syncfs`` instead of an fsync
+    per file (thousands of them cost most of a rebase's time)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if int(libc.syncfs(fd)) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs of {path} failed")
+    except AttributeError:  # a libc without syncfs
+        os.sync()
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
