@@ -524,12 +524,22 @@ class LayerDisk:
                 raise LayerError(f"{current} is on {new_version} already, but its rebase "
                                  f"report is unreadable ({exc})") from exc
         out = self.root / "generations" / str(manifest.generation + 1)
+        if out.exists() and not self._is_rebase_of(out, manifest, new_version):
+            shutil.rmtree(out)  # a rebase to another version that never became current
         report = rebase_layer(old_root, new_root, current, out, old_version=old_version,
                               new_version=new_version, rules=rules, on_step=on_step)
         self._switch(out)
         if on_step is not None:
             on_step("switched")
         return report
+
+    @staticmethod
+    def _is_rebase_of(out: Path, manifest: Manifest, new_version: str) -> bool:
+        try:
+            done = read_manifest(out)
+        except ManifestError:
+            return False
+        return done.rebased_from == manifest.checksum() and done.base_version == new_version
 
     def prune(self) -> list[Path]:
         """Remove every generation but the current one (and leftovers of crashed rebases)."""

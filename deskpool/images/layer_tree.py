@@ -80,6 +80,8 @@ def read_entry(path: Path, *, in_layer: bool, name: str = "") -> Entry | None:
             if key in overlay:
                 raise LayerError(f"{name or path} uses overlayfs {key} (mount the layer with "
                                  f"metacopy=off,redirect_dir=off): the rebase cannot read it")
+    if in_layer and ((stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or "whiteout" in overlay):
+        return Entry(Kind.WHITEOUT)  # a 0/0 device, or the newer kernels' xattr whiteout
     mode, uid, gid, xattrs = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, tuple(own)
     if stat.S_ISREG(st.st_mode):
         return Entry(Kind.FILE, mode, uid, gid, sha256_of(path), xattrs)
@@ -88,8 +90,6 @@ def read_entry(path: Path, *, in_layer: bool, name: str = "") -> Entry | None:
         return Entry(Kind.DIR, mode, uid, gid, xattrs=xattrs, opaque=opaque)
     if stat.S_ISLNK(st.st_mode):
         return Entry(Kind.SYMLINK, mode, uid, gid, "->" + os.readlink(path), xattrs=xattrs)
-    if in_layer and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return Entry(Kind.WHITEOUT)
     device = f"{stat.S_IFMT(st.st_mode):o}:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     return Entry(Kind.DEVICE, mode, uid, gid, device, xattrs=xattrs)
 

@@ -401,3 +401,26 @@ def test_three_versions_in_a_row_report_each_conflict_once(tmp_path: Path) -> No
     assert (disk.current() / "upper/etc/tool.conf.deskpool-conflict").read_text() == "my tool\n"
     assert not (disk.current() / "upper/etc/tool.conf").exists()  # v3's shows through
     assert read_manifest(disk.current()).generation == 3
+
+
+def test_a_crashed_rebase_to_one_version_does_not_block_another(tmp_path: Path) -> None:
+    old, new, _ = small_world(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(new, other)
+    put(other, "/etc/b.conf", "b3\n")
+    disk = LayerDisk.create(tmp_path / "disk", "v1")
+    put(disk.current() / "upper", "/etc/b.conf", "mine\n")
+    with pytest.raises(Crash):
+        disk.rebase(old, new, old_version="v1", new_version="v2", on_step=crash_at("renamed"))
+    report = disk.rebase(old, other, old_version="v1", new_version="v3")
+    assert read_manifest(disk.current()).base_version == "v3" and disk.current().name == "2"
+    assert [n.path for n in report.notes] == ["/etc/b.conf"]  # v3 changed it, v2 had not
+
+
+def test_xattr_whiteouts_count_as_deletions(tmp_path: Path) -> None:
+    old, new, layer = small_world(tmp_path)
+    put(layer / "upper", "/etc/a.conf", "")
+    os.setxattr(layer / "upper/etc/a.conf", "trusted.overlay.whiteout", b"")
+    report = rebase_layer(old, new, layer, tmp_path / "out", old_version="v1", new_version="v2")
+    assert [n.path for n in report.notes] == ["/etc/a.conf"]  # deleted; the base changed it
+    assert "/etc/a.conf" not in view(tmp_path / "out/upper", new)
