@@ -19,6 +19,7 @@ from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
 from deskpool.cli.hosts import host_app
+from deskpool.cli.layers import layer_app
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import CloneMode, Customization
@@ -37,6 +38,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(image_app, name="image")
 app.add_typer(template_app, name="template")
 app.add_typer(desktop_app, name="desktop")
+app.add_typer(layer_app, name="layer")
 
 
 app.add_typer(pool_app, name="pool")
