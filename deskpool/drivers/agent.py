@@ -199,11 +199,16 @@ class GuestAgent:
                                           else time_ns})
 
     def exec_capture(
-        self, argv: list[str], timeout_s: float = 30.0, poll_s: float = 0.05
+        self, argv: list[str], timeout_s: float = 30.0, poll_s: float = 0.05,
+        max_poll_s: float = 0.5,
     ) -> tuple[int, str, str]:
         """Run ``argv`` in the guest and wait for it: (exit code, stdout, stderr). A process
         killed by a signal gives the negative signal number, as ``subprocess`` does.
-        ``DriverError`` when it has not finished within ``timeout_s``."""
+        ``DriverError`` when it has not finished within ``timeout_s``.
+
+        The guest is asked every ``poll_s`` at first, then less often up to ``max_poll_s``:
+        each question wakes the guest's agent, and a long command (a session starting on one
+        vCPU under TCG) should not share its CPU with twenty of them a second."""
         if not argv:
             raise InvalidInput("exec_capture needs a program to run")
         started = self._call_dict(
@@ -222,6 +227,7 @@ class GuestAgent:
                     f"{argv[0]} in VM {self.vm_id} did not finish within {timeout_s:g} s"
                 )
             self._sleep(poll_s)
+            poll_s = min(poll_s * 1.5, max(max_poll_s, poll_s))
         code = status.get("exitcode")
         if not isinstance(code, int):
             signal = status.get("signal")

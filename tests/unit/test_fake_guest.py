@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -12,6 +12,7 @@ from deskpool.domain.errors import AgentUnavailable, DriverError, InvalidInput, 
 from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
 from deskpool.domain.models import CloneMode, PowerState, VmSpec
 from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.fake import FakeDriver
 from tests.unit.fake_driver_helpers import (
     assert_nothing_left,
@@ -345,3 +346,34 @@ def test_the_guest_agent_writes_files(fake: FakeDriver) -> None:
         fake.agent_command(spec.vm_id, "guest-file-write", {"handle": handle, "buf-b64": "IQ=="})
     with pytest.raises(DriverError, match="open mode"):
         fake.agent_command(spec.vm_id, "guest-file-open", {"path": "/x", "mode": "rw"})
+
+
+class _SlowCommandAgent:
+    """A driver whose guest runs one command that exits after ``polls`` status questions."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+        self.asked = 0
+
+    def agent_command(self, vm_id: object, command: str, arguments: object,
+                      timeout_s: int) -> object:
+        if command == "guest-exec":
+            return {"pid": 7}
+        self.asked += 1
+        if self.asked < self.polls:
+            return {"exited": False}
+        return {"exited": True, "exitcode": 0, "out-data": "", "err-data": ""}
+
+
+def test_a_long_command_is_asked_about_less_and_less_often() -> None:
+    # A session starting on one vCPU should not share it with twenty agent questions a second.
+    driver = _SlowCommandAgent(polls=40)
+    clock = FakeClock()
+    agent = GuestAgent(cast(HypervisorDriver, driver), uuid.uuid4(), clock=clock,
+                       sleep=clock.sleep)
+    sleeps: list[float] = []
+    agent._sleep = lambda s: (sleeps.append(s), clock.sleep(s))[1]  # type: ignore[method-assign]
+    assert agent.exec_capture(["true"], timeout_s=60)[0] == 0
+    assert sleeps[0] == pytest.approx(0.05)
+    assert sleeps == sorted(sleeps) and max(sleeps) == pytest.approx(0.5)
+    assert sleeps.count(pytest.approx(0.5)) > len(sleeps) // 2
