@@ -15,12 +15,12 @@ from deskpool.store.db import (
     UnitOfWork,
     alembic_config,
     current_revision,
-    schema_revision,
     downgrade,
     head_revision,
     make_engine,
     make_session_factory,
     open_database,
+    schema_revision,
     upgrade_to_head,
 )
 from deskpool.store.desktops import DesktopRepository
@@ -45,12 +45,12 @@ __all__ = [
     "UnitOfWork",
     "alembic_config",
     "current_revision",
-    "schema_revision",
     "downgrade",
     "head_revision",
     "make_engine",
     "make_session_factory",
     "open_database",
+    "schema_revision",
     "upgrade_to_head",
     "utcnow",
 ]

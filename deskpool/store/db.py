@@ -39,8 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import LostRace
-from deskpool.store.admin_queries import AdminQueryRepository
 from deskpool.store.accounts import AuthTokenRepository, EntitlementRepository, UserRepository
+from deskpool.store.admin_queries import AdminQueryRepository
 from deskpool.store.desktop_listings import DesktopListingRepository
 from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
