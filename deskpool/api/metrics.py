@@ -61,8 +61,9 @@ class DatabaseCollector(Collector):
                                      labels=["pool", "host"])
         with self.ctx.uow(read_only=True) as uow:
             fleet = uow.admin.fleet()
-            hosts = uow.hosts.list()
-            usage = uow.host_usage.usage(LIVE_STATES)
+            # Read while the session is open: the metrics are built after it closes.
+            host_metrics = list(self._hosts(uow.hosts.list(),
+                                            uow.host_usage.usage(LIVE_STATES)))
             phases = uow.admin.logon_phases(PHASES, BOUNDS_MS)
             pools = [(p.name, p.status.value) for p in uow.pools.list()]
         per_console: dict[tuple[str, str], int] = {}
@@ -74,7 +75,7 @@ class DatabaseCollector(Collector):
             consoles.add_metric([pool, host], n)
         yield desktops
         yield consoles
-        yield from self._hosts(hosts, usage)
+        yield from host_metrics
         status = GaugeMetricFamily("deskpool_pool_status", "1 for each pool's status",
                                    labels=["pool", "status"])
         for name, value in pools:
