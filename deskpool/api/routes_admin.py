@@ -23,6 +23,7 @@ from deskpool.api.schemas import (
 )
 from deskpool.broker.user_admin import UserAdmin
 from deskpool.domain.pools import PoolSpec
+from deskpool.services.audit import audit
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
 from deskpool.services.pool_admin import PoolAdmin
@@ -137,9 +138,12 @@ def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 
 
 @router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse)
-def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, svc: ServicesDep) -> StateResponse:
+def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
+                  svc: ServicesDep) -> StateResponse:
     state = svc.sessions.log_off(desktop_id, by=admin,
                                  reason=f"logged off by administrator {admin.name}")
+    audit(svc.ctx, actor, "desktop.logoff", f"desktop/{desktop_id}",
+          f"logged desktop {desktop_id} off", new={"state": state})
     return StateResponse(desktop_id=desktop_id, state=state)
 
 

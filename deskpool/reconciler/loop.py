@@ -259,6 +259,11 @@ class Reconciler:
                 # Sized to nothing: its free desktops retire now, held ones as users leave.
                 spec = replace(spec, min_size=0, spare=0, max_size=0, canary=0)
             plan = plan_pool(spec, pool.current_version_id, facts, now)
+            if pool.status is PoolStatus.DELETING and pool.kind is not PoolKind.STATEFUL:
+                # A dedicated desktop waiting, ready, for its user holds nothing of theirs
+                # in a stateless pool: it goes too (a stateful one keeps it for them).
+                plan.retire += [d.id for d in facts if d.state is S.READY and d.assigned
+                                and d.id not in plan.retire]
             report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
             for desktop_id in plan.retire:
                 try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from deskpool.domain.pools import Assignment, OnLogout
 from deskpool.domain.states import DesktopState
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.services.audit import audit_log
@@ -114,6 +115,28 @@ def test_deleting_a_pool_drains_it_without_taking_desktops_from_users(
     assert [p.name for p in PoolService(world.ctx).list()] == []
     assert admin.get(f"{ADMIN}/pools/lab").status_code == 404
     assert audit_of(world, "pool/lab")[0].new == {"status": "deleting"}
+
+
+def test_deleting_a_dedicated_pool_retires_desktops_kept_ready_for_their_users(
+        world: BrokerWorld) -> None:
+    world.pool("desk", assignment=Assignment.DEDICATED, on_logout=OnLogout.RECYCLE_AS_IS,
+               spare=1)
+    admin = world.client("root")
+    admin.post(f"{ADMIN}/pools/desk/entitlements", json={"kind": "user", "principal": "alice"})
+    world.fill()
+    alice = world.client("alice")
+    mine = alice.post("/api/v1/pools/desk/connect").json()
+    # Logged off (by the administrator: audited too), the desktop stays hers, ready.
+    forced = admin.post(f"{ADMIN}/desktops/{mine['desktop_id']}/logoff")
+    assert forced.status_code == 200
+    assert audit_of(world, f"desktop/{mine['desktop_id']}")[0].action == "desktop.logoff"
+    world.fill()
+    assert {d.name: d.state for d in DesktopService(world.ctx).list()}[mine["desktop"]] == \
+        DesktopState.READY
+    assert admin.delete(f"{ADMIN}/pools/desk").status_code == 202
+    world.fill(passes=3)
+    assert "desk" not in [p.name for p in PoolService(world.ctx).list()]
+    assert not [d for d in DesktopService(world.ctx).list() if d.name.startswith("desk")]
 
 
 # --- hosts, templates, rollout ---------------------------------------------------------------
