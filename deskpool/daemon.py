@@ -67,6 +67,8 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         uvicorn.run(create_app(ctx, console_ws_port=console_port,
                                spice_proxy_port=spice.port), host=host, port=port,
                     log_level="warning", timeout_graceful_shutdown=5,
+                    # uvicorn's own lines go through the root handler: one format (JSON too).
+                    log_config=None,
                     # The app has no start-up or shut-down hooks; with uvicorn's lifespan
                     # task on, a Ctrl-C could log that task's cancellation as a traceback.
                     lifespan="off",

@@ -211,6 +211,8 @@ def desktop_delete(name: str) -> None:
     """Delete a desktop: its VM, its disks and its record."""
     with services() as ctx, spinner(f"deleting {name}"):
         DesktopService(ctx).delete(name)
+        audit(ctx, Actor.local(), "desktop.delete", f"desktop/{name}",
+              f"deleted desktop {name}")
     out.print(f"desktop [bold]{name}[/] deleted")
 
 

@@ -289,3 +289,18 @@ def test_unknown_names_are_404s(world: BrokerWorld) -> None:
         kwargs: dict[str, Any] = {"json": {}} if method == "patch" else {}
         answer = getattr(admin, method)(ADMIN + path, **kwargs)
         assert answer.status_code == 404, (path, answer.text)
+
+
+def test_the_openapi_document_types_the_admin_surface(world: BrokerWorld) -> None:
+    schema = world.client().get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {"patch", "get", "delete"} <= set(paths["/api/v1/admin/pools/{name}"])
+    for path in ("/api/v1/admin/pools/{name}/rollout", "/api/v1/admin/pools/{name}/disable",
+                 "/api/v1/admin/users/{name}/password", "/api/v1/admin/audit",
+                 "/api/v1/admin/templates/{name}/versions/{number}", "/metrics", "/readyz"):
+        assert path in paths, path
+    update = schema["components"]["schemas"]["PoolUpdate"]["properties"]
+    power = update["power_policy"]["anyOf"][0]["$ref"].rsplit("/", 1)[-1]
+    assert schema["components"]["schemas"][power]["enum"] == ["running", "suspend", "shutoff"]
+    grant = schema["components"]["schemas"]["GrantRequest"]["properties"]["kind"]
+    assert grant["enum"] == ["user", "group"]
