@@ -144,3 +144,24 @@ def test_hosts_and_users_from_the_page(page: Page, site: Site) -> None:
                                                                  "password": password})
     assert login.status_code == 200
     expect(audit_row(page, "user.reset-password")).to_contain_text("127.0.0.1")
+
+    page.click("#add-user summary")
+    form = page.locator("#add-user-form")
+    form.locator('input[name="name"]').fill("carol")
+    form.locator('input[name="password"]').fill("short")
+    form.locator('input[name="groups"]').fill("staff, lab-users")
+    page.evaluate("document.getElementById('add-user-form').noValidate = true")
+    page.click("#add-user-button")
+    expect(page.locator("#add-user-error")).to_contain_text("password")
+    form.locator('input[name="password"]').fill("long-enough-1")
+    page.click("#add-user-button")
+    expect(page.locator("#users-message")).to_contain_text("user carol added")
+    expect(page.locator('#users tbody tr[data-name="carol"]')).to_contain_text(
+        "lab-users, staff")
+
+    page.locator('#entitlements tbody tr[data-name="lab/user/alice"] button.revoke').click()
+    confirm(page)
+    expect(page.locator('#entitlements tbody tr[data-name="lab/user/alice"]')).to_have_count(0)
+    grants = site.world.client("root").get("/api/v1/admin/entitlements").json()
+    assert [g for g in grants if g["principal"] == "alice"] == []
+    expect(audit_row(page, "entitlement.revoke")).to_contain_text('"principal":"alice"')

@@ -1,8 +1,8 @@
 // The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
 // added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
-import { auditPath, hostRemove, poolActions, userActions, values, versionActions }
-  from "./admin_manage.js";
+import { addUser, auditPath, hostRemove, poolActions, revokeButton, userActions, values,
+         versionActions } from "./admin_manage.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -298,6 +298,14 @@ const TABLES = {
     key: (u) => u.name,
     attrs: (u) => ({ "data-name": u.name }),
   },
+  entitlements: {
+    path: "/api/v1/admin/entitlements",
+    columns: [
+      ["Pool", (g) => g.pool, "name"], ["To", (g) => g.kind], ["Name", (g) => g.principal, "user"],
+      ["", (g) => revokeButton(g, ui), "actions"]],
+    key: (g) => `${g.pool}/${g.kind}/${g.principal}`,
+    attrs: (g) => ({ "data-name": `${g.pool}/${g.kind}/${g.principal}` }),
+  },
   audit: {
     path: auditPath,
     columns: [
@@ -375,7 +383,7 @@ const TABLES = {
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "audit"];
+               "users", "entitlements", "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 
@@ -500,6 +508,7 @@ async function start() {
   $("desktop-filter").addEventListener("input", renderDesktops);
   $("interval").addEventListener("change", () => refresh());
   $("add-host-form").addEventListener("submit", addHost);
+  $("add-user-form").addEventListener("submit", (event) => addUser(event, ui));
   for (const id of ["audit-actor", "audit-target"]) {
     $(id).addEventListener("change", () => refresh());
   }

@@ -160,6 +160,40 @@ async function userPost(u, verb, ui) {
   await ui.refresh();
 }
 
+export function revokeButton(g, ui) {
+  return button("Revoke", "revoke danger", () => ui.ask({
+    title: `Revoke ${g.kind} ${g.principal}'s entitlement to ${g.pool}`,
+    text: "New sessions in the pool are refused to them; a desktop they hold now is kept " +
+          "until they log off.",
+    ok: "Revoke",
+    action: () => api("DELETE", `/api/v1/admin/pools/${q(g.pool)}/entitlements/` +
+                                `${q(g.kind)}/${q(g.principal)}`),
+    done: () => ["users-message", `${g.kind} ${g.principal} may no longer use ${g.pool}`],
+  }));
+}
+
+// Adds a local user from the "Add user" form: groups comma-separated.
+export async function addUser(event, ui) {
+  event.preventDefault();
+  const form = event.target;
+  const error = document.getElementById("add-user-error");
+  const body = {
+    name: form.elements.name.value.trim(), password: form.elements.password.value,
+    display_name: form.elements.display_name.value.trim(),
+    is_admin: form.elements.is_admin.checked,
+    groups: form.elements.groups.value.split(",").map((g) => g.trim()).filter(Boolean),
+  };
+  const answer = await api("POST", "/api/v1/admin/users", body);
+  error.hidden = answer.ok;
+  if (!answer.ok) {
+    error.textContent = answer.error;
+    return;
+  }
+  form.reset();
+  ui.say("users-message", "ready", `user ${answer.data.name} added`);
+  await ui.refresh();
+}
+
 // --- the audit log -----------------------------------------------------------------------------
 
 export function auditPath() {
