@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     # A broker's claim on a desktop's or pool's work, renewed while it works: how soon the
     # others take over from a broker that died.
     lease_s: float = Field(default=30.0, gt=0)
+    # Log lines as plain text, or one JSON object each (with the request id and the user).
+    log_format: Literal["text", "json"] = "text"
+    # When set, /metrics answers only a scraper sending "Authorization: Bearer <it>".
+    metrics_token: str | None = None
     # An LDAP / Active Directory to sign users in with (besides local users), when set.
     ldap_url: str | None = None
     ldap_bind_dn: str | None = None

@@ -14,6 +14,7 @@ import uvicorn
 
 from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
+from deskpool.api.observability import configure_logging
 from deskpool.api.spice_proxy import SpiceProxyServer
 from deskpool.api.tls import tls_files
 from deskpool.broker.console import SpiceAdmission
@@ -38,7 +39,7 @@ def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: floa
 
 def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
           spice_port: int | None = None, workers: int = 4) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(ctx.settings)  # text, or JSON lines (DESKPOOL_LOG_FORMAT=json)
     stop = threading.Event()
     settings = ctx.settings
     reconciler = Reconciler(ctx, workers=workers)
@@ -66,6 +67,8 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         uvicorn.run(create_app(ctx, console_ws_port=console_port,
                                spice_proxy_port=spice.port), host=host, port=port,
                     log_level="warning", timeout_graceful_shutdown=5,
+                    # uvicorn's own lines go through the root handler: one format (JSON too).
+                    log_config=None,
                     # The app has no start-up or shut-down hooks; with uvicorn's lifespan
                     # task on, a Ctrl-C could log that task's cancellation as a traceback.
                     lifespan="off",

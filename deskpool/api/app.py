@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deskpool.api import routes_admin, routes_user
+from deskpool.api import metrics, routes_admin, routes_admin_manage, routes_user
 from deskpool.api.deps import Services
+from deskpool.api.observability import RequestContext, health
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
@@ -125,9 +126,14 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
 
     app.include_router(routes_user.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_admin_manage.router)
+    app.include_router(health)
+    app.include_router(metrics.router)
+    app.state.metrics_registry = metrics.registry_for(ctx)
     app.include_router(pages.router)
     novnc = novnc_dir or ctx.settings.novnc_dir
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
     app.add_middleware(ArrivalTime)
+    app.add_middleware(RequestContext)  # outermost: its id is on every line a request logs
     return app

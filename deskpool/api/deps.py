@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from deskpool.api.observability import note_user
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
@@ -16,6 +17,7 @@ from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
 from deskpool.domain.errors import AuthenticationFailed, Forbidden
 from deskpool.domain.users import Identity
+from deskpool.services.audit import Actor
 from deskpool.services.context import ServiceContext
 
 SESSION_COOKIE = "deskpool_session"
@@ -52,7 +54,9 @@ async def current_user(request: Request, svc: ServicesDep) -> Identity:
     token = token_of(request)
     if token is None:
         raise AuthenticationFailed("sign in first: no session cookie or bearer token")
-    return await run_in_threadpool(svc.accounts.resolve, token)
+    identity = await run_in_threadpool(svc.accounts.resolve, token)
+    note_user(identity.name)  # on the request's log lines from here on
+    return identity
 
 
 CurrentUser = Annotated[Identity, Depends(current_user)]
@@ -65,3 +69,11 @@ async def admin_user(user: CurrentUser) -> Identity:
 
 
 AdminUser = Annotated[Identity, Depends(admin_user)]
+
+
+async def admin_actor(request: Request, admin: AdminUser) -> Actor:
+    """The administrator and the address they call from, for the audit log."""
+    return Actor(name=admin.name, address=request.client.host if request.client else None)
+
+
+AdminActor = Annotated[Actor, Depends(admin_actor)]

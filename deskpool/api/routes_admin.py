@@ -10,18 +10,23 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from deskpool.api.deps import AdminUser, ServicesDep
+from deskpool.api.deps import AdminActor, AdminUser, ServicesDep
 from deskpool.api.schemas import (
     DrainRequest,
     GrantRequest,
     HostCreate,
     PoolCreate,
+    PrincipalKind,
     StateResponse,
+    UserAdminView,
     UserCreate,
 )
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.broker.user_admin import UserAdmin
+from deskpool.domain.pools import PoolSpec
+from deskpool.services.audit import audit
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import TemplateService
 
@@ -35,20 +40,21 @@ def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 
 
 @router.post("/hosts")
-def add_host(body: HostCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
-    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits))
+    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits, actor=actor))
 
 
 @router.post("/hosts/{name}/drain")
-def drain_host(name: str, body: DrainRequest, admin: AdminUser, svc: ServicesDep) -> Row:
-    return asdict(HostService(svc.ctx).drain(name, grace=timedelta(seconds=body.grace_s)))
+def drain_host(name: str, body: DrainRequest, actor: AdminActor, svc: ServicesDep) -> Row:
+    return asdict(HostService(svc.ctx).drain(name, grace=timedelta(seconds=body.grace_s),
+                                             actor=actor))
 
 
 @router.post("/hosts/{name}/enable")
-def enable_host(name: str, admin: AdminUser, svc: ServicesDep) -> Row:
-    return asdict(HostService(svc.ctx).enable(name))
+def enable_host(name: str, actor: AdminActor, svc: ServicesDep) -> Row:
+    return asdict(HostService(svc.ctx).enable(name, actor=actor))
 
 
 @router.get("/templates")
@@ -62,16 +68,16 @@ def pools(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 
 
 @router.post("/pools")
-def create_pool(body: PoolCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     spec = PoolSpec(
-        name=body.name, template=body.template, kind=PoolKind(body.kind),
-        assignment=Assignment(body.assignment), min_size=body.min_size,
-        max_size=body.max_size, spare=body.spare, naming_pattern=body.naming_pattern,
-        clone_mode=body.clone_mode, on_logout=OnLogout(body.on_logout),
-        power_policy=PowerPolicy(body.power_policy),
+        name=body.name, template=body.template, kind=body.kind, assignment=body.assignment,
+        min_size=body.min_size, max_size=body.max_size, spare=body.spare,
+        naming_pattern=body.naming_pattern, clone_mode=body.clone_mode.value,
+        on_logout=body.on_logout, one_time=body.one_time, max_age_s=body.max_age_s,
+        power_policy=body.power_policy, canary=body.canary,
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement)
-    return asdict(PoolService(svc.ctx).create(spec, hosts=body.hosts))
+    return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 
 @router.get("/entitlements")
@@ -80,29 +86,28 @@ def entitlements(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 
 
 @router.post("/pools/{pool}/entitlements")
-def grant(pool: str, body: GrantRequest, admin: AdminUser, svc: ServicesDep) -> Row:
-    return asdict(svc.entitlements.grant(pool, body.kind, body.principal))
+def grant(pool: str, body: GrantRequest, actor: AdminActor, svc: ServicesDep) -> Row:
+    return asdict(svc.entitlements.grant(pool, body.kind, body.principal, actor=actor))
 
 
 @router.delete("/pools/{pool}/entitlements/{kind}/{principal}", status_code=204)
-def revoke(pool: str, kind: str, principal: str, admin: AdminUser, svc: ServicesDep) -> None:
-    svc.entitlements.revoke(pool, kind, principal)
+def revoke(pool: str, kind: PrincipalKind, principal: str, actor: AdminActor,
+           svc: ServicesDep) -> None:
+    svc.entitlements.revoke(pool, kind, principal, actor=actor)
 
 
-@router.get("/users")
-def users(admin: AdminUser, svc: ServicesDep) -> list[Row]:
-    return [{"name": u.name, "display_name": u.display_name, "source": u.source,
-             "groups": sorted(u.groups), "is_admin": u.is_admin}
-            for u in svc.accounts.list_users()]
+@router.get("/users", response_model=list[UserAdminView])
+def users(admin: AdminUser, svc: ServicesDep) -> list[UserAdminView]:
+    return [UserAdminView.model_validate(asdict(u)) for u in UserAdmin(svc.ctx).list()]
 
 
 @router.post("/users")
-def create_user(body: UserCreate, admin: AdminUser, svc: ServicesDep) -> Row:
+def create_user(body: UserCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     created = svc.accounts.create_user(body.name, body.password,
-                                       display_name=body.display_name, is_admin=body.is_admin)
-    for group in body.groups:
-        svc.accounts.add_to_group(created.name, group)
-    return {"name": created.name, "is_admin": created.is_admin, "groups": body.groups}
+                                       display_name=body.display_name, is_admin=body.is_admin,
+                                       groups=body.groups, actor=actor)
+    return {"name": created.name, "is_admin": created.is_admin,
+            "groups": sorted({g.strip().lower() for g in body.groups})}
 
 
 @router.get("/desktops")
@@ -133,9 +138,12 @@ def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 
 
 @router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse)
-def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, svc: ServicesDep) -> StateResponse:
+def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
+                  svc: ServicesDep) -> StateResponse:
     state = svc.sessions.log_off(desktop_id, by=admin,
                                  reason=f"logged off by administrator {admin.name}")
+    audit(svc.ctx, actor, "desktop.logoff", f"desktop/{desktop_id}",
+          f"logged desktop {desktop_id} off", new={"state": state})
     return StateResponse(desktop_id=desktop_id, state=state)
 
 

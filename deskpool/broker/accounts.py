@@ -27,6 +27,7 @@ from deskpool.domain.errors import (
     Unavailable,
 )
 from deskpool.domain.users import Authenticator, Identity
+from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.store.access_models import User
 from deskpool.store.db import UnitOfWork
@@ -76,7 +77,7 @@ class LocalAuthenticator:
     def authenticate(self, username: str, password: str) -> Identity | None:
         with self.ctx.uow(read_only=True) as uow:
             user = uow.users.find_by_name(username)
-            if user is None or user.password_hash is None or user.disabled:
+            if user is None or user.password_hash is None:
                 return None
             try:
                 _hasher.verify(user.password_hash, password)
@@ -99,24 +100,35 @@ class AccountService:
     # --- administration ----------------------------------------------------------------
 
     def create_user(self, name: str, password: str, *, display_name: str = "",
-                    is_admin: bool = False) -> Identity:
+                    is_admin: bool = False, groups: Sequence[str] = (),
+                    actor: Actor | None = None) -> Identity:
         name = normalize_name(name)
         if len(password) < 8:
             raise InvalidInput(f"password for {name!r} is too short: use 8 characters or more")
+        group_names = sorted({normalize_name(g, "group name") for g in groups})
         with self.ctx.uow() as uow:
             if uow.users.name_taken(name):
                 raise Conflict(f"a user named {name!r} already exists")
-            uow.users.add(User(name=name, display_name=display_name or name, source="local",
-                                 password_hash=_hasher.hash(password), is_admin=is_admin))
+            row = uow.users.add(User(name=name, display_name=display_name or name,
+                                     source="local", password_hash=_hasher.hash(password),
+                                     is_admin=is_admin))
+            for group in group_names:
+                uow.users.add_to_group(row.id, group)
+            record_audit(uow, actor, "user.create", f"user/{name}", f"created user {name}",
+                         new={"display_name": display_name or name, "is_admin": is_admin,
+                              "groups": group_names}, user=name)
             uow.commit()
         return Identity(name=name, display_name=display_name or name, source="local",
                         is_admin=is_admin)
 
-    def add_to_group(self, user: str, group: str) -> None:
+    def add_to_group(self, user: str, group: str, *, actor: Actor | None = None) -> None:
         user, group = normalize_name(user), normalize_name(group, "group name")
         with self.ctx.uow() as uow:
             row = self._user(uow, user)
             uow.users.add_to_group(row.id, group)
+            if actor is not None:
+                record_audit(uow, actor, "group.add-member", f"group/{group}",
+                             f"added {user} to group {group}", new={"member": user}, user=user)
             uow.commit()
 
     def list_users(self) -> list[Identity]:
@@ -167,6 +179,9 @@ class AccountService:
             elif user.source != identity.source:
                 raise AuthenticationFailed(
                     f"user {identity.name!r} belongs to the {user.source} directory")
+            if user.disabled:  # told only to someone who knew the password
+                raise AuthenticationFailed(
+                    f"the account {user.name!r} is disabled; ask your administrator")
             user.last_login_at = utcnow()
             identity = Identity(name=user.name, display_name=user.display_name,
                                 source=user.source, groups=identity.groups,

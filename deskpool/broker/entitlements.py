@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from deskpool.broker.accounts import normalize_name
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.users import Identity
+from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.store.db import UnitOfWork
 
@@ -35,7 +36,8 @@ class EntitlementService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
-    def grant(self, pool: str, kind: str, principal: str) -> Grant:
+    def grant(self, pool: str, kind: str, principal: str, *,
+              actor: Actor | None = None) -> Grant:
         _check_kind(kind)
         name = normalize_name(principal, f"{kind} name")
         with self.ctx.uow() as uow:
@@ -43,16 +45,25 @@ class EntitlementService:
             if uow.entitlements.exists(found.id, kind, name):
                 raise Conflict(f"{kind} {name!r} is already entitled to pool {pool!r}")
             uow.entitlements.add(found.id, kind, name)
+            if actor is not None:
+                record_audit(uow, actor, "entitlement.grant", f"pool/{pool}",
+                             f"entitled {kind} {name} to pool {pool}",
+                             new={"kind": kind, "principal": name}, pool=pool)
             uow.commit()
         return Grant(pool=pool, kind=kind, principal=name)
 
-    def revoke(self, pool: str, kind: str, principal: str) -> None:
+    def revoke(self, pool: str, kind: str, principal: str, *,
+               actor: Actor | None = None) -> None:
         _check_kind(kind)
         name = normalize_name(principal, f"{kind} name")
         with self.ctx.uow() as uow:
             found = uow.pools.get_by_name(pool)
             if not uow.entitlements.remove(found.id, kind, name):
                 raise NotFound(f"{kind} {name!r} has no entitlement to pool {pool!r}")
+            if actor is not None:
+                record_audit(uow, actor, "entitlement.revoke", f"pool/{pool}",
+                             f"revoked {kind} {name}'s entitlement to pool {pool}",
+                             old={"kind": kind, "principal": name}, pool=pool)
             uow.commit()
 
     def list(self, pool: str | None = None) -> list[Grant]:

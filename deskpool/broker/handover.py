@@ -40,7 +40,7 @@ from deskpool.domain.errors import (
     PoolExhausted,
     Unavailable,
 )
-from deskpool.domain.models import HostState, PowerState
+from deskpool.domain.models import HostState, PoolStatus, PowerState
 from deskpool.domain.states import HELD_STATES, PREPARING_STATES, DesktopState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
@@ -217,6 +217,11 @@ class Broker:
                 return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
                               host_id=d.host_id, version_id=d.template_version_id,
                               stateful=pool.stateful)
+        if pool.status is not PoolStatus.ENABLED:  # a held desktop is still reconnected to
+            raise Forbidden(f"pool {pool_name!r} is "
+                            + ("being deleted" if pool.status is PoolStatus.DELETING
+                               else "disabled by the administrator")
+                            + " and takes no new sessions")
         own_ready = next((d.id for d in mine if d.state is S.READY), None)
         if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(

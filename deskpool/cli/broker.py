@@ -9,8 +9,10 @@ from rich.table import Table
 
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
+from deskpool.broker.user_admin import UserAdmin
 from deskpool.cli.common import out, services
 from deskpool.daemon import serve
+from deskpool.services.audit import Actor
 from deskpool.services.context import ServiceContext
 
 user_app = typer.Typer(help="Users and groups (local; LDAP users sign in directly).",
@@ -44,20 +46,19 @@ def user_add(
     group: Annotated[list[str] | None, typer.Option(help="Local group (repeatable)")] = None,
 ) -> None:
     with services() as ctx:
-        accounts = AccountService(ctx)
-        accounts.create_user(name, password, is_admin=admin)
-        for g in group or []:
-            accounts.add_to_group(name, g)
+        AccountService(ctx).create_user(name, password, is_admin=admin, groups=group or [],
+                                        actor=Actor.local())
     out.print(f"user {name} added")
 
 
 @user_app.command("list")
 def user_list() -> None:
     with services() as ctx:
-        table = Table("name", "source", "admin", "groups")
-        for u in AccountService(ctx).list_users():
-            table.add_row(u.name, u.source, "yes" if u.is_admin else "", ", ".join(
-                sorted(u.groups)))
+        table = Table("name", "source", "admin", "disabled", "groups", "last sign-in")
+        for u in UserAdmin(ctx).list():
+            table.add_row(u.name, u.source, "yes" if u.is_admin else "",
+                          "yes" if u.disabled else "", ", ".join(u.groups),
+                          f"{u.last_login_at:%Y-%m-%d %H:%M}" if u.last_login_at else "")
         out.print(table)
 
 
@@ -72,5 +73,5 @@ def grant_command(
     with services() as ctx:
         kind, name = ("user", user) if user else ("group", group)
         assert name is not None
-        grant = EntitlementService(ctx).grant(pool, kind, name)
+        grant = EntitlementService(ctx).grant(pool, kind, name, actor=Actor.local())
     out.print(f"{grant.kind} {grant.principal} may use pool {grant.pool}")

@@ -14,6 +14,7 @@ from rich.table import Table
 from deskpool.cli.common import out, services, spinner
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.models import DomainType
+from deskpool.services.audit import Actor
 from deskpool.services.hosts import HostLimits, HostService
 
 host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
@@ -48,7 +49,8 @@ def host_add(
                         transfer_slots)
     with services() as ctx, spinner(f"connecting to {uri}"):
         host = HostService(ctx).add(name, uri, domain_type=domain_type,
-                                    storage_dir=storage_dir, limits=limits)
+                                    storage_dir=storage_dir, limits=limits,
+                                    actor=Actor.local())
     out.print(f"host [bold]{host.name}[/] added ({host.uri}: {host.hypervisor}, "
               f"{host.vcpus} CPUs, {host.memory_mib} MiB, storage {host.storage_dir})")
 
@@ -80,7 +82,7 @@ def host_drain(
     """No new desktops or sessions; free desktops move away; users warned, then logged off."""
     with services() as ctx:
         service = HostService(ctx)
-        host = service.drain(name, grace=parse_duration(grace))
+        host = service.drain(name, grace=parse_duration(grace), actor=Actor.local())
         out.print(f"host [bold]{name}[/] is draining; sessions end by "
                   f"{host.drain_deadline:%H:%M:%S} UTC")
         if not wait:
@@ -97,5 +99,13 @@ def host_drain(
 def host_enable(name: str) -> None:
     """Back in service: the host takes desktops and sessions again."""
     with services() as ctx:
-        HostService(ctx).enable(name)
+        HostService(ctx).enable(name, actor=Actor.local())
     out.print(f"host [bold]{name}[/] is enabled")
+
+
+@host_app.command("remove")
+def host_remove(name: str) -> None:
+    """Forget an empty host (refused while desktops are on it or pools are pinned to it)."""
+    with services() as ctx:
+        HostService(ctx).remove(name, actor=Actor.local())
+    out.print(f"host [bold]{name}[/] removed")

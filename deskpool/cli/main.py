@@ -15,6 +15,15 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from deskpool.cli.admin import (
+    audit_command,
+    group_app,
+    template_delete_version,
+    user_delete,
+    user_disable,
+    user_enable,
+    user_reset_password,
+)
 from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
@@ -25,6 +34,7 @@ from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.models import CloneMode, Customization
 from deskpool.images.builder import build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
+from deskpool.services.audit import Actor, audit
 from deskpool.services.desktops import DEFAULT_PATTERN, DesktopService
 from deskpool.services.templates import ImageFiles, TemplateService
 
@@ -47,6 +57,13 @@ app.add_typer(user_app, name="user")
 app.command("serve")(serve_command)
 app.add_typer(client_app, name="client")
 pool_app.command("grant")(grant_command)
+app.add_typer(group_app, name="group")
+app.command("audit")(audit_command)
+user_app.command("disable")(user_disable)
+user_app.command("enable")(user_enable)
+user_app.command("delete")(user_delete)
+user_app.command("reset-password")(user_reset_password)
+template_app.command("delete-version")(template_delete_version)
 
 
 
@@ -117,6 +134,10 @@ def template_publish(
                 recipe_hash=recipe_hash, notes=notes, runs_on=runs_on,
                 arch=arch or ("x86_64" if built else ""),
             )
+        audit(ctx, Actor.local(), "template.publish", f"template/{name}",
+              f"published version {version.number} of template {name}",
+              new={"number": version.number, "image": str(files.disk),
+                   "sha256": version.image_sha256})
     out.print(f"published [bold]{version.template}[/] version {version.number} "
               f"(sha256 {version.image_sha256[:12]})")
 
@@ -192,6 +213,8 @@ def desktop_delete(name: str) -> None:
     """Delete a desktop: its VM, its disks and its record."""
     with services() as ctx, spinner(f"deleting {name}"):
         DesktopService(ctx).delete(name)
+        audit(ctx, Actor.local(), "desktop.delete", f"desktop/{name}",
+              f"deleted desktop {name}")
     out.print(f"desktop [bold]{name}[/] deleted")
 
 

@@ -9,9 +9,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import err, out, services
+from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.reconciler.loop import PassReport, Reconciler
+from deskpool.services.audit import Actor
+from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService, PoolView
 
 pool_app = typer.Typer(help="Pools of desktops made from one template.", no_args_is_help=True)
@@ -19,7 +23,8 @@ pool_app = typer.Typer(help="Pools of desktops made from one template.", no_args
 
 def _describe(pool: PoolView) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(pool.counts.items())) or "empty"
-    return (f"pool [bold]{pool.name}[/]: {pool.template} v{pool.version}, "
+    status = "" if pool.status == "enabled" else f" [yellow]{pool.status}[/]"
+    return (f"pool [bold]{pool.name}[/]{status}: {pool.template} v{pool.version}, "
             f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}")
 
 
@@ -48,7 +53,7 @@ def pool_create(
                     clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
                     power_policy=power, canary=canary)
     with services() as ctx:
-        out.print(_describe(PoolService(ctx).create(spec, host=host)))
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
 
 @pool_app.command("list")
@@ -56,10 +61,11 @@ def pool_list() -> None:
     """List pools with their desktops by state."""
     with services() as ctx:
         pools = PoolService(ctx).list()
-    table = Table("pool", "template", "version", "kind", "clone", "min/spare/max", "desktops")
+    table = Table("pool", "status", "template", "version", "kind", "clone", "min/spare/max",
+                  "desktops")
     for p in pools:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(p.counts.items()))
-        table.add_row(p.name, p.template, str(p.version), p.kind, p.clone_mode,
+        table.add_row(p.name, p.status, p.template, str(p.version), p.kind, p.clone_mode,
                       f"{p.min_size}/{p.spare}/{p.max_size}", counts)
     out.print(table)
 
@@ -68,17 +74,115 @@ def pool_list() -> None:
 def pool_rollout(
     name: str,
     version: Annotated[int | None, typer.Option(help="default: the template's latest")] = None,
+    canary: Annotated[int | None, typer.Option(
+        help="new desktops ready before free old ones are replaced (default: as set)")] = None,
 ) -> None:
     """Roll a template version out: free desktops are replaced now, held ones as users leave."""
     with services() as ctx:
-        out.print(_describe(PoolService(ctx).rollout(name, version)))
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).rollout(name, version, canary)))
 
 
 @pool_app.command("rollback")
 def pool_rollback(name: str) -> None:
     """Return a pool to the version it ran before its last rollout."""
     with services() as ctx:
-        out.print(_describe(PoolService(ctx).rollback(name)))
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).rollback(name)))
+
+
+@pool_app.command("update")
+def pool_update(
+    name: str,
+    template: Annotated[str | None, typer.Option(help="only while the pool is empty")] = None,
+    kind: Annotated[PoolKind | None, typer.Option(help="only while the pool is empty")] = None,
+    assignment: Annotated[Assignment | None, typer.Option(
+        help="only while the pool is empty")] = None,
+    min_size: Annotated[int | None, typer.Option("--min")] = None,
+    max_size: Annotated[int | None, typer.Option("--max")] = None,
+    spare: int | None = None,
+    pattern: Annotated[str | None, typer.Option(help="naming pattern with {n}")] = None,
+    clone: Annotated[CloneMode | None, typer.Option(help="for new desktops")] = None,
+    on_logout: OnLogout | None = None,
+    one_time: Annotated[bool | None, typer.Option("--one-time/--not-one-time")] = None,
+    max_age: Annotated[int | None, typer.Option(help="seconds; 0: no limit")] = None,
+    power: PowerPolicy | None = None,
+    canary: int | None = None,
+    reservation_timeout: Annotated[int | None, typer.Option(help="seconds")] = None,
+    idle_timeout: Annotated[int | None, typer.Option(help="seconds; 0: never")] = None,
+    disconnect_timeout: Annotated[int | None, typer.Option(help="seconds; 0: never")] = None,
+    placement: Annotated[str | None, typer.Option(help="spread or pack")] = None,
+    host: Annotated[list[str] | None, typer.Option(
+        help="pin to these hosts (repeatable); --any-host unpins")] = None,
+    any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
+) -> None:
+    """Change a pool's settings; the ones not given stay (audited, old and new values)."""
+    given: dict[str, object | None] = {
+        "template": template, "kind": kind, "assignment": assignment, "min_size": min_size,
+        "max_size": max_size, "spare": spare, "naming_pattern": pattern,
+        "clone_mode": clone.value if clone else None, "on_logout": on_logout,
+        "one_time": one_time, "power_policy": power, "canary": canary,
+        "reservation_timeout_s": reservation_timeout, "placement": placement}
+    changes = {k: v for k, v in given.items() if v is not None}
+    # 0 clears a limit that may be absent ("never").
+    for key, value in (("max_age_s", max_age), ("idle_timeout_s", idle_timeout),
+                       ("disconnect_timeout_s", disconnect_timeout)):
+        if value is not None:
+            changes[key] = value or None
+    if host or any_host:
+        changes["hosts"] = [] if any_host else list(host or [])
+    if not changes:
+        raise typer.BadParameter("give at least one setting to change")
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).update(name, changes)))
+
+
+@pool_app.command("resize")
+def pool_resize(
+    name: str,
+    min_size: Annotated[int | None, typer.Option("--min")] = None,
+    max_size: Annotated[int | None, typer.Option("--max")] = None,
+    spare: int | None = None,
+) -> None:
+    """Change a pool's min, max and spare desktops."""
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).resize(
+            name, min_size=min_size, max_size=max_size, spare=spare)))
+
+
+@pool_app.command("disable")
+def pool_disable(name: str) -> None:
+    """No new sessions; users keep and reconnect to the desktops they hold."""
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).set_enabled(name, False)))
+
+
+@pool_app.command("enable")
+def pool_enable(name: str) -> None:
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).set_enabled(name, True)))
+
+
+@pool_app.command("delete")
+def pool_delete(name: str) -> None:
+    """Delete a pool: free desktops are retired now, held ones as their users log off, then
+    the pool goes (the reconciler does it)."""
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).delete(name)))
+
+
+@pool_app.command("revoke")
+def pool_revoke(
+    pool: str,
+    user: Annotated[str | None, typer.Option(help="the user's entitlement")] = None,
+    group: Annotated[str | None, typer.Option(help="the group's entitlement")] = None,
+) -> None:
+    """Take a user's or a group's entitlement to a pool away."""
+    if (user is None) == (group is None):
+        raise typer.BadParameter("give exactly one of --user or --group")
+    kind, principal = ("user", user) if user else ("group", group)
+    assert principal is not None
+    with services() as ctx:
+        EntitlementService(ctx).revoke(pool, kind, principal, actor=Actor.local())
+    out.print(f"{kind} {principal} may no longer use pool {pool}")
 
 
 def _print_report(report: PassReport) -> None:

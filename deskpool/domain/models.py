@@ -44,6 +44,16 @@ class HostState(StrEnum):
     DOWN = "down"
 
 
+class PoolStatus(StrEnum):
+    """Whether a pool takes new sessions: ``disabled`` refuses new ones (held desktops stay
+    their users'); ``deleting`` too, and its desktops are retired as they free up, then the
+    pool goes."""
+
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    DELETING = "deleting"
+
+
 @dataclass(frozen=True)
 class HostCapacity:
     hypervisor: str  # libvirt's driver type, e.g. "QEMU" or "TEST"

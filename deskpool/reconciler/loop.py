@@ -16,10 +16,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from deskpool.domain.errors import (
@@ -30,7 +32,7 @@ from deskpool.domain.errors import (
     TemporaryError,
     VmNotFound,
 )
-from deskpool.domain.models import HostState, VmRecord
+from deskpool.domain.models import HostState, PoolStatus, VmRecord
 from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import (
     HAS_VM_STATES,
@@ -40,6 +42,7 @@ from deskpool.domain.states import (
     transition,
 )
 from deskpool.drivers.base import HypervisorDriver
+from deskpool.reconciler import metrics
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import DesktopFacts, Step, plan_desktop, plan_pool
 from deskpool.reconciler.report import Outcome, PassReport
@@ -49,6 +52,7 @@ from deskpool.services.context import ServiceContext
 from deskpool.services.factory import DesktopFactory
 from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.services.placement import Placer
+from deskpool.services.pool_admin import finish_deletion
 from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
 from deskpool.store.db import UnitOfWork
@@ -122,12 +126,21 @@ class Reconciler:
 
     def run_pass(self) -> PassReport:
         report = PassReport()
-        with gc_paused():
-            reachable = self._sync_hosts(report)
-            self._plan_pools(report, reachable)
-            steps = self._collect_steps(report, reachable)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            list(pool.map(lambda step: self.run_step(step, report), steps))
+        started = time.monotonic()
+        try:
+            with gc_paused():
+                reachable = self._sync_hosts(report)
+                self._plan_pools(report, reachable)
+                steps = self._collect_steps(report, reachable)
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                list(pool.map(lambda step: self.run_step(step, report), steps))
+        except Exception:
+            metrics.PASS_FAILURES.inc()
+            raise
+        finally:
+            metrics.PASS_SECONDS.observe(time.monotonic() - started)
+        metrics.PASS_ERRORS.inc(len(report.errors) - report.bugs)
+        metrics.PASS_BUGS.inc(report.bugs)
         return report
 
     def run_forever(
@@ -231,12 +244,26 @@ class Reconciler:
     def _plan_pool(self, pool_id: uuid.UUID, now: datetime, report: PassReport,
                    reachable: set[uuid.UUID]) -> None:
         with self.ctx.uow() as uow:
-            pool = uow.pools.get(pool_id)
+            pool = uow.pools.find(pool_id)
+            if pool is None:
+                return  # deleted meanwhile (by another broker's pass)
+            if finish_deletion(uow, pool):
+                uow.commit()
+                return
             desktops = uow.desktops.summaries(pool_id=pool.id)
             facts = [DesktopFacts(d.id, d.state, d.template_version_id,
                                   d.assigned_user is not None, d.created_at)
                      for d in desktops]
-            plan = plan_pool(pool_spec(pool), pool.current_version_id, facts, now)
+            spec = pool_spec(pool)
+            if pool.status is PoolStatus.DELETING:
+                # Sized to nothing: its free desktops retire now, held ones as users leave.
+                spec = replace(spec, min_size=0, spare=0, max_size=0, canary=0)
+            plan = plan_pool(spec, pool.current_version_id, facts, now)
+            if pool.status is PoolStatus.DELETING and pool.kind is not PoolKind.STATEFUL:
+                # A dedicated desktop waiting, ready, for its user holds nothing of theirs
+                # in a stateless pool: it goes too (a stateful one keeps it for them).
+                plan.retire += [d.id for d in facts if d.state is S.READY and d.assigned
+                                and d.id not in plan.retire]
             report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
             for desktop_id in plan.retire:
                 try:

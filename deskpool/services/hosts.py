@@ -20,6 +20,7 @@ from deskpool.domain.models import DomainType, HostCapacity, HostState
 from deskpool.domain.states import NOT_LIVE_STATES, DesktopState
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
+from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.views import HostView
 from deskpool.store.models import Host, TemplateVersion, utcnow
@@ -104,6 +105,7 @@ class HostService:
     def add(
         self, name: str, uri: str, *, domain_type: DomainType = DomainType.AUTO,
         storage_dir: Path | None = None, limits: HostLimits | None = None,
+        actor: Actor | None = None,
     ) -> HostView:
         """Register a host after proving its URI reaches a hypervisor and reading its
         capacity (nothing is stored if not)."""
@@ -134,18 +136,26 @@ class HostService:
             )
             record_capacity(host, capacity)
             uow.hosts.add(host)
+            record_audit(uow, actor, "host.add", f"host/{name}", f"added host {name}",
+                         new=_settings(host))
             uow.commit()
             return host_view(host)
 
-    def set_limits(self, name: str, limits: HostLimits) -> HostView:
+    def set_limits(self, name: str, limits: HostLimits, *,
+                   actor: Actor | None = None) -> HostView:
         limits.validate(name)
         with self.ctx.uow() as uow:
             host = uow.hosts.get_by_name(name)
+            before = _settings(host)
             host.cpu_overcommit, host.memory_overcommit = (limits.cpu_overcommit,
                                                            limits.memory_overcommit)
             host.max_desktops, host.max_provisioning = (limits.max_desktops,
                                                         limits.max_provisioning)
             host.transfer_slots = limits.transfer_slots
+            old, new = changed(before, _settings(host))
+            if new:
+                record_audit(uow, actor, "host.limits", f"host/{name}",
+                             f"changed host {name}'s limits", old=old, new=new)
             uow.commit()
             return host_view(host)
 
@@ -162,7 +172,8 @@ class HostService:
 
     # --- drain and maintenance ----------------------------------------------------------
 
-    def drain(self, name: str, *, grace: timedelta = timedelta(minutes=30)) -> HostView:
+    def drain(self, name: str, *, grace: timedelta = timedelta(minutes=30),
+              actor: Actor | None = None) -> HostView:
         """Stop new desktops and sessions on the host; its users are warned now and logged
         off at the deadline (by the broker's session timers); free desktops are replaced
         elsewhere and the host enters maintenance when empty of sessions (reconciler)."""
@@ -173,21 +184,63 @@ class HostService:
             if host.state not in (HostState.ENABLED, HostState.DRAINING):
                 raise Conflict(f"host {name!r} is {host.state.value}; only an enabled host "
                                "can be drained")
+            before = _settings(host)
             host.state = HostState.DRAINING
             host.drain_deadline = utcnow() + grace
+            old, new = changed(before, _settings(host))
+            record_audit(uow, actor, "host.drain", f"host/{name}",
+                         f"draining host {name} (users logged off at "
+                         f"{host.drain_deadline:%H:%M} UTC)", old=old, new=new)
             uow.commit()
         return self.get(name)
 
-    def enable(self, name: str) -> HostView:
+    def enable(self, name: str, *, actor: Actor | None = None) -> HostView:
         """Back in the pool: takes desktops and sessions again."""
         with self.ctx.uow() as uow:
             host = uow.hosts.get_by_name(name)
+            if host.state is not HostState.ENABLED:
+                record_audit(uow, actor, "host.enable", f"host/{name}", f"enabled host {name}",
+                             old={"state": host.state.value},
+                             new={"state": HostState.ENABLED.value})
             host.state = HostState.ENABLED
             host.drain_deadline = None
             # The drain's warnings no longer hold.
             uow.desktop_sessions.clear_notices_on_host(host.id)
             uow.commit()
         return self.get(name)
+
+
+    def remove(self, name: str, *, actor: Actor | None = None) -> None:
+        """Forget an empty host. Refused (``Conflict`` saying why) while any desktop is on it,
+        whatever its state, or while a pool is pinned to it: drain it and let its desktops
+        go first."""
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get_by_name(name)
+            desktops = uow.admin.desktops_on_host(host.id)
+            if desktops:
+                shown = ", ".join(desktops[:5]) + (", ..." if len(desktops) > 5 else "")
+                raise Conflict(
+                    f"host {name!r} still has {len(desktops)} desktop(s) ({shown}); drain it "
+                    "and wait until they are gone, or delete them, before removing it")
+            pinned = uow.admin.pools_pinned_to(host.id)
+            if pinned:
+                raise Conflict(f"host {name!r} is the pinned host of pool(s) "
+                               f"{', '.join(pinned)}; change their hosts first")
+            host_id, before = host.id, _settings(host)
+            uow.admin.forget_host(host_id)
+            uow.hosts.delete(host)
+            record_audit(uow, actor, "host.remove", f"host/{name}", f"removed host {name}",
+                         old=before)
+            uow.commit()
+        self.ctx.forget_driver(host_id)
+
+
+def _settings(host: Host) -> dict[str, object]:
+    """What the audit log records of a host."""
+    return {"uri": host.uri, "state": host.state.value, "cpu_overcommit": host.cpu_overcommit,
+            "memory_overcommit": host.memory_overcommit, "max_desktops": host.max_desktops,
+            "max_provisioning": host.max_provisioning, "transfer_slots": host.transfer_slots,
+            "drain_deadline": host.drain_deadline.isoformat() if host.drain_deadline else None}
 
 
 def drain_notice(deadline: datetime) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from deskpool.domain.errors import Conflict, InvalidInput
-from deskpool.domain.models import CloneMode
+from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
 from deskpool.domain.states import DesktopState, DesktopTask
@@ -39,6 +39,7 @@ class PoolView:
     max_size: int
     spare: int
     counts: dict[str, int]
+    status: str = "enabled"  # a PoolStatus value
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -67,7 +68,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         version=pool.current_version.number, previous_version=previous,
         kind=pool.kind.value, assignment=pool.assignment.value,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
-        spare=pool.spare, counts=counts,
+        spare=pool.spare, counts=counts, status=pool.status.value,
     )
 
 
@@ -221,7 +222,9 @@ def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopT
     own policy (one-time desktops, retire on logout) retires such a desktop."""
     outdated = desktop.template_version_id != pool.current_version_id
     replace_outdated = outdated and pool.kind is not PoolKind.STATEFUL
-    if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated:
+    # A pool being deleted keeps its desktops only while their users hold them.
+    deleting = pool.status is PoolStatus.DELETING
+    if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated or deleting:
         return S.RETIRING, DesktopTask.RETIRE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
         if not desktop.has_factory_snapshot:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.identity import validate_hostname
 from deskpool.domain.models import Customization
 from deskpool.images.builder import GuestImage, sha256_file
 from deskpool.images.qcow2 import image_file_info
+from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.views import TemplateVersionView
 from deskpool.store.models import Template, TemplateVersion
@@ -150,3 +151,44 @@ class TemplateService:
         with self.ctx.uow() as uow:
             return [version_view(v, name) for v, name in uow.versions.list_all()]
 
+
+
+def delete_version(ctx: ServiceContext, template_name: str, number: int, *,
+                   actor: Actor | None = None) -> None:
+    """Delete one version of a template, and its files, when nothing uses it. Refused
+    (``Conflict`` naming what) while a desktop is made from it or a pool makes desktops from it
+    (current) or may roll back to it (previous). The template itself goes with its last
+    version when no pool names it."""
+    with ctx.uow() as uow:
+        template = uow.templates.get_by_name(template_name)
+        version = uow.versions.get_by_number(template.id, number)
+        desktops = uow.admin.desktops_of_version(version.id)
+        pools = uow.admin.pools_using_version(version.id)
+        if desktops or pools:
+            uses = [f"pool {p} ({role} version)" for p, role in pools]
+            if desktops:
+                shown = ", ".join(desktops[:5]) + (", ..." if len(desktops) > 5 else "")
+                uses.append(f"{len(desktops)} desktop(s): {shown}")
+            raise Conflict(f"version {number} of template {template_name!r} is in use by "
+                           + "; ".join(uses) + "; roll those pools to another version and "
+                           "let the desktops be replaced first")
+        before = {"number": version.number, "image_sha256": version.image_sha256,
+                  "image_path": version.image_path}
+        folder = Path(version.image_path).parent
+        uow.admin.forget_version(version.id)
+        uow.versions.delete(version)
+        uow.flush()
+        template_gone = not uow.versions.list(template.id) and not any(
+            p.template_id == template.id for p in uow.pools.list())
+        if template_gone:
+            uow.templates.delete(template)
+        record_audit(uow, actor, "template.delete-version", f"template/{template_name}",
+                     f"deleted version {number} of template {template_name}"
+                     + (" (its last: the template is gone)" if template_gone else ""),
+                     old=before)
+        uow.commit()
+    # The files go once the row has: a crash between leaves files no row points to, which
+    # the next publish of that number replaces.
+    root = ctx.settings.templates_dir.resolve()
+    if folder.resolve().is_relative_to(root) and folder.resolve() != root:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -20,6 +20,7 @@ from deskpool.store.db import (
     make_engine,
     make_session_factory,
     open_database,
+    schema_revision,
     upgrade_to_head,
 )
 from deskpool.store.desktops import DesktopRepository
@@ -49,6 +50,7 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "open_database",
+    "schema_revision",
     "upgrade_to_head",
     "utcnow",
 ]

@@ -124,7 +124,7 @@ class Event(Base):
     """
 
     __tablename__ = "events"
-    __table_args__ = (Index(None, "at"),)
+    __table_args__ = (Index(None, "at"), Index(None, "kind", "id"))
 
     id: Mapped[int] = mapped_column(EVENT_ID, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -135,6 +135,12 @@ class Event(Base):
     desktop_id: Mapped[uuid.UUID | None] = mapped_column()
     desktop_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     message: Mapped[str] = mapped_column(Text)
+    # An ``audit`` event (an administrator's action) says who did it, from which address, to
+    # what, and the values before and after (JSON: {"old": ..., "new": ...}).
+    actor: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    details: Mapped[str | None] = mapped_column(Text)
 
 
 class Logon(Base):

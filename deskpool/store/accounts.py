@@ -57,6 +57,45 @@ class UserRepository:
             found.setdefault(user_id, set()).add(name)
         return {user_id: frozenset(names) for user_id, names in found.items()}
 
+    def delete(self, user: User) -> None:
+        """Delete the user; their tokens and group memberships go with them (CASCADE)."""
+        self._session.execute(delete(AuthToken).where(AuthToken.user_id == user.id))
+        self._session.execute(delete(GroupMember).where(GroupMember.user_id == user.id))
+        self._session.delete(user)
+        self._session.flush()
+
+    def groups(self) -> builtins.list[tuple[str, builtins.list[str]]]:
+        """Every local group with its members' names, by name."""
+        members: dict[str, builtins.list[str]] = {}
+        for group, user in self._session.execute(
+                select(Group.name, User.name)
+                .outerjoin(GroupMember, GroupMember.group_id == Group.id)
+                .outerjoin(User, User.id == GroupMember.user_id)
+                .order_by(Group.name, User.name)):
+            members.setdefault(group, [])
+            if user is not None:
+                members[group].append(user)
+        return sorted(members.items())
+
+    def find_group(self, name: str) -> Group | None:
+        return self._session.scalars(select(Group).where(Group.name == name)).first()
+
+    def add_group(self, name: str) -> Group:
+        group = Group(name=name)
+        self._session.add(group)
+        self._session.flush([group])
+        return group
+
+    def delete_group(self, group: Group) -> None:
+        self._session.execute(delete(GroupMember).where(GroupMember.group_id == group.id))
+        self._session.delete(group)
+        self._session.flush()
+
+    def remove_from_group(self, user_id: uuid.UUID, group_id: uuid.UUID) -> bool:
+        result = cast(CursorResult[Any], self._session.execute(delete(GroupMember).where(
+            GroupMember.user_id == user_id, GroupMember.group_id == group_id)))
+        return bool(result.rowcount)
+
     def add_to_group(self, user_id: uuid.UUID, group: str) -> None:
         """Make the user a member of ``group``, creating the group if it is new; a member
         already is left as is."""
@@ -102,6 +141,13 @@ class AuthTokenRepository:
             .join(User, User.id == AuthToken.user_id)
             .where(AuthToken.token_hash == token_hash)).first()
         return TokenHolder(*row) if row is not None else None
+
+    def revoke_all(self, user_id: uuid.UUID, at: datetime) -> int:
+        """Revoke every live token of the user (a disabled user, a new password); how many."""
+        result = cast(CursorResult[Any], self._session.execute(
+            update(AuthToken).where(AuthToken.user_id == user_id,
+                                    AuthToken.revoked_at.is_(None)).values(revoked_at=at)))
+        return int(result.rowcount)
 
     def revoke(self, token_hash: str, at: datetime) -> None:
         """Revoke the token if it is not already revoked."""
@@ -168,6 +214,16 @@ class EntitlementRepository:
             Entitlement.pool_id == pool_id, Entitlement.principal_kind == kind,
             Entitlement.principal == principal)))
         return bool(result.rowcount)
+
+    def remove_principal(self, kind: str, principal: str) -> builtins.list[str]:
+        """Delete every grant to the principal; the names of the pools they were for."""
+        pools = builtins.list(self._session.scalars(
+            select(Pool.name).join(Entitlement, Entitlement.pool_id == Pool.id)
+            .where(Entitlement.principal_kind == kind, Entitlement.principal == principal)
+            .order_by(Pool.name)))
+        self._session.execute(delete(Entitlement).where(
+            Entitlement.principal_kind == kind, Entitlement.principal == principal))
+        return pools
 
     def list(self, pool_id: uuid.UUID | None = None) -> builtins.list[tuple[str, str, str]]:
         """(pool name, principal kind, principal) of every grant, or of one pool's."""

@@ -40,6 +40,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import LostRace
 from deskpool.store.accounts import AuthTokenRepository, EntitlementRepository, UserRepository
+from deskpool.store.admin_queries import AdminQueryRepository
 from deskpool.store.desktop_listings import DesktopListingRepository
 from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
@@ -211,6 +212,15 @@ def head_revision() -> str:
     return head
 
 
+def schema_revision(session_factory: SessionFactory) -> str | None:
+    """The migration the database behind ``session_factory`` is at (a query: it raises when
+    the database does not answer)."""
+    engine = session_factory.kw["bind"]
+    with engine.connect() as connection:
+        found: str | None = MigrationContext.configure(connection).get_current_revision()
+        return found
+
+
 def open_database(url: str) -> SessionFactory:
     """The store's entry point for a process: an engine for ``url``, its schema brought to
     the newest migration, and the session factory units of work open their sessions from."""
@@ -266,6 +276,7 @@ class UnitOfWork:
     host_usage: HostUsageRepository
     host_slots: HostSlotRepository
     pool_hosts: PoolHostRepository
+    admin: AdminQueryRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -307,6 +318,7 @@ class UnitOfWork:
         self.host_usage = HostUsageRepository(self.session)
         self.host_slots = HostSlotRepository(self.session)
         self.pool_hosts = PoolHostRepository(self.session)
+        self.admin = AdminQueryRepository(self.session)
         if self.read_only:
             self._begin_read_only()
         return self

@@ -46,7 +46,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relat
 from sqlalchemy.types import TypeDecorator
 
 from deskpool.domain.errors import Conflict, InvalidTransition
-from deskpool.domain.models import CloneMode, Customization, DomainType, HostState, PowerState
+from deskpool.domain.models import (
+    CloneMode,
+    Customization,
+    DomainType,
+    HostState,
+    PoolStatus,
+    PowerState,
+)
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 from deskpool.domain.states import HELD_STATES, DesktopState, DesktopTask
 
@@ -267,6 +274,7 @@ class Pool(Base):
         ForeignKey("template_versions.id")
     )
     placement: Mapped[str] = mapped_column(String(16), default="spread")  # or "pack"
+    status: Mapped[PoolStatus] = mapped_column(_str_enum(PoolStatus), default=PoolStatus.ENABLED)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # The broker planning this pool now, until when (several brokers share the work).
     lease_owner: Mapped[str | None] = mapped_column(String(64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from deskpool.store.models import PoolHost
@@ -22,3 +22,6 @@ class PoolHostRepository:
         """The hosts the pool is pinned to (empty: it may use any)."""
         return set(self._session.scalars(
             select(PoolHost.host_id).where(PoolHost.pool_id == pool_id)))
+
+    def unpin_all(self, pool_id: uuid.UUID) -> None:
+        self._session.execute(delete(PoolHost).where(PoolHost.pool_id == pool_id))

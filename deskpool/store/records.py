@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
@@ -29,15 +29,29 @@ class EventRepository:
 
     def add(self, kind: str, message: str, *, severity: str = "info", user: str | None = None,
             pool: str | None = None, desktop_id: uuid.UUID | None = None,
-            desktop: str | None = None) -> None:
+            desktop: str | None = None, actor: str | None = None,
+            remote_addr: str | None = None, target: str | None = None,
+            details: str | None = None) -> None:
         self._session.add(Event(kind=kind, message=message, severity=severity, user_name=user,
-                                pool_name=pool, desktop_id=desktop_id, desktop_name=desktop))
+                                pool_name=pool, desktop_id=desktop_id, desktop_name=desktop,
+                                actor=actor, remote_addr=remote_addr, target=target,
+                                details=details))
 
-    def recent(self, limit: int, *, user: str | None = None) -> builtins.list[Event]:
-        """The newest ``limit`` events (of one user's, given ``user``), newest first."""
+    def recent(self, limit: int, *, user: str | None = None, kind: str | None = None,
+               actor: str | None = None, target: str | None = None) -> builtins.list[Event]:
+        """The newest ``limit`` events, newest first; given ``user``, ``kind``, ``actor`` or
+        ``target``, only those that match each (``target`` also matches its prefix up to a
+        ``/``: ``pool`` finds ``pool/lab``)."""
         query = select(Event).order_by(Event.id.desc()).limit(limit)
         if user is not None:
             query = query.where(Event.user_name == user)
+        if kind is not None:
+            query = query.where(Event.kind == kind)
+        if actor is not None:
+            query = query.where(Event.actor == actor)
+        if target is not None:
+            query = query.where(or_(Event.target == target, Event.target.startswith(
+                target + "/", autoescape=True)))
         return builtins.list(self._session.scalars(query))
 
 

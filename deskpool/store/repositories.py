@@ -28,6 +28,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
 from deskpool.domain.errors import Conflict, NotFound
+from deskpool.domain.models import PoolStatus
 from deskpool.domain.pools import PoolKind
 from deskpool.store.models import (
     Base,
@@ -275,6 +276,7 @@ class ClaimTarget:
     pool_id: uuid.UUID
     version_id: uuid.UUID  # the version new desktops are made from
     stateful: bool  # its desktops keep their users' changes
+    status: PoolStatus = PoolStatus.ENABLED  # disabled or deleting: no new sessions
 
 
 class PoolRepository(_NamedRepository[Pool]):
@@ -287,10 +289,10 @@ class PoolRepository(_NamedRepository[Pool]):
         """What a claim reads of the pool, or ``None``: a few columns, no ORM object, on
         every logon."""
         row = self._session.execute(
-            select(Pool.id, Pool.current_version_id, Pool.kind).where(Pool.name == name)
-        ).first()
+            select(Pool.id, Pool.current_version_id, Pool.kind, Pool.status)
+            .where(Pool.name == name)).first()
         return None if row is None else ClaimTarget(row[0], row[1],
-                                                    row[2] is PoolKind.STATEFUL)
+                                                    row[2] is PoolKind.STATEFUL, row[3])
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

@@ -1,6 +1,8 @@
 // The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
 // added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
+import { addUser, auditPath, hostRemove, poolActions, revokeButton, userActions, values,
+         versionActions } from "./admin_manage.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -87,6 +89,7 @@ function hostActions(h) {
     buttons.push(el("button", { type: "button", className: "enable", text: "Enable",
                                 onclick: () => enableHost(h) }));
   }
+  buttons.push(hostRemove(h, ui));
   return fragment(...buttons);
 }
 
@@ -179,6 +182,10 @@ function ask(spec) {
   show($("confirm-error"), false);
   show($("confirm-grace-label"), Boolean(spec.grace));
   $("confirm-grace").value = String(DEFAULT_GRACE_MIN);
+  // Number fields a dialog asks for: [name, label, value]; empty ones are left out.
+  $("confirm-fields").replaceChildren(...(spec.fields || []).map(([name, label, value]) =>
+    el("label", {}, `${label} `, el("input", { name, type: "number", min: "0", step: "1",
+                                               value: String(value ?? "") }))));
   $("confirm").showModal();
   (spec.grace ? $("confirm-grace") : $("confirm-ok")).focus();
 }
@@ -193,6 +200,19 @@ async function confirmed(event) {
   const spec = dialog.spec;
   if (!spec) return;
   let minutes = null;
+  if (spec.fields) {
+    minutes = {};
+    for (const input of $("confirm-fields").querySelectorAll("input")) {
+      const raw = input.value.trim();
+      if (raw === "") continue;
+      const n = Number(raw);
+      if (!Number.isInteger(n) || n < 0) {
+        dialogError(`${input.name} is a whole number, 0 or more`);
+        return;
+      }
+      minutes[input.name] = n;
+    }
+  }
   if (spec.grace) {
     const raw = $("confirm-grace").value.trim();
     minutes = Number(raw);
@@ -227,6 +247,8 @@ function say(id, kind, text) {
   show(box, Boolean(text));
 }
 
+const ui = { ask, say, refresh: () => refresh() };
+
 // --- the tables ---------------------------------------------------------------------------
 
 // Each table: its columns as [heading, value of a row, class of the cell].
@@ -255,11 +277,44 @@ const TABLES = {
   pools: {
     path: "/api/v1/admin/pools",
     columns: [
-      ["Name", (p) => p.name, "name"], ["Template", (p) => `${p.template} v${p.version}`],
+      ["Name", (p) => p.name, "name"], ["Status", (p) => badge("pool")(p.status), "pool-status"],
+      ["Template", (p) => `${p.template} v${p.version}` +
+                          (p.previous_version ? ` (was v${p.previous_version})` : "")],
       ["Kind", (p) => `${p.kind}, ${p.assignment}`], ["Clone", (p) => p.clone_mode],
       ["Min", (p) => p.min_size, "num"], ["Max", (p) => p.max_size, "num"],
-      ["Spare", (p) => p.spare, "num"], ["Desktops by state", (p) => counts(p.counts), "counts"]],
+      ["Spare", (p) => p.spare, "num"], ["Desktops by state", (p) => counts(p.counts), "counts"],
+      ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
+    attrs: (p) => ({ "data-name": p.name, "data-status": p.status }),
+  },
+  users: {
+    path: "/api/v1/admin/users",
+    columns: [
+      ["Name", (u) => u.name, "name"], ["Display name", (u) => u.display_name],
+      ["Source", (u) => u.source], ["Admin", (u) => (u.is_admin ? "yes" : "")],
+      ["Groups", (u) => u.groups.join(", ")],
+      ["Status", (u) => badge("user")(u.disabled ? "disabled" : "enabled"), "user-status"],
+      ["Last sign-in", (u) => when(u.last_login_at)], ["", (u) => userActions(u, ui), "actions"]],
+    key: (u) => u.name,
+    attrs: (u) => ({ "data-name": u.name }),
+  },
+  entitlements: {
+    path: "/api/v1/admin/entitlements",
+    columns: [
+      ["Pool", (g) => g.pool, "name"], ["To", (g) => g.kind], ["Name", (g) => g.principal, "user"],
+      ["", (g) => revokeButton(g, ui), "actions"]],
+    key: (g) => `${g.pool}/${g.kind}/${g.principal}`,
+    attrs: (g) => ({ "data-name": `${g.pool}/${g.kind}/${g.principal}` }),
+  },
+  audit: {
+    path: auditPath,
+    columns: [
+      ["At", (a) => when(a.at)], ["Actor", (a) => a.actor || "", "user"],
+      ["From", (a) => a.address || ""], ["Action", (a) => a.action, "kind"],
+      ["Target", (a) => a.target || "", "name"], ["Old", (a) => values(a.old), "msg"],
+      ["New", (a) => values(a.new), "msg"]],
+    key: (a) => a.id,
+    attrs: (a) => ({ "data-action": a.action }),
   },
   sessions: {
     path: "/api/v1/admin/sessions",
@@ -321,12 +376,16 @@ const TABLES = {
     columns: [
       ["Template", (t) => t.template, "name"], ["v", (t) => t.number, "num"],
       ["Size", (t) => mib(t.image_size_bytes), "num"], ["Customization", (t) => t.customization],
-      ["Published", (t) => when(t.published_at)]],
+      ["Published", (t) => when(t.published_at)], ["", (t) => versionActions(t, ui), "actions"]],
     key: (t) => t.id,
+    attrs: (t) => ({ "data-name": `${t.template}/${t.number}` }),
   },
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
-const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates"];
+const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
+               "users", "entitlements", "audit"];
+const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
+                                                                    : TABLES[name].path);
 
 let timer = null;
 let refreshes = 0;
@@ -395,7 +454,7 @@ function refused(text, signIn) {
 
 async function refresh() {
   clearTimeout(timer);
-  const answers = await Promise.all(ORDER.map((n) => api("GET", TABLES[n].path)));
+  const answers = await Promise.all(ORDER.map((n) => api("GET", pathOf(n))));
   const denied = answers.find((a) => a.status === 401 || a.status === 403);
   if (denied) {
     refused(denied.error, denied.status === 401);
@@ -449,6 +508,10 @@ async function start() {
   $("desktop-filter").addEventListener("input", renderDesktops);
   $("interval").addEventListener("change", () => refresh());
   $("add-host-form").addEventListener("submit", addHost);
+  $("add-user-form").addEventListener("submit", (event) => addUser(event, ui));
+  for (const id of ["audit-actor", "audit-target"]) {
+    $(id).addEventListener("change", () => refresh());
+  }
   $("confirm-form").addEventListener("submit", confirmed);
   $("confirm-cancel").addEventListener("click", () => {
     dialog.spec = null;
