@@ -68,6 +68,7 @@ _DESKTOP_PACKAGES = (
     "xfce4-terminal",
     "thunar",
     "dbus-x11",
+    "xprintidle",  # the X server's input idle time, for the session hook's status
     # Registers graphical sessions with logind (who is logged in, idle, locked).
     "libpam-systemd",
     "fonts-dejavu-core",
