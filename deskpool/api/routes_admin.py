@@ -70,7 +70,8 @@ def create_pool(body: PoolCreate, admin: AdminUser, svc: ServicesDep) -> Row:
         clone_mode=body.clone_mode, on_logout=OnLogout(body.on_logout),
         power_policy=PowerPolicy(body.power_policy),
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
-        disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement)
+        disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
+        session_start_timeout_s=body.session_start_timeout_s)
     return asdict(PoolService(svc.ctx).create(spec, hosts=body.hosts))
 
 

@@ -102,6 +102,7 @@ class PoolCreate(BaseModel):
     reservation_timeout_s: int = 300
     idle_timeout_s: int | None = None
     disconnect_timeout_s: int | None = 1800
+    session_start_timeout_s: int = 150
     placement: str = "spread"
     hosts: list[str] = Field(default_factory=list)
 

@@ -20,7 +20,8 @@ pool_app = typer.Typer(help="Pools of desktops made from one template.", no_args
 def _describe(pool: PoolView) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(pool.counts.items())) or "empty"
     return (f"pool [bold]{pool.name}[/]: {pool.template} v{pool.version}, "
-            f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}")
+            f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}; "
+            f"sessions start within {pool.session_start_timeout_s} s")
 
 
 @pool_app.command("create")
@@ -41,12 +42,16 @@ def pool_create(
     power: PowerPolicy = PowerPolicy.RUNNING,
     canary: int = 0,
     host: Annotated[str | None, typer.Option(help="pin the pool to one host")] = None,
+    session_start_timeout: Annotated[int, typer.Option(
+        help="seconds a user's graphical session may take to start at hand-over before the "
+             "desktop is failed and another tried")] = 150,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
                     min_size=min_size, max_size=max_size, spare=spare, naming_pattern=pattern,
                     clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
-                    power_policy=power, canary=canary)
+                    power_policy=power, canary=canary,
+                    session_start_timeout_s=session_start_timeout)
     with services() as ctx:
         out.print(_describe(PoolService(ctx).create(spec, host=host)))
 

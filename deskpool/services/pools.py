@@ -39,6 +39,7 @@ class PoolView:
     max_size: int
     spare: int
     counts: dict[str, int]
+    session_start_timeout_s: int = 150
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -50,6 +51,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         power_policy=pool.power_policy, canary=pool.canary,
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
+        session_start_timeout_s=pool.session_start_timeout_s,
     )
 
 
@@ -67,7 +69,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         version=pool.current_version.number, previous_version=previous,
         kind=pool.kind.value, assignment=pool.assignment.value,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
-        spare=pool.spare, counts=counts,
+        spare=pool.spare, counts=counts, session_start_timeout_s=pool.session_start_timeout_s,
     )
 
 
@@ -107,6 +109,7 @@ class PoolService:
                 reservation_timeout_s=spec.reservation_timeout_s,
                 idle_timeout_s=spec.idle_timeout_s,
                 disconnect_timeout_s=spec.disconnect_timeout_s,
+                session_start_timeout_s=spec.session_start_timeout_s,
                 current_version_id=version.id, placement=spec.placement,
             )
             uow.pools.add(pool)

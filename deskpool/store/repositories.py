@@ -275,6 +275,7 @@ class ClaimTarget:
     pool_id: uuid.UUID
     version_id: uuid.UUID  # the version new desktops are made from
     stateful: bool  # its desktops keep their users' changes
+    session_start_timeout_s: int  # how long a user's session may take to start
 
 
 class PoolRepository(_NamedRepository[Pool]):
@@ -287,10 +288,11 @@ class PoolRepository(_NamedRepository[Pool]):
         """What a claim reads of the pool, or ``None``: a few columns, no ORM object, on
         every logon."""
         row = self._session.execute(
-            select(Pool.id, Pool.current_version_id, Pool.kind).where(Pool.name == name)
+            select(Pool.id, Pool.current_version_id, Pool.kind, Pool.session_start_timeout_s)
+            .where(Pool.name == name)
         ).first()
         return None if row is None else ClaimTarget(row[0], row[1],
-                                                    row[2] is PoolKind.STATEFUL)
+                                                    row[2] is PoolKind.STATEFUL, row[3])
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

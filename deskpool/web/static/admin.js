@@ -258,7 +258,9 @@ const TABLES = {
       ["Name", (p) => p.name, "name"], ["Template", (p) => `${p.template} v${p.version}`],
       ["Kind", (p) => `${p.kind}, ${p.assignment}`], ["Clone", (p) => p.clone_mode],
       ["Min", (p) => p.min_size, "num"], ["Max", (p) => p.max_size, "num"],
-      ["Spare", (p) => p.spare, "num"], ["Desktops by state", (p) => counts(p.counts), "counts"]],
+      ["Spare", (p) => p.spare, "num"],
+      ["Session start (s)", (p) => p.session_start_timeout_s, "num"],
+      ["Desktops by state", (p) => counts(p.counts), "counts"]],
     key: (p) => p.id,
   },
   sessions: {
