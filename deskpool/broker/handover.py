@@ -9,10 +9,13 @@
 * **power_on**: start (or resume from saved memory) a desktop the power policy put to sleep;
 * **ready**: its guest agent answers and its display listens;
 * **session**: on images with the session hook (the desktop flavor), the user's account is
-  made and their own graphical session started and seen running (``desktop_session``).
+  made and their own graphical session started and seen running (``desktop_session``),
+  within the pool's ``session_start_timeout_s``.
 
-A desktop that fails its readiness check goes to ``error`` (the reconciler replaces it) and
-the broker tries one more; nothing stays reserved for a user who got an error. A user who
+A desktop that fails its readiness check (its agent silent, its session not started in
+time) goes to ``error`` with an ``error`` event (the reconciler replaces it) and the broker
+tries one more; a user whose every try failed is told why for each, and nothing stays
+reserved for them. A user who
 cannot have a Linux account (``AccountRefused``) is told so and the desktop, not at fault, is
 given back. When no desktop
 is ready and the pool may grow, a desktop is made for the user and the answer says so.

@@ -203,6 +203,23 @@ def test_the_session_start_timeout_must_be_positive() -> None:
         PoolSpec("lab", "golden", session_start_timeout_s=0).validate()
 
 
+def test_the_session_start_timeout_is_set_and_shown_through_the_api(
+        world: BrokerWorld) -> None:
+    admin = world.client(world.user("root-admin", admin=True))
+    made = admin.post("/api/v1/admin/pools", json={
+        "name": "slow", "template": "golden", "spare": 0, "max_size": 1,
+        "naming_pattern": "slow-{n:02}", "session_start_timeout_s": 600})
+    assert made.status_code == 200, made.text
+    assert made.json()["session_start_timeout_s"] == 600
+    shown = {p["name"]: p["session_start_timeout_s"]
+             for p in admin.get("/api/v1/admin/pools").json()}
+    assert shown == {"lab": 40, "slow": 600}
+    refused = admin.post("/api/v1/admin/pools", json={
+        "name": "bad", "template": "golden", "session_start_timeout_s": -5})
+    assert refused.status_code == 400, refused.text
+    assert "session start timeout must be positive" in refused.json()["detail"]
+
+
 # --- session truth after hand-over ---------------------------------------------------------
 
 def _handed_over(world: BrokerWorld, hook: FakeHook) -> tuple[Handover, uuid.UUID, str]:

@@ -245,13 +245,23 @@ def test_sign_in_connect_log_out_inside_and_the_next_user_finds_nothing(
 
             # --- logout from inside the session ends the broker's session ---------------
             _log_out_from_inside(agent, FIRST, uid)
-            deadline = time.monotonic() + 240
+            logged_out = time.monotonic()
+            deadline = logged_out + 240
             while True:  # the broker's tick, as its daemon runs it
                 report = sessions.run_timers()
                 if name in report.logged_off:
                     break
                 assert time.monotonic() < deadline, f"{FIRST} was not logged off: {report}"
                 time.sleep(3)
+            print(f"logged off {time.monotonic() - logged_out:.1f} s after the logout")
+            # LightDM's greeter is back on the display (its own system user): not a session
+            # of anyone the broker watches, and nothing of the first user is live.
+            after = _status(agent)
+            print(f"session-hook status after the logout: {after}")
+            assert not any(s.user == "lightdm" for s in after), after
+            assert not any(s.user == FIRST and s.live for s in after), after
+            greeter = _run(agent, ["/usr/bin/loginctl", "list-sessions", "--no-legend"])
+            print(f"logind after the logout: {greeter.strip()}")
             with ctx.uow(read_only=True) as uow:
                 messages = [e.message for e in uow.events.recent(20)]
             assert any(f"{FIRST} logged out of their desktop" in m for m in messages), messages
@@ -260,7 +270,9 @@ def test_sign_in_connect_log_out_inside_and_the_next_user_finds_nothing(
             expect(page.locator("#signin")).to_be_visible()
 
             # --- recycled: the next user gets the same desktop and nothing of the first --
+            recycling = time.monotonic()
             again = _ready(ctx, Reconciler(ctx, workers=1, ready_timeout_s=240), "recycled")
+            print(f"recycled to ready in {time.monotonic() - recycling:.1f} s")
             assert again == name
             second = _connect_and_see_the_desktop(page, server.url, SECOND,
                                                   portal.shots / f"{SECOND}.png")
