@@ -256,12 +256,17 @@ def test_sign_in_connect_log_out_inside_and_the_next_user_finds_nothing(
             print(f"logged off {time.monotonic() - logged_out:.1f} s after the logout")
             # LightDM's greeter is back on the display (its own system user): not a session
             # of anyone the broker watches, and nothing of the first user is live.
+            greeter_back = time.monotonic() + 180
+            while True:
+                listed = _run(agent, ["/usr/bin/loginctl", "list-sessions", "--no-legend"])
+                if "lightdm" in listed.split():
+                    break
+                assert time.monotonic() < greeter_back, f"no greeter session: {listed}"
+                time.sleep(3)
             after = _status(agent)
-            print(f"session-hook status after the logout: {after}")
+            print(f"logind after the logout: {listed.strip()}; session-hook status: {after}")
             assert not any(s.user == "lightdm" for s in after), after
             assert not any(s.user == FIRST and s.live for s in after), after
-            greeter = _run(agent, ["/usr/bin/loginctl", "list-sessions", "--no-legend"])
-            print(f"logind after the logout: {greeter.strip()}")
             with ctx.uow(read_only=True) as uow:
                 messages = [e.message for e in uow.events.recent(20)]
             assert any(f"{FIRST} logged out of their desktop" in m for m in messages), messages
