@@ -76,7 +76,8 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         on_logout=body.on_logout, one_time=body.one_time, max_age_s=body.max_age_s,
         power_policy=body.power_policy, canary=body.canary,
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
-        disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement)
+        disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
+        session_start_timeout_s=body.session_start_timeout_s)
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 

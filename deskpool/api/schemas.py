@@ -145,6 +145,7 @@ class PoolCreate(BaseModel):
     reservation_timeout_s: Seconds = 300
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = 1800
+    session_start_timeout_s: Seconds = 150
     placement: Placement = "spread"
     hosts: list[str] = Field(default_factory=list, max_length=100)
 
@@ -172,6 +173,7 @@ class PoolUpdate(BaseModel):
     reservation_timeout_s: Seconds | None = None
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = None
+    session_start_timeout_s: Seconds | None = None
     placement: Placement | None = None
     hosts: list[str] | None = Field(default=None, max_length=100)
 
@@ -207,6 +209,7 @@ class PoolAdminView(BaseModel):
     spare: int
     counts: dict[str, int]
     status: PoolStatus
+    session_start_timeout_s: int
 
 
 class PublishRequest(BaseModel):

@@ -13,13 +13,21 @@ published) and keeps the answer. For those desktops, after the agent answers:
    and desktop running as the user), which also drops the one-shot autologin.
 
 Desktops without the hook (the console flavor) are handed over exactly as before.
+
+Afterwards ``session-hook status`` is the broker's view into the desktop (``status``): the
+logind sessions of its users (LightDM's greeter, a system user, left out) and the X
+server's own input idle time; ``deskpool.broker.sessions`` turns it into login, logout and
+idle.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from deskpool.domain.accounts import AccountRefused, linux_account_name
 from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable, VmNotFound
@@ -28,6 +36,71 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 
 SESSION_HOOK = "/usr/lib/deskpool/session-hook"
+GRAPHICAL_TYPES = frozenset({"x11", "wayland"})
+
+
+class SessionDidNotStart(Unavailable):
+    """The user's graphical session was not seen running within the pool's timeout."""
+
+
+@dataclass(frozen=True)
+class GuestSession:
+    """One logind session of a (non-system) user in the guest, as ``session-hook status``
+    reports it."""
+
+    id: str
+    user: str
+    uid: int
+    type: str  # x11, wayland, tty, unspecified (e.g. an xrdp session's PAM)
+    state: str  # active, online, closing
+    active: bool  # the seat's foreground session
+    display: str  # ":0" for LightDM's; "" when none
+    locked: bool  # logind's LockedHint (no screen locker in the image: stays False)
+    idle_hint: bool
+    idle_since_us: int  # logind's IdleSinceHint, µs since the epoch (0: never idle)
+    x_idle_ms: int | None  # the X server's input idle time; None when it could not be read
+
+    @property
+    def live(self) -> bool:
+        """Still the user's: a session ``closing`` is over (a process it left behind may
+        keep it listed for a while)."""
+        return self.state != "closing"
+
+    @property
+    def graphical(self) -> bool:
+        return self.type in GRAPHICAL_TYPES
+
+
+def parse_status(text: str) -> list[GuestSession]:
+    """The sessions in ``session-hook status``'s one line of JSON; ``DriverError`` naming
+    what is wrong when it is not that."""
+    try:
+        doc = json.loads(text)
+        rows = doc["sessions"]
+        if not isinstance(rows, list):
+            raise TypeError("sessions is not a list")
+        return [_session(row) for row in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DriverError(f"session-hook status gave an unreadable answer ({exc}): "
+                          f"{text.strip()[:200]!r}") from None
+
+
+def _session(row: Any) -> GuestSession:
+    def typed(key: str, kind: type[Any]) -> Any:
+        value = row[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{key} is not {kind.__name__}: {value!r}")
+        return value
+
+    x_idle = row.get("x_idle_ms")
+    if x_idle is not None and (not isinstance(x_idle, int) or isinstance(x_idle, bool)):
+        raise TypeError(f"x_idle_ms is not an int: {x_idle!r}")
+    return GuestSession(
+        id=typed("id", str), user=typed("user", str), uid=typed("uid", int),
+        type=typed("type", str), state=typed("state", str), active=typed("active", bool),
+        display=typed("display", str), locked=typed("locked", bool),
+        idle_hint=typed("idle_hint", bool), idle_since_us=typed("idle_since_us", int),
+        x_idle_ms=x_idle)
 
 
 class SessionStarter:
@@ -56,6 +129,15 @@ class SessionStarter:
             self._hook_by_version[version_id] = known
         return known
 
+    def status(self, agent: GuestAgent) -> list[GuestSession]:
+        """The guest's user sessions now (``session-hook status``); ``AgentUnavailable``
+        when the agent is silent, ``DriverError`` when the hook fails or answers nonsense."""
+        code, out, err = agent.exec_capture(["/bin/sh", SESSION_HOOK, "status"],
+                                            timeout_s=30.0)
+        if code != 0:
+            raise DriverError(f"session-hook status failed ({code}): {err.strip()[:300]}")
+        return parse_status(out)
+
     def account_for(self, identity: Identity) -> tuple[str, int]:
         """The user's (account, uid), allocated on first use; ``AccountRefused`` when the
         name cannot be mapped or another user already has the account."""
@@ -65,13 +147,16 @@ class SessionStarter:
             uow.commit()
         return found
 
-    def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int) -> None:
+    def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int, *,
+                timeout_s: float | None = None) -> None:
         """Start the user's session and wait until it runs; ``Unavailable`` when the hook
-        fails or the session does not run within ``timeout_s``; ``AccountRefused`` when the
-        account is one of the guest's system accounts."""
+        fails or the session does not run within ``timeout_s`` (the pool's; by default this
+        starter's); ``AccountRefused`` when the account is one of the guest's system
+        accounts."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
         code, out, err = agent.exec_capture(
             ["/bin/sh", SESSION_HOOK, "start", account, str(uid),
-             identity.display_name or identity.name], timeout_s=min(self.timeout_s, 90.0))
+             identity.display_name or identity.name], timeout_s=min(limit, 90.0))
         if code == 4:  # the guest's own system account: the user's name, not the desktop
             raise AccountRefused(f"user {identity.name!r} cannot have a Linux account on a "
                                  f"desktop: {account!r} is a system account there; ask your "
@@ -81,7 +166,7 @@ class SessionStarter:
                               f"({code}): {err.strip()[:300]}")
         if out.strip() == "running":
             return
-        deadline = self._clock() + self.timeout_s
+        deadline = self._clock() + limit
         while True:
             try:
                 code, _out, err = agent.exec_capture(
@@ -98,7 +183,7 @@ class SessionStarter:
                 raise Unavailable(f"could not check {account}'s session: the session hook "
                                   f"failed ({code}): {err.strip()[:300]}")
             if self._clock() >= deadline:
-                raise Unavailable(f"{account}'s graphical session did not start within "
-                                  f"{self.timeout_s:g} s" + (f" ({err.strip()[:300]})"
-                                                             if err.strip() else ""))
+                raise SessionDidNotStart(
+                    f"{account}'s graphical session did not start within {limit:g} s"
+                    + (f" ({err.strip()[:300]})" if err.strip() else ""))
             self._sleep(self.poll_s)

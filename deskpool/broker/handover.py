@@ -9,10 +9,13 @@
 * **power_on**: start (or resume from saved memory) a desktop the power policy put to sleep;
 * **ready**: its guest agent answers and its display listens;
 * **session**: on images with the session hook (the desktop flavor), the user's account is
-  made and their own graphical session started and seen running (``desktop_session``).
+  made and their own graphical session started and seen running (``desktop_session``),
+  within the pool's ``session_start_timeout_s``.
 
-A desktop that fails its readiness check goes to ``error`` (the reconciler replaces it) and
-the broker tries one more; nothing stays reserved for a user who got an error. A user who
+A desktop that fails its readiness check (its agent silent, its session not started in
+time) goes to ``error`` with an ``error`` event (the reconciler replaces it) and the broker
+tries one more; a user whose every try failed is told why for each, and nothing stays
+reserved for them. A user who
 cannot have a Linux account (``AccountRefused``) is told so and the desktop, not at fault, is
 given back. When no desktop
 is ready and the pool may grow, a desktop is made for the user and the answer says so.
@@ -26,11 +29,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from deskpool.broker.desktop_session import SessionStarter
+from deskpool.broker.desktop_session import SessionDidNotStart, SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.records import RecordWriter
 from deskpool.domain.accounts import AccountRefused
 from deskpool.domain.errors import (
+    AgentUnavailable,
     Conflict,
     DeskpoolError,
     Forbidden,
@@ -84,6 +88,7 @@ class _Claim:
     host_id: uuid.UUID | None = None
     version_id: uuid.UUID | None = None
     stateful: bool = False  # its pool keeps its users' changes
+    session_timeout_s: float | None = None  # the pool's; None: the session starter's own
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,19 @@ class _Look:
     version_id: uuid.UUID
     own_ready: uuid.UUID | None  # the user's own ready desktop (dedicated, or made for them)
     stateful: bool
+    session_timeout_s: float
+
+
+def _why_for_user(claim: _Claim, exc: DeskpoolError) -> str:
+    """What went wrong with one desktop, in words a user can act on (the event has the
+    rest)."""
+    if isinstance(exc, AgentUnavailable):
+        why = "it did not answer"
+    elif isinstance(exc, SessionDidNotStart):
+        why = "your session did not start in time"
+    else:
+        why = "it failed to start your session" if "session" in str(exc) else "it failed"
+    return f"{claim.desktop}: {why}"
 
 
 class _Timer:
@@ -132,6 +150,7 @@ class Broker:
         timer = _Timer()
         if received_at is not None:
             timer.phases["queue"] = max(0, round((time.monotonic() - received_at) * 1000))
+        failures: list[str] = []
         try:
             for _attempt in range(ATTEMPTS):
                 claim = self._claim(identity, pool_name)
@@ -154,11 +173,13 @@ class Broker:
                             f"your desktop {claim.desktop} cannot be reached right now ({exc}); "
                             "it is kept for you, please try again shortly") from exc
                     self._fail_readiness(identity, pool_name, claim, exc)
+                    failures.append(_why_for_user(claim, exc))
                     continue
                 return self._finish(identity, pool_name, requested_at, timer, claim, "ready",
                                     f"desktop {claim.desktop} is ready")
-            raise Unavailable(f"no desktop of pool {pool_name!r} passed its readiness check; "
-                              "the administrator has been told, please try again shortly")
+            raise Unavailable(f"no desktop of pool {pool_name!r} passed its readiness check "
+                              f"({'; '.join(failures)}); the administrator has been told, "
+                              "please try again shortly")
         except DeskpoolError as exc:
             self._refused(identity, pool_name, requested_at, timer, exc)
             raise
@@ -216,7 +237,8 @@ class Broker:
             if d.state in HELD_STATES:
                 return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
                               host_id=d.host_id, version_id=d.template_version_id,
-                              stateful=pool.stateful)
+                              stateful=pool.stateful,
+                              session_timeout_s=pool.session_start_timeout_s)
         if pool.status is not PoolStatus.ENABLED:  # a held desktop is still reconnected to
             raise Forbidden(f"pool {pool_name!r} is "
                             + ("being deleted" if pool.status is PoolStatus.DELETING
@@ -226,7 +248,8 @@ class Broker:
         if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
-        return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful)
+        return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful,
+                     pool.session_start_timeout_s)
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
@@ -235,13 +258,13 @@ class Broker:
             d = uow.desktops.get(look.own_ready)
             return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
                           host_id=d.host_id, version_id=d.template_version_id,
-                          stateful=look.stateful)
+                          stateful=look.stateful, session_timeout_s=look.session_timeout_s)
         now = utcnow()
         free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
             return _Claim(free.id, free.name, free.hostname, reconnect=False,
                           host_id=free.host_id, version_id=free.template_version_id,
-                          stateful=look.stateful)
+                          stateful=look.stateful, session_timeout_s=look.session_timeout_s)
         pool = uow.pools.get(look.pool_id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
@@ -300,7 +323,7 @@ class Broker:
         account, uid = self.sessions.account_for(identity)
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
-        self.sessions.sign_in(slow, identity, account, uid)
+        self.sessions.sign_in(slow, identity, account, uid, timeout_s=claim.session_timeout_s)
         timer.lap("session")
 
     def _agent_expected(self, version_id: uuid.UUID) -> bool:

@@ -1,8 +1,12 @@
 """Sessions: what happens to a reserved desktop after hand-over.
 
-Events come from the console proxy (connect / disconnect) and from the guest (a user logged in
-or out, seen through the guest agent's ``guest-get-users``). Timers, run by
-``SessionService.run_timers`` on every broker tick:
+Events come from the console proxy (connect / disconnect) and from the guest. On desktops
+with the session hook (the desktop flavor) the guest's truth is its graphical session, from
+``session-hook status`` (``deskpool.broker.desktop_session``): logind's sessions of the
+desktop's users (a session seen makes the login, its end, e.g. "Log Out" in the desktop's
+own menu, the logout) and the X server's input idle time; the lock state is logind's
+LockedHint. Elsewhere (the console flavor) the guest agent's ``guest-get-users`` and
+``who -u`` are asked. Timers, run by ``SessionService.run_timers`` on every broker tick:
 
 * a reservation never connected to within the pool's ``reservation_timeout_s`` is released
   untouched (the desktop was never used, so it goes straight back to ``ready``);
@@ -21,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from deskpool.broker.desktop_session import GuestSession, SessionStarter
 from deskpool.domain.errors import DeskpoolError, Forbidden, InvalidInput
 from deskpool.domain.pools import Assignment
 from deskpool.domain.states import HELD_STATES, DesktopState, transition
@@ -61,8 +66,12 @@ def _clear_session(uow: UnitOfWork, desktop_id: uuid.UUID, *, unassign: bool) ->
 
 
 class SessionService:
-    def __init__(self, ctx: ServiceContext, *, guest_poll_s: float = 0.0) -> None:
+    def __init__(self, ctx: ServiceContext, *, guest_poll_s: float = 0.0,
+                 starter: SessionStarter | None = None) -> None:
         self.ctx = ctx
+        # Knows which template versions carry the session hook, and asks it.
+        self.starter = starter or SessionStarter(ctx)
+        self._locked: dict[uuid.UUID, bool] = {}  # last LockedHint seen, per desktop
         # Each guest is asked about its users at most this often (the broker's loop ticks
         # faster than guests need asking).
         self.guest_poll_s = guest_poll_s
@@ -217,10 +226,17 @@ class SessionService:
                     guest_user: str | None, *, now: datetime, watch_idle: bool,
                     idle_since: datetime | None) -> None:
         """Login and logout from ``guest-get-users``; for pools with an idle timeout, how
-        long the session has had no input (``who -u`` in the guest) sets ``idle_since``."""
+        long the session has had no input (``who -u`` in the guest) sets ``idle_since``.
+        Desktops with the session hook are asked it instead (``_poll_session``)."""
         with self.ctx.uow(read_only=True) as uow:
-            driver = self.ctx.driver_for(uow.desktops.get(d_id).host)
+            desktop = uow.desktops.get(d_id)
+            driver = self.ctx.driver_for(desktop.host)
+            version_id = desktop.template_version_id
         agent = GuestAgent(driver, d_id, command_timeout_s=2)
+        if version_id is not None and self.starter.has_hook(agent, version_id):
+            self._poll_session(report, agent, d_id, name, guest_user, now=now,
+                               idle_since=idle_since)
+            return
         users = agent.users()
         if users and watch_idle:
             idle_s = agent.idle_seconds() or 0
@@ -240,3 +256,70 @@ class SessionService:
         elif not users and guest_user is not None:
             self.log_off(d_id, by=None, reason=f"{guest_user} logged out in the guest")
             report.logged_off.append(name)
+
+    def _poll_session(self, report: TimerReport, agent: GuestAgent, d_id: uuid.UUID,
+                      name: str, guest_user: str | None, *, now: datetime,
+                      idle_since: datetime | None) -> None:
+        """The graphical session's truth from ``session-hook status``. The login is the
+        first live session of a user seen; until then nothing is logged off, since right
+        after hand-over the session may still be starting (LightDM's autologin restarts
+        it). Once seen, no live session of that user left is the logout."""
+        sessions = [s for s in self.starter.status(agent) if s.live]
+        if guest_user is not None and not any(s.user == guest_user for s in sessions):
+            self._locked.pop(d_id, None)
+            self.log_off(d_id, by=None, reason=f"{guest_user} logged out of their desktop")
+            report.logged_off.append(name)
+            return
+        if guest_user is None:
+            if not sessions:
+                return  # not started yet, or not this user's: the timers decide
+            first = min(sessions, key=lambda s: (not s.graphical, not s.active, s.id))
+            guest_user = first.user
+            with self.ctx.uow() as uow:
+                uow.desktop_sessions.set_guest_user(d_id, guest_user)
+                record_event(uow, "guest-login", f"{guest_user} logged in to {name} "
+                             f"({first.type} session {first.id}"
+                             + (f" on display {first.display})" if first.display else ")"),
+                             user=guest_user, desktop_id=d_id, desktop=name)
+                uow.commit()
+            report.guest_logins.append(name)
+        own = [s for s in sessions if s.user == guest_user]
+        self._note_idle(d_id, _idle_seconds(own, now), idle_since, now)
+        self._note_lock(d_id, name, guest_user, any(s.locked for s in own))
+
+    def _note_idle(self, d_id: uuid.UUID, idle_s: float, idle_since: datetime | None,
+                   now: datetime) -> None:
+        """``idle_since`` follows the guest: set after a minute without input, cleared on
+        input; rewritten only when it moved by more than the poll's own jitter."""
+        since = now - timedelta(seconds=idle_s) if idle_s >= 60 else None
+        if (since is None) != (idle_since is None) or (
+                since and idle_since and abs((since - idle_since).total_seconds()) > 90):
+            with self.ctx.uow() as uow:
+                uow.desktop_sessions.set_idle_since(d_id, since)
+                uow.commit()
+
+    def _note_lock(self, d_id: uuid.UUID, name: str, user: str, locked: bool) -> None:
+        """A lock or unlock of the session is an event (remembered per broker process)."""
+        if self._locked.get(d_id, False) == locked:
+            self._locked[d_id] = locked
+            return
+        self._locked[d_id] = locked
+        with self.ctx.uow() as uow:
+            record_event(uow, "guest-locked" if locked else "guest-unlocked",
+                         f"{user} {'locked' if locked else 'unlocked'} their session on {name}",
+                         user=user, desktop_id=d_id, desktop=name)
+            uow.commit()
+
+
+def _idle_seconds(sessions: list[GuestSession], now: datetime) -> float:
+    """How long the least idle of the user's sessions has had no input: the X server's own
+    count where it could be read, else logind's idle hint (set by a screen saver)."""
+    idles: list[float] = []
+    for s in sessions:
+        if s.x_idle_ms is not None:
+            idles.append(s.x_idle_ms / 1000)
+        elif s.idle_hint and s.idle_since_us > 0:
+            idles.append(max(0.0, now.timestamp() - s.idle_since_us / 1e6))
+        else:
+            idles.append(0.0)
+    return min(idles) if idles else 0.0

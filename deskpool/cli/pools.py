@@ -25,7 +25,8 @@ def _describe(pool: PoolView) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(pool.counts.items())) or "empty"
     status = "" if pool.status == "enabled" else f" [yellow]{pool.status}[/]"
     return (f"pool [bold]{pool.name}[/]{status}: {pool.template} v{pool.version}, "
-            f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}")
+            f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}; "
+            f"sessions start within {pool.session_start_timeout_s} s")
 
 
 @pool_app.command("create")
@@ -46,12 +47,16 @@ def pool_create(
     power: PowerPolicy = PowerPolicy.RUNNING,
     canary: int = 0,
     host: Annotated[str | None, typer.Option(help="pin the pool to one host")] = None,
+    session_start_timeout: Annotated[int, typer.Option(
+        help="seconds a user's graphical session may take to start at hand-over before the "
+             "desktop is failed and another tried")] = 150,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
                     min_size=min_size, max_size=max_size, spare=spare, naming_pattern=pattern,
                     clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
-                    power_policy=power, canary=canary)
+                    power_policy=power, canary=canary,
+                    session_start_timeout_s=session_start_timeout)
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -109,6 +114,8 @@ def pool_update(
     reservation_timeout: Annotated[int | None, typer.Option(help="seconds")] = None,
     idle_timeout: Annotated[int | None, typer.Option(help="seconds; 0: never")] = None,
     disconnect_timeout: Annotated[int | None, typer.Option(help="seconds; 0: never")] = None,
+    session_start_timeout: Annotated[int | None, typer.Option(
+        help="seconds a user's graphical session may take to start")] = None,
     placement: Annotated[str | None, typer.Option(help="spread or pack")] = None,
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
@@ -120,7 +127,8 @@ def pool_update(
         "max_size": max_size, "spare": spare, "naming_pattern": pattern,
         "clone_mode": clone.value if clone else None, "on_logout": on_logout,
         "one_time": one_time, "power_policy": power, "canary": canary,
-        "reservation_timeout_s": reservation_timeout, "placement": placement}
+        "reservation_timeout_s": reservation_timeout,
+        "session_start_timeout_s": session_start_timeout, "placement": placement}
     changes = {k: v for k, v in given.items() if v is not None}
     # 0 clears a limit that may be absent ("never").
     for key, value in (("max_age_s", max_age), ("idle_timeout_s", idle_timeout),

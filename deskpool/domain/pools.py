@@ -51,6 +51,9 @@ class PoolSpec:
     idle_timeout_s: int | None = None  # a session idle this long is logged off
     disconnect_timeout_s: int | None = 1800  # a disconnected session can be resumed this long
     placement: str = "spread"  # "spread" over hosts, or "pack" them one after another
+    # How long the user's own graphical session may take to start at hand-over (desktops
+    # with the session hook); past it the desktop fails and another is tried.
+    session_start_timeout_s: int = 150
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -72,7 +75,8 @@ class PoolSpec:
             raise InvalidInput(f"pool {self.name!r}: max age must be positive seconds")
         for label, seconds in (("reservation timeout", self.reservation_timeout_s),
                                ("idle timeout", self.idle_timeout_s),
-                               ("disconnect timeout", self.disconnect_timeout_s)):
+                               ("disconnect timeout", self.disconnect_timeout_s),
+                               ("session start timeout", self.session_start_timeout_s)):
             if seconds is not None and seconds <= 0:
                 raise InvalidInput(f"pool {self.name!r}: {label} must be positive seconds")
         if self.kind is PoolKind.STATEFUL and self.on_logout is OnLogout.RECYCLE_REVERT:

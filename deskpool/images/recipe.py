@@ -71,6 +71,7 @@ _DESKTOP_PACKAGES = (
     # The session bus is the user's systemd one: no dbus-launch per session, and D-Bus
     # activation (xfconfd) works through systemd (see the desktop's session-wrapper).
     "dbus-user-session",
+    "xprintidle",  # the X server's input idle time, for the session hook's status
     # Registers graphical sessions with logind (who is logged in, idle, locked).
     "libpam-systemd",
     "fonts-dejavu-core",

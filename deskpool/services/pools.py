@@ -40,6 +40,7 @@ class PoolView:
     spare: int
     counts: dict[str, int]
     status: str = "enabled"  # a PoolStatus value
+    session_start_timeout_s: int = 150
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -51,6 +52,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         power_policy=pool.power_policy, canary=pool.canary,
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
+        session_start_timeout_s=pool.session_start_timeout_s,
     )
 
 
@@ -69,6 +71,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         kind=pool.kind.value, assignment=pool.assignment.value,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
         spare=pool.spare, counts=counts, status=pool.status.value,
+        session_start_timeout_s=pool.session_start_timeout_s,
     )
 
 
@@ -108,6 +111,7 @@ class PoolService:
                 reservation_timeout_s=spec.reservation_timeout_s,
                 idle_timeout_s=spec.idle_timeout_s,
                 disconnect_timeout_s=spec.disconnect_timeout_s,
+                session_start_timeout_s=spec.session_start_timeout_s,
                 current_version_id=version.id, placement=spec.placement,
             )
             uow.pools.add(pool)

@@ -269,6 +269,8 @@ class Pool(Base):
     reservation_timeout_s: Mapped[int] = mapped_column(Integer, default=300)
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer)
     disconnect_timeout_s: Mapped[int | None] = mapped_column(Integer)
+    # How long a user's graphical session may take to start at hand-over.
+    session_start_timeout_s: Mapped[int] = mapped_column(Integer, default=150)
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")

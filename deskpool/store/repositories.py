@@ -276,6 +276,7 @@ class ClaimTarget:
     pool_id: uuid.UUID
     version_id: uuid.UUID  # the version new desktops are made from
     stateful: bool  # its desktops keep their users' changes
+    session_start_timeout_s: int  # how long a user's session may take to start
     status: PoolStatus = PoolStatus.ENABLED  # disabled or deleting: no new sessions
 
 
@@ -289,10 +290,11 @@ class PoolRepository(_NamedRepository[Pool]):
         """What a claim reads of the pool, or ``None``: a few columns, no ORM object, on
         every logon."""
         row = self._session.execute(
-            select(Pool.id, Pool.current_version_id, Pool.kind, Pool.status)
+            select(Pool.id, Pool.current_version_id, Pool.kind, Pool.session_start_timeout_s,
+                   Pool.status)
             .where(Pool.name == name)).first()
         return None if row is None else ClaimTarget(row[0], row[1],
-                                                    row[2] is PoolKind.STATEFUL, row[3])
+                                                    row[2] is PoolKind.STATEFUL, row[3], row[4])
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

@@ -32,6 +32,8 @@ def run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProc
     (("pool", "create", "p", "--template", "t", "--spare", "4", "--max", "3"),
      "spare (4) is above max (3)"),
     (("pool", "create", "p", "--template", "nosuch"), "template 'nosuch' does not exist"),
+    (("pool", "create", "p", "--template", "t", "--session-start-timeout", "0"),
+     "session start timeout must be positive seconds"),
     (("pool", "rollback", "nosuch"), "pool 'nosuch' does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(

@@ -9,7 +9,12 @@ from typing import Any, cast
 
 import pytest
 
-from deskpool.broker.desktop_session import SESSION_HOOK, SessionStarter
+from deskpool.broker.desktop_session import (
+    SESSION_HOOK,
+    SessionDidNotStart,
+    SessionStarter,
+    parse_status,
+)
 from deskpool.config import Settings
 from deskpool.domain.accounts import FIRST_UID, AccountRefused
 from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable
@@ -118,3 +123,48 @@ def test_hook_failures_are_told_apart(ctx: ServiceContext) -> None:
     with pytest.raises(Unavailable, match="session hook failed"):
         starter(ctx).sign_in(agent(ScriptedAgent(start=(3, ""))), who("alice"), "alice",
                              FIRST_UID)
+
+
+def test_the_pools_timeout_overrides_the_starters(ctx: ServiceContext) -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    s = SessionStarter(ctx, timeout_s=150, poll_s=1.0, clock=lambda: now[0], sleep=sleep)
+    with pytest.raises(SessionDidNotStart, match="did not start within 7 s"):
+        s.sign_in(agent(ScriptedAgent(checks=[1])), who("alice"), "alice", FIRST_UID,
+                  timeout_s=7)
+    assert 7 <= now[0] < 9
+
+
+STATUS = ('{"sessions":[{"id":"3","user":"sam","uid":10000,"type":"x11","class":"user",'
+          '"state":"active","active":true,"remote":false,"service":"lightdm-autologin",'
+          '"display":":0","idle_hint":false,"idle_since_us":0,"locked":false,'
+          '"x_idle_ms":1234},{"id":"5","user":"sam","uid":10000,"type":"tty","class":"user",'
+          '"state":"closing","active":false,"remote":false,"service":"login","display":"",'
+          '"idle_hint":true,"idle_since_us":1733480000000000,"locked":false,'
+          '"x_idle_ms":null}]}\n')
+
+
+def test_status_is_read_into_sessions() -> None:
+    x11, tty = parse_status(STATUS)
+    assert (x11.user, x11.uid, x11.type, x11.display, x11.x_idle_ms) == (
+        "sam", 10_000, "x11", ":0", 1234)
+    assert x11.live and x11.graphical and x11.active and not x11.locked
+    assert not tty.live and not tty.graphical and tty.x_idle_ms is None
+    assert parse_status('{"sessions":[]}') == []
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "Expecting value"),
+    ('{"users": []}', "'sessions'"),
+    ('{"sessions": {}}', "not a list"),
+    ('{"sessions": [{"id": "3"}]}', "'user'"),
+    (STATUS.replace('"uid":10000', '"uid":"10000"', 1), "uid is not int"),
+    (STATUS.replace('"x_idle_ms":1234', '"x_idle_ms":true'), "x_idle_ms is not an int"),
+])
+def test_an_unreadable_status_is_a_driver_error_naming_why(text: str, why: str) -> None:
+    with pytest.raises(DriverError, match="unreadable answer") as caught:
+        parse_status(text)
+    assert why in str(caught.value)
