@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,13 +18,18 @@ from deskpool.api.schemas import (
     HostCreate,
     PoolCreate,
     StateResponse,
+    TemplatePublish,
     UserCreate,
 )
+from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.models import Customization
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.images.builder import load_cached_image
+from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
 from deskpool.services.pools import PoolService
-from deskpool.services.templates import TemplateService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 Row = dict[str, Any]
@@ -54,6 +60,43 @@ def enable_host(name: str, admin: AdminUser, svc: ServicesDep) -> Row:
 @router.get("/templates")
 def templates(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(v) for v in TemplateService(svc.ctx).list_versions()]
+
+
+@router.post("/templates/{name}/versions")
+def publish_template(name: str, body: TemplatePublish, admin: AdminUser,
+                     svc: ServicesDep) -> Row:
+    """Publish the next version of ``name``, with the administrator's cloud-init user data
+    and join hook when given. A built image must be built already (no build here)."""
+    recipe_hash, memory_mib, built = None, body.memory_mib, None
+    if body.built_flavor is not None:
+        if body.image is not None:
+            raise InvalidInput("give either image or built_flavor, not both")
+        recipe = recipe_for(body.built_flavor)
+        built = load_cached_image(svc.ctx.settings.image_cache_dir, recipe)
+        if built is None:
+            raise NotFound(f"no {recipe.flavor} image is built on the broker: run "
+                           f"'deskpool image build --flavor {recipe.flavor}' first")
+        files, recipe_hash = ImageFiles.from_guest_image(built), built.recipe_hash
+        memory_mib = memory_mib or built.memory_mib
+    elif body.image is None:
+        raise InvalidInput("give the disk image's path (image) or built_flavor")
+    else:
+        files = ImageFiles(disk=Path(body.image), cmdline=body.cmdline,
+                           kernel=Path(body.kernel) if body.kernel else None,
+                           initrd=Path(body.initrd) if body.initrd else None)
+    try:
+        customization = Customization(body.customization) if body.customization else (
+            Customization.CLOUD_INIT if built is not None and built.flavor is Flavor.CLOUDINIT
+            else Customization.FWCFG)
+    except ValueError:
+        raise InvalidInput(f"unknown customization {body.customization!r}; use one of "
+                           f"{', '.join(c.value for c in Customization)}") from None
+    version = TemplateService(svc.ctx).publish(
+        name, files, customization=customization, vcpus=body.vcpus,
+        memory_mib=memory_mib or 768, recipe_hash=recipe_hash, notes=body.notes,
+        arch="x86_64" if built is not None else "", user_data=body.user_data,
+        join_hook=body.join_hook)
+    return asdict(version)
 
 
 @router.get("/pools")

@@ -106,6 +106,24 @@ class PoolCreate(BaseModel):
     hosts: list[str] = Field(default_factory=list)
 
 
+class TemplatePublish(BaseModel):
+    """A new version of a template from files on the broker's machine: a disk image (with a
+    kernel and initrd for direct boot), or an image ``deskpool image build`` made
+    (``built_flavor``). ``user_data`` and ``join_hook`` are the texts themselves."""
+
+    image: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    built_flavor: str | None = None
+    customization: str | None = None  # default: cloud-init for the cloudinit flavor, else fwcfg
+    vcpus: int = Field(default=1, ge=1, le=256)
+    memory_mib: int | None = Field(default=None, ge=128)
+    notes: str = ""
+    user_data: str | None = Field(default=None, max_length=256 * 1024)
+    join_hook: str | None = Field(default=None, max_length=64 * 1024)
+
+
 class HostCreate(BaseModel):
     name: str
     uri: str
