@@ -24,6 +24,7 @@ from deskpool.drivers.agent import GuestAgent
 
 JOIN_HOOK_PATH = "/var/lib/deskpool/join-hook"
 JOIN_MARKER_PATH = "/var/lib/deskpool/joined"
+JOIN_LOG_PATH = "/var/lib/deskpool/join-hook.log"  # the last run's output, kept for admins
 JOIN_HOOK_TIMEOUT_S = 600.0
 CLOUD_INIT_TIMEOUT_S = 600.0
 # An argument of execve may be at most 128 KiB (MAX_ARG_STRLEN); the hook travels as one.
@@ -32,16 +33,19 @@ MAX_USER_DATA_BYTES = 256 * 1024
 _EXCERPT_CHARS = 600
 _GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Runs in the guest as: sh -c RUNNER deskpool-join MARKER_TEXT HOOK_TEXT. Writes the hook,
-# runs it with stdin closed and stderr merged into stdout (one ordered log for the excerpt),
-# and only when it succeeded writes the marker (via a rename) and syncs it to disk.
+# Runs in the guest as: sh -c RUNNER deskpool-join MARKER_TEXT HOOK_TEXT. Writes the hook
+# (only root may read it), runs it with stdin closed, umask 022 and its output in a log file
+# (not the agent's pipe, which a daemon the hook starts would hold open until the timeout),
+# prints the log's end for the broker, and only when the hook succeeded writes the marker
+# (via a rename) and syncs it to disk.
 _RUNNER = f"""set -u
-hook={JOIN_HOOK_PATH} marker={JOIN_MARKER_PATH}
-umask 077
+hook={JOIN_HOOK_PATH} marker={JOIN_MARKER_PATH} log={JOIN_LOG_PATH}
 mkdir -p "${{hook%/*}}" || exit 125
-printf '%s' "$2" >"$hook" && chmod 0700 "$hook" || exit 125
-"$hook" </dev/null 2>&1
+(umask 077 && printf '%s' "$2" >"$hook") && chmod 0700 "$hook" || exit 125
+umask 022
+"$hook" </dev/null >"$log" 2>&1
 code=$?
+tail -c 65536 "$log"
 if [ "$code" -ne 0 ]; then echo "deskpool: the join hook exited with status $code"; exit "$code"; fi
 printf '%s\\n' "$1" >"$marker.new" && mv -f "$marker.new" "$marker" && sync || exit 125
 """
