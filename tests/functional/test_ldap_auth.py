@@ -200,3 +200,15 @@ def test_rfc2307_numbers_come_with_the_identity(auth: LdapAuthenticator,
                                                      gid_attribute="uidNumber"))
     erin = ignoring.authenticate("erin", "erin-pw")
     assert erin is not None and (erin.uid, erin.gid) == (None, 20001)
+
+
+def test_a_malformed_number_in_the_directory_is_its_fault_not_the_users() -> None:
+    from deskpool.broker.ldap_auth import _number
+
+    dn = f"uid=erin,{PEOPLE_DN}"
+    assert _number(dn, "uidNumber", {"uidNumber": ["20001"]}) == 20001
+    assert _number(dn, "uidNumber", {"uidNumber": []}) is None
+    assert _number(dn, "", {"uidNumber": ["20001"]}) is None
+    for bad in ("-5", "abc", "4294967295"):
+        with pytest.raises(Unavailable, match=f"has uidNumber '{bad}'.*fix the entry"):
+            _number(dn, "uidNumber", {"uidNumber": [bad]})
