@@ -49,8 +49,22 @@ def _person(dn: str, uid: str, cn: str, sn: str, password: str) -> str:
             f"userPassword: {ssha(password)}\n")
 
 
+def _posix_person(uid: str, cn: str, password: str, uid_number: int, gid_number: int) -> str:
+    """An RFC 2307 user (posixAccount): what nslcd or sssd on a desktop resolve."""
+    return (f"dn: uid={uid},{PEOPLE_DN}\nobjectClass: inetOrgPerson\n"
+            f"objectClass: posixAccount\nuid: {uid}\ncn: {cn}\nsn: {cn.split()[-1]}\n"
+            f"userPassword: {ssha(password)}\nuidNumber: {uid_number}\n"
+            f"gidNumber: {gid_number}\nhomeDirectory: /home/{uid}\nloginShell: /bin/bash\n")
+
+
+# RFC 2307 users: erin (uidNumber 20001, Devs' gidNumber 5000), frank with a system account's
+# uidNumber, and gus sharing erin's uidNumber (a directory mistake deskpool must refuse).
+POSIX_USERS = {"erin": (20001, 5000), "frank": (500, 5000), "gus": (20001, 20001)}
+
+
 def directory_ldif() -> str:
-    """alice (vdi-users, devs), bob (staff), dave (vdi-users) and the reader service account."""
+    """alice (vdi-users, devs), bob (staff), dave (vdi-users), the RFC 2307 users of
+    ``POSIX_USERS`` (vdi-users; their password is NAME-pw) and the reader service account."""
     return "\n".join([
         f"dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\n"
         "dc: deskpool\no: deskpool\n",
@@ -61,8 +75,11 @@ def directory_ldif() -> str:
         _person(f"uid=alice,{PEOPLE_DN}", "alice", "Alice Liddell", "Liddell", "alice-pw"),
         _person(f"uid=bob,{PEOPLE_DN}", "bob", "Bob Builder", "Builder", "bob-pw"),
         _person(DAVE_DN, "dave", "Dave (IT)", "Dave", "dave-pw"),
+        *(_posix_person(name, f"{name.title()} Posix", f"{name}-pw", *numbers)
+          for name, numbers in POSIX_USERS.items()),
         f"dn: cn=vdi-users,{GROUPS_DN}\nobjectClass: groupOfNames\ncn: vdi-users\n"
-        f"member: uid=alice,{PEOPLE_DN}\nmember: {DAVE_DN}\n",
+        f"member: uid=alice,{PEOPLE_DN}\nmember: {DAVE_DN}\n"
+        + "".join(f"member: uid={name},{PEOPLE_DN}\n" for name in POSIX_USERS),
         f"dn: cn=staff,{GROUPS_DN}\nobjectClass: groupOfNames\ncn: staff\n"
         f"member: uid=bob,{PEOPLE_DN}\n",
         # An RFC 2307 group, matched by memberUid rather than by DN.

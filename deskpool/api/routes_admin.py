@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -18,17 +19,22 @@ from deskpool.api.schemas import (
     PoolCreate,
     PrincipalKind,
     StateResponse,
+    TemplatePublish,
     UserAdminView,
     UserCreate,
 )
 from deskpool.broker.user_admin import UserAdmin
+from deskpool.domain.errors import InvalidInput, NotFound
+from deskpool.domain.models import Customization
 from deskpool.domain.pools import PoolSpec
+from deskpool.images.builder import load_cached_image
+from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.audit import audit
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
 from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService
-from deskpool.services.templates import TemplateService
+from deskpool.services.templates import ImageFiles, TemplateService
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 Row = dict[str, Any]
@@ -60,6 +66,45 @@ def enable_host(name: str, actor: AdminActor, svc: ServicesDep) -> Row:
 @router.get("/templates")
 def templates(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(v) for v in TemplateService(svc.ctx).list_versions()]
+
+
+@router.post("/templates/{name}/versions", responses={404: {"description": "no such image"}})
+def publish_template(name: str, body: TemplatePublish, actor: AdminActor,
+                     svc: ServicesDep) -> Row:
+    """Publish the next version of ``name`` (made if new) from image files the broker can
+    read or an image built on it, with the administrator's cloud-init user data and join
+    hook when given. A built image must be built already (no build here)."""
+    recipe_hash, memory_mib, built = None, body.memory_mib, None
+    if body.built_flavor is not None:
+        if body.image is not None:
+            raise InvalidInput("give either image or built_flavor, not both")
+        recipe = recipe_for(body.built_flavor)
+        built = load_cached_image(svc.ctx.settings.image_cache_dir, recipe)
+        if built is None:
+            raise NotFound(f"no {recipe.flavor} image is built on the broker: run "
+                           f"'deskpool image build --flavor {recipe.flavor}' first")
+        files, recipe_hash = ImageFiles.from_guest_image(built), built.recipe_hash
+        memory_mib = memory_mib or built.memory_mib
+    elif body.image is None:
+        raise InvalidInput("give the disk image's path (image) or built_flavor")
+    else:
+        files = ImageFiles(disk=Path(body.image), cmdline=body.cmdline,
+                           kernel=Path(body.kernel) if body.kernel else None,
+                           initrd=Path(body.initrd) if body.initrd else None)
+    customization = body.customization or (
+        Customization.CLOUD_INIT if built is not None and built.flavor is Flavor.CLOUDINIT
+        else Customization.FWCFG)
+    version = TemplateService(svc.ctx).publish(
+        name, files, customization=customization, vcpus=body.vcpus,
+        memory_mib=memory_mib or 768, recipe_hash=recipe_hash, notes=body.notes,
+        runs_on=body.runs_on, arch=body.arch or ("x86_64" if built is not None else ""),
+        user_data=body.user_data, join_hook=body.join_hook)
+    audit(svc.ctx, actor, "template.publish", f"template/{name}",
+          f"published version {version.number} of template {name}",
+          new={"number": version.number, "image": body.image or f"built:{body.built_flavor}",
+               "sha256": version.image_sha256, "user_data": body.user_data is not None,
+               "join_hook": body.join_hook is not None})
+    return asdict(version)
 
 
 @router.get("/pools")

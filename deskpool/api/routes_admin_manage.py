@@ -5,7 +5,6 @@ deleted; users and groups; and the audit log every one of these writes to."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
@@ -21,17 +20,16 @@ from deskpool.api.schemas import (
     PoolAdminView,
     PoolResize,
     PoolUpdate,
-    PublishRequest,
     RolloutRequest,
     UserAdminView,
 )
 from deskpool.broker.user_admin import UserAdmin
 from deskpool.domain.errors import InvalidInput
-from deskpool.services.audit import audit, audit_log
+from deskpool.services.audit import audit_log
 from deskpool.services.hosts import HostService
 from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService, PoolView
-from deskpool.services.templates import ImageFiles, TemplateService, delete_version
+from deskpool.services.templates import delete_version
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 Row = dict[str, Any]
@@ -116,21 +114,6 @@ def remove_host(name: str, actor: AdminActor, svc: ServicesDep) -> Response:
     """Forget an empty host; refused while desktops are on it or pools are pinned to it."""
     HostService(svc.ctx).remove(name, actor=actor)
     return Response(status_code=204)
-
-
-@router.post("/templates/{name}/versions", responses=NOT_FOUND)
-def publish(name: str, body: PublishRequest, actor: AdminActor, svc: ServicesDep) -> Row:
-    """Publish image files the broker can read as the template's next version (made if
-    new). The CLI's ``template publish --built`` publishes a built image."""
-    files = ImageFiles(disk=Path(body.image), kernel=Path(body.kernel) if body.kernel else None,
-                       initrd=Path(body.initrd) if body.initrd else None, cmdline=body.cmdline)
-    view = TemplateService(svc.ctx).publish(
-        name, files, customization=body.customization, vcpus=body.vcpus,
-        memory_mib=body.memory_mib, notes=body.notes, runs_on=body.runs_on, arch=body.arch)
-    audit(svc.ctx, actor, "template.publish", f"template/{name}",
-          f"published version {view.number} of template {name}",
-          new={"number": view.number, "image": body.image, "sha256": view.image_sha256})
-    return asdict(view)
 
 
 @router.delete("/templates/{name}/versions/{number}", status_code=204,

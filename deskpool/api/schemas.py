@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deskpool.domain.models import CloneMode, Customization, PoolStatus
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
+from deskpool.images.recipe import Flavor
 
 
 class LoginRequest(BaseModel):
@@ -212,21 +213,6 @@ class PoolAdminView(BaseModel):
     session_start_timeout_s: int
 
 
-class PublishRequest(BaseModel):
-    """A new version from image files the broker can read (paths on the broker's host)."""
-
-    image: str = Field(min_length=1, max_length=4096)
-    kernel: str | None = Field(default=None, max_length=4096)
-    initrd: str | None = Field(default=None, max_length=4096)
-    cmdline: str | None = Field(default=None, max_length=4096)
-    customization: Customization = Customization.FWCFG
-    vcpus: int = Field(default=1, ge=1, le=256)
-    memory_mib: int = Field(default=768, ge=128, le=4 * 1024 * 1024)
-    notes: str = Field(default="", max_length=4096)
-    runs_on: str = Field(default="", max_length=128)
-    arch: str = Field(default="", max_length=32)
-
-
 class AuditEntry(BaseModel):
     id: int
     at: datetime
@@ -237,6 +223,27 @@ class AuditEntry(BaseModel):
     message: str
     old: Any
     new: Any
+
+
+class TemplatePublish(BaseModel):
+    """A new version of a template from files on the broker's machine: a disk image (with a
+    kernel and initrd for direct boot), or an image ``deskpool image build`` made
+    (``built_flavor``). ``user_data`` and ``join_hook`` are the texts themselves."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=4096)
+    kernel: str | None = Field(default=None, max_length=4096)
+    initrd: str | None = Field(default=None, max_length=4096)
+    cmdline: str | None = Field(default=None, max_length=4096)
+    built_flavor: Flavor | None = None
+    # Default: cloud-init for the cloudinit flavor, else fw_cfg.
+    customization: Customization | None = None
+    vcpus: int = Field(default=1, ge=1, le=256)
+    memory_mib: int | None = Field(default=None, ge=128, le=4 * 1024 * 1024)
+    notes: str = Field(default="", max_length=4096)
+    runs_on: str = Field(default="", max_length=128)
+    arch: str = Field(default="", max_length=32)
+    user_data: str | None = Field(default=None, max_length=256 * 1024)
+    join_hook: str | None = Field(default=None, max_length=64 * 1024)
 
 
 class HostCreate(BaseModel):

@@ -183,9 +183,11 @@ class AccountService:
                 raise AuthenticationFailed(
                     f"the account {user.name!r} is disabled; ask your administrator")
             user.last_login_at = utcnow()
+            # The directory's numbers as of now, for the desktop account made at hand-over.
+            user.uid_number, user.gid_number = identity.uid, identity.gid
             identity = Identity(name=user.name, display_name=user.display_name,
                                 source=user.source, groups=identity.groups,
-                                is_admin=user.is_admin)
+                                is_admin=user.is_admin, uid=identity.uid, gid=identity.gid)
             signed = self._new_token(uow, user, identity, "session", "", SESSION_TTL)
             uow.commit()
             return signed
@@ -221,7 +223,8 @@ class AccountService:
                 row.expires_at is not None and row.expires_at <= now):
             raise AuthenticationFailed("not signed in, or the session expired: sign in again")
         return Identity(name=row.name, display_name=row.display_name, source=row.source,
-                        groups=_groups_of_text(row.groups), is_admin=row.is_admin)
+                        groups=_groups_of_text(row.groups), is_admin=row.is_admin,
+                        uid=row.uid_number, gid=row.gid_number)
 
     def sign_out(self, secret: str) -> None:
         with self.ctx.uow() as uow:

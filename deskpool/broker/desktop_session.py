@@ -5,7 +5,8 @@ looks for it through the guest agent once per template version (versions never c
 published) and keeps the answer. For those desktops, after the agent answers:
 
 1. the user's Linux account name comes from the rule in ``deskpool.domain.accounts`` and
-   their uid from the database (allocated once, the same on every desktop);
+   their uid from the database (allocated once, the same on every desktop), or from the
+   directory's uidNumber / gidNumber when their LDAP entry has them (recorded the same way);
 2. ``session-hook start`` makes the account and restarts LightDM with a one-shot autologin
    (it answers ``running`` and does nothing when the user's session already runs: a
    reconnect);
@@ -139,11 +140,14 @@ class SessionStarter:
         return parse_status(out)
 
     def account_for(self, identity: Identity) -> tuple[str, int]:
-        """The user's (account, uid), allocated on first use; ``AccountRefused`` when the
-        name cannot be mapped or another user already has the account."""
+        """The user's (account, uid): the directory's uidNumber (and gidNumber) when the
+        identity carries them, else allocated on first use; ``AccountRefused`` when the name
+        cannot be mapped, another user already has the account or the uid, or the directory's
+        numbers are a system account's."""
         account = linux_account_name(identity.name)
         with self.ctx.uow() as uow:
-            found = uow.linux_accounts.get_or_allocate(identity.name, account)
+            found = uow.linux_accounts.get_or_allocate(identity.name, account,
+                                                       uid=identity.uid, gid=identity.gid)
             uow.commit()
         return found
 
@@ -154,9 +158,15 @@ class SessionStarter:
         starter's); ``AccountRefused`` when the account is one of the guest's system
         accounts."""
         limit = self.timeout_s if timeout_s is None else timeout_s
+        with self.ctx.uow(read_only=True) as uow:
+            gid = uow.linux_accounts.gid_of(identity.name)
+        # A primary group other than the user's private one (a directory's gidNumber) goes
+        # as a 4th argument; without it the hook uses gid = uid, as images before it did.
+        extra = [str(gid)] if gid is not None and gid != uid else []
         code, out, err = agent.exec_capture(
             ["/bin/sh", SESSION_HOOK, "start", account, str(uid),
-             identity.display_name or identity.name], timeout_s=min(limit, 90.0))
+             identity.display_name or identity.name, *extra],
+            timeout_s=min(limit, 90.0))
         if code == 4:  # the guest's own system account: the user's name, not the desktop
             raise AccountRefused(f"user {identity.name!r} cannot have a Linux account on a "
                                  f"desktop: {account!r} is a system account there; ask your "

@@ -51,6 +51,9 @@ class LdapSettings:
     group_filter: str = "(|(member={user_dn})(uniqueMember={user_dn})(memberUid={username}))"
     group_name_attribute: str = "cn"
     display_name_attribute: str = "cn"
+    # RFC 2307 numbers (OpenLDAP's nis schema, AD's Unix attributes); "" ignores them.
+    uid_attribute: str = "uidNumber"
+    gid_attribute: str = "gidNumber"
     start_tls: bool = False
     timeout_s: float = 5
     ca_file: str | None = None  # PEM bundle for ldaps/StartTLS; None: the system's CAs
@@ -77,6 +80,9 @@ class LdapSettings:
         for name in ("group_name_attribute", "display_name_attribute"):
             if not _ATTRIBUTE.match(getattr(self, name)):
                 _bad(name, f"{getattr(self, name)!r} is not an attribute name")
+        for name in ("uid_attribute", "gid_attribute"):
+            if getattr(self, name) and not _ATTRIBUTE.match(getattr(self, name)):
+                _bad(name, f"{getattr(self, name)!r} is not an attribute name (or \"\")")
         if not (isinstance(self.timeout_s, int | float) and 0 < self.timeout_s < math.inf):
             _bad("timeout_s", f"must be a positive number of seconds, not {self.timeout_s!r}")
 
@@ -121,12 +127,11 @@ class LdapAuthenticator:
             found = self._find_user(conn, name)
             if found is None:
                 return None
-            user_dn, display_name = found
-            if not self._password_matches(user_dn, password):
+            if not self._password_matches(found.dn, password):
                 return None
-            groups = self._groups(conn, name, user_dn)
-        return Identity(name=name, display_name=display_name or name, source=self.source,
-                        groups=groups)
+            groups = self._groups(conn, name, found.dn)
+        return Identity(name=name, display_name=found.display_name or name, source=self.source,
+                        groups=groups, uid=found.uid, gid=found.gid)
 
     def groups_of(self, username: str) -> frozenset[str]:
         """The user's groups, looked up without their password; empty for an unknown user."""
@@ -135,7 +140,7 @@ class LdapAuthenticator:
             return frozenset()
         with self._service_connection() as conn:
             found = self._find_user(conn, name)
-            return frozenset() if found is None else self._groups(conn, name, found[0])
+            return frozenset() if found is None else self._groups(conn, name, found.dn)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -191,9 +196,9 @@ class LdapAuthenticator:
     # -- searches ----------------------------------------------------------------------------
 
     def _search(self, conn: Connection, base: str, search_filter: str,
-                attribute: str, size_limit: int = 0) -> list[dict[str, Any]]:
+                attributes: list[str], size_limit: int = 0) -> list[dict[str, Any]]:
         try:
-            conn.search(base, search_filter, SUBTREE, attributes=[attribute],
+            conn.search(base, search_filter, SUBTREE, attributes=attributes,
                         size_limit=size_limit, time_limit=math.ceil(self.settings.timeout_s))
         except LDAPException as exc:
             raise self._unreachable(exc) from exc
@@ -203,15 +208,21 @@ class LdapAuthenticator:
         # Active Directory adds referrals (searchResRef) to results; only entries count.
         return [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
 
-    def _find_user(self, conn: Connection, name: str) -> tuple[str, str] | None:
-        """The user's DN and display name, or None when unknown or not unique."""
-        search_filter = self.settings.user_filter.replace("{username}", escape_filter_chars(name))
-        entries = self._search(conn, self.settings.user_base, search_filter,
-                               self.settings.display_name_attribute, size_limit=2)
+    def _find_user(self, conn: Connection, name: str) -> _Entry | None:
+        """The user's entry, or None when unknown or not unique."""
+        settings = self.settings
+        search_filter = settings.user_filter.replace("{username}", escape_filter_chars(name))
+        numbers = [a for a in (settings.uid_attribute, settings.gid_attribute) if a]
+        entries = self._search(conn, settings.user_base, search_filter,
+                               [settings.display_name_attribute, *numbers], size_limit=2)
         if len(entries) != 1:
             return None  # two matches means a filter too loose to trust with a password
-        entry = entries[0]
-        return entry["dn"], _first(entry["attributes"].get(self.settings.display_name_attribute))
+        entry, attributes = entries[0], entries[0]["attributes"]
+        return _Entry(
+            dn=entry["dn"],
+            display_name=_first(attributes.get(settings.display_name_attribute)),
+            uid=_number(entry["dn"], settings.uid_attribute, attributes),
+            gid=_number(entry["dn"], settings.gid_attribute, attributes))
 
     def _groups(self, conn: Connection, name: str, user_dn: str) -> frozenset[str]:
         # Substituted in one pass so a DN that contains "{username}" is not expanded again.
@@ -220,9 +231,31 @@ class LdapAuthenticator:
         search_filter = re.sub(r"\{username\}|\{user_dn\}", lambda m: values[m.group(0)],
                                self.settings.group_filter)
         attribute = self.settings.group_name_attribute
-        entries = self._search(conn, self.settings.group_base, search_filter, attribute)
+        entries = self._search(conn, self.settings.group_base, search_filter, [attribute])
         names = (_first(entry["attributes"].get(attribute)) for entry in entries)
         return frozenset(n.lower() for n in names if n)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dn: str
+    display_name: str
+    uid: int | None
+    gid: int | None
+
+
+def _number(dn: str, attribute: str, attributes: dict[str, Any]) -> int | None:
+    """A uidNumber-like attribute as an int; None when absent; ``Unavailable`` (the directory
+    holds bad data, not the user's fault) when it is not a number from 0 to 2^32-2."""
+    if not attribute:
+        return None
+    text = _first(attributes.get(attribute)).strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 4_294_967_294:  # (uid_t)-1 means "no id"
+        raise Unavailable(f"the LDAP entry {dn} has {attribute} {text!r}, which is not a "
+                          f"user or group number; fix the entry in the directory.")
+    return int(text)
 
 
 def _first(value: Any) -> str:

@@ -74,7 +74,9 @@ template_app.command("delete-version")(template_delete_version)
 
 
 _FLAVOR_HELP = ("console: a text console, small and quick to boot; desktop: Xorg, LightDM "
-                "and Xfce, booting to a graphical greeter (needs 1536 MiB per VM)")
+                "and Xfce, booting to a graphical greeter (needs 1536 MiB per VM); cloudinit: "
+                "the console image with cloud-init (NoCloud seed only) and nslcd, for "
+                "templates customized by user data and a join hook")
 
 
 @image_app.command("build")
@@ -101,7 +103,14 @@ def template_publish(
     cmdline: Annotated[str | None, typer.Option(help="kernel command line")] = None,
     built: Annotated[bool, typer.Option(help="publish the image 'image build' made")] = False,
     flavor: Annotated[Flavor, typer.Option(help="with --built: which image")] = Flavor.CONSOLE,
-    customization: Customization = Customization.FWCFG,
+    customization: Annotated[Customization | None, typer.Option(
+        help="how desktops get their identity (default: cloud-init for the cloudinit "
+             "flavor, else fwcfg)")] = None,
+    user_data: Annotated[Path | None, typer.Option(
+        help="cloud-init user data merged into each desktop's seed (cloud-init only)")] = None,
+    join_hook: Annotated[Path | None, typer.Option(
+        help="script run once on each desktop, as root with its identity in DESKPOOL_* "
+             "variables, before it is ready (e.g. realm join)")] = None,
     vcpus: int = 1,
     memory_mib: Annotated[int | None, typer.Option(
         help="default: what the built image's recipe needs (--built), else 768")] = None,
@@ -127,9 +136,14 @@ def template_publish(
             raise DeskpoolError("give the disk image with --image PATH (or --built)")
         else:
             files = ImageFiles(disk=image, kernel=kernel, initrd=initrd, cmdline=cmdline)
+        if customization is None:
+            customization = (Customization.CLOUD_INIT if built and flavor is Flavor.CLOUDINIT
+                             else Customization.FWCFG)
         with spinner(f"publishing {name}"):
             version = TemplateService(ctx).publish(
                 name, files, customization=customization, vcpus=vcpus,
+                user_data=_read_text(user_data, "user data"),
+                join_hook=_read_text(join_hook, "join hook"),
                 memory_mib=768 if memory_mib is None else memory_mib,
                 recipe_hash=recipe_hash, notes=notes, runs_on=runs_on,
                 arch=arch or ("x86_64" if built else ""),
@@ -140,6 +154,15 @@ def template_publish(
                    "sha256": version.image_sha256})
     out.print(f"published [bold]{version.template}[/] version {version.number} "
               f"(sha256 {version.image_sha256[:12]})")
+
+
+def _read_text(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeskpoolError(f"cannot read the {what} from {path}: {exc}") from exc
 
 
 @template_app.command("capture-state")
@@ -163,7 +186,10 @@ def template_list() -> None:
         versions = TemplateService(ctx).list_versions()
     table = Table("template", "version", "customization", "size", "sha256", "published")
     for v in versions:
-        table.add_row(v.template, str(v.number), v.customization,
+        extras = [label for label, has in (("user data", v.has_user_data),
+                                            ("join hook", v.has_join_hook)) if has]
+        table.add_row(v.template, str(v.number),
+                      v.customization + (f" + {', '.join(extras)}" if extras else ""),
                       f"{v.image_size_bytes / 2**20:.0f} MiB", v.image_sha256[:12],
                       v.published_at.strftime("%Y-%m-%d %H:%M"))
     out.print(table)

@@ -12,6 +12,10 @@ class Identity:
 
     ``groups`` are group names (an LDAP group's ``cn``, a local group's name), compared
     case-insensitively by entitlement checks, so they are stored lower-case.
+
+    ``uid`` / ``gid``: the directory's ``uidNumber`` / ``gidNumber`` for the user when it has
+    them (None otherwise, and always for local users): their account on a desktop gets these
+    numbers, so files match what the directory's other machines see.
     """
 
     name: str
@@ -19,6 +23,8 @@ class Identity:
     source: str  # "local" or "ldap"
     groups: frozenset[str] = field(default_factory=frozenset)
     is_admin: bool = False
+    uid: int | None = None
+    gid: int | None = None
 
 
 class Authenticator(Protocol):

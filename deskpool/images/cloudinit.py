@@ -92,6 +92,11 @@ def write_nocloud_seed(
     return path
 
 
+def check_user_data(user_data: str) -> None:
+    """``InvalidInput`` naming the problem when cloud-init would not use ``user_data``."""
+    _admin_parts(user_data)
+
+
 def read_nocloud_seed(path: Path) -> dict[str, str]:
     """The files in a seed image's root directory: name -> text (for tests and diagnostics)."""
     if not path.is_file():

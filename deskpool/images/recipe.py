@@ -1,11 +1,14 @@
 """What goes into a deskpool guest image, and the hash that names a built one.
 
-Two flavors: ``console`` (a text console; small and quick to boot, for tests) and ``desktop``
+Three flavors: ``console`` (a text console; small and quick to boot, for tests), ``desktop``
 (the console image plus Xorg, LightDM and Xfce's core, booting to a graphical greeter, with
-``spice-vdagent`` and ``xrdp``). ``recipe_for(flavor)`` gives each one's recipe.
+``spice-vdagent`` and ``xrdp``) and ``cloudinit`` (the console image plus Debian's cloud-init,
+reading only a local NoCloud seed, and nslcd ready for a join hook to enroll the desktop in an
+LDAP directory). ``recipe_for(flavor)`` gives each one's recipe.
 
 The hash covers the recipe's fields (flavor included), every guest file the flavor copies in
-(``guest/``, plus ``guest-desktop/`` for the desktop flavor; so editing the identity hook
+(``guest/``, plus ``guest-desktop/`` or ``guest-cloudinit/`` for those flavors; so editing the
+identity hook
 rebuilds the image), ``KERNEL_CMDLINE`` and ``BUILDER_VERSION`` (bumped when the build steps
 change). It names the recipe, not the package versions Debian served:
 ``build_guest_image(force=True)`` refreshes those.
@@ -29,11 +32,14 @@ BUILDER_VERSION = 1
 GUEST_FILES_DIR = Path(__file__).resolve().parent / "guest"
 # Copied in after guest/ for the desktop flavor only (LightDM settings, its setup step).
 DESKTOP_FILES_DIR = Path(__file__).resolve().parent / "guest-desktop"
+# Copied in after guest/ for the cloudinit flavor only (cloud-init's settings, its setup step).
+CLOUDINIT_FILES_DIR = Path(__file__).resolve().parent / "guest-cloudinit"
 
 
 class Flavor(StrEnum):
     CONSOLE = "console"
     DESKTOP = "desktop"
+    CLOUDINIT = "cloudinit"
 
 # Direct kernel boot. `quiet` keeps the slow emulated VGA console from throttling boot under
 # TCG (warnings still reach tty0); the last console= is /dev/console, so systemd's status lines
@@ -79,6 +85,16 @@ _DESKTOP_PACKAGES = (
     "spice-vdagent",  # SPICE clients: pointer, resolution, clipboard
     "xrdp",
     "xorgxrdp",  # the X server xrdp's sessions run in (only recommended by xrdp)
+)
+# On top of the console packages: cloud-init (its settings in guest-cloudinit/ limit it to a
+# local NoCloud seed and a short list of modules) and an LDAP name service a join hook can
+# switch on: nslcd + libnss-ldapd, installed disabled (the "enrollment-ready" template: desktops
+# have no network to install them from at join time, and unjoined ones must not wait on a
+# directory they have not been told about).
+_CLOUDINIT_PACKAGES = (
+    "cloud-init",
+    "nslcd",
+    "libnss-ldapd",
 )
 # Kernel module directories (or module files, without .ko) under /lib/modules/*/kernel kept on
 # top of the console image's minimal set: the GPU and framebuffer drivers Xorg needs, PS/2
@@ -171,12 +187,14 @@ class GuestRecipe:
         """The files this flavor copies into the guest, sorted: ``guest/``, then (desktop)
         ``guest-desktop/``, whose files replace same-named ones."""
         merged = dict(iter_guest_files())
-        if self.flavor is Flavor.DESKTOP:
-            # An install without them would build (and hash) a desktop image missing its setup.
-            if not (DESKTOP_FILES_DIR / "usr/lib/deskpool/flavor-setup.sh").is_file():
-                raise ImageBuildError(f"the desktop flavor's guest files are missing from "
-                                      f"{DESKTOP_FILES_DIR}")
-            merged.update(iter_guest_files(DESKTOP_FILES_DIR))
+        extra = {Flavor.DESKTOP: DESKTOP_FILES_DIR,
+                 Flavor.CLOUDINIT: CLOUDINIT_FILES_DIR}.get(self.flavor)
+        if extra is not None:
+            # An install without them would build (and hash) an image missing its setup.
+            if not (extra / "usr/lib/deskpool/flavor-setup.sh").is_file():
+                raise ImageBuildError(f"the {self.flavor} flavor's guest files are missing "
+                                      f"from {extra}")
+            merged.update(iter_guest_files(extra))
         return sorted(merged.items())
 
 
@@ -205,12 +223,17 @@ DESKTOP_RECIPE = GuestRecipe(
     # TCG); the rest is headroom for Xorg's and Xfce's growth, applications and page cache.
     memory_mib=1536,
 )
+CLOUDINIT_RECIPE = GuestRecipe(
+    packages=(*_DEFAULT_PACKAGES, *_CLOUDINIT_PACKAGES),
+    flavor=Flavor.CLOUDINIT,
+)
 DEFAULT_RECIPE = CONSOLE_RECIPE
-_RECIPES = {Flavor.CONSOLE: CONSOLE_RECIPE, Flavor.DESKTOP: DESKTOP_RECIPE}
+_RECIPES = {Flavor.CONSOLE: CONSOLE_RECIPE, Flavor.DESKTOP: DESKTOP_RECIPE,
+            Flavor.CLOUDINIT: CLOUDINIT_RECIPE}
 
 
 def recipe_for(flavor: Flavor | str) -> GuestRecipe:
-    """The project's recipe for an image flavor ("console" or "desktop")."""
+    """The project's recipe for an image flavor ("console", "desktop" or "cloudinit")."""
     try:
         return _RECIPES[Flavor(flavor)]
     except ValueError:

@@ -1,6 +1,9 @@
 """The desktop factory: clone a template version, give the clone its identity, boot it,
 confirm through the guest agent that the guest carries exactly the identity in the database,
-and (for pools that recycle by reverting) take the factory snapshot before it is ready.
+let the template's customization finish (cloud-init, then the join hook, once per desktop: see
+``deskpool.services.customize``) and (for pools that recycle by reverting) take the factory
+snapshot before it is ready. The snapshot comes after the join hook, so a revert returns to
+the joined desktop and never runs the hook again.
 
 Each step is its own short transaction and the desktop row exists (``provisioning``) before
 anything is made on a hypervisor, so a crash at any point leaves a row that says what to finish
@@ -36,6 +39,14 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
 from deskpool.services.context import ServiceContext
+from deskpool.services.customize import (
+    JoinContext,
+    JoinHookFailed,
+    already_joined,
+    run_join_hook,
+    wait_for_cloud_init,
+)
+from deskpool.services.events import record_event
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.hosts import resolved_domain_type
 from deskpool.store.models import Desktop, TemplateVersion
@@ -194,7 +205,7 @@ class DesktopFactory:
             seed = write_nocloud_seed(
                 Path(tempfile.mkdtemp(prefix="deskpool-seed-")) / "seed.img",
                 instance_id=str(desktop.id), hostname=desktop.hostname,
-                machine_id=desktop.machine_id,
+                machine_id=desktop.machine_id, user_data=tv.user_data,
             )
         return VmSpec(
             vm_id=desktop.id, name=desktop.name, base_volume=disk_vol,
@@ -211,20 +222,39 @@ class DesktopFactory:
         self, desktop_id: uuid.UUID, *, timeout_s: float = 240.0,
         progress: Progress = no_progress,
     ) -> None:
-        """Boot if needed, confirm the guest's identity through its agent, take the factory
-        snapshot when the desktop's pool recycles by reverting, and mark it ready.
+        """Boot if needed, confirm the guest's identity through its agent, wait for cloud-init
+        and run the join hook (once per desktop), take the factory snapshot when the desktop's
+        pool recycles by reverting, and mark it ready.
 
-        On a timeout or a mismatch the desktop goes to ``error`` with the reason recorded, and
-        the error is raised.
+        On a timeout, a mismatch or a failed customization the desktop goes to ``error`` with
+        the reason recorded (a failed join hook also as an error event with its output's end),
+        and the error is raised.
         """
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
             wants_snapshot = pool is not None and pool.on_logout is OnLogout.RECYCLE_REVERT
             driver = self.ctx.driver_for(desktop.host)
+            tv = desktop.template_version
+            cloud_init = tv.customization is Customization.CLOUD_INIT
+            hook = tv.join_hook if tv.customization is not Customization.NONE else None
+            join = JoinContext(
+                desktop_id=desktop.id, desktop_name=desktop.name, hostname=desktop.hostname,
+                mac=desktop.mac, machine_id=desktop.machine_id,
+                pool=pool.name if pool is not None else None, template=tv.template.name,
+                template_version=tv.number, customization=tv.customization)
+        joined: tuple[float, str] | None = None
         try:
             driver.start_vm(desktop_id)  # off after a crash or a power-off: boot it
             self.confirm_running(desktop_id, timeout_s=timeout_s, progress=progress)
+            if cloud_init or hook:
+                agent = GuestAgent(driver, desktop_id)
+                if cloud_init:
+                    progress("waiting for cloud-init to finish")
+                    wait_for_cloud_init(agent, join.desktop_name)
+                if hook and not already_joined(agent, join):
+                    progress("running the template's join hook")
+                    joined = run_join_hook(agent, hook, join)
             if wants_snapshot:
                 progress("taking the factory snapshot")
                 driver.delete_snapshot(desktop_id, FACTORY_SNAPSHOT)  # an interrupted try's
@@ -233,10 +263,21 @@ class DesktopFactory:
             with self.ctx.uow() as uow:
                 transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING,
                            DesktopState.ERROR, last_error=str(exc))
+                if isinstance(exc, JoinHookFailed):
+                    record_event(uow, "join-hook-failed", str(exc), severity="error",
+                                 pool=join.pool, desktop_id=desktop_id,
+                                 desktop=join.desktop_name)
                 uow.commit()
             raise
         with self.ctx.uow() as uow:
             transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING, DesktopState.READY)
+            if joined is not None:
+                seconds, output = joined
+                record_event(uow, "join-hook-ran",
+                             f"the join hook of template {join.template} v"
+                             f"{join.template_version} ran on {join.desktop_name} in "
+                             f"{seconds:.1f} s" + (f": {output}" if output else ""),
+                             pool=join.pool, desktop_id=desktop_id, desktop=join.desktop_name)
             desktop = uow.desktops.get(desktop_id)
             desktop.identity_confirmed_at = datetime.now(UTC)
             desktop.power_state = PowerState.RUNNING

@@ -18,9 +18,12 @@ from deskpool.domain.errors import Conflict, InvalidInput, NotFound
 from deskpool.domain.identity import validate_hostname
 from deskpool.domain.models import Customization
 from deskpool.images.builder import GuestImage, sha256_file
+from deskpool.images.cloudinit import check_user_data
 from deskpool.images.qcow2 import image_file_info
 from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
+from deskpool.services.customize import check_join_hook
+from deskpool.services.customize import check_user_data as check_user_data_size
 from deskpool.services.views import TemplateVersionView
 from deskpool.store.models import Template, TemplateVersion
 
@@ -43,7 +46,8 @@ def version_view(version: TemplateVersion, template_name: str) -> TemplateVersio
         id=version.id, template=template_name, number=version.number,
         image_path=version.image_path, image_sha256=version.image_sha256,
         image_size_bytes=version.image_size_bytes, customization=version.customization.value,
-        published_at=version.published_at,
+        published_at=version.published_at, has_user_data=version.user_data is not None,
+        has_join_hook=version.join_hook is not None,
     )
 
 
@@ -65,6 +69,22 @@ def _check_files(files: ImageFiles) -> str:
     return info.format
 
 
+def _check_customization(customization: Customization, user_data: str | None,
+                         join_hook: str | None) -> None:
+    if user_data is not None:
+        if customization is not Customization.CLOUD_INIT:
+            raise InvalidInput(f"cloud-init user data needs the cloud-init customization; this "
+                               f"version uses {customization.value} (publish a cloud-init image, "
+                               "e.g. the cloudinit flavor, with --customization cloud-init)")
+        check_user_data_size(user_data)
+        check_user_data(user_data)
+    if join_hook is not None:
+        if customization is Customization.NONE:
+            raise InvalidInput("a join hook runs through the guest agent, which a template "
+                               "with customization none does not have")
+        check_join_hook(join_hook)
+
+
 class TemplateService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -74,12 +94,20 @@ class TemplateService:
         customization: Customization = Customization.FWCFG, vcpus: int = 1,
         memory_mib: int = 768, recipe_hash: str | None = None, notes: str = "",
         description: str = "", runs_on: str = "", arch: str = "",
+        user_data: str | None = None, join_hook: str | None = None,
     ) -> TemplateVersionView:
-        """Publish ``files`` as the next version of ``template_name`` (created if new)."""
+        """Publish ``files`` as the next version of ``template_name`` (created if new).
+
+        ``user_data``: the administrator's cloud-init user data, merged into each desktop's
+        NoCloud seed (``cloud-init`` customization only). ``join_hook``: a script run once on
+        each desktop through the guest agent before it is ready (see
+        ``deskpool.services.customize``; not with customization ``none``, which has no agent).
+        """
         validate_hostname(template_name)  # template names follow the same safe alphabet
         if vcpus < 1 or memory_mib < 128:
             raise InvalidInput(f"a template needs at least 1 vCPU and 128 MiB (got {vcpus}, "
                                f"{memory_mib} MiB)")
+        _check_customization(customization, user_data, join_hook)
         disk_format = _check_files(files)
         with self.ctx.uow() as uow:
             template = uow.templates.find_by_name(template_name)
@@ -102,7 +130,8 @@ class TemplateService:
                     vcpus=vcpus, memory_mib=memory_mib, recipe_hash=recipe_hash, notes=notes,
                     runs_on=",".join(t.strip().upper() for t in runs_on.split(",")
                                      if t.strip()),
-                    arch=arch, published_at=datetime.now(UTC),
+                    arch=arch, published_at=datetime.now(UTC), user_data=user_data,
+                    join_hook=join_hook,
                 )
                 uow.versions.add(version)
                 uow.commit()

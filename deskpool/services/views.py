@@ -43,6 +43,8 @@ class TemplateVersionView:
     image_size_bytes: int
     customization: str
     published_at: datetime
+    has_user_data: bool = False  # the admin's cloud-init user data rides in each seed
+    has_join_hook: bool = False  # a join hook runs once on each desktop
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,27 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column()
+    # A directory user's uidNumber / gidNumber as the directory gave them at their last
+    # sign-in (None: it has none, or a local user): what their desktop account is made with.
+    uid_number: Mapped[int | None] = mapped_column(Integer)
+    gid_number: Mapped[int | None] = mapped_column(Integer)
 
 
 class LinuxAccount(Base):
     """The Linux account a deskpool user gets on every desktop: its name (by the rule in
     ``deskpool.domain.accounts``) and a uid, allocated once so files keep one owner on every
-    desktop. The uid is also the user's private group's gid. Unique account names refuse two
-    users that map to one name; unique uids make racing brokers retry."""
+    desktop. A local user's uid is allocated from ``FIRST_UID`` on and is also their private
+    group's gid; a directory user with ``uidNumber`` (and ``gidNumber``) gets those
+    (``from_directory``). Unique account names refuse two users that map to one name; unique
+    uids make racing brokers retry."""
 
     __tablename__ = "linux_accounts"
 
     user_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     account: Mapped[str] = mapped_column(String(32), unique=True)
     uid: Mapped[int] = mapped_column(Integer, unique=True)
+    gid: Mapped[int] = mapped_column(Integer)
+    from_directory: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

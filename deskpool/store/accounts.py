@@ -120,6 +120,8 @@ class TokenHolder:
     source: str
     is_admin: bool
     disabled: bool
+    uid_number: int | None = None
+    gid_number: int | None = None
 
 
 class AuthTokenRepository:
@@ -137,7 +139,8 @@ class AuthTokenRepository:
         """The token's user and validity, or None for a token never issued."""
         row = self._session.execute(
             select(AuthToken.groups, AuthToken.expires_at, AuthToken.revoked_at,
-                   User.name, User.display_name, User.source, User.is_admin, User.disabled)
+                   User.name, User.display_name, User.source, User.is_admin, User.disabled,
+                   User.uid_number, User.gid_number)
             .join(User, User.id == AuthToken.user_id)
             .where(AuthToken.token_hash == token_hash)).first()
         return TokenHolder(*row) if row is not None else None

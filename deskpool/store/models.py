@@ -226,6 +226,11 @@ class TemplateVersion(Base):
     arch: Mapped[str] = mapped_column(String(32), default="")  # "": not known, any host
     published_at: Mapped[datetime | None] = mapped_column(active_history=True)
     notes: Mapped[str] = mapped_column(Text, default="")
+    # The administrator's customization, as published (immutable like the rest): cloud-init
+    # user data merged into each desktop's seed (cloud-init versions only), and the join hook
+    # run once per desktop through the guest agent before it is ready (any guest with an agent).
+    user_data: Mapped[str | None] = mapped_column(Text)
+    join_hook: Mapped[str | None] = mapped_column(Text)
 
     # One-way on purpose: a ``Template.versions`` backref would put a new, not yet added version
     # into a persistent template's collection and make the flush before ``add``'s SAVEPOINT warn.

@@ -174,6 +174,7 @@ def test_active_directory_style_filter(settings: LdapSettings) -> None:
     ({"user_filter": "(uid={username}"}, "user_filter"),
     ({"group_filter": "(cn=vdi-users)"}, "group_filter"),
     ({"group_name_attribute": "c n"}, "group_name_attribute"),
+    ({"uid_attribute": "uid number"}, "uid_attribute"),
     ({"timeout_s": 0}, "timeout_s"),
 ])
 def test_bad_settings_name_the_field(
@@ -186,3 +187,28 @@ def test_bad_settings_name_the_field(
 def test_service_password_stays_out_of_repr(settings: LdapSettings) -> None:
     assert READER_PASSWORD not in repr(settings)
     assert READER_DN in repr(settings)
+
+
+def test_rfc2307_numbers_come_with_the_identity(auth: LdapAuthenticator,
+                                                settings: LdapSettings) -> None:
+    erin = auth.authenticate("erin", "erin-pw")
+    assert erin is not None and (erin.uid, erin.gid) == (20001, 5000)
+    alice = auth.authenticate("alice", "alice-pw")  # inetOrgPerson only: no numbers
+    assert alice is not None and (alice.uid, alice.gid) == (None, None)
+    # "" ignores the attribute; another name reads that one.
+    ignoring = LdapAuthenticator(dataclasses.replace(settings, uid_attribute="",
+                                                     gid_attribute="uidNumber"))
+    erin = ignoring.authenticate("erin", "erin-pw")
+    assert erin is not None and (erin.uid, erin.gid) == (None, 20001)
+
+
+def test_a_malformed_number_in_the_directory_is_its_fault_not_the_users() -> None:
+    from deskpool.broker.ldap_auth import _number
+
+    dn = f"uid=erin,{PEOPLE_DN}"
+    assert _number(dn, "uidNumber", {"uidNumber": ["20001"]}) == 20001
+    assert _number(dn, "uidNumber", {"uidNumber": []}) is None
+    assert _number(dn, "", {"uidNumber": ["20001"]}) is None
+    for bad in ("-5", "abc", "4294967295"):
+        with pytest.raises(Unavailable, match=f"has uidNumber '{bad}'.*fix the entry"):
+            _number(dn, "uidNumber", {"uidNumber": [bad]})

@@ -1,9 +1,9 @@
 """Real-VM tier: QEMU guests booted by libvirt qemu:///system from the images the project builds.
 
 Each image flavor is built at most once per run, and only by a run that asks for it
-(``guest_image``: console, ``desktop_image``: desktop), cached by recipe hash under the default
-data directory, so a second run reuses it; everything else (database, template copies, storage
-pool) lives in a temporary directory of the test session.
+(``guest_image``: console, ``desktop_image``: desktop, ``cloudinit_image``: cloudinit), cached
+by recipe hash under the default data directory, so a second run reuses it; everything else
+(database, template copies, storage pool) lives in a temporary directory of the test session.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ def desktop_image() -> GuestImage:
     """The desktop flavor (Xorg, LightDM, Xfce), for tests that need a graphical guest. Its
     VMs need ``desktop_image.memory_mib`` (1536 MiB)."""
     return built_image(Flavor.DESKTOP)
+
+
+@pytest.fixture(scope="session")
+def cloudinit_image() -> GuestImage:
+    """The cloudinit flavor (the console image with cloud-init and a disabled nslcd), for
+    tests of templates customized by cloud-init user data and a join hook."""
+    return built_image(Flavor.CLOUDINIT)
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,47 @@ def test_image_build_takes_the_flavor(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "desktop image" in said and "VMs need 1536 MiB" in said
     bad = CliRunner().invoke(main.app, ["image", "build", "--flavor", "kiosk"])
     assert bad.exit_code != 0
+
+
+def test_publish_built_cloudinit_uses_cloud_init_and_takes_the_hook_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boot = tmp_path / "boot"
+    boot.write_bytes(b"kernel")
+
+    def built(cache_dir: Path, rcp: GuestRecipe = DEFAULT_RECIPE) -> GuestImage:
+        return GuestImage(recipe_hash=rcp.content_hash(), directory=tmp_path,
+                          disk=_qcow2(tmp_path / f"{rcp.flavor}.qcow2"), kernel=boot,
+                          initrd=boot, cmdline="root=/dev/vda", disk_sha256="0" * 64,
+                          flavor=rcp.flavor, memory_mib=rcp.memory_mib)
+
+    monkeypatch.setattr(main, "build_guest_image", built)
+    monkeypatch.setenv("DESKPOOL_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "corp.yaml").write_text("#cloud-config\nruncmd:\n  - [true]\n")
+    (tmp_path / "join.sh").write_text("#!/bin/sh\nrealm join corp.example\n")
+    runner = CliRunner()
+    result = runner.invoke(main.app, [
+        "template", "publish", "corp", "--built", "--flavor", "cloudinit",
+        "--user-data", str(tmp_path / "corp.yaml"), "--join-hook", str(tmp_path / "join.sh")])
+    assert result.exit_code == 0, result.output
+    ctx = ServiceContext(Settings(data_dir=tmp_path / "data"))
+    try:
+        with ctx.uow() as uow:
+            template = uow.templates.find_by_name("corp")
+            assert template is not None
+            (version,) = uow.versions.list(template.id)
+            assert version.customization.value == "cloud-init"
+            assert version.user_data == "#cloud-config\nruncmd:\n  - [true]\n"
+            assert version.join_hook == "#!/bin/sh\nrealm join corp.example\n"
+    finally:
+        ctx.close()
+    listed = runner.invoke(main.app, ["template", "list"]).output
+    assert "join hook" in listed  # the table wraps the rest at the terminal's width
+    # User data on a console (fwcfg) template: refused, naming why.
+    refused = runner.invoke(main.app, [
+        "template", "publish", "lab", "--built", "--user-data", str(tmp_path / "corp.yaml")])
+    # (main.app raises deskpool's errors; the console script turns them into one line)
+    assert "needs the cloud-init customization" in str(refused.exception)
+    missing = runner.invoke(main.app, [
+        "template", "publish", "lab", "--built", "--join-hook", str(tmp_path / "nope.sh")])
+    assert "cannot read the join hook" in str(missing.exception)

@@ -168,3 +168,27 @@ def test_an_unreadable_status_is_a_driver_error_naming_why(text: str, why: str) 
     with pytest.raises(DriverError, match="unreadable answer") as caught:
         parse_status(text)
     assert why in str(caught.value)
+
+
+def test_a_directory_users_numbers_make_their_account(ctx: ServiceContext) -> None:
+    erin = Identity(name="erin", display_name="Erin Posix", source="ldap", uid=20001, gid=5000)
+    s = starter(ctx)
+    assert s.account_for(erin) == ("erin", 20001)
+    a = ScriptedAgent()
+    s.sign_in(agent(a), erin, "erin", 20001)
+    # The primary group differs from the uid: it goes as the hook's 4th argument.
+    assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "erin", "20001", "Erin Posix",
+                          "5000"]
+    with pytest.raises(AccountRefused, match="below 1000"):
+        s.account_for(Identity(name="frank", display_name="F", source="ldap", uid=500))
+    with pytest.raises(AccountRefused, match="already user 'erin'"):
+        s.account_for(Identity(name="gus", display_name="G", source="ldap", uid=20001))
+
+
+def test_a_local_users_hook_call_keeps_three_arguments(ctx: ServiceContext) -> None:
+    s = starter(ctx)
+    account, uid = s.account_for(who("alice"))
+    a = ScriptedAgent()
+    s.sign_in(agent(a), who("alice"), account, uid)
+    assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "alice", str(FIRST_UID),
+                          "Alice Example"]

@@ -85,6 +85,27 @@ def test_only_the_desktop_flavor_carries_the_desktop_guest_files() -> None:
         assert rel in console and rel in desktop
 
 
+def test_the_cloudinit_flavor_is_the_console_plus_cloud_init_and_a_disabled_nslcd() -> None:
+    cloudinit = recipe_for("cloudinit")
+    assert cloudinit.flavor is Flavor.CLOUDINIT and cloudinit.memory_mib == 768
+    assert cloudinit.packages[:len(CONSOLE_RECIPE.packages)] == CONSOLE_RECIPE.packages
+    assert {"cloud-init", "nslcd", "libnss-ldapd"} <= set(cloudinit.packages)
+    assert len({CONSOLE_RECIPE.content_hash(), DESKTOP_RECIPE.content_hash(),
+                cloudinit.content_hash()}) == 3
+    files = dict(cloudinit.guest_files())
+    assert "etc/lightdm/lightdm.conf.d/50-deskpool.conf" not in files
+    cfg = files["etc/cloud/cloud.cfg.d/99-deskpool.cfg"].read_text()
+    # Read after Debian's 90_dpkg.cfg; ds-identify takes the one-line list.
+    assert sorted(["90_dpkg.cfg", "99-deskpool.cfg"])[-1] == "99-deskpool.cfg"
+    assert "\ndatasource_list: [ NoCloud, None ]\n" in cfg
+    assert "network:\n  config: disabled" in cfg and "\nusers: []\n" in cfg
+    setup = files["usr/lib/deskpool/flavor-setup.sh"].read_text()
+    assert "systemctl disable nslcd.service" in setup
+    # nslcd has only a SysV script, and images run no SysV generator: a native unit.
+    unit = files["etc/systemd/system/nslcd.service"].read_text()
+    assert "ExecStart=/usr/sbin/nslcd -n" in unit and "\nRuntimeDirectory=" not in unit
+
+
 def test_desktop_setup_boots_to_lightdm_on_the_graphical_target() -> None:
     setup = (recipe.DESKTOP_FILES_DIR / "usr/lib/deskpool/flavor-setup.sh").read_text()
     assert "systemctl set-default graphical.target" in setup
