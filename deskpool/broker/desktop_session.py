@@ -10,8 +10,9 @@ published) and keeps the answer. For those desktops, after the agent answers:
 2. ``session-hook start`` makes the account and restarts LightDM with a one-shot autologin
    (it answers ``running`` and does nothing when the user's session already runs: a
    reconnect);
-3. ``session-hook check`` is polled until the session runs (logind: x11, active; Xfce's panel
-   and desktop running as the user), which also drops the one-shot autologin.
+3. ``session-hook wait`` answers once the session runs (logind: x11, active; Xfce's panel
+   and desktop running as the user), asking inside the guest, and drops the one-shot
+   autologin; images whose hook predates ``wait`` have ``check`` polled through the agent.
 
 Desktops without the hook (the console flavor) are handed over exactly as before.
 
@@ -24,6 +25,7 @@ idle.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -151,6 +153,25 @@ class SessionStarter:
             uow.commit()
         return found
 
+    def _wait_in_guest(self, agent: GuestAgent, account: str, limit: float) -> bool | None:
+        """``session-hook wait``: one agent command that answers when the session runs
+        (True) or ``limit`` has passed (False). None when this image's hook has no ``wait``
+        (it answers 2, usage) or the agent did not answer in time: poll ``check`` then."""
+        try:
+            code, _out, err = agent.exec_capture(
+                ["/bin/sh", SESSION_HOOK, "wait", account, str(max(1, math.ceil(limit)))],
+                timeout_s=limit + 30.0)
+        except VmNotFound:
+            raise
+        except DriverError:
+            return None
+        if code in (0, 1):
+            return code == 0
+        if code == 2:
+            return None
+        raise Unavailable(f"could not wait for {account}'s session: the session hook failed "
+                          f"({code}): {err.strip()[:300]}")
+
     def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int, *,
                 timeout_s: float | None = None) -> None:
         """Start the user's session and wait until it runs; ``Unavailable`` when the hook
@@ -177,7 +198,13 @@ class SessionStarter:
         if out.strip() == "running":
             return
         deadline = self._clock() + limit
-        while True:
+        waited = self._wait_in_guest(agent, account, limit)
+        if waited:
+            return
+        if waited is False:
+            raise SessionDidNotStart(
+                f"{account}'s graphical session did not start within {limit:g} s")
+        while True:  # an image whose hook cannot wait, or an agent too busy to say: poll
             try:
                 code, _out, err = agent.exec_capture(
                     ["/bin/sh", SESSION_HOOK, "check", account], timeout_s=30.0)

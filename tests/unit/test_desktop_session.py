@@ -27,11 +27,13 @@ class ScriptedAgent:
     """Answers ``session-hook`` calls from a script of (exit code, stdout) per subcommand."""
 
     def __init__(self, *, hook: bool | None = True, start: tuple[int, str] = (0, "starting"),
-                 checks: list[int] | None = None) -> None:
+                 checks: list[int] | None = None, wait: int = 2) -> None:
         self.hook = hook
         self.start = start
         self.checks = list(checks or [0])
+        self.wait = wait  # 2: usage, a hook from before ``wait`` (the broker polls check)
         self.calls: list[list[str]] = []
+        self.timeouts: list[float] = []
 
     def read_file(self, path: str, *, max_bytes: int = 0) -> bytes:
         assert path == SESSION_HOOK
@@ -43,9 +45,14 @@ class ScriptedAgent:
 
     def exec_capture(self, argv: list[str], timeout_s: float = 30.0) -> tuple[int, str, str]:
         self.calls.append(argv)
+        self.timeouts.append(timeout_s)
         assert argv[:2] == ["/bin/sh", SESSION_HOOK]
         if argv[2] == "start":
             return self.start[0], self.start[1], "boom" if self.start[0] else ""
+        if argv[2] == "wait":
+            if self.wait == -1:
+                raise DriverError("sh in VM did not finish")
+            return self.wait, "", "usage" if self.wait == 2 else ""
         code = self.checks.pop(0) if len(self.checks) > 1 else self.checks[0]
         if code == -1:
             raise AgentUnavailable("busy")
@@ -96,7 +103,26 @@ def test_sign_in_starts_the_session_and_waits_for_it(ctx: ServiceContext) -> Non
     starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID)
     assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "alice", str(FIRST_UID),
                           "Alice Example"]
-    assert [c[2] for c in a.calls] == ["start", "check", "check", "check"]
+    assert [c[2] for c in a.calls] == ["start", "wait", "check", "check", "check"]
+
+
+def test_the_guest_waits_for_the_session_itself(ctx: ServiceContext) -> None:
+    a = ScriptedAgent(wait=0)
+    starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID, timeout_s=40)
+    assert [c[2:] for c in a.calls[1:]] == [["wait", "alice", "40"]]
+    assert a.timeouts[1] > 40  # the agent waits a little longer than the guest does
+
+
+def test_a_session_the_guest_gave_up_on_did_not_start(ctx: ServiceContext) -> None:
+    with pytest.raises(SessionDidNotStart, match="did not start within 7 s"):
+        starter(ctx).sign_in(agent(ScriptedAgent(wait=1)), who("alice"), "alice", FIRST_UID,
+                             timeout_s=7)
+
+
+def test_a_silent_wait_falls_back_to_polling(ctx: ServiceContext) -> None:
+    a = ScriptedAgent(wait=-1, checks=[0])
+    starter(ctx).sign_in(agent(a), who("alice"), "alice", FIRST_UID)
+    assert [c[2] for c in a.calls] == ["start", "wait", "check"]
 
 
 def test_a_running_session_is_not_started_again(ctx: ServiceContext) -> None:
