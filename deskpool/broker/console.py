@@ -128,13 +128,13 @@ class ConsoleTickets:
         ``proxy_host:proxy_port`` (a ticket as its ``loadbalanceinfo``), and a one-time
         password for their account set in the guest. ``Conflict`` when the desktop has no
         account of theirs or no RDP server (a desktop of the console flavor)."""
+        ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP)  # Forbidden first
         with self.ctx.uow(read_only=True) as uow:
             found = uow.linux_accounts.find(identity.name)
         if found is None:
             raise Conflict("you have no account in a desktop yet: RDP opens the session of a "
                            "desktop-flavor desktop, made when you connect to its pool")
         account = found[0]
-        ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP)
         driver = self.ctx.driver_for_id(ticket.host_id)
         driver.console_address(desktop_id, ConsoleProtocol.RDP)  # the port, before the client
         password = secrets.token_urlsafe(18)
