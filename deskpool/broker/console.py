@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 
 from deskpool.broker.accounts import token_digest
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import AuthenticationFailed, Conflict, Forbidden
+from deskpool.domain.errors import AuthenticationFailed, Conflict, Forbidden, Unavailable
 from deskpool.domain.models import ConsoleProtocol
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
@@ -127,7 +127,8 @@ class ConsoleTickets:
         """A ``.rdp`` file that opens the user's held desktop through the RDP proxy at
         ``proxy_host:proxy_port`` (a ticket as its ``loadbalanceinfo``), and a one-time
         password for their account set in the guest. ``Conflict`` when the desktop has no
-        account of theirs or no RDP server (a desktop of the console flavor)."""
+        account of theirs or no RDP server (a desktop of the console flavor);
+        ``Unavailable`` while its RDP server is still starting (its first boot)."""
         ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP)  # Forbidden first
         with self.ctx.uow(read_only=True) as uow:
             found = uow.linux_accounts.find(identity.name)
@@ -142,6 +143,9 @@ class ConsoleTickets:
             ["/bin/sh", RDP_OTP, "set", account,
              hashlib.sha256(password.encode()).hexdigest(),
              str(int(RDP_PASSWORD_TTL.total_seconds()))], timeout_s=30.0)
+        if code == 5:  # its xrdp waits for the desktop's own keys, made at its first boot
+            raise Unavailable(f"the RDP server of desktop {ticket.desktop} is still starting; "
+                              "try again in a minute", delay=30)
         if code != 0:
             what = ("its image has no RDP server" if code == 127 else
                     f"no account {account} there yet" if code == 3 else err.strip()[:200])

@@ -75,6 +75,7 @@ _DESKTOP_PACKAGES = (
     "spice-vdagent",  # SPICE clients: pointer, resolution, clipboard
     "xrdp",
     "xorgxrdp",  # the X server xrdp's sessions run in (only recommended by xrdp)
+    "xauth",  # xrdp's session manager gives its X server a cookie with it (no session without)
 )
 # Kernel module directories (or module files, without .ko) under /lib/modules/*/kernel kept on
 # top of the console image's minimal set: the GPU and framebuffer drivers Xorg needs, PS/2

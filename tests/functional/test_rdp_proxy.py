@@ -33,6 +33,7 @@ from deskpool.broker.entitlements import EntitlementService
 from deskpool.config import Settings
 from deskpool.domain.models import ConsoleAddress, ConsoleProtocol
 from deskpool.domain.pools import PoolSpec
+from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.reconciler.loop import Reconciler
@@ -110,7 +111,7 @@ def guest_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         calls.append(argv)
         return 0, "", ""
 
-    monkeypatch.setattr(console.GuestAgent, "exec_capture", exec_capture)
+    monkeypatch.setattr(GuestAgent, "exec_capture", exec_capture)
     return calls
 
 
@@ -324,3 +325,14 @@ def test_the_openapi_lists_the_rdp_file(ctx: ServiceContext) -> None:
     spec = TestClient(create_app(ctx, directories=[])).get("/openapi.json").json()
     route = spec["paths"]["/api/v1/desktops/{desktop_id}/console.rdp"]["get"]
     assert "application/x-rdp" in route["responses"]["200"]["content"]
+
+
+def test_a_desktop_whose_rdp_server_is_starting_says_try_again(
+    ctx: ServiceContext, rdp: FakeRdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(GuestAgent, "exec_capture",
+                        lambda self, argv, timeout_s=30.0: (5, "", "xrdp is not running yet"))
+    alice = client_of(ctx, 9, "alice")
+    got = alice.get(f"/api/v1/desktops/{connect(alice)}/console.rdp")
+    assert got.status_code == 503 and got.headers["retry-after"] == "30"
+    assert "still starting" in got.json()["detail"]
