@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     spice_proxy_port: int = 6081
     # The SPICE proxy's name as clients reach it, when not the portal's (a reverse proxy).
     spice_proxy_host: str | None = None
+    # RDP clients (.rdp files): a proxy admitting connections whose first packet carries an RDP
+    # ticket (0: none), and its name as clients reach it, when not the portal's.
+    rdp_proxy_port: int = 3390
+    rdp_proxy_host: str | None = None
     # Host names of web pages, besides the console proxy's own, whose consoles it serves (a
     # portal behind a reverse proxy under another name), e.g. '["vdi.example.com"]'.
     console_allowed_origins: list[str] = []

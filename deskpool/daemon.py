@@ -1,5 +1,6 @@
 """``deskpool serve``: one broker process. It runs the HTTP app (uvicorn), the console proxies
-(websockify for the browser's VNC, an HTTP CONNECT proxy for remote-viewer's SPICE; threads),
+(websockify for the browser's VNC, an HTTP CONNECT proxy for remote-viewer's SPICE, a
+ticketed RDP proxy for .rdp files; threads),
 the reconciler loop and the session timers loop.
 
 Every loop keeps its progress in the database, so a killed broker resumes where it stopped.
@@ -15,9 +16,10 @@ import uvicorn
 from deskpool.api.app import create_app
 from deskpool.api.console_proxy import ConsoleProxyServer
 from deskpool.api.observability import configure_logging
+from deskpool.api.rdp_proxy import RdpProxyServer
 from deskpool.api.spice_proxy import SpiceProxyServer
 from deskpool.api.tls import tls_files
-from deskpool.broker.console import SpiceAdmission
+from deskpool.broker.console import RdpAdmission, SpiceAdmission
 from deskpool.broker.sessions import SessionService
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
@@ -38,7 +40,8 @@ def _timers_forever(ctx: ServiceContext, stop: threading.Event, interval_s: floa
 
 
 def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
-          spice_port: int | None = None, workers: int = 4) -> None:
+          spice_port: int | None = None, rdp_port: int | None = None,
+          workers: int = 4) -> None:
     configure_logging(ctx.settings)  # text, or JSON lines (DESKPOOL_LOG_FORMAT=json)
     stop = threading.Event()
     settings = ctx.settings
@@ -52,6 +55,8 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
                                tls=tls.server_context() if tls else None)
     spice = SpiceProxyServer(SpiceAdmission(ctx), host, settings.spice_proxy_port
                              if spice_port is None else spice_port)
+    rdp_port = settings.rdp_proxy_port if rdp_port is None else rdp_port
+    rdp = RdpProxyServer(RdpAdmission(ctx), host, rdp_port) if rdp_port else None
     loops = [
         threading.Thread(target=proxy.serve_forever, name="console-proxy", daemon=True),
         threading.Thread(target=spice.serve_forever, name="spice-proxy", daemon=True),
@@ -61,11 +66,15 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         threading.Thread(target=_timers_forever, args=(ctx, stop, settings.timers_interval_s),
                          name="session-timers", daemon=True),
     ]
+    if rdp is not None:
+        loops.append(threading.Thread(target=rdp.serve_forever, name="rdp-proxy", daemon=True))
     for loop in loops:
         loop.start()
     try:
         uvicorn.run(create_app(ctx, console_ws_port=console_port,
-                               spice_proxy_port=spice.port), host=host, port=port,
+                               spice_proxy_port=spice.port,
+                               rdp_proxy_port=rdp.port if rdp else None),
+                    host=host, port=port,
                     log_level="warning", timeout_graceful_shutdown=5,
                     # uvicorn's own lines go through the root handler: one format (JSON too).
                     log_config=None,
@@ -78,5 +87,7 @@ def serve(ctx: ServiceContext, *, host: str, port: int, console_port: int,
         stop.set()
         proxy.stop()
         spice.stop()
+        if rdp is not None:
+            rdp.stop()
         for loop in loops:
             loop.join(timeout=30)

@@ -98,7 +98,7 @@ def directories_from(settings: Settings) -> list[Authenticator]:
 
 def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | None = None,
                console_ws_port: int | None = None, spice_proxy_port: int | None = None,
-               novnc_dir: Path | None = None) -> FastAPI:
+               rdp_proxy_port: int | None = None, novnc_dir: Path | None = None) -> FastAPI:
     app = FastAPI(title="deskpool", version="0.1.0",
                   description="VDI broker: pools of virtual desktops on libvirt hosts")
     found = directories_from(ctx.settings) if directories is None else list(directories)
@@ -107,7 +107,8 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
         # Logon records are batched (50 ms): a storm of logons shares their writes.
         broker=Broker(ctx, records=RecordWriter(ctx, interval_s=0.05)),
         sessions=SessionService(ctx), tickets=ConsoleTickets(ctx),
-        console_ws_port=console_ws_port, spice_proxy_port=spice_proxy_port)
+        console_ws_port=console_ws_port, spice_proxy_port=spice_proxy_port,
+        rdp_proxy_port=rdp_proxy_port)
 
     @app.exception_handler(errors.DeskpoolError)
     async def deskpool_error(request: Request, exc: errors.DeskpoolError) -> JSONResponse:

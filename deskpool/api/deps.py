@@ -33,6 +33,7 @@ class Services:
     tickets: ConsoleTickets
     console_ws_port: int | None  # where the websockify console proxy listens
     spice_proxy_port: int | None = None  # where the SPICE proxy listens (None: not served)
+    rdp_proxy_port: int | None = None  # where the RDP proxy listens (None: not served)
 
 
 def services(request: Request) -> Services:

@@ -155,3 +155,30 @@ def console_vv(desktop_id: uuid.UUID, request: Request, user: CurrentUser,
                                 proxy_port=svc.spice_proxy_port)
     return Response(vv.text, media_type="application/x-virt-viewer", headers={
         "content-disposition": f'attachment; filename="{vv.desktop}.vv"'})
+
+
+RDP_PASSWORD_HEADER = "X-Deskpool-Rdp-Password"
+
+
+@router.get("/desktops/{desktop_id}/console.rdp", response_class=PlainTextResponse,
+            tags=["user"], responses={200: {
+                "content": {"application/x-rdp": {}},
+                "headers": {RDP_PASSWORD_HEADER: {
+                    "description": "the one-time password of the file's account",
+                    "schema": {"type": "string"}}}}})
+def console_rdp(desktop_id: uuid.UUID, request: Request, user: CurrentUser,
+                svc: ServicesDep) -> Response:
+    """An RDP file (mstsc, xfreerdp) for the user's held desktop: it reaches the desktop's
+    own RDP server through this broker's RDP proxy with a ticket valid for a minute, and
+    signs in to the user's account with a one-time password, which comes in the
+    ``X-Deskpool-Rdp-Password`` header (the file format has no clear-text password)."""
+    _own_desktop(svc, user, desktop_id)  # another's desktop: Forbidden, whatever else
+    if svc.rdp_proxy_port is None:
+        raise Conflict("this broker runs no RDP proxy: use the console in the browser")
+    rdp = svc.tickets.rdp_file(user, desktop_id,
+                               proxy_host=(svc.ctx.settings.rdp_proxy_host
+                                           or request.url.hostname or "127.0.0.1"),
+                               proxy_port=svc.rdp_proxy_port)
+    return Response(rdp.text, media_type="application/x-rdp", headers={
+        "content-disposition": f'attachment; filename="{rdp.desktop}.rdp"',
+        RDP_PASSWORD_HEADER: rdp.password, "cache-control": "no-store"})

@@ -12,11 +12,20 @@ target the client names; the display admits only the password. SPICE opens sever
 connections per client (its channels): the first spends the ticket, the others follow within
 ``CHANNEL_WINDOW`` on it (``admit_spice``).
 
-Both displays listen on the host's loopback only; the proxies are the way in.
+RDP clients get a ``.rdp`` file (``rdp_file``) naming the broker's RDP proxy
+(``deskpool.api.rdp_proxy``) with an RDP ticket as its load-balancing info, which the client
+sends in its first packet, and the user's Linux account. The guest's xrdp signs them in with
+a one-time password made for that file: the broker sets its SHA-256 in the guest through the
+agent (``rdp-otp set``; valid ``RDP_PASSWORD_TTL``, once) and hands the password to the user
+beside the file, never storing it. ``admit_rdp`` spends the ticket: one connection.
+
+Both displays and the guest's forwarded RDP port listen on the host's loopback only; the
+proxies are the way in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -24,10 +33,11 @@ from datetime import datetime, timedelta
 
 from deskpool.broker.accounts import token_digest
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import AuthenticationFailed, Forbidden
+from deskpool.domain.errors import AuthenticationFailed, Conflict, Forbidden, Unavailable
 from deskpool.domain.models import ConsoleProtocol
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.store.models import utcnow
 
@@ -35,6 +45,10 @@ TICKET_TTL = timedelta(seconds=60)
 # How long after a SPICE ticket's first connection the client's other channels may follow.
 CHANNEL_WINDOW = timedelta(seconds=30)
 SPICE_PROXY_USER = "deskpool"  # the user name of the proxy credentials; the ticket is the rest
+# The guest's one-time RDP password: the ticket's minute, then the time to sign in (TLS and
+# xrdp's session start are slow under TCG).
+RDP_PASSWORD_TTL = timedelta(seconds=180)
+RDP_OTP = "/usr/lib/deskpool/rdp-otp"  # the desktop flavor's guest script (guest-desktop/)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,15 @@ class Ticket:
 class ViewerFile:
     desktop: str
     text: str  # a ``.vv`` file's contents
+
+
+@dataclass(frozen=True)
+class RdpFile:
+    desktop: str
+    text: str  # a ``.rdp`` file's contents
+    account: str  # the user's Linux account in the desktop
+    password: str  # one-time, for that account's next RDP sign-in; the broker keeps no copy
+    expires_at: datetime  # the ticket's expiry: open the file before then
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,48 @@ class ConsoleTickets:
             title=ticket.desktop, protocol="spice", host=ticket.desktop, port=5900,
             password=password,
             proxy=f"http://{SPICE_PROXY_USER}:{ticket.token}@{_url_host(proxy_host)}:{proxy_port}"))
+
+    def rdp_file(self, identity: Identity, desktop_id: uuid.UUID, *, proxy_host: str,
+                 proxy_port: int) -> RdpFile:
+        """A ``.rdp`` file that opens the user's held desktop through the RDP proxy at
+        ``proxy_host:proxy_port`` (a ticket as its ``loadbalanceinfo``), and a one-time
+        password for their account set in the guest. ``Conflict`` when the desktop has no
+        account of theirs or no RDP server (a desktop of the console flavor);
+        ``Unavailable`` while its RDP server is still starting (its first boot)."""
+        ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP)  # Forbidden first
+        with self.ctx.uow(read_only=True) as uow:
+            found = uow.linux_accounts.find(identity.name)
+        if found is None:
+            raise Conflict("you have no account in a desktop yet: RDP opens the session of a "
+                           "desktop-flavor desktop, made when you connect to its pool")
+        account = found[0]
+        driver = self.ctx.driver_for_id(ticket.host_id)
+        driver.console_address(desktop_id, ConsoleProtocol.RDP)  # the port, before the client
+        password = secrets.token_urlsafe(18)
+        code, _out, err = GuestAgent(driver, desktop_id).exec_capture(
+            ["/bin/sh", RDP_OTP, "set", account,
+             hashlib.sha256(password.encode()).hexdigest(),
+             str(int(RDP_PASSWORD_TTL.total_seconds()))], timeout_s=30.0)
+        if code == 5:  # its xrdp waits for the desktop's own keys, made at its first boot
+            raise Unavailable(f"the RDP server of desktop {ticket.desktop} is still starting; "
+                              "try again in a minute", delay=30)
+        if code != 0:
+            what = ("its image has no RDP server" if code == 127 else
+                    f"no account {account} there yet" if code == 3 else err.strip()[:200])
+            raise Conflict(f"desktop {ticket.desktop} cannot take an RDP sign-in: {what}")
+        return RdpFile(ticket.desktop, rdp_file_text(
+            host=proxy_host, port=proxy_port, account=account, token=ticket.token),
+            account=account, password=password, expires_at=ticket.expires_at)
+
+    def admit_rdp(self, secret: str) -> ConsoleTarget:
+        """Spend an RDP ticket (one connection) and say where its desktop's RDP port is
+        forwarded. ``AuthenticationFailed`` as ``consume``."""
+        with self.ctx.uow() as uow:
+            used = uow.console_tickets.use(token_digest(secret), utcnow(), ConsoleProtocol.RDP)
+            uow.commit()
+        if used is None:
+            raise AuthenticationFailed("RDP ticket unknown, already used or expired")
+        return self._target(*used, ConsoleProtocol.RDP)
 
     def consume(self, secret: str) -> ConsoleTarget:
         """Use a VNC ticket (once) and say where its desktop's console listens.
@@ -172,6 +237,36 @@ class SpiceAdmission:
 
     def closed(self, target: ConsoleTarget) -> None:
         self.sessions.console_disconnected(target.desktop_id, target.user)
+
+
+class RdpAdmission:
+    """What the RDP proxy asks the broker (``deskpool.api.rdp_proxy.Admission``)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.tickets = ConsoleTickets(ctx)
+        self.sessions = SessionService(ctx)
+
+    def admit(self, secret: str) -> ConsoleTarget:
+        return self.tickets.admit_rdp(secret)
+
+    def still_held(self, target: ConsoleTarget) -> bool:
+        return self.tickets.still_held(target)
+
+    def opened(self, target: ConsoleTarget) -> None:
+        self.sessions.console_connected(target.desktop_id, target.user)
+
+    def closed(self, target: ConsoleTarget) -> None:
+        self.sessions.console_disconnected(target.desktop_id, target.user)
+
+
+def rdp_file_text(*, host: str, port: int, account: str, token: str) -> str:
+    """A ``.rdp`` file (Microsoft's ``name:type:value`` lines) for mstsc and xfreerdp. The
+    ticket goes as ``loadbalanceinfo``: clients send it, as they do for an RD Connection
+    Broker, as the routing token of their first packet, where the proxy takes it."""
+    lines = [f"full address:s:{_url_host(host)}:{port}", f"username:s:{account}",
+             f"loadbalanceinfo:s:{token}", "prompt for credentials:i:0",
+             "use multimon:i:0", "screen mode id:i:1"]
+    return "\r\n".join(lines) + "\r\n"
 
 
 def _url_host(host: str) -> str:

@@ -25,6 +25,8 @@ def serve_command(
     console_port: Annotated[int | None, typer.Option(help="websockify console port")] = None,
     spice_port: Annotated[int | None, typer.Option(
         help="SPICE proxy port for remote-viewer (0: any free port)")] = None,
+    rdp_port: Annotated[int | None, typer.Option(
+        help="RDP proxy port for .rdp files (0: no RDP proxy)")] = None,
 ) -> None:
     """Run the broker: web portal, REST API, console proxy, reconciler and session timers."""
     ctx = ServiceContext()
@@ -32,7 +34,8 @@ def serve_command(
     try:
         serve(ctx, host=host or s.listen_host, port=port or s.listen_port,
               console_port=console_port or s.console_port,
-              spice_port=s.spice_proxy_port if spice_port is None else spice_port)
+              spice_port=s.spice_proxy_port if spice_port is None else spice_port,
+              rdp_port=s.rdp_proxy_port if rdp_port is None else rdp_port)
     finally:
         ctx.close()
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +22,7 @@ from websockets.exceptions import InvalidHandshake
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as open_websocket
 
+from deskpool.api.routes_user import RDP_PASSWORD_HEADER
 from deskpool.cli.common import out
 from deskpool.cli.console_tunnel import ConsoleTunnel, console_websocket_url
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError, NotFound
@@ -37,6 +41,11 @@ def _saved() -> dict[str, str]:
 
 
 def _call(method: str, path: str, **kw: Any) -> Any:
+    answer = _request(method, path, **kw)
+    return answer.json() if answer.content else None
+
+
+def _request(method: str, path: str, **kw: Any) -> httpx.Response:
     saved = _saved()
     try:
         answer = httpx.request(method, saved["url"].rstrip("/") + path, timeout=120,
@@ -49,7 +58,7 @@ def _call(method: str, path: str, **kw: Any) -> Any:
         except ValueError:
             detail = answer.text
         raise DeskpoolError(f"{detail} (HTTP {answer.status_code})")
-    return answer.json() if answer.content else None
+    return answer
 
 
 @client_app.command("login")
@@ -123,6 +132,42 @@ def console(
     out.print(f"console of {name}: point a VNC viewer at {listen}:{tunnel.port} "
               f"(e.g. remote-viewer vnc://{listen}:{tunnel.port}); Ctrl-C ends it")
     tunnel.serve(once=once, on_closed=lambda why: out.print(f"console of {name} ended: {why}"))
+
+
+@client_app.command("rdp")
+def rdp(
+    desktop: Annotated[str, typer.Argument(help="your desktop's name or id")],
+    save: Annotated[Path | None, typer.Option(
+        help="write the .rdp file here and print its one-time password, instead of "
+             "running the client")] = None,
+    client: Annotated[str, typer.Option(help="the RDP client to run")] = "xfreerdp",
+    cert_ignore: Annotated[bool, typer.Option(
+        help="accept the desktop's own self-signed certificate (each desktop has its own)")
+    ] = True,
+) -> None:
+    """Open a desktop's own session in an RDP client (xfreerdp), through the broker's RDP
+    proxy, signed in with a one-time password. The file is good for one connection within
+    a minute."""
+    desktop_id, name = _my_desktop(desktop)
+    answer = _request("GET", f"/api/v1/desktops/{desktop_id}/console.rdp")
+    password = answer.headers.get(RDP_PASSWORD_HEADER, "")
+    if save is not None:
+        fd = os.open(save, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(answer.text)
+        out.print(f"{save}: RDP file for {name}, good for one connection within a minute; "
+                  f"one-time password: {password}")
+        return
+    if shutil.which(client) is None:
+        raise NotFound(f"{client} is not installed (Debian: apt install freerdp2-x11); "
+                       "or use --save and another RDP client")
+    with tempfile.TemporaryDirectory(prefix="deskpool-rdp-") as tmp:
+        path = Path(tmp) / f"{name}.rdp"
+        path.write_text(answer.text, newline="")
+        # FreeRDP masks /p: in its own argument list; the password works once anyway.
+        argv = [client, str(path), f"/p:{password}", *(["/cert:ignore"] if cert_ignore else [])]
+        out.print(f"opening {name} in {client}")
+        raise typer.Exit(subprocess.run(argv, check=False).returncode)
 
 
 @client_app.command("logoff")

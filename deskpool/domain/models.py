@@ -123,10 +123,12 @@ class VmRecord:
 
 
 class ConsoleProtocol(StrEnum):
-    """A desktop's displays: VNC (the browser's noVNC) and SPICE (native remote-viewer)."""
+    """A desktop's displays: VNC (the browser's noVNC) and SPICE (native remote-viewer), both
+    QEMU's, and RDP (xfreerdp, mstsc), the guest's own xrdp."""
 
     VNC = "vnc"
     SPICE = "spice"
+    RDP = "rdp"
 
 
 @dataclass(frozen=True)

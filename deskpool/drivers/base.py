@@ -299,7 +299,13 @@ class HypervisorDriver(ABC):
     ) -> ConsoleAddress:
         """Where the running VM's ``protocol`` display listens (every VM has a VNC and a
         SPICE display, both on ``spec.vnc_listen``). ``DriverError`` when it is off or the
-        hypervisor gives it no port (libvirt's ``test:///``)."""
+        hypervisor gives it no port (libvirt's ``test:///``).
+
+        ``ConsoleProtocol.RDP`` is the guest's own RDP server (xrdp, TCP 3389 in the guest):
+        the first ask forwards a free port of ``spec.vnc_listen`` to it, for the life of the
+        VM's running hypervisor process, and later asks give the same address. The guest's
+        RDP server asks for a password, as the displays do; whether anything listens behind
+        the port is the guest's business (a console-flavor guest has no xrdp)."""
 
     @abstractmethod
     def set_console_password(

@@ -85,6 +85,7 @@ _DESKTOP_PACKAGES = (
     "spice-vdagent",  # SPICE clients: pointer, resolution, clipboard
     "xrdp",
     "xorgxrdp",  # the X server xrdp's sessions run in (only recommended by xrdp)
+    "xauth",  # xrdp's session manager gives its X server a cookie with it (no session without)
 )
 # On top of the console packages: cloud-init (its settings in guest-cloudinit/ limit it to a
 # local NoCloud seed and a short list of modules) and an LDAP name service a join hook can

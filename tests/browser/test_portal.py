@@ -5,6 +5,7 @@ admin view for admins only."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from playwright.sync_api import Page, expect
 
 from deskpool.api.app import create_app
 from deskpool.domain.models import ConsoleAddress
+from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.services.desktops import DesktopService
 from tests.broker_world import PASSWORD, BrokerWorld, make_world
@@ -56,7 +58,8 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
                         lambda vm_id, *_: ConsoleAddress("vnc", "127.0.0.1", rfb.port))
     try:
         with ConsoleProxyThread(world.ctx) as proxy, LiveServer(
-                create_app(world.ctx, directories=[], console_ws_port=proxy.port)) as server:
+                create_app(world.ctx, directories=[], console_ws_port=proxy.port,
+                           rdp_proxy_port=3390)) as server:
             yield Site(world=world, url=server.url, rfb=rfb)
     finally:
         rfb.close()
@@ -150,6 +153,31 @@ def test_log_off_hands_the_desktop_back(page: Page, site: Site) -> None:
     expect(page.locator("#no-desktops")).to_be_visible()
     expect(page.locator("#console")).to_be_hidden()
     assert site.state(name) not in ("reserved", "in_use", "idle")
+
+
+def test_the_rdp_file_downloads_and_its_one_time_password_is_shown(
+        page: Page, site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_in_guest: list[list[str]] = []
+
+    def exec_capture(self: GuestAgent, argv: list[str], timeout_s: float = 30.0
+                     ) -> tuple[int, str, str]:
+        set_in_guest.append(argv)  # rdp-otp set: the fake guest runs no scripts
+        return 0, "", ""
+
+    monkeypatch.setattr(GuestAgent, "exec_capture", exec_capture)
+    with site.world.ctx.uow() as uow:  # what a desktop-flavor hand-over allocates
+        uow.linux_accounts.get_or_allocate("alice", "alice")
+        uow.commit()
+    signed_in(page, site, "alice")
+    name = connect(page)
+    with page.expect_download() as download:
+        page.locator(f'#desktops tr[data-name="{name}"] button.rdp-file').click()
+    assert download.value.suggested_filename == f"{name}.rdp"
+    text = Path(download.value.path()).read_bytes()
+    assert b"username:s:alice\r\n" in text and b"loadbalanceinfo:s:" in text
+    expect(page.locator("#message")).to_contain_text(f"{name}.rdp saved")
+    password = page.locator("#message code.rdp-password").inner_text()
+    assert set_in_guest[-1][4] == hashlib.sha256(password.encode()).hexdigest()
 
 
 def test_a_pending_connect_asks_again_until_a_desktop_is_ready(

@@ -299,6 +299,26 @@ class TestDriverContract:
         # The display keeps its port: a password change is no new QEMU display.
         assert env.driver.console_address(spec.vm_id, ConsoleProtocol.SPICE) == spice
 
+    def test_rdp_port_is_forwarded_on_the_listen_address_once(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        with pytest.raises(DriverError):  # off: nothing to forward to
+            env.driver.console_address(spec.vm_id, ConsoleProtocol.RDP)
+        env.driver.start_vm(spec.vm_id)
+        if env.kind == "libvirt-test":
+            # test:/// runs no QEMU: no display, no network to forward through.
+            with pytest.raises(DriverError):
+                env.driver.console_address(spec.vm_id, ConsoleProtocol.RDP)
+            return
+        rdp = env.driver.console_address(spec.vm_id, ConsoleProtocol.RDP)
+        displays = {env.driver.console_address(spec.vm_id, p).port
+                    for p in (ConsoleProtocol.VNC, ConsoleProtocol.SPICE)}
+        assert (rdp.protocol, rdp.host) == ("rdp", spec.vnc_listen)
+        assert rdp.port > 0 and rdp.port not in displays
+        # Asked again, the same forward: one port per running VM.
+        assert env.driver.console_address(spec.vm_id, ConsoleProtocol.RDP) == rdp
+
     def test_display_password_of_vm_that_is_off_is_driver_error(
         self, env: ContractEnv
     ) -> None:

@@ -54,7 +54,8 @@ def serve_command(env: dict[str, str], port: int, console_port: int,
                   log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from deskpool.cli.main import run; run()", "serve",
-         "--port", str(port), "--console-port", str(console_port), "--spice-port", "0"],
+         "--port", str(port), "--console-port", str(console_port), "--spice-port", "0",
+         "--rdp-port", "0"],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 

@@ -95,7 +95,7 @@ def grid(tmp_path: Path, database_url: str,
             process = subprocess.Popen(
                 [sys.executable, "-c", "from deskpool.cli.main import run; run()", "serve",
                  "--port", str(port), "--console-port", str(free_port()),
-                 "--spice-port", "0"], env=broker_env,
+                 "--spice-port", "0", "--rdp-port", "0"], env=broker_env,
                 stdout=log, stderr=subprocess.STDOUT)
             processes.append(process)
             brokers.append((f"http://127.0.0.1:{port}", process))

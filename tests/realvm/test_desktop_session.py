@@ -5,10 +5,15 @@ One pool of one desktop, booted once for the module: the greeter is seen on its 
 then the user connects. Checked from inside through the guest agent (the account with the
 database's uid, logind's active x11 session, Xfce's panel and desktop and the files the
 session writes owned by that uid) and from outside (a libvirt screenshot that is graphical
-and no longer the greeter's)."""
+and no longer the greeter's). Then the same session's other way in: xfreerdp, on a virtual X
+screen, opens the broker's ``.rdp`` file through its RDP proxy and is signed in with the
+file's one-time password; forged, expired and spent tickets open nothing."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +22,13 @@ from pathlib import Path
 import libvirt
 import pytest
 
+import deskpool.broker.console as console
+from deskpool.api.rdp_proxy import RdpProxyServer
+from deskpool.broker.console import ConsoleTarget, ConsoleTickets, RdpAdmission, RdpFile
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker, Handover
 from deskpool.config import Settings
+from deskpool.domain.errors import Forbidden, Unavailable
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
@@ -30,6 +39,9 @@ from deskpool.services.desktops import DesktopService
 from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
+from deskpool.store.models import utcnow
+from tests.native_clients import Screen as XScreen
+from tests.native_clients import need_programs, stop, virtual_screen, wait_for
 from tests.realvm.conftest import remove_pool_of
 from tests.realvm.screens import Screen, analyse, decode_png, png_size, save_png, screenshot
 
@@ -198,3 +210,135 @@ def test_a_reconnect_finds_the_session_running(signed_in: SignedIn) -> None:
     assert again.status == "ready" and again.reconnect
     assert again.desktop_id == signed_in.handover.desktop_id
     assert again.phases_ms.get("session", 0) < 20_000
+
+
+class CountingAdmission(RdpAdmission):
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.admitted = 0
+        self.closes = 0
+
+    def admit(self, secret: str) -> ConsoleTarget:
+        target = super().admit(secret)
+        self.admitted += 1
+        return target
+
+    def closed(self, target: ConsoleTarget) -> None:
+        super().closed(target)
+        self.closes += 1
+
+
+def _count(s: SignedIn, uid: int, program: str) -> int:
+    code, out, _ = s.agent.exec_capture(["/usr/bin/pgrep", "-c", "-u", str(uid), "-x", program])
+    return int(out.strip() or 0) if code in (0, 1) else 0
+
+
+def _xrdp_session(s: SignedIn, uid: int) -> bool:
+    """xrdp's own Xorg (xorgxrdp) runs as the user, and a second Xfce desktop of theirs."""
+    code, _, _ = s.agent.exec_capture(["/usr/bin/pgrep", "-u", str(uid), "-f", "xrdp/xorg.conf"])
+    return code == 0 and _count(s, uid, "xfdesktop") >= 2
+
+
+def _xrdp_logs(s: SignedIn, client_logs: Path) -> str:
+    """What xrdp, its session manager and the client said: for a failure's message."""
+    found = []
+    for log in ("/var/log/xrdp.log", "/var/log/xrdp-sesman.log"):
+        _, out, err = s.agent.exec_capture(["/usr/bin/tail", "-n", "30", log])
+        found.append(f"--- {log}\n{out}{err}")
+    for path in sorted(client_logs.glob("xfreerdp*.log")):
+        found.append(f"--- {path.name}\n{path.read_text()[-3000:]}")
+    return "\n".join(found)
+
+
+def test_xfreerdp_opens_the_rdp_file_through_the_proxy_and_signs_in(
+    signed_in: SignedIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_programs("xfreerdp")
+    uid = _uid(signed_in)
+    desktop_id = signed_in.handover.desktop_id
+    assert desktop_id is not None
+    admission = CountingAdmission(signed_in.ctx)
+    proxy = RdpProxyServer(admission, "127.0.0.1", 0)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+    serving.start()
+    tickets = ConsoleTickets(signed_in.ctx)
+    other = Identity(name="mallory", display_name="Mallory", source="local",
+                     groups=frozenset({"staff"}))
+    with pytest.raises(Forbidden):  # another user gets no file for this desktop
+        tickets.rdp_file(other, desktop_id, proxy_host="127.0.0.1", proxy_port=proxy.port)
+
+    def xfreerdp(screen: XScreen, name: str, path: Path, password: str
+                 ) -> subprocess.Popen[bytes]:
+        return screen.run(name, "xfreerdp", str(path), f"/p:{password}",
+                          "/cert:ignore", "/size:1024x768", "/log-level:INFO")
+
+    def refused(screen: XScreen, name: str, text: str, password: str) -> None:
+        path = tmp_path / f"{name}.rdp"
+        path.write_text(text, newline="")
+        client = xfreerdp(screen, name, path, password)
+        try:
+            client.wait(timeout=60)  # the proxy closes: xfreerdp gives up
+        finally:
+            stop(client)
+        assert client.returncode != 0, (name, (tmp_path / f"{name}.log").read_text())
+
+    def rdp_file() -> RdpFile:
+        """The file, once the desktop's xrdp runs (at first boot it waits for the desktop's
+        own keys, made at idle priority: minutes under TCG while Xfce starts)."""
+        start = time.monotonic()
+        while True:
+            try:
+                made = tickets.rdp_file(USER, desktop_id, proxy_host="127.0.0.1",
+                                        proxy_port=proxy.port)
+                print(f".rdp file and one-time password: {time.monotonic() - start:.1f} s")
+                return made
+            except Unavailable as exc:
+                assert time.monotonic() - start < 480, exc
+                time.sleep(exc.delay or 10)
+
+    try:
+        with virtual_screen(tmp_path, "1280x1024x24") as screen:
+            # A forged ticket, then an expired one, open nothing.
+            rdp = rdp_file()
+            forged = re.sub(r"loadbalanceinfo:s:\S+", "loadbalanceinfo:s:forged", rdp.text)
+            refused(screen, "xfreerdp-forged", forged, rdp.password)
+            monkeypatch.setattr(console, "utcnow", lambda: utcnow() + console.TICKET_TTL * 2)
+            refused(screen, "xfreerdp-expired", rdp.text, rdp.password)
+            monkeypatch.setattr(console, "utcnow", utcnow)
+            assert admission.admitted == 0 and not _xrdp_session(signed_in, uid)
+
+            rdp = rdp_file()
+            good = tmp_path / "desktop.rdp"
+            good.write_text(rdp.text, newline="")
+            start = time.monotonic()
+            client = xfreerdp(screen, "xfreerdp", good, rdp.password)
+            try:
+                try:
+                    wait_for(lambda: _xrdp_session(signed_in, uid), 240,
+                             "the user's RDP session (xorgxrdp and Xfce as them)")
+                except AssertionError as exc:
+                    pytest.fail(f"{exc}\n{_xrdp_logs(signed_in, tmp_path)}")
+                print(f"xfreerdp -> the user's RDP session: {time.monotonic() - start:.1f} s")
+                assert admission.admitted == 1 and client.poll() is None
+                shot = tmp_path / "xfreerdp.png"
+                wait_for(lambda: analyse("image/png", screen.screenshot(shot)).is_graphical(),
+                         240, "the session drawn in xfreerdp")
+                print(f"xfreerdp screenshot: {shot}")
+                # The password was spent, and the session on the VM's screen runs on.
+                code, _, _ = signed_in.agent.exec_capture(
+                    ["/usr/bin/test", "-e", f"/run/deskpool/rdp-otp/{ACCOUNT}"])
+                assert code == 1
+                assert _count(signed_in, uid, "xfce4-panel") >= 2
+                state = DesktopService(signed_in.ctx).get(str(desktop_id)).state
+                assert state == "in_use", state
+                # The same file again: its ticket is spent.
+                refused(screen, "xfreerdp-again", rdp.text, rdp.password)
+                assert admission.admitted == 1
+            finally:
+                stop(client)
+            wait_for(lambda: admission.closes == 1, 30, "the proxy seeing xfreerdp leave")
+            state = DesktopService(signed_in.ctx).get(str(desktop_id)).state
+            assert state == "idle", state
+    finally:
+        proxy.stop()
+        serving.join(10)

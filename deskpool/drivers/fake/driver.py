@@ -78,6 +78,7 @@ _QCOW2_MAGIC = b"QFI\xfb"
 # What `qemu-img create -b base` writes for an empty qcow2 overlay.
 _OVERLAY_ALLOCATION = 196_608
 _FIRST_VNC_PORT = 5900
+_FIRST_RDP_PORT = 33900  # the RDP ports forwarded to the guests
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
@@ -320,6 +321,8 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         listen = vm.spec.vnc_listen if vm.spec is not None else "127.0.0.1"
         # As QEMU does with autoport: the SPICE display takes the port after the VNC one.
         port = vm.vnc_port + (1 if protocol is ConsoleProtocol.SPICE else 0)
+        if protocol is ConsoleProtocol.RDP:  # a forwarded port of its own, one per VM
+            port = _FIRST_RDP_PORT + (vm.vnc_port - _FIRST_VNC_PORT) // 2
         return ConsoleAddress(protocol=protocol.value, host=listen, port=port)
 
     @api

@@ -55,6 +55,7 @@ from deskpool.drivers.libvirt import xml
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
 from deskpool.drivers.libvirt.overlays import OverlayWriter
+from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
@@ -507,8 +508,13 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
         with self._lock:
             dom = self._domain(vm_id)
             with self._translate(f"reading console of VM {vm_id}"):
-                shown = (xml.parse_display(dom.XMLDesc(0), protocol.value)
-                         if dom.isActive() else None)
+                live = dom.XMLDesc(0) if dom.isActive() else None
+                # RDP is the guest's own server, on a port forwarded beside the displays.
+                display = "vnc" if protocol is ConsoleProtocol.RDP else protocol.value
+                shown = xml.parse_display(live, display) if live is not None else None
+                if shown is not None and live is not None and protocol is ConsoleProtocol.RDP:
+                    port = rdp_forward(dom, live, shown.host)
+                    return ConsoleAddress(protocol=protocol.value, host=shown.host, port=port)
             if shown is None:
                 raise DriverError(f"VM {vm_id} has no {protocol.value.upper()} console now "
                                   "(is it running?)")

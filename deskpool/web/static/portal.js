@@ -1,5 +1,6 @@
-// The user portal: sign in, my pools (Connect), my desktops (console, disconnect, log off).
-import { api, el, safeNext, show } from "./api.js";
+// The user portal: sign in, my pools (Connect), my desktops (console, RDP file, disconnect,
+// log off).
+import { api, el, errorText, safeNext, show } from "./api.js";
 import { openConsole } from "./console.js";
 
 const RETRY_MS = 3000;     // a pending connect asks again this often
@@ -103,6 +104,9 @@ function renderDesktops(desktops) {
                        onclick: () => showConsole(d) }),
         el("button", { type: "button", className: "disconnect", text: "Disconnect",
                        disabled: !open, onclick: () => closeConsole() }),
+        el("button", { type: "button", className: "rdp-file", text: "RDP file",
+                       title: "an .rdp file for mstsc or xfreerdp, and its one-time password",
+                       onclick: () => rdpFile(d) }),
         el("button", { type: "button", className: "logoff", text: "Log off",
                        onclick: () => logOff(d) })));
   }));
@@ -189,6 +193,34 @@ function closeConsole() {
   }
   $("console-screen").replaceChildren();
   $("console-disconnect").disabled = true;
+}
+
+// The .rdp file is saved as a download; its one-time password (in a header: the file format
+// has no clear-text password) is shown here, for the RDP client's password prompt.
+async function rdpFile(desktop) {
+  let response;
+  try {
+    response = await fetch(`/api/v1/desktops/${encodeURIComponent(desktop.id)}/console.rdp`,
+                           { credentials: "same-origin" });
+  } catch (err) {
+    setMessage("error", `the broker did not answer (${err.message || err}); try again`);
+    return;
+  }
+  if (!response.ok) {
+    const data = await response.json().catch(() => null);
+    const answer = { ok: false, status: response.status, error: errorText(response.status, data) };
+    if (!expired(answer)) setMessage("error", answer.error);
+    return;
+  }
+  const password = response.headers.get("x-deskpool-rdp-password") || "";
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a", { href: url, download: `${desktop.name}.rdp` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+  setMessage("rdp", `${desktop.name}.rdp saved: open it within a minute. One-time password:`);
+  $("message").append(" ", el("code", { className: "rdp-password", text: password }));
 }
 
 async function logOff(desktop) {

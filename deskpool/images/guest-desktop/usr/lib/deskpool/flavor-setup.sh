@@ -21,3 +21,9 @@ log "removing the image's own xrdp keys"
 rm -f /etc/xrdp/rsakeys.ini /etc/xrdp/cert.pem /etc/xrdp/key.pem \
     /etc/ssl/private/ssl-cert-snakeoil.key /etc/ssl/certs/ssl-cert-snakeoil.pem
 systemctl enable deskpool-xrdp-keys.service xrdp.service
+
+# An RDP client that signs in with the one-time password goes straight to an Xorg session
+# (xorgxrdp), the user's Xfce through /etc/xrdp/startwm.sh -> /etc/X11/Xsession.
+log "xrdp: the Xorg session for clients that sign in"
+sed -i 's/^autorun=.*/autorun=Xorg/' /etc/xrdp/xrdp.ini
+grep -q '^autorun=Xorg$' /etc/xrdp/xrdp.ini
