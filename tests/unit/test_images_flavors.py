@@ -131,6 +131,10 @@ def test_the_lean_xfce_session_is_wired_to_files_the_image_has() -> None:
         assert f'value="{core}"' in session
     assert "Thunar" not in session
     assert "dbus-user-session" in DESKTOP_RECIPE.packages
+    # An RDP session runs the same Xfce on a bus of its own, beside the console session.
+    startwm = (files / "etc/xrdp/startwm.sh").read_text()
+    assert startwm.startswith("#!/bin/sh")
+    assert "exec dbus-run-session -- /usr/lib/deskpool/xfce-session" in startwm
 
 
 def test_desktop_file_edits_change_only_the_desktop_hash(

@@ -23,7 +23,7 @@ rm -f /etc/xrdp/rsakeys.ini /etc/xrdp/cert.pem /etc/xrdp/key.pem \
 systemctl enable deskpool-xrdp-keys.service xrdp.service
 
 # An RDP client that signs in with the one-time password goes straight to an Xorg session
-# (xorgxrdp), the user's Xfce through /etc/xrdp/startwm.sh -> /etc/X11/Xsession.
+# (xorgxrdp), the user's Xfce through deskpool's /etc/xrdp/startwm.sh, on a bus of its own.
 log "xrdp: the Xorg session for clients that sign in"
 sed -i 's/^autorun=.*/autorun=Xorg/' /etc/xrdp/xrdp.ini
 grep -q '^autorun=Xorg$' /etc/xrdp/xrdp.ini
