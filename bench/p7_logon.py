@@ -36,6 +36,7 @@ from deskpool.domain.errors import DriverError
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.libvirt import forget_storage_pool
 from deskpool.images.builder import build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.reconciler.loop import Reconciler
@@ -145,29 +146,12 @@ def main() -> int:
             for d in DesktopService(ctx).list():
                 DesktopService(ctx).delete(str(d.id))
             ctx.close()
-            _remove_storage_pool(root / "pool")
+            forget_storage_pool(root / "pool")
     p7s, p7c = statistics.median(sessions), statistics.median(boots)
     print(f"P7s {p7s:.1f}  p99 {p99(sessions):.1f}")
     print(f"P7c {p7c:.1f}  p99 {p99(boots):.1f}")
     print(f"P7 {p7s / p7c:.2f}")
     return 0
-
-
-def _remove_storage_pool(storage_dir: Path) -> None:
-    import libvirt
-
-    from deskpool.drivers.libvirt import default_pool_name
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        pool = conn.storagePoolLookupByName(default_pool_name(storage_dir))
-        if pool.isActive():
-            pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
 
 
 if __name__ == "__main__":

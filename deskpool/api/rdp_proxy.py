@@ -23,17 +23,15 @@ user's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import socketserver
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from deskpool.api.spice_proxy import _pump as pump
+from deskpool.api.relay import RECHECK_S, TrackingTcpServer, pump
 from deskpool.broker.console import ConsoleTarget
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
 
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 # The X.224 length indicator is one byte: no Connection Request is longer than 260 bytes.
 FIRST_PACKET_LIMIT = 260
 HANDSHAKE_TIMEOUT_S = 10.0
-RECHECK_S = 10.0
 _TPKT_HEADER = 4
 _X224_FIXED = 7  # length indicator, CR code, DST-REF, SRC-REF, class
 _X224_CR = 0xE0
@@ -188,46 +185,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 log.info("%s closed the RDP console of %s", target.user, target.desktop)
 
 
-class RdpProxyServer(socketserver.ThreadingTCPServer):
-    """The proxy: one thread per connection. ``stop`` closes every open one."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
+class RdpProxyServer(TrackingTcpServer):
+    """The proxy: one thread per connection; ``stop`` closes every open one."""
 
     def __init__(self, admission: Admission, listen_host: str, listen_port: int, *,
                  recheck_s: float = RECHECK_S) -> None:
         self.admission = admission
-        self.recheck_s = recheck_s
-        self.stopping = threading.Event()
-        self._live: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        if ":" in listen_host:
-            self.address_family = socket.AF_INET6
-        super().__init__((listen_host, listen_port), _Handler)
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def track(self, sock: socket.socket) -> bool:
-        with self._lock:
-            if self.stopping.is_set():
-                return False
-            self._live.add(sock)
-            return True
-
-    def untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live.discard(sock)
-
-    def stop(self) -> None:
-        """Stop accepting and close every open connection. Call it from another thread than
-        the one running ``serve_forever``."""
-        self.stopping.set()
-        self.shutdown()
-        with self._lock:
-            for sock in self._live:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        self.server_close()
+        super().__init__(listen_host, listen_port, _Handler, recheck_s=recheck_s)

@@ -19,20 +19,17 @@ import base64
 import binascii
 import contextlib
 import logging
-import selectors
 import socket
 import socketserver
-import threading
-from collections.abc import Callable
 from typing import Protocol
 
+from deskpool.api.relay import RECHECK_S, TrackingTcpServer, pump
 from deskpool.broker.console import SPICE_PROXY_USER, ConsoleTarget
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
 
 log = logging.getLogger(__name__)
 HEAD_LIMIT = 8192  # bytes of request head a client may send before it is cut
 HANDSHAKE_TIMEOUT_S = 10.0
-RECHECK_S = 10.0
 
 
 class Admission(Protocol):
@@ -116,7 +113,7 @@ class _Handler(socketserver.BaseRequestHandler):
             admission.opened(target)
             log.info("%s opened the SPICE console of %s", target.user, target.desktop)
         try:
-            _pump(client, upstream, lambda: admission.still_held(target),
+            pump(client, upstream, lambda: admission.still_held(target),
                   self.server.recheck_s, self.server.stopping)
         finally:
             self.server.untrack(client)
@@ -149,75 +146,10 @@ def _answer(sock: socket.socket, code: int, reason: str, extra: str = "") -> Non
         sock.sendall(f"HTTP/1.1 {code} {reason}\r\n{extra}Content-Length: 0\r\n\r\n".encode())
 
 
-def _pump(a: socket.socket, b: socket.socket, held: Callable[[], bool], recheck_s: float,
-          stopping: threading.Event) -> None:
-    """Copy bytes both ways until one side closes, the proxy stops, or ``held`` says the
-    desktop left its user (asked every ``recheck_s``; a failing check keeps the channel)."""
-    peers = {a: b, b: a}
-    with selectors.DefaultSelector() as selector:
-        for sock in peers:
-            selector.register(sock, selectors.EVENT_READ)
-        while not stopping.is_set():
-            ready = selector.select(timeout=recheck_s)
-            if not ready:
-                try:
-                    if not held():
-                        return
-                except Exception:
-                    log.warning("could not check a SPICE console's desktop", exc_info=True)
-                continue
-            for key, _ in ready:
-                source = key.fileobj
-                assert isinstance(source, socket.socket)
-                try:
-                    data = source.recv(65536)
-                    if not data:
-                        return
-                    peers[source].sendall(data)
-                except OSError:
-                    return
-
-
-class SpiceProxyServer(socketserver.ThreadingTCPServer):
-    """The proxy: one thread per channel. ``stop`` closes every open channel."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
+class SpiceProxyServer(TrackingTcpServer):
+    """The proxy: one thread per channel; ``stop`` closes every open channel."""
 
     def __init__(self, admission: Admission, listen_host: str, listen_port: int, *,
                  recheck_s: float = RECHECK_S) -> None:
         self.admission = admission
-        self.recheck_s = recheck_s
-        self.stopping = threading.Event()
-        self._live: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        if ":" in listen_host:
-            self.address_family = socket.AF_INET6
-        super().__init__((listen_host, listen_port), _Handler)
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def track(self, sock: socket.socket) -> bool:
-        with self._lock:
-            if self.stopping.is_set():
-                return False
-            self._live.add(sock)
-            return True
-
-    def untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live.discard(sock)
-
-    def stop(self) -> None:
-        """Stop accepting and close every open channel. Call it from another thread than
-        the one running ``serve_forever``."""
-        self.stopping.set()
-        self.shutdown()
-        with self._lock:
-            for sock in self._live:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        self.server_close()
+        super().__init__(listen_host, listen_port, _Handler, recheck_s=recheck_s)

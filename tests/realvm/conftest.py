@@ -68,20 +68,9 @@ def real_ctx(
 
 def remove_pool_of(storage_dir: Path) -> None:
     """The libvirt storage pool a test made for its temporary directory, once it is done."""
-    import libvirt
+    from deskpool.drivers.libvirt import forget_storage_pool
 
-    from deskpool.drivers.libvirt import default_pool_name
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        pool = conn.storagePoolLookupByName(default_pool_name(storage_dir))
-        if pool.isActive():
-            pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass  # never made, or gone already
-    finally:
-        conn.close()
+    forget_storage_pool(storage_dir)
 
 
 @pytest.fixture(scope="session")

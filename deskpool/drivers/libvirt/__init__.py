@@ -1,5 +1,9 @@
 """The libvirt driver package: XML objects, the KVM probe and the driver itself."""
 
-from deskpool.drivers.libvirt.driver import LibvirtDriver, default_pool_name
+from deskpool.drivers.libvirt.driver import (
+    LibvirtDriver,
+    default_pool_name,
+    forget_storage_pool,
+)
 
-__all__ = ["LibvirtDriver", "default_pool_name"]
+__all__ = ["LibvirtDriver", "default_pool_name", "forget_storage_pool"]

@@ -93,6 +93,22 @@ def default_pool_name(storage_dir: Path) -> str:
     return "deskpool-" + hashlib.sha256(str(storage_dir).encode()).hexdigest()[:10]
 
 
+def forget_storage_pool(storage_dir: Path, uri: str = "qemu:///system") -> None:
+    """Stop and undefine the libvirt storage pool deskpool made for ``storage_dir`` (its
+    files stay), once nothing uses it: what a test or a benchmark on a temporary directory
+    leaves behind otherwise. Nothing happens when there is no such pool."""
+    conn = libvirt.open(uri)
+    try:
+        pool = conn.storagePoolLookupByName(default_pool_name(storage_dir))
+        if pool.isActive():
+            pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass  # never made, or gone already
+    finally:
+        conn.close()
+
+
 def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
