@@ -152,9 +152,7 @@ def rdp(
     answer = _request("GET", f"/api/v1/desktops/{desktop_id}/console.rdp")
     password = answer.headers.get(RDP_PASSWORD_HEADER, "")
     if save is not None:
-        fd = os.open(save, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(answer.text)
+        _write_private(save, answer.text)
         out.print(f"{save}: RDP file for {name}, good for one connection within a minute; "
                   f"one-time password: {password}")
         return
@@ -163,11 +161,43 @@ def rdp(
                        "or use --save and another RDP client")
     with tempfile.TemporaryDirectory(prefix="deskpool-rdp-") as tmp:
         path = Path(tmp) / f"{name}.rdp"
-        path.write_text(answer.text, newline="")
+        _write_private(path, answer.text)
         # FreeRDP masks /p: in its own argument list; the password works once anyway.
         argv = [client, str(path), f"/p:{password}", *(["/cert:ignore"] if cert_ignore else [])]
         out.print(f"opening {name} in {client}")
         raise typer.Exit(subprocess.run(argv, check=False).returncode)
+
+
+@client_app.command("spice")
+def spice(
+    desktop: Annotated[str, typer.Argument(help="your desktop's name or id")],
+    save: Annotated[Path | None, typer.Option(
+        help="write the .vv file here instead of running the viewer")] = None,
+    viewer: Annotated[str, typer.Option(help="the SPICE client to run")] = "remote-viewer",
+) -> None:
+    """Open a desktop in a SPICE client (remote-viewer) through the broker's SPICE proxy.
+    The file carries a ticket good for one connection within a minute."""
+    desktop_id, name = _my_desktop(desktop)
+    answer = _request("GET", f"/api/v1/desktops/{desktop_id}/console.vv")
+    if save is not None:
+        _write_private(save, answer.text)
+        out.print(f"{save}: SPICE file for {name}, good for one connection within a minute")
+        return
+    if shutil.which(viewer) is None:
+        raise NotFound(f"{viewer} is not installed (Debian: apt install virt-viewer); "
+                       "or use --save and another SPICE client")
+    with tempfile.TemporaryDirectory(prefix="deskpool-spice-") as tmp:
+        path = Path(tmp) / f"{name}.vv"
+        _write_private(path, answer.text)
+        out.print(f"opening {name} in {viewer}")
+        raise typer.Exit(subprocess.run([viewer, str(path)], check=False).returncode)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A console file holds a live ticket: readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
 
 
 @client_app.command("logoff")

@@ -178,6 +178,10 @@ def test_the_rdp_file_downloads_and_its_one_time_password_is_shown(
     expect(page.locator("#message")).to_contain_text(f"{name}.rdp saved")
     password = page.locator("#message code.rdp-password").inner_text()
     assert set_in_guest[-1][4] == hashlib.sha256(password.encode()).hexdigest()
+    # Beside it, remote-viewer's file: a plain download (no secret but the file's ticket).
+    spice = page.locator(f'#desktops tr[data-name="{name}"] a.spice-file')
+    expect(spice).to_have_attribute("download", f"{name}.vv")
+    assert (spice.get_attribute("href") or "").endswith("/console.vv")
 
 
 def test_a_pending_connect_asks_again_until_a_desktop_is_ready(

@@ -100,3 +100,30 @@ def test_cli_rdp_saves_the_file_or_runs_the_client_with_its_password(
         assert "/cert:ignore" in args and "loadbalanceinfo:s:" in args
         missing = runner.invoke(app, ["client", "rdp", name, "--client", "no-such-rdp-client"])
         assert "no-such-rdp-client is not installed" in str(missing.exception)
+
+
+def test_cli_spice_saves_the_vv_file_or_runs_the_viewer(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    stub = tmp_path / "fake-remote-viewer"  # keeps the file it was given
+    stub.write_text(f'#!/bin/sh\ncat "$1" > {seen}\n')
+    stub.chmod(0o755)
+    runner = CliRunner()
+    with ServerThread(create_app(world.ctx, directories=[], spice_proxy_port=6081)) as server:
+        assert runner.invoke(app, ["client", "login", server.url, "alice",
+                                   "--password", PASSWORD]).exit_code == 0
+        assert runner.invoke(app, ["client", "connect", "lab"]).exit_code == 0
+        name = next(d.name for d in DesktopService(world.ctx).list() if d.state == "reserved")
+        saved = tmp_path / "mine.vv"
+        got = runner.invoke(app, ["client", "spice", name, "--save", str(saved)],
+                            terminal_width=300)
+        assert got.exit_code == 0, got.output
+        assert saved.stat().st_mode & 0o077 == 0
+        text = saved.read_text()
+        assert "[virt-viewer]" in text and "type=spice" in text and ":6081" in text
+        ran = runner.invoke(app, ["client", "spice", name, "--viewer", str(stub)])
+        assert ran.exit_code == 0, ran.output
+        again = seen.read_text()
+        assert "[virt-viewer]" in again and again != text  # a fresh ticket each time
+        missing = runner.invoke(app, ["client", "spice", name, "--viewer", "no-such-viewer"])
+        assert "no-such-viewer is not installed" in str(missing.exception)

@@ -1,4 +1,4 @@
-// The user portal: sign in, my pools (Connect), my desktops (console, RDP file, disconnect,
+// The user portal: sign in, my pools (Connect), my desktops (console, SPICE and RDP files, disconnect,
 // log off).
 import { api, el, errorText, safeNext, show } from "./api.js";
 import { openConsole } from "./console.js";
@@ -104,6 +104,10 @@ function renderDesktops(desktops) {
                        onclick: () => showConsole(d) }),
         el("button", { type: "button", className: "disconnect", text: "Disconnect",
                        disabled: !open, onclick: () => closeConsole() }),
+        el("a", { className: "button spice-file", text: "SPICE file",
+                  href: `/api/v1/desktops/${encodeURIComponent(d.id)}/console.vv`,
+                  download: `${d.name}.vv`,
+                  title: "a .vv file for remote-viewer, good for one connection within a minute" }),
         el("button", { type: "button", className: "rdp-file", text: "RDP file",
                        title: "an .rdp file for mstsc or xfreerdp, and its one-time password",
                        onclick: () => rdpFile(d) }),
