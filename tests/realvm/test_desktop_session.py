@@ -180,12 +180,25 @@ def test_xfce_runs_as_the_user_and_their_files_are_theirs(signed_in: SignedIn) -
     print(f"files the session made: {len(made)}, e.g. {made[:4]}")
 
 
+def _changed_since_greeter(s: SignedIn, shot: Path) -> float | None:
+    """The share of pixels that differ from the greeter's screenshot (None: other size)."""
+    w1, h1, before = decode_png(s.greeter.read_bytes())
+    w2, h2, after = decode_png(shot.read_bytes())
+    if (w1, h1) != (w2, h2):
+        return None
+    changed = sum(before[i:i + 3] != after[i:i + 3] for i in range(0, len(after), 3))
+    return changed / (w2 * h2)
+
+
 def test_the_screen_shows_the_session_not_the_greeter(signed_in: SignedIn) -> None:
-    # Xfce's processes run a little before they have painted under TCG: a short wait.
+    # Xfce's processes run a little before they have painted under TCG (the panel first, the
+    # desktop's backdrop last): wait until the screen is the session's, up to a deadline.
     deadline = time.monotonic() + PAINT_TIMEOUT_S
     while True:
         screen, shot = _screen(signed_in.domain, signed_in.screens / "session.png")
-        if (screen is not None and screen.is_graphical()) or time.monotonic() >= deadline:
+        share = _changed_since_greeter(signed_in, shot) if screen is not None else None
+        painted = screen is not None and screen.is_graphical() and (share is None or share > 0.2)
+        if painted or time.monotonic() >= deadline:
             break
         time.sleep(3)
     print(f"session screenshot: {shot} ({screen}); greeter: {signed_in.greeter}; "
@@ -194,11 +207,7 @@ def test_the_screen_shows_the_session_not_the_greeter(signed_in: SignedIn) -> No
         _, log, _ = signed_in.agent.exec_capture(
             ["/usr/bin/tail", "-n", "40", f"/home/{ACCOUNT}/.xsession-errors"])
         pytest.fail(f"the session's screen is blank: {screen}, {shot}\n{log}")
-    w1, h1, before = decode_png(signed_in.greeter.read_bytes())
-    w2, h2, after = decode_png(shot.read_bytes())
-    if (w1, h1) == (w2, h2):
-        changed = sum(before[i:i + 3] != after[i:i + 3] for i in range(0, len(after), 3))
-        share = changed / (w2 * h2)
+    if share is not None:
         print(f"pixels changed since the greeter: {share:.0%}")
         assert share > 0.2, f"the screen still looks like the greeter: {shot}"
 
