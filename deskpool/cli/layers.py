@@ -26,12 +26,18 @@ def print_report(report: RebaseReport) -> None:
               f"{len(report.conflicts)} conflict(s), {len(report.notes)} note(s), "
               f"{report.excluded} excluded, {report.bytes / 2**20:.1f} MiB in the new layer")
     if report.conflicts:
-        table = Table("conflict", "why", "the user's copy", title="the new base won")
+        # Paths fold rather than end in "…": an admin must be able to find the user's copy.
+        table = Table(title="the new base won")
+        table.add_column("conflict", overflow="fold")
+        table.add_column("why")
+        table.add_column("the user's copy", overflow="fold")
         for c in report.conflicts:
             table.add_row(c.path, c.reason, c.user_copy or "(the user had deleted it)")
         out.print(table)
     if report.notes:
-        table = Table("path", "note", title="the user's version won")
+        table = Table(title="the user's version won")
+        table.add_column("path", overflow="fold")
+        table.add_column("note")
         for n in report.notes:
             table.add_row(n.path, n.text)
         out.print(table)

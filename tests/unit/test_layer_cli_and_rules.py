@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deskpool.cli import main
+from deskpool.cli import common, main
 from deskpool.domain.layers import (
     Entry,
     Kind,
@@ -72,7 +72,7 @@ def test_report_json_round_trip() -> None:
     assert RebaseReport.from_json(json.loads(json.dumps(report.to_json()))) == report
 
 
-def test_cli_init_and_rebase(tmp_path: Path) -> None:
+def test_cli_init_and_rebase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     old, new, layer = tmp_path / "old", tmp_path / "new", tmp_path / "layer"
     put(old, "/etc/site.conf", "v1\n")
     put(new, "/etc/site.conf", "v2\n")
@@ -87,11 +87,13 @@ def test_cli_init_and_rebase(tmp_path: Path) -> None:
     put(layer / "upper", "/etc/pkg.conf", "mine\n")
     args = ["layer", "rebase", "--old", str(old), "--new", str(new), "--layer", str(layer),
             "--new-version", "v2"]
-    done = runner.invoke(main.app, [*args, "--out", str(tmp_path / "out")],
-                         env={"COLUMNS": "200"})
+    done = runner.invoke(main.app, [*args, "--out", str(tmp_path / "out")])
     assert done.exit_code == 0, done.output
     assert "1 conflict(s), 1 note(s)" in done.output
-    assert "/etc/pkg.conf.deskpool-conflict" in done.output
+    assert "…" not in done.output, done.output  # a long path folds, never cut off
+    monkeypatch.setattr(common.out, "width", 200)  # the console is made at import
+    done = runner.invoke(main.app, [*args, "--out", str(tmp_path / "out3")])
+    assert "/etc/pkg.conf.deskpool-conflict" in done.output, done.output
     done = runner.invoke(main.app, [*args, "--out", str(tmp_path / "out2"), "--json"])
     report = json.loads(done.output)
     assert [c["path"] for c in report["conflicts"]] == ["/etc/pkg.conf"]
