@@ -196,6 +196,17 @@ class SessionService:
                     uow.commit()
             return
         if state == S.RESERVED.value and expired and connections == 0:
+            with self.ctx.uow(read_only=True) as uow:
+                signed_in = reserved_at is not None and uow.logons.signed_in_since(
+                    d_id, reserved_at)
+            if signed_in:
+                # Single sign-on started the user's session at hand-over: their account and
+                # files are on the desktop now, so it goes through the pool's on-logout
+                # policy (a recycle reverts it), never back to ready as it is.
+                self.log_off(d_id, by=None, reason=f"{user} never connected within "
+                             f"{pool.reservation_timeout_s} s; their session is ended")
+                report.reservations_expired.append(name)
+                return
             with self.ctx.uow() as uow:
                 transition(uow.desktops, d_id, S.RESERVED, S.READY)
                 _clear_session(uow, d_id, unassign=not pool.dedicated)

@@ -68,6 +68,14 @@ class LogonRepository:
                                 Logon.connect_ms.is_(None))
             .order_by(Logon.requested_at.desc()).limit(1)).first()
 
+    def signed_in_since(self, desktop_id: uuid.UUID, since: datetime) -> bool:
+        """Whether a hand-over since ``since`` started a user's session on the desktop (the
+        ``session`` phase ran): their account and files are on it then."""
+        return self._session.scalars(
+            select(Logon.id).where(Logon.desktop_id == desktop_id,
+                                   Logon.session_ms.is_not(None),
+                                   Logon.handed_over_at >= since).limit(1)).first() is not None
+
     def recent(self, limit: int) -> builtins.list[Logon]:
         """The newest ``limit`` logons, newest first."""
         return builtins.list(self._session.scalars(

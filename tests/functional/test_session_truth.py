@@ -297,3 +297,22 @@ def test_a_lock_is_an_event_and_a_broken_hook_an_error_not_a_logoff(
     assert not report.logged_off
     assert report.errors and "unreadable answer" in report.errors[0]
     assert desktops(world)[host] == ("in_use", "alice", "alice")
+
+
+def test_a_signed_in_reservation_never_connected_to_is_recycled_not_handed_on(
+        world: BrokerWorld, hook: FakeHook) -> None:
+    # Single sign-on made alice's account and started her session at hand-over; she never
+    # opens the console. At the reservation timeout the desktop must not go back to ready
+    # with her session and files on it: the pool's on-logout policy (recycle) runs.
+    b, _clock = broker(world)
+    answer = b.connect(member("alice"), "lab")
+    assert answer.status == "ready" and answer.desktop_id and answer.hostname
+    b.records.flush()
+    host = answer.hostname
+    assert desktops(world)[host][:2] == ("reserved", "alice")
+    later = utcnow() + timedelta(seconds=301)  # the pool's reservation timeout is 300 s
+    report = SessionService(world.ctx).run_timers(later, poll_guests=False)
+    assert report.reservations_expired == [host] and not report.errors
+    assert desktops(world)[host] == ("recycling", None, None)
+    (logged_off,) = events(world, "logged-off")
+    assert "alice never connected within 300 s; their session is ended" in logged_off[1]
