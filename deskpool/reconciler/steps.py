@@ -4,14 +4,22 @@
 each ``StepKind`` to the method here that does it. The reconciler runs a step under its lease on
 the desktop and turns what the step raises into the desktop's error state, a backoff, or
 nothing (``Reconciler.run_step``); the methods here only do the work and count it.
+
+A power step is over only when the VM is in its new power state: a claim skips a desktop only
+while a reconciler holds its lease, so a step that gave the lease back while the VM was still
+going down would let a user be handed a desktop that powers off under them. ``suspend_vm``
+returns once the memory is saved; a graceful ``stop_vm`` only asks the guest, so ``shut_off``
+waits for the VM to read off (forcing it after ``SHUTDOWN_GRACE_S``) while the lease is renewed.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+from deskpool.domain.models import PowerState
 from deskpool.domain.pools import Assignment
 from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.reconciler.planning import Step, StepKind
@@ -21,17 +29,22 @@ from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
 
 S = DesktopState
 HostSlot = Callable[[uuid.UUID], AbstractContextManager[int]]
+# A free desktop holds no one's work, so one whose guest does not shut down in this time (no
+# ACPI handling, a hung guest) is forced off rather than left running against the policy.
+SHUTDOWN_GRACE_S = 120.0
+SHUTDOWN_POLL_S = 0.5
 
 
 class StepRunner:
     """``slot(host_id)`` holds one of the host's provisioning slots while a desktop is made."""
 
     def __init__(self, ctx: ServiceContext, factory: DesktopFactory, *, slot: HostSlot,
-                 ready_timeout_s: float) -> None:
+                 ready_timeout_s: float, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
         self.ctx = ctx
         self.factory = factory
         self.slot = slot
         self.ready_timeout_s = ready_timeout_s
+        self.shutdown_grace_s = shutdown_grace_s
 
     def run(self, step: Step, report: PassReport) -> None:
         RUNNERS[step.kind](self, step, report)
@@ -99,7 +112,23 @@ class StepRunner:
         report.count(Outcome.POWER_CHANGED)
 
     def shut_off(self, step: Step, report: PassReport) -> None:
-        self.factory.driver_of(step.desktop_id).stop_vm(step.desktop_id)
+        """ACPI shutdown, then wait until the VM reads off before the step (and with it the
+        lease) ends; see the module's docstring. If this process dies while waiting, its lease
+        expires within one lease time, by which a shutting-down guest is normally off; the
+        next pass's sync records whatever power state the VM is in then."""
+        desktop_id = step.desktop_id
+        driver = self.factory.driver_of(desktop_id)
+        driver.stop_vm(desktop_id)
+        deadline = time.monotonic() + self.shutdown_grace_s
+        while driver.get_vm(desktop_id).power_state is not PowerState.SHUTOFF:
+            if time.monotonic() >= deadline:
+                driver.stop_vm(desktop_id, force=True)
+                break
+            time.sleep(SHUTDOWN_POLL_S)
+        with self.ctx.uow() as uow:  # the row says off before the lease goes back
+            uow.desktops.compare_and_set_power(desktop_id, PowerState.RUNNING,
+                                               PowerState.SHUTOFF)
+            uow.commit()
         report.count(Outcome.POWER_CHANGED)
 
     def start(self, step: Step, report: PassReport) -> None:

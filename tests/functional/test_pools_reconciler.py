@@ -257,6 +257,71 @@ def test_a_spare_being_suspended_is_not_handed_to_a_user_meanwhile(
         assert fake.get_vm(spare.id).power_state is PowerState.RUNNING
 
 
+def test_a_spare_being_shut_off_is_not_handed_to_a_user_while_it_powers_off(
+    ctx: ServiceContext, fake: FakeDriver
+) -> None:
+    """The power policy shuts a free desktop off. The guest's ACPI shutdown takes time (the
+    fake's VM still reads running once after the request), so a step that gave its lease back
+    right after asking would let a user's claim take a desktop that is powering off. A user
+    connecting during the step is told to come back in a moment; one connecting as soon as
+    the pass is over finds the desktop off, and it is started for them."""
+    users = PoolUsers(ctx, make_pool(ctx, spare=1, max_size=1,
+                                     power_policy=PowerPolicy.SHUTOFF))
+    users.entitle("alice")
+    reconciler = Reconciler(ctx, workers=1, ready_timeout_s=5)  # the broker's own clock
+    reconciler.run_pass()  # the spare is made and ready, still running
+    (spare,) = desktops(ctx, "ready")
+    stop = fake.stop_vm
+    answers: list[Handover] = []
+
+    def stop_while_alice_connects(vm_id: uuid.UUID, *, force: bool = False) -> None:
+        stop(vm_id, force=force)
+        if not answers:
+            answers.append(users.try_connect("alice"))
+
+    fake.stop_vm = stop_while_alice_connects  # type: ignore[method-assign]
+    report = reconciler.run_pass()
+    fake.stop_vm = stop  # type: ignore[method-assign]
+    assert report.power_changes == 1 and report.errors == []
+    assert answers[0].status == "pending" and answers[0].desktop_id is None, answers[0]
+    # The pass is over and the lease given back: the next claim must not find it going down.
+    after = users.try_connect("alice")
+    assert (after.status, after.desktop_id) == ("ready", spare.id), after
+    assert fake.get_vm(spare.id).power_state is PowerState.RUNNING
+    assert GuestAgent(fake, spare.id).ping()
+    with ctx.uow(read_only=True) as uow:
+        row = uow.desktops.get(spare.id)
+        assert (row.state, row.assigned_user) == ("reserved", "alice")
+
+
+def test_a_spare_whose_guest_ignores_the_shutdown_is_forced_off_after_a_grace(
+    ctx: ServiceContext, fake: FakeDriver
+) -> None:
+    """A guest that does not act on the ACPI request (hung, or no ACPI handling) would keep
+    the step waiting for ever: after the grace period the free desktop is forced off."""
+    make_pool(ctx, spare=1, max_size=1, power_policy=PowerPolicy.SHUTOFF)
+    reconciler = Reconciler(ctx, workers=1, ready_timeout_s=5)
+    reconciler.run_pass()
+    (spare,) = desktops(ctx, "ready")
+    stop = fake.stop_vm
+    forced: list[bool] = []
+
+    def deaf_guest(vm_id: uuid.UUID, *, force: bool = False) -> None:
+        forced.append(force)
+        if force:
+            stop(vm_id, force=True)
+
+    fake.stop_vm = deaf_guest  # type: ignore[method-assign]
+    reconciler.steps.shutdown_grace_s = 0.2
+    report = reconciler.run_pass()
+    fake.stop_vm = stop  # type: ignore[method-assign]
+    assert report.power_changes == 1 and report.errors == []
+    assert forced == [False, True]
+    assert fake.get_vm(spare.id).power_state is PowerState.SHUTOFF
+    view = DesktopService(ctx).get(str(spare.id))
+    assert (view.state, view.power_state) == ("ready", "shutoff")
+
+
 def test_interrupted_provisioning_is_finished_from_the_row(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
 ) -> None:
