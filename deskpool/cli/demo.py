@@ -89,7 +89,8 @@ def run_demo(ctx: ServiceContext, out: Console) -> None:
         "(the first boot to the greeter takes a minute or two under TCG)\n"
         f"consoles: noVNC in the browser through websockify on port {s.console_port}; "
         f"remote-viewer with the portal's .vv file, through the SPICE proxy on port "
-        f"{s.spice_proxy_port}\n"
+        f"{s.spice_proxy_port}; xfreerdp with its .rdp file and one-time password, "
+        f"through the RDP proxy on port {s.rdp_proxy_port}\n"
         "stop with Ctrl-C; passwords are kept in "
         f"{s.data_dir / 'demo-credentials'}",
         title="deskpool demo broker"))
