@@ -61,9 +61,17 @@ def prepare_demo(ctx: ServiceContext, out: Console) -> dict[str, str]:
                               recipe_hash=image.recipe_hash, arch="x86_64",
                               memory_mib=image.memory_mib)
     pools = PoolService(ctx)
-    if DEMO_POOL not in {p.name for p in pools.list()}:
+    demo_pool = next((p for p in pools.list() if p.name == DEMO_POOL), None)
+    if demo_pool is None:
         pools.create(PoolSpec(name=DEMO_POOL, template=DEMO_TEMPLATE, spare=1, max_size=3,
                               naming_pattern="desk-{n:03}"))
+    else:
+        # A newer deskpool built a newer image: the demo's desktops move to it (free ones now,
+        # held ones as their users leave), as an admin's rollout does.
+        latest = max(v.number for v in templates.list_versions() if v.template == DEMO_TEMPLATE)
+        if demo_pool.version != latest:
+            pools.rollout(DEMO_POOL)
+            out.print(f"pool {DEMO_POOL}: rolling out version {latest} of {DEMO_TEMPLATE}")
     credentials = _credentials(ctx)
     accounts = AccountService(ctx)
     known = {u.name for u in accounts.list_users()}
