@@ -53,9 +53,9 @@ class SpyHasher:
         return self.real.verify(stored, password)
 
 
-def settings(tmp_path: Path, address_max_failures: int) -> Settings:
+def settings(tmp_path: Path, address_max_failures: int, url: str | None = None) -> Settings:
     return Settings(data_dir=tmp_path / "data",
-                    database_url=f"sqlite:///{tmp_path / 'deskpool.db'}",
+                    database_url=url or f"sqlite:///{tmp_path / 'deskpool.db'}",
                     signin_address_max_failures=address_max_failures)
 
 
@@ -178,18 +178,23 @@ def test_a_success_does_not_clear_the_address_count(tmp_path: Path) -> None:
         ctx.close()
 
 
-def test_two_brokers_on_one_database_share_the_counts(ctx: ServiceContext,
-                                                      tmp_path: Path, clock: Clock) -> None:
-    other = ServiceContext(settings(tmp_path, 1000))
+def test_two_brokers_on_one_database_share_the_counts(database_url: str, tmp_path: Path,
+                                                      clock: Clock) -> None:
+    one = ServiceContext(settings(tmp_path, 1000, database_url))
+    other = ServiceContext(settings(tmp_path, 1000, database_url))
     try:
-        first, second = AccountService(ctx, clock=clock), AccountService(other, clock=clock)
+        first, second = AccountService(one, clock=clock), AccountService(other, clock=clock)
+        first.create_user("alice", PASSWORD)
         fail(first, times=2)
         fail(second, times=2)
         with pytest.raises(SignInLocked):
             fail(first)
         with pytest.raises(SignInLocked):
             second.sign_in("alice", PASSWORD)
+        clock.advance(30)
+        assert second.sign_in("alice", PASSWORD).identity.name == "alice"
     finally:
+        one.close()
         other.close()
 
 
