@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # When set, /metrics answers only a scraper sending "Authorization: Bearer <it>".
     metrics_token: str | None = None
+    # Sign-in protection: after this many failed sign-ins within the window, a user name
+    # (known or not) or a client address is locked out; each further lock lasts twice the last,
+    # up to the cap. A success clears the user's count, not the address's.
+    signin_user_max_failures: int = Field(default=5, ge=1)
+    signin_address_max_failures: int = Field(default=20, ge=1)
+    signin_window_s: float = Field(default=900.0, gt=0)
+    signin_lock_s: float = Field(default=30.0, gt=0)
+    signin_lock_max_s: float = Field(default=900.0, gt=0)
     # An LDAP / Active Directory to sign users in with (besides local users), when set.
     ldap_url: str | None = None
     ldap_bind_dn: str | None = None

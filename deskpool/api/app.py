@@ -3,7 +3,8 @@
 Errors deskpool raises on purpose become one JSON ``{"detail": sentence}`` with a status that
 says whose fault it is; anything else is a 500 whose detail says to look at the server log.
 A ``TemporaryError`` (a full pool, a service that did not answer) says "try again": a 503, with
-``Retry-After`` when the error knows how long to wait.
+``Retry-After`` when the error knows how long to wait; a sign-in locked out after too many
+failures is a 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # TemporaryError, and stays a 502.
 STATUS: list[tuple[type[errors.DeskpoolError], int]] = [
     (errors.AuthenticationFailed, 401),
+    (errors.SignInLocked, 429),
     (errors.Forbidden, 403),
     (errors.NotFound, 404),
     (errors.Conflict, 409),

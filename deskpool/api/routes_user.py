@@ -40,7 +40,9 @@ def user_public(identity: Identity) -> UserPublic:
 @router.post("/auth/login", response_model=LoginResponse, tags=["auth"])
 def login(body: LoginRequest, request: Request, response: Response,
           svc: ServicesDep) -> LoginResponse:
-    signed = svc.accounts.sign_in(body.username, body.password)
+    # The peer's address: behind a reverse proxy every client shares the proxy's.
+    address = request.client.host if request.client else None
+    signed = svc.accounts.sign_in(body.username, body.password, address=address)
     response.set_cookie(SESSION_COOKIE, signed.token, httponly=True, samesite="strict",
                         max_age=12 * 3600, path="/", secure=request.url.scheme == "https")
     return LoginResponse(token=signed.token, expires_at=signed.expires_at,

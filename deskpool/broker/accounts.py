@@ -4,6 +4,10 @@ Passwords are hashed with Argon2id (argon2-cffi's defaults). A browser session a
 token are both a random secret whose SHA-256 alone is stored: a stolen database holds no
 usable token. Sign-in tries the local users first, then each directory (LDAP) in turn; a
 directory user gets a row at first sign-in, with no password.
+
+Failed sign-ins are counted per user name and per client address, and lock either out for a
+while (``deskpool.broker.signin_guard``). A local user name that does not exist still costs one
+Argon2 verification, against a dummy hash, so the time taken does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from deskpool.broker.signin_guard import Clock, SignInGuard, user_key
 from deskpool.domain.errors import (
     AuthenticationFailed,
     Conflict,
@@ -36,6 +42,13 @@ from deskpool.store.models import utcnow
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,254}$")
 SESSION_TTL = timedelta(hours=12)
 _hasher = PasswordHasher()
+
+
+@cache
+def _dummy_hash() -> str:
+    """A hash of a random secret nobody knows: what an unknown user's password is checked
+    against, so that costs the same as checking a known user's."""
+    return _hasher.hash(secrets.token_urlsafe(32))
 
 
 def normalize_name(name: str, what: str = "user name") -> str:
@@ -77,11 +90,12 @@ class LocalAuthenticator:
     def authenticate(self, username: str, password: str) -> Identity | None:
         with self.ctx.uow(read_only=True) as uow:
             user = uow.users.find_by_name(username)
-            if user is None or user.password_hash is None:
-                return None
+            stored = user.password_hash if user is not None else None
             try:
-                _hasher.verify(user.password_hash, password)
+                _hasher.verify(stored or _dummy_hash(), password)
             except (VerificationError, InvalidHashError):
+                return None
+            if user is None or stored is None:  # the dummy hash never matches; belt and braces
                 return None
             return Identity(name=user.name, display_name=user.display_name, source="local",
                             groups=local_groups(uow, user.id), is_admin=user.is_admin)
@@ -93,8 +107,10 @@ def local_groups(uow: UnitOfWork, user_id: uuid.UUID) -> frozenset[str]:
 
 class AccountService:
     def __init__(self, ctx: ServiceContext,
-                 directories: Sequence[Authenticator] = ()) -> None:
+                 directories: Sequence[Authenticator] = (), *,
+                 clock: Clock | None = None) -> None:
         self.ctx = ctx
+        self.guard = SignInGuard(ctx, clock) if clock else SignInGuard(ctx)
         self.authenticators: list[Authenticator] = [LocalAuthenticator(ctx), *directories]
 
     # --- administration ----------------------------------------------------------------
@@ -147,15 +163,21 @@ class AccountService:
 
     # --- sign-in and tokens ------------------------------------------------------------
 
-    def sign_in(self, username: str, password: str) -> SignedIn:
+    def sign_in(self, username: str, password: str, *,
+                address: str | None = None) -> SignedIn:
         """Check the password with each authenticator in turn; a session token on success.
 
         One message for every refusal, so it does not tell which user names exist. A directory
         that cannot be reached is reported as such when no other authenticator knew the user.
+        A user name or client ``address`` locked after too many failures is refused with
+        ``SignInLocked`` before the password is looked at.
         """
+        key = user_key(username)
+        self.guard.check(key, address)
         try:
             name = normalize_name(username)
         except InvalidInput:
+            self.guard.failed(key, address)
             raise AuthenticationFailed("wrong user name or password") from None
         unreachable: Unavailable | None = None
         for authenticator in self.authenticators:
@@ -165,9 +187,11 @@ class AccountService:
                 unreachable = exc
                 continue
             if identity is not None:
+                self.guard.succeeded(key)
                 return self._open_session(identity)
         if unreachable is not None:
-            raise unreachable
+            raise unreachable  # not the user's failure: not counted
+        self.guard.failed(key, address)
         raise AuthenticationFailed("wrong user name or password")
 
     def _open_session(self, identity: Identity) -> SignedIn:

@@ -95,3 +95,8 @@ class PoolExhausted(TemporaryError):
 
     Not a dependency's failure (that is ``Unavailable``): the pool works, it is full. A user
     may try again once someone logs off; an administrator may raise the pool's maximum."""
+
+
+class SignInLocked(TemporaryError):
+    """Too many failed sign-ins for a user name or from an address: refused, without looking
+    at the password, until ``delay`` seconds have passed."""

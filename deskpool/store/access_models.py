@@ -180,3 +180,18 @@ flavor only). ``outcome`` is ready, pending (a desktop is being made), refused o
     connect_ms: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class SignInThrottle(Base):
+    """Failed sign-ins counted for one key: a user name (``kind`` "user", known or not) or a
+    client address ("address"). In the database so every broker sees the same counts.
+    ``locks`` counts the locks in a row, so each lock lasts twice the one before."""
+
+    __tablename__ = "signin_throttles"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(default=utcnow)
+    locks: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column()

@@ -64,6 +64,7 @@ from deskpool.store.repositories import (
     conflict_from_db_error,
     installation_id,
 )
+from deskpool.store.signin_throttles import SignInThrottleRepository
 from deskpool.store.slots import HostSlotRepository
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -277,6 +278,7 @@ class UnitOfWork:
     host_slots: HostSlotRepository
     pool_hosts: PoolHostRepository
     admin: AdminQueryRepository
+    signin_throttles: SignInThrottleRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -319,6 +321,7 @@ class UnitOfWork:
         self.host_slots = HostSlotRepository(self.session)
         self.pool_hosts = PoolHostRepository(self.session)
         self.admin = AdminQueryRepository(self.session)
+        self.signin_throttles = SignInThrottleRepository(self.session)
         if self.read_only:
             self._begin_read_only()
         return self
