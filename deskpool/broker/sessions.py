@@ -250,13 +250,7 @@ class SessionService:
             return
         users = agent.users()
         if users and watch_idle:
-            idle_s = agent.idle_seconds() or 0
-            since = now - timedelta(seconds=idle_s) if idle_s >= 60 else None
-            if (since is None) != (idle_since is None) or (
-                    since and idle_since and abs((since - idle_since).total_seconds()) > 90):
-                with self.ctx.uow() as uow:
-                    uow.desktop_sessions.set_idle_since(d_id, since)
-                    uow.commit()
+            self._note_idle(d_id, agent.idle_seconds() or 0, idle_since, now)
         if users and users[0] != guest_user:
             with self.ctx.uow() as uow:
                 uow.desktop_sessions.set_guest_user(d_id, users[0])
