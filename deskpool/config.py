@@ -1,16 +1,110 @@
-"""Process-wide settings, read from ``DESKPOOL_*`` environment variables.
+"""Process-wide settings: ``DESKPOOL_*`` environment variables over a TOML configuration file.
 
 Kept outside the layers: every layer may read settings, none may write them.
+
+The file is ``$DESKPOOL_CONFIG`` when set (``deskpool serve --config FILE`` sets it; set but
+empty: no file), else ``/etc/deskpool/deskpool.toml`` when it exists. Its keys are the setting
+names below (``listen_port = 8443``, as ``DESKPOOL_LISTEN_PORT`` is the variable); every value
+is checked as the file is read, so an unknown key or a wrong type is an error naming the key,
+the file and its line, before anything starts. Precedence: arguments given in code, then the
+environment, then the file, then the defaults.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from deskpool.domain.errors import InvalidInput
+
+CONFIG_ENV = "DESKPOOL_CONFIG"
+DEFAULT_CONFIG_FILE = Path("/etc/deskpool/deskpool.toml")
+
+
+class ConfigFileError(InvalidInput):
+    """The configuration file cannot be read, or holds a key or value deskpool refuses."""
+
+
+def config_file_path() -> Path | None:
+    """The configuration file this process reads, or None when there is none to read."""
+    named = os.environ.get(CONFIG_ENV)
+    if named is not None:
+        return Path(named) if named.strip() else None
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """Where ``key`` is set (or opens a table) in the file; tomllib reports lines only for
+    syntax errors, so a bad value is located by its key."""
+    pattern = re.compile(rf"^\s*(?:{re.escape(key)}\s*=|\[+\s*{re.escape(key)}\s*[].])")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def read_config_file(path: Path, fields: dict[str, FieldInfo]) -> dict[str, Any]:
+    """The file's settings, each checked against its field; raises ``ConfigFileError``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"cannot read the configuration file {path}: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line N, column M)"
+        raise ConfigFileError(f"{path}: not valid TOML: {exc}") from exc
+
+    def where(key: str) -> str:
+        line = _line_of(text, key)
+        return f"{path}:{line}" if line else str(path)
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "the README lists every one"
+            raise ConfigFileError(f"{where(key)}: unknown setting {key!r} ({hint})")
+        annotation: Any = field.annotation
+        if field.metadata:  # constraints such as Field(gt=0)
+            annotation = Annotated[annotation, *field.metadata]
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        try:
+            values[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(e["msg"].lower() for e in exc.errors())
+            raise ConfigFileError(f"{where(key)}: setting {key!r} = {value!r}: {problems}"
+                                  ) from None
+    return values
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The TOML file's values, below the environment's."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = config_file_path()
+        if path is None:
+            return {}
+        if not path.is_file():
+            raise ConfigFileError(f"the configuration file {path} ({CONFIG_ENV}) does not "
+                                  "exist or is not a file")
+        return read_config_file(path, self.settings_cls.model_fields)
 
 
 class Settings(BaseSettings):
@@ -67,6 +161,16 @@ class Settings(BaseSettings):
     ldap_group_base: str | None = None
     ldap_user_filter: str | None = None
     ldap_group_filter: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: code, then the environment, then the file.
+        return (init_settings, env_settings, dotenv_settings,
+                _ConfigFileSource(settings_cls), file_secret_settings)
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -61,4 +61,9 @@ fi
 
 # --- Python virtualenv with the package and its dev tools -----------------------------------
 "$here/setup-venv.sh"
+
+# --- deskpool's own service, where systemd runs: installed, not enabled nor started ----------
+if [ -d /run/systemd/system ]; then
+  "$here/install-service.sh"
+fi
 log "host ready"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs deskpool with its dev extras into it.
-# Skips pip when pyproject.toml has not changed since the last successful install.
+# Creates .venv (if missing) and installs deskpool with its dev extras into it, at the versions
+# requirements.lock pins. Skips pip when neither file changed since the last successful install.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,9 +11,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp="$venv/.deskpool-installed"
-want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
+want=$(cat "$repo/pyproject.toml" "$repo/requirements.lock" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  "$venv/bin/python" -m pip install -q -e "$repo[dev]" -c "$repo/requirements.lock"
   echo "$want" >"$stamp"
 fi

@@ -84,3 +84,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'deskpool.db'}"
     server = request.getfixturevalue("postgres")
     return str(server.create_database(f"t{next(_pg_databases)}"))
+
+
+# A configuration file on the machine running the tests (/etc/deskpool/deskpool.toml) must not
+# change what the tests' own settings say: no file unless a test names one.
+os.environ["DESKPOOL_CONFIG"] = ""

@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--listen wants HOST:PORT, not {args.listen!r}")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_console_proxy(host.strip("[]") or "0.0.0.0", int(port))
+    # An empty host ('--listen :6080') is the operator asking for every interface.
+    every_interface = "0.0.0.0"  # nosec B104
+    run_console_proxy(host.strip("[]") or every_interface, int(port))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from rich.table import Table
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.user_admin import UserAdmin
-from deskpool.cli.common import out, services
+from deskpool.cli.common import ConfigOption, out, services, use_config
 from deskpool.daemon import serve
 from deskpool.services.audit import Actor
 from deskpool.services.context import ServiceContext
@@ -27,8 +27,10 @@ def serve_command(
         help="SPICE proxy port for remote-viewer (0: any free port)")] = None,
     rdp_port: Annotated[int | None, typer.Option(
         help="RDP proxy port for .rdp files (0: no RDP proxy)")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Run the broker: web portal, REST API, console proxy, reconciler and session timers."""
+    use_config(config)
     ctx = ServiceContext()
     s = ctx.settings
     try:

@@ -24,6 +24,7 @@ from deskpool.cli.admin import (
     user_enable,
     user_reset_password,
 )
+from deskpool.cli.backup import backup_command, restore_command
 from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
@@ -64,6 +65,8 @@ user_app.command("enable")(user_enable)
 user_app.command("delete")(user_delete)
 user_app.command("reset-password")(user_reset_password)
 template_app.command("delete-version")(template_delete_version)
+app.command("backup")(backup_command)
+app.command("restore")(restore_command)
 
 
 

@@ -31,8 +31,10 @@ CONFLICT_SUFFIX = ".deskpool-conflict"
 
 # What the rebase drops whatever happened to it: caches, logs, scratch space, and the machine's
 # identity (deskpool gives every desktop its own at boot, so a copy in the layer is stale).
+# (Guest paths matched in a layer, not temp files of this process.)
+_GUEST_SCRATCH = ("/tmp/**", "/var/tmp/**")  # nosec B108
 DEFAULT_EXCLUSIONS: tuple[str, ...] = (
-    "/tmp/**", "/var/tmp/**", "/run/**", "/var/run/**", "/var/lock/**",
+    *_GUEST_SCRATCH, "/run/**", "/var/run/**", "/var/lock/**",
     "/var/cache/**", "/var/log/**", "/var/backups/**", "/var/crash/**",
     "/home/*/.cache/**", "/root/.cache/**", "/home/*/.xsession-errors*",
     "/var/lib/apt/lists/**", "/var/lib/dhcp/*.leases", "/var/lib/systemd/random-seed",

@@ -313,7 +313,8 @@ def _stage_guest_files(dest: Path, recipe: GuestRecipe = DEFAULT_RECIPE) -> Path
     """Copy the recipe's guest files to ``dest`` with root-friendly modes (a checkout's modes
     are not trusted)."""
     dest.mkdir(mode=0o755)
-    os.chmod(dest, 0o755)  # cp -a copies this mode onto the guest's /
+    # cp -a copies this mode onto the guest's /, which must be 0755.
+    os.chmod(dest, 0o755)  # nosec B103
     for rel, src in recipe.guest_files():
         out = dest / rel
         for parent in reversed(out.relative_to(dest).parents[:-1]):
