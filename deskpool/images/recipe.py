@@ -78,6 +78,9 @@ _DESKTOP_PACKAGES = (
     # activation (xfconfd) works through systemd (see the desktop's session-wrapper).
     "dbus-user-session",
     "xprintidle",  # the X server's input idle time, for the session hook's status
+    # xprop/xwininfo: the session hook asks the X server whether the user's desktop is on
+    # screen (window manager, panel and background drawn), not only whether its processes run.
+    "x11-utils",
     # Registers graphical sessions with logind (who is logged in, idle, locked).
     "libpam-systemd",
     "fonts-dejavu-core",
