@@ -20,6 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import PurePosixPath
 
@@ -56,6 +57,7 @@ class Layer:
     sha256: str | None = None
     base_generation: int | None = None
     desktop: str | None = None
+    created_at: datetime | None = None  # as the store recorded it
 
 
 @dataclass(frozen=True, slots=True)

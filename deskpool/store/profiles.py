@@ -89,7 +89,8 @@ def _layer(row: ProfileLayerRow) -> Layer:
     return Layer(id=row.id, user=row.user_name, generation=row.generation,
                  parent_id=row.parent_id, path=row.path, state=LayerState(row.state),
                  size_bytes=row.size_bytes, sha256=row.sha256,
-                 base_generation=row.base_generation, desktop=row.desktop_name)
+                 base_generation=row.base_generation, desktop=row.desktop_name,
+                 created_at=row.created_at)
 
 
 class ProfileRepository:
