@@ -22,6 +22,7 @@ generation whole whatever fails:
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -294,18 +295,55 @@ class ProfileService:
             uow.commit()
         return True
 
-    def sweep(self, user: str) -> list[Path]:
-        """Delete the files of flattened layers no open chain reads any more."""
+    def sweep(self, user: str, *, stray_age: timedelta = timedelta(hours=1)) -> list[Path]:
+        """Delete the files of flattened layers no open chain reads any more, and files in
+        the user's directory that no row names (a crash between making a file and
+        recording it) once they are older than ``stray_age`` (younger ones may belong to an
+        operation still running)."""
         with self._ctx.uow(read_only=True) as uow:
             layers = uow.profiles.layers(user)
-        busy = {Path(p) for p in self._in_use(layers)}
+        busy = set(self._in_use(layers))
         removed: list[Path] = []
         for layer in layers:
             path = Path(layer.path)
             if layer.state is LayerState.FLATTENED and path not in busy and path.exists():
                 disks.remove_layer(path, busy)
                 removed.append(path)
+        known = {Path(layer.path) for layer in layers}
+        cutoff = time.time() - stray_age.total_seconds()
+        directory = self.store_dir / user
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            if (path.is_file() and path not in known and path.suffix in (".qcow2", ".partial")
+                    and path.stat().st_mtime < cutoff):
+                disks.remove_layer(path, busy)
+                removed.append(path)
         return removed
+
+    def verify(self, user: str) -> list[str]:
+        """Check every committed layer of ``user`` against its recorded sha256 (a background
+        job: logon does not read the whole chain, so its time does not grow with the
+        profile). Each mismatch or missing file is a sentence, and an error event."""
+        with self._ctx.uow(read_only=True) as uow:
+            layers = uow.profiles.layers(user)
+        problems: list[str] = []
+        for layer in layers:
+            if layer.state is not LayerState.COMMITTED or layer.sha256 is None:
+                continue
+            path = Path(layer.path)
+            try:
+                disks.verify_sha256(path, layer.sha256)
+            except Conflict as exc:
+                problems.append(f"generation {layer.generation}: {exc}")
+            except OSError as exc:
+                problems.append(f"generation {layer.generation}: {path} cannot be read "
+                                f"({exc.strerror})")
+        if problems:
+            with self._ctx.uow() as uow:
+                for problem in problems:
+                    record_event(uow, "profile-corrupt", f"profile of {user}, {problem}",
+                                 severity="error", user=user)
+                uow.commit()
+        return problems
 
     @staticmethod
     def _in_use(layers: list[Layer]) -> list[Path]:

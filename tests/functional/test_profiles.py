@@ -5,6 +5,7 @@ corrupt session layer, retention, flattening and rollback."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
@@ -280,3 +281,32 @@ def test_flatten_merges_old_generations_and_sweep_removes_their_files(
     assert service.rollback("ann", 5, actor="admin").generation == 8
     assert not holds(committed_path(service, "ann"), 6, 6 * MiB)
     assert holds(committed_path(service, "ann"), 4, 4 * MiB)
+
+
+def test_verify_reports_a_committed_layer_whose_checksum_changed(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext) -> None:
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    session_cycle(service, fake, desktop(fake, "desk-a"), "ann", 0x44, 3 * MiB)
+    assert service.verify("ann") == []
+    damaged = committed_path(service, "ann")
+    with damaged.open("r+b") as handle:  # bit rot in the newest generation's data
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 0xFF]))
+    problems = service.verify("ann")
+    assert len(problems) == 1 and "generation 2" in problems[0] and "corrupt" in problems[0]
+    assert "profile-corrupt" in event_kinds(ctx, "ann")
+
+
+def test_sweep_removes_stray_files_only_once_they_are_old(service: ProfileService,
+                                                          tmp_path: Path) -> None:
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    user_dir = tmp_path / "profiles" / "ann"
+    old, fresh = user_dir / "crashed.qcow2.partial", user_dir / f"{uuid.uuid4()}.qcow2"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    long_ago = (datetime.now(UTC) - timedelta(hours=2)).timestamp()
+    os.utime(old, (long_ago, long_ago))
+    assert service.sweep("ann") == [old]
+    assert fresh.exists() and committed_path(service, "ann").exists()
