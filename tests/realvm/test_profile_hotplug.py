@@ -97,9 +97,12 @@ def mount_script(serial: str) -> str:
     """What the guest's session start will do: wait for the disk by serial, check the label,
     mount it."""
     dev = f"/dev/disk/by-id/virtio-{serial}"
-    return (f"for i in $(seq 100); do [ -e {dev} ] && break; sleep 0.2; done; "
+    return (f"t0=$(date +%s.%N); for i in $(seq 300); do [ -e {dev} ] && break; sleep 0.1; "
+            f"done; t1=$(date +%s.%N); "
             f"test \"$(blkid -s LABEL -o value {dev})\" = deskpool-home && "
-            f"mkdir -p /mnt/home && mount {dev} /mnt/home")
+            f"mkdir -p /mnt/home && mount {dev} /mnt/home && t2=$(date +%s.%N) && "
+            f"echo \"device after $(echo \"$t1 - $t0\" | awk '{{print $1 - $3}}') s, "
+            f"mounted after $(echo \"$t2 - $t0\" | awk '{{print $1 - $3}}') s\"")
 
 
 def test_a_guest_mounts_its_profile_by_serial_and_the_next_session_sees_its_files(
@@ -117,7 +120,7 @@ def test_a_guest_mounts_its_profile_by_serial_and_the_next_session_sees_its_file
         t0 = time.monotonic()
         first = service.start_session("ann", "prof-desk", driver, vm_id)
         attached = time.monotonic() - t0
-        sh(agent, mount_script(first.serial))
+        print("\nfirst session: " + sh(agent, mount_script(first.serial)).strip())
         mounted = time.monotonic() - t0
         assert sh(agent, "cat /mnt/home/.profile") == "from the skeleton\n"
         sh(agent, "echo 'written on desk A' > /mnt/home/notes.txt && umount /mnt/home")
@@ -137,7 +140,7 @@ def test_a_guest_mounts_its_profile_by_serial_and_the_next_session_sees_its_file
         assert subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True).returncode == 0
 
         second = service.start_session("ann", "prof-desk", driver, vm_id)
-        sh(agent, mount_script(second.serial))
+        print("second session: " + sh(agent, mount_script(second.serial)).strip())
         assert sh(agent, "cat /mnt/home/notes.txt") == "written on desk A\n"
         sh(agent, "umount /mnt/home")
         assert service.end_session(second.layer_id, driver, vm_id).generation == 3
