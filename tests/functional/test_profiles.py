@@ -310,3 +310,85 @@ def test_sweep_removes_stray_files_only_once_they_are_old(service: ProfileServic
     os.utime(old, (long_ago, long_ago))
     assert service.sweep("ann") == [old]
     assert fresh.exists() and committed_path(service, "ann").exists()
+
+
+class Killed(BaseException):
+    """The broker process dies here (nothing of it runs after, not even ``except``)."""
+
+
+def test_a_broker_killed_at_any_step_of_logoff_leaves_exactly_old_or_new(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from deskpool.images import profile_disks
+    from deskpool.store.db import UnitOfWork
+    from deskpool.store.profiles import ProfileRepository
+
+    clock = {"n": 0, "crash_at": -1}
+
+    def tick() -> None:
+        clock["n"] += 1
+        if clock["n"] == clock["crash_at"]:
+            raise Killed
+
+    def around(original: object) -> object:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            tick()
+            result = original(*args, **kwargs)  # type: ignore[operator]
+            tick()
+            return result
+        return wrapped
+
+    for name in ("check_layer", "sha256_of", "allocated_bytes"):
+        monkeypatch.setattr(profile_disks, name, around(getattr(profile_disks, name)))
+    for cls, name in ((ProfileRepository, "commit_generation"),
+                      (ProfileRepository, "set_layer_state"), (UnitOfWork, "commit")):
+        monkeypatch.setattr(cls, name, around(getattr(cls, name)))
+    monkeypatch.setattr(fake, "detach_disk", around(fake.detach_disk))
+
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    vm = desktop(fake, "desk-a")
+    outcomes: set[str] = set()
+    crash_at = 1
+    while True:
+        with ctx.uow(read_only=True) as uow:
+            before = uow.profiles.get("ann")
+        session = service.start_session("ann", "desk-a", fake, vm)
+        guest_writes(session.path, crash_at, crash_at * MiB)
+        clock.update(n=0, crash_at=crash_at)
+        try:
+            service.end_session(session.layer_id, fake, vm)
+            finished = True
+        except Killed:
+            finished = False
+        clock["crash_at"] = -1
+        # The broker restarts: sessions whose disk no desktop holds are set aside; one
+        # still attached is logged off again.
+        restarted = ProfileService(ctx, tmp_path / "profiles")
+        restarted.recover_sessions(attached_serials([fake]),
+                                   started_before=datetime.now(UTC) + timedelta(seconds=5))
+        with ctx.uow(read_only=True) as uow:
+            still_open = uow.profiles.layer(session.layer_id).state is LayerState.SESSION
+        if still_open:
+            restarted.end_session(session.layer_id, fake, vm)
+        with ctx.uow(read_only=True) as uow:
+            after = uow.profiles.get("ann")
+            layer = uow.profiles.layer(session.layer_id)
+            top = uow.profiles.layer(after.layer_id) if after.layer_id else None
+        if after.generation == before.generation:
+            assert after.layer_id == before.layer_id and layer.state is LayerState.UNCLEAN
+            outcomes.add("old")
+        else:
+            assert after.generation == before.generation + 1
+            assert after.layer_id == session.layer_id and layer.state is LayerState.COMMITTED
+            assert holds(session.path, crash_at, crash_at * MiB)
+            outcomes.add("new")
+        assert top is not None and top.sha256 == sha256_of(Path(top.path))
+        assert check_is_clean(Path(top.path))
+        if finished:
+            break
+        crash_at += 1
+    assert outcomes == {"old", "new"} and crash_at > 10  # every step was cut at least once
+
+
+def check_is_clean(path: Path) -> bool:
+    return subprocess.run(["qemu-img", "check", "-q", str(path)]).returncode == 0
