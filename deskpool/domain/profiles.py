@@ -58,6 +58,7 @@ class Layer:
     base_generation: int | None = None
     desktop: str | None = None
     created_at: datetime | None = None  # as the store recorded it
+    note: str | None = None  # why it was set aside, or what made it (rollback, reset...)
 
 
 @dataclass(frozen=True, slots=True)

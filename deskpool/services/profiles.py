@@ -45,6 +45,7 @@ from deskpool.domain.profiles import (
     disk_serial,
     exclusions,
     flatten_plan,
+    kept_generations,
     layer_file_name,
     open_session,
     rollback_target,
@@ -67,6 +68,19 @@ class ProfileSession:
     path: Path
     base_generation: int
     exclusions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileView:
+    """A profile as the admin (or its user) sees it."""
+
+    user: str
+    generation: int
+    size_bytes: int
+    quota_bytes: int
+    rollback_to: tuple[int, ...]  # kept generations a rollback may go to
+    open_sessions: tuple[str, ...]  # desktops with a session layer now
+    unclean: tuple[tuple[str, str], ...]  # (desktop, why) of each layer set aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +247,48 @@ class ProfileService:
                                    "stopped during logoff)")
         return orphans
 
-    # --- rollback, flattening --------------------------------------------------------------
+    def describe(self, user: str) -> ProfileView:
+        """``NotFound`` for a user without a profile."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+            layers = uow.profiles.layers(user)
+        held = {layer.generation for layer in layers if layer.state is LayerState.COMMITTED}
+        return ProfileView(
+            user=user, generation=profile.generation, size_bytes=profile.size_bytes,
+            quota_bytes=profile.quota_bytes,
+            rollback_to=tuple(g for g in kept_generations(profile)
+                              if g != profile.generation and g in held),
+            open_sessions=tuple(layer.desktop or "?" for layer in layers
+                                if layer.state is LayerState.SESSION),
+            unclean=tuple((layer.desktop or "?", layer.note or "")
+                          for layer in layers if layer.state is LayerState.UNCLEAN))
+
+    # --- rollback, reset, flattening -------------------------------------------------------
+
+    def reset(self, user: str, *, actor: str, owner: tuple[int, int] | None = None) -> Profile:
+        """Start ``user`` over with a fresh, empty home as a new generation; the old
+        generations stay (a rollback can return to them while they are kept). ``Conflict``
+        when a logoff committed meanwhile."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+        layer_id = uuid.uuid4()
+        path = disks.make_base_disk(self._path((user, layer_id)), profile.quota_bytes,
+                                    skeleton=self._skeleton, owner=owner)
+        layer = Layer(id=layer_id, user=user, generation=profile.generation + 1,
+                      parent_id=None, path=str(path), state=LayerState.COMMITTED,
+                      size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
+        with self._ctx.uow() as uow:
+            uow.profiles.add_layer(layer, note="reset")
+            if uow.profiles.commit_generation(user, profile.generation, layer_id,
+                                              layer.size_bytes):
+                record_event(uow, "profile-reset",
+                             f"profile of {user} reset by {actor}: generation "
+                             f"{layer.generation} is a fresh home, generation "
+                             f"{profile.generation} is kept", user=user)
+                uow.commit()
+                return uow.profiles.get(user)
+        path.unlink(missing_ok=True)
+        raise Conflict(f"the profile of {user} changed while resetting it; look again and retry")
 
     def rollback(self, user: str, generation: int, *, actor: str) -> Profile:
         """Make a new generation whose content is generation ``generation``'s: an empty

@@ -90,7 +90,7 @@ def _layer(row: ProfileLayerRow) -> Layer:
                  parent_id=row.parent_id, path=row.path, state=LayerState(row.state),
                  size_bytes=row.size_bytes, sha256=row.sha256,
                  base_generation=row.base_generation, desktop=row.desktop_name,
-                 created_at=row.created_at)
+                 created_at=row.created_at, note=row.note)
 
 
 class ProfileRepository:
@@ -148,7 +148,8 @@ class ProfileRepository:
             id=layer.id, user_name=layer.user, generation=layer.generation,
             parent_id=layer.parent_id, path=layer.path, state=layer.state,
             size_bytes=layer.size_bytes, sha256=layer.sha256,
-            base_generation=layer.base_generation, desktop_name=layer.desktop, note=note)
+            base_generation=layer.base_generation, desktop_name=layer.desktop,
+            note=note if note is not None else layer.note)
         self._session.add(row)
         self._session.flush()
         return _layer(row)

@@ -392,3 +392,27 @@ def test_a_broker_killed_at_any_step_of_logoff_leaves_exactly_old_or_new(
 
 def check_is_clean(path: Path) -> bool:
     return subprocess.run(["qemu-img", "check", "-q", str(path)]).returncode == 0
+
+
+def test_reset_starts_a_fresh_home_and_keeps_the_old_one_for_a_rollback(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext) -> None:
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    vm_a, vm_b = desktop(fake, "desk-a"), desktop(fake, "desk-b")
+    session_cycle(service, fake, vm_a, "ann", 0x55, 4 * MiB)
+    aside = service.start_session("ann", "desk-b", fake, vm_b)
+    raced = service.start_session("ann", "desk-a", fake, vm_a)
+
+    assert service.reset("ann", actor="admin").generation == 3
+    assert not service.end_session(raced.layer_id, fake, vm_a).committed
+
+    assert not holds(committed_path(service, "ann"), 0x55, 4 * MiB)
+    view = service.describe("ann")
+    assert (view.generation, view.rollback_to, view.open_sessions) == (3, (1, 2), ("desk-b",))
+    assert [desk for desk, _ in view.unclean] == ["desk-a"]
+    assert "generation 3 was committed meanwhile" in view.unclean[0][1]
+    service.rollback("ann", 2, actor="admin")
+    assert holds(committed_path(service, "ann"), 0x55, 4 * MiB)
+    assert "profile-reset" in event_kinds(ctx, "ann")
+    service.end_session(aside.layer_id, fake, vm_b)
+    with pytest.raises(NotFound):
+        service.describe("bob")
