@@ -126,16 +126,19 @@ class ProfileService:
         layer = Layer(id=layer_id, user=user, generation=1, parent_id=None,
                       path=str(path), state=LayerState.COMMITTED,
                       size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
-        with self._ctx.uow() as uow:
-            if uow.profiles.find(user) is None:
-                uow.profiles.create(user, quota_bytes=quota_bytes,
-                                    keep_generations=keep_generations)
-            uow.profiles.add_layer(layer)
-            if uow.profiles.commit_generation(user, 0, layer_id, layer.size_bytes):
-                record_event(uow, "profile-created", f"profile of {user} created "
-                             f"({quota_bytes // 2**20} MiB quota)", user=user)
-                uow.commit()
-                return uow.profiles.get(user)
+        try:
+            with self._ctx.uow() as uow:
+                if uow.profiles.find(user) is None:
+                    uow.profiles.create(user, quota_bytes=quota_bytes,
+                                        keep_generations=keep_generations)
+                uow.profiles.add_layer(layer)
+                if uow.profiles.commit_generation(user, 0, layer_id, layer.size_bytes):
+                    record_event(uow, "profile-created", f"profile of {user} created "
+                                 f"({quota_bytes // 2**20} MiB quota)", user=user)
+                    uow.commit()
+                    return uow.profiles.get(user)
+        except Conflict:
+            pass  # the profile row was inserted by another broker at the same moment
         path.unlink(missing_ok=True)  # another broker made it first: ours was never used
         with self._ctx.uow(read_only=True) as uow:
             return uow.profiles.get(user)
@@ -195,12 +198,14 @@ class ProfileService:
             profile = uow.profiles.get(session.user)
             decision = decide_commit(profile, uow.profiles.layer(layer_id),
                                      check_error=check.error)
-            if isinstance(decision, Commit) and uow.profiles.commit_generation(
+            # Both writes are conditional and in one transaction: the layer must still be
+            # an open session (a recovery may have set it aside meanwhile) and the profile
+            # still at the session's base generation. Either miss rolls both back.
+            if isinstance(decision, Commit) and uow.profiles.set_layer_state(
+                    layer_id, LayerState.SESSION, LayerState.COMMITTED, sha256=sha256,
+                    size_bytes=size) and uow.profiles.commit_generation(
                     session.user, decision.expected_generation, layer_id,
                     profile.size_bytes + size):
-                uow.profiles.set_layer_state(layer_id, LayerState.SESSION,
-                                             LayerState.COMMITTED, sha256=sha256,
-                                             size_bytes=size)
                 record_event(uow, "profile-committed",
                              f"profile of {session.user}: generation "
                              f"{decision.new_generation} committed from {session.desktop} "

@@ -416,3 +416,54 @@ def test_reset_starts_a_fresh_home_and_keeps_the_old_one_for_a_rollback(
     service.end_session(aside.layer_id, fake, vm_b)
     with pytest.raises(NotFound):
         service.describe("bob")
+
+
+def test_brokers_racing_to_make_a_first_profile_make_one(service: ProfileService,
+                                                         tmp_path: Path) -> None:
+    import threading
+
+    barrier = threading.Barrier(4)
+    made: list[int] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        barrier.wait()
+        try:
+            made.append(service.ensure_profile("ann", quota_bytes=QUOTA).generation)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and made == [1, 1, 1, 1]
+    files = sorted((tmp_path / "profiles" / "ann").glob("*.qcow2"))
+    assert files == [committed_path(service, "ann")]  # the losers removed their own
+
+
+def test_a_recovery_during_logoff_wins_and_nothing_is_committed(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Another broker's recovery sets the layer aside while this one checks it. (A recovery
+    between the commit transaction's read and its writes is fenced by the conditional
+    ``session -> committed`` write in that transaction; not reproduced here.)"""
+    from deskpool.images import profile_disks
+
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    vm = desktop(fake, "desk-a")
+    session = service.start_session("ann", "desk-a", fake, vm)
+    check = profile_disks.check_layer
+
+    def check_while_another_broker_recovers(path: Path) -> profile_disks.LayerCheck:
+        # The disk is detached now: another broker's recovery sees no desktop holding it.
+        ProfileService(ctx, tmp_path / "profiles").recover_sessions(
+            set(), started_before=datetime.now(UTC) + timedelta(seconds=5))
+        return check(path)
+
+    monkeypatch.setattr(profile_disks, "check_layer", check_while_another_broker_recovers)
+    assert not service.end_session(session.layer_id, fake, vm).committed
+    with ctx.uow(read_only=True) as uow:
+        assert uow.profiles.get("ann").generation == 1
+        assert uow.profiles.layer(session.layer_id).state is LayerState.UNCLEAN
