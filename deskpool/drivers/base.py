@@ -98,6 +98,19 @@ def check_instant_spec(spec: VmSpec) -> str:
     return spec.memory_state_volume
 
 
+_DISK_SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,19}$")
+
+
+def validate_disk_serial(serial: str) -> str:
+    """A hot-plugged disk's serial: what the guest sees as ``/dev/disk/by-id/virtio-SERIAL``.
+    virtio-blk keeps 20 bytes of it, and udev turns anything but these characters into
+    ``_``, so the name is refused rather than silently changed."""
+    if not _DISK_SERIAL_RE.match(serial):
+        raise InvalidInput(f"disk serial {serial!r} must be 1-20 characters of A-Z, a-z, 0-9, "
+                           "'_' and '-', starting with a letter or digit")
+    return serial
+
+
 class HypervisorDriver(ABC):
     """One hypervisor host, reached at ``uri``."""
 
@@ -278,6 +291,46 @@ class HypervisorDriver(ABC):
         ``DriverError`` "not supported by this hypervisor" on libvirt's ``test:///``, whose
         storage cannot hold the memory file.
         """
+
+    # --- hot-plugged disks: a user's profile layer during their session --------------------
+
+    @abstractmethod
+    def attach_disk(self, vm_id: uuid.UUID, path: Path, serial: str) -> None:
+        """Hot-plug the qcow2 file ``path`` (on the host, with its backing chain) into the
+        running VM as a writable virtio disk whose serial is ``serial``: the guest finds it
+        as ``/dev/disk/by-id/virtio-<serial>``.
+
+        The disk is attached to the live VM only, never to its definition: when the VM's
+        process ends (powered off, crashed, saved) the disk is gone with it, and a later
+        start never opens a file that may have been set aside meanwhile. The hypervisor
+        opens ``path`` for writing and its backing files read-only until the disk is
+        detached or the process ends.
+
+        ``InvalidInput`` for a serial ``validate_disk_serial`` refuses, ``NotFound`` for a
+        missing file, ``Conflict`` when the VM already has a disk with that serial or was
+        not created by deskpool, ``DriverError`` when the VM is not running or the
+        hypervisor cannot hot-plug (libvirt's ``test:///``: "not supported by this
+        hypervisor"). ``VmNotFound``. A failed attach leaves no disk attached.
+        """
+
+    @abstractmethod
+    def detach_disk(self, vm_id: uuid.UUID, serial: str, *, timeout_s: float = 10.0) -> None:
+        """Unplug the disk with ``serial`` from the running VM and return once the hypervisor
+        has closed its file, so the caller may read, check or commit it.
+
+        Unplugging a virtio disk needs the guest's consent (PCI hot-unplug): a guest that
+        has not released it within ``timeout_s`` gives ``DriverError`` ("did not release")
+        and the disk stays attached; powering the VM off (``stop_vm(force=True)``) releases
+        it for sure. Detaching a serial that is not attached, or from a VM that is off,
+        succeeds (nothing is attached then). ``VmNotFound``; ``Conflict`` for a VM deskpool
+        did not create.
+        """
+
+    @abstractmethod
+    def attached_disks(self, vm_id: uuid.UUID) -> dict[str, str]:
+        """The hot-plugged disks of the running VM: serial -> file path (the VM's own
+        disks, which have no serial, are not listed). Empty for a VM that is off.
+        ``VmNotFound``."""
 
     @abstractmethod
     def delete_vm(self, vm_id: uuid.UUID) -> None:

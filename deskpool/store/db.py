@@ -48,6 +48,7 @@ from deskpool.store.host_usage import HostUsageRepository
 from deskpool.store.leases import LeaseRepository
 from deskpool.store.linux_accounts import LinuxAccountRepository
 from deskpool.store.pool_hosts import PoolHostRepository
+from deskpool.store.profiles import ProfileRepository
 from deskpool.store.records import (
     ConsoleTicketRepository,
     EventRepository,
@@ -279,6 +280,7 @@ class UnitOfWork:
     pool_hosts: PoolHostRepository
     admin: AdminQueryRepository
     signin_throttles: SignInThrottleRepository
+    profiles: ProfileRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -322,6 +324,7 @@ class UnitOfWork:
         self.pool_hosts = PoolHostRepository(self.session)
         self.admin = AdminQueryRepository(self.session)
         self.signin_throttles = SignInThrottleRepository(self.session)
+        self.profiles = ProfileRepository(self.session)
         if self.read_only:
             self._begin_read_only()
         return self

@@ -29,7 +29,7 @@ from deskpool.drivers.base import (
 )
 from deskpool.drivers.fake import FakeDriver
 
-from .conftest import ContractEnv, assert_nothing_left, write_file
+from .conftest import ContractEnv, assert_nothing_left, make_base_qcow2, write_file
 
 
 class TestDriverContract:
@@ -337,6 +337,66 @@ class TestDriverContract:
         env.driver.create_vm(spec)
         with pytest.raises(AgentUnavailable):
             env.driver.agent_command(spec.vm_id, "guest-ping")
+
+    # --- hot-plugged disks ----------------------------------------------------------------
+
+    def test_hot_plugged_disk_is_listed_by_serial_and_goes_with_the_process(
+        self, env: ContractEnv
+    ) -> None:
+        spec = env.running_vm()
+        disk = make_base_qcow2(env.tmp / "profile.qcow2", "16M")
+        if env.kind == "libvirt-test":
+            # test:/// cannot change a live VM's devices.
+            with pytest.raises(DriverError, match="not supported"):
+                env.driver.attach_disk(spec.vm_id, disk, "dp-profile1")
+            assert env.driver.attached_disks(spec.vm_id) == {}
+            return
+        env.driver.attach_disk(spec.vm_id, disk, "dp-profile1")
+        assert env.driver.attached_disks(spec.vm_id) == {"dp-profile1": str(disk)}
+        with pytest.raises(Conflict, match="dp-profile1"):
+            env.driver.attach_disk(spec.vm_id, disk, "dp-profile1")
+        env.driver.stop_vm(spec.vm_id, force=True)
+        assert env.driver.attached_disks(spec.vm_id) == {}
+        env.driver.start_vm(spec.vm_id)  # live only: the definition never held it
+        assert env.driver.attached_disks(spec.vm_id) == {}
+
+    def test_detach_waits_for_the_guest_and_power_off_releases_for_sure(
+        self, env: ContractEnv
+    ) -> None:
+        spec = env.running_vm()
+        if env.kind == "libvirt-test":
+            return  # nothing can be attached there (see above)
+        disk = make_base_qcow2(env.tmp / "profile.qcow2", "16M")
+        env.driver.attach_disk(spec.vm_id, disk, "dp-profile2")
+        # No OS runs in these VMs to answer the PCI unplug: the disk stays, said so.
+        try:
+            env.driver.detach_disk(spec.vm_id, "dp-profile2", timeout_s=1.0)
+        except DriverError as exc:
+            assert "did not release" in str(exc)
+            assert "dp-profile2" in env.driver.attached_disks(spec.vm_id)
+        env.driver.stop_vm(spec.vm_id, force=True)
+        assert env.driver.attached_disks(spec.vm_id) == {}
+        env.driver.detach_disk(spec.vm_id, "dp-profile2")  # off: nothing attached, succeeds
+
+    def test_attach_refuses_bad_input_and_vms_that_are_off(self, env: ContractEnv) -> None:
+        env.base_volume()
+        spec = env.spec()
+        env.driver.create_vm(spec)
+        disk = make_base_qcow2(env.tmp / "profile.qcow2", "16M")
+        with pytest.raises(InvalidInput, match="serial"):
+            env.driver.attach_disk(spec.vm_id, disk, "has space")
+        with pytest.raises(InvalidInput, match="serial"):
+            env.driver.attach_disk(spec.vm_id, disk, "x" * 21)
+        with pytest.raises(DriverError):  # off (or, on test:///, never supported)
+            env.driver.attach_disk(spec.vm_id, disk, "dp-off")
+        with pytest.raises(VmNotFound):
+            env.driver.attach_disk(uuid.uuid4(), disk, "dp-unknown")
+        env.driver.start_vm(spec.vm_id)
+        missing = (NotFound, DriverError) if env.kind == "libvirt-test" else NotFound
+        with pytest.raises(missing):
+            env.driver.attach_disk(spec.vm_id, env.tmp / "missing.qcow2", "dp-missing")
+        assert env.driver.attached_disks(spec.vm_id) == {}
+        env.driver.detach_disk(spec.vm_id, "dp-never-attached")
 
     # --- delete -------------------------------------------------------------------------
 

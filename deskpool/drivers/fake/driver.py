@@ -60,6 +60,7 @@ from deskpool.drivers.base import (
     owned_volume_names,
     root_volume_name,
     seed_volume_name,
+    validate_disk_serial,
 )
 from deskpool.drivers.fake.faults import FaultInjectionMixin, api
 from deskpool.drivers.fake.guest import FakeGuest
@@ -180,6 +181,12 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
             guest.users = [] if user is None else [user]
             guest.idle_minutes = idle_minutes
 
+    def guest_holds_disks(self, vm_id: uuid.UUID, hold: bool = True) -> None:
+        """The guest ignores (``hold``) or honours disk unplug requests, as a hung or busy
+        guest OS would."""
+        with self._lock:
+            self._vm(vm_id).holds_disks = hold
+
     # --- host ---------------------------------------------------------------------------
 
     @api
@@ -287,6 +294,36 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         elif vm.guest is not None and vm.power is PowerState.RUNNING and vm.shutdown_in is None:
             vm.shutdown_in = 1  # the guest's OS shuts down shortly, not during this call
         # else: no OS (or a paused one) to act on the ACPI request, so nothing happens.
+
+    # --- hot-plugged disks ----------------------------------------------------------------
+
+    @api
+    def attach_disk(self, vm_id: uuid.UUID, path: Path, serial: str) -> None:
+        validate_disk_serial(serial)
+        vm = self._own_vm(vm_id)
+        if not Path(path).is_file():
+            raise NotFound(f"disk file {path} does not exist on {self.uri}")
+        if vm.power not in ACTIVE_STATES:
+            raise DriverError(f"attaching disk {serial} to VM {vm.name} failed: it is not "
+                              "running (disks are hot-plugged into running VMs only)")
+        if serial in vm.disks:
+            raise Conflict(f"VM {vm.name} already has a disk with serial {serial}")
+        vm.disks[serial] = str(path)
+
+    @api
+    def detach_disk(self, vm_id: uuid.UUID, serial: str, *, timeout_s: float = 10.0) -> None:
+        vm = self._own_vm(vm_id)
+        if serial not in vm.disks:
+            return
+        # PCI hot-unplug needs a guest OS that answers; the fake does not wait it out.
+        if vm.guest is None or vm.holds_disks or vm.power is not PowerState.RUNNING:
+            raise DriverError(f"the guest of VM {vm.name} did not release disk {serial} "
+                              f"within {timeout_s:g} s; power it off to release it")
+        del vm.disks[serial]
+
+    @api
+    def attached_disks(self, vm_id: uuid.UUID) -> dict[str, str]:
+        return dict(self._vm(vm_id).disks)
 
     @api
     def delete_vm(self, vm_id: uuid.UUID) -> None:
@@ -445,6 +482,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
 
     def _power_off(self, vm: FakeVm, state: PowerState) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
+        vm.disks.clear()  # hot-plugged disks live as long as the VM's process
         vm.console_passwords.clear()  # a display's password lives as long as its QEMU
         vm.saved = None
 

@@ -129,6 +129,15 @@ class RemoteFakeDriver(HypervisorDriver):
         result: tuple[str, str] = self._fake.capture_memory_state(vm_id)
         return result
 
+    def attach_disk(self, vm_id: uuid.UUID, path: Path, serial: str) -> None:
+        self._fake.attach_disk(vm_id, path, serial)
+
+    def detach_disk(self, vm_id: uuid.UUID, serial: str, *, timeout_s: float = 10.0) -> None:
+        self._fake.detach_disk(vm_id, serial, timeout_s=timeout_s)
+
+    def attached_disks(self, vm_id: uuid.UUID) -> dict[str, str]:
+        return dict(self._fake.attached_disks(vm_id))
+
     def delete_vm(self, vm_id: uuid.UUID) -> None:
         self._fake.delete_vm(vm_id)
 

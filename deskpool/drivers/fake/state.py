@@ -56,6 +56,8 @@ class FakeVm:
     shutdown_in: int | None = None  # graceful shutdown: observations left before it is off
     saved: SavedGuest | None = None  # managed save, while power is SAVED
     snapshots: dict[str, SavedGuest] = field(default_factory=dict)
+    disks: dict[str, str] = field(default_factory=dict)  # hot-plugged: serial -> file, live only
+    holds_disks: bool = False  # a guest that ignores unplug requests (test control)
 
     def record(self) -> VmRecord:
         metadata = self.spec.metadata if self.spec is not None else None

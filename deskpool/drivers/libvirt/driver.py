@@ -52,6 +52,7 @@ from deskpool.drivers.base import (
     seed_volume_name,
 )
 from deskpool.drivers.libvirt import xml
+from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
 from deskpool.drivers.libvirt.overlays import OverlayWriter
@@ -113,7 +114,7 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
-class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HypervisorDriver):
+class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, HypervisorDriver):
     def __init__(
         self, uri: str, *, storage_dir: Path | None = None, pool_name: str | None = None
     ) -> None:

@@ -89,15 +89,21 @@ class DiskDevice:
     target: str  # vda, vdb...
     format: str = "qcow2"
     readonly: bool = False
+    serial: str | None = None  # the guest's /dev/disk/by-id/virtio-<serial>
 
     def to_element(self) -> ET.Element:
         disk = ET.Element("disk", type="file", device="disk")
         _sub(disk, "driver", name="qemu", type=self.format)
         _sub(disk, "source", file=self.path)
         _sub(disk, "target", dev=self.target, bus="virtio")
+        if self.serial is not None:
+            _sub(disk, "serial", self.serial)
         if self.readonly:
             _sub(disk, "readonly")
         return disk
+
+    def to_xml(self) -> str:
+        return to_string(self.to_element())
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ from typing import Any, Literal
 from alembic import context
 from sqlalchemy import Connection, Enum
 
-from deskpool.store import access_models  # noqa: F401  (the broker tables join Base)
+from deskpool.store import (
+    access_models,  # noqa: F401  (the broker tables join Base)
+    profiles,  # noqa: F401  (the profile tables join Base)
+)
 from deskpool.store.models import Base, UtcDateTime
 
 config = context.config

@@ -1,0 +1,425 @@
+"""Roaming profiles: a user's home as a profile container that follows them to any desktop.
+
+The rules are ``deskpool.domain.profiles``; the files ``deskpool.images.profile_disks``; the
+rows ``deskpool.store.profiles``. This service puts them in the order that keeps a committed
+generation whole whatever fails:
+
+* **Hand-over** (:meth:`ProfileService.start_session`): the session layer's row is written
+  (state ``session``) *before* its file is made and plugged in, so a crash at any later point
+  leaves a row the recovery finds. The guest then finds the disk by its serial.
+* **Logoff** (:meth:`ProfileService.end_session`): detach (the hypervisor closes the file),
+  ``qemu-img check``, checksum, then one transaction: the generation compare-and-swap and the
+  layer's ``session -> committed``, or ``session -> unclean`` with a warning event. Nothing
+  is copied: the layer the guest wrote *is* the new generation.
+* **Recovery** (:meth:`ProfileService.recover_sessions`, for a restarted broker or the
+  reconciler): a session layer whose disk no desktop holds any more is set aside, never
+  committed after the fact (nothing proves its write-back finished).
+* **Rollback** makes a new generation (an empty overlay on the kept one); **flatten** merges
+  old generations into a standalone base in the background, never while a session is open,
+  and :meth:`ProfileService.sweep` deletes the files no chain needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from deskpool.domain.errors import Conflict, DriverError, NotFound
+from deskpool.domain.profiles import (
+    DEFAULT_KEEP_GENERATIONS,
+    DEFAULT_QUOTA_BYTES,
+    Commit,
+    Layer,
+    LayerState,
+    Profile,
+    SetAside,
+    chain,
+    check_keep,
+    check_quota,
+    decide_commit,
+    disk_serial,
+    exclusions,
+    flatten_plan,
+    kept_generations,
+    layer_file_name,
+    open_session,
+    rollback_target,
+)
+from deskpool.drivers.base import HypervisorDriver
+from deskpool.images import profile_disks as disks
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSession:
+    """What the guest needs to mount the user's profile for one session."""
+
+    user: str
+    layer_id: uuid.UUID
+    serial: str  # /dev/disk/by-id/virtio-<serial>
+    path: Path
+    base_generation: int
+    exclusions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileView:
+    """A profile as the admin (or its user) sees it."""
+
+    user: str
+    generation: int
+    size_bytes: int
+    quota_bytes: int
+    rollback_to: tuple[int, ...]  # kept generations a rollback may go to
+    open_sessions: tuple[str, ...]  # desktops with a session layer now
+    unclean: tuple[tuple[str, str], ...]  # (desktop, why) of each layer set aside
+
+
+@dataclass(frozen=True, slots=True)
+class Logoff:
+    """How a session's layer ended: committed as ``generation``, or set aside (``reason``)."""
+
+    committed: bool
+    generation: int
+    reason: str | None = None
+
+
+class ProfileService:
+    """Profiles kept under ``store_dir`` (one directory per user), on this host's storage."""
+
+    def __init__(self, ctx: ServiceContext, store_dir: Path, *, skeleton: Path | None = None,
+                 extra_exclusions: Iterable[str] = ()) -> None:
+        self._ctx = ctx
+        self.store_dir = store_dir
+        self._skeleton = skeleton
+        self.exclusions = exclusions(extra_exclusions)
+
+    def _path(self, layer: Layer | tuple[str, uuid.UUID]) -> Path:
+        user, layer_id = (layer.user, layer.id) if isinstance(layer, Layer) else layer
+        return self.store_dir / layer_file_name(user, layer_id)
+
+    # --- a user's first profile ------------------------------------------------------------
+
+    def ensure_profile(self, user: str, *, owner: tuple[int, int] | None = None,
+                       quota_bytes: int = DEFAULT_QUOTA_BYTES,
+                       keep_generations: int = DEFAULT_KEEP_GENERATIONS) -> Profile:
+        """``user``'s profile, made now if they have none: generation 1, an empty ext4
+        home owned by ``owner`` (uid, gid) holding the skeleton. Two brokers racing both
+        make a file; one commits generation 1 and the other removes its own file."""
+        with self._ctx.uow(read_only=True) as uow:
+            found = uow.profiles.find(user)
+        if found is not None and found.generation > 0:
+            return found
+        check_quota(quota_bytes)
+        check_keep(keep_generations)
+        layer_id = uuid.uuid4()
+        path = self._path((user, layer_id))
+        disks.make_base_disk(path, quota_bytes, skeleton=self._skeleton, owner=owner)
+        layer = Layer(id=layer_id, user=user, generation=1, parent_id=None,
+                      path=str(path), state=LayerState.COMMITTED,
+                      size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
+        try:
+            with self._ctx.uow() as uow:
+                if uow.profiles.find(user) is None:
+                    uow.profiles.create(user, quota_bytes=quota_bytes,
+                                        keep_generations=keep_generations)
+                uow.profiles.add_layer(layer)
+                if uow.profiles.commit_generation(user, 0, layer_id, layer.size_bytes):
+                    record_event(uow, "profile-created", f"profile of {user} created "
+                                 f"({quota_bytes // 2**20} MiB quota)", user=user)
+                    uow.commit()
+                    return uow.profiles.get(user)
+        except Conflict:
+            pass  # the profile row was inserted by another broker at the same moment
+        path.unlink(missing_ok=True)  # another broker made it first: ours was never used
+        with self._ctx.uow(read_only=True) as uow:
+            return uow.profiles.get(user)
+
+    # --- hand-over and logoff --------------------------------------------------------------
+
+    def start_session(self, user: str, desktop: str, driver: HypervisorDriver,
+                      vm_id: uuid.UUID) -> ProfileSession:
+        """Open a session layer on ``user``'s committed generation and plug it into the
+        running desktop. ``NotFound`` for a user without a profile (``ensure_profile``
+        first) or a committed layer whose file is gone; a failed attach sets the layer
+        aside and raises the driver's error."""
+        with self._ctx.uow() as uow:
+            profile = uow.profiles.get(user)
+            layers = uow.profiles.layers(user)
+            layer_id = uuid.uuid4()
+            session = open_session(profile, layers, layer_id,
+                                   str(self._path((user, layer_id))), desktop)
+            uow.profiles.add_layer(session)
+            uow.commit()
+        base = next(layer for layer in layers if layer.id == session.parent_id)
+        path, serial = Path(session.path), disk_serial(session.id)
+        try:
+            if not Path(base.path).is_file():
+                raise NotFound(f"the committed layer of {user}'s profile (generation "
+                               f"{profile.generation}) is missing: {base.path}")
+            disks.create_overlay(Path(base.path), path)
+            driver.attach_disk(vm_id, path, serial)
+        except Exception as exc:
+            self._set_aside(session, f"the session could not start on {desktop}: {exc}")
+            raise
+        return ProfileSession(user=user, layer_id=session.id, serial=serial, path=path,
+                              base_generation=profile.generation,
+                              exclusions=self.exclusions)
+
+    def end_session(self, layer_id: uuid.UUID, driver: HypervisorDriver, vm_id: uuid.UUID, *,
+                    detach_timeout_s: float = 30.0) -> Logoff:
+        """Unplug the session's disk and commit it as the next generation, or set it aside.
+
+        The guest has unmounted the profile before this is called (its logoff hook). A
+        desktop that does not release the disk leaves its layer set aside (QEMU may still
+        write it); so does a layer failing ``qemu-img check``, or a session whose base
+        generation is no longer the committed one (another session committed first)."""
+        with self._ctx.uow(read_only=True) as uow:
+            session = uow.profiles.layer(layer_id)
+        if session.state is not LayerState.SESSION:
+            raise Conflict(f"profile layer {layer_id} is {session.state}, not an open session")
+        try:
+            driver.detach_disk(vm_id, disk_serial(layer_id), timeout_s=detach_timeout_s)
+        except DriverError as exc:
+            return self._set_aside(session, f"the disk was not released: {exc}")
+        path = Path(session.path)
+        check = disks.check_layer(path)
+        sha256 = disks.sha256_of(path) if check.error is None else None
+        size = disks.allocated_bytes(path) if path.is_file() else 0
+        with self._ctx.uow() as uow:
+            profile = uow.profiles.get(session.user)
+            decision = decide_commit(profile, uow.profiles.layer(layer_id),
+                                     check_error=check.error)
+            # Both writes are conditional and in one transaction: the layer must still be
+            # an open session (a recovery may have set it aside meanwhile) and the profile
+            # still at the session's base generation. Either miss rolls both back.
+            if isinstance(decision, Commit) and uow.profiles.set_layer_state(
+                    layer_id, LayerState.SESSION, LayerState.COMMITTED, sha256=sha256,
+                    size_bytes=size) and uow.profiles.commit_generation(
+                    session.user, decision.expected_generation, layer_id,
+                    profile.size_bytes + size):
+                record_event(uow, "profile-committed",
+                             f"profile of {session.user}: generation "
+                             f"{decision.new_generation} committed from {session.desktop} "
+                             f"({size} bytes written)", user=session.user,
+                             desktop=session.desktop)
+                uow.commit()
+                return Logoff(committed=True, generation=decision.new_generation)
+            if isinstance(decision, SetAside):
+                reason = decision.reason
+            else:  # the CAS lost: another session committed between our read and write
+                reason = (f"another session committed generation {decision.new_generation} "
+                          f"first; the changes made on {session.desktop} are kept aside")
+        return self._set_aside(session, reason, size=size)
+
+    def _set_aside(self, session: Layer, reason: str, *, size: int = 0) -> Logoff:
+        with self._ctx.uow() as uow:
+            generation = uow.profiles.get(session.user).generation
+            if uow.profiles.set_layer_state(session.id, LayerState.SESSION,
+                                            LayerState.UNCLEAN, note=reason, size_bytes=size):
+                record_event(uow, "profile-unclean",
+                             f"profile of {session.user}: the session layer of "
+                             f"{session.desktop} was set aside ({reason}); generation "
+                             f"{generation} is unchanged", severity="warning",
+                             user=session.user, desktop=session.desktop)
+                uow.commit()
+        log.warning("profile layer %s of %s set aside: %s", session.id, session.user, reason)
+        return Logoff(committed=False, generation=generation, reason=reason)
+
+    def recover_sessions(self, live_serials: Collection[str], *,
+                         started_before: datetime | None = None) -> list[Layer]:
+        """Set aside every open session layer whose disk is attached to no desktop
+        (``live_serials``: what ``attached_serials`` found on the hosts): a broker or QEMU
+        that died between detach and commit. Only layers made before ``started_before``
+        count (default: a minute ago), so a hand-over still plugging its disk in is left
+        alone. Returns the layers set aside."""
+        cutoff = started_before or datetime.now(UTC) - timedelta(minutes=1)
+        with self._ctx.uow(read_only=True) as uow:
+            open_layers = uow.profiles.layers_in_state(LayerState.SESSION)
+        orphans = [layer for layer in open_layers
+                   if disk_serial(layer.id) not in live_serials
+                   and (layer.created_at is None or layer.created_at < cutoff)]
+        for layer in orphans:
+            self._set_aside(layer, "its session ended without a commit (broker or desktop "
+                                   "stopped during logoff)")
+        return orphans
+
+    def describe(self, user: str) -> ProfileView:
+        """``NotFound`` for a user without a profile."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+            layers = uow.profiles.layers(user)
+        held = {layer.generation for layer in layers if layer.state is LayerState.COMMITTED}
+        return ProfileView(
+            user=user, generation=profile.generation, size_bytes=profile.size_bytes,
+            quota_bytes=profile.quota_bytes,
+            rollback_to=tuple(g for g in kept_generations(profile)
+                              if g != profile.generation and g in held),
+            open_sessions=tuple(layer.desktop or "?" for layer in layers
+                                if layer.state is LayerState.SESSION),
+            unclean=tuple((layer.desktop or "?", layer.note or "")
+                          for layer in layers if layer.state is LayerState.UNCLEAN))
+
+    # --- rollback, reset, flattening -------------------------------------------------------
+
+    def reset(self, user: str, *, actor: str, owner: tuple[int, int] | None = None) -> Profile:
+        """Start ``user`` over with a fresh, empty home as a new generation; the old
+        generations stay (a rollback can return to them while they are kept). ``Conflict``
+        when a logoff committed meanwhile."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+        layer_id = uuid.uuid4()
+        path = disks.make_base_disk(self._path((user, layer_id)), profile.quota_bytes,
+                                    skeleton=self._skeleton, owner=owner)
+        layer = Layer(id=layer_id, user=user, generation=profile.generation + 1,
+                      parent_id=None, path=str(path), state=LayerState.COMMITTED,
+                      size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
+        with self._ctx.uow() as uow:
+            uow.profiles.add_layer(layer, note="reset")
+            if uow.profiles.commit_generation(user, profile.generation, layer_id,
+                                              layer.size_bytes):
+                record_event(uow, "profile-reset",
+                             f"profile of {user} reset by {actor}: generation "
+                             f"{layer.generation} is a fresh home, generation "
+                             f"{profile.generation} is kept", user=user)
+                uow.commit()
+                return uow.profiles.get(user)
+        path.unlink(missing_ok=True)
+        raise Conflict(f"the profile of {user} changed while resetting it; look again and retry")
+
+    def rollback(self, user: str, generation: int, *, actor: str) -> Profile:
+        """Make a new generation whose content is generation ``generation``'s: an empty
+        overlay on its layer, so nothing in between is lost (a later rollback can return).
+        A session open now will not commit over it (its base is older): it is set aside at
+        its logoff. ``InvalidInput`` / ``NotFound`` for a generation not kept; ``Conflict``
+        when a logoff committed meanwhile (look again and retry)."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+            target = rollback_target(profile, uow.profiles.layers(user), generation)
+        layer_id = uuid.uuid4()
+        path = disks.create_overlay(Path(target.path), self._path((user, layer_id)))
+        layer = Layer(id=layer_id, user=user, generation=profile.generation + 1,
+                      parent_id=target.id, path=str(path), state=LayerState.COMMITTED,
+                      size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
+        with self._ctx.uow() as uow:
+            uow.profiles.add_layer(layer, note=f"rollback to generation {generation}")
+            if uow.profiles.commit_generation(user, profile.generation, layer_id,
+                                              profile.size_bytes):
+                record_event(uow, "profile-rolled-back",
+                             f"profile of {user} rolled back to generation {generation} by "
+                             f"{actor} (now generation {layer.generation})", user=user)
+                uow.commit()
+                return uow.profiles.get(user)
+        path.unlink(missing_ok=True)
+        raise Conflict(f"the profile of {user} changed while rolling back; look again and retry")
+
+    def flatten(self, user: str) -> bool:
+        """Merge the generations older than the kept ones into one standalone layer (see
+        ``domain.profiles.flatten_plan``). Nothing while a session is open. Returns whether
+        it merged anything; :meth:`sweep` then deletes the retired files."""
+        with self._ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+            layers = uow.profiles.layers(user)
+        plan = flatten_plan(profile, layers)
+        if plan is None:
+            return False
+        flat_id = uuid.uuid4()
+        flat_path = disks.flatten(Path(plan.target.path), self._path((user, flat_id)),
+                                  child=Path(plan.child.path) if plan.child else None,
+                                  in_use=self._in_use(layers))
+        flat = Layer(id=flat_id, user=user, generation=plan.target.generation, parent_id=None,
+                     path=str(flat_path), state=LayerState.COMMITTED,
+                     size_bytes=disks.allocated_bytes(flat_path),
+                     sha256=disks.sha256_of(flat_path))
+        with self._ctx.uow() as uow:
+            uow.profiles.add_layer(flat, note=f"flattened generations up to "
+                                              f"{plan.target.generation}")
+            if plan.child is not None:
+                # The child's header changed (rebased): its checksum is the file's now.
+                uow.profiles.set_parent(plan.child.id, flat_id)
+                uow.profiles.set_layer_state(plan.child.id, LayerState.COMMITTED,
+                                             LayerState.COMMITTED,
+                                             sha256=disks.sha256_of(Path(plan.child.path)))
+            uow.profiles.replace_generation_layer(user, plan.target.id, flat_id)
+            for layer in plan.retired:
+                uow.profiles.set_layer_state(layer.id, LayerState.COMMITTED,
+                                             LayerState.FLATTENED)
+            uow.commit()
+        return True
+
+    def sweep(self, user: str, *, stray_age: timedelta = timedelta(hours=1)) -> list[Path]:
+        """Delete the files of flattened layers no open chain reads any more, and files in
+        the user's directory that no row names (a crash between making a file and
+        recording it) once they are older than ``stray_age`` (younger ones may belong to an
+        operation still running)."""
+        with self._ctx.uow(read_only=True) as uow:
+            layers = uow.profiles.layers(user)
+        busy = set(self._in_use(layers))
+        removed: list[Path] = []
+        for layer in layers:
+            path = Path(layer.path)
+            if layer.state is LayerState.FLATTENED and path not in busy and path.exists():
+                disks.remove_layer(path, busy)
+                removed.append(path)
+        known = {Path(layer.path) for layer in layers}
+        cutoff = time.time() - stray_age.total_seconds()
+        directory = self.store_dir / user
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            if (path.is_file() and path not in known and path.suffix in (".qcow2", ".partial")
+                    and path.stat().st_mtime < cutoff):
+                disks.remove_layer(path, busy)
+                removed.append(path)
+        return removed
+
+    def verify(self, user: str) -> list[str]:
+        """Check every committed layer of ``user`` against its recorded sha256 (a background
+        job: logon does not read the whole chain, so its time does not grow with the
+        profile). Each mismatch or missing file is a sentence, and an error event."""
+        with self._ctx.uow(read_only=True) as uow:
+            layers = uow.profiles.layers(user)
+        problems: list[str] = []
+        for layer in layers:
+            if layer.state is not LayerState.COMMITTED or layer.sha256 is None:
+                continue
+            path = Path(layer.path)
+            try:
+                disks.verify_sha256(path, layer.sha256)
+            except Conflict as exc:
+                problems.append(f"generation {layer.generation}: {exc}")
+            except OSError as exc:
+                problems.append(f"generation {layer.generation}: {path} cannot be read "
+                                f"({exc.strerror})")
+        if problems:
+            with self._ctx.uow() as uow:
+                for problem in problems:
+                    record_event(uow, "profile-corrupt", f"profile of {user}, {problem}",
+                                 severity="error", user=user)
+                uow.commit()
+        return problems
+
+    @staticmethod
+    def _in_use(layers: list[Layer]) -> list[Path]:
+        """Every file an open session's chain reads (by the store's parents)."""
+        used: set[Path] = set()
+        for layer in layers:
+            if layer.state is LayerState.SESSION:
+                used |= {Path(link.path) for link in chain(layers, layer.id)}
+        return sorted(used)
+
+
+def attached_serials(drivers: Iterable[HypervisorDriver]) -> set[str]:
+    """The serials of every disk hot-plugged into a running deskpool VM on these hosts."""
+    found: set[str] = set()
+    for driver in drivers:
+        for vm in driver.list_vms():
+            if vm.metadata is not None:
+                found |= set(driver.attached_disks(vm.vm_id))
+    return found
