@@ -15,6 +15,10 @@ logon storm, so machine noise hits both sides alike. Afterwards the database is 
 to count double assignments: a desktop named to more than one user, a user holding more than
 one desktop, or a ready answer whose desktop the database does not show reserved for its user.
 
+``/metrics`` is scraped as a monitoring system would: once while the logon storm runs (it must
+answer under load) and once after it; the second scrape's desktop counts by pool and state and
+its logon phase histograms are compared with the database, line by line.
+
 Last line:
     P3 <p99 logon latency / p99 ping latency>   (target <= 3)
 """
@@ -41,6 +45,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 from argon2 import PasswordHasher
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from deskpool.api.app import create_app
@@ -194,9 +199,22 @@ async def storm(clients: list[httpx.AsyncClient], method: str, path: str
     return [r[0] for r in results], [(r[1], r[2]) for r in results]
 
 
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One ``GET /metrics``: each deskpool sample by (name, labels)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600.0) as client:
+        started = time.perf_counter()
+        answer = await client.get("/metrics")
+        answer.raise_for_status()
+        print(f"{'metrics scrape':<14} {(time.perf_counter() - started) * 1000:.0f} ms, "
+              f"{len(answer.content)} bytes", flush=True)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            if family.name.startswith("deskpool_") for sample in family.samples}
+
+
 async def run_storms(port: int, server_pid: int, tokens: list[str], pings: int
                      ) -> tuple[list[float], list[float], list[tuple[int, dict[str, object]]],
-                                int]:
+                                int, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     ping_times: list[float] = []
     ping_errors = 0
     async with contextlib.AsyncExitStack() as stack:
@@ -222,14 +240,55 @@ async def run_storms(port: int, server_pid: int, tokens: list[str], pings: int
         for n in range(pings):
             await ping_storm(f"ping {n + 1}", keep=True)
         cpu = cpu_seconds(server_pid), time.process_time()
-        logon_times, answers = await storm(clients, "POST", f"/api/v1/pools/{POOL}/connect")
+        # A monitoring scrape lands in the middle of the storm, as it would in production.
+        logons = asyncio.ensure_future(storm(clients, "POST", f"/api/v1/pools/{POOL}/connect"))
+        await asyncio.sleep(0.05)
+        await scrape(port)
+        logon_times, answers = await logons
         not_ready = sum(1 for s, a in answers if s != 200 or a.get("status") != "ready")
         print(f"{'logon':<14} {ms(logon_times)}  "
               f"{cpu_per_request(cpu, server_pid, len(tokens))}  not ready {not_ready}",
               flush=True)
         for n in range(pings):
             await ping_storm(f"ping {pings + n + 1}", keep=True)
-    return ping_times, logon_times, answers, ping_errors
+        metrics = await scrape(port)
+    return ping_times, logon_times, answers, ping_errors, metrics
+
+
+def check_metrics(data_dir: Path,
+                  metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> int:
+    """Lines where the last scrape and the database disagree: desktops by pool and state,
+    and each logon phase's count and sum of the ready logons."""
+    engine = make_engine(f"sqlite:///{data_dir / 'deskpool.db'}")
+    with UnitOfWork(make_session_factory(engine), read_only=True) as uow:
+        by_state = Counter(state for (state,) in uow.session.execute(
+            select(Desktop.state).where(Desktop.pool_id.is_not(None))))
+        phases = {phase: [v for v in uow.session.scalars(select(column))
+                          if v is not None]
+                  for phase, column in (("queue", Logon.queue_ms), ("claim", Logon.claim_ms),
+                                        ("power_on", Logon.power_on_ms),
+                                        ("ready", Logon.ready_ms))}
+    engine.dispose()
+    scraped_states: Counter[str] = Counter()
+    for (name, labels), value in metrics.items():
+        if name == "deskpool_desktops" and dict(labels).get("pool") == POOL:
+            scraped_states[dict(labels)["state"]] += int(value)
+    wrong = 0
+    for state in sorted(set(by_state) | set(scraped_states)):
+        same = by_state[state] == scraped_states[state]
+        wrong += not same
+        print(f"  metrics desktops{{pool={POOL},state={state}}} {scraped_states[state]}  "
+              f"database {by_state[state]}{'' if same else '  MISMATCH'}")
+    for phase, values in phases.items():
+        count = metrics.get(("deskpool_logon_phase_seconds_count", (("phase", phase),)), 0.0)
+        total = metrics.get(("deskpool_logon_phase_seconds_sum", (("phase", phase),)), 0.0)
+        same = int(count) == len(values) and math.isclose(total, sum(values) / 1000,
+                                                          rel_tol=1e-6, abs_tol=1e-3)
+        wrong += not same
+        print(f"  metrics logon phase {phase}: count {int(count)} sum {total:.3f} s  "
+              f"database {len(values)} / {sum(values) / 1000:.3f} s"
+              f"{'' if same else '  MISMATCH'}")
+    return wrong
 
 
 def check_database(data_dir: Path, users: list[str],
@@ -298,7 +357,7 @@ def main() -> None:
                 raise SystemExit(f"the broker process ended before serving ({server.wait()})")
             tokens: list[str] = json.loads((workdir / "tokens.json").read_text())
             users = [f"user{n:04}" for n in range(len(tokens))]
-            ping_times, logon_times, answers, ping_errors = asyncio.run(
+            ping_times, logon_times, answers, ping_errors, metrics = asyncio.run(
                 run_storms(port, server.pid, tokens, args.pings))
         finally:
             server.send_signal(signal.SIGINT)
@@ -310,6 +369,7 @@ def main() -> None:
         statuses = Counter(s for s, _ in answers)
         outcomes = Counter(str(a.get("status", a.get("detail", "?")))[:80] for _, a in answers)
         doubles = check_database(workdir / "data", users, answers)
+        metrics_wrong = check_metrics(workdir / "data", metrics)
     not_ready = sum(1 for s, a in answers if s != 200 or a.get("status") != "ready")
     print(f"logon answers: HTTP {dict(statuses)}; {dict(outcomes)}")
     for label, count in doubles.items():
@@ -323,6 +383,7 @@ def main() -> None:
     print(f"{args.logons} logons on {desktops} desktops; run time "
           f"{time.perf_counter() - began:.1f} s")
     print(f"double assignments: {sum(doubles.values())}")
+    print(f"/metrics lines that disagree with the database: {metrics_wrong}")
     print(f"P3 {logon_p99 / ping_p99:.2f}")
 
 
