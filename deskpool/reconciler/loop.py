@@ -4,9 +4,13 @@ A pass (1) syncs every host: power state from the hypervisor (the authority), de
 vanished, and deskpool VMs the database does not know (left by a crash); (2) plans each pool
 (rollout, maximum age, sizing); (3) runs at most one step per desktop, desktops in parallel:
 finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
-backoff. Everything it needs to resume is in the database, so a killed process loses nothing:
-the next pass continues from the rows. Which step a desktop needs is data
-(``planning.plan_desktop``); how each kind is carried out is ``steps.RUNNERS``.
+backoff. Each step has its own deadline (a guest agent's readiness, a shutdown's grace); a
+looping reconciler waits at most one interval for a pass's steps, and a step still running
+then goes on in the background while later passes leave its desktop alone, so one desktop
+whose guest never answers holds up no other desktop or pool. Everything it needs to resume is
+in the database, so a killed process loses nothing: the next pass continues from the rows.
+Which step a desktop needs is data (``planning.plan_desktop``); how each kind is carried out
+is ``steps.RUNNERS``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -121,10 +126,22 @@ class Reconciler:
         self.lease = lease or timedelta(seconds=settings.lease_s)
         self.steps = StepRunner(ctx, self.factory, slot=self._slot,
                                 ready_timeout_s=self.ready_timeout_s)
+        # Steps run on one pool of threads that outlives a pass, so a pass need not wait for
+        # a slow one; ``_in_flight`` is each desktop whose step still runs.
+        self._executor = ThreadPoolExecutor(max_workers=workers,
+                                            thread_name_prefix="reconcile-step")
+        self._in_flight: dict[uuid.UUID, Future[None]] = {}
+        self._flight_lock = threading.Lock()
+        # A reconciler dropped without close() does not keep its idle threads.
+        weakref.finalize(self, self._executor.shutdown, wait=False)
 
     # --- the pass --------------------------------------------------------------------------
 
-    def run_pass(self) -> PassReport:
+    def run_pass(self, *, wait_s: float | None = None) -> PassReport:
+        """One pass. ``wait_s`` bounds how long it waits for its steps: a step still running
+        then goes on in the background (under its own deadline and lease) and its desktop is
+        left alone by later passes until it ends; what it reports after the pass is logged.
+        ``None`` waits for every step (one-off passes, tests)."""
         report = PassReport()
         started = time.monotonic()
         try:
@@ -132,12 +149,17 @@ class Reconciler:
                 reachable = self._sync_hosts(report)
                 self._plan_pools(report, reachable)
                 steps = self._collect_steps(report, reachable)
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                list(pool.map(lambda step: self.run_step(step, report), steps))
+            futures = [self._submit(step, report) for step in steps
+                       if not self.in_flight(step.desktop_id)]
+            done, running = wait(futures, timeout=wait_s)
+            report.steps_running = len(running)
+            for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
+                future.result()
         except Exception:
             metrics.PASS_FAILURES.inc()
             raise
         finally:
+            report.closed = True
             metrics.PASS_SECONDS.observe(time.monotonic() - started)
         metrics.PASS_ERRORS.inc(len(report.errors) - report.bugs)
         metrics.PASS_BUGS.inc(report.bugs)
@@ -150,7 +172,7 @@ class Reconciler:
         """Run passes until ``stop`` is set; ``on_report`` sees each pass's report."""
         while not stop.is_set():
             try:
-                report = self.run_pass()
+                report = self.run_pass(wait_s=interval_s)
                 if report.errors:
                     log.warning("reconcile pass: %s", "; ".join(report.errors))
                 if on_report is not None:
@@ -158,6 +180,34 @@ class Reconciler:
             except Exception:  # one bad pass must not end the loop
                 log.exception("reconcile pass failed")
             stop.wait(interval_s)
+
+    def in_flight(self, desktop_id: uuid.UUID) -> bool:
+        """Whether a step of this reconciler still runs for ``desktop_id``."""
+        with self._flight_lock:
+            return desktop_id in self._in_flight
+
+    def close(self) -> None:
+        """Stop taking steps; steps already running end under their own deadlines."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, step: Step, report: PassReport) -> Future[None]:
+        def run() -> None:
+            errors = len(report.errors)
+            try:
+                self.run_step(step, report)
+            finally:
+                with self._flight_lock:
+                    self._in_flight.pop(step.desktop_id, None)
+                if report.closed and len(report.errors) > errors:  # its pass is long over
+                    log.warning("reconcile step (after its pass): %s",
+                                "; ".join(report.errors[errors:]))
+
+        # The lock is held while submitting, so a step that ends at once cannot pop its
+        # desktop before it was put in.
+        with self._flight_lock:
+            future = self._executor.submit(run)
+            self._in_flight[step.desktop_id] = future
+        return future
 
     # --- 1. hosts --------------------------------------------------------------------------
 

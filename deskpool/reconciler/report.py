@@ -32,6 +32,10 @@ class PassReport:
     # Programming errors (anything not a ``DeskpoolError``) a step raised; their messages are
     # in ``errors`` too, their traces in the log.
     bugs: int = 0
+    # Steps still running when the pass stopped waiting (they go on in the background), and
+    # whether the pass is over (what such a step reports later is logged, not returned).
+    steps_running: int = 0
+    closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, outcome: Outcome) -> None:

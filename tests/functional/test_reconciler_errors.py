@@ -6,8 +6,11 @@ desktop keeps its state and only waits."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -104,3 +107,53 @@ def test_a_temporary_error_puts_the_desktop_in_error_for_its_delay_or_the_backof
     waited = timedelta(seconds=delay) if delay is not None else timedelta(seconds=5)
     assert desktop.retry_count == 1
     assert desktop.next_attempt_at == grid.clock.now + waited
+
+
+def test_a_desktop_whose_guest_never_answers_holds_up_no_other_pool(grid: Grid) -> None:
+    """Issue 16: one desktop waiting for its guest agent (here: until the test lets it go)
+    must not stall the pass. A looping reconciler waits one interval for a pass's steps; the
+    slow one goes on in the background and later passes leave its desktop alone."""
+    grid.host("a")
+    grid.pool("lab", spare=2, max_size=2)
+    grid.pool("dev", spare=2, max_size=2)
+    grid.pool("stuck", spare=1, max_size=1)
+    reconciler = grid.reconciler()
+    answer = threading.Event()
+    waited: list[str] = []
+    make_ready = reconciler.factory.make_ready
+
+    def agent_never_answers_in_stuck(desktop_id: uuid.UUID, **kw: Any) -> None:
+        with grid.ctx.uow(read_only=True) as uow:
+            name = uow.desktops.get(desktop_id).name
+        if name.startswith("stuck-"):
+            waited.append(name)
+            answer.wait(60)  # its own deadline, far longer than the test's passes
+        make_ready(desktop_id, **kw)
+
+    reconciler.factory.make_ready = agent_never_answers_in_stuck  # type: ignore[method-assign]
+    try:
+        interval, passes, reports = 0.5, 0, []
+        others = {"lab-01", "lab-02", "dev-01", "dev-02"}
+        while passes < 40:  # on a loaded machine the fast steps may take a few passes
+            started = time.monotonic()
+            reports.append(reconciler.run_pass(wait_s=interval))
+            # Bounded by the interval (and the pass's own quick work), never by the slow step.
+            assert time.monotonic() - started < interval + 10
+            passes += 1
+            states = {name: row.state for name, row in grid.rows().items()}
+            if all(states.get(n) == "ready" for n in others):
+                break
+        assert all(states.get(n) == "ready" for n in others), states
+        # ... while the stuck desktop's step still waits for its guest, started only once.
+        assert states["stuck-01"] == "customizing" and waited == ["stuck-01"]
+        assert reports[0].steps_running >= 1
+        (stuck_id,) = [r.id for n, r in grid.rows().items() if n == "stuck-01"]
+        assert reconciler.in_flight(stuck_id)
+    finally:
+        answer.set()
+    deadline = time.monotonic() + 30
+    while reconciler.in_flight(stuck_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not reconciler.in_flight(stuck_id)
+    assert grid.rows()["stuck-01"].state == "ready"  # the slow step finished on its own
+    reconciler.close()
