@@ -22,7 +22,13 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deskpool.api import metrics, routes_admin, routes_admin_manage, routes_user
+from deskpool.api import (
+    metrics,
+    routes_admin,
+    routes_admin_manage,
+    routes_tokens,
+    routes_user,
+)
 from deskpool.api.deps import Services
 from deskpool.api.observability import RequestContext, health
 from deskpool.broker.accounts import AccountService
@@ -130,6 +136,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     app.include_router(routes_user.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_admin_manage.router)
+    app.include_router(routes_tokens.router)
     app.include_router(health)
     app.include_router(metrics.router)
     app.state.metrics_registry = metrics.registry_for(ctx)
