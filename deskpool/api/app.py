@@ -29,8 +29,10 @@ from deskpool.api import (
     routes_tokens,
     routes_user,
 )
+from deskpool.api.csrf import CsrfGuard
 from deskpool.api.deps import Services
 from deskpool.api.observability import RequestContext, health
+from deskpool.api.security_headers import SecurityHeaders
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
@@ -144,6 +146,8 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     novnc = novnc_dir or ctx.settings.novnc_dir
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
+    app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
+    app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(ArrivalTime)
     app.add_middleware(RequestContext)  # outermost: its id is on every line a request logs
     return app
