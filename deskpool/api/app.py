@@ -32,6 +32,7 @@ from deskpool.api import (
 from deskpool.api.csrf import CsrfGuard
 from deskpool.api.deps import Services
 from deskpool.api.observability import RequestContext, health
+from deskpool.api.openapi import install as install_openapi
 from deskpool.api.security_headers import SecurityHeaders
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
@@ -146,6 +147,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     novnc = novnc_dir or ctx.settings.novnc_dir
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
+    install_openapi(app)
     app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
     app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(ArrivalTime)
