@@ -29,6 +29,7 @@ from deskpool.api import (
     routes_tokens,
     routes_user,
 )
+from deskpool.api.allow import AllowHeader
 from deskpool.api.csrf import CsrfGuard
 from deskpool.api.deps import Services
 from deskpool.api.observability import RequestContext, health
@@ -148,6 +149,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
     install_openapi(app)
+    app.add_middleware(AllowHeader, routes=app.router.routes)
     app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
     app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(ArrivalTime)

@@ -10,9 +10,9 @@ What each operation answers follows from what it is, read from its route:
   ``deskpool.api.csrf``); an administrator's change also 409 (refused by the object's state, or
   a concurrent change won);
 * it takes input (parameters or a body): 422 (malformed, by the schema) and 400 (well-formed
-  but not acceptable, by the service); a path parameter: 404 (none by that name), except the
-  user's desktop routes, which answer 403 for a desktop that is not theirs and one that does
-  not exist alike;
+  but not acceptable, by the service); a path parameter, or an administrator's body (which
+  names templates, hosts, users): 404 (none by that name), except the user's desktop routes,
+  which answer 403 for a desktop that is not theirs and one that does not exist alike;
 * plus what particular operations answer (``EXTRA``): sign-in's 429 with ``Retry-After``,
   a connect's full pool (503 with ``Retry-After``), a hypervisor's failure (502), ...
 """
@@ -120,6 +120,8 @@ def statuses(method: str, path: str, operation: dict[str, Any],
         found |= {400, 422}
     if any(p.get("in") == "path" for p in params) and not path.startswith(NO_NOT_FOUND_PREFIX):
         found.add(404)
+    if admin_user in needs and "requestBody" in operation:
+        found.add(404)  # the body names a template, host, version or user
     return found
 
 

@@ -156,3 +156,12 @@ def test_metrics_and_readiness_answer_503_when_the_database_does_not(tmp_path: P
     finally:
         world.ctx.close()
         forget_fake_hosts()
+
+
+def test_a_wrong_method_is_told_every_method_the_path_answers(world: BrokerWorld) -> None:
+    # GET and DELETE of a user come from two routers; GET and POST of tokens from two routes.
+    for path, methods in (("/api/v1/admin/users/alice", "DELETE, GET"),
+                          ("/api/v1/auth/tokens", "GET, POST")):
+        answer = world.client("root").request("PUT", path)
+        assert answer.status_code == 405
+        assert answer.headers["allow"] == methods
