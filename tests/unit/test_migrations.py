@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def test_the_schema_comparison_does_notice_a_difference(engine: Engine) -> None:
 def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert current_revision(engine) is None
     upgrade_to_head(engine)
-    assert current_revision(engine) == head_revision() == "0015"
+    assert current_revision(engine) == head_revision() == "0016"
     assert _tables(engine) == TABLES | {"alembic_version"}
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("desktops")}
     assert {"ix_desktops_state", "ix_desktops_host_id", "uq_desktops_held_by_user"} <= indexes
@@ -77,16 +78,16 @@ def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert _tables(engine) == {"alembic_version"}
 
     upgrade_to_head(engine)
-    assert current_revision(engine) == "0015"
+    assert current_revision(engine) == "0016"
     assert _schema_diff(engine) == []
     upgrade_to_head(engine)  # at head already: nothing to do, no error
-    assert current_revision(engine) == "0015"
+    assert current_revision(engine) == "0016"
 
 
 def test_upgrade_from_a_url_creates_the_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh' / 'deskpool.db'}"
     upgrade_to_head(url)
-    assert current_revision(url) == "0015"
+    assert current_revision(url) == "0016"
     assert (tmp_path / "fresh" / "deskpool.db").is_file()
 
 
@@ -116,10 +117,10 @@ def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
 
 def test_one_linear_history_with_a_single_head() -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
-    assert scripts.get_heads() == ["0015"]
+    assert scripts.get_heads() == ["0016"]
     assert [rev.revision for rev in scripts.walk_revisions()] == [
-        "0015", "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005", "0004",
-        "0003", "0002", "0001"]
+        "0016", "0015", "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005",
+        "0004", "0003", "0002", "0001"]
 
 
 def test_migrations_ship_as_package_data() -> None:
@@ -164,3 +165,27 @@ def test_0002_keeps_existing_desktops_and_gives_them_defaults(engine: Engine) ->
         row = connection.exec_driver_sql(
             "SELECT name, pool_id, retry_count, has_factory_snapshot FROM desktops").one()
     assert tuple(row) == ("lab-001", None, 0, 0)
+
+
+def test_api_tokens_issued_without_an_expiry_get_one(engine: Engine) -> None:
+    upgrade_to_head(engine)
+    downgrade(engine, "0015")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO users (id, name, display_name, source, is_admin, disabled, created_at)"
+            " VALUES ('00000000000000000000000000000001', 'old', 'old', 'local', false, false,"
+            " CURRENT_TIMESTAMP)")
+        for n, kind in ((1, "api"), (2, "session")):
+            connection.exec_driver_sql(
+                "INSERT INTO auth_tokens (id, token_hash, user_id, kind, label, groups, "
+                f"created_at) VALUES ('0000000000000000000000000000001{n}', 'h{n}', "
+                f"'00000000000000000000000000000001', '{kind}', '', '', CURRENT_TIMESTAMP)")
+    upgrade_to_head(engine)
+    with engine.connect() as connection:
+        rows = dict(connection.exec_driver_sql(
+            "SELECT kind, expires_at FROM auth_tokens").fetchall())
+    expires = rows["api"]
+    expires = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+    expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    assert timedelta(days=89) < expires - datetime.now(UTC) <= timedelta(days=90)
+    assert rows["session"] is None  # sessions were never issued without one; left alone
