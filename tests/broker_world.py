@@ -68,7 +68,9 @@ class BrokerWorld:
             if self._app is None:
                 self._app = create_app(self.ctx, directories=[], console_ws_port=6080)
             app = self._app
-        client = TestClient(app)
+        # As a browser on the portal's own page sends it: what the CSRF check wants of a
+        # request made with the session cookie.
+        client = TestClient(app, headers={"origin": "http://testserver"})
         if user is not None:
             client.headers["authorization"] = f"Bearer {self.tokens[user]}"
         return client

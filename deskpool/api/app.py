@@ -22,9 +22,19 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deskpool.api import metrics, routes_admin, routes_admin_manage, routes_user
+from deskpool.api import (
+    metrics,
+    routes_admin,
+    routes_admin_manage,
+    routes_tokens,
+    routes_user,
+)
+from deskpool.api.allow import AllowHeader
+from deskpool.api.csrf import CsrfGuard
 from deskpool.api.deps import Services
 from deskpool.api.observability import RequestContext, health
+from deskpool.api.openapi import install as install_openapi
+from deskpool.api.security_headers import SecurityHeaders
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
@@ -130,6 +140,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     app.include_router(routes_user.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_admin_manage.router)
+    app.include_router(routes_tokens.router)
     app.include_router(health)
     app.include_router(metrics.router)
     app.state.metrics_registry = metrics.registry_for(ctx)
@@ -137,6 +148,10 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     novnc = novnc_dir or ctx.settings.novnc_dir
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
+    install_openapi(app)
+    app.add_middleware(AllowHeader, routes=app.router.routes)
+    app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
+    app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(ArrivalTime)
     app.add_middleware(RequestContext)  # outermost: its id is on every line a request logs
     return app

@@ -21,11 +21,12 @@ as a bearer token.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -45,6 +46,7 @@ BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000
              300_000)
 
 router = APIRouter(tags=["metrics"])
+log = logging.getLogger(__name__)
 
 
 class DatabaseCollector(Collector):
@@ -151,7 +153,8 @@ def registry_for(ctx: ServiceContext) -> CollectorRegistry:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
                              "description": "Prometheus text format"},
-                       401: {"description": "DESKPOOL_METRICS_TOKEN is set and was not sent"}})
+                       401: {"description": "DESKPOOL_METRICS_TOKEN is set and was not sent"},
+                       503: {"description": "the database does not answer"}})
 async def metrics(request: Request) -> Response:
     ctx: ServiceContext = request.app.state.services.ctx
     wanted = ctx.settings.metrics_token
@@ -159,5 +162,11 @@ async def metrics(request: Request) -> Response:
                                           wanted.encode()):
         raise AuthenticationFailed("send the metrics token as a bearer token")
     registry: CollectorRegistry = request.app.state.metrics_registry
-    body = await run_in_threadpool(generate_latest, registry)
+    try:
+        body = await run_in_threadpool(generate_latest, registry)
+    except Exception as exc:  # nearly all of it is read from the database: it did not answer
+        log.warning("metrics could not be read: %s", exc, exc_info=True)
+        return JSONResponse({"detail": "the metrics could not be read: the database does not "
+                                       f"answer ({type(exc).__name__}); see the server log"},
+                            status_code=503, headers={"Retry-After": "10"})
     return Response(body, media_type=CONTENT_TYPE_LATEST)

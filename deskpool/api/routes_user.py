@@ -19,7 +19,6 @@ from deskpool.api.schemas import (
     MyDesktop,
     PoolEntry,
     StateResponse,
-    TokenRequest,
     UserPublic,
 )
 from deskpool.domain.errors import Conflict, Forbidden
@@ -58,11 +57,7 @@ def logout(request: Request, response: Response, user: CurrentUser,
     response.delete_cookie(SESSION_COOKIE, path="/")
 
 
-@router.post("/auth/tokens", response_model=LoginResponse, tags=["auth"])
-def create_token(body: TokenRequest, user: CurrentUser, svc: ServicesDep) -> LoginResponse:
-    signed = svc.accounts.issue_api_token(user.name, body.label)
-    return LoginResponse(token=signed.token, expires_at=signed.expires_at,
-                         user=user_public(signed.identity))
+# API tokens (made, listed, revoked): deskpool.api.routes_tokens.
 
 
 @router.get("/me", response_model=UserPublic, tags=["auth"])

@@ -41,6 +41,9 @@ from deskpool.store.models import utcnow
 
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,254}$")
 SESSION_TTL = timedelta(hours=12)
+# An API token always expires: after 90 days unless asked otherwise, after a year at most.
+API_TOKEN_TTL = timedelta(days=90)
+API_TOKEN_MAX_TTL = timedelta(days=365)
 _hasher = PasswordHasher()
 
 
@@ -69,6 +72,7 @@ class SignedIn:
     token: str  # the secret, shown once
     identity: Identity
     expires_at: datetime | None
+    token_id: uuid.UUID | None = None  # what names it in lists and revocations
 
 
 def _groups_text(groups: frozenset[str]) -> str:
@@ -217,8 +221,12 @@ class AccountService:
             return signed
 
     def issue_api_token(self, username: str, label: str,
-                        ttl: timedelta | None = None) -> SignedIn:
-        """A long-lived token for scripts and native clients, with the user's local groups."""
+                        ttl: timedelta = API_TOKEN_TTL) -> SignedIn:
+        """A token for scripts and native clients, with the user's local groups; it expires
+        after ``ttl`` (at most ``API_TOKEN_MAX_TTL``)."""
+        if ttl > API_TOKEN_MAX_TTL:
+            raise InvalidInput(f"an API token lasts {API_TOKEN_MAX_TTL.days} days at most, "
+                               f"not {ttl.days}")
         with self.ctx.uow() as uow:
             user = self._user(uow, normalize_name(username))
             identity = Identity(name=user.name, display_name=user.display_name,
@@ -233,10 +241,12 @@ class AccountService:
                    ttl: timedelta | None) -> SignedIn:
         secret = secrets.token_urlsafe(32)
         expires = utcnow() + ttl if ttl else None
-        uow.auth_tokens.add(token_hash=token_digest(secret), user_id=user.id, kind=kind,
-                            label=label, groups=_groups_text(identity.groups),
-                            expires_at=expires)
-        return SignedIn(token=secret, identity=identity, expires_at=expires)
+        token_id = uow.auth_tokens.add(token_hash=token_digest(secret), user_id=user.id,
+                                       kind=kind, label=label,
+                                       groups=_groups_text(identity.groups),
+                                       expires_at=expires)
+        return SignedIn(token=secret, identity=identity, expires_at=expires,
+                        token_id=token_id)
 
     def resolve(self, secret: str) -> Identity:
         """The identity behind a session or API token; ``AuthenticationFailed`` otherwise."""

@@ -95,6 +95,7 @@ class AuthToken(Base):
     """
 
     __tablename__ = "auth_tokens"
+    __table_args__ = (Index(None, "user_id"),)  # a user's tokens, listed
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -124,6 +124,23 @@ class TokenHolder:
     gid_number: int | None = None
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """A token as its owner and the admin see it: never its secret nor its hash."""
+
+    id: uuid.UUID
+    user: str
+    kind: str
+    label: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+_TOKEN_ROW = (AuthToken.id, User.name, AuthToken.kind, AuthToken.label, AuthToken.created_at,
+              AuthToken.expires_at, AuthToken.revoked_at)
+
+
 class AuthTokenRepository:
     """Browser sessions and API tokens, found by the SHA-256 of their secret."""
 
@@ -131,9 +148,39 @@ class AuthTokenRepository:
         self._session = session
 
     def add(self, *, token_hash: str, user_id: uuid.UUID, kind: str, label: str, groups: str,
-            expires_at: datetime | None) -> None:
-        self._session.add(AuthToken(token_hash=token_hash, user_id=user_id, kind=kind,
-                                    label=label, groups=groups, expires_at=expires_at))
+            expires_at: datetime | None) -> uuid.UUID:
+        """Store a new token; its id (which names it in lists, never its secret)."""
+        token_id = uuid.uuid4()
+        self._session.add(AuthToken(id=token_id, token_hash=token_hash, user_id=user_id,
+                                    kind=kind, label=label, groups=groups,
+                                    expires_at=expires_at))
+        return token_id
+
+    def live(self, now: datetime, user_id: uuid.UUID | None = None) -> builtins.list[TokenRow]:
+        """Tokens neither revoked nor expired, of one user or of all, newest first."""
+        query = (select(*_TOKEN_ROW).join(User, User.id == AuthToken.user_id)
+                 .where(AuthToken.revoked_at.is_(None),
+                        or_(AuthToken.expires_at.is_(None), AuthToken.expires_at > now))
+                 .order_by(AuthToken.created_at.desc(), AuthToken.id))
+        if user_id is not None:
+            query = query.where(AuthToken.user_id == user_id)
+        return [TokenRow(*row) for row in self._session.execute(query)]
+
+    def find(self, token_id: uuid.UUID) -> TokenRow | None:
+        row = self._session.execute(select(*_TOKEN_ROW).join(User, User.id == AuthToken.user_id)
+                                    .where(AuthToken.id == token_id)).first()
+        return TokenRow(*row) if row is not None else None
+
+    def id_of(self, token_hash: str) -> uuid.UUID | None:
+        return self._session.scalars(select(AuthToken.id)
+                                     .where(AuthToken.token_hash == token_hash)).first()
+
+    def revoke_id(self, token_id: uuid.UUID, at: datetime) -> bool:
+        """Revoke the token by its id; False if it was revoked already (or never was)."""
+        result = cast(CursorResult[Any], self._session.execute(
+            update(AuthToken).where(AuthToken.id == token_id, AuthToken.revoked_at.is_(None))
+            .values(revoked_at=at)))
+        return bool(result.rowcount)
 
     def holder(self, token_hash: str) -> TokenHolder | None:
         """The token's user and validity, or None for a token never issued."""

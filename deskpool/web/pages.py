@@ -30,7 +30,9 @@ PAGE_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: under it a browser sends "Origin: null" even to this site, which the
+    # API's CSRF check refuses.
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 

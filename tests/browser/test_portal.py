@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -215,7 +216,9 @@ def test_the_apis_refusals_are_shown_verbatim(page: Page, site: Site) -> None:
 
 def test_the_console_page_connects_full_window_and_disconnects(page: Page, site: Site) -> None:
     signed_in(page, site, "alice")
-    handed = page.request.post(site.url + "/api/v1/pools/lab/connect").json()
+    # From the page, as its scripts do: the browser sends the Origin the CSRF check wants.
+    handed = page.evaluate("""async () => (await fetch("/api/v1/pools/lab/connect",
+                                                     {method: "POST"})).json()""")
     page.goto(f"{site.url}/console/{handed['desktop_id']}")
     status = page.locator("#status")
     expect(status).to_have_attribute("data-state", "connected")
@@ -315,3 +318,32 @@ def test_pages_carry_a_content_security_policy_and_static_files_are_fixed(
         "text/javascript")
     for path in ("/static/..%2Fpages.py", "/static/nope.js", "/static/%2Fetc%2Fpasswd"):
         assert page.request.get(site.url + path).status == 404
+
+
+# Return addresses a sign-in must never follow: other sites however spelled, and the
+# portal's own URLs that are not pages (an API call, a static file).
+FOREIGN_NEXT = ["https://evil.example/", "//evil.example/", "/\\evil.example/",
+                "\\/evil.example/", "/\t/evil.example/", "/\n/evil.example/",
+                " //evil.example/", "javascript:alert(1)", "/%2F%2Fevil.example/",
+                "/admin/../..//evil.example/", "/api/v1/auth/logout", "/static/portal.js",
+                "/console/x", "admin", ""]
+
+
+def test_sign_in_returns_only_to_one_of_the_portals_own_pages(page: Page, site: Site) -> None:
+    page.goto(site.url + "/")
+    checked = page.evaluate("""async (values) => {
+      const { safeNext } = await import("/static/api.js");
+      return values.map((v) => safeNext(v));
+    }""", [*FOREIGN_NEXT, "/", "/admin", f"/console/{uuid.uuid4()}", "/admin?x=1#y"])
+    assert checked[:len(FOREIGN_NEXT)] == [None] * len(FOREIGN_NEXT)
+    assert [c is not None for c in checked[len(FOREIGN_NEXT):]] == [True] * 4
+    # Signed in with a foreign return address: the portal's home, on this site.
+    for value in ("/\t/evil.example/", "//evil.example/", "/\\evil.example/"):
+        page.goto(site.url + "/?" + urlencode({"next": value}))
+        page.fill("#username", "alice")
+        page.fill("#password", PASSWORD)
+        page.click("#signin-button")
+        expect(page.locator("#portal")).to_have_attribute("data-state", "home")
+        assert page.url.startswith(site.url + "/"), page.url
+        page.click("#signout")
+        expect(page.locator("#signin")).to_be_visible()

@@ -125,7 +125,9 @@ def test_every_api_route_but_sign_in_refuses_a_caller_without_valid_credentials(
         for label, token in bad.items():
             for client in (TestClient(anonymous.app, headers={"authorization":
                                                               f"Bearer {token}"}),
-                           TestClient(anonymous.app, cookies={"deskpool_session": token})):
+                           # a browser's cookie, from the portal's own page (CSRF passes)
+                           TestClient(anonymous.app, cookies={"deskpool_session": token},
+                                      headers={"origin": "http://testserver"})):
                 status, text = call(client, method, url)
                 if status != 401:
                     failures.append(f"{method} {path} with an {label} token: {status} "
@@ -281,7 +283,8 @@ def test_signing_out_revokes_the_session_token(world: BrokerWorld) -> None:
     out = bearer.post("/api/v1/auth/logout")
     assert out.status_code == 204
     assert "deskpool_session=" in out.headers.get("set-cookie", "")  # the cookie is cleared
-    for client in (bearer, TestClient(browser.app, cookies={"deskpool_session": token})):
+    for client in (bearer, TestClient(browser.app, cookies={"deskpool_session": token},
+                                      headers={"origin": "http://testserver"})):
         assert client.get("/api/v1/me").status_code == 401
         assert client.post("/api/v1/pools/lab/connect").status_code == 401
     with pytest.raises(AuthenticationFailed):

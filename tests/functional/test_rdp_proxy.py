@@ -146,7 +146,9 @@ def proxy(ctx: ServiceContext) -> Iterator[int]:
 
 
 def client_of(ctx: ServiceContext, proxy: int, user: str) -> TestClient:
-    client = TestClient(create_app(ctx, directories=[], rdp_proxy_port=proxy))
+    # The portal's own Origin, as a browser sends it with the session cookie.
+    client = TestClient(create_app(ctx, directories=[], rdp_proxy_port=proxy),
+                        headers={"origin": "http://testserver"})
     signed = client.post("/api/v1/auth/login", json={"username": user,
                                                "password": f"{user}-password-1"})
     assert signed.status_code == 200, signed.text
@@ -306,7 +308,8 @@ def test_a_desktop_given_back_refuses_its_ticket_and_cuts_its_connection(
 def test_no_rdp_file_without_a_proxy_or_an_account(
     ctx: ServiceContext, rdp: FakeRdp, guest_calls: list[list[str]]
 ) -> None:
-    without_proxy = TestClient(create_app(ctx, directories=[]))
+    without_proxy = TestClient(create_app(ctx, directories=[]),
+                               headers={"origin": "http://testserver"})
     assert without_proxy.post("/api/v1/auth/login", json={
         "username": "alice", "password": "alice-password-1"}).status_code == 200
     desktop_id = connect(without_proxy)

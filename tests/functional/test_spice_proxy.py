@@ -107,7 +107,9 @@ def proxy(ctx: ServiceContext) -> Iterator[int]:
 
 
 def client_of(ctx: ServiceContext, proxy: int, user: str) -> TestClient:
-    client = TestClient(create_app(ctx, directories=[], spice_proxy_port=proxy))
+    # The portal's own Origin, as a browser sends it with the session cookie.
+    client = TestClient(create_app(ctx, directories=[], spice_proxy_port=proxy),
+                        headers={"origin": "http://testserver"})
     signed = client.post("/api/v1/auth/login", json={"username": user,
                                                "password": f"{user}-password-1"})
     assert signed.status_code == 200, signed.text

@@ -98,6 +98,7 @@ def test_the_broker_answers_https_with_a_secure_session_cookie(broker: TlsBroker
     assert answer.status_code == 200
     cookie = answer.headers["set-cookie"].lower()
     assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    assert answer.headers["strict-transport-security"] == "max-age=31536000"  # TLS only
     me = httpx.get(f"{broker.url}/api/v1/me", verify=broker.client_tls,
                    headers={"Authorization": f"Bearer {answer.json()['token']}"})
     assert me.json()["name"] == "alice"

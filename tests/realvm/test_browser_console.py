@@ -232,7 +232,8 @@ def test_remote_viewer_opens_the_vv_file_through_the_spice_proxy(
     serving.start()
     try:
         client = TestClient(create_app(real_ctx, directories=[], spice_proxy_port=proxy.port),
-                            base_url="http://127.0.0.1")  # the proxy's name in the file
+                            base_url="http://127.0.0.1",  # the proxy's name in the file
+                            headers={"origin": "http://127.0.0.1"})  # as the portal's page
         assert client.post("/api/v1/auth/login", json={"username": USER,
                                                        "password": PASSWORD}).status_code == 200
         handover = client.post(f"/api/v1/pools/{web_pool}/connect").json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def test_one_linear_history_with_a_single_head() -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
     assert scripts.get_heads() == ["0017"]
     assert [rev.revision for rev in scripts.walk_revisions()] == [
-        "0017", "0015", "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005",
+        "0017", "0016", "0015", "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005",
         "0004", "0003", "0002", "0001"]
 
 
@@ -164,3 +165,27 @@ def test_0002_keeps_existing_desktops_and_gives_them_defaults(engine: Engine) ->
         row = connection.exec_driver_sql(
             "SELECT name, pool_id, retry_count, has_factory_snapshot FROM desktops").one()
     assert tuple(row) == ("lab-001", None, 0, 0)
+
+
+def test_api_tokens_issued_without_an_expiry_get_one(engine: Engine) -> None:
+    upgrade_to_head(engine)
+    downgrade(engine, "0015")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO users (id, name, display_name, source, is_admin, disabled, created_at)"
+            " VALUES ('00000000000000000000000000000001', 'old', 'old', 'local', false, false,"
+            " CURRENT_TIMESTAMP)")
+        for n, kind in ((1, "api"), (2, "session")):
+            connection.exec_driver_sql(
+                "INSERT INTO auth_tokens (id, token_hash, user_id, kind, label, groups, "
+                f"created_at) VALUES ('0000000000000000000000000000001{n}', 'h{n}', "
+                f"'00000000000000000000000000000001', '{kind}', '', '', CURRENT_TIMESTAMP)")
+    upgrade_to_head(engine)
+    with engine.connect() as connection:
+        rows = dict(connection.exec_driver_sql(
+            "SELECT kind, expires_at FROM auth_tokens").fetchall())
+    expires = rows["api"]
+    expires = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+    expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    assert timedelta(days=89) < expires - datetime.now(UTC) <= timedelta(days=90)
+    assert rows["session"] is None  # sessions were never issued without one; left alone

@@ -58,7 +58,22 @@ export function show(node, visible) {
   node.hidden = !visible;
 }
 
-// Where to go after signing in: only a path of this site.
+// Where to go after signing in: only one of the portal's own pages (the portal, the admin
+// page, a desktop's console), never another site. A relative path of printable characters
+// only: no scheme, no "//host", no backslash (browsers read "/\host" as "//host"), no tab or
+// newline (browsers drop those, so "/<tab>/host" would become "//host"). Then the browser's own
+// URL parser must agree it is this origin.
+const OWN_PAGES = /^\/(admin|console\/[0-9A-Fa-f-]{36})?$/;
+
 export function safeNext(value) {
-  return typeof value === "string" && /^\/(?![/\\])/.test(value) ? value : null;
+  if (typeof value !== "string" || !/^\/[\x21-\x7e]*$/.test(value)) return null;
+  if (value.startsWith("//") || value.includes("\\")) return null;
+  let url;
+  try {
+    url = new URL(value, location.origin);
+  } catch {
+    return null;
+  }
+  if (url.origin !== location.origin || !OWN_PAGES.test(url.pathname)) return null;
+  return url.pathname + url.search + url.hash;
 }
