@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deskpool.api import metrics, routes_admin, routes_admin_manage, routes_user
 from deskpool.api.deps import Services
+from deskpool.api.limits import BodyLimit
 from deskpool.api.observability import RequestContext, health
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
@@ -138,5 +139,6 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
     app.add_middleware(ArrivalTime)
+    app.add_middleware(BodyLimit)  # a body past 1 MiB is refused before it is read
     app.add_middleware(RequestContext)  # outermost: its id is on every line a request logs
     return app

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Response
 
 from deskpool.api.deps import AdminActor, AdminUser, ServicesDep
 from deskpool.api.schemas import (
+    NO_NUL,
     AuditEntry,
     GroupAdminView,
     GroupCreate,
@@ -194,8 +195,9 @@ def remove_member(name: UserPath, user_name: UserPath, actor: AdminActor,
 @router.get("/audit", response_model=list[AuditEntry])
 def audit_entries(
     admin: AdminUser, svc: ServicesDep,
-    actor: Annotated[str | None, Query(max_length=255, description="who did it")] = None,
-    target: Annotated[str | None, Query(max_length=255, description=(
+    actor: Annotated[str | None, Query(max_length=255, pattern=NO_NUL,
+                                       description="who did it")] = None,
+    target: Annotated[str | None, Query(max_length=255, pattern=NO_NUL, description=(
         "what it was done to, e.g. pool/lab; 'pool' finds every pool"))] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> list[AuditEntry]:

@@ -42,9 +42,13 @@ def errors(*codes: int) -> Responses:
     return {code: {"model": ErrorBody, "description": _MEANING[code]} for code in codes}
 
 
+# Free text: no NUL (PostgreSQL refuses it in text columns and queries).
+NO_NUL = r"^[^\x00]*$"
+
+
 class LoginRequest(BaseModel):
-    username: str = Field(min_length=1, max_length=255)
-    password: str = Field(min_length=1, max_length=1024)
+    username: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+    password: str = Field(min_length=1, max_length=1024, pattern=NO_NUL)
 
 
 class UserPublic(BaseModel):
@@ -62,7 +66,7 @@ class LoginResponse(BaseModel):
 
 
 class TokenRequest(BaseModel):
-    label: str = Field(default="", max_length=255, pattern=r"^[^\x00]*$")
+    label: str = Field(default="", max_length=255, pattern=NO_NUL)
 
 
 class PoolEntry(BaseModel):
@@ -126,8 +130,6 @@ HostName = Annotated[str, Field(pattern=HOST_NAME, max_length=63)]
 PoolName = Annotated[str, Field(pattern=POOL_NAME, max_length=63)]
 TemplateName = Annotated[str, Field(pattern=TEMPLATE_NAME, max_length=63)]
 UserName = Annotated[str, Field(pattern=USER_NAME, max_length=255)]
-# Free text: no NUL (PostgreSQL refuses it in text columns).
-NO_NUL = r"^[^\x00]*$"
 # Path parameters, checked as strictly as the same names in bodies.
 HostPath = Annotated[str, Path(pattern=HOST_NAME, max_length=63)]
 PoolPath = Annotated[str, Path(pattern=POOL_NAME, max_length=63)]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from deskpool.api.limits import MAX_BODY
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.pools import PoolSpec
@@ -153,3 +154,23 @@ def test_pool_settings_that_would_stop_the_loops_are_refused_by_the_cli_path_too
 def test_loop_settings_that_would_stop_the_loops_are_refused(name: str, value: float) -> None:
     with pytest.raises(ValidationError, match=name):
         Settings(**{name: value})  # type: ignore[arg-type]
+
+
+def test_a_body_past_the_limit_is_refused_whole(world: BrokerWorld) -> None:
+    admin = world.client("root")
+    huge = {"name": "lab2", "template": "golden", "naming_pattern": "lab2-{n:02}",
+            "padding": "x" * (MAX_BODY + 1)}
+    answer = admin.post(f"{ADMIN}/pools", json=huge)
+    assert answer.status_code == 413 and "larger than" in answer.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        yield b'{"name": "lab2", "template": "golden", "notes": "'
+        for _ in range(MAX_BODY // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}'
+
+    answer = admin.post(f"{ADMIN}/pools", content=chunks(),
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == 413, answer.text
+    assert pool_names(world) == ["lab"]
+    assert admin.get(f"{ADMIN}/pools/lab").status_code == 200  # the app still answers
