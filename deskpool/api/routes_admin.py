@@ -42,7 +42,8 @@ from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 
 # Every admin route may answer these; the ones a single route adds are on that route.
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], responses=errors(400, 401, 403, 422))
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"],
+                   responses=errors(400, 401, 403, 413, 422))
 Row = dict[str, Any]
 
 

@@ -36,7 +36,8 @@ from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService, PoolView
 from deskpool.services.templates import delete_version
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], responses=errors(400, 401, 403, 422))
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"],
+                   responses=errors(400, 401, 403, 413, 422))
 Row = dict[str, Any]
 NOT_FOUND = errors(404)
 REFUSED = errors(409)

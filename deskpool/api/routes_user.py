@@ -29,8 +29,9 @@ from deskpool.domain.users import Identity
 from deskpool.store.desktop_listings import PoolAvailability
 from deskpool.store.models import Desktop
 
-# Every route here may answer bad input; all but sign-in answer 401 without credentials.
-router = APIRouter(prefix="/api/v1", responses=errors(422))
+# Every route here may answer bad input (a body past the cap too); all but sign-in answer 401
+# without credentials.
+router = APIRouter(prefix="/api/v1", responses=errors(413, 422))
 
 
 def user_public(identity: Identity) -> UserPublic:

@@ -30,6 +30,7 @@ _MEANING = {
     403: "signed in, but not allowed to do this",
     404: "no such pool, host, template, version, user, group or desktop",
     409: "refused in the current state (``detail`` says why)",
+    413: "the request body is larger than 1 MiB",
     422: "bad input: ``detail`` names each field and what is wrong with it",
     429: "too many failed sign-ins: try again after ``Retry-After`` seconds",
     502: "the hypervisor or the guest failed at it",

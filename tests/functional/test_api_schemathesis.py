@@ -62,6 +62,9 @@ def schema(world: BrokerWorld) -> Any:
         # too many failures, whatever the input (429).
         "positive_data_acceptance": {"expected-statuses": ["2xx", 400, 401, 403, 404, 409,
                                                            429]},
+        # A body past the 1 MiB cap is refused too, before its content is read (413).
+        "negative_data_rejection": {"expected-statuses": [400, 401, 403, 404, 405, 406, 409,
+                                                          413, 415, 422, 428, 429]},
     }})
     found = schemathesis.openapi.from_asgi("/openapi.json", world._app, config=config)
 
@@ -110,8 +113,8 @@ def run_operation(operation: Any, mode: GenerationMode, headers: dict[str, str],
                f"{response.text[:300]}"
         if role == "anonymous" and not is_public(operation.path):
             # Refused: 401, or a body that is not even JSON, which FastAPI reads (422)
-            # before it asks who is calling.
-            assert response.status_code in (401, 400, 422), f"without credentials: {seen}"
+            # before it asks who is calling, or one past the size cap (413).
+            assert response.status_code in (401, 400, 413, 422), f"without credentials: {seen}"
         if role != "anonymous" and operation.path != "/api/v1/auth/login":
             assert response.status_code != 401, f"a valid token refused: {seen}"
 
