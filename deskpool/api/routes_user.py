@@ -91,7 +91,7 @@ def my_pools(user: CurrentUser, svc: ServicesDep) -> list[PoolEntry]:
     for pool in pools:
         available = seen.get(pool.id, PoolAvailability())
         entries.append(PoolEntry(name=pool.name, template=pool.template,
-                                 kind=pool.kind.value, assignment=pool.assignment.value,
+                                 kind=pool.kind, assignment=pool.assignment,
                                  ready=available.ready, mine=available.mine))
     return entries
 

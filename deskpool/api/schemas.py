@@ -73,14 +73,14 @@ class TokenRequest(BaseModel):
 class PoolEntry(BaseModel):
     name: str
     template: str
-    kind: str
-    assignment: str
+    kind: PoolKind
+    assignment: Assignment
     ready: int
     mine: str | None = None  # the name of the desktop I hold in it
 
 
 class HandoverResponse(BaseModel):
-    status: str  # ready | pending
+    status: Literal["ready", "pending"]
     pool: str
     message: str
     logon_id: uuid.UUID
