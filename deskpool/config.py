@@ -133,14 +133,16 @@ class Settings(BaseSettings):
     # HTTPS for the portal and API, and wss:// for consoles, when both are set (PEM files).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    # The broker's background loops.
-    reconcile_interval_s: float = 5.0
-    timers_interval_s: float = 2.0
-    ready_timeout_s: float = 240.0
-    host_down_after_s: float = 60.0  # a host silent this long is marked down
+    # The broker's background loops. Bounded: 0, a negative number or NaN would spin a loop or
+    # stop it, and a huge one would stop the reconciler or the session timers for everyone.
+    reconcile_interval_s: float = Field(default=5.0, ge=0.1, le=3600, allow_inf_nan=False)
+    timers_interval_s: float = Field(default=2.0, ge=0.1, le=3600, allow_inf_nan=False)
+    ready_timeout_s: float = Field(default=240.0, ge=1, le=3600, allow_inf_nan=False)
+    # A host silent this long is marked down.
+    host_down_after_s: float = Field(default=60.0, ge=1, le=86400, allow_inf_nan=False)
     # A broker's claim on a desktop's or pool's work, renewed while it works: how soon the
     # others take over from a broker that died.
-    lease_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     # Log lines as plain text, or one JSON object each (with the request id and the user).
     log_format: Literal["text", "json"] = "text"
     # When set, /metrics answers only a scraper sending "Authorization: Bearer <it>".

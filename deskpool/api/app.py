@@ -32,6 +32,7 @@ from deskpool.api import (
 from deskpool.api.allow import AllowHeader
 from deskpool.api.csrf import CsrfGuard
 from deskpool.api.deps import Services
+from deskpool.api.limits import BodyLimit
 from deskpool.api.observability import RequestContext, health
 from deskpool.api.openapi import install as install_openapi
 from deskpool.api.security_headers import SecurityHeaders
@@ -153,5 +154,6 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
     app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))
     app.add_middleware(ArrivalTime)
+    app.add_middleware(BodyLimit)  # a body past 1 MiB is refused before it is read
     app.add_middleware(RequestContext)  # outermost: its id is on every line a request logs
     return app

@@ -7,21 +7,26 @@ import uuid
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from deskpool.api.deps import AdminActor, AdminUser, ServicesDep
 from deskpool.api.schemas import (
     DrainRequest,
     GrantRequest,
     HostCreate,
+    HostPath,
     PoolCreate,
+    PoolPath,
     PrincipalKind,
     StateResponse,
+    TemplatePath,
     TemplatePublish,
     UserAdminView,
     UserCreate,
+    UserPath,
+    errors,
 )
 from deskpool.broker.user_admin import UserAdmin
 from deskpool.domain.errors import InvalidInput, NotFound
@@ -36,7 +41,9 @@ from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+# Every admin route may answer these; the ones a single route adds are on that route.
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"],
+                   responses=errors(400, 401, 403, 413, 422))
 Row = dict[str, Any]
 
 
@@ -45,21 +52,21 @@ def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(h) for h in HostService(svc.ctx).list()]
 
 
-@router.post("/hosts")
+@router.post("/hosts", responses=errors(409, 502, 503))
 def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
     return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits, actor=actor))
 
 
-@router.post("/hosts/{name}/drain")
-def drain_host(name: str, body: DrainRequest, actor: AdminActor, svc: ServicesDep) -> Row:
+@router.post("/hosts/{name}/drain", responses=errors(404, 409))
+def drain_host(name: HostPath, body: DrainRequest, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(HostService(svc.ctx).drain(name, grace=timedelta(seconds=body.grace_s),
                                              actor=actor))
 
 
-@router.post("/hosts/{name}/enable")
-def enable_host(name: str, actor: AdminActor, svc: ServicesDep) -> Row:
+@router.post("/hosts/{name}/enable", responses=errors(404, 409))
+def enable_host(name: HostPath, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(HostService(svc.ctx).enable(name, actor=actor))
 
 
@@ -68,8 +75,8 @@ def templates(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(v) for v in TemplateService(svc.ctx).list_versions()]
 
 
-@router.post("/templates/{name}/versions", responses={404: {"description": "no such image"}})
-def publish_template(name: str, body: TemplatePublish, actor: AdminActor,
+@router.post("/templates/{name}/versions", responses=errors(404, 409))
+def publish_template(name: TemplatePath, body: TemplatePublish, actor: AdminActor,
                      svc: ServicesDep) -> Row:
     """Publish the next version of ``name`` (made if new) from image files the broker can
     read or an image built on it, with the administrator's cloud-init user data and join
@@ -112,7 +119,7 @@ def pools(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(p) for p in PoolService(svc.ctx).list()]
 
 
-@router.post("/pools")
+@router.post("/pools", responses=errors(404, 409))
 def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     spec = PoolSpec(
         name=body.name, template=body.template, kind=body.kind, assignment=body.assignment,
@@ -131,13 +138,14 @@ def entitlements(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(g) for g in svc.entitlements.list()]
 
 
-@router.post("/pools/{pool}/entitlements")
-def grant(pool: str, body: GrantRequest, actor: AdminActor, svc: ServicesDep) -> Row:
+@router.post("/pools/{pool}/entitlements", responses=errors(404, 409))
+def grant(pool: PoolPath, body: GrantRequest, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(svc.entitlements.grant(pool, body.kind, body.principal, actor=actor))
 
 
-@router.delete("/pools/{pool}/entitlements/{kind}/{principal}", status_code=204)
-def revoke(pool: str, kind: PrincipalKind, principal: str, actor: AdminActor,
+@router.delete("/pools/{pool}/entitlements/{kind}/{principal}", status_code=204,
+                responses=errors(404))
+def revoke(pool: PoolPath, kind: PrincipalKind, principal: UserPath, actor: AdminActor,
            svc: ServicesDep) -> None:
     svc.entitlements.revoke(pool, kind, principal, actor=actor)
 
@@ -147,7 +155,7 @@ def users(admin: AdminUser, svc: ServicesDep) -> list[UserAdminView]:
     return [UserAdminView.model_validate(asdict(u)) for u in UserAdmin(svc.ctx).list()]
 
 
-@router.post("/users")
+@router.post("/users", responses=errors(409))
 def create_user(body: UserCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     created = svc.accounts.create_user(body.name, body.password,
                                        display_name=body.display_name, is_admin=body.is_admin,
@@ -183,7 +191,8 @@ def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
                 for d in rows]
 
 
-@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse)
+@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse,
+             responses=errors(404, 409, 502, 503))
 def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
                   svc: ServicesDep) -> StateResponse:
     state = svc.sessions.log_off(desktop_id, by=admin,
@@ -194,14 +203,16 @@ def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
 
 
 @router.get("/events")
-def events(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
+def events(admin: AdminUser, svc: ServicesDep,
+           limit: Annotated[int, Query(ge=1, le=2000)] = 200) -> list[Row]:
     svc.broker.records.flush()
     return [{**asdict(e), "at": e.at.isoformat()}
             for e in recent_events(svc.ctx, limit=min(max(limit, 1), 2000))]
 
 
 @router.get("/logons")
-def logons(admin: AdminUser, svc: ServicesDep, limit: int = 200) -> list[Row]:
+def logons(admin: AdminUser, svc: ServicesDep,
+           limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> list[Row]:
     """Each logon's phases in milliseconds: queue, claim, power-on, ready, session,
     connect."""
     svc.broker.records.flush()

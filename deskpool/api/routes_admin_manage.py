@@ -11,32 +11,36 @@ from fastapi import APIRouter, Query, Response
 
 from deskpool.api.deps import AdminActor, AdminUser, ServicesDep
 from deskpool.api.schemas import (
-    NULLABLE_POOL_SETTINGS,
+    NO_NUL,
     AuditEntry,
     GroupAdminView,
     GroupCreate,
     GroupMemberAdd,
+    HostPath,
     NewPassword,
     PoolAdminView,
+    PoolPath,
     PoolResize,
     PoolUpdate,
     RolloutRequest,
+    TemplatePath,
     UserAdminView,
+    UserPath,
+    VersionPath,
+    errors,
 )
 from deskpool.broker.user_admin import UserAdmin
-from deskpool.domain.errors import InvalidInput
 from deskpool.services.audit import audit_log
 from deskpool.services.hosts import HostService
 from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService, PoolView
 from deskpool.services.templates import delete_version
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"],
+                   responses=errors(400, 401, 403, 413, 422))
 Row = dict[str, Any]
-Responses = dict[int | str, dict[str, Any]]
-NOT_FOUND: Responses = {
-    404: {"description": "no such pool, host, template, version, user or group"}}
-REFUSED: Responses = {409: {"description": "refused: the sentence in ``detail`` says why"}}
+NOT_FOUND = errors(404)
+REFUSED = errors(409)
 
 
 def _pool(view: PoolView) -> PoolAdminView:
@@ -46,25 +50,21 @@ def _pool(view: PoolView) -> PoolAdminView:
 # --- pools -----------------------------------------------------------------------------------
 
 @router.get("/pools/{name}", response_model=PoolAdminView, responses=NOT_FOUND)
-def pool(name: str, admin: AdminUser, svc: ServicesDep) -> PoolAdminView:
+def pool(name: PoolPath, admin: AdminUser, svc: ServicesDep) -> PoolAdminView:
     return _pool(PoolService(svc.ctx).get(name))
 
 
 @router.patch("/pools/{name}", response_model=PoolAdminView, responses=NOT_FOUND | REFUSED)
-def update_pool(name: str, body: PoolUpdate, actor: AdminActor,
+def update_pool(name: PoolPath, body: PoolUpdate, actor: AdminActor,
                 svc: ServicesDep) -> PoolAdminView:
     """Change any setting the pool was created with; the ones left out stay."""
     changes = body.model_dump(exclude_unset=True)
-    cleared = [k for k, v in changes.items() if v is None and k not in NULLABLE_POOL_SETTINGS]
-    if cleared:
-        raise InvalidInput(f"{', '.join(sorted(cleared))} cannot be null; leave them out to "
-                           "keep their value")
     return _pool(PoolAdmin(svc.ctx, actor).update(name, changes))
 
 
 @router.post("/pools/{name}/resize", response_model=PoolAdminView,
              responses=NOT_FOUND | REFUSED)
-def resize_pool(name: str, body: PoolResize, actor: AdminActor,
+def resize_pool(name: PoolPath, body: PoolResize, actor: AdminActor,
                 svc: ServicesDep) -> PoolAdminView:
     return _pool(PoolAdmin(svc.ctx, actor).resize(
         name, min_size=body.min_size, max_size=body.max_size, spare=body.spare))
@@ -72,20 +72,20 @@ def resize_pool(name: str, body: PoolResize, actor: AdminActor,
 
 @router.post("/pools/{name}/disable", response_model=PoolAdminView,
              responses=NOT_FOUND | REFUSED)
-def disable_pool(name: str, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
+def disable_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
     """No new sessions; users keep (and reconnect to) the desktops they hold."""
     return _pool(PoolAdmin(svc.ctx, actor).set_enabled(name, False))
 
 
 @router.post("/pools/{name}/enable", response_model=PoolAdminView,
              responses=NOT_FOUND | REFUSED)
-def enable_pool(name: str, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
+def enable_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
     return _pool(PoolAdmin(svc.ctx, actor).set_enabled(name, True))
 
 
 @router.delete("/pools/{name}", response_model=PoolAdminView, status_code=202,
                responses=NOT_FOUND | REFUSED)
-def delete_pool(name: str, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
+def delete_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
     """Accepted: the pool is ``deleting``. Its free desktops are retired now, held ones as
     their users log off; the pool goes when none is left."""
     return _pool(PoolAdmin(svc.ctx, actor).delete(name))
@@ -93,7 +93,7 @@ def delete_pool(name: str, actor: AdminActor, svc: ServicesDep) -> PoolAdminView
 
 @router.post("/pools/{name}/rollout", response_model=PoolAdminView,
              responses=NOT_FOUND | REFUSED)
-def rollout_pool(name: str, body: RolloutRequest, actor: AdminActor,
+def rollout_pool(name: PoolPath, body: RolloutRequest, actor: AdminActor,
                  svc: ServicesDep) -> PoolAdminView:
     """New desktops from ``version`` (default: latest); free old ones are replaced once
     ``canary`` new ones are ready, held ones as their users leave. Progress: the pool's
@@ -103,14 +103,14 @@ def rollout_pool(name: str, body: RolloutRequest, actor: AdminActor,
 
 @router.post("/pools/{name}/rollback", response_model=PoolAdminView,
              responses=NOT_FOUND | REFUSED)
-def rollback_pool(name: str, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
+def rollback_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
     return _pool(PoolAdmin(svc.ctx, actor).rollback(name))
 
 
 # --- hosts and templates ---------------------------------------------------------------------
 
 @router.delete("/hosts/{name}", status_code=204, responses=NOT_FOUND | REFUSED)
-def remove_host(name: str, actor: AdminActor, svc: ServicesDep) -> Response:
+def remove_host(name: HostPath, actor: AdminActor, svc: ServicesDep) -> Response:
     """Forget an empty host; refused while desktops are on it or pools are pinned to it."""
     HostService(svc.ctx).remove(name, actor=actor)
     return Response(status_code=204)
@@ -118,7 +118,7 @@ def remove_host(name: str, actor: AdminActor, svc: ServicesDep) -> Response:
 
 @router.delete("/templates/{name}/versions/{number}", status_code=204,
                responses=NOT_FOUND | REFUSED)
-def delete_template_version(name: str, number: int, actor: AdminActor,
+def delete_template_version(name: TemplatePath, number: VersionPath, actor: AdminActor,
                             svc: ServicesDep) -> Response:
     """Delete an unused version; refused while desktops or pools use it."""
     delete_version(svc.ctx, name, number, actor=actor)
@@ -128,33 +128,33 @@ def delete_template_version(name: str, number: int, actor: AdminActor,
 # --- users and groups ------------------------------------------------------------------------
 
 @router.get("/users/{name}", response_model=UserAdminView, responses=NOT_FOUND)
-def user(name: str, admin: AdminUser, svc: ServicesDep) -> UserAdminView:
+def user(name: UserPath, admin: AdminUser, svc: ServicesDep) -> UserAdminView:
     return UserAdminView.model_validate(asdict(UserAdmin(svc.ctx).get(name)))
 
 
 @router.post("/users/{name}/disable", response_model=UserAdminView,
              responses=NOT_FOUND | REFUSED)
-def disable_user(name: str, actor: AdminActor, svc: ServicesDep) -> UserAdminView:
+def disable_user(name: UserPath, actor: AdminActor, svc: ServicesDep) -> UserAdminView:
     """Sign-in refused and every token of theirs revoked now."""
     return UserAdminView.model_validate(asdict(UserAdmin(svc.ctx, actor).set_disabled(name,
                                                                                      True)))
 
 
 @router.post("/users/{name}/enable", response_model=UserAdminView, responses=NOT_FOUND)
-def enable_user(name: str, actor: AdminActor, svc: ServicesDep) -> UserAdminView:
+def enable_user(name: UserPath, actor: AdminActor, svc: ServicesDep) -> UserAdminView:
     return UserAdminView.model_validate(asdict(UserAdmin(svc.ctx, actor).set_disabled(name,
                                                                                      False)))
 
 
 @router.delete("/users/{name}", status_code=204, responses=NOT_FOUND | REFUSED)
-def delete_user(name: str, actor: AdminActor, svc: ServicesDep) -> Response:
+def delete_user(name: UserPath, actor: AdminActor, svc: ServicesDep) -> Response:
     """Refused while they hold a desktop."""
     UserAdmin(svc.ctx, actor).delete(name)
     return Response(status_code=204)
 
 
 @router.post("/users/{name}/password", response_model=NewPassword, responses=NOT_FOUND)
-def reset_password(name: str, actor: AdminActor, svc: ServicesDep) -> NewPassword:
+def reset_password(name: UserPath, actor: AdminActor, svc: ServicesDep) -> NewPassword:
     """A new random password, shown this once; their sessions and tokens are revoked."""
     password = UserAdmin(svc.ctx, actor).reset_password(name)
     return NewPassword(user=name.strip().lower(), password=password)
@@ -172,20 +172,20 @@ def create_group(body: GroupCreate, actor: AdminActor, svc: ServicesDep) -> Grou
 
 
 @router.delete("/groups/{name}", status_code=204, responses=NOT_FOUND)
-def delete_group(name: str, actor: AdminActor, svc: ServicesDep) -> Response:
+def delete_group(name: UserPath, actor: AdminActor, svc: ServicesDep) -> Response:
     UserAdmin(svc.ctx, actor).delete_group(name)
     return Response(status_code=204)
 
 
 @router.post("/groups/{name}/members", status_code=204, responses=NOT_FOUND)
-def add_member(name: str, body: GroupMemberAdd, actor: AdminActor,
+def add_member(name: UserPath, body: GroupMemberAdd, actor: AdminActor,
                svc: ServicesDep) -> Response:
     svc.accounts.add_to_group(body.user, name, actor=actor)
     return Response(status_code=204)
 
 
 @router.delete("/groups/{name}/members/{user_name}", status_code=204, responses=NOT_FOUND)
-def remove_member(name: str, user_name: str, actor: AdminActor,
+def remove_member(name: UserPath, user_name: UserPath, actor: AdminActor,
                   svc: ServicesDep) -> Response:
     UserAdmin(svc.ctx, actor).remove_member(name, user_name)
     return Response(status_code=204)
@@ -196,8 +196,9 @@ def remove_member(name: str, user_name: str, actor: AdminActor,
 @router.get("/audit", response_model=list[AuditEntry])
 def audit_entries(
     admin: AdminUser, svc: ServicesDep,
-    actor: Annotated[str | None, Query(max_length=255, description="who did it")] = None,
-    target: Annotated[str | None, Query(max_length=255, description=(
+    actor: Annotated[str | None, Query(max_length=255, pattern=NO_NUL,
+                                       description="who did it")] = None,
+    target: Annotated[str | None, Query(max_length=255, pattern=NO_NUL, description=(
         "what it was done to, e.g. pool/lab; 'pool' finds every pool"))] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> list[AuditEntry]:

@@ -8,7 +8,6 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import PlainTextResponse
 
 from deskpool.api.deps import SESSION_COOKIE, CurrentUser, ServicesDep, token_of
 from deskpool.api.schemas import (
@@ -18,8 +17,10 @@ from deskpool.api.schemas import (
     LoginResponse,
     MyDesktop,
     PoolEntry,
+    PoolPath,
     StateResponse,
     UserPublic,
+    errors,
 )
 from deskpool.domain.errors import Conflict, Forbidden
 from deskpool.domain.states import HELD_STATES
@@ -27,7 +28,9 @@ from deskpool.domain.users import Identity
 from deskpool.store.desktop_listings import PoolAvailability
 from deskpool.store.models import Desktop
 
-router = APIRouter(prefix="/api/v1")
+# Every route here may answer bad input (a body past the cap too); all but sign-in answer 401
+# without credentials.
+router = APIRouter(prefix="/api/v1", responses=errors(413, 422))
 
 
 def user_public(identity: Identity) -> UserPublic:
@@ -36,7 +39,8 @@ def user_public(identity: Identity) -> UserPublic:
                       is_admin=identity.is_admin)
 
 
-@router.post("/auth/login", response_model=LoginResponse, tags=["auth"])
+@router.post("/auth/login", response_model=LoginResponse, tags=["auth"],
+             responses=errors(400, 401, 429, 503))
 def login(body: LoginRequest, request: Request, response: Response,
           svc: ServicesDep) -> LoginResponse:
     # The peer's address: behind a reverse proxy every client shares the proxy's.
@@ -48,7 +52,7 @@ def login(body: LoginRequest, request: Request, response: Response,
                          user=user_public(signed.identity))
 
 
-@router.post("/auth/logout", status_code=204, tags=["auth"])
+@router.post("/auth/logout", status_code=204, tags=["auth"], responses=errors(401))
 def logout(request: Request, response: Response, user: CurrentUser,
            svc: ServicesDep) -> None:
     token = token_of(request)
@@ -60,18 +64,18 @@ def logout(request: Request, response: Response, user: CurrentUser,
 # API tokens (made, listed, revoked): deskpool.api.routes_tokens.
 
 
-@router.get("/me", response_model=UserPublic, tags=["auth"])
+@router.get("/me", response_model=UserPublic, tags=["auth"], responses=errors(401))
 def me(user: CurrentUser) -> UserPublic:
     return user_public(user)
 
 
-@router.get("/ping", tags=["auth"])
+@router.get("/ping", tags=["auth"], responses=errors(401))
 def ping(user: CurrentUser) -> dict[str, bool]:
     """A no-op that still authenticates: the baseline the logon benchmark compares with."""
     return {"ok": True}
 
 
-@router.get("/pools", response_model=list[PoolEntry], tags=["user"])
+@router.get("/pools", response_model=list[PoolEntry], tags=["user"], responses=errors(401))
 def my_pools(user: CurrentUser, svc: ServicesDep) -> list[PoolEntry]:
     """The pools the caller is entitled to: two queries, however many pools and desktops."""
     with svc.ctx.uow(read_only=True) as uow:
@@ -81,13 +85,14 @@ def my_pools(user: CurrentUser, svc: ServicesDep) -> list[PoolEntry]:
     for pool in pools:
         available = seen.get(pool.id, PoolAvailability())
         entries.append(PoolEntry(name=pool.name, template=pool.template,
-                                 kind=pool.kind.value, assignment=pool.assignment.value,
+                                 kind=pool.kind, assignment=pool.assignment,
                                  ready=available.ready, mine=available.mine))
     return entries
 
 
-@router.post("/pools/{pool}/connect", response_model=HandoverResponse, tags=["user"])
-def connect(pool: str, request: Request, user: CurrentUser,
+@router.post("/pools/{pool}/connect", response_model=HandoverResponse, tags=["user"],
+             responses=errors(401, 403, 404, 409, 502, 503))
+def connect(pool: PoolPath, request: Request, user: CurrentUser,
             svc: ServicesDep) -> HandoverResponse:
     received = getattr(request.state, "received_at", time.monotonic())
     handover = svc.broker.connect(user, pool, received_at=received)
@@ -98,7 +103,8 @@ def connect(pool: str, request: Request, user: CurrentUser,
         phases_ms=handover.phases_ms)
 
 
-@router.get("/desktops", response_model=list[MyDesktop], tags=["user"])
+@router.get("/desktops", response_model=list[MyDesktop], tags=["user"],
+            responses=errors(401))
 def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
     with svc.ctx.uow(read_only=True) as uow:
         rows = uow.desktop_listings.held_by(user.name)
@@ -120,7 +126,7 @@ def _own_desktop(svc: ServicesDep, user: Identity, desktop_id: uuid.UUID) -> Des
 
 
 @router.post("/desktops/{desktop_id}/console", response_model=ConsoleTicketResponse,
-             tags=["user"])
+             tags=["user"], responses=errors(401, 403, 409, 502, 503))
 def console_ticket(desktop_id: uuid.UUID, user: CurrentUser,
                    svc: ServicesDep) -> ConsoleTicketResponse:
     ticket = svc.tickets.issue(user, desktop_id)
@@ -129,15 +135,17 @@ def console_ticket(desktop_id: uuid.UUID, user: CurrentUser,
                                  websocket_port=svc.console_ws_port)
 
 
-@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse, tags=["user"])
+@router.post("/desktops/{desktop_id}/logoff", response_model=StateResponse, tags=["user"],
+             responses=errors(401, 403, 409, 502, 503))
 def log_off(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> StateResponse:
     _own_desktop(svc, user, desktop_id)
     state = svc.sessions.log_off(desktop_id, by=user, reason="the user logged off")
     return StateResponse(desktop_id=desktop_id, state=state)
 
 
-@router.get("/desktops/{desktop_id}/console.vv", response_class=PlainTextResponse,
-            tags=["user"])
+@router.get("/desktops/{desktop_id}/console.vv", response_class=Response, tags=["user"],
+            responses=errors(401, 403, 409, 502, 503) | {200: {
+                "content": {"application/x-virt-viewer": {"schema": {"type": "string"}}}}})
 def console_vv(desktop_id: uuid.UUID, request: Request, user: CurrentUser,
                svc: ServicesDep) -> Response:
     """A remote-viewer (SPICE) file for the user's held desktop: it reaches the desktop
@@ -157,9 +165,9 @@ def console_vv(desktop_id: uuid.UUID, request: Request, user: CurrentUser,
 RDP_PASSWORD_HEADER = "X-Deskpool-Rdp-Password"
 
 
-@router.get("/desktops/{desktop_id}/console.rdp", response_class=PlainTextResponse,
-            tags=["user"], responses={200: {
-                "content": {"application/x-rdp": {}},
+@router.get("/desktops/{desktop_id}/console.rdp", response_class=Response,
+            tags=["user"], responses=errors(401, 403, 409, 502, 503) | {200: {
+                "content": {"application/x-rdp": {"schema": {"type": "string"}}},
                 "headers": {RDP_PASSWORD_HEADER: {
                     "description": "the one-time password of the file's account",
                     "schema": {"type": "string"}}}}})

@@ -5,17 +5,51 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from deskpool.domain.models import CloneMode, Customization, PoolStatus
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 from deskpool.images.recipe import Flavor
 
 
+class ErrorBody(BaseModel):
+    """What every refusal and failure answers (``deskpool.api.app``'s handlers): one
+    sentence saying what was wrong, and for bad input which field."""
+
+    detail: str
+
+
+Responses = dict[int | str, dict[str, Any]]
+_MEANING = {
+    400: "refused: the input does not make sense as a whole (``detail`` says why)",
+    401: "no session cookie or bearer token, or one that is no longer valid",
+    403: "signed in, but not allowed to do this",
+    404: "no such pool, host, template, version, user, group or desktop",
+    409: "refused in the current state (``detail`` says why)",
+    413: "the request body is larger than 1 MiB",
+    422: "bad input: ``detail`` names each field and what is wrong with it",
+    429: "too many failed sign-ins: try again after ``Retry-After`` seconds",
+    502: "the hypervisor or the guest failed at it",
+    503: "not now (a full pool, a host that does not answer): try again",
+}
+
+
+def errors(*codes: int) -> Responses:
+    """OpenAPI ``responses`` for the error statuses a route answers, with their real body."""
+    return {code: {"model": ErrorBody, "description": _MEANING[code]} for code in codes}
+
+
+# Free text: no NUL (PostgreSQL refuses it in text columns and queries).
+NO_NUL = r"^[^\x00]*$"
+
+
 class LoginRequest(BaseModel):
-    username: str = Field(min_length=1, max_length=255)
-    password: str = Field(min_length=1, max_length=1024)
+    username: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+    password: str = Field(min_length=1, max_length=1024, pattern=NO_NUL)
 
 
 class UserPublic(BaseModel):
@@ -32,21 +66,17 @@ class LoginResponse(BaseModel):
     user: UserPublic
 
 
-class TokenRequest(BaseModel):
-    label: str = Field(default="", max_length=255)
-
-
 class PoolEntry(BaseModel):
     name: str
     template: str
-    kind: str
-    assignment: str
+    kind: PoolKind
+    assignment: Assignment
     ready: int
     mine: str | None = None  # the name of the desktop I hold in it
 
 
 class HandoverResponse(BaseModel):
-    status: str  # ready | pending
+    status: Literal["ready", "pending"]
     pool: str
     message: str
     logon_id: uuid.UUID
@@ -81,18 +111,42 @@ class StateResponse(BaseModel):
 
 # --- admin ------------------------------------------------------------------------------------
 
-Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400)]
+# Every bound is checked here, at the edge, so that a value the database column, a Python
+# datetime or a background loop cannot hold is a 422 naming the field, never a 500 later.
+Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400)]  # within int32 and datetimes
 Size = Annotated[int, Field(ge=0, le=100_000)]
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
+# The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;
+# users and groups: broker.accounts, which also lowercases).
+HOST_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+POOL_NAME = HOST_NAME
+TEMPLATE_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+USER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,254}$"
+HostName = Annotated[str, Field(pattern=HOST_NAME, max_length=63)]
+PoolName = Annotated[str, Field(pattern=POOL_NAME, max_length=63)]
+TemplateName = Annotated[str, Field(pattern=TEMPLATE_NAME, max_length=63)]
+UserName = Annotated[str, Field(pattern=USER_NAME, max_length=255)]
+# Path parameters, checked as strictly as the same names in bodies.
+HostPath = Annotated[str, Path(pattern=HOST_NAME, max_length=63)]
+PoolPath = Annotated[str, Path(pattern=POOL_NAME, max_length=63)]
+TemplatePath = Annotated[str, Path(pattern=TEMPLATE_NAME, max_length=63)]
+UserPath = Annotated[str, Path(pattern=USER_NAME, max_length=255)]
+VersionPath = Annotated[int, Path(ge=1, le=1_000_000)]
+# A hypervisor URI: a scheme deskpool drives, "://", an optional user, host (a name or an IPv4
+# address) and port, then a path and query without blanks; never empty (no default host).
+_PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+HYPERVISOR_URI = (r"^(qemu(\+(ssh|tcp|tls|unix|libssh|libssh2))?|fake(\+tcp)?)://"
+                  r"([A-Za-z0-9._~%!$&'()*+,;=-]+@)?[A-Za-z0-9._~%-]*(:" + _PORT + r")?"
+                  r"(/[^\s?#]*)?(\?[^\s#]*)?$")
 
 
 class UserCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    password: str = Field(min_length=8, max_length=1024)
-    display_name: str = Field(default="", max_length=255)
+    name: UserName
+    password: str = Field(min_length=8, max_length=1024, pattern=NO_NUL)
+    display_name: str = Field(default="", max_length=255, pattern=NO_NUL)
     is_admin: bool = False
-    groups: list[str] = Field(default_factory=list, max_length=100)
+    groups: list[UserName] = Field(default_factory=list, max_length=100)
 
 
 class UserAdminView(BaseModel):
@@ -111,11 +165,11 @@ class NewPassword(BaseModel):
 
 
 class GroupCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
+    name: UserName
 
 
 class GroupMemberAdd(BaseModel):
-    user: str = Field(min_length=1, max_length=255)
+    user: UserName
 
 
 class GroupAdminView(BaseModel):
@@ -125,12 +179,12 @@ class GroupAdminView(BaseModel):
 
 class GrantRequest(BaseModel):
     kind: PrincipalKind
-    principal: str = Field(min_length=1, max_length=255)
+    principal: UserName
 
 
 class PoolCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
-    template: str = Field(min_length=1, max_length=255)
+    name: PoolName
+    template: TemplateName
     kind: PoolKind = PoolKind.STATELESS
     assignment: Assignment = Assignment.FLOATING
     min_size: Size = 0
@@ -148,7 +202,11 @@ class PoolCreate(BaseModel):
     disconnect_timeout_s: Seconds | None = 1800
     session_start_timeout_s: Seconds = 150
     placement: Placement = "spread"
-    hosts: list[str] = Field(default_factory=list, max_length=100)
+    hosts: list[HostName] = Field(default_factory=list, max_length=100)
+
+
+# Settings that may be cleared (null: never) rather than left as they are.
+NULLABLE_POOL_SETTINGS = frozenset({"max_age_s", "idle_timeout_s", "disconnect_timeout_s"})
 
 
 class PoolUpdate(BaseModel):
@@ -158,35 +216,54 @@ class PoolUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str | None = Field(default=None, min_length=1, max_length=255)
-    kind: PoolKind | None = None
-    assignment: Assignment | None = None
-    min_size: Size | None = None
-    max_size: Size | None = None
-    spare: Size | None = None
-    naming_pattern: str | None = Field(default=None, max_length=255)
-    clone_mode: CloneMode | None = None
-    on_logout: OnLogout | None = None
-    one_time: bool | None = None
+    template: TemplateName | SkipJsonSchema[None] = None
+    kind: PoolKind | SkipJsonSchema[None] = None
+    assignment: Assignment | SkipJsonSchema[None] = None
+    min_size: Size | SkipJsonSchema[None] = None
+    max_size: Size | SkipJsonSchema[None] = None
+    spare: Size | SkipJsonSchema[None] = None
+    naming_pattern: str | SkipJsonSchema[None] = Field(default=None, max_length=255)
+    clone_mode: CloneMode | SkipJsonSchema[None] = None
+    on_logout: OnLogout | SkipJsonSchema[None] = None
+    one_time: bool | SkipJsonSchema[None] = None
     max_age_s: Seconds | None = None
-    power_policy: PowerPolicy | None = None
-    canary: Size | None = None
-    reservation_timeout_s: Seconds | None = None
+    power_policy: PowerPolicy | SkipJsonSchema[None] = None
+    canary: Size | SkipJsonSchema[None] = None
+    reservation_timeout_s: Seconds | SkipJsonSchema[None] = None
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = None
-    session_start_timeout_s: Seconds | None = None
-    placement: Placement | None = None
-    hosts: list[str] | None = Field(default=None, max_length=100)
+    session_start_timeout_s: Seconds | SkipJsonSchema[None] = None
+    placement: Placement | SkipJsonSchema[None] = None
+    hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_null_but_limits(cls, data: Any) -> Any:
+        """Only the limits that may be absent can be cleared with null; leaving a setting
+        out keeps it."""
+        return refuse_nulls(data, allowed=NULLABLE_POOL_SETTINGS)
 
 
-# Settings that may be cleared (null: never) rather than left as they are.
-NULLABLE_POOL_SETTINGS = frozenset({"max_age_s", "idle_timeout_s", "disconnect_timeout_s"})
+def refuse_nulls(data: Any, allowed: frozenset[str] = frozenset()) -> Any:
+    if isinstance(data, dict):
+        cleared = sorted(str(k) for k, v in data.items() if v is None and k not in allowed)
+        if cleared:
+            raise ValueError(f"{', '.join(cleared)} cannot be null; leave them out to keep "
+                             "their value")
+    return data
 
 
 class PoolResize(BaseModel):
-    min_size: Size | None = None
-    max_size: Size | None = None
-    spare: Size | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    min_size: Size | SkipJsonSchema[None] = None
+    max_size: Size | SkipJsonSchema[None] = None
+    spare: Size | SkipJsonSchema[None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_null(cls, data: Any) -> Any:
+        return refuse_nulls(data)
 
 
 class RolloutRequest(BaseModel):
@@ -230,25 +307,35 @@ class TemplatePublish(BaseModel):
     kernel and initrd for direct boot), or an image ``deskpool image build`` made
     (``built_flavor``). ``user_data`` and ``join_hook`` are the texts themselves."""
 
-    image: str | None = Field(default=None, min_length=1, max_length=4096)
-    kernel: str | None = Field(default=None, max_length=4096)
-    initrd: str | None = Field(default=None, max_length=4096)
-    cmdline: str | None = Field(default=None, max_length=4096)
+    # Paths on the broker: never empty (no default file stands in for a missing one).
+    image: str | None = Field(default=None, min_length=1, max_length=4096, pattern=NO_NUL)
+    kernel: str | None = Field(default=None, min_length=1, max_length=4096, pattern=NO_NUL)
+    initrd: str | None = Field(default=None, min_length=1, max_length=4096, pattern=NO_NUL)
+    cmdline: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
     built_flavor: Flavor | None = None
     # Default: cloud-init for the cloudinit flavor, else fw_cfg.
     customization: Customization | None = None
     vcpus: int = Field(default=1, ge=1, le=256)
     memory_mib: int | None = Field(default=None, ge=128, le=4 * 1024 * 1024)
-    notes: str = Field(default="", max_length=4096)
-    runs_on: str = Field(default="", max_length=128)
-    arch: str = Field(default="", max_length=32)
-    user_data: str | None = Field(default=None, max_length=256 * 1024)
-    join_hook: str | None = Field(default=None, max_length=64 * 1024)
+    notes: str = Field(default="", max_length=4096, pattern=NO_NUL)
+    runs_on: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_, -]*$")
+    arch: str = Field(default="", max_length=32, pattern=r"^[A-Za-z0-9_]*$")
+    user_data: str | None = Field(default=None, max_length=256 * 1024, pattern=NO_NUL)
+    join_hook: str | None = Field(default=None, max_length=64 * 1024, pattern=NO_NUL)
 
 
 class HostCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=63)
-    uri: str = Field(min_length=1, max_length=1024)
+    name: HostName
+    uri: str = Field(max_length=1024, pattern=HYPERVISOR_URI)
+
+    @field_validator("uri")
+    @classmethod
+    def parses(cls, uri: str) -> str:
+        try:
+            urlsplit(uri).port  # noqa: B018  (reading it checks the host and port)
+        except ValueError as exc:
+            raise ValueError(f"not a URI: {exc}") from None
+        return uri
     cpu_overcommit: float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False)
     memory_overcommit: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
     max_desktops: int | None = Field(default=None, ge=0, le=100_000)

@@ -28,6 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from deskpool.broker.desktop_session import SessionDidNotStart, SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
@@ -62,11 +63,14 @@ CLAIM_RETRIES = 6
 SESSION_AGENT_TIMEOUT_S = 30
 
 
+HandoverStatus = Literal["ready", "pending"]
+
+
 @dataclass(frozen=True)
 class Handover:
     """The answer to a connect: ``ready`` (use ``desktop_id`` now) or ``pending``."""
 
-    status: str
+    status: HandoverStatus
     pool: str
     message: str
     logon_id: uuid.UUID
@@ -371,7 +375,8 @@ class Broker:
     # --- bookkeeping ---------------------------------------------------------------------
 
     def _finish(self, identity: Identity, pool_name: str, requested_at: datetime,
-                timer: _Timer, claim: _Claim, status: str, message: str) -> Handover:
+                timer: _Timer, claim: _Claim, status: HandoverStatus,
+                message: str) -> Handover:
         logon_id = uuid.uuid4()
         self.records.add(Logon(
             id=logon_id, user_name=identity.name, pool_name=pool_name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Annotated
 
@@ -206,9 +207,12 @@ def _print_report(report: PassReport) -> None:
 
 def reconcile(
     loop: Annotated[bool, typer.Option(help="keep running passes until interrupted")] = False,
-    interval: Annotated[float, typer.Option(help="seconds between passes")] = 10.0,
+    interval: Annotated[float, typer.Option(help="seconds between passes (0.1 to 3600)")] = 10.0,
 ) -> None:
     """Run one reconcile pass (or keep running them): pool sizes, recycle, retire, power."""
+    # NaN passes any min/max comparison, so it is named on its own.
+    if not (math.isfinite(interval) and 0.1 <= interval <= 3600):
+        raise typer.BadParameter(f"--interval {interval} must be seconds from 0.1 to 3600")
     with services() as ctx:
         reconciler = Reconciler(ctx)
         if not loop:

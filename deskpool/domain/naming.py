@@ -7,6 +7,10 @@ import string
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.identity import validate_hostname
 
+# Room a pattern must leave for n: a pool holds at most 100,000 desktops, and numbers freed by
+# retired desktops are reused first.
+LARGEST_N = 999_999
+
 
 def validate_pattern(pattern: str) -> str:
     """Check a pattern once, when it is stored, so rendering can never fail later."""
@@ -20,12 +24,16 @@ def validate_pattern(pattern: str) -> str:
         sample = pattern.format(n=1)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"naming pattern {pattern!r} is not valid: {exc}") from exc
-    try:
-        validate_hostname(sample)
-    except InvalidInput as exc:
-        raise InvalidInput(
-            f"naming pattern {pattern!r} gives {sample!r}, which is not a valid hostname"
-        ) from exc
+    # The largest number checked too: a pattern whose names outgrow a hostname as the pool
+    # grows would otherwise fail every later pass of the reconciler over this pool.
+    for name in (sample, pattern.format(n=LARGEST_N)):
+        try:
+            validate_hostname(name)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"naming pattern {pattern!r} gives {name!r}, which is not a valid hostname "
+                f"(names up to n={LARGEST_N} must be 1-63 characters of a-z, 0-9 and '-')"
+            ) from exc
     return pattern
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.naming import validate_pattern
+
+# Pool names: the alphabet of host names (they appear in URLs, audit targets and metrics).
+POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+MAX_SIZE = 100_000  # desktops in one pool; the reconciler plans each pass over all of them
+# Every timer of a pool: at least a second, at most ten years (a database integer, and a
+# date the timers can add it to).
+MAX_SECONDS = 10 * 365 * 86400
 
 
 class PoolKind(StrEnum):
@@ -57,8 +66,14 @@ class PoolSpec:
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
-        if self.min_size < 0 or self.max_size < 0 or self.spare < 0 or self.canary < 0:
-            raise InvalidInput(f"pool {self.name!r}: min, max, spare and canary must be >= 0")
+        if not POOL_NAME.match(self.name):
+            raise InvalidInput(f"pool name {self.name!r} must be 1-63 characters of a-z, 0-9, "
+                               "'.', '_' and '-', starting with a letter or digit")
+        for label, size in (("min_size", self.min_size), ("max_size", self.max_size),
+                            ("spare", self.spare), ("canary", self.canary)):
+            if not isinstance(size, int) or not 0 <= size <= MAX_SIZE:
+                raise InvalidInput(f"pool {self.name!r}: {label} ({size}) must be a whole "
+                                   f"number from 0 to {MAX_SIZE}")
         if self.max_size < self.min_size:
             raise InvalidInput(
                 f"pool {self.name!r}: max ({self.max_size}) is below min ({self.min_size})"
@@ -71,14 +86,18 @@ class PoolSpec:
             raise InvalidInput(
                 f"pool {self.name!r}: canary ({self.canary}) is above max ({self.max_size})"
             )
-        if self.max_age_s is not None and self.max_age_s <= 0:
-            raise InvalidInput(f"pool {self.name!r}: max age must be positive seconds")
-        for label, seconds in (("reservation timeout", self.reservation_timeout_s),
-                               ("idle timeout", self.idle_timeout_s),
-                               ("disconnect timeout", self.disconnect_timeout_s),
-                               ("session start timeout", self.session_start_timeout_s)):
-            if seconds is not None and seconds <= 0:
-                raise InvalidInput(f"pool {self.name!r}: {label} must be positive seconds")
+        for label, seconds in (("max_age_s", self.max_age_s),
+                               ("reservation_timeout_s", self.reservation_timeout_s),
+                               ("idle_timeout_s", self.idle_timeout_s),
+                               ("disconnect_timeout_s", self.disconnect_timeout_s),
+                               ("session_start_timeout_s", self.session_start_timeout_s)):
+            # 0 or less would time every session out at once, NaN or a huge number would
+            # stop the timers (no date can be computed from it).
+            if seconds is not None and not (
+                    isinstance(seconds, int) and math.isfinite(seconds)
+                    and 0 < seconds <= MAX_SECONDS):
+                raise InvalidInput(f"pool {self.name!r}: {label} ({seconds}) must be whole "
+                                   f"seconds from 1 to {MAX_SECONDS}")
         if self.kind is PoolKind.STATEFUL and self.on_logout is OnLogout.RECYCLE_REVERT:
             raise InvalidInput(
                 f"pool {self.name!r}: a stateful pool keeps users' changes, so it cannot "

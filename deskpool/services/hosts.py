@@ -9,6 +9,7 @@ that, after a grace period). ``enable`` brings a host back.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -39,12 +40,20 @@ class HostLimits:
     transfer_slots: int = 2
 
     def validate(self, host: str) -> HostLimits:
-        if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
-            raise InvalidInput(f"host {host!r}: overcommit ratios must be positive")
-        if self.max_desktops is not None and self.max_desktops < 0:
-            raise InvalidInput(f"host {host!r}: max desktops must be 0 or more")
-        if self.max_provisioning < 1 or self.transfer_slots < 1:
-            raise InvalidInput(f"host {host!r}: provisioning and transfer slots must be >= 1")
+        # NaN passes every comparison: a NaN ratio would make the host's capacity
+        # meaningless to placement, so finiteness is checked first.
+        for label, ratio in (("cpu_overcommit", self.cpu_overcommit),
+                             ("memory_overcommit", self.memory_overcommit)):
+            if not (math.isfinite(ratio) and 0 < ratio <= 1000):
+                raise InvalidInput(f"host {host!r}: {label} ({ratio}) must be a ratio above 0 "
+                                   "and at most 1000")
+        if self.max_desktops is not None and not 0 <= self.max_desktops <= 100_000:
+            raise InvalidInput(f"host {host!r}: max_desktops ({self.max_desktops}) must be "
+                               "from 0 to 100000")
+        for label, slots in (("max_provisioning", self.max_provisioning),
+                             ("transfer_slots", self.transfer_slots)):
+            if not 1 <= slots <= 1000:
+                raise InvalidInput(f"host {host!r}: {label} ({slots}) must be from 1 to 1000")
         return self
 
 

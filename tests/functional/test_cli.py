@@ -33,7 +33,15 @@ def run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProc
      "spare (4) is above max (3)"),
     (("pool", "create", "p", "--template", "nosuch"), "template 'nosuch' does not exist"),
     (("pool", "create", "p", "--template", "t", "--session-start-timeout", "0"),
-     "session start timeout must be positive seconds"),
+     "session_start_timeout_s (0) must be whole seconds from 1"),
+    (("pool", "create", "p", "--template", "t", "--spare", "-1"), "spare (-1) must be a whole"),
+    (("pool", "create", "p", "--template", "t", "--max", "100001"),
+     "max_size (100001) must be a whole number from 0 to 100000"),
+    (("pool", "create", "P Q", "--template", "t"), "pool name 'P Q' must be 1-63 characters"),
+    (("pool", "create", "p", "--template", "t", "--max-age", "999999999999"),
+     "max_age_s (999999999999) must be whole seconds"),
+    (("pool", "create", "p", "--template", "t", "--pattern", "a" * 60 + "{n}"),
+     "names up to n=999999 must be"),
     (("pool", "rollback", "nosuch"), "pool 'nosuch' does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(

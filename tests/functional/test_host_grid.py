@@ -256,11 +256,13 @@ def test_bad_hosts_and_limits_are_refused_and_nothing_is_stored(grid: Grid) -> N
         hosts.add("shapeless", "fake://shapeless?vcpus=many")
     with pytest.raises(InvalidInput, match="does not offer domain type 'kvm'"):
         hosts.add("nokvm", "fake://nokvm", domain_type=DomainType.KVM)
-    with pytest.raises(InvalidInput, match="host 'neg': overcommit ratios must be positive"):
+    with pytest.raises(InvalidInput, match=r"host 'neg': cpu_overcommit \(-1.0\) must be"):
         hosts.add("neg", "fake://neg", limits=HostLimits(cpu_overcommit=-1.0))
-    with pytest.raises(InvalidInput, match="overcommit ratios must be positive"):
+    with pytest.raises(InvalidInput, match=r"memory_overcommit \(0\) must be a ratio above 0"):
         hosts.add("zero", "fake://zero", limits=HostLimits(memory_overcommit=0))
-    with pytest.raises(InvalidInput, match="max desktops must be 0 or more"):
+    with pytest.raises(InvalidInput, match=r"cpu_overcommit \(nan\) must be"):
+        hosts.add("nan", "fake://nan", limits=HostLimits(cpu_overcommit=float("nan")))
+    with pytest.raises(InvalidInput, match=r"max_desktops \(-1\) must be from 0 to 100000"):
         hosts.add("minus", "fake://minus", limits=HostLimits(max_desktops=-1))
     with pytest.raises(InvalidInput, match="must be 1-63 characters"):
         hosts.add("Bad Name", "fake://ok")
@@ -269,7 +271,7 @@ def test_bad_hosts_and_limits_are_refused_and_nothing_is_stored(grid: Grid) -> N
     grid.host("real")
     with pytest.raises(Conflict, match="a host named 'real' already exists"):
         hosts.add("real", "fake://other")
-    with pytest.raises(InvalidInput, match="overcommit ratios must be positive"):
+    with pytest.raises(InvalidInput, match=r"cpu_overcommit \(-2.0\) must be"):
         hosts.set_limits("real", HostLimits(cpu_overcommit=-2.0))
     assert hosts.get("real").cpu_overcommit == 4.0  # unchanged
     for verb in (hosts.drain, hosts.enable, hosts.get):

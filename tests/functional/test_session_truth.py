@@ -199,7 +199,7 @@ def test_a_name_that_cannot_be_a_linux_account_is_told_and_nothing_is_held(
 
 
 def test_the_session_start_timeout_must_be_positive() -> None:
-    with pytest.raises(InvalidInput, match="session start timeout must be positive"):
+    with pytest.raises(InvalidInput, match="session_start_timeout_s \\(0\\) must be whole seconds"):
         PoolSpec("lab", "golden", session_start_timeout_s=0).validate()
 
 
