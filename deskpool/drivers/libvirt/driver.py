@@ -41,6 +41,7 @@ from deskpool.domain.models import (
     DomainType,
     HostCapacity,
     PowerState,
+    StopReason,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -70,6 +71,14 @@ _POWER_STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
     libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
+}
+# Why a shut-off domain is off. A QEMU killed by a signal reads "crashed": libvirt saw its
+# monitor close without the guest having asked to shut down.
+_STOP_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopReason.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopReason.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopReason.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopReason.FAILED,
 }
 _AGENT_SILENT = {
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
@@ -207,15 +216,21 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         return local_dir is not None and "/" not in name and (local_dir / name).exists()
 
     def _record(self, dom: libvirt.virDomain) -> VmRecord:
-        state, _reason = dom.state(0)
+        state, reason = dom.state(0)
         power = _POWER_STATES.get(state, PowerState.UNKNOWN)
-        if power is PowerState.SHUTOFF and dom.hasManagedSaveImage(0):
-            power = PowerState.SAVED
+        stop_reason = None
+        if power is PowerState.SHUTOFF:
+            stop_reason = _STOP_REASONS.get(reason, StopReason.OTHER)
+            if dom.hasManagedSaveImage(0):
+                power, stop_reason = PowerState.SAVED, StopReason.OTHER
+        elif power is PowerState.CRASHED:
+            stop_reason = StopReason.CRASHED
         return VmRecord(
             vm_id=uuid.UUID(dom.UUIDString()),
             name=dom.name(),
             power_state=power,
             metadata=self._metadata(dom),
+            stop_reason=stop_reason,
         )
 
     @staticmethod
