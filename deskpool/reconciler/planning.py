@@ -19,6 +19,12 @@ from deskpool.domain.pools import PoolSpec, PowerPolicy
 from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, DesktopTask
 
 S = DesktopState
+MAX_BACKOFF = timedelta(minutes=10)
+
+
+def backoff(retries: int) -> timedelta:
+    """How long a desktop waits before its next try after ``retries`` failures in a row."""
+    return min(timedelta(seconds=5 * 2 ** max(retries - 1, 0)), MAX_BACKOFF)
 
 
 @dataclass(frozen=True)
