@@ -72,8 +72,9 @@ def reconciler(ctx: ServiceContext, clock: Clock) -> Reconciler:
 
 
 def make_pool(ctx: ServiceContext, name: str, **kw: object) -> PoolUsers:
-    PoolService(ctx).create(PoolSpec(name=name, template="golden", spare=1, max_size=3,
-                                     naming_pattern=f"{name}-{{n:02}}", **kw))  # type: ignore[arg-type]
+    fields: dict[str, object] = {"spare": 1, "max_size": 3, **kw}
+    PoolService(ctx).create(PoolSpec(name=name, template="golden",  # type: ignore[arg-type]
+                                     naming_pattern=f"{name}-{{n:02}}", **fields))
     users = PoolUsers(ctx, name)
     users.entitle("alice", "bob")
     return users
@@ -154,7 +155,7 @@ def test_a_crashed_stateful_desktop_keeps_its_disk_and_comes_back_to_its_user(
     ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver, clock: Clock
 ) -> None:
     users = make_pool(ctx, "home", kind=PoolKind.STATEFUL, assignment=Assignment.DEDICATED,
-                      on_logout=OnLogout.RECYCLE_AS_IS)
+                      on_logout=OnLogout.RECYCLE_AS_IS, max_size=1)
     reconciler.run_pass()
     mine = users.connect("bob")
     users.open_console(mine, "bob")
@@ -170,6 +171,7 @@ def test_a_crashed_stateful_desktop_keeps_its_disk_and_comes_back_to_its_user(
     assert "your files are kept" in told and CRASH in told
     with pytest.raises(Unavailable, match="being repaired, with your files kept"):
         users.try_connect("bob")
+    assert report.created == 0  # it keeps its seat: no second desktop made beside it
 
     after_backoff(clock, ctx, mine)
     report = reconciler.run_pass()

@@ -128,5 +128,6 @@ def test_killed_qemu_marks_the_desktop_replaces_stateless_and_keeps_stateful(
     assert root_volume_name(lost) not in driver.list_volumes()
     assert [d.id for d in ready(real_ctx, STATELESS)] != [lost]
     assert alice.connect("alice") != lost
+    assert [d.id for d in rows(real_ctx, STATEFUL)] == [kept]  # no second one beside it
     assert bob.connect("bob") == kept  # the same desktop, back to its user
     assert GuestAgent(driver, kept).read_file("/root/bob.txt") == b"bob-was-here\n"
