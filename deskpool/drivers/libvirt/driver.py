@@ -41,7 +41,6 @@ from deskpool.domain.models import (
     DomainType,
     HostCapacity,
     PowerState,
-    StopReason,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -57,29 +56,13 @@ from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
 from deskpool.drivers.libvirt.overlays import OverlayWriter
+from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-_POWER_STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
-    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.RUNNING,  # shutting down: still running
-    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
-    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
-}
-# Why a shut-off domain is off. A QEMU killed by a signal reads "crashed": libvirt saw its
-# monitor close without the guest having asked to shut down.
-_STOP_REASONS = {
-    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopReason.SHUTDOWN,
-    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopReason.DESTROYED,
-    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopReason.CRASHED,
-    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopReason.FAILED,
-}
 _AGENT_SILENT = {
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
     libvirt.VIR_ERR_OPERATION_INVALID,  # domain is not running
@@ -216,15 +199,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         return local_dir is not None and "/" not in name and (local_dir / name).exists()
 
     def _record(self, dom: libvirt.virDomain) -> VmRecord:
-        state, reason = dom.state(0)
-        power = _POWER_STATES.get(state, PowerState.UNKNOWN)
-        stop_reason = None
-        if power is PowerState.SHUTOFF:
-            stop_reason = _STOP_REASONS.get(reason, StopReason.OTHER)
-            if dom.hasManagedSaveImage(0):
-                power, stop_reason = PowerState.SAVED, StopReason.OTHER
-        elif power is PowerState.CRASHED:
-            stop_reason = StopReason.CRASHED
+        power, stop_reason = power_of(dom)
         return VmRecord(
             vm_id=uuid.UUID(dom.UUIDString()),
             name=dom.name(),
