@@ -36,6 +36,26 @@ def skip_or_fail_without_real_vms(reason: str) -> None:
     pytest.skip(reason)
 
 
+def kill_qemu_of(vm_name: str, timeout_s: float = 30.0) -> int:
+    """SIGKILL the QEMU process of the qemu:///system domain ``vm_name`` (a real crash of
+    that one VM), and wait until libvirt has noticed; returns the pid killed. The pid comes
+    from libvirt's own pid file and is checked to be that domain's QEMU before the kill, so
+    no other VM on the machine is touched."""
+    import signal
+    import time
+
+    pid = int(Path(f"/run/libvirt/qemu/{vm_name}.pid").read_text().strip())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"qemu" in cmdline[0] and f"guest={vm_name},".encode() in b" ".join(cmdline), (
+        f"pid {pid} is not the QEMU of {vm_name}: {cmdline[:3]}")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() or Path(f"/run/libvirt/qemu/{vm_name}.pid").exists():
+        assert time.monotonic() < deadline, f"libvirt did not notice {vm_name}'s QEMU died"
+        time.sleep(0.2)
+    return pid
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     try:
         import libvirt

@@ -19,12 +19,14 @@ from deskpool.api.schemas import (
     PoolEntry,
     PoolPath,
     StateResponse,
+    UserMessage,
     UserPublic,
     errors,
 )
 from deskpool.domain.errors import Conflict, Forbidden
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
+from deskpool.services.events import messages_for
 from deskpool.store.desktop_listings import PoolAvailability
 from deskpool.store.models import Desktop
 
@@ -112,6 +114,14 @@ def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
                           state=d.state, connected=d.console_connections > 0,
                           notice=d.notice)
                 for d, pool_name in rows]
+
+
+@router.get("/messages", response_model=list[UserMessage], tags=["user"], responses=errors(401))
+def my_messages(user: CurrentUser, svc: ServicesDep) -> list[UserMessage]:
+    """The caller's newest messages: a desktop of theirs lost (its VM crashed, its host
+    down) and what happens next."""
+    return [UserMessage(at=e.at, severity=e.severity, desktop=e.desktop, message=e.message)
+            for e in messages_for(svc.ctx, user.name)]
 
 
 def _own_desktop(svc: ServicesDep, user: Identity, desktop_id: uuid.UUID) -> Desktop:

@@ -97,6 +97,15 @@ class MyDesktop(BaseModel):
     notice: str | None = None  # e.g. a host maintenance warning
 
 
+class UserMessage(BaseModel):
+    """Something that happened to one of the user's desktops (e.g. its VM crashed)."""
+
+    at: datetime
+    severity: str
+    desktop: str | None
+    message: str
+
+
 class ConsoleTicketResponse(BaseModel):
     token: str
     desktop: str

@@ -37,6 +37,22 @@ class PowerState(StrEnum):
     UNKNOWN = "unknown"
 
 
+class StopReason(StrEnum):
+    """Why a VM is off (or crashed), as the hypervisor says: told apart so a crash is never
+    taken for a shutdown deskpool or the user asked for."""
+
+    SHUTDOWN = "shutdown"  # the guest shut itself down (asked to, or by its user)
+    DESTROYED = "destroyed"  # forced off from outside (deskpool's forced stop, virsh destroy)
+    CRASHED = "crashed"  # QEMU ended on its own (killed, aborted) or the guest panicked
+    FAILED = "failed"  # QEMU failed (to start, or on a fatal error)
+    OTHER = "other"  # saved, migrated, restored from a snapshot, or not told
+
+    @property
+    def unexpected(self) -> bool:
+        """Whether nobody asked for the VM to stop: its QEMU died under it."""
+        return self in (StopReason.CRASHED, StopReason.FAILED)
+
+
 class HostState(StrEnum):
     ENABLED = "enabled"
     DRAINING = "draining"
@@ -120,6 +136,17 @@ class VmRecord:
     name: str
     power_state: PowerState
     metadata: VmMetadata | None  # None for VMs that deskpool did not create
+    # Why it is off or crashed; None while it runs (or paused, suspended).
+    stop_reason: StopReason | None = None
+
+    def crash_description(self) -> str | None:
+        """A sentence naming how the VM ended when nobody asked it to stop, else None."""
+        if self.power_state is PowerState.CRASHED:
+            return "its guest crashed (the hypervisor reports it crashed)"
+        if (self.power_state is PowerState.SHUTOFF and self.stop_reason is not None
+                and self.stop_reason.unexpected):
+            return f"its VM stopped unexpectedly: QEMU ended ({self.stop_reason.value})"
+        return None
 
 
 class ConsoleProtocol(StrEnum):

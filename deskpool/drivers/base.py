@@ -340,7 +340,11 @@ class HypervisorDriver(ABC):
 
     @abstractmethod
     def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
-        """The VM's current record, power state read from the hypervisor. ``VmNotFound``."""
+        """The VM's current record, power state read from the hypervisor. ``VmNotFound``.
+
+        A VM that is off (or crashed) says why in ``stop_reason``: ``destroyed`` after a
+        forced ``stop_vm``, ``shutdown`` after its guest shut down, ``crashed`` when its QEMU
+        process ended without being asked to (a SIGKILL, an abort); None while it runs."""
 
     @abstractmethod
     def list_vms(self) -> list[VmRecord]:

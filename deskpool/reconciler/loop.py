@@ -1,7 +1,8 @@
 """The reconciler: one pass brings the database and the hypervisors back in line.
 
 A pass (1) syncs every host: power state from the hypervisor (the authority), desktops whose VM
-vanished, and deskpool VMs the database does not know (left by a crash); (2) plans each pool
+vanished, VMs whose QEMU died under a desktop (``crashes``), and deskpool VMs the database does
+not know (left by a crash); (2) plans each pool
 (rollout, maximum age, sizing); (3) runs at most one step per desktop, desktops in parallel:
 finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
 backoff. Each step has its own deadline (a guest agent's readiness, a shutdown's grace); a
@@ -48,8 +49,16 @@ from deskpool.domain.states import (
 )
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.reconciler import metrics
+from deskpool.reconciler.crashes import CRASH_WATCHED_STATES, crashed
 from deskpool.reconciler.hosts import HostWatch
-from deskpool.reconciler.planning import DesktopFacts, Step, plan_desktop, plan_pool
+from deskpool.reconciler.planning import (
+    MAX_BACKOFF,
+    DesktopFacts,
+    Step,
+    backoff,
+    plan_desktop,
+    plan_pool,
+)
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.reconciler.steps import StepRunner
 from deskpool.scheduler.placement import NoValidHost
@@ -65,16 +74,11 @@ from deskpool.store.desktops import DesktopSummary
 from deskpool.store.leases import Leased
 from deskpool.store.models import Desktop, Host
 
-__all__ = ["PassReport", "Reconciler", "backoff"]  # PassReport: where callers found it first
+# PassReport, backoff: where callers found them first
+__all__ = ["MAX_BACKOFF", "PassReport", "Reconciler", "backoff"]
 
 log = logging.getLogger(__name__)
 S = DesktopState
-MAX_BACKOFF = timedelta(minutes=10)
-
-
-def backoff(retries: int) -> timedelta:
-    return min(timedelta(seconds=5 * 2 ** max(retries - 1, 0)), MAX_BACKOFF)
-
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
@@ -260,6 +264,10 @@ class Reconciler:
                                f"its VM vanished from host {host.name}")
                     report.count(Outcome.VANISHED)
                 continue
+            crash = found.crash_description()
+            if (crash is not None and desktop.state in CRASH_WATCHED_STATES
+                    and crashed(self.ctx, desktop.id, desktop.state, crash, self.clock())):
+                report.count(Outcome.CRASHED)
             observed = found.power_state
             if observed != desktop.power_state:
                 with self.ctx.uow() as uow:

@@ -15,10 +15,16 @@ from enum import StrEnum
 from typing import Protocol
 
 from deskpool.domain.models import PowerState
-from deskpool.domain.pools import PoolSpec, PowerPolicy
+from deskpool.domain.pools import PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.states import HELD_STATES, NOT_LIVE_STATES, DesktopState, DesktopTask
 
 S = DesktopState
+MAX_BACKOFF = timedelta(minutes=10)
+
+
+def backoff(retries: int) -> timedelta:
+    """How long a desktop waits before its next try after ``retries`` failures in a row."""
+    return min(timedelta(seconds=5 * 2 ** max(retries - 1, 0)), MAX_BACKOFF)
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,11 @@ def plan_pool(
     spec: PoolSpec, current_version: uuid.UUID, desktops: list[DesktopFacts], now: datetime
 ) -> PoolPlan:
     plan = PoolPlan()
-    live = [d for d in desktops if d.state not in NOT_LIVE_STATES]
+    # A stateful pool's failed desktop that is its user's is repaired, not replaced
+    # (``plan_desktop``): it keeps its seat, so no second desktop is made beside it.
+    repaired = spec.kind is PoolKind.STATEFUL
+    live = [d for d in desktops if d.state not in NOT_LIVE_STATES
+            or (repaired and d.state is S.ERROR and d.assigned)]
     free_ready = [d for d in live if d.state is S.READY and not d.assigned]
 
     # Template rollout: free desktops of another version go, once ``canary`` new ones are ready.

@@ -21,6 +21,7 @@ class Outcome(StrEnum):
     DELETED = "deleted"  # removed on an administrator's request
     POWER_CHANGED = "power changed"  # seen changed on the hypervisor, or changed by policy
     VANISHED = "vanished"  # its VM disappeared behind deskpool's back
+    CRASHED = "crashed"  # its VM's QEMU ended without being asked to (marked error)
     ORPHAN_REMOVED = "orphan removed"  # a deskpool VM without a row: a crash's leftover
 
 

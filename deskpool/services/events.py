@@ -37,3 +37,20 @@ def recent_events(ctx: ServiceContext, *, limit: int = 200,
                           user=e.user_name, pool=e.pool_name, desktop=e.desktop_name,
                           message=e.message)
                 for e in uow.events.recent(limit, user=user)]
+
+
+# Events written for a user to read (their desktop was lost: a crash, a host down), shown on
+# their portal page; the rest of their events (consoles opened, logins) are the admin's log.
+USER_MESSAGE_KINDS = ("desktop-lost",)
+
+
+def messages_for(ctx: ServiceContext, user: str, *, limit: int = 5) -> list[EventView]:
+    """The newest events ``user`` is meant to read, newest first."""
+    with ctx.uow(read_only=True) as uow:
+        found = [e for kind in USER_MESSAGE_KINDS
+                 for e in uow.events.recent(limit, user=user, kind=kind)]
+        found.sort(key=lambda e: e.id, reverse=True)
+        return [EventView(id=e.id, at=e.at, kind=e.kind, severity=e.severity,
+                          user=e.user_name, pool=e.pool_name, desktop=e.desktop_name,
+                          message=e.message)
+                for e in found[:limit]]

@@ -21,13 +21,20 @@ from deskpool.domain.errors import (
     NotFound,
     VmNotFound,
 )
-from deskpool.domain.models import CloneMode, ConsoleProtocol, DomainType, PowerState
+from deskpool.domain.models import (
+    CloneMode,
+    ConsoleProtocol,
+    DomainType,
+    PowerState,
+    StopReason,
+)
 from deskpool.drivers.base import (
     HypervisorDriver,
     root_volume_name,
     seed_volume_name,
 )
 from deskpool.drivers.fake import FakeDriver
+from tests.conftest import kill_qemu_of
 
 from .conftest import ContractEnv, assert_nothing_left, make_base_qcow2, write_file
 
@@ -203,6 +210,33 @@ class TestDriverContract:
         env.driver.stop_vm(spec.vm_id, force=True)
         env.driver.stop_vm(spec.vm_id)
         assert env.driver.get_vm(spec.vm_id).power_state is PowerState.SHUTOFF
+
+    def test_stop_reason_is_none_while_running_and_destroyed_after_a_forced_stop(
+        self, env: ContractEnv
+    ) -> None:
+        spec = env.running_vm()
+        assert env.driver.get_vm(spec.vm_id).stop_reason is None
+        env.driver.stop_vm(spec.vm_id, force=True)
+        record = env.driver.get_vm(spec.vm_id)
+        assert record.stop_reason is StopReason.DESTROYED
+        assert record.crash_description() is None  # asked for: not a crash
+
+    def test_killed_qemu_reads_shut_off_crashed(self, env: ContractEnv) -> None:
+        if env.kind == "libvirt-test":
+            pytest.skip("test:/// runs no QEMU process to kill")
+        spec = env.running_vm()
+        if isinstance(env.driver, FakeDriver):
+            env.driver.crash_vm(spec.vm_id)
+        else:
+            kill_qemu_of(spec.name)
+        (listed,) = [r for r in env.driver.list_vms() if r.vm_id == spec.vm_id]
+        for record in (env.driver.get_vm(spec.vm_id), listed):
+            assert record.power_state is PowerState.SHUTOFF
+            assert record.stop_reason is StopReason.CRASHED
+            assert record.crash_description() == (
+                "its VM stopped unexpectedly: QEMU ended (crashed)")
+        env.driver.start_vm(spec.vm_id)  # nothing of it was lost: it starts again
+        assert env.driver.get_vm(spec.vm_id).stop_reason is None
 
     def test_graceful_stop_returns_without_waiting(self, env: ContractEnv) -> None:
         env.base_volume()

@@ -224,3 +224,17 @@ def test_a_session_idle_in_the_guest_past_the_pools_timer_is_logged_off(
     report = sessions.run_timers()
     assert report.logged_off == [desktop["desktop"]]
     assert states(world)[desktop["desktop"]] == "recycling"
+
+
+def test_a_user_reads_that_their_desktop_crashed_in_their_messages(world: BrokerWorld) -> None:
+    alice = world.client("alice")
+    assert alice.get("/api/v1/messages").json() == []
+    desktop_id = uuid.UUID(alice.post("/api/v1/pools/lab/connect").json()["desktop_id"])
+    world.fake.crash_vm(desktop_id)
+    world.fill(passes=1)
+    (message,) = alice.get("/api/v1/messages").json()
+    assert message["severity"] == "warning"
+    assert "its VM stopped unexpectedly: QEMU ended (crashed)" in message["message"]
+    assert alice.get("/api/v1/desktops").json() == []  # no longer held
+    assert world.client("bob").get("/api/v1/messages").json() == []  # alice's alone
+    assert world.client().get("/api/v1/messages").status_code == 401

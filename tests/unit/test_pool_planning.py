@@ -100,3 +100,16 @@ def test_dedicated_desktops_waiting_for_their_users_are_not_spare() -> None:
     waiting = [desk(assigned=True) for _ in range(3)]
     plan = plan_pool(spec(spare=1), V1, waiting, NOW)
     assert plan.create == 1 and plan.retire == []
+
+
+def test_a_stateful_desktop_awaiting_repair_keeps_its_seat() -> None:
+    """Its user's failed desktop in a stateful pool is repaired, not replaced: no second
+    desktop is made for the seat, and none above the maximum. A stateless one's seat is
+    free again (it is replaced)."""
+    failed = [desk("error", assigned=True)]
+    stateful = spec(kind=PoolKind.STATEFUL, on_logout=OnLogout.RECYCLE_AS_IS, spare=1,
+                    max_size=1)
+    assert plan_pool(stateful, V1, failed, NOW).create == 0
+    assert plan_pool(spec(spare=1, max_size=1), V1, failed, NOW).create == 1
+    # An unassigned failed one holds no one's state: it is replaced in either kind.
+    assert plan_pool(stateful, V1, [desk("error")], NOW).create == 1

@@ -51,6 +51,7 @@ from deskpool.domain.models import (
     DomainType,
     HostCapacity,
     PowerState,
+    StopReason,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -136,7 +137,17 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
                     self._power_on(vm)
                 vm.power = state
             else:
-                self._power_off(vm, state)
+                reason = StopReason.CRASHED if state is PowerState.CRASHED else StopReason.OTHER
+                self._power_off(vm, state, reason)
+
+    def crash_vm(self, vm_id: uuid.UUID, reason: StopReason = StopReason.CRASHED) -> None:
+        """Its QEMU process dies (SIGKILL, an abort): the VM reads shut off with ``reason``,
+        as libvirt reports a QEMU that ended without being asked to."""
+        with self._lock:
+            vm = self._vm(vm_id)
+            if vm.power not in ACTIVE_STATES:
+                raise InvalidInput(f"VM {vm.name} is not running; nothing to crash")
+            self._power_off(vm, PowerState.SHUTOFF, reason)
 
     def remove_vm_behind_our_back(self, vm_id: uuid.UUID) -> None:
         """Undefine a VM as an admin would with virsh: its volumes stay."""
@@ -290,7 +301,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         if vm.power not in ACTIVE_STATES:
             return
         if force:
-            self._power_off(vm, PowerState.SHUTOFF)
+            self._power_off(vm, PowerState.SHUTOFF, StopReason.DESTROYED)
         elif vm.guest is not None and vm.power is PowerState.RUNNING and vm.shutdown_in is None:
             vm.shutdown_in = 1  # the guest's OS shuts down shortly, not during this call
         # else: no OS (or a paused one) to act on the ACPI request, so nothing happens.
@@ -480,8 +491,10 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         if vm.spec is not None and vm.spec.identity_text is not None:
             vm.guest = FakeGuest.boot(vm.spec, vm.files, self.agent_delay_polls)
 
-    def _power_off(self, vm: FakeVm, state: PowerState) -> None:
+    def _power_off(self, vm: FakeVm, state: PowerState,
+                   reason: StopReason = StopReason.OTHER) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
+        vm.stop_reason = reason
         vm.disks.clear()  # hot-plugged disks live as long as the VM's process
         vm.console_passwords.clear()  # a display's password lives as long as its QEMU
         vm.saved = None
@@ -507,6 +520,6 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         if vm.shutdown_in is None:
             return
         if vm.shutdown_in == 0:
-            self._power_off(vm, PowerState.SHUTOFF)
+            self._power_off(vm, PowerState.SHUTOFF, StopReason.SHUTDOWN)
         else:
             vm.shutdown_in -= 1

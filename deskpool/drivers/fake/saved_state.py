@@ -8,7 +8,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from deskpool.domain.errors import Conflict, DriverError, InvalidInput, NotFound
-from deskpool.domain.models import CloneMode, DomainType, PowerState, VmRecord, VmSpec
+from deskpool.domain.models import (
+    CloneMode,
+    DomainType,
+    PowerState,
+    StopReason,
+    VmRecord,
+    VmSpec,
+)
 from deskpool.drivers.base import (
     check_instant_spec,
     memory_state_volume_name,
@@ -47,7 +54,8 @@ class FakeSavedStateMixin:
         def _add_overlay(self, name: str, base: FakeVolume) -> FakeVolume: ...
         def _drop_volume(self, name: str) -> None: ...
         def _check_disks(self, spec: VmSpec) -> None: ...
-        def _power_off(self, vm: FakeVm, state: PowerState) -> None: ...
+        def _power_off(self, vm: FakeVm, state: PowerState,
+                       reason: StopReason = ...) -> None: ...
         def _save(self, vm: FakeVm) -> None: ...
         def _restore(self, vm: FakeVm, state: SavedGuest) -> None: ...
 

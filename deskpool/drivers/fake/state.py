@@ -14,7 +14,14 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 from deskpool.domain.errors import DriverError, HypervisorUnreachable, InvalidInput, NotFound
-from deskpool.domain.models import ConsoleProtocol, PowerState, VmRecord, VmSpec, VolumeInfo
+from deskpool.domain.models import (
+    ConsoleProtocol,
+    PowerState,
+    StopReason,
+    VmRecord,
+    VmSpec,
+    VolumeInfo,
+)
 from deskpool.drivers.fake.guest import FakeGuest
 
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -58,10 +65,13 @@ class FakeVm:
     snapshots: dict[str, SavedGuest] = field(default_factory=dict)
     disks: dict[str, str] = field(default_factory=dict)  # hot-plugged: serial -> file, live only
     holds_disks: bool = False  # a guest that ignores unplug requests (test control)
+    stop_reason: StopReason = StopReason.OTHER  # why it last stopped (reported while off)
 
     def record(self) -> VmRecord:
         metadata = self.spec.metadata if self.spec is not None else None
-        return VmRecord(self.vm_id, self.name, self.power, metadata)
+        off = self.power in (PowerState.SHUTOFF, PowerState.CRASHED, PowerState.SAVED)
+        return VmRecord(self.vm_id, self.name, self.power, metadata,
+                        self.stop_reason if off else None)
 
 
 def read_source(source: Path) -> tuple[int, int, str]:

@@ -56,21 +56,13 @@ from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
 from deskpool.drivers.libvirt.overlays import OverlayWriter
+from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-_POWER_STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
-    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.RUNNING,  # shutting down: still running
-    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
-    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
-}
 _AGENT_SILENT = {
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
     libvirt.VIR_ERR_OPERATION_INVALID,  # domain is not running
@@ -207,15 +199,13 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         return local_dir is not None and "/" not in name and (local_dir / name).exists()
 
     def _record(self, dom: libvirt.virDomain) -> VmRecord:
-        state, _reason = dom.state(0)
-        power = _POWER_STATES.get(state, PowerState.UNKNOWN)
-        if power is PowerState.SHUTOFF and dom.hasManagedSaveImage(0):
-            power = PowerState.SAVED
+        power, stop_reason = power_of(dom)
         return VmRecord(
             vm_id=uuid.UUID(dom.UUIDString()),
             name=dom.name(),
             power_state=power,
             metadata=self._metadata(dom),
+            stop_reason=stop_reason,
         )
 
     @staticmethod

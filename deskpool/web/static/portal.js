@@ -66,9 +66,11 @@ function expired(answer) {
 
 async function refresh() {
   if (!page.user) return;
-  const [pools, desktops] = await Promise.all([
-    api("GET", "/api/v1/pools"), api("GET", "/api/v1/desktops")]);
+  const [pools, desktops, messages] = await Promise.all([
+    api("GET", "/api/v1/pools"), api("GET", "/api/v1/desktops"),
+    api("GET", "/api/v1/messages")]);
   if (expired(pools) || expired(desktops)) return;
+  if (messages.ok) renderMessages(messages.data);
   if (!pools.ok) setMessage("error", pools.error);
   else renderPools(pools.data);
   if (!desktops.ok) setMessage("error", desktops.error);
@@ -87,6 +89,14 @@ function renderPools(pools) {
                    text: pool.mine ? "Reconnect" : "Connect",
                    onclick: () => connect(pool.name) }))));
   show($("no-pools"), pools.length === 0);
+}
+
+// What happened to the user's desktops (a crash, a host down): the newest first.
+function renderMessages(messages) {
+  $("message-list").replaceChildren(...messages.map((m) => el("li",
+    { className: `severity-${m.severity}` },
+    el("time", { datetime: m.at, text: new Date(m.at).toLocaleString() }), " ", m.message)));
+  show($("messages"), messages.length > 0);
 }
 
 function renderDesktops(desktops) {

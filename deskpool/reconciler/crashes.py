@@ -1,0 +1,69 @@
+"""A desktop whose VM died under it: its QEMU process ended without anyone asking (a SIGKILL,
+an abort, the OOM killer) or its guest crashed, as the driver's ``stop_reason`` tells.
+
+Without this the pass only wrote the new power state down: a free desktop was booted again by
+its power policy as if nothing happened, and a held one stayed its user's while its VM was off,
+with no word to anyone. Now the desktop goes to ``error`` with the reason (through the state
+table, compare-and-swap), its user is told in an event of theirs, and the usual way out of
+``error`` follows (``planning.plan_desktop``): a stateless pool's desktop is retired and the
+pool refills to its size; a stateful pool's desktop that is its user's keeps its disk and is
+booted again (``repair``), after a backoff, and given back to the same user.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from deskpool.domain.errors import LostRace
+from deskpool.domain.pools import PoolKind
+from deskpool.domain.states import HELD_STATES, DesktopState, transition
+from deskpool.reconciler.planning import backoff
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+
+S = DesktopState
+
+# States where the VM must be running and no step of deskpool's is stopping it. (A desktop being
+# made, booted or recycled has its own step, whose failure handles a VM that died; a suspend
+# or a shutdown by the power policy reads "saved" or "shutdown"/"destroyed", never "crashed".)
+CRASH_WATCHED_STATES = frozenset({S.READY}) | HELD_STATES
+
+
+def crashed(ctx: ServiceContext, desktop_id: uuid.UUID, state: DesktopState, reason: str,
+            now: datetime) -> bool:
+    """Mark the desktop, seen in ``state`` with a dead VM, as failed for ``reason``; False if
+    it moved on meanwhile (another actor's change wins, nothing is written)."""
+    with ctx.uow() as uow:
+        desktop = uow.desktops.find(desktop_id)
+        if desktop is None or desktop.state is not state:
+            return False
+        pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+        stateful = pool is not None and pool.kind is PoolKind.STATEFUL
+        user, name = desktop.assigned_user, desktop.name
+        try:
+            transition(uow.desktops, desktop_id, state, S.ERROR, last_error=reason)
+        except LostRace:
+            return False
+        # The session is over: its consoles and tickets are dead with the VM. A stateful
+        # desktop stays its user's (repaired, then given back); a stateless one lets go of
+        # its user, who may take another desktop at once.
+        uow.desktop_sessions.clear(desktop_id, unassign=not stateful)
+        uow.console_tickets.expire_unused(desktop_id, now)
+        desktop = uow.desktops.get(desktop_id)
+        desktop.retry_count += 1
+        desktop.next_attempt_at = now + backoff(desktop.retry_count)
+        pool_name = pool.name if pool is not None else None
+        record_event(uow, "desktop-crashed", f"{name}: {reason}", severity="error",
+                     pool=pool_name, desktop_id=desktop_id, desktop=name)
+        if user is not None:
+            if stateful:
+                what = ("your files are kept; it is being started again and connecting "
+                        "gives it back to you in a few minutes")
+            else:
+                what = "what was open on it is lost; connecting again gives you a new desktop"
+            record_event(uow, "desktop-lost", f"your desktop {name} stopped: {reason}; {what}",
+                         severity="warning", user=user, pool=pool_name, desktop_id=desktop_id,
+                         desktop=name)
+        uow.commit()
+    return True
