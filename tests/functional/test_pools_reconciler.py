@@ -12,55 +12,36 @@ from pathlib import Path
 import pytest
 
 from deskpool.broker.handover import Handover
-from deskpool.config import Settings
 from deskpool.domain.errors import AgentUnavailable, InvalidInput, NotFound, Unavailable
 from deskpool.domain.identity import new_mac
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake import FakeDriver
-from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
-from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.services.views import DesktopView
+from tests.fake_pool_world import Clock, fake_driver, fake_host_context
 from tests.pool_users import PoolUsers
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture()
 def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
-    forget_fake_hosts()
-    context = ServiceContext(Settings(data_dir=tmp_path / "data"))
-    HostService(context).add("h1", "fake://pools")
-    disk = tmp_path / "golden.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    TemplateService(context).publish("golden", ImageFiles(disk=disk))
-    yield context
-    context.close()
-    forget_fake_hosts()
+    with fake_host_context(tmp_path, "fake://pools") as context:
+        yield context
 
 
 @pytest.fixture()
 def fake(ctx: ServiceContext) -> FakeDriver:
-    driver = open_driver("fake://pools")
-    assert isinstance(driver, FakeDriver)
-    return driver
+    return fake_driver("fake://pools")
 
 
 @pytest.fixture()
 def clock() -> Clock:
-    return Clock()
+    return Clock(datetime(2026, 11, 23, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture()

@@ -13,37 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from deskpool.config import Settings
 from deskpool.domain.errors import DriverError
 from deskpool.domain.models import PowerState
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.base import owned_volume_names
 from deskpool.drivers.fake import FakeDriver
-from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
-from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
+from tests.fake_pool_world import Clock, fake_driver, fake_host_context
 from tests.pool_users import PoolUsers
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture()
 def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
-    forget_fake_hosts()
-    context = ServiceContext(Settings(data_dir=tmp_path / "data"))
-    HostService(context).add("h1", "fake://storage")
-    yield context
-    context.close()
-    forget_fake_hosts()
+    with fake_host_context(tmp_path, "fake://storage", golden=False) as context:
+        yield context
 
 
 def publish(ctx: ServiceContext, tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -57,9 +43,7 @@ def publish(ctx: ServiceContext, tmp_path: Path, name: str) -> tuple[Path, str]:
 
 @pytest.fixture()
 def fake(ctx: ServiceContext) -> FakeDriver:
-    driver = open_driver("fake://storage")
-    assert isinstance(driver, FakeDriver)
-    return driver
+    return fake_driver("fake://storage")
 
 
 @pytest.fixture()

@@ -4,61 +4,39 @@ nothing of a stateful one deleted: it is started again and given back to its use
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from deskpool.config import Settings
 from deskpool.domain.errors import Unavailable
 from deskpool.domain.models import PowerState, StopReason
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import root_volume_name
 from deskpool.drivers.fake import FakeDriver
-from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.reconciler.loop import Reconciler
 from deskpool.reconciler.report import Outcome
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import recent_events
-from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
-from deskpool.services.templates import ImageFiles, TemplateService
+from tests.fake_pool_world import Clock, fake_driver, fake_host_context
 from tests.pool_users import PoolUsers
 
 CRASH = "its VM stopped unexpectedly: QEMU ended (crashed)"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture()
 def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
-    forget_fake_hosts()
-    context = ServiceContext(Settings(data_dir=tmp_path / "data"))
-    HostService(context).add("h1", "fake://crash")
-    disk = tmp_path / "golden.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    TemplateService(context).publish("golden", ImageFiles(disk=disk))
-    yield context
-    context.close()
-    forget_fake_hosts()
+    with fake_host_context(tmp_path, "fake://crash") as context:
+        yield context
 
 
 @pytest.fixture()
 def fake(ctx: ServiceContext) -> FakeDriver:
-    driver = open_driver("fake://crash")
-    assert isinstance(driver, FakeDriver)
-    return driver
+    return fake_driver("fake://crash")
 
 
 @pytest.fixture()
