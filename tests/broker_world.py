@@ -4,7 +4,8 @@ pools, users, entitlements, and the HTTP app."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def make_world(tmp_path: Path, host_uri: str = "fake://broker",
     fake = open_driver(host_uri)
     assert isinstance(fake, FakeDriver)
     return BrokerWorld(ctx=ctx, fake=fake)
+
+
+@contextmanager
+def lab_world(tmp_path: Path, database_url: str | None = None) -> Iterator[BrokerWorld]:
+    """The usual API world: pool ``lab`` filled, ``alice`` entitled to it, admin ``root``."""
+    world = make_world(tmp_path, database_url=database_url)
+    world.pool("lab")
+    world.user("alice", entitled_to=("lab",))
+    world.user("root", admin=True)
+    world.fill()
+    try:
+        yield world
+    finally:
+        world.ctx.close()
+        forget_fake_hosts()
 
 
 class ServerThread:

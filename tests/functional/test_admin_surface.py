@@ -14,25 +14,18 @@ import pytest
 
 from deskpool.domain.pools import Assignment, OnLogout
 from deskpool.domain.states import DesktopState
-from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.services.audit import audit_log
 from deskpool.services.desktops import DesktopService
 from deskpool.services.pools import PoolService
-from tests.broker_world import PASSWORD, BrokerWorld, make_world
+from tests.broker_world import PASSWORD, BrokerWorld, lab_world
 
 ADMIN = "/api/v1/admin"
 
 
 @pytest.fixture()
 def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
-    w = make_world(tmp_path, database_url=database_url)
-    w.pool("lab")
-    w.user("alice", entitled_to=("lab",))
-    w.user("root", admin=True)
-    w.fill()
-    yield w
-    w.ctx.close()
-    forget_fake_hosts()
+    with lab_world(tmp_path, database_url) as w:
+        yield w
 
 
 def audit_of(world: BrokerWorld, target: str) -> list[Any]:

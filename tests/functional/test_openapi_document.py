@@ -18,20 +18,14 @@ from fastapi.testclient import TestClient
 from deskpool.config import Settings
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.services.context import ServiceContext
-from tests.broker_world import PASSWORD, BrokerWorld, make_world
+from tests.broker_world import PASSWORD, BrokerWorld, lab_world, make_world
 from tests.functional.test_api_security import api_routes, url_of
 
 
 @pytest.fixture()
 def world(tmp_path: Path) -> Iterator[BrokerWorld]:
-    w = make_world(tmp_path)
-    w.pool("lab")
-    w.user("alice", entitled_to=("lab",))
-    w.user("root", admin=True)
-    w.fill()
-    yield w
-    w.ctx.close()
-    forget_fake_hosts()
+    with lab_world(tmp_path) as w:
+        yield w
 
 
 def document(world: BrokerWorld) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deskpool.drivers.registry import forget_fake_hosts
-from tests.broker_world import PASSWORD, BrokerWorld, make_world
+from tests.broker_world import PASSWORD, BrokerWorld, lab_world, make_world
 from tests.functional.test_api_security import api_routes, url_of
 
 ORIGIN = "http://testserver"  # TestClient's own: scheme and Host of its requests
@@ -23,14 +23,8 @@ STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 @pytest.fixture()
 def world(tmp_path: Path) -> Iterator[BrokerWorld]:
-    w = make_world(tmp_path)
-    w.pool("lab")
-    w.user("alice", entitled_to=("lab",))
-    w.user("root", admin=True)
-    w.fill()
-    yield w
-    w.ctx.close()
-    forget_fake_hosts()
+    with lab_world(tmp_path) as w:
+        yield w
 
 
 def cookie_client(world: BrokerWorld, user: str, **headers: str) -> TestClient:
