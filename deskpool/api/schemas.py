@@ -147,6 +147,7 @@ class PoolCreate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = 1800
     session_start_timeout_s: Seconds = 150
+    roaming_profiles: bool = False
     placement: Placement = "spread"
     hosts: list[str] = Field(default_factory=list, max_length=100)
 
@@ -175,6 +176,7 @@ class PoolUpdate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = None
     session_start_timeout_s: Seconds | None = None
+    roaming_profiles: bool | None = None
     placement: Placement | None = None
     hosts: list[str] | None = Field(default=None, max_length=100)
 
@@ -211,6 +213,7 @@ class PoolAdminView(BaseModel):
     counts: dict[str, int]
     status: PoolStatus
     session_start_timeout_s: int
+    roaming_profiles: bool = False
 
 
 class AuditEntry(BaseModel):
