@@ -134,6 +134,7 @@ class Reconciler:
                 steps = self._collect_steps(report, reachable)
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 list(pool.map(lambda step: self.run_step(step, report), steps))
+            self._recover_profiles(report)
         except Exception:
             metrics.PASS_FAILURES.inc()
             raise
@@ -142,6 +143,16 @@ class Reconciler:
         metrics.PASS_ERRORS.inc(len(report.errors) - report.bugs)
         metrics.PASS_BUGS.inc(report.bugs)
         return report
+
+    def _recover_profiles(self, report: PassReport) -> None:
+        """Crash recovery of roaming profiles: open session layers that no session or coming
+        logoff will end are set aside (``ProfileDesktops.recover``; an event each)."""
+        try:
+            for layer in self.steps.profiles.recover():
+                log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
+                            layer.id, layer.user, layer.desktop)
+        except DeskpoolError as exc:
+            report.error(f"profile recovery: {exc}")
 
     def run_forever(
         self, stop: threading.Event, interval_s: float = 10.0,
