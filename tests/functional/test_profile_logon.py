@@ -17,7 +17,7 @@ from sqlalchemy import select
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import AgentUnavailable
+from deskpool.domain.errors import AgentUnavailable, Unavailable
 from deskpool.domain.profiles import LayerState, disk_serial
 from deskpool.domain.users import Identity
 from deskpool.drivers.fake.guest import FakeGuest, _Process
@@ -39,6 +39,7 @@ class Hook:
     calls: list[tuple[str, list[str]]] = field(default_factory=list)
     end_code: int = 0
     end_silent: bool = False
+    session_starts: bool = True
 
     def run(self, host: str, argv: list[str]) -> tuple[int, str, str]:
         self.calls.append((host, argv))
@@ -46,7 +47,7 @@ class Hook:
         if sub == "start":
             return 0, "starting\n", ""
         if sub in ("check", "wait"):
-            return 0, "", ""
+            return (0 if self.session_starts else 1), "", ""
         if sub == "status":
             return 0, '{"sessions": []}\n', ""
         if sub == "end":
@@ -181,6 +182,18 @@ def test_a_guest_that_cannot_unmount_leaves_the_layer_unclean_and_the_recycle_go
     assert unclean[0] == "warning" and "powered off" in unclean[1], unclean
     assert ("did not answer" if failure == "silent" else "stays busy") in unclean[1]
     assert world.fake.attached_disks(handover.desktop_id) == {}  # released by the power-off
+
+
+def test_a_session_that_does_not_start_ends_its_profile_at_once(
+        world: BrokerWorld, hook: Hook) -> None:
+    hook.session_starts = False
+    with pytest.raises(Unavailable):
+        Broker(world.ctx).connect(ANN, "lab")
+    # Both desktops were tried; each plugged the profile in and ended it: nothing is left
+    # open or plugged into a desktop that is failed and replaced.
+    assert len(hook.argv_of("end")) == 2
+    assert layers(world, LayerState.SESSION) == []
+    assert all(world.fake.attached_disks(vm.vm_id) == {} for vm in world.fake.list_vms())
 
 
 def test_a_pool_without_roaming_profiles_plugs_nothing_in(tmp_path: Path, hook: Hook) -> None:
