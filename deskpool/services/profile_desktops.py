@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SESSION_HOOK = "/usr/lib/deskpool/session-hook"
 END_WAIT_S = 30  # the user's processes get this long to exit at logoff, then are killed
+# The guest has unmounted: it answers the PCI unplug, if slowly on a busy TCG host.
+DETACH_TIMEOUT_S = 60.0
 # Desktops whose open layer is someone's live session or a logoff the reconciler will run:
 # recovery leaves their layers alone.
 _CLOSED_BY_LOGOFF = frozenset({*HELD_STATES, DesktopState.RECYCLING, DesktopState.RETIRING})
@@ -97,7 +99,8 @@ class ProfileDesktops:
                        else f"no Linux account is recorded for {layer.user}")
             try:
                 if problem is None:
-                    ended.append(self.profiles.end_session(layer.id, driver, desktop_id))
+                    ended.append(self.profiles.end_session(
+                        layer.id, driver, desktop_id, detach_timeout_s=DETACH_TIMEOUT_S))
                     continue
                 # The guest may still hold the filesystem open: only the end of QEMU's
                 # process proves nothing more is written to the layer.
