@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Where the local host keeps deskpool's libvirt storage pool (images, desktop disks).
     storage_dir: Path | None = None
+    # Where users' roaming profiles (qcow2 layers, one directory per user) are kept.
+    profile_dir: Path | None = None
     # The broker's web server and its console proxy (websockify).
     listen_host: str = "127.0.0.1"
     listen_port: int = 8000
@@ -189,3 +191,7 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.data_dir / "storage"
+
+    @property
+    def resolved_profile_dir(self) -> Path:
+        return self.profile_dir or self.data_dir / "profiles"

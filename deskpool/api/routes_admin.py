@@ -129,7 +129,8 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         power_policy=body.power_policy, canary=body.canary,
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
-        session_start_timeout_s=body.session_start_timeout_s)
+        session_start_timeout_s=body.session_start_timeout_s,
+        roaming_profiles=body.roaming_profiles)
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 

@@ -210,6 +210,7 @@ class PoolCreate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = 1800
     session_start_timeout_s: Seconds = 150
+    roaming_profiles: bool = False
     placement: Placement = "spread"
     hosts: list[HostName] = Field(default_factory=list, max_length=100)
 
@@ -242,6 +243,7 @@ class PoolUpdate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = None
     session_start_timeout_s: Seconds | SkipJsonSchema[None] = None
+    roaming_profiles: bool | SkipJsonSchema[None] = None
     placement: Placement | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
 
@@ -297,6 +299,7 @@ class PoolAdminView(BaseModel):
     counts: dict[str, int]
     status: PoolStatus
     session_start_timeout_s: int
+    roaming_profiles: bool = False
 
 
 class AuditEntry(BaseModel):

@@ -37,8 +37,11 @@ from deskpool.domain.errors import AgentUnavailable, DriverError, Unavailable, V
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
+from deskpool.services.profile_desktops import SESSION_HOOK
 
-SESSION_HOOK = "/usr/lib/deskpool/session-hook"
+__all__ = ["SESSION_HOOK", "GuestSession", "SessionDidNotStart", "SessionStarter",
+           "parse_status"]
+
 GRAPHICAL_TYPES = frozenset({"x11", "wayland"})
 
 
@@ -173,21 +176,29 @@ class SessionStarter:
                           f"({code}): {err.strip()[:300]}")
 
     def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int, *,
-                timeout_s: float | None = None) -> None:
+                timeout_s: float | None = None, profile_serial: str | None = None) -> None:
         """Start the user's session and wait until it runs; ``Unavailable`` when the hook
         fails or the session does not run within ``timeout_s`` (the pool's; by default this
         starter's); ``AccountRefused`` when the account is one of the guest's system
-        accounts."""
+        accounts. ``profile_serial``: the user's roaming profile disk, which the hook mounts
+        on their home before the session starts."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         with self.ctx.uow(read_only=True) as uow:
             gid = uow.linux_accounts.gid_of(identity.name)
         # A primary group other than the user's private one (a directory's gidNumber) goes
         # as a 4th argument; without it the hook uses gid = uid, as images before it did.
         extra = [str(gid)] if gid is not None and gid != uid else []
+        # The option comes first, so images without profiles keep their call form.
+        profile = ["--profile", profile_serial] if profile_serial else []
         code, out, err = agent.exec_capture(
-            ["/bin/sh", SESSION_HOOK, "start", account, str(uid),
+            ["/bin/sh", SESSION_HOOK, "start", *profile, account, str(uid),
              identity.display_name or identity.name, *extra],
-            timeout_s=min(limit, 90.0))
+            # Mounting the profile waits for the hot-plugged disk (up to 60 s in the guest).
+            timeout_s=min(limit, 90.0) + (60.0 if profile else 0.0))
+        if code == 2 and profile:
+            raise Unavailable(f"could not sign {account} in: this desktop's image cannot "
+                              "mount roaming profiles (its session hook is older); "
+                              f"{err.strip()[:200]}")
         if code == 4:  # the guest's own system account: the user's name, not the desktop
             raise AccountRefused(f"user {identity.name!r} cannot have a Linux account on a "
                                  f"desktop: {account!r} is a system account there; ask your "

@@ -32,6 +32,7 @@ from typing import Literal
 
 from deskpool.broker.desktop_session import SessionDidNotStart, SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
+from deskpool.broker.profile_logon import ProfileLogon
 from deskpool.broker.records import RecordWriter
 from deskpool.domain.accounts import AccountRefused
 from deskpool.domain.errors import (
@@ -93,6 +94,7 @@ class _Claim:
     version_id: uuid.UUID | None = None
     stateful: bool = False  # its pool keeps its users' changes
     session_timeout_s: float | None = None  # the pool's; None: the session starter's own
+    roaming_profiles: bool = False  # the user's home is their profile disk
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class _Look:
     own_ready: uuid.UUID | None  # the user's own ready desktop (dedicated, or made for them)
     stateful: bool
     session_timeout_s: float
+    roaming_profiles: bool
 
 
 def _why_for_user(claim: _Claim, exc: DeskpoolError) -> str:
@@ -133,9 +136,11 @@ class _Timer:
 class Broker:
     def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0,
                  records: RecordWriter | None = None,
-                 sessions: SessionStarter | None = None) -> None:
+                 sessions: SessionStarter | None = None,
+                 profiles: ProfileLogon | None = None) -> None:
         self.ctx = ctx
         self.sessions = sessions or SessionStarter(ctx)
+        self.profiles = profiles or ProfileLogon(ctx)
         self.factory = DesktopFactory(ctx)
         self.ready_timeout_s = ready_timeout_s
         self.records = records or RecordWriter(ctx)
@@ -242,7 +247,8 @@ class Broker:
                 return _Claim(d.id, d.name, d.hostname, reconnect=True, own=True,
                               host_id=d.host_id, version_id=d.template_version_id,
                               stateful=pool.stateful,
-                              session_timeout_s=pool.session_start_timeout_s)
+                              session_timeout_s=pool.session_start_timeout_s,
+                              roaming_profiles=pool.roaming_profiles)
         if pool.status is not PoolStatus.ENABLED:  # a held desktop is still reconnected to
             raise Forbidden(f"pool {pool_name!r} is "
                             + ("being deleted" if pool.status is PoolStatus.DELETING
@@ -253,7 +259,7 @@ class Broker:
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
         return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful,
-                     pool.session_start_timeout_s)
+                     pool.session_start_timeout_s, pool.roaming_profiles)
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
@@ -262,13 +268,15 @@ class Broker:
             d = uow.desktops.get(look.own_ready)
             return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
                           host_id=d.host_id, version_id=d.template_version_id,
-                          stateful=look.stateful, session_timeout_s=look.session_timeout_s)
+                          stateful=look.stateful, session_timeout_s=look.session_timeout_s,
+                          roaming_profiles=look.roaming_profiles)
         now = utcnow()
         free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
             return _Claim(free.id, free.name, free.hostname, reconnect=False,
                           host_id=free.host_id, version_id=free.template_version_id,
-                          stateful=look.stateful, session_timeout_s=look.session_timeout_s)
+                          stateful=look.stateful, session_timeout_s=look.session_timeout_s,
+                          roaming_profiles=look.roaming_profiles)
         pool = uow.pools.get(look.pool_id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
@@ -325,9 +333,21 @@ class Broker:
         if not self.sessions.has_hook(agent, claim.version_id):
             return
         account, uid = self.sessions.account_for(identity)
+        serial = None
+        if claim.roaming_profiles:
+            assert claim.desktop is not None and claim.desktop_id is not None
+            serial = self.profiles.attach(identity.name, uid, claim.desktop, agent.driver,
+                                          claim.desktop_id)
+            desktop_id = claim.desktop_id
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
-        self.sessions.sign_in(slow, identity, account, uid, timeout_s=claim.session_timeout_s)
+        try:
+            self.sessions.sign_in(slow, identity, account, uid,
+                                  timeout_s=claim.session_timeout_s, profile_serial=serial)
+        except DeskpoolError:
+            if serial is not None and not claim.reconnect:
+                self.profiles.abandon(desktop_id)
+            raise
         timer.lap("session")
 
     def _agent_expected(self, version_id: uuid.UUID) -> bool:

@@ -15,6 +15,9 @@ LockedHint. Elsewhere (the console flavor) the guest agent's ``guest-get-users``
 * a session idle in the guest past ``idle_timeout_s`` is logged off.
 
 Logging off applies the pool's on-logout policy (recycle or retire) through the state table.
+For pools with roaming profiles, the reconciler's recycle (or retire) then ends the user's
+profile first: unmounted in the guest, detached and committed, or set aside
+(``deskpool.services.profile_desktops``).
 """
 
 from __future__ import annotations

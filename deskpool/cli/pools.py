@@ -27,7 +27,8 @@ def _describe(pool: PoolView) -> str:
     status = "" if pool.status == "enabled" else f" [yellow]{pool.status}[/]"
     return (f"pool [bold]{pool.name}[/]{status}: {pool.template} v{pool.version}, "
             f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}; "
-            f"sessions start within {pool.session_start_timeout_s} s")
+            f"sessions start within {pool.session_start_timeout_s} s"
+            + ("; roaming profiles" if pool.roaming_profiles else ""))
 
 
 @pool_app.command("create")
@@ -51,13 +52,17 @@ def pool_create(
     session_start_timeout: Annotated[int, typer.Option(
         help="seconds a user's graphical session may take to start at hand-over before the "
              "desktop is failed and another tried")] = 150,
+    roaming_profiles: Annotated[bool, typer.Option(
+        help="users' homes follow them: a profile disk mounted at logon, committed at "
+             "logoff (desktop-flavor templates)")] = False,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
                     min_size=min_size, max_size=max_size, spare=spare, naming_pattern=pattern,
                     clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
                     power_policy=power, canary=canary,
-                    session_start_timeout_s=session_start_timeout)
+                    session_start_timeout_s=session_start_timeout,
+                    roaming_profiles=roaming_profiles)
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -118,6 +123,9 @@ def pool_update(
     session_start_timeout: Annotated[int | None, typer.Option(
         help="seconds a user's graphical session may take to start")] = None,
     placement: Annotated[str | None, typer.Option(help="spread or pack")] = None,
+    roaming_profiles: Annotated[bool | None, typer.Option(
+        "--roaming-profiles/--no-roaming-profiles",
+        help="users' homes follow them (profile containers)")] = None,
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
     any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
@@ -129,7 +137,8 @@ def pool_update(
         "clone_mode": clone.value if clone else None, "on_logout": on_logout,
         "one_time": one_time, "power_policy": power, "canary": canary,
         "reservation_timeout_s": reservation_timeout,
-        "session_start_timeout_s": session_start_timeout, "placement": placement}
+        "session_start_timeout_s": session_start_timeout, "placement": placement,
+        "roaming_profiles": roaming_profiles}
     changes = {k: v for k, v in given.items() if v is not None}
     # 0 clears a limit that may be absent ("never").
     for key, value in (("max_age_s", max_age), ("idle_timeout_s", idle_timeout),

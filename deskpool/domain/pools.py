@@ -63,6 +63,9 @@ class PoolSpec:
     # How long the user's own graphical session may take to start at hand-over (desktops
     # with the session hook); past it the desktop fails and another is tried.
     session_start_timeout_s: int = 150
+    # The user's home follows them: a profile container (deskpool.services.profiles) is
+    # plugged in and mounted at logon on desktops with the session hook, committed at logoff.
+    roaming_profiles: bool = False
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""

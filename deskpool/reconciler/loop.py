@@ -159,6 +159,7 @@ class Reconciler:
             report.steps_running = len(running)
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
                 future.result()
+            self._recover_profiles(report)
         except Exception:
             metrics.PASS_FAILURES.inc()
             raise
@@ -168,6 +169,16 @@ class Reconciler:
         metrics.PASS_ERRORS.inc(len(report.errors) - report.bugs)
         metrics.PASS_BUGS.inc(report.bugs)
         return report
+
+    def _recover_profiles(self, report: PassReport) -> None:
+        """Crash recovery of roaming profiles: open session layers that no session or coming
+        logoff will end are set aside (``ProfileDesktops.recover``; an event each)."""
+        try:
+            for layer in self.steps.profiles.recover():
+                log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
+                            layer.id, layer.user, layer.desktop)
+        except DeskpoolError as exc:
+            report.error(f"profile recovery: {exc}")
 
     def run_forever(
         self, stop: threading.Event, interval_s: float = 10.0,

@@ -41,6 +41,7 @@ class PoolView:
     counts: dict[str, int]
     status: str = "enabled"  # a PoolStatus value
     session_start_timeout_s: int = 150
+    roaming_profiles: bool = False
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -53,6 +54,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
         session_start_timeout_s=pool.session_start_timeout_s,
+        roaming_profiles=pool.roaming_profiles,
     )
 
 
@@ -72,6 +74,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
+        roaming_profiles=pool.roaming_profiles,
     )
 
 
@@ -112,6 +115,7 @@ class PoolService:
                 idle_timeout_s=spec.idle_timeout_s,
                 disconnect_timeout_s=spec.disconnect_timeout_s,
                 session_start_timeout_s=spec.session_start_timeout_s,
+                roaming_profiles=spec.roaming_profiles,
                 current_version_id=version.id, placement=spec.placement,
             )
             uow.pools.add(pool)

@@ -220,6 +220,18 @@ class ProfileService:
                           f"first; the changes made on {session.desktop} are kept aside")
         return self._set_aside(session, reason, size=size)
 
+    def abandon_session(self, layer_id: uuid.UUID, reason: str) -> Logoff:
+        """Set an open session layer aside without detaching it: its desktop could not end
+        the session cleanly and was powered off (which released the disk). ``Conflict`` for
+        a layer that is not an open session."""
+        with self._ctx.uow(read_only=True) as uow:
+            session = uow.profiles.layer(layer_id)
+        if session.state is not LayerState.SESSION:
+            raise Conflict(f"profile layer {layer_id} is {session.state}, not an open session")
+        path = Path(session.path)
+        return self._set_aside(session, reason,
+                               size=disks.allocated_bytes(path) if path.is_file() else 0)
+
     def _set_aside(self, session: Layer, reason: str, *, size: int = 0) -> Logoff:
         with self._ctx.uow() as uow:
             generation = uow.profiles.get(session.user).generation

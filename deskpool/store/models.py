@@ -276,6 +276,8 @@ class Pool(Base):
     disconnect_timeout_s: Mapped[int | None] = mapped_column(Integer)
     # How long a user's graphical session may take to start at hand-over.
     session_start_timeout_s: Mapped[int] = mapped_column(Integer, default=150)
+    # The user's home follows them as a profile container (see deskpool.broker.profile_logon).
+    roaming_profiles: Mapped[bool] = mapped_column(Boolean, default=False)
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")

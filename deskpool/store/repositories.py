@@ -278,6 +278,7 @@ class ClaimTarget:
     stateful: bool  # its desktops keep their users' changes
     session_start_timeout_s: int  # how long a user's session may take to start
     status: PoolStatus = PoolStatus.ENABLED  # disabled or deleting: no new sessions
+    roaming_profiles: bool = False  # users' homes are their profile disks
 
 
 class PoolRepository(_NamedRepository[Pool]):
@@ -291,10 +292,11 @@ class PoolRepository(_NamedRepository[Pool]):
         every logon."""
         row = self._session.execute(
             select(Pool.id, Pool.current_version_id, Pool.kind, Pool.session_start_timeout_s,
-                   Pool.status)
+                   Pool.status, Pool.roaming_profiles)
             .where(Pool.name == name)).first()
         return None if row is None else ClaimTarget(row[0], row[1],
-                                                    row[2] is PoolKind.STATEFUL, row[3], row[4])
+                                                    row[2] is PoolKind.STATEFUL, row[3], row[4],
+                                                    bool(row[5]))
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

@@ -284,6 +284,7 @@ const TABLES = {
       ["Min", (p) => p.min_size, "num"], ["Max", (p) => p.max_size, "num"],
       ["Spare", (p) => p.spare, "num"],
       ["Session start (s)", (p) => p.session_start_timeout_s, "num"],
+      ["Roaming profiles", (p) => (p.roaming_profiles ? "yes" : "")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
