@@ -36,6 +36,7 @@ from deskpool.api.limits import BodyLimit
 from deskpool.api.observability import RequestContext, health
 from deskpool.api.openapi import install as install_openapi
 from deskpool.api.security_headers import SecurityHeaders
+from deskpool.api.server_errors import ServerErrors
 from deskpool.broker.accounts import AccountService
 from deskpool.broker.console import ConsoleTickets
 from deskpool.broker.entitlements import EntitlementService
@@ -150,6 +151,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     if (novnc / "core" / "rfb.js").is_file():
         app.mount("/novnc", StaticFiles(directory=novnc), name="novnc")
     install_openapi(app)
+    app.add_middleware(ServerErrors)  # innermost: its 500 passes through all that follow
     app.add_middleware(AllowHeader, routes=app.router.routes)
     app.add_middleware(CsrfGuard, allowed_hosts=ctx.settings.console_allowed_origins)
     app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url or "", app.redoc_url or ""))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,3 +176,25 @@ def test_hsts_only_over_tls(world: BrokerWorld) -> None:
     for path in ("/", "/api/v1/pools", "/healthz"):
         assert secure.get(path).headers["strict-transport-security"] == "max-age=31536000"
     assert "strict-transport-security" not in world.client().get("/").headers
+
+
+def test_an_unhandled_error_is_a_logged_json_500_with_the_usual_headers(
+        world: BrokerWorld, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a route: the caller gets the error body every other error has, the security
+    headers and a request id; the log has the exception, the answer does not."""
+    def broken(*_args: object) -> None:
+        raise RuntimeError("secret internals: a bug")
+
+    monkeypatch.setattr("deskpool.api.routes_user.user_public", broken)
+    with caplog.at_level(logging.ERROR, logger="deskpool.api.server_errors"):
+        answer = world.client("alice").get("/api/v1/me")
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["detail"].startswith("internal error")
+    assert "secret" not in answer.text
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    request_id = answer.headers["x-request-id"]
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "secret internals" in caplog.text and record.exc_info is not None
+    assert getattr(record, "request_id", request_id) == request_id
