@@ -143,11 +143,13 @@ TemplatePath = Annotated[str, Path(pattern=TEMPLATE_NAME, max_length=63)]
 UserPath = Annotated[str, Path(pattern=USER_NAME, max_length=255)]
 VersionPath = Annotated[int, Path(ge=1, le=1_000_000)]
 # A hypervisor URI: a scheme deskpool drives, "://", an optional user, host (a name or an IPv4
-# address) and port, then a path and query without blanks; never empty (no default host).
+# address) and port, then a path and query of printable ASCII (a URI has no other characters;
+# spelled out rather than as "not \s", which Python's and pydantic's regex engines and the
+# schema's readers do not agree on); never empty (no default host).
 _PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 HYPERVISOR_URI = (r"^(qemu(\+(ssh|tcp|tls|unix|libssh|libssh2))?|fake(\+tcp)?)://"
                   r"([A-Za-z0-9._~%!$&'()*+,;=-]+@)?[A-Za-z0-9._~%-]*(:" + _PORT + r")?"
-                  r"(/[^\s?#]*)?(\?[^\s#]*)?$")
+                  r"(/[\x21\x22\x24-\x3e\x40-\x7e]*)?(\?[\x21\x22\x24-\x7e]*)?$")
 
 
 class UserCreate(BaseModel):
