@@ -88,7 +88,7 @@ def test_max_age_retires_old_free_desktops() -> None:
     ({"kind": PoolKind.STATEFUL, "on_logout": OnLogout.RECYCLE_REVERT}, "stateful"),
     ({"naming_pattern": "nope"}, "naming pattern"),
     ({"clone_mode": "teleport"}, "clone mode"),
-    ({"max_age_s": 0}, "max age"),
+    ({"max_age_s": 0}, r"max_age_s \(0\) must be whole seconds"),
 ])
 def test_bad_pool_specs_are_refused_naming_the_field(fields: dict[str, object],
                                                      message: str) -> None:
