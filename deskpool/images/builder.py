@@ -175,7 +175,7 @@ def _build(
     report("computing the disk checksum", 0.99)
     disk_sha256 = sha256_file(target / DISK_NAME)
     for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME):
-        _fsync(target / name)
+        fsync_path(target / name)
     manifest: dict[str, Any] = {
         "format": _MANIFEST_FORMAT,
         "recipe_hash": recipe_hash,
@@ -393,10 +393,11 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, directory / MANIFEST_NAME)
-    _fsync(directory)
+    fsync_path(directory)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (making a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

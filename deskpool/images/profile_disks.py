@@ -28,6 +28,7 @@ from pathlib import Path
 
 from deskpool.domain.errors import Conflict, DeskpoolError, InvalidInput, NotFound
 from deskpool.domain.profiles import PROFILE_FS_LABEL
+from deskpool.images.builder import fsync_path
 
 QCOW2_OPTIONS = "cluster_size=65536,extended_l2=on"
 _MIN_SIZE = 64 * 2**20
@@ -48,19 +49,11 @@ def _run(step: str, cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(partial: Path, final: Path) -> None:
     """Make ``partial`` durable, then ``final`` in one rename (and make the rename durable)."""
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def _partial(final: Path) -> Path:
@@ -214,7 +207,7 @@ def flatten(target: Path, into: Path, *, child: Path | None,
         _run("rebasing a profile layer onto its flattened base",
              ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2",
               "-b", _backing_name(into, child), str(child)])
-        _fsync(child)
+        fsync_path(child)
     return into
 
 

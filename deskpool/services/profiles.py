@@ -294,18 +294,11 @@ class ProfileService:
         layer = Layer(id=layer_id, user=user, generation=profile.generation + 1,
                       parent_id=None, path=str(path), state=LayerState.COMMITTED,
                       size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
-        with self._ctx.uow() as uow:
-            uow.profiles.add_layer(layer, note="reset")
-            if uow.profiles.commit_generation(user, profile.generation, layer_id,
-                                              layer.size_bytes):
-                record_event(uow, "profile-reset",
-                             f"profile of {user} reset by {actor}: generation "
-                             f"{layer.generation} is a fresh home, generation "
-                             f"{profile.generation} is kept", user=user)
-                uow.commit()
-                return uow.profiles.get(user)
-        path.unlink(missing_ok=True)
-        raise Conflict(f"the profile of {user} changed while resetting it; look again and retry")
+        return self._commit_made_layer(
+            profile, layer, layer.size_bytes, note="reset", event="profile-reset",
+            message=f"profile of {user} reset by {actor}: generation {layer.generation} is a "
+                    f"fresh home, generation {profile.generation} is kept",
+            doing="resetting it")
 
     def rollback(self, user: str, generation: int, *, actor: str) -> Profile:
         """Make a new generation whose content is generation ``generation``'s: an empty
@@ -321,17 +314,27 @@ class ProfileService:
         layer = Layer(id=layer_id, user=user, generation=profile.generation + 1,
                       parent_id=target.id, path=str(path), state=LayerState.COMMITTED,
                       size_bytes=disks.allocated_bytes(path), sha256=disks.sha256_of(path))
+        return self._commit_made_layer(
+            profile, layer, profile.size_bytes, note=f"rollback to generation {generation}",
+            event="profile-rolled-back",
+            message=f"profile of {user} rolled back to generation {generation} by {actor} "
+                    f"(now generation {layer.generation})",
+            doing="rolling back")
+
+    def _commit_made_layer(self, profile: Profile, layer: Layer, size_bytes: int, *,
+                           note: str, event: str, message: str, doing: str) -> Profile:
+        """Record ``layer`` (made by an admin action on ``profile``) and commit it as the next
+        generation with the generation compare-and-swap; on a lost race its file is removed
+        and ``Conflict`` raised (a logoff committed meanwhile)."""
+        user = profile.user
         with self._ctx.uow() as uow:
-            uow.profiles.add_layer(layer, note=f"rollback to generation {generation}")
-            if uow.profiles.commit_generation(user, profile.generation, layer_id,
-                                              profile.size_bytes):
-                record_event(uow, "profile-rolled-back",
-                             f"profile of {user} rolled back to generation {generation} by "
-                             f"{actor} (now generation {layer.generation})", user=user)
+            uow.profiles.add_layer(layer, note=note)
+            if uow.profiles.commit_generation(user, profile.generation, layer.id, size_bytes):
+                record_event(uow, event, message, user=user)
                 uow.commit()
                 return uow.profiles.get(user)
-        path.unlink(missing_ok=True)
-        raise Conflict(f"the profile of {user} changed while rolling back; look again and retry")
+        Path(layer.path).unlink(missing_ok=True)
+        raise Conflict(f"the profile of {user} changed while {doing}; look again and retry")
 
     def flatten(self, user: str) -> bool:
         """Merge the generations older than the kept ones into one standalone layer (see
