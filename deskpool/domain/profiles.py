@@ -6,8 +6,9 @@ writes to its own *session layer*, an overlay on the layer of the generation tha
 committed when the session started (its ``base_generation``). At logoff the session layer
 becomes generation ``base_generation + 1`` if, and only if, the profile is still at
 ``base_generation``: the generation number is the fencing token, written by one
-compare-and-swap. A session that lost (another session committed first, or its write-back
-was interrupted) is set aside as ``unclean``: kept for the admin, never part of a chain.
+compare-and-swap. A session that lost the race (another session committed first) is merged
+into the newer generation file by file (``domain.profile_merge``); one whose write-back was
+interrupted is set aside as ``unclean``: kept for the admin, never part of a chain.
 
 Nothing is ever overwritten: a rollback makes a *new* generation whose layer is an empty
 overlay on the kept generation's layer, so the generations in between stay where they were.
@@ -25,6 +26,7 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.profile_merge import LayerMode
 
 # The guest finds the hot-plugged disk as /dev/disk/by-id/virtio-<serial> (virtio-blk keeps
 # at most 20 bytes of serial) and mounts the filesystem labelled PROFILE_FS_LABEL.
@@ -40,6 +42,8 @@ class LayerState(StrEnum):
     SESSION = "session"  # a live session's overlay, written by its desktop
     UNCLEAN = "unclean"  # a session that did not commit: set aside, shown to the admin
     FLATTENED = "flattened"  # merged into a newer standalone base; its file may go
+    MERGED = "merged"  # a second session's changes, merged into a newer generation
+    DISCARDED = "discarded"  # a read-only session's throw-away overlay, dropped at logoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,7 @@ class Layer:
     desktop: str | None = None
     created_at: datetime | None = None  # as the store recorded it
     note: str | None = None  # why it was set aside, or what made it (rollback, reset...)
+    mode: LayerMode = LayerMode.EXCLUSIVE  # how a session layer ends (profile_merge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,8 @@ class Profile:
     quota_bytes: int = DEFAULT_QUOTA_BYTES
     size_bytes: int = 0
     keep_generations: int = DEFAULT_KEEP_GENERATIONS
+    committed_at: datetime | None = None  # when the last generation was committed
+    writeback_s: float | None = None  # how long that logoff took, unplug to commit
 
 
 def layer_file_name(user: str, layer_id: uuid.UUID) -> str:
@@ -90,9 +97,11 @@ def exclusions(extra: Iterable[str] = ()) -> tuple[str, ...]:
     result: list[str] = list(ALWAYS_EXCLUDED)
     for raw in extra:
         path = PurePosixPath(raw.strip().removeprefix("~/"))
-        if not raw.strip() or path.is_absolute() or ".." in path.parts or str(path) == ".":
+        if (not raw.strip() or path.is_absolute() or ".." in path.parts or str(path) == "."
+                or len(raw) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in raw)):
             raise InvalidInput(f"profile exclusion {raw!r} must be a path inside the home "
-                               "(like '.local/share/Trash'), not absolute and without '..'")
+                               "(like '.local/share/Trash'), not absolute, without '..' or "
+                               "control characters, at most 255 characters")
         if str(path) not in result:
             result.append(str(path))
     return tuple(result)
@@ -144,7 +153,7 @@ def generation_layers(layers: Sequence[Layer]) -> dict[int, Layer]:
 
 
 def open_session(profile: Profile, layers: Sequence[Layer], layer_id: uuid.UUID, path: str,
-                 desktop: str) -> Layer:
+                 desktop: str, mode: LayerMode = LayerMode.EXCLUSIVE) -> Layer:
     """The session layer to create for a new session: an overlay on the committed layer,
     to become the next generation. ``NotFound`` for a profile with no committed layer yet
     (make its base first)."""
@@ -156,7 +165,7 @@ def open_session(profile: Profile, layers: Sequence[Layer], layer_id: uuid.UUID,
                        "which is not a committed layer")
     return Layer(id=layer_id, user=profile.user, generation=profile.generation + 1,
                  parent_id=base.id, path=path, state=LayerState.SESSION,
-                 base_generation=profile.generation, desktop=desktop)
+                 base_generation=profile.generation, desktop=desktop, mode=mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,21 +183,35 @@ class SetAside:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """The session started before another one committed: its changes are merged, file by
+    file, into the committed generation (``domain.profile_merge``), as the next one."""
+
+    onto_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """A read-only session's overlay: dropped, whatever it holds."""
+
+
 def decide_commit(profile: Profile, session: Layer, *, check_error: str | None = None
-                  ) -> Commit | SetAside:
-    """What logoff does with a session layer. It commits only a clean layer whose base is
-    still the committed generation; anything else is set aside, and the profile keeps its
-    committed generation. ``check_error`` is what the layer check found wrong, if anything."""
+                  ) -> Commit | Merge | Discard | SetAside:
+    """What logoff does with a session layer. A read-only session's layer is dropped. A
+    clean layer whose base is still the committed generation is committed; a clean one
+    whose base is older (another session committed meanwhile) is merged into it. Anything
+    else is set aside, and the profile keeps its committed generation. ``check_error`` is
+    what the layer check found wrong, if anything."""
     if session.state is not LayerState.SESSION or session.base_generation is None:
         return SetAside(f"layer {session.id} is {session.state}, not an open session")
+    if session.mode is LayerMode.READ_ONLY:
+        return Discard()
     if check_error is not None:
         return SetAside(f"the session layer of {session.desktop or 'a desktop'} failed its "
                         f"check ({check_error}); generation {profile.generation} stays")
     if session.base_generation != profile.generation:
-        return SetAside(
-            f"the session on {session.desktop or 'a desktop'} started from generation "
-            f"{session.base_generation}, but generation {profile.generation} was committed "
-            "meanwhile by another session; its changes are kept aside")
+        return Merge(profile.generation)
     return Commit(profile.generation, profile.generation + 1)
 
 

@@ -38,7 +38,7 @@ class ProfileDiskError(DeskpoolError):
     """A profile disk tool failed; the message names the step and the tool's own words."""
 
 
-def _run(step: str, cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
+def run_tool(step: str, cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
@@ -49,14 +49,14 @@ def _run(step: str, cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def _publish(partial: Path, final: Path) -> None:
+def publish_file(partial: Path, final: Path) -> None:
     """Make ``partial`` durable, then ``final`` in one rename (and make the rename durable)."""
     fsync_path(partial)
     os.replace(partial, final)
     fsync_path(final.parent)
 
 
-def _partial(final: Path) -> Path:
+def partial_path(final: Path) -> Path:
     if final.exists():
         raise Conflict(f"profile disk {final} exists already; layers are never overwritten")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def make_base_disk(path: Path, size_bytes: int, *, skeleton: Path | None = None,
         raise InvalidInput(f"ext4 label {label!r} must be 1-16 bytes")
     if skeleton is not None and not skeleton.is_dir():
         raise NotFound(f"profile skeleton directory {skeleton} does not exist")
-    partial = _partial(path)
+    partial = partial_path(path)
     with tempfile.TemporaryDirectory(prefix=".raw-", dir=path.parent) as scratch:
         raw = Path(scratch) / "profile.raw"
         with raw.open("wb") as handle:
@@ -92,11 +92,11 @@ def make_base_disk(path: Path, size_bytes: int, *, skeleton: Path | None = None,
                    f",root_owner={owner[0]}:{owner[1]}" if owner else "")]
         if skeleton is not None:
             cmd += ["-d", str(skeleton)]
-        _run("making the profile filesystem", [*cmd, str(raw)])
-        _run("converting the profile disk to qcow2",
+        run_tool("making the profile filesystem", [*cmd, str(raw)])
+        run_tool("converting the profile disk to qcow2",
              ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", QCOW2_OPTIONS,
               str(raw), str(partial)])
-    _publish(partial, path)
+    publish_file(partial, path)
     return path
 
 
@@ -111,13 +111,13 @@ def create_overlay(base: Path, path: Path) -> Path:
     ``Conflict`` if ``path`` exists."""
     if not base.is_file():
         raise NotFound(f"profile layer {base} does not exist")
-    partial = _partial(path)
+    partial = partial_path(path)
     # The base is named as it will be seen from ``path``, not from the partial's name (same
     # directory, so the same), and qemu-img reads its size from it.
-    _run("creating a profile overlay",
+    run_tool("creating a profile overlay",
          ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
           "-b", _backing_name(base, path), "-o", QCOW2_OPTIONS, str(partial)])
-    _publish(partial, path)
+    publish_file(partial, path)
     return path
 
 
@@ -172,7 +172,7 @@ def allocated_bytes(path: Path) -> int:
 
 
 def backing_file(path: Path) -> str | None:
-    proc = _run("reading a profile layer",
+    proc = run_tool("reading a profile layer",
                 ["qemu-img", "info", "-U", "--output=json", str(path)])
     value = json.loads(proc.stdout).get("backing-filename")
     return str(value) if value else None
@@ -198,13 +198,13 @@ def flatten(target: Path, into: Path, *, child: Path | None,
             raise Conflict(f"profile layer {layer} is in use by a session; flatten it later")
     if not target.is_file():
         raise NotFound(f"profile layer {target} does not exist")
-    partial = _partial(into)
-    _run("flattening a profile chain",
+    partial = partial_path(into)
+    run_tool("flattening a profile chain",
          ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", "-o", QCOW2_OPTIONS,
           str(target), str(partial)])
-    _publish(partial, into)
+    publish_file(partial, into)
     if child is not None:
-        _run("rebasing a profile layer onto its flattened base",
+        run_tool("rebasing a profile layer onto its flattened base",
              ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2",
               "-b", _backing_name(into, child), str(child)])
         fsync_path(child)

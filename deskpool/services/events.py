@@ -39,9 +39,11 @@ def recent_events(ctx: ServiceContext, *, limit: int = 200,
                 for e in uow.events.recent(limit, user=user)]
 
 
-# Events written for a user to read (their desktop was lost: a crash, a host down), shown on
+# Events written for a user to read (their desktop was lost: a crash, a host down; their
+# profile was open twice), shown on
 # their portal page; the rest of their events (consoles opened, logins) are the admin's log.
-USER_MESSAGE_KINDS = ("desktop-lost",)
+USER_MESSAGE_KINDS = ("desktop-lost", "profile-merged", "profile-read-only",
+                      "profile-second-session")
 
 
 def messages_for(ctx: ServiceContext, user: str, *, limit: int = 5) -> list[EventView]:

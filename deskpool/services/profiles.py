@@ -10,7 +10,9 @@ generation whole whatever fails:
 * **Logoff** (:meth:`ProfileService.end_session`): detach (the hypervisor closes the file),
   ``qemu-img check``, checksum, then one transaction: the generation compare-and-swap and the
   layer's ``session -> committed``, or ``session -> unclean`` with a warning event. Nothing
-  is copied: the layer the guest wrote *is* the new generation.
+  is copied: the layer the guest wrote *is* the new generation. A session that started
+  before another one committed is merged into it (``services.profile_merging``); a
+  read-only one is dropped.
 * **Recovery** (:meth:`ProfileService.recover_sessions`, for a restarted broker or the
   reconciler): a session layer whose disk no desktop holds any more is set aside, never
   committed after the fact (nothing proves its write-back finished).
@@ -30,10 +32,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from deskpool.domain.errors import Conflict, DriverError, NotFound
+from deskpool.domain.profile_merge import LayerMode
 from deskpool.domain.profiles import (
     DEFAULT_KEEP_GENERATIONS,
     DEFAULT_QUOTA_BYTES,
     Commit,
+    Discard,
     Layer,
     LayerState,
     Profile,
@@ -52,10 +56,13 @@ from deskpool.domain.profiles import (
 )
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images import profile_disks as disks
+from deskpool.images.profile_merge import merge_layers
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 
 log = logging.getLogger(__name__)
+# Layers whose files no chain reads once no session uses them: sweep deletes them.
+_SPENT = frozenset({LayerState.FLATTENED, LayerState.MERGED, LayerState.DISCARDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +88,22 @@ class ProfileView:
     rollback_to: tuple[int, ...]  # kept generations a rollback may go to
     open_sessions: tuple[str, ...]  # desktops with a session layer now
     unclean: tuple[tuple[str, str], ...]  # (desktop, why) of each layer set aside
+    generations_kept: int = 0  # committed generations on disk
+    committed_at: datetime | None = None  # the last logoff (or reset, rollback, merge)
+    last_writeback_bytes: int = 0  # what that logoff's layer holds
+    last_writeback_s: float | None = None  # unplug to commit
+    conflicts: tuple[str, ...] = ()  # the newest merges' reports of files changed twice
 
 
 @dataclass(frozen=True, slots=True)
 class Logoff:
-    """How a session's layer ended: committed as ``generation``, or set aside (``reason``)."""
+    """How a session's layer ended: committed as ``generation``, or set aside (``reason``).
+    ``conflicts``: the files a merge found changed by both sessions, in words."""
 
     committed: bool
     generation: int
     reason: str | None = None
+    conflicts: tuple[str, ...] = ()
 
 
 class ProfileService:
@@ -146,7 +160,8 @@ class ProfileService:
     # --- hand-over and logoff --------------------------------------------------------------
 
     def start_session(self, user: str, desktop: str, driver: HypervisorDriver,
-                      vm_id: uuid.UUID) -> ProfileSession:
+                      vm_id: uuid.UUID, *, mode: LayerMode = LayerMode.EXCLUSIVE
+                      ) -> ProfileSession:
         """Open a session layer on ``user``'s committed generation and plug it into the
         running desktop. ``NotFound`` for a user without a profile (``ensure_profile``
         first) or a committed layer whose file is gone; a failed attach sets the layer
@@ -156,7 +171,7 @@ class ProfileService:
             layers = uow.profiles.layers(user)
             layer_id = uuid.uuid4()
             session = open_session(profile, layers, layer_id,
-                                   str(self._path((user, layer_id))), desktop)
+                                   str(self._path((user, layer_id))), desktop, mode)
             uow.profiles.add_layer(session)
             uow.commit()
         base = next(layer for layer in layers if layer.id == session.parent_id)
@@ -186,6 +201,7 @@ class ProfileService:
             session = uow.profiles.layer(layer_id)
         if session.state is not LayerState.SESSION:
             raise Conflict(f"profile layer {layer_id} is {session.state}, not an open session")
+        started = time.monotonic()
         try:
             driver.detach_disk(vm_id, disk_serial(layer_id), timeout_s=detach_timeout_s)
         except DriverError as exc:
@@ -205,7 +221,7 @@ class ProfileService:
                     layer_id, LayerState.SESSION, LayerState.COMMITTED, sha256=sha256,
                     size_bytes=size) and uow.profiles.commit_generation(
                     session.user, decision.expected_generation, layer_id,
-                    profile.size_bytes + size):
+                    profile.size_bytes + size, writeback_s=time.monotonic() - started):
                 record_event(uow, "profile-committed",
                              f"profile of {session.user}: generation "
                              f"{decision.new_generation} committed from {session.desktop} "
@@ -213,12 +229,84 @@ class ProfileService:
                              desktop=session.desktop)
                 uow.commit()
                 return Logoff(committed=True, generation=decision.new_generation)
-            if isinstance(decision, SetAside):
-                reason = decision.reason
-            else:  # the CAS lost: another session committed between our read and write
-                reason = (f"another session committed generation {decision.new_generation} "
-                          f"first; the changes made on {session.desktop} are kept aside")
-        return self._set_aside(session, reason, size=size)
+        if isinstance(decision, SetAside):
+            return self._set_aside(session, decision.reason, size=size)
+        if isinstance(decision, Discard):
+            return self._discard(session)
+        # Another session committed first (before our read, or between it and our write):
+        # this one's changes are merged into what it committed.
+        return self._merge(session, size, started)
+
+    def _merge(self, session: Layer, size: int, started: float, *, attempts: int = 3
+               ) -> Logoff:
+        """Merge a session that lost the race into the generation committed meanwhile, as
+        the next generation (an overlay on it holding the merged-in changes). Its user is
+        told of every file both sessions changed. A merge that cannot be done, or that
+        keeps losing the compare-and-swap, sets the layer aside: nothing is ever lost."""
+        problem, current = "other sessions kept committing first", session.base_generation
+        for _attempt in range(attempts):
+            with self._ctx.uow(read_only=True) as uow:
+                profile = uow.profiles.get(session.user)
+                by_id = {layer.id: layer for layer in uow.profiles.layers(session.user)}
+            current = profile.generation
+            if by_id[session.id].state is not LayerState.SESSION:  # a recovery got there
+                return Logoff(committed=False, generation=profile.generation,
+                              reason=by_id[session.id].note)
+            base = by_id.get(session.parent_id) if session.parent_id else None
+            ours = by_id.get(profile.layer_id) if profile.layer_id else None
+            if base is None or ours is None:
+                problem = "the generations it started from or merges into are gone"
+                break
+            if base not in chain(list(by_id.values()), ours.id):
+                # A rollback or reset: what the admin threw away is not merged back.
+                problem = "the profile was rolled back or reset meanwhile"
+                break
+            layer_id = uuid.uuid4()
+            out = self._path((session.user, layer_id))
+            try:
+                plan = merge_layers(Path(base.path), Path(ours.path), Path(session.path), out,
+                                    desktop=session.desktop or "another-desktop")
+            except (disks.ProfileDiskError, OSError) as exc:
+                problem = f"it could not be merged: {exc}"
+                break
+            merged = Layer(id=layer_id, user=session.user, generation=profile.generation + 1,
+                           parent_id=ours.id, path=str(out), state=LayerState.COMMITTED,
+                           size_bytes=disks.allocated_bytes(out), sha256=disks.sha256_of(out))
+            with self._ctx.uow() as uow:
+                uow.profiles.add_layer(merged, note=f"merged from the session on "
+                                                    f"{session.desktop}")
+                if uow.profiles.set_layer_state(
+                        session.id, LayerState.SESSION, LayerState.MERGED,
+                        size_bytes=size) and uow.profiles.commit_generation(
+                        session.user, profile.generation, layer_id,
+                        profile.size_bytes + merged.size_bytes,
+                        writeback_s=time.monotonic() - started):
+                    record_event(uow, "profile-merged", _merge_message(session, plan.conflicts),
+                                 severity="warning" if plan.conflicts else "info",
+                                 user=session.user, desktop=session.desktop)
+                    uow.commit()
+                    return Logoff(committed=True, generation=merged.generation,
+                                  conflicts=tuple(plan.conflicts))
+            out.unlink(missing_ok=True)  # lost the CAS: merge into the newer one
+        return self._set_aside(session, f"the session on {session.desktop} started from "
+                                        f"generation {session.base_generation}, generation "
+                                        f"{current} was committed meanwhile, and {problem}; "
+                                        "its changes are kept aside", size=size)
+
+    def _discard(self, session: Layer) -> Logoff:
+        """A read-only session's overlay is dropped: the user was told at logon."""
+        with self._ctx.uow() as uow:
+            generation = uow.profiles.get(session.user).generation
+            if uow.profiles.set_layer_state(session.id, LayerState.SESSION,
+                                            LayerState.DISCARDED):
+                record_event(uow, "profile-read-only",
+                             f"the changes to your files on {session.desktop} were not kept: "
+                             "your profile was open on another desktop, so that session had "
+                             "a read-only copy of it", user=session.user,
+                             desktop=session.desktop)
+                uow.commit()
+        Path(session.path).unlink(missing_ok=True)
+        return Logoff(committed=False, generation=generation, reason="read-only session")
 
     def abandon_session(self, layer_id: uuid.UUID, reason: str) -> Logoff:
         """Set an open session layer aside without detaching it: its desktop could not end
@@ -269,7 +357,11 @@ class ProfileService:
         with self._ctx.uow(read_only=True) as uow:
             profile = uow.profiles.get(user)
             layers = uow.profiles.layers(user)
+            conflicts = tuple(e.message for e in uow.events.recent(5, user=user,
+                                                                    kind="profile-merged")
+                              if e.severity == "warning")
         held = {layer.generation for layer in layers if layer.state is LayerState.COMMITTED}
+        top = next((layer for layer in layers if layer.id == profile.layer_id), None)
         return ProfileView(
             user=user, generation=profile.generation, size_bytes=profile.size_bytes,
             quota_bytes=profile.quota_bytes,
@@ -278,7 +370,10 @@ class ProfileService:
             open_sessions=tuple(layer.desktop or "?" for layer in layers
                                 if layer.state is LayerState.SESSION),
             unclean=tuple((layer.desktop or "?", layer.note or "")
-                          for layer in layers if layer.state is LayerState.UNCLEAN))
+                          for layer in layers if layer.state is LayerState.UNCLEAN),
+            generations_kept=len(held), committed_at=profile.committed_at,
+            last_writeback_bytes=top.size_bytes if top is not None else 0,
+            last_writeback_s=profile.writeback_s, conflicts=conflicts)
 
     # --- rollback, reset, flattening -------------------------------------------------------
 
@@ -381,7 +476,7 @@ class ProfileService:
         removed: list[Path] = []
         for layer in layers:
             path = Path(layer.path)
-            if layer.state is LayerState.FLATTENED and path not in busy and path.exists():
+            if layer.state in _SPENT and path not in busy and path.exists():
                 disks.remove_layer(path, busy)
                 removed.append(path)
         known = {Path(layer.path) for layer in layers}
@@ -438,3 +533,13 @@ def attached_serials(drivers: Iterable[HypervisorDriver]) -> set[str]:
             if vm.metadata is not None:
                 found |= set(driver.attached_disks(vm.vm_id))
     return found
+
+
+def _merge_message(session: Layer, conflicts: list[str]) -> str:
+    """What the user reads in the portal after their second session was merged."""
+    head = (f"your profile was open on two desktops; the changes from {session.desktop} were "
+            "merged into it")
+    if not conflicts:
+        return head + " (no file was changed on both)"
+    shown = "; ".join(conflicts[:5]) + ("; ..." if len(conflicts) > 5 else "")
+    return f"{head}. {len(conflicts)} file(s) changed on both desktops: {shown}"

@@ -278,6 +278,10 @@ class Pool(Base):
     session_start_timeout_s: Mapped[int] = mapped_column(Integer, default=150)
     # The user's home follows them as a profile container (see deskpool.broker.profile_logon).
     roaming_profiles: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What a user's second concurrent session gets (domain.profile_merge.SecondSession).
+    second_session: Mapped[str] = mapped_column(String(16), default="merge")
+    # Paths inside the home kept out of users' profiles, one per line.
+    profile_exclusions: Mapped[str] = mapped_column(Text, default="")
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")

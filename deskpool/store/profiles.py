@@ -18,6 +18,7 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     CursorResult,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.orm.util import identity_key
 
 from deskpool.domain.errors import Conflict, NotFound
+from deskpool.domain.profile_merge import LayerMode
 from deskpool.domain.profiles import (
     DEFAULT_KEEP_GENERATIONS,
     DEFAULT_QUOTA_BYTES,
@@ -56,6 +58,7 @@ class ProfileRow(Base):
     keep_generations: Mapped[int] = mapped_column(Integer, default=DEFAULT_KEEP_GENERATIONS)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     committed_at: Mapped[datetime | None] = mapped_column()
+    last_writeback_s: Mapped[float | None] = mapped_column(Float)  # logoff detach to commit
 
 
 class ProfileLayerRow(Base):
@@ -77,12 +80,15 @@ class ProfileLayerRow(Base):
     desktop_name: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    mode: Mapped[LayerMode] = mapped_column(_str_enum(LayerMode, 16),
+                                            default=LayerMode.EXCLUSIVE)
 
 
 def _profile(row: ProfileRow) -> Profile:
     return Profile(user=row.user_name, generation=row.generation, layer_id=row.layer_id,
                    quota_bytes=row.quota_bytes, size_bytes=row.size_bytes,
-                   keep_generations=row.keep_generations)
+                   keep_generations=row.keep_generations, committed_at=row.committed_at,
+                   writeback_s=row.last_writeback_s)
 
 
 def _layer(row: ProfileLayerRow) -> Layer:
@@ -90,7 +96,7 @@ def _layer(row: ProfileLayerRow) -> Layer:
                  parent_id=row.parent_id, path=row.path, state=LayerState(row.state),
                  size_bytes=row.size_bytes, sha256=row.sha256,
                  base_generation=row.base_generation, desktop=row.desktop_name,
-                 created_at=row.created_at, note=row.note)
+                 created_at=row.created_at, note=row.note, mode=LayerMode(row.mode))
 
 
 class ProfileRepository:
@@ -124,6 +130,17 @@ class ProfileRepository:
             raise NotFound(f"no profile layer {layer_id}")
         return _layer(row)
 
+    def all(self) -> builtins.list[Profile]:
+        return [_profile(row) for row in self._session.scalars(
+            select(ProfileRow).order_by(ProfileRow.user_name))]
+
+    def open_on(self, user: str) -> builtins.list[str]:
+        """The desktops where ``user`` has a profile session open."""
+        return [name for name in self._session.scalars(
+            select(ProfileLayerRow.desktop_name).where(
+                ProfileLayerRow.user_name == user,
+                ProfileLayerRow.state == LayerState.SESSION)) if name is not None]
+
     def layers_in_state(self, state: LayerState) -> builtins.list[Layer]:
         rows = self._session.scalars(
             select(ProfileLayerRow).where(ProfileLayerRow.state == state)
@@ -149,13 +166,13 @@ class ProfileRepository:
             parent_id=layer.parent_id, path=layer.path, state=layer.state,
             size_bytes=layer.size_bytes, sha256=layer.sha256,
             base_generation=layer.base_generation, desktop_name=layer.desktop,
-            note=note if note is not None else layer.note)
+            note=note if note is not None else layer.note, mode=layer.mode)
         self._session.add(row)
         self._session.flush()
         return _layer(row)
 
     def commit_generation(self, user: str, expected: int, layer_id: uuid.UUID,
-                          size_bytes: int) -> bool:
+                          size_bytes: int, *, writeback_s: float | None = None) -> bool:
         """Make ``layer_id`` generation ``expected + 1`` of ``user``'s profile if, and only
         if, the profile is still at ``expected``: one ``UPDATE ... WHERE user_name = :user
         AND generation = :expected``. Returns whether it won. The layer row itself is
@@ -164,7 +181,7 @@ class ProfileRepository:
             update(ProfileRow)
             .where(ProfileRow.user_name == user, ProfileRow.generation == expected)
             .values(generation=expected + 1, layer_id=layer_id, size_bytes=size_bytes,
-                    committed_at=utcnow())
+                    committed_at=utcnow(), last_writeback_s=writeback_s)
             .execution_options(synchronize_session=False)
         )
         result = cast(CursorResult[Any], self._session.execute(statement))

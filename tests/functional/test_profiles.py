@@ -138,26 +138,25 @@ def test_a_user_without_a_profile_gets_a_clear_error(service: ProfileService,
         service.start_session("bob", "desk-a", fake, desktop(fake, "desk-a"))
 
 
-def test_of_two_racing_sessions_one_commits_and_the_other_is_set_aside(
+def test_of_two_racing_sessions_one_commits_and_the_other_is_merged_into_it(
         service: ProfileService, fake: FakeDriver, ctx: ServiceContext) -> None:
     service.ensure_profile("ann", quota_bytes=QUOTA)
     vm_a, vm_b = desktop(fake, "desk-a"), desktop(fake, "desk-b")
     on_a = service.start_session("ann", "desk-a", fake, vm_a)
     on_b = service.start_session("ann", "desk-b", fake, vm_b)
     guest_writes(on_a.path, 0xAA, 5 * MiB)
-    guest_writes(on_b.path, 0xBB, 6 * MiB)
+    guest_writes(on_b.path, 0xBB, 6 * MiB)  # free blocks: no file of B changed
 
     assert service.end_session(on_a.layer_id, fake, vm_a).committed
     second = service.end_session(on_b.layer_id, fake, vm_b)
 
-    assert not second.committed and second.generation == 2
-    assert second.reason and "generation 2 was committed meanwhile" in second.reason
-    assert committed_path(service, "ann") == on_a.path
+    assert second.committed and second.generation == 3 and second.conflicts == ()
+    merged = committed_path(service, "ann")
+    assert merged not in (on_a.path, on_b.path)
+    assert holds(merged, 0xAA, 5 * MiB)  # an overlay on A's generation
     with ctx.uow(read_only=True) as uow:
-        aside = uow.profiles.layer(on_b.layer_id)
-    assert aside.state is LayerState.UNCLEAN and on_b.path.exists()  # kept for the admin
-    assert holds(on_b.path, 0xBB, 6 * MiB)
-    assert "profile-unclean" in event_kinds(ctx, "ann")
+        assert uow.profiles.layer(on_b.layer_id).state is LayerState.MERGED
+    assert "profile-merged" in event_kinds(ctx, "ann")
     with pytest.raises(Conflict, match="not an open session"):
         service.end_session(on_b.layer_id, fake, vm_b)
 
@@ -409,7 +408,8 @@ def test_reset_starts_a_fresh_home_and_keeps_the_old_one_for_a_rollback(
     view = service.describe("ann")
     assert (view.generation, view.rollback_to, view.open_sessions) == (3, (1, 2), ("desk-b",))
     assert [desk for desk, _ in view.unclean] == ["desk-a"]
-    assert "generation 3 was committed meanwhile" in view.unclean[0][1]
+    assert "generation 3 was committed meanwhile, and the profile was rolled back or reset" in (
+        view.unclean[0][1])
     service.rollback("ann", 2, actor="admin")
     assert holds(committed_path(service, "ann"), 0x55, 4 * MiB)
     assert "profile-reset" in event_kinds(ctx, "ann")

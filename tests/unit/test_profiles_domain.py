@@ -8,10 +8,13 @@ import uuid
 import pytest
 
 from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.profile_merge import LayerMode
 from deskpool.domain.profiles import (
     Commit,
+    Discard,
     Layer,
     LayerState,
+    Merge,
     Profile,
     SetAside,
     chain,
@@ -58,16 +61,23 @@ def test_no_session_without_a_committed_generation() -> None:
         open_session(Profile("ann", 0, None), [], uuid.uuid4(), "p", "d")
 
 
-def test_commit_wins_only_from_the_committed_generation() -> None:
+def test_commit_wins_only_from_the_committed_generation_and_the_other_merges() -> None:
     layers = linear("ann", 2)
     profile = profile_of(layers)
     first = open_session(profile, layers, uuid.uuid4(), "a", "desk-a")
     second = open_session(profile, layers, uuid.uuid4(), "b", "desk-b")
     assert decide_commit(profile, first) == Commit(2, 3)
     after = Profile("ann", 3, first.id)
-    decision = decide_commit(after, second)
-    assert isinstance(decision, SetAside)
-    assert "generation 3 was committed meanwhile" in decision.reason
+    assert decide_commit(after, second) == Merge(3)
+
+
+def test_a_read_only_session_is_discarded_whatever_it_holds() -> None:
+    layers = linear("ann", 1)
+    profile = profile_of(layers)
+    session = open_session(profile, layers, uuid.uuid4(), "a", "desk-a", LayerMode.READ_ONLY)
+    assert session.mode is LayerMode.READ_ONLY
+    assert decide_commit(profile, session) == Discard()
+    assert decide_commit(profile, session, check_error="bad") == Discard()
 
 
 def test_a_layer_that_failed_its_check_is_set_aside() -> None:
