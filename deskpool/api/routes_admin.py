@@ -130,7 +130,8 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
         session_start_timeout_s=body.session_start_timeout_s,
-        roaming_profiles=body.roaming_profiles)
+        roaming_profiles=body.roaming_profiles, second_session=body.second_session,
+        profile_exclusions=tuple(body.profile_exclusions))
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 

@@ -13,6 +13,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from deskpool.domain.models import CloneMode, Customization, PoolStatus
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
+from deskpool.domain.profile_merge import SecondSession
 from deskpool.images.recipe import Flavor
 
 
@@ -134,6 +135,9 @@ TEMPLATE_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 USER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,254}$"
 HostName = Annotated[str, Field(pattern=HOST_NAME, max_length=63)]
 PoolName = Annotated[str, Field(pattern=POOL_NAME, max_length=63)]
+# A path inside the home, kept out of roaming profiles (checked further by the pool).
+ExclusionPath = Annotated[str, Field(min_length=1, max_length=255,
+                                     pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$")]
 TemplateName = Annotated[str, Field(pattern=TEMPLATE_NAME, max_length=63)]
 UserName = Annotated[str, Field(pattern=USER_NAME, max_length=255)]
 # Path parameters, checked as strictly as the same names in bodies.
@@ -213,6 +217,8 @@ class PoolCreate(BaseModel):
     disconnect_timeout_s: Seconds | None = 1800
     session_start_timeout_s: Seconds = 150
     roaming_profiles: bool = False
+    second_session: SecondSession = SecondSession.MERGE
+    profile_exclusions: list[ExclusionPath] = Field(default_factory=list, max_length=32)
     placement: Placement = "spread"
     hosts: list[HostName] = Field(default_factory=list, max_length=100)
 
@@ -246,6 +252,9 @@ class PoolUpdate(BaseModel):
     disconnect_timeout_s: Seconds | None = None
     session_start_timeout_s: Seconds | SkipJsonSchema[None] = None
     roaming_profiles: bool | SkipJsonSchema[None] = None
+    second_session: SecondSession | SkipJsonSchema[None] = None
+    profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
+                                                                        max_length=32)
     placement: Placement | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
 
@@ -302,6 +311,8 @@ class PoolAdminView(BaseModel):
     status: PoolStatus
     session_start_timeout_s: int
     roaming_profiles: bool = False
+    second_session: SecondSession = SecondSession.MERGE
+    profile_exclusions: list[str] = Field(default_factory=list)
 
 
 class AuditEntry(BaseModel):

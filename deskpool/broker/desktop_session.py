@@ -176,12 +176,14 @@ class SessionStarter:
                           f"({code}): {err.strip()[:300]}")
 
     def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int, *,
-                timeout_s: float | None = None, profile_serial: str | None = None) -> None:
+                timeout_s: float | None = None, profile_serial: str | None = None,
+                profile_exclusions: tuple[str, ...] = ()) -> None:
         """Start the user's session and wait until it runs; ``Unavailable`` when the hook
         fails or the session does not run within ``timeout_s`` (the pool's; by default this
         starter's); ``AccountRefused`` when the account is one of the guest's system
         accounts. ``profile_serial``: the user's roaming profile disk, which the hook mounts
-        on their home before the session starts."""
+        on their home before the session starts, keeping ``profile_exclusions`` (paths
+        inside the home, besides ~/.cache) on the desktop's own disk."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         with self.ctx.uow(read_only=True) as uow:
             gid = uow.linux_accounts.gid_of(identity.name)
@@ -190,6 +192,8 @@ class SessionStarter:
         extra = [str(gid)] if gid is not None and gid != uid else []
         # The option comes first, so images without profiles keep their call form.
         profile = ["--profile", profile_serial] if profile_serial else []
+        for path in profile_exclusions if profile_serial else ():
+            profile += ["--exclude", path]
         code, out, err = agent.exec_capture(
             ["/bin/sh", SESSION_HOOK, "start", *profile, account, str(uid),
              identity.display_name or identity.name, *extra],

@@ -47,16 +47,19 @@ from deskpool.domain.errors import (
     Unavailable,
 )
 from deskpool.domain.models import HostState, PoolStatus, PowerState
+from deskpool.domain.profile_merge import ProfilePolicy, SecondSession, refusal
+from deskpool.domain.profiles import ALWAYS_EXCLUDED
 from deskpool.domain.states import HELD_STATES, PREPARING_STATES, DesktopState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.factory import DesktopFactory
-from deskpool.services.pools import insert_pool_desktop
+from deskpool.services.pools import exclusion_list, insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import utcnow
+from deskpool.store.repositories import ClaimTarget
 
 S = DesktopState
 ATTEMPTS = 2  # desktops tried per logon when one fails its readiness check
@@ -95,6 +98,7 @@ class _Claim:
     stateful: bool = False  # its pool keeps its users' changes
     session_timeout_s: float | None = None  # the pool's; None: the session starter's own
     roaming_profiles: bool = False  # the user's home is their profile disk
+    profile_policy: ProfilePolicy = field(default_factory=ProfilePolicy)  # 2nd session, exclusions
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,14 @@ class _Look:
     stateful: bool
     session_timeout_s: float
     roaming_profiles: bool
+    profile_policy: ProfilePolicy
+
+
+def _policy_of(pool: ClaimTarget) -> ProfilePolicy:
+    """The pool's profile settings; ~/.cache is the hook's own, always kept out."""
+    return ProfilePolicy(SecondSession(pool.second_session), tuple(
+        path for path in exclusion_list(pool.profile_exclusions)
+        if path not in ALWAYS_EXCLUDED))
 
 
 def _why_for_user(claim: _Claim, exc: DeskpoolError) -> str:
@@ -248,7 +260,8 @@ class Broker:
                               host_id=d.host_id, version_id=d.template_version_id,
                               stateful=pool.stateful,
                               session_timeout_s=pool.session_start_timeout_s,
-                              roaming_profiles=pool.roaming_profiles)
+                              roaming_profiles=pool.roaming_profiles,
+                              profile_policy=_policy_of(pool))
         if pool.status is not PoolStatus.ENABLED:  # a held desktop is still reconnected to
             raise Forbidden(f"pool {pool_name!r} is "
                             + ("being deleted" if pool.status is PoolStatus.DELETING
@@ -258,8 +271,13 @@ class Broker:
         if own_ready is None and any(d.state in PREPARING_STATES for d in mine):
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
+        policy = _policy_of(pool)
+        if pool.roaming_profiles:
+            refused = refusal(policy.second_session, uow.profiles.open_on(identity.name))
+            if refused is not None:  # before anything is reserved for them
+                raise Unavailable(refused)
         return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful,
-                     pool.session_start_timeout_s, pool.roaming_profiles)
+                     pool.session_start_timeout_s, pool.roaming_profiles, policy)
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
@@ -269,14 +287,16 @@ class Broker:
             return _Claim(d.id, d.name, d.hostname, reconnect=False, own=True,
                           host_id=d.host_id, version_id=d.template_version_id,
                           stateful=look.stateful, session_timeout_s=look.session_timeout_s,
-                          roaming_profiles=look.roaming_profiles)
+                          roaming_profiles=look.roaming_profiles,
+                          profile_policy=look.profile_policy)
         now = utcnow()
         free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
             return _Claim(free.id, free.name, free.hostname, reconnect=False,
                           host_id=free.host_id, version_id=free.template_version_id,
                           stateful=look.stateful, session_timeout_s=look.session_timeout_s,
-                          roaming_profiles=look.roaming_profiles)
+                          roaming_profiles=look.roaming_profiles,
+                          profile_policy=look.profile_policy)
         pool = uow.pools.get(look.pool_id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
@@ -337,13 +357,15 @@ class Broker:
         if claim.roaming_profiles:
             assert claim.desktop is not None and claim.desktop_id is not None
             serial = self.profiles.attach(identity.name, uid, claim.desktop, agent.driver,
-                                          claim.desktop_id)
+                                          claim.desktop_id,
+                                          claim.profile_policy.second_session)
             desktop_id = claim.desktop_id
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
         try:
             self.sessions.sign_in(slow, identity, account, uid,
-                                  timeout_s=claim.session_timeout_s, profile_serial=serial)
+                                  timeout_s=claim.session_timeout_s, profile_serial=serial,
+                                  profile_exclusions=claim.profile_policy.exclusions)
         except DeskpoolError:
             if serial is not None and not claim.reconnect:
                 self.profiles.abandon(desktop_id)

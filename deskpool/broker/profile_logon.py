@@ -15,6 +15,7 @@ import time
 import uuid
 
 from deskpool.domain.errors import DeskpoolError
+from deskpool.domain.profile_merge import SecondSession
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.services.context import ServiceContext
 from deskpool.services.profile_desktops import ProfileDesktops
@@ -28,14 +29,17 @@ class ProfileLogon:
         self.desktops = desktops or ProfileDesktops(ctx)
 
     def attach(self, user: str, uid: int, desktop: str, driver: HypervisorDriver,
-               desktop_id: uuid.UUID) -> str:
+               desktop_id: uuid.UUID, second_session: SecondSession = SecondSession.MERGE
+               ) -> str:
         """Plug ``user``'s profile into the desktop; the serial the guest finds it by. The
-        profile is made on first use, its root owned by the user's uid and primary group."""
+        profile is made on first use, its root owned by the user's uid and primary group.
+        ``second_session``: the pool's policy, should their profile be open elsewhere."""
         with self.ctx.uow(read_only=True) as uow:
             gid = uow.linux_accounts.gid_of(user)
         started = time.monotonic()
         serial = self.desktops.open(user, desktop, driver, desktop_id,
-                                    owner=(uid, uid if gid is None else gid))
+                                    owner=(uid, uid if gid is None else gid),
+                                    second_session=second_session)
         log.info("profile of %s plugged into %s as %s in %.2f s", user, desktop, serial,
                  time.monotonic() - started)
         return serial

@@ -14,6 +14,7 @@ from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import err, out, services
 from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.domain.profile_merge import SecondSession
 from deskpool.reconciler.loop import PassReport, Reconciler
 from deskpool.services.audit import Actor
 from deskpool.services.pool_admin import PoolAdmin
@@ -28,7 +29,10 @@ def _describe(pool: PoolView) -> str:
     return (f"pool [bold]{pool.name}[/]{status}: {pool.template} v{pool.version}, "
             f"min {pool.min_size} / spare {pool.spare} / max {pool.max_size}; {counts}; "
             f"sessions start within {pool.session_start_timeout_s} s"
-            + ("; roaming profiles" if pool.roaming_profiles else ""))
+            + (f"; roaming profiles, a second session: {pool.second_session}"
+               + (f", kept out: {', '.join(pool.profile_exclusions)}"
+                  if pool.profile_exclusions else "")
+               if pool.roaming_profiles else ""))
 
 
 @pool_app.command("create")
@@ -55,6 +59,12 @@ def pool_create(
     roaming_profiles: Annotated[bool, typer.Option(
         help="users' homes follow them: a profile disk mounted at logon, committed at "
              "logoff (desktop-flavor templates)")] = False,
+    second_session: Annotated[SecondSession, typer.Option(
+        help="a user's second concurrent session: refuse it, give it a read-only profile, "
+             "or merge its changes at logoff")] = SecondSession.MERGE,
+    profile_exclude: Annotated[list[str] | None, typer.Option(
+        help="a path inside the home kept out of profiles (repeat it); ~/.cache always "
+             "is")] = None,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
@@ -62,7 +72,8 @@ def pool_create(
                     clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
-                    roaming_profiles=roaming_profiles)
+                    roaming_profiles=roaming_profiles, second_session=second_session,
+                    profile_exclusions=tuple(profile_exclude or ()))
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -126,6 +137,10 @@ def pool_update(
     roaming_profiles: Annotated[bool | None, typer.Option(
         "--roaming-profiles/--no-roaming-profiles",
         help="users' homes follow them (profile containers)")] = None,
+    second_session: Annotated[SecondSession | None, typer.Option(
+        help="refuse, read_only or merge a user's second concurrent session")] = None,
+    profile_exclude: Annotated[list[str] | None, typer.Option(
+        help="the paths kept out of profiles, all of them (repeat it; '' for none)")] = None,
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
     any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
@@ -138,7 +153,9 @@ def pool_update(
         "one_time": one_time, "power_policy": power, "canary": canary,
         "reservation_timeout_s": reservation_timeout,
         "session_start_timeout_s": session_start_timeout, "placement": placement,
-        "roaming_profiles": roaming_profiles}
+        "roaming_profiles": roaming_profiles, "second_session": second_session,
+        "profile_exclusions": None if profile_exclude is None
+        else tuple(p for p in profile_exclude if p)}
     changes = {k: v for k, v in given.items() if v is not None}
     # 0 clears a limit that may be absent ("never").
     for key, value in (("max_age_s", max_age), ("idle_timeout_s", idle_timeout),

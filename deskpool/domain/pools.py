@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.naming import validate_pattern
+from deskpool.domain.profile_merge import SecondSession
+from deskpool.domain.profiles import ALWAYS_EXCLUDED, exclusions
 
 # Pool names: the alphabet of host names (they appear in URLs, audit targets and metrics).
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 MAX_SIZE = 100_000  # desktops in one pool; the reconciler plans each pass over all of them
+MAX_EXCLUSIONS = 32  # paths kept out of a pool's profiles
 # Every timer of a pool: at least a second, at most ten years (a database integer, and a
 # date the timers can add it to).
 MAX_SECONDS = 10 * 365 * 86400
@@ -66,6 +69,12 @@ class PoolSpec:
     # The user's home follows them: a profile container (deskpool.services.profiles) is
     # plugged in and mounted at logon on desktops with the session hook, committed at logoff.
     roaming_profiles: bool = False
+    # What a user's second concurrent session gets: refused, a read-only profile, or one
+    # merged at logoff (deskpool.domain.profile_merge).
+    second_session: SecondSession = SecondSession.MERGE
+    # Paths inside the home kept out of the profile on this pool's desktops, besides
+    # ~/.cache (bound from the desktop's own disk, thrown away with it).
+    profile_exclusions: tuple[str, ...] = ()
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -115,7 +124,14 @@ class PoolSpec:
             raise InvalidInput(f"pool {self.name!r}: placement {self.placement!r} is not "
                                "spread or pack")
         validate_pattern(self.naming_pattern)
-        return self
+        if len(self.profile_exclusions) > MAX_EXCLUSIONS:
+            raise InvalidInput(f"pool {self.name!r}: at most {MAX_EXCLUSIONS} profile "
+                               "exclusions")
+        # Each a path inside the home, kept as the guest will see it: "~/" and what is
+        # always kept out (~/.cache) dropped, duplicates once.
+        kept = exclusions(self.profile_exclusions)[len(ALWAYS_EXCLUDED):]
+        return self if kept == self.profile_exclusions else replace(
+            self, profile_exclusions=kept)
 
     def desired_total(self, assigned: int) -> int:
         """How many desktops the pool should have, given how many users hold one: at least

@@ -16,6 +16,7 @@ from typing import Any
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.domain.profile_merge import SecondSession
 from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -29,7 +30,7 @@ from deskpool.store.models import Pool
 UPDATABLE = frozenset(f.name for f in fields(PoolSpec)) - {"name"}
 ONLY_WHEN_EMPTY = frozenset({"kind", "assignment", "template"})
 _ENUMS: dict[str, Any] = {"kind": PoolKind, "assignment": Assignment, "on_logout": OnLogout,
-                          "power_policy": PowerPolicy}
+                          "power_policy": PowerPolicy, "second_session": SecondSession}
 
 
 def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:
@@ -43,6 +44,8 @@ def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "profile_exclusions" and isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
     kind = _ENUMS.get(name)
     if kind is None or value is None:
         return value
@@ -104,7 +107,11 @@ class PoolAdmin:
                 if f.name in ("name", "template"):
                     continue
                 value = getattr(spec, f.name)
-                setattr(pool, f.name, CloneMode(value) if f.name == "clone_mode" else value)
+                if f.name == "clone_mode":
+                    value = CloneMode(value)
+                elif f.name == "profile_exclusions":
+                    value = "\n".join(value)
+                setattr(pool, f.name, value)
             uow.flush()
             old, new = changed(before, settings_of(uow, pool))
             if new:

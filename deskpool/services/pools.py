@@ -13,6 +13,7 @@ from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
+from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.scheduler.facts import Strategy
 from deskpool.services.context import ServiceContext
@@ -42,6 +43,13 @@ class PoolView:
     status: str = "enabled"  # a PoolStatus value
     session_start_timeout_s: int = 150
     roaming_profiles: bool = False
+    second_session: str = "merge"  # a SecondSession value
+    profile_exclusions: tuple[str, ...] = ()
+
+
+def exclusion_list(stored: str) -> tuple[str, ...]:
+    """A pool's profile exclusions as stored (one per line) back to a tuple."""
+    return tuple(line for line in stored.split("\n") if line)
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -55,6 +63,8 @@ def pool_spec(pool: Pool) -> PoolSpec:
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
         session_start_timeout_s=pool.session_start_timeout_s,
         roaming_profiles=pool.roaming_profiles,
+        second_session=SecondSession(pool.second_session),
+        profile_exclusions=exclusion_list(pool.profile_exclusions),
     )
 
 
@@ -74,7 +84,8 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
-        roaming_profiles=pool.roaming_profiles,
+        roaming_profiles=pool.roaming_profiles, second_session=pool.second_session,
+        profile_exclusions=exclusion_list(pool.profile_exclusions),
     )
 
 
@@ -86,7 +97,7 @@ class PoolService:
                hosts: Sequence[str] = ()) -> PoolView:
         """Store a validated pool; the reconciler fills it. ``hosts`` (or one ``host``) pins
         it; each must be able to run the template. Nothing is stored on bad input."""
-        spec.validate()
+        spec = spec.validate()
         pins = [*hosts, *([host] if host else [])]
         with self.ctx.uow() as uow:
             if uow.pools.find_by_name(spec.name) is not None:
@@ -115,7 +126,8 @@ class PoolService:
                 idle_timeout_s=spec.idle_timeout_s,
                 disconnect_timeout_s=spec.disconnect_timeout_s,
                 session_start_timeout_s=spec.session_start_timeout_s,
-                roaming_profiles=spec.roaming_profiles,
+                roaming_profiles=spec.roaming_profiles, second_session=spec.second_session,
+                profile_exclusions="\n".join(spec.profile_exclusions),
                 current_version_id=version.id, placement=spec.placement,
             )
             uow.pools.add(pool)

@@ -31,11 +31,13 @@ from contextlib import suppress
 
 from deskpool.domain.errors import Conflict, DeskpoolError, NotFound, VmNotFound
 from deskpool.domain.models import PowerState
+from deskpool.domain.profile_merge import LayerMode, SecondSession, session_mode
 from deskpool.domain.profiles import Layer, LayerState, disk_serial
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
 from deskpool.services.profiles import Logoff, ProfileService
 from deskpool.store.db import UnitOfWork
 
@@ -66,15 +68,38 @@ class ProfileDesktops:
     # --- logon -----------------------------------------------------------------------------
 
     def open(self, user: str, desktop: str, driver: HypervisorDriver, vm_id: uuid.UUID, *,
-             owner: tuple[int, int]) -> str:
+             owner: tuple[int, int], second_session: SecondSession = SecondSession.MERGE
+             ) -> str:
         """The serial of ``user``'s profile disk plugged into ``desktop`` now: theirs from a
-        session still open there (a reconnect), else a new session layer. Raises what
-        ``ProfileService.start_session`` raises (its layer then set aside)."""
+        session still open there (a reconnect), else a new session layer. When their
+        profile is open on another desktop too, the pool's ``second_session`` policy gives
+        the new layer its mode and the user is told (a refusal was the broker's, before
+        anything was reserved; one that raced past it gets a layer merged at logoff).
+        Raises what ``ProfileService.start_session`` raises (its layer then set aside)."""
         for layer in self._open_layers(desktop):
             if layer.user == user and disk_serial(layer.id) in driver.attached_disks(vm_id):
                 return disk_serial(layer.id)
         self.profiles.ensure_profile(user, owner=owner)
-        return self.profiles.start_session(user, desktop, driver, vm_id).serial
+        with self.ctx.uow(read_only=True) as uow:
+            elsewhere = sorted(set(uow.profiles.open_on(user)) - {desktop})
+        mode = session_mode(second_session, other_session_open=bool(elsewhere))
+        serial = self.profiles.start_session(user, desktop, driver, vm_id, mode=mode).serial
+        if elsewhere:
+            self._tell_second_session(user, desktop, elsewhere, mode)
+        return serial
+
+    def _tell_second_session(self, user: str, desktop: str, elsewhere: list[str],
+                             mode: LayerMode) -> None:
+        what = ("this session has a read-only copy of it: changes to your files here are "
+                "not kept" if mode is LayerMode.READ_ONLY else
+                "changes made here are merged into it when you log off, and a file changed "
+                "on both desktops is kept twice (the later one as NAME.conflict-" + desktop
+                + ")")
+        with self.ctx.uow() as uow:
+            record_event(uow, "profile-second-session",
+                         f"your profile is also open on {', '.join(elsewhere)}; {what}",
+                         user=user, desktop=desktop)
+            uow.commit()
 
     # --- logoff ----------------------------------------------------------------------------
 

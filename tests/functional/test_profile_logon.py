@@ -18,11 +18,13 @@ from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
 from deskpool.domain.errors import AgentUnavailable, Unavailable
+from deskpool.domain.profile_merge import LayerMode, SecondSession
 from deskpool.domain.profiles import LayerState, disk_serial
 from deskpool.domain.users import Identity
 from deskpool.drivers.fake.guest import FakeGuest, _Process
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.reconciler.loop import Reconciler
+from deskpool.services.events import messages_for
 from deskpool.services.profile_desktops import SESSION_HOOK
 from deskpool.store.access_models import Event
 from deskpool.store.models import Desktop
@@ -208,6 +210,108 @@ def test_a_pool_without_roaming_profiles_plugs_nothing_in(tmp_path: Path, hook: 
             assert uow.profiles.find(ANN.name) is None
         log_off_and_recycle(w, handover.desktop_id)
         assert hook.argv_of("end") == []  # nothing to end
+    finally:
+        w.ctx.close()
+        forget_fake_hosts()
+
+
+def two_pool_world(tmp_path: Path, policy: str) -> BrokerWorld:
+    """Two roaming pools, the second with ``policy`` for a second concurrent session."""
+    w = make_world(tmp_path)
+    w.pool("lab", spare=1, max_size=1, roaming_profiles=True)
+    w.pool("labs", spare=1, max_size=1, roaming_profiles=True,
+           second_session=SecondSession(policy))
+    for pool in ("lab", "labs"):
+        EntitlementService(w.ctx).grant(pool, "group", "staff")
+    w.fill(passes=2)
+    return w
+
+
+def reserved(w: BrokerWorld) -> list[str]:
+    with w.ctx.uow(read_only=True) as uow:
+        return [d.name for d in uow.session.scalars(select(Desktop))
+                if d.assigned_user is not None]
+
+
+def test_a_second_session_is_refused_by_pool_policy_before_anything_is_reserved(
+        tmp_path: Path, hook: Hook) -> None:
+    w = two_pool_world(tmp_path, "refuse")
+    try:
+        first = Broker(w.ctx).connect(ANN, "lab")
+        assert first.status == "ready"
+        with pytest.raises(Unavailable, match=f"your profile is in use on {first.desktop}; "
+                                              "log off there first"):
+            Broker(w.ctx).connect(ANN, "labs")
+        assert reserved(w) == [first.desktop]
+        assert [la.desktop for la in layers(w, LayerState.SESSION)] == [first.desktop]
+    finally:
+        w.ctx.close()
+        forget_fake_hosts()
+
+
+@pytest.mark.parametrize("policy", ["read_only", "merge"])
+def test_a_second_session_gets_the_pools_mode_and_the_user_is_told(
+        tmp_path: Path, hook: Hook, policy: str) -> None:
+    w = two_pool_world(tmp_path, policy)
+    try:
+        first = Broker(w.ctx).connect(ANN, "lab")
+        second = Broker(w.ctx).connect(ANN, "labs")
+        assert second.status == "ready", second.message
+        by_desktop = {la.desktop: la for la in layers(w, LayerState.SESSION)}
+        assert by_desktop[first.desktop].mode is LayerMode.EXCLUSIVE
+        expected = LayerMode.READ_ONLY if policy == "read_only" else LayerMode.MERGE
+        assert by_desktop[second.desktop].mode is expected
+        (told,) = [m for m in messages_for(w.ctx, ANN.name)
+                   if m.kind == "profile-second-session"]
+        assert f"also open on {first.desktop}" in told.message
+        assert ("read-only" if policy == "read_only" else "merged") in told.message
+        # The read-only session logs off first: dropped, generation unchanged.
+        assert second.desktop_id is not None
+        log_off_and_recycle(w, second.desktop_id)
+        assert generation(w) == (1 if policy == "read_only" else 2)
+    finally:
+        w.ctx.close()
+        forget_fake_hosts()
+
+
+def test_the_second_session_policy_is_set_shown_and_checked_through_the_api(
+        world: BrokerWorld) -> None:
+    admin = world.client(world.user("root-admin", admin=True))
+    made = admin.post("/api/v1/admin/pools", json={
+        "name": "solo", "template": "golden", "spare": 0, "max_size": 1,
+        "naming_pattern": "solo-{n:02}", "roaming_profiles": True,
+        "second_session": "refuse"})
+    assert made.status_code == 200, made.text
+    assert made.json()["second_session"] == "refuse"
+    changed = admin.patch("/api/v1/admin/pools/solo", json={"second_session": "read_only"})
+    assert changed.status_code == 200, changed.text
+    shown = {p["name"]: p["second_session"] for p in admin.get("/api/v1/admin/pools").json()}
+    assert shown == {"lab": "merge", "solo": "read_only"}
+    refused = admin.patch("/api/v1/admin/pools/solo", json={"second_session": "twice"})
+    assert refused.status_code == 422 and "second_session" in refused.text
+    assert any(e["action"] == "pool.update" and "second_session" in e["message"]
+               for e in admin.get("/api/v1/admin/audit").json())
+
+
+def test_the_pools_exclusions_reach_the_hook_and_are_checked(
+        tmp_path: Path, hook: Hook) -> None:
+    w = make_world(tmp_path)
+    try:
+        w.pool("lab", spare=1, max_size=1, roaming_profiles=True,
+               profile_exclusions=("Scratch space", "~/.cache", ".local/share/Trash"))
+        EntitlementService(w.ctx).grant("lab", "group", "staff")
+        w.fill(passes=2)
+        assert Broker(w.ctx).connect(ANN, "lab").status == "ready"
+        (start,) = hook.argv_of("start")
+        assert start[3:7] == ["--exclude", "Scratch space", "--exclude",
+                              ".local/share/Trash"], start  # ~/.cache is the hook's own
+        admin = w.client(w.user("root-admin", admin=True))
+        for bad, status in (("../etc", 400), ("/etc", 422), ("a\nb", 422)):
+            refused = admin.patch("/api/v1/admin/pools/lab",
+                                  json={"profile_exclusions": [bad]})
+            assert refused.status_code == status, (bad, refused.text)
+        ok = admin.patch("/api/v1/admin/pools/lab", json={"profile_exclusions": ["Music"]})
+        assert ok.status_code == 200 and ok.json()["profile_exclusions"] == ["Music"]
     finally:
         w.ctx.close()
         forget_fake_hosts()

@@ -3,10 +3,11 @@
 One pool of two desktops with ``roaming_profiles``, booted once for the module. Ann connects
 through the broker and lands on desktop A (the first free by name), her home the profile disk
 the broker plugged in; she writes a file and an Xfce setting (through xfconf, as her session
-does) and a cache file, then logs off: the reconciler's recycle ends her session in the
-guest, unmounts, detaches and commits generation 2, then reverts A. Bob then takes A (so A is
-not free) and finds nothing of Ann's; Ann connects again, is handed B, and finds her file
-and her setting, owned by her uid, and no cache. Timings printed with ``-s``.
+does), a cache file and a file in the pool's excluded folder, then logs off: the
+reconciler's recycle ends her session in the guest, unmounts, detaches and commits
+generation 2, then reverts A. Bob then takes A (so A is not free) and finds nothing of
+Ann's; Ann connects again, is handed B, and finds her file and her setting, owned by her
+uid, and neither the cache nor the excluded file. Timings printed with ``-s``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ BOB = Identity(name="bob@corp.example", display_name="Bob", source="local",
 NOTE = "written on desktop A\n"
 SETTING = ("xfce4-desktop", "/deskpool/roamed")
 SESSION_TIMEOUT_S = 600
+EXCLUDED = "Scratch space"  # the pool's own exclusion, besides ~/.cache (a space: quoting)
 
 
 @dataclass
@@ -71,6 +73,7 @@ def world(desktop_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
         PoolService(ctx).create(PoolSpec(POOL, TEMPLATE, min_size=2, spare=2, max_size=2,
                                          naming_pattern=f"{POOL}-{{n:02}}",
                                          roaming_profiles=True,
+                                         profile_exclusions=(EXCLUDED,),
                                          # Two Xfce sessions at once on a shared 2-CPU TCG
                                          # host can take minutes; A must not be given up.
                                          session_start_timeout_s=SESSION_TIMEOUT_S))
@@ -184,7 +187,10 @@ def test_the_home_follows_the_user_to_another_desktop(world: World) -> None:
     assert home.startswith("/dev/vd") and home.endswith(f" /home/{ann}"), home
     assert cache.strip() == f"/home/{ann}/.cache", cache  # the desktop's own disk
     assert run(a, f"stat -c '%u %a' /home/{ann}").split() == [str(ann_uid), "700"]
+    assert run(a, f"findmnt -n -o TARGET --target '/home/{ann}/{EXCLUDED}'").strip() == (
+        f"/home/{ann}/{EXCLUDED}")  # bound from the desktop's own disk too
     run(a, f"printf '{NOTE}' > ~/notes.txt && echo junk > ~/.cache/junk.bin && "
+           f"echo scratch > ~/'{EXCLUDED}'/scratch.bin && "
            f"xfconf-query -c {SETTING[0]} -p {SETTING[1]} -n -t string -s roamed", user=ann)
     # xfconfd writes its channel file a moment after a change: wait for it on disk.
     deadline = time.monotonic() + 180
@@ -212,7 +218,7 @@ def test_the_home_follows_the_user_to_another_desktop(world: World) -> None:
     assert run(a, f"ls -A ~ ; test ! -e /home/{ann}/notes.txt && echo clean", user=bob
                ).split()[-1] == "clean"
     assert run(a, "find /home /var/cache/deskpool-home -xdev -name notes.txt -o "
-                  "-name junk.bin").strip() == ""
+                  "-name junk.bin -o -name scratch.bin").strip() == ""
 
     # --- Ann on B: her file and setting, hers, no cache -------------------------------
     connect(w, ANN, w.b)
@@ -226,4 +232,6 @@ def test_the_home_follows_the_user_to_another_desktop(world: World) -> None:
     assert run(b, f"findmnt -n -o TARGET --target /home/{ann}/.cache; "
                   f"test ! -e /home/{ann}/.cache/junk.bin && echo no-junk").split() == [
         f"/home/{ann}/.cache", "no-junk"]
+    assert run(b, f"test -d ~/'{EXCLUDED}' && test ! -e ~/'{EXCLUDED}'/scratch.bin && "
+                  "echo kept-out", user=ann).strip() == "kept-out"
     assert generation(w, ANN) == 2  # her open session commits at its own logoff

@@ -218,3 +218,17 @@ def test_a_local_users_hook_call_keeps_three_arguments(ctx: ServiceContext) -> N
     s.sign_in(agent(a), who("alice"), account, uid)
     assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "alice", str(FIRST_UID),
                           "Alice Example"]
+
+
+def test_a_profile_and_its_exclusions_go_before_the_account(ctx: ServiceContext) -> None:
+    s = starter(ctx)
+    account, uid = s.account_for(who("alice"))
+    a = ScriptedAgent()
+    s.sign_in(agent(a), who("alice"), account, uid, profile_serial="dp-0123",
+              profile_exclusions=("Scratch space", ".local/share/Trash"))
+    assert a.calls[0] == ["/bin/sh", SESSION_HOOK, "start", "--profile", "dp-0123",
+                          "--exclude", "Scratch space", "--exclude", ".local/share/Trash",
+                          "alice", str(FIRST_UID), "Alice Example"]
+    b = ScriptedAgent()  # no profile: nothing to keep out of it
+    s.sign_in(agent(b), who("alice"), account, uid, profile_exclusions=("x",))
+    assert "--exclude" not in b.calls[0]

@@ -1,8 +1,8 @@
 // The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
 // added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
-import { addUser, auditPath, hostRemove, poolActions, revokeButton, userActions, values,
-         versionActions } from "./admin_manage.js";
+import { addUser, auditPath, hostRemove, poolActions, profileActions, revokeButton,
+         userActions, values, versionActions } from "./admin_manage.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -284,7 +284,10 @@ const TABLES = {
       ["Min", (p) => p.min_size, "num"], ["Max", (p) => p.max_size, "num"],
       ["Spare", (p) => p.spare, "num"],
       ["Session start (s)", (p) => p.session_start_timeout_s, "num"],
-      ["Roaming profiles", (p) => (p.roaming_profiles ? "yes" : "")],
+      ["Roaming profiles", (p) => (p.roaming_profiles
+        ? `yes; a second session: ${p.second_session.replace("_", "-")}` +
+          (p.profile_exclusions.length ? `; kept out: ${p.profile_exclusions.join(", ")}` : "")
+        : "")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
@@ -383,10 +386,26 @@ const TABLES = {
     key: (t) => t.id,
     attrs: (t) => ({ "data-name": `${t.template}/${t.number}` }),
   },
+  profiles: {
+    path: "/api/v1/admin/profiles",
+    columns: [
+      ["User", (p) => p.user, "name"], ["Generation", (p) => p.generation, "num"],
+      ["Kept", (p) => p.generations_kept, "num"],
+      ["Size / quota", (p) => `${mib(p.size_bytes)} / ${mib(p.quota_bytes)}`, "num"],
+      ["Last write-back", (p) => (p.committed_at ? `${when(p.committed_at)}, ` +
+        `${mib(p.last_writeback_bytes)}` + (p.last_writeback_s == null ? ""
+          : ` in ${p.last_writeback_s.toFixed(1)} s`) : "never")],
+      ["Open on", (p) => p.open_sessions.join(", ")],
+      ["Set aside", (p) => p.unclean.map(([d, why]) => `${d}: ${why}`).join("; "), "notes"],
+      ["Conflicts", (p) => p.conflicts.join("; "), "notes"],
+      ["", (p) => profileActions(p, ui), "actions"]],
+    key: (p) => p.user,
+    attrs: (p) => ({ "data-name": p.user }),
+  },
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "entitlements", "audit"];
+               "users", "entitlements", "profiles", "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 

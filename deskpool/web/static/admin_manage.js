@@ -152,6 +152,29 @@ export function userActions(u, ui) {
     })));
 }
 
+export function profileActions(p, ui) {
+  return group(
+    button("Reset", "reset", () => ui.ask({
+      title: `Reset the profile of ${p.user}`,
+      text: `${p.user} gets a fresh home at their next logon. Generation ${p.generation} ` +
+            "is kept, so a rollback can bring it back.",
+      ok: "Reset",
+      action: () => api("POST", `/api/v1/admin/profiles/${q(p.user)}/reset`),
+      done: (data) => ["profiles-message",
+                       `profile of ${data.user} reset: generation ${data.generation}`],
+    })),
+    ...p.rollback_to.map((g) => button(`Back to ${g}`, "rollback", () => ui.ask({
+      title: `Roll the profile of ${p.user} back to generation ${g}`,
+      text: `Generation ${g} becomes generation ${p.generation + 1}; the ones between ` +
+            "stay kept.",
+      ok: "Roll back",
+      action: () => api("POST", `/api/v1/admin/profiles/${q(p.user)}/rollback`,
+                        { generation: g }),
+      done: (data) => ["profiles-message",
+                       `profile of ${data.user} is generation ${data.generation}`],
+    }))));
+}
+
 async function userPost(u, verb, ui) {
   const answer = await api("POST", `/api/v1/admin/users/${q(u.name)}/${verb}`);
   ui.say("users-message", answer.ok ? "ready" : "error",

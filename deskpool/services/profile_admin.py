@@ -1,0 +1,60 @@
+"""Roaming profiles as the administrator and their users see them: size, generations, the
+last write-back, sessions set aside, merge conflicts; reset (the old home kept as a
+generation to roll back to) and rollback. Admin actions are audited."""
+
+from __future__ import annotations
+
+from deskpool.domain.errors import NotFound
+from deskpool.services.audit import Actor, audit
+from deskpool.services.context import ServiceContext
+from deskpool.services.profiles import ProfileService, ProfileView
+
+
+class ProfileAdmin:
+    def __init__(self, ctx: ServiceContext, actor: Actor | None = None) -> None:
+        self.ctx = ctx
+        self.actor = actor
+        self.profiles = ProfileService(ctx, ctx.settings.resolved_profile_dir)
+
+    def list(self) -> list[ProfileView]:
+        with self.ctx.uow(read_only=True) as uow:
+            users = [profile.user for profile in uow.profiles.all()]
+        return [self.profiles.describe(user) for user in users]
+
+    def show(self, user: str) -> ProfileView:
+        """``NotFound`` naming the user when they have no profile yet."""
+        try:
+            return self.profiles.describe(user)
+        except NotFound:
+            raise NotFound(f"{user} has no roaming profile yet (one is made at their first "
+                           "logon to a pool with roaming profiles)") from None
+
+    def reset(self, user: str) -> ProfileView:
+        """A fresh home from the next logon on; the current one stays a generation that a
+        rollback can return to while it is kept."""
+        before = self.show(user)
+        with self.ctx.uow(read_only=True) as uow:
+            account = uow.linux_accounts.find(user)
+            gid = uow.linux_accounts.gid_of(user)
+        owner = None if account is None else (account[1], account[1] if gid is None else gid)
+        after = self.profiles.reset(user, actor=self._who, owner=owner)
+        audit(self.ctx, self.actor, "profile.reset", f"profile/{user}",
+              f"reset the profile of {user}: generation {after.generation} is a fresh home",
+              old={"generation": before.generation}, new={"generation": after.generation},
+              user=user)
+        return self.show(user)
+
+    def rollback(self, user: str, generation: int) -> ProfileView:
+        """The kept ``generation`` becomes the next one (``InvalidInput`` naming the kept
+        ones for any other)."""
+        before = self.show(user)
+        after = self.profiles.rollback(user, generation, actor=self._who)
+        audit(self.ctx, self.actor, "profile.rollback", f"profile/{user}",
+              f"rolled the profile of {user} back to generation {generation} (now "
+              f"generation {after.generation})", old={"generation": before.generation},
+              new={"generation": after.generation, "from": generation}, user=user)
+        return self.show(user)
+
+    @property
+    def _who(self) -> str:
+        return self.actor.name if self.actor is not None else "system"
