@@ -2,8 +2,9 @@
 ``test:///default``...). Desktops' disks live in a libvirt ``dir`` storage pool on the host, so
 a remote host needs nothing but libvirt (instant clones excepted: see ``instant.py``).
 
-Snapshots and managed save live in ``snapshots.py``, instant clones in ``instant.py``: mixins
-that share this class's lock and helpers.
+Snapshots and managed save live in ``snapshots.py``, instant clones in ``instant.py``, the
+connection (made again after the host's daemon restarted) in ``connection.py``: mixins that
+share this class's lock and helpers.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from deskpool.domain.errors import (
     AgentUnavailable,
     Conflict,
     DriverError,
-    HostConnectionLost,
-    HypervisorUnreachable,
     InvalidInput,
     NotFound,
     VmNotFound,
@@ -53,6 +52,7 @@ from deskpool.drivers.base import (
     seed_volume_name,
 )
 from deskpool.drivers.libvirt import xml
+from deskpool.drivers.libvirt.connection import ConnectionMixin
 from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
@@ -107,9 +107,10 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
-class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, HypervisorDriver):
+class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, ConnectionMixin,
+                    HypervisorDriver):
     """One connection per host, opened again by the first call after it died (the host's
-    libvirtd was restarted): the call that saw it die raises ``HostConnectionLost``."""
+    libvirtd was restarted; see ``connection.py``)."""
 
     def __init__(
         self, uri: str, *, storage_dir: Path | None = None, pool_name: str | None = None
@@ -124,65 +125,6 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         self._storage_pool = self._ensure_pool(self._pool_name)
         self._writer = OverlayWriter(self._connection, self._storage_pool,
                                      self._local_pool_dir())
-
-    # --- the connection --------------------------------------------------------------------
-
-    def _open(self) -> tuple[libvirt.virConnect, str]:
-        try:
-            conn = libvirt.open(self.uri)
-            return conn, str(conn.getType())
-        except libvirt.libvirtError as exc:
-            raise HypervisorUnreachable(
-                f"cannot reach a hypervisor at {self.uri!r}: {exc.get_error_message()}"
-            ) from exc
-
-    def _alive(self) -> bool:
-        try:
-            return bool(self._connection.isAlive())
-        except libvirt.libvirtError:
-            return False
-
-    def _connected(self) -> None:
-        """Open the connection again if it died; objects of the old one are dropped (the
-        storage pool's handle, the overlay writer and its prototypes)."""
-        with self._lock:
-            if self._alive():
-                return
-            if self._closed:  # forgotten by its owner while a step still used it
-                raise HostConnectionLost(f"the connection to {self.uri} was closed")
-            with suppress(libvirt.libvirtError):
-                self._connection.close()
-            try:
-                self._connection, _hv_type = self._open()
-            except HypervisorUnreachable as exc:  # not back yet
-                raise HostConnectionLost(f"the connection to {self.uri} was lost and cannot "
-                                         f"be made again yet: {exc}") from exc
-            self._storage_pool = self._ensure_pool(self._pool_name)
-            self._writer = OverlayWriter(self._connection, self._storage_pool,
-                                         self._local_pool_dir())
-
-    @property
-    def _conn(self) -> libvirt.virConnect:
-        self._connected()
-        return self._connection
-
-    @property
-    def _pool(self) -> libvirt.virStoragePool:
-        self._connected()
-        return self._storage_pool
-
-    @property
-    def _overlays(self) -> OverlayWriter:
-        self._connected()
-        return self._writer
-
-    def _failure(self, what: str, exc: libvirt.libvirtError) -> DriverError:
-        """The error for a failed call: ``HostConnectionLost`` when the connection died."""
-        message = exc.get_error_message()
-        if not self._alive():
-            return HostConnectionLost(f"{what} on {self.uri}: the connection to the host was "
-                                      f"lost ({message})")
-        return DriverError(f"{what} failed on {self.uri}: {message}")
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -308,17 +250,18 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
 
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         with self._lock:
-            if not source.is_file():
-                raise NotFound(f"image file {source} does not exist")
-            size = source.stat().st_size
             existing = self._volume(name)
             if existing is not None:
-                if self._is_test or self._physical_bytes(name, existing) == size:
+                if (self._is_test or not source.is_file()
+                        or self._physical_bytes(name, existing) == source.stat().st_size):
                     return self.volume_info(name)
                 # Not the source's size: an upload a crash or a lost connection cut short
                 # (never a finished one: sources are immutable). Made again, not trusted.
                 with self._translate(f"deleting the half-imported volume {name}"):
                     existing.delete(0)
+            if not source.is_file():
+                raise NotFound(f"image file {source} does not exist")
+            size = source.stat().st_size
             fmt = "qcow2" if _is_qcow2(source) else "raw"
             definition = xml.VolumeDefinition(name=name, capacity_bytes=size, format=fmt)
             with self._translate(f"creating volume {name}"):
