@@ -6,6 +6,9 @@ beside it, nothing of the interrupted try left on the host."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 import pytest
 
 from deskpool.domain.errors import HostConnectionLost
@@ -62,3 +65,23 @@ def test_a_connection_lost_while_waiting_for_the_guest_agent_is_waited_out(
     report = reconciler.run_pass()
 
     assert report.errors == [] and the_desktop(grid).state is DesktopState.READY
+
+
+def test_the_libvirt_driver_opens_its_connection_again_after_it_died(tmp_path: Path) -> None:
+    """(On test:///: the connection is closed behind the driver's back, as a daemon's death
+    leaves it.) The next call reconnects; a driver its owner closed does not."""
+    from deskpool.drivers.libvirt import LibvirtDriver
+
+    driver = LibvirtDriver("test:///default", storage_dir=tmp_path / "pool",
+                           pool_name=f"dp-reconnect-{uuid.uuid4().hex[:8]}")
+    try:
+        before = driver.list_volumes()
+        dead = driver._connection
+        dead.close()
+        assert driver.list_vms() is not None and driver.list_volumes() == before
+        assert driver._connection is not dead  # a new one
+    finally:
+        driver.forget_storage_pool()
+        driver.close()
+    with pytest.raises(HostConnectionLost, match="was closed"):
+        driver.list_vms()

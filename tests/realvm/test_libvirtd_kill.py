@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import subprocess
 import threading
 import time
 import uuid
@@ -38,7 +39,7 @@ import pytest
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.agent import GuestAgent
-from deskpool.drivers.base import owned_volume_names
+from deskpool.drivers.base import owned_volume_names, root_volume_name
 from deskpool.drivers.libvirt import driver as libvirt_driver
 from deskpool.drivers.libvirt import overlays
 from deskpool.drivers.libvirt.driver import default_pool_name
@@ -67,6 +68,7 @@ class KillSwitch:
         self.host = host
         self.waiting = list(points)
         self.fired: list[str] = []
+        self.notes: dict[str, str] = {}  # what each kill cut short, as the test saw it
         self._lock = threading.Lock()
         self._restarter: threading.Thread | None = None
         self._started = time.monotonic()
@@ -90,6 +92,9 @@ class KillSwitch:
 
     def _restart(self) -> None:
         time.sleep(RESTART_PAUSE_S)
+        if self.fired[-1] == "import":  # what the dead daemon left of the template's disk
+            sizes = [p.stat().st_size for p in self.host.storage_dir.glob("tv-*.qcow2")]
+            self.notes["import"] = f"the template disk on the host was {sizes} bytes"
         took = self.host.start_daemon()
         print(f"[{time.monotonic() - self._started:6.1f} s] libvirtd back after {took:.1f} s")
 
@@ -148,7 +153,12 @@ def install(monkeypatch: pytest.MonkeyPatch, switch: KillSwitch) -> None:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
-            return int(original_create(dom))
+            result = int(original_create(dom))
+            switch.notes["start"] = "the start returned"
+            return result
+        except libvirt.libvirtError as exc:
+            switch.notes["start"] = f"the start failed: {exc.get_error_message()}"
+            raise
         finally:
             done.set()
             watcher.join()
@@ -198,6 +208,7 @@ def check_host(ctx: ServiceContext, host: SecondLibvirtHost, *, final: bool) -> 
         pool.refresh(0)
         volumes = set(pool.listVolumes())
         active = {dom.name() for dom in domains.values() if dom.isActive()}
+        snapshots = [n for dom in domains.values() for n in dom.snapshotListNames(0)]
         macs = [m for dom in domains.values()
                 for m in _macs(dom.XMLDesc(0))]
     finally:
@@ -226,6 +237,14 @@ def check_host(ctx: ServiceContext, host: SecondLibvirtHost, *, final: bool) -> 
     (ready,) = desktops.values()
     assert set(domains) == {ready.id}
     assert volumes == template | (set(owned_volume_names(ready.id)) & volumes)
+    # One factory snapshot, in libvirt's records and in the disk (a savevm the kill cut
+    # short and the retry's are not two).
+    assert ready.has_factory_snapshot
+    assert snapshots == ["factory"], snapshots
+    listed = subprocess.run(
+        ["qemu-img", "snapshot", "-U", "-l", str(host.storage_dir / root_volume_name(ready.id))],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert listed.count("factory") == 1, listed
 
 
 def _macs(domain_xml: str) -> list[str]:
@@ -279,6 +298,10 @@ def test_libvirtd_killed_in_each_provisioning_step_leaves_no_orphan_and_no_dupli
         switch.wait_restarted()
     print(f"[{time.monotonic() - started:6.1f} s] pool at its size")
     assert switch.fired == list(POINTS)
+    print(f"what the kills cut short: {switch.notes}")
+    assert "failed" in switch.notes["start"], "the kill did not land while the VM started"
+    (template_size,) = [p.stat().st_size for p in host.storage_dir.glob("tv-*.qcow2")]
+    assert str([template_size]) not in switch.notes["import"], "the upload was not cut short"
     check_host(ctx, host, final=True)
     (ready,) = rows(ctx)
     driver = ctx.driver_for_name(HOST)
