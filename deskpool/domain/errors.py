@@ -73,6 +73,13 @@ class AgentUnavailable(DriverError, TemporaryError):
     """The guest agent did not answer (VM off, agent not started yet, or no agent channel)."""
 
 
+class HostConnectionLost(DriverError, TemporaryError):
+    """The connection to a host broke during a call (its daemon was restarted or killed, the
+    network dropped): whether the call took effect is unknown. The driver reconnects at its
+    next call; what was half-made is the caller's to finish or clear, not a reason to give
+    up on the object."""
+
+
 class ImageBuildError(DeskpoolError):
     """Building or importing a guest image failed."""
 

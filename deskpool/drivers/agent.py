@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from deskpool.domain.errors import AgentUnavailable, DriverError, InvalidInput
+from deskpool.domain.errors import AgentUnavailable, DriverError, HostConnectionLost, InvalidInput
 from deskpool.drivers.base import HypervisorDriver
 
 _READ_CHUNK = 64 * 1024
@@ -60,7 +60,7 @@ class GuestAgent:
         """Whether the agent answers now."""
         try:
             self._call("guest-ping")
-        except AgentUnavailable:
+        except (AgentUnavailable, HostConnectionLost):  # the guest may be fine: ask again
             return False
         return True
 

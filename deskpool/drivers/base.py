@@ -14,9 +14,14 @@ Rules that hold for every method:
   ``VmNotFound``, an unreachable or non-hypervisor URI raises ``HypervisorUnreachable``, a silent
   guest agent raises ``AgentUnavailable``, anything else ``DriverError`` with the hypervisor's
   message. No ``libvirt.libvirtError`` escapes.
+* **A lost connection is said so.** A call during which the connection to the host broke (its
+  daemon restarted) raises ``HostConnectionLost``: whether it took effect is unknown. The
+  driver reconnects by itself at a later call once the host answers again.
 * **Idempotent cleanup.** Deleting a VM or volume that does not exist succeeds.
 * **No half-made VMs.** A ``create_vm`` that fails removes every volume and definition it made
-  before raising, so the only outcomes are "VM fully defined" or "nothing there".
+  before raising, so the only outcomes are "VM fully defined" or "nothing there". (After a
+  ``HostConnectionLost`` the cleanup itself may not have reached the host: the caller's
+  ``delete_vm`` of the VM's id removes what is left, and every create path starts with it.)
 * **Findable after a crash.** Every VM created carries ``VmMetadata`` inside its definition, and
   ``list_vms`` returns it, so a restarted broker can match VMs to its database.
 * **Hands off others' VMs.** ``list_vms`` reports VMs deskpool did not create (metadata None,
@@ -154,7 +159,9 @@ class HypervisorDriver(ABC):
         """Copy a local file into the host's storage as volume ``name``.
 
         If a volume of that name exists already it is returned unchanged, without re-hashing
-        (volumes holding template images are immutable and named per version). When ``sha256``
+        (volumes holding template images are immutable and named per version), unless it is
+        not the source's size: an import cut short (a crash, a lost connection), replaced by
+        a new import rather than trusted as a template's disk. When ``sha256``
         is given the data sent is hashed and a mismatch removes the new volume and raises
         ``DriverError``. A missing ``source`` raises ``NotFound`` and creates nothing.
         """

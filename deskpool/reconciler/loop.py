@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from deskpool.domain.errors import (
     DeskpoolError,
     DriverError,
+    HostConnectionLost,
     LostRace,
     NotFound,
     TemporaryError,
@@ -79,6 +80,8 @@ __all__ = ["MAX_BACKOFF", "PassReport", "Reconciler", "backoff"]
 
 log = logging.getLogger(__name__)
 S = DesktopState
+# How soon a step cut short by a lost host connection is taken again.
+HOST_RETRY = timedelta(seconds=5)
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
@@ -238,7 +241,11 @@ class Reconciler:
             try:
                 with self.ctx.uow(read_only=True) as uow:
                     driver = self.ctx.driver_for(uow.hosts.get(host_id))
-                records = {r.vm_id: r for r in driver.list_vms()}
+                try:
+                    listed = driver.list_vms()
+                except HostConnectionLost:  # its daemon restarted: the driver reconnects
+                    listed = driver.list_vms()
+                records = {r.vm_id: r for r in listed}
             except (TemporaryError, DriverError) as exc:  # did not answer, or not sanely
                 report.error(f"host {name}: {exc}")
                 self.hosts.silent(host_id, str(exc))
@@ -374,6 +381,11 @@ class Reconciler:
 
         * ``LostRace``: another actor moved the desktop on first; it is theirs, nothing is
           written.
+        * ``HostConnectionLost``: the host's daemon went away mid-step (restarted, killed).
+          Not the desktop's failure: it keeps its state and waits ``HOST_RETRY``; the same
+          step is taken again from the row (each step finishes or clears what an interrupted
+          try left: ``provision`` removes a half-made VM first, ``make_ready`` boots or waits
+          for the VM there), so the desktop is neither thrown away nor made twice.
         * another ``DeskpoolError``: the desktop goes to ``error`` with the reason and a
           backoff (a ``TemporaryError``'s own ``delay`` when it gives one).
         * anything else is a bug in deskpool, not the desktop's failure: logged with its trace
@@ -392,6 +404,9 @@ class Reconciler:
                 self.steps.run(step, report)
             except LostRace as exc:
                 log.debug("desktop %s: %s step lost a race: %s", desktop_id, step.kind, exc)
+            except HostConnectionLost as exc:
+                report.error(f"desktop {desktop_id}: {exc}")
+                self._back_off(desktop_id, step.state, str(exc))
             except TemporaryError as exc:
                 report.error(f"desktop {desktop_id}: {exc}")
                 delay = None if exc.delay is None else timedelta(seconds=exc.delay)
@@ -455,15 +470,26 @@ class Reconciler:
             desktop.next_attempt_at = self.clock() + wait
             uow.commit()
 
-    def _back_off(self, desktop_id: uuid.UUID, state: DesktopState) -> None:
+    def _back_off(self, desktop_id: uuid.UUID, state: DesktopState,
+                  host_error: str | None = None) -> None:
         """A bug stopped the step that started in ``state``: the desktop keeps its state and
-        its ``last_error`` (the failure is deskpool's, not the desktop's) and only waits."""
+        its ``last_error`` (the failure is deskpool's, not the desktop's) and only waits.
+
+        With ``host_error`` the host's connection broke: the desktop keeps its state, the
+        error is its ``last_error`` and it waits ``HOST_RETRY``, not a growing backoff: its
+        failures are not counted, and a host that stays away is the host watch's to handle
+        (its desktops are left alone meanwhile)."""
         with self.ctx.uow() as uow:
-            desktop = self._still_the_steps(uow, desktop_id, state, "a bug stopped its step")
+            desktop = self._still_the_steps(uow, desktop_id, state,
+                                            host_error or "a bug stopped its step")
             if desktop is None:
                 return
-            desktop.retry_count += 1
-            desktop.next_attempt_at = self.clock() + backoff(desktop.retry_count)
+            if host_error is not None:
+                desktop.last_error = host_error
+                desktop.next_attempt_at = self.clock() + HOST_RETRY
+            else:
+                desktop.retry_count += 1
+                desktop.next_attempt_at = self.clock() + backoff(desktop.retry_count)
             uow.commit()
 
     @staticmethod

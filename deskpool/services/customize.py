@@ -18,7 +18,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from deskpool.domain.errors import AgentUnavailable, DriverError, InvalidInput, VmNotFound
+from deskpool.domain.errors import (
+    AgentUnavailable,
+    DriverError,
+    HostConnectionLost,
+    InvalidInput,
+    VmNotFound,
+)
 from deskpool.domain.models import Customization
 from deskpool.drivers.agent import GuestAgent
 
@@ -119,8 +125,8 @@ def already_joined(agent: GuestAgent, ctx: JoinContext) -> bool:
     propagates: a silent agent is not an answer)."""
     try:
         text = agent.read_file(JOIN_MARKER_PATH, max_bytes=4096).decode(errors="replace")
-    except (AgentUnavailable, VmNotFound):
-        raise  # no answer at all
+    except (AgentUnavailable, VmNotFound, HostConnectionLost):
+        raise  # no answer at all, not a wrong one  # no answer at all
     except DriverError:
         return False  # the agent answered: no such file
     return f"desktop_id={ctx.desktop_id}" in text.splitlines()
@@ -136,8 +142,8 @@ def run_join_hook(agent: GuestAgent, hook: str, ctx: JoinContext, *,
     started = time.monotonic()
     try:
         code, out, err = agent.exec_capture(argv, timeout_s=timeout_s, poll_s=0.5)
-    except (AgentUnavailable, VmNotFound):
-        raise
+    except (AgentUnavailable, VmNotFound, HostConnectionLost):
+        raise  # no answer at all, not a wrong one
     except DriverError as exc:  # it did not finish in time
         raise JoinHookFailed(f"the join hook of template {ctx.template} v"
                              f"{ctx.template_version} did not finish on {ctx.desktop_name}: "
@@ -157,8 +163,8 @@ def wait_for_cloud_init(agent: GuestAgent, desktop_name: str, *,
     argv = ["/usr/bin/cloud-init", "status", "--wait", "--long"]
     try:
         code, out, err = agent.exec_capture(argv, timeout_s=timeout_s, poll_s=0.5)
-    except (AgentUnavailable, VmNotFound):
-        raise
+    except (AgentUnavailable, VmNotFound, HostConnectionLost):
+        raise  # no answer at all, not a wrong one
     except DriverError as exc:
         raise DriverError(f"cloud-init did not finish on {desktop_name}: {exc}") from exc
     if code != 0:

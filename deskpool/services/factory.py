@@ -22,7 +22,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deskpool.domain.errors import AgentUnavailable, DeskpoolError, DriverError, NotFound
+from deskpool.domain.errors import (
+    AgentUnavailable,
+    DeskpoolError,
+    DriverError,
+    HostConnectionLost,
+    NotFound,
+)
 from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity, new_mac, new_machine_id
 from deskpool.domain.models import (
     CloneMode,
@@ -228,7 +234,8 @@ class DesktopFactory:
 
         On a timeout, a mismatch or a failed customization the desktop goes to ``error`` with
         the reason recorded (a failed join hook also as an error event with its output's end),
-        and the error is raised.
+        and the error is raised. A lost connection to the host (``HostConnectionLost``) is
+        raised with the desktop left in ``customizing``, for a later call to carry on.
         """
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
@@ -259,6 +266,8 @@ class DesktopFactory:
                 progress("taking the factory snapshot")
                 driver.delete_snapshot(desktop_id, FACTORY_SNAPSHOT)  # an interrupted try's
                 driver.create_snapshot(desktop_id, FACTORY_SNAPSHOT)
+        except HostConnectionLost:
+            raise  # not the desktop's failure: it stays customizing, tried again from its row
         except DeskpoolError as exc:
             with self.ctx.uow() as uow:
                 transition(uow.desktops, desktop_id, DesktopState.CUSTOMIZING,

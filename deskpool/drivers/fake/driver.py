@@ -220,8 +220,11 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
 
     @api
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
-        if name in self._volumes:
-            return self._volumes[name].info()  # template images are immutable
+        existing = self._volumes.get(name)
+        if existing is not None:
+            if existing.allocation == _file_size(source) or not source.is_file():
+                return existing.info()  # template images are immutable
+            self._drop_volume(name)  # an import cut short (as on libvirt): made again
         size, capacity, digest = read_source(source)
         if sha256 is not None and digest != sha256.lower():
             raise DriverError(
@@ -523,3 +526,10 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
             self._power_off(vm, PowerState.SHUTOFF, StopReason.SHUTDOWN)
         else:
             vm.shutdown_in -= 1
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

@@ -2,8 +2,9 @@
 ``test:///default``...). Desktops' disks live in a libvirt ``dir`` storage pool on the host, so
 a remote host needs nothing but libvirt (instant clones excepted: see ``instant.py``).
 
-Snapshots and managed save live in ``snapshots.py``, instant clones in ``instant.py``: mixins
-that share this class's lock and helpers.
+Snapshots and managed save live in ``snapshots.py``, instant clones in ``instant.py``, the
+connection (made again after the host's daemon restarted) in ``connection.py``: mixins that
+share this class's lock and helpers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from deskpool.domain.errors import (
     AgentUnavailable,
     Conflict,
     DriverError,
-    HypervisorUnreachable,
     InvalidInput,
     NotFound,
     VmNotFound,
@@ -52,6 +52,7 @@ from deskpool.drivers.base import (
     seed_volume_name,
 )
 from deskpool.drivers.libvirt import xml
+from deskpool.drivers.libvirt.connection import ConnectionMixin
 from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
@@ -106,23 +107,24 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
-class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, HypervisorDriver):
+class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, ConnectionMixin,
+                    HypervisorDriver):
+    """One connection per host, opened again by the first call after it died (the host's
+    libvirtd was restarted; see ``connection.py``)."""
+
     def __init__(
         self, uri: str, *, storage_dir: Path | None = None, pool_name: str | None = None
     ) -> None:
         self.uri = uri
         self._lock = threading.RLock()
-        try:
-            self._conn = libvirt.open(uri)
-            hv_type = self._conn.getType()
-        except libvirt.libvirtError as exc:
-            raise HypervisorUnreachable(
-                f"cannot reach a hypervisor at {uri!r}: {exc.get_error_message()}"
-            ) from exc
+        self._closed = False
+        self._connection, hv_type = self._open()
         self._is_test = hv_type == "TEST"
         self.storage_dir = storage_dir or Settings().resolved_storage_dir
-        self._pool = self._ensure_pool(pool_name or default_pool_name(self.storage_dir))
-        self._overlays = OverlayWriter(self._conn, self._pool, self._local_pool_dir())
+        self._pool_name = pool_name or default_pool_name(self.storage_dir)
+        self._storage_pool = self._ensure_pool(self._pool_name)
+        self._writer = OverlayWriter(self._connection, self._storage_pool,
+                                     self._local_pool_dir())
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -131,7 +133,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         try:
             yield
         except libvirt.libvirtError as exc:
-            raise DriverError(f"{what} failed on {self.uri}: {exc.get_error_message()}") from exc
+            raise self._failure(what, exc) from exc
 
     def _ensure_pool(self, name: str) -> libvirt.virStoragePool:
         with self._translate(f"preparing storage pool {name}"):
@@ -167,7 +169,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         except libvirt.libvirtError as exc:
             if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from exc
-            raise DriverError(f"looking up VM {vm_id} on {self.uri}: {exc}") from exc
+            raise self._failure(f"looking up VM {vm_id}", exc) from exc
 
     def _own_domain(self, vm_id: uuid.UUID) -> libvirt.virDomain:
         """The VM, refusing one deskpool did not create."""
@@ -182,7 +184,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
             return self._pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
             if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                raise DriverError(f"looking up volume {name} on {self.uri}: {exc}") from exc
+                raise self._failure(f"looking up volume {name}", exc) from exc
         if not self._local_file_exists(name):
             return None
         self._refresh_pool()  # a file written straight into the pool: make libvirt see it
@@ -191,7 +193,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         except libvirt.libvirtError as exc:
             if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None
-            raise DriverError(f"looking up volume {name} on {self.uri}: {exc}") from exc
+            raise self._failure(f"looking up volume {name}", exc) from exc
 
     def _local_file_exists(self, name: str) -> bool:
         """Whether the pool's directory holds ``name``, when this process writes it."""
@@ -250,7 +252,13 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         with self._lock:
             existing = self._volume(name)
             if existing is not None:
-                return self.volume_info(name)
+                if (self._is_test or not source.is_file()
+                        or self._physical_bytes(name, existing) == source.stat().st_size):
+                    return self.volume_info(name)
+                # Not the source's size: an upload a crash or a lost connection cut short
+                # (never a finished one: sources are immutable). Made again, not trusted.
+                with self._translate(f"deleting the half-imported volume {name}"):
+                    existing.delete(0)
             if not source.is_file():
                 raise NotFound(f"image file {source} does not exist")
             size = source.stat().st_size
@@ -271,6 +279,11 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
                     f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
                 )
             return self.volume_info(name)
+
+    def _physical_bytes(self, name: str, vol: libvirt.virStorageVol) -> int:
+        """The size of the volume's file on the host (not its virtual size)."""
+        with self._translate(f"reading volume {name}"):
+            return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
 
     def _upload(self, vol: libvirt.virStorageVol, source: Path, size: int) -> str:
         """Stream the file into the volume; returns the sha256 of what was sent."""
@@ -372,7 +385,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
             except libvirt.libvirtError as exc:
                 if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                     continue
-                raise DriverError(f"checking for VM {key} on {self.uri}: {exc}") from exc
+                raise self._failure(f"checking for VM {key}", exc) from exc
             raise Conflict(f"a VM with id or name {key!r} already exists on {self.uri}")
 
     def _build_definition(
@@ -558,6 +571,8 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
             answer = libvirt_qemu.qemuAgentCommand(dom, json.dumps(payload), timeout_s, 0)
         except libvirt.libvirtError as exc:
             message = exc.get_error_message()
+            if not self._alive():
+                raise self._failure(f"guest agent command {command}", exc) from exc
             if _code(exc) in _AGENT_SILENT:
                 raise AgentUnavailable(
                     f"guest agent of VM {vm_id} not available: {message}"
@@ -576,8 +591,10 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
             self._pool.undefine()
 
     def close(self) -> None:
-        with suppress(libvirt.libvirtError):
-            self._conn.close()
+        with self._lock:
+            self._closed = True  # a step still holding this driver gets no new connection
+            with suppress(libvirt.libvirtError):
+                self._connection.close()
 
 
 def _is_qcow2(path: Path) -> bool:
