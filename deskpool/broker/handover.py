@@ -40,6 +40,7 @@ from deskpool.domain.errors import (
     Conflict,
     DeskpoolError,
     Forbidden,
+    HostConnectionLost,
     HypervisorUnreachable,
     LostRace,
     NotFound,
@@ -187,9 +188,9 @@ class Broker:
                     self._give_back(identity, pool_name, claim, exc)
                     raise
                 except DeskpoolError as exc:
-                    if claim.own and isinstance(exc, HypervisorUnreachable):
-                        # Its host is silent (not yet marked down): the desktop, and the
-                        # user's work on it, are kept; nothing is failed for that.
+                    if claim.own and isinstance(exc, HypervisorUnreachable | HostConnectionLost):
+                        # Its host is silent (not yet marked down) or its daemon restarting:
+                        # the desktop, and the user's work on it, are kept.
                         raise Unavailable(
                             f"your desktop {claim.desktop} cannot be reached right now ({exc}); "
                             "it is kept for you, please try again shortly") from exc
