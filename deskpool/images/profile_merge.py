@@ -14,7 +14,6 @@ The scratch space is about the allocated size of three chains; it is removed aft
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -30,6 +29,7 @@ from deskpool.images.profile_disks import (
     partial_path,
     publish_file,
     run_tool,
+    sha256_of,
 )
 
 # The filesystem's own directory, never part of a user's files.
@@ -75,7 +75,7 @@ def tree_of(root: Path) -> dict[str, Entry]:
                 tree[relative] = Entry(EntryKind.DIR, info.st_mode, info.st_uid, info.st_gid)
             elif stat.S_ISREG(info.st_mode):
                 tree[relative] = Entry(EntryKind.FILE, info.st_mode, info.st_uid,
-                                       info.st_gid, _sha256(path))
+                                       info.st_gid, sha256_of(path))
             # Devices, sockets and fifos do not roam: a home has no use for them.
     return tree
 
@@ -180,11 +180,3 @@ def _quoted(text: str) -> str:
     if '"' in text or any(ord(char) < 32 for char in text):
         raise ProfileDiskError(f"the name {text!r} cannot be merged by debugfs")
     return f'"{text}"'
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
