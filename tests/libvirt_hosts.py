@@ -20,7 +20,10 @@ would work but has no daemon to kill.
 
 ``kill_daemon()`` SIGKILLs the daemon and leaves its QEMU processes running (libvirt starts QEMU
 daemonized, so it does not die with the daemon); ``start_daemon()`` starts it again, and libvirt
-re-attaches the running guests from the status files under ``<tmp>/run``.
+re-attaches the running guests from the status files under ``<tmp>/run``. ``lose_host()`` loses
+the host whole: the daemon and every QEMU process of it SIGKILLed, and (by default) its runtime
+directory emptied as a reboot empties ``/run``; the restarted daemon then finds its persistent
+domains shut off.
 
 Needs root (to create the user and switch to it; as another user the daemon runs as that user),
 and the Debian packages libvirt-daemon (``libvirtd``), qemu-system-x86, qemu-utils (``qemu-img``,
@@ -285,6 +288,36 @@ class SecondLibvirtHost:
             return
         self._proc.send_signal(signal.SIGKILL)
         self._proc.wait()
+
+    def lose_host(self, *, reboot: bool = True, timeout_s: float = 10) -> dict[str, int]:
+        """The whole host is lost, as at a power cut: the daemon and then every QEMU process
+        of this host are SIGKILLed (the daemon first, so it records nothing of their end);
+        returns the QEMU processes killed, by domain name, once all are gone.
+
+        ``reboot`` also empties the runtime directory (the daemon's pid files, sockets and its
+        guests' status), as the reboot that brings a real host back does to its ``/run`` (a
+        tmpfs): the restarted daemon has no record of the guests, and its persistent domains
+        read shut off for an unknown reason. Without it, the daemon finds the status of the
+        guests it ran and, their QEMU gone, marks them shut off (crashed).
+        ``start_daemon()`` brings the host back either way."""
+        killed = self.qemu_pids()
+        self.kill_daemon()
+        for pid in killed.values():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while self.qemu_pids():
+            if time.monotonic() > deadline:
+                raise HostSetupError(f"QEMU processes still alive: {self.qemu_pids()}")
+            time.sleep(0.05)
+        if reboot:
+            run = self.base_dir / "run"
+            for entry in run.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        return killed
 
     def _stop_daemon(self, grace_s: float = 15) -> None:
         if self._proc is None or self._proc.poll() is not None:

@@ -45,6 +45,9 @@ class StopReason(StrEnum):
     DESTROYED = "destroyed"  # forced off from outside (deskpool's forced stop, virsh destroy)
     CRASHED = "crashed"  # QEMU ended on its own (killed, aborted) or the guest panicked
     FAILED = "failed"  # QEMU failed (to start, or on a fatal error)
+    # The hypervisor has no record of why: it has not run the VM since it (re)started, as
+    # after its host rebooted. Not a crash by itself: a VM made and never booted reads so too.
+    UNKNOWN = "unknown"
     OTHER = "other"  # saved, migrated, restored from a snapshot, or not told
 
     @property

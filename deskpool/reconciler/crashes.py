@@ -8,6 +8,13 @@ table, compare-and-swap), its user is told in an event of theirs, and the usual 
 ``error`` follows (``planning.plan_desktop``): a stateless pool's desktop is retired and the
 pool refills to its size; a stateful pool's desktop that is its user's keeps its disk and is
 booted again (``repair``), after a backoff, and given back to the same user.
+
+A host lost whole (power cut, kernel panic) and back takes every VM of it down with it. If its
+hypervisor kept its guests' status, they read "crashed" like any killed QEMU; if the host
+rebooted (``/run`` is a tmpfs), the hypervisor has no record of them and they read off for an
+unknown reason. That alone is no crash (a VM defined and never booted reads so), but a desktop
+that should run, whose row says its VM was running when last seen, did not stop on purpose:
+it died with its host (``death_of``) and is handled as a crash.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import uuid
 from datetime import datetime
 
 from deskpool.domain.errors import LostRace
+from deskpool.domain.models import PowerState, StopReason, VmRecord
 from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import HELD_STATES, DesktopState, transition
 from deskpool.reconciler.planning import backoff
@@ -28,6 +36,20 @@ S = DesktopState
 # made, booted or recycled has its own step, whose failure handles a VM that died; a suspend
 # or a shutdown by the power policy reads "saved" or "shutdown"/"destroyed", never "crashed".)
 CRASH_WATCHED_STATES = frozenset({S.READY}) | HELD_STATES
+
+
+def death_of(record: VmRecord, last_seen: PowerState, host: str) -> str | None:
+    """Why the VM of a desktop that should be running is dead (a sentence), or None when it
+    runs or was stopped on purpose. ``last_seen`` is the power state its row holds from the
+    last look; ``host`` the host's name."""
+    crash = record.crash_description()
+    if crash is not None:
+        return crash
+    if (record.power_state is PowerState.SHUTOFF and record.stop_reason is StopReason.UNKNOWN
+            and last_seen is PowerState.RUNNING):
+        return (f"its VM stopped with its host: host {host} restarted while it ran, "
+                "and no longer runs it")
+    return None
 
 
 def crashed(ctx: ServiceContext, desktop_id: uuid.UUID, state: DesktopState, reason: str,

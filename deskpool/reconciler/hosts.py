@@ -6,7 +6,9 @@
   period. Its stateless pool desktops go to ``retiring`` and lose their users, so the pool
   refills on other hosts and users reconnect to a new desktop; their VMs are removed only
   when the host answers again. Stateful desktops stay as they are, with their data, and come
-  back with the host. Nothing is deleted on a host because it was unreachable.
+  back with the host; their users are told so. (A VM that did not survive, the host having
+  been lost whole, is started again there: ``crashes``.) Nothing is deleted on a host because
+  it was unreachable.
 * A ``draining`` host's free desktops are retired (placement replaces them elsewhere), its
   users see a notice (the broker logs them off at the deadline), and once no session is left
   the host enters ``maintenance``.
@@ -79,6 +81,7 @@ class HostWatch:
                              f"{host.unreachable_since:%H:%M:%S}: marked down ({error})",
                              severity="error")
                 self._abandon_stateless(uow, host)
+                self._tell_stateful_users(uow, host)
             uow.commit()
 
     @staticmethod
@@ -102,6 +105,21 @@ class HostWatch:
                              "which is down; connecting again gives a new desktop",
                              severity="warning", user=user, pool=pool, desktop_id=d_id,
                              desktop=name)
+
+    @staticmethod
+    def _tell_stateful_users(uow: UnitOfWork, host: Host) -> None:
+        """The users of a down host's stateful desktops are told, on their portal page, that
+        their desktop and its files wait for the host (nothing of them is touched)."""
+        rows = uow.desktop_sessions.on_host(
+            host.id, pool_kind=PoolKind.STATEFUL,
+            states=[*FREE_STATES, *HELD_STATES, S.RECYCLING.value, S.ERROR.value])
+        for d in rows:
+            if d.assigned_user:
+                record_event(uow, "desktop-lost", f"your desktop {d.name} is on host "
+                             f"{host.name}, which is down; your files are kept on it, and "
+                             "it comes back when the host does", severity="warning",
+                             user=d.assigned_user, pool=d.pool, desktop_id=d.id,
+                             desktop=d.name)
 
     def drain(self, host_id: uuid.UUID) -> None:
         with self.ctx.uow() as uow:

@@ -50,7 +50,7 @@ from deskpool.domain.states import (
 )
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.reconciler import metrics
-from deskpool.reconciler.crashes import CRASH_WATCHED_STATES, crashed
+from deskpool.reconciler.crashes import CRASH_WATCHED_STATES, crashed, death_of
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import (
     MAX_BACKOFF,
@@ -282,7 +282,7 @@ class Reconciler:
                                f"its VM vanished from host {host.name}")
                     report.count(Outcome.VANISHED)
                 continue
-            crash = found.crash_description()
+            crash = death_of(found, desktop.power_state, host.name)
             if (crash is not None and desktop.state in CRASH_WATCHED_STATES
                     and crashed(self.ctx, desktop.id, desktop.state, crash, self.clock())):
                 report.count(Outcome.CRASHED)

@@ -30,12 +30,14 @@ from deskpool.domain.errors import (
     NotFound,
     Unavailable,
 )
-from deskpool.domain.models import DomainType
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
+from deskpool.domain.models import DomainType, PowerState, StopReason
+from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake import FakeDriver
 from deskpool.drivers.registry import forget_fake_hosts, open_driver
 from deskpool.reconciler.loop import Reconciler
+from deskpool.reconciler.report import Outcome
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import EventView, recent_events
 from deskpool.services.hosts import HostLimits, HostService
@@ -419,7 +421,12 @@ def test_a_dead_host_is_marked_down_after_the_grace_and_comes_back(grid: Grid) -
             assert rows[r.name].state == "retiring" and rows[r.name].user is None
         elif r.host == "a":  # stateful: kept as it was, with its user
             assert rows[r.name] == r
-    assert [e.user for e in grid.events("desktop-lost")] == ["alice"]
+    # alice's stateless desktop is lost; carol's stateful one waits for its host.
+    told = {e.user: e.message for e in grid.events("desktop-lost")}
+    assert set(told) == {"alice", "carol"}
+    assert told["alice"].startswith("lab-01 of alice was on host a, which is down")
+    assert told["carol"] == ("your desktop home-01 is on host a, which is down; your files "
+                             "are kept on it, and it comes back when the host does")
     # The pool refills on b; nothing new goes to a.
     assert {r.host for r in rows.values() if r.pool == "lab" and r.state == "ready"} == {"b"}
 
@@ -451,6 +458,68 @@ def test_a_dead_host_is_marked_down_after_the_grace_and_comes_back(grid: Grid) -
             assert grid.rows()[r.name] == r
     back = broker.connect(person("carol"), "home")
     assert back.status == "ready" and back.reconnect and back.desktop == "home-01"
+
+
+@pytest.mark.parametrize("reason", [StopReason.UNKNOWN, StopReason.CRASHED])
+def test_a_host_lost_whole_comes_back_with_its_stateful_desktop_started_again(
+        grid: Grid, reason: StopReason) -> None:
+    """Every VM of the host died with it: when it answers again they read off, for an unknown
+    reason if it rebooted (the hypervisor lost their status), else crashed. The stateful
+    desktop is started again and given back with its files; a free VM that was off on
+    purpose is left off."""
+    fake_a = grid.host("a")
+    grid.pool("lab", spare=1, max_size=2)
+    grid.pool("home", spare=0, min_size=1, max_size=1, kind=PoolKind.STATEFUL,
+              assignment=Assignment.DEDICATED, on_logout=OnLogout.RECYCLE_AS_IS)
+    grid.world.user("carol", entitled_to=("home",))
+    broker = Broker(grid.ctx)
+    reconciler = grid.reconciler()
+    reconciler.run_pass()
+    carol = broker.connect(person("carol"), "home")
+    assert carol.desktop_id is not None
+    GuestAgent(fake_a, carol.desktop_id).write_file("/home/carol/notes", b"kept")
+    (spare,) = grid.on("a", pool="lab")
+
+    fake_a.set_reachable(False)
+    reconciler.run_pass()
+    grid.clock.now += GRACE
+    reconciler.run_pass()
+    assert grid.host_state("a") == "down"
+    for vm_id in (carol.desktop_id, spare.id):
+        fake_a.crash_vm(vm_id, reason)
+    fake_a.set_reachable(True)
+
+    report = reconciler.run_pass()
+    assert grid.host_state("a") == "enabled"
+    assert report.counts[Outcome.CRASHED] == 1  # the spare was retired while the host was down
+    home = grid.rows()["home-01"]
+    assert (home.state, home.user) == ("error", "carol")
+    grid.clock.now += timedelta(minutes=1)  # its backoff
+    reconciler.run_pass()
+    assert spare.id not in grid.vm_ids("a")
+    home = grid.rows()["home-01"]
+    assert (home.state, home.user) == ("ready", "carol")
+    assert fake_a.get_vm(carol.desktop_id).power_state is PowerState.RUNNING
+    again = broker.connect(person("carol"), "home")
+    assert again.status == "ready" and again.desktop_id == carol.desktop_id
+    assert GuestAgent(fake_a, carol.desktop_id).read_file("/home/carol/notes") == b"kept"
+
+
+def test_a_vm_never_booted_on_a_rebooted_host_is_no_crash(grid: Grid) -> None:
+    """Off for an unknown reason alone is no crash: a free desktop the power policy had shut
+    off reads so after a host reboot, and is left to its policy."""
+    fake_a = grid.host("a")
+    grid.pool("lab", spare=1, max_size=1, power_policy=PowerPolicy.SHUTOFF)
+    reconciler = grid.reconciler()
+    reconciler.run_pass()
+    reconciler.run_pass()  # the policy shuts the free desktop off
+    (free,) = grid.on("a")
+    assert fake_a.get_vm(free.id).power_state is PowerState.SHUTOFF
+    fake_a.set_power_state(free.id, PowerState.RUNNING)
+    fake_a.crash_vm(free.id, StopReason.UNKNOWN)  # the host rebooted
+    report = reconciler.run_pass()
+    assert report.counts[Outcome.CRASHED] == 0
+    assert grid.rows()[free.name].state == "ready"
 
 
 def test_a_host_dying_while_a_desktop_is_made_on_it_is_still_marked_down(grid: Grid) -> None:

@@ -24,6 +24,12 @@ _STOP_REASONS = {
     libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopReason.DESTROYED,
     libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopReason.CRASHED,
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopReason.FAILED,
+    # Killed by libvirtd itself at its restart, when it could not reconnect to the QEMU it
+    # had left running: nobody asked for it to stop.
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: StopReason.CRASHED,
+    # Not run since the daemon started: a host reboot (a /run on tmpfs loses the status of
+    # every guest), or a VM defined and never booted.
+    libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: StopReason.UNKNOWN,
 }
 
 
