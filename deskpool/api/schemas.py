@@ -302,6 +302,12 @@ class PoolAdminView(BaseModel):
     status: PoolStatus
     session_start_timeout_s: int
     roaming_profiles: bool = False
+    # The template version's disk cannot be used (missing or corrupt): why, since when, tries
+    # failed and when the next one is due; None when the pool is fine.
+    fault: str | None = None
+    fault_since: datetime | None = None
+    fault_failures: int = 0
+    fault_retry_at: datetime | None = None
 
 
 class AuditEntry(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
@@ -42,6 +43,12 @@ class PoolView:
     status: str = "enabled"  # a PoolStatus value
     session_start_timeout_s: int = 150
     roaming_profiles: bool = False
+    # Its template version's disk cannot be used (see ``template_faults``): why, since when,
+    # tries failed, next try.
+    fault: str | None = None
+    fault_since: datetime | None = None
+    fault_failures: int = 0
+    fault_retry_at: datetime | None = None
 
 
 def pool_spec(pool: Pool) -> PoolSpec:
@@ -74,7 +81,8 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         clone_mode=pool.clone_mode.value, min_size=pool.min_size, max_size=pool.max_size,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
-        roaming_profiles=pool.roaming_profiles,
+        roaming_profiles=pool.roaming_profiles, fault=pool.fault, fault_since=pool.fault_since,
+        fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
     )
 
 

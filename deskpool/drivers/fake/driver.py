@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 from deskpool.domain.errors import (
     AgentUnavailable,
+    ChecksumMismatch,
     Conflict,
     DriverError,
     InvalidInput,
@@ -220,14 +221,27 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
 
     @api
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
-        if name in self._volumes:
-            return self._volumes[name].info()  # template images are immutable
+        existing = self._volumes.get(name)
+        if existing is not None:  # template images are immutable: only checked
+            if sha256 is not None and existing.sha256 not in (None, sha256.lower()):
+                raise ChecksumMismatch(
+                    f"volume {name} on {self.uri} is corrupt: its checksum is "
+                    f"{existing.sha256}, expected {sha256}")
+            return existing.info()
         size, capacity, digest = read_source(source)
         if sha256 is not None and digest != sha256.lower():
-            raise DriverError(
+            raise ChecksumMismatch(
                 f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
             )
-        return self._add_volume(name, capacity=capacity, allocation=size).info()
+        volume = self._add_volume(name, capacity=capacity, allocation=size)
+        volume.sha256 = digest
+        return volume.info()
+
+    def tamper_volume(self, name: str) -> None:
+        """Test control: bytes of a volume change behind the driver's back (a bad disk)."""
+        with self._lock:
+            volume = self._volume(name)
+            volume.sha256 = "0" * 64 if volume.sha256 != "0" * 64 else "1" * 64
 
     @api
     def volume_info(self, name: str) -> VolumeInfo:

@@ -27,6 +27,7 @@ import libvirt_qemu
 from deskpool.config import Settings
 from deskpool.domain.errors import (
     AgentUnavailable,
+    ChecksumMismatch,
     Conflict,
     DriverError,
     HypervisorUnreachable,
@@ -59,6 +60,7 @@ from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
+from deskpool.drivers.libvirt.volume_check import VerifiedVolumes, volume_stamp
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -123,6 +125,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         self.storage_dir = storage_dir or Settings().resolved_storage_dir
         self._pool = self._ensure_pool(pool_name or default_pool_name(self.storage_dir))
         self._overlays = OverlayWriter(self._conn, self._pool, self._local_pool_dir())
+        self._verified = VerifiedVolumes()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -250,6 +253,8 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
         with self._lock:
             existing = self._volume(name)
             if existing is not None:
+                if sha256 is not None and not self._is_test:  # test:/// volumes hold no data
+                    self._verified.verify(self._conn, name, existing, sha256, self.uri)
                 return self.volume_info(name)
             if not source.is_file():
                 raise NotFound(f"image file {source} does not exist")
@@ -267,9 +272,12 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
             if sha256 is not None and digest != sha256:
                 with suppress(libvirt.libvirtError):
                     vol.delete(0)
-                raise DriverError(
+                raise ChecksumMismatch(
                     f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
                 )
+            if sha256 is not None and not self._is_test:
+                with self._translate(f"reading volume {name}"):
+                    self._verified.remember(name, volume_stamp(vol), digest)
             return self.volume_info(name)
 
     def _upload(self, vol: libvirt.virStorageVol, source: Path, size: int) -> str:
@@ -321,6 +329,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
     def delete_volume(self, name: str) -> None:
         with self._lock:
             self._overlays.forget(name)
+            self._verified.forget(name)
             vol = self._volume(name)
             if vol is None:
                 return
