@@ -22,16 +22,18 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.drivers.base import owned_volume_names
 from deskpool.drivers.fake import FakeDriver
 from deskpool.reconciler.loop import Reconciler
-from deskpool.services.audit import Actor
+from deskpool.services.audit import Actor, audit_log
 from deskpool.services.context import ServiceContext
 from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService, PoolView
 from deskpool.services.template_faults import fault_backoff
 from deskpool.services.templates import ImageFiles, TemplateService
+from tests.broker_world import make_world
 from tests.fake_pool_world import Clock, fake_driver, fake_host_context
 from tests.pool_users import PoolUsers
 
 URI = "fake://tplfault"
+ADMIN = "/api/v1/admin"
 
 
 @pytest.fixture()
@@ -228,3 +230,30 @@ def test_a_new_version_rolled_out_ends_the_fault(
                for e in events(ctx, "template-usable"))
     with pytest.raises(Exception, match="has no template fault"):
         PoolAdmin(ctx, Actor("admin")).clear_fault("lab")
+
+
+def test_the_admin_api_shows_the_fault_and_clears_it(tmp_path: Path) -> None:
+    world = make_world(tmp_path, host_uri="fake://tplfault-api")
+    try:
+        world.pool("lab", spare=1)
+        world.user("root", admin=True)
+        world.fill(passes=1)
+        (volume,) = [v for v in world.fake.list_volumes() if v.startswith("tv-")]
+        world.fake.tamper_volume(volume)
+        admin = world.client("root")
+        assert admin.post(f"{ADMIN}/pools/lab/resize", json={"spare": 2}).status_code == 200
+        world.fill(passes=2)
+        (listed,) = admin.get(f"{ADMIN}/pools").json()
+        assert "template 'golden' version 1 cannot be used on host 'h1'" in listed["fault"]
+        assert listed["fault_failures"] == 1 and listed["fault_retry_at"] is not None
+        assert listed["counts"] == {"ready": 1}  # the try left no desktop behind
+        world.fake.delete_volume(volume)  # fixed by hand: the next try re-imports it
+        cleared = admin.post(f"{ADMIN}/pools/lab/clear-fault")
+        assert cleared.status_code == 200 and cleared.json()["fault"] is None
+        again = admin.post(f"{ADMIN}/pools/lab/clear-fault")
+        assert again.status_code == 409 and "has no template fault" in again.json()["detail"]
+        assert audit_log(world.ctx, target="pool/lab")[0].action == "pool.clear-fault"
+        world.fill(passes=1)
+        assert admin.get(f"{ADMIN}/pools").json()[0]["counts"] == {"ready": 2}
+    finally:
+        world.ctx.close()

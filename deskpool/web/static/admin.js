@@ -300,7 +300,8 @@ const TABLES = {
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
-    attrs: (p) => ({ "data-name": p.name, "data-status": p.status }),
+    attrs: (p) => ({ "data-name": p.name, "data-status": p.status,
+                     "data-broken": p.fault ? "yes" : "no" }),
   },
   users: {
     path: "/api/v1/admin/users",
