@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import libvirt
 import pytest
 
 from deskpool.domain.errors import ChecksumMismatch
@@ -80,3 +81,25 @@ def test_a_size_change_alone_is_enough_to_hash_again(hashed: list[str]) -> None:
     vol.size += 4096
     known.verify(None, "tv.qcow2", vol, GOOD, "h")  # type: ignore[arg-type]
     assert len(hashed) == 1
+
+
+class Gone(Volume):
+    """A volume whose file was removed behind libvirt's back: libvirt no longer knows it."""
+
+    def XMLDesc(self, _flags: int) -> str:
+        raise VolumeMissing()
+
+
+class VolumeMissing(libvirt.libvirtError):
+    def __init__(self) -> None:
+        super().__init__("Storage volume not found: no storage vol with matching path")
+
+    def get_error_code(self) -> int:
+        return int(libvirt.VIR_ERR_NO_STORAGE_VOL)
+
+
+def test_a_volume_removed_by_hand_is_reported_gone_not_corrupt(hashed: list[str]) -> None:
+    known = VerifiedVolumes()
+    known.remember("tv.qcow2", volume_stamp(Volume()), GOOD)
+    assert known.verify(None, "tv.qcow2", Gone(), GOOD, "h") is False  # type: ignore[arg-type]
+    assert hashed == []

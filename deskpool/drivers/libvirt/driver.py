@@ -252,9 +252,10 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         with self._lock:
             existing = self._volume(name)
-            if existing is not None:
-                if sha256 is not None and not self._is_test:  # test:/// volumes hold no data
-                    self._verified.verify(self._conn, name, existing, sha256, self.uri)
+            # Checked first (test:/// volumes hold no data); one whose file was removed by
+            # hand is imported afresh.
+            if existing is not None and (sha256 is None or self._is_test or self._verified.verify(
+                    self._conn, name, existing, sha256, self.uri)):
                 return self.volume_info(name)
             if not source.is_file():
                 raise NotFound(f"image file {source} does not exist")

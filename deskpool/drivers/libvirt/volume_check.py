@@ -65,17 +65,21 @@ class VerifiedVolumes:
             self._known.pop(name, None)
 
     def verify(self, conn: libvirt.virConnect, name: str, vol: libvirt.virStorageVol,
-               sha256: str, where: str) -> None:
+               sha256: str, where: str) -> bool:
         """Raise ``ChecksumMismatch`` when the volume's bytes are not ``sha256``; the volume is
-        left as it is (running desktops may still read it)."""
+        left as it is (running desktops may still read it). False when its file was removed
+        behind libvirt's back (libvirt drops it then): there is nothing to check."""
         try:
             stamp = volume_stamp(vol)
             with self._lock:
                 known = self._known.get(name)
             if known == (stamp, sha256.lower()):
-                return
+                return True
             digest = hash_volume(conn, vol)
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                self.forget(name)
+                return False
             raise DriverError(f"checking volume {name} on {where} failed: "
                               f"{exc.get_error_message()}") from exc
         if digest != sha256.lower():
@@ -84,3 +88,4 @@ class VerifiedVolumes:
                 f"volume {name} on {where} is corrupt: its checksum is {digest}, "
                 f"expected {sha256}")
         self.remember(name, stamp, digest)
+        return True
