@@ -83,6 +83,15 @@ def enable_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdmi
     return _pool(PoolAdmin(svc.ctx, actor).set_enabled(name, True))
 
 
+@router.post("/pools/{name}/clear-fault", response_model=PoolAdminView,
+             responses=NOT_FOUND | REFUSED)
+def clear_pool_fault(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:
+    """The pool's template disk is fine again (restored by hand): its fault is cleared and
+    the reconciler tries at once (marking it again if the disk is still missing or corrupt).
+    Refused (409) when the pool has no fault."""
+    return _pool(PoolAdmin(svc.ctx, actor).clear_fault(name))
+
+
 @router.delete("/pools/{name}", response_model=PoolAdminView, status_code=202,
                responses=NOT_FOUND | REFUSED)
 def delete_pool(name: PoolPath, actor: AdminActor, svc: ServicesDep) -> PoolAdminView:

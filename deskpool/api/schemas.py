@@ -313,6 +313,12 @@ class PoolAdminView(BaseModel):
     roaming_profiles: bool = False
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[str] = Field(default_factory=list)
+    # The template version's disk cannot be used (missing or corrupt): why, since when, tries
+    # failed and when the next one is due; None when the pool is fine.
+    fault: str | None = None
+    fault_since: datetime | None = None
+    fault_failures: int = 0
+    fault_retry_at: datetime | None = None
 
 
 class AuditEntry(BaseModel):

@@ -8,6 +8,7 @@ import threading
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deskpool.broker.entitlements import EntitlementService
@@ -32,7 +33,34 @@ def _describe(pool: PoolView) -> str:
             + (f"; roaming profiles, a second session: {pool.second_session}"
                + (f", kept out: {', '.join(pool.profile_exclusions)}"
                   if pool.profile_exclusions else "")
-               if pool.roaming_profiles else ""))
+               if pool.roaming_profiles else "") + _fault(pool))
+
+
+def _fault(pool: PoolView) -> str:
+    """The pool's template fault, if any, as a line of its own."""
+    if pool.fault is None:
+        return ""
+    since = f"{pool.fault_since:%Y-%m-%d %H:%M:%S}" if pool.fault_since else "?"
+    retry = f"{pool.fault_retry_at:%H:%M:%S}" if pool.fault_retry_at else "the next pass"
+    return (f"\n[red]broken[/] since {since} UTC ({pool.fault_failures} failed tries, next "
+            f"try at {retry}): {escape(pool.fault)}\n  (fix the template disk, publish and "
+            f"roll out a new version, or 'deskpool pool clear-fault {pool.name}' once it is "
+            "fixed by hand)")
+
+
+@pool_app.command("show")
+def pool_show(name: str) -> None:
+    """One pool: its settings, desktops by state and template fault, if any."""
+    with services() as ctx:
+        out.print(_describe(PoolService(ctx).get(name)))
+
+
+@pool_app.command("clear-fault")
+def pool_clear_fault(name: str) -> None:
+    """Clear a pool's template fault once its disk is fixed by hand: the next pass tries at
+    once (and marks it again if the disk is still missing or corrupt)."""
+    with services() as ctx:
+        out.print(_describe(PoolAdmin(ctx, Actor.local()).clear_fault(name)))
 
 
 @pool_app.command("create")
@@ -87,7 +115,8 @@ def pool_list() -> None:
                   "desktops")
     for p in pools:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(p.counts.items()))
-        table.add_row(p.name, p.status, p.template, str(p.version), p.kind, p.clone_mode,
+        status = p.status if p.fault is None else f"{p.status}, [red]broken[/]"
+        table.add_row(p.name, status, p.template, str(p.version), p.kind, p.clone_mode,
                       f"{p.min_size}/{p.spare}/{p.max_size}", counts)
     out.print(table)
 

@@ -16,6 +16,8 @@ Drivers translate hypervisor errors into these so nothing above them sees libvir
 
 from __future__ import annotations
 
+import uuid
+
 
 class DeskpoolError(Exception):
     """Base of every error deskpool raises on purpose. ``str(err)`` is a complete sentence."""
@@ -63,6 +65,20 @@ class HypervisorUnreachable(TemporaryError):
 
 class DriverError(DeskpoolError):
     """The hypervisor refused or failed an operation."""
+
+
+class ChecksumMismatch(DriverError):
+    """A file or a volume no longer has the checksum recorded for it (it is corrupt)."""
+
+
+class TemplateUnusable(Conflict):
+    """A template version's disk cannot be used on a host: missing, or corrupt. Nothing is made
+    from it until it is fine again (restored, re-imported) or another version is published."""
+
+    def __init__(self, message: str, *, version_id: uuid.UUID, source: str) -> None:
+        super().__init__(message)
+        self.version_id = version_id  # the TemplateVersion's id
+        self.source = source  # the version's disk in the template store
 
 
 class VmNotFound(DriverError, PermanentError):

@@ -158,12 +158,16 @@ class HypervisorDriver(ABC):
     def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
         """Copy a local file into the host's storage as volume ``name``.
 
-        If a volume of that name exists already it is returned unchanged, without re-hashing
-        (volumes holding template images are immutable and named per version), unless it is
-        not the source's size: an import cut short (a crash, a lost connection), replaced by
-        a new import rather than trusted as a template's disk. When ``sha256``
-        is given the data sent is hashed and a mismatch removes the new volume and raises
-        ``DriverError``. A missing ``source`` raises ``NotFound`` and creates nothing.
+        If a volume of that name exists already and is the source's size, it is returned
+        unchanged (volumes holding template images are immutable and named per version);
+        when ``sha256`` is given its bytes are checked against it first (hashed again only
+        when the volume changed since the driver last hashed or wrote it) and a mismatch
+        raises ``ChecksumMismatch``, the volume left as it is (running desktops may read it).
+        One that is not the source's size is an import cut short (a crash, a lost
+        connection): replaced by a new import rather than trusted as a template's disk. When
+        ``sha256`` is given for a new volume the data sent is hashed and a mismatch removes
+        the new volume and raises ``ChecksumMismatch``. A missing ``source`` raises
+        ``NotFound`` and creates nothing.
         """
 
     @abstractmethod

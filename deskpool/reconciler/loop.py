@@ -63,6 +63,7 @@ from deskpool.reconciler.planning import (
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.reconciler.steps import StepRunner
 from deskpool.scheduler.placement import NoValidHost
+from deskpool.services import template_faults
 from deskpool.services.context import ServiceContext
 from deskpool.services.factory import DesktopFactory
 from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
@@ -118,12 +119,12 @@ class Reconciler:
     ) -> None:
         settings = ctx.settings
         self.ctx = ctx
-        self.factory = DesktopFactory(ctx)
         self.workers = workers
         self.ready_timeout_s = (settings.ready_timeout_s if ready_timeout_s is None
                                 else ready_timeout_s)
         self.provisioning_per_host = provisioning_per_host
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.factory = DesktopFactory(ctx, clock=self.clock)
         self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after
                                or timedelta(seconds=settings.host_down_after_s))
         # Several brokers share the work through leases on pools and desktops, renewed while
@@ -340,6 +341,12 @@ class Reconciler:
                 # in a stateless pool: it goes too (a stateful one keeps it for them).
                 plan.retire += [d.id for d in facts if d.state is S.READY and d.assigned
                                 and d.id not in plan.retire]
+            # A broken template (missing or corrupt disk): no new desktop but one try per
+            # backoff, so it is not failed again for every desktop in every pass.
+            allowed, note = template_faults.creation_allowance(uow, pool, now)
+            if allowed is not None and plan.create:
+                plan.create = min(plan.create, allowed)
+                plan.reasons.append(note)
             report.notes += [f"{pool.name}: {r}" for r in plan.reasons]
             for desktop_id in plan.retire:
                 try:

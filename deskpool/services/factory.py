@@ -24,10 +24,12 @@ from pathlib import Path
 
 from deskpool.domain.errors import (
     AgentUnavailable,
+    ChecksumMismatch,
     DeskpoolError,
     DriverError,
     HostConnectionLost,
     NotFound,
+    TemplateUnusable,
 )
 from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity, new_mac, new_machine_id
 from deskpool.domain.models import (
@@ -44,6 +46,7 @@ from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.images.cloudinit import write_nocloud_seed
+from deskpool.services import template_faults
 from deskpool.services.context import ServiceContext
 from deskpool.services.customize import (
     JoinContext,
@@ -109,8 +112,10 @@ def _on_host(driver: HypervisorDriver, volume: str) -> bool:
 
 
 class DesktopFactory:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.ctx = ctx
+        self.clock = clock  # when a template fault is recorded (see template_faults)
 
     @staticmethod
     def new_row(
@@ -149,8 +154,27 @@ class DesktopFactory:
         """Clone and define the VM, then boot it (``provisioning`` -> ``customizing``).
 
         Safe to call again for a row a crash left in ``provisioning``: whatever an earlier
-        attempt made on the hypervisor is removed first and the clone is made afresh.
+        attempt made on the hypervisor is removed first and the clone is made afresh. A pool
+        desktop whose template disk is missing or corrupt raises ``TemplateUnusable`` and
+        leaves nothing, its row included (its pool is marked instead).
         """
+        try:
+            driver, made = self._create(desktop_id, progress)
+        except TemplateUnusable as exc:
+            self._unusable(desktop_id, exc)
+            raise
+        with self.ctx.uow() as uow:
+            transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
+                       DesktopState.CUSTOMIZING, task=DesktopTask.BOOT)
+            template_faults.cleared_by_success(uow, *made)
+            uow.commit()
+        progress("booting")
+        driver.start_vm(desktop_id)
+
+    def _create(self, desktop_id: uuid.UUID, progress: Progress) -> tuple[
+            HypervisorDriver, tuple[uuid.UUID | None, uuid.UUID, str]]:
+        """The VM defined on its host; returns its driver and the (pool, version, host name)
+        it was made for."""
         # Work on the hypervisor inside a read-only unit of work: it reads a snapshot and takes
         # no write lock (SQLite in WAL mode), so a long image upload blocks no other writer.
         with self.ctx.uow(read_only=True) as uow:
@@ -176,31 +200,46 @@ class DesktopFactory:
                 )
             else:
                 spec = self._spec(driver, desktop, tv, domain_type)
+            made = (desktop.pool_id, tv.id, host.name)
             try:
                 driver.create_vm(spec)
             finally:
                 if spec.seed_image is not None:  # the driver copied it into the host's storage
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
+        return driver, made
+
+    def _unusable(self, desktop_id: uuid.UUID, exc: TemplateUnusable) -> None:
+        """A pool desktop whose template disk cannot be used: nothing was made on the host
+        (the import and the check come before ``create_vm``), so its row goes and its pool
+        is marked (``template_faults``). A desktop outside a pool keeps its row (in error)."""
         with self.ctx.uow() as uow:
-            transition(uow.desktops, desktop_id, DesktopState.PROVISIONING,
-                       DesktopState.CUSTOMIZING, task=DesktopTask.BOOT)
-            uow.commit()
-        progress("booting")
-        driver.start_vm(desktop_id)
+            if template_faults.mark_unusable(uow, desktop_id, exc, self.clock()):
+                uow.commit()
+
+    def _copy(self, driver: HypervisorDriver, desktop: Desktop,
+              tv: TemplateVersion) -> tuple[str, DirectBoot | None]:
+        """``copy_version_to_host``, a missing or corrupt disk told as ``TemplateUnusable``
+        naming the template, the version and the host."""
+        try:
+            if _on_host(driver, version_volume_names(tv)[0]):
+                return copy_version_to_host(driver, tv)  # there already: only checked
+            # A host's transfer slots bound how many image copies reach it at once,
+            # whichever broker sends them.
+            with host_slot(self.ctx, desktop.host_id, SlotKind.TRANSFER,
+                           desktop.host.transfer_slots):
+                return copy_version_to_host(driver, tv)
+        except (NotFound, ChecksumMismatch) as exc:
+            raise TemplateUnusable(
+                f"template {tv.template.name!r} version {tv.number} cannot be used on host "
+                f"{desktop.host.name!r}: {exc}", version_id=tv.id, source=tv.image_path,
+            ) from exc
 
     def _spec(
         self, driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion,
         domain_type: DomainType,
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
-        if _on_host(driver, version_volume_names(tv)[0]):
-            disk_vol, boot = copy_version_to_host(driver, tv)  # there already: nothing moves
-        else:
-            # A host's transfer slots bound how many image copies reach it at once, whichever
-            # broker sends them.
-            with host_slot(self.ctx, desktop.host_id, SlotKind.TRANSFER,
-                           desktop.host.transfer_slots):
-                disk_vol, boot = copy_version_to_host(driver, tv)
+        disk_vol, boot = self._copy(driver, desktop, tv)
         if boot is not None and tv.customization is Customization.FWCFG:
             # systemd adopts the id from PID 1's start, before any unit runs.
             boot = replace(boot, cmdline=f"{boot.cmdline} systemd.machine_id="

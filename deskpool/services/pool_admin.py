@@ -17,6 +17,7 @@ from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
+from deskpool.services import template_faults
 from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -137,6 +138,22 @@ class PoolAdmin:
                 record_audit(uow, self.actor, f"pool.{verb[:-1]}", f"pool/{name}",
                              f"{verb} pool {name}", old={"status": before.value},
                              new={"status": pool.status.value}, pool=name)
+            uow.commit()
+            return _view(uow, pool)
+
+    def clear_fault(self, name: str) -> PoolView:
+        """The administrator says the pool's template disk is fine again (restored by hand):
+        its fault is cleared and the next pass tries at once (marking it again if it is
+        not fine). ``Conflict`` when the pool has no fault."""
+        with self.ctx.uow() as uow:
+            pool = self._live(uow, name)
+            before = {"fault": pool.fault}
+            who = self.actor.name if self.actor is not None else "an administrator"
+            if not template_faults.clear_by_admin(uow, pool, who):
+                raise Conflict(f"pool {name!r} has no template fault to clear")
+            record_audit(uow, self.actor, "pool.clear-fault", f"pool/{name}",
+                         f"cleared the template fault of pool {name}", old=before,
+                         new={"fault": None}, pool=name)
             uow.commit()
             return _view(uow, pool)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
@@ -45,6 +46,12 @@ class PoolView:
     roaming_profiles: bool = False
     second_session: str = "merge"  # a SecondSession value
     profile_exclusions: tuple[str, ...] = ()
+    # Its template version's disk cannot be used (see ``template_faults``): why, since when,
+    # tries failed, next try.
+    fault: str | None = None
+    fault_since: datetime | None = None
+    fault_failures: int = 0
+    fault_retry_at: datetime | None = None
 
 
 def exclusion_list(stored: str) -> tuple[str, ...]:
@@ -85,6 +92,8 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
         roaming_profiles=pool.roaming_profiles, second_session=pool.second_session,
+        fault=pool.fault, fault_since=pool.fault_since,
+        fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
     )
 

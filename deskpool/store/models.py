@@ -292,6 +292,16 @@ class Pool(Base):
     # The broker planning this pool now, until when (several brokers share the work).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()
+    # Its template version's disk cannot be used (missing, or its checksum no longer
+    # matches): no new desktops but one try per backoff, until it works again (see
+    # ``deskpool.services.template_faults``). ``fault_stamp``: the disk file's size and
+    # mtime at the last try, so a restored file is tried at once.
+    fault: Mapped[str | None] = mapped_column(Text)
+    fault_version_id: Mapped[uuid.UUID | None] = mapped_column()
+    fault_since: Mapped[datetime | None] = mapped_column()
+    fault_failures: Mapped[int] = mapped_column(Integer, default=0)
+    fault_retry_at: Mapped[datetime | None] = mapped_column()
+    fault_stamp: Mapped[str | None] = mapped_column(String(255))
 
     template: Mapped[Template] = relationship()
     current_version: Mapped[TemplateVersion] = relationship(foreign_keys=[current_version_id])

@@ -18,6 +18,7 @@ from deskpool.domain.errors import (
     HypervisorUnreachable,
     InvalidInput,
     NotFound,
+    TemplateUnusable,
 )
 from deskpool.domain.models import CloneMode, Customization
 from deskpool.domain.states import DesktopState
@@ -152,8 +153,10 @@ def test_image_file_gone_after_publish(
 ) -> None:
     (version,) = TemplateService(ctx).list_versions()
     Path(version.image_path).unlink()
-    with pytest.raises(NotFound, match=re.escape(version.image_path)):
+    with pytest.raises(TemplateUnusable, match=re.escape(version.image_path)) as raised:
         DesktopService(ctx).create(template)
+    assert f"template {template!r} version 1 cannot be used on host" in str(raised.value)
+    assert isinstance(raised.value.__cause__, NotFound)
     _nothing_made(ctx, fake_host)
 
 

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 from deskpool.domain.errors import (
     AgentUnavailable,
+    ChecksumMismatch,
     Conflict,
     DriverError,
     InvalidInput,
@@ -223,14 +224,26 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
         existing = self._volumes.get(name)
         if existing is not None:
             if existing.allocation == _file_size(source) or not source.is_file():
-                return existing.info()  # template images are immutable
+                if sha256 is not None and existing.sha256 not in (None, sha256.lower()):
+                    raise ChecksumMismatch(  # template images are immutable: only checked
+                        f"volume {name} on {self.uri} is corrupt: its checksum is "
+                        f"{existing.sha256}, expected {sha256}")
+                return existing.info()
             self._drop_volume(name)  # an import cut short (as on libvirt): made again
         size, capacity, digest = read_source(source)
         if sha256 is not None and digest != sha256.lower():
-            raise DriverError(
+            raise ChecksumMismatch(
                 f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
             )
-        return self._add_volume(name, capacity=capacity, allocation=size).info()
+        volume = self._add_volume(name, capacity=capacity, allocation=size)
+        volume.sha256 = digest
+        return volume.info()
+
+    def tamper_volume(self, name: str) -> None:
+        """Test control: bytes of a volume change behind the driver's back (a bad disk)."""
+        with self._lock:
+            volume = self._volume(name)
+            volume.sha256 = "0" * 64 if volume.sha256 != "0" * 64 else "1" * 64
 
     @api
     def volume_info(self, name: str) -> VolumeInfo:

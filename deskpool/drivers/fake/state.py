@@ -35,6 +35,7 @@ class FakeVolume:
     capacity: int
     allocation: int
     backing: str | None = None
+    sha256: str | None = None  # of an imported image's bytes (changed by ``tamper_volume``)
 
     def info(self) -> VolumeInfo:
         return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)

@@ -28,6 +28,7 @@ import libvirt_qemu
 from deskpool.config import Settings
 from deskpool.domain.errors import (
     AgentUnavailable,
+    ChecksumMismatch,
     Conflict,
     DriverError,
     InvalidInput,
@@ -60,6 +61,7 @@ from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
+from deskpool.drivers.libvirt.volume_check import VerifiedVolumes, volume_stamp
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -125,6 +127,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
         self._storage_pool = self._ensure_pool(self._pool_name)
         self._writer = OverlayWriter(self._connection, self._storage_pool,
                                      self._local_pool_dir())
+        self._verified = VerifiedVolumes()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -252,13 +255,20 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
         with self._lock:
             existing = self._volume(name)
             if existing is not None:
-                if (self._is_test or not source.is_file()
-                        or self._physical_bytes(name, existing) == source.stat().st_size):
-                    return self.volume_info(name)
-                # Not the source's size: an upload a crash or a lost connection cut short
-                # (never a finished one: sources are immutable). Made again, not trusted.
-                with self._translate(f"deleting the half-imported volume {name}"):
-                    existing.delete(0)
+                physical = self._physical_bytes(name, existing)
+                if physical is not None and (self._is_test or not source.is_file()
+                                             or physical == source.stat().st_size):
+                    # Checked (test:/// volumes hold no data); one whose file was removed
+                    # by hand is imported afresh.
+                    if sha256 is None or self._is_test or self._verified.verify(
+                            self._conn, name, existing, sha256, self.uri):
+                        return self.volume_info(name)
+                elif physical is not None:
+                    # Not the source's size: an upload a crash or a lost connection cut
+                    # short (never a finished one: sources are immutable). Made again.
+                    with self._translate(f"deleting the half-imported volume {name}"):
+                        existing.delete(0)
+                    self._verified.forget(name)
             if not source.is_file():
                 raise NotFound(f"image file {source} does not exist")
             size = source.stat().st_size
@@ -275,15 +285,23 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
             if sha256 is not None and digest != sha256:
                 with suppress(libvirt.libvirtError):
                     vol.delete(0)
-                raise DriverError(
+                raise ChecksumMismatch(
                     f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
                 )
+            if sha256 is not None and not self._is_test:
+                with self._translate(f"reading volume {name}"):
+                    self._verified.remember(name, volume_stamp(vol), digest)
             return self.volume_info(name)
 
-    def _physical_bytes(self, name: str, vol: libvirt.virStorageVol) -> int:
-        """The size of the volume's file on the host (not its virtual size)."""
-        with self._translate(f"reading volume {name}"):
+    def _physical_bytes(self, name: str, vol: libvirt.virStorageVol) -> int | None:
+        """The size of the volume's file on the host (not its virtual size); None when the
+        file was removed behind libvirt's back (libvirt drops the volume then)."""
+        try:
             return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise self._failure(f"reading volume {name}", exc) from exc
 
     def _upload(self, vol: libvirt.virStorageVol, source: Path, size: int) -> str:
         """Stream the file into the volume; returns the sha256 of what was sent."""
@@ -334,6 +352,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
     def delete_volume(self, name: str) -> None:
         with self._lock:
             self._overlays.forget(name)
+            self._verified.forget(name)
             vol = self._volume(name)
             if vol is None:
                 return

@@ -71,6 +71,18 @@ function hostState(h) {
   return fragment(...parts);
 }
 
+// A pool whose template disk cannot be used (missing or corrupt) says so, with why and when
+// it is tried next.
+function poolStatus(p) {
+  if (!p.fault) return badge("pool")(p.status);
+  return fragment(
+    badge("pool")(p.status), " ", badge("pool")("broken"),
+    el("div", { className: "pool-fault", text: p.fault }),
+    el("div", { className: "drain-progress",
+                text: `since ${when(p.fault_since)} · ${plural(p.fault_failures, "failed try",
+                       "failed tries")} · next try ${when(p.fault_retry_at) || "now"}` }));
+}
+
 function hostLimits(h) {
   return [`CPU ${h.cpu_overcommit}:1`, `memory ${h.memory_overcommit}:1`,
           h.max_desktops === null || h.max_desktops === undefined ? "no desktop limit"
@@ -277,7 +289,7 @@ const TABLES = {
   pools: {
     path: "/api/v1/admin/pools",
     columns: [
-      ["Name", (p) => p.name, "name"], ["Status", (p) => badge("pool")(p.status), "pool-status"],
+      ["Name", (p) => p.name, "name"], ["Status", poolStatus, "pool-status"],
       ["Template", (p) => `${p.template} v${p.version}` +
                           (p.previous_version ? ` (was v${p.previous_version})` : "")],
       ["Kind", (p) => `${p.kind}, ${p.assignment}`], ["Clone", (p) => p.clone_mode],
@@ -291,7 +303,8 @@ const TABLES = {
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
-    attrs: (p) => ({ "data-name": p.name, "data-status": p.status }),
+    attrs: (p) => ({ "data-name": p.name, "data-status": p.status,
+                     "data-broken": p.fault ? "yes" : "no" }),
   },
   users: {
     path: "/api/v1/admin/users",

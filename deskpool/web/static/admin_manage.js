@@ -1,5 +1,5 @@
 // The admin view's actions beyond hosts and log-offs: pools (resize, disable, enable,
-// rollout with canaries, rollback, delete), hosts removed, template versions deleted, users
+// rollout with canaries, rollback, clear a template fault, delete), hosts removed, template versions deleted, users
 // (disable, enable, new password, delete) and the audit log. Every action asks first through
 // the page's dialog (``ui.ask``) and says what happened (``ui.say``); the API decides and
 // audits.
@@ -27,7 +27,19 @@ export function poolActions(p, ui) {
                                 () => rollbackPool(p, ui)) : null,
     p.status === "disabled" ? button("Enable", "enable", () => simple(p, "enable", ui))
                             : button("Disable", "disable", () => disablePool(p, ui)),
+    p.fault ? button("Clear fault", "clear-fault", () => clearFault(p, ui)) : null,
     button("Delete", "delete danger", () => deletePool(p, ui)));
+}
+
+function clearFault(p, ui) {
+  ui.ask({
+    title: `Clear the template fault of ${p.name}`,
+    text: "Once its template disk is fixed by hand: the next reconciler pass tries at once, " +
+          "and marks the pool again if the disk is still missing or corrupt.",
+    ok: "Clear fault",
+    action: () => api("POST", `/api/v1/admin/pools/${q(p.name)}/clear-fault`),
+    done: (data) => ["pools-message", `${data.name}: fault cleared`],
+  });
 }
 
 function resizePool(p, ui) {
