@@ -69,7 +69,7 @@ from deskpool.services.placement import Placer
 from deskpool.services.pool_admin import finish_deletion
 from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
-from deskpool.store.db import UnitOfWork
+from deskpool.store.db import DatabaseUnavailable, UnitOfWork
 from deskpool.store.desktops import DesktopSummary
 from deskpool.store.leases import Leased
 from deskpool.store.models import Desktop, Host
@@ -192,6 +192,8 @@ class Reconciler:
                     log.warning("reconcile pass: %s", "; ".join(report.errors))
                 if on_report is not None:
                     on_report(report)
+            except DatabaseUnavailable as exc:  # it comes back: the next pass goes on
+                log.warning("reconcile pass stopped: %s", exc)
             except Exception:  # one bad pass must not end the loop
                 log.exception("reconcile pass failed")
             stop.wait(interval_s)
@@ -239,6 +241,8 @@ class Reconciler:
                 with self.ctx.uow(read_only=True) as uow:
                     driver = self.ctx.driver_for(uow.hosts.get(host_id))
                 records = {r.vm_id: r for r in driver.list_vms()}
+            except DatabaseUnavailable:
+                raise  # the database is what failed, not the host: it is not silent
             except (TemporaryError, DriverError) as exc:  # did not answer, or not sanely
                 report.error(f"host {name}: {exc}")
                 self.hosts.silent(host_id, str(exc))
@@ -379,7 +383,16 @@ class Reconciler:
         * anything else is a bug in deskpool, not the desktop's failure: logged with its trace
           and counted; the desktop keeps its state and only waits a backoff, so the pass does
           not retry it in a hot loop.
+        * ``DatabaseUnavailable`` is no one's failure: nothing is written (the database is
+          away); the desktop stays in the state its last write left, and a pass after the
+          database is back plans its step again from that row.
         """
+        try:
+            self._run_leased_step(step, report)
+        except DatabaseUnavailable as exc:
+            report.error(f"desktop {step.desktop_id}: {step.kind} step interrupted: {exc}")
+
+    def _run_leased_step(self, step: Step, report: PassReport) -> None:
         desktop_id = step.desktop_id
         with self._leased(Leased.DESKTOP, desktop_id) as mine:
             if not mine:
@@ -392,6 +405,8 @@ class Reconciler:
                 self.steps.run(step, report)
             except LostRace as exc:
                 log.debug("desktop %s: %s step lost a race: %s", desktop_id, step.kind, exc)
+            except DatabaseUnavailable:
+                raise  # not the desktop's failure (see run_step)
             except TemporaryError as exc:
                 report.error(f"desktop {desktop_id}: {exc}")
                 delay = None if exc.delay is None else timedelta(seconds=exc.delay)
@@ -429,9 +444,13 @@ class Reconciler:
                                        f"lease on {kind.value} {row_id}"):
                 yield True
         finally:
-            with self.ctx.uow() as uow:
-                uow.leases.release(kind, row_id, self.owner)
-                uow.commit()
+            try:
+                with self.ctx.uow() as uow:
+                    uow.leases.release(kind, row_id, self.owner)
+                    uow.commit()
+            except DatabaseUnavailable as exc:  # the lease runs out by itself
+                log.warning("could not give back the lease on %s %s: %s", kind.value, row_id,
+                            exc)
 
     def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str, *,
               delay: timedelta | None = None) -> None:
