@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -24,6 +26,27 @@ def available() -> str | None:
     if not (BIN / "initdb").is_file():
         return f"PostgreSQL server binaries are missing ({BIN}); install Debian's postgresql"
     return None
+
+
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the postmaster's backends and helpers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _free_port() -> int:
@@ -44,25 +67,63 @@ class PostgresServer:
         return ["runuser", "-u", "postgres", "--", *argv] if self._as_postgres else argv
 
     def __enter__(self) -> PostgresServer:
-        data = self.work / "data"
         if self._as_postgres:
             shutil.chown(self.work, "postgres", "postgres")
-        subprocess.run(self._run_as([str(BIN / "initdb"), "-D", str(data), "-U", "postgres",
+        subprocess.run(self._run_as([str(BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
                                      "--auth=trust", "-E", "UTF8", "--no-sync"]),
                        check=True, capture_output=True)
+        self.start()
+        return self
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    def start(self) -> None:
+        """Start the server on its cluster and port (again, after :meth:`stop`); returns once
+        it takes connections (after crash recovery, when it was killed)."""
         self.process = subprocess.Popen(self._run_as([
-            str(BIN / "postgres"), "-D", str(data), "-p", str(self.port),
+            str(BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.work}",
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=300",
             "-c", "full_page_writes=off"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
-        while subprocess.run([str(BIN / "pg_isready"), "-h", "127.0.0.1", "-p",
-                              str(self.port)], capture_output=True).returncode != 0:
+        while not self.accepting():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("PostgreSQL did not start: " + (
                     self.process.stderr.read().decode() if self.process.stderr else ""))
             time.sleep(0.1)
-        return self
+
+    def accepting(self) -> bool:
+        return subprocess.run([str(BIN / "pg_isready"), "-h", "127.0.0.1", "-p",
+                               str(self.port)], capture_output=True).returncode == 0
+
+    def postmaster_pid(self) -> int:
+        """The server's own process (``self.process`` may be ``runuser`` above it)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def stop(self, how: Literal["fast", "kill"] = "fast") -> None:
+        """Stop the server as an outage would: ``fast`` is PostgreSQL's fast shutdown (every
+        session is ended, the server exits cleanly); ``kill`` SIGKILLs the postmaster, as the
+        OOM killer would, and waits for its backends to notice and exit, so that
+        :meth:`start` (which then runs crash recovery) finds the cluster free."""
+        assert self.process is not None, "the server is not running"
+        pid = self.postmaster_pid()
+        children = _children_of(pid)
+        os.kill(pid, signal.SIGINT if how == "fast" else signal.SIGKILL)
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(child) for child in children):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL backends {children} outlived their postmaster")
+            time.sleep(0.05)
+        self.process = None
+
+    def restart(self, how: Literal["fast", "kill"] = "fast", down_s: float = 0.0) -> None:
+        """:meth:`stop`, ``down_s`` seconds of outage, :meth:`start`."""
+        self.stop(how)
+        time.sleep(down_s)
+        self.start()
 
     def create_database(self, name: str) -> str:
         """A new empty database; returns its SQLAlchemy URL."""

@@ -58,7 +58,7 @@ from deskpool.services.events import record_event
 from deskpool.services.factory import DesktopFactory
 from deskpool.services.pools import exclusion_list, insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
-from deskpool.store.db import UnitOfWork
+from deskpool.store.db import DatabaseUnavailable, UnitOfWork
 from deskpool.store.models import utcnow
 from deskpool.store.repositories import ClaimTarget
 
@@ -187,6 +187,8 @@ class Broker:
                 except AccountRefused as exc:
                     self._give_back(identity, pool_name, claim, exc)
                     raise
+                except DatabaseUnavailable:
+                    raise  # the desktop is not at fault: it stays the user's, to reconnect to
                 except DeskpoolError as exc:
                     if claim.own and isinstance(exc, HypervisorUnreachable | HostConnectionLost):
                         # Its host is silent (not yet marked down) or its daemon restarting:

@@ -71,7 +71,7 @@ from deskpool.services.placement import Placer
 from deskpool.services.pool_admin import finish_deletion
 from deskpool.services.pools import insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
-from deskpool.store.db import UnitOfWork
+from deskpool.store.db import DatabaseUnavailable, UnitOfWork
 from deskpool.store.desktops import DesktopSummary
 from deskpool.store.leases import Leased
 from deskpool.store.models import Desktop, Host
@@ -196,6 +196,8 @@ class Reconciler:
                     log.warning("reconcile pass: %s", "; ".join(report.errors))
                 if on_report is not None:
                     on_report(report)
+            except DatabaseUnavailable as exc:  # it comes back: the next pass goes on
+                log.warning("reconcile pass stopped: %s", exc)
             except Exception:  # one bad pass must not end the loop
                 log.exception("reconcile pass failed")
             stop.wait(interval_s)
@@ -247,6 +249,8 @@ class Reconciler:
                 except HostConnectionLost:  # its daemon restarted: the driver reconnects
                     listed = driver.list_vms()
                 records = {r.vm_id: r for r in listed}
+            except DatabaseUnavailable:
+                raise  # the database is what failed, not the host: it is not silent
             except (TemporaryError, DriverError) as exc:  # did not answer, or not sanely
                 report.error(f"host {name}: {exc}")
                 self.hosts.silent(host_id, str(exc))
@@ -398,7 +402,16 @@ class Reconciler:
         * anything else is a bug in deskpool, not the desktop's failure: logged with its trace
           and counted; the desktop keeps its state and only waits a backoff, so the pass does
           not retry it in a hot loop.
+        * ``DatabaseUnavailable`` is no one's failure: nothing is written (the database is
+          away); the desktop stays in the state its last write left, and a pass after the
+          database is back plans its step again from that row.
         """
+        try:
+            self._run_leased_step(step, report)
+        except DatabaseUnavailable as exc:
+            report.error(f"desktop {step.desktop_id}: {step.kind} step interrupted: {exc}")
+
+    def _run_leased_step(self, step: Step, report: PassReport) -> None:
         desktop_id = step.desktop_id
         with self._leased(Leased.DESKTOP, desktop_id) as mine:
             if not mine:
@@ -411,6 +424,8 @@ class Reconciler:
                 self.steps.run(step, report)
             except LostRace as exc:
                 log.debug("desktop %s: %s step lost a race: %s", desktop_id, step.kind, exc)
+            except DatabaseUnavailable:
+                raise  # not the desktop's failure (see run_step)
             except HostConnectionLost as exc:
                 report.error(f"desktop {desktop_id}: {exc}")
                 self._back_off(desktop_id, step.state, str(exc))
@@ -451,9 +466,13 @@ class Reconciler:
                                        f"lease on {kind.value} {row_id}"):
                 yield True
         finally:
-            with self.ctx.uow() as uow:
-                uow.leases.release(kind, row_id, self.owner)
-                uow.commit()
+            try:
+                with self.ctx.uow() as uow:
+                    uow.leases.release(kind, row_id, self.owner)
+                    uow.commit()
+            except DatabaseUnavailable as exc:  # the lease runs out by itself
+                log.warning("could not give back the lease on %s %s: %s", kind.value, row_id,
+                            exc)
 
     def _fail(self, desktop_id: uuid.UUID, state: DesktopState, reason: str, *,
               delay: timedelta | None = None) -> None:

@@ -12,6 +12,7 @@ library.
 from deskpool.store import access_models as access_models  # registers the broker tables
 from deskpool.store import profiles as profiles  # registers the profile tables
 from deskpool.store.db import (
+    DatabaseUnavailable,
     SessionFactory,
     UnitOfWork,
     alembic_config,
@@ -34,6 +35,7 @@ from deskpool.store.repositories import (
 
 __all__ = [
     "Base",
+    "DatabaseUnavailable",
     "Desktop",
     "DesktopRepository",
     "Host",

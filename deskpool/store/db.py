@@ -15,12 +15,21 @@ SQLite specifics, set on every connection by :func:`make_engine`:
   plain deferred transaction instead: a WAL snapshot that neither waits for nor blocks writers.
   PostgreSQL needs none of this.
 
+PostgreSQL specifics: a pooled connection is tested when it is checked out (``pool_pre_ping``),
+so after a restart of the server each process reconnects by itself instead of failing one
+request per stale connection; a connection attempt gives up after ``connect_timeout`` seconds
+(10 unless the URL says otherwise) rather than the operating system's minutes. A database
+that does not answer (down, restarting, its connection cut) leaves a unit of work as
+:class:`DatabaseUnavailable`, a ``TemporaryError`` (a 503 at the API), never as a raw driver
+error.
+
 Migrations are Alembic scripts shipped inside the package (``deskpool/store/migrations``); the
 Alembic ``Config`` is built in code, so no ``alembic.ini`` is needed.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,11 +43,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from deskpool.domain.errors import LostRace
+from deskpool.domain.errors import LostRace, Unavailable
 from deskpool.store.accounts import AuthTokenRepository, EntitlementRepository, UserRepository
 from deskpool.store.admin_queries import AdminQueryRepository
 from deskpool.store.desktop_listings import DesktopListingRepository
@@ -68,10 +77,14 @@ from deskpool.store.repositories import (
 from deskpool.store.signin_throttles import SignInThrottleRepository
 from deskpool.store.slots import HostSlotRepository
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Connection execution option: begin a deferred (read-only) SQLite transaction.
 READ_ONLY_OPTION = "deskpool_read_only"
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+# Seconds a new PostgreSQL connection may take before the attempt fails (libpq's own default
+# is to wait as long as the operating system does, minutes for a host that vanished).
+DEFAULT_CONNECT_TIMEOUT_S = 10
 
 
 def _is_sqlite(engine: Engine) -> bool:
@@ -89,7 +102,15 @@ def make_engine(
         file_db = database not in ("", ":memory:") and not database.startswith("file:")
         if file_db:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, echo=echo)
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = ({} if "connect_timeout" in parsed.query
+                        else {"connect_timeout": DEFAULT_CONNECT_TIMEOUT_S})
+        # A server restart leaves every pooled connection dead: test each at checkout (one
+        # round trip) and replace it, so no request pays for the restart.
+        engine = create_engine(parsed, echo=echo, pool_pre_ping=True,
+                               connect_args=connect_args)
+    else:
+        engine = create_engine(parsed, echo=echo)
     if _is_sqlite(engine):
         _configure_sqlite(engine, wal=file_db, busy_timeout_ms=busy_timeout_ms)
     return engine
@@ -240,6 +261,47 @@ def _lost_to_another_transaction(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database did not answer: it is down or restarting, or the connection was cut.
+
+    Nothing of the unit of work was written, unless the connection died during its commit (then
+    the outcome is unknown). Either way running it again once the database is back is what to
+    do: deskpool's state changes are compare-and-swaps, so a repeated one finds its work done.
+    Not the fault of the object the work was about (a desktop, a host): never fail it for this.
+    """
+
+
+# What a caller is told to wait (``Retry-After`` at the API): a restarting server is back in
+# seconds, and a longer outage only costs a few more tries.
+RETRY_AFTER_S = 2.0
+# SQLSTATEs of a server that ends sessions or does not take them yet: connection exceptions
+# (class 08), admin shutdown, crash shutdown, "the database system is starting up".
+_GOING_AWAY_SQLSTATES = ("57P01", "57P02", "57P03")
+
+
+def _database_unreachable(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True  # SQLAlchemy saw the connection die under a statement
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    if not hasattr(exc.orig, "sqlstate"):
+        return False  # SQLite's errors (locked, malformed) are not a server going away
+    sqlstate: str | None = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        return True  # psycopg's own: the connection could not be made or was lost
+    return sqlstate.startswith("08") or sqlstate in _GOING_AWAY_SQLSTATES
+
+
+def database_unavailable(exc: DBAPIError) -> DatabaseUnavailable | None:
+    """The ``DatabaseUnavailable`` that ``exc`` means, if it means the database did not
+    answer (logged here with the driver's words; the error's own sentence is for users)."""
+    if not _database_unreachable(exc):
+        return None
+    log.warning("the database did not answer: %s", _first_line(exc.orig))
+    return DatabaseUnavailable("the database did not answer; please try again in a moment",
+                               delay=RETRY_AFTER_S)
+
+
 class UnitOfWork:
     """One transaction and the repositories that work in it.
 
@@ -326,7 +388,15 @@ class UnitOfWork:
         self.signin_throttles = SignInThrottleRepository(self.session)
         self.profiles = ProfileRepository(self.session)
         if self.read_only:
-            self._begin_read_only()
+            try:
+                self._begin_read_only()
+            except DBAPIError as exc:  # the block never runs, so __exit__ would not either
+                self.session.close()
+                self._active = False
+                unavailable = database_unavailable(exc)
+                if unavailable is None:
+                    raise
+                raise unavailable from exc
         return self
 
     def __exit__(
@@ -337,9 +407,18 @@ class UnitOfWork:
     ) -> None:
         try:
             self.session.rollback()
+        except DBAPIError as rollback_error:
+            # A dead connection has no transaction left to roll back: what the block did is
+            # done (or gone with the connection). Any other failure is raised as before.
+            if not _database_unreachable(rollback_error):
+                raise
         finally:
             self.session.close()
             self._active = False
+        if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+            unavailable = database_unavailable(exc)
+            if unavailable is not None:
+                raise unavailable from exc
         if isinstance(exc, IntegrityError | StaleDataError):
             raise conflict_from_db_error(exc) from exc
         if isinstance(exc, DBAPIError) and _lost_to_another_transaction(exc):
