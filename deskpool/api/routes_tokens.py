@@ -75,8 +75,12 @@ def revoke_my_token(token_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) ->
 
 @router.get("/admin/users/{name}/tokens", response_model=list[TokenPublic], tags=["admin"],
             responses=NOT_FOUND)
-def user_tokens(name: str, admin: AdminUser, svc: ServicesDep) -> list[TokenPublic]:
-    return [TokenPublic.model_validate(asdict(t)) for t in TokenService(svc.ctx).list(name)]
+def user_tokens(name: str, request: Request, admin: AdminUser,
+                svc: ServicesDep) -> list[TokenPublic]:
+    """The user's live API tokens and sessions, newest first; ``current`` marks the one this
+    request came with (an administrator looking at their own)."""
+    return [TokenPublic.model_validate(asdict(t)) for t in TokenService(svc.ctx).list(
+        name, current_secret=token_of(request))]
 
 
 @router.delete("/admin/users/{name}/tokens/{token_id}", status_code=204, tags=["admin"],

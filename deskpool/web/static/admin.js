@@ -1,8 +1,8 @@
 // The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
 // added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
-import { addUser, auditPath, hostRemove, poolActions, revokeButton, userActions, values,
-         versionActions } from "./admin_manage.js";
+import { addUser, auditPath, closeTokens, hostRemove, poolActions, revokeButton, tokenRevoke,
+         tokensPath, userActions, values, versionActions } from "./admin_manage.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -301,6 +301,17 @@ const TABLES = {
     key: (u) => u.name,
     attrs: (u) => ({ "data-name": u.name }),
   },
+  tokens: {
+    path: tokensPath,
+    columns: [
+      ["Kind", (t) => (t.kind === "api" ? "API token" : "browser session"), "kind"],
+      ["Label", (t) => t.label, "name"], ["Created", (t) => when(t.created_at), "created"],
+      ["Expires", (t) => (t.expires_at ? when(t.expires_at) : "never"), "expires"],
+      ["", (t) => (t.current ? "this browser" : ""), "muted"],
+      ["", (t) => tokenRevoke(t, ui), "actions"]],
+    key: (t) => t.id,
+    attrs: (t) => ({ "data-kind": t.kind, "data-label": t.label }),
+  },
   entitlements: {
     path: "/api/v1/admin/entitlements",
     columns: [
@@ -385,8 +396,9 @@ const TABLES = {
   },
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
+// A table whose path is null (the tokens, with no user chosen) is not fetched.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "entitlements", "audit"];
+               "users", "tokens", "entitlements", "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 
@@ -457,16 +469,22 @@ function refused(text, signIn) {
 
 async function refresh() {
   clearTimeout(timer);
-  const answers = await Promise.all(ORDER.map((n) => api("GET", pathOf(n))));
+  const names = ORDER.filter((n) => pathOf(n) !== null);
+  const answers = await Promise.all(names.map((n) => api("GET", pathOf(n))));
   const denied = answers.find((a) => a.status === 401 || a.status === 403);
   if (denied) {
     refused(denied.error, denied.status === 401);
     return;
   }
-  const failed = answers.filter((a) => !a.ok).map((a) => a.error);
+  const gone = names.indexOf("tokens");
+  if (gone >= 0 && answers[gone].status === 404) {
+    closeTokens();  // the user was deleted meanwhile: nothing left to show
+    answers[gone] = { ok: false, status: 404, error: null };
+  }
+  const failed = answers.filter((a) => !a.ok && a.error).map((a) => a.error);
   $("admin-error").textContent = failed.join("; ");
   show($("admin-error"), failed.length > 0);
-  ORDER.forEach((name, i) => {
+  names.forEach((name, i) => {
     if (!answers[i].ok) return;
     if (name === "desktops") {
       lastDesktops = answers[i].data;
@@ -515,6 +533,7 @@ async function start() {
   for (const id of ["audit-actor", "audit-target"]) {
     $(id).addEventListener("change", () => refresh());
   }
+  $("tokens-close").addEventListener("click", closeTokens);
   $("confirm-form").addEventListener("submit", confirmed);
   $("confirm-cancel").addEventListener("click", () => {
     dialog.spec = null;
