@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
@@ -23,7 +23,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such toke
 
 class ApiTokenRequest(BaseModel):
     label: str = Field(default="", max_length=255, pattern=NO_NUL)
-    expires_in_days: int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS,
+    expires_in_days: int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS, strict=True,
                                  description=f"whole days, 1 to {MAX_DAYS}")
 
 
@@ -37,7 +37,7 @@ class TokenPublic(BaseModel):
 
     id: uuid.UUID
     user: str
-    kind: str  # api | session
+    kind: Literal["api", "session"]
     label: str
     created_at: datetime
     expires_at: datetime | None
