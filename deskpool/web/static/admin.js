@@ -169,6 +169,19 @@ function logOff(d) {
   });
 }
 
+// --- pools -------------------------------------------------------------------------------
+
+// A rollout's progress: the pool's desktops by template version, newest first (retired ones
+// left out), from the desktops table, which is read first.
+function versionsOf(p) {
+  const n = {};
+  for (const d of lastDesktops) {
+    if (d.pool === p.name && d.state !== "retired") n[d.version] = (n[d.version] || 0) + 1;
+  }
+  return Object.entries(n).sort(([a], [b]) => b - a).map(([v, c]) => `v${v} ${c}`)
+    .join(" · ");
+}
+
 // --- the confirmation dialog and messages --------------------------------------------------
 
 const dialog = { spec: null };
@@ -286,6 +299,7 @@ const TABLES = {
       ["Session start (s)", (p) => p.session_start_timeout_s, "num"],
       ["Roaming profiles", (p) => (p.roaming_profiles ? "yes" : "")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
+      ["By version", versionsOf, "versions"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
     attrs: (p) => ({ "data-name": p.name, "data-status": p.status }),
