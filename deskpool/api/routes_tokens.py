@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep, token_of
-from deskpool.api.schemas import NO_NUL, LoginResponse, UserPublic
+from deskpool.api.schemas import NO_NUL, Int, LoginResponse, UserPublic
 from deskpool.broker.accounts import API_TOKEN_TTL
 from deskpool.broker.api_tokens import MAX_DAYS, TokenService
 
@@ -23,7 +23,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such toke
 
 class ApiTokenRequest(BaseModel):
     label: str = Field(default="", max_length=255, pattern=NO_NUL)
-    expires_in_days: int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS, strict=True,
+    expires_in_days: Int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS,
                                  description=f"whole days, 1 to {MAX_DAYS}")
 
 

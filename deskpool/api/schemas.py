@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from deskpool.domain.models import (
@@ -133,11 +140,28 @@ class StateResponse(BaseModel):
 
 # Every bound is checked here, at the edge, so that a value the database column, a Python
 # datetime or a background loop cannot hold is a 422 naming the field, never a 500 later.
-# strict: a number must be a JSON number and a flag true or false. Without it pydantic reads
-# true as 1 and "5" as 5, and a body its own schema calls invalid would be obeyed.
-Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400, strict=True)]  # int32, datetimes
-Size = Annotated[int, Field(ge=0, le=100_000, strict=True)]
-Flag = Annotated[bool, Field(strict=True)]
+
+def _json_number(value: Any) -> Any:
+    """A number must be a JSON number: pydantic's lax mode reads true as 1 and "5" as 5, so a
+    body the schema calls invalid would be obeyed. (An integral 5.0 is an integer, as JSON
+    Schema says; pydantic's strict mode would refuse it.)"""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number, not "
+                         + ("true or false" if isinstance(value, bool) else "a string"))
+    return value
+
+
+def _json_flag(value: Any) -> Any:
+    if not isinstance(value, bool):  # lax mode reads 1, "yes", "on" as true
+        raise ValueError("must be true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_number)]
+Float = Annotated[float, BeforeValidator(_json_number)]
+Flag = Annotated[bool, BeforeValidator(_json_flag)]
+Seconds = Annotated[Int, Field(gt=0, le=10 * 365 * 86400)]  # within int32 and datetimes
+Size = Annotated[Int, Field(ge=0, le=100_000)]
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
 # The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;
@@ -294,7 +318,7 @@ class PoolResize(BaseModel):
 
 
 class RolloutRequest(BaseModel):
-    version: int | None = Field(default=None, ge=1, le=1_000_000, strict=True,
+    version: Int | None = Field(default=None, ge=1, le=1_000_000,
                                 description="default: the template's latest")
     canary: Size | None = Field(default=None, description="new-version desktops ready "
                                 "before free old ones are replaced; default: as set")
@@ -343,8 +367,8 @@ class TemplatePublish(BaseModel):
     built_flavor: Flavor | None = None
     # Default: cloud-init for the cloudinit flavor, else fw_cfg.
     customization: Customization | None = None
-    vcpus: int = Field(default=1, ge=1, le=256, strict=True)
-    memory_mib: int | None = Field(default=None, ge=128, le=4 * 1024 * 1024, strict=True)
+    vcpus: Int = Field(default=1, ge=1, le=256)
+    memory_mib: Int | None = Field(default=None, ge=128, le=4 * 1024 * 1024)
     notes: str = Field(default="", max_length=4096, pattern=NO_NUL)
     runs_on: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_, -]*$")
     arch: str = Field(default="", max_length=32, pattern=r"^[A-Za-z0-9_]*$")
@@ -364,17 +388,15 @@ class HostCreate(BaseModel):
         except ValueError as exc:
             raise ValueError(f"not a URI: {exc}") from None
         return uri
-    cpu_overcommit: float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False,
-                                  strict=True)
-    memory_overcommit: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False,
-                                     strict=True)
-    max_desktops: int | None = Field(default=None, ge=0, le=100_000, strict=True)
-    max_provisioning: int = Field(default=2, ge=1, le=1000, strict=True)
-    transfer_slots: int = Field(default=2, ge=1, le=1000, strict=True)
+    cpu_overcommit: Float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False)
+    memory_overcommit: Float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
+    max_desktops: Int | None = Field(default=None, ge=0, le=100_000)
+    max_provisioning: Int = Field(default=2, ge=1, le=1000)
+    transfer_slots: Int = Field(default=2, ge=1, le=1000)
 
 
 class DrainRequest(BaseModel):
-    grace_s: int = Field(default=1800, ge=0, le=7 * 86400, strict=True)
+    grace_s: Int = Field(default=1800, ge=0, le=7 * 86400)
 
 
 # --- what the admin listings answer: each enum typed, so a client knows every value -------------

@@ -1,8 +1,9 @@
 """The OpenAPI document types every enum the admin listings and the user's routes answer (a
 client learns each value a host's, desktop's or pool's state can take), and the API obeys no
 body its own schema calls invalid: ``true`` is not a number, ``1`` or ``"yes"`` not a flag,
-``"5"`` not a count. Before, pydantic's lax reading took ``cpu_overcommit: true`` as 1.0 and
-``is_admin: 1`` as an administrator (found by schemathesis on PostgreSQL)."""
+``"5"`` not a count (an integral ``5.0`` is one, as JSON Schema says). Before, pydantic's
+lax reading took ``cpu_overcommit: true`` as 1.0 and ``is_admin: 1`` as an administrator
+(found by schemathesis on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def test_the_listings_answer_values_of_those_enums(world: BrokerWorld) -> None:
     ("/api/v1/admin/pools", {"name": "lab2", "template": "golden", "spare": "2"}, "spare"),
     ("/api/v1/admin/pools", {"name": "lab2", "template": "golden", "one_time": 0},
      "one_time"),
-    ("/api/v1/admin/pools/lab/resize", {"max_size": 3.0}, "max_size"),
+    ("/api/v1/admin/pools/lab/resize", {"max_size": "3"}, "max_size"),
+    ("/api/v1/admin/pools/lab/resize", {"max_size": 3.5}, "max_size"),
     ("/api/v1/admin/hosts/h1/drain", {"grace_s": False}, "grace_s"),
     ("/api/v1/auth/tokens", {"label": "x", "expires_in_days": True}, "expires_in_days"),
 ])
@@ -128,3 +130,8 @@ def test_numbers_of_the_right_type_still_go_through(world: BrokerWorld) -> None:
     user = admin.post("/api/v1/admin/users", json={"name": "carol", "password": "long-enough-1",
                                                    "is_admin": False})
     assert user.status_code == 200, user.text
+    # An integral 30.0 is an integer as JSON Schema has it (schemathesis sends such values).
+    token = admin.post("/api/v1/auth/tokens", json={"expires_in_days": 30.0})
+    assert token.status_code == 200, token.text
+    resized = admin.post("/api/v1/admin/pools/lab/resize", json={"max_size": 3.0})
+    assert resized.status_code == 200 and resized.json()["max_size"] == 3, resized.text
