@@ -7,13 +7,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep, token_of
-from deskpool.api.schemas import NO_NUL, Int, LoginResponse, UserPublic
+from deskpool.api.schemas import NO_NUL, NUMBER, LoginResponse, UserPublic
 from deskpool.broker.accounts import API_TOKEN_TTL
 from deskpool.broker.api_tokens import MAX_DAYS, TokenService
 
@@ -23,8 +23,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such toke
 
 class ApiTokenRequest(BaseModel):
     label: str = Field(default="", max_length=255, pattern=NO_NUL)
-    expires_in_days: Int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS,
-                                 description=f"whole days, 1 to {MAX_DAYS}")
+    expires_in_days: Annotated[int, Field(ge=1, le=MAX_DAYS), NUMBER] = Field(
+        default=API_TOKEN_TTL.days, description=f"whole days, 1 to {MAX_DAYS}")
 
 
 class ApiTokenIssued(LoginResponse):

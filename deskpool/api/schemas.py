@@ -157,11 +157,12 @@ def _json_flag(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_json_number)]
-Float = Annotated[float, BeforeValidator(_json_number)]
+# Placed after a type's bounds (``Annotated[int, Field(le=...), NUMBER]``), so that pydantic
+# keeps the bounds in the JSON schema as minimum and maximum.
+NUMBER = BeforeValidator(_json_number)
 Flag = Annotated[bool, BeforeValidator(_json_flag)]
-Seconds = Annotated[Int, Field(gt=0, le=10 * 365 * 86400)]  # within int32 and datetimes
-Size = Annotated[Int, Field(ge=0, le=100_000)]
+Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400), NUMBER]  # int32 and datetimes
+Size = Annotated[int, Field(ge=0, le=100_000), NUMBER]
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
 # The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;
@@ -318,8 +319,8 @@ class PoolResize(BaseModel):
 
 
 class RolloutRequest(BaseModel):
-    version: Int | None = Field(default=None, ge=1, le=1_000_000,
-                                description="default: the template's latest")
+    version: Annotated[int, Field(ge=1, le=1_000_000), NUMBER] | None = Field(
+        default=None, description="default: the template's latest")
     canary: Size | None = Field(default=None, description="new-version desktops ready "
                                 "before free old ones are replaced; default: as set")
 
@@ -367,13 +368,16 @@ class TemplatePublish(BaseModel):
     built_flavor: Flavor | None = None
     # Default: cloud-init for the cloudinit flavor, else fw_cfg.
     customization: Customization | None = None
-    vcpus: Int = Field(default=1, ge=1, le=256)
-    memory_mib: Int | None = Field(default=None, ge=128, le=4 * 1024 * 1024)
+    vcpus: Annotated[int, Field(ge=1, le=256), NUMBER] = 1
+    memory_mib: Annotated[int, Field(ge=128, le=4 * 1024 * 1024), NUMBER] | None = None
     notes: str = Field(default="", max_length=4096, pattern=NO_NUL)
     runs_on: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_, -]*$")
     arch: str = Field(default="", max_length=32, pattern=r"^[A-Za-z0-9_]*$")
     user_data: str | None = Field(default=None, max_length=256 * 1024, pattern=NO_NUL)
     join_hook: str | None = Field(default=None, max_length=64 * 1024, pattern=NO_NUL)
+
+
+Overcommit = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False), NUMBER]
 
 
 class HostCreate(BaseModel):
@@ -388,15 +392,15 @@ class HostCreate(BaseModel):
         except ValueError as exc:
             raise ValueError(f"not a URI: {exc}") from None
         return uri
-    cpu_overcommit: Float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False)
-    memory_overcommit: Float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
-    max_desktops: Int | None = Field(default=None, ge=0, le=100_000)
-    max_provisioning: Int = Field(default=2, ge=1, le=1000)
-    transfer_slots: Int = Field(default=2, ge=1, le=1000)
+    cpu_overcommit: Overcommit = 4.0
+    memory_overcommit: Overcommit = 1.0
+    max_desktops: Annotated[int, Field(ge=0, le=100_000), NUMBER] | None = None
+    max_provisioning: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
+    transfer_slots: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
 
 
 class DrainRequest(BaseModel):
-    grace_s: Int = Field(default=1800, ge=0, le=7 * 86400)
+    grace_s: Annotated[int, Field(ge=0, le=7 * 86400), NUMBER] = 1800
 
 
 # --- what the admin listings answer: each enum typed, so a client knows every value -------------

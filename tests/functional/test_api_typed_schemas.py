@@ -76,6 +76,28 @@ def test_every_enum_an_answer_carries_is_typed_in_the_document(world: BrokerWorl
     assert not untyped, "\n".join(untyped)
 
 
+def test_every_bound_is_in_the_document_as_json_schema_says_it(world: BrokerWorld) -> None:
+    """minimum/maximum, never pydantic's own ge/le (which a client and schemathesis ignore,
+    so the API would refuse values its document allows)."""
+    doc = world.client().get("/openapi.json").json()
+    stray: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            stray.extend(f"{where}.{k}" for k in ("ge", "le", "gt", "lt") if k in node
+                         and isinstance(node[k], int | float))
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(doc["components"], "components")
+    assert not stray, stray
+    host = doc["components"]["schemas"]["HostCreate"]["properties"]
+    assert host["max_desktops"]["anyOf"][0]["maximum"] == 100_000
+
+
 def test_the_listings_answer_values_of_those_enums(world: BrokerWorld) -> None:
     admin = world.client("root")
     hosts = admin.get("/api/v1/admin/hosts").json()
