@@ -13,16 +13,22 @@ from fastapi import APIRouter, Query
 
 from deskpool.api.deps import AdminActor, AdminUser, ServicesDep
 from deskpool.api.schemas import (
+    DesktopAdminView,
     DrainRequest,
     GrantRequest,
+    GrantView,
+    HostAdminView,
     HostCreate,
     HostPath,
+    PoolAdminView,
     PoolCreate,
     PoolPath,
     PrincipalKind,
+    SessionAdminView,
     StateResponse,
     TemplatePath,
     TemplatePublish,
+    TemplateVersionAdminView,
     UserAdminView,
     UserCreate,
     UserPath,
@@ -32,6 +38,7 @@ from deskpool.broker.user_admin import UserAdmin
 from deskpool.domain.errors import InvalidInput, NotFound
 from deskpool.domain.models import Customization
 from deskpool.domain.pools import PoolSpec
+from deskpool.domain.states import DesktopState
 from deskpool.images.builder import load_cached_image
 from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.audit import audit
@@ -47,35 +54,37 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"],
 Row = dict[str, Any]
 
 
-@router.get("/hosts")
+@router.get("/hosts", response_model=list[HostAdminView])
 def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(h) for h in HostService(svc.ctx).list()]
 
 
-@router.post("/hosts", responses=errors(409, 502, 503))
+@router.post("/hosts", response_model=HostAdminView, responses=errors(409, 502, 503))
 def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
     return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits, actor=actor))
 
 
-@router.post("/hosts/{name}/drain", responses=errors(404, 409))
+@router.post("/hosts/{name}/drain", response_model=HostAdminView, responses=errors(404, 409))
 def drain_host(name: HostPath, body: DrainRequest, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(HostService(svc.ctx).drain(name, grace=timedelta(seconds=body.grace_s),
                                              actor=actor))
 
 
-@router.post("/hosts/{name}/enable", responses=errors(404, 409))
+@router.post("/hosts/{name}/enable", response_model=HostAdminView,
+             responses=errors(404, 409))
 def enable_host(name: HostPath, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(HostService(svc.ctx).enable(name, actor=actor))
 
 
-@router.get("/templates")
+@router.get("/templates", response_model=list[TemplateVersionAdminView])
 def templates(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(v) for v in TemplateService(svc.ctx).list_versions()]
 
 
-@router.post("/templates/{name}/versions", responses=errors(404, 409))
+@router.post("/templates/{name}/versions", response_model=TemplateVersionAdminView,
+             responses=errors(404, 409))
 def publish_template(name: TemplatePath, body: TemplatePublish, actor: AdminActor,
                      svc: ServicesDep) -> Row:
     """Publish the next version of ``name`` (made if new) from image files the broker can
@@ -114,12 +123,12 @@ def publish_template(name: TemplatePath, body: TemplatePublish, actor: AdminActo
     return asdict(version)
 
 
-@router.get("/pools")
+@router.get("/pools", response_model=list[PoolAdminView])
 def pools(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(p) for p in PoolService(svc.ctx).list()]
 
 
-@router.post("/pools", responses=errors(404, 409))
+@router.post("/pools", response_model=PoolAdminView, responses=errors(404, 409))
 def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     spec = PoolSpec(
         name=body.name, template=body.template, kind=body.kind, assignment=body.assignment,
@@ -135,12 +144,13 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 
-@router.get("/entitlements")
+@router.get("/entitlements", response_model=list[GrantView])
 def entitlements(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     return [asdict(g) for g in svc.entitlements.list()]
 
 
-@router.post("/pools/{pool}/entitlements", responses=errors(404, 409))
+@router.post("/pools/{pool}/entitlements", response_model=GrantView,
+             responses=errors(404, 409))
 def grant(pool: PoolPath, body: GrantRequest, actor: AdminActor, svc: ServicesDep) -> Row:
     return asdict(svc.entitlements.grant(pool, body.kind, body.principal, actor=actor))
 
@@ -166,7 +176,7 @@ def create_user(body: UserCreate, actor: AdminActor, svc: ServicesDep) -> Row:
             "groups": sorted({g.strip().lower() for g in body.groups})}
 
 
-@router.get("/desktops")
+@router.get("/desktops", response_model=list[DesktopAdminView])
 def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     """Every desktop with its live state, power, user and, when stuck, the reason."""
     with svc.ctx.uow(read_only=True) as uow:
@@ -182,7 +192,7 @@ def desktops(admin: AdminUser, svc: ServicesDep) -> list[Row]:
                 for d, host, pool, number in rows]
 
 
-@router.get("/sessions")
+@router.get("/sessions", response_model=list[SessionAdminView])
 def sessions(admin: AdminUser, svc: ServicesDep) -> list[Row]:
     with svc.ctx.uow(read_only=True) as uow:
         rows = uow.desktop_listings.held()
@@ -201,7 +211,7 @@ def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
                                  reason=f"logged off by administrator {admin.name}")
     audit(svc.ctx, actor, "desktop.logoff", f"desktop/{desktop_id}",
           f"logged desktop {desktop_id} off", new={"state": state})
-    return StateResponse(desktop_id=desktop_id, state=state)
+    return StateResponse(desktop_id=desktop_id, state=DesktopState(state))
 
 
 @router.get("/events")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep
-from deskpool.api.schemas import UserPath, errors
+from deskpool.api.schemas import NUMBER, UserPath, errors
 from deskpool.services.profile_admin import ProfileAdmin
 from deskpool.services.profiles import ProfileView
 
@@ -38,7 +39,8 @@ class ProfilePublic(BaseModel):
 
 
 class RollbackRequest(BaseModel):
-    generation: int = Field(ge=1, le=2**31 - 1, description="a kept generation")
+    generation: Annotated[int, Field(ge=1, le=2**31 - 1, description="a kept generation"),
+                          NUMBER]
 
 
 def _public(view: ProfileView) -> ProfilePublic:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep, token_of
-from deskpool.api.schemas import NO_NUL, LoginResponse, UserPublic
+from deskpool.api.schemas import NO_NUL, NUMBER, LoginResponse, UserPublic
 from deskpool.broker.accounts import API_TOKEN_TTL
 from deskpool.broker.api_tokens import MAX_DAYS, TokenService
 
@@ -23,8 +23,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such toke
 
 class ApiTokenRequest(BaseModel):
     label: str = Field(default="", max_length=255, pattern=NO_NUL)
-    expires_in_days: int = Field(default=API_TOKEN_TTL.days, ge=1, le=MAX_DAYS,
-                                 description=f"whole days, 1 to {MAX_DAYS}")
+    expires_in_days: Annotated[int, Field(ge=1, le=MAX_DAYS), NUMBER] = Field(
+        default=API_TOKEN_TTL.days, description=f"whole days, 1 to {MAX_DAYS}")
 
 
 class ApiTokenIssued(LoginResponse):
@@ -37,7 +37,7 @@ class TokenPublic(BaseModel):
 
     id: uuid.UUID
     user: str
-    kind: str  # api | session
+    kind: Literal["api", "session"]
     label: str
     created_at: datetime
     expires_at: datetime | None
@@ -75,8 +75,12 @@ def revoke_my_token(token_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) ->
 
 @router.get("/admin/users/{name}/tokens", response_model=list[TokenPublic], tags=["admin"],
             responses=NOT_FOUND)
-def user_tokens(name: str, admin: AdminUser, svc: ServicesDep) -> list[TokenPublic]:
-    return [TokenPublic.model_validate(asdict(t)) for t in TokenService(svc.ctx).list(name)]
+def user_tokens(name: str, request: Request, admin: AdminUser,
+                svc: ServicesDep) -> list[TokenPublic]:
+    """The user's live API tokens and sessions, newest first; ``current`` marks the one this
+    request came with (an administrator looking at their own)."""
+    return [TokenPublic.model_validate(asdict(t)) for t in TokenService(svc.ctx).list(
+        name, current_secret=token_of(request))]
 
 
 @router.delete("/admin/users/{name}/tokens/{token_id}", status_code=204, tags=["admin"],

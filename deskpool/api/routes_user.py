@@ -24,7 +24,7 @@ from deskpool.api.schemas import (
     errors,
 )
 from deskpool.domain.errors import Conflict, Forbidden
-from deskpool.domain.states import HELD_STATES
+from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.domain.users import Identity
 from deskpool.services.events import messages_for
 from deskpool.store.desktop_listings import PoolAvailability
@@ -120,7 +120,8 @@ def my_desktops(user: CurrentUser, svc: ServicesDep) -> list[MyDesktop]:
 def my_messages(user: CurrentUser, svc: ServicesDep) -> list[UserMessage]:
     """The caller's newest messages: a desktop of theirs lost (its VM crashed, its host
     down) and what happens next."""
-    return [UserMessage(at=e.at, severity=e.severity, desktop=e.desktop, message=e.message)
+    return [UserMessage.model_validate({"at": e.at, "severity": e.severity,
+                                        "desktop": e.desktop, "message": e.message})
             for e in messages_for(svc.ctx, user.name)]
 
 
@@ -150,7 +151,7 @@ def console_ticket(desktop_id: uuid.UUID, user: CurrentUser,
 def log_off(desktop_id: uuid.UUID, user: CurrentUser, svc: ServicesDep) -> StateResponse:
     _own_desktop(svc, user, desktop_id)
     state = svc.sessions.log_off(desktop_id, by=user, reason="the user logged off")
-    return StateResponse(desktop_id=desktop_id, state=state)
+    return StateResponse(desktop_id=desktop_id, state=DesktopState(state))
 
 
 @router.get("/desktops/{desktop_id}/console.vv", response_class=Response, tags=["user"],

@@ -8,12 +8,27 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
-from deskpool.domain.models import CloneMode, Customization, PoolStatus
+from deskpool.domain.models import (
+    CloneMode,
+    Customization,
+    DomainType,
+    HostState,
+    PoolStatus,
+    PowerState,
+)
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
+from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.images.recipe import Flavor
 
 
@@ -88,12 +103,15 @@ class HandoverResponse(BaseModel):
     phases_ms: dict[str, int]
 
 
+Severity = Literal["info", "warning", "error"]
+
+
 class MyDesktop(BaseModel):
     id: uuid.UUID
     name: str
     hostname: str
     pool: str
-    state: str
+    state: DesktopState
     connected: bool
     notice: str | None = None  # e.g. a host maintenance warning
 
@@ -102,7 +120,7 @@ class UserMessage(BaseModel):
     """Something that happened to one of the user's desktops (e.g. its VM crashed)."""
 
     at: datetime
-    severity: str
+    severity: Severity
     desktop: str | None
     message: str
 
@@ -116,15 +134,36 @@ class ConsoleTicketResponse(BaseModel):
 
 class StateResponse(BaseModel):
     desktop_id: uuid.UUID
-    state: str
+    state: DesktopState
 
 
 # --- admin ------------------------------------------------------------------------------------
 
 # Every bound is checked here, at the edge, so that a value the database column, a Python
 # datetime or a background loop cannot hold is a 422 naming the field, never a 500 later.
-Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400)]  # within int32 and datetimes
-Size = Annotated[int, Field(ge=0, le=100_000)]
+
+def _json_number(value: Any) -> Any:
+    """A number must be a JSON number: pydantic's lax mode reads true as 1 and "5" as 5, so a
+    body the schema calls invalid would be obeyed. (An integral 5.0 is an integer, as JSON
+    Schema says; pydantic's strict mode would refuse it.)"""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number, not "
+                         + ("true or false" if isinstance(value, bool) else "a string"))
+    return value
+
+
+def _json_flag(value: Any) -> Any:
+    if not isinstance(value, bool):  # lax mode reads 1, "yes", "on" as true
+        raise ValueError("must be true or false")
+    return value
+
+
+# Placed after a type's bounds (``Annotated[int, Field(le=...), NUMBER]``), so that pydantic
+# keeps the bounds in the JSON schema as minimum and maximum.
+NUMBER = BeforeValidator(_json_number)
+Flag = Annotated[bool, BeforeValidator(_json_flag)]
+Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400), NUMBER]  # int32 and datetimes
+Size = Annotated[int, Field(ge=0, le=100_000), NUMBER]
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
 # The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;
@@ -160,7 +199,7 @@ class UserCreate(BaseModel):
     name: UserName
     password: str = Field(min_length=8, max_length=1024, pattern=NO_NUL)
     display_name: str = Field(default="", max_length=255, pattern=NO_NUL)
-    is_admin: bool = False
+    is_admin: Flag = False
     groups: list[UserName] = Field(default_factory=list, max_length=100)
 
 
@@ -208,7 +247,7 @@ class PoolCreate(BaseModel):
     naming_pattern: str = Field(default="desktop-{n:03}", max_length=255)
     clone_mode: CloneMode = CloneMode.LINKED
     on_logout: OnLogout = OnLogout.RECYCLE_REVERT
-    one_time: bool = False
+    one_time: Flag = False
     max_age_s: Seconds | None = None
     power_policy: PowerPolicy = PowerPolicy.RUNNING
     canary: Size = 0
@@ -216,7 +255,7 @@ class PoolCreate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = 1800
     session_start_timeout_s: Seconds = 150
-    roaming_profiles: bool = False
+    roaming_profiles: Flag = False
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[ExclusionPath] = Field(default_factory=list, max_length=32)
     placement: Placement = "spread"
@@ -243,7 +282,7 @@ class PoolUpdate(BaseModel):
     naming_pattern: str | SkipJsonSchema[None] = Field(default=None, max_length=255)
     clone_mode: CloneMode | SkipJsonSchema[None] = None
     on_logout: OnLogout | SkipJsonSchema[None] = None
-    one_time: bool | SkipJsonSchema[None] = None
+    one_time: Flag | SkipJsonSchema[None] = None
     max_age_s: Seconds | None = None
     power_policy: PowerPolicy | SkipJsonSchema[None] = None
     canary: Size | SkipJsonSchema[None] = None
@@ -251,7 +290,7 @@ class PoolUpdate(BaseModel):
     idle_timeout_s: Seconds | None = None
     disconnect_timeout_s: Seconds | None = None
     session_start_timeout_s: Seconds | SkipJsonSchema[None] = None
-    roaming_profiles: bool | SkipJsonSchema[None] = None
+    roaming_profiles: Flag | SkipJsonSchema[None] = None
     second_session: SecondSession | SkipJsonSchema[None] = None
     profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
                                                                         max_length=32)
@@ -289,8 +328,8 @@ class PoolResize(BaseModel):
 
 
 class RolloutRequest(BaseModel):
-    version: int | None = Field(default=None, ge=1, le=1_000_000,
-                                description="default: the template's latest")
+    version: Annotated[int, Field(ge=1, le=1_000_000), NUMBER] | None = Field(
+        default=None, description="default: the template's latest")
     canary: Size | None = Field(default=None, description="new-version desktops ready "
                                 "before free old ones are replaced; default: as set")
 
@@ -346,13 +385,16 @@ class TemplatePublish(BaseModel):
     built_flavor: Flavor | None = None
     # Default: cloud-init for the cloudinit flavor, else fw_cfg.
     customization: Customization | None = None
-    vcpus: int = Field(default=1, ge=1, le=256)
-    memory_mib: int | None = Field(default=None, ge=128, le=4 * 1024 * 1024)
+    vcpus: Annotated[int, Field(ge=1, le=256), NUMBER] = 1
+    memory_mib: Annotated[int, Field(ge=128, le=4 * 1024 * 1024), NUMBER] | None = None
     notes: str = Field(default="", max_length=4096, pattern=NO_NUL)
     runs_on: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_, -]*$")
     arch: str = Field(default="", max_length=32, pattern=r"^[A-Za-z0-9_]*$")
     user_data: str | None = Field(default=None, max_length=256 * 1024, pattern=NO_NUL)
     join_hook: str | None = Field(default=None, max_length=64 * 1024, pattern=NO_NUL)
+
+
+Overcommit = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False), NUMBER]
 
 
 class HostCreate(BaseModel):
@@ -367,12 +409,87 @@ class HostCreate(BaseModel):
         except ValueError as exc:
             raise ValueError(f"not a URI: {exc}") from None
         return uri
-    cpu_overcommit: float = Field(default=4.0, gt=0, le=1000, allow_inf_nan=False)
-    memory_overcommit: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
-    max_desktops: int | None = Field(default=None, ge=0, le=100_000)
-    max_provisioning: int = Field(default=2, ge=1, le=1000)
-    transfer_slots: int = Field(default=2, ge=1, le=1000)
+    cpu_overcommit: Overcommit = 4.0
+    memory_overcommit: Overcommit = 1.0
+    max_desktops: Annotated[int, Field(ge=0, le=100_000), NUMBER] | None = None
+    max_provisioning: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
+    transfer_slots: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
 
 
 class DrainRequest(BaseModel):
-    grace_s: int = Field(default=1800, ge=0, le=7 * 86400)
+    grace_s: Annotated[int, Field(ge=0, le=7 * 86400), NUMBER] = 1800
+
+
+# --- what the admin listings answer: each enum typed, so a client knows every value -------------
+
+class HostAdminView(BaseModel):
+    id: uuid.UUID
+    name: str
+    uri: str
+    state: HostState
+    domain_type: DomainType
+    storage_dir: str | None
+    hypervisor: str
+    arch: str
+    cpu_model: str
+    vcpus: int
+    memory_mib: int
+    storage_free_bytes: int
+    cpu_overcommit: float
+    memory_overcommit: float
+    max_desktops: int | None
+    max_provisioning: int
+    transfer_slots: int
+    desktops: int
+    last_seen_at: datetime | None
+    last_error: str | None
+    drain_deadline: datetime | None
+
+
+class TemplateVersionAdminView(BaseModel):
+    id: uuid.UUID
+    template: str
+    number: int
+    image_path: str
+    image_sha256: str
+    image_size_bytes: int
+    customization: Customization
+    published_at: datetime
+    has_user_data: bool
+    has_join_hook: bool
+
+
+class GrantView(BaseModel):
+    pool: str
+    kind: PrincipalKind
+    principal: str
+
+
+class DesktopAdminView(BaseModel):
+    id: uuid.UUID
+    name: str
+    hostname: str
+    state: DesktopState
+    power_state: PowerState
+    task: DesktopTask | None
+    host: str
+    pool: str | None
+    version: int
+    user: str | None
+    last_error: str | None
+    retry_count: int
+    state_changed_at: datetime
+    console_connections: int
+    placement_reason: str | None
+    notice: str | None
+
+
+class SessionAdminView(BaseModel):
+    desktop_id: uuid.UUID
+    desktop: str
+    user: str | None
+    state: DesktopState
+    reserved_at: datetime | None
+    console_connections: int
+    disconnected_at: datetime | None
+    guest_user: str | None

@@ -1,9 +1,9 @@
 """A user's tokens, listed and revoked: their API tokens (for scripts and native clients) and
 their browser sessions. A list shows each token's id, kind, label and dates, never its secret
 (only its SHA-256 is stored anyway). A user revokes their own; an administrator (the API's
-admin routes, the CLI) any user's, and that is an audit event. A revoked or expired token opens
-nothing from the next request on (``AccountService.resolve``); so does every token of a
-disabled user.
+admin routes, the CLI) any user's, and that is an audit event, as is a token the CLI makes
+for a user. A revoked or expired token opens nothing from the next request on
+(``AccountService.resolve``); so does every token of a disabled user.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from deskpool.broker.accounts import (
     token_digest,
 )
 from deskpool.domain.errors import InvalidInput, NotFound
-from deskpool.services.audit import Actor, record_audit
+from deskpool.services.audit import Actor, audit, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.store.accounts import TokenRow
 from deskpool.store.models import utcnow
@@ -62,7 +62,18 @@ class TokenService:
         self.actor = actor
 
     def issue(self, accounts: AccountService, user: str, label: str, days: int) -> SignedIn:
-        return accounts.issue_api_token(user, label, ttl=ttl_of(days))
+        """A new API token for ``user``. Made by an ``actor`` (the CLI's local login making
+        one for a user, never the user for themselves) it is an audit event: who now holds a
+        credential of that user's is an administrator's action."""
+        signed = accounts.issue_api_token(user, label, ttl=ttl_of(days))
+        if self.actor is not None:
+            who = signed.identity.name
+            audit(self.ctx, self.actor, "token.create", f"user/{who}",
+                  f"made api token {signed.token_id} for {who}"
+                  + (f" ({label})" if label else ""),
+                  new={"token": str(signed.token_id), "kind": "api", "label": label,
+                       "expires_at": signed.expires_at}, user=who)
+        return signed
 
     def list(self, user: str | None = None, *,
              current_secret: str | None = None) -> list[TokenView]:

@@ -1,6 +1,6 @@
 """``deskpool token create|list|revoke``: API tokens made, listed and revoked from the broker's
 own machine (an administrator's recovery path, or a token for a script). Each expires; a
-revocation here is recorded in the audit log with the local login as its actor."""
+token made or revoked here is recorded in the audit log with the local login as its actor."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def token_create(
 ) -> None:
     """Make an API token for USER, printed this once (only its hash is kept)."""
     with services() as ctx:
-        signed = TokenService(ctx).issue(AccountService(ctx), user, label, expires_in_days)
+        signed = TokenService(ctx, Actor.local()).issue(AccountService(ctx), user, label,
+                                                        expires_in_days)
     out.print(f"token {signed.token_id} for {signed.identity.name}, expires "
               f"{signed.expires_at:%Y-%m-%d %H:%M} UTC (shown once):")
     out.print(signed.token, markup=False, highlight=False)

@@ -1,8 +1,9 @@
 // The admin view: every table from /api/v1/admin, refreshed every few seconds; hosts can be
 // added, drained and enabled, and a user's desktop logged off, from here.
 import { api, el, show } from "./api.js";
-import { addUser, auditPath, hostRemove, poolActions, profileActions, revokeButton,
-         userActions, values, versionActions } from "./admin_manage.js";
+import { addUser, auditPath, closeTokens, hostRemove, poolActions, profileActions,
+         revokeButton, tokenRevoke, tokensPath, userActions, values,
+         versionActions } from "./admin_manage.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -181,6 +182,19 @@ function logOff(d) {
   });
 }
 
+// --- pools -------------------------------------------------------------------------------
+
+// A rollout's progress: the pool's desktops by template version, newest first (retired ones
+// left out), from the desktops table, which is read first.
+function versionsOf(p) {
+  const n = {};
+  for (const d of lastDesktops) {
+    if (d.pool === p.name && d.state !== "retired") n[d.version] = (n[d.version] || 0) + 1;
+  }
+  return Object.entries(n).sort(([a], [b]) => b - a).map(([v, c]) => `v${v} ${c}`)
+    .join(" · ");
+}
+
 // --- the confirmation dialog and messages --------------------------------------------------
 
 const dialog = { spec: null };
@@ -301,6 +315,7 @@ const TABLES = {
           (p.profile_exclusions.length ? `; kept out: ${p.profile_exclusions.join(", ")}` : "")
         : "")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
+      ["By version", versionsOf, "versions"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
     attrs: (p) => ({ "data-name": p.name, "data-status": p.status,
@@ -316,6 +331,17 @@ const TABLES = {
       ["Last sign-in", (u) => when(u.last_login_at)], ["", (u) => userActions(u, ui), "actions"]],
     key: (u) => u.name,
     attrs: (u) => ({ "data-name": u.name }),
+  },
+  tokens: {
+    path: tokensPath,
+    columns: [
+      ["Kind", (t) => (t.kind === "api" ? "API token" : "browser session"), "kind"],
+      ["Label", (t) => t.label, "name"], ["Created", (t) => when(t.created_at), "created"],
+      ["Expires", (t) => (t.expires_at ? when(t.expires_at) : "never"), "expires"],
+      ["", (t) => (t.current ? "this browser" : ""), "muted"],
+      ["", (t) => tokenRevoke(t, ui), "actions"]],
+    key: (t) => t.id,
+    attrs: (t) => ({ "data-kind": t.kind, "data-label": t.label }),
   },
   entitlements: {
     path: "/api/v1/admin/entitlements",
@@ -417,8 +443,9 @@ const TABLES = {
   },
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
+// A table whose path is null (the tokens, with no user chosen) is not fetched.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "entitlements", "profiles", "audit"];
+               "users", "tokens", "entitlements", "profiles", "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 
@@ -489,16 +516,22 @@ function refused(text, signIn) {
 
 async function refresh() {
   clearTimeout(timer);
-  const answers = await Promise.all(ORDER.map((n) => api("GET", pathOf(n))));
+  const names = ORDER.filter((n) => pathOf(n) !== null);
+  const answers = await Promise.all(names.map((n) => api("GET", pathOf(n))));
   const denied = answers.find((a) => a.status === 401 || a.status === 403);
   if (denied) {
     refused(denied.error, denied.status === 401);
     return;
   }
-  const failed = answers.filter((a) => !a.ok).map((a) => a.error);
+  const gone = names.indexOf("tokens");
+  if (gone >= 0 && answers[gone].status === 404) {
+    closeTokens();  // the user was deleted meanwhile: nothing left to show
+    answers[gone] = { ok: false, status: 404, error: null };
+  }
+  const failed = answers.filter((a) => !a.ok && a.error).map((a) => a.error);
   $("admin-error").textContent = failed.join("; ");
   show($("admin-error"), failed.length > 0);
-  ORDER.forEach((name, i) => {
+  names.forEach((name, i) => {
     if (!answers[i].ok) return;
     if (name === "desktops") {
       lastDesktops = answers[i].data;
@@ -547,6 +580,7 @@ async function start() {
   for (const id of ["audit-actor", "audit-target"]) {
     $(id).addEventListener("change", () => refresh());
   }
+  $("tokens-close").addEventListener("click", closeTokens);
   $("confirm-form").addEventListener("submit", confirmed);
   $("confirm-cancel").addEventListener("click", () => {
     dialog.spec = null;

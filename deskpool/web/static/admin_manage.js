@@ -1,8 +1,9 @@
 // The admin view's actions beyond hosts and log-offs: pools (resize, disable, enable,
-// rollout with canaries, rollback, clear a template fault, delete), hosts removed, template versions deleted, users
-// (disable, enable, new password, delete) and the audit log. Every action asks first through
-// the page's dialog (``ui.ask``) and says what happened (``ui.say``); the API decides and
-// audits.
+// rollout with canaries, rollback, clear a template fault, delete), hosts removed, template
+// versions deleted, users (disable, enable, new password, delete, their tokens listed and
+// revoked), roaming profiles (reset, roll back) and the audit log. Every action asks first
+// through the page's dialog (``ui.ask``) and says what happened (``ui.say``); the API
+// decides and audits.
 import { api, el } from "./api.js";
 
 const q = encodeURIComponent;
@@ -137,6 +138,7 @@ export function versionActions(t, ui) {
 
 export function userActions(u, ui) {
   return group(
+    button("Tokens", "tokens", () => showTokens(u.name, ui)),
     u.disabled ? button("Enable", "enable", () => userPost(u, "enable", ui))
                : button("Disable", "disable", () => ui.ask({
                  title: `Disable ${u.name}`,
@@ -193,6 +195,40 @@ async function userPost(u, verb, ui) {
          answer.ok ? `${u.name} is ${answer.data.disabled ? "disabled" : "enabled"}`
                    : answer.error);
   await ui.refresh();
+}
+
+// --- one user's tokens ------------------------------------------------------------------------
+
+// The user whose tokens the page shows (null: none), refreshed with the other tables.
+const tokensOf = { user: null };
+
+export const tokensPath = () => (tokensOf.user === null ? null
+  : `/api/v1/admin/users/${q(tokensOf.user)}/tokens`);
+
+async function showTokens(name, ui) {
+  tokensOf.user = name;
+  document.getElementById("tokens-user").textContent = name;
+  ui.say("tokens-message", "ready", "");
+  document.getElementById("user-tokens").hidden = false;
+  await ui.refresh();
+}
+
+export function closeTokens() {
+  tokensOf.user = null;
+  document.getElementById("user-tokens").hidden = true;
+}
+
+export function tokenRevoke(t, ui) {
+  const what = t.kind === "api" ? "API token" : "browser session";
+  const named = t.label ? ` "${t.label}"` : "";
+  return button("Revoke", "revoke danger", () => ui.ask({
+    title: `Revoke ${t.user}'s ${what}${named}`,
+    text: t.current ? "This is your own session in this browser: you are signed out at once."
+                    : `It opens nothing from now on: whatever uses it must sign in again.`,
+    ok: "Revoke",
+    action: () => api("DELETE", `/api/v1/admin/users/${q(t.user)}/tokens/${q(t.id)}`),
+    done: () => ["tokens-message", `revoked ${t.user}'s ${what}${named}`],
+  }));
 }
 
 export function revokeButton(g, ui) {
