@@ -506,8 +506,18 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
                 return self._record(dom)
 
     def list_vms(self) -> list[VmRecord]:
+        records = []
         with self._lock, self._translate("listing VMs"):
-            return [self._record(dom) for dom in self._conn.listAllDomains(0)]
+            for dom in self._conn.listAllDomains(0):
+                try:
+                    records.append(self._record(dom))
+                except libvirt.libvirtError as exc:
+                    # Undefined between the list and the read (on a shared daemon: another
+                    # client's VM, another broker's delete): it is not there any more. Failing
+                    # the whole list would make the host look silent to the reconciler.
+                    if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+        return records
 
     def console_address(
         self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
