@@ -2,7 +2,8 @@
 administrator) define and undefine VMs while a broker lists them. Found by bench/r1_kill.py on a
 machine where other sessions made VMs: a VM undefined between libvirt's list of domains and the
 read of its state made the whole listing fail, so the reconciler took the host for silent and
-dropped its connection under the steps then running, which failed their desktops."""
+dropped its connection under the steps then running, which failed their desktops; and a
+leftover VM removed by another client while the reconciler removed it failed its pass."""
 
 from __future__ import annotations
 
@@ -77,3 +78,21 @@ def test_other_errors_while_listing_still_fail_the_listing(driver: LibvirtDriver
             driver.list_vms()
     finally:
         driver._conn = real
+
+
+def test_a_vm_undefined_while_being_deleted_counts_as_deleted(
+        driver: LibvirtDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """delete_vm of a VM that another client removes between the lookup and the undefine
+    succeeds (a missing VM's delete does): the reconciler's removal of a leftover VM, met
+    by such a race, failed its whole pass."""
+    name = f"deleting-{uuid.uuid4().hex[:8]}"
+    _define(driver._conn, name)
+    dom = driver._conn.lookupByName(name)
+
+    def found_then_gone(vm_id: uuid.UUID) -> Any:
+        driver._conn.lookupByName(name).undefine()  # the other client wins the race
+        return dom
+
+    monkeypatch.setattr(driver, "_own_domain", found_then_gone)
+    driver.delete_vm(uuid.UUID(dom.UUIDString()))
+    assert name not in {vm.name for vm in driver.list_vms()}

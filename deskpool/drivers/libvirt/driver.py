@@ -479,9 +479,15 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Hypervisor
                 dom = None
             if dom is not None:
                 with self._translate(f"deleting VM {vm_id}"):
-                    if dom.isActive():
-                        dom.destroy()
-                    self._undefine(dom)
+                    try:
+                        if dom.isActive():
+                            dom.destroy()
+                        self._undefine(dom)
+                    except libvirt.libvirtError as exc:
+                        # Undefined meanwhile by another client (on a shared daemon, another
+                        # broker's step): gone, as asked; its volumes still go below.
+                        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                            raise
             self._refresh_pool()
             for volume in owned_volume_names(vm_id):
                 self.delete_volume(volume)
