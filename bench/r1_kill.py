@@ -267,7 +267,9 @@ class BrokerProcess:
         env = {**os.environ, "DESKPOOL_CONFIG": "", "PYTHONPATH": str(ROOT),
                "DESKPOOL_DATA_DIR": str(self.settings.data_dir),
                "DESKPOOL_LEASE_S": str(LEASE_S), "DESKPOOL_RECONCILE_INTERVAL_S": "0.5",
-               "DESKPOOL_TIMERS_INTERVAL_S": "1", "DESKPOOL_READY_TIMEOUT_S": "180"}
+               "DESKPOOL_TIMERS_INTERVAL_S": "1",
+               # Generous: a console guest may take minutes to boot on a busy machine.
+               "DESKPOOL_READY_TIMEOUT_S": "900"}
         if self.settings.database_url:
             env["DESKPOOL_DATABASE_URL"] = self.settings.database_url
         self.starts += 1
@@ -393,12 +395,10 @@ def run_database(kind: str, args: argparse.Namespace, rng: random.Random) -> Cen
             broker.start()
             if not wait_until(lambda: broker is not None and broker.up(any_token), 120, 0.3):
                 raise SystemExit(f"[{kind}] the broker did not come up (see {broker_log})")
-            # A real guest first (booted and confirmed); the rest are made under the kills.
-            if not wait_until(lambda: Counter(d.state for d in desktop_rows(ctx))["ready"]
-                              >= 1, 900, 2.0):
-                raise SystemExit(f"[{kind}] no desktop was ready in 900 s")
-            print(f"[{kind}] first desktop ready in "
-                  f"{time.monotonic() - began:.0f} s; {args.kills} kills follow", flush=True)
+            # The kills start at once: the pool's guests are made (cloned, booted, confirmed)
+            # under them, as are the users' hand-overs.
+            print(f"[{kind}] broker up in {time.monotonic() - began:.0f} s; "
+                  f"{args.kills} kills follow", flush=True)
             for n, (name, token) in enumerate(sorted(world.tokens.items())):
                 user = User(name, token, f"http://127.0.0.1:{broker.port}",
                             rng.randrange(2**32) + n, stop_users)
