@@ -64,7 +64,7 @@ from deskpool.drivers.libvirt import LibvirtDriver, forget_storage_pool
 from deskpool.images.builder import build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.context import ServiceContext
-from deskpool.services.hosts import HostService
+from deskpool.services.hosts import HostService, resolved_domain_type
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 
@@ -325,7 +325,11 @@ def build_world(work: Path, database_url: str | None, label: str, pool_size: int
     spare = max(1, pool_size - 1)
     ctx = ServiceContext(settings)
     try:
-        HostService(ctx).add("local", "qemu:///system", storage_dir=storage)
+        host = HostService(ctx).add("local", "qemu:///system", storage_dir=storage)
+        # Whether KVM really boots a guest here is probed once per host, by the first desktop
+        # made; the probe boots a kernel (long under TCG on a busy machine), so a broker
+        # killed every few seconds would never finish it: it is done before the kills.
+        resolved_domain_type(ctx, host.id, ctx.driver_for_name("local"), image.kernel)
         TemplateService(ctx).publish(TEMPLATE, ImageFiles.from_guest_image(image),
                                      recipe_hash=image.recipe_hash,
                                      memory_mib=image.memory_mib)
