@@ -424,6 +424,9 @@ def run_database(kind: str, args: argparse.Namespace, rng: random.Random) -> Cen
             api_holds = {u.user: u.call("GET", "/api/v1/desktops") for u in users}
             settled = settle(ctx, world, args.settle_s)
             broker.stop()
+            # Its leases run out first: a step it had in hand then counts as stuck if its
+            # desktop is still half made.
+            time.sleep(LEASE_S + 1)
             census = count_final(ctx, world, [u.log for u in users], api_holds, doubles_seen)
             census.notes.append(f"settled: {settled}")
             census.elapsed_s = time.monotonic() - began
