@@ -301,6 +301,9 @@ class Broker:
                           roaming_profiles=look.roaming_profiles,
                           profile_policy=look.profile_policy)
         pool = uow.pools.get(look.pool_id)
+        # The pool's row lock before its seats are counted: a reconciler's sizing or another
+        # broker's logon adding a desktop meanwhile is seen, so max_size holds on PostgreSQL.
+        uow.pools.lock(pool.id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
             if any(seat.assigned_user is None and (seat.state in PREPARING_STATES or (

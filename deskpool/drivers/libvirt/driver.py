@@ -488,7 +488,15 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
             dom = self._own_domain(vm_id)
             with self._translate(f"starting VM {dom.name()}"):
                 if not dom.isActive():
-                    dom.create()  # restores a managed save, which may have been of a paused VM
+                    try:
+                        dom.create()  # restores a managed save, maybe of a paused VM
+                    except libvirt.libvirtError as exc:
+                        # Started meanwhile by another client: a start asked by a broker that
+                        # was then killed goes on in libvirtd, and the next broker's start
+                        # meets it. Running is what was asked (QEMU says "operation not
+                        # valid", the test driver "internal error": the VM's state decides).
+                        if not dom.isActive():
+                            raise exc
                 if dom.state(0)[0] == libvirt.VIR_DOMAIN_PAUSED:
                     dom.resume()
 
@@ -512,9 +520,15 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
                 dom = None
             if dom is not None:
                 with self._translate(f"deleting VM {vm_id}"):
-                    if dom.isActive():
-                        dom.destroy()
-                    self._undefine(dom)
+                    try:
+                        if dom.isActive():
+                            dom.destroy()
+                        self._undefine(dom)
+                    except libvirt.libvirtError as exc:
+                        # Undefined meanwhile by another client (on a shared daemon, another
+                        # broker's step): gone, as asked; its volumes still go below.
+                        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                            raise
             self._refresh_pool()
             for volume in owned_volume_names(vm_id):
                 self.delete_volume(volume)
@@ -539,8 +553,18 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
                 return self._record(dom)
 
     def list_vms(self) -> list[VmRecord]:
+        records = []
         with self._lock, self._translate("listing VMs"):
-            return [self._record(dom) for dom in self._conn.listAllDomains(0)]
+            for dom in self._conn.listAllDomains(0):
+                try:
+                    records.append(self._record(dom))
+                except libvirt.libvirtError as exc:
+                    # Undefined between the list and the read (on a shared daemon: another
+                    # client's VM, another broker's delete): it is not there any more. Failing
+                    # the whole list would make the host look silent to the reconciler.
+                    if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+        return records
 
     def console_address(
         self, vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC,

@@ -17,6 +17,9 @@ from contextlib import suppress
 from pathlib import Path
 
 QEMU_BINARY = "qemu-system-x86_64"
+# util-linux's setpriv execs QEMU with a parent-death signal: a probe whose broker is killed
+# (SIGKILL: no clean-up runs) dies with it instead of hanging on, a QEMU spinning forever.
+SETPRIV = "setpriv"
 _BOOTED_MARKERS = ("Kernel panic", "VFS: Unable to mount root")
 
 
@@ -26,7 +29,9 @@ def kvm_boots_kernel(kernel: Path, *, timeout_s: float = 12.0) -> bool:
         return False
     with tempfile.TemporaryDirectory(prefix="deskpool-kvm-probe-") as tmp:
         serial = Path(tmp) / "serial.log"
+        setpriv = shutil.which(SETPRIV)
         argv = [
+            *([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []),
             qemu, "-machine", "accel=kvm", "-m", "256", "-nodefaults", "-display", "none",
             "-no-reboot", "-serial", f"file:{serial}", "-kernel", str(kernel),
             "-append", "console=ttyS0 panic=-1 root=/dev/null",
