@@ -28,7 +28,6 @@ import libvirt_qemu
 from deskpool.config import Settings
 from deskpool.domain.errors import (
     AgentUnavailable,
-    ChecksumMismatch,
     Conflict,
     DriverError,
     InvalidInput,
@@ -55,13 +54,14 @@ from deskpool.drivers.base import (
 from deskpool.drivers.libvirt import xml
 from deskpool.drivers.libvirt.connection import ConnectionMixin
 from deskpool.drivers.libvirt.hotplug import HotplugMixin
+from deskpool.drivers.libvirt.imports import VolumeImportsMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
 from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
-from deskpool.drivers.libvirt.volume_check import VerifiedVolumes, volume_stamp
+from deskpool.drivers.libvirt.volume_check import VerifiedVolumes
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -72,7 +72,6 @@ _AGENT_SILENT = {
     libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,  # no agent channel configured
     libvirt.VIR_ERR_NO_SUPPORT,  # test:/// has no guest agent
 }
-_UPLOAD_CHUNK = 4 * 1024 * 1024
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -109,7 +108,8 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
-class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, ConnectionMixin,
+class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImportsMixin,
+                    ConnectionMixin,
                     HypervisorDriver):
     """One connection per host, opened again by the first call after it died (the host's
     libvirtd was restarted; see ``connection.py``)."""
@@ -250,83 +250,6 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
         return kvm_boots_kernel(kernel)
 
     # --- storage ---------------------------------------------------------------------------
-
-    def import_volume(self, name: str, source: Path, sha256: str | None = None) -> VolumeInfo:
-        with self._lock:
-            existing = self._volume(name)
-            if existing is not None and self._is_test:
-                return self.volume_info(name)  # test:/// volumes hold no data to check
-            if existing is not None:
-                physical = self._physical_bytes(name, existing)
-                if physical is not None and (not source.is_file()
-                                             or physical == source.stat().st_size):
-                    # Checked; one whose file was removed by hand is imported afresh.
-                    if sha256 is None or self._verified.verify(
-                            self._conn, name, existing, sha256, self.uri):
-                        return self.volume_info(name)
-                elif physical is not None:
-                    # Not the source's size: an upload a crash or a lost connection cut
-                    # short (never a finished one: sources are immutable). Made again.
-                    with self._translate(f"deleting the half-imported volume {name}"):
-                        existing.delete(0)
-                    self._verified.forget(name)
-            if not source.is_file():
-                raise NotFound(f"image file {source} does not exist")
-            size = source.stat().st_size
-            fmt = "qcow2" if _is_qcow2(source) else "raw"
-            definition = xml.VolumeDefinition(name=name, capacity_bytes=size, format=fmt)
-            with self._translate(f"creating volume {name}"):
-                vol = self._pool.createXML(definition.to_xml(), 0)
-            try:
-                digest = self._upload(vol, source, size)
-            except BaseException:
-                with suppress(libvirt.libvirtError):
-                    vol.delete(0)
-                raise
-            if sha256 is not None and digest != sha256:
-                with suppress(libvirt.libvirtError):
-                    vol.delete(0)
-                raise ChecksumMismatch(
-                    f"checksum of {source} is {digest}, expected {sha256}: volume not imported"
-                )
-            if sha256 is not None and not self._is_test:
-                with self._translate(f"reading volume {name}"):
-                    self._verified.remember(name, volume_stamp(vol), digest)
-            return self.volume_info(name)
-
-    def _physical_bytes(self, name: str, vol: libvirt.virStorageVol) -> int | None:
-        """The size of the volume's file on the host (not its virtual size); None when the
-        file was removed behind libvirt's back (libvirt drops the volume then)."""
-        try:
-            return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return None
-            raise self._failure(f"reading volume {name}", exc) from exc
-
-    def _upload(self, vol: libvirt.virStorageVol, source: Path, size: int) -> str:
-        """Stream the file into the volume; returns the sha256 of what was sent."""
-        digest = hashlib.sha256()
-        if self._is_test:
-            # test:/// keeps volumes as metadata only and cannot receive data.
-            with source.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(_UPLOAD_CHUNK), b""):
-                    digest.update(chunk)
-            return digest.hexdigest()
-        with self._translate(f"uploading {source}"):
-            stream = self._conn.newStream(0)
-            vol.upload(stream, 0, size, 0)
-            try:
-                with source.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(_UPLOAD_CHUNK), b""):
-                        digest.update(chunk)
-                        stream.send(chunk)
-                stream.finish()
-            except BaseException:
-                with suppress(libvirt.libvirtError):
-                    stream.abort()
-                raise
-        return digest.hexdigest()
 
     def volume_info(self, name: str) -> VolumeInfo:
         vol = self._volume(name)
@@ -639,11 +562,6 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, Connection
             self._closed = True  # a step still holding this driver gets no new connection
             with suppress(libvirt.libvirtError):
                 self._connection.close()
-
-
-def _is_qcow2(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(4) == b"QFI\xfb"
 
 
 def _volume_format(vol: libvirt.virStorageVol) -> str:
