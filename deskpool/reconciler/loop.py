@@ -328,9 +328,6 @@ class Reconciler:
             pool = uow.pools.find(pool_id)
             if pool is None:
                 return  # deleted meanwhile (by another broker's pass)
-            # Locked before the desktops are read: a broker making a desktop for a user at the
-            # same time (not under the pool's lease) waits, and the plan counts it.
-            uow.pools.lock(pool.id)
             if finish_deletion(uow, pool):
                 uow.commit()
                 return

@@ -54,11 +54,11 @@ def test_a_vm_undefined_while_listing_is_left_out_not_a_failure(driver: LibvirtD
     for suffix in ("stays", "goes"):
         _define(driver._conn, f"{stem}-{suffix}")
     real = driver._conn
-    driver._conn = _UndefinesAfterListing(real, f"{stem}-goes")
+    driver._connection = _UndefinesAfterListing(real, f"{stem}-goes")
     try:
         names = {vm.name for vm in driver.list_vms()}
     finally:
-        driver._conn = real
+        driver._connection = real
         real.lookupByName(f"{stem}-stays").undefine()
     assert f"{stem}-stays" in names
     assert f"{stem}-goes" not in names
@@ -68,16 +68,19 @@ def test_other_errors_while_listing_still_fail_the_listing(driver: LibvirtDriver
     """Only a VM that is gone is skipped: a daemon that breaks mid-list is still an error."""
 
     class Broken:
+        def isAlive(self) -> int:  # the connection itself answers; listing breaks
+            return 1
+
         def listAllDomains(self, flags: int) -> list[Any]:
             raise libvirt.libvirtError("the daemon went away")
 
     real = driver._conn
-    driver._conn = Broken()
+    driver._connection = Broken()
     try:
         with pytest.raises(DriverError, match="listing VMs"):
             driver.list_vms()
     finally:
-        driver._conn = real
+        driver._connection = real
 
 
 def test_a_vm_undefined_while_being_deleted_counts_as_deleted(
