@@ -275,7 +275,8 @@ class Broker:
             return _Claim(None, None, None, False, pending_message=(
                 "your desktop is being prepared; connect again in a moment"))
         policy = _policy_of(pool)
-        if pool.roaming_profiles:
+        # Only a refusing pool asks where the profile is open: no query on other logons.
+        if pool.roaming_profiles and policy.second_session is SecondSession.REFUSE:
             refused = refusal(policy.second_session, uow.profiles.open_on(identity.name))
             if refused is not None:  # before anything is reserved for them
                 raise Unavailable(refused)

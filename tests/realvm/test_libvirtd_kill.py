@@ -23,7 +23,6 @@ ready, its guest agent answers and nothing is left in a state on its way somewhe
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import subprocess
 import threading
@@ -44,6 +43,7 @@ from deskpool.drivers.libvirt import driver as libvirt_driver
 from deskpool.drivers.libvirt import overlays
 from deskpool.drivers.libvirt.driver import default_pool_name
 from deskpool.images.builder import GuestImage
+from deskpool.images.layer_tree import sha256_of
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.hosts import HostService
@@ -311,11 +311,3 @@ def test_libvirtd_killed_in_each_provisioning_step_leaves_no_orphan_and_no_dupli
         version = uow.desktops.get(ready.id).template_version
         disk, expected = f"tv-{version.id}{Path(version.image_path).suffix}", version.image_sha256
     assert sha256_of(host.storage_dir / disk) == expected
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(4 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
