@@ -307,9 +307,11 @@ class Broker:
         uow.pools.lock(pool.id)
         seats = uow.desktops.seats(pool.id)
         if len(seats) >= pool.max_size:
-            if any(seat.assigned_user is None and (seat.state in PREPARING_STATES or (
-                    seat.state is S.READY and seat.lease_until is not None
-                    and seat.lease_until >= now)) for seat in seats):
+            # An unassigned ready seat that claim_free passed over is leased, or row-locked
+            # by another broker's claim on PostgreSQL (skip locked): it may come free.
+            if any(seat.assigned_user is None
+                   and (seat.state in PREPARING_STATES or seat.state is S.READY)
+                   for seat in seats):
                 return _Claim(None, None, None, False, pending_message=(
                     "every desktop is taken or still being prepared; connect again in a "
                     "moment"))
