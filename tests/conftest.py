@@ -56,6 +56,42 @@ def kill_qemu_of(vm_name: str, timeout_s: float = 30.0) -> int:
     return pid
 
 
+def is_real_vm_test(nodeid: str) -> bool:
+    """Whether a test boots real guests, from its id alone (xdist's scheduler sees no
+    markers): the tests/realvm tier and the contract suite's ``libvirt-qemu`` driver.
+    ``pytest_collection_modifyitems`` checks this against the ``realvm`` marker."""
+    return nodeid.startswith("tests/realvm/") or "libvirt-qemu" in nodeid
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-VM tests first, in their order: ``./dev test`` runs ``-n 2 --dist loadfile
+    --no-loadscope-reorder`` with the scheduler below, so one worker runs all of them
+    (the images and booted guests of their session and module fixtures shared) while the
+    other runs everything else, a file at a time. TCG guests are CPU-bound on one vCPU, so
+    two lanes on two CPUs cut the wall time without two guest-booting modules competing."""
+    marked = {item.nodeid for item in items if item.get_closest_marker("realvm") is not None}
+    named = {item.nodeid for item in items if is_real_vm_test(item.nodeid)}
+    if marked != named:
+        raise pytest.UsageError(
+            "realvm marker and is_real_vm_test() disagree on: "
+            + ", ".join(sorted(marked ^ named)[:5]))
+    items[:] = ([item for item in items if item.nodeid in marked]
+                + [item for item in items if item.nodeid not in marked])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadfile``, except that every real-VM test is one unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RealVmLane(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "real VMs" if is_real_vm_test(nodeid) else super()._split_scope(nodeid)
+
+    return RealVmLane(config, log)  # type: ignore[arg-type]
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     try:
         import libvirt
