@@ -32,7 +32,7 @@ from typing import Literal
 
 from deskpool.broker.desktop_session import SessionDidNotStart, SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
-from deskpool.broker.profile_logon import ProfileLogon
+from deskpool.broker.profile_logon import ProfileLogon, ProfileUnavailable
 from deskpool.broker.records import RecordWriter
 from deskpool.domain.accounts import AccountRefused
 from deskpool.domain.errors import (
@@ -180,11 +180,12 @@ class Broker:
                 if claim.desktop_id is None:
                     return self._finish(identity, pool_name, requested_at, timer, claim,
                                         "pending", claim.pending_message or "")
+                note = ""
                 try:
                     agent = self._ensure_running(claim, timer)
                     if agent is not None:
-                        self._start_session(identity, agent, claim, timer)
-                except AccountRefused as exc:
+                        note = self._start_session(identity, agent, claim, timer)
+                except (AccountRefused, ProfileUnavailable) as exc:
                     self._give_back(identity, pool_name, claim, exc)
                     raise
                 except DatabaseUnavailable:
@@ -200,7 +201,7 @@ class Broker:
                     failures.append(_why_for_user(claim, exc))
                     continue
                 return self._finish(identity, pool_name, requested_at, timer, claim, "ready",
-                                    f"desktop {claim.desktop} is ready")
+                                    f"desktop {claim.desktop} is ready{note}")
             raise Unavailable(f"no desktop of pool {pool_name!r} passed its readiness check "
                               f"({'; '.join(failures)}); the administrator has been told, "
                               "please try again shortly")
@@ -356,19 +357,30 @@ class Broker:
         return agent
 
     def _start_session(self, identity: Identity, agent: GuestAgent, claim: _Claim,
-                       timer: _Timer) -> None:
-        """Sign the user in to their own graphical session, on images that can."""
+                       timer: _Timer) -> str:
+        """Sign the user in to their own graphical session, on images that can; what the
+        user is told besides "ready" (a temporary home), else ``""``."""
         assert claim.version_id is not None
         if not self.sessions.has_hook(agent, claim.version_id):
-            return
+            return ""
         account, uid = self.sessions.account_for(identity)
-        serial = None
+        serial, note = None, ""
         if claim.roaming_profiles:
             assert claim.desktop is not None and claim.desktop_id is not None
-            serial = self.profiles.attach(identity.name, uid, claim.desktop, agent.driver,
-                                          claim.desktop_id,
-                                          claim.profile_policy.second_session)
             desktop_id = claim.desktop_id
+            try:
+                serial = self.profiles.attach(identity.name, uid, claim.desktop, agent.driver,
+                                              claim.desktop_id,
+                                              claim.profile_policy.second_session)
+            except ProfileUnavailable:
+                # A floating desktop is reverted at logoff: a temporary home there loses
+                # nothing that was kept. A stateful one would keep a local home beside the
+                # profile, so its user is refused (and the desktop given back).
+                if claim.stateful:
+                    raise
+                self.profiles.tell_temporary(identity.name, claim.desktop)
+                note = (", with a temporary home: your roaming profile could not be loaded "
+                        "and nothing saved in this session is kept")
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
         try:
@@ -380,6 +392,7 @@ class Broker:
                 self.profiles.abandon(desktop_id)
             raise
         timer.lap("session")
+        return note
 
     def _agent_expected(self, version_id: uuid.UUID) -> bool:
         """Whether desktops of this template version run deskpool's guest agent (versions
@@ -418,7 +431,9 @@ class Broker:
         with self.ctx.uow() as uow:
             if not claim.reconnect:
                 uow.desktops.give_back(claim.desktop_id, keep_user=claim.own)
-            record_event(uow, "account-refused", f"{identity.name} -> {claim.desktop}: {exc}",
+            kind, why = (("profile-refused", exc.detail) if isinstance(exc, ProfileUnavailable)
+                         else ("account-refused", str(exc)))
+            record_event(uow, kind, f"{identity.name} -> {claim.desktop}: {why}",
                          severity="error", user=identity.name, pool=pool_name,
                          desktop_id=claim.desktop_id, desktop=claim.desktop)
             uow.commit()

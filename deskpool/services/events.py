@@ -43,7 +43,7 @@ def recent_events(ctx: ServiceContext, *, limit: int = 200,
 # profile was open twice), shown on
 # their portal page; the rest of their events (consoles opened, logins) are the admin's log.
 USER_MESSAGE_KINDS = ("desktop-lost", "profile-merged", "profile-read-only",
-                      "profile-second-session")
+                      "profile-second-session", "profile-temporary")
 
 
 def messages_for(ctx: ServiceContext, user: str, *, limit: int = 5) -> list[EventView]:

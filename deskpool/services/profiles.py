@@ -177,9 +177,7 @@ class ProfileService:
         base = next(layer for layer in layers if layer.id == session.parent_id)
         path, serial = Path(session.path), disk_serial(session.id)
         try:
-            if not Path(base.path).is_file():
-                raise NotFound(f"the committed layer of {user}'s profile (generation "
-                               f"{profile.generation}) is missing: {base.path}")
+            self._check_chain(user, profile.generation, layers, base.id)
             disks.create_overlay(Path(base.path), path)
             driver.attach_disk(vm_id, path, serial)
         except Exception as exc:
@@ -188,6 +186,23 @@ class ProfileService:
         return ProfileSession(user=user, layer_id=session.id, serial=serial, path=path,
                               base_generation=profile.generation,
                               exclusions=self.exclusions)
+
+    @staticmethod
+    def _check_chain(user: str, generation: int, layers: list[Layer],
+                     top_id: uuid.UUID) -> None:
+        """Each file under the new session: there, and its qcow2 metadata sound (``qemu-img
+        check`` reads tables, not data: milliseconds, whatever the profile's size; the
+        background ``verify`` compares whole-file checksums). ``NotFound`` or ``Conflict``
+        naming the generation and the file."""
+        for link in chain(layers, top_id):
+            found = disks.check_layer(Path(link.path))
+            if found.error is None:
+                continue
+            if not Path(link.path).is_file():
+                raise NotFound(f"the committed layer of {user}'s profile (generation "
+                               f"{generation}) is missing: {link.path}")
+            raise Conflict(f"a layer of {user}'s profile (generation {link.generation}, "
+                           f"under generation {generation}) is damaged: {found.error}")
 
     def end_session(self, layer_id: uuid.UUID, driver: HypervisorDriver, vm_id: uuid.UUID, *,
                     detach_timeout_s: float = 30.0) -> Logoff:
