@@ -1,5 +1,5 @@
 """Roaming profiles: the signed-in user's own view, and the administrator's list, view,
-reset and rollback (audited)."""
+reset and rollback (audited), and checksum verification."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ class RollbackRequest(BaseModel):
                           NUMBER]
 
 
+class VerifyReport(BaseModel):
+    """Every committed layer read against its recorded sha256: ``problems`` names each
+    layer that differs or cannot be read (empty: all match)."""
+
+    user: str
+    problems: list[str]
+
+
 def _public(view: ProfileView) -> ProfilePublic:
     return ProfilePublic.model_validate(asdict(view))
 
@@ -77,3 +85,11 @@ def rollback_profile(name: UserPath, body: RollbackRequest, actor: AdminActor,
                      svc: ServicesDep) -> ProfilePublic:
     """The kept generation becomes the next one; the ones between stay kept."""
     return _public(ProfileAdmin(svc.ctx, actor).rollback(name, body.generation))
+
+
+@router.post("/admin/profiles/{name}/verify", response_model=VerifyReport, tags=["admin"],
+             responses=NOT_FOUND)
+def verify_profile(name: UserPath, admin: AdminUser, svc: ServicesDep) -> VerifyReport:
+    """Read the user's committed layers against their checksums (each mismatch is also an
+    error event); the profile itself is not changed."""
+    return VerifyReport(user=name, problems=ProfileAdmin(svc.ctx).verify(name))

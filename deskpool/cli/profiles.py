@@ -1,4 +1,4 @@
-"""``deskpool profile list|show|reset|rollback``: users' roaming profiles, from the broker's
+"""``deskpool profile list|show|reset|rollback|verify``: users' roaming profiles, from the broker's
 own machine. Resets and rollbacks are recorded in the audit log with the local login."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from deskpool.services.audit import Actor
 from deskpool.services.profile_admin import ProfileAdmin
 from deskpool.services.profiles import ProfileView
 
-profile_app = typer.Typer(help="Roaming profiles: list, show, reset, roll back.",
+profile_app = typer.Typer(help="Roaming profiles: list, show, reset, roll back, verify.",
                           no_args_is_help=True)
 MiB = 2**20
 
@@ -57,6 +57,18 @@ def profile_rollback(user: str, generation: int) -> None:
     """Make kept GENERATION of USER's profile the next one."""
     with services() as ctx:
         _print(ProfileAdmin(ctx, Actor.local()).rollback(user, generation))
+
+
+@profile_app.command("verify")
+def profile_verify(user: str) -> None:
+    """Read USER's committed layers against their checksums; exit 1 if any differs."""
+    with services() as ctx:
+        problems = ProfileAdmin(ctx).verify(user)
+    for problem in problems:
+        out.print(f"[red]corrupt[/] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"every committed layer of {user}'s profile matches its checksum")
 
 
 def _print(v: ProfileView) -> None:

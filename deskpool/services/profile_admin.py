@@ -1,8 +1,11 @@
 """Roaming profiles as the administrator and their users see them: size, generations, the
 last write-back, sessions set aside, merge conflicts; reset (the old home kept as a
-generation to roll back to) and rollback. Admin actions are audited."""
+generation to roll back to), rollback, and a checksum verification of every committed
+layer. Admin actions are audited."""
 
 from __future__ import annotations
+
+import builtins
 
 from deskpool.domain.errors import NotFound
 from deskpool.services.audit import Actor, audit
@@ -54,6 +57,14 @@ class ProfileAdmin:
               f"generation {after.generation})", old={"generation": before.generation},
               new={"generation": after.generation, "from": generation}, user=user)
         return self.show(user)
+
+    def verify(self, user: str) -> builtins.list[str]:
+        """Read every committed layer of ``user``'s profile against the sha256 recorded
+        when it was written: one sentence per layer that differs or cannot be read (each
+        also an error event), ``[]`` when all match. Logon checks only the layers'
+        metadata, so this is what finds flipped bits in their data."""
+        self.show(user)  # NotFound naming the user
+        return self.profiles.verify(user)
 
     @property
     def _who(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.images import profile_disks
 from deskpool.services.events import messages_for
 from tests.broker_world import BrokerWorld, make_world
+from tests.functional import test_profile_logon as logon_world
 from tests.functional.test_profile_logon import (
     ANN,
     Hook,
@@ -30,13 +32,10 @@ from tests.functional.test_profile_logon import (
     log_off_and_recycle,
     state_of,
 )
-from tests.functional.test_profile_logon import hook as scripted_hook  # noqa: F401
+from tests.functional.test_profile_views import cli
 
-
-@pytest.fixture()
-def hook_calls(scripted_hook: Hook) -> Hook:  # noqa: F811 (the fixture imported above)
-    """Every desktop's scripted session hook (test_profile_logon's), and its calls."""
-    return scripted_hook
+# The profile-logon tests' scripted session hook, on every fake desktop.
+hook = logon_world.hook
 
 
 def committed_files(w: BrokerWorld) -> dict[int, str]:
@@ -74,7 +73,7 @@ def damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["missing", "damaged"])
 def test_a_floating_pool_gives_a_temporary_home_and_both_are_told(
-        tmp_path: Path, hook_calls: Hook, how: str) -> None:
+        tmp_path: Path, hook: Hook, how: str) -> None:
     w, top = at_generation_two(tmp_path)
     try:
         damage(top, how)
@@ -82,7 +81,7 @@ def test_a_floating_pool_gives_a_temporary_home_and_both_are_told(
         handover = Broker(w.ctx).connect(ANN, "lab")
         assert handover.status == "ready", handover.message
         assert "temporary home" in handover.message
-        start = hook_calls.argv_of("start")[-1]
+        start = hook.argv_of("start")[-1]
         assert "--profile" not in start and start[1] == "ann", start
         (admin,) = events(w, "profile-unavailable")
         assert admin[0] == "error" and "generation 2" in admin[1]
@@ -92,9 +91,9 @@ def test_a_floating_pool_gives_a_temporary_home_and_both_are_told(
         assert str(top) not in told.message  # the store's paths are the admin's
         # Nothing committed changed, now or at this session's logoff.
         assert handover.desktop_id is not None
-        ends = len(hook_calls.argv_of("end"))
+        ends = len(hook.argv_of("end"))
         log_off_and_recycle(w, handover.desktop_id)
-        assert len(hook_calls.argv_of("end")) == ends  # no profile to end
+        assert len(hook.argv_of("end")) == ends  # no profile to end
         assert generation(w) == 2 and committed_files(w) == before
         assert layers(w, LayerState.SESSION) == []
     finally:
@@ -103,7 +102,7 @@ def test_a_floating_pool_gives_a_temporary_home_and_both_are_told(
 
 
 def test_a_stateful_pool_refuses_clearly_and_gives_the_desktop_back(
-        tmp_path: Path, hook_calls: Hook) -> None:
+        tmp_path: Path, hook: Hook) -> None:
     w, top = at_generation_two(tmp_path, kind=PoolKind.STATEFUL,
                                assignment=Assignment.DEDICATED,
                                on_logout=OnLogout.RECYCLE_AS_IS)
@@ -126,7 +125,7 @@ def test_a_stateful_pool_refuses_clearly_and_gives_the_desktop_back(
 
 
 def test_a_full_profile_store_gives_a_temporary_home(
-        tmp_path: Path, hook_calls: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, hook: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
     w, _top = at_generation_two(tmp_path)
     try:
         before = committed_files(w)
@@ -142,6 +141,31 @@ def test_a_full_profile_store_gives_a_temporary_home(
         assert handover.desktop_id is not None and state_of(w, handover.desktop_id) in (
             "reserved", "in_use")
         assert generation(w) == 2 and committed_files(w) == before
+    finally:
+        w.ctx.close()
+        forget_fake_hosts()
+
+
+def test_verify_finds_changed_data_that_the_logon_check_cannot_see(
+        tmp_path: Path, hook: Hook) -> None:
+    w, top = at_generation_two(tmp_path)
+    try:
+        admin = w.client(w.user("root-admin", admin=True))
+        clean = admin.post("/api/v1/admin/profiles/ann/verify")
+        assert clean.status_code == 200 and clean.json() == {"user": "ann", "problems": []}
+        # Data changed under consistent metadata (what a flipped bit on disk looks like to
+        # qemu-img check): the logon's check passes, the checksum does not.
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x55 1M 4k", str(top)],
+                       check=True, capture_output=True)
+        assert profile_disks.check_layer(top).error is None
+        report = admin.post("/api/v1/admin/profiles/ann/verify").json()
+        (problem,) = report["problems"]
+        assert problem.startswith("generation 2:") and "is corrupt: sha256" in problem
+        assert [s for s, _m in events(w, "profile-corrupt")] == ["error"]
+        run = cli(w, "profile", "verify", "ann")
+        assert run.returncode == 1 and "corrupt" in run.stdout and "generation 2" in run.stdout
+        unknown = admin.post("/api/v1/admin/profiles/nobody/verify")
+        assert unknown.status_code == 404 and "nobody has no roaming profile" in unknown.text
     finally:
         w.ctx.close()
         forget_fake_hosts()
