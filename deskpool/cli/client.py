@@ -153,8 +153,9 @@ def rdp(
     password = answer.headers.get(RDP_PASSWORD_HEADER, "")
     if save is not None:
         _write_private(save, answer.text)
+        # One line whatever the terminal's width: a password split by wrapping is unusable.
         out.print(f"{save}: RDP file for {name}, good for one connection within a minute; "
-                  f"one-time password: {password}")
+                  f"one-time password: {password}", soft_wrap=True)
         return
     if shutil.which(client) is None:
         raise NotFound(f"{client} is not installed (Debian: apt install freerdp2-x11); "
