@@ -9,8 +9,10 @@ are read back once, and each linked clone is written with those bytes:
 
 * on a remote host (or one whose storage this process may not write), as a new volume filled
   over libvirt's upload stream: no process, about 1 ms. libvirt creates it as ``raw`` (that it
-  writes itself, without ``qemu-img``) but probes the header again whenever it describes the
-  volume, so it reports the qcow2 overlay with its backing file and virtual size;
+  writes itself, without ``qemu-img``); describing a volume re-reads its header only in the
+  format it was created with, so the pool is refreshed after the upload (a refresh probes
+  each file's format), and libvirt then reports the qcow2 overlay with its backing file and
+  virtual size;
 * on this machine's ``qemu:///system``, straight into the pool's directory, as libvirt would
   (root-owned, mode 0600; libvirt hands the file to QEMU's user when the VM starts): about
   0.1 ms, against 0.5 ms for libvirt's own fsync'd create of an empty file and 1 ms for the
@@ -25,6 +27,7 @@ host crash there leaves a desktop the reconciler rebuilds from scratch.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -78,7 +81,19 @@ class OverlayWriter:
             with suppress(libvirt.libvirtError):
                 vol.delete(0)
             raise
+        self._refresh_after_upload()
         return str(vol.path())
+
+    def _refresh_after_upload(self) -> None:
+        """Let libvirt probe the new file as qcow2. A refresh is refused while another
+        volume of the pool is being written ("asynchronous jobs running"): try again
+        shortly; failing that, the next refresh (any lookup of an unknown name) does it."""
+        for attempt in range(5):
+            try:
+                self._pool.refresh(0)
+                return
+            except libvirt.libvirtError:
+                time.sleep(0.05 * (attempt + 1))
 
     @staticmethod
     def _write_file(path: Path, data: bytes) -> str:
