@@ -56,6 +56,9 @@ def kill_qemu_of(vm_name: str, timeout_s: float = 30.0) -> int:
     return pid
 
 
+OTHER_LANE_NICE = 5
+
+
 def is_real_vm_test(nodeid: str) -> bool:
     """Whether a test boots real guests, from its id alone (xdist's scheduler sees no
     markers): the tests/realvm tier and the contract suite's ``libvirt-qemu`` driver.
@@ -77,6 +80,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             + ", ".join(sorted(marked ^ named)[:5]))
     items[:] = ([item for item in items if item.nodeid in marked]
                 + [item for item in items if item.nodeid not in marked])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In a two-lane run, the lane of everything else yields the CPU to the real-VM lane
+    (its TCG guests are QEMU processes of libvirtd's, at nice 0): that lane is the longest,
+    and the other has time to spare. Its children (brokers, PostgreSQL) inherit it."""
+    if (os.environ.get("PYTEST_XDIST_WORKER") and not is_real_vm_test(item.nodeid)
+            and os.getpriority(os.PRIO_PROCESS, 0) < OTHER_LANE_NICE):
+        os.setpriority(os.PRIO_PROCESS, 0, OTHER_LANE_NICE)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
