@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench_pools import tear_down
+
 from deskpool.broker.desktop_session import SessionStarter
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
@@ -53,7 +55,6 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.domain.profiles import LayerState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
-from deskpool.drivers.libvirt import forget_storage_pool
 from deskpool.images.builder import build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.reconciler.loop import Reconciler
@@ -256,11 +257,7 @@ def main() -> int:
                     print(f"  big's logoff wrote back {written_back} bytes for {changed} "
                           f"changed (generation {view.generation})", flush=True)
         finally:
-            PoolService(ctx).resize(POOL, min_size=0, spare=0)
-            for d in DesktopService(ctx).list():
-                DesktopService(ctx).delete(str(d.id))
-            ctx.close()
-            forget_storage_pool(root / "pool")
+            tear_down(ctx, POOL, root / "pool")
     empty, big = statistics.mean(logons[EMPTY.name]), statistics.mean(logons[BIG.name])
     step = statistics.mean(steps)
     print(f"logon, empty profile: {logons[EMPTY.name]} s; {args.profile_mib} MiB profile: "

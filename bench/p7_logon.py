@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench_pools import tear_down
+
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.config import Settings
@@ -37,7 +39,6 @@ from deskpool.domain.errors import DriverError
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
-from deskpool.drivers.libvirt import forget_storage_pool
 from deskpool.images.builder import build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.reconciler.loop import Reconciler
@@ -149,11 +150,7 @@ def main() -> int:
                       f"phases {handover.phases_ms}", flush=True)
             broker.records.flush()
         finally:
-            PoolService(ctx).resize(POOL, min_size=0, spare=0)
-            for d in DesktopService(ctx).list():
-                DesktopService(ctx).delete(str(d.id))
-            ctx.close()
-            forget_storage_pool(root / "pool")
+            tear_down(ctx, POOL, root / "pool")
     p7s, p7c = statistics.median(sessions), statistics.median(boots)
     print(f"P7s {p7s:.1f}  p99 {p99(sessions):.1f}")
     print(f"P7c {p7c:.1f}  p99 {p99(boots):.1f}")
