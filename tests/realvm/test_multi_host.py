@@ -229,5 +229,8 @@ def test_drain_and_host_failure_across_two_real_hosts(
     assert second.qemu_pids() == pids
     assert host_state(ctx, SECOND) == "enabled"
     assert DesktopService(ctx).get(kept.name).state in ("reserved", "in_use")
-    assert GuestAgent(ctx.driver_for_name(SECOND), kept.id).read_file(WORK_FILE) == work
+    # The restarted daemon reconnects the guest agent's channel a moment after the VM: wait.
+    agent = GuestAgent(ctx.driver_for_name(SECOND), kept.id)
+    agent.wait_until_ready(120, poll_s=1)
+    assert agent.read_file(WORK_FILE) == work
     assert_no_orphans(ctx)
