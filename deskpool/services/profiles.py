@@ -191,8 +191,8 @@ class ProfileService:
     def _check_chain(user: str, generation: int, layers: list[Layer],
                      top_id: uuid.UUID) -> None:
         """Each file under the new session: there, and its qcow2 metadata sound (``qemu-img
-        check`` reads tables, not data: milliseconds, whatever the profile's size; the
-        background ``verify`` compares whole-file checksums). ``NotFound`` or ``Conflict``
+        check`` reads tables, not data: milliseconds, whatever the profile's size;
+        :meth:`verify` compares whole-file checksums). ``NotFound`` or ``Conflict``
         naming the generation and the file."""
         for link in chain(layers, top_id):
             found = disks.check_layer(Path(link.path))

@@ -90,7 +90,6 @@ class PoolSeat:
 
     state: DesktopState
     assigned_user: str | None
-    lease_until: datetime | None
 
 
 _CLAIMED_COLUMNS = (Desktop.id, Desktop.name, Desktop.hostname, Desktop.host_id,
@@ -168,7 +167,7 @@ class DesktopRepository(_NamedRepository[Desktop]):
     def seats(self, pool_id: uuid.UUID) -> builtins.list[PoolSeat]:
         """Every live desktop of a pool: how full it is, and whether a seat is coming free."""
         rows = self._session.execute(
-            select(Desktop.state, Desktop.assigned_user, Desktop.lease_until).where(
+            select(Desktop.state, Desktop.assigned_user).where(
                 Desktop.pool_id == pool_id, Desktop.state.not_in(NOT_LIVE_STATES)))
         return [PoolSeat(*row) for row in rows]
 
