@@ -129,6 +129,9 @@ class VmSpec:
     extra: dict[str, str] = field(default_factory=dict)
     # CloneMode.INSTANT only: the captured memory state (see HypervisorDriver.capture_memory_state)
     memory_state_volume: str | None = None
+    # A reboot the guest starts ends the VM (stop reason SHUTDOWN) instead of restarting it
+    # on the same disk, so deskpool resets a stateless desktop before it runs again.
+    reboot_ends_vm: bool = False
 
 
 @dataclass(frozen=True)

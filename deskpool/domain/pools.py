@@ -43,6 +43,12 @@ class PowerPolicy(StrEnum):
     SHUTOFF = "shutoff"  # powered off; booted on demand
 
 
+def resets_on_reboot(kind: PoolKind, on_logout: OnLogout) -> bool:
+    """Stateless mode: a reboot or shutdown from inside the guest throws the desktop's writes
+    away as a logoff does (a kiosk's recycle-as-is keeps them, by the admin's choice)."""
+    return kind is PoolKind.STATELESS and on_logout is not OnLogout.RECYCLE_AS_IS
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     name: str

@@ -213,6 +213,9 @@ class HypervisorDriver(ABC):
           hypervisor") and create nothing: libvirt's ``test:///``, and a remote libvirt host
           (deskpool rewrites the memory file, so it must be on this machine's file system).
         * ``spec.seed_image`` (if set) is imported as the VM's seed volume, attached read-only.
+        * ``spec.reboot_ends_vm``: a reboot started inside the guest ends the VM, which then
+          reads ``SHUTOFF`` with ``StopReason.SHUTDOWN`` like a shutdown from inside, instead
+          of booting again on the same disk (an instant clone too).
         * ``spec.identity_text`` (if set) is handed to the guest at boot through fw_cfg under
           ``deskpool.domain.identity.FWCFG_KEY``.
         * The VM gets one NIC with ``spec.mac`` and two displays on ``spec.vnc_listen``: VNC,

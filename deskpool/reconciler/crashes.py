@@ -15,6 +15,11 @@ rebooted (``/run`` is a tmpfs), the hypervisor has no record of them and they re
 unknown reason. That alone is no crash (a VM defined and never booted reads so), but a desktop
 that should run, whose row says its VM was running when last seen, did not stop on purpose:
 it died with its host (``death_of``) and is handled as a crash.
+
+A stateless desktop whose guest shut down or rebooted from inside (its user's menu,
+``reboot``; its VM is made with ``reboot_ends_vm``, so a reboot ends it) is no crash: it is
+reset as at a logoff (``reset_stateless``), so what was written since its last reset never
+boots again, and it comes back with the identity the database gives it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from datetime import datetime
 
 from deskpool.domain.errors import LostRace
 from deskpool.domain.models import PowerState, StopReason, VmRecord
-from deskpool.domain.pools import PoolKind
+from deskpool.domain.pools import Assignment, PoolKind, resets_on_reboot
 from deskpool.domain.states import HELD_STATES, DesktopState, transition
 from deskpool.reconciler.planning import backoff
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.pools import logout_outcome
 
 S = DesktopState
 
@@ -87,5 +93,51 @@ def crashed(ctx: ServiceContext, desktop_id: uuid.UUID, state: DesktopState, rea
             record_event(uow, "desktop-lost", f"your desktop {name} stopped: {reason}; {what}",
                          severity="warning", user=user, pool=pool_name, desktop_id=desktop_id,
                          desktop=name)
+        uow.commit()
+    return True
+
+
+def stopped_from_inside(record: VmRecord, last_seen: PowerState) -> bool:
+    """Whether the guest shut itself down (or rebooted, for a VM made with ``reboot_ends_vm``)
+    since the last look, which saw it run."""
+    return (record.power_state is PowerState.SHUTOFF
+            and record.stop_reason is StopReason.SHUTDOWN and last_seen is PowerState.RUNNING)
+
+
+def reset_stateless(ctx: ServiceContext, desktop_id: uuid.UUID, state: DesktopState,
+                    now: datetime) -> bool:
+    """Reset a desktop, seen in ``state`` with its guest stopped from inside, if its pool is
+    stateless (``resets_on_reboot``): its session ends and the pool's logoff outcome follows
+    (reverted to its factory snapshot, or retired); False when nothing was done (another
+    pool kind, a step of a broker's stopped it, or it moved on meanwhile)."""
+    with ctx.uow() as uow:
+        desktop = uow.desktops.find(desktop_id)
+        if desktop is None or desktop.state is not state or desktop.pool_id is None:
+            return False
+        if desktop.lease_until is not None and desktop.lease_until > now:
+            return False  # a broker's step runs on it: the power policy's own shutdown
+        pool = uow.pools.get(desktop.pool_id)
+        if not resets_on_reboot(pool.kind, pool.on_logout):
+            return False
+        new, task = logout_outcome(pool, desktop)
+        user, name = desktop.assigned_user, desktop.name
+        try:
+            transition(uow.desktops, desktop_id, state, new, task=task)
+        except LostRace:
+            return False
+        uow.desktop_sessions.clear(desktop_id,
+                                   unassign=pool.assignment is not Assignment.DEDICATED)
+        uow.console_tickets.expire_unused(desktop_id, now)
+        if state in HELD_STATES:
+            uow.desktop_sessions.count_session_served(desktop_id)
+        how = "reverted" if new is S.RECYCLING else "replaced"
+        record_event(uow, "desktop-reset", f"{name}: its guest shut down or rebooted from "
+                     f"inside; a stateless desktop is {how} before it runs again",
+                     pool=pool.name, desktop_id=desktop_id, desktop=name)
+        if user is not None and state in HELD_STATES:
+            record_event(uow, "desktop-restarted", f"your desktop {name} was shut down or "
+                         "restarted from inside: it starts again clean, with nothing of your "
+                         "session; connect again in a moment", severity="warning", user=user,
+                         pool=pool.name, desktop_id=desktop_id, desktop=name)
         uow.commit()
     return True

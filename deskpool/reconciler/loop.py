@@ -50,7 +50,13 @@ from deskpool.domain.states import (
 )
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.reconciler import metrics
-from deskpool.reconciler.crashes import CRASH_WATCHED_STATES, crashed, death_of
+from deskpool.reconciler.crashes import (
+    CRASH_WATCHED_STATES,
+    crashed,
+    death_of,
+    reset_stateless,
+    stopped_from_inside,
+)
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.planning import (
     MAX_BACKOFF,
@@ -291,6 +297,10 @@ class Reconciler:
             if (crash is not None and desktop.state in CRASH_WATCHED_STATES
                     and crashed(self.ctx, desktop.id, desktop.state, crash, self.clock())):
                 report.count(Outcome.CRASHED)
+            elif (desktop.state in CRASH_WATCHED_STATES
+                  and stopped_from_inside(found, desktop.power_state)
+                  and reset_stateless(self.ctx, desktop.id, desktop.state, self.clock())):
+                report.count(Outcome.RESET)
             observed = found.power_state
             if observed != desktop.power_state:
                 with self.ctx.uow() as uow:

@@ -22,6 +22,7 @@ class Outcome(StrEnum):
     POWER_CHANGED = "power changed"  # seen changed on the hypervisor, or changed by policy
     VANISHED = "vanished"  # its VM disappeared behind deskpool's back
     CRASHED = "crashed"  # its VM's QEMU ended without being asked to (marked error)
+    RESET = "reset"  # a stateless desktop whose guest stopped from inside (reverted)
     ORPHAN_REMOVED = "orphan removed"  # a deskpool VM without a row: a crash's leftover
 
 

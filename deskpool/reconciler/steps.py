@@ -78,6 +78,10 @@ class StepRunner:
             pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
             if pool is None or pool.assignment is not Assignment.DEDICATED:
                 desktop.assigned_user = None  # floating: back to anyone
+            if step.task is DesktopTask.REVERT:
+                # Confirmed running just now: a desktop reverted after its guest shut down
+                # must not read off until the next pass looks.
+                desktop.power_state = PowerState.RUNNING
             desktop.retry_count = 0
             desktop.next_attempt_at = None
             uow.commit()

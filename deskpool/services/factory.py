@@ -41,7 +41,7 @@ from deskpool.domain.models import (
     VmMetadata,
     VmSpec,
 )
-from deskpool.domain.pools import OnLogout
+from deskpool.domain.pools import OnLogout, resets_on_reboot
 from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
@@ -186,6 +186,8 @@ class DesktopFactory:
             domain_type = resolved_domain_type(
                 self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
             driver.delete_vm(desktop_id)  # an interrupted earlier attempt's VM, if any
+            pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+            reboot_ends_vm = pool is not None and resets_on_reboot(pool.kind, pool.on_logout)
             if desktop.clone_mode is CloneMode.INSTANT:
                 state = uow.memory_states.find(tv.id, host.id)
                 if state is None:
@@ -197,9 +199,11 @@ class DesktopFactory:
                     metadata=VmMetadata(desktop.id, desktop.name, tv.id,
                                         self.ctx.installation_id),
                     memory_state_volume=state.memory_volume, domain_type=domain_type,
+                    reboot_ends_vm=reboot_ends_vm,
                 )
             else:
-                spec = self._spec(driver, desktop, tv, domain_type)
+                spec = replace(self._spec(driver, desktop, tv, domain_type),
+                               reboot_ends_vm=reboot_ends_vm)
             made = (desktop.pool_id, tv.id, host.name)
             try:
                 driver.create_vm(spec)

@@ -2,12 +2,17 @@
 killed with SIGKILL. The reconciler marks the desktop failed with the reason libvirt gives
 ("shut off (crashed)"), its user is told; a stateless pool's desktop is replaced, a stateful
 pool's keeps its disk, is started again and given back to its user with their file.
+Then stateless mode: the stateless pool's desktop is rebooted from inside its guest, and it
+comes back without what was written, with the database's identity, the template's disk
+unchanged.
 
 Two small pools of one desktop each share one fixture, so the module boots four VMs in all:
-one per pool, the stateless pool's replacement, and the stateful desktop's restart."""
+one per pool, the stateless pool's replacement, and the stateful desktop's restart; the
+reboot test then reverts the replacement to its factory snapshot."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +20,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import Unavailable
+from deskpool.domain.errors import DeskpoolError, Unavailable
+from deskpool.domain.models import PowerState, StopReason
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import root_volume_name
@@ -23,7 +29,8 @@ from deskpool.reconciler.loop import Reconciler
 from deskpool.reconciler.report import Outcome
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
-from deskpool.services.events import recent_events
+from deskpool.services.events import messages_for, recent_events
+from deskpool.services.factory import version_volume_names
 from deskpool.services.pools import PoolService
 from deskpool.store.models import Desktop
 from tests.conftest import kill_qemu_of
@@ -131,3 +138,56 @@ def test_killed_qemu_marks_the_desktop_replaces_stateless_and_keeps_stateful(
     assert [d.id for d in rows(real_ctx, STATEFUL)] == [kept]  # no second one beside it
     assert bob.connect("bob") == kept  # the same desktop, back to its user
     assert GuestAgent(driver, kept).read_file("/root/bob.txt") == b"bob-was-here\n"
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_a_reboot_inside_a_stateless_desktop_throws_its_writes_away(
+    real_ctx: ServiceContext, crash_pools: Reconciler
+) -> None:
+    reconciler = crash_pools
+    reconcile_until(reconciler, lambda: any(d.state in ("ready", "reserved", "in_use")
+                                            for d in rows(real_ctx, STATELESS)))
+    driver = real_ctx.driver_for_name("local")
+    alice = PoolUsers(real_ctx, STATELESS, ready_timeout_s=READY_TIMEOUT_S)
+    desktop_id = alice.connect("alice")  # the one she holds after the crash test, if it ran
+    with real_ctx.uow(read_only=True) as uow:
+        d = uow.desktops.get(desktop_id)
+        name, hostname, machine_id = d.name, d.hostname, d.machine_id
+        master = driver.volume_info(version_volume_names(d.template_version)[0]).path
+        master_sha256 = d.template_version.image_sha256
+    agent = GuestAgent(driver, desktop_id)
+    code, _, err = agent.exec_capture(["sh", "-c", "echo left-behind > /root/scratch.txt && "
+                                       "hostname wrong-name && echo wrong-name > /etc/hostname"
+                                       " && echo 0123456789abcdef0123456789abcdef > "
+                                       "/etc/machine-id && sync"])
+    assert code == 0, err
+
+    # A reboot from inside: the guest's own systemctl (not the hypervisor's reset).
+    driver.agent_command(desktop_id, "guest-exec",
+                         {"path": "/bin/systemctl", "arg": ["reboot"]})
+    deadline = time.monotonic() + 300
+    while (vm := driver.get_vm(desktop_id)).power_state is not PowerState.SHUTOFF:
+        assert time.monotonic() < deadline, "the rebooted guest's VM never ended"
+        time.sleep(2)
+    assert vm.stop_reason is StopReason.SHUTDOWN  # no crash: QEMU ran with -no-reboot
+
+    reconcile_until(reconciler, lambda: row(real_ctx, desktop_id).state == "ready")
+    after = row(real_ctx, desktop_id)
+    assert (after.name, after.assigned_user, after.power_state) == (name, None, "running")
+    code, out, _ = agent.exec_capture(["sh", "-c", "cat /etc/machine-id; "
+                                       "test -e /root/scratch.txt && echo scratch-kept || true"])
+    assert code == 0
+    assert out.split() == [machine_id]  # the database's; the scratch file is gone
+    assert agent.host_name() == hostname
+    assert sha256_of(master) == master_sha256  # the shared master was never written
+    told = [m.message for m in messages_for(real_ctx, "alice") if m.kind == "desktop-restarted"]
+    assert told and told[0].startswith(f"your desktop {name} was shut down or restarted")
+    with pytest.raises(DeskpoolError):
+        agent.read_file("/root/scratch.txt")

@@ -130,3 +130,16 @@ def test_a_new_password_changes_only_the_password_of_that_display() -> None:
     no_vnc_password = ET.fromstring(live).find("./devices/graphics[@type='vnc']")
     assert no_vnc_password is not None and no_vnc_password.get("passwd") is None
     assert xml.graphics_with_password("<domain><devices/></domain>", "spice", "x", "y") is None
+
+
+def test_a_vm_that_a_reboot_ends_is_defined_and_restored_with_on_reboot_destroy() -> None:
+    # Stateless desktops: QEMU runs with -no-reboot, so a reboot inside the guest ends it.
+    assert ET.fromstring(_definition().to_xml()).findtext("on_reboot") == "restart"
+    ending = _definition(on_reboot="destroy").to_xml()
+    assert ET.fromstring(ending).findtext("on_reboot") == "destroy"
+    # A saved guest's definition (an instant clone's), rewritten before it is restored.
+    rewritten = xml.replace_on_reboot(_definition().to_xml(), "destroy")
+    root = ET.fromstring(rewritten)
+    assert root.findtext("on_reboot") == "destroy"
+    assert len(root.findall("on_reboot")) == 1
+    assert root.findtext("name") == ET.fromstring(ending).findtext("name")

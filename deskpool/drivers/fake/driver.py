@@ -150,6 +150,20 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
                 raise InvalidInput(f"VM {vm.name} is not running; nothing to crash")
             self._power_off(vm, PowerState.SHUTOFF, reason)
 
+    def reboot_guest(self, vm_id: uuid.UUID) -> None:
+        """The guest reboots itself (its user's menu, ``reboot``): a VM made with
+        ``reboot_ends_vm`` goes off as from a shutdown inside; any other boots again at once
+        on the same disk, its files kept, its sessions gone."""
+        with self._lock:
+            vm = self._vm(vm_id)
+            if vm.power not in ACTIVE_STATES:
+                raise InvalidInput(f"VM {vm.name} is not running; nothing to reboot")
+            if vm.spec is not None and vm.spec.reboot_ends_vm:
+                self._power_off(vm, PowerState.SHUTOFF, StopReason.SHUTDOWN)
+            elif vm.spec is not None and vm.spec.identity_text is not None:
+                # The same QEMU process (its displays and plugged disks stay), a new boot.
+                vm.guest = FakeGuest.boot(vm.spec, vm.files, self.agent_delay_polls)
+
     def remove_vm_behind_our_back(self, vm_id: uuid.UUID) -> None:
         """Undefine a VM as an admin would with virsh: its volumes stay."""
         with self._lock:

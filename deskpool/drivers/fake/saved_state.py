@@ -149,6 +149,7 @@ class FakeSavedStateMixin:
                 template, vm_id=spec.vm_id, name=spec.name, base_volume=spec.base_volume,
                 clone_mode=CloneMode.INSTANT, metadata=spec.metadata,
                 memory_state_volume=spec.memory_state_volume, seed_image=None,
+                reboot_ends_vm=spec.reboot_ends_vm,
             )
             check_definition(clone)
             copy_name = memory_state_volume_name(spec.vm_id)

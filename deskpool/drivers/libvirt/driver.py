@@ -358,6 +358,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
             direct_boot=boot,
             fwcfg_entries=xml.fwcfg_identity(spec.identity_text) if spec.identity_text else {},
             vnc_listen=spec.vnc_listen,
+            on_reboot="destroy" if spec.reboot_ends_vm else "restart",
             spice_password=secrets.token_urlsafe(24),  # known to no one: see the contract
         )
 

@@ -181,6 +181,8 @@ class InstantClonesMixin:
             saved.domain_xml, name=spec.name, uuid=spec.vm_id, disk_path=root_path
         )
         domain_xml = xml.replace_metadata(domain_xml, spec.metadata)
+        if spec.reboot_ends_vm:
+            domain_xml = xml.replace_on_reboot(domain_xml, "destroy")
         copy = self._new_file_volume(memory_state_volume_name(spec.vm_id))
         with self._translate(f"reading volume {memory_state_volume_name(spec.vm_id)}"):
             target = Path(copy.path())

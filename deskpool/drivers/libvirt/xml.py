@@ -149,6 +149,7 @@ class DomainDefinition:
     fwcfg_entries: dict[str, str] = field(default_factory=dict)
     vnc_listen: str = "127.0.0.1"  # both displays, VNC and SPICE, listen there
     spice_password: str | None = None
+    on_reboot: str = "restart"  # "destroy" for VmSpec.reboot_ends_vm (QEMU's -no-reboot)
 
     def to_element(self) -> ET.Element:
         dom = ET.Element("domain", type=self.domain_type)
@@ -168,7 +169,7 @@ class DomainDefinition:
         _sub(features, "apic")
         _sub(dom, "clock", offset="utc")
         _sub(dom, "on_poweroff", "destroy")
-        _sub(dom, "on_reboot", "restart")
+        _sub(dom, "on_reboot", self.on_reboot)
         _sub(dom, "on_crash", "destroy")
         dom.append(self._devices_element())
         return dom
@@ -277,6 +278,18 @@ def agent_connected(domain_xml: str) -> bool:
         if target.get("name") == AGENT_CHANNEL:
             return target.get("state") == "connected"
     return False
+
+
+def replace_on_reboot(domain_xml: str, action: str) -> str:
+    """The document with its ``<on_reboot>`` action set (a saved guest's definition, before
+    it is restored: QEMU reads it as a command-line flag at start)."""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))  # nosec B314
+    root = ET.fromstring(domain_xml, parser=parser)  # nosec B314
+    element = root.find("on_reboot")
+    if element is None:
+        element = ET.SubElement(root, "on_reboot")
+    element.text = action
+    return ET.tostring(root, encoding="unicode")
 
 
 def replace_metadata(domain_xml: str, meta: VmMetadata) -> str:
