@@ -7,9 +7,11 @@ The policy:
 - Measured load. A host's memory use is the memory in use over its physical memory and its CPU
   load the fraction of its CPUs busy (libvirt's node stats); a desktop's share is what its
   domain uses (domain stats). Moves in flight count as already on their target.
-- Hysteresis. A host is hot when a resource is above its high watermark. A hot host sheds
-  desktops until that resource is at the middle of the band between the watermarks, so a
-  small rise does not make it hot again at once. A move must leave its target at or below the
+- Hysteresis. A host is hot when a resource is above its high watermark. In a pass a hot
+  host sheds desktops until that resource is at the middle of the band between the
+  watermarks, so a small rise does not make it hot again at once (a cap may stop it sooner; a
+  later pass takes it up again only if it is still above the high watermark). A move must
+  leave its target at or below the
   low watermark in the relieved resource and at or below the high one in the other, so a move
   never makes a host hot; a host inside the band is neither source nor target, and a grid
   whose hosts are all inside the band plans nothing. Hot hosts are never targets.

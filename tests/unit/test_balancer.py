@@ -185,12 +185,24 @@ def test_the_hourly_cap_counts_moves_on_both_ends() -> None:
 
 def test_a_desktop_moved_within_the_cooldown_does_not_move_back() -> None:
     hot, cool = host(1, 0.95), host(2, 0.10)
-    d = desk(1, hot)
-    back = [PastMove(d.id, cool.facts.id, hot.facts.id, NOW - timedelta(minutes=90))]
-    assert plan_moves([hot, cool], [d], back, POLICY, NOW).moves == ()
-    later = NOW + timedelta(minutes=31)
-    assert [m.desktop for m in plan_moves([hot, cool], [d], back, POLICY, later).moves] == [
-        "desk-1"]
+    # desk-1 came from h2 90 minutes ago; it alone would relieve h1 in one move.
+    came, other = desk(1, hot, gib=18.0), desk(2, hot, gib=4.0)
+    back = [PastMove(came.id, cool.facts.id, hot.facts.id, NOW - timedelta(minutes=90))]
+    plan = plan_moves([hot, cool], [came, other], back, POLICY, NOW)
+    assert [m.desktop for m in plan.moves] == ["desk-2"]
+    later = NOW + timedelta(minutes=31)  # the two hours are over
+    plan = plan_moves([hot, cool], [came, other], back, POLICY, later)
+    assert [m.desktop for m in plan.moves] == ["desk-1"]
+
+
+def test_a_pinned_desktop_goes_only_to_its_hosts() -> None:
+    # The placement filters apply: h2 is the coolest, but the desktop is pinned to h1 and h3.
+    hot, coolest, cool = host(1, 0.90), host(2, 0.10), host(3, 0.50)
+    pinned = desk(1, hot, gib=14.0)
+    pinned = replace(pinned, request=replace(
+        pinned.request, allowed_hosts=frozenset({hot.facts.id, cool.facts.id})))
+    plan = plan_moves([hot, coolest, cool], [pinned], [], POLICY, NOW)
+    assert [(m.desktop, m.target) for m in plan.moves] == [("desk-1", "h3")]
 
 
 def test_moves_in_one_pass_never_push_a_target_over_its_limits() -> None:
