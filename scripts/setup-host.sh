@@ -23,6 +23,8 @@ packages=(
   slapd ldap-utils novnc chromium fonts-dejavu-core postgresql
   # native clients, run by the tests as users run them: remote-viewer (SPICE), xfreerdp (RDP)
   virt-viewer freerdp2-x11 xvfb xauth imagemagick x11-utils
+  # the copy-based profile P5 compares with (bench/p5_profile.py)
+  rsync
 )
 missing=()
 for p in "${packages[@]}"; do
