@@ -41,6 +41,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +65,7 @@ _SOCKET_PATH_MAX = 107
 # host takes one of 100 blocks of 100 ports above it, at random, so concurrent test sessions
 # rarely share one.
 _VNC_FIRST_PORT, _VNC_BLOCK, _VNC_BLOCKS = 15900, 100, 100
+_MIGRATION_FIRST_PORT = 30000  # the same block index, in 30000-39999
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -204,6 +206,7 @@ class SecondLibvirtHost:
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "run").chmod(0o700)
         low, high = self.vnc_ports
+        migration_low = _MIGRATION_FIRST_PORT + (low - _VNC_FIRST_PORT)
         (base / "cfg" / "libvirt" / "qemu.conf").write_text(
             "# deskpool tests: second libvirt host (tests/libvirt_hosts.py)\n"
             # QEMU's stdout/stderr straight to <tmp>/cache/libvirt/qemu/log, no virtlogd to run
@@ -212,7 +215,15 @@ class SecondLibvirtHost:
             'security_driver = "none"\n'
             f"remote_display_port_min = {low}\n"
             f"remote_display_port_max = {high}\n"
+            # Live migration between the two daemons: ports apart from the system daemon's
+            # (49152-49215), for the incoming migration stream and the disk copy's NBD server.
+            f"migration_port_min = {migration_low}\n"
+            f"migration_port_max = {migration_low + _VNC_BLOCK - 1}\n"
         )
+        # libvirt refuses to migrate between daemons reporting the same host UUID, which
+        # both would read from this machine's SMBIOS.
+        (base / "cfg" / "libvirt" / "libvirtd.conf").write_text(
+            f'host_uuid = "{uuid.uuid4()}"\n')
         if os.geteuid() == 0:
             for path in [base, *base.rglob("*")]:
                 os.chown(path, self._uid, self._gid, follow_symlinks=False)

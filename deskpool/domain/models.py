@@ -135,6 +135,16 @@ class VmSpec:
 
 
 @dataclass(frozen=True)
+class MigrationStats:
+    """What a live migration moved, as the hypervisor counted it."""
+
+    seconds: float
+    memory_bytes: int  # guest memory sent (pages sent again after the guest dirtied them too)
+    disk_bytes: int  # disk data copied: a linked clone's overlay only
+    downtime_ms: int | None  # the hypervisor's figure for the guest's pause, if it gives one
+
+
+@dataclass(frozen=True)
 class VmRecord:
     """What a driver reports about a VM it finds on the hypervisor."""
 

@@ -45,16 +45,18 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deskpool.domain.errors import InvalidInput
+from deskpool.domain.errors import DriverError, InvalidInput
 from deskpool.domain.models import (
     ConsoleAddress,
     ConsoleProtocol,
     DomainType,
     HostCapacity,
+    MigrationStats,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -307,6 +309,28 @@ class HypervisorDriver(ABC):
         """
 
     # --- hot-plugged disks: a user's profile layer during their session --------------------
+
+    def migrate_vm(self, vm_id: uuid.UUID, target: HypervisorDriver, *, base_volume: str,
+                   timeout_s: float = 600.0,
+                   progress: Callable[[int, int], None] | None = None) -> MigrationStats:
+        """Move the running VM to ``target``'s host, live: its memory and its root volume go,
+        and it keeps its name, id, MAC, metadata, fw_cfg identity and display passwords.
+
+        * ``base_volume`` is the root's base on the target, under its name there (the caller
+          copied it, as for a clone): the target gets a new overlay on it, and only the
+          overlay's data crosses.
+        * Refused before anything starts: a VM not running or with snapshots (``Conflict``),
+          disks besides its root (a hot-plugged profile, a seed image: ``Conflict``), its
+          own host as the target (``InvalidInput``), others' VMs (``Conflict``).
+        * ``progress(done, total)`` is called with the bytes moved so far while it runs.
+        * On success the VM runs on the target and nothing of it is left here (definition and
+          owned volumes removed); the returned ``MigrationStats`` say what crossed.
+        * On a failure, a timeout (cancelled) or a lost connection: it runs here as before,
+          nothing of it is left on the target, and ``DriverError`` says why.
+        * Hypervisors that cannot (libvirt ``test:///``), or two different drivers, raise
+          ``DriverError`` ("not supported") and change nothing.
+        """
+        raise DriverError(f"live migration is not supported by {type(self).__name__}")
 
     @abstractmethod
     def attach_disk(self, vm_id: uuid.UUID, path: Path, serial: str) -> None:

@@ -66,6 +66,7 @@ from deskpool.drivers.base import (
 )
 from deskpool.drivers.fake.faults import FaultInjectionMixin, api
 from deskpool.drivers.fake.guest import FakeGuest
+from deskpool.drivers.fake.migration import FakeMigrationMixin
 from deskpool.drivers.fake.saved_state import ACTIVE_STATES, FakeSavedStateMixin
 from deskpool.drivers.fake.state import (
     FakeShape,
@@ -85,7 +86,7 @@ _FIRST_RDP_PORT = 33900  # the RDP ports forwarded to the guests
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
-class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
+class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
     def __init__(
@@ -513,9 +514,12 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, HypervisorDriver):
                     "or its backing file"
                 )
 
-    def _power_on(self, vm: FakeVm) -> None:
+    def _next_vnc_port(self) -> int:
         used = {v.vnc_port for v in self._vms.values()}
-        vm.vnc_port = next(p for p in range(_FIRST_VNC_PORT, 65536, 2) if p not in used)
+        return next(p for p in range(_FIRST_VNC_PORT, 65536, 2) if p not in used)
+
+    def _power_on(self, vm: FakeVm) -> None:
+        vm.vnc_port = self._next_vnc_port()
         vm.power = PowerState.RUNNING
         vm.shutdown_in = None
         if vm.spec is not None and vm.spec.identity_text is not None:
