@@ -7,7 +7,11 @@ database's uid, logind's active x11 session, Xfce's panel and desktop and the fi
 session writes owned by that uid) and from outside (a libvirt screenshot that is graphical
 and no longer the greeter's). Then the same session's other way in: xfreerdp, on a virtual X
 screen, opens the broker's ``.rdp`` file through its RDP proxy and is signed in with the
-file's one-time password; forged, expired and spent tickets open nothing."""
+file's one-time password; forged, expired and spent tickets open nothing.
+
+The desktop flavor's own checks ride on the same VM (one desktop-flavor boot, not two): the
+memory its recipe records, LightDM and Xorg on the graphical target, the modules later work
+needs, and xrdp with keys of its own."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.images.builder import GuestImage
+from deskpool.images.recipe import Flavor
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
@@ -143,6 +148,33 @@ def test_connect_lands_in_the_users_session(signed_in: SignedIn) -> None:
     print(f"Connect -> session running: {signed_in.connect_s:.1f} s; phases {h.phases_ms}")
     assert h.status == "ready", h.message
     assert "session" in h.phases_ms
+
+
+def test_the_desktop_image_is_its_own_flavor(desktop_image: GuestImage) -> None:
+    assert desktop_image.flavor is Flavor.DESKTOP
+    assert desktop_image.memory_mib == 1536
+    size = desktop_image.disk.stat().st_size
+    print(f"desktop image {desktop_image.recipe_hash[:12]}: {size / 2**20:.0f} MiB qcow2")
+
+
+def test_the_vm_gets_the_memory_the_recipe_records(signed_in: SignedIn) -> None:
+    assert signed_in.domain.maxMemory() == 1536 * 1024  # KiB
+
+
+def test_lightdm_and_xorg_run_on_the_graphical_target(signed_in: SignedIn) -> None:
+    """(The greeter itself was on the screen before Connect: the fixture waits for it.)"""
+    assert _run(signed_in, ["/usr/bin/systemctl", "get-default"]).strip() == "graphical.target"
+    active = _run(signed_in, ["/usr/bin/systemctl", "is-active", "display-manager.service",
+                              "lightdm.service"])
+    assert active.split() == ["active", "active"], active
+    for process in ("lightdm", "Xorg"):
+        assert _run(signed_in, ["/usr/bin/pgrep", "-x", process]).split(), process
+    # The GPU device Xorg's modesetting driver draws with.
+    _run(signed_in, ["/usr/bin/test", "-e", "/dev/dri/card0"])
+
+
+def test_the_modules_later_work_needs_still_load(signed_in: SignedIn) -> None:
+    _run(signed_in, ["/usr/sbin/modprobe", "-a", "cifs", "overlay", "dm_crypt"])
 
 
 def test_the_account_has_the_databases_uid(signed_in: SignedIn) -> None:
@@ -351,3 +383,23 @@ def test_xfreerdp_opens_the_rdp_file_through_the_proxy_and_signs_in(
     finally:
         proxy.stop()
         serving.join(10)
+
+
+def test_xrdp_runs_with_keys_of_its_own(signed_in: SignedIn) -> None:
+    """The image's keys were dropped at build time: this desktop made its own, for its name
+    (at idle priority, after the greeter; the RDP test above waited for xrdp)."""
+    desktop_id = signed_in.handover.desktop_id
+    assert _run(signed_in, ["/usr/bin/systemctl", "is-active", "xrdp.service"]).strip() == (
+        "active")
+    subject = _run(signed_in, ["/usr/bin/openssl", "x509", "-noout", "-subject", "-in",
+                               "/etc/xrdp/cert.pem"])
+    assert DesktopService(signed_in.ctx).get(str(desktop_id)).hostname in subject, subject
+
+
+def test_the_screenshot_decoder_round_trips(tmp_path: Path) -> None:
+    """The helper itself, on a PNG it writes (no VM needed, but it lives with the tier)."""
+    from tests.realvm.screens import encode_png
+
+    rgb = bytes((x * 7 + y) % 256 for y in range(30) for x in range(40 * 3))
+    width, height, back = decode_png(encode_png(40, 30, rgb))
+    assert (width, height, back) == (40, 30, rgb)
