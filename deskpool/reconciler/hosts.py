@@ -10,8 +10,9 @@
   been lost whole, is started again there: ``crashes``.) Nothing is deleted on a host because
   it was unreachable.
 * A ``draining`` host's free desktops are retired (placement replaces them elsewhere), its
-  users see a notice (the broker logs them off at the deadline), and once no session is left
-  the host enters ``maintenance``.
+  desktops in use move live to other hosts (``moves.py``), and the users of those that cannot
+  move see a notice saying why (the broker logs them off at the deadline); once no session
+  is left the host enters ``maintenance``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ IN_FLIGHT_STATES = (S.PROVISIONING.value, S.CUSTOMIZING.value, S.RECYCLING.value
 
 class HostWatch:
     def __init__(self, ctx: ServiceContext, clock: Callable[[], datetime], *,
-                 down_after: timedelta = timedelta(seconds=60)) -> None:
+                 down_after: timedelta = timedelta(seconds=60),
+                 move_on_drain: bool = True) -> None:
         self.ctx = ctx
         self.clock = clock
         self.down_after = down_after
+        # Desktops in use on a draining host move live to other hosts where they can; the
+        # notice-and-logoff is for those that cannot.
+        self.move_on_drain = move_on_drain
 
     def answered(self, host_id: uuid.UUID) -> None:
         """The host answered: refresh its capacity; a down host comes back."""
@@ -121,11 +126,14 @@ class HostWatch:
                              user=d.assigned_user, pool=d.pool, desktop_id=d.id,
                              desktop=d.name)
 
-    def drain(self, host_id: uuid.UUID) -> None:
+    def drain(self, host_id: uuid.UUID) -> list[uuid.UUID]:
+        """One look at a draining host; returns the desktops in use there to move live
+        (``reconciler/moves.py``), which get no notice unless their move fails."""
+        to_move: list[uuid.UUID] = []
         with self.ctx.uow() as uow:
             host = uow.hosts.get(host_id)
             if host.state is not HostState.DRAINING:
-                return
+                return to_move
             deadline = host.drain_deadline or self.clock()
             desktops = uow.desktop_sessions.on_host(host.id)
             held = 0
@@ -134,7 +142,9 @@ class HostWatch:
                                                          d.assigned_user, d.notice, d.pool_kind)
                 if state in HELD_STATES:
                     held += 1
-                    if notice is None:
+                    if notice is None and self.move_on_drain and d.movable:
+                        to_move.append(d_id)
+                    elif notice is None:
                         uow.desktop_sessions.set_notice(d_id, drain_notice(deadline))
                         record_event(uow, "drain-warning", f"{user} on {name} warned: host "
                                      f"{host.name} drains by {deadline:%H:%M} UTC",
@@ -156,3 +166,4 @@ class HostWatch:
                 record_event(uow, "host-maintenance", f"host {host.name} has no sessions "
                              "left and is in maintenance")
             uow.commit()
+        return to_move

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from deskpool.domain.errors import (
     DeskpoolError,
@@ -58,6 +59,7 @@ from deskpool.reconciler.crashes import (
     stopped_from_inside,
 )
 from deskpool.reconciler.hosts import HostWatch
+from deskpool.reconciler.moves import DrainMoves, adopt_moved
 from deskpool.reconciler.planning import (
     MAX_BACKOFF,
     DesktopFacts,
@@ -122,6 +124,7 @@ class Reconciler:
         self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float | None = None,
         provisioning_per_host: int = 2, clock: Callable[[], datetime] | None = None,
         host_down_after: timedelta | None = None, lease: timedelta | None = None,
+        move_on_drain: bool | None = None,
     ) -> None:
         settings = ctx.settings
         self.ctx = ctx
@@ -132,12 +135,15 @@ class Reconciler:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.factory = DesktopFactory(ctx, clock=self.clock)
         self.hosts = HostWatch(ctx, self.clock, down_after=host_down_after
-                               or timedelta(seconds=settings.host_down_after_s))
+                               or timedelta(seconds=settings.host_down_after_s),
+                               move_on_drain=(settings.drain_by_migration
+                                              if move_on_drain is None else move_on_drain))
         # Several brokers share the work through leases on pools and desktops, renewed while
         # a step runs (a live broker keeps its lease however long the step takes); the lease
         # time is how soon others take over the work of a broker that died.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = lease or timedelta(seconds=settings.lease_s)
+        self.moves = DrainMoves(ctx, self.clock)
         self.steps = StepRunner(ctx, self.factory, slot=self._slot,
                                 ready_timeout_s=self.ready_timeout_s)
         # Steps run on one pool of threads that outlives a pass, so a pass need not wait for
@@ -160,11 +166,14 @@ class Reconciler:
         started = time.monotonic()
         try:
             with gc_paused():
-                reachable = self._sync_hosts(report)
+                reachable, to_move = self._sync_hosts(report)
                 self._plan_pools(report, reachable)
                 steps = self._collect_steps(report, reachable)
-            futures = [self._submit(step, report) for step in steps
-                       if not self.in_flight(step.desktop_id)]
+            futures = [self._submit(step.desktop_id, partial(self.run_step, step, report),
+                                    report)
+                       for step in steps if not self.in_flight(step.desktop_id)]
+            futures += [self._submit(d_id, partial(self.moves.move, d_id, report), report)
+                        for d_id in to_move if not self.in_flight(d_id)]
             done, running = wait(futures, timeout=wait_s)
             report.steps_running = len(running)
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
@@ -217,14 +226,16 @@ class Reconciler:
         """Stop taking steps; steps already running end under their own deadlines."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _submit(self, step: Step, report: PassReport) -> Future[None]:
+    def _submit(self, desktop_id: uuid.UUID, job: Callable[[], None],
+                report: PassReport) -> Future[None]:
+        """Run ``job`` (a step, a move) for ``desktop_id`` on the reconciler's threads."""
         def run() -> None:
             errors = len(report.errors)
             try:
-                self.run_step(step, report)
+                job()
             finally:
                 with self._flight_lock:
-                    self._in_flight.pop(step.desktop_id, None)
+                    self._in_flight.pop(desktop_id, None)
                 if report.closed and len(report.errors) > errors:  # its pass is long over
                     log.warning("reconcile step (after its pass): %s",
                                 "; ".join(report.errors[errors:]))
@@ -233,17 +244,19 @@ class Reconciler:
         # desktop before it was put in.
         with self._flight_lock:
             future = self._executor.submit(run)
-            self._in_flight[step.desktop_id] = future
+            self._in_flight[desktop_id] = future
         return future
 
     # --- 1. hosts --------------------------------------------------------------------------
 
-    def _sync_hosts(self, report: PassReport) -> set[uuid.UUID]:
-        """Ask every host what runs on it (a heartbeat too); returns the hosts that answered.
+    def _sync_hosts(self, report: PassReport) -> tuple[set[uuid.UUID], list[uuid.UUID]]:
+        """Ask every host what runs on it (a heartbeat too); returns the hosts that answered
+        and the desktops in use on draining hosts to move live.
 
         A host that does not answer is left alone: nothing of it is deleted or repaired, and
         after the grace period it is marked down (``HostWatch``)."""
         reachable: set[uuid.UUID] = set()
+        listed: dict[uuid.UUID, dict[uuid.UUID, VmRecord]] = {}  # by host, what runs there
         with self.ctx.uow(read_only=True) as uow:
             hosts = [(h.id, h.name) for h in uow.hosts.list()]
         for host_id, name in hosts:
@@ -251,10 +264,10 @@ class Reconciler:
                 with self.ctx.uow(read_only=True) as uow:
                     driver = self.ctx.driver_for(uow.hosts.get(host_id))
                 try:
-                    listed = driver.list_vms()
+                    found = driver.list_vms()
                 except HostConnectionLost:  # its daemon restarted: the driver reconnects
-                    listed = driver.list_vms()
-                records = {r.vm_id: r for r in listed}
+                    found = driver.list_vms()
+                records = {r.vm_id: r for r in found}
             except DatabaseUnavailable:
                 raise  # the database is what failed, not the host: it is not silent
             except (TemporaryError, DriverError) as exc:  # did not answer, or not sanely
@@ -263,23 +276,31 @@ class Reconciler:
                 continue
             self.hosts.answered(host_id)
             reachable.add(host_id)
+            listed[host_id] = records
+        # A VM found on another host than its row names was moved there live (its broker
+        # died before writing it down): adopted first, so it is neither "vanished" from
+        # the row's host nor an orphan here.
+        elsewhere = adopt_moved(self.ctx, listed, self.clock(), report)
+        to_move: list[uuid.UUID] = []
+        for host_id, on_host in listed.items():
             with self.ctx.uow(read_only=True) as uow:
                 host = uow.hosts.get(host_id)
                 desktops = {d.id: d for d in uow.desktops.summaries(host_id=host_id)}
-                self._sync_one_host(host, desktops, records, report)
+                self._sync_one_host(host, desktops, on_host, report, elsewhere)
                 draining = host.state is HostState.DRAINING
             if draining:
-                self.hosts.drain(host_id)
-        return reachable
+                to_move += self.hosts.drain(host_id)
+        return reachable, to_move
 
     def _sync_one_host(self, host: Host, desktops: dict[uuid.UUID, DesktopSummary],
-                       records: dict[uuid.UUID, VmRecord], report: PassReport) -> None:
+                       records: dict[uuid.UUID, VmRecord], report: PassReport,
+                       elsewhere: set[uuid.UUID]) -> None:
         driver = self.ctx.driver_for(host)
         ours = self.ctx.installation_id
         for vm_id, record in records.items():
             meta = record.metadata
             if (meta is not None and meta.installation_id in (ours, None)
-                    and vm_id not in desktops):
+                    and vm_id not in desktops and vm_id not in elsewhere):
                 # Ours (our deployment's metadata; or a VM made before deployments were told
                 # apart) but no row claims it: a crash's leftover. Another deployment's VMs
                 # on a shared host are theirs to look after.
@@ -288,7 +309,8 @@ class Reconciler:
         for desktop in desktops.values():
             found = records.get(desktop.id)
             if found is None:
-                if desktop.state in HAS_VM_STATES and not self._vm_exists(driver, desktop.id):
+                if (desktop.state in HAS_VM_STATES and desktop.id not in elsewhere
+                        and not self._vm_exists(driver, desktop.id)):
                     self._fail(desktop.id, desktop.state,
                                f"its VM vanished from host {host.name}")
                     report.count(Outcome.VANISHED)

@@ -98,11 +98,7 @@ class DesktopService:
 
     @staticmethod
     def _find(uow: UnitOfWork, name_or_id: str) -> Desktop:
-        try:
-            desktop_id = uuid.UUID(name_or_id)
-        except ValueError:
-            return uow.desktops.get_by_name(name_or_id)
-        return uow.desktops.get(desktop_id)
+        return find_desktop(uow, name_or_id)
 
     def delete(self, name_or_id: str) -> None:
         """Remove the VM and its disks, then the row. A crash midway leaves the row in
@@ -121,3 +117,12 @@ class DesktopService:
             desktop = self._find(uow, name_or_id)
             desktop_id, driver = desktop.id, self.ctx.driver_for(desktop.host)
         return driver.console_address(desktop_id)
+
+
+def find_desktop(uow: UnitOfWork, name_or_id: str) -> Desktop:
+    """A desktop by its id, or else by its name; ``NotFound`` naming it."""
+    try:
+        desktop_id = uuid.UUID(name_or_id)
+    except ValueError:
+        return uow.desktops.get_by_name(name_or_id)
+    return uow.desktops.get(desktop_id)

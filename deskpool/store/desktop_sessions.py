@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from deskpool.domain.models import HostState
+from deskpool.domain.models import CloneMode, HostState, PowerState
 from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.store.models import Desktop, Host, Pool
@@ -65,6 +65,13 @@ class HostDesktop:
     notice: str | None
     pool: str | None
     pool_kind: PoolKind | None
+    clone_mode: CloneMode
+    power_state: PowerState
+
+    @property
+    def movable(self) -> bool:
+        """Whether it may move live (``services/migration``): a running linked clone."""
+        return self.clone_mode is CloneMode.LINKED and self.power_state is PowerState.RUNNING
 
 
 class DesktopSessionRepository:
@@ -156,7 +163,8 @@ class DesktopSessionRepository:
         """The host's desktops, with their pool's name and kind; given ``pool_kind``, only
         those of pools of that kind; given ``states``, only those in one of them."""
         query = (select(Desktop.id, Desktop.name, Desktop.state, Desktop.assigned_user,
-                        Desktop.notice, Pool.name, Pool.kind)
+                        Desktop.notice, Pool.name, Pool.kind, Desktop.clone_mode,
+                        Desktop.power_state)
                  .where(Desktop.host_id == host_id))
         if pool_kind is None:
             query = query.join(Pool, Pool.id == Desktop.pool_id, isouter=True)

@@ -135,6 +135,11 @@ class DesktopRepository(_NamedRepository[Desktop]):
             stmt = stmt.where(Desktop.pool_id == pool_id)
         return [DesktopSummary(*row) for row in self._session.execute(stmt)]
 
+    def host_ids(self) -> dict[uuid.UUID, uuid.UUID]:
+        """Each desktop's host, by desktop id (two columns: cheap at any size)."""
+        return {row.id: row.host_id
+                for row in self._session.execute(select(Desktop.id, Desktop.host_id))}
+
     def macs(self) -> set[str]:
         """Every MAC address in use (a new desktop draws one that is not)."""
         return set(self._session.scalars(select(Desktop.mac)))
@@ -278,6 +283,21 @@ class DesktopRepository(_NamedRepository[Desktop]):
             .values(power_state=new, version=Desktop.version + 1)
             .execution_options(synchronize_session=False)
         )
+        result = cast(CursorResult[Any], self._session.execute(statement))
+        self._expire(desktop_id)
+        return result.rowcount == 1
+
+    def move_to_host(self, desktop_id: uuid.UUID, expected: uuid.UUID, new: uuid.UUID, *,
+                     unleased_at: datetime | None = None) -> bool:
+        """Record that the desktop's VM now runs on host ``new`` (it was migrated there) if
+        its row still names ``expected``; with ``unleased_at``, only if no live lease holds
+        the row then (a migration in progress owns it). Increments ``version``."""
+        condition = (Desktop.id == desktop_id) & (Desktop.host_id == expected)
+        if unleased_at is not None:
+            condition &= Desktop.lease_until.is_(None) | (Desktop.lease_until < unleased_at)
+        statement = (update(Desktop).where(condition)
+                     .values(host_id=new, version=Desktop.version + 1)
+                     .execution_options(synchronize_session=False))
         result = cast(CursorResult[Any], self._session.execute(statement))
         self._expire(desktop_id)
         return result.rowcount == 1

@@ -289,13 +289,15 @@ def test_bad_hosts_and_limits_are_refused_and_nothing_is_stored(grid: Grid) -> N
 
 
 def test_drain_moves_users_and_desktops_off_a_host_into_maintenance(grid: Grid) -> None:
+    """Without live moves (``drain_by_migration`` off, or a desktop that cannot move): its
+    user is warned and logged off at the deadline. Moves: ``test_live_migration.py``."""
     grid.host("a")
     grid.host("b")
     grid.pool("lab", spare=2)
     for name in ("alice", "bob", "carol"):
         grid.world.user(name, entitled_to=("lab",))
     broker, sessions = Broker(grid.ctx), SessionService(grid.ctx)
-    reconciler = grid.reconciler()
+    reconciler = grid.reconciler(move_on_drain=False)
     reconciler.run_pass()
     # Spread over two empty equal hosts: lab-01 on a, lab-02 on b; alice takes lab-01.
     alice = broker.connect(person("alice"), "lab")

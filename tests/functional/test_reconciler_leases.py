@@ -113,7 +113,7 @@ def test_a_reconciler_acting_on_a_stale_view_does_not_redo_finished_work(
     first = grid.reconciler()
     second = Reconciler(second_ctx, workers=4, ready_timeout_s=5, clock=grid.clock)
     report = PassReport()
-    reachable = first._sync_hosts(report)
+    reachable, _ = first._sync_hosts(report)
     first._plan_pools(report, reachable)
     stale = first._collect_steps(report, reachable)  # provision both desktops...
     assert len(stale) == 2

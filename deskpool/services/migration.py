@@ -1,0 +1,152 @@
+"""A desktop moved live to another host (``HypervisorDriver.migrate_vm``): its user keeps
+their session, their processes and their files.
+
+The order is what makes a crash at any point recoverable:
+
+1. The desktop is leased for the move, so no reconciler step (recycle, power policy) and
+   no other move touches it meanwhile; a dead broker's lease expires.
+2. Its factory snapshot goes first (libvirt cannot migrate a VM with snapshots; the snapshot
+   would stay behind in the old overlay anyway). The row says so before the snapshot is
+   deleted, so a revert is never tried without one: at its user's logoff the moved desktop
+   of a reverting pool is retired and replaced instead.
+3. The template version's disk is copied to the target (once per host, in a transfer slot),
+   and the driver moves the VM: on a failure it runs on where it was.
+4. The row names the new host (a compare-and-swap on the old one). A broker that dies between
+   3 and 4 leaves a VM running on the target whose row names the source: the reconciler
+   adopts it there once the lease has expired (``reconciler/moves.py``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from deskpool.domain.errors import Conflict, InvalidInput, LostRace
+from deskpool.domain.models import CloneMode, HostState, MigrationStats, PowerState
+from deskpool.domain.states import HELD_STATES, DesktopState
+from deskpool.scheduler.placement import NoValidHost
+from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import find_desktop
+from deskpool.services.events import record_event
+from deskpool.services.factory import FACTORY_SNAPSHOT, copy_version_to_host
+from deskpool.services.host_slots import SlotKind, host_slot
+from deskpool.services.placement import Placer
+from deskpool.store.leases import Leased
+from deskpool.store.models import utcnow
+
+MIGRATION_LEASE = timedelta(minutes=20)  # longer than a move's own deadline
+MOVABLE_STATES = frozenset({DesktopState.READY}) | HELD_STATES
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Moved:
+    desktop: str
+    source: str
+    target: str
+    stats: MigrationStats
+
+
+@dataclass(frozen=True)
+class _Plan:
+    desktop_id: uuid.UUID
+    name: str
+    user: str | None
+    pool: str | None
+    source_id: uuid.UUID
+    source: str
+    target_id: uuid.UUID
+    target: str
+    snapshot: bool
+
+
+class MigrationService:
+    def __init__(self, ctx: ServiceContext,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.ctx = ctx
+        self.clock = clock
+
+    def migrate(self, desktop: str, *, target: str | None = None, reason: str,
+                timeout_s: float = 600.0,
+                progress: Callable[[int, int], None] | None = None) -> Moved:
+        """Move ``desktop`` (name or id) live to host ``target``, or to the host placement
+        picks among the others. ``Conflict`` or ``InvalidInput`` saying why it cannot move
+        (nothing changed); ``LostRace`` when a broker works on it now (its lease); a
+        ``DriverError`` when the move itself failed (it runs on where it was)."""
+        owner = f"migration-{uuid.uuid4()}"
+        plan = self._plan(desktop, target)
+        with self.ctx.uow() as uow:
+            now = self.clock()
+            if not uow.leases.take(Leased.DESKTOP, plan.desktop_id, owner,
+                                   now + MIGRATION_LEASE, now):
+                raise LostRace(f"desktop {plan.name} is busy (a broker is working on it); "
+                               "try again in a moment")
+            uow.commit()
+        try:
+            stats = self._move(plan, timeout_s, progress)
+            with self.ctx.uow() as uow:
+                if not uow.desktops.move_to_host(plan.desktop_id, plan.source_id,
+                                                 plan.target_id):
+                    raise Conflict(f"desktop {plan.name} changed while it moved")
+                record_event(uow, "desktop-migrated",
+                             f"{plan.name} moved live from host {plan.source} to "
+                             f"{plan.target} ({reason}): {stats.memory_bytes / MiB:.0f} MiB "
+                             f"of memory, {stats.disk_bytes / MiB:.1f} MiB of disk in "
+                             f"{stats.seconds:.1f} s", user=plan.user, pool=plan.pool,
+                             desktop_id=plan.desktop_id, desktop=plan.name)
+                uow.commit()
+        finally:
+            with self.ctx.uow() as uow:
+                uow.leases.release(Leased.DESKTOP, plan.desktop_id, owner)
+                uow.commit()
+        return Moved(plan.name, plan.source, plan.target, stats)
+
+    def _plan(self, ref: str, target: str | None) -> _Plan:
+        with self.ctx.uow(read_only=True) as uow:
+            d = find_desktop(uow, ref)
+            if d.state not in MOVABLE_STATES or d.power_state is not PowerState.RUNNING:
+                raise Conflict(f"desktop {d.name} is {d.state.value} and "
+                               f"{d.power_state.value}: only a running desktop that is ready "
+                               "or in use moves live")
+            if d.clone_mode is not CloneMode.LINKED:
+                raise Conflict(f"desktop {d.name} is a {d.clone_mode.value} clone: only "
+                               "linked clones move live")
+            source = d.host
+            if target is not None:
+                host = uow.hosts.get_by_name(target)
+                if host.id == source.id:
+                    raise InvalidInput(f"desktop {d.name} is on host {target} already")
+                if host.state is not HostState.ENABLED:
+                    raise Conflict(f"host {target} is {host.state.value}: it takes no "
+                                   "desktops")
+            else:
+                others = {h.id for h in uow.hosts.list() if h.id != source.id}
+                try:
+                    host, _ = Placer(uow).place(d.template_version, d.clone_mode,
+                                                what=f"desktop {d.name}", allowed=others)
+                except NoValidHost as exc:
+                    raise Conflict(f"desktop {d.name} has nowhere to go: {exc}") from exc
+            pool = uow.pools.find(d.pool_id) if d.pool_id else None
+            return _Plan(d.id, d.name, d.assigned_user, pool.name if pool else None,
+                         source.id, source.name, host.id, host.name, d.has_factory_snapshot)
+
+    def _move(self, plan: _Plan, timeout_s: float,
+              progress: Callable[[int, int], None] | None) -> MigrationStats:
+        with self.ctx.uow(read_only=True) as uow:
+            d = uow.desktops.get(plan.desktop_id)
+            source = self.ctx.driver_for(d.host)
+            target_host = uow.hosts.get(plan.target_id)
+            target = self.ctx.driver_for(target_host)
+            with host_slot(self.ctx, plan.target_id, SlotKind.TRANSFER,
+                           target_host.transfer_slots):
+                base, _ = copy_version_to_host(target, d.template_version)
+        if plan.snapshot:
+            with self.ctx.uow() as uow:
+                uow.desktops.get(plan.desktop_id).has_factory_snapshot = False
+                uow.commit()
+            source.delete_snapshot(plan.desktop_id, FACTORY_SNAPSHOT)
+        return source.migrate_vm(plan.desktop_id, target, base_volume=base,
+                                 timeout_s=timeout_s, progress=progress)
+
