@@ -20,6 +20,8 @@ from deskpool.api.schemas import (
     HostAdminView,
     HostCreate,
     HostPath,
+    MigrateRequest,
+    MigrationView,
     PoolAdminView,
     PoolCreate,
     PoolPath,
@@ -44,6 +46,7 @@ from deskpool.images.recipe import Flavor, recipe_for
 from deskpool.services.audit import audit
 from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.migration import MigrationService
 from deskpool.services.pool_admin import PoolAdmin
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
@@ -212,6 +215,20 @@ def force_log_off(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
     audit(svc.ctx, actor, "desktop.logoff", f"desktop/{desktop_id}",
           f"logged desktop {desktop_id} off", new={"state": state})
     return StateResponse(desktop_id=desktop_id, state=DesktopState(state))
+
+
+@router.post("/desktops/{desktop_id}/migrate", response_model=MigrationView,
+             responses=errors(404, 409, 422, 502, 503))
+def migrate_desktop(desktop_id: uuid.UUID, body: MigrateRequest, admin: AdminUser,
+                    actor: AdminActor, svc: ServicesDep) -> MigrationView:
+    """Move a running desktop live to another host (its user keeps their session)."""
+    moved = MigrationService(svc.ctx).migrate(
+        str(desktop_id), target=body.target, reason=f"asked by administrator {admin.name}")
+    audit(svc.ctx, actor, "desktop.migrate", f"desktop/{desktop_id}",
+          f"moved desktop {moved.desktop} live from {moved.source} to {moved.target}",
+          new={"host": moved.target})
+    return MigrationView(desktop=moved.desktop, source=moved.source, target=moved.target,
+                         **asdict(moved.stats))
 
 
 @router.get("/events")

@@ -420,6 +420,22 @@ class DrainRequest(BaseModel):
     grace_s: Annotated[int, Field(ge=0, le=7 * 86400), NUMBER] = 1800
 
 
+class MigrateRequest(BaseModel):
+    """Where a desktop moves live: a host by name, or the one placement picks."""
+
+    target: Annotated[str | None, Field(pattern=HOST_NAME, max_length=63)] = None
+
+
+class MigrationView(BaseModel):
+    desktop: str
+    source: str
+    target: str
+    seconds: float
+    memory_bytes: int
+    disk_bytes: int
+    downtime_ms: int | None
+
+
 # --- what the admin listings answer: each enum typed, so a client knows every value -------------
 
 class HostAdminView(BaseModel):

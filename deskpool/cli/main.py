@@ -251,6 +251,31 @@ def desktop_delete(name: str) -> None:
     out.print(f"desktop [bold]{name}[/] deleted")
 
 
+@desktop_app.command("migrate")
+def desktop_migrate(
+    name: str,
+    to: Annotated[str | None, typer.Option("--to", help="the host to move it to "
+                                           "(default: the one placement picks)")] = None,
+) -> None:
+    """Move a running desktop live to another host; its user keeps their session."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from deskpool.services.migration import MigrationService
+
+    with services() as ctx, Progress(TextColumn(f"moving {name}"), BarColumn(),
+                                     DownloadColumn(), console=out, transient=True) as bar:
+        task = bar.add_task("move", total=None)
+        moved = MigrationService(ctx).migrate(
+            name, target=to, reason="asked from the command line",
+            progress=lambda done, total: bar.update(task, completed=done, total=total or None))
+        audit(ctx, Actor.local(), "desktop.migrate", f"desktop/{name}",
+              f"moved desktop {name} live from {moved.source} to {moved.target}")
+    s = moved.stats
+    out.print(f"desktop [bold]{name}[/] moved live from {moved.source} to {moved.target} in "
+              f"{s.seconds:.1f} s: {s.memory_bytes / 2**20:.0f} MiB of memory, "
+              f"{s.disk_bytes / 2**20:.1f} MiB of disk")
+
+
 @app.command("demo")
 def demo() -> None:
     """Run a broker with a demo pool on local libvirt (builds what is missing first)."""
