@@ -1,6 +1,7 @@
 """Two real libvirt hosts on this machine: qemu:///system and a second, independent daemon
 (``tests/libvirt_hosts.py``). A pool spreads over both; one host is drained while a user is
-connected (warned, logged off at the deadline, the pool carries on on the other host); then
+connected (their desktop moves live to the other host, a process in it counting on, and the
+pool carries on there); then
 the other host is lost whole (its daemon and every QEMU process of it SIGKILLed, its /run
 emptied as by a reboot): its stateless desktops are replaced on the first host, its stateful
 desktop is kept and its user told; when the host returns, its domains shut off, the stateful
@@ -20,7 +21,6 @@ import pytest
 
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
-from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.errors import Unavailable
 from deskpool.domain.models import PowerState, StopReason
@@ -31,6 +31,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import owned_volume_names, root_volume_name
 from deskpool.images.builder import GuestImage
 from deskpool.reconciler.loop import Reconciler
+from deskpool.reconciler.report import Outcome
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
 from deskpool.services.events import messages_for, recent_events
@@ -38,12 +39,15 @@ from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.services.views import DesktopView
-from deskpool.store.models import utcnow
 from tests.libvirt_hosts import SecondLibvirtHost
 from tests.realvm.conftest import remove_pool_of
 
 pytestmark = pytest.mark.realvm
 WORK_FILE = "/root/work.txt"
+MOVE_FILE = "/root/before-move.txt"
+# A process that counts five times a second, detached from the agent's command.
+COUNTER = ("nohup setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/counter; "
+           "sleep 0.2; done' >/dev/null 2>&1 &")
 # Volumes a desktop owns are named after its id (``owned_volume_names``).
 DESKTOP_VOLUME_ENDINGS = {n[36:] for n in owned_volume_names(uuid.UUID(int=0))}
 LOCAL, SECOND = "a-local", "b-second"  # ties in placement go by name: a-local first
@@ -80,6 +84,17 @@ def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         reconciler.run_pass()
         time.sleep(0.5)
+
+
+def counter(agent: GuestAgent, timeout_s: float = 60) -> int:
+    """What the guest's counting process wrote last (it starts a moment after its command)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code, out, _ = agent.exec_capture(["cat", "/run/counter"])
+        if code == 0 and out.strip():
+            return int(out)
+        assert time.monotonic() < deadline, "the counting process never wrote"
+        time.sleep(1)
 
 
 def desktops(ctx: ServiceContext, prefix: str) -> list[DesktopView]:
@@ -123,7 +138,7 @@ def test_drain_and_host_failure_across_two_real_hosts(
     # times that when other tests load it; none of them is a timed assertion.
     reconciler = Reconciler(ctx, workers=3, ready_timeout_s=420,
                             host_down_after=timedelta(seconds=3))
-    broker, sessions = Broker(ctx, ready_timeout_s=120), SessionService(ctx)
+    broker = Broker(ctx, ready_timeout_s=120)
 
     # 1. The pools fill: lab's first desktop on a-local (tie, by name), keep's on b-second.
     settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "lab-"))
@@ -137,17 +152,39 @@ def test_drain_and_host_failure_across_two_real_hosts(
     settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "lab-")),
            "a new spare desktop")
 
-    # 2. Drain a-local while alice is connected: warned now, logged off at the deadline.
-    HostService(ctx).drain(LOCAL, grace=timedelta(seconds=20))
-    reconciler.run_pass()
+    # 2. Drain a-local while alice is connected: her desktop moves live to b-second, with
+    #    what runs in it (a counter that keeps counting) and her file; no logoff, no notice.
+    assert alice.desktop_id is not None
+    local_agent = GuestAgent(ctx.driver_for_name(LOCAL), alice.desktop_id)
+    before = f"written on a-local before the move: {uuid.uuid4()}\n".encode()
+    local_agent.write_file(MOVE_FILE, before)
+    code, _, err = local_agent.exec_capture(["sh", "-c", COUNTER])
+    assert code == 0, err
+    boot_id = local_agent.read_file("/proc/sys/kernel/random/boot_id")
+    counted = counter(local_agent)
+    HostService(ctx).drain(LOCAL, grace=timedelta(minutes=30))
+    moving = time.monotonic()
+    report = reconciler.run_pass()  # the move runs in this pass's steps
+    assert report.counts[Outcome.MIGRATED] == 1, (report.errors, report.notes)
     with ctx.uow(read_only=True) as uow:
-        assert "logged off" in (uow.desktops.get(alice.desktop_id).notice or "")
-    assert any(e.kind == "drain-warning" and e.user == "alice" for e in recent_events(ctx))
+        row = uow.desktops.get(alice.desktop_id)
+        assert (row.host.name, row.assigned_user, row.notice) == (SECOND, "alice", None)
+        assert row.state.value in ("reserved", "in_use")
+    moved = DesktopService(ctx).get(alice.desktop or "")
+    (event,) = [e for e in recent_events(ctx) if e.kind == "desktop-migrated"]
+    print(f"moved in {time.monotonic() - moving:.1f} s: {event.message}", flush=True)
+    agent = GuestAgent(ctx.driver_for_name(SECOND), alice.desktop_id)
+    assert agent.read_file(MOVE_FILE) == before
+    assert agent.read_file("/proc/sys/kernel/random/boot_id") == boot_id  # not rebooted
+    first = counter(agent)
+    time.sleep(2)
+    assert counter(agent) > first > counted  # it counted on
+    assert agent.host_name() == moved.hostname
+    assert alice.desktop_id not in {vm.vm_id for vm in ctx.driver_for_name(LOCAL).list_vms()}
+    assert not any(e.kind == "drain-warning" for e in recent_events(ctx))
     bob = broker.connect(BOB, "lab")  # no new session on a draining host: bob goes elsewhere
     assert bob.status == "ready"
     assert DesktopService(ctx).get(bob.desktop or "").host == SECOND
-    report = sessions.run_timers(utcnow() + timedelta(seconds=21), poll_guests=False)
-    assert alice.desktop in report.logged_off
     settle(reconciler, lambda: host_state(ctx, LOCAL) == "maintenance",
            "a-local to reach maintenance")
     # The pool carries on on b-second alone: bob's desktop and a ready spare, none left here.
