@@ -282,7 +282,8 @@ class StagedCheckin:
 
     Made again after any interruption with the same arguments, it resumes: the staged copy and
     its journal in ``staging_dir`` (same filesystem as ``current``) carry over. ``current`` is
-    only ever replaced whole, by ``commit``.
+    only ever replaced whole, by ``commit``. One check-in per desktop at a time: the caller
+    serializes them (the desktop's ``checked_out`` state), as it does every other write.
     """
 
     def __init__(self, current: Path, staging_dir: Path, delta: LayerDelta, *,

@@ -177,6 +177,27 @@ def test_the_layer_opens_only_with_its_key(checkout: Checkout) -> None:
         check_layer(checkout.layer, new_data_key())
 
 
+def test_the_key_is_never_on_a_command_line(checkout: Checkout,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(argv: list[str], **kwargs: object) -> object:
+        seen.append(list(argv))
+        return real_run(argv, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("deskpool.images.offline_layers.subprocess.run", recording_run)
+    check_layer(checkout.layer, checkout.data_key)
+    allocated_extents(checkout.layer, checkout.data_key)
+    read_guest_bytes(checkout.layer, checkout.data_key, 0, 16)
+    assert len(seen) == 3
+    for argv in seen:
+        text = " ".join(argv)
+        assert checkout.data_key.hex() not in text
+        assert "secret,id=layerkey0,file=/dev/fd/" in text  # a pipe, not a file on disk
+        assert "data=" not in text
+
+
 def test_guest_data_never_reaches_a_laptop_file_or_the_wire_in_plaintext(
         checkout: Checkout, tmp_path: Path) -> None:
     source = tmp_path / "marker-source"  # outside the laptop's directory
