@@ -187,8 +187,13 @@ def read_guest_bytes(layer: Path, data_key: bytes, offset: int, length: int) -> 
 
 
 def check_layer(layer: Path, data_key: bytes) -> None:
-    """``qemu-img check`` of the layer alone (its base need not be present). Leaked clusters
-    (exit 3, left by a power cut) waste space but lose nothing, so they pass; corruption or an
-    unreadable image does not."""
+    """The layer is LUKS AES-256 encrypted and ``qemu-img check`` of it alone (its base need
+    not be present) passes. Leaked clusters (exit 3, left by a power cut) waste space but lose
+    nothing, so they pass; corruption, another key or an unencrypted image do not (qemu opens
+    a plain qcow2 even when given a key, hence the explicit look at the header)."""
+    facts = layer_facts(layer)
+    if not (facts.encrypted and facts.encrypt_format == "luks"
+            and facts.cipher_alg == "aes-256"):
+        raise OfflineLayerError(f"{layer} is not a LUKS AES-256 encrypted layer")
     _run(["qemu-img", "check", "-q", layer_spec(layer, with_backing=False)], data_key,
          f"checking {layer}", ok_codes=(0, 3))
