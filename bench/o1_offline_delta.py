@@ -3,8 +3,8 @@
 An encrypted offline layer (``deskpool.images.offline_layers``: LUKS, 128 KiB clusters with
 4 KiB subclusters) is checked in as the changed 4 KiB blocks of its file (``layer_delta``).
 Besides the data, each check-in carries the qcow2 metadata pages the writes changed (one L2
-page per 32 MiB of disk touched) and a 45-byte entry per chunk. This bench writes seeded
-4 KiB patterns with ``qemu-io`` in three shapes and prints sent / changed for each:
+page per 32 MiB of disk touched, zlib-compressed) and a 49-byte entry per chunk. This bench
+writes seeded 4 KiB patterns with ``qemu-io`` in three shapes and prints sent / changed:
 
 * clustered: files of 32 consecutive blocks (what a guest writing files mostly does);
 * uniform: blocks spread at random over the whole disk;

@@ -11,8 +11,9 @@ decrypted guest data. Why:
 * the server can still open it (``qemu-img check`` before committing, recovery by an admin):
   it holds the escrowed data key.
 The price is qcow2 metadata: a 4 KiB page of L2 table or refcounts changes with the data it
-maps; the layer geometry (``offline_layers``: 4 KiB subclusters, one L2 page per 32 MiB)
-keeps that to a few percent.
+maps (one L2 page per 32 MiB of disk with ``offline_layers``' geometry). Those pages are
+mostly zeros, so chunks that compress well travel zlib-compressed: writes scattered one per
+32 MiB then cost 1.02x the bytes written instead of 2.0x (``bench/o1_offline_delta.py``).
 
 Which blocks changed is decided against a ``BlockManifest`` (sha256 per 4 KiB block) of the
 server's current copy: the laptop keeps the one of its last sync and asks the server for its
@@ -34,6 +35,7 @@ import json
 import os
 import shutil
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +49,13 @@ MAX_CHUNK = 1024 * 1024
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _MANIFEST_MAGIC = b"DPMANIF1"
 _DELTA_MAGIC = b"DPDELTA1"
-_CHUNK = struct.Struct("<QIB32s")  # offset, length, flags, sha256: 45 bytes on the wire
+# offset, length, bytes on the wire, flags, sha256: 49 bytes per chunk in the plan
+_CHUNK = struct.Struct("<QIIB32s")
 _FLAG_ZERO = 1
+_FLAG_ZLIB = 2
+# Compress a chunk only when that saves at least this share: ciphertext never compresses,
+# qcow2 metadata pages (a few 16-byte L2 entries in 4 KiB) shrink to tens of bytes.
+_WORTH_COMPRESSING = 0.75
 _JOURNAL = "journal"
 _STAGED = "layer.staged"
 
@@ -161,8 +168,14 @@ class DeltaChunk:
     index: int
     offset: int
     length: int
-    sha256: bytes  # of the chunk's bytes (zeros for a zero chunk)
+    sha256: bytes  # of the chunk's bytes as they land (zeros for a zero chunk)
     zero: bool  # no payload travels: the server writes ``length`` zero bytes
+    compressed: bool = False  # the payload is zlib; the server inflates it to ``length``
+    wire_length: int = -1  # payload bytes that travel; -1: ``length`` (or 0 when zero)
+
+    def __post_init__(self) -> None:
+        if self.wire_length == -1:
+            object.__setattr__(self, "wire_length", 0 if self.zero else self.length)
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,9 @@ class LayerDelta:
                 "target_sha256": self.target_sha256, "target_size": self.target_size,
                 "chunks": len(self.chunks)}
         return _pack_meta(_DELTA_MAGIC, meta) + b"".join(
-            _CHUNK.pack(c.offset, c.length, _FLAG_ZERO if c.zero else 0, c.sha256)
+            _CHUNK.pack(c.offset, c.length, c.wire_length,
+                        (_FLAG_ZERO if c.zero else 0) | (_FLAG_ZLIB if c.compressed else 0),
+                        c.sha256)
             for c in self.chunks)
 
     @classmethod
@@ -193,11 +208,17 @@ class LayerDelta:
         target_size = _int(meta, "target_size")
         chunks = []
         for index in range(count):
-            offset, length, flags, digest = _CHUNK.unpack_from(rest, index * _CHUNK.size)
+            offset, length, wire, flags, digest = _CHUNK.unpack_from(rest,
+                                                                     index * _CHUNK.size)
             if not 0 < length <= MAX_CHUNK or offset + length > target_size:
                 raise InvalidInput(f"chunk {index} lies outside the layer")
+            zero, compressed = bool(flags & _FLAG_ZERO), bool(flags & _FLAG_ZLIB)
+            if (zero and (compressed or wire != 0)) or (compressed and not 0 < wire < length) \
+                    or (not zero and not compressed and wire != length):
+                raise InvalidInput(f"chunk {index} has an impossible size on the wire")
             chunks.append(DeltaChunk(index=index, offset=offset, length=length,
-                                     sha256=digest, zero=bool(flags & _FLAG_ZERO)))
+                                     sha256=digest, zero=zero, compressed=compressed,
+                                     wire_length=wire))
         return cls(base_sha256=_hex64(meta, "base_sha256"),
                    since_sha256=_hex64(meta, "since_sha256"),
                    target_sha256=_hex64(meta, "target_sha256"), target_size=target_size,
@@ -208,7 +229,7 @@ class LayerDelta:
         return _sha256_hex(self.encode())
 
     def payload_bytes(self) -> int:
-        return sum(c.length for c in self.chunks if not c.zero)
+        return sum(c.wire_length for c in self.chunks)
 
     def wire_bytes(self) -> int:
         """Everything the laptop uploads: the plan and the chunks' bytes."""
@@ -227,8 +248,12 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
         nonlocal run_len
         if run:
             data = b"".join(run)
-            chunks.append(DeltaChunk(index=len(chunks), offset=run_start, length=len(data),
-                                     sha256=hashlib.sha256(data).digest(), zero=run_zero))
+            packed = b"" if run_zero else zlib.compress(data, 1)
+            compressed = not run_zero and len(packed) <= _WORTH_COMPRESSING * len(data)
+            chunks.append(DeltaChunk(
+                index=len(chunks), offset=run_start, length=len(data),
+                sha256=hashlib.sha256(data).digest(), zero=run_zero, compressed=compressed,
+                wire_length=len(packed) if compressed else -1))
             run.clear()
             run_len = 0
 
@@ -256,7 +281,8 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
 
 
 def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
-    """A chunk's bytes, checked against the plan: the laptop's end of the checksums."""
+    """A chunk's payload as it travels, its bytes checked against the plan first: the
+    laptop's end of the checksums."""
     if chunk.zero:
         return b""
     with layer.open("rb") as f:
@@ -266,7 +292,8 @@ def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
         raise LayerChangedDuringCheckin(
             f"the layer changed at byte {chunk.offset} after the check-in was planned; "
             "shut the desktop down and check in again")
-    return data
+    # zlib may pack the same bytes differently elsewhere; the server checks what it inflates.
+    return zlib.compress(data, 1) if chunk.compressed else data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -365,6 +392,8 @@ class StagedCheckin:
             if data:
                 raise ChunkRejected(f"chunk {index} is a zero chunk and carries no bytes")
             data = bytes(chunk.length)
+        elif chunk.compressed:
+            data = _inflate(data, chunk)
         if len(data) != chunk.length or hashlib.sha256(data).digest() != chunk.sha256:
             raise ChunkRejected(f"chunk {index} arrived damaged (checksum mismatch); "
                                 "nothing was written, send it again")
@@ -399,6 +428,20 @@ class StagedCheckin:
 
     def abort(self) -> None:
         self._discard()
+
+
+def _inflate(data: bytes, chunk: DeltaChunk) -> bytes:
+    """At most ``chunk.length`` bytes, whatever the payload claims (no zip bomb)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, chunk.length)
+    except zlib.error:
+        raise ChunkRejected(f"chunk {chunk.index} arrived damaged (it does not inflate); "
+                            "nothing was written, send it again") from None
+    if not inflater.eof or inflater.unconsumed_tail:
+        raise ChunkRejected(f"chunk {chunk.index} arrived damaged (wrong inflated size); "
+                            "nothing was written, send it again")
+    return out
 
 
 class ChunkReceiver(Protocol):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,9 @@ BASE = "cd" * 32
 
 
 def blocks(*contents: bytes) -> bytes:
-    return b"".join(c * BLOCK_SIZE for c in contents)
+    """4 KiB blocks: zeros for b"\\0", else bytes as random as ciphertext, one kind per letter."""
+    return b"".join(bytes(BLOCK_SIZE) if c == b"\0" else random.Random(c).randbytes(BLOCK_SIZE)
+                    for c in contents)
 
 
 def sync(server: Path, laptop: Path, staging: Path) -> LayerDelta:
@@ -87,7 +91,7 @@ def test_the_plan_and_manifest_round_trip_and_refuse_garbage(
     delta = plan_delta(laptop, manifest, BASE)
     encoded = delta.encode()
     assert LayerDelta.decode(encoded) == delta
-    assert len(encoded) < 300 + 45 * len(delta.chunks)
+    assert len(encoded) < 300 + 49 * len(delta.chunks)
     with pytest.raises(InvalidInput, match="truncated"):
         LayerDelta.decode(encoded[:-1])
     with pytest.raises(InvalidInput, match="not a layer delta"):
@@ -131,4 +135,43 @@ def test_a_zero_chunk_carrying_bytes_is_refused(files: tuple[Path, Path, Path]) 
     with pytest.raises(InvalidInput, match="no chunk 5"):
         staged.apply_chunk(5, b"")
     staged.apply_chunk(0, b"")
+    assert staged.staged.read_bytes() == laptop.read_bytes()
+
+
+def test_metadata_like_blocks_travel_compressed_and_land_exact(
+        files: tuple[Path, Path, Path]) -> None:
+    server, laptop, staging = files
+    server.write_bytes(blocks(b"a", b"\0", b"b"))
+    # An L2 page gaining one 16-byte entry: mostly zeros, a little noise.
+    page = bytearray(BLOCK_SIZE)
+    page[512:528] = random.Random(1).randbytes(16)
+    content = bytearray(blocks(b"a", b"\0", b"b"))
+    content[BLOCK_SIZE:2 * BLOCK_SIZE] = page
+    laptop.write_bytes(bytes(content))
+    delta = sync(server, laptop, staging)
+    (chunk,) = delta.chunks
+    assert chunk.compressed and not chunk.zero and chunk.wire_length < 100
+    assert delta.payload_bytes() == chunk.wire_length
+    assert len(read_chunk(laptop, chunk)) == chunk.wire_length
+
+
+def test_a_damaged_or_oversized_compressed_chunk_is_refused(
+        files: tuple[Path, Path, Path]) -> None:
+    server, laptop, staging = files
+    server.write_bytes(blocks(b"a", b"\0"))
+    page = bytearray(BLOCK_SIZE)
+    page[0:16] = b"L2 entry here..."
+    laptop.write_bytes(blocks(b"a") + bytes(page))
+    delta = plan_delta(laptop, block_manifest(server), BASE)
+    (chunk,) = delta.chunks
+    assert chunk.compressed
+    staged = StagedCheckin(server, staging, delta, expected_base_sha256=BASE)
+    before = file_sha256(staged.staged)
+    good = read_chunk(laptop, chunk)
+    bomb = zlib.compress(bytes(64 * BLOCK_SIZE))  # inflates far past the chunk's length
+    for bad in (good[:-3], b"not zlib at all", bomb, zlib.compress(bytes(BLOCK_SIZE))):
+        with pytest.raises(ChunkRejected, match="damaged"):
+            staged.apply_chunk(chunk.index, bad)
+    assert file_sha256(staged.staged) == before
+    staged.apply_chunk(chunk.index, good)
     assert staged.staged.read_bytes() == laptop.read_bytes()
