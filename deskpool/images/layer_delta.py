@@ -323,19 +323,29 @@ class StagedCheckin:
         self.current, self.staging_dir, self.delta = current, staging_dir, delta
         self.staged = staging_dir / _STAGED
         self.journal = staging_dir / _JOURNAL
-        self._check_current_unchanged()
+        current_sha = file_sha256(current)
+        # Cut after commit's rename: the check-in is done, only the answer was lost.
+        self.committed = current_sha == delta.target_sha256 != delta.since_sha256
+        if not self.committed:
+            self._check_current_unchanged(current_sha)
         staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.stat(staging_dir).st_dev != os.stat(current).st_dev:
             raise InvalidInput(f"{staging_dir} must be on the same filesystem as {current}")
-        self.done: dict[int, bytes] = self._read_journal()
+        self.done: dict[int, bytes] = {}
+        if self.committed:
+            self._discard()
+            self.done = {c.index: c.sha256 for c in delta.chunks}
+            self.resumed = True
+            return
+        self.done = self._read_journal()
         self.resumed = self.journal.exists() and self.staged.exists()
         if not self.resumed:
             self._start_fresh()
 
     # --- set-up and resume -------------------------------------------------------------
 
-    def _check_current_unchanged(self) -> None:
-        if file_sha256(self.current) != self.delta.since_sha256:
+    def _check_current_unchanged(self, current_sha: str | None = None) -> None:
+        if (current_sha or file_sha256(self.current)) != self.delta.since_sha256:
             raise CheckinRefused(
                 "the server's copy of this layer is not the one the check-in was made against "
                 "(another check-in came first); nothing was applied, plan the check-in again")
@@ -412,7 +422,10 @@ class StagedCheckin:
     # --- the end -----------------------------------------------------------------------
 
     def commit(self, data_key: bytes) -> None:
-        """Check the staged copy and make it current, or refuse and keep ``current``."""
+        """Check the staged copy and make it current, or refuse and keep ``current``.
+        Committing a check-in that is already committed does nothing."""
+        if self.committed:
+            return
         if self.missing():
             raise ChunkRejected(f"{len(self.missing())} chunk(s) not received yet")
         check_layer(self.staged, data_key)
@@ -422,6 +435,7 @@ class StagedCheckin:
                                  "was discarded and the current copy kept; check in again")
         self._check_current_unchanged()
         os.replace(self.staged, self.current)
+        self.committed = True
         _fsync_dir(self.current.parent)
         self.journal.unlink()
         _fsync_dir(self.staging_dir)

@@ -386,6 +386,35 @@ def test_a_killed_server_process_resumes_from_its_journal(checkout: Checkout,
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
 
 
+def test_a_cut_after_the_commit_rename_reads_as_committed(
+        checkout: Checkout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server renamed the staged copy into place, then died before cleaning up (or the
+    laptop never heard back): retrying the same check-in is "done", not "refused"."""
+    scattered_writes(checkout.layer, checkout.data_key, 20, seed=13)
+    delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
+                       checkout.base_sha256)
+    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+                           expected_base_sha256=checkout.base_sha256)
+    send_delta(checkout.layer, delta, staged)
+
+    def die(path: Path) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr("deskpool.images.layer_delta._fsync_dir", die)
+    with pytest.raises(OSError, match="power cut"):
+        staged.commit(server_key(checkout))
+    monkeypatch.undo()
+    assert (checkout.staging / "journal").exists()  # the clean-up never ran
+    assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+    again = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+                          expected_base_sha256=checkout.base_sha256)
+    assert again.committed and again.missing() == []
+    assert not (checkout.staging / "journal").exists()
+    assert send_delta(checkout.layer, delta, again).chunks_sent == 0
+    again.commit(server_key(checkout))
+    assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+
+
 class DamagingLink:
     """Flips one bit in the first send of every third chunk."""
 
