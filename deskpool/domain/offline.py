@@ -232,12 +232,14 @@ def sign_lease(lease: OfflineLease, key: Ed25519PrivateKey) -> SignedLease:
 
 def verify_lease(signed: SignedLease, server_key: Ed25519PublicKey, *, now: datetime,
                  user: str, desktop_id: uuid.UUID, laptop_id: str,
-                 revoked_checkouts: Collection[uuid.UUID] = ()) -> OfflineLease:
+                 revoked_checkouts: Collection[uuid.UUID] = (),
+                 latest_seen: datetime | None = None) -> OfflineLease:
     """The lease, if this laptop may start this desktop for this user at ``now``.
 
     ``revoked_checkouts`` is what the laptop last heard from the server; offline it cannot hear
-    more, which is why leases are short. Refusals are ``LeaseRefused`` with a sentence the
-    client shows as is.
+    more, which is why leases are short. ``latest_seen`` is the latest time the client has
+    recorded (its high-water mark): a clock set back behind it, to stretch a lease, is
+    refused. Refusals are ``LeaseRefused`` with a sentence the client shows as is.
     """
     try:
         server_key.verify(signed.signature, signed.lease_bytes)
@@ -255,6 +257,10 @@ def verify_lease(signed: SignedLease, server_key: Ed25519PublicKey, *, now: date
         raise LeaseRefused("this desktop's check-out was revoked by an administrator; connect "
                            "to the network now to check it in")
     now = _utc(now, "now")
+    if latest_seen is not None and now + CLOCK_SKEW < _utc(latest_seen, "latest_seen"):
+        raise LeaseRefused(
+            f"this laptop's clock is behind {human_date(latest_seen)}, when this desktop last "
+            "ran; set the clock right or connect to the network and sync")
     if now >= lease.expires_at:
         raise LeaseRefused(
             f"this desktop's offline lease expired on {human_date(lease.expires_at)}; connect "
