@@ -120,17 +120,23 @@ def _hex64(meta: dict[str, object], key: str) -> str:
 @dataclass(frozen=True)
 class BlockManifest:
     """A layer file's whole-file sha256 and the sha256 of each 4 KiB block (the last one may
-    be short)."""
+    be short), packed end to end: 32 bytes per 4 KiB of file (0.8%), one bytes object, so
+    a large layer's manifest is not millions of Python objects."""
 
     file_size: int
     file_sha256: str
-    block_hashes: tuple[bytes, ...]
+    hashes: bytes
+
+    def block_hash(self, number: int) -> bytes | None:
+        """Block ``number``'s sha256, or None past the end of the file."""
+        if not 0 <= number < len(self.hashes) // 32:
+            return None
+        return self.hashes[number * 32:number * 32 + 32]
 
     def encode(self) -> bytes:
         return _pack_meta(_MANIFEST_MAGIC, {"file_size": self.file_size,
                                             "file_sha256": self.file_sha256,
-                                            "block_size": BLOCK_SIZE}) + b"".join(
-            self.block_hashes)
+                                            "block_size": BLOCK_SIZE}) + self.hashes
 
     @classmethod
     def decode(cls, data: bytes) -> BlockManifest:
@@ -140,20 +146,18 @@ class BlockManifest:
         size = _int(meta, "file_size")
         if len(rest) != 32 * -(-size // BLOCK_SIZE):
             raise InvalidInput("the block manifest's hash list does not match its file size")
-        return cls(file_size=size, file_sha256=_hex64(meta, "file_sha256"),
-                   block_hashes=tuple(rest[i:i + 32] for i in range(0, len(rest), 32)))
+        return cls(file_size=size, file_sha256=_hex64(meta, "file_sha256"), hashes=rest)
 
 
 def block_manifest(path: Path) -> BlockManifest:
     whole = hashlib.sha256()
-    hashes = []
+    hashes = bytearray()
     size = 0
     for block in _blocks(path):
         whole.update(block)
-        hashes.append(hashlib.sha256(block).digest())
+        hashes += hashlib.sha256(block).digest()
         size += len(block)
-    return BlockManifest(file_size=size, file_sha256=whole.hexdigest(),
-                         block_hashes=tuple(hashes))
+    return BlockManifest(file_size=size, file_sha256=whole.hexdigest(), hashes=bytes(hashes))
 
 
 def file_sha256(path: Path) -> str:
@@ -260,9 +264,9 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
     offset = 0
     for number, block in enumerate(_blocks(layer)):
         whole.update(block)
-        known = number < len(since.block_hashes) and \
-            since.block_hashes[number] == hashlib.sha256(block).digest()
-        zero = block == _ZERO_BLOCK[:len(block)]
+        known = since.block_hash(number) == hashlib.sha256(block).digest()
+        zero = not known and (block == _ZERO_BLOCK if len(block) == BLOCK_SIZE
+                              else not any(block))
         # Zeros past the server copy's end appear when it grows to the new size.
         if known or (zero and offset >= since.file_size):
             close_run()
