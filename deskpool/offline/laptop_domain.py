@@ -20,8 +20,9 @@ about to define (and on what libvirt reads back) and refuses to start on any fin
 definition built some other way cannot slip a device past the policy.
 """
 
-# The XML parsed here (`nosec B314`) is deskpool's own definition or libvirt's, never a
-# user's; Python's expat fetches no external entity and bounds entity expansion.
+# The XML parsed here (bandit's B314 is waived below) is deskpool's own definition or
+# libvirt's, never one from a user; Python's expat fetches no external entity and bounds
+# entity expansion.
 
 from __future__ import annotations
 

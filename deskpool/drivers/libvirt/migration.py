@@ -53,7 +53,7 @@ def target_definition(domain_xml: str, paths: dict[str, str]) -> str:
     """The definition for the target: each file ``paths`` names (a disk's source, a kernel,
     an initrd) replaced by the target's. Everything else (name, uuid, MAC, metadata, fw_cfg
     identity, display passwords) stays as it is."""
-    root = ET.fromstring(domain_xml)  # nosec B314 - libvirt's own XML
+    root = ET.fromstring(domain_xml)  # nosec B314
     for source in root.iterfind("devices/disk/source"):
         found = source.get("file")
         if found in paths:
@@ -126,7 +126,7 @@ class MigrationMixin:
             if dom.snapshotNum(0):
                 raise Conflict(f"VM {name} has snapshots (a factory snapshot): libvirt "
                                "cannot migrate them")
-            live = ET.fromstring(dom.XMLDesc(0))  # nosec B314 - libvirt's own XML
+            live = ET.fromstring(dom.XMLDesc(0))  # nosec B314
         plugged = sorted(self.attached_disks(vm_id))
         if plugged:
             raise Conflict(f"VM {name} has hot-plugged disks ({', '.join(plugged)}): they "
