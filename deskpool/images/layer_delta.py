@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 from deskpool.domain.errors import InvalidInput, PermanentError, TemporaryError
+from deskpool.images.builder import fsync_path
 from deskpool.images.offline_layers import check_layer
 
 BLOCK_SIZE = 4096
@@ -300,14 +301,6 @@ def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
     return zlib.compress(data, 1) if chunk.compressed else data
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StagedCheckin:
     """The server's end of one check-in into ``current`` (the desktop's encrypted layer).
 
@@ -391,7 +384,7 @@ class StagedCheckin:
         with self.journal.open("wb") as f:
             f.write(self.delta.identity().encode("ascii") + b"\n")
             os.fsync(f.fileno())
-        _fsync_dir(self.staging_dir)
+        fsync_path(self.staging_dir)
 
     # --- transfer --------------------------------------------------------------------
 
@@ -440,9 +433,9 @@ class StagedCheckin:
         self._check_current_unchanged()
         os.replace(self.staged, self.current)
         self.committed = True
-        _fsync_dir(self.current.parent)
+        fsync_path(self.current.parent)
         self.journal.unlink()
-        _fsync_dir(self.staging_dir)
+        fsync_path(self.staging_dir)
 
     def abort(self) -> None:
         self._discard()

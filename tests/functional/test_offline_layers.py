@@ -400,7 +400,7 @@ def test_a_cut_after_the_commit_rename_reads_as_committed(
     def die(path: Path) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr("deskpool.images.layer_delta._fsync_dir", die)
+    monkeypatch.setattr("deskpool.images.layer_delta.fsync_path", die)
     with pytest.raises(OSError, match="power cut"):
         staged.commit(server_key(checkout))
     monkeypatch.undo()
