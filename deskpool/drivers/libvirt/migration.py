@@ -37,7 +37,7 @@ from deskpool.drivers.base import HypervisorDriver, root_volume_name
 _FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
           | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_NON_SHARED_INC)
 _XML_FLAGS = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
-_POLL_S = 0.5
+_POLL_S = 0.2
 MigrationProgress = Callable[[int, int], None]  # (bytes processed, bytes in all) so far
 
 
@@ -157,6 +157,7 @@ class MigrationMixin:
                 outcome["error"] = exc
 
         started = time.monotonic()
+        disk_seen = 0  # the source's figure while it ran: the target's final one lacks it
         worker = threading.Thread(target=migrate, name=f"migrate-{name}", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -166,7 +167,7 @@ class MigrationMixin:
                 worker.join()
                 raise DriverError(f"migrating VM {name} took over {timeout_s:.0f} s: "
                                   "cancelled, it runs on where it was")
-            self._report(dom, progress)
+            disk_seen = max(disk_seen, self._report(dom, progress))
         if "error" in outcome:
             raise DriverError(f"migrating VM {name} from {self.uri} to {peer.uri} failed, it "
                               f"runs on where it was: {outcome['error']}")
@@ -176,16 +177,18 @@ class MigrationMixin:
         return MigrationStats(
             seconds=time.monotonic() - started,
             memory_bytes=int(done.get("memory_processed", 0)),
-            disk_bytes=int(done.get("disk_processed", 0)),
+            disk_bytes=max(int(done.get("disk_processed", 0)), disk_seen),
             downtime_ms=int(done["downtime"]) if "downtime" in done else None)
 
     @staticmethod
-    def _report(dom: libvirt.virDomain, progress: MigrationProgress) -> None:
+    def _report(dom: libvirt.virDomain, progress: MigrationProgress) -> int:
+        """Progress so far; returns the disk bytes copied so far (the disk goes first)."""
         try:
             stats = dom.jobStats(0)
         except libvirt.libvirtError:
-            return  # the job is ending (or not begun): the next look tells
+            return 0  # the job is ending (or not begun): the next look tells
         progress(int(stats.get("data_processed", 0)), int(stats.get("data_total", 0)))
+        return int(stats.get("disk_processed", 0))
 
     def _abort(self, dom: libvirt.virDomain, name: str) -> None:
         try:
