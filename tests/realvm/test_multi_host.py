@@ -11,6 +11,7 @@ its daemon dies and returns at once: its running guest is re-attached and nothin
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -160,6 +161,11 @@ def test_drain_and_host_failure_across_two_real_hosts(
     local_agent.write_file(MOVE_FILE, before)
     code, _, err = local_agent.exec_capture(["sh", "-c", COUNTER])
     assert code == 0, err
+    # 8 MiB on the overlay's disk (not only in the guest's cache): read back after the move
+    # from the target's copy with the cache dropped.
+    code, blob_sum, err = local_agent.exec_capture(
+        ["sh", "-c", "head -c 8M /dev/urandom > /root/blob && sync && sha256sum /root/blob"])
+    assert code == 0, err
     boot_id = local_agent.read_file("/proc/sys/kernel/random/boot_id")
     counted = counter(local_agent)
     HostService(ctx).drain(LOCAL, grace=timedelta(minutes=30))
@@ -175,6 +181,11 @@ def test_drain_and_host_failure_across_two_real_hosts(
     print(f"moved in {time.monotonic() - moving:.1f} s: {event.message}", flush=True)
     agent = GuestAgent(ctx.driver_for_name(SECOND), alice.desktop_id)
     assert agent.read_file(MOVE_FILE) == before
+    code, after_sum, err = agent.exec_capture(
+        ["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /root/blob"])
+    assert (code, after_sum) == (0, blob_sum), err
+    copied = re.search(r"([0-9.]+) MiB of disk", event.message)
+    assert copied is not None and float(copied.group(1)) >= 8.0, event.message  # the blob
     assert agent.read_file("/proc/sys/kernel/random/boot_id") == boot_id  # not rebooted
     first = counter(agent)
     time.sleep(2)
