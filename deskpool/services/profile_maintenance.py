@@ -161,28 +161,33 @@ class ProfileMaintenance:
         flat_id = uuid.uuid4()
         flat_path = disks.flatten(Path(plan.target.path),
                                   self.store_dir / layer_file_name(user, flat_id), child=None)
+        swapping = False
         try:
-            now = self.clock()
+            # Its checksum before the swap: reading the whole copy holds up no logon.
+            flat = Layer(id=flat_id, user=user, generation=plan.target.generation,
+                         parent_id=None, path=str(flat_path), state=LayerState.COMMITTED,
+                         size_bytes=disks.allocated_bytes(flat_path),
+                         sha256=disks.sha256_of(flat_path))
             with self._ctx.uow() as uow:
                 # The row lock first, then the sessions read with a fresh snapshot: a logon
                 # that got the row before us committed its session, and one after us waits.
-                if not uow.profiles.begin_swap(user, self.owner, now):
-                    flat_path.unlink(missing_ok=True)
+                if not uow.profiles.begin_swap(user, self.owner, self.clock()):
                     return Flatten.LOST_RACE
                 if uow.profiles.open_on(user):
-                    flat_path.unlink(missing_ok=True)
                     return Flatten.IN_USE
                 uow.commit()
-            return self._swap(user, plan.target, plan.child, plan.retired, flat_id, flat_path)
+            swapping = True
+            return self._swap(user, plan.target, plan.child, plan.retired, flat)
         finally:
-            self._end_swap(user)
+            if swapping:
+                self._end_swap(user)  # _swap kept or removed the copy
+            else:
+                flat_path.unlink(missing_ok=True)
 
     def _swap(self, user: str, target: Layer, child: Layer | None, retired: tuple[Layer, ...],
-              flat_id: uuid.UUID, flat_path: Path) -> Flatten:
-        flat = Layer(id=flat_id, user=user, generation=target.generation, parent_id=None,
-                     path=str(flat_path), state=LayerState.COMMITTED,
-                     size_bytes=disks.allocated_bytes(flat_path),
-                     sha256=disks.sha256_of(flat_path))
+              flat: Layer) -> Flatten:
+        """Rebase the child onto ``flat`` and commit it all, or undo it (see the module)."""
+        flat_path = Path(flat.path)
         rebased = False
         committed = False
         try:
@@ -202,14 +207,14 @@ class ProfileMaintenance:
                                child.id, LayerState.COMMITTED, LayerState.COMMITTED,
                                sha256=child_sha))
                     if won:
-                        uow.profiles.set_parent(child.id, flat_id)
+                        uow.profiles.set_parent(child.id, flat.id)
                 for layer in retired:
                     won = won and uow.profiles.set_layer_state(
                         layer.id, LayerState.COMMITTED, LayerState.FLATTENED)
                 if not won:  # leaving the block without commit rolls every write back
                     log.warning("flatten of %s's profile lost a race; undoing it", user)
                     return Flatten.LOST_RACE
-                uow.profiles.replace_generation_layer(user, target.id, flat_id)
+                uow.profiles.replace_generation_layer(user, target.id, flat.id)
                 uow.commit()
                 committed = True
             return Flatten.DONE

@@ -17,8 +17,9 @@ generation whole whatever fails:
   reconciler): a session layer whose disk no desktop holds any more is set aside, never
   committed after the fact (nothing proves its write-back finished).
 * **Rollback** makes a new generation (an empty overlay on the kept one); **flatten** merges
-  old generations into a standalone base in the background, never while a session is open,
-  and :meth:`ProfileService.sweep` deletes the files no chain needs.
+  old generations into a standalone base, never while a session is open, and
+  :meth:`ProfileService.sweep` deletes the files no chain needs: both, and :meth:`verify`,
+  run on the reconciler's schedule under a lease (``services.profile_maintenance``).
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ class ProfileService:
                      top_id: uuid.UUID) -> None:
         """Each file under the new session: there, and its qcow2 metadata sound (``qemu-img
         check`` reads tables, not data: milliseconds, whatever the profile's size;
-        :meth:`verify` compares whole-file checksums). ``NotFound`` or ``Conflict``
-        naming the generation and the file."""
+        :meth:`verify`, on a schedule or an admin's request, compares whole-file
+        checksums). ``NotFound`` or ``Conflict`` naming the generation and the file."""
         for link in chain(layers, top_id):
             found = disks.check_layer(Path(link.path))
             if found.error is None:
