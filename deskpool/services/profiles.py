@@ -482,8 +482,15 @@ class ProfileService:
     def verify(self, user: str) -> list[str]:
         """Check every committed layer of ``user`` against its recorded sha256 (also run on
         a schedule: logon does not read the whole chain, so its time does not grow with the
-        profile). Each mismatch or missing file is a sentence, and an error event."""
-        return self._maintenance().verify(user)
+        profile). Each mismatch or missing file is a sentence, and an error event. Under the
+        profile's maintenance lease (a flatten swapping a layer in would read as a mismatch):
+        ``Conflict`` while another broker maintains the profile."""
+        maintenance = self._maintenance()
+        with maintenance.leased(user) as mine:
+            if not mine:
+                raise Conflict(f"the profile of {user} is being flattened or verified by "
+                               "another broker; verify it again in a few minutes")
+            return maintenance.verify(user)
 
 
 def attached_serials(drivers: Iterable[HypervisorDriver]) -> set[str]:

@@ -375,3 +375,21 @@ def test_a_failed_flatten_is_an_error_event_and_changes_nothing(
     assert snapshot(ctx) == before and files_with_sums(before[1]) == sums
     monkeypatch.undo()
     assert sees_every_generation(service, fake, vm)
+
+
+def test_an_admins_verify_waits_for_no_flatten(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext) -> None:
+    """A flatten rebasing a layer would read as a mismatch: verify needs the lease too."""
+    long_chain(service, fake)
+    now = datetime.now(UTC)
+    with ctx.uow() as uow:
+        assert uow.profiles.take_maintenance("ann", "flattener", now + timedelta(seconds=30),
+                                             now)
+        uow.commit()
+    with pytest.raises(Conflict, match="another broker"):
+        service.verify("ann")
+    assert error_events(ctx, "profile-corrupt") == []
+    with ctx.uow() as uow:
+        uow.profiles.release_maintenance("ann", "flattener")
+        uow.commit()
+    assert service.verify("ann") == []
