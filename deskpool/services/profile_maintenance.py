@@ -325,8 +325,8 @@ class ProfileMaintenance:
                                   lambda u: report.swept.extend(self.sweep(u,
                                                                            stray_age=stray_age)),
                                   report)
-                elif outcome is not None:
-                    report.skipped.append((user, outcome))
+                elif outcome is not None and outcome is not Flatten.NOTHING:
+                    report.skipped.append((user, outcome))  # (a kept rollback line: no news)
         for user in due:
             with self.leased(user) as mine:
                 if not mine:
