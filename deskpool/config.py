@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     # A broker's claim on a desktop's or pool's work, renewed while it works: how soon the
     # others take over from a broker that died.
     lease_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
+    # Roaming-profile maintenance by the reconciler: every this many seconds (0: never), it
+    # flattens up to profile_flatten_per_run profiles whose chain is longer than their kept
+    # generations and sweeps and verifies the profile_verify_per_run verified longest ago.
+    profile_maintenance_interval_s: float = Field(default=900.0, ge=0, le=7 * 86400,
+                                                  allow_inf_nan=False)
+    profile_flatten_per_run: int = Field(default=2, ge=0, le=1000)
+    profile_verify_per_run: int = Field(default=2, ge=0, le=1000)
     # Log lines as plain text, or one JSON object each (with the request id and the user).
     log_format: Literal["text", "json"] = "text"
     # When set, /metrics answers only a scraper sending "Authorization: Bearer <it>".

@@ -204,11 +204,19 @@ def flatten(target: Path, into: Path, *, child: Path | None,
           str(target), str(partial)])
     publish_file(partial, into)
     if child is not None:
-        run_tool("rebasing a profile layer onto its flattened base",
-             ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2",
-              "-b", _backing_name(into, child), str(child)])
-        fsync_path(child)
+        rebase_header(child, into)
     return into
+
+
+def rebase_header(child: Path, base: Path) -> None:
+    """Point ``child``'s header at ``base`` (``qemu-img rebase -u``: only the backing file's
+    name changes, so ``base`` must hold the same guest data as the child's backing file
+    now). A flatten does it onto the flattened copy, and undoes it (back onto the old
+    layer) when it loses a race before its commit."""
+    run_tool("rebasing a profile layer onto its flattened base",
+             ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2",
+              "-b", _backing_name(base, child), str(child)])
+    fsync_path(child)
 
 
 def remove_layer(path: Path, in_use: Collection[Path] = ()) -> None:

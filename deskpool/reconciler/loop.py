@@ -59,6 +59,7 @@ from deskpool.reconciler.crashes import (
     stopped_from_inside,
 )
 from deskpool.reconciler.hosts import HostWatch
+from deskpool.reconciler.maintenance import ProfileUpkeep
 from deskpool.reconciler.moves import DrainMoves, adopt_moved
 from deskpool.reconciler.planning import (
     MAX_BACKOFF,
@@ -146,6 +147,9 @@ class Reconciler:
         self.moves = DrainMoves(ctx, self.clock)
         self.steps = StepRunner(ctx, self.factory, slot=self._slot,
                                 ready_timeout_s=self.ready_timeout_s)
+        # Flatten, sweep and verify roaming profiles now and then, in the background.
+        self.profile_upkeep = ProfileUpkeep(ctx, owner=self.owner, lease=self.lease,
+                                            clock=self.clock)
         # Steps run on one pool of threads that outlives a pass, so a pass need not wait for
         # a slow one; ``_in_flight`` is each desktop whose step still runs.
         self._executor = ThreadPoolExecutor(max_workers=workers,
@@ -179,6 +183,7 @@ class Reconciler:
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
                 future.result()
             self._recover_profiles(report)
+            self.profile_upkeep.tick(report, wait_s)
         except Exception:
             metrics.PASS_FAILURES.inc()
             raise
@@ -225,6 +230,7 @@ class Reconciler:
     def close(self) -> None:
         """Stop taking steps; steps already running end under their own deadlines."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.profile_upkeep.close()
 
     def _submit(self, desktop_id: uuid.UUID, job: Callable[[], None],
                 report: PassReport) -> Future[None]:

@@ -17,8 +17,9 @@ generation whole whatever fails:
   reconciler): a session layer whose disk no desktop holds any more is set aside, never
   committed after the fact (nothing proves its write-back finished).
 * **Rollback** makes a new generation (an empty overlay on the kept one); **flatten** merges
-  old generations into a standalone base in the background, never while a session is open,
-  and :meth:`ProfileService.sweep` deletes the files no chain needs.
+  old generations into a standalone base, never while a session is open, and
+  :meth:`ProfileService.sweep` deletes the files no chain needs: both, and :meth:`verify`,
+  run on the reconciler's schedule under a lease (``services.profile_maintenance``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from deskpool.domain.profiles import (
     decide_commit,
     disk_serial,
     exclusions,
-    flatten_plan,
     kept_generations,
     layer_file_name,
     open_session,
@@ -59,10 +59,12 @@ from deskpool.images import profile_disks as disks
 from deskpool.images.profile_merge import merge_layers
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.profile_maintenance import STRAY_AGE, Flatten, ProfileMaintenance
 
 log = logging.getLogger(__name__)
-# Layers whose files no chain reads once no session uses them: sweep deletes them.
-_SPENT = frozenset({LayerState.FLATTENED, LayerState.MERGED, LayerState.DISCARDED})
+# How long a logon waits for a flatten swapping the profile's base in (see _open_layer).
+ADMIT_WAIT_S = 30.0
+ADMIT_POLL_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,14 +168,7 @@ class ProfileService:
         running desktop. ``NotFound`` for a user without a profile (``ensure_profile``
         first) or a committed layer whose file is gone; a failed attach sets the layer
         aside and raises the driver's error."""
-        with self._ctx.uow() as uow:
-            profile = uow.profiles.get(user)
-            layers = uow.profiles.layers(user)
-            layer_id = uuid.uuid4()
-            session = open_session(profile, layers, layer_id,
-                                   str(self._path((user, layer_id))), desktop, mode)
-            uow.profiles.add_layer(session)
-            uow.commit()
+        profile, layers, session = self._open_layer(user, desktop, mode)
         base = next(layer for layer in layers if layer.id == session.parent_id)
         path, serial = Path(session.path), disk_serial(session.id)
         try:
@@ -187,13 +182,36 @@ class ProfileService:
                               base_generation=profile.generation,
                               exclusions=self.exclusions)
 
+    def _open_layer(self, user: str, desktop: str, mode: LayerMode
+                    ) -> tuple[Profile, list[Layer], Layer]:
+        """Record the session layer, once no flatten is swapping its base in (they take a
+        second or so: ``services.profile_maintenance``). ``Conflict`` if one still is
+        after ``ADMIT_WAIT_S``."""
+        deadline = time.monotonic() + ADMIT_WAIT_S
+        while True:
+            with self._ctx.uow() as uow:
+                profile = uow.profiles.get(user)
+                layers = uow.profiles.layers(user)
+                layer_id = uuid.uuid4()
+                session = open_session(profile, layers, layer_id,
+                                       str(self._path((user, layer_id))), desktop, mode)
+                uow.profiles.add_layer(session)
+                # After the insert, on the profile's row: a flatten that swaps now holds it.
+                if uow.profiles.admit_session(user, datetime.now(UTC)):
+                    uow.commit()
+                    return profile, layers, session
+            if time.monotonic() >= deadline:
+                raise Conflict(f"the profile of {user} is being flattened; try again in a "
+                               "moment")
+            time.sleep(ADMIT_POLL_S)
+
     @staticmethod
     def _check_chain(user: str, generation: int, layers: list[Layer],
                      top_id: uuid.UUID) -> None:
         """Each file under the new session: there, and its qcow2 metadata sound (``qemu-img
         check`` reads tables, not data: milliseconds, whatever the profile's size;
-        :meth:`verify` compares whole-file checksums). ``NotFound`` or ``Conflict``
-        naming the generation and the file."""
+        :meth:`verify`, on a schedule or an admin's request, compares whole-file
+        checksums). ``NotFound`` or ``Conflict`` naming the generation and the file."""
         for link in chain(layers, top_id):
             found = disks.check_layer(Path(link.path))
             if found.error is None:
@@ -446,98 +464,33 @@ class ProfileService:
         Path(layer.path).unlink(missing_ok=True)
         raise Conflict(f"the profile of {user} changed while {doing}; look again and retry")
 
-    def flatten(self, user: str) -> bool:
-        """Merge the generations older than the kept ones into one standalone layer (see
-        ``domain.profiles.flatten_plan``). Nothing while a session is open. Returns whether
-        it merged anything; :meth:`sweep` then deletes the retired files."""
-        with self._ctx.uow(read_only=True) as uow:
-            profile = uow.profiles.get(user)
-            layers = uow.profiles.layers(user)
-        plan = flatten_plan(profile, layers)
-        if plan is None:
-            return False
-        flat_id = uuid.uuid4()
-        flat_path = disks.flatten(Path(plan.target.path), self._path((user, flat_id)),
-                                  child=Path(plan.child.path) if plan.child else None,
-                                  in_use=self._in_use(layers))
-        flat = Layer(id=flat_id, user=user, generation=plan.target.generation, parent_id=None,
-                     path=str(flat_path), state=LayerState.COMMITTED,
-                     size_bytes=disks.allocated_bytes(flat_path),
-                     sha256=disks.sha256_of(flat_path))
-        with self._ctx.uow() as uow:
-            uow.profiles.add_layer(flat, note=f"flattened generations up to "
-                                              f"{plan.target.generation}")
-            if plan.child is not None:
-                # The child's header changed (rebased): its checksum is the file's now.
-                uow.profiles.set_parent(plan.child.id, flat_id)
-                uow.profiles.set_layer_state(plan.child.id, LayerState.COMMITTED,
-                                             LayerState.COMMITTED,
-                                             sha256=disks.sha256_of(Path(plan.child.path)))
-            uow.profiles.replace_generation_layer(user, plan.target.id, flat_id)
-            for layer in plan.retired:
-                uow.profiles.set_layer_state(layer.id, LayerState.COMMITTED,
-                                             LayerState.FLATTENED)
-            uow.commit()
-        return True
+    def _maintenance(self) -> ProfileMaintenance:
+        return ProfileMaintenance(self._ctx, self.store_dir)
 
-    def sweep(self, user: str, *, stray_age: timedelta = timedelta(hours=1)) -> list[Path]:
-        """Delete the files of flattened layers no open chain reads any more, and files in
-        the user's directory that no row names (a crash between making a file and
-        recording it) once they are older than ``stray_age`` (younger ones may belong to an
-        operation still running)."""
-        with self._ctx.uow(read_only=True) as uow:
-            layers = uow.profiles.layers(user)
-        busy = set(self._in_use(layers))
-        removed: list[Path] = []
-        for layer in layers:
-            path = Path(layer.path)
-            if layer.state in _SPENT and path not in busy and path.exists():
-                disks.remove_layer(path, busy)
-                removed.append(path)
-        known = {Path(layer.path) for layer in layers}
-        cutoff = time.time() - stray_age.total_seconds()
-        directory = self.store_dir / user
-        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-            if (path.is_file() and path not in known and path.suffix in (".qcow2", ".partial")
-                    and path.stat().st_mtime < cutoff):
-                disks.remove_layer(path, busy)
-                removed.append(path)
-        return removed
+    def flatten(self, user: str) -> bool:
+        """Merge the generations older than the kept ones into one standalone layer, under
+        the profile's maintenance lease (``services.profile_maintenance``, which the
+        reconciler runs on a schedule). Nothing while a session is open, or while another
+        broker maintains the profile. Returns whether it merged anything; :meth:`sweep`
+        then deletes the retired files."""
+        return self._maintenance().flatten(user) is Flatten.DONE
+
+    def sweep(self, user: str, *, stray_age: timedelta = STRAY_AGE) -> list[Path]:
+        """Delete spent layer files and old stray files (``ProfileMaintenance.sweep``)."""
+        return self._maintenance().sweep(user, stray_age=stray_age)
 
     def verify(self, user: str) -> list[str]:
-        """Check every committed layer of ``user`` against its recorded sha256 (a background
-        job: logon does not read the whole chain, so its time does not grow with the
-        profile). Each mismatch or missing file is a sentence, and an error event."""
-        with self._ctx.uow(read_only=True) as uow:
-            layers = uow.profiles.layers(user)
-        problems: list[str] = []
-        for layer in layers:
-            if layer.state is not LayerState.COMMITTED or layer.sha256 is None:
-                continue
-            path = Path(layer.path)
-            try:
-                disks.verify_sha256(path, layer.sha256)
-            except Conflict as exc:
-                problems.append(f"generation {layer.generation}: {exc}")
-            except OSError as exc:
-                problems.append(f"generation {layer.generation}: {path} cannot be read "
-                                f"({exc.strerror})")
-        if problems:
-            with self._ctx.uow() as uow:
-                for problem in problems:
-                    record_event(uow, "profile-corrupt", f"profile of {user}, {problem}",
-                                 severity="error", user=user)
-                uow.commit()
-        return problems
-
-    @staticmethod
-    def _in_use(layers: list[Layer]) -> list[Path]:
-        """Every file an open session's chain reads (by the store's parents)."""
-        used: set[Path] = set()
-        for layer in layers:
-            if layer.state is LayerState.SESSION:
-                used |= {Path(link.path) for link in chain(layers, layer.id)}
-        return sorted(used)
+        """Check every committed layer of ``user`` against its recorded sha256 (also run on
+        a schedule: logon does not read the whole chain, so its time does not grow with the
+        profile). Each mismatch or missing file is a sentence, and an error event. Under the
+        profile's maintenance lease (a flatten swapping a layer in would read as a mismatch):
+        ``Conflict`` while another broker maintains the profile."""
+        maintenance = self._maintenance()
+        with maintenance.leased(user) as mine:
+            if not mine:
+                raise Conflict(f"the profile of {user} is being flattened or verified by "
+                               "another broker; verify it again in a few minutes")
+            return maintenance.verify(user)
 
 
 def attached_serials(drivers: Iterable[HypervisorDriver]) -> set[str]:

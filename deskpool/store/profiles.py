@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CursorResult,
     Float,
     ForeignKey,
@@ -24,6 +25,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    func,
+    or_,
     select,
     update,
 )
@@ -59,6 +62,13 @@ class ProfileRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     committed_at: Mapped[datetime | None] = mapped_column()
     last_writeback_s: Mapped[float | None] = mapped_column(Float)  # logoff detach to commit
+    # The maintenance lease (migration 0022): the broker flattening, sweeping or verifying
+    # the profile now, until when; ``maint_swap`` while it swaps a flattened base in (no
+    # session may open then). And when its layers were last verified (oldest first).
+    maint_owner: Mapped[str | None] = mapped_column(String(64))
+    maint_until: Mapped[datetime | None] = mapped_column()
+    maint_swap: Mapped[bool] = mapped_column(Boolean, default=False)
+    verified_at: Mapped[datetime | None] = mapped_column()
 
 
 class ProfileLayerRow(Base):
@@ -219,6 +229,94 @@ class ProfileRepository:
             update(ProfileRow).where(ProfileRow.user_name == user, ProfileRow.layer_id == old)
             .values(layer_id=new).execution_options(synchronize_session=False))
         self._expire(ProfileRow, user)
+
+    # --- maintenance (flatten, sweep, verify): one broker at a time, never beside a logon --
+
+    def take_maintenance(self, user: str, owner: str, until: datetime, now: datetime) -> bool:
+        """Lease ``user``'s profile to ``owner`` for maintenance until ``until`` if nobody
+        else holds a live lease (``owner``'s own is extended), as ``store.leases`` does."""
+        return self._changed(
+            update(ProfileRow).where(
+                ProfileRow.user_name == user,
+                or_(ProfileRow.maint_until.is_(None), ProfileRow.maint_until < now,
+                    ProfileRow.maint_owner == owner))
+            .values(maint_owner=owner, maint_until=until, maint_swap=False), user)
+
+    def renew_maintenance(self, user: str, owner: str, until: datetime) -> bool:
+        """False when ``owner`` lost the lease (it expired and another took it)."""
+        return self._changed(
+            update(ProfileRow).where(ProfileRow.user_name == user,
+                                     ProfileRow.maint_owner == owner)
+            .values(maint_until=until), user)
+
+    def release_maintenance(self, user: str, owner: str) -> None:
+        self._changed(
+            update(ProfileRow).where(ProfileRow.user_name == user,
+                                     ProfileRow.maint_owner == owner)
+            .values(maint_owner=None, maint_until=None, maint_swap=False), user)
+
+    def begin_swap(self, user: str, owner: str, now: datetime) -> bool:
+        """Mark ``owner``'s live lease as swapping (no session may open until it ends).
+        The UPDATE holds the profile row's lock, so a logon's :meth:`admit_session` waits for
+        this transaction; the caller then reads the open sessions with a fresh snapshot."""
+        return self._changed(
+            update(ProfileRow).where(ProfileRow.user_name == user,
+                                     ProfileRow.maint_owner == owner,
+                                     ProfileRow.maint_until >= now)
+            .values(maint_swap=True), user)
+
+    def still_swapping(self, user: str, owner: str, now: datetime) -> bool:
+        """The fence of a flatten's commit: ``owner`` still holds a live, swapping lease."""
+        return self._changed(
+            update(ProfileRow).where(ProfileRow.user_name == user,
+                                     ProfileRow.maint_owner == owner,
+                                     ProfileRow.maint_swap.is_(True),
+                                     ProfileRow.maint_until >= now)
+            .values(maint_swap=True), user)
+
+    def admit_session(self, user: str, now: datetime) -> bool:
+        """Whether a session may open on ``user``'s profile now: no live swap. Called in the
+        transaction that records the session layer; a swap whose lease expired is cancelled
+        (its broker's fence then fails and it undoes its work)."""
+        return self._changed(
+            update(ProfileRow).where(
+                ProfileRow.user_name == user,
+                or_(ProfileRow.maint_swap.is_(False), ProfileRow.maint_until.is_(None),
+                    ProfileRow.maint_until < now))
+            .values(maint_swap=False), user)
+
+    def mark_verified(self, user: str, at: datetime) -> None:
+        self._changed(update(ProfileRow).where(ProfileRow.user_name == user)
+                      .values(verified_at=at), user)
+
+    def verified_at(self, user: str) -> datetime | None:
+        return self._session.scalar(
+            select(ProfileRow.verified_at).where(ProfileRow.user_name == user))
+
+    def least_recently_verified(self, limit: int) -> builtins.list[str]:
+        """Profiles with a committed generation, never verified first, then the oldest."""
+        return builtins.list(self._session.scalars(
+            select(ProfileRow.user_name).where(ProfileRow.generation > 0)
+            .order_by(ProfileRow.verified_at.asc().nulls_first(), ProfileRow.user_name)
+            .limit(limit)))
+
+    def flatten_candidates(self) -> builtins.list[str]:
+        """Users holding more committed layers than their kept generations (a chain longer
+        than ``domain.profiles.flatten_plan`` leaves), the longest chains first."""
+        layers = func.count(ProfileLayerRow.id)
+        return builtins.list(self._session.scalars(
+            select(ProfileLayerRow.user_name)
+            .join(ProfileRow, ProfileRow.user_name == ProfileLayerRow.user_name)
+            .where(ProfileLayerRow.state == LayerState.COMMITTED)
+            .group_by(ProfileLayerRow.user_name, ProfileRow.keep_generations)
+            .having(layers > ProfileRow.keep_generations + 1)
+            .order_by(layers.desc(), ProfileLayerRow.user_name)))
+
+    def _changed(self, statement: Any, user: str) -> bool:
+        result = cast(CursorResult[Any], self._session.execute(
+            statement.execution_options(synchronize_session=False)))
+        self._expire(ProfileRow, user)
+        return result.rowcount == 1
 
     def set_keep(self, user: str, keep_generations: int) -> None:
         row = self._session.get(ProfileRow, user)
