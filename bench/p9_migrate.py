@@ -93,6 +93,8 @@ def main() -> int:
                 overlay = ctx.driver_for_name("a-local").volume_info(
                     root_volume_name(d.id)).allocation_bytes
                 moved = moves.migrate(d.name, target="b-second", reason="bench P9")
+                landed = ctx.driver_for_name("b-second").volume_info(
+                    root_volume_name(d.id)).allocation_bytes
                 time.sleep(3)
                 after = GuestAgent(ctx.driver_for_name("b-second"), d.id, command_timeout_s=60)
                 gap = largest_gap(run(after, "cat /run/ts"))
@@ -101,7 +103,8 @@ def main() -> int:
                 print(f"{d.name}: cold boot to ready {boots[-1]:.1f} s; moved in "
                       f"{moved.stats.seconds:.1f} s, {moved.stats.memory_bytes / 2**20:.0f} MiB "
                       f"of memory and {moved.stats.disk_bytes / 2**20:.1f} MiB of disk for an "
-                      f"overlay of {overlay / 2**20:.1f} MiB; libvirt's downtime "
+                      f"overlay of {overlay / 2**20:.1f} MiB ({landed / 2**20:.1f} MiB on the "
+                      f"target); libvirt's downtime "
                       f"{moved.stats.downtime_ms} ms, the guest's largest gap {gap * 1000:.0f} ms",
                       flush=True)
                 desktops.delete(d.name)
