@@ -134,6 +134,12 @@ class VmSpec:
     reboot_ends_vm: bool = False
 
 
+def moves_live(clone_mode: CloneMode, power_state: PowerState) -> bool:
+    """Whether a desktop's VM may move live to another host: a running linked clone (the
+    target rebuilds only its overlay, on its own copy of the template)."""
+    return clone_mode is CloneMode.LINKED and power_state is PowerState.RUNNING
+
+
 @dataclass(frozen=True)
 class MigrationStats:
     """What a live migration moved, as the hypervisor counted it."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from deskpool.domain.errors import Conflict, InvalidInput, LostRace
-from deskpool.domain.models import CloneMode, HostState, MigrationStats, PowerState
+from deskpool.domain.models import HostState, MigrationStats, moves_live
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.scheduler.placement import NoValidHost
 from deskpool.services.context import ServiceContext
@@ -106,13 +106,10 @@ class MigrationService:
     def _plan(self, ref: str, target: str | None) -> _Plan:
         with self.ctx.uow(read_only=True) as uow:
             d = find_desktop(uow, ref)
-            if d.state not in MOVABLE_STATES or d.power_state is not PowerState.RUNNING:
-                raise Conflict(f"desktop {d.name} is {d.state.value} and "
-                               f"{d.power_state.value}: only a running desktop that is ready "
-                               "or in use moves live")
-            if d.clone_mode is not CloneMode.LINKED:
-                raise Conflict(f"desktop {d.name} is a {d.clone_mode.value} clone: only "
-                               "linked clones move live")
+            if d.state not in MOVABLE_STATES or not moves_live(d.clone_mode, d.power_state):
+                raise Conflict(f"desktop {d.name} is {d.state.value}, "
+                               f"{d.power_state.value}, a {d.clone_mode.value} clone: only a "
+                               "running desktop, a linked clone ready or in use, moves live")
             source = d.host
             if target is not None:
                 host = uow.hosts.get_by_name(target)

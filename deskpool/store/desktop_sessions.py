@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from deskpool.domain.models import CloneMode, HostState, PowerState
+from deskpool.domain.models import CloneMode, HostState, PowerState, moves_live
 from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.store.models import Desktop, Host, Pool
@@ -70,8 +70,8 @@ class HostDesktop:
 
     @property
     def movable(self) -> bool:
-        """Whether it may move live (``services/migration``): a running linked clone."""
-        return self.clone_mode is CloneMode.LINKED and self.power_state is PowerState.RUNNING
+        """Whether it may move live (``services/migration``)."""
+        return moves_live(self.clone_mode, self.power_state)
 
 
 class DesktopSessionRepository:

@@ -51,6 +51,7 @@ class FakeMigrationMixin:
             target._check_usable()
             self._maybe_fail("migrate_vm")
             vm = self._own_vm(vm_id)
+            assert vm.spec is not None  # own VMs have one
             self._check_movable(vm)
             root = root_volume_name(vm_id)
             moved = target._add_overlay(root, target._volume(base_volume,
@@ -62,10 +63,9 @@ class FakeMigrationMixin:
                 raise
             overlay = self._volumes[root]
             moved.allocation = overlay.allocation
-            memory = (vm.spec.memory_mib if vm.spec is not None else 0) * MiB
+            memory = vm.spec.memory_mib * MiB
             if progress is not None:
                 progress(memory + overlay.allocation, memory + overlay.allocation)
-            assert vm.spec is not None  # own VMs have one
             vm.spec = replace(vm.spec, base_volume=base_volume)
             vm.vnc_port = target._next_vnc_port()
             del self._vms[vm_id]
