@@ -66,20 +66,58 @@ def is_real_vm_test(nodeid: str) -> bool:
     return nodeid.startswith("tests/realvm/") or "libvirt-qemu" in nodeid
 
 
+# The desktop-flavor modules run first in the real-VM lane: their Xfce sessions are the most
+# CPU-hungry guests and the most timing-sensitive, so they run before any other guest shares
+# the two CPUs with them.
+REAL_VM_FIRST = ("tests/realvm/test_desktop_session.py", "tests/realvm/test_desktop_portal.py",
+                 "tests/realvm/test_roaming_profile.py")
+# Console-flavor modules that run safely beside any other real-VM module (VM names, storage
+# pools and second daemons of their own; nothing global is killed): they go last, one unit of
+# work each, so the lane of everything else takes them once its own files are done (about
+# half-way) instead of sitting idle while the real-VM lane runs alone.
+REAL_VM_EITHER_LANE = frozenset({
+    "tests/realvm/test_multi_host.py", "tests/realvm/test_second_host.py",
+    "tests/realvm/test_sigkill.py", "tests/realvm/test_storage_full.py",
+    "tests/realvm/test_template_fault.py", "tests/realvm/test_vm_crash.py",
+})
+
+
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def real_vm_unit(nodeid: str) -> str | None:
+    """The unit of work of a real-VM test: the one real-VM lane, or its own module when that
+    module may run in either lane; None for every other test."""
+    if not is_real_vm_test(nodeid):
+        return None
+    module = _module_of(nodeid)
+    return f"real VMs: {module}" if module in REAL_VM_EITHER_LANE else "real VMs"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Real-VM tests first, in their order: ``./dev test`` runs ``-n 2 --dist loadfile
-    --no-loadscope-reorder`` with the scheduler below, so one worker runs all of them
+    """Real-VM tests first, in their order (the desktop flavor's at the head), and the
+    real-VM modules of either lane last: ``./dev test`` runs ``-n 2 --dist loadfile
+    --no-loadscope-reorder`` with the scheduler below, so one worker runs the real-VM lane
     (the images and booted guests of their session and module fixtures shared) while the
-    other runs everything else, a file at a time. TCG guests are CPU-bound on one vCPU, so
-    two lanes on two CPUs cut the wall time without two guest-booting modules competing."""
+    other runs everything else, a file at a time, then the modules of either lane with it.
+    TCG guests are CPU-bound on one vCPU, so two lanes on two CPUs cut the wall time."""
     marked = {item.nodeid for item in items if item.get_closest_marker("realvm") is not None}
     named = {item.nodeid for item in items if is_real_vm_test(item.nodeid)}
     if marked != named:
         raise pytest.UsageError(
             "realvm marker and is_real_vm_test() disagree on: "
             + ", ".join(sorted(marked ^ named)[:5]))
-    items[:] = ([item for item in items if item.nodeid in marked]
-                + [item for item in items if item.nodeid not in marked])
+    unit = {item.nodeid: real_vm_unit(item.nodeid) for item in items}
+
+    def rank(item: pytest.Item) -> int:
+        if unit[item.nodeid] is None:
+            return 2
+        if unit[item.nodeid] != "real VMs":
+            return 3
+        return 0 if _module_of(item.nodeid) in REAL_VM_FIRST else 1
+
+    items.sort(key=rank)  # stable: each group keeps its own order
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -92,14 +130,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadfile``, except that every real-VM test is one unit of work."""
+    """``--dist loadfile``, except that the real-VM lane is one unit of work (see
+    ``real_vm_unit``)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
     class RealVmLane(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "real VMs" if is_real_vm_test(nodeid) else super()._split_scope(nodeid)
+            return real_vm_unit(nodeid) or super()._split_scope(nodeid)
 
     return RealVmLane(config, log)  # type: ignore[arg-type]
 

@@ -128,12 +128,12 @@ def test_drain_and_host_failure_across_two_real_hosts(
         grid: tuple[ServiceContext, SecondLibvirtHost]) -> None:
     ctx, second = grid
     pools = PoolService(ctx)
-    pools.create(PoolSpec("lab", "golden", spare=1, max_size=3, naming_pattern="lab-{n:02}"))
+    pools.create(PoolSpec("grid", "golden", spare=1, max_size=3, naming_pattern="grid-{n:02}"))
     pools.create(PoolSpec("keep", "golden", kind=PoolKind.STATEFUL,
                           assignment=Assignment.DEDICATED, min_size=1, spare=0, max_size=1,
                           on_logout=OnLogout.RECYCLE_AS_IS, naming_pattern="keep-{n:02}"),
                  hosts=[SECOND])
-    for pool in ("lab", "keep"):
+    for pool in ("grid", "keep"):
         EntitlementService(ctx).grant(pool, "group", "staff")
     # Generous timeouts: a guest boots in about a minute under TCG on a quiet machine, several
     # times that when other tests load it; none of them is a timed assertion.
@@ -141,16 +141,16 @@ def test_drain_and_host_failure_across_two_real_hosts(
                             host_down_after=timedelta(seconds=3))
     broker = Broker(ctx, ready_timeout_s=120)
 
-    # 1. The pools fill: lab's first desktop on a-local (tie, by name), keep's on b-second.
-    settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "lab-"))
+    # 1. The pools fill: grid's first desktop on a-local (tie, by name), keep's on b-second.
+    settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "grid-"))
            and any(d.state == "ready" for d in desktops(ctx, "keep-")), "the pools to fill")
-    alice = broker.connect(ALICE, "lab")
+    alice = broker.connect(ALICE, "grid")
     assert alice.status == "ready"
     kept_handover = broker.connect(ALICE, "keep")  # her own stateful desktop on b-second
     assert kept_handover.status == "ready"
-    (held,) = [d for d in desktops(ctx, "lab-") if d.name == alice.desktop]
+    (held,) = [d for d in desktops(ctx, "grid-") if d.name == alice.desktop]
     assert held.host == LOCAL
-    settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "lab-")),
+    settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "grid-")),
            "a new spare desktop")
 
     # 2. Drain a-local while alice is connected: her desktop moves live to b-second, with
@@ -193,24 +193,24 @@ def test_drain_and_host_failure_across_two_real_hosts(
     assert agent.host_name() == moved.hostname
     assert alice.desktop_id not in {vm.vm_id for vm in ctx.driver_for_name(LOCAL).list_vms()}
     assert not any(e.kind == "drain-warning" for e in recent_events(ctx))
-    bob = broker.connect(BOB, "lab")  # no new session on a draining host: bob goes elsewhere
+    bob = broker.connect(BOB, "grid")  # no new session on a draining host: bob goes elsewhere
     assert bob.status == "ready"
     assert DesktopService(ctx).get(bob.desktop or "").host == SECOND
     settle(reconciler, lambda: host_state(ctx, LOCAL) == "maintenance",
            "a-local to reach maintenance")
     # The pool carries on on b-second alone: bob's desktop and a ready spare, none left here.
-    live = [d for d in desktops(ctx, "lab-") if d.state not in ("retiring", "retired")]
+    live = [d for d in desktops(ctx, "grid-") if d.state not in ("retiring", "retired")]
     assert {d.host for d in live} == {SECOND}
     settle(reconciler, lambda: any(d.state == "ready" and d.host == SECOND
-                                   for d in desktops(ctx, "lab-")), "a spare on b-second")
+                                   for d in desktops(ctx, "grid-")), "a spare on b-second")
     HostService(ctx).enable(LOCAL)
 
     # 3. b-second is lost whole: its daemon and every QEMU process of it SIGKILLed, its /run
-    #    emptied as by the reboot that brings it back. It goes down after the grace; lab's
+    #    emptied as by the reboot that brings it back. It goes down after the grace; grid's
     #    desktops there are replaced on a-local; keep's stateful desktop, with a file alice
     #    wrote, stays, and alice is told; nothing is deleted meanwhile.
     (kept,) = desktops(ctx, "keep-")
-    on_second = {d.id for d in desktops(ctx, "lab-") if d.host == SECOND}
+    on_second = {d.id for d in desktops(ctx, "grid-") if d.host == SECOND}
     assert on_second
     agent = GuestAgent(ctx.driver_for_name(SECOND), kept.id)
     work = f"alice's work, written before the loss: {uuid.uuid4()}\n".encode()
@@ -218,7 +218,7 @@ def test_drain_and_host_failure_across_two_real_hosts(
     code, _, err = agent.exec_capture(["sync"])  # on the disk, not in the guest's cache
     assert code == 0, err
     killed = second.lose_host()
-    assert set(killed) >= {kept.name} | {d.name for d in desktops(ctx, "lab-")
+    assert set(killed) >= {kept.name} | {d.name for d in desktops(ctx, "grid-")
                                          if d.id in on_second}
     lost_at = time.monotonic()
     settle(reconciler, lambda: host_state(ctx, SECOND) == "down", "b-second to be down")
@@ -226,8 +226,8 @@ def test_drain_and_host_failure_across_two_real_hosts(
     print(f"b-second lost: marked down in {time.monotonic() - lost_at:.0f} s", flush=True)
     # Replaced on a-local (made there in the pass that marked b-second down), its own
     # desktops out of service.
-    assert {d.state for d in desktops(ctx, "lab-") if d.id in on_second} <= {"retiring"}
-    assert {d.host for d in desktops(ctx, "lab-") if d.id not in on_second} == {LOCAL}
+    assert {d.state for d in desktops(ctx, "grid-") if d.id in on_second} <= {"retiring"}
+    assert {d.host for d in desktops(ctx, "grid-") if d.id not in on_second} == {LOCAL}
     assert DesktopService(ctx).get(kept.name).state == kept.state  # untouched
     (told,) = messages_for(ctx, "alice", limit=1)
     assert told.message == (f"your desktop {kept.name} is on host {SECOND}, which is down; "
@@ -246,12 +246,12 @@ def test_drain_and_host_failure_across_two_real_hosts(
     assert driver.get_vm(kept.id).stop_reason is StopReason.UNKNOWN  # a rebooted host's
     assert second.qemu_pids() == {}
     settle(reconciler, lambda: host_state(ctx, SECOND) == "enabled"
-           and not any(d.id in on_second for d in desktops(ctx, "lab-"))
+           and not any(d.id in on_second for d in desktops(ctx, "grid-"))
            and DesktopService(ctx).get(kept.name).state == "ready"
-           and any(d.state == "ready" and d.host == LOCAL for d in desktops(ctx, "lab-")),
-           "b-second back, its replaced desktops removed, keep's desktop and lab's "
+           and any(d.state == "ready" and d.host == LOCAL for d in desktops(ctx, "grid-")),
+           "b-second back, its replaced desktops removed, keep's desktop and grid's "
            "replacement ready")
-    print(f"b-second back: keep's desktop and lab's replacement ready in "
+    print(f"b-second back: keep's desktop and grid's replacement ready in "
           f"{time.monotonic() - back_at:.0f} s", flush=True)
     assert any(e.kind == "host-up" for e in recent_events(ctx))
     (crash,) = [e for e in recent_events(ctx) if e.kind == "desktop-crashed"]
