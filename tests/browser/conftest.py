@@ -112,47 +112,66 @@ class FakeRfb(LoopbackServer):
     WIDTH, HEIGHT = 320, 200
     LEFT, RIGHT = (230, 60, 20), (20, 120, 230)
 
-    def __init__(self, name: bytes = b"fake desktop") -> None:
+    def __init__(self, name: bytes = b"fake desktop",
+                 colours: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+                 ) -> None:
         self.name = name
+        if colours is not None:
+            self.LEFT, self.RIGHT = colours
+        self._open: set[socket.socket] = set()
         super().__init__()
 
     @property
     def sessions(self) -> int:
         return self.accepted
 
+    def drop_connections(self) -> None:
+        """Close every open console connection, as a VM's QEMU ending does (a live
+        migration's source stopping): the listener stays."""
+        for conn in list(self._open):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def handle(self, conn: socket.socket) -> None:
+        self._open.add(conn)
         with conn, contextlib.suppress(OSError, ConnectionError):
-            conn.settimeout(30)
-            conn.sendall(b"RFB 003.008\n")
-            _exactly(conn, 12)
-            conn.sendall(bytes([1, 1]))  # one security type: None
-            _exactly(conn, 1)
-            conn.sendall(struct.pack(">I", 0))  # security result: OK
-            _exactly(conn, 1)  # ClientInit
-            fmt = (32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
-            conn.sendall(struct.pack(">HH", self.WIDTH, self.HEIGHT)
-                         + struct.pack(">BBBBHHHBBB3x", *fmt)
-                         + struct.pack(">I", len(self.name)) + self.name)
-            while not self._stop.is_set():
-                kind = _exactly(conn, 1)[0]
-                if kind == 0:  # SetPixelFormat
-                    fmt = struct.unpack(">BBBBHHHBBB3x", _exactly(conn, 19)[3:])
-                elif kind == 2:  # SetEncodings
-                    count = struct.unpack(">xH", _exactly(conn, 3))[0]
-                    _exactly(conn, 4 * count)
-                elif kind == 3:  # FramebufferUpdateRequest
-                    incremental = _exactly(conn, 9)[0]
-                    if not incremental:
-                        conn.sendall(self._frame(fmt))
-                elif kind == 4:  # KeyEvent
-                    _exactly(conn, 7)
-                elif kind == 5:  # PointerEvent
-                    _exactly(conn, 5)
-                elif kind == 6:  # ClientCutText
-                    length = struct.unpack(">3xI", _exactly(conn, 7))[0]
-                    _exactly(conn, length)
-                else:
-                    return  # something this stand-in does not speak
+            try:
+                self._speak(conn)
+            finally:
+                self._open.discard(conn)
+
+    def _speak(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        conn.sendall(b"RFB 003.008\n")
+        _exactly(conn, 12)
+        conn.sendall(bytes([1, 1]))  # one security type: None
+        _exactly(conn, 1)
+        conn.sendall(struct.pack(">I", 0))  # security result: OK
+        _exactly(conn, 1)  # ClientInit
+        fmt = (32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+        conn.sendall(struct.pack(">HH", self.WIDTH, self.HEIGHT)
+                     + struct.pack(">BBBBHHHBBB3x", *fmt)
+                     + struct.pack(">I", len(self.name)) + self.name)
+        while not self._stop.is_set():
+            kind = _exactly(conn, 1)[0]
+            if kind == 0:  # SetPixelFormat
+                fmt = struct.unpack(">BBBBHHHBBB3x", _exactly(conn, 19)[3:])
+            elif kind == 2:  # SetEncodings
+                count = struct.unpack(">xH", _exactly(conn, 3))[0]
+                _exactly(conn, 4 * count)
+            elif kind == 3:  # FramebufferUpdateRequest
+                incremental = _exactly(conn, 9)[0]
+                if not incremental:
+                    conn.sendall(self._frame(fmt))
+            elif kind == 4:  # KeyEvent
+                _exactly(conn, 7)
+            elif kind == 5:  # PointerEvent
+                _exactly(conn, 5)
+            elif kind == 6:  # ClientCutText
+                length = struct.unpack(">3xI", _exactly(conn, 7))[0]
+                _exactly(conn, length)
+            else:
+                return  # something this stand-in does not speak
 
     def _frame(self, fmt: tuple[int, ...]) -> bytes:
         bpp, _depth, big_endian, _true, _rm, _gm, _bm, rs, gs, bs = fmt

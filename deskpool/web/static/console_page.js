@@ -15,7 +15,7 @@ function start() {
     onChange: (state, text) => {
       document.title = `${handle ? handle.name : "console"} · deskpool`;
       if (state === "connected") return;
-      if (state === "connecting") return;
+      if (state === "connecting" || state === "reconnecting") return;
       $("disconnect").disabled = true;
       show($("reconnect"), state !== "signed-out");
       if (state === "signed-out") {
