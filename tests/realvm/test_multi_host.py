@@ -1,7 +1,8 @@
 """Two real libvirt hosts on this machine: qemu:///system and a second, independent daemon
 (``tests/libvirt_hosts.py``). A pool spreads over both; one host is drained while a user is
-connected (their desktop moves live to the other host, a process in it counting on, and the
-pool carries on there); then
+connected in Chromium (their desktop moves live to the other host, a process in it counting on,
+the browser's console reconnecting by itself to the new host, and the pool carries on there);
+then
 the other host is lost whole (its daemon and every QEMU process of it SIGKILLed, its /run
 emptied as by a reboot): its stateless desktops are replaced on the first host, its stateful
 desktop is kept and its user told; when the host returns, its domains shut off, the stateful
@@ -15,11 +16,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from deskpool.api.app import create_app
+from deskpool.broker.accounts import AccountService
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.config import Settings
@@ -40,8 +45,20 @@ from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.services.views import DesktopView
+from tests.browser.conftest import (
+    CANVAS_STATS,
+    ConsoleProxyThread,
+    LiveServer,
+    launch_chromium,
+    sign_in,
+    skip_or_fail_without_chromium,
+    wait_until,
+)
 from tests.libvirt_hosts import SecondLibvirtHost
 from tests.realvm.conftest import remove_pool_of
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = pytest.mark.realvm
 WORK_FILE = "/root/work.txt"
@@ -87,6 +104,47 @@ def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
         time.sleep(0.5)
 
 
+def console_drawn(page: Page) -> bool:
+    canvas = page.locator("#console-screen canvas")
+    if canvas.count() != 1:
+        return False
+    stats = canvas.evaluate(CANVAS_STATS)
+    return bool(stats["colours"] >= 2 and stats["lit"] > 0.0005)
+
+
+@contextmanager
+def console_in_chromium(ctx: ServiceContext, user: str, pool: str) -> Iterator[Page]:
+    """``user`` (a local account made here, in group staff) signs in to the portal in
+    Chromium and connects to ``pool``: the page, its console drawn, every later change of
+    the console's state recorded in ``window.states``."""
+    skip_or_fail_without_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    password = f"{user}-{uuid.uuid4().hex[:8]}"
+    AccountService(ctx).create_user(user, password)
+    AccountService(ctx).add_to_group(user, "staff")
+    with ConsoleProxyThread(ctx) as proxy, LiveServer(
+            create_app(ctx, directories=[], console_ws_port=proxy.port)) as server, \
+            sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            sign_in(page, server.url, user, password)
+            expect(page.locator("#home")).to_have_attribute("data-loaded", "true")
+            page.click(f'#pools li[data-pool="{pool}"] button.connect')
+            expect(page.locator("#console-status")).to_have_attribute(
+                "data-state", "connected", timeout=90_000)
+            wait_until(lambda: console_drawn(page), timeout_s=60, what="the console drawn")
+            page.evaluate("""() => { const status = document.getElementById('console-status');
+                window.states = [];
+                new MutationObserver(() => window.states.push(status.dataset.state)).observe(
+                    status, { attributes: true }); }""")
+            yield page
+        finally:
+            browser.close()
+
+
 def counter(agent: GuestAgent, timeout_s: float = 60) -> int:
     """What the guest's counting process wrote last (it starts a moment after its command)."""
     deadline = time.monotonic() + timeout_s
@@ -124,6 +182,48 @@ def assert_no_orphans(ctx: ServiceContext) -> None:
                 assert d.id in vms and root_volume_name(d.id) in volumes, (host, d)
 
 
+def move_alice_live(ctx: ServiceContext, reconciler: Reconciler, desktop_id: uuid.UUID,
+                    desktop_name: str) -> None:
+    """Drain a-local with alice's desktop running there: it moves live to b-second, with her
+    file, an 8 MiB blob on its disk and a counting process, not rebooted."""
+    local_agent = GuestAgent(ctx.driver_for_name(LOCAL), desktop_id)
+    before = f"written on a-local before the move: {uuid.uuid4()}\n".encode()
+    local_agent.write_file(MOVE_FILE, before)
+    code, _, err = local_agent.exec_capture(["sh", "-c", COUNTER])
+    assert code == 0, err
+    # 8 MiB on the overlay's disk (not only in the guest's cache): read back after the move
+    # from the target's copy with the cache dropped.
+    code, blob_sum, err = local_agent.exec_capture(
+        ["sh", "-c", "head -c 8M /dev/urandom > /root/blob && sync && sha256sum /root/blob"])
+    assert code == 0, err
+    boot_id = local_agent.read_file("/proc/sys/kernel/random/boot_id")
+    counted = counter(local_agent)
+    HostService(ctx).drain(LOCAL, grace=timedelta(minutes=30))
+    moving = time.monotonic()
+    report = reconciler.run_pass()  # the move runs in this pass's steps
+    assert report.counts[Outcome.MIGRATED] == 1, (report.errors, report.notes)
+    with ctx.uow(read_only=True) as uow:
+        row = uow.desktops.get(desktop_id)
+        assert (row.host.name, row.assigned_user, row.notice) == (SECOND, "alice", None)
+        assert row.state.value in ("reserved", "in_use")
+    moved = DesktopService(ctx).get(desktop_name)
+    (event,) = [e for e in recent_events(ctx) if e.kind == "desktop-migrated"]
+    print(f"moved in {time.monotonic() - moving:.1f} s: {event.message}", flush=True)
+    agent = GuestAgent(ctx.driver_for_name(SECOND), desktop_id)
+    assert agent.read_file(MOVE_FILE) == before
+    code, after_sum, err = agent.exec_capture(
+        ["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /root/blob"])
+    assert (code, after_sum) == (0, blob_sum), err
+    copied = re.search(r"([0-9.]+) MiB of disk", event.message)
+    assert copied is not None and float(copied.group(1)) >= 8.0, event.message  # the blob
+    assert agent.read_file("/proc/sys/kernel/random/boot_id") == boot_id  # not rebooted
+    first = counter(agent)
+    time.sleep(2)
+    assert counter(agent) > first > counted  # it counted on
+    assert agent.host_name() == moved.hostname
+    assert desktop_id not in {vm.vm_id for vm in ctx.driver_for_name(LOCAL).list_vms()}
+
+
 def test_drain_and_host_failure_across_two_real_hosts(
         grid: tuple[ServiceContext, SecondLibvirtHost]) -> None:
     ctx, second = grid
@@ -153,45 +253,18 @@ def test_drain_and_host_failure_across_two_real_hosts(
     settle(reconciler, lambda: any(d.state == "ready" for d in desktops(ctx, "grid-")),
            "a new spare desktop")
 
-    # 2. Drain a-local while alice is connected: her desktop moves live to b-second, with
-    #    what runs in it (a counter that keeps counting) and her file; no logoff, no notice.
+    # 2. Drain a-local while alice is connected in Chromium: her desktop moves live to
+    #    b-second, with what runs in it (a counter that keeps counting) and her file, and
+    #    the browser's console reconnects by itself; no logoff, no notice.
     assert alice.desktop_id is not None
-    local_agent = GuestAgent(ctx.driver_for_name(LOCAL), alice.desktop_id)
-    before = f"written on a-local before the move: {uuid.uuid4()}\n".encode()
-    local_agent.write_file(MOVE_FILE, before)
-    code, _, err = local_agent.exec_capture(["sh", "-c", COUNTER])
-    assert code == 0, err
-    # 8 MiB on the overlay's disk (not only in the guest's cache): read back after the move
-    # from the target's copy with the cache dropped.
-    code, blob_sum, err = local_agent.exec_capture(
-        ["sh", "-c", "head -c 8M /dev/urandom > /root/blob && sync && sha256sum /root/blob"])
-    assert code == 0, err
-    boot_id = local_agent.read_file("/proc/sys/kernel/random/boot_id")
-    counted = counter(local_agent)
-    HostService(ctx).drain(LOCAL, grace=timedelta(minutes=30))
-    moving = time.monotonic()
-    report = reconciler.run_pass()  # the move runs in this pass's steps
-    assert report.counts[Outcome.MIGRATED] == 1, (report.errors, report.notes)
-    with ctx.uow(read_only=True) as uow:
-        row = uow.desktops.get(alice.desktop_id)
-        assert (row.host.name, row.assigned_user, row.notice) == (SECOND, "alice", None)
-        assert row.state.value in ("reserved", "in_use")
-    moved = DesktopService(ctx).get(alice.desktop or "")
-    (event,) = [e for e in recent_events(ctx) if e.kind == "desktop-migrated"]
-    print(f"moved in {time.monotonic() - moving:.1f} s: {event.message}", flush=True)
-    agent = GuestAgent(ctx.driver_for_name(SECOND), alice.desktop_id)
-    assert agent.read_file(MOVE_FILE) == before
-    code, after_sum, err = agent.exec_capture(
-        ["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /root/blob"])
-    assert (code, after_sum) == (0, blob_sum), err
-    copied = re.search(r"([0-9.]+) MiB of disk", event.message)
-    assert copied is not None and float(copied.group(1)) >= 8.0, event.message  # the blob
-    assert agent.read_file("/proc/sys/kernel/random/boot_id") == boot_id  # not rebooted
-    first = counter(agent)
-    time.sleep(2)
-    assert counter(agent) > first > counted  # it counted on
-    assert agent.host_name() == moved.hostname
-    assert alice.desktop_id not in {vm.vm_id for vm in ctx.driver_for_name(LOCAL).list_vms()}
+    with console_in_chromium(ctx, "alice", "grid") as page:
+        move_alice_live(ctx, reconciler, alice.desktop_id, alice.desktop or "")
+        wait_until(lambda: page.evaluate("() => window.states").count("reconnecting") > 0
+                   and page.locator("#console-status").get_attribute("data-state")
+                   == "connected", timeout_s=120, what="the console reconnecting")
+        wait_until(lambda: console_drawn(page), timeout_s=60, what="the moved console drawn")
+        assert "disconnected" not in page.evaluate("() => window.states")
+        print(f"console states during the move: {page.evaluate('() => window.states')}")
     assert not any(e.kind == "drain-warning" for e in recent_events(ctx))
     bob = broker.connect(BOB, "grid")  # no new session on a draining host: bob goes elsewhere
     assert bob.status == "ready"
