@@ -118,6 +118,14 @@ class MigrationService:
                 if host.state is not HostState.ENABLED:
                     raise Conflict(f"host {target} is {host.state.value}: it takes no "
                                    "desktops")
+                # Placement's own filters (hypervisor, architecture, room, pinning...),
+                # before anything starts: a move is refused here, not half-way.
+                try:
+                    Placer(uow).place(d.template_version, d.clone_mode,
+                                      what=f"desktop {d.name}", allowed={host.id})
+                except NoValidHost as exc:
+                    raise Conflict(f"desktop {d.name} cannot move to host {target}: "
+                                   f"{exc}") from exc
             else:
                 others = {h.id for h in uow.hosts.list() if h.id != source.id}
                 try:

@@ -124,6 +124,15 @@ def test_what_cannot_move_is_refused_and_a_failed_move_changes_nothing(grid: Gri
     with pytest.raises(Conflict, match="host b is draining"):
         moves.migrate("lab-01", target="b", reason="test")
     HostService(grid.ctx).enable("b")
+    # Hosts placement would never pick are refused before anything starts, saying why.
+    grid.host("arm", arch="aarch64")
+    with pytest.raises(Conflict, match=r"cannot move to host arm: .*aarch64"):
+        moves.migrate("lab-01", target="arm", reason="test")
+    grid.host("tiny", memory_mib=512)
+    with pytest.raises(Conflict, match=r"cannot move to host tiny: .*memory"):
+        moves.migrate("lab-01", target="tiny", reason="test")
+    assert grid.rows()["lab-01"].host == "a"
+    assert grid.vm_ids("arm") == grid.vm_ids("tiny") == set()
     grid.fakes["a"].fail_next("migrate_vm.transfer")
     with pytest.raises(DriverError):
         moves.migrate("lab-01", target="b", reason="test")
