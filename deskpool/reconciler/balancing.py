@@ -99,7 +99,10 @@ class Balancing:
             return self._plan(reachable, now, report, busy)
         except DeskpoolError as exc:
             report.error(f"balancing: {exc}")
-            return []
+        except Exception as exc:  # a bug: never out of the pass, which has more to do
+            log.exception("balancing pass failed on a programming error")
+            report.bug(f"balancing: planning hit a bug: {type(exc).__name__}: {exc}")
+        return []
 
     def _plan(self, reachable: set[uuid.UUID], now: datetime, report: PassReport,
               busy: Callable[[uuid.UUID], bool]) -> list[PlannedMove]:

@@ -5,10 +5,12 @@ vanished, VMs whose QEMU died under a desktop (``crashes``), and deskpool VMs th
 not know (left by a crash); (2) plans each pool
 (rollout, maximum age, sizing); (3) runs at most one step per desktop, desktops in parallel:
 finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
-backoff. Each step has its own deadline (a guest agent's readiness, a shutdown's grace); a
-looping reconciler waits at most one interval for a pass's steps, and a step still running
-then goes on in the background while later passes leave its desktop alone, so one desktop
-whose guest never answers holds up no other desktop or pool. Everything it needs to resume is
+backoff; (4) every balance interval, when balancing is on, moves running desktops live off
+hosts under memory or CPU pressure (``balancing``). Each step has its own deadline (a guest
+agent's readiness, a shutdown's grace); a looping reconciler waits at most one interval for
+a pass's steps, and a step still running then goes on in the background while later passes
+leave its desktop alone, so one desktop whose guest never answers holds up no other desktop
+or pool. Everything it needs to resume is
 in the database, so a killed process loses nothing: the next pass continues from the rows.
 Which step a desktop needs is data (``planning.plan_desktop``); how each kind is carried out
 is ``steps.RUNNERS``.
