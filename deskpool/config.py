@@ -145,6 +145,22 @@ class Settings(BaseSettings):
     # A draining host's desktops in use move live to other hosts; off, their users are
     # warned and logged off at the drain's deadline, as for desktops that cannot move.
     drain_by_migration: bool = True
+    # Load balancing (off by default): every balance_interval_s the reconciler moves running
+    # desktops of pools with ``balance`` live off hosts whose measured memory or CPU use is
+    # above the high watermark, until it is back in the middle of the band, onto hosts left
+    # at or below the low one; see deskpool.scheduler.balancer for the whole policy.
+    balance_enabled: bool = False
+    balance_interval_s: float = Field(default=300.0, ge=1, le=86400, allow_inf_nan=False)
+    balance_memory_high: float = Field(default=0.85, gt=0, le=1, allow_inf_nan=False)
+    balance_memory_low: float = Field(default=0.70, gt=0, le=1, allow_inf_nan=False)
+    balance_cpu_high: float = Field(default=0.80, gt=0, le=1, allow_inf_nan=False)
+    balance_cpu_low: float = Field(default=0.60, gt=0, le=1, allow_inf_nan=False)
+    balance_max_moves_per_host_per_hour: int = Field(default=4, ge=0, le=1000)
+    balance_max_concurrent_moves: int = Field(default=10, ge=0, le=1000)
+    # A move must lower the pair of hosts' peak use by this fraction of capacity.
+    balance_min_benefit: float = Field(default=0.02, ge=0, le=1, allow_inf_nan=False)
+    # A desktop moved within this many seconds does not move again (no ping-pong).
+    balance_cooldown_s: float = Field(default=7200.0, ge=0, le=7 * 86400, allow_inf_nan=False)
     # A broker's claim on a desktop's or pool's work, renewed while it works: how soon the
     # others take over from a broker that died.
     lease_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)

@@ -143,7 +143,7 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
         session_start_timeout_s=body.session_start_timeout_s,
         roaming_profiles=body.roaming_profiles, second_session=body.second_session,
-        profile_exclusions=tuple(body.profile_exclusions))
+        profile_exclusions=tuple(body.profile_exclusions), balance=body.balance)
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 

@@ -259,6 +259,8 @@ class PoolCreate(BaseModel):
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[ExclusionPath] = Field(default_factory=list, max_length=32)
     placement: Placement = "spread"
+    balance: Flag = Field(default=False, description="the load balancer may move its "
+                          "running desktops live off a host under memory or CPU pressure")
     hosts: list[HostName] = Field(default_factory=list, max_length=100)
 
 
@@ -295,6 +297,7 @@ class PoolUpdate(BaseModel):
     profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
                                                                         max_length=32)
     placement: Placement | SkipJsonSchema[None] = None
+    balance: Flag | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
 
     @model_validator(mode="before")
@@ -352,6 +355,7 @@ class PoolAdminView(BaseModel):
     roaming_profiles: bool = False
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[str] = Field(default_factory=list)
+    balance: bool = False  # the load balancer may move its desktops
     # The template version's disk cannot be used (missing or corrupt): why, since when, tries
     # failed and when the next one is due; None when the pool is fine.
     fault: str | None = None

@@ -33,7 +33,8 @@ def _describe(pool: PoolView) -> str:
             + (f"; roaming profiles, a second session: {pool.second_session}"
                + (f", kept out: {', '.join(pool.profile_exclusions)}"
                   if pool.profile_exclusions else "")
-               if pool.roaming_profiles else "") + _fault(pool))
+               if pool.roaming_profiles else "")
+            + ("; load-balanced" if pool.balance else "") + _fault(pool))
 
 
 def _fault(pool: PoolView) -> str:
@@ -93,6 +94,9 @@ def pool_create(
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="a path inside the home kept out of profiles (repeat it); ~/.cache always "
              "is")] = None,
+    balance: Annotated[bool, typer.Option(
+        help="the load balancer may move its running desktops live off a host under "
+             "memory or CPU pressure (balance_enabled must be on too)")] = False,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
@@ -101,7 +105,7 @@ def pool_create(
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,
-                    profile_exclusions=tuple(profile_exclude or ()))
+                    profile_exclusions=tuple(profile_exclude or ()), balance=balance)
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -170,6 +174,9 @@ def pool_update(
         help="refuse, read_only or merge a user's second concurrent session")] = None,
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="the paths kept out of profiles, all of them (repeat it; '' for none)")] = None,
+    balance: Annotated[bool | None, typer.Option(
+        "--balance/--no-balance",
+        help="whether the load balancer may move its running desktops")] = None,
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
     any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
@@ -183,7 +190,7 @@ def pool_update(
         "reservation_timeout_s": reservation_timeout,
         "session_start_timeout_s": session_start_timeout, "placement": placement,
         "roaming_profiles": roaming_profiles, "second_session": second_session,
-        "profile_exclusions": None if profile_exclude is None
+        "balance": balance, "profile_exclusions": None if profile_exclude is None
         else tuple(p for p in profile_exclude if p)}
     changes = {k: v for k, v in given.items() if v is not None}
     # 0 clears a limit that may be absent ("never").

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -148,6 +149,47 @@ class MigrationStats:
     memory_bytes: int  # guest memory sent (pages sent again after the guest dirtied them too)
     disk_bytes: int  # disk data copied: a linked clone's overlay only
     downtime_ms: int | None  # the hypervisor's figure for the guest's pause, if it gives one
+
+
+@dataclass(frozen=True)
+class VmLoad:
+    """One running VM's measured use of its host."""
+
+    memory_used_mib: float  # what it holds of the host's memory: its RSS, else its balloon
+    cpu_time_ns: int  # CPU time it has used since it started (cumulative)
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """A host's measured load at one moment (``HypervisorDriver.load_sample``). Memory is a
+    level; CPU figures are cumulative counters, so a CPU load comes only from two samples of
+    the same host (``cpu_load_since``, ``vm_cpus_since``)."""
+
+    taken_at_s: float  # the driver's monotonic clock: only differences mean anything
+    memory_total_mib: int  # physical memory
+    memory_used_mib: float  # in use by anything (guests, QEMU, the host's own processes)
+    cpu_count: int
+    cpu_busy_ns: int  # time all CPUs spent busy (user and kernel), cumulative
+    cpu_total_ns: int  # time all CPUs spent busy or idle (waiting included), cumulative
+    vms: Mapping[uuid.UUID, VmLoad] = field(default_factory=dict)  # running VMs, by vm_id
+
+    def cpu_load_since(self, earlier: LoadSample) -> float | None:
+        """The fraction of the host's CPUs busy between ``earlier`` and this sample; None
+        when the counters did not move forward (the host restarted, or no time passed)."""
+        total = self.cpu_total_ns - earlier.cpu_total_ns
+        busy = self.cpu_busy_ns - earlier.cpu_busy_ns
+        if total <= 0 or busy < 0:
+            return None
+        return min(1.0, busy / total)
+
+    def vm_cpus_since(self, earlier: LoadSample, vm_id: uuid.UUID) -> float | None:
+        """How many CPUs the VM kept busy between the two samples (e.g. 0.5); None when it
+        is missing from either or its counter went back (it was restarted or moved)."""
+        now, then = self.vms.get(vm_id), earlier.vms.get(vm_id)
+        elapsed_ns = (self.taken_at_s - earlier.taken_at_s) * 1e9
+        if now is None or then is None or elapsed_ns <= 0 or now.cpu_time_ns < then.cpu_time_ns:
+            return None
+        return (now.cpu_time_ns - then.cpu_time_ns) / elapsed_ns
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class PoolSpec:
     # Paths inside the home kept out of the profile on this pool's desktops, besides
     # ~/.cache (bound from the desktop's own disk, thrown away with it).
     profile_exclusions: tuple[str, ...] = ()
+    # The load balancer may move this pool's running desktops live off a host under memory
+    # or CPU pressure (off by default: a move pauses the guest for a moment).
+    balance: bool = False
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""

@@ -56,6 +56,7 @@ from deskpool.domain.models import (
     ConsoleProtocol,
     DomainType,
     HostCapacity,
+    LoadSample,
     MigrationStats,
     VmRecord,
     VmSpec,
@@ -153,6 +154,22 @@ class HypervisorDriver(ABC):
     def probe_kvm_boots(self, kernel: Path) -> bool:
         """Whether ``kernel`` boots under KVM on this host. Drivers without KVM say False."""
         return False
+
+    def load_sample(self) -> LoadSample:
+        """The host's measured load now, for the load balancer: its physical memory and the
+        memory in use, its CPUs' cumulative busy and total time, and each running VM's
+        memory in use (its RSS, else its balloon's size) and cumulative CPU time, keyed by
+        ``vm_id`` (others' VMs under their hypervisor UUID), stamped with the driver's
+        monotonic clock.
+
+        One sample gives memory; CPU loads come from the difference of two samples of the
+        same driver (``LoadSample.cpu_load_since``). Counters only grow while the host
+        runs; a VM that restarted or moved starts its counter again. A VM that ends while
+        the sample is taken is left out. ``DriverError`` when the hypervisor cannot report
+        the host's memory or CPU time ("not supported"): the caller then leaves the host
+        out of balancing. The default says so for every driver that does not sample.
+        """
+        raise DriverError(f"load sampling is not supported by {type(self).__name__}")
 
     # --- storage: volumes in the host's own (local) storage -----------------------------
 

@@ -5,10 +5,12 @@ vanished, VMs whose QEMU died under a desktop (``crashes``), and deskpool VMs th
 not know (left by a crash); (2) plans each pool
 (rollout, maximum age, sizing); (3) runs at most one step per desktop, desktops in parallel:
 finish provisioning, recycle, retire, delete, apply power policy, retry errors after their
-backoff. Each step has its own deadline (a guest agent's readiness, a shutdown's grace); a
-looping reconciler waits at most one interval for a pass's steps, and a step still running
-then goes on in the background while later passes leave its desktop alone, so one desktop
-whose guest never answers holds up no other desktop or pool. Everything it needs to resume is
+backoff; (4) every balance interval, when balancing is on, moves running desktops live off
+hosts under memory or CPU pressure (``balancing``). Each step has its own deadline (a guest
+agent's readiness, a shutdown's grace); a looping reconciler waits at most one interval for
+a pass's steps, and a step still running then goes on in the background while later passes
+leave its desktop alone, so one desktop whose guest never answers holds up no other desktop
+or pool. Everything it needs to resume is
 in the database, so a killed process loses nothing: the next pass continues from the rows.
 Which step a desktop needs is data (``planning.plan_desktop``); how each kind is carried out
 is ``steps.RUNNERS``.
@@ -51,6 +53,7 @@ from deskpool.domain.states import (
 )
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.reconciler import metrics
+from deskpool.reconciler.balancing import Balancing
 from deskpool.reconciler.crashes import (
     CRASH_WATCHED_STATES,
     crashed,
@@ -71,6 +74,7 @@ from deskpool.reconciler.planning import (
 )
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.reconciler.steps import StepRunner
+from deskpool.scheduler.balancer import BalancePolicy
 from deskpool.scheduler.placement import NoValidHost
 from deskpool.services import template_faults
 from deskpool.services.context import ServiceContext
@@ -125,7 +129,7 @@ class Reconciler:
         self, ctx: ServiceContext, *, workers: int = 4, ready_timeout_s: float | None = None,
         provisioning_per_host: int = 2, clock: Callable[[], datetime] | None = None,
         host_down_after: timedelta | None = None, lease: timedelta | None = None,
-        move_on_drain: bool | None = None,
+        move_on_drain: bool | None = None, balance: BalancePolicy | None = None,
     ) -> None:
         settings = ctx.settings
         self.ctx = ctx
@@ -145,6 +149,9 @@ class Reconciler:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = lease or timedelta(seconds=settings.lease_s)
         self.moves = DrainMoves(ctx, self.clock)
+        # Desktops moved off hosts under load, every balance interval (``balance`` overrides
+        # the settings' policy).
+        self.balancing = Balancing(ctx, self.clock, policy=balance)
         self.steps = StepRunner(ctx, self.factory, slot=self._slot,
                                 ready_timeout_s=self.ready_timeout_s)
         # Flatten, sweep and verify roaming profiles now and then, in the background.
@@ -178,6 +185,9 @@ class Reconciler:
                        for step in steps if not self.in_flight(step.desktop_id)]
             futures += [self._submit(d_id, partial(self.moves.move, d_id, report), report)
                         for d_id in to_move if not self.in_flight(d_id)]
+            futures += [self._submit(m.desktop_id, partial(self.balancing.move, m, report),
+                                     report)
+                        for m in self.balancing.plan(reachable, report, self.in_flight)]
             done, running = wait(futures, timeout=wait_s)
             report.steps_running = len(running)
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up

@@ -21,7 +21,7 @@ from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.hosts import drain_notice
-from deskpool.services.migration import MigrationService
+from deskpool.services.migration import MigrationService, move_details
 
 
 def adopt_moved(ctx: ServiceContext, listed: dict[uuid.UUID, dict[uuid.UUID, VmRecord]],
@@ -50,7 +50,8 @@ def adopt_moved(ctx: ServiceContext, listed: dict[uuid.UUID, dict[uuid.UUID, VmR
                 record_event(uow, "desktop-migrated", f"{desktop.name} was found running on "
                              f"host {new_host}, where a live migration from {old_host} had "
                              "moved it: the database says so now", desktop_id=vm_id,
-                             desktop=desktop.name, user=desktop.assigned_user)
+                             desktop=desktop.name, user=desktop.assigned_user,
+                             details=move_details(old, host_id, now))
                 report.count(Outcome.ADOPTED)
             uow.commit()
     return {vm_id for _, vm_id, _ in away}

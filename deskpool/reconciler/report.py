@@ -24,6 +24,7 @@ class Outcome(StrEnum):
     CRASHED = "crashed"  # its VM's QEMU ended without being asked to (marked error)
     RESET = "reset"  # a stateless desktop whose guest stopped from inside (reverted)
     MIGRATED = "migrated"  # moved live to another host (a draining host's)
+    BALANCED = "balanced"  # moved live off a host under memory or CPU pressure
     ADOPTED = "adopted"  # its VM found on another host after an interrupted live migration
     ORPHAN_REMOVED = "orphan removed"  # a deskpool VM without a row: a crash's leftover
 

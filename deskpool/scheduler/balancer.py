@@ -1,6 +1,7 @@
 """The load balancer's planner: which desktops to move off hosts under memory or CPU pressure,
-and where to. Pure like placement (facts in, planned moves out); running the moves (live
-migration) and the reconciler's pass that calls this are not built yet.
+and where to. Pure like placement (facts in, planned moves out); the reconciler's
+balancing pass (``reconciler/balancing.py``) feeds it measured load and runs its moves as live
+migrations.
 
 The policy:
 

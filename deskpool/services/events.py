@@ -25,9 +25,11 @@ class EventView:
 
 def record_event(uow: UnitOfWork, kind: str, message: str, *, severity: str = "info",
                  user: str | None = None, pool: str | None = None,
-                 desktop_id: uuid.UUID | None = None, desktop: str | None = None) -> None:
+                 desktop_id: uuid.UUID | None = None, desktop: str | None = None,
+                 details: str | None = None) -> None:
+    """``details``: facts for code to read back (JSON), besides the sentence for people."""
     uow.events.add(kind, message, severity=severity, user=user, pool=pool,
-                   desktop_id=desktop_id, desktop=desktop)
+                   desktop_id=desktop_id, desktop=desktop, details=details)
 
 
 def recent_events(ctx: ServiceContext, *, limit: int = 200,

@@ -18,14 +18,16 @@ The order is what makes a crash at any point recoverable:
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from deskpool.domain.errors import Conflict, InvalidInput, LostRace
 from deskpool.domain.models import HostState, MigrationStats, moves_live
 from deskpool.domain.states import HELD_STATES, DesktopState
+from deskpool.scheduler.balancer import PastMove
 from deskpool.scheduler.placement import NoValidHost
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import find_desktop
@@ -39,6 +41,38 @@ from deskpool.store.models import utcnow
 MIGRATION_LEASE = timedelta(minutes=20)  # longer than a move's own deadline
 MOVABLE_STATES = frozenset({DesktopState.READY}) | HELD_STATES
 MiB = 2**20
+MIGRATED_EVENT = "desktop-migrated"
+
+
+def move_details(source_id: uuid.UUID, target_id: uuid.UUID, at: datetime) -> str:
+    """What a ``desktop-migrated`` event keeps for the balancer (``past_moves``): the hosts
+    by id (names may change) and when, on the mover's clock."""
+    return json.dumps({"source_id": str(source_id), "target_id": str(target_id),
+                       "at": at.isoformat()})
+
+
+def past_moves(ctx: ServiceContext, since: datetime, *, limit: int = 5000) -> list[PastMove]:
+    """The moves started since ``since``, from the newest ``limit`` move events (events
+    written before they carried their hosts are left out)."""
+    with ctx.uow(read_only=True) as uow:
+        found = [(e.desktop_id, e.details) for e in uow.events.recent(limit,
+                                                                     kind=MIGRATED_EVENT)]
+    return [m for m in _parse_moves(found) if m.at >= since]
+
+
+def _parse_moves(found: Iterable[tuple[uuid.UUID | None, str | None]]) -> list[PastMove]:
+    moves = []
+    for desktop_id, details in found:
+        if desktop_id is None or not details:
+            continue
+        try:
+            facts = json.loads(details)
+            moves.append(PastMove(desktop_id, uuid.UUID(facts["source_id"]),
+                                  uuid.UUID(facts["target_id"]),
+                                  datetime.fromisoformat(facts["at"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a move's facts: nothing to count
+    return moves
 
 
 @dataclass(frozen=True)
@@ -90,12 +124,13 @@ class MigrationService:
                 if not uow.desktops.move_to_host(plan.desktop_id, plan.source_id,
                                                  plan.target_id):
                     raise Conflict(f"desktop {plan.name} changed while it moved")
-                record_event(uow, "desktop-migrated",
+                record_event(uow, MIGRATED_EVENT,
                              f"{plan.name} moved live from host {plan.source} to "
                              f"{plan.target} ({reason}): {stats.memory_bytes / MiB:.0f} MiB "
                              f"of memory, {stats.disk_bytes / MiB:.1f} MiB of disk in "
                              f"{stats.seconds:.1f} s", user=plan.user, pool=plan.pool,
-                             desktop_id=plan.desktop_id, desktop=plan.name)
+                             desktop_id=plan.desktop_id, desktop=plan.name,
+                             details=move_details(plan.source_id, plan.target_id, now))
                 uow.commit()
         finally:
             with self.ctx.uow() as uow:

@@ -46,6 +46,7 @@ class PoolView:
     roaming_profiles: bool = False
     second_session: str = "merge"  # a SecondSession value
     profile_exclusions: tuple[str, ...] = ()
+    balance: bool = False  # the load balancer may move its desktops
     # Its template version's disk cannot be used (see ``template_faults``): why, since when,
     # tries failed, next try.
     fault: str | None = None
@@ -72,6 +73,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         roaming_profiles=pool.roaming_profiles,
         second_session=SecondSession(pool.second_session),
         profile_exclusions=exclusion_list(pool.profile_exclusions),
+        balance=pool.balance,
     )
 
 
@@ -95,6 +97,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         fault=pool.fault, fault_since=pool.fault_since,
         fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
+        balance=pool.balance,
     )
 
 
@@ -138,6 +141,7 @@ class PoolService:
                 roaming_profiles=spec.roaming_profiles, second_session=spec.second_session,
                 profile_exclusions="\n".join(spec.profile_exclusions),
                 current_version_id=version.id, placement=spec.placement,
+                balance=spec.balance,
             )
             uow.pools.add(pool)
             for pinned_host in pinned:

@@ -66,6 +66,7 @@ from deskpool.drivers.base import (
 )
 from deskpool.drivers.fake.faults import FaultInjectionMixin, api
 from deskpool.drivers.fake.guest import FakeGuest
+from deskpool.drivers.fake.load import FakeLoadMixin
 from deskpool.drivers.fake.migration import FakeMigrationMixin
 from deskpool.drivers.fake.saved_state import ACTIVE_STATES, FakeSavedStateMixin
 from deskpool.drivers.fake.state import (
@@ -86,7 +87,8 @@ _FIRST_RDP_PORT = 33900  # the RDP ports forwarded to the guests
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
-class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, HypervisorDriver):
+class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, FakeLoadMixin,
+                 HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
     def __init__(
@@ -529,6 +531,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, H
                    reason: StopReason = StopReason.OTHER) -> None:
         vm.power, vm.vnc_port, vm.guest, vm.shutdown_in = state, None, None, None
         vm.stop_reason = reason
+        vm.cpu_time_ns = 0  # counted again by its next QEMU process
         vm.disks.clear()  # hot-plugged disks live as long as the VM's process
         vm.console_passwords.clear()  # a display's password lives as long as its QEMU
         vm.saved = None

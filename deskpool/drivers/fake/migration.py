@@ -68,6 +68,7 @@ class FakeMigrationMixin:
                 progress(memory + overlay.allocation, memory + overlay.allocation)
             vm.spec = replace(vm.spec, base_volume=base_volume)
             vm.vnc_port = target._next_vnc_port()
+            vm.cpu_time_ns = 0  # a new QEMU process on the target counts afresh
             del self._vms[vm_id]
             target._vms[vm_id] = vm
             for name in owned_volume_names(vm_id):

@@ -26,6 +26,7 @@ from deskpool.domain.models import (
     ConsoleAddress,
     ConsoleProtocol,
     HostCapacity,
+    LoadSample,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -166,6 +167,10 @@ class RemoteFakeDriver(HypervisorDriver):
 
     def probe_kvm_boots(self, kernel: Path) -> bool:
         return bool(self._fake.probe_kvm_boots(kernel))
+
+    def load_sample(self) -> LoadSample:
+        result: LoadSample = self._fake.load_sample()
+        return result
 
 
 def main() -> None:

@@ -67,6 +67,11 @@ class FakeVm:
     disks: dict[str, str] = field(default_factory=dict)  # hot-plugged: serial -> file, live only
     holds_disks: bool = False  # a guest that ignores unplug requests (test control)
     stop_reason: StopReason = StopReason.OTHER  # why it last stopped (reported while off)
+    # Its measured load (``load.py``): memory in use (None: its spec's), CPUs busy, and the
+    # CPU time it used since its QEMU started.
+    load_memory_mib: float | None = None
+    load_cpus_busy: float = 0.0
+    cpu_time_ns: int = 0
 
     def record(self) -> VmRecord:
         metadata = self.spec.metadata if self.spec is not None else None

@@ -57,6 +57,7 @@ from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.imports import VolumeImportsMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
 from deskpool.drivers.libvirt.kvm_probe import kvm_boots_kernel
+from deskpool.drivers.libvirt.load import LoadSampleMixin
 from deskpool.drivers.libvirt.migration import MigrationMixin
 from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.power import power_of
@@ -110,7 +111,7 @@ def _code(exc: libvirt.libvirtError) -> int:
 
 
 class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImportsMixin,
-                    MigrationMixin, ConnectionMixin,
+                    MigrationMixin, LoadSampleMixin, ConnectionMixin,
                     HypervisorDriver):
     """One connection per host, opened again by the first call after it died (the host's
     libvirtd was restarted; see ``connection.py``)."""
