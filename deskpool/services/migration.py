@@ -35,10 +35,14 @@ from deskpool.services.events import record_event
 from deskpool.services.factory import FACTORY_SNAPSHOT, copy_version_to_host
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.placement import Placer
+from deskpool.services.renewal import renewed_while_running
 from deskpool.store.leases import Leased
 from deskpool.store.models import utcnow
 
-MIGRATION_LEASE = timedelta(minutes=20)  # longer than a move's own deadline
+# Held while the move runs, renewed every third of it: a broker that dies mid-move lets go
+# within two minutes (then the reconciler adopts or keeps the VM where it runs), however long
+# the template's copy and the move itself take.
+MIGRATION_LEASE = timedelta(minutes=2)
 MOVABLE_STATES = frozenset({DesktopState.READY}) | HELD_STATES
 MiB = 2**20
 MIGRATED_EVENT = "desktop-migrated"
@@ -98,9 +102,11 @@ class _Plan:
 
 class MigrationService:
     def __init__(self, ctx: ServiceContext,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, *,
+                 lease: timedelta = MIGRATION_LEASE) -> None:
         self.ctx = ctx
         self.clock = clock
+        self.lease = lease
 
     def migrate(self, desktop: str, *, target: str | None = None, reason: str,
                 timeout_s: float = 600.0,
@@ -114,12 +120,21 @@ class MigrationService:
         with self.ctx.uow() as uow:
             now = self.clock()
             if not uow.leases.take(Leased.DESKTOP, plan.desktop_id, owner,
-                                   now + MIGRATION_LEASE, now):
+                                   now + self.lease, now):
                 raise LostRace(f"desktop {plan.name} is busy (a broker is working on it); "
                                "try again in a moment")
             uow.commit()
+        def renew() -> bool:
+            with self.ctx.uow() as uow:
+                kept = uow.leases.renew(Leased.DESKTOP, plan.desktop_id, owner,
+                                        self.clock() + self.lease)
+                uow.commit()
+            return kept
+
         try:
-            stats = self._move(plan, timeout_s, progress)
+            with renewed_while_running(renew, self.lease.total_seconds() / 3,
+                                       f"move lease on desktop {plan.name}"):
+                stats = self._move(plan, timeout_s, progress)
             with self.ctx.uow() as uow:
                 if not uow.desktops.move_to_host(plan.desktop_id, plan.source_id,
                                                  plan.target_id):

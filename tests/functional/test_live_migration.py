@@ -6,6 +6,7 @@ orphan; and what cannot move is refused before anything changes."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -13,13 +14,14 @@ import pytest
 
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import Conflict, DriverError, InvalidInput
+from deskpool.domain.errors import Conflict, DriverError, InvalidInput, LostRace
 from deskpool.drivers.agent import GuestAgent
 from deskpool.reconciler.report import Outcome
 from deskpool.services.factory import copy_version_to_host
 from deskpool.services.hosts import HostService
 from deskpool.services.migration import MigrationService
 from deskpool.store.leases import Leased
+from deskpool.store.models import utcnow
 from tests.functional import test_host_grid as grid_world
 from tests.functional.test_host_grid import Grid, person
 
@@ -182,3 +184,25 @@ def test_a_desktop_another_broker_works_on_is_moved_later_not_warned(grid: Grid)
     grid.clock.now += timedelta(minutes=6)
     assert reconciler.run_pass().counts[Outcome.MIGRATED] == 1
     assert grid.rows()["lab-01"].host == "b"
+
+
+def test_a_move_longer_than_its_lease_keeps_the_desktop_leased_to_the_end(grid: Grid) -> None:
+    """The lease is renewed while the move runs: another broker cannot take the desktop
+    half-way, however long the move takes; it is given back at the end."""
+    alice_on_a(grid)
+    seen: list[bool] = []
+
+    def slow(done: int, total: int) -> None:
+        time.sleep(1.0)  # over three lease times of 0.3 s
+        try:
+            MigrationService(grid.ctx).migrate("lab-01", target="b", reason="a rival")
+        except LostRace:
+            seen.append(True)
+
+    moves = MigrationService(grid.ctx, lease=timedelta(seconds=0.3))
+    assert moves.migrate("lab-01", target="b", reason="test", progress=slow).target == "b"
+    assert seen == [True]
+    with grid.ctx.uow() as uow:  # given back: anyone may take it now
+        now = utcnow()
+        assert uow.leases.take(Leased.DESKTOP, grid.rows()["lab-01"].id, "probe",
+                               now + timedelta(minutes=1), now)
