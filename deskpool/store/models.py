@@ -282,6 +282,8 @@ class Pool(Base):
     second_session: Mapped[str] = mapped_column(String(16), default="merge")
     # Paths inside the home kept out of users' profiles, one per line.
     profile_exclusions: Mapped[str] = mapped_column(Text, default="")
+    # Its offline policy (``domain.offline.OfflinePolicy`` as JSON); None: no offline use.
+    offline_policy: Mapped[str | None] = mapped_column(Text)
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")
