@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from deskpool.api.schemas_offline import OfflinePolicyBody, OfflinePolicyChange
 from deskpool.domain.models import (
     CloneMode,
     Customization,
@@ -260,6 +261,7 @@ class PoolCreate(BaseModel):
     profile_exclusions: list[ExclusionPath] = Field(default_factory=list, max_length=32)
     placement: Placement = "spread"
     hosts: list[HostName] = Field(default_factory=list, max_length=100)
+    offline: OfflinePolicyBody = Field(default_factory=OfflinePolicyBody)
 
 
 # Settings that may be cleared (null: never) rather than left as they are.
@@ -296,6 +298,7 @@ class PoolUpdate(BaseModel):
                                                                         max_length=32)
     placement: Placement | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
+    offline: OfflinePolicyChange | SkipJsonSchema[None] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -358,6 +361,7 @@ class PoolAdminView(BaseModel):
     fault_since: datetime | None = None
     fault_failures: int = 0
     fault_retry_at: datetime | None = None
+    offline: OfflinePolicyBody = Field(default_factory=OfflinePolicyBody)
 
 
 class AuditEntry(BaseModel):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.naming import validate_pattern
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.profiles import ALWAYS_EXCLUDED, exclusions
 
@@ -81,6 +82,8 @@ class PoolSpec:
     # Paths inside the home kept out of the profile on this pool's desktops, besides
     # ~/.cache (bound from the desktop's own disk, thrown away with it).
     profile_exclusions: tuple[str, ...] = ()
+    # Whether and how its desktops may be checked out to a laptop (issue 15); default: never.
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -130,6 +133,12 @@ class PoolSpec:
             raise InvalidInput(f"pool {self.name!r}: placement {self.placement!r} is not "
                                "spread or pack")
         validate_pattern(self.naming_pattern)
+        if self.offline.may_go_offline and (self.kind is not PoolKind.STATEFUL
+                                            or self.assignment is not Assignment.DEDICATED):
+            # A laptop's work comes back into the user's own desktop: a desktop that resets
+            # or changes hands would lose it.
+            raise InvalidInput(f"pool {self.name!r}: only a stateful, dedicated pool may let "
+                               "its desktops go offline")
         if len(self.profile_exclusions) > MAX_EXCLUSIONS:
             raise InvalidInput(f"pool {self.name!r}: at most {MAX_EXCLUSIONS} profile "
                                "exclusions")
