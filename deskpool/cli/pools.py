@@ -13,6 +13,7 @@ from rich.table import Table
 
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import err, out, services
+from deskpool.cli.offline import OfflineOption, policy_fields, policy_of
 from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
@@ -33,7 +34,10 @@ def _describe(pool: PoolView) -> str:
             + (f"; roaming profiles, a second session: {pool.second_session}"
                + (f", kept out: {', '.join(pool.profile_exclusions)}"
                   if pool.profile_exclusions else "")
-               if pool.roaming_profiles else "") + _fault(pool))
+               if pool.roaming_profiles else "")
+            + (f"; offline up to {pool.offline.max_days_offline} days, syncing every "
+               f"{pool.offline.sync_every_days}" if pool.offline.may_go_offline else "")
+            + _fault(pool))
 
 
 def _fault(pool: PoolView) -> str:
@@ -93,6 +97,7 @@ def pool_create(
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="a path inside the home kept out of profiles (repeat it); ~/.cache always "
              "is")] = None,
+    offline: OfflineOption = None,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
@@ -101,7 +106,8 @@ def pool_create(
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,
-                    profile_exclusions=tuple(profile_exclude or ()))
+                    profile_exclusions=tuple(profile_exclude or ()),
+                    offline=policy_of(offline or ""))
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -173,6 +179,7 @@ def pool_update(
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
     any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
+    offline: OfflineOption = None,
 ) -> None:
     """Change a pool's settings; the ones not given stay (audited, old and new values)."""
     given: dict[str, object | None] = {
@@ -191,6 +198,8 @@ def pool_update(
                        ("disconnect_timeout_s", disconnect_timeout)):
         if value is not None:
             changes[key] = value or None
+    if offline is not None:
+        changes["offline"] = policy_fields(offline)
     if host or any_host:
         changes["hosts"] = [] if any_host else list(host or [])
     if not changes:
