@@ -277,7 +277,10 @@ def test_the_reconciler_and_admins_leave_a_checked_out_desktop_alone(
     mine = desktop_of(world, "alice")
     world.client("root").patch(f"{API}/admin/pools/home",
                                json={"power_policy": "running", "max_age_s": 1})
-    world.fill(passes=4)
+    world.fill(passes=2)
+    drained = world.client("root").post(f"{API}/admin/hosts/h1/drain", json={})
+    assert drained.status_code == 200, drained.text
+    world.fill(passes=2)
     after = desktop_of(world, "alice")
     assert (after.state, after.assigned_user) == ("checked_out", "alice")
     assert world.fake.get_vm(mine.id).power_state.value == "shutoff"  # not powered on
@@ -395,6 +398,24 @@ def test_sync_applies_blocks_keeps_the_lock_and_renews_the_lease(
     listed = world.client("root").get(f"{API}/admin/offline/checkouts").json()
     assert [(c["desktop"], c["bytes_pending"]) for c in listed] == [(laptop.desktop, 4096)]
     assert listed[0]["last_sync_at"] is not None
+    # Renewals never stretch a check-out past its maximum days offline (10 here).
+    with world.ctx.uow() as uow:
+        (row,) = uow.offline_checkouts.active()
+        row.checked_out_at -= timedelta(days=9, hours=23)
+        uow.commit()
+    capped = world.client("alice").post(f"{API}/offline/desktops/{laptop.desktop}/sync",
+                                        json={"laptop": LAPTOP}).json()
+    left = (datetime.fromisoformat(capped["checkout"]["lease_expires_at"])
+            - datetime.now(UTC))
+    assert timedelta(minutes=50) < left <= timedelta(hours=1)
+    with world.ctx.uow() as uow:
+        (row,) = uow.offline_checkouts.active()
+        row.checked_out_at -= timedelta(hours=2)
+        uow.commit()
+    over = world.client("alice").post(f"{API}/offline/desktops/{laptop.desktop}/sync",
+                                      json={"laptop": LAPTOP})
+    assert over.status_code == 409
+    assert "offline for the maximum of 10 days; check it in" in over.json()["detail"]
     wrong_laptop = world.client("alice").post(
         f"{API}/offline/desktops/{laptop.desktop}/sync", json={"laptop": "other"})
     assert wrong_laptop.status_code == 403
