@@ -278,7 +278,10 @@ class OfflineService:
         A plan other than the one in flight replaces it; the server's layer is untouched."""
         if kind not in TRANSFER_KINDS:
             raise InvalidInput(f"transfer kind {kind!r} is not checkin or sync")
-        delta = LayerDelta.decode(plan)
+        try:
+            delta = LayerDelta.decode(plan)
+        except ValueError as exc:  # e.g. a checksum field that is not hex
+            raise InvalidInput(f"the check-in plan is malformed: {exc}") from None
         with self.ctx.uow(read_only=True) as uow:
             checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
             if kind == "sync" and checkout.revoked_at is not None:

@@ -97,8 +97,9 @@ class PoolAdmin:
             changes = dict(changes)
             if isinstance(changes.get("offline"), Mapping):
                 # The fields given change, the rest of the pool's policy stays.
+                given = {k: v for k, v in changes["offline"].items() if v is not None}
                 changes["offline"] = OfflinePolicy.from_dict(
-                    {**pool_spec(pool).offline.to_dict(), **changes["offline"]})
+                    {**pool_spec(pool).offline.to_dict(), **given})
             spec = replace(pool_spec(pool), **{k: _coerce(k, v) for k, v in changes.items()
                                               if k != "hosts"}).validate()
             wanted = {k for k in ONLY_WHEN_EMPTY if k in changes
