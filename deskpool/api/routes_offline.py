@@ -32,6 +32,7 @@ from deskpool.services.offline import CheckoutView, LeaseGrant, OfflineService, 
 router = APIRouter(prefix="/api/v1", tags=["offline"], responses=errors(401, 413, 422))
 DesktopName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
 Laptop = Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+# Raw bytes; empty is a valid chunk (a run of zeros carries none).
 Raw = Annotated[bytes, Body(media_type="application/octet-stream")]
 USER_REFUSALS = errors(400, 403, 404, 409)
 
@@ -100,8 +101,8 @@ def renew(desktop: DesktopName, body: SyncRequest, user: CurrentUser,
 
 @router.post("/offline/desktops/{desktop}/transfer", response_model=TransferOut,
              responses=USER_REFUSALS)
-def begin_transfer(desktop: DesktopName, laptop: Laptop, plan: Raw, user: CurrentUser,
-                   svc: ServicesDep,
+def begin_transfer(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
+                   svc: ServicesDep, plan: Raw = b"",
                    kind: Annotated[Literal["checkin", "sync"], Query()] = "checkin",
                    ) -> TransferOut:
     """Start or resume a check-in (or sync) of this plan; answers the chunks still missing."""
@@ -112,7 +113,8 @@ def begin_transfer(desktop: DesktopName, laptop: Laptop, plan: Raw, user: Curren
 @router.put("/offline/desktops/{desktop}/transfer/chunks/{index}", response_model=TransferOut,
             responses=USER_REFUSALS | errors(503))
 def put_chunk(desktop: DesktopName, index: Annotated[int, Path(ge=0, le=10_000_000)],
-              laptop: Laptop, data: Raw, user: CurrentUser, svc: ServicesDep) -> TransferOut:
+              laptop: Laptop, user: CurrentUser, svc: ServicesDep,
+              data: Raw = b"") -> TransferOut:
     """One chunk's bytes; a damaged one is refused (503: send it again), nothing written."""
     return _transfer(OfflineService(svc.ctx).put_chunk(user.name, desktop, laptop, index,
                                                        data))

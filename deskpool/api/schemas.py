@@ -18,7 +18,6 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from deskpool.api.schemas_offline import OfflinePolicyBody, OfflinePolicyChange
 from deskpool.domain.models import (
     CloneMode,
     Customization,
@@ -27,6 +26,7 @@ from deskpool.domain.models import (
     PoolStatus,
     PowerState,
 )
+from deskpool.domain.offline import MAX_DAYS_OFFLINE_LIMIT
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
@@ -165,6 +165,38 @@ NUMBER = BeforeValidator(_json_number)
 Flag = Annotated[bool, BeforeValidator(_json_flag)]
 Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400), NUMBER]  # int32 and datetimes
 Size = Annotated[int, Field(ge=0, le=100_000), NUMBER]
+Days = Annotated[int, Field(ge=1, le=MAX_DAYS_OFFLINE_LIMIT), NUMBER]
+
+
+class OfflinePolicyBody(BaseModel):
+    """A pool's offline policy (``domain.offline.OfflinePolicy``); every field is enforced
+    on the laptop. ``sync_every_days`` is at most ``max_days_offline``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    may_go_offline: Flag = False
+    max_days_offline: Days = 14
+    sync_every_days: Days = 7
+    may_roll_back: Flag = False
+    usb_passthrough: Flag = False
+    printing: Flag = False
+    offline_sso: Flag = False
+
+
+class OfflinePolicyChange(BaseModel):
+    """The offline policy fields to change; the ones left out stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    may_go_offline: Flag | None = None
+    max_days_offline: Days | None = None
+    sync_every_days: Days | None = None
+    may_roll_back: Flag | None = None
+    usb_passthrough: Flag | None = None
+    printing: Flag | None = None
+    offline_sso: Flag | None = None
+
+
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
 # The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;

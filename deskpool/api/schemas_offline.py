@@ -8,41 +8,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deskpool.domain.offline import MAX_DAYS_OFFLINE_LIMIT
+from deskpool.api.schemas import NUMBER, OfflinePolicyBody
 from deskpool.domain.states import DesktopState
 
-Days = Annotated[int, Field(ge=1, le=MAX_DAYS_OFFLINE_LIMIT, strict=True)]
 LaptopName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
                                   description="the laptop's name, as it checked out")]
-
-
-class OfflinePolicyBody(BaseModel):
-    """A pool's offline policy (``domain.offline.OfflinePolicy``); every field is enforced
-    on the laptop. ``sync_every_days`` is at most ``max_days_offline``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    may_go_offline: bool = Field(default=False, strict=True)
-    max_days_offline: Days = 14
-    sync_every_days: Days = 7
-    may_roll_back: bool = Field(default=False, strict=True)
-    usb_passthrough: bool = Field(default=False, strict=True)
-    printing: bool = Field(default=False, strict=True)
-    offline_sso: bool = Field(default=False, strict=True)
-
-
-class OfflinePolicyChange(BaseModel):
-    """The offline policy fields to change; the ones left out stay."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    may_go_offline: bool | None = Field(default=None, strict=True)
-    max_days_offline: Days | None = None
-    sync_every_days: Days | None = None
-    may_roll_back: bool | None = Field(default=None, strict=True)
-    usb_passthrough: bool | None = Field(default=None, strict=True)
-    printing: bool | None = Field(default=None, strict=True)
-    offline_sso: bool | None = Field(default=None, strict=True)
 
 
 class CheckoutOut(BaseModel):
@@ -79,7 +49,7 @@ class SyncRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     laptop: LaptopName
-    bytes_pending: Annotated[int, Field(ge=0, le=2**62, strict=True)] | None = None
+    bytes_pending: Annotated[int, Field(ge=0, le=2**62), NUMBER] | None = None
 
 
 class LeaseOut(BaseModel):
