@@ -27,7 +27,8 @@ from deskpool.api.schemas_offline import (
     TransferDone,
     TransferOut,
 )
-from deskpool.services.offline import CheckoutView, LeaseGrant, OfflineService, TransferView
+from deskpool.services.offline import OfflineService
+from deskpool.services.offline_views import CheckoutView, LeaseGrant, TransferView
 
 router = APIRouter(prefix="/api/v1", tags=["offline"], responses=errors(401, 413, 422))
 DesktopName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]

@@ -57,7 +57,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.factory import DesktopFactory
-from deskpool.services.offline import checked_out_refusal
+from deskpool.services.offline_views import checked_out_refusal
 from deskpool.services.pools import exclusion_list, insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import DatabaseUnavailable, UnitOfWork

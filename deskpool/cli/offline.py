@@ -13,7 +13,8 @@ from deskpool.cli.common import out, services
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.offline import OfflinePolicy
 from deskpool.services.audit import Actor
-from deskpool.services.offline import CheckoutView, OfflineService
+from deskpool.services.offline import OfflineService
+from deskpool.services.offline_views import CheckoutView
 
 offline_app = typer.Typer(help="Offline desktops: who has what checked out; revoke, force "
                           "back in, roll back.", no_args_is_help=True)

@@ -22,7 +22,7 @@ import base64
 import re
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -47,6 +47,13 @@ from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.offline_secrets import OfflineSecrets, load_offline_secrets, secrets_dir
+from deskpool.services.offline_views import (
+    CheckoutView,
+    LeaseGrant,
+    OfflineDesktopView,
+    TransferView,
+    checkout_view,
+)
 from deskpool.services.pools import offline_policy
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, utcnow
@@ -67,72 +74,6 @@ _staged: dict[uuid.UUID, tuple[str, StagedCheckin]] = {}
 def _desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(desktop_id, threading.Lock())
-
-
-@dataclass(frozen=True)
-class CheckoutView:
-    id: uuid.UUID
-    desktop: str
-    pool: str
-    user: str
-    laptop: str
-    status: str  # out, checked-in, rolled-back, forced-in
-    since: datetime
-    lease_expires_at: datetime
-    last_sync_at: datetime | None
-    revoked: bool
-    bytes_pending: int
-    transfer: str | None  # a check-in or sync in flight
-    ended_at: datetime | None
-
-
-@dataclass(frozen=True)
-class OfflineDesktopView:
-    desktop: str
-    pool: str
-    state: str
-    policy: OfflinePolicy
-    checkout: CheckoutView | None
-
-
-@dataclass(frozen=True)
-class LeaseGrant:
-    """What the laptop gets at check-out and at each renewal. ``data_key`` (base64) only at
-    check-out: the laptop wraps it under the user's password and the server never sees it in
-    clear again."""
-
-    checkout: CheckoutView
-    lease: str  # ``SignedLease.to_json``
-    public_key_pem: str
-    base_sha256: str
-    layer_sha256: str
-    data_key: str | None = None
-
-
-@dataclass(frozen=True)
-class TransferView:
-    desktop: str
-    kind: str
-    chunks: int
-    missing: list[int]
-    bytes_pending: int
-
-
-def checkout_view(c: OfflineCheckout) -> CheckoutView:
-    return CheckoutView(id=c.id, desktop=c.desktop_name, pool=c.pool_name, user=c.user_name,
-                        laptop=c.laptop_id, status=c.status, since=c.checked_out_at,
-                        lease_expires_at=c.lease_expires_at, last_sync_at=c.last_sync_at,
-                        revoked=c.revoked_at is not None, bytes_pending=c.bytes_pending,
-                        transfer=c.transfer_kind, ended_at=c.ended_at)
-
-
-def checked_out_refusal(uow: UnitOfWork, desktop_id: uuid.UUID, name: str) -> str:
-    """What an online connect to a checked-out desktop answers."""
-    c = uow.offline_checkouts.active_for(desktop_id)
-    if c is None:  # between the state write and the row, never seen committed
-        return f"desktop {name} is checked out to a laptop"
-    return (f"desktop {name} is checked out to {c.laptop_id} until "
-            f"{human_date(c.lease_expires_at)}; check it in from that laptop to use it online")
 
 
 def _binding(c: OfflineCheckout) -> KeyBinding:

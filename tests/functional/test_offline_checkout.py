@@ -390,6 +390,13 @@ def test_sync_applies_blocks_keeps_the_lock_and_renews_the_lease(
     assert synced.json()["lease"]["lease"] != grant["lease"]
     assert file_sha256(server_layer(world)) == file_sha256(laptop.layer)
     assert desktop_of(world, "alice").state == "checked_out"
+    # A plan made against the copy from before that sync no longer applies: refused, kept.
+    after_sync = file_sha256(server_layer(world))
+    laptop.write(3 << 20, 0x22)
+    stale = laptop.begin(laptop.plan())
+    assert stale.status_code == 409
+    assert "not the one the check-in was made against" in stale.json()["detail"]
+    assert file_sha256(server_layer(world)) == after_sync
     renewed = world.client("alice").post(
         f"{API}/offline/desktops/{laptop.desktop}/sync",
         json={"laptop": LAPTOP, "bytes_pending": 4096})
