@@ -2,7 +2,7 @@
 the check-outs of desktops to laptops, one active per desktop (a partial unique index).
 
 Revision ID: 0024
-Revises: 0022 (re-chained after 0023 at merge)
+Revises: 0023
 Create Date: 2026-12-07
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0024"
-down_revision: str | None = "0022"
+down_revision: str | None = "0023"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
