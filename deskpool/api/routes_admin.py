@@ -39,6 +39,7 @@ from deskpool.api.schemas import (
 from deskpool.broker.user_admin import UserAdmin
 from deskpool.domain.errors import InvalidInput, NotFound
 from deskpool.domain.models import Customization
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.states import DesktopState
 from deskpool.images.builder import load_cached_image
@@ -143,7 +144,8 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
         session_start_timeout_s=body.session_start_timeout_s,
         roaming_profiles=body.roaming_profiles, second_session=body.second_session,
-        profile_exclusions=tuple(body.profile_exclusions), balance=body.balance)
+        profile_exclusions=tuple(body.profile_exclusions), balance=body.balance,
+        offline=OfflinePolicy(**body.offline.model_dump()))
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 
 

@@ -26,6 +26,7 @@ from deskpool.domain.models import (
     PoolStatus,
     PowerState,
 )
+from deskpool.domain.offline import MAX_DAYS_OFFLINE_LIMIT
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
@@ -164,6 +165,38 @@ NUMBER = BeforeValidator(_json_number)
 Flag = Annotated[bool, BeforeValidator(_json_flag)]
 Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400), NUMBER]  # int32 and datetimes
 Size = Annotated[int, Field(ge=0, le=100_000), NUMBER]
+Days = Annotated[int, Field(ge=1, le=MAX_DAYS_OFFLINE_LIMIT), NUMBER]
+
+
+class OfflinePolicyBody(BaseModel):
+    """A pool's offline policy (``domain.offline.OfflinePolicy``); every field is enforced
+    on the laptop. ``sync_every_days`` is at most ``max_days_offline``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    may_go_offline: Flag = False
+    max_days_offline: Days = 14
+    sync_every_days: Days = 7
+    may_roll_back: Flag = False
+    usb_passthrough: Flag = False
+    printing: Flag = False
+    offline_sso: Flag = False
+
+
+class OfflinePolicyChange(BaseModel):
+    """The offline policy fields to change; the ones left out stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    may_go_offline: Flag | None = None
+    max_days_offline: Days | None = None
+    sync_every_days: Days | None = None
+    may_roll_back: Flag | None = None
+    usb_passthrough: Flag | None = None
+    printing: Flag | None = None
+    offline_sso: Flag | None = None
+
+
 PrincipalKind = Literal["user", "group"]
 Placement = Literal["spread", "pack"]
 # The alphabets the services check (hosts, pools: services.hosts; templates: hostnames;
@@ -262,6 +295,7 @@ class PoolCreate(BaseModel):
     balance: Flag = Field(default=False, description="the load balancer may move its "
                           "running desktops live off a host under memory or CPU pressure")
     hosts: list[HostName] = Field(default_factory=list, max_length=100)
+    offline: OfflinePolicyBody = Field(default_factory=OfflinePolicyBody)
 
 
 # Settings that may be cleared (null: never) rather than left as they are.
@@ -299,6 +333,7 @@ class PoolUpdate(BaseModel):
     placement: Placement | SkipJsonSchema[None] = None
     balance: Flag | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
+    offline: OfflinePolicyChange | SkipJsonSchema[None] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -362,6 +397,7 @@ class PoolAdminView(BaseModel):
     fault_since: datetime | None = None
     fault_failures: int = 0
     fault_retry_at: datetime | None = None
+    offline: OfflinePolicyBody = Field(default_factory=OfflinePolicyBody)
 
 
 class AuditEntry(BaseModel):

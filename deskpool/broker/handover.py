@@ -48,6 +48,7 @@ from deskpool.domain.errors import (
     Unavailable,
 )
 from deskpool.domain.models import HostState, PoolStatus, PowerState
+from deskpool.domain.offline import CheckedOut
 from deskpool.domain.profile_merge import ProfilePolicy, SecondSession, refusal
 from deskpool.domain.profiles import ALWAYS_EXCLUDED
 from deskpool.domain.states import HELD_STATES, PREPARING_STATES, DesktopState
@@ -56,6 +57,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.factory import DesktopFactory
+from deskpool.services.offline_views import checked_out_refusal
 from deskpool.services.pools import exclusion_list, insert_pool_desktop
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import DatabaseUnavailable, UnitOfWork
@@ -229,6 +231,8 @@ class Broker:
                         user_name=identity.name, pool_name=look.pool,
                         desktop_id=claim.desktop_id, desktop_name=claim.desktop))
                 return claim
+            except CheckedOut:
+                raise  # a refusal to give the user, not a race to retry
             except Conflict:
                 # Another broker won the desktop (LostRace), or this user's other request did
                 # (the held-desktop index), or the database broke a deadlock between two
@@ -248,6 +252,8 @@ class Broker:
                             "administrator for access")
         mine = uow.desktops.of_user_in_pool(pool.pool_id, identity.name)
         for d in mine:
+            if d.state is S.CHECKED_OUT:  # offline on a laptop: its work is there, not here
+                raise CheckedOut(checked_out_refusal(uow, d.id, d.name))
             if d.state is S.ERROR:
                 raise Unavailable(
                     f"your desktop {d.name} failed and is being repaired, with your files "

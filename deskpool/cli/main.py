@@ -30,6 +30,7 @@ from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
 from deskpool.cli.hosts import host_app
 from deskpool.cli.layers import layer_app
+from deskpool.cli.offline import offline_app
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.cli.profiles import profile_app
 from deskpool.cli.tokens import token_app
@@ -63,6 +64,7 @@ pool_app.command("grant")(grant_command)
 app.add_typer(group_app, name="group")
 app.add_typer(token_app, name="token")
 app.add_typer(profile_app, name="profile")
+app.add_typer(offline_app, name="offline")
 app.command("audit")(audit_command)
 user_app.command("disable")(user_disable)
 user_app.command("enable")(user_enable)

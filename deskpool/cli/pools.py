@@ -13,6 +13,7 @@ from rich.table import Table
 
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import err, out, services
+from deskpool.cli.offline import OfflineOption, policy_fields, policy_of
 from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
@@ -34,7 +35,10 @@ def _describe(pool: PoolView) -> str:
                + (f", kept out: {', '.join(pool.profile_exclusions)}"
                   if pool.profile_exclusions else "")
                if pool.roaming_profiles else "")
-            + ("; load-balanced" if pool.balance else "") + _fault(pool))
+            + ("; load-balanced" if pool.balance else "")
+            + (f"; offline up to {pool.offline.max_days_offline} days, syncing every "
+               f"{pool.offline.sync_every_days}" if pool.offline.may_go_offline else "")
+            + _fault(pool))
 
 
 def _fault(pool: PoolView) -> str:
@@ -97,6 +101,7 @@ def pool_create(
     balance: Annotated[bool, typer.Option(
         help="the load balancer may move its running desktops live off a host under "
              "memory or CPU pressure (balance_enabled must be on too)")] = False,
+    offline: OfflineOption = None,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
@@ -105,7 +110,8 @@ def pool_create(
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,
-                    profile_exclusions=tuple(profile_exclude or ()), balance=balance)
+                    profile_exclusions=tuple(profile_exclude or ()), balance=balance,
+                    offline=policy_of(offline or ""))
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
 
@@ -180,6 +186,7 @@ def pool_update(
     host: Annotated[list[str] | None, typer.Option(
         help="pin to these hosts (repeatable); --any-host unpins")] = None,
     any_host: Annotated[bool, typer.Option(help="unpin: any host")] = False,
+    offline: OfflineOption = None,
 ) -> None:
     """Change a pool's settings; the ones not given stay (audited, old and new values)."""
     given: dict[str, object | None] = {
@@ -198,6 +205,8 @@ def pool_update(
                        ("disconnect_timeout_s", disconnect_timeout)):
         if value is not None:
             changes[key] = value or None
+    if offline is not None:
+        changes["offline"] = policy_fields(offline)
     if host or any_host:
         changes["hosts"] = [] if any_host else list(host or [])
     if not changes:

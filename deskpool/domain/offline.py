@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from deskpool.domain.errors import AuthenticationFailed, InvalidInput
+from deskpool.domain.errors import AuthenticationFailed, Conflict, InvalidInput
 
 MAX_DAYS_OFFLINE_LIMIT = 365
 LEASE_FORMAT = 1  # bumped when the canonical form changes; a laptop refuses what it cannot read
@@ -80,6 +80,10 @@ class OfflinePolicy:
         if missing:
             raise InvalidInput(f"offline policy is missing field(s): {', '.join(missing)}")
         return cls(**data)
+
+
+class CheckedOut(Conflict):
+    """The desktop is offline on a laptop: online use waits for its check-in."""
 
 
 class LeaseRefused(AuthenticationFailed):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.naming import validate_pattern
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.profiles import ALWAYS_EXCLUDED, exclusions
 
@@ -84,6 +85,8 @@ class PoolSpec:
     # The load balancer may move this pool's running desktops live off a host under memory
     # or CPU pressure (off by default: a move pauses the guest for a moment).
     balance: bool = False
+    # Whether and how its desktops may be checked out to a laptop (issue 15); default: never.
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -133,6 +136,12 @@ class PoolSpec:
             raise InvalidInput(f"pool {self.name!r}: placement {self.placement!r} is not "
                                "spread or pack")
         validate_pattern(self.naming_pattern)
+        if self.offline.may_go_offline and (self.kind is not PoolKind.STATEFUL
+                                            or self.assignment is not Assignment.DEDICATED):
+            # A laptop's work comes back into the user's own desktop: a desktop that resets
+            # or changes hands would lose it.
+            raise InvalidInput(f"pool {self.name!r}: only a stateful, dedicated pool may let "
+                               "its desktops go offline")
         if len(self.profile_exclusions) > MAX_EXCLUSIONS:
             raise InvalidInput(f"pool {self.name!r}: at most {MAX_EXCLUSIONS} profile "
                                "exclusions")

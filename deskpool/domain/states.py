@@ -28,6 +28,7 @@ class DesktopState(StrEnum):
     RETIRING = "retiring"  # leaving service; VM and disks being removed
     RETIRED = "retired"  # gone from the hypervisor, row kept for history
     DELETING = "deleting"  # removed on an admin's request
+    CHECKED_OUT = "checked_out"  # offline on a laptop; the server's copy is frozen (issue 15)
     ERROR = "error"  # a step failed; ``last_error`` says why
 
 
@@ -49,7 +50,8 @@ S = DesktopState
 TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
     S.PROVISIONING: frozenset({S.CUSTOMIZING, S.ERROR, S.DELETING}),
     S.CUSTOMIZING: frozenset({S.READY, S.ERROR, S.DELETING}),
-    S.READY: frozenset({S.RESERVED, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
+    S.READY: frozenset({S.RESERVED, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING,
+                        S.CHECKED_OUT}),
     S.RESERVED: frozenset({S.IN_USE, S.READY, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
     S.IN_USE: frozenset({S.IDLE, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
     S.IDLE: frozenset({S.IN_USE, S.RECYCLING, S.RETIRING, S.ERROR, S.DELETING}),
@@ -58,6 +60,13 @@ TRANSITIONS: dict[DesktopState, frozenset[DesktopState]] = {
     S.RETIRED: frozenset(),
     S.DELETING: frozenset({S.ERROR}),
     S.ERROR: frozenset({S.PROVISIONING, S.CUSTOMIZING, S.RECYCLING, S.RETIRING, S.DELETING}),
+    # A state, not a side lock, so the one table and its compare-and-swap guard it like any
+    # other: every broker and reconciler path that acts on a desktop names the states it acts
+    # on, and none names this one. Only check-in, rollback or an administrator's forced
+    # check-in (``deskpool.services.offline``) leave it, back to ready. Not even to error:
+    # the laptop holds the user's newest work, and a failure here (a cut check-in) must
+    # keep the lock, never hand the desktop to a repair or retire path.
+    S.CHECKED_OUT: frozenset({S.READY}),
 }
 
 

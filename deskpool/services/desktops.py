@@ -106,6 +106,10 @@ class DesktopService:
         with self.ctx.uow() as uow:
             desktop = self._find(uow, name_or_id)
             desktop_id, state = desktop.id, DesktopState(desktop.state)
+            if state is DesktopState.CHECKED_OUT:
+                # The laptop holds the user's newest work: the check-out ends first.
+                raise Conflict(f"desktop {desktop.name} is checked out to a laptop; check it "
+                               "in, roll it back or force its check-in before deleting it")
             if state is not DesktopState.DELETING:
                 transition(uow.desktops, desktop_id, state, DesktopState.DELETING,
                            task=DesktopTask.DELETE)

@@ -15,6 +15,7 @@ from typing import Any
 
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.services import template_faults
@@ -22,7 +23,13 @@ from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.hosts import incompatibility
-from deskpool.services.pools import PoolService, PoolView, _view, pool_spec
+from deskpool.services.pools import (
+    PoolService,
+    PoolView,
+    _view,
+    pool_spec,
+    stored_offline_policy,
+)
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Pool
 
@@ -39,6 +46,7 @@ def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:
     spec = pool_spec(pool)
     found: dict[str, Any] = {f.name: getattr(spec, f.name) for f in fields(PoolSpec)}
     found = {k: v.value if hasattr(v, "value") else v for k, v in found.items()}
+    found["offline"] = spec.offline.to_dict()
     found["hosts"] = sorted(uow.hosts.get(h).name for h in uow.pool_hosts.pinned(pool.id))
     found["status"] = pool.status.value
     return found
@@ -47,6 +55,8 @@ def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name == "profile_exclusions" and isinstance(value, list | tuple):
         return tuple(str(v) for v in value)
+    if name == "offline" and not isinstance(value, OfflinePolicy):
+        raise InvalidInput("offline must be an offline policy (an object of its fields)")
     kind = _ENUMS.get(name)
     if kind is None or value is None:
         return value
@@ -84,6 +94,12 @@ class PoolAdmin:
         with self.ctx.uow() as uow:
             pool = self._live(uow, name)
             before = settings_of(uow, pool)
+            changes = dict(changes)
+            if isinstance(changes.get("offline"), Mapping):
+                # The fields given change, the rest of the pool's policy stays.
+                given = {k: v for k, v in changes["offline"].items() if v is not None}
+                changes["offline"] = OfflinePolicy.from_dict(
+                    {**pool_spec(pool).offline.to_dict(), **given})
             spec = replace(pool_spec(pool), **{k: _coerce(k, v) for k, v in changes.items()
                                               if k != "hosts"}).validate()
             wanted = {k for k in ONLY_WHEN_EMPTY if k in changes
@@ -112,6 +128,9 @@ class PoolAdmin:
                     value = CloneMode(value)
                 elif f.name == "profile_exclusions":
                     value = "\n".join(value)
+                elif f.name == "offline":
+                    pool.offline_policy = stored_offline_policy(value)
+                    continue
                 setattr(pool, f.name, value)
             uow.flush()
             old, new = changed(before, settings_of(uow, pool))

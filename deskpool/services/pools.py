@@ -5,14 +5,16 @@ work: it keeps pools at size and carries out recycle and retire."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.naming import first_free_number, render
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
@@ -53,6 +55,18 @@ class PoolView:
     fault_since: datetime | None = None
     fault_failures: int = 0
     fault_retry_at: datetime | None = None
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
+
+
+def offline_policy(pool: Pool) -> OfflinePolicy:
+    """A pool's offline policy as stored (none stored: no offline use)."""
+    if pool.offline_policy is None:
+        return OfflinePolicy()
+    return OfflinePolicy.from_dict(json.loads(pool.offline_policy))
+
+
+def stored_offline_policy(policy: OfflinePolicy) -> str | None:
+    return None if policy == OfflinePolicy() else json.dumps(policy.to_dict(), sort_keys=True)
 
 
 def exclusion_list(stored: str) -> tuple[str, ...]:
@@ -74,6 +88,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         second_session=SecondSession(pool.second_session),
         profile_exclusions=exclusion_list(pool.profile_exclusions),
         balance=pool.balance,
+        offline=offline_policy(pool),
     )
 
 
@@ -98,6 +113,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
         balance=pool.balance,
+        offline=offline_policy(pool),
     )
 
 
@@ -142,6 +158,7 @@ class PoolService:
                 profile_exclusions="\n".join(spec.profile_exclusions),
                 current_version_id=version.id, placement=spec.placement,
                 balance=spec.balance,
+                offline_policy=stored_offline_policy(spec.offline),
             )
             uow.pools.add(pool)
             for pinned_host in pinned:

@@ -10,6 +10,7 @@ library.
 """
 
 from deskpool.store import access_models as access_models  # registers the broker tables
+from deskpool.store import offline as offline  # registers the offline check-out table
 from deskpool.store import profiles as profiles  # registers the profile tables
 from deskpool.store.db import (
     DatabaseUnavailable,

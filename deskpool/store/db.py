@@ -56,6 +56,7 @@ from deskpool.store.desktops import DesktopRepository
 from deskpool.store.host_usage import HostUsageRepository
 from deskpool.store.leases import LeaseRepository
 from deskpool.store.linux_accounts import LinuxAccountRepository
+from deskpool.store.offline import OfflineCheckoutRepository
 from deskpool.store.pool_hosts import PoolHostRepository
 from deskpool.store.profiles import ProfileRepository
 from deskpool.store.records import (
@@ -343,6 +344,7 @@ class UnitOfWork:
     admin: AdminQueryRepository
     signin_throttles: SignInThrottleRepository
     profiles: ProfileRepository
+    offline_checkouts: OfflineCheckoutRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -387,6 +389,7 @@ class UnitOfWork:
         self.admin = AdminQueryRepository(self.session)
         self.signin_throttles = SignInThrottleRepository(self.session)
         self.profiles = ProfileRepository(self.session)
+        self.offline_checkouts = OfflineCheckoutRepository(self.session)
         if self.read_only:
             try:
                 self._begin_read_only()

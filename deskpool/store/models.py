@@ -284,6 +284,8 @@ class Pool(Base):
     profile_exclusions: Mapped[str] = mapped_column(Text, default="")
     # The load balancer may move its running desktops (domain.pools.PoolSpec.balance).
     balance: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Its offline policy (``domain.offline.OfflinePolicy`` as JSON); None: no offline use.
+    offline_policy: Mapped[str | None] = mapped_column(Text)
     current_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_versions.id"))
     previous_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("template_versions.id")

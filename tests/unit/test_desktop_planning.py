@@ -42,6 +42,7 @@ EXPECTED: dict[DesktopState, StepKind | None] = {
     S.RETIRED: StepKind.REMOVE,
     S.DELETING: StepKind.REMOVE,
     S.ERROR: StepKind.RETIRE_FAILED,  # a pool desktop: replaced, not repaired
+    S.CHECKED_OUT: None,  # offline on a laptop: left alone (see below)
 }
 
 
@@ -60,6 +61,16 @@ def test_each_state_gets_its_step(state: DesktopState) -> None:
         # The step carries what it needs: whose it is, where, the state it starts from
         # (checked again when it runs) and the task in flight.
         assert step == Step(kind, desktop.id, HOST, state, DesktopTask.REVERT)
+
+
+def test_a_checked_out_desktop_gets_no_step_whatever_its_power_or_policy() -> None:
+    """Its VM is off on purpose (frozen for the laptop): no policy powers it on or away."""
+    for policy in PowerPolicy:
+        for power in PowerState:
+            for user in (None, "alice"):
+                out = summary(S.CHECKED_OUT, power=power, user=user)
+                for stateful in (False, True):
+                    assert plan_desktop(out, policy, NOW, stateful=stateful) is None
 
 
 def test_recycling_carries_its_task() -> None:

@@ -113,3 +113,13 @@ def test_a_stateful_desktop_awaiting_repair_keeps_its_seat() -> None:
     assert plan_pool(spec(spare=1, max_size=1), V1, failed, NOW).create == 1
     # An unassigned failed one holds no one's state: it is replaced in either kind.
     assert plan_pool(stateful, V1, [desk("error")], NOW).create == 1
+
+
+def test_a_checked_out_desktop_keeps_its_seat_and_is_never_retired() -> None:
+    """Offline on a laptop: it counts as its user's (no second desktop beside it), and no
+    rollout, maximum age or scale-down takes it, old version and old age included."""
+    out = desk("checked_out", version=V1, assigned=True, age_s=10 * 86400)
+    plan = plan_pool(spec(spare=0, max_size=1, max_age_s=60), V2, [out], NOW)
+    assert plan.retire == [] and plan.create == 0
+    plan = plan_pool(spec(spare=0, min_size=0, max_size=0), V1, [out], NOW)
+    assert plan.retire == []

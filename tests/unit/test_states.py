@@ -54,8 +54,21 @@ def test_illegal_transitions_are_refused(old: DesktopState, new: DesktopState) -
 
 def test_any_live_state_can_fail_into_error() -> None:
     for state in DesktopState:
-        if state not in (S.ERROR, S.RETIRED):
+        if state not in (S.ERROR, S.RETIRED, S.CHECKED_OUT):
             check_transition(state, S.ERROR)
+
+
+def test_a_checked_out_desktop_leaves_only_by_coming_back_ready() -> None:
+    """The laptop holds the user's newest work: no failure, retirement or deletion path may
+    take the desktop while it is out; check-in, rollback or a forced check-in end it."""
+    check_transition(S.READY, S.CHECKED_OUT)
+    check_transition(S.CHECKED_OUT, S.READY)
+    for new in set(DesktopState) - {S.READY}:
+        with pytest.raises(InvalidTransition):
+            check_transition(S.CHECKED_OUT, new)
+    for held in (S.RESERVED, S.IN_USE, S.IDLE):  # a user's live session is never cut for it
+        with pytest.raises(InvalidTransition):
+            check_transition(held, S.CHECKED_OUT)
 
 
 def test_the_loser_of_a_race_raises_and_never_overwrites() -> None:

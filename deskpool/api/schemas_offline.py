@@ -1,0 +1,82 @@
+"""Request and response bodies of the offline desktops' API (issue 15)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deskpool.api.schemas import NUMBER, OfflinePolicyBody
+from deskpool.domain.states import DesktopState
+
+LaptopName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                                  description="the laptop's name, as it checked out")]
+
+
+class CheckoutOut(BaseModel):
+    id: uuid.UUID
+    desktop: str
+    pool: str
+    user: str
+    laptop: str
+    status: Literal["out", "checked-in", "rolled-back", "forced-in"]
+    since: datetime
+    lease_expires_at: datetime
+    last_sync_at: datetime | None
+    revoked: bool
+    bytes_pending: int
+    transfer: Literal["checkin", "sync"] | None
+    ended_at: datetime | None
+
+
+class OfflineDesktopOut(BaseModel):
+    desktop: str
+    pool: str
+    state: DesktopState
+    policy: OfflinePolicyBody
+    checkout: CheckoutOut | None
+
+
+class CheckoutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    laptop: LaptopName
+
+
+class SyncRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    laptop: LaptopName
+    bytes_pending: Annotated[int, Field(ge=0, le=2**62), NUMBER] | None = None
+
+
+class LeaseOut(BaseModel):
+    checkout: CheckoutOut
+    lease: str = Field(description="the signed lease (JSON) the laptop keeps")
+    public_key_pem: str = Field(description="the server's Ed25519 key that signs leases")
+    base_sha256: str
+    layer_sha256: str
+    data_key: str | None = Field(
+        default=None, description="the layer's data key (base64), at check-out only: wrap "
+        "it under the user's password on the laptop; it is never shown again")
+
+
+class TransferOut(BaseModel):
+    desktop: str
+    kind: Literal["checkin", "sync"]
+    chunks: int
+    missing: list[int]
+    bytes_pending: int
+
+
+class TransferDone(BaseModel):
+    """A check-in answers the ended check-out; a sync also its renewed lease."""
+
+    checkout: CheckoutOut
+    lease: LeaseOut | None = None
+
+
+class PublicKeyOut(BaseModel):
+    public_key_pem: str

@@ -1,0 +1,469 @@
+"""Offline desktops on the server (issue 15): check a user's desktop out to a laptop, renew
+its lease, take its changes back (check-in or sync), roll back, revoke, force a check-in.
+
+The lock is the desktop state ``checked_out`` (see ``domain.states``: entered from ready by
+the one table's compare-and-swap, left only back to ready), with an ``offline_checkouts``
+row saying to whom and until when. Every broker and reconciler path names the states it acts
+on and none names this one, so no hand-over, recycle, retire, move or power step touches a
+checked-out desktop, and the database's CAS settles two brokers racing to check one out.
+
+The server's copy of the desktop's changes is an encrypted layer file
+(``images.offline_server``). Check-out freezes the VM (powered off, so nothing on the server
+writes while the laptop does) and hands out the layer's data key once, over the API, for the
+laptop to wrap under the user's password; the server keeps it only under its escrow key.
+Transfers (check-in, sync) go through ``images.layer_delta``: the plan is stored on the
+check-out row and the staged copy and journal on disk, so a cut transfer resumes after any
+restart; the layer changes only by the atomic rename of a verified copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import uuid
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from deskpool.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
+from deskpool.domain.offline import OfflineLease, OfflinePolicy, human_date, sign_lease
+from deskpool.domain.offline_keys import EscrowWrappedKey as Escrowed
+from deskpool.domain.offline_keys import (
+    KeyBinding,
+    new_data_key,
+    unwrap_from_escrow,
+    wrap_for_escrow,
+)
+from deskpool.domain.states import DesktopState, transition
+from deskpool.images.layer_delta import CheckinRefused, LayerDelta, StagedCheckin
+from deskpool.images.offline_server import (
+    ServerLayer,
+    discard_transfer,
+    ensure_layer,
+    open_transfer,
+)
+from deskpool.services.audit import Actor, record_audit
+from deskpool.services.context import ServiceContext
+from deskpool.services.events import record_event
+from deskpool.services.offline_secrets import OfflineSecrets, load_offline_secrets, secrets_dir
+from deskpool.services.offline_views import (
+    CheckoutView,
+    LeaseGrant,
+    OfflineDesktopView,
+    TransferView,
+    checkout_view,
+)
+from deskpool.services.pools import offline_policy
+from deskpool.store.db import UnitOfWork
+from deskpool.store.models import Desktop, utcnow
+from deskpool.store.offline import OfflineCheckout
+
+S = DesktopState
+LAPTOP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TRANSFER_KINDS = ("checkin", "sync")
+
+# One transfer step per desktop at a time in this process (the staged file and its journal
+# are not shared), and each staged check-in kept open between chunks: opening one hashes the
+# whole layer. Another broker process resumes from the journal.
+_locks: dict[uuid.UUID, threading.Lock] = {}
+_locks_guard = threading.Lock()
+_staged: dict[uuid.UUID, tuple[str, StagedCheckin]] = {}
+
+
+def _desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(desktop_id, threading.Lock())
+
+
+def _binding(c: OfflineCheckout) -> KeyBinding:
+    return KeyBinding(user=c.user_name, desktop_id=c.desktop_id, laptop_id=c.laptop_id)
+
+
+class OfflineService:
+    """``actor``: the administrator behind admin actions (audited); None for a user's."""
+
+    def __init__(self, ctx: ServiceContext, actor: Actor | None = None) -> None:
+        self.ctx = ctx
+        self.actor = actor
+        self._secrets: OfflineSecrets | None = None
+
+    @property
+    def secrets(self) -> OfflineSecrets:
+        if self._secrets is None:
+            self._secrets = load_offline_secrets(self.ctx.settings)
+        return self._secrets
+
+    def _server_layer(self, desktop_id: uuid.UUID) -> ServerLayer:
+        # The fake driver's volumes are not files: the layers live in the data directory.
+        return ServerLayer(secrets_dir(self.ctx.settings), desktop_id)
+
+    # --- the user's side -------------------------------------------------------------------
+
+    def offline_desktops(self, user: str) -> list[OfflineDesktopView]:
+        """The user's own desktops in pools that let them go offline."""
+        with self.ctx.uow(read_only=True) as uow:
+            found = []
+            for d in uow.offline_checkouts.desktops_of(user):
+                pool = uow.pools.get(d.pool_id) if d.pool_id else None
+                if pool is None or not offline_policy(pool).may_go_offline:
+                    continue
+                c = uow.offline_checkouts.active_for(d.id)
+                found.append(OfflineDesktopView(
+                    desktop=d.name, pool=pool.name, state=d.state.value,
+                    policy=offline_policy(pool), checkout=checkout_view(c) if c else None))
+            return found
+
+    def check_out(self, user: str, desktop_name: str, laptop_id: str) -> LeaseGrant:
+        """Lock ``desktop_name`` for ``laptop_id``: freeze it, store the check-out, issue a
+        lease. Any refusal or failure stores nothing."""
+        if not LAPTOP_ID.match(laptop_id):
+            raise InvalidInput(f"laptop name {laptop_id!r} must be 1-63 characters of A-Z, "
+                               "a-z, 0-9, '.', '_' and '-', starting with a letter or digit")
+        now = utcnow()
+        secrets_ = self.secrets
+        with _desktop_lock_by_name(self.ctx, desktop_name), self.ctx.uow() as uow:
+            desktop = uow.desktops.get_by_name(desktop_name)
+            if desktop.assigned_user != user:
+                raise Forbidden(f"desktop {desktop_name} is not assigned to you; only its own "
+                                "user may check it out")
+            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
+            policy = offline_policy(pool) if pool else OfflinePolicy()
+            if pool is None or not policy.may_go_offline:
+                raise Forbidden(f"pool {pool.name if pool else '(none)'} does not allow its "
+                                f"desktops to go offline, so {desktop_name} cannot be "
+                                "checked out")
+            if desktop.state is S.CHECKED_OUT:
+                out = uow.offline_checkouts.active_for(desktop.id)
+                raise Conflict(f"desktop {desktop_name} is already checked out"
+                               + (f" to {out.laptop_id} until "
+                                  f"{human_date(out.lease_expires_at)}" if out else "")
+                               + "; check it in first")
+            if desktop.state is not S.READY:
+                raise Conflict(f"desktop {desktop_name} is {desktop.state.value}; log off "
+                               "(or wait until it is ready) before checking it out")
+            version = uow.versions.get(desktop.template_version_id)
+            server = self._server_layer(desktop.id)
+            data_key, made_layer = self._layer_key(uow, desktop, server)
+            # The lock first: from here no broker can hand the desktop out or recycle it.
+            transition(uow.desktops, desktop.id, S.READY, S.CHECKED_OUT)
+            checkout = OfflineCheckout(
+                id=uuid.uuid4(), desktop_id=desktop.id, desktop_name=desktop.name,
+                pool_name=pool.name, user_name=user, laptop_id=laptop_id,
+                checked_out_at=now, lease_expires_at=now, escrowed_key="",
+                base_sha256=version.image_sha256, layer_sha256="")
+            checkout.escrowed_key = wrap_for_escrow(
+                data_key, secrets_.escrow_key, secrets_.escrow_key_id,
+                _binding(checkout)).to_json()
+            try:
+                # A consistent point: the VM off, so the server's copy stops changing (inside
+                # the transaction: a failure here stores nothing; a VM left off is started by
+                # the usual hand-over).
+                self.ctx.driver_for(desktop.host).stop_vm(desktop.id, force=True)
+                checkout.layer_sha256 = ensure_layer(server, Path(version.image_path),
+                                                     version.image_sha256, data_key)
+                lease = self._lease(checkout, policy, now)
+                uow.offline_checkouts.add(checkout)
+                record_event(uow, "offline-checkout",
+                             f"{user} checked {desktop.name} out to {laptop_id} until "
+                             f"{human_date(checkout.lease_expires_at)}", user=user,
+                             pool=pool.name, desktop_id=desktop.id, desktop=desktop.name)
+                uow.commit()
+            except BaseException:
+                if made_layer:  # its key dies with this transaction: the layer would be lost
+                    server.layer.unlink(missing_ok=True)
+                raise
+            return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
+                              public_key_pem=secrets_.public_key_pem(),
+                              base_sha256=checkout.base_sha256,
+                              layer_sha256=checkout.layer_sha256,
+                              data_key=base64.b64encode(data_key).decode("ascii"))
+
+    def renew(self, user: str, desktop_name: str, laptop_id: str, *,
+              bytes_pending: int | None = None) -> LeaseGrant:
+        """Sync's lease half: a new lease from now, as long as the policy allows."""
+        if bytes_pending is not None and bytes_pending < 0:
+            raise InvalidInput("bytes_pending must not be negative")
+        with self.ctx.uow() as uow:
+            checkout, policy = self._own_checkout(uow, user, desktop_name, laptop_id)
+            if checkout.revoked_at is not None:
+                raise Forbidden(f"the check-out of {desktop_name} was revoked by an "
+                                "administrator; check it in now")
+            lease = self._lease(checkout, policy, utcnow())
+            checkout.last_sync_at = utcnow()
+            if bytes_pending is not None:
+                checkout.bytes_pending = bytes_pending
+            uow.commit()
+            return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
+                              public_key_pem=self.secrets.public_key_pem(),
+                              base_sha256=checkout.base_sha256,
+                              layer_sha256=checkout.layer_sha256)
+
+    def layer_file(self, user: str, desktop_name: str, laptop_id: str) -> Path:
+        """The server's copy of the layer, for the laptop to download at check-out (or to
+        start again from): ciphertext, opened only with the data key."""
+        with self.ctx.uow(read_only=True) as uow:
+            checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
+            return self._server_layer(checkout.desktop_id).layer
+
+    def revoked_checkouts(self, user: str) -> list[uuid.UUID]:
+        """What the user's laptops must refuse to start (``verify_lease``'s list)."""
+        with self.ctx.uow(read_only=True) as uow:
+            return uow.offline_checkouts.revoked_ids(user)
+
+    # --- transfers: check-in and sync -------------------------------------------------------
+
+    def begin_transfer(self, user: str, desktop_name: str, laptop_id: str, plan: bytes,
+                       kind: str = "checkin") -> TransferView:
+        """Start (or resume) a check-in or sync of ``plan`` (an encoded ``LayerDelta``).
+        A plan other than the one in flight replaces it; the server's layer is untouched."""
+        if kind not in TRANSFER_KINDS:
+            raise InvalidInput(f"transfer kind {kind!r} is not checkin or sync")
+        try:
+            delta = LayerDelta.decode(plan)
+        except ValueError as exc:  # e.g. a checksum field that is not hex
+            raise InvalidInput(f"the check-in plan is malformed: {exc}") from None
+        with self.ctx.uow(read_only=True) as uow:
+            checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
+            if kind == "sync" and checkout.revoked_at is not None:
+                raise Forbidden(f"the check-out of {desktop_name} was revoked by an "
+                                "administrator; check it in instead of syncing")
+            checkout_id, desktop_id, base, old_plan = (
+                checkout.id, checkout.desktop_id, checkout.base_sha256, checkout.transfer_plan)
+        with _desktop_lock(desktop_id):
+            server = self._server_layer(desktop_id)
+            if old_plan is not None and old_plan != plan:
+                _staged.pop(desktop_id, None)
+                discard_transfer(server)
+            staged = self._staged_for(desktop_id, server, delta, base)
+            pending = sum(delta.chunks[i].wire_length for i in staged.missing())
+            with self.ctx.uow() as uow:
+                checkout = uow.offline_checkouts.get(checkout_id)
+                checkout.transfer_plan, checkout.transfer_kind = plan, kind
+                checkout.transfer_started_at = checkout.transfer_started_at or utcnow()
+                checkout.bytes_pending, checkout.last_error = pending, None
+                uow.commit()
+            return TransferView(desktop_name, kind, len(delta.chunks), staged.missing(),
+                                pending)
+
+    def put_chunk(self, user: str, desktop_name: str, laptop_id: str, index: int,
+                  data: bytes) -> TransferView:
+        _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
+        with _desktop_lock(desktop_id):
+            staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
+            staged.apply_chunk(index, data)
+            missing = staged.missing()
+        return TransferView(desktop_name, kind, len(delta.chunks), missing,
+                            sum(delta.chunks[i].wire_length for i in missing))
+
+    def finish_transfer(self, user: str, desktop_name: str,
+                        laptop_id: str) -> CheckoutView | LeaseGrant:
+        """Verify and commit the transfer: a check-in releases the desktop (its view), a sync
+        keeps it out with a renewed lease. A refusal keeps the server's layer and the lock."""
+        checkout_id, desktop_id, delta, kind, base = self._transfer(user, desktop_name,
+                                                                    laptop_id)
+        with _desktop_lock(desktop_id):
+            server = self._server_layer(desktop_id)
+            staged = self._staged_for(desktop_id, server, delta, base)
+            with self.ctx.uow(read_only=True) as uow:
+                data_key = self._data_key(uow.offline_checkouts.get(checkout_id))
+            try:
+                staged.commit(data_key)
+            except CheckinRefused as exc:
+                _staged.pop(desktop_id, None)
+                self._note_error(checkout_id, f"{kind} refused: {exc}")
+                raise Conflict(str(exc)) from exc
+            except Exception as exc:
+                _staged.pop(desktop_id, None)
+                self._note_error(checkout_id, f"{kind} refused: {exc}")
+                raise
+            _staged.pop(desktop_id, None)
+            with self.ctx.uow() as uow:
+                checkout = uow.offline_checkouts.get(checkout_id)
+                checkout.layer_sha256 = delta.target_sha256
+                checkout.last_sync_at = utcnow()
+                if kind == "sync":
+                    checkout.transfer_plan = checkout.transfer_kind = None
+                    checkout.transfer_started_at, checkout.bytes_pending = None, 0
+                    policy = offline_policy(uow.pools.get_by_name(checkout.pool_name))
+                    lease = self._lease(checkout, policy, utcnow())
+                    uow.commit()
+                    return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
+                                      public_key_pem=self.secrets.public_key_pem(),
+                                      base_sha256=checkout.base_sha256,
+                                      layer_sha256=checkout.layer_sha256)
+                self._release(uow, checkout, "checked-in",
+                              f"{user} checked {checkout.desktop_name} in from "
+                              f"{checkout.laptop_id} ({delta.payload_bytes()} bytes sent)",
+                              "offline-checkin")
+                uow.commit()
+                return checkout_view(checkout)
+
+    # --- ending a check-out without the laptop's changes -----------------------------------
+
+    def roll_back(self, user: str, desktop_name: str) -> CheckoutView:
+        """The user gives up the laptop's changes since the last sync (if the pool allows)."""
+        with self.ctx.uow() as uow:
+            checkout = self._active(uow, desktop_name)
+            if checkout.user_name != user:
+                raise Forbidden(f"desktop {desktop_name} is not checked out to you")
+            policy = offline_policy(uow.pools.get_by_name(checkout.pool_name))
+            if not policy.may_roll_back:
+                raise Forbidden(f"pool {checkout.pool_name} does not let users roll back an "
+                                "offline desktop; check it in, or ask an administrator")
+        return self._discard_and_release(desktop_name, "rolled-back", "offline-rollback",
+                                         f"{user} rolled {desktop_name} back: the laptop's "
+                                         "changes since its last sync are discarded")
+
+    def admin_roll_back(self, desktop_name: str) -> CheckoutView:
+        return self._discard_and_release(desktop_name, "rolled-back", "offline-rollback",
+                                         f"{self._who()} rolled {desktop_name} back: the "
+                                         "laptop's changes since its last sync are discarded")
+
+    def force_check_in(self, desktop_name: str) -> CheckoutView:
+        """The desktop comes back online as of its last sync (a lost laptop); the laptop's
+        lease is revoked with it, so its copy no longer starts."""
+        return self._discard_and_release(desktop_name, "forced-in", "offline-force-checkin",
+                                         f"{self._who()} forced {desktop_name} back in from "
+                                         "its last sync; the laptop's copy is revoked")
+
+    def revoke(self, desktop_name: str) -> CheckoutView:
+        """The laptop may no longer start the desktop (at its next contact, and once its
+        lease runs out at the latest); the lock stays until it is checked in or forced."""
+        with self.ctx.uow() as uow:
+            checkout = self._active(uow, desktop_name)
+            if checkout.revoked_at is not None:
+                raise Conflict(f"the check-out of {desktop_name} is already revoked")
+            checkout.revoked_at = utcnow()
+            message = (f"{self._who()} revoked the check-out of {desktop_name} to "
+                       f"{checkout.laptop_id}")
+            record_event(uow, "offline-revoke", message, severity="warning",
+                         user=checkout.user_name, pool=checkout.pool_name,
+                         desktop_id=checkout.desktop_id, desktop=desktop_name)
+            record_audit(uow, self.actor, "offline.revoke", f"desktop/{desktop_name}",
+                         message, old={"revoked": False}, new={"revoked": True},
+                         pool=checkout.pool_name, user=checkout.user_name)
+            uow.commit()
+            return checkout_view(checkout)
+
+    def checkouts(self) -> list[CheckoutView]:
+        with self.ctx.uow(read_only=True) as uow:
+            return [checkout_view(c) for c in uow.offline_checkouts.active()]
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _who(self) -> str:
+        return self.actor.name if self.actor else "an administrator"
+
+    def _discard_and_release(self, desktop_name: str, status: str, kind: str,
+                             message: str) -> CheckoutView:
+        with self.ctx.uow(read_only=True) as uow:
+            desktop_id = self._active(uow, desktop_name).desktop_id
+        with _desktop_lock(desktop_id):
+            _staged.pop(desktop_id, None)
+            discard_transfer(self._server_layer(desktop_id))
+            with self.ctx.uow() as uow:
+                checkout = self._active(uow, desktop_name)
+                if status == "forced-in" and checkout.revoked_at is None:
+                    checkout.revoked_at = utcnow()
+                self._release(uow, checkout, status, message, kind)
+                if self.actor is not None or kind != "offline-rollback":
+                    record_audit(uow, self.actor, kind.replace("offline-", "offline."),
+                                 f"desktop/{desktop_name}", message, old={"status": "out"},
+                                 new={"status": status}, pool=checkout.pool_name,
+                                 user=checkout.user_name)
+                uow.commit()
+                return checkout_view(checkout)
+
+    @staticmethod
+    def _release(uow: UnitOfWork, checkout: OfflineCheckout, status: str, message: str,
+                 kind: str) -> None:
+        uow.offline_checkouts.end(checkout, status)
+        transition(uow.desktops, checkout.desktop_id, S.CHECKED_OUT, S.READY)
+        record_event(uow, kind, message, user=checkout.user_name, pool=checkout.pool_name,
+                     desktop_id=checkout.desktop_id, desktop=checkout.desktop_name)
+
+    @staticmethod
+    def _active(uow: UnitOfWork, desktop_name: str) -> OfflineCheckout:
+        desktop = uow.desktops.get_by_name(desktop_name)
+        checkout = uow.offline_checkouts.active_for(desktop.id)
+        if checkout is None:
+            raise Conflict(f"desktop {desktop_name} is not checked out")
+        return checkout
+
+    def _own_checkout(self, uow: UnitOfWork, user: str, desktop_name: str,
+                      laptop_id: str) -> tuple[OfflineCheckout, OfflinePolicy]:
+        checkout = self._active(uow, desktop_name)
+        if checkout.user_name != user or checkout.laptop_id != laptop_id:
+            raise Forbidden(f"desktop {desktop_name} is not checked out to you on laptop "
+                            f"{laptop_id}")
+        return checkout, offline_policy(uow.pools.get_by_name(checkout.pool_name))
+
+    def _transfer(self, user: str, desktop_name: str,
+                  laptop_id: str) -> tuple[uuid.UUID, uuid.UUID, LayerDelta, str, str]:
+        with self.ctx.uow(read_only=True) as uow:
+            checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
+            if checkout.transfer_plan is None or checkout.transfer_kind is None:
+                raise Conflict(f"no check-in or sync of {desktop_name} is in progress; "
+                               "start one first")
+            return (checkout.id, checkout.desktop_id, LayerDelta.decode(checkout.transfer_plan),
+                    checkout.transfer_kind, checkout.base_sha256)
+
+    @staticmethod
+    def _staged_for(desktop_id: uuid.UUID, server: ServerLayer, delta: LayerDelta,
+                    base: str) -> StagedCheckin:
+        cached = _staged.get(desktop_id)
+        if cached is not None and cached[0] == delta.identity():
+            return cached[1]
+        try:
+            staged = open_transfer(server, delta, base)
+        except CheckinRefused as exc:  # another base or starting copy: nothing was touched
+            raise Conflict(str(exc)) from exc
+        _staged[desktop_id] = (delta.identity(), staged)
+        return staged
+
+    def _note_error(self, checkout_id: uuid.UUID, message: str) -> None:
+        with self.ctx.uow() as uow:
+            uow.offline_checkouts.get(checkout_id).last_error = message
+            uow.commit()
+
+    def _data_key(self, checkout: OfflineCheckout) -> bytes:
+        return unwrap_from_escrow(Escrowed.from_json(checkout.escrowed_key),
+                                  self.secrets.escrow_key, _binding(checkout))
+
+    def _layer_key(self, uow: UnitOfWork, desktop: Desktop,
+                   server: ServerLayer) -> tuple[bytes, bool]:
+        """The key of the desktop's layer (from its last check-out's escrow), or a new one
+        for a layer made now; and whether the layer is new."""
+        previous = uow.offline_checkouts.latest_for(desktop.id)
+        if server.layer.exists() and previous is not None:
+            return self._data_key(previous), False
+        if server.layer.exists():  # a layer whose check-out never committed: unusable
+            server.layer.unlink()
+        return new_data_key(), True
+
+    def _lease(self, checkout: OfflineCheckout, policy: OfflinePolicy, now: datetime) -> str:
+        """A signed lease from ``now``. It ends at the earlier of the policy's period and
+        the check-out's maximum days offline counted from check-out: renewals never stretch
+        a check-out past that."""
+        lease = OfflineLease.grant(checkout_id=checkout.id, user=checkout.user_name,
+                                   desktop_id=checkout.desktop_id,
+                                   laptop_id=checkout.laptop_id, policy=policy,
+                                   base_sha256=checkout.base_sha256, now=now)
+        limit = (checkout.checked_out_at.replace(microsecond=0)
+                 + timedelta(days=policy.max_days_offline))
+        if limit <= lease.issued_at + timedelta(seconds=1):
+            raise Conflict(f"desktop {checkout.desktop_name} has been offline for the "
+                           f"maximum of {policy.max_days_offline} days; check it in")
+        if lease.expires_at > limit:
+            lease = replace(lease, expires_at=limit)
+        checkout.lease_expires_at = lease.expires_at
+        return sign_lease(lease, self.secrets.signing_key).to_json()
+
+
+def _desktop_lock_by_name(ctx: ServiceContext, desktop_name: str) -> threading.Lock:
+    with ctx.uow(read_only=True) as uow:
+        try:
+            return _desktop_lock(uow.desktops.get_by_name(desktop_name).id)
+        except NotFound:
+            raise NotFound(f"there is no desktop named {desktop_name!r}") from None
