@@ -24,6 +24,11 @@ from deskpool.domain.errors import DriverError, HostConnectionLost, HypervisorUn
 from deskpool.drivers.libvirt.overlays import OverlayWriter
 
 
+def error_code(exc: libvirt.libvirtError) -> int:
+    """libvirt's error code of ``exc`` (0 when it gives none), for the drivers' mixins."""
+    return int(exc.get_error_code() or 0)
+
+
 class ConnectionMixin:
     """A mixin of ``LibvirtDriver``: ``_conn``, ``_pool`` and ``_overlays`` are always of a
     live connection, and ``_failure`` tells a lost connection apart."""

@@ -52,7 +52,7 @@ from deskpool.drivers.base import (
     seed_volume_name,
 )
 from deskpool.drivers.libvirt import xml
-from deskpool.drivers.libvirt.connection import ConnectionMixin
+from deskpool.drivers.libvirt.connection import ConnectionMixin, error_code
 from deskpool.drivers.libvirt.hotplug import HotplugMixin
 from deskpool.drivers.libvirt.imports import VolumeImportsMixin
 from deskpool.drivers.libvirt.instant import InstantClonesMixin
@@ -106,9 +106,6 @@ def forget_storage_pool(storage_dir: Path, uri: str = "qemu:///system") -> None:
         conn.close()
 
 
-def _code(exc: libvirt.libvirtError) -> int:
-    return int(exc.get_error_code() or 0)
-
 
 class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImportsMixin,
                     MigrationMixin, LoadSampleMixin, ConnectionMixin,
@@ -145,7 +142,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
             try:
                 pool = self._conn.storagePoolLookupByName(name)
             except libvirt.libvirtError as exc:
-                if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                if error_code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
                     raise
                 definition = xml.DirPoolDefinition(name=name, path=str(self.storage_dir))
                 pool = self._conn.storagePoolDefineXML(definition.to_xml(), 0)
@@ -172,7 +169,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
         try:
             return self._conn.lookupByUUIDString(str(vm_id))
         except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise VmNotFound(f"no VM with id {vm_id} on {self.uri}") from exc
             raise self._failure(f"looking up VM {vm_id}", exc) from exc
 
@@ -188,7 +185,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
         try:
             return self._pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
-            if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            if error_code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
                 raise self._failure(f"looking up volume {name}", exc) from exc
         if not self._local_file_exists(name):
             return None
@@ -196,7 +193,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
         try:
             return self._pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            if error_code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 return None
             raise self._failure(f"looking up volume {name}", exc) from exc
 
@@ -286,7 +283,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
                 try:
                     vol.delete(0)
                 except libvirt.libvirtError as exc:
-                    if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    if error_code(exc) != libvirt.VIR_ERR_NO_STORAGE_VOL:
                         raise
 
     # --- VMs -------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
             try:
                 lookup(key)
             except libvirt.libvirtError as exc:
-                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                     continue
                 raise self._failure(f"checking for VM {key}", exc) from exc
             raise Conflict(f"a VM with id or name {key!r} already exists on {self.uri}")
@@ -435,7 +432,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
                 try:
                     dom.destroy() if force else dom.shutdown()
                 except libvirt.libvirtError as exc:
-                    if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
+                    if error_code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
                         raise
 
     def delete_vm(self, vm_id: uuid.UUID) -> None:
@@ -453,7 +450,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
                     except libvirt.libvirtError as exc:
                         # Undefined meanwhile by another client (on a shared daemon, another
                         # broker's step): gone, as asked; its volumes still go below.
-                        if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                        if error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
                             raise
             self._refresh_pool()
             for volume in owned_volume_names(vm_id):
@@ -468,7 +465,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
                 dom.undefineFlags(flags)
                 return
             except libvirt.libvirtError as exc:
-                if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+                if error_code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
                     raise
         dom.undefine()
 
@@ -488,7 +485,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
                     # Undefined between the list and the read (on a shared daemon: another
                     # client's VM, another broker's delete): it is not there any more. Failing
                     # the whole list would make the host look silent to the reconciler.
-                    if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                    if error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
                         raise
         return records
 
@@ -543,7 +540,7 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
             message = exc.get_error_message()
             if not self._alive():
                 raise self._failure(f"guest agent command {command}", exc) from exc
-            if _code(exc) in _AGENT_SILENT:
+            if error_code(exc) in _AGENT_SILENT:
                 raise AgentUnavailable(
                     f"guest agent of VM {vm_id} not available: {message}"
                 ) from exc

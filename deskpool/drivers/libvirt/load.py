@@ -20,12 +20,10 @@ import libvirt
 
 from deskpool.domain.errors import DriverError
 from deskpool.domain.models import LoadSample, VmLoad
+from deskpool.drivers.libvirt.connection import error_code
 
 KiB_PER_MiB = 1024
 
-
-def _code(exc: libvirt.libvirtError) -> int:
-    return int(exc.get_error_code() or 0)
 
 
 class LoadSampleMixin:
@@ -49,7 +47,7 @@ class LoadSampleMixin:
                 try:
                     vms[uuid.UUID(dom.UUIDString())] = self._domain_load(dom)
                 except libvirt.libvirtError as exc:
-                    if _code(exc) not in (libvirt.VIR_ERR_NO_DOMAIN,
+                    if error_code(exc) not in (libvirt.VIR_ERR_NO_DOMAIN,
                                           libvirt.VIR_ERR_OPERATION_INVALID):
                         raise
                     # ended between the list and the read: not running any more
@@ -72,7 +70,7 @@ class LoadSampleMixin:
         try:
             stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
         except libvirt.libvirtError as exc:
-            if _code(exc) != libvirt.VIR_ERR_NO_SUPPORT:
+            if error_code(exc) != libvirt.VIR_ERR_NO_SUPPORT:
                 raise
             # test:/// has no node memory statistics: the free memory it reports instead.
             free_mib = int(conn.getFreeMemory()) / (1024 * 1024)
@@ -86,7 +84,7 @@ class LoadSampleMixin:
         try:
             balloon = dom.memoryStats()
         except libvirt.libvirtError as exc:
-            if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT,
+            if error_code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT,
                                   libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
                 raise
             balloon = {}

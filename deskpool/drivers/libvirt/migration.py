@@ -33,6 +33,7 @@ import libvirt
 from deskpool.domain.errors import Conflict, DriverError, InvalidInput
 from deskpool.domain.models import CloneMode, MigrationStats, VolumeInfo
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
+from deskpool.drivers.libvirt.connection import error_code
 
 _FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
           | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_NON_SHARED_INC)
@@ -44,9 +45,6 @@ MigrationProgress = Callable[[int, int], None]  # (bytes processed, bytes in all
 def _no_progress(_done: int, _total: int) -> None:
     return None
 
-
-def _code(exc: libvirt.libvirtError) -> int:
-    return int(exc.get_error_code() or 0)
 
 
 def target_definition(domain_xml: str, paths: dict[str, str]) -> str:
@@ -194,5 +192,5 @@ class MigrationMixin:
         try:
             dom.abortJob()
         except libvirt.libvirtError as exc:
-            if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:  # no job: it ended meanwhile
+            if error_code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:  # no job: it ended meanwhile
                 raise DriverError(f"cancelling VM {name}'s migration failed: {exc}") from exc

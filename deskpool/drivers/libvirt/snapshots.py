@@ -24,10 +24,7 @@ import libvirt
 from deskpool.domain.errors import Conflict, NotFound
 from deskpool.drivers.base import validate_snapshot_name
 from deskpool.drivers.libvirt import xml
-
-
-def _code(exc: libvirt.libvirtError) -> int:
-    return int(exc.get_error_code() or 0)
+from deskpool.drivers.libvirt.connection import error_code
 
 
 class SnapshotsMixin:
@@ -95,7 +92,7 @@ class SnapshotsMixin:
                 try:
                     snapshot.delete(0)
                 except libvirt.libvirtError as exc:
-                    if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                    if error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                         raise
 
     def _snapshot(self, dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
@@ -103,6 +100,6 @@ class SnapshotsMixin:
             try:
                 return dom.snapshotLookupByName(name, 0)
             except libvirt.libvirtError as exc:
-                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                     return None
                 raise
