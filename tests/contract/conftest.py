@@ -29,6 +29,7 @@ from deskpool.domain.identity import new_mac
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.drivers.base import HypervisorDriver, owned_volume_names
 from deskpool.drivers.fake import FakeDriver
+from tests.conftest import DRIVER_TEST_INSTALLATION
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 LIBVIRT_URIS = {"libvirt-test": "test:///default", "libvirt-qemu": "qemu:///system"}
@@ -134,6 +135,7 @@ class ContractEnv:
             metadata=VmMetadata(
                 desktop_id=vm_id, desktop_name=f"desk-{vm_id.hex[:6]}",
                 template_version_id=uuid.uuid4(),
+                installation_id=DRIVER_TEST_INSTALLATION,
             ),
             memory_mib=64,
         )

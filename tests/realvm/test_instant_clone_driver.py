@@ -34,7 +34,11 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import memory_state_volume_name, root_volume_name
 from deskpool.drivers.libvirt import LibvirtDriver
 from deskpool.images.builder import GuestImage, build_guest_image
-from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
+from tests.conftest import (
+    DRIVER_TEST_INSTALLATION,
+    qemu_system_unreachable_reason,
+    skip_or_fail_without_real_vms,
+)
 
 pytestmark = pytest.mark.realvm
 
@@ -59,7 +63,8 @@ class Host:
         spec = VmSpec(
             vm_id=vm_id, name=f"dpinstant-{hostname}-{vm_id.hex[:8]}", base_volume=self.base,
             clone_mode=CloneMode.LINKED, mac=identity.mac,
-            metadata=VmMetadata(desktop_id=vm_id, desktop_name=hostname),
+            metadata=VmMetadata(desktop_id=vm_id, desktop_name=hostname,
+                                installation_id=DRIVER_TEST_INSTALLATION),
             # TCG: what boots on these machines (facts file); the driver's path is the same.
             domain_type=DomainType.QEMU, direct_boot=self.boot,
             identity_text=identity.to_guest_text(),

@@ -28,7 +28,11 @@ from deskpool.drivers.libvirt import LibvirtDriver
 from deskpool.images.builder import GuestImage, build_guest_image
 from deskpool.services.context import ServiceContext
 from deskpool.services.profiles import ProfileService
-from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
+from tests.conftest import (
+    DRIVER_TEST_INSTALLATION,
+    qemu_system_unreachable_reason,
+    skip_or_fail_without_real_vms,
+)
 
 pytestmark = pytest.mark.realvm
 
@@ -61,7 +65,8 @@ def booted(image: GuestImage, tmp_path_factory: pytest.TempPathFactory
         driver.create_vm(VmSpec(
             vm_id=vm_id, name=f"prof-hotplug-{vm_id.hex[:8]}", base_volume=base,
             clone_mode=CloneMode.LINKED, mac=identity.mac,
-            metadata=VmMetadata(desktop_id=vm_id, desktop_name="prof-desk"),
+            metadata=VmMetadata(desktop_id=vm_id, desktop_name="prof-desk",
+                                installation_id=DRIVER_TEST_INSTALLATION),
             domain_type=DomainType.QEMU, direct_boot=boot,
             identity_text=identity.to_guest_text()))
         started = time.monotonic()

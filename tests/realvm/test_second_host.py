@@ -29,6 +29,7 @@ from deskpool.drivers.base import HypervisorDriver, root_volume_name
 from deskpool.drivers.libvirt.xml import agent_connected
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.images.builder import GuestImage
+from tests.conftest import DRIVER_TEST_INSTALLATION
 from tests.libvirt_hosts import SecondLibvirtHost
 
 pytestmark = pytest.mark.realvm
@@ -55,7 +56,8 @@ def _spec(image: GuestImage, name: str) -> VmSpec:
     identity = DesktopIdentity(vm_id, name, new_mac(), new_machine_id())
     return VmSpec(
         vm_id=vm_id, name=name, base_volume=BASE, clone_mode=CloneMode.LINKED,
-        mac=identity.mac, metadata=VmMetadata(vm_id, name), domain_type=DomainType.QEMU,
+        mac=identity.mac, domain_type=DomainType.QEMU,
+        metadata=VmMetadata(vm_id, name, installation_id=DRIVER_TEST_INSTALLATION),
         direct_boot=DirectBoot(KERNEL, INITRD, image.cmdline),
         identity_text=identity.to_guest_text(),
     )

@@ -16,7 +16,11 @@ from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.identity import new_mac
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
 from deskpool.drivers.base import HypervisorDriver, owned_volume_names
-from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
+from tests.conftest import (
+    DRIVER_TEST_INSTALLATION,
+    qemu_system_unreachable_reason,
+    skip_or_fail_without_real_vms,
+)
 
 pytestmark = pytest.mark.realvm
 DATA_MIB = 6  # written into the template's disk, so a full copy needs as much again
@@ -62,7 +66,8 @@ def spec(driver: HypervisorDriver, mode: CloneMode) -> VmSpec:
     return VmSpec(vm_id=vm_id, name=f"fault-full-{vm_id.hex[:8]}", base_volume="base.qcow2",
                   clone_mode=mode, mac=new_mac(), memory_mib=64,
                   metadata=VmMetadata(desktop_id=vm_id, desktop_name="fault-full",
-                                      template_version_id=uuid.uuid4()))
+                                      template_version_id=uuid.uuid4(),
+                                      installation_id=DRIVER_TEST_INSTALLATION))
 
 
 def test_a_full_clone_that_fills_the_storage_fails_cleanly_and_spares_the_running_vm(
