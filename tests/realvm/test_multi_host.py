@@ -105,10 +105,15 @@ def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
 
 
 def console_drawn(page: Page) -> bool:
+    from playwright.sync_api import Error as PlaywrightError
+
     canvas = page.locator("#console-screen canvas")
-    if canvas.count() != 1:
+    try:  # a reconnecting console's new canvas is 0 pixels wide until its first frame
+        if canvas.count() != 1 or canvas.evaluate("(c) => c.width * c.height") == 0:
+            return False
+        stats = canvas.evaluate(CANVAS_STATS)
+    except PlaywrightError:  # replaced between two calls
         return False
-    stats = canvas.evaluate(CANVAS_STATS)
     return bool(stats["colours"] >= 2 and stats["lit"] > 0.0005)
 
 

@@ -39,7 +39,9 @@ def desktops(real_ctx: ServiceContext) -> Iterator[list[DesktopView]]:
     ]
     try:
         with ThreadPoolExecutor(len(made)) as pool:
-            list(pool.map(lambda d: service.wait_ready(d.id, timeout_s=300), made))
+            # Generous: three TCG guests boot at once here, beside the other lane's real-VM
+            # modules; in CI one missed 300 s while five guests shared two CPUs.
+            list(pool.map(lambda d: service.wait_ready(d.id, timeout_s=720), made))
         yield [service.get(str(d.id)) for d in made]
     finally:
         for desktop in service.list():
