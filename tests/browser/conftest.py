@@ -23,7 +23,7 @@ from tests.conftest import IN_CI
 from tests.loopback import LoopbackServer
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page, Playwright
+    from playwright.sync_api import Browser, Locator, Page, Playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -207,6 +207,20 @@ def wait_until(done: Callable[[], bool], timeout_s: float = 10, what: str = "it"
     while not done():
         assert time.monotonic() < deadline, f"{what} did not happen in {timeout_s} s"
         time.sleep(0.05)
+
+
+def drawn_canvas(page: Page, selector: str = "#console-screen canvas") -> Locator | None:
+    """The console's canvas once it has a size, else None: a reconnecting console's new
+    canvas is 0 pixels wide until its first frame, and may be replaced between two calls."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    canvas = page.locator(selector)
+    try:
+        if canvas.count() != 1 or canvas.evaluate("(c) => c.width * c.height") == 0:
+            return None
+    except PlaywrightError:
+        return None
+    return canvas
 
 
 def sign_in(page: Page, base_url: str, user: str, password: str, path: str = "/") -> None:

@@ -27,6 +27,7 @@ from tests.browser.conftest import (
     ConsoleProxyThread,
     FakeRfb,
     LiveServer,
+    drawn_canvas,
     sign_in,
     wait_until,
 )
@@ -79,13 +80,9 @@ def connect(page: Page, site: TwoHosts, *, signed_in: bool = False) -> uuid.UUID
 
 
 def shows(page: Page, host: str) -> bool:
-    canvas = page.locator("#console-screen canvas")
+    canvas = drawn_canvas(page)
     try:
-        # While it reconnects the canvas is replaced, and is 0 pixels wide until the first
-        # frame: not drawn yet, not an error.
-        if canvas.count() != 1 or canvas.evaluate("(c) => c.width * c.height") == 0:
-            return False
-        if canvas.evaluate(CANVAS_STATS)["colours"] != 2:
+        if canvas is None or canvas.evaluate(CANVAS_STATS)["colours"] != 2:
             return False
         left, right = COLOURS[host]
         return (tuple(canvas.evaluate(PIXEL_AT, [40, 100])) == left

@@ -49,6 +49,7 @@ from tests.browser.conftest import (
     CANVAS_STATS,
     ConsoleProxyThread,
     LiveServer,
+    drawn_canvas,
     launch_chromium,
     sign_in,
     skip_or_fail_without_chromium,
@@ -107,14 +108,12 @@ def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
 def console_drawn(page: Page) -> bool:
     from playwright.sync_api import Error as PlaywrightError
 
-    canvas = page.locator("#console-screen canvas")
-    try:  # a reconnecting console's new canvas is 0 pixels wide until its first frame
-        if canvas.count() != 1 or canvas.evaluate("(c) => c.width * c.height") == 0:
-            return False
-        stats = canvas.evaluate(CANVAS_STATS)
+    canvas = drawn_canvas(page)
+    try:
+        stats = canvas.evaluate(CANVAS_STATS) if canvas is not None else None
     except PlaywrightError:  # replaced between two calls
         return False
-    return bool(stats["colours"] >= 2 and stats["lit"] > 0.0005)
+    return stats is not None and bool(stats["colours"] >= 2 and stats["lit"] > 0.0005)
 
 
 @contextmanager

@@ -32,7 +32,6 @@ export function openConsole({ desktopId, desktopName, screen, status, onChange }
   // While reconnecting: when the connection dropped and how many tries have failed since.
   let droppedAt = null;
   let tries = 0;
-  let reconnects = 0;
 
   function set(state, text) {
     status.dataset.state = state;
@@ -102,7 +101,6 @@ export function openConsole({ desktopId, desktopName, screen, status, onChange }
     rfb.resizeSession = false;
     rfb.background = "#1b1b1b";
     rfb.addEventListener("connect", () => {
-      if (droppedAt !== null) reconnects += 1;
       droppedAt = null;
       tries = 0;
       set("connected", `connected to ${name}`);
@@ -137,7 +135,6 @@ export function openConsole({ desktopId, desktopName, screen, status, onChange }
     desktopId,
     get name() { return name; },
     get connected() { return status.dataset.state === "connected"; },
-    get reconnects() { return reconnects; },
     canvas() { return screen.querySelector("canvas"); },
     disconnect() {
       if (closed) return;
