@@ -67,6 +67,12 @@ class DriverError(DeskpoolError):
     """The hypervisor refused or failed an operation."""
 
 
+class DiskInUse(DriverError):
+    """A VM's disk is held by another process: QEMU's image lock on the disk is taken, so a QEMU
+    somewhere (on any host sharing the storage) still has it open. Starting a second VM on it
+    would corrupt it; deskpool's fence against running one desktop twice."""
+
+
 class ChecksumMismatch(DriverError):
     """A file or a volume no longer has the checksum recorded for it (it is corrupt)."""
 

@@ -393,6 +393,36 @@ class HypervisorDriver(ABC):
         ``owned_volume_names``). Deleting a VM that does not exist succeeds; so does deleting
         one whose definition is gone but whose volumes remain (they are removed)."""
 
+    # --- HA restart: a lost host's VM started again over the storage it shared ------------
+
+    def restart_on_shared_storage(self, spec: VmSpec) -> VmRecord:
+        """Define ``spec``'s VM here over the root volume its lost host left on storage both
+        hosts reach (``<vm_id>-root.qcow2`` is in this host's storage already; it is used as
+        it is, nothing is cloned) and start it: running when this returns.
+
+        * **Fenced by the disk.** QEMU takes its disk's write lock when it starts, so while
+          any process on any host sharing the storage still holds the disk (a QEMU that
+          outlived its libvirtd), the start fails: this raises ``DiskInUse`` and leaves
+          nothing defined here. One desktop never runs twice.
+        * ``NotFound`` when the root volume is not in this host's storage (it is not shared
+          with the lost host), ``Conflict`` when a VM with that id or name is defined here.
+        * ``spec.clone_mode`` must be linked or full (instant clones refer to a memory state
+          of their host: ``InvalidInput``). The seed volume is kept if present, imported
+          from ``spec.seed_image`` if not. Other failures leave nothing defined here and the
+          volumes as they were (``DriverError``).
+        * Drivers that cannot (libvirt's ``test:///`` takes no disk locks and is refused too,
+          ``DriverError`` "not supported") change nothing.
+        """
+        raise DriverError(f"restarting on shared storage is not supported by "
+                          f"{type(self).__name__}")
+
+    def forget_vm(self, vm_id: uuid.UUID) -> None:
+        """Remove the VM's definition here and keep its volumes: it runs on another host that
+        shares this host's storage (``restart_on_shared_storage``), and they are its disks
+        now. A running VM is refused (``Conflict``); an unknown one is no error. Others'
+        VMs are refused (``Conflict``)."""
+        raise DriverError(f"forgetting a VM is not supported by {type(self).__name__}")
+
     @abstractmethod
     def get_vm(self, vm_id: uuid.UUID) -> VmRecord:
         """The VM's current record, power state read from the hypervisor. ``VmNotFound``.

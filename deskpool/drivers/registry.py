@@ -42,5 +42,8 @@ def release_driver(driver: HypervisorDriver) -> None:
 
 def forget_fake_hosts() -> None:
     """Tests: drop every fake host so the next test starts empty."""
+    from deskpool.drivers.fake.shared import forget_shared_storage
+
     with _fakes_lock:
         _fakes.clear()
+    forget_shared_storage()

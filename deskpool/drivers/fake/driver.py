@@ -69,6 +69,7 @@ from deskpool.drivers.fake.guest import FakeGuest
 from deskpool.drivers.fake.load import FakeLoadMixin
 from deskpool.drivers.fake.migration import FakeMigrationMixin
 from deskpool.drivers.fake.saved_state import ACTIVE_STATES, FakeSavedStateMixin
+from deskpool.drivers.fake.shared import FakeSharedStorageMixin, shared_volumes
 from deskpool.drivers.fake.state import (
     FakeShape,
     FakeVm,
@@ -88,7 +89,7 @@ _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
 class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, FakeLoadMixin,
-                 HypervisorDriver):
+                 FakeSharedStorageMixin, HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
     def __init__(
@@ -118,7 +119,9 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, F
         self._domain_types = tuple(domain_types)
         self.agent_delay_polls = agent_delay_polls
         self._lock = threading.RLock()
-        self._volumes: dict[str, FakeVolume] = {}
+        self.shared_storage = shape.shared_storage or None
+        self._volumes: dict[str, FakeVolume] = (
+            shared_volumes(self.shared_storage, self) if self.shared_storage else {})
         self._vms: dict[uuid.UUID, FakeVm] = {}
         # Captured memory states (and instant clones' copies), by volume name: what the file
         # would hold. The template's spec comes along: it is the definition inside the file.

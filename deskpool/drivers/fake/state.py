@@ -118,7 +118,8 @@ def check_definition(spec: VmSpec) -> None:
 class FakeShape:
     """A fake host's size and kind, from its URI's query, e.g.
     ``fake://h?vcpus=16&memory_mib=65536&storage_gib=500&hypervisor=FAKE&arch=x86_64
-    &cpu_model=Skylake&agent_delay_polls=2`` (placement tests of mixed hosts)."""
+    &cpu_model=Skylake&agent_delay_polls=2`` (placement tests of mixed hosts);
+    ``shared_storage=NAME`` for hosts on one shared storage (``shared.py``)."""
 
     vcpus: int
     memory_mib: int
@@ -127,6 +128,7 @@ class FakeShape:
     hypervisor: str = "FAKE"
     arch: str = "x86_64"
     cpu_model: str = ""
+    shared_storage: str = ""  # hosts naming the same one see one set of volumes
 
     @classmethod
     def parse(cls, uri: str, *, vcpus: int, memory_mib: int, storage_bytes: int,
@@ -142,7 +144,8 @@ class FakeShape:
                                else storage_bytes),
                 agent_delay_polls=int(query.get("agent_delay_polls", agent_delay_polls)),
                 hypervisor=query.get("hypervisor", "FAKE"), arch=query.get("arch", "x86_64"),
-                cpu_model=query.get("cpu_model", ""))
+                cpu_model=query.get("cpu_model", ""),
+                shared_storage=query.get("shared_storage", ""))
         except ValueError as exc:
             raise HypervisorUnreachable(f"{uri!r}: bad fake host shape ({exc})") from None
         if shape.agent_delay_polls < 0:

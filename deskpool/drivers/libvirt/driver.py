@@ -62,6 +62,7 @@ from deskpool.drivers.libvirt.migration import MigrationMixin
 from deskpool.drivers.libvirt.overlays import OverlayWriter
 from deskpool.drivers.libvirt.power import power_of
 from deskpool.drivers.libvirt.rdp_forward import rdp_forward
+from deskpool.drivers.libvirt.shared_restart import SharedRestartMixin
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 from deskpool.drivers.libvirt.volume_check import VerifiedVolumes
 
@@ -108,7 +109,7 @@ def forget_storage_pool(storage_dir: Path, uri: str = "qemu:///system") -> None:
 
 
 class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImportsMixin,
-                    MigrationMixin, LoadSampleMixin, ConnectionMixin,
+                    MigrationMixin, LoadSampleMixin, SharedRestartMixin, ConnectionMixin,
                     HypervisorDriver):
     """One connection per host, opened again by the first call after it died (the host's
     libvirtd was restarted; see ``connection.py``)."""
@@ -333,11 +334,17 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
     def _build_definition(
         self, spec: VmSpec, base: libvirt.virStorageVol
     ) -> xml.DomainDefinition:
-        disks = [xml.DiskDevice(path=self._create_root_volume(spec, base), target="vda")]
+        root = self._create_root_volume(spec, base)
+        seed = None
         if spec.seed_image is not None:
-            seed = self.import_volume(seed_volume_name(spec.vm_id), spec.seed_image)
-            disks.append(xml.DiskDevice(path=seed.path, target="vdb", format="raw",
-                                        readonly=True))
+            seed = self.import_volume(seed_volume_name(spec.vm_id), spec.seed_image).path
+        return self._definition(spec, root, seed)
+
+    def _definition(self, spec: VmSpec, root: str, seed: str | None) -> xml.DomainDefinition:
+        """The VM's libvirt definition over its root volume (and seed volume) at these paths."""
+        disks = [xml.DiskDevice(path=root, target="vda")]
+        if seed is not None:
+            disks.append(xml.DiskDevice(path=seed, target="vdb", format="raw", readonly=True))
         boot = None
         if spec.direct_boot is not None:
             boot = xml.DirectKernelBoot(
