@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     ready_timeout_s: float = Field(default=240.0, ge=1, le=3600, allow_inf_nan=False)
     # A host silent this long is marked down.
     host_down_after_s: float = Field(default=60.0, ge=1, le=86400, allow_inf_nan=False)
+    # A down host's stateful desktop that could not be restarted on a host sharing its
+    # storage (its disk still locked, no room) is tried again this often.
+    ha_retry_s: float = Field(default=60.0, ge=1, le=86400, allow_inf_nan=False)
     # A draining host's desktops in use move live to other hosts; off, their users are
     # warned and logged off at the drain's deadline, as for desktops that cannot move.
     drain_by_migration: bool = True

@@ -27,6 +27,7 @@ from deskpool.api.schemas import (
     PoolPath,
     PrincipalKind,
     SessionAdminView,
+    SharedStorageRequest,
     StateResponse,
     TemplatePath,
     TemplatePublish,
@@ -67,7 +68,18 @@ def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
-    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits, actor=actor))
+    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits,
+                                           shared_storage=body.shared_storage, actor=actor))
+
+
+@router.put("/hosts/{name}/shared-storage", response_model=HostAdminView,
+            responses=errors(404))
+def set_shared_storage(name: HostPath, body: SharedStorageRequest, actor: AdminActor,
+                       svc: ServicesDep) -> Row:
+    """Which shared storage the host's storage directory is on (null: its own). Stateful
+    desktops of a host lost whole are restarted on a host of the same shared storage."""
+    return asdict(HostService(svc.ctx).set_shared_storage(name, body.shared_storage,
+                                                          actor=actor))
 
 
 @router.post("/hosts/{name}/drain", response_model=HostAdminView, responses=errors(404, 409))

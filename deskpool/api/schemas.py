@@ -454,6 +454,12 @@ class HostCreate(BaseModel):
     max_desktops: Annotated[int, Field(ge=0, le=100_000), NUMBER] | None = None
     max_provisioning: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
     transfer_slots: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
+    # The shared storage its storage directory is on (hosts of one name see the same files).
+    shared_storage: HostName | None = None
+
+
+class SharedStorageRequest(BaseModel):
+    shared_storage: HostName | None
 
 
 class DrainRequest(BaseModel):
@@ -500,6 +506,7 @@ class HostAdminView(BaseModel):
     last_seen_at: datetime | None
     last_error: str | None
     drain_deadline: datetime | None
+    shared_storage: str | None = None
 
 
 class TemplateVersionAdminView(BaseModel):

@@ -43,6 +43,9 @@ def host_add(
     max_desktops: Annotated[int | None, typer.Option(help="at most this many desktops")] = None,
     max_provisioning: Annotated[int, typer.Option(help="desktops made at once")] = 2,
     transfer_slots: Annotated[int, typer.Option(help="image transfers at once")] = 2,
+    shared_storage: Annotated[str | None, typer.Option(
+        help="name of the shared storage its storage dir is on (HA restart between hosts "
+             "of one name)")] = None,
 ) -> None:
     """Register a hypervisor host (its URI must answer); its capacity is read from it."""
     limits = HostLimits(cpu_overcommit, memory_overcommit, max_desktops, max_provisioning,
@@ -50,9 +53,23 @@ def host_add(
     with services() as ctx, spinner(f"connecting to {uri}"):
         host = HostService(ctx).add(name, uri, domain_type=domain_type,
                                     storage_dir=storage_dir, limits=limits,
-                                    actor=Actor.local())
+                                    shared_storage=shared_storage, actor=Actor.local())
     out.print(f"host [bold]{host.name}[/] added ({host.uri}: {host.hypervisor}, "
               f"{host.vcpus} CPUs, {host.memory_mib} MiB, storage {host.storage_dir})")
+
+
+@host_app.command("shared-storage")
+def host_shared_storage(
+    name: str,
+    storage: Annotated[str, typer.Argument(
+        help="the shared storage's name, or 'none' for the host's own storage")],
+) -> None:
+    """Say which shared storage a host's storage directory is on: hosts of one name mount it
+    at the same path, and a lost host's stateful desktops restart on the others."""
+    with services() as ctx:
+        host = HostService(ctx).set_shared_storage(
+            name, None if storage == "none" else storage, actor=Actor.local())
+    out.print(f"host [bold]{host.name}[/]: storage {host.shared_storage or 'its own'}")
 
 
 @host_app.command("list")
@@ -61,13 +78,14 @@ def host_list() -> None:
     with services() as ctx:
         hosts = HostService(ctx).list()
     table = Table("name", "uri", "state", "hypervisor", "CPUs", "memory MiB", "desktops",
-                  "limits", "last error")
+                  "limits", "storage", "last error")
     for h in hosts:
         limit = f"cpu x{h.cpu_overcommit:g} mem x{h.memory_overcommit:g}" + (
             f" max {h.max_desktops}" if h.max_desktops is not None else "")
         state = h.state + (f" until {h.drain_deadline:%H:%M}" if h.drain_deadline else "")
         table.add_row(h.name, h.uri, state, f"{h.hypervisor} ({h.domain_type})",
                       str(h.vcpus), str(h.memory_mib), str(h.desktops), limit,
+                      f"shared: {h.shared_storage}" if h.shared_storage else "own",
                       h.last_error or "")
     out.print(table)
 

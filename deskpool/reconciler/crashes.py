@@ -35,6 +35,7 @@ from deskpool.reconciler.planning import backoff
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
 from deskpool.services.pools import logout_outcome
+from deskpool.store.db import UnitOfWork
 
 S = DesktopState
 
@@ -63,37 +64,46 @@ def crashed(ctx: ServiceContext, desktop_id: uuid.UUID, state: DesktopState, rea
     """Mark the desktop, seen in ``state`` with a dead VM, as failed for ``reason``; False if
     it moved on meanwhile (another actor's change wins, nothing is written)."""
     with ctx.uow() as uow:
-        desktop = uow.desktops.find(desktop_id)
-        if desktop is None or desktop.state is not state:
+        if not mark_crashed(uow, desktop_id, state, reason, now):
             return False
-        pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
-        stateful = pool is not None and pool.kind is PoolKind.STATEFUL
-        user, name = desktop.assigned_user, desktop.name
-        try:
-            transition(uow.desktops, desktop_id, state, S.ERROR, last_error=reason)
-        except LostRace:
-            return False
-        # The session is over: its consoles and tickets are dead with the VM. A stateful
-        # desktop stays its user's (repaired, then given back); a stateless one lets go of
-        # its user, who may take another desktop at once.
-        uow.desktop_sessions.clear(desktop_id, unassign=not stateful)
-        uow.console_tickets.expire_unused(desktop_id, now)
-        desktop = uow.desktops.get(desktop_id)
-        desktop.retry_count += 1
-        desktop.next_attempt_at = now + backoff(desktop.retry_count)
-        pool_name = pool.name if pool is not None else None
-        record_event(uow, "desktop-crashed", f"{name}: {reason}", severity="error",
-                     pool=pool_name, desktop_id=desktop_id, desktop=name)
-        if user is not None:
-            if stateful:
-                what = ("your files are kept; it is being started again and connecting "
-                        "gives it back to you in a few minutes")
-            else:
-                what = "what was open on it is lost; connecting again gives you a new desktop"
-            record_event(uow, "desktop-lost", f"your desktop {name} stopped: {reason}; {what}",
-                         severity="warning", user=user, pool=pool_name, desktop_id=desktop_id,
-                         desktop=name)
         uow.commit()
+    return True
+
+
+def mark_crashed(uow: UnitOfWork, desktop_id: uuid.UUID, state: DesktopState, reason: str,
+                 now: datetime) -> bool:
+    """``crashed`` inside the caller's unit of work, which commits; False (nothing written)
+    when the desktop is no longer in ``state``."""
+    desktop = uow.desktops.find(desktop_id)
+    if desktop is None or desktop.state is not state:
+        return False
+    pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+    stateful = pool is not None and pool.kind is PoolKind.STATEFUL
+    user, name = desktop.assigned_user, desktop.name
+    try:
+        transition(uow.desktops, desktop_id, state, S.ERROR, last_error=reason)
+    except LostRace:
+        return False
+    # The session is over: its consoles and tickets are dead with the VM. A stateful
+    # desktop stays its user's (repaired, then given back); a stateless one lets go of
+    # its user, who may take another desktop at once.
+    uow.desktop_sessions.clear(desktop_id, unassign=not stateful)
+    uow.console_tickets.expire_unused(desktop_id, now)
+    desktop = uow.desktops.get(desktop_id)
+    desktop.retry_count += 1
+    desktop.next_attempt_at = now + backoff(desktop.retry_count)
+    pool_name = pool.name if pool is not None else None
+    record_event(uow, "desktop-crashed", f"{name}: {reason}", severity="error",
+                 pool=pool_name, desktop_id=desktop_id, desktop=name)
+    if user is not None:
+        if stateful:
+            what = ("your files are kept; it is being started again and connecting "
+                    "gives it back to you in a few minutes")
+        else:
+            what = "what was open on it is lost; connecting again gives you a new desktop"
+        record_event(uow, "desktop-lost", f"your desktop {name} stopped: {reason}; {what}",
+                     severity="warning", user=user, pool=pool_name, desktop_id=desktop_id,
+                     desktop=name)
     return True
 
 

@@ -118,11 +118,14 @@ class HostWatch:
         rows = uow.desktop_sessions.on_host(
             host.id, pool_kind=PoolKind.STATEFUL,
             states=[*FREE_STATES, *HELD_STATES, S.RECYCLING.value, S.ERROR.value])
+        # On shared storage it is started again on another host (``ha.py``).
+        back = ("it is being started again on another host" if host.shared_storage else
+                "it comes back when the host does")
         for d in rows:
             if d.assigned_user:
                 record_event(uow, "desktop-lost", f"your desktop {d.name} is on host "
                              f"{host.name}, which is down; your files are kept on it, and "
-                             "it comes back when the host does", severity="warning",
+                             f"{back}", severity="warning",
                              user=d.assigned_user, pool=d.pool, desktop_id=d.id,
                              desktop=d.name)
 

@@ -61,6 +61,7 @@ from deskpool.reconciler.crashes import (
     reset_stateless,
     stopped_from_inside,
 )
+from deskpool.reconciler.ha import HaRestarts
 from deskpool.reconciler.hosts import HostWatch
 from deskpool.reconciler.maintenance import ProfileUpkeep
 from deskpool.reconciler.moves import DrainMoves, adopt_moved
@@ -152,6 +153,7 @@ class Reconciler:
         # Desktops moved off hosts under load, every balance interval (``balance`` overrides
         # the settings' policy).
         self.balancing = Balancing(ctx, self.clock, policy=balance)
+        self.ha = HaRestarts(ctx, self.clock, retry_after=timedelta(seconds=settings.ha_retry_s))
         self.steps = StepRunner(ctx, self.factory, slot=self._slot,
                                 ready_timeout_s=self.ready_timeout_s)
         # Flatten, sweep and verify roaming profiles now and then, in the background.
@@ -188,6 +190,8 @@ class Reconciler:
             futures += [self._submit(m.desktop_id, partial(self.balancing.move, m, report),
                                      report)
                         for m in self.balancing.plan(reachable, report, self.in_flight)]
+            futures += [self._submit(d_id, partial(self.ha.restart, d_id, reachable, report),
+                                     report) for d_id in self.ha.plan(self.in_flight)]
             done, running = wait(futures, timeout=wait_s)
             report.steps_running = len(running)
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
@@ -297,6 +301,7 @@ class Reconciler:
         # died before writing it down): adopted first, so it is neither "vanished" from
         # the row's host nor an orphan here.
         elsewhere = adopt_moved(self.ctx, listed, self.clock(), report)
+        self.ha.forget_stale(listed, report)  # after an HA restart, the old host's definition
         to_move: list[uuid.UUID] = []
         for host_id, on_host in listed.items():
             with self.ctx.uow(read_only=True) as uow:

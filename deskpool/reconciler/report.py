@@ -26,6 +26,9 @@ class Outcome(StrEnum):
     MIGRATED = "migrated"  # moved live to another host (a draining host's)
     BALANCED = "balanced"  # moved live off a host under memory or CPU pressure
     ADOPTED = "adopted"  # its VM found on another host after an interrupted live migration
+    HA_RESTARTED = "HA restarted"  # a down host's stateful desktop started on a host sharing
+    #                                its storage
+    HA_FORGOTTEN = "HA forgotten"  # such a desktop's stale definition removed from its old host
     ORPHAN_REMOVED = "orphan removed"  # a deskpool VM without a row: a crash's leftover
 
 

@@ -58,6 +58,7 @@ from deskpool.services.customize import (
 from deskpool.services.events import record_event
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.hosts import resolved_domain_type
+from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, TemplateVersion
 
 Progress = Callable[[str], None]
@@ -186,8 +187,7 @@ class DesktopFactory:
             domain_type = resolved_domain_type(
                 self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
             driver.delete_vm(desktop_id)  # an interrupted earlier attempt's VM, if any
-            pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
-            reboot_ends_vm = pool is not None and resets_on_reboot(pool.kind, pool.on_logout)
+            reboot_ends_vm = _resets_on_reboot(uow, desktop)
             if desktop.clone_mode is CloneMode.INSTANT:
                 state = uow.memory_states.find(tv.id, host.id)
                 if state is None:
@@ -211,6 +211,19 @@ class DesktopFactory:
                 if spec.seed_image is not None:  # the driver copied it into the host's storage
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         return driver, made
+
+    def spec_on(self, desktop_id: uuid.UUID, host_id: uuid.UUID) -> VmSpec:
+        """The spec ``provision`` made the desktop's VM from, for host ``host_id``: the same
+        identity over the same disk (an HA restart on a host sharing the storage; the
+        template's version must be on that host, as it is on shared storage)."""
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            tv = desktop.template_version
+            driver = self.ctx.driver_for(uow.hosts.get(host_id))
+            domain_type = resolved_domain_type(
+                self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
+            spec = self._spec(driver, desktop, tv, domain_type)
+            return replace(spec, reboot_ends_vm=_resets_on_reboot(uow, desktop))
 
     def _unusable(self, desktop_id: uuid.UUID, exc: TemplateUnusable) -> None:
         """A pool desktop whose template disk cannot be used: nothing was made on the host
@@ -409,3 +422,8 @@ class DesktopFactory:
             uow.desktops.delete(uow.desktops.get(desktop_id))
             uow.commit()
 
+
+def _resets_on_reboot(uow: UnitOfWork, desktop: Desktop) -> bool:
+    """Whether the desktop's VM is made so that a reboot inside ends it (stateless pools)."""
+    pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+    return pool is not None and resets_on_reboot(pool.kind, pool.on_logout)

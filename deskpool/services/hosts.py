@@ -67,7 +67,7 @@ def host_view(host: Host, desktops: int = 0) -> HostView:
         memory_overcommit=host.memory_overcommit, max_desktops=host.max_desktops,
         max_provisioning=host.max_provisioning, transfer_slots=host.transfer_slots,
         desktops=desktops, last_seen_at=host.last_seen_at, last_error=host.last_error,
-        drain_deadline=host.drain_deadline,
+        drain_deadline=host.drain_deadline, shared_storage=host.shared_storage,
     )
 
 
@@ -114,15 +114,17 @@ class HostService:
     def add(
         self, name: str, uri: str, *, domain_type: DomainType = DomainType.AUTO,
         storage_dir: Path | None = None, limits: HostLimits | None = None,
-        actor: Actor | None = None,
+        shared_storage: str | None = None, actor: Actor | None = None,
     ) -> HostView:
         """Register a host after proving its URI reaches a hypervisor and reading its
-        capacity (nothing is stored if not)."""
+        capacity (nothing is stored if not). ``shared_storage`` names the shared storage
+        its storage directory is on (see ``set_shared_storage``)."""
         if not _NAME_RE.match(name):
             raise InvalidInput(
                 f"host name {name!r} must be 1-63 characters of a-z, 0-9, '.', '_' and '-'"
             )
         limits = (limits or HostLimits()).validate(name)
+        shared_storage = _shared_storage_name(name, shared_storage)
         with self.ctx.uow() as uow:
             if uow.hosts.find_by_name(name) is not None:
                 raise Conflict(f"a host named {name!r} already exists")
@@ -142,6 +144,7 @@ class HostService:
                 cpu_overcommit=limits.cpu_overcommit,
                 memory_overcommit=limits.memory_overcommit, max_desktops=limits.max_desktops,
                 max_provisioning=limits.max_provisioning, transfer_slots=limits.transfer_slots,
+                shared_storage=shared_storage,
             )
             record_capacity(host, capacity)
             uow.hosts.add(host)
@@ -165,6 +168,25 @@ class HostService:
             if new:
                 record_audit(uow, actor, "host.limits", f"host/{name}",
                              f"changed host {name}'s limits", old=old, new=new)
+            uow.commit()
+            return host_view(host)
+
+    def set_shared_storage(self, name: str, shared_storage: str | None, *,
+                           actor: Actor | None = None) -> HostView:
+        """Say which shared storage the host's storage directory is on (None: its own).
+        Hosts naming the same one must mount it at the same path: a stateful desktop of one
+        of them lost whole is restarted on another over the same disk (the reconciler's HA
+        restart, ``reconciler/ha.py``)."""
+        shared_storage = _shared_storage_name(name, shared_storage)
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get_by_name(name)
+            before = _settings(host)
+            host.shared_storage = shared_storage
+            old, new = changed(before, _settings(host))
+            if new:
+                record_audit(uow, actor, "host.shared-storage", f"host/{name}",
+                             f"host {name}'s storage: {shared_storage or 'its own'}",
+                             old=old, new=new)
             uow.commit()
             return host_view(host)
 
@@ -249,7 +271,17 @@ def _settings(host: Host) -> dict[str, object]:
     return {"uri": host.uri, "state": host.state.value, "cpu_overcommit": host.cpu_overcommit,
             "memory_overcommit": host.memory_overcommit, "max_desktops": host.max_desktops,
             "max_provisioning": host.max_provisioning, "transfer_slots": host.transfer_slots,
-            "drain_deadline": host.drain_deadline.isoformat() if host.drain_deadline else None}
+            "drain_deadline": host.drain_deadline.isoformat() if host.drain_deadline else None,
+            "shared_storage": host.shared_storage}
+
+
+def _shared_storage_name(host: str, name: str | None) -> str | None:
+    if name is None or name == "":
+        return None
+    if not _NAME_RE.match(name):
+        raise InvalidInput(f"host {host!r}: shared storage name {name!r} must be 1-63 "
+                           "characters of a-z, 0-9, '.', '_' and '-'")
+    return name
 
 
 def drain_notice(deadline: datetime) -> str:

@@ -37,7 +37,7 @@ from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.placement import Placer
 from deskpool.services.renewal import renewed_while_running
 from deskpool.store.leases import Leased
-from deskpool.store.models import utcnow
+from deskpool.store.models import Host, utcnow
 
 # Held while the move runs, renewed every third of it: a broker that dies mid-move lets go
 # within two minutes (then the reconciler adopts or keeps the VM where it runs), however long
@@ -168,6 +168,10 @@ class MigrationService:
                 if host.state is not HostState.ENABLED:
                     raise Conflict(f"host {target} is {host.state.value}: it takes no "
                                    "desktops")
+                if _one_storage(source, host):
+                    raise Conflict(f"desktop {d.name} cannot move live to host {target}: "
+                                   f"both hosts are on shared storage {host.shared_storage}, "
+                                   "and a live move between them is not supported yet")
                 # Placement's own filters (hypervisor, architecture, room, pinning...),
                 # before anything starts: a move is refused here, not half-way.
                 try:
@@ -177,7 +181,11 @@ class MigrationService:
                     raise Conflict(f"desktop {d.name} cannot move to host {target}: "
                                    f"{exc}") from exc
             else:
-                others = {h.id for h in uow.hosts.list() if h.id != source.id}
+                others = {h.id for h in uow.hosts.list()
+                          if h.id != source.id and not _one_storage(source, h)}
+                if not others:  # (an empty ``allowed`` would mean any host to placement)
+                    raise Conflict(f"desktop {d.name} has nowhere to go: no other host "
+                                   "outside its shared storage")
                 try:
                     host, _ = Placer(uow).place(d.template_version, d.clone_mode,
                                                 what=f"desktop {d.name}", allowed=others)
@@ -205,3 +213,8 @@ class MigrationService:
         return source.migrate_vm(plan.desktop_id, target, base_volume=base,
                                  timeout_s=timeout_s, progress=progress)
 
+
+def _one_storage(a: Host, b: Host) -> bool:
+    """Whether two hosts are on one shared storage: a live move between them would copy
+    the disk onto itself (the copy is made for hosts with storage of their own)."""
+    return a.shared_storage is not None and a.shared_storage == b.shared_storage

@@ -31,6 +31,7 @@ class HostView:
     last_seen_at: datetime | None = None
     last_error: str | None = None
     drain_deadline: datetime | None = None
+    shared_storage: str | None = None
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,9 @@ class Host(Base):
     domain_type_resolved: Mapped[str | None] = mapped_column(String(16))
     # Path of the deskpool libvirt storage pool on that host.
     storage_dir: Mapped[str | None] = mapped_column(Text)
+    # The shared storage that directory is on (hosts with one name see the same files at the
+    # same path): its stateful desktops can be restarted on those hosts if it is lost.
+    shared_storage: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Limits set by the admin (see ``deskpool.scheduler``).
     cpu_overcommit: Mapped[float] = mapped_column(Float, default=4.0)
