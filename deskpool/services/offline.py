@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from deskpool.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
+from deskpool.domain.models import VolumeInfo
 from deskpool.domain.offline import OfflineLease, OfflinePolicy, human_date, sign_lease
 from deskpool.domain.offline_keys import EscrowWrappedKey as Escrowed
 from deskpool.domain.offline_keys import (
@@ -36,10 +37,13 @@ from deskpool.domain.offline_keys import (
     wrap_for_escrow,
 )
 from deskpool.domain.states import DesktopState, transition
-from deskpool.images.layer_delta import CheckinRefused, LayerDelta, StagedCheckin
+from deskpool.drivers.base import HypervisorDriver, root_volume_name
+from deskpool.images.layer_delta import CheckinRefused, LayerDelta, StagedCheckin, file_sha256
+from deskpool.images.offline_disk import layer_from_overlay, overlay_from_layer
 from deskpool.images.offline_server import (
     ServerLayer,
     discard_transfer,
+    ensure_base,
     ensure_layer,
     open_transfer,
 )
@@ -144,7 +148,13 @@ class OfflineService:
                                "(or wait until it is ready) before checking it out")
             version = uow.versions.get(desktop.template_version_id)
             server = self._server_layer(desktop.id)
-            data_key, made_layer = self._layer_key(uow, desktop, server)
+            driver = self.ctx.driver_for(desktop.host)
+            root = _local_root(driver, desktop.id)
+            if root is not None and driver.list_snapshots(desktop.id):
+                raise Conflict(f"desktop {desktop_name} has snapshots, which its offline copy "
+                               "cannot carry; it cannot be checked out")
+            data_key, made_layer = self._layer_key(uow, desktop, server,
+                                                   fresh=root is not None)
             # The lock first: from here no broker can hand the desktop out or recycle it.
             transition(uow.desktops, desktop.id, S.READY, S.CHECKED_OUT)
             checkout = OfflineCheckout(
@@ -159,9 +169,14 @@ class OfflineService:
                 # A consistent point: the VM off, so the server's copy stops changing (inside
                 # the transaction: a failure here stores nothing; a VM left off is started by
                 # the usual hand-over).
-                self.ctx.driver_for(desktop.host).stop_vm(desktop.id, force=True)
-                checkout.layer_sha256 = ensure_layer(server, Path(version.image_path),
-                                                     version.image_sha256, data_key)
+                driver.stop_vm(desktop.id, force=True)
+                if root is not None:  # the desktop's disk as its user left it
+                    base = ensure_base(server, Path(version.image_path), version.image_sha256)
+                    layer_from_overlay(Path(root.path), server.layer, base, data_key)
+                    checkout.layer_sha256 = file_sha256(server.layer)
+                else:  # the fake's volumes are no files: the layer alone stands for the disk
+                    checkout.layer_sha256 = ensure_layer(server, Path(version.image_path),
+                                                         version.image_sha256, data_key)
                 lease = self._lease(checkout, policy, now)
                 uow.offline_checkouts.add(checkout)
                 record_event(uow, "offline-checkout",
@@ -278,6 +293,8 @@ class OfflineService:
                 self._note_error(checkout_id, f"{kind} refused: {exc}")
                 raise
             _staged.pop(desktop_id, None)
+            if kind != "sync":  # before the write transaction: a convert takes a while
+                self._rebuild_root(desktop_id, data_key)
             with self.ctx.uow() as uow:
                 checkout = uow.offline_checkouts.get(checkout_id)
                 checkout.layer_sha256 = delta.target_sha256
@@ -362,6 +379,9 @@ class OfflineService:
         with _desktop_lock(desktop_id):
             _staged.pop(desktop_id, None)
             discard_transfer(self._server_layer(desktop_id))
+            with self.ctx.uow(read_only=True) as uow:
+                data_key = self._data_key(self._active(uow, desktop_name))
+            self._rebuild_root(desktop_id, data_key)  # as of the last sync
             with self.ctx.uow() as uow:
                 checkout = self._active(uow, desktop_name)
                 if status == "forced-in" and checkout.revoked_at is None:
@@ -431,11 +451,30 @@ class OfflineService:
         return unwrap_from_escrow(Escrowed.from_json(checkout.escrowed_key),
                                   self.secrets.escrow_key, _binding(checkout))
 
-    def _layer_key(self, uow: UnitOfWork, desktop: Desktop,
-                   server: ServerLayer) -> tuple[bytes, bool]:
+    def _rebuild_root(self, desktop_id: uuid.UUID, data_key: bytes) -> None:
+        """The desktop's disk made again from the server's copy of its layer (what the laptop
+        checked in, or its last sync), its VM off; the old disk kept on any failure, the
+        check-out then still holding the desktop. A host whose disks are not files here (the
+        fake) keeps the layer as the desktop's disk."""
+        with self.ctx.uow(read_only=True) as uow:
+            driver = self.ctx.driver_for(uow.desktops.get(desktop_id).host)
+        root = _local_root(driver, desktop_id)
+        if root is None:
+            return
+        if root.backing_volume_path is None:
+            raise Conflict(f"the disk of desktop {desktop_id} has no template under it; its "
+                           "offline layer cannot be laid on it")
+        overlay_from_layer(self._server_layer(desktop_id).layer, data_key, Path(root.path),
+                           Path(root.backing_volume_path))
+
+    def _layer_key(self, uow: UnitOfWork, desktop: Desktop, server: ServerLayer, *,
+                   fresh: bool = False) -> tuple[bytes, bool]:
         """The key of the desktop's layer (from its last check-out's escrow), or a new one
-        for a layer made now; and whether the layer is new."""
+        for a layer made now (``fresh``: made from the desktop's disk whatever is there);
+        and whether the layer is new."""
         previous = uow.offline_checkouts.latest_for(desktop.id)
+        if fresh:
+            return new_data_key(), True
         if server.layer.exists() and previous is not None:
             return self._data_key(previous), False
         if server.layer.exists():  # a layer whose check-out never committed: unusable
@@ -467,3 +506,13 @@ def _desktop_lock_by_name(ctx: ServiceContext, desktop_name: str) -> threading.L
             return _desktop_lock(uow.desktops.get_by_name(desktop_name).id)
         except NotFound:
             raise NotFound(f"there is no desktop named {desktop_name!r}") from None
+
+
+def _local_root(driver: HypervisorDriver, desktop_id: uuid.UUID) -> VolumeInfo | None:
+    """The desktop's root volume when it is a file this broker reaches (a libvirt host on
+    this machine); None for others (the fake's volumes, a remote host's)."""
+    try:
+        info = driver.volume_info(root_volume_name(desktop_id))
+    except NotFound:
+        return None
+    return info if Path(info.path).is_file() else None
