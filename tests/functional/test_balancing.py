@@ -93,7 +93,8 @@ def test_nothing_moves_in_a_pool_without_balance_and_the_admin_is_told_once(
     (event,) = grid.events("balance-unresolved")
     assert event.severity == "warning"
     assert event.message == ("load balancing leaves host a memory 86% > 85%: no desktop on "
-                             "it may move (pool, logon, cooldown or already moving)")
+                             "it may move (pool or host set balancing off, logon, cooldown or "
+                             "already moving)")
     grid.clock.now += INTERVAL
     reconciler.run_pass()  # still hot, for the same reason: not told again
     assert len(grid.events("balance-unresolved")) == 1
