@@ -20,6 +20,10 @@ from deskpool.api.schemas import (
     HostAdminView,
     HostCreate,
     HostPath,
+    HostSetBalance,
+    HostSetPath,
+    HostSetView,
+    HostUpdate,
     MigrateRequest,
     MigrationView,
     PoolAdminView,
@@ -67,7 +71,26 @@ def hosts(admin: AdminUser, svc: ServicesDep) -> list[Row]:
 def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
-    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits, actor=actor))
+    return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits,
+                                           host_set=body.host_set, actor=actor))
+
+
+@router.patch("/hosts/{name}", response_model=HostAdminView, responses=errors(404))
+def update_host(name: HostPath, body: HostUpdate, actor: AdminActor, svc: ServicesDep) -> Row:
+    """Put a host in a host set (null: the default set)."""
+    return asdict(HostService(svc.ctx).set_host_set(name, body.host_set, actor=actor))
+
+
+@router.get("/host-sets", response_model=list[HostSetView])
+def host_sets(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(s) for s in HostService(svc.ctx).sets()]
+
+
+@router.put("/host-sets/{name}/balance", response_model=HostSetView, responses=errors(404))
+def balance_host_set(name: HostSetPath, body: HostSetBalance, actor: AdminActor,
+                     svc: ServicesDep) -> Row:
+    """Turn a host set's load balancing on or off (404 when no host is in the set)."""
+    return asdict(HostService(svc.ctx).set_balance(name, body.balance, actor=actor))
 
 
 @router.post("/hosts/{name}/drain", response_model=HostAdminView, responses=errors(404, 409))

@@ -31,6 +31,15 @@ class HostView:
     last_seen_at: datetime | None = None
     last_error: str | None = None
     drain_deadline: datetime | None = None
+    host_set: str | None = None  # None: the default set
+    set_balances: bool = False  # the set's balancing switch
+
+
+@dataclass(frozen=True)
+class HostSetView:
+    name: str
+    balance: bool
+    hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
