@@ -131,9 +131,17 @@ def host_drain(
     """No new desktops or sessions; free desktops move away; users warned, then logged off."""
     with services() as ctx:
         service = HostService(ctx)
+        before = service.get(name)
         host = service.drain(name, grace=parse_duration(grace), actor=Actor.local())
-        out.print(f"host [bold]{name}[/] is draining; sessions end by "
-                  f"{host.drain_deadline:%H:%M:%S} UTC")
+        if before.state == "draining" and before.drain_deadline is not None:
+            # A second drain only moves the deadline: the moves under way go on, once each.
+            out.print(f"host [bold]{name}[/] was draining already ({before.desktops} "
+                      f"desktops left); its deadline moves from "
+                      f"{before.drain_deadline:%H:%M:%S} to {host.drain_deadline:%H:%M:%S} "
+                      "UTC, the desktops moving now are not moved again")
+        else:
+            out.print(f"host [bold]{name}[/] is draining; sessions end by "
+                      f"{host.drain_deadline:%H:%M:%S} UTC")
         if not wait:
             return
         with out.status("draining") as status:
