@@ -324,8 +324,9 @@ class _Pass:
             why = ("no desktop on it may move (pool or host set balancing off, logon, "
                    "cooldown or already moving)")
         else:
-            why = (f"none of its {len(source.movable)} movable desktops fits another host "
-                   f"below the low watermark with a benefit of {self.policy.min_benefit:.0%}")
+            why = (f"none of its {len(source.movable)} movable desktops fits another host of "
+                   f"its set below the low watermark with a benefit of "
+                   f"{self.policy.min_benefit:.0%}")
         self._unresolved(source, why)
         return None
 

@@ -182,7 +182,7 @@ def test_a_host_whose_load_cannot_be_read_is_neither_source_nor_target(grid: Gri
     report = reconciler.run_pass()
     assert report.counts[Outcome.BALANCED] == 0 and grid.rows()["lab-01"].host == "a"
     (left_hot,) = grid.events("balance-unresolved")
-    assert "none of its 1 movable desktops fits another host" in left_hot.message
+    assert "none of its 1 movable desktops fits another host of its set" in left_hot.message
     grid.clock.now += INTERVAL  # both answer again: the move happens
     report = reconciler.run_pass()
     assert report.counts[Outcome.BALANCED] == 1 and grid.rows()["lab-01"].host == "b"

@@ -58,7 +58,7 @@ def test_a_move_never_leaves_the_host_set_even_when_the_pool_balances(grid: Grid
     report = balancing_pass(grid)
     assert report.counts[Outcome.BALANCED] == 0 and grid.rows()["lab-01"].host == "a"
     (event,) = grid.events("balance-unresolved")
-    assert "fits another host" in event.message
+    assert "fits another host of its set" in event.message
 
 
 def test_host_sets_by_api_with_bad_input_named(grid: Grid) -> None:
