@@ -345,8 +345,8 @@ class HypervisorDriver(ABC):
         * On a failure (the target out of memory part way included) or a timeout
           (cancelled): it runs here as before, nothing of it is left on the target, and
           ``DriverError`` says why.
-        * The connection to this host lost while the move runs: ``HypervisorUnreachable``,
-          and the caller cannot know where the VM runs. It runs on exactly one of the two
+        * The connection to this host lost while the move runs: ``HostConnectionLost``, and
+          the caller cannot know where the VM runs. It runs on exactly one of the two
           hosts (the target's copy starts only once this one has stopped); whoever lists
           both hosts later finds which.
         * Hypervisors that cannot (libvirt ``test:///``), or two different drivers, raise

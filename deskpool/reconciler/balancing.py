@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from deskpool.config import Settings
-from deskpool.domain.errors import DeskpoolError, LostRace
+from deskpool.domain.errors import DeskpoolError, HostConnectionLost, LostRace
 from deskpool.domain.models import LoadSample, moves_live
 from deskpool.domain.states import DesktopState
 from deskpool.reconciler.report import Outcome, PassReport
@@ -206,6 +206,9 @@ class Balancing:
             report.count(Outcome.BALANCED)
         except LostRace:
             pass  # another broker works on it (or moves it): its turn, not a failure
+        except HostConnectionLost as exc:
+            # Not "stays where it was": it may have moved; the next pass lists the hosts.
+            report.notes.append(f"balancing: {planned.desktop}: {exc}")
         except DeskpoolError as exc:
             report.notes.append(f"balancing: {planned.desktop} was not moved to "
                                 f"{planned.target}: {exc}")

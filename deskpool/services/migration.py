@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from deskpool.domain.errors import Conflict, HypervisorUnreachable, InvalidInput, LostRace
+from deskpool.domain.errors import (
+    Conflict,
+    HostConnectionLost,
+    HypervisorUnreachable,
+    InvalidInput,
+    LostRace,
+)
 from deskpool.domain.models import HostState, MigrationStats, moves_live
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.scheduler.balancer import PastMove
@@ -205,10 +211,10 @@ class MigrationService:
         try:
             return source.migrate_vm(plan.desktop_id, target, base_volume=base,
                                      timeout_s=timeout_s, progress=progress)
-        except HypervisorUnreachable as exc:
+        except (HostConnectionLost, HypervisorUnreachable) as exc:
             # The move may have finished without us: the row keeps the source until the
             # reconciler lists both hosts and finds the one running copy (reconciler/moves).
-            raise HypervisorUnreachable(
+            raise HostConnectionLost(
                 f"the connection to host {plan.source} was lost while desktop {plan.name} "
                 f"moved to {plan.target}: it runs on one of the two, and the reconciler "
                 f"records which once it has listed them ({exc})") from exc

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from deskpool.cli import common
 from deskpool.cli.main import app
-from deskpool.domain.errors import DriverError, HypervisorUnreachable
+from deskpool.domain.errors import DriverError, HostConnectionLost
 from deskpool.domain.models import MigrationStats, PowerState
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
@@ -78,7 +78,7 @@ def test_the_source_lost_mid_move_leaves_one_copy_that_the_reconciler_records(
         grid.fakes["a"].set_reachable(False)
 
     moves = MigrationService(grid.ctx, clock=grid.clock)
-    with pytest.raises(HypervisorUnreachable,
+    with pytest.raises(HostConnectionLost,
                        match=r"the connection to host a was lost while desktop lab-01 moved "
                              r"to b: it runs on one of the two"):
         moves.migrate("lab-01", target="b", reason="test", progress=lose_a)
@@ -92,6 +92,34 @@ def test_the_source_lost_mid_move_leaves_one_copy_that_the_reconciler_records(
     grid.reconciler().run_pass()
     one_copy_running_on(grid, desktop_id, "b")
     assert grid.host_state("a") == "enabled"
+
+
+def test_a_drains_move_that_loses_its_source_warns_no_one_and_is_recorded_later(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    desktop_id = alice_on_a(grid)
+    fake_a = grid.fakes["a"]
+    migrate = fake_a.migrate_vm
+
+    def losing_a(vm_id: uuid.UUID, target: HypervisorDriver, *, base_volume: str,
+                 timeout_s: float = 600.0, progress: Any = None) -> MigrationStats:
+        return migrate(vm_id, target, base_volume=base_volume, timeout_s=timeout_s,
+                       progress=lambda done, total: fake_a.set_reachable(False))
+
+    monkeypatch.setattr(fake_a, "migrate_vm", losing_a)
+    HostService(grid.ctx).drain("a", grace=timedelta(minutes=10))
+    reconciler = grid.reconciler()
+    report = reconciler.run_pass()
+    # It may have moved: no drain notice, no "could not move" warning; the pass says why.
+    assert report.counts[Outcome.MIGRATED] == 0
+    assert any("the connection to host a was lost while desktop lab-01 moved to b" in n
+               for n in report.notes), report.notes
+    assert grid.events("drain-warning") == [] and grid.rows()["lab-01"].notice is None
+    report = reconciler.run_pass()  # a still silent: b's copy is the one, and recorded
+    assert report.counts[Outcome.ADOPTED] == 1
+    fake_a.set_reachable(True)
+    reconciler.run_pass()
+    one_copy_running_on(grid, desktop_id, "b")
+    assert grid.host_state("a") == "maintenance"
 
 
 def test_a_second_drain_while_the_first_ones_move_runs_moves_nothing_twice(

@@ -9,7 +9,7 @@ Two failures part way, as on real hosts:
   off): if not, the target's QEMU fails and the VM runs on here, nothing left there.
 - The connection to this host is lost while the move runs (a test calls
   ``set_reachable(False)`` from ``progress``): this host's daemon drives the move and
-  finishes it, but the caller only hears ``HypervisorUnreachable``; the VM runs on the
+  finishes it, but the caller only hears ``HostConnectionLost``; the VM runs on the
   target, once.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from deskpool.domain.errors import Conflict, DriverError, InvalidInput
+from deskpool.domain.errors import Conflict, DriverError, HostConnectionLost, InvalidInput
 from deskpool.domain.models import MigrationStats
 from deskpool.drivers.base import HypervisorDriver, owned_volume_names, root_volume_name
 from deskpool.drivers.fake.faults import FAULT_POINTS
@@ -39,6 +39,7 @@ class FakeMigrationMixin:
         _lock: threading.RLock
         _vms: dict[uuid.UUID, FakeVm]
         _volumes: dict[str, FakeVolume]
+        _reachable: bool
 
         def _check_usable(self) -> None: ...
         def _maybe_fail(self, point: str) -> None: ...
@@ -93,8 +94,9 @@ class FakeMigrationMixin:
             target._vms[vm_id] = vm
             for name in owned_volume_names(vm_id):
                 self._drop_volume(name)
-            # The connection lost while it ran: the move went on without the caller.
-            self._check_usable()
+            if not self._reachable:  # lost while it ran: the move went on without the caller
+                raise HostConnectionLost(f"the connection to {self.uri} was lost while VM "
+                                         f"{vm.name} moved to {target.uri}")
         return MigrationStats(seconds=0.0, memory_bytes=memory, disk_bytes=overlay.allocation,
                               downtime_ms=0)
 
