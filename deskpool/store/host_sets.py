@@ -15,8 +15,7 @@ class HostSetRepository:
 
     def names(self) -> set[str]:
         """The sets some host is in (the default set, no name, is not one of them)."""
-        return {n for n in self._session.scalars(select(Host.host_set).distinct())
-                if n is not None}
+        return {n for n in self._session.scalars(select(Host.host_set).distinct()) if n is not None}
 
     def balanced(self) -> set[str]:
         """The sets whose balancing is on."""

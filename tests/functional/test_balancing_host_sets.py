@@ -69,8 +69,11 @@ def test_host_sets_by_api_with_bad_input_named(grid: Grid) -> None:
     assert changed.status_code == 200
     assert (changed.json()["host_set"], changed.json()["set_balances"]) == ("rack-a", False)
     on = admin.put("/api/v1/admin/host-sets/rack-a/balance", json={"balance": True})
-    assert on.status_code == 200 and on.json() == {"name": "rack-a", "balance": True,
-                                                   "hosts": ["a"]}
+    assert on.status_code == 200 and on.json() == {
+        "name": "rack-a",
+        "balance": True,
+        "hosts": ["a"],
+    }
     (listed,) = admin.get("/api/v1/admin/hosts").json()
     assert (listed["host_set"], listed["set_balances"]) == ("rack-a", True)
     assert admin.get("/api/v1/admin/host-sets").json() == [on.json()]

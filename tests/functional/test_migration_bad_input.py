@@ -43,15 +43,19 @@ def one_copy_running_on(g: Grid, desktop_id: uuid.UUID, host: str) -> None:
 
 
 def test_a_target_out_of_memory_mid_move_leaves_the_desktop_running_where_it_was(
-        grid: Grid) -> None:
+    grid: Grid,
+) -> None:
     desktop_id = alice_on_a(grid)
     # b's own processes take all but 512 MiB: placement (by allocations) still lets the
     # move start, and the guest's GiB does not fit once its disk has crossed.
     grid.fakes["b"].set_host_load(memory_mib=TIB_MIB - 512)
     moves = MigrationService(grid.ctx, clock=grid.clock)
-    with pytest.raises(DriverError, match=r"host fake://b ran out of memory during the live "
-                                          r"migration of VM .*: it needs 1024 MiB, 512 MiB "
-                                          r"are free there; the VM runs on at fake://a"):
+    with pytest.raises(
+        DriverError,
+        match=r"host fake://b ran out of memory during the live "
+        r"migration of VM .*: it needs 1024 MiB, 512 MiB "
+        r"are free there; the VM runs on at fake://a",
+    ):
         moves.migrate("lab-01", target="b", reason="test")
     one_copy_running_on(grid, desktop_id, "a")
     assert root_volume_name(desktop_id) not in grid.fakes["b"].list_volumes()
@@ -70,17 +74,18 @@ def test_a_target_out_of_memory_mid_move_leaves_the_desktop_running_where_it_was
     one_copy_running_on(grid, desktop_id, "b")
 
 
-def test_the_source_lost_mid_move_leaves_one_copy_that_the_reconciler_records(
-        grid: Grid) -> None:
+def test_the_source_lost_mid_move_leaves_one_copy_that_the_reconciler_records(grid: Grid) -> None:
     desktop_id = alice_on_a(grid)
 
     def lose_a(done: int, total: int) -> None:
         grid.fakes["a"].set_reachable(False)
 
     moves = MigrationService(grid.ctx, clock=grid.clock)
-    with pytest.raises(HostConnectionLost,
-                       match=r"the connection to host a was lost while desktop lab-01 moved "
-                             r"to b: it runs on one of the two"):
+    with pytest.raises(
+        HostConnectionLost,
+        match=r"the connection to host a was lost while desktop lab-01 moved "
+        r"to b: it runs on one of the two",
+    ):
         moves.migrate("lab-01", target="b", reason="test", progress=lose_a)
     # The hypervisors finished the move; the database does not know it yet.
     assert grid.rows()["lab-01"].host == "a" and desktop_id in grid.vm_ids("b")
@@ -95,15 +100,27 @@ def test_the_source_lost_mid_move_leaves_one_copy_that_the_reconciler_records(
 
 
 def test_a_drains_move_that_loses_its_source_warns_no_one_and_is_recorded_later(
-        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid: Grid, monkeypatch: pytest.MonkeyPatch
+) -> None:
     desktop_id = alice_on_a(grid)
     fake_a = grid.fakes["a"]
     migrate = fake_a.migrate_vm
 
-    def losing_a(vm_id: uuid.UUID, target: HypervisorDriver, *, base_volume: str,
-                 timeout_s: float = 600.0, progress: Any = None) -> MigrationStats:
-        return migrate(vm_id, target, base_volume=base_volume, timeout_s=timeout_s,
-                       progress=lambda done, total: fake_a.set_reachable(False))
+    def losing_a(
+        vm_id: uuid.UUID,
+        target: HypervisorDriver,
+        *,
+        base_volume: str,
+        timeout_s: float = 600.0,
+        progress: Any = None,
+    ) -> MigrationStats:
+        return migrate(
+            vm_id,
+            target,
+            base_volume=base_volume,
+            timeout_s=timeout_s,
+            progress=lambda done, total: fake_a.set_reachable(False),
+        )
 
     monkeypatch.setattr(fake_a, "migrate_vm", losing_a)
     HostService(grid.ctx).drain("a", grace=timedelta(minutes=10))
@@ -111,8 +128,10 @@ def test_a_drains_move_that_loses_its_source_warns_no_one_and_is_recorded_later(
     report = reconciler.run_pass()
     # It may have moved: no drain notice, no "could not move" warning; the pass says why.
     assert report.counts[Outcome.MIGRATED] == 0
-    assert any("the connection to host a was lost while desktop lab-01 moved to b" in n
-               for n in report.notes), report.notes
+    assert any(
+        "the connection to host a was lost while desktop lab-01 moved to b" in n
+        for n in report.notes
+    ), report.notes
     assert grid.events("drain-warning") == [] and grid.rows()["lab-01"].notice is None
     report = reconciler.run_pass()  # a still silent: b's copy is the one, and recorded
     assert report.counts[Outcome.ADOPTED] == 1
@@ -123,7 +142,8 @@ def test_a_drains_move_that_loses_its_source_warns_no_one_and_is_recorded_later(
 
 
 def test_a_second_drain_while_the_first_ones_move_runs_moves_nothing_twice(
-        grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid: Grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     desktop_id = alice_on_a(grid)
     hosts = HostService(grid.ctx)
     first = hosts.drain("a", grace=timedelta(minutes=10))
@@ -138,10 +158,17 @@ def test_a_second_drain_while_the_first_ones_move_runs_moves_nothing_twice(
         seen["second"] = hosts.drain("a", grace=timedelta(minutes=20))
         DrainMoves(grid.ctx, grid.clock).move(desktop_id, second_pass)
 
-    def watched(vm_id: uuid.UUID, target: HypervisorDriver, *, base_volume: str,
-                timeout_s: float = 600.0, progress: Any = None) -> MigrationStats:
-        return migrate(vm_id, target, base_volume=base_volume, timeout_s=timeout_s,
-                       progress=while_moving)
+    def watched(
+        vm_id: uuid.UUID,
+        target: HypervisorDriver,
+        *,
+        base_volume: str,
+        timeout_s: float = 600.0,
+        progress: Any = None,
+    ) -> MigrationStats:
+        return migrate(
+            vm_id, target, base_volume=base_volume, timeout_s=timeout_s, progress=while_moving
+        )
 
     monkeypatch.setattr(fake_a, "migrate_vm", watched)
     report = grid.reconciler().run_pass()
