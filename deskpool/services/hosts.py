@@ -175,7 +175,9 @@ class HostService:
                 record_audit(uow, actor, "host.set", f"host/{name}",
                              f"put host {name} in host set {host_set or '(default)'}",
                              old={"host_set": host.host_set}, new={"host_set": host_set})
-                host.host_set = host_set
+                old, host.host_set = host.host_set, host_set
+                if old is not None:
+                    uow.host_sets.forget_if_empty(old)
             uow.commit()
         return self.get(name)
 
@@ -295,9 +297,11 @@ class HostService:
             if pinned:
                 raise Conflict(f"host {name!r} is the pinned host of pool(s) "
                                f"{', '.join(pinned)}; change their hosts first")
-            host_id, before = host.id, _settings(host)
+            host_id, before, host_set = host.id, _settings(host), host.host_set
             uow.admin.forget_host(host_id)
             uow.hosts.delete(host)
+            if host_set is not None:
+                uow.host_sets.forget_if_empty(host_set)
             record_audit(uow, actor, "host.remove", f"host/{name}", f"removed host {name}",
                          old=before)
             uow.commit()

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from deskpool.store.models import Host, HostSet
@@ -20,6 +20,13 @@ class HostSetRepository:
     def balanced(self) -> set[str]:
         """The sets whose balancing is on."""
         return set(self._session.scalars(select(HostSet.name).where(HostSet.balance)))
+
+    def forget_if_empty(self, name: str) -> None:
+        """Drop the switch of a set no host is in any more, so a set named again later
+        starts with balancing off."""
+        self._session.flush()
+        if self._session.scalar(select(Host.id).where(Host.host_set == name).limit(1)) is None:
+            self._session.execute(delete(HostSet).where(HostSet.name == name))
 
     def set_balance(self, name: str, balance: bool) -> bool:
         """Switch a set's balancing; the switch it had before."""

@@ -88,6 +88,9 @@ def test_host_sets_by_api_with_bad_input_named(grid: Grid) -> None:
     # null puts it back in the default set.
     back = admin.patch("/api/v1/admin/hosts/a", json={"host_set": None})
     assert back.status_code == 200 and back.json()["host_set"] is None
+    assert admin.get("/api/v1/admin/host-sets").json() == []
+    with grid.ctx.uow(read_only=True) as uow:  # the empty set's switch went with it
+        assert uow.host_sets.balanced() == set()
     (audit,) = [e for e in audit_log(grid.ctx, target="host-set/rack-a")]
     assert (audit.old, audit.new) == ({"balance": False}, {"balance": True})
 
@@ -123,6 +126,11 @@ def test_host_sets_by_cli(grid: Grid, tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.exit_code == 0 and "host set (default)" in result.output
     with pytest.raises(NotFound):
         HostService(grid.ctx).set_balance("rack-a", False)  # no host left in it
+    # Its switch went with its last host: named again, the set starts with balancing off.
+    result = cli.invoke(app, ["host", "update", "a", "--set", "rack-a"])
+    assert result.exit_code == 0 and "host set rack-a" in result.output
+    assert "balanced" not in result.output
+    assert HostService(grid.ctx).get("a").set_balances is False
     result = cli.invoke(app, ["host", "add", "b", "fake://b", "--set", "rack-b"])
     assert result.exit_code == 0, result.output
     assert HostService(grid.ctx).get("b").host_set == "rack-b"
