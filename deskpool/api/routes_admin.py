@@ -20,6 +20,10 @@ from deskpool.api.schemas import (
     HostAdminView,
     HostCreate,
     HostPath,
+    HostSetBalance,
+    HostSetPath,
+    HostSetView,
+    HostUpdate,
     MigrateRequest,
     MigrationView,
     PoolAdminView,
@@ -69,7 +73,8 @@ def add_host(body: HostCreate, actor: AdminActor, svc: ServicesDep) -> Row:
     limits = HostLimits(body.cpu_overcommit, body.memory_overcommit, body.max_desktops,
                         body.max_provisioning, body.transfer_slots)
     return asdict(HostService(svc.ctx).add(body.name, body.uri, limits=limits,
-                                           shared_storage=body.shared_storage, actor=actor))
+                                           shared_storage=body.shared_storage,
+                                           host_set=body.host_set, actor=actor))
 
 
 @router.put("/hosts/{name}/shared-storage", response_model=HostAdminView,
@@ -80,6 +85,24 @@ def set_shared_storage(name: HostPath, body: SharedStorageRequest, actor: AdminA
     desktops of a host lost whole are restarted on a host of the same shared storage."""
     return asdict(HostService(svc.ctx).set_shared_storage(name, body.shared_storage,
                                                           actor=actor))
+
+
+@router.patch("/hosts/{name}", response_model=HostAdminView, responses=errors(404))
+def update_host(name: HostPath, body: HostUpdate, actor: AdminActor, svc: ServicesDep) -> Row:
+    """Put a host in a host set (null: the default set)."""
+    return asdict(HostService(svc.ctx).set_host_set(name, body.host_set, actor=actor))
+
+
+@router.get("/host-sets", response_model=list[HostSetView])
+def host_sets(admin: AdminUser, svc: ServicesDep) -> list[Row]:
+    return [asdict(s) for s in HostService(svc.ctx).sets()]
+
+
+@router.put("/host-sets/{name}/balance", response_model=HostSetView, responses=errors(404))
+def balance_host_set(name: HostSetPath, body: HostSetBalance, actor: AdminActor,
+                     svc: ServicesDep) -> Row:
+    """Turn a host set's load balancing on or off (404 when no host is in the set)."""
+    return asdict(HostService(svc.ctx).set_balance(name, body.balance, actor=actor))
 
 
 @router.post("/hosts/{name}/drain", response_model=HostAdminView, responses=errors(404, 409))

@@ -206,6 +206,7 @@ POOL_NAME = HOST_NAME
 TEMPLATE_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 USER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,254}$"
 HostName = Annotated[str, Field(pattern=HOST_NAME, max_length=63)]
+HostSetName = Annotated[str, Field(pattern=HOST_NAME, max_length=63)]  # services.hosts too
 PoolName = Annotated[str, Field(pattern=POOL_NAME, max_length=63)]
 # A path inside the home, kept out of roaming profiles (checked further by the pool).
 ExclusionPath = Annotated[str, Field(min_length=1, max_length=255,
@@ -215,6 +216,7 @@ UserName = Annotated[str, Field(pattern=USER_NAME, max_length=255)]
 # Path parameters, checked as strictly as the same names in bodies.
 HostPath = Annotated[str, Path(pattern=HOST_NAME, max_length=63)]
 PoolPath = Annotated[str, Path(pattern=POOL_NAME, max_length=63)]
+HostSetPath = Annotated[str, Path(pattern=HOST_NAME, max_length=63)]
 TemplatePath = Annotated[str, Path(pattern=TEMPLATE_NAME, max_length=63)]
 UserPath = Annotated[str, Path(pattern=USER_NAME, max_length=255)]
 VersionPath = Annotated[int, Path(ge=1, le=1_000_000)]
@@ -456,10 +458,29 @@ class HostCreate(BaseModel):
     transfer_slots: Annotated[int, Field(ge=1, le=1000), NUMBER] = 2
     # The shared storage its storage directory is on (hosts of one name see the same files).
     shared_storage: HostName | None = None
+    host_set: HostSetName | None = Field(default=None, description="its host set (none: the "
+                                         "default set); balancing moves stay in a set")
 
 
 class SharedStorageRequest(BaseModel):
     shared_storage: HostName | None
+
+
+class HostUpdate(BaseModel):
+    """What changes on a host: its host set (null: back to the default set)."""
+
+    host_set: HostSetName | None
+
+
+class HostSetBalance(BaseModel):
+    balance: Flag = Field(description="the load balancer may move any running desktop on "
+                          "the set's hosts, within the set")
+
+
+class HostSetView(BaseModel):
+    name: str
+    balance: bool
+    hosts: list[str]
 
 
 class DrainRequest(BaseModel):
@@ -507,6 +528,8 @@ class HostAdminView(BaseModel):
     last_error: str | None
     drain_deadline: datetime | None
     shared_storage: str | None = None
+    host_set: str | None = None  # None: the default set
+    set_balances: bool = False  # the host's set has balancing on
 
 
 class TemplateVersionAdminView(BaseModel):

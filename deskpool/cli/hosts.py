@@ -1,4 +1,5 @@
-"""CLI for hosts: add one with its limits, list them with capacity and use, drain, enable."""
+"""CLI for hosts: add one with its limits, list them with capacity and use, put them in host
+sets and switch a set's load balancing, drain, enable."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def host_add(
     shared_storage: Annotated[str | None, typer.Option(
         help="name of the shared storage its storage dir is on (HA restart between hosts "
              "of one name)")] = None,
+    host_set: Annotated[str | None, typer.Option(
+        "--set", help="its host set (default: none, the default set)")] = None,
 ) -> None:
     """Register a hypervisor host (its URI must answer); its capacity is read from it."""
     limits = HostLimits(cpu_overcommit, memory_overcommit, max_desktops, max_provisioning,
@@ -53,7 +56,8 @@ def host_add(
     with services() as ctx, spinner(f"connecting to {uri}"):
         host = HostService(ctx).add(name, uri, domain_type=domain_type,
                                     storage_dir=storage_dir, limits=limits,
-                                    shared_storage=shared_storage, actor=Actor.local())
+                                    shared_storage=shared_storage, host_set=host_set,
+                                    actor=Actor.local())
     out.print(f"host [bold]{host.name}[/] added ({host.uri}: {host.hypervisor}, "
               f"{host.vcpus} CPUs, {host.memory_mib} MiB, storage {host.storage_dir})")
 
@@ -77,17 +81,63 @@ def host_list() -> None:
     """List hosts with their state, capacity, limits and desktops."""
     with services() as ctx:
         hosts = HostService(ctx).list()
-    table = Table("name", "uri", "state", "hypervisor", "CPUs", "memory MiB", "desktops",
-                  "limits", "storage", "last error")
+    table = Table("name", "uri", "state", "set", "hypervisor", "CPUs", "memory MiB",
+                  "desktops", "limits", "storage", "last error")
     for h in hosts:
         limit = f"cpu x{h.cpu_overcommit:g} mem x{h.memory_overcommit:g}" + (
             f" max {h.max_desktops}" if h.max_desktops is not None else "")
         state = h.state + (f" until {h.drain_deadline:%H:%M}" if h.drain_deadline else "")
-        table.add_row(h.name, h.uri, state, f"{h.hypervisor} ({h.domain_type})",
+        table.add_row(h.name, h.uri, state, set_label(h.host_set, h.set_balances),
+                      f"{h.hypervisor} ({h.domain_type})",
                       str(h.vcpus), str(h.memory_mib), str(h.desktops), limit,
                       f"shared: {h.shared_storage}" if h.shared_storage else "own",
                       h.last_error or "")
     out.print(table)
+
+
+def set_label(host_set: str | None, balances: bool) -> str:
+    return (host_set or "(default)") + (", balanced" if balances else "")
+
+
+@host_app.command("update")
+def host_update(
+    name: str,
+    host_set: Annotated[str | None, typer.Option("--set", help="put it in this host set")]
+    = None,
+    default_set: Annotated[bool, typer.Option(
+        "--default-set", help="take it out of its set, into the default set")] = False,
+) -> None:
+    """Change a host's host set (balancing moves never leave a set)."""
+    if (host_set is None) == (not default_set):
+        raise InvalidInput("give one of --set NAME or --default-set")
+    with services() as ctx:
+        host = HostService(ctx).set_host_set(name, host_set, actor=Actor.local())
+    out.print(f"host [bold]{name}[/] is in host set "
+              f"{set_label(host.host_set, host.set_balances)}")
+
+
+@host_app.command("sets")
+def host_sets() -> None:
+    """List host sets with their balancing switch and hosts."""
+    with services() as ctx:
+        sets = HostService(ctx).sets()
+    table = Table("set", "balancing", "hosts")
+    for s in sets:
+        table.add_row(s.name, "on" if s.balance else "off", ", ".join(s.hosts))
+    out.print(table)
+
+
+@host_app.command("set-balance")
+def host_set_balance(
+    host_set: Annotated[str, typer.Argument(metavar="SET", help="the host set's name")],
+    on: Annotated[bool, typer.Option("--on/--off", help="balancing on or off")] = True,
+) -> None:
+    """Let the load balancer move any running desktop on a host set's hosts (within the
+    set), whatever its pool says; --off leaves it to the pools' own switches."""
+    with services() as ctx:
+        found = HostService(ctx).set_balance(host_set, on, actor=Actor.local())
+    out.print(f"host set [bold]{found.name}[/] balancing is {'on' if found.balance else 'off'} "
+              f"({len(found.hosts)} hosts)")
 
 
 @host_app.command("drain")
@@ -100,9 +150,17 @@ def host_drain(
     """No new desktops or sessions; free desktops move away; users warned, then logged off."""
     with services() as ctx:
         service = HostService(ctx)
+        before = service.get(name)
         host = service.drain(name, grace=parse_duration(grace), actor=Actor.local())
-        out.print(f"host [bold]{name}[/] is draining; sessions end by "
-                  f"{host.drain_deadline:%H:%M:%S} UTC")
+        if before.state == "draining" and before.drain_deadline is not None:
+            # A second drain only moves the deadline: the moves under way go on, once each.
+            out.print(f"host [bold]{name}[/] was draining already ({before.desktops} "
+                      f"desktops left); its deadline moves from "
+                      f"{before.drain_deadline:%H:%M:%S} to {host.drain_deadline:%H:%M:%S} "
+                      "UTC, the desktops moving now are not moved again")
+        else:
+            out.print(f"host [bold]{name}[/] is draining; sessions end by "
+                      f"{host.drain_deadline:%H:%M:%S} UTC")
         if not wait:
             return
         with out.status("draining") as status:

@@ -342,8 +342,13 @@ class HypervisorDriver(ABC):
         * ``progress(done, total)`` is called with the bytes moved so far while it runs.
         * On success the VM runs on the target and nothing of it is left here (definition and
           owned volumes removed); the returned ``MigrationStats`` say what crossed.
-        * On a failure, a timeout (cancelled) or a lost connection: it runs here as before,
-          nothing of it is left on the target, and ``DriverError`` says why.
+        * On a failure (the target out of memory part way included) or a timeout
+          (cancelled): it runs here as before, nothing of it is left on the target, and
+          ``DriverError`` says why.
+        * The connection to this host lost while the move runs: ``HostConnectionLost``, and
+          the caller cannot know where the VM runs. It runs on exactly one of the two
+          hosts (the target's copy starts only once this one has stopped); whoever lists
+          both hosts later finds which.
         * Hypervisors that cannot (libvirt ``test:///``), or two different drivers, raise
           ``DriverError`` ("not supported") and change nothing.
         """

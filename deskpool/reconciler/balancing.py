@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from deskpool.config import Settings
-from deskpool.domain.errors import DeskpoolError, LostRace
+from deskpool.domain.errors import DeskpoolError, HostConnectionLost, LostRace
 from deskpool.domain.models import LoadSample, moves_live
 from deskpool.domain.states import DesktopState
 from deskpool.reconciler.report import Outcome, PassReport
@@ -143,11 +143,15 @@ class Balancing:
                                                                     LoadSample | None]],
                     ) -> list[HostLoad]:
         facts = Placer(uow, reachable=set(samples)).facts
+        host_sets = {h.id: h.host_set for h in uow.hosts.list()}
+        balanced_sets = uow.host_sets.balanced()
         loads = []
         for host_id, (sample, before) in samples.items():
             cpu = sample.cpu_load_since(before) if before is not None else None
+            host_set = host_sets.get(host_id)
             loads.append(HostLoad(facts[host_id], memory_used_mib=sample.memory_used_mib,
-                                  cpu_load=0.0 if cpu is None else cpu))
+                                  cpu_load=0.0 if cpu is None else cpu, host_set=host_set,
+                                  set_balances=host_set in balanced_sets))
         return loads
 
     def _desktop_loads(self, uow: UnitOfWork,
@@ -202,6 +206,9 @@ class Balancing:
             report.count(Outcome.BALANCED)
         except LostRace:
             pass  # another broker works on it (or moves it): its turn, not a failure
+        except HostConnectionLost as exc:
+            # Not "stays where it was": it may have moved; the next pass lists the hosts.
+            report.notes.append(f"balancing: {planned.desktop}: {exc}")
         except DeskpoolError as exc:
             report.notes.append(f"balancing: {planned.desktop} was not moved to "
                                 f"{planned.target}: {exc}")

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from deskpool.domain.errors import DeskpoolError, LostRace
+from deskpool.domain.errors import DeskpoolError, HostConnectionLost, LostRace
 from deskpool.domain.models import HostState, PowerState, VmRecord
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.services.context import ServiceContext
@@ -79,6 +79,11 @@ class DrainMoves:
                 str(desktop_id), reason=f"host {host_name} is draining")
         except LostRace:
             return  # another broker moves it (or steps on it): its turn, not a failure
+        except HostConnectionLost as exc:
+            # It may have moved: no notice for a desktop that may be gone from the host; a
+            # later pass finds where it runs (adopt_moved) and moves it on if need be.
+            report.notes.append(f"drain of {host_name}: {exc}")
+            return
         except DeskpoolError as exc:
             self._cannot_move(desktop_id, host_id, deadline, exc)
             report.notes.append(f"drain of {host_name}: {exc}")

@@ -26,8 +26,11 @@ The policy:
 - Minimum benefit. A move must lower the pair's peak use of the resource by ``min_benefit``
   (a fraction of capacity): a desktop too small to matter is not worth a migration.
 - No ping-pong. A desktop moved within ``desktop_cooldown`` does not move again.
-- Never a desktop during its user's logon or hand-over, already moving, or in a pool that does
-  not allow balancing; only hosts in a balanced host set; nothing unless the policy is enabled.
+- Never a desktop during its user's logon or hand-over, or already moving. A desktop may move
+  when its pool allows balancing or its host's set does (either switch is enough); nothing
+  unless the policy is enabled.
+- Host sets. A move never leaves its host set: the target is in the source's set (hosts with
+  no set name form the default set).
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class HostLoad:
     facts: HostFacts
     memory_used_mib: float  # measured: node memory in use, the host's own included
     cpu_load: float  # measured: the fraction of the host's CPUs busy
-    balanced: bool = True  # the host is in a host set with balancing on
+    host_set: str | None = None  # its host set (None: the default set); moves stay in it
+    set_balances: bool = False  # its set allows balancing: any desktop on it may move
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,8 @@ class _Pass:
                     target.shift(d, +1)
                 continue
             moved = last_moved.get(d.id)
-            if (source is not None and d.pool_balances and not d.in_logon
+            if (source is not None and (d.pool_balances or source.load.set_balances)
+                    and not d.in_logon
                     and (moved is None or now - moved >= policy.desktop_cooldown)):
                 source.movable.append(d)
         for host in self.hosts.values():
@@ -258,8 +263,7 @@ class _Pass:
 
     def _in_play(self, host: _Host) -> bool:
         """A host the balancer may move desktops off or onto (filters still apply)."""
-        return (host.load.balanced and host.facts.state == HostState.ENABLED
-                and host.facts.reachable)
+        return host.facts.state == HostState.ENABLED and host.facts.reachable
 
     def _excess(self, host: _Host) -> tuple[float, Resource] | None:
         """The hot resource furthest above its goal, or None when the host is relieved."""
@@ -317,10 +321,12 @@ class _Pass:
             if move is not None:
                 return move
         if not source.movable:
-            why = "no desktop on it may move (pool, logon, cooldown or already moving)"
+            why = ("no desktop on it may move (pool or host set balancing off, logon, "
+                   "cooldown or already moving)")
         else:
-            why = (f"none of its {len(source.movable)} movable desktops fits another host "
-                   f"below the low watermark with a benefit of {self.policy.min_benefit:.0%}")
+            why = (f"none of its {len(source.movable)} movable desktops fits another host of "
+                   f"its set below the low watermark with a benefit of "
+                   f"{self.policy.min_benefit:.0%}")
         self._unresolved(source, why)
         return None
 
@@ -353,6 +359,7 @@ class _Pass:
         ranked: list[tuple[float, str, _Host]] = []
         for host in self.hosts.values():
             if (host is source or host.hot or not self._in_play(host)
+                    or host.load.host_set != source.load.host_set
                     or host.moves >= policy.max_moves_per_host_per_hour):
                 continue
             after = host.use(resource, amount(desktop, resource))

@@ -23,7 +23,7 @@ from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.registry import open_driver, release_driver
 from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
-from deskpool.services.views import HostView
+from deskpool.services.views import HostSetView, HostView
 from deskpool.store.models import Host, TemplateVersion, utcnow
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -57,7 +57,16 @@ class HostLimits:
         return self
 
 
-def host_view(host: Host, desktops: int = 0) -> HostView:
+def check_set_name(name: str) -> str:
+    """A host set's name, or ``InvalidInput`` saying what one may be."""
+    if not _NAME_RE.match(name):
+        raise InvalidInput(f"host set name {name!r} must be 1-63 characters of a-z, 0-9, '.', "
+                           "'_' and '-', starting with a letter or digit")
+    return name
+
+
+def host_view(host: Host, desktops: int = 0, balanced_sets: frozenset[str] = frozenset(),
+              ) -> HostView:
     return HostView(
         id=host.id, name=host.name, uri=host.uri, state=host.state.value,
         domain_type=host.domain_type_resolved or host.domain_type_requested.value,
@@ -68,6 +77,7 @@ def host_view(host: Host, desktops: int = 0) -> HostView:
         max_provisioning=host.max_provisioning, transfer_slots=host.transfer_slots,
         desktops=desktops, last_seen_at=host.last_seen_at, last_error=host.last_error,
         drain_deadline=host.drain_deadline, shared_storage=host.shared_storage,
+        host_set=host.host_set, set_balances=host.host_set in balanced_sets,
     )
 
 
@@ -114,7 +124,8 @@ class HostService:
     def add(
         self, name: str, uri: str, *, domain_type: DomainType = DomainType.AUTO,
         storage_dir: Path | None = None, limits: HostLimits | None = None,
-        shared_storage: str | None = None, actor: Actor | None = None,
+        shared_storage: str | None = None, host_set: str | None = None,
+        actor: Actor | None = None,
     ) -> HostView:
         """Register a host after proving its URI reaches a hypervisor and reading its
         capacity (nothing is stored if not). ``shared_storage`` names the shared storage
@@ -125,6 +136,8 @@ class HostService:
             )
         limits = (limits or HostLimits()).validate(name)
         shared_storage = _shared_storage_name(name, shared_storage)
+        if host_set is not None:
+            check_set_name(host_set)
         with self.ctx.uow() as uow:
             if uow.hosts.find_by_name(name) is not None:
                 raise Conflict(f"a host named {name!r} already exists")
@@ -144,14 +157,62 @@ class HostService:
                 cpu_overcommit=limits.cpu_overcommit,
                 memory_overcommit=limits.memory_overcommit, max_desktops=limits.max_desktops,
                 max_provisioning=limits.max_provisioning, transfer_slots=limits.transfer_slots,
-                shared_storage=shared_storage,
+                shared_storage=shared_storage, host_set=host_set,
             )
             record_capacity(host, capacity)
             uow.hosts.add(host)
             record_audit(uow, actor, "host.add", f"host/{name}", f"added host {name}",
                          new=_settings(host))
             uow.commit()
-            return host_view(host)
+            return host_view(host, balanced_sets=frozenset(uow.host_sets.balanced()))
+
+    def set_host_set(self, name: str, host_set: str | None, *,
+                     actor: Actor | None = None) -> HostView:
+        """Put a host in a set (None: the default set). Its running desktops stay where
+        they are; from now on balancing moves them only within the new set."""
+        if host_set is not None:
+            check_set_name(host_set)
+        with self.ctx.uow() as uow:
+            host = uow.hosts.get_by_name(name)
+            if host.host_set != host_set:
+                record_audit(uow, actor, "host.set", f"host/{name}",
+                             f"put host {name} in host set {host_set or '(default)'}",
+                             old={"host_set": host.host_set}, new={"host_set": host_set})
+                old, host.host_set = host.host_set, host_set
+                if old is not None:
+                    uow.host_sets.forget_if_empty(old)
+            uow.commit()
+        return self.get(name)
+
+    def set_balance(self, host_set: str, balance: bool, *,
+                    actor: Actor | None = None) -> HostSetView:
+        """Switch a host set's load balancing: on, the balancer may move any running
+        desktop on its hosts (within the set), whatever the desktop's pool says.
+        ``NotFound`` when no host is in that set."""
+        check_set_name(host_set)
+        with self.ctx.uow() as uow:
+            if host_set not in uow.host_sets.names():
+                known = ", ".join(sorted(uow.host_sets.names())) or "none"
+                raise NotFound(f"host set {host_set!r} has no hosts (host sets: {known}); "
+                               "put a host in it first (host update --set)")
+            before = uow.host_sets.set_balance(host_set, balance)
+            if before != balance:
+                record_audit(uow, actor, "host-set.balance", f"host-set/{host_set}",
+                             f"turned balancing {'on' if balance else 'off'} for host set "
+                             f"{host_set}", old={"balance": before}, new={"balance": balance})
+            uow.commit()
+        return next(s for s in self.sets() if s.name == host_set)
+
+    def sets(self) -> list[HostSetView]:
+        """Every host set some host is in, by name, with its switch and hosts."""
+        with self.ctx.uow(read_only=True) as uow:
+            balanced = uow.host_sets.balanced()
+            members: dict[str, list[str]] = {}
+            for h in uow.hosts.list():
+                if h.host_set is not None:
+                    members.setdefault(h.host_set, []).append(h.name)
+        return [HostSetView(name, name in balanced, tuple(sorted(hosts)))
+                for name, hosts in sorted(members.items())]
 
     def set_limits(self, name: str, limits: HostLimits, *,
                    actor: Actor | None = None) -> HostView:
@@ -169,7 +230,7 @@ class HostService:
                 record_audit(uow, actor, "host.limits", f"host/{name}",
                              f"changed host {name}'s limits", old=old, new=new)
             uow.commit()
-            return host_view(host)
+            return host_view(host, balanced_sets=frozenset(uow.host_sets.balanced()))
 
     def set_shared_storage(self, name: str, shared_storage: str | None, *,
                            actor: Actor | None = None) -> HostView:
@@ -188,12 +249,13 @@ class HostService:
                              f"host {name}'s storage: {shared_storage or 'its own'}",
                              old=old, new=new)
             uow.commit()
-            return host_view(host)
+            return host_view(host, balanced_sets=frozenset(uow.host_sets.balanced()))
 
     def list(self) -> list[HostView]:
         with self.ctx.uow(read_only=True) as uow:
             counts = uow.host_usage.desktop_counts(LIVE_STATES)
-            return [host_view(h, counts.get(h.id, 0)) for h in uow.hosts.list()]
+            balanced = frozenset(uow.host_sets.balanced())
+            return [host_view(h, counts.get(h.id, 0), balanced) for h in uow.hosts.list()]
 
     def get(self, name: str) -> HostView:
         found = [h for h in self.list() if h.name == name]
@@ -257,9 +319,11 @@ class HostService:
             if pinned:
                 raise Conflict(f"host {name!r} is the pinned host of pool(s) "
                                f"{', '.join(pinned)}; change their hosts first")
-            host_id, before = host.id, _settings(host)
+            host_id, before, host_set = host.id, _settings(host), host.host_set
             uow.admin.forget_host(host_id)
             uow.hosts.delete(host)
+            if host_set is not None:
+                uow.host_sets.forget_if_empty(host_set)
             record_audit(uow, actor, "host.remove", f"host/{name}", f"removed host {name}",
                          old=before)
             uow.commit()
@@ -271,6 +335,7 @@ def _settings(host: Host) -> dict[str, object]:
     return {"uri": host.uri, "state": host.state.value, "cpu_overcommit": host.cpu_overcommit,
             "memory_overcommit": host.memory_overcommit, "max_desktops": host.max_desktops,
             "max_provisioning": host.max_provisioning, "transfer_slots": host.transfer_slots,
+            "host_set": host.host_set,
             "drain_deadline": host.drain_deadline.isoformat() if host.drain_deadline else None,
             "shared_storage": host.shared_storage}
 

@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from deskpool.domain.errors import Conflict, InvalidInput, LostRace
+from deskpool.domain.errors import (
+    Conflict,
+    HostConnectionLost,
+    HypervisorUnreachable,
+    InvalidInput,
+    LostRace,
+)
 from deskpool.domain.models import HostState, MigrationStats, moves_live
 from deskpool.domain.states import HELD_STATES, DesktopState
 from deskpool.scheduler.balancer import PastMove
@@ -210,8 +216,16 @@ class MigrationService:
                 uow.desktops.get(plan.desktop_id).has_factory_snapshot = False
                 uow.commit()
             source.delete_snapshot(plan.desktop_id, FACTORY_SNAPSHOT)
-        return source.migrate_vm(plan.desktop_id, target, base_volume=base,
-                                 timeout_s=timeout_s, progress=progress)
+        try:
+            return source.migrate_vm(plan.desktop_id, target, base_volume=base,
+                                     timeout_s=timeout_s, progress=progress)
+        except (HostConnectionLost, HypervisorUnreachable) as exc:
+            # The move may have finished without us: the row keeps the source until the
+            # reconciler lists both hosts and finds the one running copy (reconciler/moves).
+            raise HostConnectionLost(
+                f"the connection to host {plan.source} was lost while desktop {plan.name} "
+                f"moved to {plan.target}: it runs on one of the two, and the reconciler "
+                f"records which once it has listed them ({exc})") from exc
 
 
 def _one_storage(a: Host, b: Host) -> bool:

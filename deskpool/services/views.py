@@ -32,6 +32,15 @@ class HostView:
     last_error: str | None = None
     drain_deadline: datetime | None = None
     shared_storage: str | None = None
+    host_set: str | None = None  # None: the default set
+    set_balances: bool = False  # the set's balancing switch
+
+
+@dataclass(frozen=True)
+class HostSetView:
+    name: str
+    balance: bool
+    hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True)

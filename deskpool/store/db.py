@@ -53,6 +53,7 @@ from deskpool.store.admin_queries import AdminQueryRepository
 from deskpool.store.desktop_listings import DesktopListingRepository
 from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
+from deskpool.store.host_sets import HostSetRepository
 from deskpool.store.host_usage import HostUsageRepository
 from deskpool.store.leases import LeaseRepository
 from deskpool.store.linux_accounts import LinuxAccountRepository
@@ -338,6 +339,7 @@ class UnitOfWork:
     record_batches: RecordBatchRepository
     desktop_sessions: DesktopSessionRepository
     desktop_listings: DesktopListingRepository
+    host_sets: HostSetRepository
     host_usage: HostUsageRepository
     host_slots: HostSlotRepository
     pool_hosts: PoolHostRepository
@@ -383,6 +385,7 @@ class UnitOfWork:
         self.record_batches = RecordBatchRepository(self.session)
         self.desktop_sessions = DesktopSessionRepository(self.session)
         self.desktop_listings = DesktopListingRepository(self.session)
+        self.host_sets = HostSetRepository(self.session)
         self.host_usage = HostUsageRepository(self.session)
         self.host_slots = HostSlotRepository(self.session)
         self.pool_hosts = PoolHostRepository(self.session)

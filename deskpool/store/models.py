@@ -179,6 +179,8 @@ class Host(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     # Drain: no new desktops or sessions; users logged off at the deadline.
     drain_deadline: Mapped[datetime | None] = mapped_column()
+    # The host set it belongs to (None: the default set). Balancing moves stay in a set.
+    host_set: Mapped[str | None] = mapped_column(String(63), index=True)
 
     def __repr__(self) -> str:
         return f"<Host {self.name!r} {self.uri!r} {self.state}>"
@@ -326,6 +328,18 @@ class PoolHost(Base):
         ForeignKey("pools.id", ondelete="CASCADE"), primary_key=True)
     host_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
+
+
+class HostSet(Base):
+    """A host set's own settings. Sets are named on hosts (``Host.host_set``); a row exists
+    once an administrator has switched a set's balancing, and a set without one balances
+    nothing of its own (its desktops still move if their pool balances)."""
+
+    __tablename__ = "host_sets"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # The load balancer may move any running desktop on the set's hosts, whatever its pool.
+    balance: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class HostSlot(Base):

@@ -98,12 +98,29 @@ def test_an_admin_sees_both_hosts_with_capacity_limits_and_desktops(
         expect(row.locator("td.limits")).to_have_text(
             "CPU 4:1 · memory 1:1 · no desktop limit · 2 provisioning · 2 transfers")
         expect(row.locator("td.desktops")).to_have_text("1")
+        expect(row.locator("td.host-set")).to_have_text("default")
         expect(row.locator("td.last-seen")).to_have_text(re.compile(r"^\d+ (s|min) ago$"))
         expect(row.locator("button.drain")).to_have_text("Drain")
         expect(row.locator("button.enable")).to_have_count(0)
     # each desktop says, on its host, why it was placed there
     first = page.locator("#desktops tbody tr").first.locator("td.host span")
     expect(first).to_have_attribute("title", re.compile(r"^host h[12]: "))
+
+
+def test_the_hosts_show_their_set_and_its_balancing_and_the_pools_theirs(
+        page: Page, site: Site) -> None:
+    hosts = HostService(site.world.ctx)
+    hosts.set_host_set("h2", "rack-a")
+    hosts.set_balance("rack-a", True)
+    open_admin(page, site)
+    expect(host_row(page, "h1").locator("td.host-set")).to_have_text("default")
+    expect(host_row(page, "h2").locator("td.host-set")).to_have_text("rack-a · balancing")
+    expect(host_row(page, "h2")).to_have_attribute("data-balances", "yes")
+    lab = page.locator('#pools tbody tr[data-name="lab"]')
+    expect(lab.locator("td.balance")).to_have_text("")
+    answer = site.world.client("root").patch("/api/v1/admin/pools/lab", json={"balance": True})
+    assert answer.status_code == 200, answer.text
+    expect(lab.locator("td.balance")).to_have_text("yes")  # on the next refresh
 
 
 def test_adding_a_host_shows_the_apis_error_for_a_bad_uri_then_adds_a_good_one(

@@ -93,7 +93,8 @@ def test_nothing_moves_in_a_pool_without_balance_and_the_admin_is_told_once(
     (event,) = grid.events("balance-unresolved")
     assert event.severity == "warning"
     assert event.message == ("load balancing leaves host a memory 86% > 85%: no desktop on "
-                             "it may move (pool, logon, cooldown or already moving)")
+                             "it may move (pool or host set balancing off, logon, cooldown or "
+                             "already moving)")
     grid.clock.now += INTERVAL
     reconciler.run_pass()  # still hot, for the same reason: not told again
     assert len(grid.events("balance-unresolved")) == 1
@@ -181,7 +182,7 @@ def test_a_host_whose_load_cannot_be_read_is_neither_source_nor_target(grid: Gri
     report = reconciler.run_pass()
     assert report.counts[Outcome.BALANCED] == 0 and grid.rows()["lab-01"].host == "a"
     (left_hot,) = grid.events("balance-unresolved")
-    assert "none of its 1 movable desktops fits another host" in left_hot.message
+    assert "none of its 1 movable desktops fits another host of its set" in left_hot.message
     grid.clock.now += INTERVAL  # both answer again: the move happens
     report = reconciler.run_pass()
     assert report.counts[Outcome.BALANCED] == 1 and grid.rows()["lab-01"].host == "b"

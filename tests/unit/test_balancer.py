@@ -31,7 +31,7 @@ HOST_GIB = 100  # 100 GiB hosts: a desktop of n GiB is n% of one
 
 def host(n: int, memory_use: float, *, cpu_load: float = 0.2, state: str = "enabled",
          reachable: bool = True, max_desktops: int | None = None, used_memory_mib: int = 0,
-         balanced: bool = True) -> HostLoad:
+         host_set: str | None = None, set_balances: bool = False) -> HostLoad:
     facts = HostFacts(
         id=uuid.UUID(int=n), name=f"h{n}", state=state, reachable=reachable, hypervisor="QEMU",
         arch="x86_64", cpu_model="", domain_types=("kvm",), vcpus=50,
@@ -39,7 +39,8 @@ def host(n: int, memory_use: float, *, cpu_load: float = 0.2, state: str = "enab
         memory_overcommit=1.5, max_desktops=max_desktops, used_vcpus=0,
         used_memory_mib=used_memory_mib, desktops=0,
     )
-    return HostLoad(facts, memory_use * HOST_GIB * 1024, cpu_load, balanced=balanced)
+    return HostLoad(facts, memory_use * HOST_GIB * 1024, cpu_load, host_set=host_set,
+                    set_balances=set_balances)
 
 
 def desk(n: int, on: HostLoad, gib: float = 4.0, *, cpu: float = 0.1,
@@ -239,11 +240,36 @@ def test_cpu_pressure_moves_the_busiest_desktops() -> None:
     assert plan.moves[0].reason.startswith("host h1 CPU 95% > 80%: move desk-3 (3.5 CPUs busy)")
 
 
-def test_a_host_outside_the_balanced_set_is_neither_source_nor_target() -> None:
-    hot, cool = host(1, 0.95, balanced=False), host(2, 0.10)
+def test_a_move_never_leaves_its_host_set() -> None:
+    # A cool host of another set (or of the default set) is never the target.
+    hot, cool = host(1, 0.95, host_set="rack-a"), host(2, 0.10, host_set="rack-b")
+    plan = plan_moves([hot, cool], [desk(1, hot)], [], POLICY, NOW)
+    assert plan.moves == () and "fits another host" in plan.unresolved[0]
+    hot, cool = host(1, 0.95, host_set="rack-a"), host(2, 0.10)
     assert plan_moves([hot, cool], [desk(1, hot)], [], POLICY, NOW).moves == ()
-    hot, cool = host(1, 0.95), host(2, 0.10, balanced=False)
+    hot, cool = host(1, 0.95), host(2, 0.10, host_set="rack-a")
     assert plan_moves([hot, cool], [desk(1, hot)], [], POLICY, NOW).moves == ()
+    # Within the set the same desktop goes, to the set's host even when another is cooler.
+    hot, other_set, same = (host(1, 0.95, host_set="rack-a"), host(2, 0.05, host_set="b"),
+                            host(3, 0.30, host_set="rack-a"))
+    plan = plan_moves([hot, other_set, same], [desk(1, hot)], [], POLICY, NOW)
+    assert [m.target for m in plan.moves] == ["h3"]
+
+
+def test_a_balanced_host_set_moves_desktops_of_pools_without_balancing() -> None:
+    # Either switch is enough: the pool's or the set's.
+    hot, cool = host(1, 0.95, host_set="rack-a"), host(2, 0.10, host_set="rack-a")
+    still = desk(1, hot, pool_balances=False)
+    plan = plan_moves([hot, cool], [still], [], POLICY, NOW)
+    assert plan.moves == () and "no desktop on it may move" in plan.unresolved[0]
+    hot, cool = (host(1, 0.95, host_set="rack-a", set_balances=True),
+                 host(2, 0.10, host_set="rack-a", set_balances=True))
+    plan = plan_moves([hot, cool], [desk(1, hot, pool_balances=False)], [], POLICY, NOW)
+    assert [(m.desktop, m.target) for m in plan.moves] == [("desk-1", "h2")]
+    # Never during a logon, whatever the switches.
+    plan = plan_moves([hot, cool], [desk(1, hot, pool_balances=False, in_logon=True)], [],
+                      POLICY, NOW)
+    assert plan.moves == ()
 
 
 def test_bad_watermarks_are_refused() -> None:

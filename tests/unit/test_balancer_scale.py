@@ -15,7 +15,8 @@ The grid (seeded, so every run is the same):
 - h000-h032 (a third) run 70 desktops each at 90-97% memory, far over the 85% high mark;
 - h033-h037 run 40 desktops each at 88-95% CPU (over 80%), memory cool;
 - the rest run about 40 desktops at 35-60% memory and 15-45% CPU;
-- h097 is outside the balanced host set, h098 is draining, h099 is down (never targets);
+- h097 is alone in another host set (a move never leaves a set), h098 is draining, h099 is
+  down (never targets);
 - 10% of desktops are in pools that forbid balancing, 3% are in a logon for the whole run,
   2% are pinned to three hosts (their own and two others).
 """
@@ -49,7 +50,7 @@ GIB = 1024
 HOSTS, DESKTOPS = 100, 5_000
 HOT_MEMORY = range(0, 33)
 HOT_CPU = range(33, 38)
-UNBALANCED, DRAINING, DOWN = 97, 98, 99
+OTHER_SET, DRAINING, DOWN = 97, 98, 99
 POLICY = BalancePolicy(
     enabled=True, memory=Watermarks(high=0.85, low=0.70), cpu=Watermarks(high=0.80, low=0.60),
     max_moves_per_host_per_hour=4, max_concurrent_moves=20, min_benefit=0.02,
@@ -70,7 +71,7 @@ class SimHost:
     facts: HostFacts
     memory_used_mib: float
     cpu_busy: float
-    balanced: bool = True
+    host_set: str | None = None
 
     def use(self, resource: Resource) -> float:
         if resource == Resource.MEMORY:
@@ -79,7 +80,7 @@ class SimHost:
 
     def load(self) -> HostLoad:
         return HostLoad(self.facts, self.memory_used_mib, self.cpu_busy / self.facts.vcpus,
-                        self.balanced)
+                        host_set=self.host_set)
 
 
 def release(facts: HostFacts, request: PlacementRequest) -> HostFacts:
@@ -114,9 +115,10 @@ class Grid:
         self.desktops[d.id] = replace(d, host_id=target.facts.id)
 
     def hot(self) -> list[str]:
-        """Hosts in play above a high watermark."""
+        """Hosts in play above a high watermark (in the default set, with hosts to take
+        their load)."""
         return [f"{h.facts.name} {r.value} {h.use(r):.0%}" for h in self.hosts.values()
-                if h.balanced and h.facts.state == "enabled" and h.facts.reachable
+                if h.host_set is None and h.facts.state == "enabled" and h.facts.reachable
                 for r in Resource if h.use(r) > self.policy.watermarks(r).high]
 
 
@@ -185,7 +187,7 @@ def make_grid(policy: BalancePolicy = POLICY, *, seed: int = 17, skewed: bool = 
             used_memory_mib=used_mib, desktops=count,
         )
         hosts.append(SimHost(facts, memory_use * memory_gib * GIB, cpu_load * cpus,
-                             balanced=i != UNBALANCED))
+                             host_set="lab" if i == OTHER_SET else None))
     return Grid(hosts, desktops, policy)
 
 
@@ -239,7 +241,7 @@ class Simulation:
         self.left_at[(d.id, move.source_id)] = self.clock
         target = grid.hosts[move.target_id]
         assert target.facts.state == "enabled" and target.facts.reachable
-        assert target.balanced
+        assert target.host_set == grid.hosts[move.source_id].host_set
         # A target is never made hot, in either resource, and ends under the low mark of
         # the resource it relieved.
         assert target.use(move.resource) <= policy.watermarks(move.resource).low + 1e-9
@@ -303,8 +305,8 @@ def test_a_skewed_grid_converges_within_the_caps_without_ping_pong(
     assert_no_desktop_moved_twice_within_the_cooldown(run)
     # Desktops in logon or in pools without balancing stayed where they were.
     assert all(grid.desktops[d].host_id == h for d, h in still.items())
-    # Hosts outside the balanced set, draining or down took nothing and gave nothing.
-    for i in (UNBALANCED, DRAINING, DOWN):
+    # A host of another set, draining or down hosts took nothing and gave nothing.
+    for i in (OTHER_SET, DRAINING, DOWN):
         host_id = host_uuid(i)
         assert host_id not in {m.target_id for m in run.history}
         assert host_id not in {m.source_id for m in run.history}

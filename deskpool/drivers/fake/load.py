@@ -69,7 +69,7 @@ class FakeLoadMixin:
         vms: dict[uuid.UUID, VmLoad] = {}
         for vm in running:
             vm.cpu_time_ns += round(vm.load_cpus_busy * SAMPLE_STEP_S * _NS)
-            vms[vm.vm_id] = VmLoad(memory_used_mib=_vm_memory(vm), cpu_time_ns=vm.cpu_time_ns)
+            vms[vm.vm_id] = VmLoad(memory_used_mib=vm_memory_mib(vm), cpu_time_ns=vm.cpu_time_ns)
         busy = min(float(self._vcpus),
                    self._own_cpus_busy + sum(vm.load_cpus_busy for vm in running))
         self._cpu_busy_ns += round(busy * SAMPLE_STEP_S * _NS)
@@ -80,8 +80,15 @@ class FakeLoadMixin:
                           cpu_count=self._vcpus, cpu_busy_ns=self._cpu_busy_ns,
                           cpu_total_ns=self._cpu_total_ns, vms=vms)
 
+    def _memory_free_mib(self) -> float:
+        """Memory no one uses: the host's less its own use and its running VMs'."""
+        used = self._own_memory_mib + sum(vm_memory_mib(vm) for vm in self._vms.values()
+                                          if vm.power in ACTIVE_STATES)
+        return self._memory_mib - used
 
-def _vm_memory(vm: FakeVm) -> float:
+
+def vm_memory_mib(vm: FakeVm) -> float:
+    """What a running VM's memory takes: its measured load, else its spec's memory."""
     if vm.load_memory_mib is not None:
         return vm.load_memory_mib
     return float(vm.spec.memory_mib) if vm.spec is not None else 0.0

@@ -1,6 +1,17 @@
 """Live migration between two fake hosts, as ``libvirt/migration.py`` does between libvirt
 hosts: the guest (its processes, sessions and files) carries on on the target, over a new
-overlay on the target's copy of the base; a failure leaves it running where it was."""
+overlay on the target's copy of the base; a failure leaves it running where it was.
+
+Two failures part way, as on real hosts:
+
+- The target runs out of memory: once the disk has crossed, the guest's memory must fit in
+  what the target has free (its own use, ``set_host_load``, and its running VMs' taken
+  off): if not, the target's QEMU fails and the VM runs on here, nothing left there.
+- The connection to this host is lost while the move runs (a test calls
+  ``set_reachable(False)`` from ``progress``): this host's daemon drives the move and
+  finishes it, but the caller only hears ``HostConnectionLost``; the VM runs on the
+  target, once.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from deskpool.domain.errors import Conflict, DriverError, InvalidInput
+from deskpool.domain.errors import Conflict, DriverError, HostConnectionLost, InvalidInput
 from deskpool.domain.models import MigrationStats
 from deskpool.drivers.base import HypervisorDriver, owned_volume_names, root_volume_name
 from deskpool.drivers.fake.faults import FAULT_POINTS
+from deskpool.drivers.fake.load import vm_memory_mib
 from deskpool.drivers.fake.saved_state import ACTIVE_STATES
 from deskpool.drivers.fake.state import FakeVm, FakeVolume
 
@@ -27,6 +39,7 @@ class FakeMigrationMixin:
         _lock: threading.RLock
         _vms: dict[uuid.UUID, FakeVm]
         _volumes: dict[str, FakeVolume]
+        _reachable: bool
 
         def _check_usable(self) -> None: ...
         def _maybe_fail(self, point: str) -> None: ...
@@ -35,6 +48,7 @@ class FakeMigrationMixin:
         def _add_overlay(self, name: str, base: FakeVolume) -> FakeVolume: ...
         def _drop_volume(self, name: str) -> None: ...
         def _next_vnc_port(self) -> int: ...
+        def _memory_free_mib(self) -> float: ...
 
     def migrate_vm(self, vm_id: uuid.UUID, target: HypervisorDriver, *, base_volume: str,
                    timeout_s: float = 600.0,
@@ -64,6 +78,13 @@ class FakeMigrationMixin:
             overlay = self._volumes[root]
             moved.allocation = overlay.allocation
             memory = vm.spec.memory_mib * MiB
+            free = target._memory_free_mib()  # the disk has crossed; now the memory
+            if vm_memory_mib(vm) > free:
+                target._drop_volume(root)
+                raise DriverError(
+                    f"host {target.uri} ran out of memory during the live migration of VM "
+                    f"{vm.name}: it needs {vm_memory_mib(vm):.0f} MiB, {free:.0f} MiB are "
+                    f"free there; the VM runs on at {self.uri}")
             if progress is not None:
                 progress(memory + overlay.allocation, memory + overlay.allocation)
             vm.spec = replace(vm.spec, base_volume=base_volume)
@@ -73,6 +94,9 @@ class FakeMigrationMixin:
             target._vms[vm_id] = vm
             for name in owned_volume_names(vm_id):
                 self._drop_volume(name)
+            if not self._reachable:  # lost while it ran: the move went on without the caller
+                raise HostConnectionLost(f"the connection to {self.uri} was lost while VM "
+                                         f"{vm.name} moved to {target.uri}")
         return MigrationStats(seconds=0.0, memory_bytes=memory, disk_bytes=overlay.allocation,
                               downtime_ms=0)
 

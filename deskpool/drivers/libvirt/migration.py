@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from deskpool.domain.errors import Conflict, DriverError, InvalidInput
+from deskpool.domain.errors import Conflict, DriverError, HostConnectionLost, InvalidInput
 from deskpool.domain.models import CloneMode, MigrationStats, VolumeInfo
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
 from deskpool.drivers.libvirt.connection import error_code
@@ -73,6 +73,7 @@ class MigrationMixin:
         def _conn(self) -> libvirt.virConnect: ...
         def _own_domain(self, vm_id: uuid.UUID) -> libvirt.virDomain: ...
         def _translate(self, what: str) -> AbstractContextManager[None]: ...
+        def _alive(self) -> bool: ...
         def volume_info(self, name: str) -> VolumeInfo: ...
         def delete_vm(self, vm_id: uuid.UUID) -> None: ...
         def attached_disks(self, vm_id: uuid.UUID) -> dict[str, str]: ...
@@ -166,6 +167,11 @@ class MigrationMixin:
                 raise DriverError(f"migrating VM {name} took over {timeout_s:.0f} s: "
                                   "cancelled, it runs on where it was")
             disk_seen = max(disk_seen, self._report(dom, progress))
+        if "error" in outcome and not self._alive():
+            # The source's daemon drives the move: it may have finished without us.
+            raise HostConnectionLost(f"the connection to {self.uri} was lost while VM {name} "
+                                     f"moved to {peer.uri}; where it runs is unknown: "
+                                     f"{outcome['error']}")
         if "error" in outcome:
             raise DriverError(f"migrating VM {name} from {self.uri} to {peer.uri} failed, it "
                               f"runs on where it was: {outcome['error']}")

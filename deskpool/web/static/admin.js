@@ -314,11 +314,13 @@ const TABLES = {
         ? `yes; a second session: ${p.second_session.replace("_", "-")}` +
           (p.profile_exclusions.length ? `; kept out: ${p.profile_exclusions.join(", ")}` : "")
         : "")],
+      ["Balancing", (p) => (p.balance ? "yes" : ""), "balance"],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["By version", versionsOf, "versions"],
       ["", (p) => poolActions(p, ui), "actions"]],
     key: (p) => p.id,
     attrs: (p) => ({ "data-name": p.name, "data-status": p.status,
+                     "data-balance": p.balance ? "yes" : "no",
                      "data-broken": p.fault ? "yes" : "no" }),
   },
   users: {
@@ -405,8 +407,11 @@ const TABLES = {
        "hypervisor"],
       ["vCPUs", (h) => h.vcpus || "", "num vcpus"],
       ["Memory", (h) => (h.memory_mib ? gib(h.memory_mib) : ""), "num memory"],
-      ["Free storage", (h) => bytes(h.storage_free_bytes), "num storage"],
+      ["Free storage", (h) => bytes(h.storage_free_bytes)
+        + (h.shared_storage ? ` · shared: ${h.shared_storage}` : ""), "num storage"],
       ["Limits", hostLimits, "limits"],
+      ["Host set", (h) => (h.host_set || "default") + (h.set_balances ? " · balancing" : ""),
+       "host-set"],
       ["Desktops", (h) => h.desktops ?? "", "num desktops"],
       ["Last seen", (h) => (h.last_seen_at
         ? el("span", { title: when(h.last_seen_at), text: `${ago(h.last_seen_at)} ago` })
@@ -414,6 +419,7 @@ const TABLES = {
       ["", hostActions, "actions"]],
     key: (h) => h.id,
     attrs: (h) => ({ "data-name": h.name, "data-state": h.state,
+                     "data-set": h.host_set || "", "data-balances": h.set_balances ? "yes" : "no",
                      className: h.state === "down" ? "host-down-row" : null }),
   },
   templates: {
