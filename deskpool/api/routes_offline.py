@@ -186,6 +186,20 @@ def put_chunk(desktop: DesktopName, index: Annotated[int, Path(ge=0, le=10_000_0
                                                        data))
 
 
+@router.put("/offline/desktops/{desktop}/transfer/chunks", response_model=TransferOut,
+            responses=USER_REFUSALS | errors(503))
+def put_chunks(desktop: DesktopName,
+               indexes: Annotated[str, Query(pattern=r"^[0-9]{1,8}(,[0-9]{1,8}){0,4095}$",
+                                             description="the chunks, in the body's order")],
+               laptop: Laptop, user: CurrentUser, svc: ServicesDep,
+               data: Raw = b"") -> TransferOut:
+    """Several chunks' bytes end to end (one round trip for many small chunks); each is
+    checked and journalled as if sent alone (503 on a damaged one: send the batch again)."""
+    wanted = [int(i) for i in indexes.split(",")]
+    return _transfer(OfflineService(svc.ctx).put_chunks(user.name, desktop, laptop, wanted,
+                                                        data))
+
+
 @router.post("/offline/desktops/{desktop}/transfer/commit", response_model=TransferDone,
              responses=USER_REFUSALS | errors(503))
 def commit_transfer(desktop: DesktopName, body: CheckoutRequest, user: CurrentUser,

@@ -299,6 +299,28 @@ class OfflineService:
         return TransferView(desktop_name, kind, len(delta.chunks), missing,
                             sum(delta.chunks[i].wire_length for i in missing))
 
+    def put_chunks(self, user: str, desktop_name: str, laptop_id: str, indexes: list[int],
+                   data: bytes) -> TransferView:
+        """Several chunks in one request (their payloads end to end, in ``indexes``' order):
+        one round trip and one slot for many small chunks. Each is checked and journalled as
+        if sent alone, so a batch cut halfway keeps the chunks it applied."""
+        _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
+        if not indexes or any(not 0 <= i < len(delta.chunks) for i in indexes):
+            raise InvalidInput(f"chunk indexes must be 0 to {len(delta.chunks) - 1}")
+        sizes = [delta.chunks[i].wire_length for i in indexes]
+        if sum(sizes) != len(data):
+            raise InvalidInput(f"the chunks' bytes are {len(data)} long; the plan says "
+                               f"chunks {indexes[0]}... take {sum(sizes)}")
+        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
+            staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
+            at = 0
+            for index, size in zip(indexes, sizes, strict=True):
+                staged.apply_chunk(index, data[at:at + size])
+                at += size
+            missing = staged.missing()
+        return TransferView(desktop_name, kind, len(delta.chunks), missing,
+                            sum(delta.chunks[i].wire_length for i in missing))
+
     def finish_transfer(self, user: str, desktop_name: str,
                         laptop_id: str) -> CheckoutView | LeaseGrant:
         """Verify and commit the transfer: a check-in releases the desktop (its view), a sync

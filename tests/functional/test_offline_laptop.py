@@ -310,6 +310,7 @@ def test_a_cut_download_and_a_cut_checkin_resume_where_they_stopped(
 ) -> None:
     laptop_dir = tmp_path / "laptop"
     monkeypatch.setattr(transfers, "DOWNLOAD_CHUNK", 64 * 1024)
+    monkeypatch.setattr(transfers, "BATCH_BYTES", 1)  # a request per chunk: cut between two
     real_record = transfers.DownloadJournal.record
     recorded: list[int] = []
 
@@ -348,7 +349,7 @@ def test_a_cut_download_and_a_cut_checkin_resume_where_they_stopped(
 
         def cut_on_fourth_chunk(self: Broker, method: str, path: str, **kw: Any) -> Any:
             if method == "PUT":
-                puts.append(path)
+                puts.append(kw["params"]["indexes"])
                 if len(puts) == 4:
                     raise BrokerUnreachable("connection dropped mid-check-in (test)")
             return real_call(self, method, path, **kw)

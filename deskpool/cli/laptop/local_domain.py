@@ -27,6 +27,9 @@ def open_libvirt(uri: str) -> Any:
     """A connection to the laptop's libvirt (tests hand their own ``opener`` instead)."""
     import libvirt  # only the commands that run the desktop need the binding
 
+    # Our own messages say what failed; libvirt's default handler would also print each
+    # error (a domain not defined yet, looked up on purpose) on stderr.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:

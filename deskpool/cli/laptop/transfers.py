@@ -35,14 +35,15 @@ from deskpool.domain.errors import DeskpoolError
 from deskpool.images.layer_delta import (
     BlockManifest,
     LayerDelta,
-    block_manifest,
     file_sha256,
-    plan_delta,
+    plan_with_manifest,
     read_chunk,
 )
 
 DOWNLOAD_CHUNK = 4 * 1024 * 1024
 MAX_RESENDS = 3
+BATCH_BYTES = 1024 * 1024 - 4096  # under the broker's 1 MiB request body cap
+BATCH_CHUNKS = 4096  # the API's limit on indexes in one request
 SHA256_HEADER = "x-deskpool-sha256"
 
 
@@ -178,23 +179,23 @@ class UploadResult:
 
 
 def planned(
-    layer: Path,
-    plan_file: Path,
-    since: BlockManifest,
-    base_sha256: str,
-) -> LayerDelta:
-    """The plan in flight if it still describes the layer, else a new one (kept first)."""
-    if plan_file.is_file():
+    layer: Path, plan_file: Path, since: BlockManifest, base_sha256: str
+) -> tuple[LayerDelta, BlockManifest]:
+    """The plan in flight if it still describes the layer, else a new one (kept first, with
+    the manifest the server's copy will have once it is committed)."""
+    manifest_file = plan_file.with_suffix(".manifest")
+    if plan_file.is_file() and manifest_file.is_file():
         kept = LayerDelta.decode(plan_file.read_bytes())
         if (
             kept.since_sha256 == since.file_sha256
             and kept.base_sha256 == base_sha256
             and kept.target_sha256 == file_sha256(layer)
         ):
-            return kept
-    delta = plan_delta(layer, since, base_sha256)
-    write_private(plan_file, delta.encode())
-    return delta
+            return kept, BlockManifest.decode(manifest_file.read_bytes())
+    delta, manifest = plan_with_manifest(layer, since, base_sha256)
+    write_private(manifest_file, manifest.encode())
+    write_private(plan_file, delta.encode())  # last: with it, the pair is complete
+    return delta, manifest
 
 
 def upload(
@@ -209,7 +210,7 @@ def upload(
     progress: Progress,
 ) -> UploadResult:
     """Send the layer's changes since ``since`` (a check-in or a sync); resumable."""
-    delta = planned(layer, plan_file, since, base_sha256)
+    delta, manifest = planned(layer, plan_file, since, base_sha256)
     plan = delta.encode()
     params = {"laptop": laptop}
     base = f"/offline/desktops/{desktop}/transfer"
@@ -227,16 +228,15 @@ def upload(
         total=delta.payload_bytes(),
         completed=delta.payload_bytes() - int(answer["bytes_pending"]),
     )
-    for index in missing:
-        chunk = delta.chunks[index]
+    for batch in batches(delta, missing):
         for attempt in range(MAX_RESENDS + 1):
-            data = read_chunk(layer, chunk)
+            data = b"".join(read_chunk(layer, delta.chunks[i]) for i in batch)
             sent += len(data)
             try:
                 broker.call(
                     "PUT",
-                    f"{base}/chunks/{index}",
-                    params=params,
+                    f"{base}/chunks",
+                    params={**params, "indexes": ",".join(map(str, batch))},
                     content=data,
                     headers={"content-type": "application/octet-stream"},
                 )
@@ -244,20 +244,25 @@ def upload(
             except BrokerRefused as exc:  # 503 without Retry-After: damaged on the way
                 if exc.status != 503 or attempt == MAX_RESENDS:
                     raise
-        progress.advance(task, chunk.wire_length)
+        progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
     done = broker.call("POST", f"{base}/commit", json={"laptop": laptop})
     plan_file.unlink(missing_ok=True)
-    manifest = since_after(layer, delta)
+    plan_file.with_suffix(".manifest").unlink(missing_ok=True)
     return UploadResult(
         answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest
     )
 
 
-def since_after(layer: Path, delta: LayerDelta) -> BlockManifest:
-    """The manifest of the server's copy after a commit: the laptop's layer as planned."""
-    manifest = block_manifest(layer)
-    if manifest.file_sha256 != delta.target_sha256:
-        raise TransferDamaged(
-            "the layer changed during the transfer; shut the desktop down and sync again"
-        )
-    return manifest
+def batches(delta: LayerDelta, missing: list[int]) -> list[list[int]]:
+    """The missing chunks in requests of at most ``BATCH_BYTES`` (a bigger chunk alone):
+    a round trip per 4 KiB chunk would cost more than the bytes."""
+    found: list[list[int]] = []
+    size = 0
+    for index in missing:
+        wire = delta.chunks[index].wire_length
+        if not found or size + wire > BATCH_BYTES or len(found[-1]) >= BATCH_CHUNKS:
+            found.append([])
+            size = 0
+        found[-1].append(index)
+        size += wire
+    return found
