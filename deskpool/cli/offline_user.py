@@ -25,7 +25,7 @@ from rich.table import Table
 
 from deskpool.cli import client as client_cli
 from deskpool.cli.common import out
-from deskpool.cli.laptop.broker import Broker
+from deskpool.cli.laptop.broker import Broker, BrokerRefused
 from deskpool.cli.laptop.local_domain import Opener, is_running, open_libvirt, start_local
 from deskpool.cli.laptop.local_domain import stop_local as stop_domain
 from deskpool.cli.laptop.store import DesktopRecord, LaptopDir, default_dir, write_private
@@ -154,6 +154,7 @@ def checkout(
         password = _password(password_stdin, confirm=not password_stdin)
         grant = broker.call("POST", f"/offline/desktops/{desktop}/checkout", json={"laptop": name})
         record = _record_of(grant, name, password)
+        laptop.clear_folder(record)  # leftovers of a cut forget: never taken as downloaded
         laptop.save(record)  # the key is handed over once: kept before anything else
         out.print(
             f"checked {desktop} out to {name} until "
@@ -336,6 +337,16 @@ def _send(
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline {kind} {desktop}' resumes the transfer")
         raise typer.Exit(130) from None
+    except BrokerRefused as exc:
+        if exc.status == 409 and "is not checked out" in str(exc):
+            # Most often a commit whose answer was lost: done on the broker. The laptop
+            # cannot tell that from an administrator's forced check-in, so it keeps its copy.
+            raise Conflict(
+                f"the broker has no check-out of {desktop} any more: the last {kind} was "
+                "committed before its answer was lost, or an administrator ended the "
+                f"check-out; this laptop's copy is kept in {laptop.folder(record)}"
+            ) from None
+        raise
     write_private(laptop.manifest(record), sent.manifest.encode())
     out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}")
     _remember_revoked(broker, laptop)

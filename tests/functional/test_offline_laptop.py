@@ -29,7 +29,13 @@ from deskpool.cli.laptop.store import DesktopRecord, LaptopDir
 from deskpool.cli.main import app
 from deskpool.domain.offline_keys import KeyBinding, UserWrappedKey, unwrap_for_user
 from deskpool.drivers.registry import forget_fake_hosts
-from deskpool.images.layer_delta import LayerDelta, file_sha256
+from deskpool.images.layer_delta import (
+    BlockManifest,
+    LayerDelta,
+    file_sha256,
+    plan_delta,
+    read_chunk,
+)
 from deskpool.images.offline_layers import layer_spec
 from deskpool.services import offline as offline_service
 from deskpool.services.host_slots import SlotKind, host_slot
@@ -461,3 +467,83 @@ def test_a_busy_host_answers_503_and_the_client_waits_its_turn(
     finally:
         release.set()
         holder.join()
+
+
+def test_a_lost_commit_answer_is_told_apart_and_a_bad_batch_is_refused(
+    world: BrokerWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    laptop_dir = tmp_path / "laptop"
+    checked_out(world, laptop_dir)
+    guest_writes(laptop_dir, [(0, 0x61), (4 << 20, 0x62)])
+    here = LaptopDir(laptop_dir)
+    rec = record(laptop_dir)
+    final = file_sha256(here.layer(rec))
+    real_call = Broker.call
+
+    def lose_the_commit_answer(self: Broker, method: str, path: str, **kw: Any) -> Any:
+        answer = real_call(self, method, path, **kw)
+        if path.endswith("/commit"):
+            raise BrokerUnreachable("answer lost (test)")
+        return answer
+
+    with ServerThread(create_app(world.ctx, directories=[])) as server:
+        sign_in(server)
+        alice = world.client("alice")
+        begun = alice.post(
+            f"{API}/offline/desktops/home-01/transfer",
+            params={"laptop": LAPTOP, "kind": "sync"},
+            content=here.manifest(rec).read_bytes(),
+        )
+        assert begun.status_code == 400 and "this is not a layer delta" in begun.text
+        monkeypatch.setattr(Broker, "call", lose_the_commit_answer)
+        cut = offline(laptop_dir, "checkin", "home-01", "--quiet", password=None, exit_code=1)
+        assert "answer lost" in cut
+        monkeypatch.setattr(Broker, "call", real_call)
+        again = offline(laptop_dir, "checkin", "home-01", "--quiet", password=None, exit_code=1)
+    assert "the broker has no check-out of home-01 any more" in again
+    assert "this laptop's copy is kept" in again and here.layer(rec).is_file()
+    assert file_sha256(server_layer(world)) == final
+    assert desktop_state(world) == "ready"
+
+
+def test_batched_chunks_must_match_the_plan(world: BrokerWorld, tmp_path: Path) -> None:
+    laptop_dir = tmp_path / "laptop"
+    checked_out(world, laptop_dir)
+    guest_writes(laptop_dir, [(0, 0x71)])
+    here = LaptopDir(laptop_dir)
+    rec = record(laptop_dir)
+    since = BlockManifest.decode(here.manifest(rec).read_bytes())
+    delta = plan_delta(here.layer(rec), since, rec.base_sha256)
+    alice = world.client("alice")
+    base = f"{API}/offline/desktops/home-01/transfer"
+    begun = alice.post(
+        base,
+        params={"laptop": LAPTOP},
+        content=delta.encode(),
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert begun.status_code == 200 and begun.json()["missing"] == list(range(len(delta.chunks)))
+    body = b"".join(read_chunk(here.layer(rec), c) for c in delta.chunks)
+    everything = ",".join(str(c.index) for c in delta.chunks)
+    short = alice.put(
+        f"{base}/chunks",
+        params={"laptop": LAPTOP, "indexes": everything},
+        content=body[:-1],
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert short.status_code == 400 and "the plan says" in short.json()["detail"]
+    outside = alice.put(
+        f"{base}/chunks",
+        params={"laptop": LAPTOP, "indexes": "9999"},
+        content=b"",
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert outside.status_code == 400 and "chunk indexes must be 0 to" in outside.text
+    assert alice.get(f"{API}/offline/desktops").json()[0]["checkout"]["bytes_pending"] > 0
+    whole = alice.put(
+        f"{base}/chunks",
+        params={"laptop": LAPTOP, "indexes": everything},
+        content=body,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert whole.status_code == 200 and whole.json()["missing"] == []

@@ -140,12 +140,19 @@ class LaptopDir:
         return [self.load(name) for name in names]
 
     def forget(self, record: DesktopRecord) -> None:
-        """After a check-in or rollback: the layer and its record go; bases stay cached."""
-        for path in sorted(self.folder(record).glob("*"), reverse=True):
-            path.unlink()
-        if self.folder(record).is_dir():
-            self.folder(record).rmdir()
+        """After a check-in or rollback: the record, then the layer's folder; bases stay.
+        The record goes first: a cut here leaves leftovers (cleared by the next check-out),
+        never a record whose files are half gone."""
         self._record_path(record.desktop).unlink(missing_ok=True)
+        self.clear_folder(record)
+
+    def clear_folder(self, record: DesktopRecord) -> None:
+        """Whatever an earlier check-out of this desktop left in its folder."""
+        folder = self.folder(record)
+        for path in sorted(folder.glob("*"), reverse=True):
+            path.unlink()
+        if folder.is_dir():
+            folder.rmdir()
 
     def revoked(self) -> list[uuid.UUID]:
         path = self.root / "revoked.json"
