@@ -138,6 +138,9 @@ def download(
                         "nothing was kept"
                     )
                 index, pending = start, bytearray()
+                if answer.status_code != 206 and offset:  # Range ignored: from the start
+                    journal.done.clear()
+                    index = offset = 0
                 for data in answer.iter_bytes(1024 * 1024):
                     pending += data
                     fetched += len(data)
