@@ -7,6 +7,7 @@ and a busy host's 503 waited out."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from deskpool.api.app import create_app
@@ -40,6 +42,7 @@ from deskpool.images.offline_layers import layer_spec
 from deskpool.services import offline as offline_service
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.offline_secrets import secrets_dir
+from deskpool.store.models import HostSlot
 from tests.broker_world import PASSWORD, BrokerWorld, ServerThread, make_world
 
 API = "/api/v1"
@@ -547,3 +550,37 @@ def test_batched_chunks_must_match_the_plan(world: BrokerWorld, tmp_path: Path) 
         headers={"content-type": "application/octet-stream"},
     )
     assert whole.status_code == 200 and whole.json()["missing"] == []
+
+
+def test_downloads_answer_ranges_with_their_checksum_and_refuse_bad_ones(
+    world: BrokerWorld,
+) -> None:
+    alice = world.client("alice")
+    grant = alice.post(f"{API}/offline/desktops/home-01/checkout", json={"laptop": LAPTOP})
+    assert grant.status_code == 200, grant.text
+    layer = server_layer(world).read_bytes()
+    url = f"{API}/offline/desktops/home-01/layer"
+    whole = alice.get(url, params={"laptop": LAPTOP})
+    assert whole.status_code == 200 and whole.content == layer
+    assert whole.headers["x-deskpool-sha256"] == grant.json()["layer_sha256"]
+    part = alice.get(url, params={"laptop": LAPTOP}, headers={"range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == layer[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(layer)}"
+    tail = alice.get(url, params={"laptop": LAPTOP}, headers={"range": f"bytes={len(layer) - 5}-"})
+    assert tail.status_code == 206 and tail.content == layer[-5:]
+    for bad in ("bytes=-5", "lines=0-1", f"bytes={len(layer)}-"):
+        refused = alice.get(url, params={"laptop": LAPTOP}, headers={"range": bad})
+        assert refused.status_code == 400 and "Range" in refused.json()["detail"], bad
+    base = alice.get(f"{API}/offline/desktops/home-01/base", params={"laptop": LAPTOP})
+    assert base.status_code == 200 and len(base.content) == grant.json()["base_size"]
+    assert hashlib.sha256(base.content).hexdigest() == grant.json()["base_sha256"]
+    other = alice.get(url, params={"laptop": "not-this-one"})
+    assert other.status_code == 403 and "not checked out to you on laptop" in other.text
+    # Every stream above, whole, partial or refused, gave its transfer slot back.
+    with world.ctx.uow(read_only=True) as uow:
+        holders = (
+            uow.session.execute(select(HostSlot.holder).where(HostSlot.kind == "transfer"))
+            .scalars()
+            .all()
+        )
+        assert holders and all(h is None for h in holders), holders
