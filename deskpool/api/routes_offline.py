@@ -9,11 +9,12 @@ cut; the answer always says which chunks the server still lacks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Path, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Body, Header, Path, Query
+from fastapi.responses import StreamingResponse
 
 from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep
 from deskpool.api.schemas import errors
@@ -27,7 +28,8 @@ from deskpool.api.schemas_offline import (
     TransferDone,
     TransferOut,
 )
-from deskpool.services.offline import OfflineService
+from deskpool.domain.errors import InvalidInput
+from deskpool.services.offline import Download, OfflineService
 from deskpool.services.offline_views import CheckoutView, LeaseGrant, TransferView
 
 router = APIRouter(prefix="/api/v1", tags=["offline"], responses=errors(401, 413, 422))
@@ -36,6 +38,12 @@ Laptop = Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 # Raw bytes; empty is a valid chunk (a run of zeros carries none).
 Raw = Annotated[bytes, Body(media_type="application/octet-stream")]
 USER_REFUSALS = errors(400, 403, 404, 409)
+SHA256_HEADER = "X-Deskpool-SHA256"  # the whole file's checksum, for the laptop to verify
+STREAM_BLOCK = 1024 * 1024
+RangeHeader = Annotated[str | None, Header(alias="range", description=(
+    "bytes=START- or bytes=START-END: resume a cut download"))]
+FILE_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}},
+                     "description": "the file (206 with Content-Range for a range)"}}
 
 
 def _lease(grant: LeaseGrant) -> LeaseOut:
@@ -80,15 +88,72 @@ def check_out(desktop: DesktopName, body: CheckoutRequest, user: CurrentUser,
     return _lease(OfflineService(svc.ctx).check_out(user.name, desktop, body.laptop))
 
 
-@router.get("/offline/desktops/{desktop}/layer", response_class=FileResponse,
-            responses=USER_REFUSALS | {200: {"content": {"application/octet-stream": {}},
-                                             "description": "the encrypted layer file"}})
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end)``, both included, of a ``bytes=START-[END]`` header; None: the whole."""
+    if header is None:
+        return None
+    unit, _, span = header.partition("=")
+    first, dash, last = (part.strip() for part in span.partition("-"))
+    if unit.strip() != "bytes" or not dash or not first.isdigit() \
+            or (last and not last.isdigit()):
+        raise InvalidInput(f"Range {header!r} is not bytes=START- or bytes=START-END")
+    start, end = int(first), min(int(last), size - 1) if last else size - 1
+    if start > end:
+        raise InvalidInput(f"Range {header!r} lies outside the file's {size} bytes")
+    return start, end
+
+
+def _stream(download: Download, range_header: str | None, filename: str) -> StreamingResponse:
+    """The file, or the range asked for; the transfer slot is given back when the stream
+    ends, completed or cut."""
+    try:
+        span = _byte_range(range_header, download.size)
+    except BaseException:
+        download.close()
+        raise
+    start, end = span or (0, download.size - 1)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            with download.path.open("rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    data = f.read(min(STREAM_BLOCK, left))
+                    if not data:
+                        return
+                    left -= len(data)
+                    yield data
+        finally:
+            download.close()
+
+    headers = {"Content-Length": str(end - start + 1), "Accept-Ranges": "bytes",
+               SHA256_HEADER: download.sha256,
+               "Content-Disposition": f'attachment; filename="{filename}"'}
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{download.size}"
+    return StreamingResponse(chunks(), status_code=206 if span else 200, headers=headers,
+                             media_type="application/octet-stream")
+
+
+@router.get("/offline/desktops/{desktop}/layer", response_class=StreamingResponse,
+            responses=USER_REFUSALS | errors(503) | FILE_ANSWER)
 def download_layer(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
-                   svc: ServicesDep) -> FileResponse:
-    """The desktop's encrypted layer as the server has it (download after check-out)."""
-    path = OfflineService(svc.ctx).layer_file(user.name, desktop, laptop)
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"{desktop}.qcow2")
+                   svc: ServicesDep, range_header: RangeHeader = None) -> StreamingResponse:
+    """The desktop's encrypted layer as the server has it (download after check-out);
+    resumable with Range. Holds a transfer slot of the desktop's host (503 when busy)."""
+    found = OfflineService(svc.ctx).open_download(user.name, desktop, laptop, "layer")
+    return _stream(found, range_header, f"{desktop}.qcow2")
+
+
+@router.get("/offline/desktops/{desktop}/base", response_class=StreamingResponse,
+            responses=USER_REFUSALS | errors(503) | FILE_ANSWER)
+def download_base(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
+                  svc: ServicesDep, range_header: RangeHeader = None) -> StreamingResponse:
+    """The template image under the check-out's layer (the laptop caches it by sha256);
+    resumable with Range. Holds a transfer slot of the desktop's host (503 when busy)."""
+    found = OfflineService(svc.ctx).open_download(user.name, desktop, laptop, "base")
+    return _stream(found, range_header, f"{found.sha256}.qcow2")
 
 
 @router.post("/offline/desktops/{desktop}/sync", response_model=LeaseOut,
@@ -101,7 +166,7 @@ def renew(desktop: DesktopName, body: SyncRequest, user: CurrentUser,
 
 
 @router.post("/offline/desktops/{desktop}/transfer", response_model=TransferOut,
-             responses=USER_REFUSALS)
+             responses=USER_REFUSALS | errors(503))
 def begin_transfer(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
                    svc: ServicesDep, plan: Raw = b"",
                    kind: Annotated[Literal["checkin", "sync"], Query()] = "checkin",
@@ -119,6 +184,20 @@ def put_chunk(desktop: DesktopName, index: Annotated[int, Path(ge=0, le=10_000_0
     """One chunk's bytes; a damaged one is refused (503: send it again), nothing written."""
     return _transfer(OfflineService(svc.ctx).put_chunk(user.name, desktop, laptop, index,
                                                        data))
+
+
+@router.put("/offline/desktops/{desktop}/transfer/chunks", response_model=TransferOut,
+            responses=USER_REFUSALS | errors(503))
+def put_chunks(desktop: DesktopName,
+               indexes: Annotated[str, Query(pattern=r"^[0-9]{1,8}(,[0-9]{1,8}){0,4095}$",
+                                             description="the chunks, in the body's order")],
+               laptop: Laptop, user: CurrentUser, svc: ServicesDep,
+               data: Raw = b"") -> TransferOut:
+    """Several chunks' bytes end to end (one round trip for many small chunks); each is
+    checked and journalled as if sent alone (503 on a damaged one: send the batch again)."""
+    wanted = [int(i) for i in indexes.split(",")]
+    return _transfer(OfflineService(svc.ctx).put_chunks(user.name, desktop, laptop, wanted,
+                                                        data))
 
 
 @router.post("/offline/desktops/{desktop}/transfer/commit", response_model=TransferDone,

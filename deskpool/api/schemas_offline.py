@@ -37,6 +37,9 @@ class OfflineDesktopOut(BaseModel):
     state: DesktopState
     policy: OfflinePolicyBody
     checkout: CheckoutOut | None
+    base_sha256: str = Field(default="", description="the template image a check-out "
+                             "downloads (unless the laptop has it cached)")
+    base_size: int = Field(default=0, description="its size in bytes")
 
 
 class CheckoutRequest(BaseModel):
@@ -58,6 +61,8 @@ class LeaseOut(BaseModel):
     public_key_pem: str = Field(description="the server's Ed25519 key that signs leases")
     base_sha256: str
     layer_sha256: str
+    base_size: int = Field(default=0, description="bytes of the template's base image")
+    layer_size: int = Field(default=0, description="bytes of the encrypted layer file")
     data_key: str | None = Field(
         default=None, description="the layer's data key (base64), at check-out only: wrap "
         "it under the user's password on the laptop; it is never shown again")

@@ -40,6 +40,11 @@ def _saved() -> dict[str, str]:
     return saved
 
 
+def signed_in() -> dict[str, str]:
+    """The broker's URL and the session token ``client login`` kept (``offline`` uses it)."""
+    return _saved()
+
+
 def _call(method: str, path: str, **kw: Any) -> Any:
     answer = _request(method, path, **kw)
     return answer.json() if answer.content else None

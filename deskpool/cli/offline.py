@@ -1,6 +1,8 @@
-"""``deskpool offline list|revoke|force-checkin|rollback``: offline check-outs (issue 15), from
-the broker's own machine, audited with the local login; and the ``--offline`` setting of
-``deskpool pool create|update``."""
+"""``deskpool offline admin list|revoke|force-checkin|rollback``: offline check-outs (issue 15),
+from the broker's own machine, audited with the local login; and the ``--offline`` setting of
+``deskpool pool create|update``. The laptop's user commands (``deskpool offline checkout``...)
+are ``cli/offline_user.py``; the admin ones sit in their own group because both sides have
+a ``rollback`` with different powers (an admin's ignores the pool's policy)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import typer
 from rich.table import Table
 
 from deskpool.cli.common import out, services
+from deskpool.cli.offline_user import offline_app as offline_app
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.offline import OfflinePolicy
 from deskpool.services.audit import Actor
 from deskpool.services.offline import OfflineService
 from deskpool.services.offline_views import CheckoutView
 
-offline_app = typer.Typer(help="Offline desktops: who has what checked out; revoke, force "
-                          "back in, roll back.", no_args_is_help=True)
+admin_app = typer.Typer(help="Offline check-outs, on the broker's machine: who has what; "
+                        "revoke, force back in, roll back.", no_args_is_help=True)
+offline_app.add_typer(admin_app, name="admin")
 MiB = 2**20
 _YES, _NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
 POLICY_HELP = ("the pool's offline policy, as FIELD=VALUE,... of may_go_offline, "
@@ -55,7 +59,7 @@ def _when(view: CheckoutView) -> str:
     return view.lease_expires_at.strftime("%Y-%m-%d %H:%M UTC")
 
 
-@offline_app.command("list")
+@admin_app.command("list")
 def offline_list() -> None:
     """Every desktop checked out now: to whom, since when, lease end, last sync, pending."""
     with services() as ctx:
@@ -69,7 +73,7 @@ def offline_list() -> None:
     out.print(table)
 
 
-@offline_app.command("revoke")
+@admin_app.command("revoke")
 def offline_revoke(desktop: str) -> None:
     """The laptop may no longer start DESKTOP; it stays locked until checked in or forced."""
     with services() as ctx:
@@ -78,7 +82,7 @@ def offline_revoke(desktop: str) -> None:
               f"refuses it at its next contact, or when its lease ends at {_when(v)}")
 
 
-@offline_app.command("force-checkin")
+@admin_app.command("force-checkin")
 def offline_force_checkin(desktop: str) -> None:
     """Bring DESKTOP back online as of its last sync (a lost laptop); its copy is revoked."""
     with services() as ctx:
@@ -86,7 +90,7 @@ def offline_force_checkin(desktop: str) -> None:
     out.print(f"{v.desktop} is back online as of its last sync; {v.laptop}'s copy is revoked")
 
 
-@offline_app.command("rollback")
+@admin_app.command("rollback")
 def offline_rollback(desktop: str) -> None:
     """Discard the laptop's changes to DESKTOP since its last sync and bring it back."""
     with services() as ctx:

@@ -243,7 +243,15 @@ class LayerDelta:
 
 def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelta:
     """The chunks that turn the server's copy (described by ``since``) into ``layer``."""
+    return plan_with_manifest(layer, since, base_sha256)[0]
+
+
+def plan_with_manifest(layer: Path, since: BlockManifest,
+                       base_sha256: str) -> tuple[LayerDelta, BlockManifest]:
+    """``plan_delta`` and the manifest of ``layer`` as planned (the server's copy once the
+    plan is committed), from one read of the file: the laptop's next ``since``."""
     whole = hashlib.sha256()
+    hashes = bytearray()
     chunks: list[DeltaChunk] = []
     run: list[bytes] = []
     run_start = run_len = 0
@@ -265,7 +273,9 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
     offset = 0
     for number, block in enumerate(_blocks(layer)):
         whole.update(block)
-        known = since.block_hash(number) == hashlib.sha256(block).digest()
+        digest = hashlib.sha256(block).digest()
+        hashes += digest
+        known = since.block_hash(number) == digest
         zero = not known and (block == _ZERO_BLOCK if len(block) == BLOCK_SIZE
                               else not any(block))
         # Zeros past the server copy's end appear when it grows to the new size.
@@ -281,8 +291,10 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
             run_len += len(block)
         offset += len(block)
     close_run()
-    return LayerDelta(base_sha256=base_sha256, since_sha256=since.file_sha256,
-                      target_sha256=whole.hexdigest(), target_size=offset, chunks=tuple(chunks))
+    target = whole.hexdigest()
+    return (LayerDelta(base_sha256=base_sha256, since_sha256=since.file_sha256,
+                       target_sha256=target, target_size=offset, chunks=tuple(chunks)),
+            BlockManifest(file_size=offset, file_sha256=target, hashes=bytes(hashes)))
 
 
 def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
@@ -320,6 +332,7 @@ class StagedCheckin:
         self.current, self.staging_dir, self.delta = current, staging_dir, delta
         self.staged = staging_dir / _STAGED
         self.journal = staging_dir / _JOURNAL
+        self._current_identity = _identity(current)
         current_sha = file_sha256(current)
         # Cut after commit's rename: the check-in is done, only the answer was lost.
         self.committed = current_sha == delta.target_sha256 != delta.since_sha256
@@ -430,7 +443,8 @@ class StagedCheckin:
             self._discard()  # a copy that does not match is never resumed either
             raise CheckinRefused("the staged layer's checksum differs from the laptop's; it "
                                  "was discarded and the current copy kept; check in again")
-        self._check_current_unchanged()
+        if _identity(self.current) != self._current_identity:
+            self._check_current_unchanged()  # replaced or touched since it was hashed
         os.replace(self.staged, self.current)
         self.committed = True
         fsync_path(self.current.parent)
@@ -439,6 +453,13 @@ class StagedCheckin:
 
     def abort(self) -> None:
         self._discard()
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """Which file, at what size and modification time: a copy replaced by a rename or
+    written in place shows a different one, so hashing it again is only needed then."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _inflate(data: bytes, chunk: DeltaChunk) -> bytes:

@@ -61,6 +61,10 @@ class LayerFacts:
     backing_file: str | None
 
 
+_CPU_CLOCK_FLAKE = "Unable to get accurate CPU usage"
+_CPU_CLOCK_TRIES = 8
+
+
 def _passphrase(data_key: bytes) -> bytes:
     if len(data_key) != 32:
         raise InvalidInput("a layer's data key is 32 bytes")
@@ -150,9 +154,18 @@ def create_encrypted_layer(layer: Path, base: Path, data_key: bytes, *,
         "encrypt.cipher-mode=xts", "encrypt.iter-time=10",
         f"cluster_size={CLUSTER_SIZE}", "extended_l2=on",
     ])
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "-b", backing,
+            "-F", base_format, str(layer)]
     try:
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "-b", backing,
-              "-F", base_format, str(layer)], data_key, f"creating the offline layer {layer}")
+        for attempt in range(_CPU_CLOCK_TRIES):
+            try:
+                _run(argv, data_key, f"creating the offline layer {layer}")
+                break
+            except OfflineLayerError as exc:
+                # LUKS times PBKDF2 with the thread's CPU clock; a VM whose clock ticks
+                # coarsely reads 0 ms and qemu-img gives up. Timing again usually works.
+                if _CPU_CLOCK_FLAKE not in str(exc) or attempt == _CPU_CLOCK_TRIES - 1:
+                    raise
     except BaseException:
         layer.unlink(missing_ok=True)
         raise

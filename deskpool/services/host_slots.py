@@ -16,12 +16,18 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+from deskpool.domain.errors import Unavailable
 from deskpool.services.context import ServiceContext
 from deskpool.services.renewal import renewed_while_running
 
 log = logging.getLogger(__name__)
 HOLD_FOR = timedelta(seconds=60)  # a dead broker's slot is free again within this
 POLL_S = 0.5  # the longest wait between two tries for a busy host's slot
+
+
+class HostBusy(Unavailable):
+    """Every slot of the kind asked for is taken and the caller would rather not wait (an API
+    request answers 503 with ``Retry-After``: the client waits and asks again)."""
 
 
 class SlotKind(StrEnum):
@@ -38,16 +44,20 @@ def process_holder() -> str:
 def host_slot(
     ctx: ServiceContext, host_id: uuid.UUID, kind: SlotKind, limit: int, *,
     holder: str | None = None, hold_for: timedelta = HOLD_FOR,
-    clock: Callable[[], datetime] | None = None,
+    clock: Callable[[], datetime] | None = None, wait_up_to: float | None = None,
+    busy_message: str = "", retry_after: float = 5.0,
 ) -> Iterator[int]:
     """Wait for one of the host's ``limit`` slots of ``kind``, hold it while the block runs.
 
     Yields the slot's number. Waiting polls the database with a growing, jittered delay (up to
     ``POLL_S``); holding renews the slot every third of ``hold_for`` (``renewed_while_running``).
+    With ``wait_up_to`` (seconds), ``HostBusy(busy_message, delay=retry_after)`` when no slot
+    came free by then: a request thread should not block on a long transfer elsewhere.
     """
     now_of = clock or (lambda: datetime.now(UTC))
     who = holder or process_holder()
     delay = 0.02
+    give_up = None if wait_up_to is None else time.monotonic() + wait_up_to
     while True:
         now = now_of()
         with ctx.uow() as uow:
@@ -56,6 +66,9 @@ def host_slot(
             uow.commit()
         if slot is not None:
             break
+        if give_up is not None and time.monotonic() >= give_up:
+            raise HostBusy(busy_message or f"every {kind.value} slot of the host is taken; "
+                           f"try again in {retry_after:.0f} s", delay=retry_after)
         time.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(delay * 2, POLL_S)
     taken: int = slot

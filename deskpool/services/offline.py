@@ -22,7 +22,9 @@ import base64
 import re
 import threading
 import uuid
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -50,6 +52,7 @@ from deskpool.images.offline_server import (
 from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.offline_secrets import OfflineSecrets, load_offline_secrets, secrets_dir
 from deskpool.services.offline_views import (
     CheckoutView,
@@ -66,6 +69,10 @@ from deskpool.store.offline import OfflineCheckout
 S = DesktopState
 LAPTOP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TRANSFER_KINDS = ("checkin", "sync")
+# A request waits this long for one of the host's transfer slots before answering 503 with
+# ``Retry-After: SLOT_RETRY_S``: a worker thread must not block behind another transfer.
+SLOT_WAIT_S = 2.0
+SLOT_RETRY_S = 5.0
 
 # One transfer step per desktop at a time in this process (the staged file and its journal
 # are not shared), and each staged check-in kept open between chunks: opening one hashes the
@@ -82,6 +89,20 @@ def _desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
 
 def _binding(c: OfflineCheckout) -> KeyBinding:
     return KeyBinding(user=c.user_name, desktop_id=c.desktop_id, laptop_id=c.laptop_id)
+
+
+@dataclass
+class Download:
+    """A file the laptop downloads, with the host's transfer slot held until ``close``
+    (the response's stream ends, completed or cut)."""
+
+    path: Path
+    size: int
+    sha256: str
+    hold: ExitStack
+
+    def close(self) -> None:
+        self.hold.close()
 
 
 class OfflineService:
@@ -113,9 +134,13 @@ class OfflineService:
                 if pool is None or not offline_policy(pool).may_go_offline:
                     continue
                 c = uow.offline_checkouts.active_for(d.id)
+                version = uow.versions.get(d.template_version_id)
+                image = Path(version.image_path)
                 found.append(OfflineDesktopView(
                     desktop=d.name, pool=pool.name, state=d.state.value,
-                    policy=offline_policy(pool), checkout=checkout_view(c) if c else None))
+                    policy=offline_policy(pool), checkout=checkout_view(c) if c else None,
+                    base_sha256=version.image_sha256,
+                    base_size=image.stat().st_size if image.is_file() else 0))
             return found
 
     def check_out(self, user: str, desktop_name: str, laptop_id: str) -> LeaseGrant:
@@ -188,11 +213,8 @@ class OfflineService:
                 if made_layer:  # its key dies with this transaction: the layer would be lost
                     server.layer.unlink(missing_ok=True)
                 raise
-            return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
-                              public_key_pem=secrets_.public_key_pem(),
-                              base_sha256=checkout.base_sha256,
-                              layer_sha256=checkout.layer_sha256,
-                              data_key=base64.b64encode(data_key).decode("ascii"))
+            return self._grant(checkout, lease,
+                               data_key=base64.b64encode(data_key).decode("ascii"))
 
     def renew(self, user: str, desktop_name: str, laptop_id: str, *,
               bytes_pending: int | None = None) -> LeaseGrant:
@@ -209,17 +231,38 @@ class OfflineService:
             if bytes_pending is not None:
                 checkout.bytes_pending = bytes_pending
             uow.commit()
-            return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
-                              public_key_pem=self.secrets.public_key_pem(),
-                              base_sha256=checkout.base_sha256,
-                              layer_sha256=checkout.layer_sha256)
+            return self._grant(checkout, lease)
 
-    def layer_file(self, user: str, desktop_name: str, laptop_id: str) -> Path:
-        """The server's copy of the layer, for the laptop to download at check-out (or to
-        start again from): ciphertext, opened only with the data key."""
+    def open_download(self, user: str, desktop_name: str, laptop_id: str,
+                      what: str) -> Download:
+        """The layer (``what="layer"``) or the template's base (``"base"``) of the user's
+        check-out, with a transfer slot of the desktop's host taken (``HostBusy`` when none
+        frees within ``SLOT_WAIT_S``)."""
         with self.ctx.uow(read_only=True) as uow:
             checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
-            return self._server_layer(checkout.desktop_id).layer
+            desktop_id, base, layer_sha = (checkout.desktop_id, checkout.base_sha256,
+                                           checkout.layer_sha256)
+        server = self._server_layer(desktop_id)
+        path, sha = (server.layer, layer_sha) if what == "layer" else (server.base(base), base)
+        if not path.is_file():
+            raise NotFound(f"the {what} of {desktop_name} is missing on the server")
+        hold = ExitStack()
+        hold.enter_context(self.transfer_slot(desktop_id))
+        return Download(path=path, size=path.stat().st_size, sha256=sha, hold=hold)
+
+    @contextmanager
+    def transfer_slot(self, desktop_id: uuid.UUID) -> Iterator[None]:
+        """One of the desktop's host's transfer slots while a download or an upload step
+        runs, so laptops do not starve the host's disks (issue 15)."""
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            host_id, limit, host = (desktop.host_id, desktop.host.transfer_slots,
+                                    desktop.host.name)
+        busy = (f"host {host} is busy with {limit} other transfer(s); try again in "
+                f"{SLOT_RETRY_S:.0f} s (nothing was lost)")
+        with host_slot(self.ctx, host_id, SlotKind.TRANSFER, limit, wait_up_to=SLOT_WAIT_S,
+                       busy_message=busy, retry_after=SLOT_RETRY_S):
+            yield
 
     def revoked_checkouts(self, user: str) -> list[uuid.UUID]:
         """What the user's laptops must refuse to start (``verify_lease``'s list)."""
@@ -245,7 +288,7 @@ class OfflineService:
                                 "administrator; check it in instead of syncing")
             checkout_id, desktop_id, base, old_plan = (
                 checkout.id, checkout.desktop_id, checkout.base_sha256, checkout.transfer_plan)
-        with _desktop_lock(desktop_id):
+        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
             server = self._server_layer(desktop_id)
             if old_plan is not None and old_plan != plan:
                 _staged.pop(desktop_id, None)
@@ -264,9 +307,31 @@ class OfflineService:
     def put_chunk(self, user: str, desktop_name: str, laptop_id: str, index: int,
                   data: bytes) -> TransferView:
         _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
-        with _desktop_lock(desktop_id):
+        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
             staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
             staged.apply_chunk(index, data)
+            missing = staged.missing()
+        return TransferView(desktop_name, kind, len(delta.chunks), missing,
+                            sum(delta.chunks[i].wire_length for i in missing))
+
+    def put_chunks(self, user: str, desktop_name: str, laptop_id: str, indexes: list[int],
+                   data: bytes) -> TransferView:
+        """Several chunks in one request (their payloads end to end, in ``indexes``' order):
+        one round trip and one slot for many small chunks. Each is checked and journalled as
+        if sent alone, so a batch cut halfway keeps the chunks it applied."""
+        _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
+        if not indexes or any(not 0 <= i < len(delta.chunks) for i in indexes):
+            raise InvalidInput(f"chunk indexes must be 0 to {len(delta.chunks) - 1}")
+        sizes = [delta.chunks[i].wire_length for i in indexes]
+        if sum(sizes) != len(data):
+            raise InvalidInput(f"the chunks' bytes are {len(data)} long; the plan says "
+                               f"chunks {indexes[0]}... take {sum(sizes)}")
+        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
+            staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
+            at = 0
+            for index, size in zip(indexes, sizes, strict=True):
+                staged.apply_chunk(index, data[at:at + size])
+                at += size
             missing = staged.missing()
         return TransferView(desktop_name, kind, len(delta.chunks), missing,
                             sum(delta.chunks[i].wire_length for i in missing))
@@ -277,7 +342,7 @@ class OfflineService:
         keeps it out with a renewed lease. A refusal keeps the server's layer and the lock."""
         checkout_id, desktop_id, delta, kind, base = self._transfer(user, desktop_name,
                                                                     laptop_id)
-        with _desktop_lock(desktop_id):
+        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
             server = self._server_layer(desktop_id)
             staged = self._staged_for(desktop_id, server, delta, base)
             with self.ctx.uow(read_only=True) as uow:
@@ -305,10 +370,7 @@ class OfflineService:
                     policy = offline_policy(uow.pools.get_by_name(checkout.pool_name))
                     lease = self._lease(checkout, policy, utcnow())
                     uow.commit()
-                    return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
-                                      public_key_pem=self.secrets.public_key_pem(),
-                                      base_sha256=checkout.base_sha256,
-                                      layer_sha256=checkout.layer_sha256)
+                    return self._grant(checkout, lease)
                 self._release(uow, checkout, "checked-in",
                               f"{user} checked {checkout.desktop_name} in from "
                               f"{checkout.laptop_id} ({delta.payload_bytes()} bytes sent)",
@@ -441,6 +503,18 @@ class OfflineService:
             raise Conflict(str(exc)) from exc
         _staged[desktop_id] = (delta.identity(), staged)
         return staged
+
+    def _grant(self, checkout: OfflineCheckout, lease: str,
+               data_key: str | None = None) -> LeaseGrant:
+        """A lease with the sizes the laptop must have room for before downloading."""
+        server = self._server_layer(checkout.desktop_id)
+        base, layer = server.base(checkout.base_sha256), server.layer
+        return LeaseGrant(checkout=checkout_view(checkout), lease=lease,
+                          public_key_pem=self.secrets.public_key_pem(),
+                          base_sha256=checkout.base_sha256, layer_sha256=checkout.layer_sha256,
+                          base_size=base.stat().st_size if base.is_file() else 0,
+                          layer_size=layer.stat().st_size if layer.is_file() else 0,
+                          data_key=data_key)
 
     def _note_error(self, checkout_id: uuid.UUID, message: str) -> None:
         with self.ctx.uow() as uow:

@@ -36,6 +36,10 @@ class OfflineDesktopView:
     state: str
     policy: OfflinePolicy
     checkout: CheckoutView | None
+    # What a check-out downloads first, for the laptop to check its free space beforehand
+    # (nothing when it has this base cached already).
+    base_sha256: str = ""
+    base_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class LeaseGrant:
     public_key_pem: str
     base_sha256: str
     layer_sha256: str
+    base_size: int = 0  # bytes to download (the base only when not cached yet)
+    layer_size: int = 0
     data_key: str | None = None
 
 

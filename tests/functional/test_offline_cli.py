@@ -1,4 +1,4 @@
-"""The offline admin commands of the CLI (``deskpool offline`` and ``pool --offline``), run
+"""The offline admin commands of the CLI (``deskpool offline admin`` and ``pool --offline``), run
 in-process with Typer's CliRunner on the broker world's own database and fake host."""
 
 from __future__ import annotations
@@ -65,18 +65,19 @@ def test_pool_offline_setting_is_parsed_changed_in_part_and_refused_clearly(
 
 def test_offline_list_revoke_and_force_checkin(world: BrokerWorld) -> None:
     grant = OfflineService(world.ctx).check_out("alice", "home-01", "alice-laptop")
-    listed = invoke("offline", "list")
+    listed = invoke("offline", "admin", "list")
     assert "home-01" in listed and "alice-laptop" in listed and "never" in listed
-    said = invoke("offline", "revoke", "home-01")
+    said = invoke("offline", "admin", "revoke", "home-01")
     assert "revoked the check-out of home-01 to alice-laptop (alice)" in said
     assert OfflineService(world.ctx).revoked_checkouts("alice") == [grant.checkout.id]
-    assert "yes" in invoke("offline", "list").split("alice-laptop")[1]
-    again = invoke("offline", "revoke", "home-01", exit_code=1)
+    assert "yes" in invoke("offline", "admin", "list").split("alice-laptop")[1]
+    again = invoke("offline", "admin", "revoke", "home-01", exit_code=1)
     assert "already revoked" in again
-    assert "back online as of its last sync" in invoke("offline", "force-checkin", "home-01")
-    assert "home-01" not in invoke("offline", "list")
+    forced = invoke("offline", "admin", "force-checkin", "home-01")
+    assert "back online as of its last sync" in forced
+    assert "home-01" not in invoke("offline", "admin", "list")
     entries = audit_log(world.ctx, target="desktop/home-01")
     assert [e.action for e in entries] == ["offline.force-checkin", "offline.revoke"]
     assert all(e.actor.startswith("cli:") and e.address == "local" for e in entries)
-    not_out = invoke("offline", "revoke", "home-01", exit_code=1)
+    not_out = invoke("offline", "admin", "revoke", "home-01", exit_code=1)
     assert "desktop home-01 is not checked out" in not_out

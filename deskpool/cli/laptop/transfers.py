@@ -1,0 +1,271 @@
+"""Resumable transfers between the laptop and the broker, with progress bars.
+
+Download (the base, then the layer): the file grows as ``.<name>.partial`` beside its final
+name, in chunks of ``DOWNLOAD_CHUNK``; a chunk is recorded in the journal
+(``.<name>.journal``) only once its bytes are on disk, so a cut (a dropped connection, a
+killed process, Ctrl-C) resumes from the first chunk not recorded, with an HTTP Range. The
+whole file's sha256 is then checked against the one the lease names (and the server's
+header) before the file takes its final name: a half or damaged download is never used.
+
+Upload (check-in, sync): the plan of changed blocks (``images.layer_delta``) is kept in
+``upload.plan`` until the server commits it; the server journals each chunk it applied and
+every answer lists what it still lacks, so a re-run sends only the rest. Each chunk's bytes
+are checked against the plan as they are read (the laptop's end of the checksums) and again
+by the server (its end), which also checks the whole file before its one atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from deskpool.cli.laptop.broker import Broker, BrokerRefused
+from deskpool.cli.laptop.store import write_private
+from deskpool.domain.errors import DeskpoolError
+from deskpool.images.layer_delta import (
+    BlockManifest,
+    LayerDelta,
+    file_sha256,
+    plan_with_manifest,
+    read_chunk,
+)
+
+DOWNLOAD_CHUNK = 4 * 1024 * 1024
+MAX_RESENDS = 3
+BATCH_BYTES = 1024 * 1024 - 4096  # under the broker's 1 MiB request body cap
+BATCH_CHUNKS = 4096  # the API's limit on indexes in one request
+SHA256_HEADER = "x-deskpool-sha256"
+
+
+class TransferDamaged(DeskpoolError):
+    """A file arrived whole but its checksum is wrong: it was discarded, nothing used."""
+
+
+def progress_bar(quiet: bool = False) -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+    )
+
+
+@dataclass
+class DownloadJournal:
+    """Which chunks of a download are on disk (``done``), for one size and checksum."""
+
+    path: Path
+    size: int
+    sha256: str
+    done: set[int]
+
+    @classmethod
+    def open(cls, path: Path, size: int, sha256: str) -> DownloadJournal:
+        if path.is_file():
+            kept = json.loads(path.read_text())
+            if (
+                kept.get("size") == size
+                and kept.get("sha256") == sha256
+                and kept.get("chunk") == DOWNLOAD_CHUNK
+            ):
+                return cls(path, size, sha256, set(kept["done"]))
+        return cls(path, size, sha256, set())
+
+    def record(self, index: int) -> None:
+        self.done.add(index)
+        write_private(
+            self.path,
+            json.dumps(
+                {
+                    "size": self.size,
+                    "sha256": self.sha256,
+                    "chunk": DOWNLOAD_CHUNK,
+                    "done": sorted(self.done),
+                }
+            ).encode(),
+        )
+
+    def first_missing(self) -> int | None:
+        chunks = -(-self.size // DOWNLOAD_CHUNK)
+        return next((i for i in range(chunks) if i not in self.done), None)
+
+
+def download(
+    broker: Broker,
+    url: str,
+    dest: Path,
+    *,
+    size: int,
+    sha256: str,
+    what: str,
+    params: dict[str, str],
+    progress: Progress,
+) -> int:
+    """``dest`` downloaded (resumed where a cut left it) and verified; the bytes fetched."""
+    if dest.is_file():
+        return 0
+    partial = dest.with_name(f".{dest.name}.partial")
+    journal = DownloadJournal.open(dest.with_name(f".{dest.name}.journal"), size, sha256)
+    if not partial.exists():
+        journal.done.clear()
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fetched = 0
+    task = progress.add_task(
+        what, total=size, completed=min(size, len(journal.done) * DOWNLOAD_CHUNK)
+    )
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while (start := journal.first_missing()) is not None:
+            offset = start * DOWNLOAD_CHUNK
+            with broker.stream(url, params=params, headers={"range": f"bytes={offset}-"}) as answer:
+                announced = answer.headers.get(SHA256_HEADER)
+                if announced and announced != sha256:
+                    raise TransferDamaged(
+                        f"the server offers {what} with checksum "
+                        f"{announced}, not the {sha256} the lease names; "
+                        "nothing was kept"
+                    )
+                index, pending = start, bytearray()
+                if answer.status_code != 206 and offset:  # Range ignored: from the start
+                    journal.done.clear()
+                    index = offset = 0
+                for data in answer.iter_bytes(1024 * 1024):
+                    pending += data
+                    fetched += len(data)
+                    progress.advance(task, len(data))
+                    while len(pending) >= DOWNLOAD_CHUNK or (
+                        pending and offset + len(pending) >= size
+                    ):
+                        piece = bytes(pending[:DOWNLOAD_CHUNK])
+                        del pending[:DOWNLOAD_CHUNK]
+                        os.pwrite(fd, piece, offset)
+                        os.fsync(fd)  # on disk before the journal says so
+                        journal.record(index)
+                        index, offset = index + 1, offset + len(piece)
+            if journal.first_missing() == start:
+                raise TransferDamaged(
+                    f"the server sent nothing of {what} from byte {offset}; run the command again"
+                )
+    finally:
+        os.close(fd)
+    os.truncate(partial, size)
+    if file_sha256(partial) != sha256:
+        partial.unlink()
+        journal.path.unlink(missing_ok=True)
+        raise TransferDamaged(
+            f"{what} arrived damaged (its sha256 is not {sha256}); it was "
+            "discarded: run the command again to download it afresh"
+        )
+    os.replace(partial, dest)
+    journal.path.unlink(missing_ok=True)
+    return fetched
+
+
+@dataclass
+class UploadResult:
+    answer: dict[str, object]  # the commit's answer (TransferDone)
+    bytes_sent: int  # the plan and the chunks' bytes, resends included
+    payload_bytes: int  # the chunks' bytes of the whole plan, as planned
+    manifest: BlockManifest  # the layer as the server now has it
+
+
+def planned(
+    layer: Path, plan_file: Path, since: BlockManifest, base_sha256: str
+) -> tuple[LayerDelta, BlockManifest]:
+    """The plan in flight if it still describes the layer, else a new one (kept first, with
+    the manifest the server's copy will have once it is committed)."""
+    manifest_file = plan_file.with_suffix(".manifest")
+    if plan_file.is_file() and manifest_file.is_file():
+        kept = LayerDelta.decode(plan_file.read_bytes())
+        if (
+            kept.since_sha256 == since.file_sha256
+            and kept.base_sha256 == base_sha256
+            and kept.target_sha256 == file_sha256(layer)
+        ):
+            return kept, BlockManifest.decode(manifest_file.read_bytes())
+    delta, manifest = plan_with_manifest(layer, since, base_sha256)
+    write_private(manifest_file, manifest.encode())
+    write_private(plan_file, delta.encode())  # last: with it, the pair is complete
+    return delta, manifest
+
+
+def upload(
+    broker: Broker,
+    desktop: str,
+    laptop: str,
+    layer: Path,
+    plan_file: Path,
+    since: BlockManifest,
+    base_sha256: str,
+    kind: str,
+    progress: Progress,
+) -> UploadResult:
+    """Send the layer's changes since ``since`` (a check-in or a sync); resumable."""
+    delta, manifest = planned(layer, plan_file, since, base_sha256)
+    plan = delta.encode()
+    params = {"laptop": laptop}
+    base = f"/offline/desktops/{desktop}/transfer"
+    answer = broker.call(
+        "POST",
+        base,
+        params={**params, "kind": kind},
+        content=plan,
+        headers={"content-type": "application/octet-stream"},
+    )
+    sent = len(plan)
+    missing: list[int] = list(answer["missing"])
+    task = progress.add_task(
+        f"{kind} {desktop}",
+        total=delta.payload_bytes(),
+        completed=delta.payload_bytes() - int(answer["bytes_pending"]),
+    )
+    for batch in batches(delta, missing):
+        for attempt in range(MAX_RESENDS + 1):
+            data = b"".join(read_chunk(layer, delta.chunks[i]) for i in batch)
+            sent += len(data)
+            try:
+                broker.call(
+                    "PUT",
+                    f"{base}/chunks",
+                    params={**params, "indexes": ",".join(map(str, batch))},
+                    content=data,
+                    headers={"content-type": "application/octet-stream"},
+                )
+                break
+            except BrokerRefused as exc:  # 503 without Retry-After: damaged on the way
+                if exc.status != 503 or attempt == MAX_RESENDS:
+                    raise
+        progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
+    done = broker.call("POST", f"{base}/commit", json={"laptop": laptop})
+    plan_file.unlink(missing_ok=True)
+    plan_file.with_suffix(".manifest").unlink(missing_ok=True)
+    return UploadResult(
+        answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest
+    )
+
+
+def batches(delta: LayerDelta, missing: list[int]) -> list[list[int]]:
+    """The missing chunks in requests of at most ``BATCH_BYTES`` (a bigger chunk alone):
+    a round trip per 4 KiB chunk would cost more than the bytes."""
+    found: list[list[int]] = []
+    size = 0
+    for index in missing:
+        wire = delta.chunks[index].wire_length
+        if not found or size + wire > BATCH_BYTES or len(found[-1]) >= BATCH_CHUNKS:
+            found.append([])
+            size = 0
+        found[-1].append(index)
+        size += wire
+    return found
