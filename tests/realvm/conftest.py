@@ -8,7 +8,8 @@ by recipe hash under the default data directory, so a second run reuses it; ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ import pytest
 from deskpool.config import Settings
 from deskpool.images.builder import GuestImage, build_guest_image
 from deskpool.images.recipe import Flavor, recipe_for
+from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
+from deskpool.services.desktops import DesktopService
 from deskpool.services.hosts import HostService
 from deskpool.services.templates import ImageFiles, TemplateService
 from tests.conftest import qemu_system_unreachable_reason, skip_or_fail_without_real_vms
@@ -64,6 +67,27 @@ def real_ctx(
     yield ctx
     ctx.close()
     remove_pool_of(root / "pool")
+
+
+def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
+           timeout_s: float = 900) -> None:
+    """Run reconciler passes until ``done()`` (a guest boots in about a minute under TCG on a
+    quiet machine, several times that when other tests load it: no timed assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        reconciler.run_pass()
+        time.sleep(0.5)
+
+
+def delete_every_desktop(ctx: ServiceContext) -> None:
+    """A multi-host test's cleanup: every desktop deleted where its host still answers (a
+    host a test took down is cleaned up with its daemon)."""
+    for desktop in DesktopService(ctx).list():
+        try:
+            DesktopService(ctx).delete(desktop.name)
+        except Exception as exc:
+            print(f"cleanup of {desktop.name}: {exc}")
 
 
 def remove_pool_of(storage_dir: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from tests.libvirt_hosts import SecondLibvirtHost
-from tests.realvm.conftest import remove_pool_of
+from tests.realvm.conftest import delete_every_desktop, remove_pool_of, settle
 
 pytestmark = pytest.mark.realvm
 LOCAL, SECOND, STORAGE = "a-local", "b-second", "nas"
@@ -59,22 +59,9 @@ def shared(guest_image: GuestImage, tmp_path: Path) -> Iterator[tuple[ServiceCon
                                          recipe_hash=guest_image.recipe_hash, arch="x86_64")
             yield ctx, second
         finally:
-            for desktop in DesktopService(ctx).list():
-                try:
-                    DesktopService(ctx).delete(desktop.name)
-                except Exception as exc:  # the host may be gone; its daemon is cleaned up
-                    print(f"cleanup of {desktop.name}: {exc}")
+            delete_every_desktop(ctx)
             ctx.close()
             remove_pool_of(second.storage_dir)  # the system daemon's pool on that directory
-
-
-def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
-           timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        reconciler.run_pass()
-        time.sleep(1)
 
 
 def desktop_of(ctx: ServiceContext, name: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -56,7 +56,7 @@ from tests.browser.conftest import (
     wait_until,
 )
 from tests.libvirt_hosts import SecondLibvirtHost
-from tests.realvm.conftest import remove_pool_of
+from tests.realvm.conftest import delete_every_desktop, remove_pool_of, settle
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -87,22 +87,9 @@ def grid(guest_image: GuestImage, tmp_path: Path) -> Iterator[tuple[ServiceConte
                                          recipe_hash=guest_image.recipe_hash, arch="x86_64")
             yield ctx, second
         finally:
-            for desktop in DesktopService(ctx).list():
-                try:
-                    DesktopService(ctx).delete(desktop.name)
-                except Exception as exc:  # the host may be gone; its daemon is cleaned up
-                    print(f"cleanup of {desktop.name}: {exc}")
+            delete_every_desktop(ctx)
             ctx.close()
             remove_pool_of(tmp_path / "pool")
-
-
-def settle(reconciler: Reconciler, done: Callable[[], bool], what: str,
-           timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        reconciler.run_pass()
-        time.sleep(0.5)
 
 
 def console_drawn(page: Page) -> bool:
