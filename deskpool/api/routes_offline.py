@@ -23,6 +23,7 @@ from deskpool.api.schemas_offline import (
     CheckoutRequest,
     LeaseOut,
     OfflineDesktopOut,
+    OfflineMachineOut,
     PublicKeyOut,
     SyncRequest,
     TransferDone,
@@ -30,6 +31,7 @@ from deskpool.api.schemas_offline import (
 )
 from deskpool.domain.errors import InvalidInput
 from deskpool.services.offline import Download, OfflineService
+from deskpool.services.offline_machine import offline_machine, open_boot_file
 from deskpool.services.offline_views import CheckoutView, LeaseGrant, TransferView
 
 router = APIRouter(prefix="/api/v1", tags=["offline"], responses=errors(401, 413, 422))
@@ -154,6 +156,26 @@ def download_base(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
     resumable with Range. Holds a transfer slot of the desktop's host (503 when busy)."""
     found = OfflineService(svc.ctx).open_download(user.name, desktop, laptop, "base")
     return _stream(found, range_header, f"{found.sha256}.qcow2")
+
+
+@router.get("/offline/desktops/{desktop}/machine", response_model=OfflineMachineOut,
+            responses=USER_REFUSALS)
+def machine(desktop: DesktopName, laptop: Laptop, user: CurrentUser,
+            svc: ServicesDep) -> dict[str, Any]:
+    """The machine the checked-out desktop runs as on the laptop: size, MAC, and its boot
+    (kernel command line and identity; the boot files download from ``.../boot/{file}``)."""
+    return asdict(offline_machine(OfflineService(svc.ctx), user.name, desktop, laptop))
+
+
+@router.get("/offline/desktops/{desktop}/boot/{which}", response_class=StreamingResponse,
+            responses=USER_REFUSALS | errors(503) | FILE_ANSWER)
+def download_boot_file(desktop: DesktopName, which: Literal["kernel", "initrd"],
+                       laptop: Laptop, user: CurrentUser, svc: ServicesDep,
+                       range_header: RangeHeader = None) -> StreamingResponse:
+    """The template's kernel or initrd, for a desktop booted by direct kernel boot;
+    resumable with Range. Holds a transfer slot of the desktop's host (503 when busy)."""
+    found = open_boot_file(OfflineService(svc.ctx), user.name, desktop, laptop, which)
+    return _stream(found, range_header, f"{found.sha256}.{which}")
 
 
 @router.post("/offline/desktops/{desktop}/sync", response_model=LeaseOut,

@@ -85,3 +85,21 @@ class TransferDone(BaseModel):
 
 class PublicKeyOut(BaseModel):
     public_key_pem: str
+
+
+class BootFileOut(BaseModel):
+    sha256: str
+    size: int
+
+
+class OfflineMachineOut(BaseModel):
+    """The machine a checked-out desktop runs as on the laptop (``services/offline_machine``)."""
+
+    vcpus: int
+    memory_mib: int
+    mac: str
+    cmdline: str | None = Field(description="direct kernel boot's command line; null: the "
+                                            "disk boots itself")
+    identity_text: str | None = Field(description="the guest's identity, through fw_cfg")
+    kernel: BootFileOut | None
+    initrd: BootFileOut | None

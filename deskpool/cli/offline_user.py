@@ -26,7 +26,13 @@ from rich.table import Table
 from deskpool.cli import client as client_cli
 from deskpool.cli.common import out
 from deskpool.cli.laptop.broker import Broker, BrokerRefused
-from deskpool.cli.laptop.local_domain import Opener, is_running, open_libvirt, start_local
+from deskpool.cli.laptop.local_domain import (
+    LocalBoot,
+    Opener,
+    is_running,
+    open_libvirt,
+    start_local,
+)
 from deskpool.cli.laptop.local_domain import stop_local as stop_domain
 from deskpool.cli.laptop.store import DesktopRecord, LaptopDir, default_dir, write_private
 from deskpool.cli.laptop.transfers import download, progress_bar, upload
@@ -218,11 +224,29 @@ def _download_all(broker: Broker, laptop: LaptopDir, record: DesktopRecord, quie
                 params=params,
                 progress=progress,
             )
+            _download_machine(broker, laptop, record, progress)
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline checkout {record.desktop}' resumes the download")
         raise typer.Exit(130) from None
     write_private(laptop.manifest(record), block_manifest(layer).encode())
     record.downloaded = True
+    laptop.save(record)
+
+
+def _download_machine(broker: Broker, laptop: LaptopDir, record: DesktopRecord,
+                      progress: Any) -> None:
+    """The machine the desktop runs as, and its kernel and initrd when it boots by direct
+    kernel boot (cached by checksum, resumable like the base)."""
+    params = {"laptop": record.laptop}
+    machine = broker.call("GET", f"/offline/desktops/{record.desktop}/machine", params=params)
+    for which in ("kernel", "initrd"):
+        found = machine.get(which)
+        if found:
+            download(broker, f"/offline/desktops/{record.desktop}/boot/{which}",
+                     laptop.boot_file(found["sha256"], which), size=found["size"],
+                     sha256=found["sha256"], what=f"{which} {found['sha256'][:12]}",
+                     params=params, progress=progress)
+    record.machine = machine
     laptop.save(record)
 
 
@@ -232,8 +256,12 @@ def start(
     dir_: DirOption = None,
     password_stdin: PasswordStdin = False,
     libvirt_uri: UriOption = "qemu:///session",
-    memory_mib: Annotated[int, typer.Option(help="the guest's memory")] = 2048,
-    vcpus: Annotated[int, typer.Option(help="the guest's vCPUs")] = 2,
+    memory_mib: Annotated[int | None, typer.Option(
+        help="the guest's memory (default: the desktop's own)")] = None,
+    vcpus: Annotated[int | None, typer.Option(
+        help="the guest's vCPUs (default: the desktop's own)")] = None,
+    domain_type: Annotated[str, typer.Option(
+        help="kvm, or qemu where the laptop has no usable KVM")] = "kvm",
 ) -> None:
     """Start DESKTOP on this laptop, with no network: the lease, then your password."""
     laptop = _dir(dir_)
@@ -268,14 +296,24 @@ def start(
     laptop.save(record)
     conn = libvirt_opener(libvirt_uri)
     try:
+        machine = dict(record.machine)
+        boot = None
+        if machine.get("cmdline") is not None and machine.get("kernel"):
+            boot = LocalBoot(kernel=laptop.boot_file(machine["kernel"]["sha256"], "kernel"),
+                             initrd=laptop.boot_file(machine["initrd"]["sha256"], "initrd"),
+                             cmdline=machine["cmdline"])
         name = start_local(
             conn,
             desktop,
             layer,
             allowed.data_key,
             allowed.lease.policy,
-            memory_mib=memory_mib,
-            vcpus=vcpus,
+            memory_mib=memory_mib or machine.get("memory_mib") or 2048,
+            vcpus=vcpus or machine.get("vcpus") or 2,
+            domain_type=domain_type,
+            boot=boot,
+            mac=machine.get("mac"),
+            identity_text=machine.get("identity_text"),
         )
     finally:
         conn.close()

@@ -257,11 +257,9 @@ class DesktopFactory:
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
         disk_vol, boot = self._copy(driver, desktop, tv)
-        if boot is not None and tv.customization is Customization.FWCFG:
-            # systemd adopts the id from PID 1's start, before any unit runs.
-            boot = replace(boot, cmdline=f"{boot.cmdline} systemd.machine_id="
-                                         f"{desktop.machine_id}".strip())
-        identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)
+        cmdline, identity_text = boot_identity(desktop, tv)
+        if boot is not None and cmdline is not None:
+            boot = replace(boot, cmdline=cmdline)
         seed = None
         if tv.customization is Customization.CLOUD_INIT:
             seed = write_nocloud_seed(
@@ -274,10 +272,7 @@ class DesktopFactory:
             clone_mode=desktop.clone_mode, mac=desktop.mac,
             metadata=VmMetadata(desktop.id, desktop.name, tv.id, self.ctx.installation_id),
             vcpus=tv.vcpus, memory_mib=tv.memory_mib, domain_type=domain_type,
-            direct_boot=boot,
-            identity_text=(identity.to_guest_text()
-                           if tv.customization is Customization.FWCFG else None),
-            seed_image=seed,
+            direct_boot=boot, identity_text=identity_text, seed_image=seed,
         )
 
     def make_ready(
@@ -427,3 +422,19 @@ def _resets_on_reboot(uow: UnitOfWork, desktop: Desktop) -> bool:
     """Whether the desktop's VM is made so that a reboot inside ends it (stateless pools)."""
     pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
     return pool is not None and resets_on_reboot(pool.kind, pool.on_logout)
+
+
+def boot_identity(desktop: Desktop, tv: TemplateVersion) -> tuple[str | None, str | None]:
+    """The kernel command line (for a template booted by direct kernel boot) and the fw_cfg
+    identity text the desktop's VM boots with: the same on every host, and on a laptop that
+    runs it offline. None for what the template does not use."""
+    cmdline = None
+    if tv.kernel_path:
+        cmdline = tv.kernel_cmdline or ""
+        if tv.customization is Customization.FWCFG:
+            # systemd adopts the id from PID 1's start, before any unit runs.
+            cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
+    if tv.customization is not Customization.FWCFG:
+        return cmdline, None
+    identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)
+    return cmdline, identity.to_guest_text()

@@ -250,6 +250,12 @@ class OfflineService:
         hold.enter_context(self.transfer_slot(desktop_id))
         return Download(path=path, size=path.stat().st_size, sha256=sha, hold=hold)
 
+    def own_checkout_desktop(self, user: str, desktop_name: str, laptop_id: str) -> uuid.UUID:
+        """The id of ``desktop_name``, checked out by ``user`` to ``laptop_id`` (else
+        ``Forbidden``/``Conflict`` as for any of the laptop's calls)."""
+        with self.ctx.uow(read_only=True) as uow:
+            return self._own_checkout(uow, user, desktop_name, laptop_id)[0].desktop_id
+
     @contextmanager
     def transfer_slot(self, desktop_id: uuid.UUID) -> Iterator[None]:
         """One of the desktop's host's transfer slots while a download or an upload step

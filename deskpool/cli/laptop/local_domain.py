@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
 from deskpool.domain.errors import DeskpoolError, Forbidden, NotFound
+from deskpool.domain.identity import FWCFG_KEY
 from deskpool.domain.offline import OfflinePolicy
 from deskpool.offline.laptop_domain import laptop_domain_xml, policy_violations
 
@@ -43,18 +45,42 @@ def domain_name(desktop: str) -> str:
     return f"deskpool-offline-{desktop}"
 
 
-def skeleton_xml(desktop: str, *, memory_mib: int, vcpus: int, domain_type: str) -> str:
+@dataclass(frozen=True)
+class LocalBoot:
+    """Direct kernel boot on the laptop: the template's kernel and initrd, as downloaded."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def skeleton_xml(desktop: str, *, memory_mib: int, vcpus: int, domain_type: str,
+                 boot: LocalBoot | None = None, mac: str | None = None,
+                 identity_text: str | None = None) -> str:
     """The desktop's machine before the laptop's rules: its devices are then replaced and
-    constrained by ``laptop_domain_xml`` (disk, USB, ports, network, displays)."""
+    constrained by ``laptop_domain_xml`` (disk, USB, ports, network, displays). With the
+    machine the broker describes, it boots as on its hosts: the same kernel, command line,
+    identity (fw_cfg) and MAC."""
     name = escape(domain_name(desktop))
+    if boot is None:
+        os_boot = "<boot dev='hd'/>"
+    else:
+        os_boot = (f"<kernel>{escape(str(boot.kernel))}</kernel>"
+                   f"<initrd>{escape(str(boot.initrd))}</initrd>"
+                   f"<cmdline>{escape(boot.cmdline)}</cmdline>")
+    sysinfo = ("" if identity_text is None else
+               f"<sysinfo type='fwcfg'><entry name='{escape(FWCFG_KEY)}'>"
+               f"{escape(identity_text)}</entry></sysinfo>")
+    mac_el = "" if mac is None else f"<mac address='{escape(mac)}'/>"
     return f"""<domain type='{escape(domain_type)}'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  {sysinfo}
+  <os><type arch='x86_64' machine='q35'>hvm</type>{os_boot}</os>
   <features><acpi/></features>
   <devices>
-    <interface type='user'><model type='virtio'/></interface>
+    <interface type='user'>{mac_el}<model type='virtio'/></interface>
     <graphics type='spice' autoport='yes'/>
     <video><model type='virtio'/></video>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
@@ -90,12 +116,16 @@ def start_local(
     memory_mib: int = 2048,
     vcpus: int = 2,
     domain_type: str = "kvm",
+    boot: LocalBoot | None = None,
+    mac: str | None = None,
+    identity_text: str | None = None,
 ) -> str:
     """Define and start the desktop's laptop domain; its name."""
     name = domain_name(desktop)
     secret_uuid = uuid.uuid4()
     xml = laptop_domain_xml(
-        skeleton_xml(desktop, memory_mib=memory_mib, vcpus=vcpus, domain_type=domain_type),
+        skeleton_xml(desktop, memory_mib=memory_mib, vcpus=vcpus, domain_type=domain_type,
+                     boot=boot, mac=mac, identity_text=identity_text),
         policy,
         layer_path=str(layer),
         secret_uuid=secret_uuid,

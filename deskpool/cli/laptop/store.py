@@ -64,7 +64,9 @@ class DesktopRecord:
     layer_sha256: str  # the server's copy as of the last sync (what was downloaded)
     layer_size: int
     policy: dict[str, Any] = field(default_factory=dict)
-    downloaded: bool = False  # base and layer both verified and in place
+    # The machine it runs as (size, MAC, boot: the broker's ``.../machine``); {} before.
+    machine: dict[str, Any] = field(default_factory=dict)
+    downloaded: bool = False  # base, layer (and boot files) verified and in place
     latest_seen: str | None = None  # the latest start time: a clock set back is refused
 
     @property
@@ -89,6 +91,10 @@ class LaptopDir:
 
     def base(self, sha256: str) -> Path:
         return self.root / "bases" / f"{sha256}.qcow2"
+
+    def boot_file(self, sha256: str, which: str) -> Path:
+        """A template's kernel or initrd, cached by checksum like the bases."""
+        return self.root / "boot" / f"{sha256}.{which}"
 
     def folder(self, record: DesktopRecord) -> Path:
         return self.root / "layers" / str(uuid.UUID(record.desktop_id))
