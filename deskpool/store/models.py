@@ -285,6 +285,8 @@ class Pool(Base):
     second_session: Mapped[str] = mapped_column(String(16), default="merge")
     # Paths inside the home kept out of users' profiles, one per line.
     profile_exclusions: Mapped[str] = mapped_column(Text, default="")
+    # Folders of the home redirected to the user's file share, one per line (none: off).
+    redirect_folders: Mapped[str] = mapped_column(Text, default="")
     # The load balancer may move its running desktops (domain.pools.PoolSpec.balance).
     balance: Mapped[bool] = mapped_column(Boolean, default=False)
     # Its offline policy (``domain.offline.OfflinePolicy`` as JSON); None: no offline use.

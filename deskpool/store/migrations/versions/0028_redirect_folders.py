@@ -1,0 +1,36 @@
+"""Folder redirection: each pool's ``redirect_folders``, the folders of a user's home put on
+their share of deskpool's Samba server at logon, one per line. Pools made before redirect
+none. (Nothing of the per-session share passwords is stored: see
+deskpool/fileshare/samba.py.)
+
+Revision ID: 0028
+Revises: 0025 (locally; 0027 once the 0026-0027 chain being written meanwhile lands)
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0028"
+# 0025 is the head this branch was made on; at merge it becomes "0027".
+down_revision: str | None = "0025"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("pools") as batch:
+        batch.add_column(sa.Column("redirect_folders", sa.Text(), nullable=False,
+                                   server_default=""))
+    # The model holds the default; the server default only filled the existing rows.
+    with op.batch_alter_table("pools") as batch:
+        batch.alter_column("redirect_folders", server_default=None)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("pools") as batch:
+        batch.drop_column("redirect_folders")
