@@ -38,7 +38,7 @@ def needs_samba() -> None:
         pytest.skip("needs the Debian packages samba and smbclient (scripts/setup-host.sh)")
 
 
-class TestSamba:
+class SambaForTests:
     def __init__(self, *, quota_mib: int = 64) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="deskpool-smb-"))
         self.root.chmod(0o755)  # smbd, as each share account, walks down to its share
@@ -48,7 +48,7 @@ class TestSamba:
         self.server = SambaServer(self.layout)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> TestSamba:
+    def start(self) -> SambaForTests:
         self.server.write_config()
         smbd = smbd_binary()
         assert smbd is not None

@@ -34,8 +34,10 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +193,7 @@ class SambaServer:
                          "--shell", "/usr/sbin/nologin", "--comment", "deskpool share", name])
             if made.returncode not in (0, 9):  # 9: made meanwhile by another broker
                 raise FileServerUnavailable(f"could not make the share account {name}: "
-                                            f"{made.stderr.strip()[:300]}")
+                                            f"{made.stderr.strip()[:300]}") from None
         entry = pwd.getpwnam(name)
         directory = self.layout.share_root / name
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -240,10 +242,8 @@ class SambaServer:
         pids = sorted({int(m) for m in re.findall(rf"^\s*(\d+)\s+{re.escape(name)}\s",
                                                   listed.stdout, flags=re.MULTILINE)})
         for pid in pids:
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
+            with suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGTERM)
         return pids
 
     def usage_bytes(self, name: str) -> int:

@@ -412,6 +412,9 @@ class Desktop(Base):
     console_connections: Mapped[int] = mapped_column(Integer, default=0)
     disconnected_at: Mapped[datetime | None] = mapped_column()
     guest_user: Mapped[str | None] = mapped_column(String(255))
+    # The user whose file share a session on it was given a password for: revoked at logoff
+    # (deskpool.services.fileshare), whoever the desktop is assigned to by then.
+    share_user: Mapped[str | None] = mapped_column(String(255))
     idle_since: Mapped[datetime | None] = mapped_column()
     # Shown to its user (e.g. "host maintenance: you will be logged off at 14:30").
     notice: Mapped[str | None] = mapped_column(Text)

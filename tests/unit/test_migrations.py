@@ -120,8 +120,8 @@ def test_one_linear_history_with_a_single_head() -> None:
     assert scripts.get_heads() == ["0028"]
     assert [rev.revision for rev in scripts.walk_revisions()] == [
         "0028", "0025", "0024", "0023", "0022", "0021", "0019", "0018", "0017", "0016", "0015",
-        "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002",
-        "0001"]
+        "0014", "0013", "0012", "0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003",
+        "0002", "0001"]
 
 
 def test_migrations_ship_as_package_data() -> None:

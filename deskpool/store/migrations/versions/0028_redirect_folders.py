@@ -1,7 +1,8 @@
 """Folder redirection: each pool's ``redirect_folders``, the folders of a user's home put on
 their share of deskpool's Samba server at logon, one per line. Pools made before redirect
-none. (Nothing of the per-session share passwords is stored: see
-deskpool/fileshare/samba.py.)
+none. And each desktop's ``share_user``: whose share password a session on it holds, so the
+logoff revokes it after a floating desktop is no longer assigned to anyone. (Nothing of the
+passwords themselves is stored: see deskpool/fileshare/samba.py.)
 
 Revision ID: 0028
 Revises: 0025 (locally; 0027 once the 0026-0027 chain being written meanwhile lands)
@@ -26,11 +27,15 @@ def upgrade() -> None:
     with op.batch_alter_table("pools") as batch:
         batch.add_column(sa.Column("redirect_folders", sa.Text(), nullable=False,
                                    server_default=""))
+    with op.batch_alter_table("desktops") as batch:
+        batch.add_column(sa.Column("share_user", sa.String(255), nullable=True))
     # The model holds the default; the server default only filled the existing rows.
     with op.batch_alter_table("pools") as batch:
         batch.alter_column("redirect_folders", server_default=None)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("desktops") as batch:
+        batch.drop_column("share_user")
     with op.batch_alter_table("pools") as batch:
         batch.drop_column("redirect_folders")
