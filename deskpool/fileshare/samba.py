@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,31 @@ class SambaServer:
         _write_if_changed(lay.dfree_script, render_dfree(lay), 0o755)
         _write_if_changed(lay.config, render_config(lay), 0o644)
         return lay.config
+
+    def start_daemon(self, timeout_s: float = 20.0) -> None:
+        """Run smbd on this configuration as a daemon (where no service manager does) and
+        wait until it answers; ``FileServerUnavailable`` with its log's end if it does not."""
+        smbd = smbd_binary()
+        if smbd is None:
+            raise FileServerUnavailable("smbd is not installed (Debian package samba)")
+        started = _run([smbd, "-D", "-s", str(self.write_config())])
+        deadline = time.monotonic() + timeout_s
+        while not self.reachable(timeout_s=0.5):
+            if started.returncode != 0 or time.monotonic() > deadline:
+                log_file = self.layout.state_dir / "log" / "smbd.log"
+                tail = (log_file.read_text(errors="replace")[-600:] if log_file.exists()
+                        else started.stderr)
+                raise FileServerUnavailable(f"smbd did not start on {self.layout.listen}:"
+                                            f"{self.layout.port}: {tail.strip()}")
+            time.sleep(0.2)
+
+    def shares(self) -> list[str]:
+        """The shares made so far, by name."""
+        root = self.layout.share_root
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir()
+                      if p.is_dir() and p.name.startswith(self.layout.account_prefix))
 
     def reachable(self, address: str | None = None, timeout_s: float = 2.0) -> bool:
         """Whether smbd accepts TCP connections on its port."""

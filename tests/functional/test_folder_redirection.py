@@ -41,6 +41,7 @@ from deskpool.services.profile_desktops import SESSION_HOOK
 from deskpool.store.access_models import Event
 from deskpool.store.models import Desktop
 from tests.broker_world import BrokerWorld, make_world
+from tests.functional.test_profile_views import DESKPOOL
 from tests.samba_server import SambaForTests, needs_samba
 
 HOOK_FILE = (Path(__file__).resolve().parents[2]
@@ -367,3 +368,31 @@ def test_the_real_session_hook_mounts_a_share_where_the_kernel_can(
             pytest.skip("this kernel has no cifs filesystem (mount -t cifs: No such device); "
                         "the hook's mount runs in tests/realvm only")
     pytest.skip("a cifs-capable kernel: run the hook's mount_share in a realvm test")
+
+
+def test_the_cli_sets_the_folders_and_shows_each_share_against_its_quota(
+        world: BrokerWorld, guest: GuestShares, samba: SambaForTests) -> None:
+    lay = samba.layout
+    env = {**os.environ, "DESKPOOL_DATA_DIR": str(world.ctx.settings.data_dir),
+           "DESKPOOL_CONFIG": "", "DESKPOOL_FILESHARE_DIR": str(lay.state_dir),
+           "DESKPOOL_FILESHARE_ROOT": str(lay.share_root),
+           "DESKPOOL_FILESHARE_PORT": str(lay.port),
+           "DESKPOOL_FILESHARE_QUOTA_MIB": str(lay.quota_mib),
+           "DESKPOOL_FILESHARE_ACCOUNT_PREFIX": lay.account_prefix}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(DESKPOOL), *args], capture_output=True, text=True,
+                              env=env, check=False, timeout=120)
+
+    updated = cli("pool", "update", "lab", "--redirect-folders", "Documents,Music")
+    assert updated.returncode == 0, updated.stderr
+    assert "folders on the file share: Documents, Music" in updated.stdout
+    handover = Broker(world.ctx).connect(ANN, "lab")
+    share, _user, _pw = guest.mounted[handover.hostname or ""]
+    (lay.share_root / share / "Documents" / "big.bin").write_bytes(os.urandom(9 << 20))
+    status = cli("fileshare", "status")
+    assert status.returncode == 0, status.stderr
+    assert "answers" in status.stdout and share in status.stdout and "full" in status.stdout
+    samba.kill()
+    down = cli("fileshare", "status")
+    assert down.returncode == 1 and "does not answer" in down.stdout
