@@ -172,9 +172,10 @@ class FileShares:
 
     def close(self, desktop_id: uuid.UUID) -> bool:
         """At logoff: unmount in the guest (best effort), then revoke the password of the
-        share a session on the desktop was given (its ``share_user``). False when there is
-        none. A revocation that fails is an ``error`` event, and ``share_user`` stays for
-        the next logoff of the desktop to try again."""
+        share a session on the desktop was given (its ``share_user``), unless the user's
+        session on another desktop holds a newer one. False when there is none. A
+        revocation that fails is an ``error`` event, and ``share_user`` stays for the next
+        logoff of the desktop to try again."""
         with self.ctx.uow(read_only=True) as uow:
             try:
                 desktop = uow.desktops.get(desktop_id)
@@ -184,6 +185,10 @@ class FileShares:
             found = uow.linux_accounts.find(user) if user else None
             pool_name = uow.pools.get(desktop.pool_id).name if desktop.pool_id else None
             name, host_id = desktop.name, desktop.host_id
+            # The user's session on another desktop holds the current password (issued
+            # after this one's, which no longer works): it is revoked at that logoff.
+            elsewhere = [d for d in uow.desktops.share_holders(user) if d != name] if user \
+                else []
         if user is None or found is None:
             return False
         account, uid = found
@@ -197,7 +202,8 @@ class FileShares:
         except DeskpoolError as exc:  # the guest is gone or silent: the server is what counts
             log.info("could not unmount %s's share in %s: %s", user, name, exc)
         try:
-            self.revoke(uid)
+            if not elsewhere:
+                self.revoke(uid)
         except (DeskpoolError, OSError) as exc:
             with self.ctx.uow() as uow:
                 record_event(uow, "fileshare-revoke-failed",
@@ -208,7 +214,8 @@ class FileShares:
             return True
         with self.ctx.uow() as uow:
             uow.desktops.get(desktop_id).share_user = None
-            record_event(uow, "fileshare-closed", f"{user}'s share closed at logoff from {name}",
+            record_event(uow, "fileshare-closed", f"{user}'s share closed at logoff from {name}"
+                         + (f" (still open on {', '.join(elsewhere)})" if elsewhere else ""),
                          user=user, pool=pool_name, desktop_id=desktop_id, desktop=name)
             uow.commit()
         return True

@@ -396,3 +396,24 @@ def test_the_cli_sets_the_folders_and_shows_each_share_against_its_quota(
     samba.kill()
     down = cli("fileshare", "status")
     assert down.returncode == 1 and "does not answer" in down.stdout
+
+
+def test_a_second_concurrent_session_keeps_its_share_when_the_first_logs_off(
+        world: BrokerWorld, guest: GuestShares, samba: SambaForTests) -> None:
+    world.pool("lab2", spare=1, max_size=1, redirect_folders=("Documents",))
+    EntitlementService(world.ctx).grant("lab2", "group", "staff")
+    world.fill(passes=2)
+    first = Broker(world.ctx).connect(ANN, "lab")
+    second = Broker(world.ctx).connect(ANN, "lab2")
+    share, user, pw1 = guest.mounted[first.hostname or ""]
+    _share, _user, pw2 = guest.mounted[second.hostname or ""]
+    assert pw1 != pw2
+    # Issuing the second session's password retired the first's for new logons.
+    assert samba.smbclient(share, user, pw1, "ls").returncode != 0
+    assert first.desktop_id is not None and second.desktop_id is not None
+    log_off_and_recycle(world, first.desktop_id)
+    assert samba.smbclient(share, user, pw2, "ls").returncode == 0  # still the session's
+    assert any(f"still open on {second.desktop}" in m
+               for _s, m in events(world, "fileshare-closed"))
+    log_off_and_recycle(world, second.desktop_id)
+    assert samba.smbclient(share, user, pw2, "ls").returncode != 0
