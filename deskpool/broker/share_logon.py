@@ -2,8 +2,9 @@
 
 Before ``session-hook start`` the broker opens the user's share for this session
 (``FileShares.open``: a fresh random password) and writes the credentials into the guest
-through the guest agent (``guest-file-write``: a file qemu-ga creates 0600, never a
-command line a ``ps`` in the guest would show); the hook mounts the share with them,
+through the guest agent (``guest-file-write`` into ``/run/deskpool-creds``, a directory of
+root's alone; never a command line a ``ps`` in the guest would show); the hook mounts the
+share with them,
 deletes the file and binds each folder of the share over the same folder of the home.
 
 Folders that cannot be redirected never cost the user their desktop: the file server down
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from deskpool.domain.errors import DeskpoolError
+from deskpool.domain.errors import AgentUnavailable, DeskpoolError, DriverError, VmNotFound
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -40,18 +41,29 @@ class ShareLogon:
     def open(self, user: str, account: str, uid: int, desktop: str, agent: GuestAgent,
              folders: tuple[str, ...]) -> ShareGrant | None:
         """This session's grant, its credentials already in the guest; None when the share
-        cannot be used (the admin's event written: ``settle`` tells the user). A guest
-        that does not take the file raises what the agent raised (the desktop's fault),
-        the password revoked first."""
+        cannot be used (the admin's event written: ``settle`` tells the user). A silent
+        guest raises what the agent raised (the desktop's fault), the password revoked
+        first."""
         try:
             grant = self.shares.open(user, uid, desktop, folders, agent.vm_id)
         except ShareUnavailable:
             return None
         try:
             agent.write_file(credentials_path(account), grant.credentials())
-        except DeskpoolError:
+        except DriverError as exc:
             self.abandon(user, uid)
-            raise
+            if isinstance(exc, AgentUnavailable | VmNotFound):
+                raise  # the desktop's fault: the hand-over fails it
+            # The agent answered but could not write there: an image without the
+            # credentials directory (made before folder redirection). Local folders.
+            with self.ctx.uow() as uow:
+                record_event(uow, "fileshare-unavailable",
+                             f"the folders of {user} could not be redirected on {desktop}: "
+                             f"its guest did not take the share's credentials ({exc}); they "
+                             "are local this session", severity="error", user=user,
+                             desktop=desktop)
+                uow.commit()
+            return None
         return grant
 
     def abandon(self, user: str, uid: int) -> None:

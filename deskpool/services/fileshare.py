@@ -54,10 +54,14 @@ def samba_layout(settings: Settings) -> SambaLayout:
                        account_prefix=settings.fileshare_account_prefix)
 
 
+CREDENTIALS_DIR = "/run/deskpool-creds"  # the desktop image makes it 0700 root at boot
+
+
 def credentials_path(account: str) -> str:
-    """Where the broker writes the session's credentials in the guest: /run is root's alone
-    (a user cannot put a link there), and the hook deletes the file once mounted."""
-    return f"/run/deskpool-share-{account}.cred"
+    """Where the broker writes the session's credentials in the guest: a directory of
+    root's alone (qemu-ga makes new files 0666 less its umask, so the directory is what
+    keeps users out), and the hook deletes the file once mounted."""
+    return f"{CREDENTIALS_DIR}/share-{account}"
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from sqlalchemy import select
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import InvalidInput
+from deskpool.domain.errors import DriverError, InvalidInput
 from deskpool.domain.users import Identity
+from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake.guest import FakeGuest, _Process
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.fileshare.samba import account_for
@@ -340,7 +341,7 @@ def test_the_real_session_hooks_share_code_parses_and_refuses_bad_options() -> N
                                  text=True, check=False)
         assert checked.returncode == 0, checked.stderr
     bad = subprocess.run(["sh", str(HOOK_FILE), "start", "--share", "//h/x;rm", "--share-port",
-                          "445", "--share-credentials", "/run/deskpool-share-ann.cred",
+                          "445", "--share-credentials", "/run/deskpool-creds/share-ann",
                           "ann", "10000", "Ann"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "not a share" in bad.stderr
     bad = subprocess.run(["sh", str(HOOK_FILE), "start", "--share", "//h/x", "--redirect",
@@ -350,7 +351,7 @@ def test_the_real_session_hooks_share_code_parses_and_refuses_bad_options() -> N
     bad = subprocess.run(["sh", str(HOOK_FILE), "start", "--share", "//h/x", "--share-port",
                           "445", "--share-credentials", "/etc/shadow", "ann", "10000", "Ann"],
                          capture_output=True, text=True, check=False)
-    assert bad.returncode == 2 and "must be /run/deskpool-share-ann.cred" in bad.stderr
+    assert bad.returncode == 2 and "must be /run/deskpool-creds/share-ann" in bad.stderr
     # unshare with nothing mounted (this host): nothing to do, and it says so by success.
     done = subprocess.run(["sh", str(HOOK_FILE), "unshare", "deskpool-nobody"],
                           capture_output=True, text=True, check=False)
@@ -417,3 +418,25 @@ def test_a_second_concurrent_session_keeps_its_share_when_the_first_logs_off(
                for _s, m in events(world, "fileshare-closed"))
     log_off_and_recycle(world, second.desktop_id)
     assert samba.smbclient(share, user, pw2, "ls").returncode != 0
+
+
+def test_an_image_without_the_credentials_directory_gets_local_folders(
+        world: BrokerWorld, guest: GuestShares, samba: SambaForTests,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    original = GuestAgent.write_file
+
+    def write_file(agent: GuestAgent, path: str, data: bytes) -> None:
+        if path.startswith("/run/deskpool-creds/"):
+            raise DriverError(f"guest-file-open {path}: No such file or directory")
+        original(agent, path, data)
+
+    monkeypatch.setattr(GuestAgent, "write_file", write_file)
+    handover = Broker(world.ctx).connect(ANN, "lab")
+    assert handover.status == "ready" and "local folders" in handover.message
+    assert "--share" not in guest.starts[-1]
+    (admin,) = events(world, "fileshare-unavailable")
+    assert "did not take the share's credentials" in admin[1]
+    share = account_for(samba.layout, uid_of(world, "ann"))
+    pdb = subprocess.run(["pdbedit", "-s", str(samba.layout.config), "-v", "-u", share],
+                         capture_output=True, text=True, check=False)
+    assert "Account Flags:        [DU" in pdb.stdout, pdb.stdout  # revoked at once
