@@ -398,11 +398,13 @@ class Broker:
                         "and nothing saved in this session is kept")
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
-        # A reconnect keeps the share its session mounted (a new password would break it).
-        share = (self.shares.open(identity.name, account, uid, claim.desktop or "", slow,
-                                  claim.redirect_folders)
-                 if claim.redirect_folders and not claim.reconnect else None)
+        share = None
         try:
+            # A reconnect keeps the share its session mounted (a new password would break
+            # it). Inside the try: a guest gone silent here ends the profile session too.
+            if claim.redirect_folders and not claim.reconnect:
+                share = self.shares.open(identity.name, account, uid, claim.desktop or "",
+                                         slow, claim.redirect_folders)
             problem = self.sessions.sign_in(
                 slow, identity, account, uid, timeout_s=claim.session_timeout_s,
                 profile_serial=serial, profile_exclusions=claim.profile_policy.exclusions,

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import DriverError, InvalidInput
+from deskpool.domain.errors import DriverError, InvalidInput, Unavailable
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.fake.guest import FakeGuest, _Process
@@ -66,6 +66,7 @@ class GuestShares:
     starts: list[list[str]] = field(default_factory=list)
     unshares: list[str] = field(default_factory=list)
     guest_cannot_mount: bool = False
+    session_starts: bool = True
 
     def start(self, guest: FakeGuest, argv: list[str]) -> tuple[int, str, str]:
         self.starts.append(argv)
@@ -114,6 +115,8 @@ def guest(samba: SambaForTests, monkeypatch: pytest.MonkeyPatch) -> GuestShares:
                 script.mounted.pop(fake._hostname(), None)
             elif sub == "status":
                 out = '{"sessions": []}\n'
+            elif sub in ("wait", "check"):
+                code = 0 if script.session_starts else 1
             fake._next_id += 1
             fake._procs[fake._next_id] = _Process(code, out.encode(), err.encode(), True)
             return {"pid": fake._next_id}
@@ -440,3 +443,14 @@ def test_an_image_without_the_credentials_directory_gets_local_folders(
     pdb = subprocess.run(["pdbedit", "-s", str(samba.layout.config), "-v", "-u", share],
                          capture_output=True, text=True, check=False)
     assert "Account Flags:        [DU" in pdb.stdout, pdb.stdout  # revoked at once
+
+
+def test_a_session_that_does_not_start_leaves_no_password_working(
+        world: BrokerWorld, guest: GuestShares, samba: SambaForTests) -> None:
+    guest.session_starts = False
+    with pytest.raises(Unavailable, match="did not start in time"):
+        Broker(world.ctx).connect(ANN, "lab")
+    assert len(guest.starts) == len(guest.mounted) == 2  # both tried, each given a password
+    for share, user, password in guest.mounted.values():
+        refused = samba.smbclient(share, user, password, "ls")
+        assert refused.returncode != 0 and "LOGON_FAILURE" in refused.stdout + refused.stderr
