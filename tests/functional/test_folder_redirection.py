@@ -302,6 +302,11 @@ def test_a_server_that_is_down_still_gives_a_desktop_with_local_folders(
     assert admin[0] == "error" and "does not answer" in admin[1]
     (told,) = [m for m in messages_for(world.ctx, "ann") if m.kind == "folders-local"]
     assert handover.desktop is not None and handover.desktop in told.message
+    # The portal shows it: the user's messages through the API.
+    portal = world.client(world.user("ann", groups=("staff",))).get("/api/v1/messages")
+    assert portal.status_code == 200
+    assert any(m["severity"] == "warning" and "are not redirected" in m["message"]
+               and m["desktop"] == handover.desktop for m in portal.json()), portal.text
     # Logoff with the server still down: the recycle goes on; the revocation (a password
     # database write, no server needed) still happens.
     assert handover.desktop_id is not None

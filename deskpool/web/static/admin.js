@@ -314,6 +314,7 @@ const TABLES = {
         ? `yes; a second session: ${p.second_session.replace("_", "-")}` +
           (p.profile_exclusions.length ? `; kept out: ${p.profile_exclusions.join(", ")}` : "")
         : "")],
+      ["Redirected folders", (p) => (p.redirect_folders || []).join(", ")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["By version", versionsOf, "versions"],
       ["", (p) => poolActions(p, ui), "actions"]],
