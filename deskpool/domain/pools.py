@@ -153,6 +153,10 @@ class PoolSpec:
         # always kept out (~/.cache) dropped, duplicates once.
         kept = exclusions(self.profile_exclusions)[len(ALWAYS_EXCLUDED):]
         folders = redirect_folders(self.redirect_folders)
+        both = sorted(set(folders) & set(kept))
+        if both:  # the guest would bind one over the other: say which wins, never guess
+            raise InvalidInput(f"pool {self.name!r}: {', '.join(both)} cannot be both kept out "
+                               "of profiles and redirected to the file share; choose one")
         if kept == self.profile_exclusions and folders == self.redirect_folders:
             return self
         return replace(self, profile_exclusions=kept, redirect_folders=folders)

@@ -333,6 +333,9 @@ def test_redirect_folders_are_a_checked_pool_setting(world: BrokerWorld) -> None
     for bad in ("../etc", ".ssh", "a/b", "x" * 65):
         with pytest.raises(InvalidInput, match="redirected folder"):
             admin.update("lab", {"redirect_folders": [bad]})
+    with pytest.raises(InvalidInput, match="Music cannot be both kept out of profiles and "
+                       "redirected"):
+        admin.update("lab", {"profile_exclusions": ["Music"]})
     assert admin.update("lab", {"redirect_folders": ""}).redirect_folders == ()
     # The API: the same checks, a clear answer naming the field.
     api = world.client(world.user("root-admin", admin=True))
