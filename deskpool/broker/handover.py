@@ -413,7 +413,7 @@ class Broker:
             if serial is not None and not claim.reconnect:
                 self.profiles.abandon(desktop_id)
             if share is not None:
-                self.shares.abandon(identity.name, uid)
+                self.shares.abandon(identity.name, uid, claim.desktop or "")
             raise
         if claim.redirect_folders and not claim.reconnect:
             note += self.shares.settle(identity.name, uid, claim.desktop or "",

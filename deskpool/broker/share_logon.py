@@ -18,8 +18,15 @@ is the reconciler's (``FileShares.close``).
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
-from deskpool.domain.errors import AgentUnavailable, DeskpoolError, DriverError, VmNotFound
+from deskpool.domain.errors import (
+    AgentUnavailable,
+    DeskpoolError,
+    DriverError,
+    NotFound,
+    VmNotFound,
+)
 from deskpool.drivers.agent import GuestAgent
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -51,7 +58,7 @@ class ShareLogon:
         try:
             agent.write_file(credentials_path(account), grant.credentials())
         except DriverError as exc:
-            self.abandon(user, uid)
+            self.abandon(user, uid, desktop)
             if isinstance(exc, AgentUnavailable | VmNotFound):
                 raise  # the desktop's fault: the hand-over fails it
             # The agent answered but could not write there: an image without the
@@ -66,9 +73,22 @@ class ShareLogon:
             return None
         return grant
 
-    def abandon(self, user: str, uid: int) -> None:
-        """The session will not use its password: revoked now (best effort: the logoff
-        revokes it again)."""
+    def abandon(self, user: str, uid: int, desktop: str) -> None:
+        """The session on ``desktop`` will not use its password: revoked now (best effort:
+        the logoff revokes it again), unless the user's session on another desktop uses
+        the share (revoking ends its connections; the password it was given is the one
+        this hand-over replaced, so it is dead for new logons already)."""
+        with self.ctx.uow() as uow:
+            # This desktop holds no usable password of the user's any more.
+            with suppress(NotFound):
+                held = uow.desktops.get_by_name(desktop)
+                if held.share_user == user:
+                    held.share_user = None
+            elsewhere = [d for d in uow.desktops.share_holders(user) if d != desktop]
+            uow.commit()
+        if elsewhere:
+            log.info("share of %s left open for its session on %s", user, ", ".join(elsewhere))
+            return
         try:
             self.shares.revoke(uid)
         except (DeskpoolError, OSError) as exc:
@@ -81,7 +101,7 @@ class ShareLogon:
         if opened and problem is None:
             return ""
         if opened:  # the server issued it, the guest could not mount it
-            self.abandon(user, uid)
+            self.abandon(user, uid, desktop)
             with self.ctx.uow() as uow:
                 record_event(uow, "fileshare-unavailable",
                              f"the folders of {user} could not be redirected on {desktop}: "

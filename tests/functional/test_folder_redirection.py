@@ -462,3 +462,25 @@ def test_a_session_that_does_not_start_leaves_no_password_working(
     for share, user, password in guest.mounted.values():
         refused = samba.smbclient(share, user, password, "ls")
         assert refused.returncode != 0 and "LOGON_FAILURE" in refused.stdout + refused.stderr
+
+
+def test_a_failed_second_hand_over_leaves_the_first_sessions_share_alone(
+        world: BrokerWorld, guest: GuestShares, samba: SambaForTests) -> None:
+    world.pool("lab2", spare=2, max_size=2, redirect_folders=("Documents",))
+    EntitlementService(world.ctx).grant("lab2", "group", "staff")
+    world.fill(passes=2)
+    first = Broker(world.ctx).connect(ANN, "lab")
+    share, user, password = guest.mounted[first.hostname or ""]
+    held = subprocess.Popen(  # the first desktop's mount: one authenticated connection
+        ["smbclient", f"//127.0.0.1/{share}", "-p", str(samba.layout.port), "-U", user,
+         "-m", "SMB3"], env={"PATH": "/usr/bin:/bin", "PASSWD": password},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    time.sleep(1.5)
+    guest.session_starts = False
+    with pytest.raises(Unavailable):
+        Broker(world.ctx).connect(ANN, "lab2")
+    out, _ = held.communicate("ls\n", timeout=30)
+    assert "blocks available" in out and "DISCONNECTED" not in out, out
+    with world.ctx.uow(read_only=True) as uow:
+        assert uow.desktops.share_holders("ann") == [first.desktop]
