@@ -174,6 +174,21 @@ class Settings(BaseSettings):
                                                   allow_inf_nan=False)
     profile_flatten_per_run: int = Field(default=2, ge=0, le=1000)
     profile_verify_per_run: int = Field(default=2, ge=0, le=1000)
+    # Folder redirection (pools with redirect_folders): deskpool's own Samba server on this
+    # machine, its smb.conf and password database under fileshare_dir (default
+    # <data_dir>/samba), one share per user under fileshare_root (default <data_dir>/shares),
+    # listening on fileshare_listen:fileshare_port; the desktops reach it at
+    # fileshare_guest_address (user-mode networking: 10.0.2.2 is the host's loopback) and
+    # fileshare_guest_port (default: fileshare_port). Each user's share holds at most
+    # fileshare_quota_mib; its server account is fileshare_account_prefix + their uid.
+    fileshare_dir: Path | None = None
+    fileshare_root: Path | None = None
+    fileshare_listen: str = "127.0.0.1"
+    fileshare_port: int = Field(default=445, ge=1, le=65535)
+    fileshare_guest_address: str = Field(default="10.0.2.2", pattern=r"^[A-Za-z0-9.:-]{1,253}$")
+    fileshare_guest_port: int | None = Field(default=None, ge=1, le=65535)
+    fileshare_quota_mib: int = Field(default=2048, ge=1, le=1 << 30)
+    fileshare_account_prefix: str = Field(default="deskpool-u", pattern=r"^[a-z_][a-z0-9_-]{0,15}$")
     # Log lines as plain text, or one JSON object each (with the request id and the user).
     log_format: Literal["text", "json"] = "text"
     # When set, /metrics answers only a scraper sending "Authorization: Bearer <it>".
@@ -224,3 +239,11 @@ class Settings(BaseSettings):
     @property
     def resolved_profile_dir(self) -> Path:
         return self.profile_dir or self.data_dir / "profiles"
+
+    @property
+    def resolved_fileshare_dir(self) -> Path:
+        return self.fileshare_dir or self.data_dir / "samba"
+
+    @property
+    def resolved_fileshare_root(self) -> Path:
+        return self.fileshare_root or self.data_dir / "shares"

@@ -15,13 +15,16 @@ unit_dir="$root/etc/systemd/system"
 conf_dir="$root/etc/deskpool"
 mkdir -p "$unit_dir" "$conf_dir"
 chmod 0750 "$conf_dir"
-rendered=$(sed "s|@REPO@|$repo|g" "$repo/deploy/deskpool.service")
-if [ "$(cat "$unit_dir/deskpool.service" 2>/dev/null)" != "$rendered" ]; then
-  log "installing $unit_dir/deskpool.service (not enabled: systemctl enable --now deskpool)"
-  printf '%s\n' "$rendered" >"$unit_dir/deskpool.service"
-  chmod 0644 "$unit_dir/deskpool.service"
-  changed=1
-fi
+# The broker, and deskpool's own Samba server for redirected folders.
+for unit in deskpool deskpool-smbd; do
+  rendered=$(sed "s|@REPO@|$repo|g" "$repo/deploy/$unit.service")
+  if [ "$(cat "$unit_dir/$unit.service" 2>/dev/null)" != "$rendered" ]; then
+    log "installing $unit_dir/$unit.service (not enabled: systemctl enable --now $unit)"
+    printf '%s\n' "$rendered" >"$unit_dir/$unit.service"
+    chmod 0644 "$unit_dir/$unit.service"
+    changed=1
+  fi
+done
 if [ ! -e "$conf_dir/deskpool.toml" ]; then
   log "installing $conf_dir/deskpool.toml (the example: every setting commented out)"
   install -m 0640 "$repo/deploy/deskpool.toml.example" "$conf_dir/deskpool.toml"

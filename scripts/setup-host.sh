@@ -25,6 +25,8 @@ packages=(
   virt-viewer freerdp2-x11 xvfb xauth imagemagick x11-utils
   # the copy-based profile P5 compares with (bench/p5_profile.py)
   rsync
+  # folder redirection: deskpool's own Samba server, smbclient for its tests, mount.cifs
+  samba smbclient cifs-utils
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -60,6 +62,17 @@ fi
 
 # --- daemons: systemd when it runs, else started by hand ------------------------------------
 "$here/libvirtd-up.sh" ${restart_libvirt:+--restart}
+
+# --- deskpool's Samba server (folder redirection) ---------------------------------------------
+# Debian's samba package starts its own smbd on /etc/samba/smb.conf, which would hold port 445;
+# deskpool serves its own configuration (deploy/deskpool-smbd.service, or `deskpool fileshare
+# setup --start` without systemd). Debian's is stopped only when its config is still the
+# package's (nothing of the admin's is served by it).
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet smbd.service 2>/dev/null \
+    && cmp -s /etc/samba/smb.conf /usr/share/samba/smb.conf; then
+  log "stopping Debian's default smbd (deskpool runs its own: deskpool-smbd.service)"
+  systemctl disable --now smbd.service nmbd.service >/dev/null 2>&1 || true
+fi
 
 # --- Python virtualenv with the package and its dev tools -----------------------------------
 "$here/setup-venv.sh"

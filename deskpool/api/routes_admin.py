@@ -179,7 +179,8 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         disconnect_timeout_s=body.disconnect_timeout_s, placement=body.placement,
         session_start_timeout_s=body.session_start_timeout_s,
         roaming_profiles=body.roaming_profiles, second_session=body.second_session,
-        profile_exclusions=tuple(body.profile_exclusions), balance=body.balance,
+        profile_exclusions=tuple(body.profile_exclusions),
+        redirect_folders=tuple(body.redirect_folders), balance=body.balance,
         offline=OfflinePolicy(**body.offline.model_dump()))
     return asdict(PoolAdmin(svc.ctx, actor).create(spec, hosts=body.hosts))
 

@@ -211,6 +211,9 @@ PoolName = Annotated[str, Field(pattern=POOL_NAME, max_length=63)]
 # A path inside the home, kept out of roaming profiles (checked further by the pool).
 ExclusionPath = Annotated[str, Field(min_length=1, max_length=255,
                                      pattern=r"^[^\x00-\x1f\x7f/][^\x00-\x1f\x7f]*$")]
+# One folder directly in the home (deskpool.domain.redirection says the rest).
+RedirectFolder = Annotated[str, Field(min_length=1, max_length=64,
+                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,63}$")]
 TemplateName = Annotated[str, Field(pattern=TEMPLATE_NAME, max_length=63)]
 UserName = Annotated[str, Field(pattern=USER_NAME, max_length=255)]
 # Path parameters, checked as strictly as the same names in bodies.
@@ -293,6 +296,9 @@ class PoolCreate(BaseModel):
     roaming_profiles: Flag = False
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[ExclusionPath] = Field(default_factory=list, max_length=32)
+    redirect_folders: list[RedirectFolder] = Field(
+        default_factory=list, max_length=16,
+        description="folders of the home put on the user's file share (e.g. Documents)")
     placement: Placement = "spread"
     balance: Flag = Field(default=False, description="the load balancer may move its "
                           "running desktops live off a host under memory or CPU pressure")
@@ -332,6 +338,8 @@ class PoolUpdate(BaseModel):
     second_session: SecondSession | SkipJsonSchema[None] = None
     profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
                                                                         max_length=32)
+    redirect_folders: list[RedirectFolder] | SkipJsonSchema[None] = Field(default=None,
+                                                                        max_length=16)
     placement: Placement | SkipJsonSchema[None] = None
     balance: Flag | SkipJsonSchema[None] = None
     hosts: list[HostName] | SkipJsonSchema[None] = Field(default=None, max_length=100)
@@ -392,6 +400,7 @@ class PoolAdminView(BaseModel):
     roaming_profiles: bool = False
     second_session: SecondSession = SecondSession.MERGE
     profile_exclusions: list[str] = Field(default_factory=list)
+    redirect_folders: list[str] = Field(default_factory=list)
     balance: bool = False  # the load balancer may move its desktops
     # The template version's disk cannot be used (missing or corrupt): why, since when, tries
     # failed and when the next one is due; None when the pool is fine.

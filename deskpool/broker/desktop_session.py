@@ -177,13 +177,17 @@ class SessionStarter:
 
     def sign_in(self, agent: GuestAgent, identity: Identity, account: str, uid: int, *,
                 timeout_s: float | None = None, profile_serial: str | None = None,
-                profile_exclusions: tuple[str, ...] = ()) -> None:
+                profile_exclusions: tuple[str, ...] = (), share: tuple[str, ...] = ()
+                ) -> str | None:
         """Start the user's session and wait until it runs; ``Unavailable`` when the hook
         fails or the session does not run within ``timeout_s`` (the pool's; by default this
         starter's); ``AccountRefused`` when the account is one of the guest's system
         accounts. ``profile_serial``: the user's roaming profile disk, which the hook mounts
         on their home before the session starts, keeping ``profile_exclusions`` (paths
-        inside the home, besides ~/.cache) on the desktop's own disk."""
+        inside the home, besides ~/.cache) on the desktop's own disk. ``share``: the hook's
+        options mounting the user's file share and redirecting folders to it
+        (``ShareGrant.hook_arguments``). Returns why the share could not be mounted in the
+        guest (the session starts with local folders then), else None."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         with self.ctx.uow(read_only=True) as uow:
             gid = uow.linux_accounts.gid_of(identity.name)
@@ -194,11 +198,23 @@ class SessionStarter:
         profile = ["--profile", profile_serial] if profile_serial else []
         for path in profile_exclusions if profile_serial else ():
             profile += ["--exclude", path]
-        code, out, err = agent.exec_capture(
-            ["/bin/sh", SESSION_HOOK, "start", *profile, account, str(uid),
-             identity.display_name or identity.name, *extra],
-            # Mounting the profile waits for the hot-plugged disk (up to 60 s in the guest).
-            timeout_s=min(limit, 90.0) + (60.0 if profile else 0.0))
+        def start(options: list[str]) -> tuple[int, str, str]:
+            return agent.exec_capture(
+                ["/bin/sh", SESSION_HOOK, "start", *options, account, str(uid),
+                 identity.display_name or identity.name, *extra],
+                # Mounting the profile waits for the hot-plugged disk (up to 60 s in the
+                # guest), the share for the server (up to 30 s).
+                timeout_s=min(limit, 90.0) + (60.0 if profile else 0.0)
+                + (30.0 if share else 0.0))
+
+        share_problem = None
+        code, out, err = start([*profile, *share])
+        if code == 2 and share:
+            # An image whose hook predates folder redirection (or refuses these options):
+            # local folders, not a failed desktop.
+            share_problem = ("this desktop's session hook cannot mount file shares: "
+                             + err.strip()[:200])
+            code, out, err = start(profile)
         if code == 2 and profile:
             raise Unavailable(f"could not sign {account} in: this desktop's image cannot "
                               "mount roaming profiles (its session hook is older); "
@@ -210,12 +226,16 @@ class SessionStarter:
         if code != 0:
             raise Unavailable(f"could not sign {account} in: the session hook failed "
                               f"({code}): {err.strip()[:300]}")
-        if out.strip() == "running":
-            return
+        lines = out.strip().splitlines() or [""]
+        for line in lines[1:]:  # the hook's report on the share, after its first line
+            if line.startswith("share-failed:"):
+                share_problem = line.removeprefix("share-failed:").strip()[:300]
+        if lines[0] == "running":
+            return share_problem
         deadline = self._clock() + limit
         waited = self._wait_in_guest(agent, account, limit)
         if waited:
-            return
+            return share_problem
         if waited is False:
             raise SessionDidNotStart(
                 f"{account}'s graphical session did not start within {limit:g} s")
@@ -230,7 +250,7 @@ class SessionStarter:
                 # yet, until the deadline.
                 code, err = 1, str(exc)
             if code == 0:
-                return
+                return share_problem
             if code != 1:
                 raise Unavailable(f"could not check {account}'s session: the session hook "
                                   f"failed ({code}): {err.strip()[:300]}")

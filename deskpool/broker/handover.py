@@ -34,6 +34,7 @@ from deskpool.broker.desktop_session import SessionDidNotStart, SessionStarter
 from deskpool.broker.entitlements import entitled_pool_names
 from deskpool.broker.profile_logon import ProfileLogon, ProfileUnavailable
 from deskpool.broker.records import RecordWriter
+from deskpool.broker.share_logon import ShareLogon
 from deskpool.domain.accounts import AccountRefused
 from deskpool.domain.errors import (
     AgentUnavailable,
@@ -102,6 +103,7 @@ class _Claim:
     session_timeout_s: float | None = None  # the pool's; None: the session starter's own
     roaming_profiles: bool = False  # the user's home is their profile disk
     profile_policy: ProfilePolicy = field(default_factory=ProfilePolicy)  # 2nd session, exclusions
+    redirect_folders: tuple[str, ...] = ()  # put on the user's file share
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class _Look:
     session_timeout_s: float
     roaming_profiles: bool
     profile_policy: ProfilePolicy
+    redirect_folders: tuple[str, ...] = ()
 
 
 def _policy_of(pool: ClaimTarget) -> ProfilePolicy:
@@ -152,10 +155,12 @@ class Broker:
     def __init__(self, ctx: ServiceContext, *, ready_timeout_s: float = 60.0,
                  records: RecordWriter | None = None,
                  sessions: SessionStarter | None = None,
-                 profiles: ProfileLogon | None = None) -> None:
+                 profiles: ProfileLogon | None = None,
+                 shares: ShareLogon | None = None) -> None:
         self.ctx = ctx
         self.sessions = sessions or SessionStarter(ctx)
         self.profiles = profiles or ProfileLogon(ctx)
+        self.shares = shares or ShareLogon(ctx)
         self.factory = DesktopFactory(ctx)
         self.ready_timeout_s = ready_timeout_s
         self.records = records or RecordWriter(ctx)
@@ -271,7 +276,8 @@ class Broker:
                               stateful=pool.stateful,
                               session_timeout_s=pool.session_start_timeout_s,
                               roaming_profiles=pool.roaming_profiles,
-                              profile_policy=_policy_of(pool))
+                              profile_policy=_policy_of(pool),
+                              redirect_folders=exclusion_list(pool.redirect_folders))
         if pool.status is not PoolStatus.ENABLED:  # a held desktop is still reconnected to
             raise Forbidden(f"pool {pool_name!r} is "
                             + ("being deleted" if pool.status is PoolStatus.DELETING
@@ -288,7 +294,8 @@ class Broker:
             if refused is not None:  # before anything is reserved for them
                 raise Unavailable(refused)
         return _Look(pool.pool_id, pool_name, pool.version_id, own_ready, pool.stateful,
-                     pool.session_start_timeout_s, pool.roaming_profiles, policy)
+                     pool.session_start_timeout_s, pool.roaming_profiles, policy,
+                     exclusion_list(pool.redirect_folders))
 
     def _reserve(self, uow: UnitOfWork, identity: Identity, look: _Look) -> _Claim:
         if look.own_ready is not None:  # made for this user, or a dedicated one
@@ -299,7 +306,8 @@ class Broker:
                           host_id=d.host_id, version_id=d.template_version_id,
                           stateful=look.stateful, session_timeout_s=look.session_timeout_s,
                           roaming_profiles=look.roaming_profiles,
-                          profile_policy=look.profile_policy)
+                          profile_policy=look.profile_policy,
+                          redirect_folders=look.redirect_folders)
         now = utcnow()
         free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
         if free is not None:
@@ -307,7 +315,8 @@ class Broker:
                           host_id=free.host_id, version_id=free.template_version_id,
                           stateful=look.stateful, session_timeout_s=look.session_timeout_s,
                           roaming_profiles=look.roaming_profiles,
-                          profile_policy=look.profile_policy)
+                          profile_policy=look.profile_policy,
+                          redirect_folders=look.redirect_folders)
         pool = uow.pools.get(look.pool_id)
         # The pool's row lock before its seats are counted: a reconciler's sizing or another
         # broker's logon adding a desktop meanwhile is seen, so max_size holds on PostgreSQL.
@@ -389,14 +398,27 @@ class Broker:
                         "and nothing saved in this session is kept")
         # A guest starting its session is busy: give each agent command more time.
         slow = GuestAgent(agent.driver, agent.vm_id, command_timeout_s=SESSION_AGENT_TIMEOUT_S)
+        share = None
         try:
-            self.sessions.sign_in(slow, identity, account, uid,
-                                  timeout_s=claim.session_timeout_s, profile_serial=serial,
-                                  profile_exclusions=claim.profile_policy.exclusions)
+            # A reconnect keeps the share its session mounted (a new password would break
+            # it). Inside the try: a guest gone silent here ends the profile session too.
+            if claim.redirect_folders and not claim.reconnect:
+                share = self.shares.open(identity.name, account, uid, claim.desktop or "",
+                                         slow, claim.redirect_folders)
+            problem = self.sessions.sign_in(
+                slow, identity, account, uid, timeout_s=claim.session_timeout_s,
+                profile_serial=serial, profile_exclusions=claim.profile_policy.exclusions,
+                share=tuple(share.hook_arguments(account)) if share else ())
         except DeskpoolError:
             if serial is not None and not claim.reconnect:
                 self.profiles.abandon(desktop_id)
+            if share is not None:
+                self.shares.abandon(identity.name, uid, claim.desktop or "")
             raise
+        if claim.redirect_folders and not claim.reconnect:
+            note += self.shares.settle(identity.name, uid, claim.desktop or "",
+                                       claim.redirect_folders, opened=share is not None,
+                                       problem=problem)
         timer.lap("session")
         return note
 

@@ -28,6 +28,7 @@ from deskpool.cli.backup import backup_command, restore_command
 from deskpool.cli.broker import grant_command, serve_command, user_app
 from deskpool.cli.client import client_app
 from deskpool.cli.common import err, out, services, spinner
+from deskpool.cli.fileshare import fileshare_app
 from deskpool.cli.hosts import host_app
 from deskpool.cli.layers import layer_app
 from deskpool.cli.offline import offline_app
@@ -64,6 +65,7 @@ pool_app.command("grant")(grant_command)
 app.add_typer(group_app, name="group")
 app.add_typer(token_app, name="token")
 app.add_typer(profile_app, name="profile")
+app.add_typer(fileshare_app, name="fileshare")
 app.add_typer(offline_app, name="offline")
 app.command("audit")(audit_command)
 user_app.command("disable")(user_disable)

@@ -17,6 +17,7 @@ from deskpool.cli.offline import OfflineOption, policy_fields, policy_of
 from deskpool.domain.models import CloneMode
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
+from deskpool.domain.redirection import redirect_folders as redirect_folders_of
 from deskpool.reconciler.loop import PassReport, Reconciler
 from deskpool.services.audit import Actor
 from deskpool.services.pool_admin import PoolAdmin
@@ -35,6 +36,8 @@ def _describe(pool: PoolView) -> str:
                + (f", kept out: {', '.join(pool.profile_exclusions)}"
                   if pool.profile_exclusions else "")
                if pool.roaming_profiles else "")
+            + (f"; folders on the file share: {', '.join(pool.redirect_folders)}"
+               if pool.redirect_folders else "")
             + ("; load-balanced" if pool.balance else "")
             + (f"; offline up to {pool.offline.max_days_offline} days, syncing every "
                f"{pool.offline.sync_every_days}" if pool.offline.may_go_offline else "")
@@ -98,6 +101,9 @@ def pool_create(
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="a path inside the home kept out of profiles (repeat it); ~/.cache always "
              "is")] = None,
+    redirect_folders: Annotated[str, typer.Option(
+        help="folders of the home put on the user's file share at logon, comma-separated "
+             "(e.g. Documents,Desktop,Downloads; desktop-flavor templates)")] = "",
     balance: Annotated[bool, typer.Option(
         help="the load balancer may move its running desktops live off a host under "
              "memory or CPU pressure (balance_enabled must be on too)")] = False,
@@ -110,7 +116,8 @@ def pool_create(
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,
-                    profile_exclusions=tuple(profile_exclude or ()), balance=balance,
+                    profile_exclusions=tuple(profile_exclude or ()),
+                    redirect_folders=redirect_folders_of(redirect_folders), balance=balance,
                     offline=policy_of(offline or ""))
     with services() as ctx:
         out.print(_describe(PoolAdmin(ctx, Actor.local()).create(spec, host=host)))
@@ -180,6 +187,9 @@ def pool_update(
         help="refuse, read_only or merge a user's second concurrent session")] = None,
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="the paths kept out of profiles, all of them (repeat it; '' for none)")] = None,
+    redirect_folders: Annotated[str | None, typer.Option(
+        help="the folders put on the user's file share, all of them, comma-separated "
+             "('' for none)")] = None,
     balance: Annotated[bool | None, typer.Option(
         "--balance/--no-balance",
         help="whether the load balancer may move its running desktops")] = None,
@@ -198,7 +208,9 @@ def pool_update(
         "session_start_timeout_s": session_start_timeout, "placement": placement,
         "roaming_profiles": roaming_profiles, "second_session": second_session,
         "balance": balance, "profile_exclusions": None if profile_exclude is None
-        else tuple(p for p in profile_exclude if p)}
+        else tuple(p for p in profile_exclude if p),
+        "redirect_folders": None if redirect_folders is None
+        else redirect_folders_of(redirect_folders)}
     changes = {k: v for k, v in given.items() if v is not None}
     # 0 clears a limit that may be absent ("never").
     for key, value in (("max_age_s", max_age), ("idle_timeout_s", idle_timeout),

@@ -12,6 +12,7 @@ from deskpool.domain.naming import validate_pattern
 from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.profiles import ALWAYS_EXCLUDED, exclusions
+from deskpool.domain.redirection import redirect_folders
 
 # Pool names: the alphabet of host names (they appear in URLs, audit targets and metrics).
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -82,6 +83,9 @@ class PoolSpec:
     # Paths inside the home kept out of the profile on this pool's desktops, besides
     # ~/.cache (bound from the desktop's own disk, thrown away with it).
     profile_exclusions: tuple[str, ...] = ()
+    # Folders of the home put on the user's own share of deskpool's Samba server at logon
+    # (e.g. Documents, Desktop, Downloads; empty: none), desktops with the session hook.
+    redirect_folders: tuple[str, ...] = ()
     # The load balancer may move this pool's running desktops live off a host under memory
     # or CPU pressure (off by default: a move pauses the guest for a moment).
     balance: bool = False
@@ -148,8 +152,14 @@ class PoolSpec:
         # Each a path inside the home, kept as the guest will see it: "~/" and what is
         # always kept out (~/.cache) dropped, duplicates once.
         kept = exclusions(self.profile_exclusions)[len(ALWAYS_EXCLUDED):]
-        return self if kept == self.profile_exclusions else replace(
-            self, profile_exclusions=kept)
+        folders = redirect_folders(self.redirect_folders)
+        both = sorted(set(folders) & set(kept))
+        if both:  # the guest would bind one over the other: say which wins, never guess
+            raise InvalidInput(f"pool {self.name!r}: {', '.join(both)} cannot be both kept out "
+                               "of profiles and redirected to the file share; choose one")
+        if kept == self.profile_exclusions and folders == self.redirect_folders:
+            return self
+        return replace(self, profile_exclusions=kept, redirect_folders=folders)
 
     def desired_total(self, assigned: int) -> int:
         """How many desktops the pool should have, given how many users hold one: at least

@@ -89,6 +89,9 @@ _DESKTOP_PACKAGES = (
     "xrdp",
     "xorgxrdp",  # the X server xrdp's sessions run in (only recommended by xrdp)
     "xauth",  # xrdp's session manager gives its X server a cookie with it (no session without)
+    # mount.cifs: the session hook mounts the user's file share (redirected folders) with a
+    # credentials file; the kernel's cifs module is kept by the module pruning below.
+    "cifs-utils",
 )
 # On top of the console packages: cloud-init (its settings in guest-cloudinit/ limit it to a
 # local NoCloud seed and a short list of modules) and an LDAP name service a join hook can

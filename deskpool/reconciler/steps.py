@@ -26,6 +26,7 @@ from deskpool.reconciler.planning import Step, StepKind
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.services.context import ServiceContext
 from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
+from deskpool.services.fileshare import FileShares
 from deskpool.services.profile_desktops import ProfileDesktops
 
 S = DesktopState
@@ -47,6 +48,7 @@ class StepRunner:
         self.ready_timeout_s = ready_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
         self.profiles = ProfileDesktops(ctx)
+        self.shares = FileShares(ctx)
 
     def run(self, step: Step, report: PassReport) -> None:
         RUNNERS[step.kind](self, step, report)
@@ -69,6 +71,8 @@ class StepRunner:
         # The user's roaming profile first: unmounted in the guest, detached, committed (or
         # set aside, the desktop powered off) before the revert throws the guest away.
         self.profiles.close(desktop_id)
+        # Then the redirected folders: unmounted, and the session's share password revoked.
+        self.shares.close(desktop_id)
         if step.task is DesktopTask.REVERT:
             self.factory.driver_of(desktop_id).revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
             self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
@@ -93,6 +97,7 @@ class StepRunner:
         desktop_id = step.desktop_id
         if step.state is S.RETIRING:
             self.profiles.close(desktop_id)  # as at a recycle: before the VM goes
+            self.shares.close(desktop_id)
             self.factory.driver_of(desktop_id).delete_vm(desktop_id)
             with self.ctx.uow() as uow:
                 transition(uow.desktops, desktop_id, S.RETIRING, S.RETIRED)

@@ -18,6 +18,7 @@ from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
 from deskpool.domain.profile_merge import SecondSession
+from deskpool.domain.redirection import redirect_folders
 from deskpool.services import template_faults
 from deskpool.services.audit import Actor, changed, record_audit
 from deskpool.services.context import ServiceContext
@@ -53,8 +54,10 @@ def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name == "profile_exclusions" and isinstance(value, list | tuple):
+    if name in ("profile_exclusions", "redirect_folders") and isinstance(value, list | tuple):
         return tuple(str(v) for v in value)
+    if name == "redirect_folders" and isinstance(value, str):
+        return redirect_folders(value)
     if name == "offline" and not isinstance(value, OfflinePolicy):
         raise InvalidInput("offline must be an offline policy (an object of its fields)")
     kind = _ENUMS.get(name)
@@ -126,7 +129,7 @@ class PoolAdmin:
                 value = getattr(spec, f.name)
                 if f.name == "clone_mode":
                     value = CloneMode(value)
-                elif f.name == "profile_exclusions":
+                elif f.name in ("profile_exclusions", "redirect_folders"):
                     value = "\n".join(value)
                 elif f.name == "offline":
                     pool.offline_policy = stored_offline_policy(value)

@@ -48,6 +48,7 @@ class PoolView:
     roaming_profiles: bool = False
     second_session: str = "merge"  # a SecondSession value
     profile_exclusions: tuple[str, ...] = ()
+    redirect_folders: tuple[str, ...] = ()  # on the user's file share
     balance: bool = False  # the load balancer may move its desktops
     # Its template version's disk cannot be used (see ``template_faults``): why, since when,
     # tries failed, next try.
@@ -70,7 +71,8 @@ def stored_offline_policy(policy: OfflinePolicy) -> str | None:
 
 
 def exclusion_list(stored: str) -> tuple[str, ...]:
-    """A pool's profile exclusions as stored (one per line) back to a tuple."""
+    """A pool's profile exclusions (or redirected folders) as stored, one per line, back
+    to a tuple."""
     return tuple(line for line in stored.split("\n") if line)
 
 
@@ -87,6 +89,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         roaming_profiles=pool.roaming_profiles,
         second_session=SecondSession(pool.second_session),
         profile_exclusions=exclusion_list(pool.profile_exclusions),
+        redirect_folders=exclusion_list(pool.redirect_folders),
         balance=pool.balance,
         offline=offline_policy(pool),
     )
@@ -112,6 +115,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         fault=pool.fault, fault_since=pool.fault_since,
         fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
+        redirect_folders=exclusion_list(pool.redirect_folders),
         balance=pool.balance,
         offline=offline_policy(pool),
     )
@@ -156,6 +160,7 @@ class PoolService:
                 session_start_timeout_s=spec.session_start_timeout_s,
                 roaming_profiles=spec.roaming_profiles, second_session=spec.second_session,
                 profile_exclusions="\n".join(spec.profile_exclusions),
+                redirect_folders="\n".join(spec.redirect_folders),
                 current_version_id=version.id, placement=spec.placement,
                 balance=spec.balance,
                 offline_policy=stored_offline_policy(spec.offline),

@@ -169,6 +169,11 @@ class DesktopRepository(_NamedRepository[Desktop]):
                    Desktop.state.not_in(NOT_LIVE_STATES - {S.ERROR})))
         return [UserDesktop(*row) for row in rows]
 
+    def share_holders(self, user: str) -> builtins.list[str]:
+        """The desktops (by name) whose session holds a password to ``user``'s file share."""
+        return builtins.list(self._session.scalars(
+            select(Desktop.name).where(Desktop.share_user == user).order_by(Desktop.name)))
+
     def seats(self, pool_id: uuid.UUID) -> builtins.list[PoolSeat]:
         """Every live desktop of a pool: how full it is, and whether a seat is coming free."""
         rows = self._session.execute(

@@ -287,6 +287,8 @@ class Pool(Base):
     second_session: Mapped[str] = mapped_column(String(16), default="merge")
     # Paths inside the home kept out of users' profiles, one per line.
     profile_exclusions: Mapped[str] = mapped_column(Text, default="")
+    # Folders of the home redirected to the user's file share, one per line (none: off).
+    redirect_folders: Mapped[str] = mapped_column(Text, default="")
     # The load balancer may move its running desktops (domain.pools.PoolSpec.balance).
     balance: Mapped[bool] = mapped_column(Boolean, default=False)
     # Its offline policy (``domain.offline.OfflinePolicy`` as JSON); None: no offline use.
@@ -424,6 +426,9 @@ class Desktop(Base):
     console_connections: Mapped[int] = mapped_column(Integer, default=0)
     disconnected_at: Mapped[datetime | None] = mapped_column()
     guest_user: Mapped[str | None] = mapped_column(String(255))
+    # The user whose file share a session on it was given a password for: revoked at logoff
+    # (deskpool.services.fileshare), whoever the desktop is assigned to by then.
+    share_user: Mapped[str | None] = mapped_column(String(255))
     idle_since: Mapped[datetime | None] = mapped_column()
     # Shown to its user (e.g. "host maintenance: you will be logged off at 14:30").
     notice: Mapped[str | None] = mapped_column(Text)

@@ -281,6 +281,7 @@ class ClaimTarget:
     roaming_profiles: bool = False  # users' homes are their profile disks
     second_session: str = "merge"  # what a user's second concurrent session gets
     profile_exclusions: str = ""  # paths kept out of profiles, one per line
+    redirect_folders: str = ""  # folders put on the user's file share, one per line
 
 
 class PoolRepository(_NamedRepository[Pool]):
@@ -295,11 +296,11 @@ class PoolRepository(_NamedRepository[Pool]):
         row = self._session.execute(
             select(Pool.id, Pool.current_version_id, Pool.kind, Pool.session_start_timeout_s,
                    Pool.status, Pool.roaming_profiles, Pool.second_session,
-                   Pool.profile_exclusions)
+                   Pool.profile_exclusions, Pool.redirect_folders)
             .where(Pool.name == name)).first()
         return None if row is None else ClaimTarget(row[0], row[1],
                                                     row[2] is PoolKind.STATEFUL, row[3], row[4],
-                                                    bool(row[5]), row[6], row[7])
+                                                    bool(row[5]), row[6], row[7], row[8])
 
     def desktops(self, pool_id: uuid.UUID) -> builtins.list[Desktop]:
         return builtins.list(self._session.scalars(

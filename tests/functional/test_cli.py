@@ -43,6 +43,8 @@ def run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProc
     (("pool", "create", "p", "--template", "t", "--pattern", "a" * 60 + "{n}"),
      "names up to n=999999 must be"),
     (("pool", "rollback", "nosuch"), "pool 'nosuch' does not exist"),
+    (("pool", "create", "p", "--template", "t", "--redirect-folders", "Documents,../etc"),
+     "redirected folder '../etc' must be one folder in the home"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(
     tmp_path: Path, args: tuple[str, ...], needle: str

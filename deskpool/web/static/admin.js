@@ -315,6 +315,7 @@ const TABLES = {
           (p.profile_exclusions.length ? `; kept out: ${p.profile_exclusions.join(", ")}` : "")
         : "")],
       ["Balancing", (p) => (p.balance ? "yes" : ""), "balance"],
+      ["Redirected folders", (p) => (p.redirect_folders || []).join(", ")],
       ["Desktops by state", (p) => counts(p.counts), "counts"],
       ["By version", versionsOf, "versions"],
       ["", (p) => poolActions(p, ui), "actions"]],

@@ -1,0 +1,1 @@
+"""deskpool's file server for redirected folders (Samba); see ``samba``."""
