@@ -84,7 +84,7 @@ REAL_VM_EITHER_LANE = frozenset({
     "tests/realvm/test_multi_host.py", "tests/realvm/test_second_host.py",
     "tests/realvm/test_sigkill.py", "tests/realvm/test_storage_full.py",
     "tests/realvm/test_template_fault.py", "tests/realvm/test_vm_crash.py",
-    "tests/realvm/test_ha_restart.py",
+    "tests/realvm/test_ha_restart.py", "tests/realvm/test_offline_laptop.py",
 })
 
 

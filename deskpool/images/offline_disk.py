@@ -46,6 +46,7 @@ def layer_from_overlay(overlay: Path, layer: Path, base: Path, data_key: bytes) 
     for path, what in ((overlay, "the desktop's disk"), (base, "the base image")):
         if not path.is_file():
             raise InvalidInput(f"{what} {path} does not exist")
+    layer.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a first check-out's
     options = ",".join([
         "encrypt.format=luks", f"encrypt.key-secret={_SECRET_ID}", "encrypt.cipher-alg=aes-256",
         "encrypt.cipher-mode=xts", f"encrypt.iter-time={_ITER_TIME_MS}",

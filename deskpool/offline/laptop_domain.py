@@ -96,7 +96,18 @@ def _set_policy_fwcfg(root: ET.Element, policy: OfflinePolicy) -> None:
         if entry.get("name") == POLICY_FWCFG_KEY:
             sysinfo.remove(entry)
     entry = ET.SubElement(sysinfo, "entry", name=POLICY_FWCFG_KEY)
-    entry.text = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
+    entry.text = policy_text(policy)
+
+
+def policy_text(policy: OfflinePolicy) -> str:
+    """The policy as the guest reads it: one ``key=value`` a line, values in JSON. No comma:
+    libvirt hands a fw_cfg string to QEMU's command line, where a comma ends the option
+    (a JSON object there made QEMU refuse to start)."""
+    text = "".join(f"{key}={json.dumps(value)}\n"
+                   for key, value in sorted(policy.to_dict().items()))
+    if "," in text:
+        raise InvalidInput(f"the offline policy cannot be handed to the guest: {text!r}")
+    return text
 
 
 def laptop_domain_xml(server_domain_xml: str, policy: OfflinePolicy, *, layer_path: str,

@@ -64,8 +64,7 @@ def test_the_layer_holds_what_the_desktop_holds_and_the_disk_comes_back_with_the
         desktop_disk: tuple[Path, Path, Path], tmp_path: Path) -> None:
     host_base, store_base, root = desktop_disk
     key = os.urandom(32)
-    layer = tmp_path / "offline" / "layers" / "d1" / "layer.qcow2"
-    layer.parent.mkdir(parents=True)
+    layer = tmp_path / "offline" / "layers" / "d1" / "layer.qcow2"  # its folder made too
     layer_from_overlay(root, layer, store_base, key)
 
     facts = layer_facts(layer)

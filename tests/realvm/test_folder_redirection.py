@@ -34,6 +34,7 @@ from deskpool.images.builder import GuestImage
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
+from deskpool.services.events import recent_events
 from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
@@ -109,8 +110,9 @@ def test_documents_saved_on_the_desktop_are_on_the_server_before_logoff(world: W
     handover = w.broker.connect(ANN, POOL)
     print(f"\nconnect -> ready with the share: {time.monotonic() - started:.1f} s "
           f"(phases {handover.phases_ms})")
-    assert handover.status == "ready" and "local folders" not in handover.message, \
-        handover.message
+    assert handover.status == "ready" and "local folders" not in handover.message, (
+        handover.message, [e.message for e in recent_events(w.ctx)
+                           if e.kind == "fileshare-unavailable"])
     assert handover.desktop_id is not None
     with w.ctx.uow(read_only=True) as uow:
         found = uow.linux_accounts.find(ANN.name)
