@@ -122,6 +122,8 @@ class HaRestarts:
                 if spec.seed_image is not None:
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         except DiskInUse:
+            if self._moved_meanwhile(desktop_id, lost_id):
+                return  # another broker's restart holds the lock: it runs, once
             self._refuse(desktop_id, f"its disk is still locked by a QEMU process: host "
                          f"{lost_name}'s libvirtd does not answer, but the desktop may still "
                          "run there, and starting it on another host could run it twice. It "
@@ -140,6 +142,10 @@ class HaRestarts:
             return
         self._moved(desktop_id, name, state, lost_id, lost_name, target_id, target_name, now,
                     report)
+
+    def _moved_meanwhile(self, desktop_id: uuid.UUID, lost_id: uuid.UUID) -> bool:
+        with self.ctx.uow(read_only=True) as uow:
+            return uow.desktops.get(desktop_id).host_id != lost_id
 
     def _moved(self, desktop_id: uuid.UUID, name: str, state: DesktopState, lost_id: uuid.UUID,
                lost_name: str, target_id: uuid.UUID, target_name: str, now: datetime,
