@@ -45,6 +45,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -236,6 +237,11 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
         # QEMU is gone, and the disk with it (the fake's VM stops: its process is dead).
         world.driver.stop_vm(world.vm, force=True)
 
+    # Half the killed QEMUs take their desktop down before any logoff: then only the
+    # recovery finds the layer.
+    if write_cut and rng.random() < 0.5:
+        return finish(world, session.layer_id, n, kind, "write-back cut, no logoff",
+                      (before, current, target, write_cut), tally, args, began)
     broker = subprocess.Popen([*world.role_args("broker", session.layer_id),
                                "--guest-answered", str(int(not write_cut))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -259,9 +265,19 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
         raise SystemExit(f"the broker's logoff failed: {err[-800:]}")
     if out.startswith("done") and not write_cut:
         tally.logoff_s.append(float(out.split()[1]))
-    where = where_cut(world, session.layer_id) if broker_cut else ""
+    moment = ("write-back cut" if write_cut else where_cut(world, session.layer_id)
+              if broker_cut else "finished before the cut")
+    return finish(world, session.layer_id, n, kind, moment, (before, current, target, write_cut),
+                  tally, args, began)
 
-    recovery = subprocess.run(world.role_args("recover", session.layer_id),
+
+def finish(world: World, layer_id: uuid.UUID, n: int, kind: str, moment: str,
+           start: tuple[int, str, str, bool], tally: Tally, args: argparse.Namespace,
+           began: float) -> str:
+    """Recover in a new process, then check what the profile holds; returns which
+    generation that is."""
+    before, current, target, write_cut = start
+    recovery = subprocess.run(world.role_args("recover", layer_id),
                               capture_output=True, text=True, check=False)
     if recovery.returncode != 0:
         raise SystemExit(f"the recovery failed: {recovery.stderr[-800:]}")
@@ -269,9 +285,7 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
     held, fault = holds(world)
     after, _top, _sha = committed(world.ctx)
     with world.ctx.uow(read_only=True) as uow:
-        state = uow.profiles.layer(session.layer_id).state
-    moment = ("write-back cut" if write_cut else where if broker_cut
-              else "finished before the cut")
+        state = uow.profiles.layer(layer_id).state
     problem = fault
     if held == current and after != before:
         problem = problem or f"holds the old files as generation {after} (was {before})"
@@ -291,6 +305,8 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
     if n % args.flatten_every == 0:
         world.service.flatten(USER)
         world.service.sweep(USER)
+        for sentence in world.service.verify(USER):  # every kept layer's recorded sha256
+            tally.bad.append(f"after cut {n}, verify: {sentence}")
     if args.verbose:
         print(f"cut {n:3}: {kind:6} {moment:24} -> {outcome} "
               f"(generation {after}, {recovery.stdout.strip()})", flush=True)
@@ -325,6 +341,8 @@ def main() -> int:
                         help="work in this directory and keep it (default: a temporary one)")
     parser.add_argument("--verbose", action="store_true", help="one line per cut")
     args = parser.parse_args()
+    # SIGTERM ends the run through the cleanup below (the fake hypervisor, the work dir).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"seed {seed}", flush=True)
     rng = random.Random(seed)
