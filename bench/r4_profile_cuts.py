@@ -237,13 +237,19 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
         # QEMU is gone, and the disk with it (the fake's VM stops: its process is dead).
         world.driver.stop_vm(world.vm, force=True)
 
-    # Half the killed QEMUs take their desktop down before any logoff: then only the
-    # recovery finds the layer.
-    if write_cut and rng.random() < 0.5:
+    # After a killed QEMU: the desktop stays down and no logoff runs (only the recovery finds
+    # the layer), or the logoff finds a guest that does not answer, or the desktop was
+    # started again (without the disk: it was plugged in live only) and its guest answers
+    # session-hook end at once ("no profile" mounted).
+    after_kill = rng.choice(("no logoff", "guest gone", "desktop restarted"))
+    if write_cut and after_kill == "no logoff":
         return finish(world, session.layer_id, n, kind, "write-back cut, no logoff",
                       (before, current, target, write_cut), tally, args, began)
+    if write_cut and after_kill == "desktop restarted":
+        world.driver.start_vm(world.vm)
+    answered = not write_cut or after_kill == "desktop restarted"
     broker = subprocess.Popen([*world.role_args("broker", session.layer_id),
-                               "--guest-answered", str(int(not write_cut))],
+                               "--guest-answered", str(int(answered))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     assert broker.stdin is not None and broker.stdout is not None
@@ -265,7 +271,7 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
         raise SystemExit(f"the broker's logoff failed: {err[-800:]}")
     if out.startswith("done") and not write_cut:
         tally.logoff_s.append(float(out.split()[1]))
-    moment = ("write-back cut" if write_cut else where_cut(world, session.layer_id)
+    moment = (f"write-back cut, {after_kill}" if write_cut else where_cut(world, session.layer_id)
               if broker_cut else "finished before the cut")
     return finish(world, session.layer_id, n, kind, moment, (before, current, target, write_cut),
                   tally, args, began)
@@ -310,7 +316,7 @@ def finish(world: World, layer_id: uuid.UUID, n: int, kind: str, moment: str,
     if args.verbose:
         print(f"cut {n:3}: {kind:6} {moment:24} -> {outcome} "
               f"(generation {after}, {recovery.stdout.strip()})", flush=True)
-    return held if held in world.digests else current
+    return held
 
 
 def report(tally: Tally, seed: int, cuts: int, elapsed: float) -> None:
@@ -356,14 +362,19 @@ def main() -> int:
         print(f"generations A and B differ in {len(world.extents)} extents "
               f"({sum(e.length for e in world.extents) // 1024} KiB)", flush=True)
         for n in range(1, args.cuts + 1):
-            current = one_cut(world, rng, n, current, tally, args)
+            held = one_cut(world, rng, n, current, tally, args)
+            if held not in world.digests:
+                print(f"stopping after cut {n}: the profile holds neither generation, and "
+                      "every later cut would start from it", flush=True)
+                break
+            current = held
         world.ctx.close()
     finally:
         hypervisor.kill()
         hypervisor.wait()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    report(tally, seed, args.cuts, time.monotonic() - began)
+    report(tally, seed, len(tally.cut_s), time.monotonic() - began)
     print(f"R4 {len(tally.bad)}")
     return 0 if not tally.bad else 1
 

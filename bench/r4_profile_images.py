@@ -67,7 +67,8 @@ def mutate(raw: Path, rng: random.Random, scratch: Path) -> None:
 def fsck_clean(raw: Path) -> str | None:
     """None when ``e2fsck -fn`` finds nothing, else its complaint."""
     proc = run(["e2fsck", "-fn", str(raw)], check=False)
-    return None if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()[-400:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return None if proc.returncode == 0 else " / ".join(lines[1:6])[:400]
 
 
 def tree_digest(raw: Path) -> str:
