@@ -19,9 +19,11 @@ shared fake process, so it outlives a killed broker as libvirtd does:
 The cut, chosen at random per iteration (seeded RNG, the seed printed):
 
 * ``qemu``: the writer is SIGKILLed at a random moment of the write-back (a QEMU killed
-  mid-way; a moment after it finished is an uncut logoff). A guest that died does not
-  answer ``session-hook end``, so the broker powers the desktop off and sets the layer
-  aside, as ``ProfileDesktops.close`` does;
+  mid-way; a moment after it finished is an uncut logoff). Then, at random: the desktop
+  stays down and no logoff runs (the recovery alone finds the layer); or the logoff finds
+  a guest that does not answer ``session-hook end`` and, as ``ProfileDesktops.close``
+  does, powers it off and sets the layer aside; or the desktop was started again without
+  the disk and its guest answers at once ("no profile"), so ``end_session`` runs;
 * ``broker``: the write-back finishes and the broker is SIGKILLed at a random moment of
   ``end_session`` (before, during or after the detach, the check, the checksum, the
   compare-and-swap commit).
