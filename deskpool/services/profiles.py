@@ -228,18 +228,27 @@ class ProfileService:
 
         The guest has unmounted the profile before this is called (its logoff hook). A
         desktop that does not release the disk leaves its layer set aside (QEMU may still
-        write it); so does a layer failing ``qemu-img check``, or a session whose base
-        generation is no longer the committed one (another session committed first)."""
+        write it); so does one that no longer holds it (its QEMU stopped or restarted, maybe
+        mid-write), and a layer failing ``qemu-img check``. A session whose base generation
+        is no longer the committed one (another session committed first) is merged."""
         with self._ctx.uow(read_only=True) as uow:
             session = uow.profiles.layer(layer_id)
         if session.state is not LayerState.SESSION:
             raise Conflict(f"profile layer {layer_id} is {session.state}, not an open session")
         started = time.monotonic()
+        path, serial = Path(session.path), disk_serial(layer_id)
         try:
-            driver.detach_disk(vm_id, disk_serial(layer_id), timeout_s=detach_timeout_s)
+            # Only unplugging a disk still plugged in ends a write-back the guest finished. A
+            # disk the desktop no longer holds went with a QEMU that stopped or restarted,
+            # perhaps mid-write, and the guest's "unmounted" was said by a later boot.
+            if serial not in driver.attached_disks(vm_id):
+                return self._set_aside(
+                    session, "the desktop no longer held the disk (its QEMU stopped or "
+                             "restarted): nothing proves the guest finished writing it",
+                    size=disks.allocated_bytes(path) if path.is_file() else 0)
+            driver.detach_disk(vm_id, serial, timeout_s=detach_timeout_s)
         except DriverError as exc:
             return self._set_aside(session, f"the disk was not released: {exc}")
-        path = Path(session.path)
         check = disks.check_layer(path)
         sha256 = disks.sha256_of(path) if check.error is None else None
         size = disks.allocated_bytes(path) if path.is_file() else 0

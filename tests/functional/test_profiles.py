@@ -198,6 +198,29 @@ def test_a_disk_the_guest_will_not_release_is_never_committed(
     assert logoff.generation == 1
 
 
+def test_a_layer_whose_desktop_restarted_without_it_is_never_committed(
+        service: ProfileService, fake: FakeDriver, ctx: ServiceContext) -> None:
+    """Found by bench/r4_profile_cuts.py: QEMU killed mid-write, the desktop started again
+    (the disk, plugged in live only, went with the old QEMU), its guest answers the logoff
+    hook ("no profile" mounted) and the detach of a disk no longer there succeeded, so the
+    torn layer was committed: a profile neither old nor new, e2fsck unclean."""
+    service.ensure_profile("ann", quota_bytes=QUOTA)
+    old = committed_path(service, "ann")
+    vm = desktop(fake, "desk-a")
+    session = service.start_session("ann", "desk-a", fake, vm)
+    guest_writes(session.path, 0xAB, 3 * MiB)  # part of a write-back, then QEMU dies
+    fake.stop_vm(vm, force=True)
+    fake.start_vm(vm)
+
+    logoff = service.end_session(session.layer_id, fake, vm)
+
+    assert not logoff.committed and logoff.generation == 1
+    assert logoff.reason is not None and "no longer held the disk" in logoff.reason
+    assert committed_path(service, "ann") == old
+    with ctx.uow(read_only=True) as uow:
+        assert uow.profiles.layer(session.layer_id).state is LayerState.UNCLEAN
+
+
 def test_a_corrupt_session_layer_is_set_aside(service: ProfileService,
                                               fake: FakeDriver) -> None:
     service.ensure_profile("ann", quota_bytes=QUOTA)
