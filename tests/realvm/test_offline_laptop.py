@@ -2,12 +2,13 @@
 (``tests/libvirt_hosts.py``) stands for the laptop, ``deskpool offline`` (the CLI) for its
 client, qemu:///system for the server's host.
 
-carol's stateful desktop (pool home, VMs away-NN) holds a file she wrote online. She checks it out (an online connect
-is then refused, saying where it is); the broker stops (the laptop is offline); a wrong
-password, then an expired lease, refuse the start; with her password it starts on the laptop
-from its encrypted layer, by the desktop's own kernel and identity, and her file is there; she
-writes a marker file, which appears in no file of the laptop in plain text. Back online she
-checks it in; the desktop starts on the server again with the marker file in it."""
+carol's stateful desktop (pool home, VMs away-NN) holds a file she wrote online. She checks it
+out (an online connect is then refused, saying where it is); the broker stops (the laptop is
+offline); a wrong password, then an expired lease, refuse the start; with her password it
+starts on the laptop from its encrypted layer, by the desktop's own kernel and identity, and
+her file is there; she writes a marker file, which appears in no file of the laptop in plain
+text. Back online she checks it in; the desktop starts on the server again with the marker file
+in it."""
 
 from __future__ import annotations
 
