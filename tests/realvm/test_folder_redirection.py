@@ -110,6 +110,13 @@ def test_documents_saved_on_the_desktop_are_on_the_server_before_logoff(world: W
     handover = w.broker.connect(ANN, POOL)
     print(f"\nconnect -> ready with the share: {time.monotonic() - started:.1f} s "
           f"(phases {handover.phases_ms})")
+    for event in recent_events(w.ctx):
+        if event.kind == "fileshare-unavailable":
+            print(f"fileshare-unavailable: {event.message}", flush=True)
+            if handover.desktop_id is not None:  # the guest's kernel says why
+                said = GuestAgent(w.ctx.driver_for_name("local"), handover.desktop_id
+                                  ).exec_capture(["/bin/sh", "-c", "dmesg | tail -25"])
+                print(f"guest kernel log:\n{said[1]}", flush=True)
     assert handover.status == "ready" and "local folders" not in handover.message, (
         handover.message, [e.message for e in recent_events(w.ctx)
                            if e.kind == "fileshare-unavailable"])
