@@ -64,18 +64,17 @@ class HaRestarts:
     def plan(self, in_flight: Callable[[uuid.UUID], bool]) -> list[uuid.UUID]:
         """The stateful desktops of down hosts on shared storage to restart elsewhere now."""
         now = self.clock()
-        found: list[uuid.UUID] = []
         with self.ctx.uow(read_only=True) as uow:
-            for host in uow.hosts.list():
-                if host.state is not HostState.DOWN or not host.shared_storage:
-                    continue
-                for d in uow.desktop_sessions.on_host(host.id, pool_kind=PoolKind.STATEFUL,
-                                                      states=RESTARTABLE):
-                    with self._lock:
-                        refused = self._refused.get(d.id)
-                    if not in_flight(d.id) and (refused is None or refused[1] <= now):
-                        found.append(d.id)
-        return found
+            lost = [d.id for host in uow.hosts.list()
+                    if host.state is HostState.DOWN and host.shared_storage
+                    for d in uow.desktop_sessions.on_host(host.id, pool_kind=PoolKind.STATEFUL,
+                                                          states=RESTARTABLE)]
+        with self._lock:
+            # What was refused during an outage that is over is forgotten: the next outage
+            # tells the admin and the user again.
+            self._refused = {k: v for k, v in self._refused.items() if k in lost}
+            return [d for d in lost if not in_flight(d)
+                    and (d not in self._refused or self._refused[d][1] <= now)]
 
     def restart(self, desktop_id: uuid.UUID, reachable: set[uuid.UUID],
                 report: PassReport) -> None:
@@ -204,6 +203,8 @@ class HaRestarts:
         ours = self.ctx.installation_id
         with self.ctx.uow(read_only=True) as uow:
             storage = {h.id: h.shared_storage for h in uow.hosts.list()}
+            if not any(storage.values()):
+                return  # no shared storage: nothing to read again on every pass
             rows = uow.desktops.host_ids()
         for host_id, records in listed.items():
             for vm_id, record in records.items():

@@ -41,7 +41,7 @@ from deskpool.domain.offline_keys import (
 from deskpool.domain.states import DesktopState, transition
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
 from deskpool.images.layer_delta import CheckinRefused, LayerDelta, StagedCheckin, file_sha256
-from deskpool.images.offline_disk import layer_from_overlay, overlay_from_layer
+from deskpool.images.offline_layers import layer_from_overlay, overlay_from_layer
 from deskpool.images.offline_server import (
     ServerLayer,
     discard_transfer,

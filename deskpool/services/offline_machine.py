@@ -39,29 +39,29 @@ class OfflineMachine:
 
 def _boot_paths(service: OfflineService, user: str, desktop: str,
                 laptop: str) -> tuple[uuid.UUID, dict[str, Path]]:
+    """The check-out's desktop, and its template's kernel and initrd by name (none for a
+    template that boots from its disk), each checked to be there."""
     desktop_id = service.own_checkout_desktop(user, desktop, laptop)
     with service.ctx.uow(read_only=True) as uow:
-        d = uow.desktops.get(desktop_id)
-        tv = d.template_version
+        tv = uow.desktops.get(desktop_id).template_version
         paths = ({"kernel": Path(tv.kernel_path), "initrd": Path(tv.initrd_path)}
                  if tv.kernel_path and tv.initrd_path else {})
-        return desktop_id, paths
+    for which, path in paths.items():
+        if not path.is_file():
+            raise NotFound(f"the template's {which} {path} is missing on the server")
+    return desktop_id, paths
 
 
 def offline_machine(service: OfflineService, user: str, desktop: str,
                     laptop: str) -> OfflineMachine:
     """The machine of ``desktop``, checked out by ``user`` to ``laptop``."""
-    desktop_id = service.own_checkout_desktop(user, desktop, laptop)
+    desktop_id, paths = _boot_paths(service, user, desktop, laptop)
+    files = {which: BootFile(file_sha256(path), path.stat().st_size)
+             for which, path in paths.items()}
     with service.ctx.uow(read_only=True) as uow:
         d = uow.desktops.get(desktop_id)
         tv = d.template_version
         cmdline, identity_text = boot_identity(d, tv)
-        files: dict[str, BootFile] = {}
-        for which, path in (("kernel", tv.kernel_path), ("initrd", tv.initrd_path)):
-            if cmdline is not None and path:
-                if not Path(path).is_file():
-                    raise NotFound(f"the template's {which} {path} is missing on the server")
-                files[which] = BootFile(file_sha256(Path(path)), Path(path).stat().st_size)
         return OfflineMachine(vcpus=tv.vcpus, memory_mib=tv.memory_mib, mac=d.mac,
                               cmdline=cmdline, identity_text=identity_text,
                               kernel=files.get("kernel"), initrd=files.get("initrd"))
@@ -76,8 +76,6 @@ def open_boot_file(service: OfflineService, user: str, desktop: str, laptop: str
     path = paths.get(which)
     if path is None:
         raise NotFound(f"{desktop} boots from its disk: it has no {which} to download")
-    if not path.is_file():
-        raise NotFound(f"the template's {which} {path} is missing on the server")
     hold = ExitStack()
     hold.enter_context(service.transfer_slot(desktop_id))
     return Download(path=path, size=path.stat().st_size, sha256=file_sha256(path), hold=hold)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from deskpool.images.offline_disk import layer_from_overlay, overlay_from_layer
 from deskpool.images.offline_layers import (
     OfflineLayerError,
     allocated_extents,
     layer_facts,
+    layer_from_overlay,
     layer_spec,
+    overlay_from_layer,
     read_guest_bytes,
 )
 
