@@ -19,6 +19,12 @@ too long, too slow) is closed without a byte sent and nothing opened.
 The connection is the console's for the session service: its opening and closing are
 reported as the other consoles' are, and it is closed once the desktop is no longer its
 user's.
+
+A client whose connection ended comes back with the same token: RDP clients reconnect by
+themselves (``autoreconnection enabled`` in the file), and a live move of the desktop ends the
+connection (the guest's forwarded port stays behind on the old host). Within
+``RDP_RECONNECT_WINDOW`` of its connection closing here, a spent ticket is admitted again
+(``Admission.admit(..., reconnect=True)``), to wherever the desktop runs now.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from deskpool.api.relay import RECHECK_S, TrackingTcpServer, pump
-from deskpool.broker.console import ConsoleTarget
+from deskpool.broker.console import RDP_RECONNECT_WINDOW, ConsoleTarget
 from deskpool.domain.errors import AuthenticationFailed, DeskpoolError
 
 log = logging.getLogger(__name__)
@@ -124,9 +130,10 @@ def read_first_packet(sock: socket.socket, timeout_s: float = HANDSHAKE_TIMEOUT_
 class Admission(Protocol):
     """What the proxy asks the broker."""
 
-    def admit(self, secret: str) -> ConsoleTarget:
-        """Spend the RDP ticket ``secret``: the desktop's forwarded RDP port.
-        ``AuthenticationFailed`` otherwise."""
+    def admit(self, secret: str, reconnect: bool = False) -> ConsoleTarget:
+        """Spend the RDP ticket ``secret``: the desktop's forwarded RDP port. With
+        ``reconnect`` (its connection closed here a moment ago) a spent ticket is taken back
+        once more. ``AuthenticationFailed`` otherwise."""
 
     def still_held(self, target: ConsoleTarget) -> bool: ...
 
@@ -146,7 +153,8 @@ class _Handler(socketserver.BaseRequestHandler):
             request = parse_connection_request(read_first_packet(client))
             if request.token is None:
                 raise AuthenticationFailed("no ticket: open the .rdp file the portal gives")
-            target = admission.admit(request.token)
+            target = admission.admit(request.token,
+                                     self.server.came_back(request.token))
         except (AuthenticationFailed, BadRequest) as exc:
             log.warning("RDP console refused for %s: %s", peer, exc)
             return
@@ -165,7 +173,7 @@ class _Handler(socketserver.BaseRequestHandler):
         with upstream:
             client.settimeout(None)
             upstream.settimeout(None)
-            if not self.server.track(client):
+            if not self.server.track(client, request.token):
                 return
             admission.opened(target)
             log.info("%s opened the RDP console of %s", target.user, target.desktop)
@@ -176,7 +184,7 @@ class _Handler(socketserver.BaseRequestHandler):
             except OSError as exc:
                 log.info("RDP console of %s: %s", target.desktop, exc)
             finally:
-                self.server.untrack(client)
+                self.server.untrack(client, request.token)
                 try:
                     admission.closed(target)
                 except Exception:  # the close must not depend on the database
@@ -191,4 +199,31 @@ class RdpProxyServer(TrackingTcpServer):
     def __init__(self, admission: Admission, listen_host: str, listen_port: int, *,
                  recheck_s: float = RECHECK_S) -> None:
         self.admission = admission
+        self.reconnect_window_s = RDP_RECONNECT_WINDOW.total_seconds()
+        self._open: set[str] = set()  # tickets with a connection open here
+        self._closed_at: dict[str, float] = {}  # when a ticket's connection closed here
         super().__init__(listen_host, listen_port, _Handler, recheck_s=recheck_s)
+
+    def came_back(self, token: str) -> bool:
+        """Whether ``token``'s connection closed here within the reconnect window (and
+        none of it is open): its client reconnecting."""
+        now = time.monotonic()
+        with self._lock:
+            for old in [t for t, at in self._closed_at.items()
+                        if now - at > self.reconnect_window_s]:
+                del self._closed_at[old]
+            return token not in self._open and token in self._closed_at
+
+    def track(self, sock: socket.socket, token: str = "") -> bool:
+        with self._lock:
+            if not super().track(sock):
+                return False
+            self._open.add(token)
+            self._closed_at.pop(token, None)
+            return True
+
+    def untrack(self, sock: socket.socket, token: str = "") -> None:
+        with self._lock:
+            super().untrack(sock)
+            self._open.discard(token)
+            self._closed_at[token] = time.monotonic()

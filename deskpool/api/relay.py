@@ -58,7 +58,7 @@ class TrackingTcpServer(socketserver.ThreadingTCPServer):
         self.recheck_s = recheck_s
         self.stopping = threading.Event()
         self._live: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # subclasses count under it too
         if ":" in listen_host:
             self.address_family = socket.AF_INET6
         super().__init__((listen_host, listen_port), handler)

@@ -3,14 +3,17 @@
 An HTTP CONNECT proxy, as oVirt's SPICE proxy is, that admits only ticketed clients: the
 ``.vv`` file the portal hands out names this proxy with the console ticket as its credentials
 (``proxy=http://deskpool:TICKET@broker:port``), and remote-viewer sends them as
-``Proxy-Authorization: Basic`` on every CONNECT. The CONNECT target the client names is
-ignored: the ticket alone says which desktop, so no client can reach another port through it.
+``Proxy-Authorization: Basic`` on every CONNECT. The ticket alone says which desktop; the
+CONNECT target the client names is ignored, except where a live move takes the desktop: QEMU
+tells the client the display's address on the target host, and the broker admits that one
+(``ConsoleTickets.admit_spice``), so no client can reach another port through the proxy.
 
 SPICE opens several TCP connections per client (main, display, inputs, cursor...). The first
-spends the ticket; the others, opened within a short window after it, are admitted on the
-same ticket (``ConsoleAdmission``). The first is the console's "connection" for the session
-service: its opening and closing are reported as a noVNC console's are. Every open channel
-is closed once its desktop is no longer its user's.
+spends the ticket; the others, opened within a short window after it or while one of the
+ticket's channels is still open here (a move's channels come minutes later), are admitted on
+the same ticket. The first is the console's "connection" for the session service: its opening
+and closing are reported as a noVNC console's are. Every open channel is closed once its
+desktop is no longer its user's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import logging
 import socket
 import socketserver
+from collections import Counter
 from typing import Protocol
 
 from deskpool.api.relay import RECHECK_S, TrackingTcpServer, pump
@@ -35,9 +39,12 @@ HANDSHAKE_TIMEOUT_S = 10.0
 class Admission(Protocol):
     """What the proxy asks the broker."""
 
-    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
+    def admit(self, secret: str, requested: tuple[str, int] | None = None,
+              joined: bool = False) -> tuple[ConsoleTarget, bool]:
         """The desktop's SPICE display for ``secret``, and whether this connection is the
-        one that spent the ticket (the client's first). ``AuthenticationFailed`` otherwise."""
+        one that spent the ticket (the client's first). ``requested``: the CONNECT target;
+        ``joined``: a channel of this ticket is open here. ``AuthenticationFailed``
+        otherwise."""
 
     def still_held(self, target: ConsoleTarget) -> bool: ...
 
@@ -70,6 +77,19 @@ def ticket_of(head: bytes) -> str:
     raise AuthenticationFailed("no console ticket in the proxy credentials")
 
 
+def requested_of(head: bytes) -> tuple[str, int] | None:
+    """The ``host:port`` a CONNECT request names (``[v6]:port`` too); None when it names
+    none that parses."""
+    first = head.decode("latin-1").split("\r\n", 1)[0].split(" ")
+    if len(first) < 2:
+        return None
+    host, _, port = first[1].rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: SpiceProxyServer
 
@@ -79,7 +99,9 @@ class _Handler(socketserver.BaseRequestHandler):
         peer = self.client_address[0]
         try:
             head = _read_head(client)
-            target, first = self.server.admission.admit(ticket_of(head))
+            secret = ticket_of(head)
+            target, first = self.server.admission.admit(
+                secret, requested_of(head), self.server.channels_open(secret) > 0)
         except AuthenticationFailed as exc:
             log.warning("SPICE console refused for %s: %s", peer, exc)
             _answer(client, 407, "Proxy Authentication Required",
@@ -102,12 +124,12 @@ class _Handler(socketserver.BaseRequestHandler):
         with upstream:
             _answer(client, 200, "Connection Established")
             client.settimeout(None)
-            self._relay(client, upstream, target, first)
+            self._relay(client, upstream, target, first, secret)
 
     def _relay(self, client: socket.socket, upstream: socket.socket, target: ConsoleTarget,
-               first: bool) -> None:
+               first: bool, secret: str) -> None:
         admission = self.server.admission
-        if not self.server.track(client):
+        if not self.server.track(client, secret):
             return
         if first:
             admission.opened(target)
@@ -116,7 +138,7 @@ class _Handler(socketserver.BaseRequestHandler):
             pump(client, upstream, lambda: admission.still_held(target),
                   self.server.recheck_s, self.server.stopping)
         finally:
-            self.server.untrack(client)
+            self.server.untrack(client, secret)
             if first:
                 try:
                     admission.closed(target)
@@ -152,4 +174,23 @@ class SpiceProxyServer(TrackingTcpServer):
     def __init__(self, admission: Admission, listen_host: str, listen_port: int, *,
                  recheck_s: float = RECHECK_S) -> None:
         self.admission = admission
+        self._open: Counter[str] = Counter()  # open channels by ticket
         super().__init__(listen_host, listen_port, _Handler, recheck_s=recheck_s)
+
+    def channels_open(self, secret: str) -> int:
+        with self._lock:
+            return self._open[secret]
+
+    def track(self, sock: socket.socket, secret: str = "") -> bool:
+        with self._lock:
+            if not super().track(sock):
+                return False
+            self._open[secret] += 1
+            return True
+
+    def untrack(self, sock: socket.socket, secret: str = "") -> None:
+        with self._lock:
+            super().untrack(sock)
+            self._open[secret] -= 1
+            if self._open[secret] <= 0:
+                del self._open[secret]

@@ -10,7 +10,24 @@ both fresh for that file: a SPICE ticket, as the credentials of the broker's SPI
 for the ticket's lifetime. The proxy admits a connection only with the ticket and ignores the
 target the client names; the display admits only the password. SPICE opens several
 connections per client (its channels): the first spends the ticket, the others follow within
-``CHANNEL_WINDOW`` on it (``admit_spice``).
+``CHANNEL_WINDOW`` on it (``admit_spice``), or later only to follow a live move (below).
+
+A live move takes the desktop to another host with its user's session; each native client
+follows it by its own protocol, on the same ticket:
+
+* SPICE's own client migration: QEMU tells the connected client where the display is on the
+  target, and the client opens its channels there through the proxy while the move runs. The
+  proxy admits that one other place, the desktop's display on the host the move takes it to
+  (``Desktop.moving_to_id``), on a ticket used long ago only while one of the same ticket's
+  channels is open through it (the client being moved); any other target a client names is
+  ignored as before. The display's password is kept valid on the target for the move (the
+  libvirt driver).
+* RDP's auto-reconnect: the move ends the guest's forwarded port, the client reconnects with
+  the same routing token, and a spent RDP ticket is admitted again once, within
+  ``RDP_RECONNECT_WINDOW`` of its connection closing (the proxy keeps the time), with the
+  ticket's one-time password set in the guest again: the client signs in with the password it
+  holds, and xrdp gives it the user's running session. The broker keeps only the password's
+  SHA-256, as the guest does.
 
 RDP clients get a ``.rdp`` file (``rdp_file``) naming the broker's RDP proxy
 (``deskpool.api.rdp_proxy``) with an RDP ticket as its load-balancing info, which the client
@@ -33,11 +50,18 @@ from datetime import datetime, timedelta
 
 from deskpool.broker.accounts import token_digest
 from deskpool.broker.sessions import SessionService
-from deskpool.domain.errors import AuthenticationFailed, Conflict, Forbidden, Unavailable
+from deskpool.domain.errors import (
+    AuthenticationFailed,
+    Conflict,
+    DeskpoolError,
+    Forbidden,
+    Unavailable,
+)
 from deskpool.domain.models import ConsoleProtocol
 from deskpool.domain.states import HELD_STATES
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
+from deskpool.drivers.base import HypervisorDriver
 from deskpool.services.context import ServiceContext
 from deskpool.store.models import utcnow
 
@@ -49,6 +73,10 @@ SPICE_PROXY_USER = "deskpool"  # the user name of the proxy credentials; the tic
 # xrdp's session start are slow under TCG).
 RDP_PASSWORD_TTL = timedelta(seconds=180)
 RDP_OTP = "/usr/lib/deskpool/rdp-otp"  # the desktop flavor's guest script (guest-desktop/)
+# How long after an RDP connection closed its client may come back on the same ticket (a live
+# move ends it; the client's auto-reconnect retries every few seconds).
+RDP_RECONNECT_WINDOW = timedelta(seconds=120)
+Address = tuple[str, int]  # (host, port)
 
 
 @dataclass(frozen=True)
@@ -83,6 +111,7 @@ class ConsoleTarget:
     protocol: str
     host: str
     port: int
+    followed: bool = False  # the display on the host a live move is taking the desktop to
 
 
 class ConsoleTickets:
@@ -91,7 +120,8 @@ class ConsoleTickets:
         self.ttl = ttl
 
     def issue(self, identity: Identity, desktop_id: uuid.UUID,
-              protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> Ticket:
+              protocol: ConsoleProtocol = ConsoleProtocol.VNC, *,
+              otp_digest: str | None = None) -> Ticket:
         """A ticket for the user's own held desktop's ``protocol`` display; ``Forbidden``
         for anything else (the same message whether the desktop exists or not, so ids cannot
         be probed)."""
@@ -104,7 +134,7 @@ class ConsoleTickets:
             expires = utcnow() + self.ttl
             uow.console_tickets.add(token_hash=token_digest(secret), user=identity.name,
                                     desktop_id=desktop_id, expires_at=expires,
-                                    protocol=protocol)
+                                    protocol=protocol, otp_digest=otp_digest)
             uow.commit()
             return Ticket(token=secret, desktop_id=desktop_id, desktop=desktop.name,
                           expires_at=expires, host_id=desktop.host_id)
@@ -129,7 +159,10 @@ class ConsoleTickets:
         password for their account set in the guest. ``Conflict`` when the desktop has no
         account of theirs or no RDP server (a desktop of the console flavor);
         ``Unavailable`` while its RDP server is still starting (its first boot)."""
-        ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP)  # Forbidden first
+        password = secrets.token_urlsafe(18)
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        ticket = self.issue(identity, desktop_id, ConsoleProtocol.RDP,  # Forbidden first
+                            otp_digest=digest)
         with self.ctx.uow(read_only=True) as uow:
             found = uow.linux_accounts.find(identity.name)
         if found is None:
@@ -138,11 +171,7 @@ class ConsoleTickets:
         account = found[0]
         driver = self.ctx.driver_for_id(ticket.host_id)
         driver.console_address(desktop_id, ConsoleProtocol.RDP)  # the port, before the client
-        password = secrets.token_urlsafe(18)
-        code, _out, err = GuestAgent(driver, desktop_id).exec_capture(
-            ["/bin/sh", RDP_OTP, "set", account,
-             hashlib.sha256(password.encode()).hexdigest(),
-             str(int(RDP_PASSWORD_TTL.total_seconds()))], timeout_s=30.0)
+        code, err = _set_rdp_password(driver, desktop_id, account, digest)
         if code == 5:  # its xrdp waits for the desktop's own keys, made at its first boot
             raise Unavailable(f"the RDP server of desktop {ticket.desktop} is still starting; "
                               "try again in a minute", delay=30)
@@ -154,15 +183,32 @@ class ConsoleTickets:
             host=proxy_host, port=proxy_port, account=account, token=ticket.token),
             account=account, password=password, expires_at=ticket.expires_at)
 
-    def admit_rdp(self, secret: str) -> ConsoleTarget:
+    def admit_rdp(self, secret: str, *, reconnect: bool = False) -> ConsoleTarget:
         """Spend an RDP ticket (one connection) and say where its desktop's RDP port is
-        forwarded. ``AuthenticationFailed`` as ``consume``."""
+        forwarded. With ``reconnect`` (the proxy saw this ticket's connection close within
+        ``RDP_RECONNECT_WINDOW``) a spent ticket is admitted again, its one-time password set
+        in the guest again. ``AuthenticationFailed`` as ``consume``."""
+        digest = token_digest(secret)
         with self.ctx.uow() as uow:
-            used = uow.console_tickets.use(token_digest(secret), utcnow(), ConsoleProtocol.RDP)
+            used = uow.console_tickets.use(digest, utcnow(), ConsoleProtocol.RDP)
             uow.commit()
-        if used is None:
+        if used is not None:
+            return self._target(*used, ConsoleProtocol.RDP)
+        if not reconnect:
             raise AuthenticationFailed("RDP ticket unknown, already used or expired")
-        return self._target(*used, ConsoleProtocol.RDP)
+        with self.ctx.uow(read_only=True) as uow:
+            used = uow.console_tickets.used_since(digest, None, ConsoleProtocol.RDP)
+            otp = uow.console_tickets.otp_digest(digest)
+            found = uow.linux_accounts.find(used[1]) if used is not None else None
+        if used is None or otp is None or found is None:
+            raise AuthenticationFailed("RDP ticket unknown, or one no client may come back on")
+        target = self._target(*used, ConsoleProtocol.RDP)
+        code, err = _set_rdp_password(self.ctx.driver_for_id(self._host_of(target)),
+                                      target.desktop_id, found[0], otp)
+        if code != 0:
+            raise Unavailable(f"desktop {target.desktop} cannot take the RDP client back yet: "
+                              f"{err.strip()[:200] or f'exit {code}'}", delay=5)
+        return target
 
     def consume(self, secret: str) -> ConsoleTarget:
         """Use a VNC ticket (once) and say where its desktop's console listens.
@@ -178,24 +224,37 @@ class ConsoleTickets:
             raise AuthenticationFailed("console ticket unknown, already used or expired")
         return self._target(*used, ConsoleProtocol.VNC)
 
-    def admit_spice(self, secret: str) -> tuple[ConsoleTarget, bool]:
+    def admit_spice(self, secret: str, *, requested: Address | None = None,
+                    joined: bool = False) -> tuple[ConsoleTarget, bool]:
         """A SPICE proxy connection with ``secret``: where the desktop's SPICE display
         listens, and whether this connection spent the ticket (the client's first channel)
-        rather than following it within ``CHANNEL_WINDOW``. ``AuthenticationFailed``
-        otherwise (unknown, expired, long used, another display's, no longer the user's)."""
+        rather than following it, within ``CHANNEL_WINDOW`` or, with ``joined`` (a channel of
+        this ticket is open through the proxy) at any time to follow a live move.
+        ``requested`` is the address the client asked for: honoured only when it is the
+        desktop's display on the host a live move is taking it to (the client follows the
+        move), else the display where the desktop runs. ``AuthenticationFailed`` otherwise
+        (unknown, expired, long used and not following a move, another display's, no longer
+        the user's)."""
         digest = token_digest(secret)
         now = utcnow()
         with self.ctx.uow() as uow:
             used = uow.console_tickets.use(digest, now, ConsoleProtocol.SPICE)
             uow.commit()
-        first = used is not None
+        first, late = used is not None, False
         if used is None:
             with self.ctx.uow(read_only=True) as uow:
                 used = uow.console_tickets.used_since(digest, now - CHANNEL_WINDOW,
                                                       ConsoleProtocol.SPICE)
+                if used is None and joined:
+                    used = uow.console_tickets.used_since(digest, None, ConsoleProtocol.SPICE)
+                    late = True
         if used is None:
             raise AuthenticationFailed("SPICE ticket unknown, used too long ago or expired")
-        return self._target(*used, ConsoleProtocol.SPICE), first
+        target = self._target(*used, ConsoleProtocol.SPICE, requested)
+        if late and not target.followed:
+            raise AuthenticationFailed("SPICE ticket used too long ago (only a client that "
+                                       "follows its desktop's live move joins later)")
+        return target, first
 
     def still_held(self, target: ConsoleTarget) -> bool:
         """Whether the console's desktop is still its user's (else its consoles close)."""
@@ -204,8 +263,8 @@ class ConsoleTickets:
             return (desktop is not None and desktop.assigned_user == target.user
                     and desktop.state in HELD_STATES)
 
-    def _target(self, desktop_id: uuid.UUID, user: str,
-                protocol: ConsoleProtocol) -> ConsoleTarget:
+    def _target(self, desktop_id: uuid.UUID, user: str, protocol: ConsoleProtocol,
+                requested: Address | None = None) -> ConsoleTarget:
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.find(desktop_id)
             if (desktop is None or desktop.assigned_user != user
@@ -214,9 +273,40 @@ class ConsoleTickets:
                                            "yours")
             driver = self.ctx.driver_for(desktop.host)
             name = desktop.name
+            moving_to = desktop.moving_to_id
+        if requested is not None and moving_to is not None:
+            followed = self._display_on(moving_to, desktop_id, protocol, requested)
+            if followed is not None:
+                return ConsoleTarget(desktop_id=desktop_id, desktop=name, user=user,
+                                     protocol=protocol.value, host=requested[0],
+                                     port=requested[1], followed=True)
         address = driver.console_address(desktop_id, protocol)
         return ConsoleTarget(desktop_id=desktop_id, desktop=name, user=user,
                              protocol=address.protocol, host=address.host, port=address.port)
+
+    def _display_on(self, host_id: uuid.UUID, desktop_id: uuid.UUID,
+                    protocol: ConsoleProtocol, requested: Address) -> Address | None:
+        """``requested``, if it is the desktop's ``protocol`` display on host ``host_id``
+        (where a live move is taking it); None otherwise or when that host cannot tell."""
+        try:
+            there = self.ctx.driver_for_id(host_id).console_address(desktop_id, protocol)
+        except DeskpoolError:
+            return None
+        return requested if (there.host, there.port) == requested else None
+
+    def _host_of(self, target: ConsoleTarget) -> uuid.UUID:
+        with self.ctx.uow(read_only=True) as uow:
+            return uow.desktops.get(target.desktop_id).host_id
+
+
+def _set_rdp_password(driver: HypervisorDriver, desktop_id: uuid.UUID, account: str,
+                      digest: str) -> tuple[int, str]:
+    """Arm the one-time password whose SHA-256 is ``digest`` for ``account``'s next RDP
+    sign-in in the guest: the guest script's exit code and what it said."""
+    code, _out, err = GuestAgent(driver, desktop_id).exec_capture(
+        ["/bin/sh", RDP_OTP, "set", account, digest,
+         str(int(RDP_PASSWORD_TTL.total_seconds()))], timeout_s=30.0)
+    return code, err
 
 
 class SpiceAdmission:
@@ -226,8 +316,9 @@ class SpiceAdmission:
         self.tickets = ConsoleTickets(ctx)
         self.sessions = SessionService(ctx)
 
-    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
-        return self.tickets.admit_spice(secret)
+    def admit(self, secret: str, requested: Address | None = None,
+              joined: bool = False) -> tuple[ConsoleTarget, bool]:
+        return self.tickets.admit_spice(secret, requested=requested, joined=joined)
 
     def still_held(self, target: ConsoleTarget) -> bool:
         return self.tickets.still_held(target)
@@ -246,8 +337,8 @@ class RdpAdmission:
         self.tickets = ConsoleTickets(ctx)
         self.sessions = SessionService(ctx)
 
-    def admit(self, secret: str) -> ConsoleTarget:
-        return self.tickets.admit_rdp(secret)
+    def admit(self, secret: str, reconnect: bool = False) -> ConsoleTarget:
+        return self.tickets.admit_rdp(secret, reconnect=reconnect)
 
     def still_held(self, target: ConsoleTarget) -> bool:
         return self.tickets.still_held(target)
@@ -265,7 +356,9 @@ def rdp_file_text(*, host: str, port: int, account: str, token: str) -> str:
     Broker, as the routing token of their first packet, where the proxy takes it."""
     lines = [f"full address:s:{_url_host(host)}:{port}", f"username:s:{account}",
              f"loadbalanceinfo:s:{token}", "prompt for credentials:i:0",
-             "use multimon:i:0", "screen mode id:i:1"]
+             "use multimon:i:0", "screen mode id:i:1",
+             # Back by itself when the connection ends (a live move of the desktop does).
+             "autoreconnection enabled:i:1", "autoreconnect max retries:i:60"]
     return "\r\n".join(lines) + "\r\n"
 
 

@@ -11,9 +11,11 @@ The order is what makes a crash at any point recoverable:
    of a reverting pool is retired and replaced instead.
 3. The template version's disk is copied to the target (once per host, in a transfer slot),
    and the driver moves the VM: on a failure it runs on where it was.
-4. The row names the new host (a compare-and-swap on the old one). A broker that dies between
-   3 and 4 leaves a VM running on the target whose row names the source: the reconciler
-   adopts it there once the lease has expired (``reconciler/moves.py``).
+4. The row names the new host (a compare-and-swap on the old one), and no longer the host
+   it was moving to (``moving_to_id``, set with the lease for the console proxies). A
+   broker that dies between 3 and 4 leaves a VM running on the target whose row names the
+   source: the reconciler adopts it there once the lease has expired
+   (``reconciler/moves.py``).
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ class MigrationService:
                                    now + self.lease, now):
                 raise LostRace(f"desktop {plan.name} is busy (a broker is working on it); "
                                "try again in a moment")
+            # Its user's SPICE client is told to follow it there while it moves.
+            uow.desktops.set_moving_to(plan.desktop_id, plan.target_id)
             uow.commit()
         def renew() -> bool:
             with self.ctx.uow() as uow:
@@ -155,7 +159,8 @@ class MigrationService:
                 uow.commit()
         finally:
             with self.ctx.uow() as uow:
-                uow.leases.release(Leased.DESKTOP, plan.desktop_id, owner)
+                if uow.leases.release(Leased.DESKTOP, plan.desktop_id, owner):
+                    uow.desktops.set_moving_to(plan.desktop_id, None)
                 uow.commit()
         return Moved(plan.name, plan.source, plan.target, stats)
 

@@ -124,6 +124,9 @@ class ConsoleToken(Base):
     # The display it opens: a browser's VNC ticket cannot open the SPICE proxy, nor the reverse.
     protocol: Mapped[ConsoleProtocol] = mapped_column(
         _str_enum(ConsoleProtocol), default=ConsoleProtocol.VNC)
+    # An RDP ticket's one-time password, as the guest has it (SHA-256, hex): set again in the
+    # guest when the client reconnects on the same ticket after its desktop moved.
+    otp_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):

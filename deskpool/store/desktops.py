@@ -301,11 +301,19 @@ class DesktopRepository(_NamedRepository[Desktop]):
         if unleased_at is not None:
             condition &= Desktop.lease_until.is_(None) | (Desktop.lease_until < unleased_at)
         statement = (update(Desktop).where(condition)
-                     .values(host_id=new, version=Desktop.version + 1)
+                     .values(host_id=new, moving_to_id=None, version=Desktop.version + 1)
                      .execution_options(synchronize_session=False))
         result = cast(CursorResult[Any], self._session.execute(statement))
         self._expire(desktop_id)
         return result.rowcount == 1
+
+    def set_moving_to(self, desktop_id: uuid.UUID, host_id: uuid.UUID | None) -> None:
+        """Record the host a live move takes the desktop to (None: no move runs). Not a
+        state: the console proxies read it to follow the move."""
+        self._session.execute(update(Desktop).where(Desktop.id == desktop_id)
+                              .values(moving_to_id=host_id, version=Desktop.version + 1)
+                              .execution_options(synchronize_session=False))
+        self._expire(desktop_id)
 
     def _expire(self, desktop_id: uuid.UUID) -> None:
         """A loaded ``Desktop`` re-reads its row at next access (it was written behind the

@@ -56,13 +56,16 @@ class LeaseRepository:
         return self._changed(update(model).where(model.id == row_id, model.lease_owner == owner)
                              .values(lease_until=until))
 
-    def release(self, kind: Leased, row_id: uuid.UUID, owner: str) -> None:
+    def release(self, kind: Leased, row_id: uuid.UUID, owner: str) -> bool:
+        """Let go of ``owner``'s lease; False if it held none (it expired and another took
+        it)."""
         model = _MODELS[kind]
         values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
         if model is Desktop:
             values["version"] = Desktop.version + 1
-        self._changed(update(model).where(model.id == row_id, model.lease_owner == owner)
-                      .values(**values))
+        return self._changed(update(model).where(model.id == row_id,
+                                                 model.lease_owner == owner)
+                             .values(**values))
 
     def _changed(self, statement: Any) -> bool:
         result = cast(CursorResult[Any], self._session.execute(

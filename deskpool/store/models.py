@@ -433,6 +433,9 @@ class Desktop(Base):
     # Shown to its user (e.g. "host maintenance: you will be logged off at 14:30").
     notice: Mapped[str | None] = mapped_column(Text)
     placement_reason: Mapped[str | None] = mapped_column(Text)
+    # The host a live move is taking it to, while the move runs: the SPICE proxy lets the
+    # user's client follow it there (deskpool.broker.console). No foreign key: only a hint.
+    moving_to_id: Mapped[uuid.UUID | None] = mapped_column()
     # The broker acting on this desktop now, until when (several brokers share the work).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()

@@ -89,10 +89,11 @@ class ConsoleTicketRepository:
         self._session = session
 
     def add(self, *, token_hash: str, user: str, desktop_id: uuid.UUID,
-            expires_at: datetime, protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> None:
+            expires_at: datetime, protocol: ConsoleProtocol = ConsoleProtocol.VNC,
+            otp_digest: str | None = None) -> None:
         self._session.add(ConsoleToken(token_hash=token_hash, user_name=user,
                                        desktop_id=desktop_id, expires_at=expires_at,
-                                       protocol=protocol))
+                                       protocol=protocol, otp_digest=otp_digest))
 
     def use(self, token_hash: str, now: datetime,
             protocol: ConsoleProtocol = ConsoleProtocol.VNC) -> tuple[uuid.UUID, str] | None:
@@ -107,14 +108,22 @@ class ConsoleTicketRepository:
         ).first()
         return (used[0], used[1]) if used is not None else None
 
-    def used_since(self, token_hash: str, since: datetime,
+    def used_since(self, token_hash: str, since: datetime | None,
                    protocol: ConsoleProtocol) -> tuple[uuid.UUID, str] | None:
-        """A ``protocol`` ticket first used at ``since`` or later: (desktop id, user name)."""
-        row = self._session.execute(
-            select(ConsoleToken.desktop_id, ConsoleToken.user_name)
-            .where(ConsoleToken.token_hash == token_hash, ConsoleToken.used_at >= since,
-                   ConsoleToken.protocol == protocol)).first()
+        """A ``protocol`` ticket first used at ``since`` or later (None: ever used):
+        (desktop id, user name)."""
+        query = (select(ConsoleToken.desktop_id, ConsoleToken.user_name)
+                 .where(ConsoleToken.token_hash == token_hash, ConsoleToken.used_at.is_not(None),
+                        ConsoleToken.protocol == protocol))
+        if since is not None:
+            query = query.where(ConsoleToken.used_at >= since)
+        row = self._session.execute(query).first()
         return (row[0], row[1]) if row is not None else None
+
+    def otp_digest(self, token_hash: str) -> str | None:
+        """The SHA-256 of the one-time password an RDP ticket was issued with."""
+        return self._session.scalars(select(ConsoleToken.otp_digest)
+                                     .where(ConsoleToken.token_hash == token_hash)).first()
 
     def expire_unused(self, desktop_id: uuid.UUID, now: datetime) -> None:
         """End every unused, unexpired ticket of the desktop now."""

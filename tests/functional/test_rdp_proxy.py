@@ -339,3 +339,46 @@ def test_a_desktop_whose_rdp_server_is_starting_says_try_again(
     got = alice.get(f"/api/v1/desktops/{connect(alice)}/console.rdp")
     assert got.status_code == 503 and got.headers["retry-after"] == "30"
     assert "still starting" in got.json()["detail"]
+
+
+def test_a_client_comes_back_on_its_ticket_within_the_reconnect_window(
+    ctx: ServiceContext, rdp: FakeRdp, guest_calls: list[list[str]]
+) -> None:
+    """A live move ends the RDP connection; the client reconnects with the same routing
+    token. The proxy takes it back once its connection closed a moment ago, with the same
+    one-time password set in the guest again (the broker keeps only its hash); not while it
+    is open, not after the window, not a ticket never used here."""
+    server = RdpProxyServer(RdpAdmission(ctx), "127.0.0.1", 0, recheck_s=0.2)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        alice = client_of(ctx, server.port, "alice")
+        desktop_id = connect(alice)
+        fields, password = rdp_file(alice, desktop_id)
+        unused, _ = rdp_file(alice, desktop_id)
+        token = fields["loadbalanceinfo"].encode()
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        with Session(server.port, request_with(token)) as first:
+            assert first.recv_exactly(len(CONFIRM)) == CONFIRM
+            with Session(server.port, request_with(token)) as twice:
+                assert twice.recv_exactly(1) == b""  # open: no second connection
+        wait_for(lambda: state_of(ctx, desktop_id) == "idle", "the connection closed")
+        guest_calls.clear()
+        with Session(server.port, request_with(token)) as back:
+            assert back.recv_exactly(len(CONFIRM)) == CONFIRM
+        assert rdp.accepted == 2
+        assert guest_calls == [["/bin/sh", "/usr/lib/deskpool/rdp-otp", "set", "alice",
+                                digest, "180"]]
+        # Past the window, the spent ticket opens nothing.
+        server.reconnect_window_s = 0.0
+        time.sleep(0.05)
+        with Session(server.port, request_with(token)) as late:
+            assert late.recv_exactly(1) == b""
+        # Nor does a ticket never connected here count as coming back (it is unused:
+        # it opens once, as any).
+        with Session(server.port, request_with(unused["loadbalanceinfo"].encode())) as new:
+            assert new.recv_exactly(len(CONFIRM)) == CONFIRM
+        assert rdp.accepted == 3
+    finally:
+        server.stop()
+        serving.join(10)

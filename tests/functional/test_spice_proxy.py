@@ -272,3 +272,53 @@ def test_a_channel_long_after_the_first_and_a_desktop_given_back_are_cut(
         assert alice.post(f"/api/v1/desktops/{desktop_id}/logoff").status_code == 200
         assert main.recv(4) == SPICE_HELLO
         assert main.recv(1) == b""  # the proxy closed the open channel
+
+
+def test_a_connected_client_follows_its_desktops_live_move_and_nothing_else(
+    ctx: ServiceContext, spice: FakeSpice, proxy: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a live move takes the desktop to host h2, QEMU sends the connected client to
+    the display there: the proxy admits the client's channels to that one address on the
+    spent ticket, while a channel of the ticket is open; no other address, and not once the
+    client has gone."""
+    HostService(ctx).add("h2", "fake://spice2")
+    there = FakeSpice()
+    target = open_driver("fake://spice2")
+
+    def address(vm_id: uuid.UUID, protocol: ConsoleProtocol = ConsoleProtocol.VNC
+                ) -> ConsoleAddress:  # the VM's display on h2, as the move makes it there
+        return ConsoleAddress("spice", "127.0.0.1", there.port)
+
+    monkeypatch.setattr(target, "console_address", address)
+    alice = client_of(ctx, proxy, "alice")
+    desktop_id = connect(alice)
+    vv = viewer_file(alice, desktop_id)
+    moving_to = f"127.0.0.1:{there.port}"
+    try:
+        with Tunnel(proxy, credentials_of(vv)) as main:
+            assert main.recv(4) == SPICE_HELLO
+            import deskpool.broker.console as console
+
+            later = datetime.now(UTC) + timedelta(minutes=5)
+            monkeypatch.setattr(console, "utcnow", lambda: later)
+            # Minutes later, no move: the client's address is no way in.
+            with Tunnel(proxy, credentials_of(vv), target=moving_to) as early:
+                assert early.status.startswith(b"HTTP/1.1 407")
+            with ctx.uow() as uow:
+                h2 = uow.hosts.get_by_name("h2")
+                uow.desktops.set_moving_to(uuid.UUID(desktop_id), h2.id)
+                uow.commit()
+            with Tunnel(proxy, credentials_of(vv), target=moving_to) as followed:
+                assert followed.status.startswith(b"HTTP/1.1 200")
+                assert followed.recv(4) == SPICE_HELLO and there.accepted == 1
+            # Anywhere else, even the display where it runs now, stays closed so late.
+            for other in ("127.0.0.1:22", f"127.0.0.1:{spice.port}", "anything:5900"):
+                with Tunnel(proxy, credentials_of(vv), target=other) as refused:
+                    assert refused.status.startswith(b"HTTP/1.1 407"), other
+        wait_for(lambda: state_of(ctx, desktop_id) == "idle", "the client gone")
+        # The client gone, its ticket follows nothing.
+        with Tunnel(proxy, credentials_of(vv), target=moving_to) as gone:
+            assert gone.status.startswith(b"HTTP/1.1 407")
+        assert there.accepted == 1
+    finally:
+        there.close()

@@ -216,8 +216,9 @@ class CountingAdmission(SpiceAdmission):
         super().__init__(ctx)
         self.admitted = 0
 
-    def admit(self, secret: str) -> tuple[ConsoleTarget, bool]:
-        found = super().admit(secret)
+    def admit(self, secret: str, requested: tuple[str, int] | None = None,
+              joined: bool = False) -> tuple[ConsoleTarget, bool]:
+        found = super().admit(secret, requested, joined)
         self.admitted += 1
         return found
 

@@ -28,11 +28,19 @@ import pytest
 
 import deskpool.broker.console as console
 from deskpool.api.rdp_proxy import RdpProxyServer
-from deskpool.broker.console import ConsoleTarget, ConsoleTickets, RdpAdmission, RdpFile
+from deskpool.api.spice_proxy import SpiceProxyServer
+from deskpool.broker.console import (
+    ConsoleTarget,
+    ConsoleTickets,
+    RdpAdmission,
+    RdpFile,
+    SpiceAdmission,
+)
 from deskpool.broker.entitlements import EntitlementService
 from deskpool.broker.handover import Broker, Handover
 from deskpool.config import Settings
 from deskpool.domain.errors import Forbidden, Unavailable
+from deskpool.domain.models import ConsoleProtocol
 from deskpool.domain.pools import PoolSpec
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
@@ -42,6 +50,7 @@ from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
 from deskpool.services.hosts import HostService
+from deskpool.services.migration import MigrationService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.store.models import utcnow
@@ -262,8 +271,8 @@ class CountingAdmission(RdpAdmission):
         self.admitted = 0
         self.closes = 0
 
-    def admit(self, secret: str) -> ConsoleTarget:
-        target = super().admit(secret)
+    def admit(self, secret: str, reconnect: bool = False) -> ConsoleTarget:
+        target = super().admit(secret, reconnect)
         self.admitted += 1
         return target
 
@@ -406,3 +415,139 @@ def test_the_screenshot_decoder_round_trips(tmp_path: Path) -> None:
     rgb = bytes((x * 7 + y) % 256 for y in range(30) for x in range(40 * 3))
     width, height, back = decode_png(encode_png(40, 30, rgb))
     assert (width, height, back) == (40, 30, rgb)
+
+
+class FollowingSpice(SpiceAdmission):
+    """Where each SPICE channel was sent."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.targets: list[tuple[str, int]] = []
+
+    def admit(self, secret: str, requested: tuple[str, int] | None = None,
+              joined: bool = False) -> tuple[ConsoleTarget, bool]:
+        target, first = super().admit(secret, requested, joined)
+        self.targets.append((target.host, target.port))
+        return target, first
+
+
+class FollowingRdp(CountingAdmission):
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.targets: list[tuple[str, int]] = []
+
+    def admit(self, secret: str, reconnect: bool = False) -> ConsoleTarget:
+        target = super().admit(secret, reconnect)
+        self.targets.append((target.host, target.port))
+        return target
+
+
+def _session_facts(agent: GuestAgent, uid: int) -> tuple[str, str, str]:
+    """The guest's boot id, the user's graphical logind session and xrdp's Xorg of theirs."""
+    boot = agent.read_file("/proc/sys/kernel/random/boot_id").decode().strip()
+    code, sessions, err = agent.exec_capture(
+        ["/bin/sh", "-c", f"loginctl list-sessions --no-legend | awk '$2 == {uid} {{print $1}}'"
+                          " | sort | tr '\\n' ' '"])
+    assert code == 0, err
+    code, xorg, err = agent.exec_capture(["/usr/bin/pgrep", "-u", str(uid), "-f",
+                                          "xrdp/xorg.conf"])
+    assert code == 0, ("no xrdp Xorg of the user", err)
+    return boot, sessions.strip(), xorg.strip()
+
+
+def test_native_clients_follow_a_live_move_to_another_host(
+        signed_in: SignedIn, tmp_path: Path) -> None:
+    """remote-viewer and xfreerdp are connected through the broker's proxies when the
+    desktop moves live to a second libvirt host: remote-viewer follows by SPICE's own client
+    migration, xfreerdp reconnects by itself on the same ticket, and the user's session (its
+    logind session, xrdp's Xorg, a counting process) runs on. The desktop's last test: it
+    ends on the second host and is removed there."""
+    need_programs("xfreerdp", "remote-viewer")
+    from tests.libvirt_hosts import SecondLibvirtHost
+
+    ctx, uid = signed_in.ctx, _uid(signed_in)
+    desktop_id = signed_in.handover.desktop_id
+    assert desktop_id is not None
+    spice, rdp_admission = FollowingSpice(ctx), FollowingRdp(ctx)
+    spice_proxy = SpiceProxyServer(spice, "127.0.0.1", 0)
+    rdp_proxy = RdpProxyServer(rdp_admission, "127.0.0.1", 0)
+    for server in (spice_proxy, rdp_proxy):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    tickets = ConsoleTickets(ctx)
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        with SecondLibvirtHost() as second, virtual_screen(tmp_path, "1280x1024x24") as screen:
+            HostService(ctx).add("second", second.uri, storage_dir=second.storage_dir)
+            vv = tickets.spice_file(USER, desktop_id, proxy_host="127.0.0.1",
+                                    proxy_port=spice_proxy.port)
+            (tmp_path / "desktop.vv").write_text(vv.text)
+            clients.append(screen.run("remote-viewer", "remote-viewer",
+                                      str(tmp_path / "desktop.vv")))
+            rdp = tickets.rdp_file(USER, desktop_id, proxy_host="127.0.0.1",
+                                   proxy_port=rdp_proxy.port)
+            (tmp_path / "desktop.rdp").write_text(rdp.text, newline="")
+            clients.append(screen.run("xfreerdp", "xfreerdp", str(tmp_path / "desktop.rdp"),
+                                      f"/p:{rdp.password}", "/cert:ignore", "/size:1024x768",
+                                      "/log-level:INFO"))
+            wait_for(lambda: len(spice.targets) >= 2, 90, "remote-viewer's SPICE channels")
+            try:
+                wait_for(lambda: _xrdp_session(signed_in, uid), 240, "the user's RDP session")
+            except AssertionError as exc:
+                pytest.fail(f"{exc}\n{_xrdp_logs(signed_in, tmp_path)}")
+            code, _, err = signed_in.agent.exec_capture(["sh", "-c", COUNTER])
+            assert code == 0, err
+            before = _session_facts(signed_in.agent, uid)
+            counted = _counter(signed_in.agent)
+            channels_before = len(spice.targets)
+            # Long past the tickets' minute: the clients come back on spent tickets.
+            time.sleep(max(0.0, (rdp.expires_at - utcnow()).total_seconds() + 5))
+
+            start = time.monotonic()
+            moved = MigrationService(ctx).migrate(str(desktop_id), target="second",
+                                                  reason="test: native clients follow")
+            print(f"moved in {time.monotonic() - start:.1f} s: {moved.stats}")
+            target = ctx.driver_for_name("second")
+            agent = GuestAgent(target, desktop_id)
+            spice_there = target.console_address(desktop_id, ConsoleProtocol.SPICE)
+            wait_for(lambda: rdp_admission.admitted >= 2, 120, "xfreerdp reconnecting")
+            rdp_there = target.console_address(desktop_id, ConsoleProtocol.RDP)
+            assert rdp_admission.targets[-1] == (rdp_there.host, rdp_there.port)
+            # remote-viewer's channels went to the display on the second host, and it runs on
+            # (its channels to the first host ended with the QEMU there).
+            followed = spice.targets[channels_before:]
+            assert followed and set(followed) == {(spice_there.host, spice_there.port)}, (
+                spice.targets, spice_there)
+            time.sleep(5)
+            assert all(c.poll() is None for c in clients), [c.poll() for c in clients]
+            after = _session_facts(agent, uid)
+            assert after == before, (before, after)  # same boot, logind session, xrdp Xorg
+            first = _counter(agent)
+            time.sleep(2)
+            assert _counter(agent) > first > counted
+            shot = tmp_path / "after-move.png"
+            wait_for(lambda: analyse("image/png", screen.screenshot(shot)).is_graphical(), 120,
+                     "the moved session drawn on the client screen")
+            assert DesktopService(ctx).get(str(desktop_id)).state == "in_use"
+            for client in clients:
+                stop(client)
+            # Removed while the second host is up (the module's teardown finds nothing).
+            DesktopService(ctx).delete(str(desktop_id))
+    finally:
+        for client in clients:
+            stop(client)
+        for server in (spice_proxy, rdp_proxy):
+            server.stop()
+
+
+def _counter(agent: GuestAgent) -> int:
+    deadline = time.monotonic() + 60
+    while True:
+        code, out, _ = agent.exec_capture(["cat", "/run/counter"])
+        if code == 0 and out.strip().isdigit():
+            return int(out)
+        assert time.monotonic() < deadline, "the counter did not start"
+        time.sleep(0.5)
+
+
+COUNTER = ("nohup setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/counter; "
+           "sleep 0.2; done' >/dev/null 2>&1 &")

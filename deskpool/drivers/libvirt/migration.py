@@ -11,6 +11,11 @@ processes to reach each other (the migration stream and the disk copy's NBD serv
   mirrors only the top of the chain into it.
 * **The target's paths.** Each host keeps volumes in its own directory: the definition sent
   along (``VIR_MIGRATE_PARAM_DEST_XML``) names the target's root, kernel and initrd files.
+* **The user's SPICE client follows.** QEMU tells a connected SPICE client the display's
+  address on the target (libvirt's graphics relocation), and the client links its channels
+  there with the password it holds. That password may have expired on this host (it is a
+  ticket's, minutes old; connected clients are kept): the target's copy stays valid for the
+  move only, and is expired again once the move is done.
 * **A failure moves nothing.** Until libvirt's finish step the VM runs here; if the
   migration fails, times out or is cancelled, libvirt resumes it here and this driver
   removes what it made on the target. On success the source's definition (libvirt's
@@ -19,12 +24,14 @@ processes to reach each other (the migration stream and the disk copy's NBD serv
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +41,13 @@ from deskpool.domain.errors import Conflict, DriverError, HostConnectionLost, In
 from deskpool.domain.models import CloneMode, MigrationStats, VolumeInfo
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
 from deskpool.drivers.libvirt.connection import error_code
+from deskpool.drivers.libvirt.xml import graphics_with_password
 
 _FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST
           | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_NON_SHARED_INC)
 _XML_FLAGS = libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
 _POLL_S = 0.2
+log = logging.getLogger(__name__)
 MigrationProgress = Callable[[int, int], None]  # (bytes processed, bytes in all) so far
 
 
@@ -47,11 +56,16 @@ def _no_progress(_done: int, _total: int) -> None:
 
 
 
-def target_definition(domain_xml: str, paths: dict[str, str]) -> str:
+def target_definition(domain_xml: str, paths: dict[str, str],
+                      spice_valid_to: str | None = None) -> str:
     """The definition for the target: each file ``paths`` names (a disk's source, a kernel,
-    an initrd) replaced by the target's. Everything else (name, uuid, MAC, metadata, fw_cfg
-    identity, display passwords) stays as it is."""
+    an initrd) replaced by the target's, and a SPICE password that expires valid until
+    ``spice_valid_to`` there. Everything else (name, uuid, MAC, metadata, fw_cfg identity,
+    the display passwords themselves) stays as it is."""
     root = ET.fromstring(domain_xml)  # nosec B314
+    spice = root.find("devices/graphics[@type='spice']")
+    if spice_valid_to is not None and spice is not None and spice.get("passwdValidTo"):
+        spice.set("passwdValidTo", spice_valid_to)
     for source in root.iterfind("devices/disk/source"):
         found = source.get("file")
         if found in paths:
@@ -98,14 +112,36 @@ class MigrationMixin:
             paths = {self.volume_info(root).path: peer.volume_info(root).path}
             for path in boot_files:
                 paths[path] = peer.volume_info(Path(path).name).path
-            definition = target_definition(domain_xml, paths)
+            # Valid for the move's longest time (and a margin for the client to link).
+            until = datetime.now(UTC) + timedelta(seconds=timeout_s + 120)
+            definition = target_definition(domain_xml, paths,
+                                           until.strftime("%Y-%m-%dT%H:%M:%S"))
             stats = self._run_migration(dom, name, peer, definition, device, timeout_s,
                                         progress or _no_progress)
         except BaseException:
             peer.delete_vm(vm_id)  # nothing of it stays on the target; it runs here
             raise
         self.delete_vm(vm_id)  # undefined by libvirt already: its volumes here go
+        peer._expire_spice_password(vm_id, domain_xml)
         return stats
+
+    def _expire_spice_password(self, vm_id: uuid.UUID, source_xml: str) -> None:
+        """The moved VM's SPICE password back to the expiry it had on the source (connected
+        clients stay). A failure leaves it to expire at the move's own limit."""
+        spice = ET.fromstring(source_xml).find("devices/graphics[@type='spice']")  # nosec B314
+        valid_to = spice.get("passwdValidTo") if spice is not None else None
+        if spice is None or not valid_to or not spice.get("passwd"):
+            return
+        try:
+            with self._lock:
+                dom = self._own_domain(vm_id)
+                changed = graphics_with_password(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
+                                                 "spice", spice.get("passwd", ""), valid_to)
+                if changed is not None:
+                    dom.updateDeviceFlags(changed, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except (libvirt.libvirtError, DriverError) as exc:
+            log.warning("the SPICE password of moved VM %s stays valid until the move's "
+                        "limit: %s", vm_id, exc)
 
     def _migration_peer(self, target: HypervisorDriver) -> MigrationMixin:
         if self._is_test or not isinstance(target, MigrationMixin) or target._is_test:
