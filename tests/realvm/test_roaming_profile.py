@@ -8,14 +8,21 @@ reconciler's recycle ends her session in the guest, unmounts, detaches and commi
 generation 2, then reverts A. Bob then takes A (so A is not free) and finds nothing of
 Ann's; Ann connects again, is handed B, and finds her file and her setting, owned by her
 uid, and neither the cache nor the excluded file. Timings printed with ``-s``.
+
+Then a second concurrent session (a second pool of one desktop, C, whose policy merges): Ann,
+still on B, connects to C too; both sessions change her home (a file each, one file both, a
+file deleted on C). B logs off first and commits; C's logoff is merged file by file: every
+file is in the profile, the overlap kept as B wrote it with C's copy beside it, and Ann told.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -25,13 +32,16 @@ from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.pools import PoolSpec
+from deskpool.domain.profile_merge import EntryKind
 from deskpool.domain.profiles import LayerState
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.images.builder import GuestImage
+from deskpool.images.profile_merge import read_side
 from deskpool.reconciler.loop import Reconciler
 from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
+from deskpool.services.events import messages_for
 from deskpool.services.hosts import HostService
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
@@ -39,7 +49,7 @@ from deskpool.store.access_models import Event
 from tests.realvm.conftest import remove_pool_of
 
 pytestmark = [pytest.mark.realvm, pytest.mark.timeout(2400)]
-TEMPLATE, POOL = "xfce-roam", "roam"
+TEMPLATE, POOL, SECOND_POOL = "xfce-roam", "roam", "roam2"
 ANN = Identity(name="ann@corp.example", display_name="Ann", source="local",
                groups=frozenset({"staff"}))
 BOB = Identity(name="bob@corp.example", display_name="Bob", source="local",
@@ -57,6 +67,7 @@ class World:
     broker: Broker
     a: str  # desktop names, A first by name (the broker's first pick)
     b: str
+    c: str  # the second pool's one desktop
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +88,28 @@ def world(desktop_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
                                          # Two Xfce sessions at once on a shared 2-CPU TCG
                                          # host can take minutes; A must not be given up.
                                          session_start_timeout_s=SESSION_TIMEOUT_S))
-        EntitlementService(ctx).grant(POOL, "group", "staff")
+        # A user's second session merges at its logoff (the policy's default).
+        PoolService(ctx).create(PoolSpec(SECOND_POOL, TEMPLATE, min_size=1, spare=1,
+                                         max_size=1, naming_pattern="roamc-{n:02}",
+                                         roaming_profiles=True,
+                                         session_start_timeout_s=SESSION_TIMEOUT_S))
+        for pool in (POOL, SECOND_POOL):
+            EntitlementService(ctx).grant(pool, "group", "staff")
         try:
             started = time.monotonic()
-            reconciler = Reconciler(ctx, workers=2, ready_timeout_s=300)
-            while sum(d.state == "ready" for d in DesktopService(ctx).list()) < 2:
-                assert time.monotonic() - started < 600, "the desktops did not become ready"
+            reconciler = Reconciler(ctx, workers=2, ready_timeout_s=420)
+            while sum(d.state == "ready" for d in DesktopService(ctx).list()) < 3:
+                assert time.monotonic() - started < 900, "the desktops did not become ready"
                 report = reconciler.run_pass()
                 assert not report.errors, report.errors
-            print(f"\ntwo desktops ready in {time.monotonic() - started:.0f} s")
-            a, b = sorted(d.name for d in DesktopService(ctx).list())
-            yield World(ctx, reconciler, Broker(ctx, ready_timeout_s=120), a, b)
+            print(f"\nthree desktops ready in {time.monotonic() - started:.0f} s")
+            names = sorted(d.name for d in DesktopService(ctx).list())
+            a, b = [n for n in names if n.startswith(f"{POOL}-")]
+            (c,) = [n for n in names if n.startswith("roamc-")]
+            yield World(ctx, reconciler, Broker(ctx, ready_timeout_s=120), a, b, c)
         finally:
-            PoolService(ctx).resize(POOL, min_size=0, spare=0)
+            for pool in (POOL, SECOND_POOL):
+                PoolService(ctx).resize(pool, min_size=0, spare=0)
             for d in DesktopService(ctx).list():
                 DesktopService(ctx).delete(str(d.id))
     finally:
@@ -145,9 +165,9 @@ def kernel_times(agent: GuestAgent, since: datetime) -> tuple[float | None, floa
     return seen, mounted
 
 
-def connect(w: World, who: Identity, expect: str) -> float:
+def connect(w: World, who: Identity, expect: str, pool: str = POOL) -> float:
     started = time.monotonic()
-    handover = w.broker.connect(who, POOL)
+    handover = w.broker.connect(who, pool)
     took = time.monotonic() - started
     assert handover.status == "ready", handover.message
     assert handover.desktop == expect, (handover.desktop, expect)
@@ -235,3 +255,40 @@ def test_the_home_follows_the_user_to_another_desktop(world: World) -> None:
     assert run(b, f"test -d ~/'{EXCLUDED}' && test ! -e ~/'{EXCLUDED}'/scratch.bin && "
                   "echo kept-out", user=ann).strip() == "kept-out"
     assert generation(w, ANN) == 2  # her open session commits at its own logoff
+
+
+def test_a_second_session_is_merged_at_its_logoff_and_nothing_is_lost(world: World) -> None:
+    """Follows the test above: Ann's session on B is open on generation 2."""
+    w = world
+    ann, _ = account(w, ANN)
+    b = agent_of(w, w.b)
+    assert run(b, "cat ~/notes.txt", user=ann) == NOTE
+    run(b, "echo 'shared, as B wrote it' > ~/shared.txt && echo b > ~/only-b.txt", user=ann)
+
+    connect(w, ANN, w.c, SECOND_POOL)  # her second session: a throw-away overlay, merged
+    c = agent_of(w, w.c)
+    assert run(c, "cat ~/notes.txt", user=ann) == NOTE  # generation 2, as B started from
+    run(c, "echo 'shared, as C wrote it' > ~/shared.txt && echo c > ~/only-c.txt && "
+           "rm ~/notes.txt", user=ann)
+
+    log_off_and_recycle(w, w.b)  # the first to log off commits as it is
+    assert generation(w, ANN) == 3
+    took = log_off_and_recycle(w, w.c)  # the second is merged into what B committed
+    assert generation(w, ANN) == 4
+    print(f"second session logged off and merged: {took:.1f} s")
+
+    with w.ctx.uow(read_only=True) as uow:
+        profile = uow.profiles.get(ANN.name)
+        assert profile.layer_id is not None
+        committed = Path(uow.profiles.layer(profile.layer_id).path)
+    with tempfile.TemporaryDirectory() as scratch:
+        side = read_side(committed, Path(scratch), "home")
+        home = {rel: (side.files / rel).read_text() for rel, entry in side.tree.items()
+                if entry.kind is EntryKind.FILE and "/" not in rel
+                and not rel.startswith(".")}
+    assert home == {"shared.txt": "shared, as B wrote it\n",
+                    f"shared.txt.conflict-{w.c}": "shared, as C wrote it\n",
+                    "only-b.txt": "b\n", "only-c.txt": "c\n"}, home
+    merged = [m for m in messages_for(w.ctx, ANN.name) if m.kind == "profile-merged"]
+    assert merged and "shared.txt" in merged[-1].message and w.c in merged[-1].message, (
+        merged)
