@@ -26,6 +26,7 @@ from deskpool.api import (
     metrics,
     routes_admin,
     routes_admin_manage,
+    routes_machine_secrets,
     routes_offline,
     routes_profiles,
     routes_tokens,
@@ -144,6 +145,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     app.include_router(routes_user.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_admin_manage.router)
+    app.include_router(routes_machine_secrets.router)
     app.include_router(routes_tokens.router)
     app.include_router(routes_profiles.router)
     app.include_router(routes_offline.router)

@@ -31,6 +31,7 @@ from deskpool.cli.common import err, out, services, spinner
 from deskpool.cli.fileshare import fileshare_app
 from deskpool.cli.hosts import host_app
 from deskpool.cli.layers import layer_app
+from deskpool.cli.machine_secrets import credential_app, ssh_keys
 from deskpool.cli.offline import offline_app
 from deskpool.cli.pools import pool_app, reconcile
 from deskpool.cli.profiles import profile_app
@@ -53,6 +54,8 @@ app.add_typer(host_app, name="host")
 app.add_typer(image_app, name="image")
 app.add_typer(template_app, name="template")
 app.add_typer(desktop_app, name="desktop")
+desktop_app.add_typer(credential_app, name="credential")
+desktop_app.command("ssh-keys")(ssh_keys)
 app.add_typer(layer_app, name="layer")
 
 

@@ -58,6 +58,7 @@ from deskpool.services.customize import (
 from deskpool.services.events import record_event
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.hosts import resolved_domain_type
+from deskpool.services.machine_secrets import MachineSecrets
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, TemplateVersion
 
@@ -348,7 +349,9 @@ class DesktopFactory:
     def confirm_running(
         self, desktop_id: uuid.UUID, *, timeout_s: float, progress: Progress = no_progress,
     ) -> None:
-        """Wait for the guest agent and check the guest carries the database's identity."""
+        """Wait for the guest agent, check the guest carries the database's identity, and
+        put its machine secrets (SSH host key, credentials) in place: at every boot the
+        broker sees, so a stateless desktop's come back with it."""
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             expected = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac,
@@ -356,6 +359,7 @@ class DesktopFactory:
             customization = desktop.template_version.customization
             instant = desktop.clone_mode is CloneMode.INSTANT
             driver = self.ctx.driver_for(desktop.host)
+            name = desktop.name
         if customization is Customization.NONE:
             # An image without deskpool's hook or an agent: running is all we can check.
             if driver.get_vm(desktop_id).power_state is not PowerState.RUNNING:
@@ -374,6 +378,8 @@ class DesktopFactory:
             apply_identity_through_agent(agent, expected)
         progress("confirming identity inside the guest")
         self._confirm_identity(agent, expected, customization, deadline)
+        progress("putting the desktop's SSH host key and machine credentials in place")
+        MachineSecrets(self.ctx).install(agent, name, expected.hostname)
 
     @staticmethod
     def _confirm_identity(

@@ -38,7 +38,7 @@ def secrets_dir(settings: Settings) -> Path:
     return settings.data_dir / "offline"
 
 
-def _create_once(path: Path, content: bytes) -> bytes:
+def create_once(path: Path, content: bytes) -> bytes:
     """``path``'s content: ``content`` if this call made the file, else what is there."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists():
@@ -81,7 +81,7 @@ class OfflineSecrets:
 
 def load_offline_secrets(settings: Settings) -> OfflineSecrets:
     folder = secrets_dir(settings)
-    pem = _create_once(folder / SIGNING_KEY_FILE, Ed25519PrivateKey.generate().private_bytes(
+    pem = create_once(folder / SIGNING_KEY_FILE, Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     try:
@@ -91,7 +91,7 @@ def load_offline_secrets(settings: Settings) -> OfflineSecrets:
                                    "be read; restore it from a backup") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise OfflineSecretsBroken(f"{folder / SIGNING_KEY_FILE} is not an Ed25519 key")
-    escrow = _create_once(folder / ESCROW_KEY_FILE, secrets.token_bytes(32))
+    escrow = create_once(folder / ESCROW_KEY_FILE, secrets.token_bytes(32))
     if len(escrow) != 32:
         raise OfflineSecretsBroken(f"the escrow key {folder / ESCROW_KEY_FILE} is "
                                    f"{len(escrow)} bytes, not 32; restore it from a backup")

@@ -6,7 +6,17 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from deskpool.domain.models import ConsoleProtocol
@@ -199,3 +209,20 @@ class SignInThrottle(Base):
     window_start: Mapped[datetime] = mapped_column(default=utcnow)
     locks: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column()
+
+
+class MachineCredential(Base):
+    """A file a desktop gets at every boot (a keytab...), for a desktop name, encrypted with
+    the installation's machine-secrets key (``deskpool.services.machine_secrets``): the
+    database alone cannot read it."""
+
+    __tablename__ = "machine_credentials"
+    __table_args__ = (UniqueConstraint("desktop_name", "guest_path"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    desktop_name: Mapped[str] = mapped_column(String(255))
+    guest_path: Mapped[str] = mapped_column(String(255))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)  # nonce, then AES-GCM output
+    sha256: Mapped[str] = mapped_column(String(64))  # of the plain file: to tell copies apart
+    size: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -64,6 +64,7 @@ from deskpool.store.records import (
     ConsoleTicketRepository,
     EventRepository,
     LogonRepository,
+    MachineCredentialRepository,
     RecordBatchRepository,
 )
 from deskpool.store.repositories import (
@@ -336,6 +337,7 @@ class UnitOfWork:
     events: EventRepository
     logons: LogonRepository
     console_tickets: ConsoleTicketRepository
+    machine_credentials: MachineCredentialRepository
     record_batches: RecordBatchRepository
     desktop_sessions: DesktopSessionRepository
     desktop_listings: DesktopListingRepository
@@ -382,6 +384,7 @@ class UnitOfWork:
         self.events = EventRepository(self.session)
         self.logons = LogonRepository(self.session)
         self.console_tickets = ConsoleTicketRepository(self.session)
+        self.machine_credentials = MachineCredentialRepository(self.session)
         self.record_batches = RecordBatchRepository(self.session)
         self.desktop_sessions = DesktopSessionRepository(self.session)
         self.desktop_listings = DesktopListingRepository(self.session)

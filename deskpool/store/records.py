@@ -17,7 +17,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
 from deskpool.domain.models import ConsoleProtocol
-from deskpool.store.access_models import ConsoleToken, Event, Logon
+from deskpool.store.access_models import ConsoleToken, Event, Logon, MachineCredential
 from deskpool.store.models import Base
 
 
@@ -152,3 +152,42 @@ class RecordBatchRepository:
             groups.setdefault((type(row), tuple(sorted(values))), []).append(values)
         for (model, _columns), values_list in groups.items():
             self._session.execute(insert(model), values_list)
+
+
+class MachineCredentialRepository:
+    """Machine credentials by desktop name and guest path (their content stays encrypted)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def put(self, desktop_name: str, guest_path: str, ciphertext: bytes, sha256: str,
+            size: int) -> bool:
+        """Store (or replace) one; True when it is new."""
+        found = self.find(desktop_name, guest_path)
+        if found is None:
+            self._session.add(MachineCredential(desktop_name=desktop_name,
+                                                guest_path=guest_path, ciphertext=ciphertext,
+                                                sha256=sha256, size=size))
+            return True
+        found.ciphertext, found.sha256, found.size = ciphertext, sha256, size
+        return False
+
+    def find(self, desktop_name: str, guest_path: str) -> MachineCredential | None:
+        return self._session.scalars(select(MachineCredential).where(
+            MachineCredential.desktop_name == desktop_name,
+            MachineCredential.guest_path == guest_path)).first()
+
+    def for_desktop(self, desktop_name: str) -> builtins.list[MachineCredential]:
+        return builtins.list(self._session.scalars(
+            select(MachineCredential).where(MachineCredential.desktop_name == desktop_name)
+            .order_by(MachineCredential.guest_path)))
+
+    def list(self) -> builtins.list[MachineCredential]:
+        return builtins.list(self._session.scalars(select(MachineCredential).order_by(
+            MachineCredential.desktop_name, MachineCredential.guest_path)))
+
+    def remove(self, desktop_name: str, guest_path: str) -> bool:
+        found = self.find(desktop_name, guest_path)
+        if found is not None:
+            self._session.delete(found)
+        return found is not None

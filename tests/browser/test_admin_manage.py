@@ -165,3 +165,20 @@ def test_hosts_and_users_from_the_page(page: Page, site: Site) -> None:
     grants = site.world.client("root").get("/api/v1/admin/entitlements").json()
     assert [g for g in grants if g["principal"] == "alice"] == []
     expect(audit_row(page, "entitlement.revoke")).to_contain_text('"principal":"alice"')
+
+
+def test_machine_credentials_and_known_hosts_on_the_page(page: Page, site: Site) -> None:
+    """Shown by desktop, path, size and hash, never content; the desktops' SSH host keys
+    download as known_hosts."""
+    from deskpool.services.machine_secrets import MachineSecrets
+
+    MachineSecrets(site.world.ctx).set_credential("lab-01", "/etc/krb5.keytab", b"SECRET-KT")
+    open_admin(page, site)
+    row = page.locator('#credentials tbody tr[data-name="lab-01:/etc/krb5.keytab"]')
+    expect(row).to_contain_text("9")
+    assert "SECRET-KT" not in page.content()
+    known = page.evaluate("""async () => (await fetch(
+        document.getElementById('known-hosts').href)).text()""")
+    names = [line.split()[0] for line in known.splitlines()]
+    assert names and all(line.split()[1] == "ssh-ed25519" for line in known.splitlines())
+    assert any("lab-01" in n for n in names), known

@@ -115,3 +115,32 @@ def test_a_shutdown_under_a_brokers_lease_is_not_taken_for_a_reboot(
     assert reconciler.run_pass().counts[Outcome.RESET] == 0
     row = desktop(ctx, free.id)
     assert (row.state, row.power_state) == ("ready", "shutoff")
+
+
+def test_a_reset_stateless_desktop_gets_its_machine_secrets_back(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    """Its SSH host key (its name's, the same after the reset) and a keytab given for its
+    name meanwhile are in place again once the reset desktop runs, through the agent."""
+    from deskpool.services.machine_secrets import MachineSecrets, public_host_key
+
+    make_pool(ctx, "lab")
+    reconciler.run_pass()
+    (free,) = crash_world.live(ctx, "lab")
+    agent = GuestAgent(fake, free.id)
+    with ctx.uow(read_only=True) as uow:
+        hostname = uow.desktops.get(free.id).hostname
+    key = agent.read_file("/etc/ssh/ssh_host_ed25519_key.pub")
+    assert key == public_host_key(ctx, free.name, hostname)
+    assert agent.read_file("/etc/ssh/ssh_host_ed25519_key").startswith(
+        b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    MachineSecrets(ctx).set_credential(free.name, "/etc/krb5.keytab", b"keytab bytes")
+    write_scratch(fake, free.id)
+    fake.reboot_guest(free.id)
+    assert reconciler.run_pass().counts[Outcome.RESET] == 1
+    reconciler.run_pass()
+    assert desktop(ctx, free.id).state == "ready"
+    assert agent.read_file("/etc/ssh/ssh_host_ed25519_key.pub") == key
+    assert agent.read_file("/etc/krb5.keytab") == b"keytab bytes"
+    with pytest.raises(Exception, match="machine-secrets"):
+        agent.read_file("/run/deskpool/machine-secrets/0")  # nothing staged left behind

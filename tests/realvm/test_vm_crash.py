@@ -3,8 +3,8 @@ killed with SIGKILL. The reconciler marks the desktop failed with the reason lib
 ("shut off (crashed)"), its user is told; a stateless pool's desktop is replaced, a stateful
 pool's keeps its disk, is started again and given back to its user with their file.
 Then stateless mode: the stateless pool's desktop is rebooted from inside its guest, and it
-comes back without what was written, with the database's identity, the template's disk
-unchanged.
+comes back without what was written, with the database's identity and its machine secrets
+(its name's SSH host key, a keytab given meanwhile), the template's disk unchanged.
 
 Two small pools of one desktop each share one fixture, so the module boots four VMs in all:
 one per pool, the stateless pool's replacement, and the stateful desktop's restart; the
@@ -31,6 +31,7 @@ from deskpool.services.context import ServiceContext
 from deskpool.services.desktops import DesktopService
 from deskpool.services.events import messages_for, recent_events
 from deskpool.services.factory import version_volume_names
+from deskpool.services.machine_secrets import MachineSecrets, public_host_key
 from deskpool.services.pools import PoolService
 from deskpool.store.models import Desktop
 from tests.conftest import kill_qemu_of
@@ -140,6 +141,9 @@ def test_killed_qemu_marks_the_desktop_replaces_stateless_and_keeps_stateful(
     assert GuestAgent(driver, kept).read_file("/root/bob.txt") == b"bob-was-here\n"
 
 
+KEYTAB = b"\x05\x02 a keytab's bytes, as a domain join writes them \x00\xff"
+
+
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -163,7 +167,13 @@ def test_a_reboot_inside_a_stateless_desktop_throws_its_writes_away(
         master = driver.volume_info(version_volume_names(d.template_version)[0]).path
         master_sha256 = d.template_version.image_sha256
     agent = GuestAgent(driver, desktop_id)
-    code, _, err = agent.exec_capture(["sh", "-c", "echo left-behind > /root/scratch.txt && "
+    # Its machine secrets: a keytab given for its name now reaches it at its next boot; its
+    # SSH host key is the one its name always gets.
+    MachineSecrets(real_ctx).set_credential(name, "/etc/krb5.keytab", KEYTAB)
+    host_key = agent.read_file("/etc/ssh/ssh_host_ed25519_key.pub")
+    assert host_key == public_host_key(real_ctx, name, hostname)
+    code, _, err = agent.exec_capture(["sh", "-c", "rm /etc/ssh/ssh_host_ed25519_key.pub && "
+                                       "echo left-behind > /root/scratch.txt && "
                                        "hostname wrong-name && echo wrong-name > /etc/hostname"
                                        " && echo 0123456789abcdef0123456789abcdef > "
                                        "/etc/machine-id && sync"])
@@ -187,6 +197,11 @@ def test_a_reboot_inside_a_stateless_desktop_throws_its_writes_away(
     assert out.split() == [machine_id]  # the database's; the scratch file is gone
     assert agent.host_name() == hostname
     assert sha256_of(master) == master_sha256  # the shared master was never written
+    assert agent.read_file("/etc/ssh/ssh_host_ed25519_key.pub") == host_key
+    assert agent.read_file("/etc/krb5.keytab") == KEYTAB
+    code, out, _ = agent.exec_capture(["stat", "-c", "%a %U", "/etc/krb5.keytab",
+                                       "/etc/ssh/ssh_host_ed25519_key"])
+    assert (code, out.split()) == (0, ["600", "root", "600", "root"])
     told = [m.message for m in messages_for(real_ctx, "alice") if m.kind == "desktop-restarted"]
     assert told and told[0].startswith(f"your desktop {name} was shut down or restarted")
     with pytest.raises(DeskpoolError):

@@ -17,6 +17,7 @@ from deskpool.domain.errors import (
     InvalidInput,
 )
 from deskpool.domain.identity import GUEST_MARKER_PATH, DesktopIdentity
+from deskpool.domain.machine_secrets import INSTALL_SCRIPT
 from deskpool.domain.models import (
     VmSpec,
 )
@@ -205,6 +206,10 @@ class FakeGuest:
             out, err, code = f"{self._hostname()}\n".encode(), b"", 0
         elif program == "sh" and len(argv) == 2 and argv[0] == "-c":
             out, err, code = self._shell(argv[1])
+        elif program == "sh" and argv[:2] == ["-c", INSTALL_SCRIPT]:
+            out, err, code = self._install_machine_files(argv[3], argv[4:])
+        elif program == "mkdir":
+            out, err, code = b"", b"", 0  # folders are implied by the files' paths
         else:
             raise _agent_error(f"Failed to execute child process \u201c{path}\u201d "
                                "(No such file or directory)")
@@ -221,6 +226,17 @@ class FakeGuest:
             self._files[path] = old + text.encode()
             return b"", b"", 0
         return b"", f"sh: the fake guest cannot run {script!r}\n".encode(), 127
+
+    def _install_machine_files(self, staging: str, triples: list[str]
+                               ) -> tuple[bytes, bytes, int]:
+        """``INSTALL_SCRIPT``: each staged file moved to its place (modes are not kept)."""
+        for i in range(0, len(triples) - 2, 3):
+            name, path = triples[i], triples[i + 1]
+            staged = f"{staging}/{name}"
+            if staged not in self._files:
+                return b"", f"chmod: cannot access '{staged}'\n".encode(), 1
+            self._files[path] = self._files.pop(staged)
+        return b"", b"", 0
 
     def _exec_status(self, args: dict[str, Any]) -> dict[str, Any]:
         pid = _arg(args, "pid", int)

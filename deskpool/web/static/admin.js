@@ -448,11 +448,18 @@ const TABLES = {
     key: (p) => p.user,
     attrs: (p) => ({ "data-name": p.user }),
   },
+  credentials: {  // machine credentials: never their content
+    path: "/api/v1/admin/machine-credentials",
+    columns: [["Desktop", (c) => c.desktop, "name"], ["Path", (c) => c.path],
+      ["Bytes", (c) => c.size, "num"], ["sha256", (c) => c.sha256.slice(0, 16)]],
+    key: (c) => `${c.desktop}:${c.path}`,
+    attrs: (c) => ({ "data-name": `${c.desktop}:${c.path}` }),
+  },
 };
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
 // A table whose path is null (the tokens, with no user chosen) is not fetched.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "tokens", "entitlements", "profiles", "audit"];
+               "users", "tokens", "entitlements", "profiles", "credentials", "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 
