@@ -2,10 +2,11 @@
 new template version against a full clone of the master, in one run on this host.
 
 * **P8d.** A stateless pool (floating, reverted at logoff) of ``--desktops`` console-flavor
-  desktops is made on ``qemu:///system`` from the image the project builds, and each is
-  used once (a user connects, writes a little, logs off, the desktop is reverted). Then, per
+  desktops is made on ``qemu:///system`` from the image the project builds, reverting by
+  ``--revert-by`` (a fresh boot, the default, or the factory snapshot), and each is used
+  once (a user connects, writes a little, logs off, the desktop is reverted). Then, per
   desktop, the allocation of its own root volume (the qcow2 overlay on the shared master,
-  its factory snapshot included) against the master's allocation.
+  a factory snapshot included if it has one) against the master's allocation.
 * **P8.** The master's root filesystem is read into a directory (``qemu-img convert`` to raw,
   ``debugfs rdump``: no mount), a "patched" version is made from it (the files of one
   package rewritten, some ``/etc`` files changed, its dpkg status bumped), and a user layer of
@@ -38,7 +39,7 @@ from deskpool.broker.handover import Broker
 from deskpool.broker.sessions import SessionService
 from deskpool.config import Settings
 from deskpool.domain.models import CloneMode
-from deskpool.domain.pools import PoolSpec
+from deskpool.domain.pools import PoolSpec, RevertBy
 from deskpool.domain.users import Identity
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import root_volume_name
@@ -69,10 +70,10 @@ def settle(reconciler: Reconciler, done: object, what: str, timeout_s: float) ->
             raise SystemExit(f"reconciler: {report.errors}")
 
 
-def stateless_share(ctx: ServiceContext, image: GuestImage, desktops: int) -> list[float]:
+def stateless_share(ctx: ServiceContext, desktops: int, revert_by: RevertBy) -> list[float]:
     """Each desktop's own allocation over the master's, after one use."""
     PoolService(ctx).create(PoolSpec(POOL, POOL, spare=desktops, max_size=desktops,
-                                     naming_pattern=f"{POOL}-{{n:02}}"))
+                                     naming_pattern=f"{POOL}-{{n:02}}", revert_by=revert_by))
     EntitlementService(ctx).grant(POOL, "group", "p8-users")
     reconciler = Reconciler(ctx, workers=2, ready_timeout_s=420)
 
@@ -186,6 +187,8 @@ def main() -> int:
     parser.add_argument("--desktops", type=int, default=2)
     parser.add_argument("--layer-mib", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="rebase / clone pairs")
+    parser.add_argument("--revert-by", choices=[r.value for r in RevertBy], default="boot",
+                        help="how the stateless pool reverts (default: a fresh boot)")
     args = parser.parse_args()
     image = build_guest_image(Settings().image_cache_dir, recipe_for(Flavor.CONSOLE))
     with tempfile.TemporaryDirectory(prefix="p8-", dir="/var/tmp") as scratch:  # nosec B108
@@ -196,7 +199,7 @@ def main() -> int:
             HostService(ctx).add("local", "qemu:///system", storage_dir=storage)
             TemplateService(ctx).publish(POOL, ImageFiles.from_guest_image(image),
                                          recipe_hash=image.recipe_hash, arch="x86_64")
-            shares = stateless_share(ctx, image, args.desktops)
+            shares = stateless_share(ctx, args.desktops, RevertBy(args.revert_by))
             old = read_root(image, work)
             new = patched_copy(old, work)
             rebases, clones = [], []

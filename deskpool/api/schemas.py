@@ -27,7 +27,7 @@ from deskpool.domain.models import (
     PowerState,
 )
 from deskpool.domain.offline import MAX_DAYS_OFFLINE_LIMIT
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy
+from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy, RevertBy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.images.recipe import Flavor
@@ -285,6 +285,7 @@ class PoolCreate(BaseModel):
     naming_pattern: str = Field(default="desktop-{n:03}", max_length=255)
     clone_mode: CloneMode = CloneMode.LINKED
     on_logout: OnLogout = OnLogout.RECYCLE_REVERT
+    revert_by: RevertBy = RevertBy.SNAPSHOT
     one_time: Flag = False
     max_age_s: Seconds | None = None
     power_policy: PowerPolicy = PowerPolicy.RUNNING
@@ -336,6 +337,7 @@ class PoolUpdate(BaseModel):
     session_start_timeout_s: Seconds | SkipJsonSchema[None] = None
     roaming_profiles: Flag | SkipJsonSchema[None] = None
     second_session: SecondSession | SkipJsonSchema[None] = None
+    revert_by: RevertBy | SkipJsonSchema[None] = None
     profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
                                                                         max_length=32)
     redirect_folders: list[RedirectFolder] | SkipJsonSchema[None] = Field(default=None,
@@ -399,6 +401,7 @@ class PoolAdminView(BaseModel):
     session_start_timeout_s: int
     roaming_profiles: bool = False
     second_session: SecondSession = SecondSession.MERGE
+    revert_by: RevertBy = RevertBy.SNAPSHOT
     profile_exclusions: list[str] = Field(default_factory=list)
     redirect_folders: list[str] = Field(default_factory=list)
     balance: bool = False  # the load balancer may move its desktops

@@ -15,7 +15,14 @@ from deskpool.broker.entitlements import EntitlementService
 from deskpool.cli.common import err, out, services
 from deskpool.cli.offline import OfflineOption, policy_fields, policy_of
 from deskpool.domain.models import CloneMode
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.domain.pools import (
+    Assignment,
+    OnLogout,
+    PoolKind,
+    PoolSpec,
+    PowerPolicy,
+    RevertBy,
+)
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.redirection import redirect_folders as redirect_folders_of
 from deskpool.reconciler.loop import PassReport, Reconciler
@@ -39,6 +46,7 @@ def _describe(pool: PoolView) -> str:
             + (f"; folders on the file share: {', '.join(pool.redirect_folders)}"
                if pool.redirect_folders else "")
             + ("; load-balanced" if pool.balance else "")
+            + ("; reverts by a fresh boot" if pool.revert_by == "boot" else "")
             + (f"; offline up to {pool.offline.max_days_offline} days, syncing every "
                f"{pool.offline.sync_every_days}" if pool.offline.may_go_offline else "")
             + _fault(pool))
@@ -83,6 +91,10 @@ def pool_create(
     pattern: Annotated[str, typer.Option(help="naming pattern with {n}")] = "desktop-{n:03}",
     clone: Annotated[str, typer.Option(help="linked, full or instant")] = "linked",
     on_logout: OnLogout = OnLogout.RECYCLE_REVERT,
+    revert_by: Annotated[RevertBy, typer.Option(
+        help="how a revert is done: its factory snapshot (back in seconds, a few hundred MiB "
+             "of its own) or a fresh boot on the master (a boot's time, nearly no disk of "
+             "its own)")] = RevertBy.SNAPSHOT,
     one_time: bool = False,
     max_age: Annotated[int | None, typer.Option(help="seconds before a free desktop is "
                                                      "replaced")] = None,
@@ -112,7 +124,8 @@ def pool_create(
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
                     min_size=min_size, max_size=max_size, spare=spare, naming_pattern=pattern,
-                    clone_mode=clone, on_logout=on_logout, one_time=one_time, max_age_s=max_age,
+                    clone_mode=clone, on_logout=on_logout, revert_by=revert_by,
+                    one_time=one_time, max_age_s=max_age,
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,
@@ -185,6 +198,8 @@ def pool_update(
         help="users' homes follow them (profile containers)")] = None,
     second_session: Annotated[SecondSession | None, typer.Option(
         help="refuse, read_only or merge a user's second concurrent session")] = None,
+    revert_by: Annotated[RevertBy | None, typer.Option(
+        help="snapshot or boot: how a revert is done")] = None,
     profile_exclude: Annotated[list[str] | None, typer.Option(
         help="the paths kept out of profiles, all of them (repeat it; '' for none)")] = None,
     redirect_folders: Annotated[str | None, typer.Option(
@@ -207,7 +222,8 @@ def pool_update(
         "reservation_timeout_s": reservation_timeout,
         "session_start_timeout_s": session_start_timeout, "placement": placement,
         "roaming_profiles": roaming_profiles, "second_session": second_session,
-        "balance": balance, "profile_exclusions": None if profile_exclude is None
+        "revert_by": revert_by, "balance": balance,
+        "profile_exclusions": None if profile_exclude is None
         else tuple(p for p in profile_exclude if p),
         "redirect_folders": None if redirect_folders is None
         else redirect_folders_of(redirect_folders)}

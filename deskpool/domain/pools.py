@@ -39,6 +39,17 @@ class OnLogout(StrEnum):
     RETIRE = "retire"  # destroyed; a fresh one replaces it
 
 
+class RevertBy(StrEnum):
+    """How a reverting pool's desktop goes back to the template (``OnLogout.RECYCLE_REVERT``)."""
+
+    # Its factory snapshot (internal, the guest's memory included): back in seconds, but the
+    # snapshot is a few hundred MiB of each desktop's own disk.
+    SNAPSHOT = "snapshot"
+    # A fresh overlay on the master, booted again (identity and machine secrets given anew):
+    # a boot's time, and nearly no disk of its own.
+    BOOT = "boot"
+
+
 class PowerPolicy(StrEnum):
     RUNNING = "running"  # unassigned desktops stay running (fastest hand-over)
     SUSPEND = "suspend"  # memory saved to disk; resumed on demand
@@ -63,6 +74,7 @@ class PoolSpec:
     naming_pattern: str = "desktop-{n:03}"
     clone_mode: str = "linked"
     on_logout: OnLogout = OnLogout.RECYCLE_REVERT
+    revert_by: RevertBy = RevertBy.SNAPSHOT  # how a revert is done (RevertBy)
     one_time: bool = False
     max_age_s: int | None = None
     power_policy: PowerPolicy = PowerPolicy.RUNNING

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from deskpool.domain.models import PowerState
-from deskpool.domain.pools import Assignment
+from deskpool.domain.pools import Assignment, RevertBy
 from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.reconciler.planning import Step, StepKind
 from deskpool.reconciler.report import Outcome, PassReport
@@ -73,7 +73,10 @@ class StepRunner:
         self.profiles.close(desktop_id)
         # Then the redirected folders: unmounted, and the session's share password revoked.
         self.shares.close(desktop_id)
-        if step.task is DesktopTask.REVERT:
+        booted = step.task is DesktopTask.REVERT and self._reverts_by_boot(desktop_id)
+        if booted:  # a fresh overlay on the master, booted (no snapshot of its own)
+            self.factory.revert_by_boot(desktop_id, timeout_s=self.ready_timeout_s)
+        elif step.task is DesktopTask.REVERT:
             self.factory.driver_of(desktop_id).revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
             self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
         with self.ctx.uow() as uow:
@@ -86,10 +89,18 @@ class StepRunner:
                 # Confirmed running just now: a desktop reverted after its guest shut down
                 # must not read off until the next pass looks.
                 desktop.power_state = PowerState.RUNNING
+            if booted:
+                desktop.has_factory_snapshot = False
             desktop.retry_count = 0
             desktop.next_attempt_at = None
             uow.commit()
         report.count(Outcome.RECYCLED)
+
+    def _reverts_by_boot(self, desktop_id: uuid.UUID) -> bool:
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+            return pool is not None and pool.revert_by == RevertBy.BOOT
 
     def remove(self, step: Step, report: PassReport) -> None:
         """Retiring: the VM goes, then the row says retired; retired (a crash between the

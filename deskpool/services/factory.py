@@ -41,7 +41,7 @@ from deskpool.domain.models import (
     VmMetadata,
     VmSpec,
 )
-from deskpool.domain.pools import OnLogout, resets_on_reboot
+from deskpool.domain.pools import OnLogout, RevertBy, resets_on_reboot
 from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
@@ -60,7 +60,7 @@ from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.hosts import resolved_domain_type
 from deskpool.services.machine_secrets import MachineSecrets
 from deskpool.store.db import UnitOfWork
-from deskpool.store.models import Desktop, TemplateVersion
+from deskpool.store.models import Desktop, Pool, TemplateVersion
 
 Progress = Callable[[str], None]
 FACTORY_SNAPSHOT = "factory"
@@ -292,28 +292,13 @@ class DesktopFactory:
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
-            wants_snapshot = pool is not None and pool.on_logout is OnLogout.RECYCLE_REVERT
+            # A pool that reverts by booting afresh needs no snapshot (RevertBy.BOOT).
+            wants_snapshot = (pool is not None and pool.on_logout is OnLogout.RECYCLE_REVERT
+                              and pool.revert_by == RevertBy.SNAPSHOT)
             driver = self.ctx.driver_for(desktop.host)
-            tv = desktop.template_version
-            cloud_init = tv.customization is Customization.CLOUD_INIT
-            hook = tv.join_hook if tv.customization is not Customization.NONE else None
-            join = JoinContext(
-                desktop_id=desktop.id, desktop_name=desktop.name, hostname=desktop.hostname,
-                mac=desktop.mac, machine_id=desktop.machine_id,
-                pool=pool.name if pool is not None else None, template=tv.template.name,
-                template_version=tv.number, customization=tv.customization)
-        joined: tuple[float, str] | None = None
+            join, hook = _join_of(desktop, pool)
         try:
-            driver.start_vm(desktop_id)  # off after a crash or a power-off: boot it
-            self.confirm_running(desktop_id, timeout_s=timeout_s, progress=progress)
-            if cloud_init or hook:
-                agent = GuestAgent(driver, desktop_id)
-                if cloud_init:
-                    progress("waiting for cloud-init to finish")
-                    wait_for_cloud_init(agent, join.desktop_name)
-                if hook and not already_joined(agent, join):
-                    progress("running the template's join hook")
-                    joined = run_join_hook(agent, hook, join)
+            joined = self._boot_and_join(driver, desktop_id, timeout_s, progress, join, hook)
             if wants_snapshot:
                 progress("taking the factory snapshot")
                 driver.delete_snapshot(desktop_id, FACTORY_SNAPSHOT)  # an interrupted try's
@@ -345,6 +330,37 @@ class DesktopFactory:
             desktop.has_factory_snapshot = wants_snapshot
             desktop.retry_count, desktop.next_attempt_at = 0, None
             uow.commit()
+
+    def _boot_and_join(self, driver: HypervisorDriver, desktop_id: uuid.UUID,
+                       timeout_s: float, progress: Progress, join: JoinContext,
+                       hook: str | None) -> tuple[float, str] | None:
+        """Boot if needed, confirm identity (and machine secrets), wait for cloud-init, run
+        the join hook unless the guest is joined already: the join's (seconds, output)."""
+        driver.start_vm(desktop_id)  # off after a crash or a power-off: boot it
+        self.confirm_running(desktop_id, timeout_s=timeout_s, progress=progress)
+        joined = None
+        cloud_init = join.customization is Customization.CLOUD_INIT
+        if cloud_init or hook:
+            agent = GuestAgent(driver, desktop_id)
+            if cloud_init:
+                progress("waiting for cloud-init to finish")
+                wait_for_cloud_init(agent, join.desktop_name)
+            if hook and not already_joined(agent, join):
+                progress("running the template's join hook")
+                joined = run_join_hook(agent, hook, join)
+        return joined
+
+    def revert_by_boot(self, desktop_id: uuid.UUID, *, timeout_s: float) -> None:
+        """Revert a desktop of a pool that reverts by booting (``RevertBy.BOOT``): its VM
+        and volumes made anew from its row (a fresh overlay on the master), booted, its
+        identity and machine secrets confirmed, cloud-init and the join hook run as for a new
+        desktop. Its state is the caller's. Safe to run again after a crash at any point."""
+        driver, _made = self._create(desktop_id, no_progress)
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
+            join, hook = _join_of(desktop, pool)
+        self._boot_and_join(driver, desktop_id, timeout_s, no_progress, join, hook)
 
     def confirm_running(
         self, desktop_id: uuid.UUID, *, timeout_s: float, progress: Progress = no_progress,
@@ -422,6 +438,18 @@ class DesktopFactory:
         with self.ctx.uow() as uow:
             uow.desktops.delete(uow.desktops.get(desktop_id))
             uow.commit()
+
+
+def _join_of(desktop: Desktop, pool: Pool | None) -> tuple[JoinContext, str | None]:
+    """What the template's join hook is told, and the hook (none for an image without
+    deskpool's customization)."""
+    tv = desktop.template_version
+    join = JoinContext(
+        desktop_id=desktop.id, desktop_name=desktop.name, hostname=desktop.hostname,
+        mac=desktop.mac, machine_id=desktop.machine_id,
+        pool=pool.name if pool is not None else None, template=tv.template.name,
+        template_version=tv.number, customization=tv.customization)
+    return join, (tv.join_hook if tv.customization is not Customization.NONE else None)
 
 
 def _resets_on_reboot(uow: UnitOfWork, desktop: Desktop) -> bool:

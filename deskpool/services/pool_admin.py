@@ -16,7 +16,14 @@ from typing import Any
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.offline import OfflinePolicy
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec, PowerPolicy
+from deskpool.domain.pools import (
+    Assignment,
+    OnLogout,
+    PoolKind,
+    PoolSpec,
+    PowerPolicy,
+    RevertBy,
+)
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.redirection import redirect_folders
 from deskpool.services import template_faults
@@ -39,7 +46,8 @@ from deskpool.store.models import Pool
 UPDATABLE = frozenset(f.name for f in fields(PoolSpec)) - {"name"}
 ONLY_WHEN_EMPTY = frozenset({"kind", "assignment", "template"})
 _ENUMS: dict[str, Any] = {"kind": PoolKind, "assignment": Assignment, "on_logout": OnLogout,
-                          "power_policy": PowerPolicy, "second_session": SecondSession}
+                          "power_policy": PowerPolicy, "second_session": SecondSession,
+                          "revert_by": RevertBy}
 
 
 def settings_of(uow: UnitOfWork, pool: Pool) -> dict[str, Any]:

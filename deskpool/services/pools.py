@@ -15,7 +15,7 @@ from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.models import CloneMode, PoolStatus
 from deskpool.domain.naming import first_free_number, render
 from deskpool.domain.offline import OfflinePolicy
-from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec
+from deskpool.domain.pools import OnLogout, PoolKind, PoolSpec, RevertBy
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.scheduler.facts import Strategy
@@ -47,6 +47,7 @@ class PoolView:
     session_start_timeout_s: int = 150
     roaming_profiles: bool = False
     second_session: str = "merge"  # a SecondSession value
+    revert_by: str = "snapshot"  # a RevertBy value
     profile_exclusions: tuple[str, ...] = ()
     redirect_folders: tuple[str, ...] = ()  # on the user's file share
     balance: bool = False  # the load balancer may move its desktops
@@ -81,8 +82,8 @@ def pool_spec(pool: Pool) -> PoolSpec:
         name=pool.name, template=pool.template.name, kind=pool.kind, assignment=pool.assignment,
         min_size=pool.min_size, max_size=pool.max_size, spare=pool.spare,
         naming_pattern=pool.naming_pattern, clone_mode=pool.clone_mode.value,
-        on_logout=pool.on_logout, one_time=pool.one_time, max_age_s=pool.max_age_s,
-        power_policy=pool.power_policy, canary=pool.canary,
+        on_logout=pool.on_logout, revert_by=RevertBy(pool.revert_by), one_time=pool.one_time,
+        max_age_s=pool.max_age_s, power_policy=pool.power_policy, canary=pool.canary,
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
         session_start_timeout_s=pool.session_start_timeout_s,
@@ -112,7 +113,7 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
         roaming_profiles=pool.roaming_profiles, second_session=pool.second_session,
-        fault=pool.fault, fault_since=pool.fault_since,
+        revert_by=pool.revert_by, fault=pool.fault, fault_since=pool.fault_since,
         fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
         redirect_folders=exclusion_list(pool.redirect_folders),
@@ -152,7 +153,8 @@ class PoolService:
                 name=spec.name, template=template, kind=spec.kind, assignment=spec.assignment,
                 min_size=spec.min_size, max_size=spec.max_size, spare=spec.spare,
                 naming_pattern=spec.naming_pattern, clone_mode=CloneMode(spec.clone_mode),
-                on_logout=spec.on_logout, one_time=spec.one_time, max_age_s=spec.max_age_s,
+                on_logout=spec.on_logout, revert_by=spec.revert_by.value,
+                one_time=spec.one_time, max_age_s=spec.max_age_s,
                 power_policy=spec.power_policy, canary=spec.canary,
                 reservation_timeout_s=spec.reservation_timeout_s,
                 idle_timeout_s=spec.idle_timeout_s,
@@ -282,6 +284,8 @@ def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopT
     if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated or deleting:
         return S.RETIRING, DesktopTask.RETIRE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
+        if pool.revert_by == RevertBy.BOOT:
+            return S.RECYCLING, DesktopTask.REVERT  # a fresh overlay: no snapshot needed
         if not desktop.has_factory_snapshot:
             # Nothing to go back to (made before the pool reverted): a fresh desktop, never
             # the last user's leftovers handed to the next.

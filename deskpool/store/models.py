@@ -283,6 +283,8 @@ class Pool(Base):
     session_start_timeout_s: Mapped[int] = mapped_column(Integer, default=150)
     # The user's home follows them as a profile container (see deskpool.broker.profile_logon).
     roaming_profiles: Mapped[bool] = mapped_column(Boolean, default=False)
+    # How a revert is done (domain.pools.RevertBy): its factory snapshot, or a fresh boot.
+    revert_by: Mapped[str] = mapped_column(String(16), default="snapshot")
     # What a user's second concurrent session gets (domain.profile_merge.SecondSession).
     second_session: Mapped[str] = mapped_column(String(16), default="merge")
     # Paths inside the home kept out of users' profiles, one per line.

@@ -144,3 +144,40 @@ def test_a_reset_stateless_desktop_gets_its_machine_secrets_back(
     assert agent.read_file("/etc/krb5.keytab") == b"keytab bytes"
     with pytest.raises(Exception, match="machine-secrets"):
         agent.read_file("/run/deskpool/machine-secrets/0")  # nothing staged left behind
+
+
+def test_a_pool_that_reverts_by_boot_gives_a_fresh_overlay_and_keeps_no_snapshot(
+    ctx: ServiceContext, reconciler: Reconciler, fake: FakeDriver
+) -> None:
+    """``revert_by=boot``: no factory snapshot; at a logoff and at a reboot from inside, the
+    desktop's VM is made anew on the master (its writes gone), booted, its identity and
+    machine secrets given again, and it is ready for the next user."""
+    from deskpool.broker.sessions import SessionService
+    from deskpool.domain.pools import RevertBy
+    from deskpool.services.pool_admin import PoolAdmin
+
+    users = make_pool(ctx, "lab")
+    PoolAdmin(ctx).update("lab", {"revert_by": RevertBy.BOOT})
+    reconciler.run_pass()
+    desktop_id = users.connect("alice")
+    row = desktop(ctx, desktop_id)
+    assert fake.list_snapshots(desktop_id) == []  # made without one
+    write_scratch(fake, desktop_id)
+    SessionService(ctx).log_off(desktop_id, by=None, reason="test")
+    for _ in range(3):
+        reconciler.run_pass()
+    after = desktop(ctx, desktop_id)
+    assert (after.state, after.power_state, after.assigned_user) == ("ready", "running", None)
+    assert after.name == row.name
+    with pytest.raises(Exception, match="scratch"):
+        GuestAgent(fake, desktop_id).read_file(SCRATCH)
+    assert GuestAgent(fake, desktop_id).read_file("/etc/ssh/ssh_host_ed25519_key.pub")
+    # A reboot from inside does the same (no snapshot to go back to, no retirement).
+    write_scratch(fake, desktop_id)
+    fake.reboot_guest(desktop_id)
+    assert reconciler.run_pass().counts[Outcome.RESET] == 1
+    reconciler.run_pass()
+    assert desktop(ctx, desktop_id).state == "ready"
+    with pytest.raises(Exception, match="scratch"):
+        GuestAgent(fake, desktop_id).read_file(SCRATCH)
+    assert desktop_id in {d.id for d in crash_world.live(ctx, "lab")}
