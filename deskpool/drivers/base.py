@@ -208,6 +208,11 @@ class HypervisorDriver(ABC):
 
     # --- copying a volume between hosts: an immutable profile layer ---------------------
 
+    @property
+    def copies_volumes(self) -> bool:
+        """Whether ``read_volume`` / ``receive_volume`` work here (storage holding bytes)."""
+        return False
+
     def read_volume(self, name: str, *, chunk_bytes: int = 4 * 2**20) -> Iterator[bytes]:
         """The bytes of volume ``name`` (its file on the host, as stored: a qcow2 layer's
         header and clusters, not the guest's view), in chunks of at most ``chunk_bytes``, read

@@ -40,6 +40,10 @@ class FakeVolumeCopyMixin:
                         backing: str | None = None) -> FakeVolume: ...
         def _drop_volume(self, name: str) -> None: ...
 
+    @property
+    def copies_volumes(self) -> bool:
+        return True
+
     def read_volume(self, name: str, *, chunk_bytes: int = 4 * 2**20) -> Iterator[bytes]:
         # The bytes are taken under this host's lock at the first next(), then yielded
         # without it: a receiver holding its own lock never waits on this one.

@@ -42,6 +42,10 @@ class VolumeStreamsMixin:
         def _refresh_pool(self) -> None: ...
         def volume_info(self, name: str) -> VolumeInfo: ...
 
+    @property
+    def copies_volumes(self) -> bool:
+        return not self._is_test
+
     def _refuse_test(self, what: str) -> None:
         if self._is_test:
             raise DriverError(f"{what} is not supported by this hypervisor ({self.uri}: "
