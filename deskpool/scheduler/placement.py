@@ -118,10 +118,9 @@ class _Board:
 
     def placement(self, pos: int) -> Placement:
         host = self.hosts[self.candidates[pos]]
-        parts = [
-            weigher.describe(host, self.request, self.raws[j][pos] >= self.best_raw[j])
-            for j, weigher in enumerate(self.weighers)
-        ]
+        said = (weigher.describe(host, self.request, self.raws[j][pos] >= self.best_raw[j])
+                for j, weigher in enumerate(self.weighers))
+        parts = [part for part in said if part]  # a weigher with nothing to say is left out
         fit = len(self.candidates)
         if fit == 1:
             parts.append("the only host that fits")

@@ -118,10 +118,28 @@ class StrategyWeigher(Weigher):
         return f"{request.strategy.value} ({used_fraction(host, request):.0%} used)"
 
 
+class ProfileHolderWeigher(Weigher):
+    """A host holding the user's latest profile generation (``preferred_hosts``) first: a
+    logon there copies no profile layer. Its multiplier is below each other's, so it
+    decides among hosts the others cannot tell apart, or that they split evenly."""
+
+    name = "profile_holder"
+
+    def raw(self, host: HostFacts, request: PlacementRequest) -> float:
+        return 1.0 if host.id in request.preferred_hosts else 0.0
+
+    def describe(self, host: HostFacts, request: PlacementRequest, best: bool) -> str:
+        if not request.preferred_hosts:
+            return ""  # no user's profile to prefer: nothing to say
+        return ("holds the user's profile" if host.id in request.preferred_hosts
+                else "would copy the user's profile")
+
+
 STRATEGY_MULTIPLIER = 10.0
 
 DEFAULT_WEIGHERS: tuple[Weigher, ...] = (
     FreeMemoryWeigher(1.0),
     LoadWeigher(1.0),
+    ProfileHolderWeigher(0.5),
     StrategyWeigher(STRATEGY_MULTIPLIER),
 )

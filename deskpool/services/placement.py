@@ -48,16 +48,19 @@ class Placer:
 
     def place(self, version: TemplateVersion, clone_mode: CloneMode, *, what: str,
               allowed: set[uuid.UUID] | None = None,
-              strategy: Strategy = Strategy.SPREAD) -> tuple[Host, Placement]:
+              strategy: Strategy = Strategy.SPREAD,
+              prefer: frozenset[uuid.UUID] = frozenset()) -> tuple[Host, Placement]:
         """The host for one new desktop, and why; ``NoValidHost`` (a ``Conflict``) naming
-        what ruled each host out."""
+        what ruled each host out. ``prefer``: hosts holding the profile of the user it is
+        for, preferred among otherwise equal ones (``ProfileHolderWeigher``)."""
         runs_on = frozenset(t.strip().upper() for t in version.runs_on.split(",")
                             if t.strip())
         request = PlacementRequest(
             what=what, vcpus=version.vcpus, memory_mib=version.memory_mib,
             storage_bytes=storage_need(version, clone_mode),
             hypervisors=runs_on, arch=version.arch or None,
-            allowed_hosts=frozenset(allowed) if allowed else None, strategy=strategy)
+            allowed_hosts=frozenset(allowed) if allowed else None, strategy=strategy,
+            preferred_hosts=prefer)
         if self._board is None or self._board[0] != request:
             self._board = (request, _Board(request, list(self.facts.values()),
                                            DEFAULT_FILTERS, DEFAULT_WEIGHERS))

@@ -43,6 +43,7 @@ from deskpool.domain.profiles import Layer, chain
 from deskpool.drivers.base import HypervisorDriver, partial_volume_name
 from deskpool.services.context import ServiceContext
 from deskpool.services.host_slots import SlotKind, host_slot, process_holder
+from deskpool.store.db import UnitOfWork
 
 log = logging.getLogger(__name__)
 # A copy whose process stopped renewing its record for this long died: another may take it
@@ -59,6 +60,19 @@ class ChainCopy:
 
     layers: tuple[uuid.UUID, ...] = ()
     bytes_copied: int = 0
+
+
+def holder_hosts(uow: UnitOfWork, user: str) -> frozenset[uuid.UUID]:
+    """The hosts holding ``user``'s latest generation, with their storage mates; empty for
+    no profile or one every host reaches (in the broker's claim: placement prefers them)."""
+    profile = uow.profiles.find(user)
+    if profile is None or profile.layer_id is None:
+        return frozenset()
+    holders = uow.profile_holders.holders([profile.layer_id])
+    if not holders:
+        return frozenset()
+    shared = {h.id: h.shared_storage for h in uow.hosts.list()}
+    return latest_holders(profile.layer_id, holders, shared)
 
 
 class ProfileCopies:
@@ -81,12 +95,7 @@ class ProfileCopies:
     def preferred_hosts(self, user: str) -> frozenset[uuid.UUID]:
         """The hosts holding ``user``'s latest generation (placement prefers them)."""
         with self.ctx.uow(read_only=True) as uow:
-            profile = uow.profiles.find(user)
-            if profile is None or profile.layer_id is None:
-                return frozenset()
-            holders = uow.profile_holders.holders([profile.layer_id])
-            shared = {h.id: h.shared_storage for h in uow.hosts.list()}
-        return latest_holders(profile.layer_id, holders, shared)
+            return holder_hosts(uow, user)
 
     def copies(self) -> list[LayerHolding]:
         """The copies in flight, with their bytes so far (for the admin and the CLI)."""
