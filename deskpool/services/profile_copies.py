@@ -168,11 +168,11 @@ class ProfileCopies:
     def _copy_from(self, layer: Layer, source: uuid.UUID, target: uuid.UUID) -> int | None:
         """One attempt; None when another live process copies the layer there now."""
         with self.ctx.uow(read_only=True) as uow:
-            hosts = {h.id: h for h in (uow.hosts.get(source), uow.hosts.get(target))}
+            slots = {h: uow.hosts.get(h).transfer_slots for h in (source, target)}
         size, digest = self._facts(layer)
         first, second = sorted((source, target))
-        with host_slot(self.ctx, first, SlotKind.TRANSFER, hosts[first].transfer_slots), \
-                host_slot(self.ctx, second, SlotKind.TRANSFER, hosts[second].transfer_slots):
+        with host_slot(self.ctx, first, SlotKind.TRANSFER, slots[first]), \
+                host_slot(self.ctx, second, SlotKind.TRANSFER, slots[second]):
             with self.ctx.uow() as uow:
                 began = uow.profile_holders.begin_copy(
                     layer.id, target, size, self.copier,
