@@ -27,6 +27,7 @@ from deskpool.services.pools import PoolService
 from deskpool.services.profile_copies import ProfileCopies
 from tests.broker_world import BrokerWorld, make_world
 from tests.functional.test_profile_logon import Hook, hook, log_off_and_recycle
+from tests.functional.test_profile_views import cli
 
 __all__ = ["hook"]  # the fixture, shared with test_profile_logon
 ANN = Identity(name="ann", display_name="Ann", source="local", groups=frozenset({"staff"}))
@@ -141,6 +142,14 @@ def test_a_copy_cut_by_a_killed_process_is_recovered_and_then_completes(
     assert inflight.layer_id == min(files, key=lambda i: _generation(two, i))
     assert two.held_by(two.h2) == set()  # no record claims B holds half a layer
     assert partials == [partial_volume_name(layer_volume_name(inflight.layer_id))]
+    # The admin sees the copy in flight, and which hosts hold which generation.
+    shown = cli(two.w, "profile", "copies")
+    assert shown.returncode == 0, shown.stderr
+    assert "ann" in shown.stdout and "h2" in shown.stdout
+    assert f"of {inflight.bytes_total / 2**20:.1f}" in shown.stdout
+    held = cli(two.w, "profile", "hosts", "ann")
+    assert held.returncode == 0, held.stderr
+    assert "generation 1: h1" in held.stdout and "generation 2: h1" in held.stdout
 
     # A recovery before the copy counts as dead leaves it alone; after, removes both.
     assert ProfileCopies(two.w.ctx).recover() == []
