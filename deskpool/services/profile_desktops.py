@@ -6,9 +6,12 @@
 * **Logon** (:meth:`ProfileDesktops.open`, called by the broker's hand-over before
   ``session-hook start``): the user's session layer already plugged into this desktop (a
   reconnect), else a new one on their committed generation (their profile made first if
-  they have none, its root owned by their uid). The broker passes the disk's serial to
-  ``session-hook start --profile SERIAL``, which waits for the disk, checks its label and
-  mounts it on the user's home before their session starts.
+  they have none, its root owned by their uid). When the desktop's host lacks layers of the
+  user's chain (they were written on another host), only those are copied to it first
+  (``services.profile_copies``: layers are immutable); a base made now, and each generation
+  a logoff commits, is recorded as held by the desktop's host. The broker passes the disk's
+  serial to ``session-hook start --profile SERIAL``, which waits for the disk, checks its
+  label and mounts it on the user's home before their session starts.
 * **Logoff** (:meth:`ProfileDesktops.close`, called by the reconciler before it recycles or
   retires a desktop, and by the broker when a hand-over fails after the disk went in):
   ``session-hook end ACCOUNT`` ends the user's sessions, waits for their processes, syncs
