@@ -3,6 +3,10 @@ volume streams do it: the receiver writes a partial volume, checks size and sha2
 then publishes it under its name. The fake keeps the received bytes in memory; an imported
 volume is read from the file it was imported from.
 
+``receive_volume`` is made of steps (``receive_begin``, ``receive_chunk``, ``receive_finish``,
+``receive_abort``) that ``drivers.fake.remote`` calls one by one across processes, so a
+broker killed mid-copy leaves the partial on the shared fake host as a real one would.
+
 Fault points: ``receive_volume`` (refused before anything is written),
 ``receive_volume.cut`` (half the bytes written, then the armed error is raised and the partial
 volume is *left*, as a process killed mid-copy leaves it), ``receive_volume.publish`` (all bytes
@@ -47,12 +51,17 @@ class FakeVolumeCopyMixin:
     def read_volume(self, name: str, *, chunk_bytes: int = 4 * 2**20) -> Iterator[bytes]:
         # The bytes are taken under this host's lock at the first next(), then yielded
         # without it: a receiver holding its own lock never waits on this one.
+        data = self.volume_bytes(name)
+        for start in range(0, len(data), max(chunk_bytes, 1)):
+            yield data[start:start + chunk_bytes]
+
+    def volume_bytes(self, name: str) -> bytes:
+        """Every byte of an imported or received volume (``read_volume`` in one piece)."""
         with self._lock:
             self._check_usable()
             self._maybe_fail("read_volume")
             volume = self._volume(name)
-            data = volume.data
-            source = volume.source
+            data, source = volume.data, volume.source
         if data is None and source is not None:
             try:
                 data = Path(source).read_bytes()
@@ -61,11 +70,28 @@ class FakeVolumeCopyMixin:
         if data is None:
             raise DriverError(f"volume {name} on {self.uri} holds no bytes the fake can read "
                               "(only imported or received volumes do)")
-        for start in range(0, len(data), max(chunk_bytes, 1)):
-            yield data[start:start + chunk_bytes]
+        return data
 
     def receive_volume(self, name: str, chunks: Iterable[bytes], *, size: int, sha256: str,
                        progress: Callable[[int], None] | None = None) -> VolumeInfo:
+        existing = self.receive_begin(name, size, sha256)
+        if existing is not None:
+            return existing
+        try:
+            for chunk in chunks:
+                done = self.receive_chunk(name, chunk, size)
+                if progress is not None:
+                    progress(done)
+        except _Cut as cut:
+            raise cut.error from None
+        except BaseException:
+            self.receive_abort(name)
+            raise
+        return self.receive_finish(name, size, sha256)
+
+    def receive_begin(self, name: str, size: int, sha256: str) -> VolumeInfo | None:
+        """Start receiving ``name``: its info when it is there whole already (nothing to
+        receive), else None and an empty partial volume (an earlier cut's replaced)."""
         partial = partial_volume_name(name)
         with self._lock:
             self._check_usable()
@@ -77,49 +103,55 @@ class FakeVolumeCopyMixin:
                 raise Conflict(f"volume {name} on {self.uri} holds other bytes "
                                f"(sha256 {existing.sha256}, not {sha256})")
             self._drop_volume(partial)  # an earlier cut's: written again
-            self._add_volume(partial, capacity=size, allocation=0)
-        received = bytearray()
-        digest = hashlib.sha256()
-        try:
-            for chunk in chunks:
-                received += chunk
-                digest.update(chunk)
-                with self._lock:
-                    self._check_usable()
-                    held = self._volumes.get(partial)
-                    if held is None:
-                        raise DriverError(f"partial volume {partial} on {self.uri} vanished")
-                    held.allocation = len(received)
-                    if len(received) * 2 >= size:
-                        try:
-                            self._maybe_fail("receive_volume.cut")
-                        except Exception as exc:  # the process "dies": nothing cleans up
-                            raise _Cut(exc) from exc
-                if progress is not None:
-                    progress(len(received))
-        except _Cut as cut:
-            raise cut.error from None
-        except BaseException:
-            with self._lock:
-                self._drop_volume(partial)
-            raise
+            self._add_volume(partial, capacity=size, allocation=0).data = b""
+            return None
+
+    def receive_chunk(self, name: str, chunk: bytes, size: int) -> int:
+        """Append ``chunk`` to the partial volume; the bytes received so far."""
+        partial = partial_volume_name(name)
+        with self._lock:
+            self._check_usable()
+            held = self._volumes.get(partial)
+            if held is None or held.data is None:
+                raise DriverError(f"partial volume {partial} on {self.uri} vanished")
+            held.data += chunk
+            held.allocation = len(held.data)
+            if len(held.data) * 2 >= size:
+                try:
+                    self._maybe_fail("receive_volume.cut")
+                except Exception as exc:  # the process "dies": nothing cleans up
+                    raise _Cut(exc) from exc
+            return held.allocation
+
+    def receive_finish(self, name: str, size: int, sha256: str) -> VolumeInfo:
+        """Check the partial volume and publish it under ``name`` (see the contract)."""
+        partial = partial_volume_name(name)
         with self._lock:
             try:
-                if len(received) != size or digest.hexdigest() != sha256.lower():
+                self._check_usable()
+                held = self._volumes.get(partial)
+                if held is None or held.data is None:
+                    raise DriverError(f"partial volume {partial} on {self.uri} vanished")
+                digest = hashlib.sha256(held.data).hexdigest()
+                if len(held.data) != size or digest != sha256.lower():
                     raise ChecksumMismatch(
-                        f"volume {name} arrived on {self.uri} as {len(received)} bytes with "
-                        f"sha256 {digest.hexdigest()}, expected {size} bytes with {sha256}: "
-                        "not kept")
+                        f"volume {name} arrived on {self.uri} as {len(held.data)} bytes with "
+                        f"sha256 {digest}, expected {size} bytes with {sha256}: not kept")
                 self._maybe_fail("receive_volume.publish")
             except BaseException:
                 self._drop_volume(partial)
                 raise
             volume = self._volumes.pop(partial)
             volume.name, volume.path = name, volume.path.removesuffix(".part")
-            volume.data, volume.sha256 = bytes(received), digest.hexdigest()
-            volume.allocation = volume.capacity = len(received)
+            volume.sha256 = digest
+            volume.allocation = volume.capacity = size
             self._volumes[name] = volume
             return volume.info()
+
+    def receive_abort(self, name: str) -> None:
+        """Drop the partial volume of a receive that failed."""
+        with self._lock:
+            self._drop_volume(partial_volume_name(name))
 
 
 class _Cut(Exception):
