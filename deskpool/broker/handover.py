@@ -338,7 +338,7 @@ class Broker:
             raise PoolExhausted(f"pool {look.pool!r} is exhausted: all {pool.max_size} "
                                 "desktops are in use; please try again later")
         made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),
-                                   assigned_user=identity.name)
+                                   assigned_user=identity.name, prefer=prefer)
         made.reserved_at = now
         record_event(uow, "provisioning-for-user",
                      f"no ready desktop in {pool.name}: making {made.name} for {identity.name}",

@@ -129,8 +129,6 @@ class ProfileHolderWeigher(Weigher):
         return 1.0 if host.id in request.preferred_hosts else 0.0
 
     def describe(self, host: HostFacts, request: PlacementRequest, best: bool) -> str:
-        if not request.preferred_hosts:
-            return ""  # no user's profile to prefer: nothing to say
         return ("holds the user's profile" if host.id in request.preferred_hosts
                 else "would copy the user's profile")
 
@@ -140,6 +138,14 @@ STRATEGY_MULTIPLIER = 10.0
 DEFAULT_WEIGHERS: tuple[Weigher, ...] = (
     FreeMemoryWeigher(1.0),
     LoadWeigher(1.0),
-    ProfileHolderWeigher(0.5),
     StrategyWeigher(STRATEGY_MULTIPLIER),
 )
+# For a desktop made for a user whose roaming profile some hosts hold. Only then: a weigher
+# that adds nothing still loosens SPREAD's bound (tests/unit/test_scheduler_scale.py).
+PROFILE_WEIGHERS: tuple[Weigher, ...] = (*DEFAULT_WEIGHERS[:2], ProfileHolderWeigher(0.5),
+                                          DEFAULT_WEIGHERS[2])
+
+
+def weighers_for(request: PlacementRequest) -> tuple[Weigher, ...]:
+    """The weighers a request is ranked by: the profile holder's only when it prefers."""
+    return PROFILE_WEIGHERS if request.preferred_hosts else DEFAULT_WEIGHERS

@@ -13,7 +13,7 @@ from deskpool.domain.models import CloneMode
 from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest, Strategy
 from deskpool.scheduler.filters import DEFAULT_FILTERS
 from deskpool.scheduler.placement import _Board
-from deskpool.scheduler.weighers import DEFAULT_WEIGHERS
+from deskpool.scheduler.weighers import weighers_for
 from deskpool.services.hosts import LIVE_STATES, incompatibility
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Host, TemplateVersion
@@ -63,7 +63,7 @@ class Placer:
             preferred_hosts=prefer)
         if self._board is None or self._board[0] != request:
             self._board = (request, _Board(request, list(self.facts.values()),
-                                           DEFAULT_FILTERS, DEFAULT_WEIGHERS))
+                                           DEFAULT_FILTERS, weighers_for(request)))
         board = self._board[1]
         pos = board.pick()
         chosen, i = board.placement(pos), board.candidates[pos]

@@ -224,3 +224,32 @@ def test_the_broker_prefers_a_desktop_on_the_host_holding_the_latest_generation(
     finally:
         w.ctx.close()
         forget_fake_hosts()
+
+
+def test_a_desktop_made_for_the_user_goes_to_the_host_holding_their_profile(
+        tmp_path: Path, hook: Hook) -> None:
+    w = make_world(tmp_path)
+    try:
+        HostService(w.ctx).add("h2", "fake://second")
+        from deskpool.domain.pools import PoolSpec
+        PoolService(w.ctx).create(PoolSpec(
+            name="grow", template="golden", spare=0, max_size=2,
+            naming_pattern="grow-{n:02}", roaming_profiles=True))
+        EntitlementService(w.ctx).grant("grow", "group", "staff")
+        two = TwoHosts(w)
+        # ann's profile, held by h2 only (its second host by name: equal empty hosts go to
+        # the first by name otherwise).
+        profile = ProfileCopies(w.ctx)
+        from deskpool.services.profiles import ProfileService
+        made = ProfileService(w.ctx, w.ctx.settings.resolved_profile_dir).ensure_profile("ann")
+        assert made.layer_id is not None
+        assert profile.register(made.layer_id, two.h2, two.fake2)
+        pending = Broker(w.ctx).connect(ANN, "grow")
+        assert pending.status != "ready"  # no desktop yet: one is being made for ann
+        with w.ctx.uow(read_only=True) as uow:
+            (desktop,) = [d for d in uow.desktops.list() if d.assigned_user == "ann"]
+            assert desktop.host_id == two.h2
+            assert "holds the user's profile" in (desktop.placement_reason or "")
+    finally:
+        w.ctx.close()
+        forget_fake_hosts()
