@@ -208,6 +208,9 @@ class ProfileMaintenance:
                                sha256=child_sha))
                     if won:
                         uow.profiles.set_parent(child.id, flat.id)
+                        # Hosts' copies of the child keep the old header: no longer it.
+                        # Its record gone, the child is read from the profile store.
+                        uow.profile_holders.forget(child.id)
                 for layer in retired:
                     won = won and uow.profiles.set_layer_state(
                         layer.id, LayerState.COMMITTED, LayerState.FLATTENED)

@@ -141,12 +141,14 @@ class ProfileHolderRepository:
             .execution_options(synchronize_session=False)))
         return result.rowcount == 1
 
-    def forget(self, layer_id: uuid.UUID, host_id: uuid.UUID) -> None:
-        """The host no longer holds the layer (its copy was removed, its storage lost)."""
-        self._session.execute(
-            delete(ProfileLayerHostRow).where(ProfileLayerHostRow.layer_id == layer_id,
-                                              ProfileLayerHostRow.host_id == host_id)
-            .execution_options(synchronize_session=False))
+    def forget(self, layer_id: uuid.UUID, host_id: uuid.UUID | None = None) -> None:
+        """The host (every host, for None) no longer holds the layer: its copy was removed,
+        its storage lost, or the layer's file changed (a flatten rebased its header)."""
+        where = [ProfileLayerHostRow.layer_id == layer_id]
+        if host_id is not None:
+            where.append(ProfileLayerHostRow.host_id == host_id)
+        self._session.execute(delete(ProfileLayerHostRow).where(*where)
+                              .execution_options(synchronize_session=False))
 
     def _changed(self, statement: Any, layer_id: uuid.UUID, host_id: uuid.UUID) -> bool:
         result = cast(CursorResult[Any], self._session.execute(

@@ -253,3 +253,24 @@ def test_a_desktop_made_for_the_user_goes_to_the_host_holding_their_profile(
     finally:
         w.ctx.close()
         forget_fake_hosts()
+
+
+def test_a_flatten_forgets_the_hosts_copies_of_the_layer_it_rebased(
+        two: TwoHosts, hook: Hook) -> None:
+    """A flatten rewrites the header of the child it rebases onto the new base: the copies
+    hosts hold of it are no longer that layer, so their records go and the child is read
+    from the profile store; a later logon elsewhere copies no stale bytes."""
+    for _ in range(2):
+        log_off_and_recycle(two.w, two.logon("on-a"))  # generations 1-3, held by host A
+    with two.w.ctx.uow() as uow:
+        uow.profiles.set_keep("ann", 1)
+        uow.commit()
+    from deskpool.services.profiles import ProfileService
+    service = ProfileService(two.w.ctx, two.w.ctx.settings.resolved_profile_dir)
+    with two.w.ctx.uow(read_only=True) as uow:
+        top = uow.profiles.get("ann").layer_id
+    assert top in two.held_by(two.h1)
+    assert service.flatten("ann")
+    assert top not in two.held_by(two.h1)  # the rebased child: its copies are stale
+    log_off_and_recycle(two.w, two.logon("on-b"))
+    assert two.copied_events() == []  # base and child are in the store every host reaches
