@@ -77,10 +77,11 @@ def holder_hosts(uow: UnitOfWork, user: str) -> frozenset[uuid.UUID]:
 
 class ProfileCopies:
     def __init__(self, ctx: ServiceContext, *, copier: str | None = None,
-                 stale_after: timedelta = STALE_AFTER) -> None:
+                 stale_after: timedelta = STALE_AFTER, chunk_bytes: int = 4 * 2**20) -> None:
         self.ctx = ctx
         self.copier = copier or process_holder()
         self.stale_after = stale_after
+        self.chunk_bytes = chunk_bytes  # what one read from the sending host carries
 
     # --- what is where ---------------------------------------------------------------------
 
@@ -221,8 +222,8 @@ class ProfileCopies:
                 uow.commit()
 
         name = layer_volume_name(layer.id)
-        writer.receive_volume(name, reader.read_volume(name), size=size, sha256=digest,
-                              progress=progress)
+        writer.receive_volume(name, reader.read_volume(name, chunk_bytes=self.chunk_bytes),
+                              size=size, sha256=digest, progress=progress)
 
     def _forget_copy(self, layer_id: uuid.UUID, target: uuid.UUID) -> None:
         try:

@@ -274,3 +274,47 @@ def test_a_flatten_forgets_the_hosts_copies_of_the_layer_it_rebased(
     assert top not in two.held_by(two.h1)  # the rebased child: its copies are stale
     log_off_and_recycle(two.w, two.logon("on-b"))
     assert two.copied_events() == []  # base and child are in the store every host reaches
+
+
+def test_a_copy_holds_a_transfer_slot_on_both_hosts_and_records_its_progress(
+        two: TwoHosts, hook: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import select
+
+    from deskpool.services import profile_copies
+    from deskpool.store.models import HostSlot
+
+    log_off_and_recycle(two.w, two.logon("on-a"))
+    with two.w.ctx.uow(read_only=True) as uow:
+        top = uow.profiles.get("ann").layer_id
+    assert top is not None
+    copies = ProfileCopies(two.w.ctx, chunk_bytes=64 * 1024)
+    monkeypatch.setattr(profile_copies, "PROGRESS_EVERY_S", 0.0)
+    seen: list[tuple[uuid.UUID, int, set[uuid.UUID]]] = []
+    receive_chunk = two.fake2.receive_chunk
+
+    def watched(name: str, chunk: bytes, size: int) -> int:
+        """What the database says while each chunk arrives."""
+        layer_id = uuid.UUID(name.removesuffix(".qcow2"))
+        with two.w.ctx.uow(read_only=True) as uow:
+            record = uow.profile_holders.find(layer_id, two.h2)
+            holders = {slot.host_id for slot in uow.session.scalars(
+                select(HostSlot).where(HostSlot.kind == "transfer",
+                                       HostSlot.holder == copies.copier))}
+        assert record is not None and record.state is HoldState.COPYING
+        seen.append((layer_id, record.bytes_done, holders))
+        return receive_chunk(name, chunk, size)
+
+    monkeypatch.setattr(two.fake2, "receive_chunk", watched)
+    result = copies.bring_chain("ann", top, two.h2)
+    assert result.bytes_copied == sum(two.chain_files().values())
+    assert len(seen) > 4  # small chunks: many progress writes
+    assert all(holders == {two.h1, two.h2} for _layer, _done, holders in seen)
+    for layer_id in {layer for layer, _done, _holders in seen}:  # both layers, each growing
+        done = [d for layer, d, _holders in seen if layer == layer_id]
+        assert done == sorted(done) and done[0] == 0
+    assert len({layer for layer, _done, _holders in seen}) == 2 and max(
+        d for _layer, d, _holders in seen) > 64 * 1024
+    with two.w.ctx.uow(read_only=True) as uow:
+        still = list(uow.session.scalars(select(HostSlot).where(
+            HostSlot.kind == "transfer", HostSlot.holder == copies.copier)))
+    assert still == []  # both slots given back
