@@ -353,6 +353,8 @@ def copy_cut(world: World, rng: random.Random, n: int, current: str, tally: Tall
         links = chain(uow.profiles.layers(USER), top)
     copies = ProfileCopies(world.ctx)
     for link in links:  # A holds the chain (its desktop wrote it); B none of it
+        # (A layer a flatten rebased keeps a stale copy on A from an earlier cut: it is not
+        # registered again and stays in the profile store every host reaches.)
         copies.register(link.id, host_a, world.driver)
         world.driver_b.delete_volume(layer_volume_name(link.id))
     with world.ctx.uow() as uow:
@@ -393,7 +395,7 @@ def copy_cut(world: World, rng: random.Random, n: int, current: str, tally: Tall
     problem = copy_problem(world, links, before, current)
     if problem is None:  # copying again completes, whatever the cut left
         copies.bring_chain(USER, top, host_b)
-        if len(held_on_b(world, links)) != len(links):
+        if copies.lacking(USER, top, host_b):
             problem = "copying the chain again after the recovery did not complete"
         problem = problem or copy_problem(world, links, before, current)
     tally.outcomes["copy"][f"{moment}, old"] += 1
