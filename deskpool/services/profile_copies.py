@@ -151,8 +151,8 @@ class ProfileCopies:
             with self.ctx.uow(read_only=True) as uow:
                 holders = uow.profile_holders.holders([layer.id])
                 usable = [h.id for h in uow.hosts.list() if h.state in _USABLE]
-            if host_id in holders.get(layer.id, set()):
-                return 0
+            if layer.id not in holders or host_id in holders[layer.id]:
+                return 0  # in the store every host reaches (no record), or held there
             source = copy_source(layer.id, holders, usable)
             if source is None:
                 raise Unavailable(
@@ -187,9 +187,15 @@ class ProfileCopies:
                 self._forget_copy(layer.id, target)
                 raise
             with self.ctx.uow() as uow:
-                finished = uow.profile_holders.finish_copy(layer.id, target, self.copier)
+                # A flatten that rebased the layer meanwhile changed its bytes (and dropped
+                # its records): what arrived is the old file, not the layer any more.
+                if uow.profiles.layer(layer.id).sha256 == digest:
+                    finished = uow.profile_holders.finish_copy(layer.id, target, self.copier)
+                else:
+                    finished = False
+                    uow.profile_holders.drop_copy(layer.id, target, self.copier)
                 uow.commit()
-        if not finished:  # the reconciler took it as dead meanwhile: copy it again
+        if not finished:  # taken as dead, or the layer changed meanwhile: look again
             return None
         log.info("profile layer %s of %s copied from host %s to %s (%d bytes)", layer.id,
                  layer.user, source, target, size)
@@ -233,6 +239,28 @@ class ProfileCopies:
         except DeskpoolError:  # the reconciler removes it once it is stale
             log.warning("could not drop the copy record of layer %s to host %s", layer_id,
                         target, exc_info=True)
+
+    # --- removing hosts' copies ------------------------------------------------------------
+
+    def remove_from_hosts(self, holders: dict[uuid.UUID, set[uuid.UUID]]) -> int:
+        """Delete the hosts' copies of layers no chain reads any more (``holders``: layer ->
+        hosts, read before their records were forgotten, or still recorded) and forget their
+        records. Best effort: a host that does not answer keeps its copy (and its record,
+        when there still is one) for a later sweep. Returns the copies deleted."""
+        deleted = 0
+        for layer_id, hosts in holders.items():
+            for host_id in hosts:
+                try:
+                    self.ctx.driver_for_id(host_id).delete_volume(layer_volume_name(layer_id))
+                except DeskpoolError as exc:
+                    log.warning("the copy of profile layer %s on host %s stays for now: %s",
+                                layer_id, host_id, exc)
+                    continue
+                with self.ctx.uow() as uow:
+                    uow.profile_holders.forget(layer_id, host_id)
+                    uow.commit()
+                deleted += 1
+        return deleted
 
     # --- crash recovery --------------------------------------------------------------------
 

@@ -270,8 +270,17 @@ def test_a_flatten_forgets_the_hosts_copies_of_the_layer_it_rebased(
     with two.w.ctx.uow(read_only=True) as uow:
         top = uow.profiles.get("ann").layer_id
     assert top in two.held_by(two.h1)
+    held_before = two.held_by(two.h1)
     assert service.flatten("ann")
     assert top not in two.held_by(two.h1)  # the rebased child: its copies are stale
+    assert layer_volume_name(top) not in two.w.fake.list_volumes()  # and deleted
+    with two.w.ctx.uow(read_only=True) as uow:
+        flattened = {la.id for la in uow.profiles.layers("ann")
+                     if la.state is LayerState.FLATTENED}
+    assert flattened and flattened <= held_before
+    service.sweep("ann")  # the flattened layers' files go, and so do hosts' copies of them
+    assert not flattened & two.held_by(two.h1)
+    assert not {layer_volume_name(i) for i in flattened} & set(two.w.fake.list_volumes())
     log_off_and_recycle(two.w, two.logon("on-b"))
     assert two.copied_events() == []  # base and child are in the store every host reaches
 
