@@ -139,8 +139,9 @@ class ProfileCopies:
         total = 0
         for layer in self.lacking(user, top_id, host_id):
             moved = self.copy_layer(layer, host_id)
-            copied.append(layer.id)
-            total += moved
+            if moved:  # 0: another broker's copy (or a flatten) made it unnecessary
+                copied.append(layer.id)
+                total += moved
         return ChainCopy(layers=tuple(copied), bytes_copied=total)
 
     def copy_layer(self, layer: Layer, host_id: uuid.UUID) -> int:
