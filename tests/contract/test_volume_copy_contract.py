@@ -164,3 +164,31 @@ def test_fake_cut_leaves_a_partial_that_is_never_the_volume() -> None:
     target.receive_volume("l.qcow2", [data], size=len(data), sha256=digest)
     assert target.list_volumes() == ["l.qcow2"]
     assert b"".join(target.read_volume("l.qcow2", chunk_bytes=1000)) == data
+
+
+def test_libvirt_without_a_rename_publishes_the_bytes_or_nothing(
+        env: ContractEnv, peer: HypervisorDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose pool directory this process cannot write (one on another machine) has
+    no rename: the checked partial is copied on the host (``createXMLFrom``). libvirt copies
+    its bytes while it takes it for raw, but converts it once a refresh probed its content
+    as qcow2 (when is up to the daemon). Either way, what is published is read back: the
+    layer's own bytes, or nothing under either name and a ``DriverError`` saying so."""
+    if env.kind != "libvirt-qemu":
+        pytest.skip("the rename-or-copy choice is libvirt qemu's")
+    # As for a host on another machine: this process neither writes nor sees its files.
+    monkeypatch.setattr(peer, "_local_pool_dir", lambda: None)
+    monkeypatch.setattr(peer, "_local_file_exists", lambda _name: False)
+    outcomes = set()
+    for attempt in range(3):
+        name, size, digest = _layer(env, f"layer-{attempt}.qcow2")
+        try:
+            peer.receive_volume(name, env.driver.read_volume(name), size=size, sha256=digest)
+        except DriverError as exc:
+            assert "could not be published" in str(exc)
+            assert not {name, partial_volume_name(name)} & set(peer.list_volumes())
+            outcomes.add("refused")
+            continue
+        assert partial_volume_name(name) not in peer.list_volumes()
+        assert hashlib.sha256(b"".join(peer.read_volume(name))).hexdigest() == digest
+        outcomes.add("published")
+    assert outcomes  # every attempt ended in one of the two

@@ -3,8 +3,12 @@
 ``virStorageVol.upload`` from one on the receiving host, into a partial volume that is checked
 (size and sha256) and only then published under its name (see
 ``HypervisorDriver.receive_volume``). libvirt has no volume rename: on this machine's system
-daemon the pool's directory is renamed in (as ``overlays.py`` writes files there), elsewhere
-the host copies the partial to the final name and removes it."""
+daemon the pool's directory is renamed in (as ``overlays.py`` writes files there). Elsewhere
+the host copies the partial to the final name (``createXMLFrom``) and the result is read back:
+once a refresh has probed a partial's content as qcow2 (when is up to the daemon), libvirt
+*converts* it instead of copying its bytes, and the receive then fails clearly with nothing
+kept. A profile layer reaches such a host only when libvirt copied it byte for byte: a
+publish that does not depend on that is still to be done."""
 
 from __future__ import annotations
 
@@ -106,7 +110,7 @@ class VolumeStreamsMixin:
                     f"volume {name} arrived on {self.uri} as {count} bytes with sha256 "
                     f"{digest}, expected {size} bytes with {sha256}: not kept")
             with self._lock:
-                published = self._publish(vol, partial, name, size)
+                published = self._publish(vol, partial, name, size, digest)
                 with self._translate(f"reading volume {name}"):
                     self._verified.remember(name, volume_stamp(published), digest)
         except BaseException:
@@ -148,7 +152,7 @@ class VolumeStreamsMixin:
         return count, digest.hexdigest()
 
     def _publish(self, vol: libvirt.virStorageVol, partial: str, name: str,
-                 size: int) -> libvirt.virStorageVol:
+                 size: int, digest: str) -> libvirt.virStorageVol:
         """The checked partial under its final name."""
         local = self._local_pool_dir()
         if local is not None:
@@ -162,4 +166,15 @@ class VolumeStreamsMixin:
         with self._translate(f"publishing volume {name}"):
             final = self._pool.createXMLFrom(definition.to_xml(), vol, 0)
             vol.delete(0)
+        # libvirt copies byte for byte only while it takes the partial for raw; a pool
+        # refresh meanwhile probes its content as qcow2, and the copy becomes a conversion.
+        # So the published bytes are read back before anyone is told they are there.
+        try:
+            if not self._verified.verify(self._conn, name, final, digest, self.uri):
+                raise DriverError(f"volume {name} vanished from {self.uri} as it was published")
+        except (DriverError, libvirt.libvirtError) as exc:
+            with suppress(libvirt.libvirtError):
+                final.delete(0)
+            raise DriverError(f"volume {name} could not be published on {self.uri} (the "
+                              f"host's copy of it differs: {exc}); nothing kept") from exc
         return final
