@@ -28,8 +28,11 @@ The cut, chosen at random per iteration (seeded RNG, the seed printed):
   ``end_session`` (before, during or after the detach, the check, the checksum, the
   compare-and-swap commit).
 
-A third kind, a copy of a layer between hosts interrupted, does not exist: profiles stay
-in one profile store (``profile_dir``) and deskpool never copies a layer between hosts.
+* ``copy``: a copy of the user's chain to a second host (``ProfileCopies.bring_chain``, as
+  a logon there does) is SIGKILLed at a random moment: host A holds the chain, host B none
+  of it. After the recovery no record may claim B holds a layer whose bytes there are not
+  the layer's (sha256 read back from B), no partial volume or copy record may be left, the
+  profile must still be exactly the old generation, and copying again must complete.
 
 Every ``--flatten-every`` cuts the profile is flattened and swept (the reconciler's
 maintenance), so the chain stays short and that path meets the cuts' leftovers too.
@@ -43,6 +46,7 @@ number does not match what it holds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import secrets
@@ -62,20 +66,24 @@ from pathlib import Path
 import r4_profile_images as images
 
 from deskpool.config import Settings
+from deskpool.domain.errors import DeskpoolError
 from deskpool.domain.identity import DesktopIdentity, new_mac, new_machine_id
 from deskpool.domain.models import CloneMode, PowerState, VmMetadata, VmSpec
-from deskpool.domain.profiles import LayerState, disk_serial
+from deskpool.domain.profile_hosts import layer_volume_name
+from deskpool.domain.profiles import Layer, LayerState, chain, disk_serial
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.drivers.fake.remote import AUTHKEY_ENV
 from deskpool.drivers.registry import open_driver
 from deskpool.images.profile_disks import sha256_of
 from deskpool.services.context import ServiceContext
+from deskpool.services.hosts import HostLimits, HostService
+from deskpool.services.profile_copies import ProfileCopies
 from deskpool.services.profiles import ProfileService
 
 USER = "ann"
 QUOTA = 64 * 2**20
 ROLES = Path(__file__).with_name("r4_cut_processes.py")
-KINDS = ("qemu", "broker")
+KINDS = ("qemu", "broker", "copy")
 
 
 @dataclass
@@ -89,6 +97,8 @@ class World:
     digests: dict[str, str]
     extents: list[images.Extent]
     sources: dict[str, list[Path]]
+    hosts: tuple[uuid.UUID, uuid.UUID]  # A (the desktop's, holding the chain) and B
+    driver_b: HypervisorDriver
 
     def role_args(self, role: str, layer: uuid.UUID) -> list[str]:
         settings = self.ctx.settings
@@ -105,6 +115,7 @@ class Tally:
     write_s: list[float] = field(default_factory=list)  # uncut write-backs
     logoff_s: list[float] = field(default_factory=list)  # uncut end_session calls
     cut_s: list[float] = field(default_factory=list)  # each whole cut, verification included
+    copy_s: list[float] = field(default_factory=list)  # uncut copies to host B
 
 
 def free_port() -> int:
@@ -165,8 +176,15 @@ def build_world(work: Path, rng: random.Random, uri: str) -> World:
     sources = {name: images.extent_files(path, extents, work / f"extents-{name}")
                for name, path in raw.items()}
     driver = open_driver(uri)
+    hosts = HostService(ctx)
+    uri_b = uri.replace("/r4host", "/r4host-b")
+    # A killed copy's transfer slots free themselves after a minute (host_slots.HOLD_FOR);
+    # cuts come faster than that, so the hosts have slots to spare for them.
+    limits = HostLimits(transfer_slots=1000)
+    host_ids = (hosts.add("a", uri, limits=limits).id,
+                hosts.add("b", uri_b, limits=limits).id)
     return World(work, ctx, service, driver, uri, make_desktop(driver, work), digests,
-                 extents, sources)
+                 extents, sources, host_ids, open_driver(uri_b))
 
 
 def committed(ctx: ServiceContext) -> tuple[int, Path, str | None]:
@@ -211,7 +229,9 @@ def one_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally
             args: argparse.Namespace) -> str:
     """One session cut as ``kind``; returns the generation the profile holds after it."""
     began = time.monotonic()
-    kind = rng.choice(KINDS)
+    kind = rng.choice(args.kinds.split(","))
+    if kind == "copy":
+        return copy_cut(world, rng, n, current, tally, args, began)
     target = "B" if current == "A" else "A"
     before, _top, _sha = committed(world.ctx)
     if world.driver.get_vm(world.vm).power_state is not PowerState.RUNNING:
@@ -321,6 +341,103 @@ def finish(world: World, layer_id: uuid.UUID, n: int, kind: str, moment: str,
     return held
 
 
+def copy_cut(world: World, rng: random.Random, n: int, current: str, tally: Tally,
+             args: argparse.Namespace, began: float) -> str:
+    """One copy of the chain to host B, SIGKILLed at a random moment; returns the generation
+    the profile holds after it (always the one it held: a copy never changes it)."""
+    host_a, host_b = world.hosts
+    before, _top, _sha = committed(world.ctx)
+    with world.ctx.uow(read_only=True) as uow:
+        top = uow.profiles.get(USER).layer_id
+        assert top is not None
+        links = chain(uow.profiles.layers(USER), top)
+    copies = ProfileCopies(world.ctx)
+    for link in links:  # A holds the chain (its desktop wrote it); B none of it
+        # (A layer a flatten rebased keeps a stale copy on A from an earlier cut: it is not
+        # registered again and stays in the profile store every host reaches.)
+        copies.register(link.id, host_a, world.driver)
+        world.driver_b.delete_volume(layer_volume_name(link.id))
+    with world.ctx.uow() as uow:
+        for link in links:
+            uow.profile_holders.forget(link.id, host_b)
+        uow.commit()
+    proc = subprocess.Popen([*world.role_args("copy", top), "--host-b", str(host_b),
+                             "--chunk-ms", str(args.copy_chunk_ms)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    if (line := proc.stdout.readline().strip()) != "ready":
+        _out, err = proc.communicate()
+        raise SystemExit(f"the copy did not start: {line} {err[-800:]}")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    expected = statistics.median(tally.copy_s) if tally.copy_s else 1.0
+    killed = False
+    try:
+        proc.wait(timeout=rng.uniform(0, 1.3 * expected))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        killed = True
+    out, err = proc.communicate()
+    if not killed and (proc.returncode != 0 or not out.startswith("done")):
+        raise SystemExit(f"the copy failed: {err[-800:]}")
+    if out.startswith("done"):
+        tally.copy_s.append(float(out.split()[1]))
+        moment = "finished before the cut"
+    else:
+        held = held_on_b(world, links)
+        moment = (f"cut in layer {len(held) + 1} of {len(links)}" if len(held) < len(links)
+                  else "cut after the last layer")
+    recovery = subprocess.run(world.role_args("recover", top), capture_output=True,
+                              text=True, check=False)
+    if recovery.returncode != 0:
+        raise SystemExit(f"the recovery failed: {recovery.stderr[-800:]}")
+    problem = copy_problem(world, links, before, current)
+    if problem is None:  # copying again completes, whatever the cut left
+        copies.bring_chain(USER, top, host_b)
+        if copies.lacking(USER, top, host_b):
+            problem = "copying the chain again after the recovery did not complete"
+        problem = problem or copy_problem(world, links, before, current)
+    tally.outcomes["copy"][f"{moment}, old"] += 1
+    if problem:
+        tally.bad.append(f"cut {n} (copy, {moment}): {problem}")
+        print(f"cut {n:3}: copy   {moment}: BAD: {problem}", flush=True)
+    tally.cut_s.append(time.monotonic() - began)
+    if args.verbose:
+        print(f"cut {n:3}: copy   {moment:24} -> old (generation {before})", flush=True)
+    return current
+
+
+def held_on_b(world: World, links: list[Layer]) -> set[uuid.UUID]:
+    """The chain's layers recorded as held by host B."""
+    with world.ctx.uow(read_only=True) as uow:
+        holders = uow.profile_holders.holders([link.id for link in links])
+    return {link.id for link in links if world.hosts[1] in holders.get(link.id, set())}
+
+
+def copy_problem(world: World, links: list[Layer], before: int, current: str) -> str | None:
+    """What a cut copy left wrong after the recovery, if anything."""
+    leftovers = [v for v in world.driver_b.list_volumes() if v.endswith(".part")]
+    if leftovers:
+        return f"partial volumes left on host B: {leftovers}"
+    if ProfileCopies(world.ctx).copies():
+        return "a copy record is left after the recovery"
+    for link in links:
+        if link.id not in held_on_b(world, links):
+            continue
+        try:
+            data = b"".join(world.driver_b.read_volume(layer_volume_name(link.id)))
+        except DeskpoolError as exc:
+            return f"host B is recorded holding layer {link.id}, which it lacks: {exc}"
+        if hashlib.sha256(data).hexdigest() != link.sha256:
+            return f"host B is recorded holding layer {link.id}, but its bytes there differ"
+    held, fault = holds(world)
+    after, _top, _sha = committed(world.ctx)
+    if fault or held != current or after != before:
+        return fault or f"the profile changed: generation {after} holding {held}"
+    return None
+
+
 def report(tally: Tally, seed: int, cuts: int, elapsed: float) -> None:
     print(f"seed {seed}; {cuts} cuts in {elapsed:.0f} s "
           f"({statistics.mean(tally.cut_s):.1f} s a cut, verification included)")
@@ -332,8 +449,8 @@ def report(tally: Tally, seed: int, cuts: int, elapsed: float) -> None:
         counts = tally.outcomes.get(kind, Counter())
         shown = ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
         print(f"{kind:6} {sum(counts.values()):3} cuts ({shown or 'none'})")
-    print("copy   between hosts: not applicable (deskpool never copies a profile layer "
-          "between hosts)")
+    if tally.copy_s:
+        print(f"uncut copy of the chain to host B: median {statistics.median(tally.copy_s):.2f} s")
     for line in tally.bad:
         print(f"  {line}")
 
@@ -345,9 +462,13 @@ def main() -> int:
     parser.add_argument("--spread-ms", type=int, default=800,
                         help="how long the write-back takes, spread over its writes")
     parser.add_argument("--flatten-every", type=int, default=10)
+    parser.add_argument("--copy-chunk-ms", type=float, default=20.0,
+                        help="the slowed link of a copy between hosts: ms per 256 KiB")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work in this directory and keep it (default: a temporary one)")
     parser.add_argument("--verbose", action="store_true", help="one line per cut")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"the cut kinds to choose from (default: {','.join(KINDS)})")
     args = parser.parse_args()
     # SIGTERM ends the run through the cleanup below (the fake hypervisor, the work dir).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

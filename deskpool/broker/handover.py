@@ -60,6 +60,7 @@ from deskpool.services.events import record_event
 from deskpool.services.factory import DesktopFactory
 from deskpool.services.offline_views import checked_out_refusal
 from deskpool.services.pools import exclusion_list, insert_pool_desktop
+from deskpool.services.profile_copies import holder_hosts
 from deskpool.store.access_models import Event, Logon
 from deskpool.store.db import DatabaseUnavailable, UnitOfWork
 from deskpool.store.models import utcnow
@@ -309,7 +310,10 @@ class Broker:
                           profile_policy=look.profile_policy,
                           redirect_folders=look.redirect_folders)
         now = utcnow()
-        free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now)
+        # Roaming profiles: a desktop on a host holding the user's latest generation first.
+        prefer = holder_hosts(uow, identity.name) if look.roaming_profiles else frozenset()
+        free = uow.desktops.claim_free(look.pool_id, look.version_id, identity.name, now,
+                                       prefer_hosts=prefer)
         if free is not None:
             return _Claim(free.id, free.name, free.hostname, reconnect=False,
                           host_id=free.host_id, version_id=free.template_version_id,
@@ -334,7 +338,7 @@ class Broker:
             raise PoolExhausted(f"pool {look.pool!r} is exhausted: all {pool.max_size} "
                                 "desktops are in use; please try again later")
         made = insert_pool_desktop(uow, self.factory, pool, uow.desktops.macs(),
-                                   assigned_user=identity.name)
+                                   assigned_user=identity.name, prefer=prefer)
         made.reserved_at = now
         record_event(uow, "provisioning-for-user",
                      f"no ready desktop in {pool.name}: making {made.name} for {identity.name}",

@@ -8,8 +8,9 @@ aside) rather than left on a desktop that is about to be failed and replaced. Lo
 the reconciler's (``ProfileDesktops.close`` before a recycle or retire).
 
 A profile that cannot be plugged in (its store full, a committed layer missing or damaged,
-the attach refused) is ``ProfileUnavailable``, with an error event for the admin naming why;
-the desktop is not at fault. The broker then gives a floating pool's user a temporary home
+a layer the desktop's host lacks that no host holding it can send, the attach refused) is
+``ProfileUnavailable``, with an error event for the admin naming why; the desktop is not at
+fault. The broker then gives a floating pool's user a temporary home
 (:meth:`ProfileLogon.tell_temporary`: their portal says so) and refuses a stateful pool's
 user, whose desktop would keep a local home beside the profile.
 """

@@ -1,5 +1,7 @@
-"""``deskpool profile list|show|reset|rollback|verify``: users' roaming profiles, from the broker's
-own machine. Resets and rollbacks are recorded in the audit log with the local login."""
+"""``deskpool profile list|show|reset|rollback|verify|copies|hosts``: users' roaming
+profiles, from the broker's own machine (``copies``: layers on their way between hosts, with
+their progress; ``hosts``: which hosts hold each generation). Resets and rollbacks are
+recorded in the audit log with the local login."""
 
 from __future__ import annotations
 
@@ -69,6 +71,35 @@ def profile_verify(user: str) -> None:
     if problems:
         raise typer.Exit(1)
     out.print(f"every committed layer of {user}'s profile matches its checksum")
+
+
+@profile_app.command("copies")
+def profile_copies() -> None:
+    """Profile layers being copied between hosts now, with their progress."""
+    with services() as ctx:
+        copies = ProfileAdmin(ctx).copies()
+    if not copies:
+        out.print("no profile layer is being copied between hosts")
+        return
+    table = Table("user", "generation", "to host", "copied (MiB)", "by", "last progress")
+    for c in copies:
+        share = f" ({c.bytes_done / c.bytes_total:.0%})" if c.bytes_total else ""
+        table.add_row(c.user, str(c.generation), c.host,
+                      f"{c.bytes_done / MiB:.1f} of {c.bytes_total / MiB:.1f}{share}",
+                      c.copier or "?",
+                      f"{c.updated_at:%H:%M:%S} UTC" if c.updated_at else "?")
+    out.print(table)
+
+
+@profile_app.command("hosts")
+def profile_hosts(user: str) -> None:
+    """Which hosts hold each committed generation of USER's profile."""
+    with services() as ctx:
+        held = ProfileAdmin(ctx).held_on(user)
+    for generation, hosts in held.items():
+        out.print(f"generation {generation}: "
+                  f"{', '.join(hosts) or 'the profile store every host reaches'}",
+                  highlight=False)
 
 
 def _print(v: ProfileView) -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,11 @@ def memory_state_volume_name(vm_id: uuid.UUID) -> str:
 def owned_volume_names(vm_id: uuid.UUID) -> tuple[str, ...]:
     """Every volume a VM may own; ``delete_vm`` removes all of them."""
     return (root_volume_name(vm_id), seed_volume_name(vm_id), memory_state_volume_name(vm_id))
+
+
+def partial_volume_name(name: str) -> str:
+    """Where ``receive_volume`` writes ``name`` until every byte has arrived and checked."""
+    return f"{name}.part"
 
 
 _SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -200,6 +205,46 @@ class HypervisorDriver(ABC):
     @abstractmethod
     def delete_volume(self, name: str) -> None:
         """Remove a volume. A missing volume is not an error."""
+
+    # --- copying a volume between hosts: an immutable profile layer ---------------------
+
+    @property
+    def copies_volumes(self) -> bool:
+        """Whether ``read_volume`` / ``receive_volume`` work here (storage holding bytes)."""
+        return False
+
+    def read_volume(self, name: str, *, chunk_bytes: int = 4 * 2**20) -> Iterator[bytes]:
+        """The bytes of volume ``name`` (its file on the host, as stored: a qcow2 layer's
+        header and clusters, not the guest's view), in chunks of at most ``chunk_bytes``, read
+        as the caller iterates (libvirt: a ``virStorageVol.download`` stream). ``NotFound``
+        when there is no such volume, raised at the first ``next()``. Meant for immutable
+        volumes: one changed while read gives a mixture, which the receiver's checksum
+        refuses. Drivers whose storage holds no bytes (libvirt's ``test:///``) raise
+        ``DriverError`` "not supported" and read nothing.
+        """
+        raise DriverError(f"reading volumes is not supported by {type(self).__name__}")
+
+    def receive_volume(self, name: str, chunks: Iterable[bytes], *, size: int, sha256: str,
+                       progress: Callable[[int], None] | None = None) -> VolumeInfo:
+        """Write volume ``name`` from ``chunks`` (another host's ``read_volume``): never
+        half-usable under its name.
+
+        * The bytes go to ``partial_volume_name(name)`` first (one left by an earlier cut,
+          a killed process or a lost connection, is removed and written again: a re-run
+          restarts cleanly). Only when exactly ``size`` bytes arrived and their sha256 is
+          ``sha256`` is it published under ``name`` (a rename where the storage can,
+          else a copy on the host then the partial removed).
+        * A mismatch (size or checksum) removes the partial and raises ``ChecksumMismatch``;
+          an exception from ``chunks`` (the sender failed) removes it too and is raised as
+          is. Nothing is then under ``name``.
+        * ``name`` there already with that ``sha256`` (immutable volumes: an earlier copy
+          published, its caller killed before it recorded so): returned as it is, ``chunks``
+          not read. With other bytes: ``Conflict``, nothing changed.
+        * ``progress(done)`` is called with the bytes received so far, after each chunk.
+        * Drivers whose storage holds no bytes (libvirt's ``test:///``) raise
+          ``DriverError`` "not supported" and write nothing.
+        """
+        raise DriverError(f"receiving volumes is not supported by {type(self).__name__}")
 
     # --- VMs ----------------------------------------------------------------------------
 

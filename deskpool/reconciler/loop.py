@@ -210,11 +210,15 @@ class Reconciler:
 
     def _recover_profiles(self, report: PassReport) -> None:
         """Crash recovery of roaming profiles: open session layers that no session or coming
-        logoff will end are set aside (``ProfileDesktops.recover``; an event each)."""
+        logoff will end are set aside (``ProfileDesktops.recover``; an event each), and
+        copies between hosts whose process died are removed (``ProfileCopies.recover``)."""
         try:
             for layer in self.steps.profiles.recover():
                 log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
                             layer.id, layer.user, layer.desktop)
+            for copy in self.steps.profiles.copies.recover():
+                log.warning("a cut copy of profile layer %s to host %s removed",
+                            copy.layer_id, copy.host_id)
         except DeskpoolError as exc:
             report.error(f"profile recovery: {exc}")
 

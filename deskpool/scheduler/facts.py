@@ -53,6 +53,9 @@ class PlacementRequest:
     cpu_models: frozenset[str] = field(default_factory=frozenset)
     allowed_hosts: frozenset[uuid.UUID] | None = None  # a pool pinned to these hosts
     strategy: Strategy = Strategy.SPREAD
+    # Hosts holding the user's latest profile generation (roaming profiles): preferred
+    # among otherwise equal hosts, so a logon there copies no layer.
+    preferred_hosts: frozenset[uuid.UUID] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest
 from deskpool.scheduler.filters import DEFAULT_FILTERS, HostFilter, first_rejection
-from deskpool.scheduler.weighers import DEFAULT_WEIGHERS, Weigher
+from deskpool.scheduler.weighers import Weigher, weighers_for
 
 
 class NoValidHost(Conflict):
@@ -44,10 +44,10 @@ def place(
     hosts: Sequence[HostFacts],
     *,
     filters: tuple[HostFilter, ...] = DEFAULT_FILTERS,
-    weighers: tuple[Weigher, ...] = DEFAULT_WEIGHERS,
+    weighers: tuple[Weigher, ...] | None = None,
 ) -> Placement:
     """The best host for one desktop; raises NoValidHost when no host passes the filters."""
-    board = _Board(request, hosts, filters, weighers)
+    board = _Board(request, hosts, filters, weighers or weighers_for(request))
     return board.placement(board.pick())
 
 
@@ -57,14 +57,14 @@ def place_many(
     count: int,
     *,
     filters: tuple[HostFilter, ...] = DEFAULT_FILTERS,
-    weighers: tuple[Weigher, ...] = DEFAULT_WEIGHERS,
+    weighers: tuple[Weigher, ...] | None = None,
 ) -> list[Placement]:
     """Places ``count`` desktops one by one, each pick seeing the ones before it (the same
     answers as calling ``place`` ``count`` times, consuming the chosen host in between).
     Raises NoValidHost, with the placements made so far in ``placed``, when the hosts fill up."""
     if count < 0:
         raise InvalidInput(f"cannot place {count} desktops")
-    board = _Board(request, hosts, filters, weighers)
+    board = _Board(request, hosts, filters, weighers or weighers_for(request))
     placed: list[Placement] = []
     for _ in range(count):
         try:

@@ -118,6 +118,21 @@ class StrategyWeigher(Weigher):
         return f"{request.strategy.value} ({used_fraction(host, request):.0%} used)"
 
 
+class ProfileHolderWeigher(Weigher):
+    """A host holding the user's latest profile generation (``preferred_hosts``) first: a
+    logon there copies no profile layer. Its multiplier is below each other's, so it
+    decides among hosts the others cannot tell apart, or that they split evenly."""
+
+    name = "profile_holder"
+
+    def raw(self, host: HostFacts, request: PlacementRequest) -> float:
+        return 1.0 if host.id in request.preferred_hosts else 0.0
+
+    def describe(self, host: HostFacts, request: PlacementRequest, best: bool) -> str:
+        return ("holds the user's profile" if host.id in request.preferred_hosts
+                else "would copy the user's profile")
+
+
 STRATEGY_MULTIPLIER = 10.0
 
 DEFAULT_WEIGHERS: tuple[Weigher, ...] = (
@@ -125,3 +140,12 @@ DEFAULT_WEIGHERS: tuple[Weigher, ...] = (
     LoadWeigher(1.0),
     StrategyWeigher(STRATEGY_MULTIPLIER),
 )
+# For a desktop made for a user whose roaming profile some hosts hold. Only then: a weigher
+# that adds nothing still loosens SPREAD's bound (tests/unit/test_scheduler_scale.py).
+PROFILE_WEIGHERS: tuple[Weigher, ...] = (*DEFAULT_WEIGHERS[:2], ProfileHolderWeigher(0.5),
+                                          DEFAULT_WEIGHERS[2])
+
+
+def weighers_for(request: PlacementRequest) -> tuple[Weigher, ...]:
+    """The weighers a request is ranked by: the profile holder's only when it prefers."""
+    return PROFILE_WEIGHERS if request.preferred_hosts else DEFAULT_WEIGHERS

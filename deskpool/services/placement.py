@@ -13,7 +13,7 @@ from deskpool.domain.models import CloneMode
 from deskpool.scheduler.facts import HostFacts, Placement, PlacementRequest, Strategy
 from deskpool.scheduler.filters import DEFAULT_FILTERS
 from deskpool.scheduler.placement import _Board
-from deskpool.scheduler.weighers import DEFAULT_WEIGHERS
+from deskpool.scheduler.weighers import weighers_for
 from deskpool.services.hosts import LIVE_STATES, incompatibility
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Host, TemplateVersion
@@ -48,19 +48,22 @@ class Placer:
 
     def place(self, version: TemplateVersion, clone_mode: CloneMode, *, what: str,
               allowed: set[uuid.UUID] | None = None,
-              strategy: Strategy = Strategy.SPREAD) -> tuple[Host, Placement]:
+              strategy: Strategy = Strategy.SPREAD,
+              prefer: frozenset[uuid.UUID] = frozenset()) -> tuple[Host, Placement]:
         """The host for one new desktop, and why; ``NoValidHost`` (a ``Conflict``) naming
-        what ruled each host out."""
+        what ruled each host out. ``prefer``: hosts holding the profile of the user it is
+        for, preferred among otherwise equal ones (``ProfileHolderWeigher``)."""
         runs_on = frozenset(t.strip().upper() for t in version.runs_on.split(",")
                             if t.strip())
         request = PlacementRequest(
             what=what, vcpus=version.vcpus, memory_mib=version.memory_mib,
             storage_bytes=storage_need(version, clone_mode),
             hypervisors=runs_on, arch=version.arch or None,
-            allowed_hosts=frozenset(allowed) if allowed else None, strategy=strategy)
+            allowed_hosts=frozenset(allowed) if allowed else None, strategy=strategy,
+            preferred_hosts=prefer)
         if self._board is None or self._board[0] != request:
             self._board = (request, _Board(request, list(self.facts.values()),
-                                           DEFAULT_FILTERS, DEFAULT_WEIGHERS))
+                                           DEFAULT_FILTERS, weighers_for(request)))
         board = self._board[1]
         pos = board.pick()
         chosen, i = board.placement(pos), board.candidates[pos]

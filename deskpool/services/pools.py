@@ -238,17 +238,19 @@ def pinned_hosts(uow: UnitOfWork, pool_id: uuid.UUID) -> set[uuid.UUID] | None:
 
 def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
                         taken_macs: set[str], *, assigned_user: str | None = None,
-                        placer: Placer | None = None) -> Desktop:
+                        placer: Placer | None = None,
+                        prefer: frozenset[uuid.UUID] = frozenset()) -> Desktop:
     """A new desktop row for the pool (provisioning), placed by the scheduler; the
     reconciler builds it. Given an ``assigned_user``, it is made for that user, who gets it
-    once it is ready. ``NoValidHost`` when no host can take it."""
+    once it is ready; ``prefer``: the hosts holding their roaming profile, preferred among
+    otherwise equal ones. ``NoValidHost`` when no host can take it."""
     # Brokers and reconcilers insert into one pool one at a time (the row lock on PostgreSQL;
     # SQLite writers are serialized anyway), so two never pick the same next name.
     uow.pools.lock(pool.id)
     placer = placer or Placer(uow)
     host, placement = placer.place(
         pool.current_version, pool.clone_mode, what=f"pool {pool.name!r}",
-        allowed=pinned_hosts(uow, pool.id), strategy=Strategy(pool.placement))
+        allowed=pinned_hosts(uow, pool.id), strategy=Strategy(pool.placement), prefer=prefer)
     # The names in use are read once per unit of work (no other path adds desktops in a unit
     # of work that inserts pool desktops) and each pattern's search resumes where it stopped,
     # so inserting many desktops in one pass is not quadratic in the desktops there are.

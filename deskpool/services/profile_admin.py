@@ -6,11 +6,29 @@ layer. Admin actions are audited."""
 from __future__ import annotations
 
 import builtins
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
 from deskpool.domain.errors import NotFound
+from deskpool.domain.profile_hosts import HoldState
 from deskpool.services.audit import Actor, audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.profiles import ProfileService, ProfileView
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCopyView:
+    """A profile layer on its way to a host, with its progress (``services.profile_copies``)."""
+
+    user: str
+    generation: int
+    layer_id: uuid.UUID
+    host: str
+    bytes_done: int
+    bytes_total: int
+    copier: str | None
+    updated_at: datetime | None
 
 
 class ProfileAdmin:
@@ -65,6 +83,32 @@ class ProfileAdmin:
         metadata, so this is what finds flipped bits in their data."""
         self.show(user)  # NotFound naming the user
         return self.profiles.verify(user)
+
+    def copies(self) -> builtins.list[LayerCopyView]:
+        """Every copy of a profile layer between hosts in flight, oldest first."""
+        with self.ctx.uow(read_only=True) as uow:
+            hosts = {h.id: h.name for h in uow.hosts.list()}
+            found = []
+            for copy in uow.profile_holders.records(state=HoldState.COPYING):
+                layer = uow.profiles.layer(copy.layer_id)
+                found.append(LayerCopyView(
+                    user=layer.user, generation=layer.generation, layer_id=layer.id,
+                    host=hosts.get(copy.host_id, str(copy.host_id)),
+                    bytes_done=copy.bytes_done, bytes_total=copy.bytes_total,
+                    copier=copy.copier, updated_at=copy.updated_at))
+            return found
+
+    def held_on(self, user: str) -> dict[int, builtins.list[str]]:
+        """Each committed generation of ``user`` -> the hosts holding its layer (empty: in
+        the profile store every host reaches)."""
+        self.show(user)
+        with self.ctx.uow(read_only=True) as uow:
+            hosts = {h.id: h.name for h in uow.hosts.list()}
+            layers = {la.id: la.generation for la in uow.profiles.layers(user)
+                      if la.state.value == "committed"}
+            holders = uow.profile_holders.holders(list(layers))
+        return {generation: sorted(hosts.get(h, str(h)) for h in holders.get(layer_id, ()))
+                for layer_id, generation in sorted(layers.items(), key=lambda kv: kv[1])}
 
     @property
     def _who(self) -> str:

@@ -6,9 +6,12 @@
 * **Logon** (:meth:`ProfileDesktops.open`, called by the broker's hand-over before
   ``session-hook start``): the user's session layer already plugged into this desktop (a
   reconnect), else a new one on their committed generation (their profile made first if
-  they have none, its root owned by their uid). The broker passes the disk's serial to
-  ``session-hook start --profile SERIAL``, which waits for the disk, checks its label and
-  mounts it on the user's home before their session starts.
+  they have none, its root owned by their uid). When the desktop's host lacks layers of the
+  user's chain (they were written on another host), only those are copied to it first
+  (``services.profile_copies``: layers are immutable); a base made now, and each generation
+  a logoff commits, is recorded as held by the desktop's host. The broker passes the disk's
+  serial to ``session-hook start --profile SERIAL``, which waits for the disk, checks its
+  label and mounts it on the user's home before their session starts.
 * **Logoff** (:meth:`ProfileDesktops.close`, called by the reconciler before it recycles or
   retires a desktop, and by the broker when a hand-over fails after the disk went in):
   ``session-hook end ACCOUNT`` ends the user's sessions, waits for their processes, syncs
@@ -38,6 +41,7 @@ from deskpool.drivers.agent import GuestAgent
 from deskpool.drivers.base import HypervisorDriver
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.profile_copies import ChainCopy, ProfileCopies
 from deskpool.services.profiles import Logoff, ProfileService
 from deskpool.store.db import UnitOfWork
 
@@ -58,6 +62,8 @@ class ProfileDesktops:
         self.ctx = ctx
         self._profiles = profiles
         self.end_wait_s = end_wait_s
+        self.copies = ProfileCopies(ctx)
+        self.last_copy = ChainCopy()  # what the latest logon here copied between hosts
 
     @property
     def profiles(self) -> ProfileService:
@@ -79,7 +85,13 @@ class ProfileDesktops:
         for layer in self._open_layers(desktop):
             if layer.user == user and disk_serial(layer.id) in driver.attached_disks(vm_id):
                 return disk_serial(layer.id)
-        self.profiles.ensure_profile(user, owner=owner)
+        with self.ctx.uow(read_only=True) as uow:
+            before = uow.profiles.find(user)
+            host_id = uow.desktops.get(vm_id).host_id
+        profile = self.profiles.ensure_profile(user, owner=owner)
+        if profile.layer_id is not None and (before is None or before.generation == 0):
+            self.copies.register(profile.layer_id, host_id, driver)  # made for this host
+        self._bring_chain(user, desktop, host_id)
         with self.ctx.uow(read_only=True) as uow:
             elsewhere = sorted(set(uow.profiles.open_on(user)) - {desktop})
         mode = session_mode(second_session, other_session_open=bool(elsewhere))
@@ -87,6 +99,23 @@ class ProfileDesktops:
         if elsewhere:
             self._tell_second_session(user, desktop, elsewhere, mode)
         return serial
+
+    def _bring_chain(self, user: str, desktop: str, host_id: uuid.UUID) -> None:
+        """Copy to the desktop's host the layers of ``user``'s chain it lacks (only those:
+        layers are immutable), before the session layer opens on it."""
+        with self.ctx.uow(read_only=True) as uow:
+            top = uow.profiles.get(user).layer_id
+        if top is None:
+            return
+        self.last_copy = self.copies.bring_chain(user, top, host_id)
+        if not self.last_copy.layers:
+            return
+        with self.ctx.uow() as uow:
+            record_event(uow, "profile-copied",
+                         f"profile of {user}: {len(self.last_copy.layers)} layer(s) "
+                         f"({self.last_copy.bytes_copied} bytes) copied to the host of "
+                         f"{desktop} for this logon", user=user, desktop=desktop)
+            uow.commit()
 
     def _tell_second_session(self, user: str, desktop: str, elsewhere: list[str],
                              mode: LayerMode) -> None:
@@ -124,8 +153,12 @@ class ProfileDesktops:
                        else f"no Linux account is recorded for {layer.user}")
             try:
                 if problem is None:
-                    ended.append(self.profiles.end_session(
-                        layer.id, driver, desktop_id, detach_timeout_s=DETACH_TIMEOUT_S))
+                    logoff = self.profiles.end_session(
+                        layer.id, driver, desktop_id, detach_timeout_s=DETACH_TIMEOUT_S)
+                    ended.append(logoff)
+                    if logoff.committed:
+                        self._register_committed(layer.user, logoff.generation, host_id,
+                                                 driver)
                     continue
                 # The guest may still hold the filesystem open: only the end of QEMU's
                 # process proves nothing more is written to the layer.
@@ -136,6 +169,14 @@ class ProfileDesktops:
             except Conflict as exc:  # a recovery set it aside meanwhile
                 log.warning("profile layer %s of %s: %s", layer.id, layer.user, exc)
         return ended
+
+    def _register_committed(self, user: str, generation: int, host_id: uuid.UUID,
+                            driver: HypervisorDriver) -> None:
+        """The generation a logoff committed is held by the host whose desktop wrote it."""
+        with self.ctx.uow(read_only=True) as uow:
+            profile = uow.profiles.get(user)
+        if profile.generation == generation and profile.layer_id is not None:
+            self.copies.register(profile.layer_id, host_id, driver)
 
     def _end_in_guest(self, agent: GuestAgent, account: str) -> str | None:
         """``session-hook end``: None once the profile is unmounted (or was never mounted),

@@ -44,6 +44,7 @@ from deskpool.domain.profiles import (
 from deskpool.images import profile_disks as disks
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.profile_copies import ProfileCopies
 from deskpool.services.renewal import renewed_while_running
 from deskpool.store.db import DatabaseUnavailable
 
@@ -198,6 +199,8 @@ class ProfileMaintenance:
                 # The child's header changed: its checksum is the file's now.
                 child_sha = disks.sha256_of(Path(child.path))
             with self._ctx.uow() as uow:
+                stale = (uow.profile_holders.holders([child.id]) if child is not None
+                         else {})
                 won = uow.profiles.still_swapping(user, self.owner, self.clock())
                 uow.profiles.add_layer(flat, note=f"flattened generations up to "
                                                   f"{target.generation}")
@@ -208,6 +211,9 @@ class ProfileMaintenance:
                                sha256=child_sha))
                     if won:
                         uow.profiles.set_parent(child.id, flat.id)
+                        # Hosts' copies of the child keep the old header: no longer it.
+                        # Its record gone, the child is read from the profile store.
+                        uow.profile_holders.forget(child.id)
                 for layer in retired:
                     won = won and uow.profiles.set_layer_state(
                         layer.id, LayerState.COMMITTED, LayerState.FLATTENED)
@@ -217,6 +223,8 @@ class ProfileMaintenance:
                 uow.profiles.replace_generation_layer(user, target.id, flat.id)
                 uow.commit()
                 committed = True
+            if stale:  # hosts' copies of the child, with its old header
+                ProfileCopies(self._ctx).remove_from_hosts(stale)
             return Flatten.DONE
         finally:
             if not committed:
@@ -251,6 +259,7 @@ class ProfileMaintenance:
             if layer.state in _SPENT and path not in busy and path.exists():
                 disks.remove_layer(path, busy)
                 removed.append(path)
+        self._sweep_hosts([layer.id for layer in layers if layer.state in _SPENT])
         known = {Path(layer.path) for layer in layers}
         cutoff = time.time() - stray_age.total_seconds()
         directory = self.store_dir / user
@@ -267,6 +276,13 @@ class ProfileMaintenance:
                     disks.remove_layer(path, busy)
                     removed.append(path)
         return removed
+
+    def _sweep_hosts(self, spent: list[uuid.UUID]) -> None:
+        """Hosts' copies of spent layers (``services.profile_copies``) go with their files."""
+        with self._ctx.uow(read_only=True) as uow:
+            holders = uow.profile_holders.holders(spent)
+        if holders:
+            ProfileCopies(self._ctx).remove_from_hosts(holders)
 
     def verify(self, user: str) -> list[str]:
         """Check every committed layer of ``user`` against its recorded sha256. Each mismatch

@@ -59,6 +59,7 @@ from deskpool.store.leases import LeaseRepository
 from deskpool.store.linux_accounts import LinuxAccountRepository
 from deskpool.store.offline import OfflineCheckoutRepository
 from deskpool.store.pool_hosts import PoolHostRepository
+from deskpool.store.profile_holders import ProfileHolderRepository
 from deskpool.store.profiles import ProfileRepository
 from deskpool.store.records import (
     ConsoleTicketRepository,
@@ -348,6 +349,7 @@ class UnitOfWork:
     admin: AdminQueryRepository
     signin_throttles: SignInThrottleRepository
     profiles: ProfileRepository
+    profile_holders: ProfileHolderRepository
     offline_checkouts: OfflineCheckoutRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
@@ -395,6 +397,7 @@ class UnitOfWork:
         self.admin = AdminQueryRepository(self.session)
         self.signin_throttles = SignInThrottleRepository(self.session)
         self.profiles = ProfileRepository(self.session)
+        self.profile_holders = ProfileHolderRepository(self.session)
         self.offline_checkouts = OfflineCheckoutRepository(self.session)
         if self.read_only:
             try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Row, select, update
+from sqlalchemy import ColumnElement, CursorResult, Row, case, select, update
 from sqlalchemy.orm.util import identity_key
 
 from deskpool.domain.errors import InvalidInput
@@ -213,7 +214,8 @@ class DesktopRepository(_NamedRepository[Desktop]):
                                  **_FRESH_SESSION) is not None
 
     def claim_free(self, pool_id: uuid.UUID, version_id: uuid.UUID, user: str,
-                   now: datetime) -> ClaimedDesktop | None:
+                   now: datetime, *, prefer_hosts: Collection[uuid.UUID] = ()
+                   ) -> ClaimedDesktop | None:
         """``ready -> reserved`` for ``user`` on the first free desktop of the pool's current
         version, on an enabled host, in one UPDATE whose subquery picks it (skipping rows other
         brokers have locked, on PostgreSQL). ``None`` when there is none.
@@ -221,14 +223,17 @@ class DesktopRepository(_NamedRepository[Desktop]):
         A desktop under a reconciler's live lease is skipped: the reconciler may be suspending
         or shutting it down (the pool's power policy) and would do so under the user. Leases
         are short and renewed while work runs, so a dead broker's lease hides a desktop for
-        at most one lease time."""
+        at most one lease time. A desktop on one of ``prefer_hosts`` (holding the user's
+        roaming profile: no layer to copy) is taken before the others."""
         unleased = Desktop.lease_until.is_(None) | (Desktop.lease_until < now)
+        order = ([case((Desktop.host_id.in_(list(prefer_hosts)), 0), else_=1)]
+                 if prefer_hosts else [])
         first_free = (
             select(Desktop.id).join(Host, Host.id == Desktop.host_id).where(
                 Desktop.pool_id == pool_id, Desktop.state == S.READY,
                 Desktop.assigned_user.is_(None), Host.state == HostState.ENABLED,
                 Desktop.template_version_id == version_id, unleased)
-            .order_by(Desktop.name).limit(1).with_for_update(skip_locked=True)
+            .order_by(*order, Desktop.name).limit(1).with_for_update(skip_locked=True)
             .scalar_subquery())
         row = self._write_state(
             (Desktop.id == first_free) & Desktop.assigned_user.is_(None) & unleased,

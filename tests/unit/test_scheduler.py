@@ -297,3 +297,23 @@ def test_place_many_equals_repeated_place() -> None:
             one = place(r, list(state.values()))
             assert one == p
             state[p.host_id] = consume(state[p.host_id], r)
+
+
+# --- the profile holder (roaming profiles across hosts) ----------------------------------
+
+
+def test_among_equal_hosts_the_one_holding_the_users_profile_wins() -> None:
+    a, b, c = host("a"), host("b"), host("c")
+    plain = place(req(), [a, b, c])
+    assert plain.host == "a"  # ties go to the first by name
+    chosen = place(req(preferred_hosts=frozenset({c.id})), [a, b, c])
+    assert chosen.host == "c" and "holds the user's profile" in chosen.reason
+
+
+def test_the_profile_holder_does_not_outweigh_the_strategy() -> None:
+    """A full holder loses to an empty host under SPREAD: copying a few layers is cheaper
+    than an overloaded host."""
+    empty, busy = host("empty"), host("busy", used_vcpus=40, used_memory_mib=40 * 1024,
+                                        desktops=20)
+    chosen = place(req(preferred_hosts=frozenset({busy.id})), [busy, empty])
+    assert chosen.host == "empty" and "would copy the user's profile" in chosen.reason

@@ -78,6 +78,7 @@ from deskpool.drivers.fake.state import (
     check_definition,
     read_source,
 )
+from deskpool.drivers.fake.volume_copy import FakeVolumeCopyMixin
 
 GiB = 1024**3
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -89,7 +90,7 @@ _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
 class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, FakeLoadMixin,
-                 FakeSharedStorageMixin, HypervisorDriver):
+                 FakeSharedStorageMixin, FakeVolumeCopyMixin, HypervisorDriver):
     """One fake host. Thread-safe (one lock), unlike real drivers, so tests may share it."""
 
     def __init__(
@@ -257,6 +258,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, F
             )
         volume = self._add_volume(name, capacity=capacity, allocation=size)
         volume.sha256 = digest
+        volume.source = str(source)
         return volume.info()
 
     def tamper_volume(self, name: str) -> None:

@@ -36,6 +36,10 @@ class FakeVolume:
     allocation: int
     backing: str | None = None
     sha256: str | None = None  # of an imported image's bytes (changed by ``tamper_volume``)
+    # What ``read_volume`` gives: the bytes a ``receive_volume`` wrote, or the file an
+    # import came from (the fake keeps metadata only; other volumes have no bytes to read).
+    data: bytes | None = None
+    source: str | None = None
 
     def info(self) -> VolumeInfo:
         return VolumeInfo(self.name, self.path, self.capacity, self.allocation, self.backing)

@@ -65,6 +65,7 @@ from deskpool.drivers.libvirt.rdp_forward import rdp_forward
 from deskpool.drivers.libvirt.shared_restart import SharedRestartMixin
 from deskpool.drivers.libvirt.snapshots import SnapshotsMixin
 from deskpool.drivers.libvirt.volume_check import VerifiedVolumes
+from deskpool.drivers.libvirt.volume_streams import VolumeStreamsMixin
 
 # libvirt prints every error to stderr unless a handler swallows it; we translate them instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -109,8 +110,8 @@ def forget_storage_pool(storage_dir: Path, uri: str = "qemu:///system") -> None:
 
 
 class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImportsMixin,
-                    MigrationMixin, LoadSampleMixin, SharedRestartMixin, ConnectionMixin,
-                    HypervisorDriver):
+                    VolumeStreamsMixin, MigrationMixin, LoadSampleMixin, SharedRestartMixin,
+                    ConnectionMixin, HypervisorDriver):
     """One connection per host, opened again by the first call after it died (the host's
     libvirtd was restarted; see ``connection.py``)."""
 

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Enum
 from deskpool.store import (
     access_models,  # noqa: F401  (the broker tables join Base)
     offline,  # noqa: F401  (the offline check-out table joins Base)
+    profile_holders,  # noqa: F401  (which hosts hold which profile layers)
     profiles,  # noqa: F401  (the profile tables join Base)
 )
 from deskpool.store.models import Base, UtcDateTime
