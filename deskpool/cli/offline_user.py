@@ -35,11 +35,12 @@ from deskpool.cli.laptop.local_domain import (
 )
 from deskpool.cli.laptop.local_domain import stop_local as stop_domain
 from deskpool.cli.laptop.store import DesktopRecord, LaptopDir, default_dir, write_private
-from deskpool.cli.laptop.transfers import download, progress_bar, upload
+from deskpool.cli.laptop.transfers import download, layer_stamp, progress_bar, upload
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.offline import OfflineLease, SignedLease, human_date
 from deskpool.domain.offline_keys import KeyBinding, UserWrappedKey, wrap_for_user
-from deskpool.images.layer_delta import BlockManifest, block_manifest
+from deskpool.images.layer_changes import clear_sync_bitmap, cluster_map
+from deskpool.images.layer_delta import BlockManifest, block_manifest, layer_digest
 from deskpool.offline.start import authorize_offline_start
 
 offline_app = typer.Typer(
@@ -223,12 +224,14 @@ def _download_all(broker: Broker, laptop: LaptopDir, record: DesktopRecord, quie
                 what=f"layer of {record.desktop}",
                 params=params,
                 progress=progress,
+                digest=layer_digest,
             )
             _download_machine(broker, laptop, record, progress)
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline checkout {record.desktop}' resumes the download")
         raise typer.Exit(130) from None
-    write_private(laptop.manifest(record), block_manifest(layer).encode())
+    _synced(laptop, record, block_manifest(layer), cluster_map(layer))
+    clear_sync_bitmap(layer)  # changes from here on: the server's copy is the one downloaded
     record.downloaded = True
     laptop.save(record)
 
@@ -359,6 +362,8 @@ def _send(
         conn.close()
     broker = _broker()
     since = BlockManifest.decode(laptop.manifest(record).read_bytes())
+    map_file = laptop.synced_map(record)
+    synced_map = map_file.read_bytes() if map_file.is_file() else None
     try:
         with progress_bar(quiet) as progress:
             sent = upload(
@@ -371,6 +376,7 @@ def _send(
                 record.base_sha256,
                 kind,
                 progress,
+                synced_map,
             )
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline {kind} {desktop}' resumes the transfer")
@@ -385,10 +391,26 @@ def _send(
                 f"check-out; this laptop's copy is kept in {laptop.folder(record)}"
             ) from None
         raise
-    write_private(laptop.manifest(record), sent.manifest.encode())
+    _synced(laptop, record, sent.manifest, sent.cluster_map)
+    if kind == "sync" and layer_stamp(laptop.layer(record)) == sent.stamp:
+        # Still the layer as sent: its change bits are all on the server now. (Changed since,
+        # e.g. started in between: keep them, a superset only costs reading.)
+        clear_sync_bitmap(laptop.layer(record))
     out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}")
     _remember_revoked(broker, laptop)
     return laptop, record, sent.answer
+
+
+def _synced(laptop: LaptopDir, record: DesktopRecord, manifest: BlockManifest,
+            clusters: bytes | None) -> None:
+    """What the server's copy now is: its block manifest, then its cluster map (a cut
+    between them leaves an older map, which only makes the next plan read more)."""
+    write_private(laptop.manifest(record), manifest.encode())
+    map_file = laptop.synced_map(record)
+    if clusters is None:
+        map_file.unlink(missing_ok=True)
+    else:
+        write_private(map_file, clusters)
 
 
 @offline_app.command("sync")

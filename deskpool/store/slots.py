@@ -70,6 +70,13 @@ def renew_host_slot(session: Session, host_id: uuid.UUID, kind: str, slot: int, 
     return result.rowcount == 1
 
 
+def held_by(session: Session, host_id: uuid.UUID, kind: str, holder: str) -> int | None:
+    """The slot of ``kind`` that ``holder`` holds on the host (expired or not), if any."""
+    return session.scalars(
+        select(HostSlot.slot).where(HostSlot.host_id == host_id, HostSlot.kind == kind,
+                                    HostSlot.holder == holder).limit(1)).one_or_none()
+
+
 class HostSlotRepository:
     """The functions above over a unit of work's session (``uow.host_slots``)."""
 
@@ -89,3 +96,7 @@ class HostSlotRepository:
     def release(self, host_id: uuid.UUID, kind: str, slot: int, holder: str) -> None:
         """See :func:`release_host_slot`."""
         release_host_slot(self._session, host_id, kind, slot, holder)
+
+    def held_by(self, host_id: uuid.UUID, kind: str, holder: str) -> int | None:
+        """See :func:`held_by`."""
+        return held_by(self._session, host_id, kind, holder)

@@ -29,11 +29,12 @@ from deskpool.images.layer_delta import (
     LayerDelta,
     block_manifest,
     file_sha256,
+    layer_digest,
     plan_delta,
     read_chunk,
 )
 from deskpool.images.offline_layers import layer_spec, read_guest_bytes
-from deskpool.services import offline as offline_service
+from deskpool.services import offline_transfers
 from deskpool.services.audit import audit_log
 from deskpool.services.desktops import DesktopService
 from deskpool.services.events import recent_events
@@ -51,7 +52,7 @@ LAPTOP = "alice-laptop"
 def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
     """Pool ``home`` (stateful, dedicated, may go offline) with alice's desktop ready for her;
     pool ``lab`` (stateless) too; bob and admin root."""
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     w = make_world(tmp_path, database_url=database_url)
     w.user("root", admin=True)
     admin = w.client("root")
@@ -74,7 +75,7 @@ def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
     try:
         yield w
     finally:
-        offline_service._staged.clear()
+        offline_transfers._open.clear()
         w.ctx.close()
 
 
@@ -121,7 +122,7 @@ class Laptop:
                          params={"laptop": grant["checkout"]["laptop"]})
         assert got.status_code == 200, got.text
         self.layer.write_bytes(got.content)
-        assert file_sha256(self.layer) == grant["layer_sha256"]
+        assert layer_digest(self.layer) == grant["layer_sha256"]
         self.synced: BlockManifest = block_manifest(self.layer)  # as of the last sync
         self.client = client
 
@@ -318,7 +319,7 @@ def test_check_in_sends_the_changed_blocks_and_brings_the_desktop_back(
     world.fill()
     # A second check-out hands the same layer out again, under a new wrapping.
     again = check_out(world, laptop="alice-desk")
-    assert again["layer_sha256"] == file_sha256(laptop.layer)
+    assert again["layer_sha256"] == layer_digest(laptop.layer)
     assert base64.b64decode(again["data_key"]) == laptop.key
 
 
@@ -349,10 +350,15 @@ def test_a_cut_check_in_resumes_after_a_restart_and_ends_identical(
     missing = laptop.begin(delta).json()["missing"]
     laptop.send(delta, missing[:3])
     # Cut: the broker restarts (its open staged check-in is gone), the laptop comes back.
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     early = laptop.commit()
     assert early.status_code == 503 and "not received yet" in early.json()["detail"]
-    assert file_sha256(server_layer(world)) == before  # never half-applied
+    # Part of it is in the layer, under its undo journal: nothing may read it meanwhile.
+    fetch = world.client("alice").get(f"{API}/offline/desktops/{laptop.desktop}/layer",
+                                      params={"laptop": LAPTOP})
+    assert fetch.status_code == 409 and "in flight" in fetch.json()["detail"]
+    assert (server_layer(world).parent / "staging" / "undo").exists()
+    assert file_sha256(server_layer(world)) != before
     assert desktop_of(world, "alice").state == "checked_out"  # the lock held
     resumed = laptop.begin(delta).json()
     assert resumed["missing"] == missing[3:]  # only the rest travels

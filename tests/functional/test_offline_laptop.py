@@ -40,6 +40,7 @@ from deskpool.images.layer_delta import (
 )
 from deskpool.images.offline_layers import layer_spec
 from deskpool.services import offline as offline_service
+from deskpool.services import offline_transfers
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.offline_secrets import secrets_dir
 from deskpool.store.models import HostSlot
@@ -125,7 +126,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerWor
     """alice's desktop home-01, ready, in pool ``home`` that may go offline; alice signed in
     through the CLI's config (the server is started by each test)."""
     monkeypatch.setattr(client_module, "CONFIG", tmp_path / "config")
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     w = make_world(tmp_path)
     w.user("root", admin=True)
     made = w.client("root").post(
@@ -154,7 +155,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerWor
     try:
         yield w
     finally:
-        offline_service._staged.clear()
+        offline_transfers._open.clear()
         w.ctx.close()
         forget_fake_hosts()
 

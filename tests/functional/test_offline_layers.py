@@ -31,13 +31,13 @@ from deskpool.domain.offline_keys import (
     wrap_for_escrow,
     wrap_for_user,
 )
+from deskpool.images.layer_apply import InPlaceCheckin
 from deskpool.images.layer_delta import (
     BLOCK_SIZE,
     CheckinRefused,
     ChunkRejected,
     LayerChangedDuringCheckin,
     LayerDelta,
-    StagedCheckin,
     TransferStats,
     block_manifest,
     file_sha256,
@@ -139,7 +139,7 @@ def scattered_writes(layer: Path, key: bytes, count: int, seed: int) -> list[int
 def check_in(co: Checkout) -> tuple[LayerDelta, TransferStats]:
     """A whole check-in without interruptions; the server's key comes from escrow."""
     delta = plan_delta(co.layer, block_manifest(co.server_layer), co.base_sha256)
-    staged = StagedCheckin(co.server_layer, co.staging, delta,
+    staged = InPlaceCheckin(co.server_layer, co.staging, delta,
                            expected_base_sha256=co.base_sha256)
     stats = send_delta(co.layer, delta, staged)
     staged.commit(server_key(co))
@@ -226,7 +226,7 @@ def test_guest_data_never_reaches_a_laptop_file_or_the_wire_in_plaintext(
                        checkout.base_sha256)
     wire = delta.encode() + b"".join(read_chunk(checkout.layer, c) for c in delta.chunks)
     assert MARKER not in wire
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
     staged.commit(server_key(checkout))
@@ -286,7 +286,7 @@ class CutLink:
     """A connection that drops the first time given chunks are sent: either before the
     server got the chunk, or after it applied it but before the laptop heard back."""
 
-    def __init__(self, inner: StagedCheckin, cut_at: set[int], rnd: random.Random) -> None:
+    def __init__(self, inner: InPlaceCheckin, cut_at: set[int], rnd: random.Random) -> None:
         self.inner, self.cut_at, self.rnd, self.calls = inner, cut_at, rnd, 0
 
     def missing(self) -> list[int]:
@@ -320,8 +320,8 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
     sends, runs = 0, 0
     while True:
         runs += 1
-        # A new StagedCheckin each time: the server process may have restarted too.
-        staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        # A new InPlaceCheckin each time: the server process may have restarted too.
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                                expected_base_sha256=checkout.base_sha256)
         assert staged.resumed == (runs > 1)
         link = CutLink(staged, cut_at, rnd)
@@ -347,10 +347,11 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
 _CHILD = """
 import os, signal, sys
 from pathlib import Path
-from deskpool.images.layer_delta import LayerDelta, StagedCheckin, read_chunk
+from deskpool.images.layer_apply import InPlaceCheckin
+from deskpool.images.layer_delta import LayerDelta, read_chunk
 delta_file, current, staging, layer, kill_after = sys.argv[1:]
 delta = LayerDelta.decode(Path(delta_file).read_bytes())
-staged = StagedCheckin(Path(current), Path(staging), delta,
+staged = InPlaceCheckin(Path(current), Path(staging), delta,
                        expected_base_sha256=delta.base_sha256)
 for n, index in enumerate(staged.missing(), start=1):
     staged.apply_chunk(index, read_chunk(Path(layer), delta.chunks[index]))
@@ -375,7 +376,7 @@ def test_a_killed_server_process_resumes_from_its_journal(checkout: Checkout,
             cwd=REPO, env=env, capture_output=True, check=False)
         assert child.returncode == -signal.SIGKILL, child.stderr
         done += kill_after
-        staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                                expected_base_sha256=checkout.base_sha256)
         assert staged.resumed and len(staged.missing()) == total - done
     stats = send_delta(checkout.layer, delta, staged)
@@ -393,7 +394,7 @@ def test_a_cut_after_the_commit_rename_reads_as_committed(
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=13)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
 
@@ -406,7 +407,7 @@ def test_a_cut_after_the_commit_rename_reads_as_committed(
     monkeypatch.undo()
     assert (checkout.staging / "journal").exists()  # the clean-up never ran
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
-    again = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    again = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                           expected_base_sha256=checkout.base_sha256)
     assert again.committed and again.missing() == []
     assert not (checkout.staging / "journal").exists()
@@ -418,7 +419,7 @@ def test_a_cut_after_the_commit_rename_reads_as_committed(
 class DamagingLink:
     """Flips one bit in the first send of every third chunk."""
 
-    def __init__(self, inner: StagedCheckin) -> None:
+    def __init__(self, inner: InPlaceCheckin) -> None:
         self.inner, self.damaged = inner, set[int]()
 
     def missing(self) -> list[int]:
@@ -435,7 +436,7 @@ def test_a_damaged_chunk_is_refused_unwritten_and_sent_again(checkout: Checkout)
     scattered_writes(checkout.layer, checkout.data_key, 60, seed=5)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     first = delta.chunks[0]
     good = read_chunk(checkout.layer, first)
@@ -457,7 +458,7 @@ def test_a_delta_against_another_base_is_refused_and_changes_nothing(
     other_base = hashlib.sha256(b"another template version").hexdigest()
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer), other_base)
     with pytest.raises(CheckinRefused) as refused:
-        StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                       expected_base_sha256=checkout.base_sha256)
     assert str(refused.value).startswith(
         f"the check-in was made on base image sha256 {other_base[:16]}..., but this "
@@ -474,7 +475,7 @@ def test_a_delta_made_against_an_older_server_copy_is_refused(checkout: Checkout
     after_first = file_sha256(checkout.server_layer)
     delta = plan_delta(checkout.layer, stale, checkout.base_sha256)
     with pytest.raises(CheckinRefused, match="not the one the check-in was made against"):
-        StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                       expected_base_sha256=checkout.base_sha256)
     assert file_sha256(checkout.server_layer) == after_first
 
@@ -488,7 +489,7 @@ def test_a_staged_copy_that_does_not_match_the_laptop_is_never_committed(
     lying = LayerDelta(base_sha256=planned.base_sha256, since_sha256=planned.since_sha256,
                        target_sha256="0" * 64, target_size=planned.target_size,
                        chunks=planned.chunks)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, lying,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, lying,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, lying, staged)
     with pytest.raises(CheckinRefused, match="checksum differs from the laptop's"):
@@ -502,7 +503,7 @@ def test_commit_refuses_a_copy_qemu_img_cannot_open_with_the_key(checkout: Check
     before = file_sha256(checkout.server_layer)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
     with pytest.raises(OfflineLayerError, match="Invalid password"):
@@ -516,7 +517,7 @@ def test_a_new_check_in_discards_a_stale_staging(checkout: Checkout) -> None:
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=11)
     first = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, first,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, first,
                            expected_base_sha256=checkout.base_sha256)
     staged.apply_chunk(0, read_chunk(checkout.layer, first.chunks[0]))
     # The laptop ran the desktop again before retrying: a new plan, a new staging.
@@ -525,7 +526,7 @@ def test_a_new_check_in_discards_a_stale_staging(checkout: Checkout) -> None:
                         checkout.base_sha256)
     with pytest.raises(LayerChangedDuringCheckin, match="shut the desktop down"):
         send_delta(checkout.layer, first, staged)
-    restaged = StagedCheckin(checkout.server_layer, checkout.staging, second,
+    restaged = InPlaceCheckin(checkout.server_layer, checkout.staging, second,
                              expected_base_sha256=checkout.base_sha256)
     assert not restaged.resumed and len(restaged.missing()) == len(second.chunks)
     send_delta(checkout.layer, second, restaged)

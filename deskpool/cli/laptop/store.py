@@ -6,6 +6,7 @@ server's copy so the encrypted layer's relative backing name works on both ends:
     bases/<sha256>.qcow2               template bases, downloaded once per version
     layers/<desktop id>/layer.qcow2    the desktop's encrypted layer (0600)
     layers/<desktop id>/since.manifest block checksums of the server's copy (last sync)
+    layers/<desktop id>/since.map      where its guest clusters lay in the file then
     layers/<desktop id>/upload.plan    a check-in or sync in flight (resumed on re-run)
     desktops/<name>.json               lease, password-wrapped key, server key, sizes
 
@@ -61,7 +62,7 @@ class DesktopRecord:
     public_key_pem: str
     base_sha256: str
     base_size: int
-    layer_sha256: str  # the server's copy as of the last sync (what was downloaded)
+    layer_sha256: str  # the server's copy's digest as of the last sync (``BlockManifest``)
     layer_size: int
     policy: dict[str, Any] = field(default_factory=dict)
     # The machine it runs as (size, MAC, boot: the broker's ``.../machine``); {} before.
@@ -104,6 +105,9 @@ class LaptopDir:
 
     def manifest(self, record: DesktopRecord) -> Path:
         return self.folder(record) / "since.manifest"
+
+    def synced_map(self, record: DesktopRecord) -> Path:
+        return self.folder(record) / "since.map"
 
     def upload_plan(self, record: DesktopRecord) -> Path:
         return self.folder(record) / "upload.plan"
