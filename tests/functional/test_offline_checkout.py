@@ -481,3 +481,79 @@ def test_revoke_makes_the_laptop_refuse_and_force_check_in_releases(
         "offline.force-checkin", "offline.revoke"]
     assert events_of(world, "offline-revoke") and events_of(world, "offline-force-checkin")
     assert world.client("root").get(f"{API}/admin/offline/checkouts").json() == []
+
+
+# --- one transfer slot per check-in -------------------------------------------------------
+
+
+def transfer_slots(world: BrokerWorld) -> list[tuple[str | None, datetime | None]]:
+    from sqlalchemy import select
+
+    from deskpool.store.models import HostSlot
+    with world.ctx.uow(read_only=True) as uow:
+        return [(h, u) for h, u in uow.session.execute(
+            select(HostSlot.holder, HostSlot.held_until).where(HostSlot.kind == "transfer"))]
+
+
+def test_a_check_in_holds_one_slot_from_its_plan_to_its_commit(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    with world.ctx.uow() as uow:
+        (host,) = uow.hosts.list()
+        host.transfer_slots, host_id = 1, host.id
+        uow.commit()
+    for n in range(4):
+        laptop.write((n * 7 + 1) << 20, 0x50 + n)
+    delta = laptop.plan()
+    missing = laptop.begin(delta).json()["missing"]
+    with world.ctx.uow(read_only=True) as uow:
+        checkout_id = uow.offline_checkouts.active()[0].id
+    held = [h for h, _ in transfer_slots(world) if h]
+    assert held == [f"checkin:{checkout_id}"]
+    # Between two of its requests no other transfer gets the host's only slot.
+    from deskpool.services.host_slots import HostBusy, SlotKind, host_slot
+    with pytest.raises(HostBusy), host_slot(world.ctx, host_id, SlotKind.TRANSFER, 1,
+                                            holder="another-laptop", wait_up_to=0.1):
+        pass
+    laptop.send(delta, missing[:2])
+    assert [h for h, _ in transfer_slots(world) if h] == held  # the same one, renewed
+    laptop.send(delta, missing[2:])
+    assert laptop.commit().status_code == 200
+    assert [h for h, _ in transfer_slots(world) if h] == []  # given back at the commit
+
+
+def test_a_vanished_laptops_slot_expires_and_its_transfer_still_resumes(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from deskpool.services.host_slots import SlotKind, host_slot
+    from deskpool.store.models import HostSlot
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    with world.ctx.uow() as uow:
+        (host,) = uow.hosts.list()
+        host.transfer_slots, host_id = 1, host.id
+        uow.commit()
+    laptop.write(5 << 20, 0x61)
+    laptop.write(30 << 20, 0x62)
+    delta = laptop.plan()
+    missing = laptop.begin(delta).json()["missing"]
+    laptop.send(delta, missing[:1])
+    # The laptop vanishes; its lease runs out (as if TRANSFER_LEASE had passed).
+    with world.ctx.uow() as uow:
+        uow.session.execute(update(HostSlot).values(
+            held_until=datetime.now(UTC) - timedelta(seconds=1)))
+        uow.commit()
+    with host_slot(world.ctx, host_id, SlotKind.TRANSFER, 1, holder="another-laptop",
+                   wait_up_to=0.5):
+        # While another holds it, the laptop that came back is told to wait (503).
+        late = laptop.client.put(
+            f"{API}/offline/desktops/{laptop.desktop}/transfer/chunks/{missing[1]}",
+            params={"laptop": LAPTOP}, content=read_chunk(laptop.layer, delta.chunks[missing[1]]),
+            headers={"content-type": "application/octet-stream"})
+        assert late.status_code == 503 and "retry-after" in late.headers
+    # Freed again: the check-in resumes where it stopped and ends identical.
+    resumed = laptop.begin(delta).json()
+    assert resumed["missing"] == missing[1:]
+    laptop.send(delta, resumed["missing"])
+    assert laptop.commit().status_code == 200
+    assert file_sha256(server_layer(world)) == file_sha256(laptop.layer)
