@@ -35,11 +35,11 @@ from deskpool.cli.laptop.local_domain import (
 )
 from deskpool.cli.laptop.local_domain import stop_local as stop_domain
 from deskpool.cli.laptop.store import DesktopRecord, LaptopDir, default_dir, write_private
-from deskpool.cli.laptop.transfers import download, layer_stamp, progress_bar, upload
+from deskpool.cli.laptop.transfers import download, progress_bar, upload
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.offline import OfflineLease, SignedLease, human_date
 from deskpool.domain.offline_keys import KeyBinding, UserWrappedKey, wrap_for_user
-from deskpool.images.layer_changes import clear_sync_bitmap, cluster_map
+from deskpool.images.layer_changes import cluster_map
 from deskpool.images.layer_delta import BlockManifest, block_manifest, layer_digest
 from deskpool.offline.start import authorize_offline_start
 
@@ -231,7 +231,6 @@ def _download_all(broker: Broker, laptop: LaptopDir, record: DesktopRecord, quie
         out.print(f"paused: 'deskpool offline checkout {record.desktop}' resumes the download")
         raise typer.Exit(130) from None
     _synced(laptop, record, block_manifest(layer), cluster_map(layer))
-    clear_sync_bitmap(layer)  # changes from here on: the server's copy is the one downloaded
     record.downloaded = True
     laptop.save(record)
 
@@ -392,10 +391,6 @@ def _send(
             ) from None
         raise
     _synced(laptop, record, sent.manifest, sent.cluster_map)
-    if kind == "sync" and layer_stamp(laptop.layer(record)) == sent.stamp:
-        # Still the layer as sent: its change bits are all on the server now. (Changed since,
-        # e.g. started in between: keep them, a superset only costs reading.)
-        clear_sync_bitmap(laptop.layer(record))
     out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}")
     _remember_revoked(broker, laptop)
     return laptop, record, sent.answer

@@ -236,7 +236,7 @@ class InPlaceCheckin:
             raise InvalidInput(f"{current} does not exist")
         self.current, self.staging_dir, self.delta = current, staging_dir, delta
         self.journal = staging_dir / _UNDO
-        self.committed = self.resumed = False
+        self.committed = self.resumed = self.aborted = self._begin_again = False
         self.done: set[int] = set()
         self._undone: set[int] = set()
         found = _parse(self.journal)
@@ -271,10 +271,15 @@ class InPlaceCheckin:
         staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.stat(staging_dir).st_dev != os.stat(current).st_dev:
             raise InvalidInput(f"{staging_dir} must be on the same filesystem as {current}")
+        self._begin()
+
+    def _begin(self) -> None:
+        """A new journal for this plan over the layer as it is (the old copy)."""
+        self.done, self._undone, self.resumed = set(), set(), False
         self.journal.unlink(missing_ok=True)
-        header = json.dumps({"identity": delta.identity(), "old_size": self._old_size})
+        header = json.dumps({"identity": self.delta.identity(), "old_size": self._old_size})
         _append(self.journal, [_record(b"H", payload=header.encode("ascii"))])
-        fsync_path(staging_dir)
+        fsync_path(self.staging_dir)
         self._ensure_size()
 
     def _ensure_size(self) -> None:
@@ -308,6 +313,8 @@ class InPlaceCheckin:
     def apply_chunks(self, items: list[tuple[int, bytes]]) -> None:
         """Several chunks: each checked against the plan first; those before a damaged one
         are applied (and journalled) before it is refused."""
+        if self.aborted:
+            raise InvalidInput("this transfer was undone; open it again")
         good: list[tuple[DeltaChunk, bytes]] = []
         refused: ChunkRejected | None = None
         for index, data in items:
@@ -322,6 +329,9 @@ class InPlaceCheckin:
                 break
         if self.committed:
             good = []
+        if good and self._begin_again:
+            self._begin_again = False
+            self._begin()
         if good:
             self._write(good)
         if refused is not None:
@@ -356,6 +366,8 @@ class InPlaceCheckin:
         all (``CheckinRefused``) and keep the old copy. Committing twice does nothing."""
         if self.committed:
             return
+        if self.aborted:
+            raise InvalidInput("this transfer was undone; open it again")
         if self.missing():
             raise ChunkRejected(f"{len(self.missing())} chunk(s) not received yet")
         try:
@@ -378,11 +390,14 @@ class InPlaceCheckin:
         _finalize(self.current, self.staging_dir)
 
     def abort(self) -> None:
+        """Undo it all and end it: the layer is the old copy, no journal is left."""
         roll_back(self.current, self.staging_dir)
-        self._restart()
+        self.done, self._undone, self.aborted = set(), set(), True
 
     def _restart(self) -> None:
-        self.done, self._undone, self.resumed = set(), set(), False
+        """After a refused commit (undone, the old copy exactly, no journal): the same plan
+        may be sent again from the start, a new journal begun with its first chunk."""
+        self.done, self._undone, self.resumed, self._begin_again = set(), set(), False, True
 
     def _new_manifest(self) -> BlockManifest | None:
         """The old manifest with the sent chunks' blocks as read back from disk (each chunk's

@@ -31,7 +31,8 @@ from deskpool.domain.offline_keys import (
     wrap_for_escrow,
     wrap_for_user,
 )
-from deskpool.images.layer_apply import InPlaceCheckin
+from deskpool.images import layer_apply
+from deskpool.images.layer_apply import InPlaceCheckin, roll_back, transfer_in_flight
 from deskpool.images.layer_delta import (
     BLOCK_SIZE,
     CheckinRefused,
@@ -303,6 +304,15 @@ class CutLink:
             raise ConnectionError("link dropped before the acknowledgement")
 
 
+def undone_copy(co: Checkout) -> str:
+    """The sha256 of the server's layer as an undo of the transfer in flight leaves it."""
+    scratch = co.server.parent / "undo-trial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(co.server, scratch)
+    roll_back(scratch / "layer.qcow2", scratch / co.staging.relative_to(co.server))
+    return file_sha256(scratch / "layer.qcow2")
+
+
 def many_chunk_writes(co: Checkout) -> None:
     """Scattered blocks and some long runs, so chunks come in several sizes."""
     scattered_writes(co.layer, co.data_key, 150, seed=3)
@@ -329,8 +339,10 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
             send_delta(checkout.layer, delta, link)
         except ConnectionError:
             sends += link.calls
-            # Nothing half-applied is current: the server's copy is still the old one.
-            assert file_sha256(checkout.server_layer) == before
+            # Part of it is in the layer, under its journal (so nothing reads it), and
+            # undoing it gives the old copy back byte for byte (tried on a copy).
+            assert transfer_in_flight(checkout.staging)
+            assert undone_copy(checkout) == before
             continue
         sends += link.calls
         staged.commit(server_key(checkout))
@@ -387,30 +399,33 @@ def test_a_killed_server_process_resumes_from_its_journal(checkout: Checkout,
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
 
 
-def test_a_cut_after_the_commit_rename_reads_as_committed(
+def test_a_cut_after_the_commit_point_reads_as_committed(
         checkout: Checkout, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server renamed the staged copy into place, then died before cleaning up (or the
+    """The server wrote its commit record, then died before clearing the journal (or the
     laptop never heard back): retrying the same check-in is "done", not "refused"."""
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=13)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
     staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
-                           expected_base_sha256=checkout.base_sha256)
+                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
 
-    def die(path: Path) -> None:
+    def die(layer: Path, staging: Path) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr("deskpool.images.layer_delta.fsync_path", die)
+    monkeypatch.setattr(layer_apply, "_finalize", die)
     with pytest.raises(OSError, match="power cut"):
         staged.commit(server_key(checkout))
     monkeypatch.undo()
-    assert (checkout.staging / "journal").exists()  # the clean-up never ran
+    assert (checkout.staging / "undo").exists()  # the clean-up never ran
+    assert not transfer_in_flight(checkout.staging)  # committed: readable
+    assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+    # An undo now (a forced check-in) keeps the committed copy: past the commit point.
+    roll_back(checkout.server_layer, checkout.staging)
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
     again = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
-                          expected_base_sha256=checkout.base_sha256)
+                           expected_base_sha256=checkout.base_sha256)
     assert again.committed and again.missing() == []
-    assert not (checkout.staging / "journal").exists()
     assert send_delta(checkout.layer, delta, again).chunks_sent == 0
     again.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
@@ -440,10 +455,10 @@ def test_a_damaged_chunk_is_refused_unwritten_and_sent_again(checkout: Checkout)
                            expected_base_sha256=checkout.base_sha256)
     first = delta.chunks[0]
     good = read_chunk(checkout.layer, first)
-    staged_before = file_sha256(staged.staged)
+    staged_before = file_sha256(checkout.server_layer)
     with pytest.raises(ChunkRejected, match="chunk 0 arrived damaged"):
         staged.apply_chunk(0, bytes([good[0] ^ 1]) + good[1:])
-    assert file_sha256(staged.staged) == staged_before and 0 in staged.missing()
+    assert file_sha256(checkout.server_layer) == staged_before and 0 in staged.missing()
     link = DamagingLink(staged)
     stats = send_delta(checkout.layer, delta, link)
     assert stats.resent == len(link.damaged) > 0
@@ -494,8 +509,8 @@ def test_a_staged_copy_that_does_not_match_the_laptop_is_never_committed(
     send_delta(checkout.layer, lying, staged)
     with pytest.raises(CheckinRefused, match="checksum differs from the laptop's"):
         staged.commit(server_key(checkout))
-    assert file_sha256(checkout.server_layer) == before
-    assert not staged.staged.exists() and not staged.journal.exists()
+    assert file_sha256(checkout.server_layer) == before  # undone
+    assert not transfer_in_flight(checkout.staging)
 
 
 def test_commit_refuses_a_copy_qemu_img_cannot_open_with_the_key(checkout: Checkout) -> None:
@@ -508,22 +523,23 @@ def test_commit_refuses_a_copy_qemu_img_cannot_open_with_the_key(checkout: Check
     send_delta(checkout.layer, delta, staged)
     with pytest.raises(OfflineLayerError, match="Invalid password"):
         staged.commit(new_data_key())
-    assert file_sha256(checkout.server_layer) == before
-    staged.commit(server_key(checkout))  # with the right key the same staged copy commits
+    assert file_sha256(checkout.server_layer) == before  # undone, not left half-checked
+    assert staged.missing() == list(range(len(delta.chunks)))
+    send_delta(checkout.layer, delta, staged)  # sent again, it commits with the right key
+    staged.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
 
 
-def test_a_new_check_in_discards_a_stale_staging(checkout: Checkout) -> None:
+def test_a_new_check_in_undoes_the_one_in_flight(checkout: Checkout) -> None:
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=11)
-    first = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
-                       checkout.base_sha256)
+    since = block_manifest(checkout.server_layer)  # the laptop's, as of its last sync
+    first = plan_delta(checkout.layer, since, checkout.base_sha256)
     staged = InPlaceCheckin(checkout.server_layer, checkout.staging, first,
                            expected_base_sha256=checkout.base_sha256)
     staged.apply_chunk(0, read_chunk(checkout.layer, first.chunks[0]))
     # The laptop ran the desktop again before retrying: a new plan, a new staging.
     scattered_writes(checkout.layer, checkout.data_key, 5, seed=12)
-    second = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
-                        checkout.base_sha256)
+    second = plan_delta(checkout.layer, since, checkout.base_sha256)
     with pytest.raises(LayerChangedDuringCheckin, match="shut the desktop down"):
         send_delta(checkout.layer, first, staged)
     restaged = InPlaceCheckin(checkout.server_layer, checkout.staging, second,

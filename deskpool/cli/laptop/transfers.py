@@ -34,7 +34,7 @@ from rich.progress import (
 from deskpool.cli.laptop.broker import Broker, BrokerRefused
 from deskpool.cli.laptop.store import write_private
 from deskpool.domain.errors import DeskpoolError
-from deskpool.images.layer_changes import changed_ranges, cluster_map
+from deskpool.images.layer_changes import changed_ranges, clear_sync_bitmap, cluster_map
 from deskpool.images.layer_delta import (
     BlockManifest,
     LayerDelta,
@@ -184,7 +184,6 @@ class UploadResult:
     payload_bytes: int  # the chunks' bytes of the whole plan, as planned
     manifest: BlockManifest  # the layer as the server now has it
     cluster_map: bytes | None  # where its guest clusters lie in the file (``layer_changes``)
-    stamp: list[int]  # the layer file as planned (inode, size, mtime): unchanged since?
     incremental: bool  # planned from the change bitmap, not a whole read
 
 
@@ -195,15 +194,21 @@ def layer_stamp(layer: Path) -> list[int]:
 
 def planned(
     layer: Path, plan_file: Path, since: BlockManifest, base_sha256: str,
-    synced_map: bytes | None = None,
+    synced_map: bytes | None = None, clear_bitmap: bool = True,
 ) -> tuple[LayerDelta, BlockManifest, bytes | None, bool]:
     """The plan in flight if the layer is still as it was planned (same file, size and
     modification time), else a new one (kept first, with the manifest and the cluster map
-    the server's copy will have once it is committed). Only the blocks the layer's change
-    bitmap and maps say may differ are read (``layer_changes``), or all when it cannot tell."""
+    the server's copy will have once it is committed).
+
+    Only the blocks that may differ are read (``layer_changes``), or all when that cannot
+    be told. For a sync (``clear_bitmap``) the change bitmap is cleared *before* the read,
+    once what it said is kept in ``upload.pending`` (until a commit): a cut anywhere loses
+    no change, and the bitmap the server receives is the laptop's, so both files stay byte
+    for byte the same. A check-in leaves the layer as it is (the laptop forgets it)."""
     manifest_file = plan_file.with_suffix(".manifest")
     map_file = plan_file.with_suffix(".map")
     stamp_file = plan_file.with_suffix(".stamp")
+    pending_file = plan_file.with_suffix(".pending")
     if plan_file.is_file() and manifest_file.is_file() and stamp_file.is_file():
         kept = LayerDelta.decode(plan_file.read_bytes())
         if (
@@ -213,8 +218,16 @@ def planned(
         ):
             return (kept, BlockManifest.decode(manifest_file.read_bytes()),
                     map_file.read_bytes() if map_file.is_file() else None, True)
+    fresh = changed_ranges(layer, synced_map)
+    pending: list[list[int]] | None = []
+    if pending_file.is_file():
+        pending = json.loads(pending_file.read_text())
+    candidates = None if fresh is None or pending is None else merge_ranges(
+        [*((a, n) for a, n in pending), *fresh])
+    write_private(pending_file, json.dumps(candidates).encode())
+    if clear_bitmap:
+        clear_sync_bitmap(layer)
     stamp = layer_stamp(layer)
-    candidates = changed_ranges(layer, synced_map)
     delta, manifest = plan_with_manifest(layer, since, base_sha256, candidates)
     now_map = cluster_map(layer)
     write_private(manifest_file, manifest.encode())
@@ -225,6 +238,16 @@ def planned(
     write_private(stamp_file, json.dumps(stamp).encode())
     write_private(plan_file, delta.encode())  # last: with it, the set is complete
     return delta, manifest, now_map, candidates is not None
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, n in sorted(ranges):
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], first + n - merged[-1][0]))
+        else:
+            merged.append((first, n))
+    return merged
 
 
 def upload(
@@ -241,8 +264,7 @@ def upload(
 ) -> UploadResult:
     """Send the layer's changes since ``since`` (a check-in or a sync); resumable."""
     delta, manifest, now_map, incremental = planned(layer, plan_file, since, base_sha256,
-                                                    synced_map)
-    stamp = json.loads(plan_file.with_suffix(".stamp").read_text())
+                                                    synced_map, clear_bitmap=kind == "sync")
     plan = delta.encode()
     params = {"laptop": laptop}
     base = f"/offline/desktops/{desktop}/transfer"
@@ -279,11 +301,11 @@ def upload(
         progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
     done = broker.call("POST", f"{base}/commit", json={"laptop": laptop})
     plan_file.unlink(missing_ok=True)
-    for suffix in (".manifest", ".map", ".stamp"):
+    for suffix in (".manifest", ".map", ".stamp", ".pending"):
         plan_file.with_suffix(suffix).unlink(missing_ok=True)
     return UploadResult(
         answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest,
-        cluster_map=now_map, stamp=stamp, incremental=incremental,
+        cluster_map=now_map, incremental=incremental,
     )
 
 
