@@ -148,9 +148,13 @@ def _dirty_bits(layer: Path, header: Qcow2Header, bitmap: _Bitmap) -> bytes:
     return bytes(out)
 
 
-def changed_ranges(layer: Path, synced_map: bytes | None) -> list[tuple[int, int]] | None:
+def changed_ranges(layer: Path, synced_map: bytes | None,
+                   synced_size: int) -> list[tuple[int, int]] | None:
     """(first block, count) ranges of ``layer`` that may differ from the layer as last
-    synced (whose ``cluster_map`` is ``synced_map``); None: read it all."""
+    synced (``synced_size`` bytes, whose ``cluster_map`` is ``synced_map``); None: read it
+    all. Past ``synced_size`` the file grew: a new cluster there holds zeros (a hole) except
+    where the guest wrote, so only its dirty granules are named (the plan takes the rest as
+    zeros, as the server's copy grown to the new size has them)."""
     header = read_header(layer)
     if header is None or synced_map is None or not header.bitmaps_valid:
         return None
@@ -171,11 +175,11 @@ def changed_ranges(layer: Path, synced_map: bytes | None) -> list[tuple[int, int
     for host in [*data, -(-size // cs) * cs]:
         blocks.update(range(at // BLOCK, min(host, size + BLOCK - 1) // BLOCK))
         at = host + cs
-    # Clusters that moved: both places.
+    # Clusters that moved: both places (a new one in the grown part: its dirty granules).
     for c in range(len(new)):
         if new[c] != old[c]:
             for host in (new[c], old[c]):
-                if host:
+                if host and host < synced_size:
                     blocks.update(range(host // BLOCK, host // BLOCK + per_cluster))
     # Dirty granules, where they lie now and where they lay.
     bits = _dirty_bits(layer, header, bitmap)

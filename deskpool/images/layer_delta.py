@@ -46,6 +46,7 @@ from deskpool.domain.errors import InvalidInput, PermanentError, TemporaryError
 BLOCK_SIZE = 4096
 MAX_CHUNK = 1024 * 1024
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_HASH = hashlib.sha256(_ZERO_BLOCK).digest()
 _MANIFEST_MAGIC = b"DPMANIF2"
 _DELTA_MAGIC = b"DPDELTA1"
 # offset, length, bytes on the wire, flags, sha256: 49 bytes per chunk in the plan
@@ -264,12 +265,13 @@ def plan_with_manifest(layer: Path, since: BlockManifest, base_sha256: str,
 
     ``candidates``: the only block ranges (first block, count) that may differ from
     ``since`` (``layer_changes`` knows them without reading the layer); every other block is
-    taken as ``since`` has it. None: read the whole file. Either way the blocks from the
-    old end on are read."""
+    taken as ``since`` has it, or as zeros past its end (the server grows its copy with
+    zeros). None: read the whole file. Either way the blocks at the old and the new end are
+    read."""
     size = os.stat(layer).st_size
     count, old_count = -(-size // BLOCK_SIZE), -(-since.file_size // BLOCK_SIZE)
     hashes = bytearray(since.hashes[:32 * min(count, old_count)])
-    hashes += bytes(32 * (count - len(hashes) // 32))
+    hashes += _ZERO_HASH * (count - len(hashes) // 32)
     reads = [(0, count)] if candidates is None else _with_the_end(candidates, old_count, count)
     chunks: list[DeltaChunk] = []
     run: list[bytes] = []
@@ -317,8 +319,8 @@ def plan_with_manifest(layer: Path, since: BlockManifest, base_sha256: str,
 
 def _with_the_end(ranges: list[tuple[int, int]], old_count: int,
                   count: int) -> list[tuple[int, int]]:
-    """``ranges`` and the blocks from the old last one on, merged, sorted, within the file."""
-    wanted = sorted([*ranges, (max(old_count - 1, 0), count)])
+    """``ranges`` and the last block of the old and the new file, merged, sorted, within it."""
+    wanted = sorted([*ranges, (max(old_count - 1, 0), 1), (max(count - 1, 0), 1)])
     merged: list[tuple[int, int]] = []
     for first, n in wanted:
         end = min(first + n, count)

@@ -32,7 +32,18 @@ from deskpool.domain.offline_keys import (
     wrap_for_user,
 )
 from deskpool.images import layer_apply
-from deskpool.images.layer_apply import InPlaceCheckin, roll_back, transfer_in_flight
+from deskpool.images.layer_apply import (
+    InPlaceCheckin,
+    layer_manifest,
+    roll_back,
+    transfer_in_flight,
+)
+from deskpool.images.layer_changes import (
+    changed_ranges,
+    clear_sync_bitmap,
+    cluster_map,
+    read_header,
+)
 from deskpool.images.layer_delta import (
     BLOCK_SIZE,
     CheckinRefused,
@@ -43,6 +54,7 @@ from deskpool.images.layer_delta import (
     block_manifest,
     file_sha256,
     plan_delta,
+    plan_with_manifest,
     read_chunk,
     send_delta,
 )
@@ -548,3 +560,64 @@ def test_a_new_check_in_undoes_the_one_in_flight(checkout: Checkout) -> None:
     send_delta(checkout.layer, second, restaged)
     restaged.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+
+
+# --- knowing what changed without reading the layer -------------------------------------------
+
+
+def test_the_change_bitmap_names_every_changed_block_and_few_others(checkout: Checkout) -> None:
+    """Planned from the layer's dirty bitmap and cluster maps, a check-in reads a small part
+    of the layer yet makes the same plan as a whole read, round after round (rewrites,
+    new clusters past the old end, discards), and the server ends byte for byte the same."""
+    layer, key = checkout.layer, checkout.data_key
+    qemu_io(layer, key, "write -q -P 0x11 0 40M")  # a layer with data in it
+    rounds = [
+        [f"write -q -P 0x{n:02x} {n * 3}M 4k" for n in range(1, 12)],  # rewrites in place
+        ["write -q -P 0x21 100M 4k", "write -q -P 0x22 180M 64k", "write -q -P 0x23 5M 8k"],
+        ["discard -q 0 1M", "write -q -P 0x31 1M 4k", "write -q -P 0x32 200M 4k"],
+    ]
+    # Where the server's copy stands: the 40 MiB synced, then the bits cleared and synced.
+    for _ in range(2):
+        delta = plan_delta(layer, layer_manifest(checkout.server_layer), checkout.base_sha256)
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
+                                expected_base_sha256=checkout.base_sha256)
+        send_delta(layer, delta, staged)
+        staged.commit(server_key(checkout))
+        clear_sync_bitmap(layer)
+    since, synced_map = block_manifest(layer), cluster_map(layer)
+    assert since == block_manifest(checkout.server_layer)
+    for n, commands in enumerate(rounds):
+        qemu_io(layer, key, *commands)
+        ranges = changed_ranges(layer, synced_map, since.file_size)
+        assert ranges is not None
+        read = sum(count for _, count in ranges) * BLOCK_SIZE
+        quick, quick_manifest = plan_with_manifest(layer, since, checkout.base_sha256, ranges)
+        whole, whole_manifest = plan_with_manifest(layer, since, checkout.base_sha256)
+        assert quick == whole and quick_manifest == whole_manifest
+        assert read < layer.stat().st_size // 4, (n, read)
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, quick,
+                                expected_base_sha256=checkout.base_sha256)
+        send_delta(layer, quick, staged)
+        staged.commit(server_key(checkout))
+        assert file_sha256(checkout.server_layer) == file_sha256(layer)
+        since, synced_map = quick_manifest, cluster_map(layer)
+        assert clear_sync_bitmap(layer)
+        # The cleared bitmap is a change too: it travels with the next round.
+        since_cleared = plan_with_manifest(layer, since, checkout.base_sha256)[0]
+        assert since_cleared.chunks
+
+
+def test_a_bitmap_qemu_left_in_use_means_a_whole_read(checkout: Checkout) -> None:
+    synced_map = cluster_map(checkout.layer)
+    since = block_manifest(checkout.layer)
+    assert changed_ranges(checkout.layer, synced_map, since.file_size) is not None
+    assert changed_ranges(checkout.layer, None, since.file_size) is None  # no map of the sync
+    header = read_header(checkout.layer)
+    assert header is not None and header.bitmap_dir is not None
+    with checkout.layer.open("r+b") as f:  # the flags QEMU sets while it has the layer open
+        f.seek(header.bitmap_dir[0] + 12)
+        flags = int.from_bytes(f.read(4), "big")
+        f.seek(header.bitmap_dir[0] + 12)
+        f.write((flags | 1).to_bytes(4, "big"))
+    assert changed_ranges(checkout.layer, synced_map, since.file_size) is None
+    assert not clear_sync_bitmap(checkout.layer)

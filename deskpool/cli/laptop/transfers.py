@@ -218,7 +218,7 @@ def planned(
         ):
             return (kept, BlockManifest.decode(manifest_file.read_bytes()),
                     map_file.read_bytes() if map_file.is_file() else None, True)
-    fresh = changed_ranges(layer, synced_map)
+    fresh = changed_ranges(layer, synced_map, since.file_size)
     pending: list[list[int]] | None = []
     if pending_file.is_file():
         pending = json.loads(pending_file.read_text())
