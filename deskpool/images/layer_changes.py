@@ -148,18 +148,19 @@ def _dirty_bits(layer: Path, header: Qcow2Header, bitmap: _Bitmap) -> bytes:
     return bytes(out)
 
 
-def changed_ranges(layer: Path, synced_map: bytes | None,
-                   synced_size: int) -> list[tuple[int, int]] | None:
+def changed_ranges(layer: Path, synced_map: bytes | None, synced_size: int,
+                   now_map: bytes | None = None) -> list[tuple[int, int]] | None:
     """(first block, count) ranges of ``layer`` that may differ from the layer as last
     synced (``synced_size`` bytes, whose ``cluster_map`` is ``synced_map``); None: read it
     all. Past ``synced_size`` the file grew: a new cluster there holds zeros (a hole) except
     where the guest wrote, so only its dirty granules are named (the plan takes the rest as
-    zeros, as the server's copy grown to the new size has them)."""
+    zeros, as the server's copy grown to the new size has them). ``now_map``: the layer's
+    ``cluster_map``, if the caller has it."""
     header = read_header(layer)
     if header is None or synced_map is None or not header.bitmaps_valid:
         return None
     bitmap = _sync_bitmap(layer, header)
-    now_map = cluster_map(layer)
+    now_map = now_map or cluster_map(layer)
     if bitmap is None or bitmap.in_use or now_map is None or len(now_map) != len(synced_map):
         return None
     cs = header.cluster_size

@@ -13,6 +13,7 @@ journal); the plan is stored on the check-out row, so a cut transfer resumes aft
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -39,6 +40,9 @@ SLOT_RETRY_S = 5.0
 _locks: dict[uuid.UUID, threading.Lock] = {}
 _locks_guard = threading.Lock()
 _open: dict[uuid.UUID, tuple[str, InPlaceCheckin]] = {}
+# When this process last renewed a check-out's slot: a step within a third of the lease of
+# that renews nothing (one database write per step would cost more than the step).
+_renewed: dict[uuid.UUID, float] = {}
 
 
 def desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
@@ -62,6 +66,9 @@ def hold_slot(svc: OfflineService, checkout_id: uuid.UUID, desktop_id: uuid.UUID
     ``HostBusy`` when every slot is taken. False when the slot was lost (it expired and
     another took it), True while held."""
     holder = slot_holder(checkout_id)
+    last = _renewed.get(checkout_id)
+    if last is not None and time.monotonic() - last < TRANSFER_LEASE.total_seconds() / 3:
+        return True
     now = datetime.now(UTC)
     with svc.ctx.uow() as uow:
         desktop = uow.desktops.get(desktop_id)
@@ -70,10 +77,13 @@ def hold_slot(svc: OfflineService, checkout_id: uuid.UUID, desktop_id: uuid.UUID
         if held is not None and uow.host_slots.renew(host_id, SlotKind.TRANSFER.value, held,
                                                      holder, now + TRANSFER_LEASE):
             uow.commit()
+            _renewed[checkout_id] = time.monotonic()
             return True
         taken = uow.host_slots.take(host_id, SlotKind.TRANSFER.value, max(limit, 1), holder,
                                     now + TRANSFER_LEASE, now)
         uow.commit()
+    if taken is not None:
+        _renewed[checkout_id] = time.monotonic()
     if taken is None:
         raise HostBusy(f"host {host} is busy with {limit} other transfer(s); try again in "
                        f"{SLOT_RETRY_S:.0f} s (nothing was lost)", delay=SLOT_RETRY_S)
@@ -81,6 +91,7 @@ def hold_slot(svc: OfflineService, checkout_id: uuid.UUID, desktop_id: uuid.UUID
 
 
 def release_slot(svc: OfflineService, checkout_id: uuid.UUID, desktop_id: uuid.UUID) -> None:
+    _renewed.pop(checkout_id, None)
     holder = slot_holder(checkout_id)
     with svc.ctx.uow() as uow:
         host_id = uow.desktops.get(desktop_id).host_id
@@ -162,6 +173,7 @@ def finish(svc: OfflineService, user: str, desktop_name: str,
     hold_slot(svc, checkout_id, desktop_id)
 
     def renew() -> bool:
+        _renewed.pop(checkout_id, None)
         return hold_slot(svc, checkout_id, desktop_id)
 
     with renewed_while_running(renew, TRANSFER_LEASE.total_seconds() / 3,

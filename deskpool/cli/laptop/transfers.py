@@ -218,18 +218,19 @@ def planned(
         ):
             return (kept, BlockManifest.decode(manifest_file.read_bytes()),
                     map_file.read_bytes() if map_file.is_file() else None, True)
-    fresh = changed_ranges(layer, synced_map, since.file_size)
+    clusters = cluster_map(layer)
+    fresh = changed_ranges(layer, synced_map, since.file_size, clusters)
     pending: list[list[int]] | None = []
     if pending_file.is_file():
         pending = json.loads(pending_file.read_text())
     candidates = None if fresh is None or pending is None else merge_ranges(
         [*((a, n) for a, n in pending), *fresh])
     write_private(pending_file, json.dumps(candidates).encode())
-    if clear_bitmap:
+    if clear_bitmap:  # in place: no cluster moves
         clear_sync_bitmap(layer)
     stamp = layer_stamp(layer)
     delta, manifest = plan_with_manifest(layer, since, base_sha256, candidates)
-    now_map = cluster_map(layer)
+    now_map = clusters
     write_private(manifest_file, manifest.encode())
     if now_map is not None:
         write_private(map_file, now_map)
