@@ -282,8 +282,10 @@ def plan_with_manifest(layer: Path, since: BlockManifest, base_sha256: str,
         nonlocal run_len
         if run:
             data = b"".join(run)
-            packed = b"" if run_zero else zlib.compress(data, 1)
-            compressed = not run_zero and len(packed) <= _WORTH_COMPRESSING * len(data)
+            # Ciphertext never compresses: a run whose first block does not is sent as it is
+            # (compressing 20 MiB of it cost more than planning the rest).
+            packed = b"" if run_zero or _incompressible(run[0]) else zlib.compress(data, 1)
+            compressed = bool(packed) and len(packed) <= _WORTH_COMPRESSING * len(data)
             chunks.append(DeltaChunk(
                 index=len(chunks), offset=run_start, length=len(data),
                 sha256=hashlib.sha256(data).digest(), zero=run_zero, compressed=compressed,
@@ -315,6 +317,10 @@ def plan_with_manifest(layer: Path, since: BlockManifest, base_sha256: str,
     return (LayerDelta(base_sha256=base_sha256, since_sha256=since.digest,
                        target_sha256=manifest.digest, target_size=size, chunks=tuple(chunks)),
             manifest)
+
+
+def _incompressible(block: bytes) -> bool:
+    return len(zlib.compress(block, 1)) > 0.9 * len(block)
 
 
 def _with_the_end(ranges: list[tuple[int, int]], old_count: int,

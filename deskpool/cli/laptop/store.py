@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -152,12 +154,30 @@ class LaptopDir:
     def forget(self, record: DesktopRecord) -> None:
         """After a check-in or rollback: the record, then the layer's folder; bases stay.
         The record goes first: a cut here leaves leftovers (cleared by the next check-out),
-        never a record whose files are half gone."""
+        never a record whose files are half gone. The folder is moved to ``trash/`` (one
+        rename) and deleted by a detached process: freeing a GiB of fragmented layer takes
+        seconds, and the command is done once the broker has committed. Without its record
+        the layer in the trash is ciphertext whose key is nowhere on the laptop; any left
+        there (a cut) go with the next check-out."""
         self._record_path(record.desktop).unlink(missing_ok=True)
-        self.clear_folder(record)
+        folder = self.folder(record)
+        if not folder.is_dir():
+            return
+        trash = self.root / "trash" / uuid.uuid4().hex
+        trash.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(folder, trash)
+        # The shell puts rm in the background and returns at once (nothing left to reap).
+        subprocess.run(["sh", "-c", 'rm -rf -- "$1" &', "sh", str(trash)], check=False,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def empty_trash(self) -> None:
+        """What earlier check-ins left to delete (their deleting process was cut)."""
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
 
     def clear_folder(self, record: DesktopRecord) -> None:
-        """Whatever an earlier check-out of this desktop left in its folder."""
+        """Whatever an earlier check-out of this desktop left in its folder (and trash)."""
+        self.empty_trash()
         folder = self.folder(record)
         for path in sorted(folder.glob("*"), reverse=True):
             path.unlink()
