@@ -81,6 +81,7 @@ from deskpool.services import template_faults
 from deskpool.services.context import ServiceContext
 from deskpool.services.factory import DesktopFactory
 from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
+from deskpool.services.offline_transfers import release_stale_slots
 from deskpool.services.placement import Placer
 from deskpool.services.pool_admin import finish_deletion
 from deskpool.services.pools import insert_pool_desktop, pool_spec
@@ -210,8 +211,10 @@ class Reconciler:
 
     def _recover_profiles(self, report: PassReport) -> None:
         """Crash recovery of roaming profiles: open session layers that no session or coming
-        logoff will end are set aside (``ProfileDesktops.recover``; an event each)."""
+        logoff will end are set aside (``ProfileDesktops.recover``; an event each); and of
+        offline transfers: slots of check-outs no longer transferring are given back."""
         try:
+            release_stale_slots(self.ctx)
             for layer in self.steps.profiles.recover():
                 log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
                             layer.id, layer.user, layer.desktop)

@@ -18,10 +18,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from deskpool.domain.errors import Conflict, Forbidden, InvalidInput
+from deskpool.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
 from deskpool.images.layer_apply import InPlaceCheckin
 from deskpool.images.layer_delta import CheckinRefused, LayerDelta
 from deskpool.images.offline_server import ServerLayer, discard_transfer, open_transfer
+from deskpool.services.context import ServiceContext
 from deskpool.services.host_slots import HostBusy, SlotKind
 from deskpool.services.offline_views import CheckoutView, LeaseGrant, TransferView, checkout_view
 from deskpool.services.pools import offline_policy
@@ -99,6 +100,26 @@ def release_slot(svc: OfflineService, checkout_id: uuid.UUID, desktop_id: uuid.U
         if held is not None:
             uow.host_slots.release(host_id, SlotKind.TRANSFER.value, held, holder)
         uow.commit()
+
+
+def release_stale_slots(ctx: ServiceContext) -> int:
+    """Crash recovery (the reconciler, each pass): give back the transfer slots of check-outs
+    with no transfer in flight any more (ended, or their transfer done or undone by a broker
+    that died before giving the slot back). Those of live transfers are left to their lease.
+    How many were given back."""
+    freed = 0
+    with ctx.uow() as uow:
+        for host_id, slot, holder in uow.host_slots.held_by_prefix(SlotKind.TRANSFER.value,
+                                                                   "checkin:"):
+            try:
+                checkout = uow.offline_checkouts.get(uuid.UUID(holder.split(":", 1)[1]))
+            except (ValueError, NotFound):
+                checkout = None
+            if checkout is None or not checkout.active or checkout.transfer_plan is None:
+                uow.host_slots.release(host_id, SlotKind.TRANSFER.value, slot, holder)
+                freed += 1
+        uow.commit()
+    return freed
 
 
 # --- the steps ----------------------------------------------------------------------------

@@ -77,6 +77,14 @@ def held_by(session: Session, host_id: uuid.UUID, kind: str, holder: str) -> int
                                     HostSlot.holder == holder).limit(1)).one_or_none()
 
 
+def held_by_prefix(session: Session, kind: str,
+                   prefix: str) -> list[tuple[uuid.UUID, int, str]]:
+    """(host, slot, holder) of every slot of ``kind`` whose holder starts with ``prefix``."""
+    return [(h, n, who) for h, n, who in session.execute(
+        select(HostSlot.host_id, HostSlot.slot, HostSlot.holder).where(
+            HostSlot.kind == kind, HostSlot.holder.startswith(prefix, autoescape=True)))]
+
+
 class HostSlotRepository:
     """The functions above over a unit of work's session (``uow.host_slots``)."""
 
@@ -100,3 +108,7 @@ class HostSlotRepository:
     def held_by(self, host_id: uuid.UUID, kind: str, holder: str) -> int | None:
         """See :func:`held_by`."""
         return held_by(self._session, host_id, kind, holder)
+
+    def held_by_prefix(self, kind: str, prefix: str) -> list[tuple[uuid.UUID, int, str]]:
+        """See :func:`held_by_prefix`."""
+        return held_by_prefix(self._session, kind, prefix)

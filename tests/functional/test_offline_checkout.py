@@ -558,3 +558,22 @@ def test_a_vanished_laptops_slot_expires_and_its_transfer_still_resumes(
     laptop.send(delta, resumed["missing"])
     assert laptop.commit().status_code == 200
     assert file_sha256(server_layer(world)) == file_sha256(laptop.layer)
+
+
+def test_the_reconciler_gives_back_a_slot_a_dead_broker_kept(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    laptop.write(9 << 20, 0x71)
+    delta = laptop.plan()
+    laptop.begin(delta)
+    world.fill()  # a reconciler pass: the transfer is live, its slot stays
+    with world.ctx.uow(read_only=True) as uow:
+        checkout_id = uow.offline_checkouts.active()[0].id
+    assert [h for h, _ in transfer_slots(world) if h] == [f"checkin:{checkout_id}"]
+    # The broker ended the transfer (as a commit does) and died before giving the slot back.
+    with world.ctx.uow() as uow:
+        uow.offline_checkouts.get(checkout_id).transfer_plan = None
+        uow.commit()
+    world.fill()
+    assert [h for h, _ in transfer_slots(world) if h] == []
+    assert offline_transfers.release_stale_slots(world.ctx) == 0  # nothing left to free
