@@ -211,10 +211,9 @@ class Reconciler:
 
     def _recover_profiles(self, report: PassReport) -> None:
         """Crash recovery of roaming profiles: open session layers that no session or coming
-        logoff will end are set aside (``ProfileDesktops.recover``; an event each); and of
-        offline transfers: slots of check-outs no longer transferring are given back."""
+        logoff will end are set aside (``ProfileDesktops.recover``; an event each)."""
         try:
-            release_stale_slots(self.ctx)
+            release_stale_slots(self.ctx)  # and offline transfers' slots a dead broker kept
             for layer in self.steps.profiles.recover():
                 log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
                             layer.id, layer.user, layer.desktop)
