@@ -39,7 +39,8 @@ from deskpool.cli.laptop.transfers import download, progress_bar, upload
 from deskpool.domain.errors import Conflict, InvalidInput
 from deskpool.domain.offline import OfflineLease, SignedLease, human_date
 from deskpool.domain.offline_keys import KeyBinding, UserWrappedKey, wrap_for_user
-from deskpool.images.layer_delta import BlockManifest, block_manifest
+from deskpool.images.layer_changes import cluster_map
+from deskpool.images.layer_delta import BlockManifest, block_manifest, layer_digest
 from deskpool.offline.start import authorize_offline_start
 
 offline_app = typer.Typer(
@@ -223,12 +224,13 @@ def _download_all(broker: Broker, laptop: LaptopDir, record: DesktopRecord, quie
                 what=f"layer of {record.desktop}",
                 params=params,
                 progress=progress,
+                digest=layer_digest,
             )
             _download_machine(broker, laptop, record, progress)
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline checkout {record.desktop}' resumes the download")
         raise typer.Exit(130) from None
-    write_private(laptop.manifest(record), block_manifest(layer).encode())
+    _synced(laptop, record, block_manifest(layer), cluster_map(layer))
     record.downloaded = True
     laptop.save(record)
 
@@ -359,6 +361,8 @@ def _send(
         conn.close()
     broker = _broker()
     since = BlockManifest.decode(laptop.manifest(record).read_bytes())
+    map_file = laptop.synced_map(record)
+    synced_map = map_file.read_bytes() if map_file.is_file() else None
     try:
         with progress_bar(quiet) as progress:
             sent = upload(
@@ -371,6 +375,7 @@ def _send(
                 record.base_sha256,
                 kind,
                 progress,
+                synced_map,
             )
     except KeyboardInterrupt:
         out.print(f"paused: 'deskpool offline {kind} {desktop}' resumes the transfer")
@@ -385,10 +390,22 @@ def _send(
                 f"check-out; this laptop's copy is kept in {laptop.folder(record)}"
             ) from None
         raise
-    write_private(laptop.manifest(record), sent.manifest.encode())
+    _synced(laptop, record, sent.manifest, sent.cluster_map)
     out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}")
     _remember_revoked(broker, laptop)
     return laptop, record, sent.answer
+
+
+def _synced(laptop: LaptopDir, record: DesktopRecord, manifest: BlockManifest,
+            clusters: bytes | None) -> None:
+    """What the server's copy now is: its block manifest, then its cluster map (a cut
+    between them leaves an older map, which only makes the next plan read more)."""
+    write_private(laptop.manifest(record), manifest.encode())
+    map_file = laptop.synced_map(record)
+    if clusters is None:
+        map_file.unlink(missing_ok=True)
+    else:
+        write_private(map_file, clusters)
 
 
 @offline_app.command("sync")

@@ -1,5 +1,5 @@
 """Check-in of an offline desktop's layer: the changed 4 KiB blocks travel, the server applies
-them to a staging copy, and only a verified copy becomes current, by one atomic rename.
+them in place under an undo journal (``layer_apply``), and only a verified copy is committed.
 
 What travels is the laptop's encrypted layer file itself, block by block (ciphertext), not the
 decrypted guest data. Why:
@@ -7,7 +7,7 @@ decrypted guest data. Why:
 * the laptop never writes or sends plaintext: no spool, journal or stream holds the guest's
   data in the clear, whatever the transport;
 * the server keeps the layer exactly as the laptop has it, byte for byte, so "both ends agree"
-  is one whole-file sha256, and the next check-out hands out that same file;
+  is one digest (``BlockManifest.digest``), and the next check-out hands out that same file;
 * the server can still open it (``qemu-img check`` before committing, recovery by an admin):
   it holds the escrowed data key.
 The price is qcow2 metadata: a 4 KiB page of L2 table or refcounts changes with the data it
@@ -16,16 +16,17 @@ mostly zeros, so chunks that compress well travel zlib-compressed: writes scatte
 32 MiB then cost 1.02x the bytes written instead of 2.0x (``bench/o1_offline_delta.py``).
 
 Which blocks changed is decided against a ``BlockManifest`` (sha256 per 4 KiB block) of the
-server's current copy: the laptop keeps the one of its last sync and asks the server for its
-manifest only when the whole-file checksums disagree. A block the manifest does not know, or
+server's current copy: the laptop keeps the one of its last sync, and reads only the blocks
+that may have changed since (``layer_changes``: the layer's own dirty bitmap), or all of them
+when it cannot know. A block the manifest does not know, or
 whose hash differs, is sent; runs of zeros past the server copy's end are not (growing the
 file makes them). Every check-in names the copy it was made against (``since_sha256``) and
 the base under it, and is refused, leaving the server's copy untouched, if either differs.
 
-Resuming: the server journals each applied chunk (index and sha256) after the chunk's bytes are
-on disk, so a transfer cut anywhere (an exception, a killed process, a lost connection) goes on
-with the chunks the journal lacks. Applying a chunk twice writes the same bytes. A chunk whose
-checksum does not match is refused before anything is written, and is sent again.
+Resuming: the server journals each applied chunk after its bytes are on disk (and the bytes
+it overwrote before), so a transfer cut anywhere goes on with the chunks the journal lacks, or
+is undone (``layer_apply``). A chunk whose checksum does not match is refused before anything
+is written, and is sent again.
 """
 
 from __future__ import annotations
@@ -33,22 +34,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from deskpool.domain.errors import InvalidInput, PermanentError, TemporaryError
-from deskpool.images.builder import fsync_path
-from deskpool.images.offline_layers import check_layer
 
 BLOCK_SIZE = 4096
 MAX_CHUNK = 1024 * 1024
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
-_MANIFEST_MAGIC = b"DPMANIF1"
+_ZERO_HASH = hashlib.sha256(_ZERO_BLOCK).digest()
+_MANIFEST_MAGIC = b"DPMANIF2"
 _DELTA_MAGIC = b"DPDELTA1"
 # offset, length, bytes on the wire, flags, sha256: 49 bytes per chunk in the plan
 _CHUNK = struct.Struct("<QIIB32s")
@@ -57,8 +56,7 @@ _FLAG_ZLIB = 2
 # Compress a chunk only when that saves at least this share: ciphertext never compresses,
 # qcow2 metadata pages (a few 16-byte L2 entries in 4 KiB) shrink to tens of bytes.
 _WORTH_COMPRESSING = 0.75
-_JOURNAL = "journal"
-_STAGED = "layer.staged"
+_DIGEST_TAG = b"DPLAYER1"  # what a layer digest hashes first: its kind
 
 
 class CheckinRefused(PermanentError):
@@ -120,13 +118,20 @@ def _hex64(meta: dict[str, object], key: str) -> str:
 
 @dataclass(frozen=True)
 class BlockManifest:
-    """A layer file's whole-file sha256 and the sha256 of each 4 KiB block (the last one may
-    be short), packed end to end: 32 bytes per 4 KiB of file (0.8%), one bytes object, so
-    a large layer's manifest is not millions of Python objects."""
+    """A layer file's size and the sha256 of each 4 KiB block (the last one may be short),
+    packed end to end: 32 bytes per 4 KiB of file (0.8%), one bytes object, so a large
+    layer's manifest is not millions of Python objects.
+
+    Its ``digest`` names the file's content as well as a whole-file sha256 would (it hashes
+    the size and every block's sha256), but can be brought up to date from the blocks that
+    changed alone: neither end of a check-in reads the whole layer to know what it is."""
 
     file_size: int
-    file_sha256: str
     hashes: bytes
+
+    @property
+    def digest(self) -> str:
+        return layer_digest_of(self.file_size, self.hashes)
 
     def block_hash(self, number: int) -> bytes | None:
         """Block ``number``'s sha256, or None past the end of the file."""
@@ -136,7 +141,6 @@ class BlockManifest:
 
     def encode(self) -> bytes:
         return _pack_meta(_MANIFEST_MAGIC, {"file_size": self.file_size,
-                                            "file_sha256": self.file_sha256,
                                             "block_size": BLOCK_SIZE}) + self.hashes
 
     @classmethod
@@ -147,18 +151,25 @@ class BlockManifest:
         size = _int(meta, "file_size")
         if len(rest) != 32 * -(-size // BLOCK_SIZE):
             raise InvalidInput("the block manifest's hash list does not match its file size")
-        return cls(file_size=size, file_sha256=_hex64(meta, "file_sha256"), hashes=rest)
+        return cls(file_size=size, hashes=rest)
+
+
+def layer_digest_of(size: int, hashes: bytes) -> str:
+    return hashlib.sha256(_DIGEST_TAG + size.to_bytes(8, "little") + hashes).hexdigest()
 
 
 def block_manifest(path: Path) -> BlockManifest:
-    whole = hashlib.sha256()
     hashes = bytearray()
     size = 0
     for block in _blocks(path):
-        whole.update(block)
         hashes += hashlib.sha256(block).digest()
         size += len(block)
-    return BlockManifest(file_size=size, file_sha256=whole.hexdigest(), hashes=bytes(hashes))
+    return BlockManifest(file_size=size, hashes=bytes(hashes))
+
+
+def layer_digest(path: Path) -> str:
+    """What a layer file is, as check-out, download and check-in name it (a whole read)."""
+    return block_manifest(path).digest
 
 
 def file_sha256(path: Path) -> str:
@@ -246,12 +257,22 @@ def plan_delta(layer: Path, since: BlockManifest, base_sha256: str) -> LayerDelt
     return plan_with_manifest(layer, since, base_sha256)[0]
 
 
-def plan_with_manifest(layer: Path, since: BlockManifest,
-                       base_sha256: str) -> tuple[LayerDelta, BlockManifest]:
+def plan_with_manifest(layer: Path, since: BlockManifest, base_sha256: str,
+                       candidates: list[tuple[int, int]] | None = None,
+                       ) -> tuple[LayerDelta, BlockManifest]:
     """``plan_delta`` and the manifest of ``layer`` as planned (the server's copy once the
-    plan is committed), from one read of the file: the laptop's next ``since``."""
-    whole = hashlib.sha256()
-    hashes = bytearray()
+    plan is committed): the laptop's next ``since``.
+
+    ``candidates``: the only block ranges (first block, count) that may differ from
+    ``since`` (``layer_changes`` knows them without reading the layer); every other block is
+    taken as ``since`` has it, or as zeros past its end (the server grows its copy with
+    zeros). None: read the whole file. Either way the blocks at the old and the new end are
+    read."""
+    size = os.stat(layer).st_size
+    count, old_count = -(-size // BLOCK_SIZE), -(-since.file_size // BLOCK_SIZE)
+    hashes = bytearray(since.hashes[:32 * min(count, old_count)])
+    hashes += _ZERO_HASH * (count - len(hashes) // 32)
+    reads = [(0, count)] if candidates is None else _with_the_end(candidates, old_count, count)
     chunks: list[DeltaChunk] = []
     run: list[bytes] = []
     run_start = run_len = 0
@@ -261,8 +282,10 @@ def plan_with_manifest(layer: Path, since: BlockManifest,
         nonlocal run_len
         if run:
             data = b"".join(run)
-            packed = b"" if run_zero else zlib.compress(data, 1)
-            compressed = not run_zero and len(packed) <= _WORTH_COMPRESSING * len(data)
+            # Ciphertext never compresses: a run whose first block does not is sent as it is
+            # (compressing 20 MiB of it cost more than planning the rest).
+            packed = b"" if run_zero or _incompressible(run[0]) else zlib.compress(data, 1)
+            compressed = bool(packed) and len(packed) <= _WORTH_COMPRESSING * len(data)
             chunks.append(DeltaChunk(
                 index=len(chunks), offset=run_start, length=len(data),
                 sha256=hashlib.sha256(data).digest(), zero=run_zero, compressed=compressed,
@@ -270,18 +293,18 @@ def plan_with_manifest(layer: Path, since: BlockManifest,
             run.clear()
             run_len = 0
 
-    offset = 0
-    for number, block in enumerate(_blocks(layer)):
-        whole.update(block)
-        digest = hashlib.sha256(block).digest()
-        hashes += digest
-        known = since.block_hash(number) == digest
-        zero = not known and (block == _ZERO_BLOCK if len(block) == BLOCK_SIZE
-                              else not any(block))
-        # Zeros past the server copy's end appear when it grows to the new size.
-        if known or (zero and offset >= since.file_size):
-            close_run()
-        else:
+    with layer.open("rb") as f:
+        for number, block in _read_ranges(f, reads):
+            offset = number * BLOCK_SIZE
+            digest = hashlib.sha256(block).digest()
+            hashes[32 * number:32 * number + 32] = digest
+            known = since.block_hash(number) == digest
+            zero = not known and (block == _ZERO_BLOCK if len(block) == BLOCK_SIZE
+                                  else not any(block))
+            # Zeros past the server copy's end appear when it grows to the new size.
+            if known or (zero and offset >= since.file_size):
+                close_run()
+                continue
             if run and (run_zero != zero or run_start + run_len != offset
                         or run_len + len(block) > MAX_CHUNK):
                 close_run()
@@ -289,12 +312,43 @@ def plan_with_manifest(layer: Path, since: BlockManifest,
                 run_start, run_zero = offset, zero
             run.append(block)
             run_len += len(block)
-        offset += len(block)
     close_run()
-    target = whole.hexdigest()
-    return (LayerDelta(base_sha256=base_sha256, since_sha256=since.file_sha256,
-                       target_sha256=target, target_size=offset, chunks=tuple(chunks)),
-            BlockManifest(file_size=offset, file_sha256=target, hashes=bytes(hashes)))
+    manifest = BlockManifest(file_size=size, hashes=bytes(hashes))
+    return (LayerDelta(base_sha256=base_sha256, since_sha256=since.digest,
+                       target_sha256=manifest.digest, target_size=size, chunks=tuple(chunks)),
+            manifest)
+
+
+def _incompressible(block: bytes) -> bool:
+    return len(zlib.compress(block, 1)) > 0.9 * len(block)
+
+
+def _with_the_end(ranges: list[tuple[int, int]], old_count: int,
+                  count: int) -> list[tuple[int, int]]:
+    """``ranges`` and the last block of the old and the new file, merged, sorted, within it."""
+    wanted = sorted([*ranges, (max(old_count - 1, 0), 1), (max(count - 1, 0), 1)])
+    merged: list[tuple[int, int]] = []
+    for first, n in wanted:
+        end = min(first + n, count)
+        if end <= first:
+            continue
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            last_first, last_n = merged[-1]
+            merged[-1] = (last_first, max(last_n, end - last_first))
+        else:
+            merged.append((first, end - first))
+    return merged
+
+
+def _read_ranges(f: BinaryIO, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(block number, block) of each range, read 1 MiB at a time."""
+    step = MAX_CHUNK // BLOCK_SIZE
+    for first, n in ranges:
+        for at in range(first, first + n, step):
+            f.seek(at * BLOCK_SIZE)
+            data = f.read(min(step, first + n - at) * BLOCK_SIZE)
+            for k in range(0, len(data), BLOCK_SIZE):
+                yield at + k // BLOCK_SIZE, data[k:k + BLOCK_SIZE]
 
 
 def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
@@ -313,156 +367,7 @@ def read_chunk(layer: Path, chunk: DeltaChunk) -> bytes:
     return zlib.compress(data, 1) if chunk.compressed else data
 
 
-class StagedCheckin:
-    """The server's end of one check-in into ``current`` (the desktop's encrypted layer).
-
-    Made again after any interruption with the same arguments, it resumes: the staged copy and
-    its journal in ``staging_dir`` (same filesystem as ``current``) carry over. ``current`` is
-    only ever replaced whole, by ``commit``. One check-in per desktop at a time: the caller
-    serializes them (the desktop's ``checked_out`` state), as it does every other write.
-    """
-
-    def __init__(self, current: Path, staging_dir: Path, delta: LayerDelta, *,
-                 expected_base_sha256: str) -> None:
-        if delta.base_sha256 != expected_base_sha256:
-            raise CheckinRefused(
-                f"the check-in was made on base image sha256 {delta.base_sha256[:16]}..., but "
-                f"this desktop's base is {expected_base_sha256[:16]}...; nothing was applied "
-                "(the laptop must fetch the right base and check out again)")
-        self.current, self.staging_dir, self.delta = current, staging_dir, delta
-        self.staged = staging_dir / _STAGED
-        self.journal = staging_dir / _JOURNAL
-        self._current_identity = _identity(current)
-        current_sha = file_sha256(current)
-        # Cut after commit's rename: the check-in is done, only the answer was lost.
-        self.committed = current_sha == delta.target_sha256 != delta.since_sha256
-        if not self.committed:
-            self._check_current_unchanged(current_sha)
-        staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.stat(staging_dir).st_dev != os.stat(current).st_dev:
-            raise InvalidInput(f"{staging_dir} must be on the same filesystem as {current}")
-        self.done: dict[int, bytes] = {}
-        if self.committed:
-            self._discard()
-            self.done = {c.index: c.sha256 for c in delta.chunks}
-            self.resumed = True
-            return
-        self.done = self._read_journal()
-        self.resumed = self.journal.exists() and self.staged.exists()
-        if not self.resumed:
-            self._start_fresh()
-
-    # --- set-up and resume -------------------------------------------------------------
-
-    def _check_current_unchanged(self, current_sha: str | None = None) -> None:
-        if (current_sha or file_sha256(self.current)) != self.delta.since_sha256:
-            raise CheckinRefused(
-                "the server's copy of this layer is not the one the check-in was made against "
-                "(another check-in came first); nothing was applied, plan the check-in again")
-
-    def _read_journal(self) -> dict[int, bytes]:
-        """Chunks already applied, if the journal is this delta's; else start over."""
-        if not self.journal.exists():
-            return {}
-        lines = self.journal.read_bytes().split(b"\n")
-        if not lines or lines[0].decode("ascii", "replace") != self.delta.identity():
-            self._discard()
-            return {}
-        done: dict[int, bytes] = {}
-        for line in lines[1:]:  # a line cut by a crash has no newline and fails to parse
-            parts = line.split(b" ")
-            if len(parts) != 2 or not parts[0].isdigit():
-                continue
-            index = int(parts[0])
-            if index < len(self.delta.chunks) and \
-                    parts[1] == self.delta.chunks[index].sha256.hex().encode():
-                done[index] = self.delta.chunks[index].sha256
-        return done
-
-    def _discard(self) -> None:
-        self.staged.unlink(missing_ok=True)
-        self.journal.unlink(missing_ok=True)
-
-    def _start_fresh(self) -> None:
-        self._discard()
-        self.done = {}
-        partial = self.staging_dir / (_STAGED + ".copying")
-        shutil.copyfile(self.current, partial)
-        os.chmod(partial, 0o600)
-        with partial.open("r+b") as f:
-            f.truncate(self.delta.target_size)  # growing writes the zeros plan_delta skipped
-            os.fsync(f.fileno())
-        os.replace(partial, self.staged)
-        # The journal appears last: with it present, the staged copy is known complete.
-        with self.journal.open("wb") as f:
-            f.write(self.delta.identity().encode("ascii") + b"\n")
-            os.fsync(f.fileno())
-        fsync_path(self.staging_dir)
-
-    # --- transfer --------------------------------------------------------------------
-
-    def missing(self) -> list[int]:
-        return [c.index for c in self.delta.chunks if c.index not in self.done]
-
-    def apply_chunk(self, index: int, data: bytes) -> None:
-        if not 0 <= index < len(self.delta.chunks):
-            raise InvalidInput(f"this check-in has no chunk {index}")
-        chunk = self.delta.chunks[index]
-        if chunk.zero:
-            if data:
-                raise ChunkRejected(f"chunk {index} is a zero chunk and carries no bytes")
-            data = bytes(chunk.length)
-        elif chunk.compressed:
-            data = _inflate(data, chunk)
-        if len(data) != chunk.length or hashlib.sha256(data).digest() != chunk.sha256:
-            raise ChunkRejected(f"chunk {index} arrived damaged (checksum mismatch); "
-                                "nothing was written, send it again")
-        fd = os.open(self.staged, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, chunk.offset)
-            os.fsync(fd)  # the bytes are down before the journal says so
-        finally:
-            os.close(fd)
-        with self.journal.open("ab") as f:
-            f.write(f"{index} {chunk.sha256.hex()}\n".encode("ascii"))
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[index] = chunk.sha256
-
-    # --- the end -----------------------------------------------------------------------
-
-    def commit(self, data_key: bytes) -> None:
-        """Check the staged copy and make it current, or refuse and keep ``current``.
-        Committing a check-in that is already committed does nothing."""
-        if self.committed:
-            return
-        if self.missing():
-            raise ChunkRejected(f"{len(self.missing())} chunk(s) not received yet")
-        check_layer(self.staged, data_key)
-        if file_sha256(self.staged) != self.delta.target_sha256:
-            self._discard()  # a copy that does not match is never resumed either
-            raise CheckinRefused("the staged layer's checksum differs from the laptop's; it "
-                                 "was discarded and the current copy kept; check in again")
-        if _identity(self.current) != self._current_identity:
-            self._check_current_unchanged()  # replaced or touched since it was hashed
-        os.replace(self.staged, self.current)
-        self.committed = True
-        fsync_path(self.current.parent)
-        self.journal.unlink()
-        fsync_path(self.staging_dir)
-
-    def abort(self) -> None:
-        self._discard()
-
-
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    """Which file, at what size and modification time: a copy replaced by a rename or
-    written in place shows a different one, so hashing it again is only needed then."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _inflate(data: bytes, chunk: DeltaChunk) -> bytes:
+def inflate_chunk(data: bytes, chunk: DeltaChunk) -> bytes:
     """At most ``chunk.length`` bytes, whatever the payload claims (no zip bomb)."""
     inflater = zlib.decompressobj()
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from deskpool.domain.errors import InvalidInput, PermanentError
 from deskpool.images.builder import fsync_path
+from deskpool.images.layer_changes import SYNC_BITMAP
 
 CLUSTER_SIZE = 128 * 1024
 SUBCLUSTER_SIZE = CLUSTER_SIZE // 32  # extended L2: 32 subclusters per cluster
@@ -159,9 +160,18 @@ def create_encrypted_layer(layer: Path, base: Path, data_key: bytes, *,
             "-F", base_format, str(layer)]
     try:
         _run(argv, data_key, f"creating the offline layer {layer}")  # retried: see _run
+        add_sync_bitmap(layer, data_key)
     except BaseException:
         layer.unlink(missing_ok=True)
         raise
+
+
+def add_sync_bitmap(layer: Path, data_key: bytes) -> None:
+    """The persistent dirty bitmap QEMU keeps up to date in the layer on the laptop, so a
+    check-in knows what changed without reading the layer (``layer_changes``)."""
+    _run(["qemu-img", "bitmap", "--add", "-g", str(SUBCLUSTER_SIZE),
+          layer_spec(layer, with_backing=False), SYNC_BITMAP], data_key,
+         f"adding the change bitmap to {layer}")
 
 
 def layer_facts(layer: Path) -> LayerFacts:
@@ -254,6 +264,7 @@ def layer_from_overlay(overlay: Path, layer: Path, base: Path, data_key: bytes) 
         _run(["qemu-img", "convert", "-q", "-O", "qcow2", "-o", _LAYER_OPTIONS,
               "-B", backing, "-F", "qcow2", str(overlay), str(partial)], data_key,
              f"making the offline layer of {overlay}")
+        add_sync_bitmap(partial, data_key)
         check_layer(partial, data_key)
         os.replace(partial, layer)
         fsync_path(layer.parent)

@@ -6,7 +6,8 @@ on both ends (its backing name is relative, see ``offline_layers.create_encrypte
 
     bases/<sha256>.qcow2              the template version's image, by checksum
     layers/<desktop id>/layer.qcow2   the desktop's encrypted layer, as last checked in
-    layers/<desktop id>/staging/      a check-in or sync in flight (``layer_delta``)
+    layers/<desktop id>/layer.qcow2.manifest   its block manifest (``layer_apply``)
+    layers/<desktop id>/staging/undo  the undo journal of a check-in or sync in flight
 
 Only plain file operations: no database, no driver, so a host agent can run them as they are.
 """
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deskpool.domain.errors import InvalidInput
-from deskpool.images.layer_delta import LayerDelta, StagedCheckin, file_sha256
+from deskpool.images.layer_apply import InPlaceCheckin, layer_manifest, roll_back
+from deskpool.images.layer_apply import transfer_in_flight as _in_flight
+from deskpool.images.layer_delta import LayerDelta
 from deskpool.images.offline_layers import create_encrypted_layer
 
 
@@ -65,22 +68,29 @@ def ensure_base(server: ServerLayer, image: Path, sha256: str) -> Path:
 
 
 def ensure_layer(server: ServerLayer, image: Path, base_sha256: str, data_key: bytes) -> str:
-    """The desktop's layer (made empty over the base the first time); its sha256."""
+    """The desktop's layer (made empty over the base the first time); its digest."""
     if not server.layer.exists():
         base = ensure_base(server, image, base_sha256)
         server.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         create_encrypted_layer(server.layer, base, data_key)
-    return file_sha256(server.layer)
+    return layer_manifest(server.layer).digest
 
 
-def open_transfer(server: ServerLayer, delta: LayerDelta, base_sha256: str) -> StagedCheckin:
+def open_transfer(server: ServerLayer, delta: LayerDelta, base_sha256: str) -> InPlaceCheckin:
     """The staged check-in (or sync) of ``delta``: made fresh, or resumed where it stopped.
     ``CheckinRefused`` (nothing touched) when its base or starting copy is not the server's."""
     if not server.layer.exists():
         raise InvalidInput(f"desktop {server.desktop_id} has no offline layer on this host")
-    return StagedCheckin(server.layer, server.staging, delta, expected_base_sha256=base_sha256)
+    return InPlaceCheckin(server.layer, server.staging, delta, expected_base_sha256=base_sha256)
 
 
 def discard_transfer(server: ServerLayer) -> None:
-    """Throw a transfer in flight away; the layer stays as it was."""
-    shutil.rmtree(server.staging, ignore_errors=True)
+    """Undo a transfer in flight: the layer is again as it was before it began."""
+    if server.layer.exists():
+        roll_back(server.layer, server.staging)
+
+
+def transfer_in_flight(server: ServerLayer) -> bool:
+    """Part of a transfer may be in the layer: nothing may read it until it is committed
+    or undone."""
+    return _in_flight(server.staging)

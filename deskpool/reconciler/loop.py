@@ -73,6 +73,7 @@ from deskpool.reconciler.planning import (
     plan_desktop,
     plan_pool,
 )
+from deskpool.reconciler.recovery import recover_leftovers
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.reconciler.steps import StepRunner
 from deskpool.scheduler.balancer import BalancePolicy
@@ -196,7 +197,7 @@ class Reconciler:
             report.steps_running = len(running)
             for future in done:  # what escaped a step (run_step keeps Exceptions) goes on up
                 future.result()
-            self._recover_profiles(report)
+            recover_leftovers(self.ctx, self.steps, report)
             self.profile_upkeep.tick(report, wait_s)
         except Exception:
             metrics.PASS_FAILURES.inc()
@@ -207,20 +208,6 @@ class Reconciler:
         metrics.PASS_ERRORS.inc(len(report.errors) - report.bugs)
         metrics.PASS_BUGS.inc(report.bugs)
         return report
-
-    def _recover_profiles(self, report: PassReport) -> None:
-        """Crash recovery of roaming profiles: open session layers that no session or coming
-        logoff will end are set aside (``ProfileDesktops.recover``; an event each), and
-        copies between hosts whose process died are removed (``ProfileCopies.recover``)."""
-        try:
-            for layer in self.steps.profiles.recover():
-                log.warning("profile layer %s of %s (desktop %s) set aside by recovery",
-                            layer.id, layer.user, layer.desktop)
-            for copy in self.steps.profiles.copies.recover():
-                log.warning("a cut copy of profile layer %s to host %s removed",
-                            copy.layer_id, copy.host_id)
-        except DeskpoolError as exc:
-            report.error(f"profile recovery: {exc}")
 
     def run_forever(
         self, stop: threading.Event, interval_s: float = 10.0,

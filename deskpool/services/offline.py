@@ -11,9 +11,9 @@ The server's copy of the desktop's changes is an encrypted layer file
 (``images.offline_server``). Check-out freezes the VM (powered off, so nothing on the server
 writes while the laptop does) and hands out the layer's data key once, over the API, for the
 laptop to wrap under the user's password; the server keeps it only under its escrow key.
-Transfers (check-in, sync) go through ``images.layer_delta``: the plan is stored on the
-check-out row and the staged copy and journal on disk, so a cut transfer resumes after any
-restart; the layer changes only by the atomic rename of a verified copy.
+Transfers (check-in, sync) are ``offline_transfers``: the plan is stored on the check-out
+row and the undo journal on disk, so a cut transfer resumes after any restart, and the
+layer becomes the new copy only once it is verified (else it is undone).
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ from deskpool.domain.offline_keys import (
 )
 from deskpool.domain.states import DesktopState, transition
 from deskpool.drivers.base import HypervisorDriver, root_volume_name
-from deskpool.images.layer_delta import CheckinRefused, LayerDelta, StagedCheckin, file_sha256
+from deskpool.images.layer_apply import layer_manifest
 from deskpool.images.offline_layers import layer_from_overlay, overlay_from_layer
 from deskpool.images.offline_server import (
     ServerLayer,
     discard_transfer,
     ensure_base,
     ensure_layer,
-    open_transfer,
+    transfer_in_flight,
 )
+from deskpool.services import offline_transfers as transfers
 from deskpool.services.audit import Actor, record_audit
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -68,23 +69,12 @@ from deskpool.store.offline import OfflineCheckout
 
 S = DesktopState
 LAPTOP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-TRANSFER_KINDS = ("checkin", "sync")
 # A request waits this long for one of the host's transfer slots before answering 503 with
 # ``Retry-After: SLOT_RETRY_S``: a worker thread must not block behind another transfer.
 SLOT_WAIT_S = 2.0
 SLOT_RETRY_S = 5.0
 
-# One transfer step per desktop at a time in this process (the staged file and its journal
-# are not shared), and each staged check-in kept open between chunks: opening one hashes the
-# whole layer. Another broker process resumes from the journal.
-_locks: dict[uuid.UUID, threading.Lock] = {}
-_locks_guard = threading.Lock()
-_staged: dict[uuid.UUID, tuple[str, StagedCheckin]] = {}
-
-
-def _desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(desktop_id, threading.Lock())
+_desktop_lock = transfers.desktop_lock
 
 
 def _binding(c: OfflineCheckout) -> KeyBinding:
@@ -197,8 +187,9 @@ class OfflineService:
                 driver.stop_vm(desktop.id, force=True)
                 if root is not None:  # the desktop's disk as its user left it
                     base = ensure_base(server, Path(version.image_path), version.image_sha256)
+                    discard_transfer(server)  # a journal of the old layer's, if any
                     layer_from_overlay(Path(root.path), server.layer, base, data_key)
-                    checkout.layer_sha256 = file_sha256(server.layer)
+                    checkout.layer_sha256 = layer_manifest(server.layer).digest
                 else:  # the fake's volumes are no files: the layer alone stands for the disk
                     checkout.layer_sha256 = ensure_layer(server, Path(version.image_path),
                                                          version.image_sha256, data_key)
@@ -246,6 +237,9 @@ class OfflineService:
         path, sha = (server.layer, layer_sha) if what == "layer" else (server.base(base), base)
         if not path.is_file():
             raise NotFound(f"the {what} of {desktop_name} is missing on the server")
+        if what == "layer" and transfer_in_flight(server):
+            raise Conflict(f"a check-in or sync of {desktop_name} is in flight; finish it "
+                           "(run it again) before downloading the layer")
         hold = ExitStack()
         hold.enter_context(self.transfer_slot(desktop_id))
         return Download(path=path, size=path.stat().st_size, sha256=sha, hold=hold)
@@ -279,110 +273,21 @@ class OfflineService:
 
     def begin_transfer(self, user: str, desktop_name: str, laptop_id: str, plan: bytes,
                        kind: str = "checkin") -> TransferView:
-        """Start (or resume) a check-in or sync of ``plan`` (an encoded ``LayerDelta``).
-        A plan other than the one in flight replaces it; the server's layer is untouched."""
-        if kind not in TRANSFER_KINDS:
-            raise InvalidInput(f"transfer kind {kind!r} is not checkin or sync")
-        try:
-            delta = LayerDelta.decode(plan)
-        except ValueError as exc:  # e.g. a checksum field that is not hex
-            raise InvalidInput(f"the check-in plan is malformed: {exc}") from None
-        with self.ctx.uow(read_only=True) as uow:
-            checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
-            if kind == "sync" and checkout.revoked_at is not None:
-                raise Forbidden(f"the check-out of {desktop_name} was revoked by an "
-                                "administrator; check it in instead of syncing")
-            checkout_id, desktop_id, base, old_plan = (
-                checkout.id, checkout.desktop_id, checkout.base_sha256, checkout.transfer_plan)
-        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
-            server = self._server_layer(desktop_id)
-            if old_plan is not None and old_plan != plan:
-                _staged.pop(desktop_id, None)
-                discard_transfer(server)
-            staged = self._staged_for(desktop_id, server, delta, base)
-            pending = sum(delta.chunks[i].wire_length for i in staged.missing())
-            with self.ctx.uow() as uow:
-                checkout = uow.offline_checkouts.get(checkout_id)
-                checkout.transfer_plan, checkout.transfer_kind = plan, kind
-                checkout.transfer_started_at = checkout.transfer_started_at or utcnow()
-                checkout.bytes_pending, checkout.last_error = pending, None
-                uow.commit()
-            return TransferView(desktop_name, kind, len(delta.chunks), staged.missing(),
-                                pending)
+        """See ``offline_transfers.begin``: the check-out's transfer slot is taken here."""
+        return transfers.begin(self, user, desktop_name, laptop_id, plan, kind)
 
     def put_chunk(self, user: str, desktop_name: str, laptop_id: str, index: int,
                   data: bytes) -> TransferView:
-        _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
-        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
-            staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
-            staged.apply_chunk(index, data)
-            missing = staged.missing()
-        return TransferView(desktop_name, kind, len(delta.chunks), missing,
-                            sum(delta.chunks[i].wire_length for i in missing))
+        return transfers.put_chunks(self, user, desktop_name, laptop_id, [index], data)
 
     def put_chunks(self, user: str, desktop_name: str, laptop_id: str, indexes: list[int],
                    data: bytes) -> TransferView:
-        """Several chunks in one request (their payloads end to end, in ``indexes``' order):
-        one round trip and one slot for many small chunks. Each is checked and journalled as
-        if sent alone, so a batch cut halfway keeps the chunks it applied."""
-        _, desktop_id, delta, kind, base = self._transfer(user, desktop_name, laptop_id)
-        if not indexes or any(not 0 <= i < len(delta.chunks) for i in indexes):
-            raise InvalidInput(f"chunk indexes must be 0 to {len(delta.chunks) - 1}")
-        sizes = [delta.chunks[i].wire_length for i in indexes]
-        if sum(sizes) != len(data):
-            raise InvalidInput(f"the chunks' bytes are {len(data)} long; the plan says "
-                               f"chunks {indexes[0]}... take {sum(sizes)}")
-        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
-            staged = self._staged_for(desktop_id, self._server_layer(desktop_id), delta, base)
-            at = 0
-            for index, size in zip(indexes, sizes, strict=True):
-                staged.apply_chunk(index, data[at:at + size])
-                at += size
-            missing = staged.missing()
-        return TransferView(desktop_name, kind, len(delta.chunks), missing,
-                            sum(delta.chunks[i].wire_length for i in missing))
+        return transfers.put_chunks(self, user, desktop_name, laptop_id, indexes, data)
 
     def finish_transfer(self, user: str, desktop_name: str,
                         laptop_id: str) -> CheckoutView | LeaseGrant:
-        """Verify and commit the transfer: a check-in releases the desktop (its view), a sync
-        keeps it out with a renewed lease. A refusal keeps the server's layer and the lock."""
-        checkout_id, desktop_id, delta, kind, base = self._transfer(user, desktop_name,
-                                                                    laptop_id)
-        with self.transfer_slot(desktop_id), _desktop_lock(desktop_id):
-            server = self._server_layer(desktop_id)
-            staged = self._staged_for(desktop_id, server, delta, base)
-            with self.ctx.uow(read_only=True) as uow:
-                data_key = self._data_key(uow.offline_checkouts.get(checkout_id))
-            try:
-                staged.commit(data_key)
-            except CheckinRefused as exc:
-                _staged.pop(desktop_id, None)
-                self._note_error(checkout_id, f"{kind} refused: {exc}")
-                raise Conflict(str(exc)) from exc
-            except Exception as exc:
-                _staged.pop(desktop_id, None)
-                self._note_error(checkout_id, f"{kind} refused: {exc}")
-                raise
-            _staged.pop(desktop_id, None)
-            if kind != "sync":  # before the write transaction: a convert takes a while
-                self._rebuild_root(desktop_id, data_key)
-            with self.ctx.uow() as uow:
-                checkout = uow.offline_checkouts.get(checkout_id)
-                checkout.layer_sha256 = delta.target_sha256
-                checkout.last_sync_at = utcnow()
-                if kind == "sync":
-                    checkout.transfer_plan = checkout.transfer_kind = None
-                    checkout.transfer_started_at, checkout.bytes_pending = None, 0
-                    policy = offline_policy(uow.pools.get_by_name(checkout.pool_name))
-                    lease = self._lease(checkout, policy, utcnow())
-                    uow.commit()
-                    return self._grant(checkout, lease)
-                self._release(uow, checkout, "checked-in",
-                              f"{user} checked {checkout.desktop_name} in from "
-                              f"{checkout.laptop_id} ({delta.payload_bytes()} bytes sent)",
-                              "offline-checkin")
-                uow.commit()
-                return checkout_view(checkout)
+        """See ``offline_transfers.finish``: the slot is given back after the commit."""
+        return transfers.finish(self, user, desktop_name, laptop_id)
 
     # --- ending a check-out without the laptop's changes -----------------------------------
 
@@ -445,7 +350,7 @@ class OfflineService:
         with self.ctx.uow(read_only=True) as uow:
             desktop_id = self._active(uow, desktop_name).desktop_id
         with _desktop_lock(desktop_id):
-            _staged.pop(desktop_id, None)
+            transfers.forget_open(desktop_id)
             discard_transfer(self._server_layer(desktop_id))
             with self.ctx.uow(read_only=True) as uow:
                 data_key = self._data_key(self._active(uow, desktop_name))
@@ -461,7 +366,10 @@ class OfflineService:
                                  new={"status": status}, pool=checkout.pool_name,
                                  user=checkout.user_name)
                 uow.commit()
-                return checkout_view(checkout)
+                checkout_id = checkout.id
+                view = checkout_view(checkout)
+            transfers.release_slot(self, checkout_id, desktop_id)
+            return view
 
     @staticmethod
     def _release(uow: UnitOfWork, checkout: OfflineCheckout, status: str, message: str,
@@ -486,29 +394,6 @@ class OfflineService:
             raise Forbidden(f"desktop {desktop_name} is not checked out to you on laptop "
                             f"{laptop_id}")
         return checkout, offline_policy(uow.pools.get_by_name(checkout.pool_name))
-
-    def _transfer(self, user: str, desktop_name: str,
-                  laptop_id: str) -> tuple[uuid.UUID, uuid.UUID, LayerDelta, str, str]:
-        with self.ctx.uow(read_only=True) as uow:
-            checkout, _ = self._own_checkout(uow, user, desktop_name, laptop_id)
-            if checkout.transfer_plan is None or checkout.transfer_kind is None:
-                raise Conflict(f"no check-in or sync of {desktop_name} is in progress; "
-                               "start one first")
-            return (checkout.id, checkout.desktop_id, LayerDelta.decode(checkout.transfer_plan),
-                    checkout.transfer_kind, checkout.base_sha256)
-
-    @staticmethod
-    def _staged_for(desktop_id: uuid.UUID, server: ServerLayer, delta: LayerDelta,
-                    base: str) -> StagedCheckin:
-        cached = _staged.get(desktop_id)
-        if cached is not None and cached[0] == delta.identity():
-            return cached[1]
-        try:
-            staged = open_transfer(server, delta, base)
-        except CheckinRefused as exc:  # another base or starting copy: nothing was touched
-            raise Conflict(str(exc)) from exc
-        _staged[desktop_id] = (delta.identity(), staged)
-        return staged
 
     def _grant(self, checkout: OfflineCheckout, lease: str,
                data_key: str | None = None) -> LeaseGrant:

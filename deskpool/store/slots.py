@@ -70,6 +70,21 @@ def renew_host_slot(session: Session, host_id: uuid.UUID, kind: str, slot: int, 
     return result.rowcount == 1
 
 
+def held_by(session: Session, host_id: uuid.UUID, kind: str, holder: str) -> int | None:
+    """The slot of ``kind`` that ``holder`` holds on the host (expired or not), if any."""
+    return session.scalars(
+        select(HostSlot.slot).where(HostSlot.host_id == host_id, HostSlot.kind == kind,
+                                    HostSlot.holder == holder).limit(1)).one_or_none()
+
+
+def held_by_prefix(session: Session, kind: str,
+                   prefix: str) -> list[tuple[uuid.UUID, int, str]]:
+    """(host, slot, holder) of every slot of ``kind`` whose holder starts with ``prefix``."""
+    return [(h, n, who) for h, n, who in session.execute(
+        select(HostSlot.host_id, HostSlot.slot, HostSlot.holder).where(
+            HostSlot.kind == kind, HostSlot.holder.startswith(prefix, autoescape=True)))]
+
+
 class HostSlotRepository:
     """The functions above over a unit of work's session (``uow.host_slots``)."""
 
@@ -89,3 +104,11 @@ class HostSlotRepository:
     def release(self, host_id: uuid.UUID, kind: str, slot: int, holder: str) -> None:
         """See :func:`release_host_slot`."""
         release_host_slot(self._session, host_id, kind, slot, holder)
+
+    def held_by(self, host_id: uuid.UUID, kind: str, holder: str) -> int | None:
+        """See :func:`held_by`."""
+        return held_by(self._session, host_id, kind, holder)
+
+    def held_by_prefix(self, kind: str, prefix: str) -> list[tuple[uuid.UUID, int, str]]:
+        """See :func:`held_by_prefix`."""
+        return held_by_prefix(self._session, kind, prefix)

@@ -29,11 +29,12 @@ from deskpool.images.layer_delta import (
     LayerDelta,
     block_manifest,
     file_sha256,
+    layer_digest,
     plan_delta,
     read_chunk,
 )
 from deskpool.images.offline_layers import layer_spec, read_guest_bytes
-from deskpool.services import offline as offline_service
+from deskpool.services import offline_transfers
 from deskpool.services.audit import audit_log
 from deskpool.services.desktops import DesktopService
 from deskpool.services.events import recent_events
@@ -51,7 +52,7 @@ LAPTOP = "alice-laptop"
 def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
     """Pool ``home`` (stateful, dedicated, may go offline) with alice's desktop ready for her;
     pool ``lab`` (stateless) too; bob and admin root."""
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     w = make_world(tmp_path, database_url=database_url)
     w.user("root", admin=True)
     admin = w.client("root")
@@ -74,7 +75,7 @@ def world(tmp_path: Path, database_url: str) -> Iterator[BrokerWorld]:
     try:
         yield w
     finally:
-        offline_service._staged.clear()
+        offline_transfers._open.clear()
         w.ctx.close()
 
 
@@ -121,7 +122,7 @@ class Laptop:
                          params={"laptop": grant["checkout"]["laptop"]})
         assert got.status_code == 200, got.text
         self.layer.write_bytes(got.content)
-        assert file_sha256(self.layer) == grant["layer_sha256"]
+        assert layer_digest(self.layer) == grant["layer_sha256"]
         self.synced: BlockManifest = block_manifest(self.layer)  # as of the last sync
         self.client = client
 
@@ -318,7 +319,7 @@ def test_check_in_sends_the_changed_blocks_and_brings_the_desktop_back(
     world.fill()
     # A second check-out hands the same layer out again, under a new wrapping.
     again = check_out(world, laptop="alice-desk")
-    assert again["layer_sha256"] == file_sha256(laptop.layer)
+    assert again["layer_sha256"] == layer_digest(laptop.layer)
     assert base64.b64decode(again["data_key"]) == laptop.key
 
 
@@ -349,10 +350,15 @@ def test_a_cut_check_in_resumes_after_a_restart_and_ends_identical(
     missing = laptop.begin(delta).json()["missing"]
     laptop.send(delta, missing[:3])
     # Cut: the broker restarts (its open staged check-in is gone), the laptop comes back.
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     early = laptop.commit()
     assert early.status_code == 503 and "not received yet" in early.json()["detail"]
-    assert file_sha256(server_layer(world)) == before  # never half-applied
+    # Part of it is in the layer, under its undo journal: nothing may read it meanwhile.
+    fetch = world.client("alice").get(f"{API}/offline/desktops/{laptop.desktop}/layer",
+                                      params={"laptop": LAPTOP})
+    assert fetch.status_code == 409 and "in flight" in fetch.json()["detail"]
+    assert (server_layer(world).parent / "staging" / "undo").exists()
+    assert file_sha256(server_layer(world)) != before
     assert desktop_of(world, "alice").state == "checked_out"  # the lock held
     resumed = laptop.begin(delta).json()
     assert resumed["missing"] == missing[3:]  # only the rest travels
@@ -475,3 +481,99 @@ def test_revoke_makes_the_laptop_refuse_and_force_check_in_releases(
         "offline.force-checkin", "offline.revoke"]
     assert events_of(world, "offline-revoke") and events_of(world, "offline-force-checkin")
     assert world.client("root").get(f"{API}/admin/offline/checkouts").json() == []
+
+
+# --- one transfer slot per check-in -------------------------------------------------------
+
+
+def transfer_slots(world: BrokerWorld) -> list[tuple[str | None, datetime | None]]:
+    from sqlalchemy import select
+
+    from deskpool.store.models import HostSlot
+    with world.ctx.uow(read_only=True) as uow:
+        return [(h, u) for h, u in uow.session.execute(
+            select(HostSlot.holder, HostSlot.held_until).where(HostSlot.kind == "transfer"))]
+
+
+def test_a_check_in_holds_one_slot_from_its_plan_to_its_commit(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    with world.ctx.uow() as uow:
+        (host,) = uow.hosts.list()
+        host.transfer_slots, host_id = 1, host.id
+        uow.commit()
+    for n in range(4):
+        laptop.write((n * 7 + 1) << 20, 0x50 + n)
+    delta = laptop.plan()
+    missing = laptop.begin(delta).json()["missing"]
+    with world.ctx.uow(read_only=True) as uow:
+        checkout_id = uow.offline_checkouts.active()[0].id
+    held = [h for h, _ in transfer_slots(world) if h]
+    assert held == [f"checkin:{checkout_id}"]
+    # Between two of its requests no other transfer gets the host's only slot.
+    from deskpool.services.host_slots import HostBusy, SlotKind, host_slot
+    with pytest.raises(HostBusy), host_slot(world.ctx, host_id, SlotKind.TRANSFER, 1,
+                                            holder="another-laptop", wait_up_to=0.1):
+        pass
+    laptop.send(delta, missing[:2])
+    assert [h for h, _ in transfer_slots(world) if h] == held  # the same one, renewed
+    laptop.send(delta, missing[2:])
+    assert laptop.commit().status_code == 200
+    assert [h for h, _ in transfer_slots(world) if h] == []  # given back at the commit
+
+
+def test_a_vanished_laptops_slot_expires_and_its_transfer_still_resumes(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from deskpool.services.host_slots import SlotKind, host_slot
+    from deskpool.store.models import HostSlot
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    with world.ctx.uow() as uow:
+        (host,) = uow.hosts.list()
+        host.transfer_slots, host_id = 1, host.id
+        uow.commit()
+    laptop.write(5 << 20, 0x61)
+    laptop.write(30 << 20, 0x62)
+    delta = laptop.plan()
+    missing = laptop.begin(delta).json()["missing"]
+    laptop.send(delta, missing[:1])
+    # The laptop vanishes; its lease runs out (as if TRANSFER_LEASE had passed).
+    with world.ctx.uow() as uow:
+        uow.session.execute(update(HostSlot).values(
+            held_until=datetime.now(UTC) - timedelta(seconds=1)))
+        uow.commit()
+    offline_transfers._renewed.clear()  # this process's last renewal is that old too
+    with host_slot(world.ctx, host_id, SlotKind.TRANSFER, 1, holder="another-laptop",
+                   wait_up_to=0.5):
+        # While another holds it, the laptop that came back is told to wait (503).
+        late = laptop.client.put(
+            f"{API}/offline/desktops/{laptop.desktop}/transfer/chunks/{missing[1]}",
+            params={"laptop": LAPTOP}, content=read_chunk(laptop.layer, delta.chunks[missing[1]]),
+            headers={"content-type": "application/octet-stream"})
+        assert late.status_code == 503 and "retry-after" in late.headers
+    # Freed again: the check-in resumes where it stopped and ends identical.
+    resumed = laptop.begin(delta).json()
+    assert resumed["missing"] == missing[1:]
+    laptop.send(delta, resumed["missing"])
+    assert laptop.commit().status_code == 200
+    assert file_sha256(server_layer(world)) == file_sha256(laptop.layer)
+
+
+def test_the_reconciler_gives_back_a_slot_a_dead_broker_kept(
+        world: BrokerWorld, tmp_path: Path) -> None:
+    laptop = Laptop(world, tmp_path / "laptop", check_out(world))
+    laptop.write(9 << 20, 0x71)
+    delta = laptop.plan()
+    laptop.begin(delta)
+    world.fill()  # a reconciler pass: the transfer is live, its slot stays
+    with world.ctx.uow(read_only=True) as uow:
+        checkout_id = uow.offline_checkouts.active()[0].id
+    assert [h for h, _ in transfer_slots(world) if h] == [f"checkin:{checkout_id}"]
+    # The broker ended the transfer (as a commit does) and died before giving the slot back.
+    with world.ctx.uow() as uow:
+        uow.offline_checkouts.get(checkout_id).transfer_plan = None
+        uow.commit()
+    world.fill()
+    assert [h for h, _ in transfer_slots(world) if h] == []
+    assert offline_transfers.release_stale_slots(world.ctx) == 0  # nothing left to free

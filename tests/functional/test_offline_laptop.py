@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -31,15 +32,18 @@ from deskpool.cli.laptop.store import DesktopRecord, LaptopDir
 from deskpool.cli.main import app
 from deskpool.domain.offline_keys import KeyBinding, UserWrappedKey, unwrap_for_user
 from deskpool.drivers.registry import forget_fake_hosts
+from deskpool.images.layer_apply import roll_back
 from deskpool.images.layer_delta import (
     BlockManifest,
     LayerDelta,
     file_sha256,
+    layer_digest,
     plan_delta,
     read_chunk,
 )
 from deskpool.images.offline_layers import layer_spec
 from deskpool.services import offline as offline_service
+from deskpool.services import offline_transfers
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.offline_secrets import secrets_dir
 from deskpool.store.models import HostSlot
@@ -125,7 +129,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerWor
     """alice's desktop home-01, ready, in pool ``home`` that may go offline; alice signed in
     through the CLI's config (the server is started by each test)."""
     monkeypatch.setattr(client_module, "CONFIG", tmp_path / "config")
-    offline_service._staged.clear()
+    offline_transfers._open.clear()
     w = make_world(tmp_path)
     w.user("root", admin=True)
     made = w.client("root").post(
@@ -154,7 +158,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerWor
     try:
         yield w
     finally:
-        offline_service._staged.clear()
+        offline_transfers._open.clear()
         w.ctx.close()
         forget_fake_hosts()
 
@@ -245,7 +249,8 @@ def test_checkout_then_start_with_the_broker_stopped_then_sync_and_checkin(
     rec = record(laptop_dir)
     here = LaptopDir(laptop_dir)
     assert file_sha256(here.base(rec.base_sha256)) == rec.base_sha256
-    assert file_sha256(here.layer(rec)) == rec.layer_sha256 == file_sha256(server_layer(world))
+    assert layer_digest(here.layer(rec)) == rec.layer_sha256
+    assert file_sha256(here.layer(rec)) == file_sha256(server_layer(world))
     assert here.layer(rec).stat().st_mode & 0o077 == 0
     # Neither the password nor the data key rests anywhere on the laptop.
     for path in laptop_dir.rglob("*"):
@@ -349,7 +354,7 @@ def test_a_cut_download_and_a_cut_checkin_resume_where_they_stopped(
         assert ranges[1] == f"bytes={3 * 64 * 1024}-"  # from the first chunk not on disk
         rec = record(laptop_dir)
         here = LaptopDir(laptop_dir)
-        assert file_sha256(here.layer(rec)) == rec.layer_sha256
+        assert layer_digest(here.layer(rec)) == rec.layer_sha256
 
         guest_writes(laptop_dir, [(i << 20, 0x40 + i) for i in range(0, 48, 4)])
         before = file_sha256(server_layer(world))
@@ -366,7 +371,15 @@ def test_a_cut_download_and_a_cut_checkin_resume_where_they_stopped(
         monkeypatch.setattr(Broker, "call", cut_on_fourth_chunk)
         cut = offline(laptop_dir, "checkin", "home-01", "--quiet", password=None, exit_code=1)
         assert "connection dropped mid-check-in" in cut
-        assert file_sha256(server_layer(world)) == before  # nothing half-applied
+        # Part of it is in the server's layer, under its undo journal: nothing reads it
+        # meanwhile, and undoing it (tried on a copy) gives the old copy back exactly.
+        fetch = world.client("alice").get(f"{API}/offline/desktops/home-01/layer",
+                                          params={"laptop": LAPTOP})
+        assert fetch.status_code == 409 and "in flight" in fetch.json()["detail"]
+        trial = tmp_path / "undo-trial"
+        shutil.copytree(server_layer(world).parent, trial)
+        roll_back(trial / "layer.qcow2", trial / "staging")
+        assert file_sha256(trial / "layer.qcow2") == before
         assert desktop_state(world) == "checked_out"
         assert "yes" in offline(laptop_dir, "status", password=None).split("home-01")[1]
         plan = LayerDelta.decode(here.upload_plan(rec).read_bytes())  # kept for the re-run

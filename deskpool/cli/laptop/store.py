@@ -6,6 +6,7 @@ server's copy so the encrypted layer's relative backing name works on both ends:
     bases/<sha256>.qcow2               template bases, downloaded once per version
     layers/<desktop id>/layer.qcow2    the desktop's encrypted layer (0600)
     layers/<desktop id>/since.manifest block checksums of the server's copy (last sync)
+    layers/<desktop id>/since.map      where its guest clusters lay in the file then
     layers/<desktop id>/upload.plan    a check-in or sync in flight (resumed on re-run)
     desktops/<name>.json               lease, password-wrapped key, server key, sizes
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -61,7 +64,7 @@ class DesktopRecord:
     public_key_pem: str
     base_sha256: str
     base_size: int
-    layer_sha256: str  # the server's copy as of the last sync (what was downloaded)
+    layer_sha256: str  # the server's copy's digest as of the last sync (``BlockManifest``)
     layer_size: int
     policy: dict[str, Any] = field(default_factory=dict)
     # The machine it runs as (size, MAC, boot: the broker's ``.../machine``); {} before.
@@ -104,6 +107,9 @@ class LaptopDir:
 
     def manifest(self, record: DesktopRecord) -> Path:
         return self.folder(record) / "since.manifest"
+
+    def synced_map(self, record: DesktopRecord) -> Path:
+        return self.folder(record) / "since.map"
 
     def upload_plan(self, record: DesktopRecord) -> Path:
         return self.folder(record) / "upload.plan"
@@ -148,12 +154,30 @@ class LaptopDir:
     def forget(self, record: DesktopRecord) -> None:
         """After a check-in or rollback: the record, then the layer's folder; bases stay.
         The record goes first: a cut here leaves leftovers (cleared by the next check-out),
-        never a record whose files are half gone."""
+        never a record whose files are half gone. The folder is moved to ``trash/`` (one
+        rename) and deleted by a detached process: freeing a GiB of fragmented layer takes
+        seconds, and the command is done once the broker has committed. Without its record
+        the layer in the trash is ciphertext whose key is nowhere on the laptop; any left
+        there (a cut) go with the next check-out."""
         self._record_path(record.desktop).unlink(missing_ok=True)
-        self.clear_folder(record)
+        folder = self.folder(record)
+        if not folder.is_dir():
+            return
+        trash = self.root / "trash" / uuid.uuid4().hex
+        trash.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(folder, trash)
+        # The shell puts rm in the background and returns at once (nothing left to reap).
+        subprocess.run(["sh", "-c", 'rm -rf -- "$1" &', "sh", str(trash)], check=False,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def empty_trash(self) -> None:
+        """What earlier check-ins left to delete (their deleting process was cut)."""
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
 
     def clear_folder(self, record: DesktopRecord) -> None:
-        """Whatever an earlier check-out of this desktop left in its folder."""
+        """Whatever an earlier check-out of this desktop left in its folder (and trash)."""
+        self.empty_trash()
         folder = self.folder(record)
         for path in sorted(folder.glob("*"), reverse=True):
             path.unlink()

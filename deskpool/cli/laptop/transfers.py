@@ -7,8 +7,9 @@ killed process, Ctrl-C) resumes from the first chunk not recorded, with an HTTP 
 whole file's sha256 is then checked against the one the lease names (and the server's
 header) before the file takes its final name: a half or damaged download is never used.
 
-Upload (check-in, sync): the plan of changed blocks (``images.layer_delta``) is kept in
-``upload.plan`` until the server commits it; the server journals each chunk it applied and
+Upload (check-in, sync): the plan of changed blocks (``images.layer_delta``, reading only
+the blocks ``images.layer_changes`` says may have changed) is kept in ``upload.plan`` until
+the server commits it; the server journals each chunk it applied and
 every answer lists what it still lacks, so a re-run sends only the rest. Each chunk's bytes
 are checked against the plan as they are read (the laptop's end of the checksums) and again
 by the server (its end), which also checks the whole file before its one atomic rename.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from rich.progress import (
 from deskpool.cli.laptop.broker import Broker, BrokerRefused
 from deskpool.cli.laptop.store import write_private
 from deskpool.domain.errors import DeskpoolError
+from deskpool.images.layer_changes import changed_ranges, clear_sync_bitmap, cluster_map
 from deskpool.images.layer_delta import (
     BlockManifest,
     LayerDelta,
@@ -112,6 +115,7 @@ def download(
     what: str,
     params: dict[str, str],
     progress: Progress,
+    digest: Callable[[Path], str] = file_sha256,
 ) -> int:
     """``dest`` downloaded (resumed where a cut left it) and verified; the bytes fetched."""
     if dest.is_file():
@@ -161,7 +165,7 @@ def download(
     finally:
         os.close(fd)
     os.truncate(partial, size)
-    if file_sha256(partial) != sha256:
+    if digest(partial) != sha256:
         partial.unlink()
         journal.path.unlink(missing_ok=True)
         raise TransferDamaged(
@@ -179,26 +183,72 @@ class UploadResult:
     bytes_sent: int  # the plan and the chunks' bytes, resends included
     payload_bytes: int  # the chunks' bytes of the whole plan, as planned
     manifest: BlockManifest  # the layer as the server now has it
+    cluster_map: bytes | None  # where its guest clusters lie in the file (``layer_changes``)
+    incremental: bool  # planned from the change bitmap, not a whole read
+
+
+def layer_stamp(layer: Path) -> list[int]:
+    st = os.stat(layer)
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def planned(
-    layer: Path, plan_file: Path, since: BlockManifest, base_sha256: str
-) -> tuple[LayerDelta, BlockManifest]:
-    """The plan in flight if it still describes the layer, else a new one (kept first, with
-    the manifest the server's copy will have once it is committed)."""
+    layer: Path, plan_file: Path, since: BlockManifest, base_sha256: str,
+    synced_map: bytes | None = None, clear_bitmap: bool = True,
+) -> tuple[LayerDelta, BlockManifest, bytes | None, bool]:
+    """The plan in flight if the layer is still as it was planned (same file, size and
+    modification time), else a new one (kept first, with the manifest and the cluster map
+    the server's copy will have once it is committed).
+
+    Only the blocks that may differ are read (``layer_changes``), or all when that cannot
+    be told. For a sync (``clear_bitmap``) the change bitmap is cleared *before* the read,
+    once what it said is kept in ``upload.pending`` (until a commit): a cut anywhere loses
+    no change, and the bitmap the server receives is the laptop's, so both files stay byte
+    for byte the same. A check-in leaves the layer as it is (the laptop forgets it)."""
     manifest_file = plan_file.with_suffix(".manifest")
-    if plan_file.is_file() and manifest_file.is_file():
+    map_file = plan_file.with_suffix(".map")
+    stamp_file = plan_file.with_suffix(".stamp")
+    pending_file = plan_file.with_suffix(".pending")
+    if plan_file.is_file() and manifest_file.is_file() and stamp_file.is_file():
         kept = LayerDelta.decode(plan_file.read_bytes())
         if (
-            kept.since_sha256 == since.file_sha256
+            kept.since_sha256 == since.digest
             and kept.base_sha256 == base_sha256
-            and kept.target_sha256 == file_sha256(layer)
+            and json.loads(stamp_file.read_text()) == layer_stamp(layer)
         ):
-            return kept, BlockManifest.decode(manifest_file.read_bytes())
-    delta, manifest = plan_with_manifest(layer, since, base_sha256)
+            return (kept, BlockManifest.decode(manifest_file.read_bytes()),
+                    map_file.read_bytes() if map_file.is_file() else None, True)
+    clusters = cluster_map(layer)
+    fresh = changed_ranges(layer, synced_map, since.file_size, clusters)
+    pending: list[list[int]] | None = []
+    if pending_file.is_file():
+        pending = json.loads(pending_file.read_text())
+    candidates = None if fresh is None or pending is None else merge_ranges(
+        [*((a, n) for a, n in pending), *fresh])
+    write_private(pending_file, json.dumps(candidates).encode())
+    if clear_bitmap:  # in place: no cluster moves
+        clear_sync_bitmap(layer)
+    stamp = layer_stamp(layer)
+    delta, manifest = plan_with_manifest(layer, since, base_sha256, candidates)
+    now_map = clusters
     write_private(manifest_file, manifest.encode())
-    write_private(plan_file, delta.encode())  # last: with it, the pair is complete
-    return delta, manifest
+    if now_map is not None:
+        write_private(map_file, now_map)
+    else:
+        map_file.unlink(missing_ok=True)
+    write_private(stamp_file, json.dumps(stamp).encode())
+    write_private(plan_file, delta.encode())  # last: with it, the set is complete
+    return delta, manifest, now_map, candidates is not None
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, n in sorted(ranges):
+        if merged and first <= merged[-1][0] + merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], first + n - merged[-1][0]))
+        else:
+            merged.append((first, n))
+    return merged
 
 
 def upload(
@@ -211,9 +261,11 @@ def upload(
     base_sha256: str,
     kind: str,
     progress: Progress,
+    synced_map: bytes | None = None,
 ) -> UploadResult:
     """Send the layer's changes since ``since`` (a check-in or a sync); resumable."""
-    delta, manifest = planned(layer, plan_file, since, base_sha256)
+    delta, manifest, now_map, incremental = planned(layer, plan_file, since, base_sha256,
+                                                    synced_map, clear_bitmap=kind == "sync")
     plan = delta.encode()
     params = {"laptop": laptop}
     base = f"/offline/desktops/{desktop}/transfer"
@@ -250,9 +302,11 @@ def upload(
         progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
     done = broker.call("POST", f"{base}/commit", json={"laptop": laptop})
     plan_file.unlink(missing_ok=True)
-    plan_file.with_suffix(".manifest").unlink(missing_ok=True)
+    for suffix in (".manifest", ".map", ".stamp", ".pending"):
+        plan_file.with_suffix(suffix).unlink(missing_ok=True)
     return UploadResult(
-        answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest
+        answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest,
+        cluster_map=now_map, incremental=incremental,
     )
 
 
