@@ -124,6 +124,8 @@ class MachineSecrets:
         return CredentialInfo(name, path, digest, len(content))
 
     def remove_credential(self, name: str, path: str) -> None:
+        desktop_name(name)  # bad input is refused, never looked up
+        credential_path(path)
         with self.ctx.uow() as uow:
             if not uow.machine_credentials.remove(name, path):
                 raise NotFound(f"desktop {name} has no machine credential at {path}")
@@ -133,6 +135,8 @@ class MachineSecrets:
             uow.commit()
 
     def credentials(self, name: str | None = None) -> list[CredentialInfo]:
+        if name is not None:
+            desktop_name(name)
         with self.ctx.uow(read_only=True) as uow:
             found = (uow.machine_credentials.for_desktop(name)
                      if name is not None else uow.machine_credentials.list())

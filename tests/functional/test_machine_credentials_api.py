@@ -100,3 +100,16 @@ def test_the_cli_sets_lists_and_removes_and_prints_known_hosts(
     # The host key the desktop name gets, from this installation's key.
     public = ssh_host_key(MachineSecrets(ctx).key, "lab-02", "lab-02")[1]
     assert public.startswith(b"ssh-ed25519 ")
+
+
+def test_bad_names_and_paths_are_refused_before_any_lookup(ctx: ServiceContext) -> None:
+    """A NUL or a path outside the allowed places is a 400 naming it (PostgreSQL refuses
+    NUL in text: it must never get there)."""
+    api = admin_client(ctx)
+    for params in ({"desktop": "lab\x0001", "path": "/etc/krb5.keytab"},
+                   {"desktop": "lab-01", "path": "/etc/krb5\x00.keytab"},
+                   {"desktop": "lab-01", "path": "/etc/passwd"}):
+        gone = api.delete("/api/v1/admin/machine-credentials", params=params)
+        assert gone.status_code == 400, (params, gone.text)
+    listed = api.get("/api/v1/admin/machine-credentials", params={"desktop": "a\x00"})
+    assert listed.status_code == 400 and "no desktop name" in listed.text
