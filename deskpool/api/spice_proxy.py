@@ -11,8 +11,9 @@ tells the client the display's address on the target host, and the broker admits
 SPICE opens several TCP connections per client (main, display, inputs, cursor...). The first
 spends the ticket; the others, opened within a short window after it or while one of the
 ticket's channels is still open here (a move's channels come minutes later), are admitted on
-the same ticket. The first is the console's "connection" for the session service: its opening
-and closing are reported as a noVNC console's are. Every open channel is closed once its
+the same ticket. The client's channels are the console's "connection" for the session
+service: its opening (the first channel) and closing (the last) are reported as a noVNC
+console's are. Every open channel is closed once its
 desktop is no longer its user's.
 """
 
@@ -129,17 +130,19 @@ class _Handler(socketserver.BaseRequestHandler):
     def _relay(self, client: socket.socket, upstream: socket.socket, target: ConsoleTarget,
                first: bool, secret: str) -> None:
         admission = self.server.admission
-        if not self.server.track(client, secret):
+        # The console is open while any channel of the client is: a live move opens the
+        # channels on the target before the source's close, so it never reads as closed.
+        opened = self.server.track(client, secret)
+        if opened is None:
             return
-        if first:
+        if opened:
             admission.opened(target)
             log.info("%s opened the SPICE console of %s", target.user, target.desktop)
         try:
             pump(client, upstream, lambda: admission.still_held(target),
                   self.server.recheck_s, self.server.stopping)
         finally:
-            self.server.untrack(client, secret)
-            if first:
+            if self.server.untrack(client, secret):
                 try:
                     admission.closed(target)
                 except Exception:  # the close must not depend on the database
@@ -181,16 +184,21 @@ class SpiceProxyServer(TrackingTcpServer):
         with self._lock:
             return self._open[secret]
 
-    def track(self, sock: socket.socket, secret: str = "") -> bool:
+    def track(self, sock: socket.socket, secret: str = "") -> bool | None:  # type: ignore[override]
+        """None when the proxy stops; else whether this is the client's only open channel
+        (its console opens now)."""
         with self._lock:
             if not super().track(sock):
-                return False
+                return None
             self._open[secret] += 1
-            return True
+            return self._open[secret] == 1
 
-    def untrack(self, sock: socket.socket, secret: str = "") -> None:
+    def untrack(self, sock: socket.socket, secret: str = "") -> bool:  # type: ignore[override]
+        """Whether this was the client's last open channel (its console closes now)."""
         with self._lock:
             super().untrack(sock)
             self._open[secret] -= 1
-            if self._open[secret] <= 0:
-                del self._open[secret]
+            if self._open[secret] > 0:
+                return False
+            del self._open[secret]
+            return True

@@ -527,7 +527,8 @@ def test_native_clients_follow_a_live_move_to_another_host(
             shot = tmp_path / "after-move.png"
             wait_for(lambda: analyse("image/png", screen.screenshot(shot)).is_graphical(), 120,
                      "the moved session drawn on the client screen")
-            assert DesktopService(ctx).get(str(desktop_id)).state == "in_use"
+            wait_for(lambda: DesktopService(ctx).get(str(desktop_id)).state == "in_use", 60,
+                     "the moved desktop counting its consoles as open")
             for client in clients:
                 stop(client)
             # Removed while the second host is up (the module's teardown finds nothing).
