@@ -101,7 +101,7 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             head = _read_head(client)
             secret = ticket_of(head)
-            target, first = self.server.admission.admit(
+            target, _first = self.server.admission.admit(
                 secret, requested_of(head), self.server.channels_open(secret) > 0)
         except AuthenticationFailed as exc:
             log.warning("SPICE console refused for %s: %s", peer, exc)
@@ -125,10 +125,10 @@ class _Handler(socketserver.BaseRequestHandler):
         with upstream:
             _answer(client, 200, "Connection Established")
             client.settimeout(None)
-            self._relay(client, upstream, target, first, secret)
+            self._relay(client, upstream, target, secret)
 
     def _relay(self, client: socket.socket, upstream: socket.socket, target: ConsoleTarget,
-               first: bool, secret: str) -> None:
+               secret: str) -> None:
         admission = self.server.admission
         # The console is open while any channel of the client is: a live move opens the
         # channels on the target before the source's close, so it never reads as closed.

@@ -112,6 +112,7 @@ class ConsoleTarget:
     host: str
     port: int
     followed: bool = False  # the display on the host a live move is taking the desktop to
+    host_id: uuid.UUID | None = None  # where the desktop ran when this target was found
 
 
 class ConsoleTickets:
@@ -203,7 +204,8 @@ class ConsoleTickets:
         if used is None or otp is None or found is None:
             raise AuthenticationFailed("RDP ticket unknown, or one no client may come back on")
         target = self._target(*used, ConsoleProtocol.RDP)
-        code, err = _set_rdp_password(self.ctx.driver_for_id(self._host_of(target)),
+        assert target.host_id is not None  # an RDP target is never a followed one
+        code, err = _set_rdp_password(self.ctx.driver_for_id(target.host_id),
                                       target.desktop_id, found[0], otp)
         if code != 0:
             raise Unavailable(f"desktop {target.desktop} cannot take the RDP client back yet: "
@@ -272,7 +274,7 @@ class ConsoleTickets:
                 raise AuthenticationFailed("the desktop of this console ticket is no longer "
                                            "yours")
             driver = self.ctx.driver_for(desktop.host)
-            name = desktop.name
+            name, host_id = desktop.name, desktop.host_id
             moving_to = desktop.moving_to_id
         if requested is not None and moving_to is not None:
             followed = self._display_on(moving_to, desktop_id, protocol, requested)
@@ -282,7 +284,8 @@ class ConsoleTickets:
                                      port=requested[1], followed=True)
         address = driver.console_address(desktop_id, protocol)
         return ConsoleTarget(desktop_id=desktop_id, desktop=name, user=user,
-                             protocol=address.protocol, host=address.host, port=address.port)
+                             protocol=address.protocol, host=address.host, port=address.port,
+                             host_id=host_id)
 
     def _display_on(self, host_id: uuid.UUID, desktop_id: uuid.UUID,
                     protocol: ConsoleProtocol, requested: Address) -> Address | None:
@@ -293,10 +296,6 @@ class ConsoleTickets:
         except DeskpoolError:
             return None
         return requested if (there.host, there.port) == requested else None
-
-    def _host_of(self, target: ConsoleTarget) -> uuid.UUID:
-        with self.ctx.uow(read_only=True) as uow:
-            return uow.desktops.get(target.desktop_id).host_id
 
 
 def _set_rdp_password(driver: HypervisorDriver, desktop_id: uuid.UUID, account: str,
