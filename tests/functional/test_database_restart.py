@@ -60,10 +60,12 @@ def world(server: PostgresServer, tmp_path: Path) -> Iterator[BrokerWorld]:
         w.ctx.close()
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str,
+             seen: list[str] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        assert time.monotonic() < deadline, (f"timed out after {timeout_s:g} s waiting for "
+                                             f"{what}; last seen: {(seen or [])[-3:]}")
         time.sleep(0.1)
 
 
@@ -147,10 +149,16 @@ def test_reconciler_and_session_timers_loops_carry_on_after_a_restart(
         answers: list[str] = []
 
         def handed_over() -> bool:  # a desktop the loops were preparing is "pending"
-            answers.append(alice.post("/api/v1/pools/lab/connect").json()["status"])
-            return answers[-1] == "ready"
+            answer = alice.post("/api/v1/pools/lab/connect")
+            answers.append(f"{answer.status_code} {answer.text}")
+            if answer.status_code == 503:  # a temporary refusal, told when to try again
+                assert "retry-after" in answer.headers and answer.json()["detail"], answer.text
+                return False
+            assert answer.status_code == 200, answer.text
+            return bool(answer.json()["status"] == "ready")
 
-        wait_for(handed_over, 30, "a desktop handed over after the restart")
+        wait_for(handed_over, 30, "a desktop handed over after the restart",
+                 seen=answers)
         # Never connected to, the reservation runs out (2 s): the timers release it and the
         # reconciler recycles it (or retires it, the pool having made another spare
         # meanwhile): alice holds nothing and the pool has a ready desktop again.
