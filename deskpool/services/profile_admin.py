@@ -110,6 +110,17 @@ class ProfileAdmin:
         return {generation: sorted(hosts.get(h, str(h)) for h in holders.get(layer_id, ()))
                 for layer_id, generation in sorted(layers.items(), key=lambda kv: kv[1])}
 
+    def latest_on(self, user: str | None = None) -> dict[str, builtins.list[str]]:
+        """Each user with a profile (or just ``user``) -> the hosts holding their latest
+        generation's layer (empty: only the profile store every host reaches), in one read."""
+        with self.ctx.uow(read_only=True) as uow:
+            hosts = {h.id: h.name for h in uow.hosts.list()}
+            profiles = uow.profiles.all() if user is None else [uow.profiles.get(user)]
+            tops = {p.user: p.layer_id for p in profiles}
+            holders = uow.profile_holders.holders([t for t in tops.values() if t is not None])
+        return {user: sorted(hosts.get(h, str(h)) for h in holders.get(top, ()))
+                if top is not None else [] for user, top in tops.items()}
+
     @property
     def _who(self) -> str:
         return self.actor.name if self.actor is not None else "system"

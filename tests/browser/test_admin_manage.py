@@ -177,6 +177,9 @@ def test_machine_credentials_and_known_hosts_on_the_page(page: Page, site: Site)
     row = page.locator('#credentials tbody tr[data-name="lab-01:/etc/krb5.keytab"]')
     expect(row).to_contain_text("9")
     assert "SECRET-KT" not in page.content()
+    # Profile layers crossing between hosts: a table of its own, empty here.
+    expect(page.locator("#copies")).to_have_attribute("data-rows", "0")
+    expect(page.locator("#copies thead")).to_contain_text("To host")
     known = page.evaluate("""async () => (await fetch(
         document.getElementById('known-hosts').href)).text()""")
     names = [line.split()[0] for line in known.splitlines()]

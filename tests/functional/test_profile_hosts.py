@@ -327,3 +327,34 @@ def test_a_copy_holds_a_transfer_slot_on_both_hosts_and_records_its_progress(
         still = list(uow.session.scalars(select(HostSlot).where(
             HostSlot.kind == "transfer", HostSlot.holder == copies.copier)))
     assert still == []  # both slots given back
+
+
+def test_the_admin_api_shows_which_hosts_hold_a_profile_and_the_copies_in_flight(
+        two: TwoHosts, hook: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin = two.w.client(two.w.user("root-admin", admin=True))
+    log_off_and_recycle(two.w, two.logon("on-a"))
+    assert admin.get("/api/v1/admin/profiles/ann/hosts").json() == {
+        "user": "ann", "generations": [{"generation": 1, "hosts": ["h1"]},
+                                       {"generation": 2, "hosts": ["h1"]}]}
+    assert admin.get("/api/v1/admin/profile-copies").json() == []
+    seen: list[list[dict[str, object]]] = []
+    receive_chunk = two.fake2.receive_chunk
+
+    def watched(name: str, chunk: bytes, size: int) -> int:
+        seen.append(admin.get("/api/v1/admin/profile-copies").json())
+        return receive_chunk(name, chunk, size)
+
+    monkeypatch.setattr(two.fake2, "receive_chunk", watched)
+    two.logon("on-b")
+    (first, *_rest) = [copies for copies in seen if copies]
+    (copy,) = first
+    assert (copy["user"], copy["generation"], copy["host"]) == ("ann", 1, "h2")
+    assert copy["bytes_total"] == two.chain_files()[uuid.UUID(str(copy["layer_id"]))]
+    assert admin.get("/api/v1/admin/profile-copies").json() == []
+    shown = admin.get("/api/v1/admin/profiles/ann").json()
+    assert shown["latest_on"] == ["h1", "h2"]
+    assert [p["latest_on"] for p in admin.get("/api/v1/admin/profiles").json()] == [
+        ["h1", "h2"]]
+    assert admin.get("/api/v1/admin/profiles/nobody/hosts").status_code == 404
+    ann = two.w.client(two.w.user("ann2", groups=("staff",)))
+    assert ann.get("/api/v1/admin/profile-copies").status_code == 403

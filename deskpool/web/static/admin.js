@@ -442,11 +442,20 @@ const TABLES = {
         `${mib(p.last_writeback_bytes)}` + (p.last_writeback_s == null ? ""
           : ` in ${p.last_writeback_s.toFixed(1)} s`) : "never")],
       ["Open on", (p) => p.open_sessions.join(", ")],
+      ["Latest on", (p) => p.latest_on.join(", ") || "profile store"],
       ["Set aside", (p) => p.unclean.map(([d, why]) => `${d}: ${why}`).join("; "), "notes"],
       ["Conflicts", (p) => p.conflicts.join("; "), "notes"],
       ["", (p) => profileActions(p, ui), "actions"]],
     key: (p) => p.user,
     attrs: (p) => ({ "data-name": p.user }),
+  },
+  copies: {  // profile layers crossing to a host for a logon there
+    path: "/api/v1/admin/profile-copies",
+    columns: [["User", (c) => `${c.user} (generation ${c.generation})`, "name"],
+      ["To host", (c) => c.host], ["Copied", (c) => `${mib(c.bytes_done)} of `
+        + `${mib(c.bytes_total)}`, "num"], ["By", (c) => c.copier || ""]],
+    key: (c) => `${c.layer_id}:${c.host}`,
+    attrs: (c) => ({ "data-name": `${c.user}:${c.generation}:${c.host}` }),
   },
   credentials: {  // machine credentials: never their content
     path: "/api/v1/admin/machine-credentials",
@@ -459,7 +468,8 @@ const TABLES = {
 // The hosts' drain progress counts sessions from the desktops, so desktops come first.
 // A table whose path is null (the tokens, with no user chosen) is not fetched.
 const ORDER = ["desktops", "hosts", "pools", "sessions", "logons", "events", "templates",
-               "users", "tokens", "entitlements", "profiles", "credentials", "audit"];
+               "users", "tokens", "entitlements", "profiles", "copies", "credentials",
+               "audit"];
 const pathOf = (name) => (typeof TABLES[name].path === "function" ? TABLES[name].path()
                                                                     : TABLES[name].path);
 
