@@ -1,14 +1,28 @@
 """A cap on request bodies: no route takes more than ``MAX_BODY`` bytes (the largest is a
 template's cloud-init user data, 256 KiB, with its join hook), so a bigger body is refused
-with a 413 before it is read into memory, whether it declares its length or streams."""
+with a 413 before it is read into memory, whether it declares its length or streams.
+
+One route takes more: a laptop's batch of check-in chunks (``MAX_CHUNKS_BODY``). Each
+request costs a plan lookup, a journal write and fsyncs whatever its size, so 1 MiB
+batches spent more on requests than on bytes; the transfer slots bound how many run at once."""
 
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY = 1024 * 1024
+MAX_CHUNKS_BODY = 8 * 1024 * 1024
+_CHUNKS = re.compile(r"/api/v1/offline/desktops/[^/]+/transfer/chunks")
+
+
+def body_limit(method: str, path: str, default: int = MAX_BODY) -> int:
+    """The most bytes a request's body may have."""
+    if method == "PUT" and _CHUNKS.fullmatch(path):
+        return max(default, MAX_CHUNKS_BODY)
+    return default
 
 
 class BodyTooLarge(Exception):
@@ -24,14 +38,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = body_limit(scope.get("method", ""), scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
-                too_large = int(declared) > self.limit
+                too_large = int(declared) > limit
             except ValueError:
                 too_large = False  # the server refuses a malformed length itself
             if too_large:
-                await self._refuse(send)
+                await self._refuse(send, limit)
                 return
         received = 0
         overflow = False
@@ -41,7 +56,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     overflow = True
                     raise BodyTooLarge
             return message
@@ -52,15 +67,15 @@ class BodyLimit:
             if not overflow:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
         try:
             await self.app(scope, counted, answer)
         except BodyTooLarge:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"the request body is larger than {self.limit} bytes"})
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = json.dumps({"detail": f"the request body is larger than {limit} bytes"})
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})

@@ -12,6 +12,7 @@ journal); the plan is stored on the check-out row, so a cut transfer resumes aft
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -41,6 +42,9 @@ SLOT_RETRY_S = 5.0
 _locks: dict[uuid.UUID, threading.Lock] = {}
 _locks_guard = threading.Lock()
 _open: dict[uuid.UUID, tuple[str, InPlaceCheckin]] = {}
+# Each desktop's plan as last decoded, by the sha256 of its bytes: every chunk request reads
+# the plan, and decoding thousands of chunks each time cost more than applying them.
+_plans: dict[uuid.UUID, tuple[bytes, LayerDelta]] = {}
 # When this process last renewed a check-out's slot: a step within a third of the lease of
 # that renews nothing (one database write per step would cost more than the step).
 _renewed: dict[uuid.UUID, float] = {}
@@ -53,6 +57,17 @@ def desktop_lock(desktop_id: uuid.UUID) -> threading.Lock:
 
 def forget_open(desktop_id: uuid.UUID) -> None:
     _open.pop(desktop_id, None)
+    _plans.pop(desktop_id, None)
+
+
+def _decoded(desktop_id: uuid.UUID, plan: bytes) -> LayerDelta:
+    digest = hashlib.sha256(plan).digest()
+    cached = _plans.get(desktop_id)
+    if cached is not None and cached[0] == digest:
+        return cached[1]
+    delta = LayerDelta.decode(plan)
+    _plans[desktop_id] = (digest, delta)
+    return delta
 
 
 def slot_holder(checkout_id: uuid.UUID) -> str:
@@ -250,7 +265,8 @@ def _in_flight(svc: OfflineService, user: str, desktop_name: str,
         if checkout.transfer_plan is None or checkout.transfer_kind is None:
             raise Conflict(f"no check-in or sync of {desktop_name} is in progress; "
                            "start one first")
-        return (checkout.id, checkout.desktop_id, LayerDelta.decode(checkout.transfer_plan),
+        return (checkout.id, checkout.desktop_id,
+                _decoded(checkout.desktop_id, checkout.transfer_plan),
                 checkout.transfer_kind, checkout.base_sha256)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from deskpool.api.limits import MAX_BODY
+from deskpool.api.limits import MAX_BODY, MAX_CHUNKS_BODY
 from deskpool.config import Settings
 from deskpool.domain.errors import InvalidInput
 from deskpool.domain.pools import PoolSpec
@@ -174,3 +174,20 @@ def test_a_body_past_the_limit_is_refused_whole(world: BrokerWorld) -> None:
     assert answer.status_code == 413, answer.text
     assert pool_names(world) == ["lab"]
     assert admin.get(f"{ADMIN}/pools/lab").status_code == 200  # the app still answers
+
+
+def test_only_a_batch_of_check_in_chunks_may_be_larger(world: BrokerWorld) -> None:
+    """A laptop's chunks may be up to 8 MiB a request; past that, and on every other
+    route past 1 MiB, the 413 names the limit that applies."""
+    alice = world.client(world.user("alice", entitled_to=("lab",)))
+    route = "/api/v1/offline/desktops/lab-01/transfer/chunks?laptop=l1&indexes=0"
+    answer = alice.put(route, content=b"x" * (MAX_BODY + 1))
+    assert answer.status_code != 413, answer.text  # judged by the offline service instead
+    answer = alice.put(route, content=b"x" * (MAX_CHUNKS_BODY + 1))
+    assert answer.status_code == 413
+    assert answer.json()["detail"] == f"the request body is larger than {MAX_CHUNKS_BODY} bytes"
+    answer = alice.put("/api/v1/offline/desktops/lab-01/transfer/chunks/0?laptop=l1",
+                       content=b"x" * (MAX_BODY + 1))  # a single chunk keeps the 1 MiB cap
+    assert answer.status_code == 413
+    assert answer.json()["detail"] == f"the request body is larger than {MAX_BODY} bytes"
+

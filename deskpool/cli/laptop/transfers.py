@@ -45,8 +45,10 @@ from deskpool.images.layer_delta import (
 
 DOWNLOAD_CHUNK = 4 * 1024 * 1024
 MAX_RESENDS = 3
-BATCH_BYTES = 1024 * 1024 - 4096  # under the broker's 1 MiB request body cap
+BATCH_BYTES = 8 * 1024 * 1024 - 4096  # under the broker's 8 MiB cap on a batch of chunks
 BATCH_CHUNKS = 4096  # the API's limit on indexes in one request
+# The indexes travel in the query string: kept well under the server's 16 KiB request head.
+BATCH_INDEX_TEXT = 8192
 SHA256_HEADER = "x-deskpool-sha256"
 
 
@@ -314,12 +316,14 @@ def batches(delta: LayerDelta, missing: list[int]) -> list[list[int]]:
     """The missing chunks in requests of at most ``BATCH_BYTES`` (a bigger chunk alone):
     a round trip per 4 KiB chunk would cost more than the bytes."""
     found: list[list[int]] = []
-    size = 0
+    size = text = 0
     for index in missing:
-        wire = delta.chunks[index].wire_length
-        if not found or size + wire > BATCH_BYTES or len(found[-1]) >= BATCH_CHUNKS:
+        wire, digits = delta.chunks[index].wire_length, len(str(index)) + 1
+        if (not found or size + wire > BATCH_BYTES or len(found[-1]) >= BATCH_CHUNKS
+                or text + digits > BATCH_INDEX_TEXT):
             found.append([])
-            size = 0
+            size = text = 0
         found[-1].append(index)
         size += wire
+        text += digits
     return found
