@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import zlib
 
+import pytest
+
 from deskpool.cli.laptop import transfers
+from deskpool.cli.laptop.broker import BrokerRefused
 from deskpool.cli.laptop.transfers import batches
 from deskpool.images.layer_delta import DeltaChunk, LayerDelta, _incompressible
 
@@ -45,3 +48,48 @@ def test_ciphertext_is_not_compressed_but_text_and_sparse_blocks_are_tried() -> 
     assert len(zlib.compress(random_block, 1)) > 0.9 * 4096  # what the guess stands for
     assert not _incompressible(text) and not _incompressible(sparse)
     assert not _incompressible(b"\x01\x02")  # too short to judge: tried
+
+
+class FlakyBroker:
+    """Answers each PUT with the next of ``answers``: None is a 200, a number that refusal."""
+
+    def __init__(self, *answers: int | None) -> None:
+        self.answers = list(answers)
+        self.bodies: list[bytes] = []
+
+    def call(self, method: str, route: str, **kw: object) -> dict[str, object]:
+        assert method == "PUT" and route.endswith("/chunks")
+        body = kw["content"]
+        assert isinstance(body, bytes)
+        self.bodies.append(body)
+        status = self.answers.pop(0)
+        if status is not None:
+            raise BrokerRefused(f"refused with {status}", status)
+        return {}
+
+
+def test_a_batch_damaged_on_the_way_is_read_anew_and_sent_again() -> None:
+    reads: list[int] = []
+
+    def reread() -> bytes:
+        reads.append(1)
+        return b"fresh"
+
+    broker = FlakyBroker(503, 503, None)
+    sent = transfers._send_batch(broker, "/x/chunks", {"laptop": "l"},  # type: ignore[arg-type]
+                                 [0, 1], b"first", reread)
+    assert broker.bodies == [b"first", b"fresh", b"fresh"] and len(reads) == 2
+    assert sent == len(b"first") + 2 * len(b"fresh")  # every byte that went out
+
+
+def test_a_batch_refused_for_another_reason_or_too_often_is_not_sent_again() -> None:
+    broker = FlakyBroker(403)
+    with pytest.raises(BrokerRefused, match="403"):
+        transfers._send_batch(broker, "/x/chunks", {}, [0], b"a",  # type: ignore[arg-type]
+                              lambda: b"a")
+    assert broker.bodies == [b"a"]
+    broker = FlakyBroker(*[503] * (transfers.MAX_RESENDS + 1))
+    with pytest.raises(BrokerRefused, match="503"):
+        transfers._send_batch(broker, "/x/chunks", {}, [0], b"a",  # type: ignore[arg-type]
+                              lambda: b"a")
+    assert len(broker.bodies) == transfers.MAX_RESENDS + 1

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.progress import (
@@ -285,23 +287,21 @@ def upload(
         total=delta.payload_bytes(),
         completed=delta.payload_bytes() - int(answer["bytes_pending"]),
     )
-    for batch in batches(delta, missing):
-        for attempt in range(MAX_RESENDS + 1):
-            data = b"".join(read_chunk(layer, delta.chunks[i]) for i in batch)
-            sent += len(data)
-            try:
-                broker.call(
-                    "PUT",
-                    f"{base}/chunks",
-                    params={**params, "indexes": ",".join(map(str, batch))},
-                    content=data,
-                    headers={"content-type": "application/octet-stream"},
-                )
-                break
-            except BrokerRefused as exc:  # 503 without Retry-After: damaged on the way
-                if exc.status != 503 or attempt == MAX_RESENDS:
-                    raise
-        progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
+
+    def payload(batch: list[int]) -> bytes:
+        return b"".join(read_chunk(layer, delta.chunks[i]) for i in batch)
+
+    in_batches = batches(delta, missing)
+    # The next batch is read and checked while the broker applies this one.
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = [reader.submit(payload, in_batches[0])] if in_batches else []
+        for number, batch in enumerate(in_batches):
+            data = ahead.pop().result()
+            if number + 1 < len(in_batches):
+                ahead.append(reader.submit(payload, in_batches[number + 1]))
+            sent += _send_batch(broker, f"{base}/chunks", params, batch, data,
+                                partial(payload, batch))
+            progress.advance(task, sum(delta.chunks[i].wire_length for i in batch))
     done = broker.call("POST", f"{base}/commit", json={"laptop": laptop})
     plan_file.unlink(missing_ok=True)
     for suffix in (".manifest", ".map", ".stamp", ".pending"):
@@ -310,6 +310,25 @@ def upload(
         answer=done, bytes_sent=sent, payload_bytes=delta.payload_bytes(), manifest=manifest,
         cluster_map=now_map, incremental=incremental,
     )
+
+
+def _send_batch(broker: Broker, route: str, params: dict[str, str], batch: list[int],
+                data: bytes, reread: Callable[[], bytes]) -> int:
+    """One batch of chunks, sent again (read anew) when it was damaged on the way; the
+    bytes sent."""
+    sent = 0
+    for attempt in range(MAX_RESENDS + 1):
+        if attempt:
+            data = reread()
+        sent += len(data)
+        try:
+            broker.call("PUT", route, params={**params, "indexes": ",".join(map(str, batch))},
+                        content=data, headers={"content-type": "application/octet-stream"})
+            return sent
+        except BrokerRefused as exc:  # 503 without Retry-After: damaged on the way
+            if exc.status != 503 or attempt == MAX_RESENDS:
+                raise
+    return sent
 
 
 def batches(delta: LayerDelta, missing: list[int]) -> list[list[int]]:
