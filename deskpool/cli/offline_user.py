@@ -391,7 +391,9 @@ def _send(
             ) from None
         raise
     _synced(laptop, record, sent.manifest, sent.cluster_map)
-    out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}")
+    how = ("only the blocks the layer's change bitmap names were read" if sent.incremental
+           else "the whole layer was read (its change bitmap was missing or unusable)")
+    out.print(f"{kind}: sent {sent.bytes_sent / MiB:.1f} MiB for {desktop}; {how}")
     _remember_revoked(broker, laptop)
     return laptop, record, sent.answer
 
