@@ -57,7 +57,10 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, *, durable_commits: bool = False) -> None:
+        """``durable_commits``: a commit is on disk when it returns, as in production. Off
+        (faster), a SIGKILLed server may come back without the last commits before it."""
+        self.durable_commits = durable_commits
         self.work = Path(tempfile.mkdtemp(prefix="deskpool-pg-"))
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -85,7 +88,8 @@ class PostgresServer:
         self.process = subprocess.Popen(self._run_as([
             str(BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.work}",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=300",
+            "-c", "fsync=off", "-c", "max_connections=300",
+            "-c", f"synchronous_commit={'on' if self.durable_commits else 'off'}",
             "-c", "full_page_writes=off"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while not self.accepting():

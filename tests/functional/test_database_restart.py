@@ -42,7 +42,9 @@ def server() -> Iterator[PostgresServer]:
         if IN_CI:
             pytest.fail(f"PostgreSQL tier cannot run in CI: {reason}")
         pytest.skip(reason)
-    with PostgresServer() as pg:
+    # Durable commits: a SIGKILLed server must come back with every commit it answered
+    # (alice's API token, made before the kill, was lost without them in CI).
+    with PostgresServer(durable_commits=True) as pg:
         yield pg
 
 
