@@ -153,9 +153,6 @@ def test_reconciler_and_session_timers_loops_carry_on_after_a_restart(
         def handed_over() -> bool:  # a desktop the loops were preparing is "pending"
             answer = alice.post("/api/v1/pools/lab/connect")
             answers.append(f"{answer.status_code} {answer.text}")
-            if answer.status_code == 503:  # a temporary refusal, told when to try again
-                assert "retry-after" in answer.headers and answer.json()["detail"], answer.text
-                return False
             assert answer.status_code == 200, answer.text
             return bool(answer.json()["status"] == "ready")
 
