@@ -174,6 +174,7 @@ def create_pool(body: PoolCreate, actor: AdminActor, svc: ServicesDep) -> Row:
         min_size=body.min_size, max_size=body.max_size, spare=body.spare,
         naming_pattern=body.naming_pattern, clone_mode=body.clone_mode.value,
         on_logout=body.on_logout, revert_by=body.revert_by, one_time=body.one_time,
+        user_layer_mib=body.user_layer_mib,
         max_age_s=body.max_age_s,
         power_policy=body.power_policy, canary=body.canary,
         reservation_timeout_s=body.reservation_timeout_s, idle_timeout_s=body.idle_timeout_s,

@@ -27,7 +27,14 @@ from deskpool.domain.models import (
     PowerState,
 )
 from deskpool.domain.offline import MAX_DAYS_OFFLINE_LIMIT
-from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PowerPolicy, RevertBy
+from deskpool.domain.pools import (
+    USER_LAYER_MAX_MIB,
+    Assignment,
+    OnLogout,
+    PoolKind,
+    PowerPolicy,
+    RevertBy,
+)
 from deskpool.domain.profile_merge import SecondSession
 from deskpool.domain.states import DesktopState, DesktopTask
 from deskpool.images.recipe import Flavor
@@ -166,6 +173,8 @@ Flag = Annotated[bool, BeforeValidator(_json_flag)]
 Seconds = Annotated[int, Field(gt=0, le=10 * 365 * 86400), NUMBER]  # int32 and datetimes
 Size = Annotated[int, Field(ge=0, le=100_000), NUMBER]
 Days = Annotated[int, Field(ge=1, le=MAX_DAYS_OFFLINE_LIMIT), NUMBER]
+# 0 (none) or USER_LAYER_MIN_MIB..MAX: PoolSpec.validate names the gap between.
+LayerMib = Annotated[int, Field(ge=0, le=USER_LAYER_MAX_MIB), NUMBER]
 
 
 class OfflinePolicyBody(BaseModel):
@@ -286,6 +295,7 @@ class PoolCreate(BaseModel):
     clone_mode: CloneMode = CloneMode.LINKED
     on_logout: OnLogout = OnLogout.RECYCLE_REVERT
     revert_by: RevertBy = RevertBy.SNAPSHOT
+    user_layer_mib: LayerMib = 0
     one_time: Flag = False
     max_age_s: Seconds | None = None
     power_policy: PowerPolicy = PowerPolicy.RUNNING
@@ -338,6 +348,7 @@ class PoolUpdate(BaseModel):
     roaming_profiles: Flag | SkipJsonSchema[None] = None
     second_session: SecondSession | SkipJsonSchema[None] = None
     revert_by: RevertBy | SkipJsonSchema[None] = None
+    user_layer_mib: LayerMib | SkipJsonSchema[None] = None
     profile_exclusions: list[ExclusionPath] | SkipJsonSchema[None] = Field(default=None,
                                                                         max_length=32)
     redirect_folders: list[RedirectFolder] | SkipJsonSchema[None] = Field(default=None,
@@ -402,6 +413,7 @@ class PoolAdminView(BaseModel):
     roaming_profiles: bool = False
     second_session: SecondSession = SecondSession.MERGE
     revert_by: RevertBy = RevertBy.SNAPSHOT
+    user_layer_mib: LayerMib = 0
     profile_exclusions: list[str] = Field(default_factory=list)
     redirect_folders: list[str] = Field(default_factory=list)
     balance: bool = False  # the load balancer may move its desktops

@@ -47,6 +47,7 @@ def _describe(pool: PoolView) -> str:
                if pool.redirect_folders else "")
             + ("; load-balanced" if pool.balance else "")
             + ("; reverts by a fresh boot" if pool.revert_by == "boot" else "")
+            + (f"; user layer {pool.user_layer_mib} MiB" if pool.user_layer_mib else "")
             + (f"; offline up to {pool.offline.max_days_offline} days, syncing every "
                f"{pool.offline.sync_every_days}" if pool.offline.may_go_offline else "")
             + _fault(pool))
@@ -120,12 +121,15 @@ def pool_create(
         help="the load balancer may move its running desktops live off a host under "
              "memory or CPU pressure (balance_enabled must be on too)")] = False,
     offline: OfflineOption = None,
+    user_layer_mib: Annotated[int, typer.Option(
+        help="a stateful pool's user layer: MiB of each desktop's own disk that keeps the "
+             "user's changes to the system as files, over the template (0: none)")] = 0,
 ) -> None:
     """Create a pool; the reconciler fills it."""
     spec = PoolSpec(name=name, template=template, kind=kind, assignment=assignment,
                     min_size=min_size, max_size=max_size, spare=spare, naming_pattern=pattern,
                     clone_mode=clone, on_logout=on_logout, revert_by=revert_by,
-                    one_time=one_time, max_age_s=max_age,
+                    one_time=one_time, max_age_s=max_age, user_layer_mib=user_layer_mib,
                     power_policy=power, canary=canary,
                     session_start_timeout_s=session_start_timeout,
                     roaming_profiles=roaming_profiles, second_session=second_session,

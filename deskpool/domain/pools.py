@@ -62,6 +62,12 @@ def resets_on_reboot(kind: PoolKind, on_logout: OnLogout) -> bool:
     return kind is PoolKind.STATELESS and on_logout is not OnLogout.RECYCLE_AS_IS
 
 
+# A user layer's disk: room for a few packages and files at least, and no more than the
+# disks deskpool makes elsewhere.
+USER_LAYER_MIN_MIB = 64
+USER_LAYER_MAX_MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
@@ -103,6 +109,10 @@ class PoolSpec:
     balance: bool = False
     # Whether and how its desktops may be checked out to a laptop (issue 15); default: never.
     offline: OfflinePolicy = field(default_factory=OfflinePolicy)
+    # A stateful pool's user layer: MiB of a disk of each desktop's own that holds the user's
+    # changes to the system as files (the upper layer of an overlay root over the template);
+    # 0: none, the changes go into the desktop's root overlay.
+    user_layer_mib: int = 0
 
     def validate(self) -> PoolSpec:
         """Refuse a pool that can never be satisfied, naming the offending fields."""
@@ -143,6 +153,20 @@ class PoolSpec:
                 f"pool {self.name!r}: a stateful pool keeps users' changes, so it cannot "
                 "revert on logout (use recycle-as-is or retire)"
             )
+        if self.user_layer_mib and not (
+                isinstance(self.user_layer_mib, int)
+                and USER_LAYER_MIN_MIB <= self.user_layer_mib <= USER_LAYER_MAX_MIB):
+            raise InvalidInput(f"pool {self.name!r}: user_layer_mib ({self.user_layer_mib}) "
+                               f"must be 0 (no user layer) or from {USER_LAYER_MIN_MIB} to "
+                               f"{USER_LAYER_MAX_MIB} MiB")
+        if self.user_layer_mib and self.kind is not PoolKind.STATEFUL:
+            raise InvalidInput(f"pool {self.name!r}: only a stateful pool keeps a user layer "
+                               "(a stateless desktop throws its changes away)")
+        if self.user_layer_mib and self.clone_mode == "instant":
+            # An instant clone runs the template's memory, booted on the template's root:
+            # there is no boot at which to assemble the layered root.
+            raise InvalidInput(f"pool {self.name!r}: instant clones cannot have a user layer "
+                               "(use linked or full clones)")
         if self.clone_mode not in ("linked", "full", "instant"):
             raise InvalidInput(
                 f"pool {self.name!r}: clone mode {self.clone_mode!r} is not linked, full or "

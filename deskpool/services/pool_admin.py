@@ -44,7 +44,9 @@ from deskpool.store.models import Pool
 # What ``update`` may change: every setting of a pool but its name. The kind, assignment and
 # template shape what its desktops hold, so they change only while it has none.
 UPDATABLE = frozenset(f.name for f in fields(PoolSpec)) - {"name"}
-ONLY_WHEN_EMPTY = frozenset({"kind", "assignment", "template"})
+# A user layer is a disk made with each desktop: switching it on or off, or resizing it,
+# would leave the pool's desktops unlike one another.
+ONLY_WHEN_EMPTY = frozenset({"kind", "assignment", "template", "user_layer_mib"})
 _ENUMS: dict[str, Any] = {"kind": PoolKind, "assignment": Assignment, "on_logout": OnLogout,
                           "power_policy": PowerPolicy, "second_session": SecondSession,
                           "revert_by": RevertBy}

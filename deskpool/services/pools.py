@@ -48,6 +48,7 @@ class PoolView:
     roaming_profiles: bool = False
     second_session: str = "merge"  # a SecondSession value
     revert_by: str = "snapshot"  # a RevertBy value
+    user_layer_mib: int = 0  # the user layer disk of each desktop; 0: none
     profile_exclusions: tuple[str, ...] = ()
     redirect_folders: tuple[str, ...] = ()  # on the user's file share
     balance: bool = False  # the load balancer may move its desktops
@@ -83,6 +84,7 @@ def pool_spec(pool: Pool) -> PoolSpec:
         min_size=pool.min_size, max_size=pool.max_size, spare=pool.spare,
         naming_pattern=pool.naming_pattern, clone_mode=pool.clone_mode.value,
         on_logout=pool.on_logout, revert_by=RevertBy(pool.revert_by), one_time=pool.one_time,
+        user_layer_mib=pool.user_layer_mib,
         max_age_s=pool.max_age_s, power_policy=pool.power_policy, canary=pool.canary,
         reservation_timeout_s=pool.reservation_timeout_s, idle_timeout_s=pool.idle_timeout_s,
         disconnect_timeout_s=pool.disconnect_timeout_s, placement=pool.placement,
@@ -113,7 +115,8 @@ def _view(uow: UnitOfWork, pool: Pool, *, counts: dict[str, int] | None = None,
         spare=pool.spare, counts=counts, status=pool.status.value,
         session_start_timeout_s=pool.session_start_timeout_s,
         roaming_profiles=pool.roaming_profiles, second_session=pool.second_session,
-        revert_by=pool.revert_by, fault=pool.fault, fault_since=pool.fault_since,
+        revert_by=pool.revert_by, user_layer_mib=pool.user_layer_mib,
+        fault=pool.fault, fault_since=pool.fault_since,
         fault_failures=pool.fault_failures, fault_retry_at=pool.fault_retry_at,
         profile_exclusions=exclusion_list(pool.profile_exclusions),
         redirect_folders=exclusion_list(pool.redirect_folders),
@@ -154,6 +157,7 @@ class PoolService:
                 min_size=spec.min_size, max_size=spec.max_size, spare=spec.spare,
                 naming_pattern=spec.naming_pattern, clone_mode=CloneMode(spec.clone_mode),
                 on_logout=spec.on_logout, revert_by=spec.revert_by.value,
+                user_layer_mib=spec.user_layer_mib,
                 one_time=spec.one_time, max_age_s=spec.max_age_s,
                 power_policy=spec.power_policy, canary=spec.canary,
                 reservation_timeout_s=spec.reservation_timeout_s,

@@ -285,6 +285,8 @@ class Pool(Base):
     roaming_profiles: Mapped[bool] = mapped_column(Boolean, default=False)
     # How a revert is done (domain.pools.RevertBy): its factory snapshot, or a fresh boot.
     revert_by: Mapped[str] = mapped_column(String(16), default="snapshot")
+    # MiB of each desktop's user layer disk (domain.pools.PoolSpec.user_layer_mib); 0: none.
+    user_layer_mib: Mapped[int] = mapped_column(Integer, default=0)
     # What a user's second concurrent session gets (domain.profile_merge.SecondSession).
     second_session: Mapped[str] = mapped_column(String(16), default="merge")
     # Paths inside the home kept out of users' profiles, one per line.
