@@ -106,6 +106,11 @@ class DirectBoot:
     cmdline: str
 
 
+# The serial of a desktop's user layer disk: the guest's initramfs looks for it to assemble
+# the layered root (deskpool/images/guest/.../deskpool-layer).
+USER_LAYER_SERIAL = "deskpool-layer"
+
+
 @dataclass(frozen=True)
 class VmSpec:
     """Everything a driver needs to create one desktop VM.
@@ -133,12 +138,18 @@ class VmSpec:
     # A reboot the guest starts ends the VM (stop reason SHUTDOWN) instead of restarting it
     # on the same disk, so deskpool resets a stateless desktop before it runs again.
     reboot_ends_vm: bool = False
+    # A user layer: a volume on the host, made and kept by the caller (the VM does not own
+    # it), attached writable in the definition with serial USER_LAYER_SERIAL.
+    layer_volume: str | None = None
 
 
-def moves_live(clone_mode: CloneMode, power_state: PowerState) -> bool:
+def moves_live(clone_mode: CloneMode, power_state: PowerState, *,
+               user_layer: bool = False) -> bool:
     """Whether a desktop's VM may move live to another host: a running linked clone (the
-    target rebuilds only its overlay, on its own copy of the template)."""
-    return clone_mode is CloneMode.LINKED and power_state is PowerState.RUNNING
+    target rebuilds only its overlay, on its own copy of the template). Not yet one with a
+    user layer: its layer disk would have to be made on the target first."""
+    return (clone_mode is CloneMode.LINKED and power_state is PowerState.RUNNING
+            and not user_layer)
 
 
 @dataclass(frozen=True)

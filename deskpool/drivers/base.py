@@ -52,6 +52,7 @@ from typing import Any
 
 from deskpool.domain.errors import DriverError, InvalidInput
 from deskpool.domain.models import (
+    USER_LAYER_SERIAL,
     ConsoleAddress,
     ConsoleProtocol,
     DomainType,
@@ -75,6 +76,12 @@ def seed_volume_name(vm_id: uuid.UUID) -> str:
 def memory_state_volume_name(vm_id: uuid.UUID) -> str:
     """A saved memory state: a captured template's, or an instant clone's own copy of it."""
     return f"{vm_id}-memory.save"
+
+
+def layer_volume_name(vm_id: uuid.UUID) -> str:
+    """A desktop's user layer disk (``VmSpec.layer_volume``): not among the VM's owned
+    volumes, so no VM delete or re-create ever removes it."""
+    return f"{vm_id}-layer.qcow2"
 
 
 def owned_volume_names(vm_id: uuid.UUID) -> tuple[str, ...]:
@@ -121,6 +128,8 @@ def validate_disk_serial(serial: str) -> str:
     if not _DISK_SERIAL_RE.match(serial):
         raise InvalidInput(f"disk serial {serial!r} must be 1-20 characters of A-Z, a-z, 0-9, "
                            "'_' and '-', starting with a letter or digit")
+    if serial == USER_LAYER_SERIAL:
+        raise InvalidInput(f"disk serial {serial!r} is the user layer's, never hot-plugged")
     return serial
 
 
@@ -277,6 +286,10 @@ class HypervisorDriver(ABC):
           hypervisor") and create nothing: libvirt's ``test:///``, and a remote libvirt host
           (deskpool rewrites the memory file, so it must be on this machine's file system).
         * ``spec.seed_image`` (if set) is imported as the VM's seed volume, attached read-only.
+        * ``spec.layer_volume`` (if set) names a volume already on the host (``NotFound``
+          otherwise), attached writable in the definition, at every boot, as a virtio disk
+          whose serial is ``USER_LAYER_SERIAL``. The VM does not own it: ``delete_vm`` and a
+          failed create leave it, since it holds the user's changes (its caller deletes it).
         * ``spec.reboot_ends_vm``: a reboot started inside the guest ends the VM, which then
           reads ``SHUTOFF`` with ``StopReason.SHUTDOWN`` like a shutdown from inside, instead
           of booting again on the same disk (an instant clone too).

@@ -201,6 +201,23 @@ class TestDriverContract:
         env.driver.delete_vm(spec.vm_id)
         assert seed_volume_name(spec.vm_id) not in env.driver.list_volumes()
 
+    def test_layer_volume_is_attached_and_outlives_the_vm(self, env: ContractEnv) -> None:
+        env.base_volume()
+        layer = make_base_qcow2(env.tmp / "layer.qcow2", "16M")
+        spec = env.spec(layer_volume=f"{uuid.uuid4()}-layer.qcow2")
+        with pytest.raises(NotFound, match="layer"):
+            env.driver.create_vm(spec)  # the caller makes the layer first
+        assert_nothing_left(env.driver, spec)
+        env.driver.import_volume(spec.layer_volume or "", layer)
+        env.driver.create_vm(spec)
+        env.driver.start_vm(spec.vm_id)
+        assert env.driver.get_vm(spec.vm_id).power_state is PowerState.RUNNING
+        # Not a hot-plugged disk: it is the VM's own, in its definition, at every boot.
+        assert env.driver.attached_disks(spec.vm_id) == {}
+        env.driver.delete_vm(spec.vm_id)
+        assert spec.layer_volume in env.driver.list_volumes()  # the user's changes stay
+        env.driver.delete_volume(spec.layer_volume or "")
+
     # --- power --------------------------------------------------------------------------
 
     def test_start_runs_the_vm_and_a_second_start_does_nothing(self, env: ContractEnv) -> None:

@@ -35,6 +35,7 @@ from deskpool.domain.errors import (
     VmNotFound,
 )
 from deskpool.domain.models import (
+    USER_LAYER_SERIAL,
     CloneMode,
     ConsoleAddress,
     ConsoleProtocol,
@@ -346,6 +347,10 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
         disks = [xml.DiskDevice(path=root, target="vda")]
         if seed is not None:
             disks.append(xml.DiskDevice(path=seed, target="vdb", format="raw", readonly=True))
+        if spec.layer_volume is not None:
+            layer = self.volume_info(spec.layer_volume)  # NotFound: the caller makes it first
+            disks.append(xml.DiskDevice(path=str(layer.path), target=f"vd{'bc'[len(disks) - 1]}",
+                                        serial=USER_LAYER_SERIAL))
         boot = None
         if spec.direct_boot is not None:
             boot = xml.DirectKernelBoot(

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import libvirt
 
 from deskpool.domain.errors import Conflict, DriverError, NotFound
+from deskpool.domain.models import USER_LAYER_SERIAL
 from deskpool.drivers.base import validate_disk_serial
 from deskpool.drivers.libvirt import xml
 
@@ -33,11 +34,12 @@ _POLL_S = 0.2
 
 
 def _serial_disks(domain_xml: str) -> dict[str, ET.Element]:
-    """The disks of a domain document that have a serial (deskpool's hot-plugged ones)."""
+    """The disks of a domain document that have a serial (deskpool's hot-plugged ones; a
+    user layer disk has one too, but it is the VM's own, in its definition)."""
     found: dict[str, ET.Element] = {}
     for disk in ET.fromstring(domain_xml).findall("./devices/disk"):  # nosec B314
         serial = disk.findtext("serial")
-        if serial:
+        if serial and serial != USER_LAYER_SERIAL:
             found[serial] = disk
     return found
 
