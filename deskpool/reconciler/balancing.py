@@ -157,7 +157,9 @@ class Balancing:
     def _desktop_loads(self, uow: UnitOfWork,
                        samples: dict[uuid.UUID, tuple[LoadSample, LoadSample | None]],
                        now: datetime, busy: Callable[[uuid.UUID], bool]) -> list[DesktopLoad]:
-        balanced_pools = {p.id for p in uow.pools.list() if p.balance}
+        pools = uow.pools.list()
+        balanced_pools = {p.id for p in pools if p.balance}
+        layered_pools = {p.id for p in pools if p.user_layer_mib}
         with self._lock:
             moving = dict(self._moving)
         loads = []
@@ -165,7 +167,8 @@ class Balancing:
             for d in uow.desktops.by_host(host_id):
                 measured = sample.vms.get(d.id)
                 target = moving.get(d.id)
-                if measured is None or (target is None and not _movable(d)):
+                if measured is None or (target is None
+                                        and not _movable(d, d.pool_id in layered_pools)):
                     continue
                 cpus = sample.vm_cpus_since(before, d.id) if before is not None else None
                 loads.append(DesktopLoad(
@@ -235,8 +238,9 @@ class Balancing:
             log.warning("could not record the failed move of %s: %s", planned.desktop, exc)
 
 
-def _movable(d: Desktop) -> bool:
-    return d.state in MOVABLE_STATES and moves_live(d.clone_mode, d.power_state)
+def _movable(d: Desktop, user_layer: bool) -> bool:
+    return d.state in MOVABLE_STATES and moves_live(d.clone_mode, d.power_state,
+                                                    user_layer=user_layer)
 
 
 def _in_logon(d: Desktop, now: datetime) -> bool:

@@ -44,7 +44,7 @@ from deskpool.domain.models import (
 from deskpool.domain.pools import OnLogout, RevertBy, resets_on_reboot
 from deskpool.domain.states import DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
-from deskpool.drivers.base import HypervisorDriver
+from deskpool.drivers.base import HypervisorDriver, layer_volume_name
 from deskpool.images.cloudinit import write_nocloud_seed
 from deskpool.services import template_faults
 from deskpool.services.context import ServiceContext
@@ -59,6 +59,7 @@ from deskpool.services.events import record_event
 from deskpool.services.host_slots import SlotKind, host_slot
 from deskpool.services.hosts import resolved_domain_type
 from deskpool.services.machine_secrets import MachineSecrets
+from deskpool.services.user_layer_volumes import delete_layer_volume, ensure_layer_volume
 from deskpool.store.db import UnitOfWork
 from deskpool.store.models import Desktop, Pool, TemplateVersion
 
@@ -205,6 +206,10 @@ class DesktopFactory:
             else:
                 spec = replace(self._spec(driver, desktop, tv, domain_type),
                                reboot_ends_vm=reboot_ends_vm)
+                layer_mib = _user_layer_mib(uow, desktop)
+                if layer_mib:
+                    spec = replace(spec, layer_volume=ensure_layer_volume(
+                        driver, desktop.id, size_mib=layer_mib, version=tv.number))
             made = (desktop.pool_id, tv.id, host.name)
             try:
                 driver.create_vm(spec)
@@ -224,7 +229,9 @@ class DesktopFactory:
             domain_type = resolved_domain_type(
                 self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
             spec = self._spec(driver, desktop, tv, domain_type)
-            return replace(spec, reboot_ends_vm=_resets_on_reboot(uow, desktop))
+            layer = layer_volume_name(desktop.id) if _user_layer_mib(uow, desktop) else None
+            return replace(spec, reboot_ends_vm=_resets_on_reboot(uow, desktop),
+                           layer_volume=layer)
 
     def _unusable(self, desktop_id: uuid.UUID, exc: TemplateUnusable) -> None:
         """A pool desktop whose template disk cannot be used: nothing was made on the host
@@ -435,6 +442,9 @@ class DesktopFactory:
             except NotFound:
                 return
         driver.delete_vm(desktop_id)  # idempotent: removes the domain and every owned disk
+        # The desktop itself goes (retired by its pool's policy or deleted by an admin): its
+        # user layer with it. No VM re-create ever removes it.
+        delete_layer_volume(driver, desktop_id)
         with self.ctx.uow() as uow:
             uow.desktops.delete(uow.desktops.get(desktop_id))
             uow.commit()
@@ -450,6 +460,11 @@ def _join_of(desktop: Desktop, pool: Pool | None) -> tuple[JoinContext, str | No
         pool=pool.name if pool is not None else None, template=tv.template.name,
         template_version=tv.number, customization=tv.customization)
     return join, (tv.join_hook if tv.customization is not Customization.NONE else None)
+
+
+def _user_layer_mib(uow: UnitOfWork, desktop: Desktop) -> int:
+    pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+    return pool.user_layer_mib if pool is not None else 0
 
 
 def _resets_on_reboot(uow: UnitOfWork, desktop: Desktop) -> bool:

@@ -167,6 +167,9 @@ class MigrationService:
     def _plan(self, ref: str, target: str | None) -> _Plan:
         with self.ctx.uow(read_only=True) as uow:
             d = find_desktop(uow, ref)
+            if d.pool_id is not None and uow.pools.get(d.pool_id).user_layer_mib:
+                raise Conflict(f"desktop {d.name} has a user layer disk, which does not move "
+                               "live yet: shut it down first, or let its user log off")
             if d.state not in MOVABLE_STATES or not moves_live(d.clone_mode, d.power_state):
                 raise Conflict(f"desktop {d.name} is {d.state.value}, "
                                f"{d.power_state.value}, a {d.clone_mode.value} clone: only a "
