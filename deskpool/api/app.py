@@ -26,6 +26,7 @@ from deskpool.api import (
     metrics,
     routes_admin,
     routes_admin_manage,
+    routes_layers,
     routes_machine_secrets,
     routes_offline,
     routes_profiles,
@@ -149,6 +150,7 @@ def create_app(ctx: ServiceContext, *, directories: Sequence[Authenticator] | No
     app.include_router(routes_tokens.router)
     app.include_router(routes_profiles.router)
     app.include_router(routes_offline.router)
+    app.include_router(routes_layers.router)
     app.include_router(health)
     app.include_router(metrics.router)
     app.state.metrics_registry = metrics.registry_for(ctx)

@@ -55,6 +55,7 @@ from deskpool.store.desktop_sessions import DesktopSessionRepository
 from deskpool.store.desktops import DesktopRepository
 from deskpool.store.host_sets import HostSetRepository
 from deskpool.store.host_usage import HostUsageRepository
+from deskpool.store.layer_rebases import LayerRebaseRepository
 from deskpool.store.leases import LeaseRepository
 from deskpool.store.linux_accounts import LinuxAccountRepository
 from deskpool.store.offline import OfflineCheckoutRepository
@@ -351,6 +352,7 @@ class UnitOfWork:
     profiles: ProfileRepository
     profile_holders: ProfileHolderRepository
     offline_checkouts: OfflineCheckoutRepository
+    layer_rebases: LayerRebaseRepository
 
     def __init__(self, session_factory: SessionFactory, *, read_only: bool = False) -> None:
         self._session_factory = session_factory
@@ -399,6 +401,7 @@ class UnitOfWork:
         self.profiles = ProfileRepository(self.session)
         self.profile_holders = ProfileHolderRepository(self.session)
         self.offline_checkouts = OfflineCheckoutRepository(self.session)
+        self.layer_rebases = LayerRebaseRepository(self.session)
         if self.read_only:
             try:
                 self._begin_read_only()

@@ -443,6 +443,12 @@ class Desktop(Base):
     # The broker acting on this desktop now, until when (several brokers share the work).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()
+    # Its user layer as the desktop side last saw it (None: never checked, or no layer): the
+    # template version number the layer sits on, its size and how many files it changes.
+    layer_version: Mapped[int | None] = mapped_column(Integer)
+    layer_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    layer_changed_files: Mapped[int | None] = mapped_column(Integer)
+    layer_checked_at: Mapped[datetime | None] = mapped_column()
     version: Mapped[int] = mapped_column(Integer)
 
     host: Mapped[Host] = relationship()
@@ -452,6 +458,53 @@ class Desktop(Base):
 
     def __repr__(self) -> str:
         return f"<Desktop {self.name!r} {self.state}>"
+
+
+class LayerRebase(Base):
+    """One rebase of a desktop's user layer onto a template version (issue 14): the counts of
+    its ``RebaseReport`` and how it ended (``rebased`` or ``failed``, with the error). Its
+    conflicts and notes are ``LayerRebaseItem`` rows. Versions are template version numbers."""
+
+    __tablename__ = "layer_rebases"
+    __table_args__ = (
+        Index(None, "desktop_id", "finished_at"),
+        Index(None, "pool_id", "new_version"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    desktop_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("desktops.id", ondelete="CASCADE"))
+    pool_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("pools.id", ondelete="CASCADE"))
+    old_version: Mapped[int] = mapped_column(Integer)
+    new_version: Mapped[int] = mapped_column(Integer)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kept_count: Mapped[int] = mapped_column(Integer, default=0)
+    dropped_count: Mapped[int] = mapped_column(Integer, default=0)
+    conflict_count: Mapped[int] = mapped_column(Integer, default=0)
+    note_count: Mapped[int] = mapped_column(Integer, default=0)
+    excluded_count: Mapped[int] = mapped_column(Integer, default=0)
+    layer_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    outcome: Mapped[str] = mapped_column(String(16))  # rebased or failed
+    error: Mapped[str | None] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"<LayerRebase {self.desktop_id} {self.old_version}->{self.new_version} " \
+               f"{self.outcome}>"
+
+
+class LayerRebaseItem(Base):
+    """A conflict (the new base won, the user's copy kept beside it) or a note (the user's
+    version won) of one layer rebase."""
+
+    __tablename__ = "layer_conflicts"
+    __table_args__ = (Index(None, "rebase_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    rebase_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("layer_rebases.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    user_copy: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))  # conflict or note
 
 
 # --- guards ---------------------------------------------------------------------------------

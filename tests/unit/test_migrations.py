@@ -32,7 +32,8 @@ TABLES = {"hosts", "templates", "template_versions", "desktops", "pools", "memor
           "users", "groups", "group_members", "entitlements", "auth_tokens", "console_tokens",
           "events", "logons", "pool_hosts", "host_slots", "installation", "linux_accounts",
           "signin_throttles", "profiles", "profile_layers", "offline_checkouts",
-          "host_sets", "machine_credentials", "profile_layer_hosts"}
+          "host_sets", "machine_credentials", "profile_layer_hosts", "layer_rebases",
+          "layer_conflicts"}
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_the_schema_comparison_does_notice_a_difference(engine: Engine) -> None:
 def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert current_revision(engine) is None
     upgrade_to_head(engine)
-    assert current_revision(engine) == head_revision() == "0032"
+    assert current_revision(engine) == head_revision() == "0033"
     assert _tables(engine) == TABLES | {"alembic_version"}
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("desktops")}
     assert {"ix_desktops_state", "ix_desktops_host_id", "uq_desktops_held_by_user"} <= indexes
@@ -79,16 +80,16 @@ def test_upgrade_downgrade_upgrade(engine: Engine) -> None:
     assert _tables(engine) == {"alembic_version"}
 
     upgrade_to_head(engine)
-    assert current_revision(engine) == "0032"
+    assert current_revision(engine) == "0033"
     assert _schema_diff(engine) == []
     upgrade_to_head(engine)  # at head already: nothing to do, no error
-    assert current_revision(engine) == "0032"
+    assert current_revision(engine) == "0033"
 
 
 def test_upgrade_from_a_url_creates_the_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh' / 'deskpool.db'}"
     upgrade_to_head(url)
-    assert current_revision(url) == "0032"
+    assert current_revision(url) == "0033"
     assert (tmp_path / "fresh" / "deskpool.db").is_file()
 
 
@@ -118,11 +119,11 @@ def test_foreign_keys_are_back_on_after_a_migration(engine: Engine) -> None:
 
 def test_one_linear_history_with_a_single_head() -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
-    assert scripts.get_heads() == ["0032"]
+    assert scripts.get_heads() == ["0033"]
     assert [rev.revision for rev in scripts.walk_revisions()] == [
-        "0032", "0031", "0030", "0029", "0028", "0027", "0026", "0025", "0024", "0023", "0022", "0021",
-        "0019", "0018", "0017", "0016", "0015", "0014", "0013", "0012", "0010", "0009", "0008",
-        "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
+        "0033", "0032", "0031", "0030", "0029", "0028", "0027", "0026", "0025", "0024", "0023",
+        "0022", "0021", "0019", "0018", "0017", "0016", "0015", "0014", "0013", "0012", "0010",
+        "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"]
 
 
 def test_migrations_ship_as_package_data() -> None:

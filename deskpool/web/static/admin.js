@@ -4,6 +4,7 @@ import { api, el, show } from "./api.js";
 import { addUser, auditPath, closeTokens, hostRemove, poolActions, profileActions,
          revokeButton, tokenRevoke, tokensPath, userActions, values,
          versionActions } from "./admin_manage.js";
+import { startLayers } from "./admin_layers.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_DESKTOP_ROWS = 500;  // more is unreadable and slow; the filter narrows it
@@ -611,6 +612,7 @@ async function start() {
     $("confirm").close();
   });
   $("confirm").addEventListener("close", () => { dialog.spec = null; });
+  startLayers();
   await refresh();
 }
 
