@@ -109,6 +109,9 @@ class DirectBoot:
 # The serial of a desktop's user layer disk: the guest's initramfs looks for it to assemble
 # the layered root (deskpool/images/guest/.../deskpool-layer).
 USER_LAYER_SERIAL = "deskpool-layer"
+# The serial of the template version a user layer was made on, attached read-only for the
+# boot that rebases the layer onto the version the VM now runs (``VmSpec.layer_base_volume``).
+LAYER_BASE_SERIAL = "deskpool-layer-base"
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class VmSpec:
     # A user layer: a volume on the host, made and kept by the caller (the VM does not own
     # it), attached writable in the definition with serial USER_LAYER_SERIAL.
     layer_volume: str | None = None
+    # With layer_volume: the root volume of the version the layer was made on, attached
+    # read-only with serial LAYER_BASE_SERIAL, so the guest can rebase the layer at boot.
+    layer_base_volume: str | None = None
 
 
 def moves_live(clone_mode: CloneMode, power_state: PowerState, *,

@@ -52,6 +52,7 @@ from typing import Any
 
 from deskpool.domain.errors import DriverError, InvalidInput
 from deskpool.domain.models import (
+    LAYER_BASE_SERIAL,
     USER_LAYER_SERIAL,
     ConsoleAddress,
     ConsoleProtocol,
@@ -128,8 +129,8 @@ def validate_disk_serial(serial: str) -> str:
     if not _DISK_SERIAL_RE.match(serial):
         raise InvalidInput(f"disk serial {serial!r} must be 1-20 characters of A-Z, a-z, 0-9, "
                            "'_' and '-', starting with a letter or digit")
-    if serial == USER_LAYER_SERIAL:
-        raise InvalidInput(f"disk serial {serial!r} is the user layer's, never hot-plugged")
+    if serial in (USER_LAYER_SERIAL, LAYER_BASE_SERIAL):
+        raise InvalidInput(f"disk serial {serial!r} is a user layer's, never hot-plugged")
     return serial
 
 
@@ -290,6 +291,9 @@ class HypervisorDriver(ABC):
           otherwise), attached writable in the definition, at every boot, as a virtio disk
           whose serial is ``USER_LAYER_SERIAL``. The VM does not own it: ``delete_vm`` and a
           failed create leave it, since it holds the user's changes (its caller deletes it).
+          ``spec.layer_base_volume`` (with it) names another volume on the host, attached
+          read-only with serial ``LAYER_BASE_SERIAL`` (``NotFound`` if missing); ignored
+          without ``layer_volume``.
         * ``spec.reboot_ends_vm``: a reboot started inside the guest ends the VM, which then
           reads ``SHUTOFF`` with ``StopReason.SHUTDOWN`` like a shutdown from inside, instead
           of booting again on the same disk (an instant clone too).

@@ -211,6 +211,16 @@ class TestDriverContract:
         env.driver.import_volume(spec.layer_volume or "", layer)
         env.driver.create_vm(spec)
         env.driver.start_vm(spec.vm_id)
+        # A rebase boot's spec: the version the layer was made on, read-only beside it.
+        based = env.spec(layer_volume=spec.layer_volume,
+                         layer_base_volume=f"{uuid.uuid4()}-old-base.qcow2")
+        with pytest.raises(NotFound, match="base"):
+            env.driver.create_vm(based)
+        env.driver.import_volume(based.layer_base_volume or "", layer)
+        env.driver.create_vm(based)
+        env.driver.delete_vm(based.vm_id)
+        assert {spec.layer_volume, based.layer_base_volume} <= set(env.driver.list_volumes())
+        env.driver.delete_volume(based.layer_base_volume or "")
         assert env.driver.get_vm(spec.vm_id).power_state is PowerState.RUNNING
         # Not a hot-plugged disk: it is the VM's own, in its definition, at every boot.
         assert env.driver.attached_disks(spec.vm_id) == {}

@@ -294,6 +294,8 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, F
             self._volume(spec.direct_boot.initrd_volume, "initrd volume")
         if spec.layer_volume is not None:
             self._volume(spec.layer_volume, "user layer volume")
+        if spec.layer_base_volume is not None:
+            self._volume(spec.layer_base_volume, "user layer's base volume")
         spec = replace(spec, domain_type=self._resolve_type(spec.domain_type))
         for leftover in owned_volume_names(spec.vm_id):  # a crash's leftovers: no VM owns them
             self._drop_volume(leftover)
@@ -514,8 +516,7 @@ class FakeDriver(FaultInjectionMixin, FakeSavedStateMixin, FakeMigrationMixin, F
             needed.append(seed_volume_name(spec.vm_id))
         if spec.direct_boot is not None:
             needed += [spec.direct_boot.kernel_volume, spec.direct_boot.initrd_volume]
-        if spec.layer_volume is not None:
-            needed.append(spec.layer_volume)
+        needed += [v for v in (spec.layer_volume, spec.layer_base_volume) if v is not None]
         paths = {v.path for v in self._volumes.values()}
         for name in needed:
             volume = self._volumes.get(name)

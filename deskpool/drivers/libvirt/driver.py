@@ -35,6 +35,7 @@ from deskpool.domain.errors import (
     VmNotFound,
 )
 from deskpool.domain.models import (
+    LAYER_BASE_SERIAL,
     USER_LAYER_SERIAL,
     CloneMode,
     ConsoleAddress,
@@ -349,8 +350,12 @@ class LibvirtDriver(SnapshotsMixin, InstantClonesMixin, HotplugMixin, VolumeImpo
             disks.append(xml.DiskDevice(path=seed, target="vdb", format="raw", readonly=True))
         if spec.layer_volume is not None:
             layer = self.volume_info(spec.layer_volume)  # NotFound: the caller makes it first
-            disks.append(xml.DiskDevice(path=str(layer.path), target=f"vd{'bc'[len(disks) - 1]}",
+            disks.append(xml.DiskDevice(path=layer.path, target=f"vd{'bcd'[len(disks) - 1]}",
                                         serial=USER_LAYER_SERIAL))
+            if spec.layer_base_volume is not None:
+                old = self.volume_info(spec.layer_base_volume)
+                disks.append(xml.DiskDevice(path=old.path, target=f"vd{'bcd'[len(disks) - 1]}",
+                                            readonly=True, serial=LAYER_BASE_SERIAL))
         boot = None
         if spec.direct_boot is not None:
             boot = xml.DirectKernelBoot(

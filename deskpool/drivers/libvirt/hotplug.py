@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import libvirt
 
 from deskpool.domain.errors import Conflict, DriverError, NotFound
-from deskpool.domain.models import USER_LAYER_SERIAL
+from deskpool.domain.models import LAYER_BASE_SERIAL, USER_LAYER_SERIAL
 from deskpool.drivers.base import validate_disk_serial
 from deskpool.drivers.libvirt import xml
 
@@ -39,7 +39,7 @@ def _serial_disks(domain_xml: str) -> dict[str, ET.Element]:
     found: dict[str, ET.Element] = {}
     for disk in ET.fromstring(domain_xml).findall("./devices/disk"):  # nosec B314
         serial = disk.findtext("serial")
-        if serial and serial != USER_LAYER_SERIAL:
+        if serial and serial not in (USER_LAYER_SERIAL, LAYER_BASE_SERIAL):
             found[serial] = disk
     return found
 
