@@ -186,8 +186,10 @@ def test_console_pruning_still_removes_gpu_sound_and_the_later_filesystems(
     tmp_path: Path,
 ) -> None:
     kept = _prune(tmp_path, CONSOLE_RECIPE.keep_modules)
+    # overlay in every flavor: a stateful desktop's user layer is laid over its root.
     assert kept == {"drivers/input/evdev.ko", "drivers/virtio/virtio_pci.ko",
-                    "fs/ext4/ext4.ko", "drivers/block/virtio_blk.ko"}
+                    "fs/ext4/ext4.ko", "drivers/block/virtio_blk.ko",
+                    "fs/overlayfs/overlay.ko"}
 
 
 def test_desktop_pruning_keeps_gpu_video_i2c_input_cifs_overlay_and_dm_crypt(
