@@ -57,6 +57,9 @@ _DEFAULT_PACKAGES = (
     "isc-dhcp-client",
     # initramfs-tools compresses with zstd only if it is installed; it decompresses fast in TCG.
     "zstd",
+    # The user layer's rebase (ENGINE_MODULES) runs in the guest at boot, with its Python.
+    "python3-minimal",
+    "libpython3.11-stdlib",
 )
 
 # On top of the console packages, installed without recommends. Measured under TCG (see
@@ -194,6 +197,7 @@ class GuestRecipe:
         """The files this flavor copies into the guest, sorted: ``guest/``, then (desktop)
         ``guest-desktop/``, whose files replace same-named ones."""
         merged = dict(iter_guest_files())
+        merged.update(iter_engine_files())
         extra = {Flavor.DESKTOP: DESKTOP_FILES_DIR,
                  Flavor.CLOUDINIT: CLOUDINIT_FILES_DIR}.get(self.flavor)
         if extra is not None:
@@ -203,6 +207,19 @@ class GuestRecipe:
                                       f"from {extra}")
             merged.update(iter_guest_files(extra))
         return sorted(merged.items())
+
+
+# The user layer's rebase engine, copied into every guest under ENGINE_DIR (namespace
+# packages: no __init__ files, so nothing else of deskpool is imported there). The guest's
+# initramfs runs it with the new root's Python (guest/usr/lib/deskpool/layer-rebase).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+ENGINE_DIR = "usr/lib/deskpool/python/deskpool"
+ENGINE_MODULES = ("domain/errors.py", "domain/layers.py", "domain/layer_manifest.py",
+                  "domain/dpkg_status.py", "images/layer_tree.py", "images/layer_rebase.py")
+
+
+def iter_engine_files() -> Iterator[tuple[str, Path]]:
+    return iter([(f"{ENGINE_DIR}/{module}", PACKAGE_DIR / module) for module in ENGINE_MODULES])
 
 
 def iter_guest_files(root: Path | None = None) -> Iterator[tuple[str, Path]]:
