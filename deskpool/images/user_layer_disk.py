@@ -46,3 +46,22 @@ def _run(argv: list[str], what: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)  # nosec B603
     if done.returncode != 0:
         raise LayerError(f"{what} failed: {done.stderr.strip() or done.returncode}")
+
+
+def read_layer_file(path: Path, name: str) -> str | None:
+    """The text of file ``name`` at the top of the layer disk ``path`` (a local qcow2 the VM
+    has closed: a rebase's ``rebase-error.txt``), read with ``debugfs`` from a raw copy;
+    None when the disk has no such file."""
+    if "/" in name or not name:
+        raise LayerError(f"{name!r} is not a file name at the top of a layer disk")
+    with tempfile.TemporaryDirectory(prefix="deskpool-layer-read-") as tmp:
+        raw = Path(tmp) / "layer.raw"
+        _run(["qemu-img", "convert", "-q", "-O", "raw", str(path), str(raw)],
+             "reading the layer disk")
+        if shutil.which("debugfs") is None:
+            raise LayerError("reading the layer disk: debugfs is not installed (e2fsprogs)")
+        done = subprocess.run(["debugfs", "-R", f"cat /{name}", str(raw)],  # nosec B603
+                              capture_output=True, text=True, check=False)
+    if done.returncode != 0 or "File not found" in done.stderr:
+        return None
+    return done.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deskpool.domain.layers import LayerError
 from deskpool.images.layer_rebase import LayerDisk, read_manifest
 from deskpool.images.recipe import (
     ENGINE_DIR,
@@ -22,6 +23,7 @@ from deskpool.images.recipe import (
     Flavor,
     recipe_for,
 )
+from deskpool.images.user_layer_disk import build_layer_disk, read_layer_file
 from tests.unit.layer_trees import put
 
 RUNNER = GUEST_FILES_DIR / "usr/lib/deskpool/layer-rebase"
@@ -101,3 +103,18 @@ def test_a_failed_rebase_leaves_the_reason_and_the_layer_as_it_was(tmp_path: Pat
     assert LayerDisk(disk).current().name == "1"  # still the layer the user had
     assert (LayerDisk(disk).current() / "upper/etc/kept.conf").read_text() == "mine\n"
     assert _run(disk, old, new, "2").returncode == 1  # and it says so again, changing nothing
+
+
+def test_the_host_reads_a_failed_rebase_s_reason_from_the_layer_disk(tmp_path: Path) -> None:
+    disk = build_layer_disk(tmp_path / "layer.qcow2", size_mib=64, version="1")
+    assert read_layer_file(disk, "rebase-error.txt") is None  # a fresh layer: no failure
+    tree = tmp_path / "tree"
+    LayerDisk.create(tree, "1")
+    (tree / "rebase-error.txt").write_text("rebasing the user layer onto version 2 failed\n")
+    raw = tmp_path / "written.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(raw), "64M"],
+                   check=True, capture_output=True)
+    assert read_layer_file(raw, "rebase-error.txt") == (
+        "rebasing the user layer onto version 2 failed\n")
+    with pytest.raises(LayerError, match="not a file name"):
+        read_layer_file(disk, "../etc/passwd")
