@@ -44,8 +44,9 @@ def recent_events(ctx: ServiceContext, *, limit: int = 200,
 # Events written for a user to read (their desktop was lost: a crash, a host down; their
 # profile was open twice), shown on
 # their portal page; the rest of their events (consoles opened, logins) are the admin's log.
-USER_MESSAGE_KINDS = ("desktop-lost", "desktop-restarted", "folders-local", "profile-merged",
-                      "profile-read-only", "profile-second-session", "profile-temporary")
+USER_MESSAGE_KINDS = ("desktop-lost", "desktop-restarted", "folders-local", "layer-conflicts",
+                      "profile-merged", "profile-read-only", "profile-second-session",
+                      "profile-temporary")
 
 
 def messages_for(ctx: ServiceContext, user: str, *, limit: int = 5) -> list[EventView]:

@@ -175,6 +175,8 @@ class UserLayerViews:
                 uow.layer_rebases.set_status(desktop.id, version=new, layer_bytes=report.bytes,
                                              changed_files=_changed_files(report))
             self._event(uow, desktop, pool, row)
+            if report is not None and report.conflicts and desktop.assigned_user:
+                _tell_user(uow, desktop, new, report)
             view = _rebase_view(uow, row)
             uow.commit()
         return view
@@ -283,3 +285,24 @@ class UserLayerViews:
                          f"was: {row.error}", severity="error", user=desktop.assigned_user,
                          pool=pool.name, desktop_id=desktop.id, desktop=desktop.name,
                          details=details)
+
+
+MAX_TOLD = 10  # conflicts named in the user's message; the rest are counted
+
+
+def _tell_user(uow: UnitOfWork, desktop: Desktop, version: int, report: RebaseReport) -> None:
+    """The user's own message (``layer-conflicts``, in the portal's Messages): which of
+    their files an update also changed, and where their copy is now."""
+    kept = [c for c in report.conflicts if c.user_copy is not None]
+    gone = [c for c in report.conflicts if c.user_copy is None]
+    parts = [f"{c.path} (your copy: {c.user_copy})" for c in kept[:MAX_TOLD]]
+    parts += [f"{c.path} (you had deleted it; it is back)"
+              for c in gone[:max(0, MAX_TOLD - len(parts))]]
+    more = len(report.conflicts) - len(parts)
+    record_event(uow, "layer-conflicts",
+                 f"Your desktop {desktop.name} was updated to version {version}, which also "
+                 f"changed files you had changed: {'; '.join(parts)}"
+                 + (f"; and {more} more" if more > 0 else "")
+                 + ". The update's version is in place; yours are kept beside them.",
+                 severity="warning", user=desktop.assigned_user, desktop_id=desktop.id,
+                 desktop=desktop.name)

@@ -19,7 +19,7 @@ from deskpool.domain.layers import LayerConflict, LayerNote, RebaseReport
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind
 from deskpool.drivers.registry import forget_fake_hosts
 from deskpool.images.layer_rebase import create_layer, rebase_layer
-from deskpool.services.events import recent_events
+from deskpool.services.events import messages_for, recent_events
 from deskpool.services.pools import PoolService
 from deskpool.services.templates import ImageFiles, TemplateService
 from deskpool.services.user_layers import UserLayerViews
@@ -134,6 +134,11 @@ def test_conflicts_of_a_rebase_are_shown_to_the_admin_and_the_owner_only(
     assert len(events) == 1 and events[0].severity == "warning"
     assert "1 conflict(s), 1 note(s)" in events[0].message
     assert events[0].user == "alice" and events[0].pool == "lab"
+    # Alice reads it in her own words, in the portal's Messages; bob reads nothing of it.
+    (told,) = [m for m in messages_for(world.ctx, "alice") if m.kind == "layer-conflicts"]
+    assert "updated to version 2" in told.message
+    assert "/etc/pkg.conf (your copy: /etc/pkg.conf.deskpool-conflict)" in told.message
+    assert not [m for m in messages_for(world.ctx, "bob") if m.kind == "layer-conflicts"]
 
 
 def test_pool_view_counts_desktops_per_version_and_sums_conflicts(
