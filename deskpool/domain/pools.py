@@ -162,6 +162,11 @@ class PoolSpec:
         if self.user_layer_mib and self.kind is not PoolKind.STATEFUL:
             raise InvalidInput(f"pool {self.name!r}: only a stateful pool keeps a user layer "
                                "(a stateless desktop throws its changes away)")
+        if self.user_layer_mib and self.offline.may_go_offline:
+            # A check-out carries the desktop's root disk; its user's changes are on the layer.
+            raise InvalidInput(f"pool {self.name!r}: desktops with a user layer cannot go "
+                               "offline yet (the laptop would get the template without the "
+                               "user's layer)")
         if self.user_layer_mib and self.clone_mode == "instant":
             # An instant clone runs the template's memory, booted on the template's root:
             # there is no boot at which to assemble the layered root.

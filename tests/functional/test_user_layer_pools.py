@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from deskpool.domain.errors import Conflict, InvalidInput
+from deskpool.domain.offline import OfflinePolicy
 from deskpool.domain.pools import Assignment, OnLogout, PoolKind, PoolSpec
 from deskpool.drivers.base import layer_volume_name
 from deskpool.drivers.fake import FakeDriver
@@ -73,6 +74,7 @@ def test_a_desktop_with_a_layer_is_not_moved_live(
     ({"kind": PoolKind.STATELESS}, "only a stateful pool keeps a user layer"),
     ({**STATEFUL, "clone_mode": "instant"}, "instant clones cannot have a user layer"),
     ({**STATEFUL, "user_layer_mib": 10}, r"user_layer_mib \(10\) must be 0"),
+    ({**STATEFUL, "offline": OfflinePolicy(may_go_offline=True)}, "cannot go offline yet"),
 ])
 def test_a_pool_that_cannot_keep_a_layer_is_refused_naming_why(
     fields: dict[str, object], says: str
