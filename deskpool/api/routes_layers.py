@@ -10,8 +10,11 @@ from datetime import datetime
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deskpool.api.deps import AdminUser, CurrentUser, ServicesDep
-from deskpool.api.schemas import PoolPath, errors
+from deskpool.api.deps import AdminActor, AdminUser, CurrentUser, ServicesDep
+from deskpool.api.schemas import PoolPath, StateResponse, errors
+from deskpool.domain.states import DesktopState
+from deskpool.services.audit import audit
+from deskpool.services.layer_rebase_boot import request_rebase
 from deskpool.services.user_layers import DesktopLayerView, PoolLayersView, UserLayerViews
 
 router = APIRouter(prefix="/api/v1", responses=errors(400, 401, 413, 422))
@@ -94,6 +97,9 @@ class PoolLayers(BaseModel):
     notes: int
     conflict_list: list[LayerRolloutConflict] = Field(description="at most 500, by desktop")
     failures: list[LayerRolloutFailure]
+    awaiting_rebase: int = Field(
+        0, description="desktops on another version: their layers are rebased at their "
+                       "users' logoff, or by the reconciler while free and ready")
 
 
 class MyLayerConflicts(BaseModel):
@@ -131,6 +137,21 @@ def pool_layers(name: PoolPath, admin: AdminUser, svc: ServicesDep) -> PoolLayer
     """How many of the pool's desktops run each template version, and the conflicts and
     failures of the rebases onto its current version."""
     return pool_layers_public(UserLayerViews(svc.ctx).pool_layers(name))
+
+
+@router.post("/admin/desktops/{desktop_id}/rebase", response_model=StateResponse,
+             status_code=202, tags=["admin"], responses=errors(404, 409))
+def rebase_desktop(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
+                   svc: ServicesDep) -> StateResponse:
+    """Rebase a ready desktop's user layer onto its pool's current version now: it is
+    recycling until the reconciler has booted it on that version (or, failing, on its own
+    again). 409 when it is in use (its layer is rebased at its user's logoff), busy, already
+    on its pool's version, or has no user layer."""
+    found, name = request_rebase(svc.ctx, desktop_id)
+    audit(svc.ctx, actor, "desktop.rebase", f"desktop/{found}",
+          f"asked for a rebase of desktop {name}'s user layer",
+          new={"state": DesktopState.RECYCLING.value})
+    return StateResponse(desktop_id=found, state=DesktopState.RECYCLING)
 
 
 @router.get("/desktops/{desktop_id}/layer-conflicts", response_model=MyLayerConflicts,

@@ -164,6 +164,7 @@ def layer_pool(pool: Annotated[str, typer.Argument(help="the pool's name")]) -> 
     out.print(f"rebased onto version {view.current_version}: {view.rebased} desktop(s), "
               f"{view.failed} failed, {view.conflicts} conflict(s), {view.notes} note(s)",
               highlight=False)
+    out.print(f"waiting for a rebase: {view.awaiting_rebase} desktop(s)", highlight=False)
     if view.conflict_list:
         table = Table(title="the new base won")
         table.add_column("desktop")

@@ -258,6 +258,20 @@ def desktop_delete(name: str) -> None:
     out.print(f"desktop [bold]{name}[/] deleted")
 
 
+@desktop_app.command("rebase")
+def desktop_rebase(name: str) -> None:
+    """Rebase a ready layered desktop's user layer onto its pool's current version now
+    (the reconciler boots it on that version at its next pass)."""
+    from deskpool.services.layer_rebase_boot import request_rebase
+
+    with services() as ctx:
+        desktop_id, _name = request_rebase(ctx, name)
+        audit(ctx, Actor.local(), "desktop.rebase", f"desktop/{desktop_id}",
+              f"asked for a rebase of desktop {name}'s user layer")
+    out.print(f"desktop [bold]{name}[/] is being rebased onto its pool's version; "
+              "'deskpool layer show {name}' tells how it went")
+
+
 @desktop_app.command("migrate")
 def desktop_migrate(
     name: str,

@@ -24,7 +24,7 @@ class DesktopState(StrEnum):
     RESERVED = "reserved"  # held for one user, not connected yet
     IN_USE = "in_use"  # a user is connected
     IDLE = "idle"  # user session idle past its timer
-    RECYCLING = "recycling"  # being reverted to its factory snapshot
+    RECYCLING = "recycling"  # reverted, kept as is, or its user layer rebased (``task``)
     RETIRING = "retiring"  # leaving service; VM and disks being removed
     RETIRED = "retired"  # gone from the hypervisor, row kept for history
     DELETING = "deleting"  # removed on an admin's request
@@ -39,6 +39,9 @@ class DesktopTask(StrEnum):
     BOOT = "boot"  # customizing: booting until the guest confirms its identity
     REVERT = "revert"  # recycling back to the factory snapshot
     KEEP = "as-is"  # recycling as it is (kiosks, stateful desktops)
+    # recycling onto its pool's current template version: a layered desktop's user layer
+    # rebased by a boot of the new version (``services.layer_rebase_boot``)
+    REBASE = "rebase"
     RETIRE = "retire"  # retiring: replaced (rollout, maximum age, sizing, a failure)
     DRAIN = "drain"  # retiring: its host is draining
     HOST_DOWN = "host-down"  # retiring: its host is down
@@ -76,6 +79,9 @@ HELD_STATES = frozenset({S.RESERVED, S.IN_USE, S.IDLE})  # a user has it
 HAS_VM_STATES = frozenset({S.CUSTOMIZING, S.READY, S.RECYCLING}) | HELD_STATES
 NOT_LIVE_STATES = frozenset({S.RETIRING, S.RETIRED, S.DELETING, S.ERROR})
 PREPARING_STATES = frozenset({S.PROVISIONING, S.CUSTOMIZING, S.RECYCLING})  # on its way to ready
+# Tasks during which the desktop's VM is deleted and made again (from the row, so a crash may
+# leave it missing until the step runs again): no VM on its host is no vanished VM then.
+VM_REMADE_TASKS = frozenset({DesktopTask.REBASE})
 
 
 def check_transition(old: DesktopState, new: DesktopState) -> None:

@@ -49,19 +49,22 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def read_layer_file(path: Path, name: str) -> str | None:
-    """The text of file ``name`` at the top of the layer disk ``path`` (a local qcow2 the VM
-    has closed: a rebase's ``rebase-error.txt``), read with ``debugfs`` from a raw copy;
-    None when the disk has no such file."""
-    if "/" in name or not name:
-        raise LayerError(f"{name!r} is not a file name at the top of a layer disk")
+    """The text of file ``name`` at the root of the layer disk ``path`` (qcow2 or raw), read
+    without mounting it (``qemu-img convert`` to a raw copy, then ``debugfs``); None when the
+    disk has no such file. For what the guest leaves there, e.g. why a rebase failed."""
+    if "/" in name or not name or name in (".", ".."):
+        raise LayerError(f"{name!r} is not a file name at the layer disk's root")
+    if not path.is_file():
+        return None
     with tempfile.TemporaryDirectory(prefix="deskpool-layer-read-") as tmp:
         raw = Path(tmp) / "layer.raw"
-        _run(["qemu-img", "convert", "-q", "-O", "raw", str(path), str(raw)],
-             "reading the layer disk")
+        _run(["qemu-img", "convert", "-q", "-U", "-O", "raw", str(path), str(raw)],
+             "copying the layer disk")
         if shutil.which("debugfs") is None:
             raise LayerError("reading the layer disk: debugfs is not installed (e2fsprogs)")
         done = subprocess.run(["debugfs", "-R", f"cat /{name}", str(raw)],  # nosec B603
-                              capture_output=True, text=True, check=False)
-    if done.returncode != 0 or "File not found" in done.stderr:
-        return None
-    return done.stdout
+                              capture_output=True, check=False)
+        stderr = done.stderr.decode(errors="replace")
+        if done.returncode != 0 or "not found" in stderr.lower():
+            return None
+        return done.stdout.decode(errors="replace")

@@ -47,6 +47,7 @@ from deskpool.domain.pools import PoolKind
 from deskpool.domain.states import (
     HAS_VM_STATES,
     TRANSITIONS,
+    VM_REMADE_TASKS,
     DesktopState,
     DesktopTask,
     transition,
@@ -84,7 +85,7 @@ from deskpool.services.factory import DesktopFactory
 from deskpool.services.host_slots import HOLD_FOR, SlotKind, host_slot
 from deskpool.services.placement import Placer
 from deskpool.services.pool_admin import finish_deletion
-from deskpool.services.pools import insert_pool_desktop, pool_spec
+from deskpool.services.pools import failed_rebases, insert_pool_desktop, pool_spec
 from deskpool.services.renewal import renewed_while_running
 from deskpool.store.db import DatabaseUnavailable, UnitOfWork
 from deskpool.store.desktops import DesktopSummary
@@ -322,6 +323,7 @@ class Reconciler:
             found = records.get(desktop.id)
             if found is None:
                 if (desktop.state in HAS_VM_STATES and desktop.id not in elsewhere
+                        and desktop.task not in VM_REMADE_TASKS  # made again by its step
                         and not self._vm_exists(driver, desktop.id)):
                     self._fail(desktop.id, desktop.state,
                                f"its VM vanished from host {host.name}")
@@ -383,7 +385,8 @@ class Reconciler:
             if pool.status is PoolStatus.DELETING:
                 # Sized to nothing: its free desktops retire now, held ones as users leave.
                 spec = replace(spec, min_size=0, spare=0, max_size=0, canary=0)
-            plan = plan_pool(spec, pool.current_version_id, facts, now)
+            plan = plan_pool(spec, pool.current_version_id, facts, now,
+                             rebase_failed=failed_rebases(uow, pool))
             if pool.status is PoolStatus.DELETING and pool.kind is not PoolKind.STATEFUL:
                 # A dedicated desktop waiting, ready, for its user holds nothing of theirs
                 # in a stateless pool: it goes too (a stateful one keeps it for them).
@@ -402,6 +405,12 @@ class Reconciler:
                                task=DesktopTask.RETIRE)
                 except LostRace:
                     continue  # claimed by a user meanwhile: it stays
+            for desktop_id in plan.rebase:
+                try:
+                    transition(uow.desktops, desktop_id, S.READY, S.RECYCLING,
+                               task=DesktopTask.REBASE)
+                except LostRace:
+                    continue  # claimed by its user meanwhile: rebased at their logoff
             taken_macs = uow.desktops.macs() if plan.create else set()
             placer = Placer(uow, reachable=reachable) if plan.create else None
             for _ in range(plan.create):

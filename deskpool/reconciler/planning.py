@@ -39,13 +39,18 @@ class DesktopFacts:
 @dataclass
 class PoolPlan:
     retire: list[uuid.UUID] = field(default_factory=list)
+    # Ready desktops of another version whose user layers are rebased onto the pool's.
+    rebase: list[uuid.UUID] = field(default_factory=list)
     create: int = 0
     reasons: list[str] = field(default_factory=list)
 
 
 def plan_pool(
-    spec: PoolSpec, current_version: uuid.UUID, desktops: list[DesktopFacts], now: datetime
+    spec: PoolSpec, current_version: uuid.UUID, desktops: list[DesktopFacts], now: datetime,
+    *, rebase_failed: frozenset[uuid.UUID] = frozenset(),
 ) -> PoolPlan:
+    """``rebase_failed``: desktops whose last rebase onto ``current_version`` failed; they
+    wait for their user's next logoff or an administrator rather than failing every pass."""
     plan = PoolPlan()
     # A stateful pool's failed desktop that is its user's is repaired, not replaced
     # (``plan_desktop``): it keeps its seat, so no second desktop is made beside it.
@@ -55,12 +60,22 @@ def plan_pool(
     free_ready = [d for d in live if d.state is S.READY and not d.assigned]
 
     # Template rollout: free desktops of another version go, once ``canary`` new ones are ready.
+    # A layered stateful pool's ready ones (free, or waiting for their dedicated user) hold
+    # their users' layers: rebased onto the new version instead, never retired.
+    layered = spec.kind is PoolKind.STATEFUL and spec.user_layer_mib > 0
     outdated = [d for d in free_ready if d.version_id != current_version]
+    if layered:
+        outdated = [d for d in live if d.state is S.READY and d.version_id != current_version
+                    and d.id not in rebase_failed]
     new_ready = sum(1 for d in live if d.version_id == current_version
                     and d.state is S.READY)
     new_live = sum(1 for d in live if d.version_id == current_version)
     if outdated:
-        if new_ready >= spec.canary:
+        if new_ready >= spec.canary and layered:
+            plan.rebase += [d.id for d in outdated]
+            plan.reasons.append(f"rollout: rebasing {len(outdated)} old-version desktops' "
+                                "user layers")
+        elif new_ready >= spec.canary:
             plan.retire += [d.id for d in outdated]
             plan.reasons.append(f"rollout: retiring {len(outdated)} free old-version desktops")
         else:

@@ -74,7 +74,12 @@ class StepRunner:
         # Then the redirected folders: unmounted, and the session's share password revoked.
         self.shares.close(desktop_id)
         booted = step.task is DesktopTask.REVERT and self._reverts_by_boot(desktop_id)
-        if booted:  # a fresh overlay on the master, booted (no snapshot of its own)
+        if step.task is DesktopTask.REBASE:
+            # Its user layer onto the pool's version, or (failed) back on its own version:
+            # either way booted, confirmed and its user's again. Safe to run again from the
+            # row after a crash at any point.
+            self.factory.rebase(desktop_id, timeout_s=self.ready_timeout_s)
+        elif booted:  # a fresh overlay on the master, booted (no snapshot of its own)
             self.factory.revert_by_boot(desktop_id, timeout_s=self.ready_timeout_s)
         elif step.task is DesktopTask.REVERT:
             self.factory.driver_of(desktop_id).revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
@@ -85,11 +90,11 @@ class StepRunner:
             pool = uow.pools.get(desktop.pool_id) if desktop.pool_id else None
             if pool is None or pool.assignment is not Assignment.DEDICATED:
                 desktop.assigned_user = None  # floating: back to anyone
-            if step.task is DesktopTask.REVERT:
+            if step.task in (DesktopTask.REVERT, DesktopTask.REBASE):
                 # Confirmed running just now: a desktop reverted after its guest shut down
                 # must not read off until the next pass looks.
                 desktop.power_state = PowerState.RUNNING
-            if booted:
+            if booted or step.task is DesktopTask.REBASE:  # a VM made anew: no snapshot
                 desktop.has_factory_snapshot = False
             desktop.retry_count = 0
             desktop.next_attempt_at = None

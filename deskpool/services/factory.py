@@ -67,6 +67,8 @@ Progress = Callable[[str], None]
 FACTORY_SNAPSHOT = "factory"
 # Where an instant clone's identity is written for the guest hook (tmpfs: gone at reboot).
 INSTANT_IDENTITY_PATH = "/run/deskpool-identity"
+# The kernel parameter telling a layered desktop's guest which template version its root is.
+LAYER_VERSION_PARAM = "deskpool.layer_version"
 GUEST_IDENTITY_HOOK = "/usr/lib/deskpool/deskpool-identity"
 
 
@@ -174,15 +176,21 @@ class DesktopFactory:
         progress("booting")
         driver.start_vm(desktop_id)
 
-    def _create(self, desktop_id: uuid.UUID, progress: Progress) -> tuple[
+    def _create(self, desktop_id: uuid.UUID, progress: Progress, *,
+                version_id: uuid.UUID | None = None,
+                layer_base_id: uuid.UUID | None = None) -> tuple[
             HypervisorDriver, tuple[uuid.UUID | None, uuid.UUID, str]]:
         """The VM defined on its host; returns its driver and the (pool, version, host name)
-        it was made for."""
+        it was made for. ``version_id``: made on that version instead of the desktop's own;
+        ``layer_base_id``: with that version's root attached as its user layer's old base,
+        for the boot that rebases the layer (``services.layer_rebase_boot``)."""
         # Work on the hypervisor inside a read-only unit of work: it reads a snapshot and takes
         # no write lock (SQLite in WAL mode), so a long image upload blocks no other writer.
         with self.ctx.uow(read_only=True) as uow:
             desktop = uow.desktops.get(desktop_id)
             host, tv = desktop.host, desktop.template_version
+            if version_id is not None:
+                tv = uow.versions.get(version_id)
             host_id = host.id
             driver = self.ctx.driver_for(host)
             progress(f"copying template {tv.template.name} v{tv.number} to host {host.name}")
@@ -204,12 +212,17 @@ class DesktopFactory:
                     reboot_ends_vm=reboot_ends_vm,
                 )
             else:
-                spec = replace(self._spec(driver, desktop, tv, domain_type),
-                               reboot_ends_vm=reboot_ends_vm)
                 layer_mib = _user_layer_mib(uow, desktop)
+                spec = replace(self._spec(driver, desktop, tv, domain_type,
+                                          layered=layer_mib > 0),
+                               reboot_ends_vm=reboot_ends_vm)
                 if layer_mib:
                     spec = replace(spec, layer_volume=ensure_layer_volume(
                         driver, desktop.id, size_mib=layer_mib, version=tv.number))
+                    if layer_base_id is not None:
+                        old_root, _boot = self._copy(driver, desktop,
+                                                     uow.versions.get(layer_base_id))
+                        spec = replace(spec, layer_base_volume=old_root)
             made = (desktop.pool_id, tv.id, host.name)
             try:
                 driver.create_vm(spec)
@@ -217,6 +230,13 @@ class DesktopFactory:
                 if spec.seed_image is not None:  # the driver copied it into the host's storage
                     shutil.rmtree(spec.seed_image.parent, ignore_errors=True)
         return driver, made
+
+    def make_vm(self, desktop_id: uuid.UUID, *, version_id: uuid.UUID | None = None,
+                layer_base_id: uuid.UUID | None = None) -> None:
+        """The desktop's VM made anew, off (what ``_create`` makes), on ``version_id`` if
+        given and with ``layer_base_id``'s root as its user layer's old base if given."""
+        self._create(desktop_id, no_progress, version_id=version_id,
+                     layer_base_id=layer_base_id)
 
     def spec_on(self, desktop_id: uuid.UUID, host_id: uuid.UUID) -> VmSpec:
         """The spec ``provision`` made the desktop's VM from, for host ``host_id``: the same
@@ -228,8 +248,9 @@ class DesktopFactory:
             driver = self.ctx.driver_for(uow.hosts.get(host_id))
             domain_type = resolved_domain_type(
                 self.ctx, host_id, driver, Path(tv.kernel_path) if tv.kernel_path else None)
-            spec = self._spec(driver, desktop, tv, domain_type)
-            layer = layer_volume_name(desktop.id) if _user_layer_mib(uow, desktop) else None
+            layered = _user_layer_mib(uow, desktop) > 0
+            spec = self._spec(driver, desktop, tv, domain_type, layered=layered)
+            layer = layer_volume_name(desktop.id) if layered else None
             return replace(spec, reboot_ends_vm=_resets_on_reboot(uow, desktop),
                            layer_volume=layer)
 
@@ -261,11 +282,11 @@ class DesktopFactory:
 
     def _spec(
         self, driver: HypervisorDriver, desktop: Desktop, tv: TemplateVersion,
-        domain_type: DomainType,
+        domain_type: DomainType, *, layered: bool = False,
     ) -> VmSpec:
         """Copy the version's files to the host (once per host) and describe the VM."""
         disk_vol, boot = self._copy(driver, desktop, tv)
-        cmdline, identity_text = boot_identity(desktop, tv)
+        cmdline, identity_text = boot_identity(desktop, tv, layered=layered)
         if boot is not None and cmdline is not None:
             boot = replace(boot, cmdline=cmdline)
         seed = None
@@ -435,6 +456,13 @@ class DesktopFactory:
                 raise AgentUnavailable(f"identity not confirmed in time: {problem}")
             time.sleep(0.1)  # each poll is a few agent calls; the guest is usually nearly there
 
+    def rebase(self, desktop_id: uuid.UUID, *, timeout_s: float) -> bool:
+        """Rebase a layered desktop's user layer onto its pool's current version (see
+        ``services.layer_rebase_boot``); whether it now runs that version."""
+        from deskpool.services.layer_rebase_boot import LayerRebaseBoot
+
+        return LayerRebaseBoot(self.ctx, self).rebase(desktop_id, timeout_s=timeout_s)
+
     def discard(self, desktop_id: uuid.UUID) -> None:
         with self.ctx.uow() as uow:
             try:
@@ -473,16 +501,26 @@ def _resets_on_reboot(uow: UnitOfWork, desktop: Desktop) -> bool:
     return pool is not None and resets_on_reboot(pool.kind, pool.on_logout)
 
 
-def boot_identity(desktop: Desktop, tv: TemplateVersion) -> tuple[str | None, str | None]:
+def layered_desktop(uow: UnitOfWork, desktop: Desktop) -> bool:
+    """Whether the desktop has a user layer disk (its pool's ``user_layer_mib``)."""
+    return _user_layer_mib(uow, desktop) > 0
+
+
+def boot_identity(desktop: Desktop, tv: TemplateVersion, *,
+                  layered: bool = False) -> tuple[str | None, str | None]:
     """The kernel command line (for a template booted by direct kernel boot) and the fw_cfg
     identity text the desktop's VM boots with: the same on every host, and on a laptop that
-    runs it offline. None for what the template does not use."""
+    runs it offline. None for what the template does not use. A ``layered`` desktop's
+    command line names the version its root is (``LAYER_VERSION_PARAM``): the guest boots
+    its user layer only on that version, rebasing it first when given the old base."""
     cmdline = None
     if tv.kernel_path:
         cmdline = tv.kernel_cmdline or ""
         if tv.customization is Customization.FWCFG:
             # systemd adopts the id from PID 1's start, before any unit runs.
             cmdline = f"{cmdline} systemd.machine_id={desktop.machine_id}".strip()
+        if layered:
+            cmdline = f"{cmdline} {LAYER_VERSION_PARAM}={tv.number}".strip()
     if tv.customization is not Customization.FWCFG:
         return cmdline, None
     identity = DesktopIdentity(desktop.id, desktop.hostname, desktop.mac, desktop.machine_id)

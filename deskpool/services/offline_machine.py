@@ -14,7 +14,7 @@ from pathlib import Path
 
 from deskpool.domain.errors import InvalidInput, NotFound
 from deskpool.images.layer_delta import file_sha256
-from deskpool.services.factory import boot_identity
+from deskpool.services.factory import boot_identity, layered_desktop
 from deskpool.services.offline import Download, OfflineService
 
 BOOT_FILES = ("kernel", "initrd")
@@ -61,7 +61,7 @@ def offline_machine(service: OfflineService, user: str, desktop: str,
     with service.ctx.uow(read_only=True) as uow:
         d = uow.desktops.get(desktop_id)
         tv = d.template_version
-        cmdline, identity_text = boot_identity(d, tv)
+        cmdline, identity_text = boot_identity(d, tv, layered=layered_desktop(uow, d))
         return OfflineMachine(vcpus=tv.vcpus, memory_mib=tv.memory_mib, mac=d.mac,
                               cmdline=cmdline, identity_text=identity_text,
                               kernel=files.get("kernel"), initrd=files.get("initrd"))

@@ -276,19 +276,37 @@ def insert_pool_desktop(uow: UnitOfWork, factory: DesktopFactory, pool: Pool,
     return desktop
 
 
+def rebases_layers(pool: Pool) -> bool:
+    """Whether the pool's outdated desktops are rebased onto its version (their user layers
+    carried over) rather than kept on theirs: a stateful pool with user layers."""
+    return pool.kind is PoolKind.STATEFUL and pool.user_layer_mib > 0
+
+
+def failed_rebases(uow: UnitOfWork, pool: Pool) -> frozenset[uuid.UUID]:
+    """The pool's desktops whose newest rebase onto its version failed: not rebased again
+    by the reconciler (each try a failing boot), only at their user's logoff or on an
+    administrator's request."""
+    if not rebases_layers(pool):
+        return frozenset()
+    return uow.layer_rebases.failed_onto(pool.id, pool.current_version.number)
+
+
 def logout_outcome(pool: Pool, desktop: Desktop) -> tuple[DesktopState, DesktopTask]:
     """What a user's logout does to a pool desktop: (next state, task for the reconciler).
 
     A desktop of an older template version is replaced at logout, unless it holds a user's
-    state (a stateful pool's desktop): a rollout never destroys that. It stays on its version,
-    its user's, until their changes can be carried onto the new one. Only the administrator's
-    own policy (one-time desktops, retire on logout) retires such a desktop."""
+    state (a stateful pool's desktop): a rollout never destroys that. A layered one (the
+    pool's ``user_layer_mib``) has its user layer rebased onto the pool's version; one without
+    a layer stays on its version, its user's. Only the administrator's own policy (one-time
+    desktops, retire on logout) retires such a desktop."""
     outdated = desktop.template_version_id != pool.current_version_id
     replace_outdated = outdated and pool.kind is not PoolKind.STATEFUL
     # A pool being deleted keeps its desktops only while their users hold them.
     deleting = pool.status is PoolStatus.DELETING
     if pool.one_time or pool.on_logout is OnLogout.RETIRE or replace_outdated or deleting:
         return S.RETIRING, DesktopTask.RETIRE
+    if outdated and rebases_layers(pool):
+        return S.RECYCLING, DesktopTask.REBASE
     if pool.on_logout is OnLogout.RECYCLE_REVERT:
         if pool.revert_by == RevertBy.BOOT:
             return S.RECYCLING, DesktopTask.REVERT  # a fresh overlay: no snapshot needed

@@ -108,6 +108,9 @@ class PoolLayersView:
     notes: int
     conflict_list: list[RolloutConflictView]
     failures: list[RolloutFailureView]
+    # Desktops on another version than the current one: their layers wait for a rebase
+    # (at their user's logoff, or by the reconciler while free and ready).
+    awaiting_rebase: int = 0
 
 
 def version_number(name: str, what: str) -> int:
@@ -229,7 +232,8 @@ class UserLayerViews:
                 notes=totals.notes,
                 conflict_list=[RolloutConflictView(c.desktop, c.path, c.reason, c.user_copy)
                                for c in conflicts],
-                failures=[RolloutFailureView(d, e) for d, e in totals.failures])
+                failures=[RolloutFailureView(d, e) for d, e in totals.failures],
+                awaiting_rebase=sum(n for v, n in counts.items() if v != current))
 
     # --- helpers ----------------------------------------------------------------------------
 

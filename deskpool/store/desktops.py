@@ -312,6 +312,19 @@ class DesktopRepository(_NamedRepository[Desktop]):
         self._expire(desktop_id)
         return result.rowcount == 1
 
+    def rebased_onto(self, desktop_id: uuid.UUID, expected: uuid.UUID,
+                     new: uuid.UUID) -> bool:
+        """Record that the desktop (recycling) now runs template version ``new``, its user
+        layer rebased onto it, if its row still names ``expected``. Increments ``version``."""
+        statement = (update(Desktop)
+                     .where(Desktop.id == desktop_id, Desktop.state == S.RECYCLING,
+                            Desktop.template_version_id == expected)
+                     .values(template_version_id=new, version=Desktop.version + 1)
+                     .execution_options(synchronize_session=False))
+        result = cast(CursorResult[Any], self._session.execute(statement))
+        self._expire(desktop_id)
+        return result.rowcount == 1
+
     def set_moving_to(self, desktop_id: uuid.UUID, host_id: uuid.UUID | None) -> None:
         """Record the host a live move takes the desktop to (None: no move runs). Not a
         state: the console proxies read it to follow the move."""

@@ -130,6 +130,11 @@ class LayerRebaseRepository:
             latest.setdefault(row.desktop_id, row)
         return builtins.list(latest.values())
 
+    def failed_onto(self, pool_id: uuid.UUID, version: int) -> frozenset[uuid.UUID]:
+        """The pool's desktops whose newest rebase onto ``version`` failed."""
+        return frozenset(r.desktop_id for r in self._latest_onto(pool_id, version)
+                         if r.outcome == FAILED)
+
     def rollout_totals(self, pool_id: uuid.UUID, version: int) -> RolloutTotals:
         latest = self._latest_onto(pool_id, version)
         rebased = [r for r in latest if r.outcome == REBASED]

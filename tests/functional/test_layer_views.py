@@ -277,3 +277,35 @@ def test_the_layer_schemas_are_in_the_openapi_document(world: BrokerWorld) -> No
     assert "404" in paths["/api/v1/admin/pools/{name}/layers"]["get"]["responses"]
     mine = paths["/api/v1/desktops/{desktop_id}/layer-conflicts"]["get"]
     assert {"401", "404", "422"} <= set(mine["responses"])
+
+
+def test_an_admin_asks_for_a_rebase_through_the_api_and_the_cli(
+        world: BrokerWorld, tmp_path: Path, cli_env: None) -> None:
+    alice_desktop = connect(world, "alice")
+    new_version(world, tmp_path)
+    admin = world.client("root")
+    waiting = admin.get("/api/v1/admin/pools/lab/layers").json()["awaiting_rebase"]
+    assert waiting >= 1
+    busy = admin.post(f"/api/v1/admin/desktops/{alice_desktop}/rebase")
+    assert busy.status_code == 409, busy.text
+    assert "in use by alice: its user layer is rebased when they log off" in (
+        busy.json()["detail"])
+    assert world.client("bob").post(
+        f"/api/v1/admin/desktops/{alice_desktop}/rebase").status_code == 403
+    assert admin.post(f"/api/v1/admin/desktops/{uuid.uuid4()}/rebase").status_code == 404
+    listed = admin.get("/api/v1/admin/desktops").json()
+    name = next(d["name"] for d in listed if d["id"] == str(alice_desktop))
+    refused = CliRunner().invoke(main.app, ["desktop", "rebase", name])
+    assert refused.exit_code != 0 and "in use by alice" in str(refused.exception)
+
+    # She leaves: her layer is rebased at her logoff (the fake's guest leaves no report).
+    left = world.client("alice").post(f"/api/v1/desktops/{alice_desktop}/logoff")
+    assert left.status_code == 200, left.text
+    world.fill(1)
+    mine = UserLayerViews(world.ctx).desktop_layer(alice_desktop)
+    assert mine.template_version == 2
+    again = admin.post(f"/api/v1/admin/desktops/{alice_desktop}/rebase")
+    assert again.status_code == 409 and "already runs its pool's version 2" in again.text
+    shown = CliRunner().invoke(main.app, ["layer", "pool", "lab"])
+    assert shown.exit_code == 0 and "waiting for a rebase: 0 desktop(s)" in shown.output, (
+        shown.output)
