@@ -27,6 +27,7 @@ from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.services.context import ServiceContext
 from deskpool.services.factory import FACTORY_SNAPSHOT, DesktopFactory
 from deskpool.services.fileshare import FileShares
+from deskpool.services.layer_usage import try_measure_layer
 from deskpool.services.profile_desktops import ProfileDesktops
 
 S = DesktopState
@@ -84,6 +85,8 @@ class StepRunner:
         elif step.task is DesktopTask.REVERT:
             self.factory.driver_of(desktop_id).revert_to_snapshot(desktop_id, FACTORY_SNAPSHOT)
             self.factory.confirm_running(desktop_id, timeout_s=self.ready_timeout_s)
+        elif step.task is DesktopTask.KEEP:
+            self._measure_layer(desktop_id)
         with self.ctx.uow() as uow:
             transition(uow.desktops, desktop_id, S.RECYCLING, S.READY)
             desktop = uow.desktops.get(desktop_id)
@@ -100,6 +103,17 @@ class StepRunner:
             desktop.next_attempt_at = None
             uow.commit()
         report.count(Outcome.RECYCLED)
+
+    def _measure_layer(self, desktop_id: uuid.UUID) -> None:
+        """A layered desktop kept at logoff: how full its user layer is, asked of its guest
+        (nothing when the guest does not answer)."""
+        with self.ctx.uow(read_only=True) as uow:
+            desktop = uow.desktops.get(desktop_id)
+            pool = uow.pools.find(desktop.pool_id) if desktop.pool_id else None
+            if pool is None or not pool.user_layer_mib:
+                return
+            version = desktop.template_version.number
+        try_measure_layer(self.ctx, self.factory.driver_of(desktop_id), desktop_id, version)
 
     def _reverts_by_boot(self, desktop_id: uuid.UUID) -> bool:
         with self.ctx.uow(read_only=True) as uow:

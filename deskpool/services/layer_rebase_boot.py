@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from deskpool.domain.errors import (
+    AgentUnavailable,
     Conflict,
     DeskpoolError,
     DriverError,
@@ -54,6 +55,7 @@ from deskpool.drivers.base import HypervisorDriver, layer_volume_name
 from deskpool.images.user_layer_disk import read_layer_file
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
+from deskpool.services.layer_usage import try_measure_layer
 from deskpool.services.pools import rebases_layers
 from deskpool.services.user_layers import UserLayerViews
 
@@ -68,6 +70,7 @@ REPORT_PATH = "/run/deskpool/layer/rebase-report.json"
 ERROR_FILE = "rebase-error.txt"  # at the layer disk's root, when the guest's rebase failed
 SHUTDOWN_GRACE_S = 60.0  # a graceful stop's bound before the VM is forced off
 SHUTDOWN_POLL_S = 0.2
+AGENT_POLL_S = 1.0  # a rebase boot's agent (or a power-off) is looked for this often
 
 ReportReader = Callable[[HypervisorDriver, uuid.UUID], RebaseReport | None]
 
@@ -123,6 +126,9 @@ class LayerRebaseBoot:
             name = desktop.name
             driver = self.ctx.driver_for(desktop.host)
         if old_id != new_id:
+            # How full the layer is, while the user's guest still runs (for the views, and a
+            # warning before a layer with no room for the next generation fails).
+            try_measure_layer(self.ctx, driver, desktop_id, old)
             try:
                 report = self._rebase_boot(driver, desktop_id, old_id, new_id, timeout_s)
             except HostConnectionLost:
@@ -147,7 +153,19 @@ class LayerRebaseBoot:
         driver.delete_vm(desktop_id)  # the layer volume is not the VM's: it stays
         self.factory.make_vm(desktop_id, version_id=new_id, layer_base_id=old_id)
         driver.start_vm(desktop_id)
-        self.factory.confirm_running(desktop_id, timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        agent = GuestAgent(driver, desktop_id)
+        while not agent.ping():
+            # A guest that cannot rebase powers itself off at once, its reason on the layer:
+            # no need to wait out the boot's timeout for an agent that will never answer.
+            if driver.get_vm(desktop_id).power_state is PowerState.SHUTOFF:
+                raise DriverError("the guest powered off during the rebase boot")
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(f"the guest agent did not answer within {timeout_s:g} s "
+                                       "of the rebase boot")
+            time.sleep(AGENT_POLL_S)
+        self.factory.confirm_running(desktop_id,
+                                     timeout_s=max(1.0, deadline - time.monotonic()))
         return self.read_report(driver, desktop_id)
 
     def _record(self, desktop_id: uuid.UUID, name: str, report: RebaseReport | None,
