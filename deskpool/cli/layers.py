@@ -40,12 +40,17 @@ def print_report(report: RebaseReport) -> None:
             table.add_row(c.path, c.reason, c.user_copy or "(the user had deleted it)")
         out.print(table)
     if report.notes:
-        table = Table(title="the user's version won")
-        table.add_column("path", overflow="fold")
-        table.add_column("note")
-        for n in report.notes:
-            table.add_row(n.path, n.text)
-        out.print(table)
+        out.print(_notes_table([(n.path, n.text) for n in report.notes]))
+
+
+def _notes_table(notes: list[tuple[str, str]]) -> Table:
+    """Paths where the user's version won, and why (long paths fold, never cut)."""
+    table = Table(title="the user's version won")
+    table.add_column("path", overflow="fold")
+    table.add_column("note")
+    for path, text in notes:
+        table.add_row(path, text)
+    return table
 
 
 @layer_app.command("rebase")
@@ -140,12 +145,7 @@ def layer_show(
     if last.conflicts:
         out.print(_conflict_table("the new base won", last.conflicts))
     if last.notes:
-        table = Table(title="the user's version won")
-        table.add_column("path", overflow="fold")
-        table.add_column("note")
-        for n in last.notes:
-            table.add_row(n.path, n.reason)
-        out.print(table)
+        out.print(_notes_table([(n.path, n.reason) for n in last.notes]))
 
 
 @layer_app.command("pool")
