@@ -41,6 +41,9 @@ DEFAULT_EXCLUSIONS: tuple[str, ...] = (
     "/var/lib/dpkg/lock*", "/var/lib/dpkg/*-old", "/var/lib/dpkg/status-new",
     "/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/hostname", "/etc/ssh/ssh_host_*",
     "/etc/krb5.keytab", "/lost+found/**", "/swapfile",
+    # deskpool's record of the identity it applied: stale in a rebased layer, where the
+    # identity files above are dropped, so the next boot must apply it again.
+    "/var/lib/deskpool/identity",
 )
 
 # Where the user's copy wins even over a package's file: their homes and the local trees
