@@ -155,11 +155,11 @@ def rebase_desktop(desktop_id: uuid.UUID, admin: AdminUser, actor: AdminActor,
 
 
 @router.get("/desktops/{desktop_id}/layer-conflicts", response_model=MyLayerConflicts,
-            tags=["user"], responses=NOT_FOUND)
+            tags=["user"], responses=errors(403))
 def my_layer_conflicts(desktop_id: uuid.UUID, user: CurrentUser,
                        svc: ServicesDep) -> MyLayerConflicts:
     """What the last rebase of your desktop's user layer could not keep as you had it: your
-    copy of each such file is kept beside it (``user_copy``). 404 for a desktop that is not
+    copy of each such file is kept beside it (``user_copy``). 403 for a desktop that is not
     yours as for none."""
     view = UserLayerViews(svc.ctx).user_conflicts(user.name, desktop_id)
     last = view.last_rebase

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from deskpool.domain.errors import Conflict, InvalidInput, NotFound
+from deskpool.domain.errors import Conflict, Forbidden, InvalidInput
 from deskpool.domain.layers import RebaseReport
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -209,12 +209,12 @@ class UserLayerViews:
             return self._desktop_view(uow, found)
 
     def user_conflicts(self, user: str, desktop_id: uuid.UUID) -> DesktopLayerView:
-        """The layer of a desktop assigned to ``user``; the same ``NotFound`` for a desktop
-        of someone else's as for none at all."""
+        """The layer of a desktop assigned to ``user``; the same ``Forbidden`` for a desktop
+        of someone else's as for none at all (as every user route: ids cannot be probed)."""
         with self.ctx.uow(read_only=True) as uow:
             found = uow.desktops.find(desktop_id)
             if found is None or found.assigned_user != user:
-                raise NotFound(f"you have no desktop {desktop_id}")
+                raise Forbidden("you have no such desktop")
             return self._desktop_view(uow, found)
 
     def pool_layers(self, pool_name: str) -> PoolLayersView:
