@@ -43,6 +43,7 @@ Rules that hold for every method:
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -60,6 +61,7 @@ from deskpool.domain.models import (
     HostCapacity,
     LoadSample,
     MigrationStats,
+    PowerState,
     VmRecord,
     VmSpec,
     VolumeInfo,
@@ -132,6 +134,23 @@ def validate_disk_serial(serial: str) -> str:
     if serial in (USER_LAYER_SERIAL, LAYER_BASE_SERIAL):
         raise InvalidInput(f"disk serial {serial!r} is a user layer's, never hot-plugged")
     return serial
+
+
+def stop_gracefully(driver: HypervisorDriver, vm_id: uuid.UUID, *, grace_s: float,
+                    poll_s: float) -> bool:
+    """Ask the guest to shut down (its file systems written out), and pull the plug if it is
+    not off within ``grace_s``; returns whether it had to be forced. A VM that is off
+    already is left as it is."""
+    if driver.get_vm(vm_id).power_state is PowerState.SHUTOFF:
+        return False
+    driver.stop_vm(vm_id)
+    deadline = time.monotonic() + grace_s
+    while driver.get_vm(vm_id).power_state is not PowerState.SHUTOFF:
+        if time.monotonic() >= deadline:
+            driver.stop_vm(vm_id, force=True)
+            return True
+        time.sleep(poll_s)
+    return False
 
 
 class HypervisorDriver(ABC):

@@ -14,7 +14,6 @@ waits for the VM to read off (forcing it after ``SHUTDOWN_GRACE_S``) while the l
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -22,6 +21,7 @@ from contextlib import AbstractContextManager
 from deskpool.domain.models import PowerState
 from deskpool.domain.pools import Assignment, RevertBy
 from deskpool.domain.states import DesktopState, DesktopTask, transition
+from deskpool.drivers.base import stop_gracefully
 from deskpool.reconciler.planning import Step, StepKind
 from deskpool.reconciler.report import Outcome, PassReport
 from deskpool.services.context import ServiceContext
@@ -163,13 +163,8 @@ class StepRunner:
         next pass's sync records whatever power state the VM is in then."""
         desktop_id = step.desktop_id
         driver = self.factory.driver_of(desktop_id)
-        driver.stop_vm(desktop_id)
-        deadline = time.monotonic() + self.shutdown_grace_s
-        while driver.get_vm(desktop_id).power_state is not PowerState.SHUTOFF:
-            if time.monotonic() >= deadline:
-                driver.stop_vm(desktop_id, force=True)
-                break
-            time.sleep(SHUTDOWN_POLL_S)
+        stop_gracefully(driver, desktop_id, grace_s=self.shutdown_grace_s,
+                        poll_s=SHUTDOWN_POLL_S)
         with self.ctx.uow() as uow:  # the row says off before the lease goes back
             uow.desktops.compare_and_set_power(desktop_id, PowerState.RUNNING,
                                                PowerState.SHUTOFF)

@@ -51,7 +51,7 @@ from deskpool.domain.layers import LayerError, RebaseReport
 from deskpool.domain.models import PowerState
 from deskpool.domain.states import HELD_STATES, DesktopState, DesktopTask, transition
 from deskpool.drivers.agent import GuestAgent
-from deskpool.drivers.base import HypervisorDriver, layer_volume_name
+from deskpool.drivers.base import HypervisorDriver, layer_volume_name, stop_gracefully
 from deskpool.images.user_layer_disk import read_layer_file
 from deskpool.services.context import ServiceContext
 from deskpool.services.events import record_event
@@ -214,15 +214,8 @@ class LayerRebaseBoot:
     def _power_off(self, driver: HypervisorDriver, desktop_id: uuid.UUID) -> None:
         """A graceful stop (the guest writes its layer out), forced after the bound."""
         try:
-            if driver.get_vm(desktop_id).power_state is PowerState.SHUTOFF:
-                return
-            driver.stop_vm(desktop_id)
-            deadline = time.monotonic() + self.shutdown_grace_s
-            while driver.get_vm(desktop_id).power_state is not PowerState.SHUTOFF:
-                if time.monotonic() >= deadline:
-                    driver.stop_vm(desktop_id, force=True)
-                    return
-                time.sleep(SHUTDOWN_POLL_S)
+            stop_gracefully(driver, desktop_id, grace_s=self.shutdown_grace_s,
+                            poll_s=SHUTDOWN_POLL_S)
         except VmNotFound:
             return  # deleted already (a crash's rerun)
 
